@@ -1,0 +1,165 @@
+//! The `Endpoint` trait: everything the controller asks of one side of a share. The engine's
+//! local side and the transport's remote side both implement it, and the controller cannot tell
+//! them apart (DESIGN.md, "One interface for the local and the remote side").
+//!
+//! A file update crosses in three steps so that nothing half-written is ever visible and renamed
+//! or copied data never crosses the wire:
+//! 1. `manifests` on the source: the chunk lists of the files to send;
+//! 2. `stage` on the destination: it builds each file in its reserved directory from chunks it
+//!    finds locally and answers with the chunks it still lacks; `supply` fills those in with
+//!    data the controller read from the source with `read_chunks`;
+//! 3. `transition` on the destination: verify-before-replace, rename into place, fsync.
+//!
+//! Per-path trouble is data (`Problem`, `Outcome::Failed`), not an `Err`: an `Err` means the
+//! side as a whole cannot go on (root gone, connection lost, peer misbehaved).
+
+use crate::digest::Hash;
+use crate::entry::{ChunkRef, Entry, FileMeta, Manifest};
+use crate::path::RelPath;
+use serde::{Deserialize, Serialize};
+use std::future::Future;
+
+/// What to scan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ScanScope {
+    /// The whole share.
+    Full,
+    /// These paths and, where they are directories, everything beneath them. Paths that do not
+    /// exist are simply absent from the report.
+    Paths(Vec<RelPath>),
+}
+
+/// The identity of a share root: the random id in its marker file, and where it lives.
+/// A change of any of these between cycles means the root was replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RootId {
+    pub marker: [u8; 16],
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// A path that could not be synced this time, and why. Shown in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    pub path: RelPath,
+    pub reason: String,
+}
+
+/// The result of a scan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanReport {
+    /// The root's identity; `None` when the root has no marker (and none was created).
+    pub root: Option<RootId>,
+    /// Every syncable, non-ignored entry in scope, sorted by path. Never contains the root.
+    pub entries: Vec<(RelPath, Entry)>,
+    /// Entries skipped (special files, escaping symlinks, unreadable, unstable) and why.
+    pub problems: Vec<Problem>,
+}
+
+/// Options that shape a scan; the host sends its share config's values to the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ScanOptions {
+    /// Create the root marker if it is missing (only on a first sync or after `resume`).
+    pub create_marker: bool,
+}
+
+/// One chunk to read from a source file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRead {
+    pub path: RelPath,
+    pub chunk: ChunkRef,
+}
+
+/// A file the destination should build, ready for a later `transition`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageRequest {
+    pub path: RelPath,
+    pub meta: FileMeta,
+    pub manifest: Manifest,
+}
+
+/// A change to make on one side, checked against what the scan saw.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub path: RelPath,
+    /// What must be on disk right now for the change to go ahead (`None`: nothing).
+    pub expected: Option<Entry>,
+    /// What must be there afterwards (`None`: delete). A file needs a completed `stage` of the
+    /// same digest, unless the file on disk already has that content (a metadata-only change).
+    pub new: Option<Entry>,
+}
+
+/// How one `Change` went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Done; the path now holds `Change::new`.
+    Applied,
+    /// The path no longer matches `Change::expected`: nothing was changed. Holds what is there.
+    Changed(Option<Entry>),
+    /// Not done, for a reason worth showing; retried on a later cycle.
+    Failed(String),
+}
+
+/// Why a side cannot go on at all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum EndpointError {
+    #[error("share root is missing: {0}")]
+    RootMissing(String),
+    #[error("share root is not a directory (or is a symlink): {0}")]
+    RootNotDir(String),
+    #[error("unknown share `{0}`")]
+    UnknownShare(String),
+    #[error("connection lost: {0}")]
+    Disconnected(String),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("I/O error: {0}")]
+    Io(String),
+    #[error("resource limit: {0}")]
+    Limit(String),
+}
+
+/// One side of a share. See the module docs for how a transfer uses these.
+pub trait Endpoint: Send {
+    /// Scans `scope`, returning sorted entries and the root identity.
+    fn scan(
+        &mut self,
+        scope: ScanScope,
+        options: ScanOptions,
+    ) -> impl Future<Output = Result<ScanReport, EndpointError>> + Send;
+
+    /// The chunk lists of these files, each checked against the given metadata. A file whose
+    /// content no longer matches gets a `Problem` instead.
+    fn manifests(
+        &mut self,
+        files: Vec<(RelPath, FileMeta)>,
+    ) -> impl Future<Output = Result<Vec<Result<Manifest, Problem>>, EndpointError>> + Send;
+
+    /// Reads chunks from source files, verifying each against its hash. `None` where the data
+    /// on disk no longer hashes to the chunk id (the file changed since its scan).
+    fn read_chunks(
+        &mut self,
+        reads: Vec<ChunkRead>,
+    ) -> impl Future<Output = Result<Vec<Option<Vec<u8>>>, EndpointError>> + Send;
+
+    /// Starts building these files from locally available chunks. Returns, per file, the chunk
+    /// hashes still missing (each once), or a `Problem`.
+    fn stage(
+        &mut self,
+        files: Vec<StageRequest>,
+    ) -> impl Future<Output = Result<Vec<Result<Vec<Hash>, Problem>>, EndpointError>> + Send;
+
+    /// Supplies missing chunk data for staged files. Each chunk is verified against its hash.
+    fn supply(
+        &mut self,
+        chunks: Vec<(Hash, Vec<u8>)>,
+    ) -> impl Future<Output = Result<(), EndpointError>> + Send;
+
+    /// Applies changes in the order given (the controller orders removals children-first and
+    /// creations parents-first). A staged file stays staged until a transition consumes it, a
+    /// new `stage` of the same path replaces it, or a full scan discards every leftover.
+    fn transition(
+        &mut self,
+        changes: Vec<Change>,
+    ) -> impl Future<Output = Result<Vec<Outcome>, EndpointError>> + Send;
+}

@@ -1,0 +1,168 @@
+//! What a path is on one side: `Entry` (file, directory or symlink, with the metadata we sync),
+//! a side's view of a share (`Snapshot`), and a file's chunk list (`Manifest`).
+//!
+//! Equality of entries is what the reconciler calls "unchanged": files compare content digest,
+//! size, permission bits and mtime; directories compare permission bits (their mtime changes
+//! whenever a child does, so it is not synced); symlinks compare their target bytes.
+
+use crate::digest::Hash;
+use crate::path::RelPath;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Permission bits we sync: rwx for user, group, other. Never setuid, setgid or sticky.
+pub const PERM_MASK: u32 = 0o777;
+
+/// A point in time with nanosecond precision, as `stat` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+pub struct Timestamp {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+impl Timestamp {
+    pub const fn new(secs: i64, nanos: u32) -> Self {
+        Timestamp { secs, nanos }
+    }
+}
+
+/// A regular file's synced state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FileMeta {
+    pub size: u64,
+    /// Permission bits only ([`PERM_MASK`]).
+    pub mode: u32,
+    pub mtime: Timestamp,
+    /// BLAKE3 of the chunk list; see [`Manifest::digest_of`].
+    pub digest: Hash,
+}
+
+impl FileMeta {
+    /// Same bytes and permission bits; mtime may differ.
+    pub fn same_content(&self, other: &FileMeta) -> bool {
+        self.digest == other.digest && self.size == other.size && self.mode == other.mode
+    }
+}
+
+/// What one path is on one side.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Entry {
+    File(FileMeta),
+    Dir { mode: u32 },
+    /// A symlink, kept as data. Only relative targets that stay inside the root are synced.
+    Symlink { target: Vec<u8> },
+}
+
+/// The kind of an entry, for messages and type-change decisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+}
+
+impl Entry {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Entry::File(_) => Kind::File,
+            Entry::Dir { .. } => Kind::Dir,
+            Entry::Symlink { .. } => Kind::Symlink,
+        }
+    }
+    pub fn is_dir(&self) -> bool {
+        matches!(self, Entry::Dir { .. })
+    }
+    pub fn as_file(&self) -> Option<&FileMeta> {
+        match self {
+            Entry::File(m) => Some(m),
+            _ => None,
+        }
+    }
+    /// Equal but for file mtime: the content both sides would read is the same.
+    pub fn same_content(&self, other: &Entry) -> bool {
+        match (self, other) {
+            (Entry::File(a), Entry::File(b)) => a.same_content(b),
+            _ => self == other,
+        }
+    }
+}
+
+/// A side's view of (part of) a share: path → entry, ordered so parents precede children.
+pub type Snapshot = BTreeMap<RelPath, Entry>;
+
+/// One chunk of a file: where it is and what it hashes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ChunkRef {
+    pub hash: Hash,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// A file's content as a list of chunks covering `[0, size)` in order.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Manifest {
+    pub chunks: Vec<ChunkRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("chunk {index} starts at {offset}, expected {expected}")]
+    Gap { index: usize, offset: u64, expected: u64 },
+    #[error("chunk {index} has length {len}, outside 1..={max}")]
+    BadLength { index: usize, len: u32, max: u32 },
+    #[error("chunks cover {covered} bytes, file has {size}")]
+    Size { covered: u64, size: u64 },
+    #[error("{count} chunks, more than {max}")]
+    TooManyChunks { count: usize, max: usize },
+    #[error("chunk list does not hash to the file digest")]
+    Digest,
+}
+
+impl Manifest {
+    pub fn size(&self) -> u64 {
+        self.chunks.last().map_or(0, |c| c.offset + u64::from(c.len))
+    }
+
+    /// The file digest: BLAKE3 over each chunk's (length as u32 LE, hash), in order. Binding the
+    /// lengths makes the digest commit to the exact byte layout, not only to the chunk ids.
+    pub fn digest_of(chunks: &[ChunkRef]) -> Hash {
+        let mut h = blake3::Hasher::new();
+        for c in chunks {
+            h.update(&c.len.to_le_bytes());
+            h.update(c.hash.as_bytes());
+        }
+        Hash(*h.finalize().as_bytes())
+    }
+
+    pub fn digest(&self) -> Hash {
+        Self::digest_of(&self.chunks)
+    }
+
+    /// Checks the chunks cover `[0, meta.size)` exactly, in order, with legal lengths, and that
+    /// they hash to `meta.digest` (HOSTILE.md rule 11). `max_chunk` is the chunker's maximum.
+    pub fn validate(&self, meta: &FileMeta, max_chunk: u32) -> Result<(), ManifestError> {
+        if self.chunks.len() > crate::limits::MAX_FILE_CHUNKS {
+            return Err(ManifestError::TooManyChunks {
+                count: self.chunks.len(),
+                max: crate::limits::MAX_FILE_CHUNKS,
+            });
+        }
+        let mut expected = 0u64;
+        for (index, c) in self.chunks.iter().enumerate() {
+            if c.offset != expected {
+                return Err(ManifestError::Gap { index, offset: c.offset, expected });
+            }
+            if c.len == 0 || c.len > max_chunk {
+                return Err(ManifestError::BadLength { index, len: c.len, max: max_chunk });
+            }
+            expected = expected.saturating_add(u64::from(c.len));
+        }
+        if expected != meta.size {
+            return Err(ManifestError::Size { covered: expected, size: meta.size });
+        }
+        if self.digest() != meta.digest {
+            return Err(ManifestError::Digest);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,24 @@
+//! vmsync's pure domain. Nothing here does I/O, spawns tasks or reads a clock: every function
+//! is a plain transformation, tested as such.
+//!
+//! Module map:
+//! - [`path`]: `RelPath`, a validated path relative to a share root (the only path type that
+//!   crosses module or wire boundaries).
+//! - [`digest`]: `Hash`, a BLAKE3 digest (chunks and whole files).
+//! - [`entry`]: what a path is on one side (`Entry`), a side's view (`Snapshot`), file manifests.
+//! - [`reconcile`]: the three-way merge of ancestor, host and guest into a `Plan`.
+//! - [`safety`]: the checks that halt a share instead of propagating mass deletions.
+//! - [`endpoint`]: the `Endpoint` trait that a local and a remote side both implement.
+//! - [`limits`]: every bound on sizes and counts, named with its unit.
+
+pub mod digest;
+pub mod endpoint;
+pub mod entry;
+pub mod limits;
+pub mod path;
+pub mod reconcile;
+pub mod safety;
+
+pub use digest::Hash;
+pub use entry::{ChunkRef, Entry, FileMeta, Manifest, Snapshot, Timestamp};
+pub use path::{PathError, RelPath};

@@ -1,0 +1,21 @@
+//! Every bound vmsync enforces on sizes and counts, in one place, each with its unit in its name.
+//! The wire format (protocol crate) and the engine both read these; changing one that the wire
+//! relies on is a protocol version bump.
+
+/// Longest single path component, as on Linux (`NAME_MAX`).
+pub const MAX_NAME_BYTES: usize = 255;
+/// Longest relative path, joined with `/` (`PATH_MAX` less the terminating NUL).
+pub const MAX_PATH_BYTES: usize = 4095;
+/// Deepest relative path, in components.
+pub const MAX_PATH_DEPTH: usize = 1024;
+/// Longest symlink target we sync.
+pub const MAX_SYMLINK_TARGET_BYTES: usize = 4095;
+
+/// FastCDC 2020 parameters (bytes). Agreed in the handshake; changing them changes every digest.
+pub const CHUNK_MIN_BYTES: u32 = 4 * 1024;
+pub const CHUNK_AVG_BYTES: u32 = 16 * 1024;
+pub const CHUNK_MAX_BYTES: u32 = 64 * 1024;
+
+/// Most chunks one file may have: 4 Mi chunks, at least 16 GiB even if every chunk is minimal.
+/// Larger files are skipped and reported.
+pub const MAX_FILE_CHUNKS: usize = 4 * 1024 * 1024;

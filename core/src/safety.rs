@@ -1,0 +1,1 @@
+//! Safety checks that halt a share instead of letting a cycle propagate deletions.
