@@ -1,1 +1,121 @@
-fn main() {}
+//! `vmsync-guest`: the guest agent. A thin endpoint: it listens for its host, exports the
+//! shares its own config names (and nothing else), and scans, serves chunks and applies changes
+//! when the host asks. Every decision is the host's.
+//!
+//! Module map:
+//! - `config`: the TOML file → a validated `GuestConfig`.
+//! - `service`: `run`: listen, serve one host session at a time, answer the control socket.
+
+mod config;
+mod service;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use vmsync_engine::control::{self, ControlRequest, ControlResponse};
+
+/// The guest side of vmsync: serves this VM's shares to the host controller over virtio-vsock.
+#[derive(Parser, Debug)]
+#[command(name = "vmsync-guest", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Listen for the host and serve the configured shares. A new host connection replaces the
+    /// previous one (the host reconnected after a restart or a network blip).
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file without running. Exits 2 and prints what and where on error.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show the agent's connection and each share's counters. Conflicts and halts are decided
+    /// and shown by the host (`vmsync-host status`).
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// How long `status` waits for the agent.
+const CONTROL_TIMEOUT_MS: u64 = 10_000;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let path = match &cli.command {
+        Command::Run { config } | Command::Check { config } | Command::Status { config, .. } => {
+            config.clone()
+        }
+    };
+    let config = match config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vmsync-guest: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Check { .. } => {
+            println!("{}: ok ({} share(s))", path.display(), config.shares.len());
+            ExitCode::SUCCESS
+        }
+        Command::Run { .. } => {
+            service::init_logging();
+            match runtime.block_on(service::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("vmsync-guest: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Status { json, .. } => {
+            let timeout = Duration::from_millis(CONTROL_TIMEOUT_MS);
+            match runtime.block_on(control::request(
+                &config.control,
+                &ControlRequest::Status,
+                timeout,
+            )) {
+                Ok(r @ ControlResponse::Status { .. }) => {
+                    if json {
+                        println!("{}", control::render_json(&r));
+                    } else {
+                        print!("{}", control::render_text(&r));
+                    }
+                    ExitCode::SUCCESS
+                }
+                Ok(ControlResponse::Error { message }) => {
+                    eprintln!("error: {message}");
+                    ExitCode::from(1)
+                }
+                Err(e) => {
+                    eprintln!(
+                        "cannot reach the agent at {}: {e} (is `run` running?)",
+                        config.control.display()
+                    );
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}

@@ -1,1 +1,122 @@
-fn main() {}
+//! `vmsync-host`: the host controller for one VM. Wiring only: the CLI, the configuration, the
+//! reconnect loop and the control socket; every sync decision lives in `vmsync-engine`.
+//!
+//! Module map:
+//! - `config`: the TOML file → a validated `HostConfig`.
+//! - `service`: `run`: dial the guest, reconnect with backoff, drive cycles, serve control.
+//! - `report`: `status`, `wait`, `sync`, `resume` as clients of the control socket.
+
+mod config;
+mod report;
+mod service;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Keep a directory identical between this host and a VM guest, live, over virtio-vsock.
+#[derive(Parser, Debug)]
+#[command(name = "vmsync-host", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the controller: dial the guest (reconnecting with backoff whenever the connection
+    /// drops or the guest is not up yet) and sync every share after each (re)connect.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file without running. Exits 2 and prints what and where on error.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show each share's state, conflicts, problems and counters.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Machine-readable JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a full sync cycle of every share now and return when it is done.
+    Sync {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Block until every share is in sync. Exit 0 when it is, 1 on timeout, 3 when a share is
+    /// conflicted or halted.
+    Wait {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Give up after this many seconds (default: wait forever).
+        #[arg(long)]
+        timeout: Option<f64>,
+    },
+    /// Lift a share's safety halt. A replaced or emptied root is accepted and both sides are
+    /// merged add-only (nothing is deleted); a halted mass deletion is allowed to proceed once.
+    Resume {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        share: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config_path = match &cli.command {
+        Command::Run { config }
+        | Command::Check { config }
+        | Command::Status { config, .. }
+        | Command::Sync { config }
+        | Command::Wait { config, .. }
+        | Command::Resume { config, .. } => config.clone(),
+    };
+    let config = match config::load(&config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vmsync-host: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Check { .. } => {
+            println!(
+                "{}: ok ({} share(s))",
+                config_path.display(),
+                config.shares.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Run { .. } => {
+            service::init_logging();
+            match runtime.block_on(service::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("vmsync-host: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Status { json, .. } => runtime.block_on(report::status(&config.control, json)),
+        Command::Sync { .. } => runtime.block_on(report::sync(&config.control)),
+        Command::Wait { timeout, .. } => runtime.block_on(report::wait(&config.control, timeout)),
+        Command::Resume { share, .. } => runtime.block_on(report::resume(&config.control, &share)),
+    }
+}

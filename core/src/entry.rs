@@ -14,7 +14,9 @@ use std::collections::BTreeMap;
 pub const PERM_MASK: u32 = 0o777;
 
 /// A point in time with nanosecond precision, as `stat` reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 pub struct Timestamp {
     pub secs: i64,
     pub nanos: u32,
@@ -48,9 +50,13 @@ impl FileMeta {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Entry {
     File(FileMeta),
-    Dir { mode: u32 },
+    Dir {
+        mode: u32,
+    },
     /// A symlink, kept as data. Only relative targets that stay inside the root are synced.
-    Symlink { target: Vec<u8> },
+    Symlink {
+        target: Vec<u8>,
+    },
 }
 
 /// The kind of an entry, for messages and type-change decisions.
@@ -107,7 +113,11 @@ pub struct Manifest {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ManifestError {
     #[error("chunk {index} starts at {offset}, expected {expected}")]
-    Gap { index: usize, offset: u64, expected: u64 },
+    Gap {
+        index: usize,
+        offset: u64,
+        expected: u64,
+    },
     #[error("chunk {index} has length {len}, outside 1..={max}")]
     BadLength { index: usize, len: u32, max: u32 },
     #[error("chunks cover {covered} bytes, file has {size}")]
@@ -120,7 +130,9 @@ pub enum ManifestError {
 
 impl Manifest {
     pub fn size(&self) -> u64 {
-        self.chunks.last().map_or(0, |c| c.offset + u64::from(c.len))
+        self.chunks
+            .last()
+            .map_or(0, |c| c.offset + u64::from(c.len))
     }
 
     /// The file digest: BLAKE3 over each chunk's (length as u32 LE, hash), in order. Binding the
@@ -150,15 +162,26 @@ impl Manifest {
         let mut expected = 0u64;
         for (index, c) in self.chunks.iter().enumerate() {
             if c.offset != expected {
-                return Err(ManifestError::Gap { index, offset: c.offset, expected });
+                return Err(ManifestError::Gap {
+                    index,
+                    offset: c.offset,
+                    expected,
+                });
             }
             if c.len == 0 || c.len > max_chunk {
-                return Err(ManifestError::BadLength { index, len: c.len, max: max_chunk });
+                return Err(ManifestError::BadLength {
+                    index,
+                    len: c.len,
+                    max: max_chunk,
+                });
             }
             expected = expected.saturating_add(u64::from(c.len));
         }
         if expected != meta.size {
-            return Err(ManifestError::Size { covered: expected, size: meta.size });
+            return Err(ManifestError::Size {
+                covered: expected,
+                size: meta.size,
+            });
         }
         if self.digest() != meta.digest {
             return Err(ManifestError::Digest);

@@ -297,7 +297,10 @@ mod tests {
             .flatten()
             .copied()
             .collect();
-        assert_eq!(RelPath::from_bytes(&long).unwrap_err(), PathError::PathTooLong);
+        assert_eq!(
+            RelPath::from_bytes(&long).unwrap_err(),
+            PathError::PathTooLong
+        );
         let deep: Vec<u8> = std::iter::repeat_n(b"a/".as_slice(), 1100)
             .flatten()
             .copied()
@@ -348,7 +351,7 @@ mod tests {
 
     #[test]
     fn parents_sort_before_children() {
-        let mut v = vec![p(b"a/b"), p(b"a-b"), p(b"a"), p(b"a/b/c"), p(b"b")];
+        let mut v = [p(b"a/b"), p(b"a-b"), p(b"a"), p(b"a/b/c"), p(b"b")];
         v.sort();
         let pos = |x: &[u8]| v.iter().position(|q| q.as_bytes() == x).unwrap();
         assert!(pos(b"a") < pos(b"a/b"));

@@ -1,1 +1,26 @@
-//! placeholder
+//! One machine's side of a vmsync share.
+//!
+//! Module map:
+//! - [`root`]: the only door to share content: a root directory fd and `*at` syscalls.
+//! - [`chunk`]: FastCDC cut points and BLAKE3 chunk ids.
+//! - [`filter`]: ignore rules (gitignore syntax) applied to relative paths.
+//! - [`index`]: the in-memory file index: cached digests and where each chunk is found locally.
+//! - [`state`]: the redb database: per-share file index, and on the host the ancestor and halts.
+//! - [`scan`]: walks (part of) a share into entries, re-hashing only what changed.
+//! - [`local`]: the local `Endpoint`: scan, serve chunks, stage and apply changes.
+//! - [`conflicts`]: the conflict store that keeps every losing version out of the synced tree.
+//! - [`status`]: what `status` reports per share.
+//! - [`control`]: the control socket protocol (`status`, `sync`, `resume`) and its client.
+//! - [`controller`]: runs a sync cycle between two `Endpoint`s.
+
+pub mod chunk;
+pub mod conflicts;
+pub mod control;
+pub mod controller;
+pub mod filter;
+pub mod index;
+pub mod local;
+pub mod root;
+pub mod scan;
+pub mod state;
+pub mod status;

@@ -1,1 +1,8 @@
-//! Shared fixtures for the integration tests.
+//! Shared fixtures for vmsync's integration tests (one place for fakes, as rustic's
+//! `crates/testing` does).
+//!
+//! - [`fixture`]: trees, comparisons, a counting `Endpoint`, an in-process host/guest pair.
+//! - [`relay`]: a byte-counting Unix socket relay (what crosses the wire, measured on the wire).
+
+pub mod fixture;
+pub mod relay;

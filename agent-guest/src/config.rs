@@ -1,0 +1,608 @@
+//! `vmsync-guest` configuration: which endpoint to listen on and which directories to export.
+//!
+//! Two layers, resolved in one place (STYLE.md "Errors, config, time"):
+//! - `Raw*` structs mirror the file exactly. Serde rejects unknown keys (`deny_unknown_fields`)
+//!   and keeps the byte span of every value (`toml::Spanned`) so that a later check can say
+//!   where in the file the offending value is.
+//! - [`parse`] checks every value and returns a [`GuestConfig`] whose fields are ready to use:
+//!   absolute normalized paths and a parsed listen endpoint. Validation collects every problem it
+//!   finds instead of stopping at the first, so one `vmsync-guest check` run lists everything.
+//!
+//! The file format (keys, defaults):
+//!
+//! ```toml
+//! listen = "vsock://any:786"         # default; or "unix:/PATH", "vsock://CID:PORT"
+//! state_dir = "/var/lib/vmsync"      # default
+//! control = "/run/vmsync/guest.ctl"  # default
+//! [[share]]                          # at least one
+//! name = "src"                       # [A-Za-z0-9._-], 1..=64 bytes, unique
+//! path = "/home/dev/src"             # absolute
+//! ```
+//!
+//! The default port, 786, is below 1024: vsock reserves those ports for privileged processes on
+//! Linux, so an unprivileged process in the guest cannot take the port first and pose as the
+//! agent. Mode, conflict policy and ignore patterns are the host's to set (the host config
+//! module); the guest only says what it exports.
+//!
+//! The listen endpoint is parsed by the transport crate's [`EndpointAddr`] (the one grammar for
+//! configs and the CLI); this module only refuses the forms a guest cannot listen on.
+
+use std::ops::Range;
+use std::path::{Component, Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+use vmsync_transport::endpoint_addr::{
+    EndpointAddr, DEFAULT_VSOCK_PORT, MAX_UNIX_SOCKET_PATH_BYTES,
+};
+
+/// Default `listen`: every CID, port [`DEFAULT_VSOCK_PORT`].
+pub const DEFAULT_LISTEN: &str = "vsock://any:786";
+/// Default `state_dir`.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/vmsync";
+/// Default `control`.
+pub const DEFAULT_CONTROL: &str = "/run/vmsync/guest.ctl";
+/// Longest share name. Names travel in the handshake and name directories under `state_dir`.
+pub const MAX_SHARE_NAME_BYTES: usize = 64;
+
+/// A validated guest configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestConfig {
+    /// The file this configuration was read from (for messages).
+    pub file: PathBuf,
+    /// Where to accept the host's connection: any form but [`EndpointAddr::Hybrid`] (a
+    /// host-side address).
+    pub listen: EndpointAddr,
+    /// Index and staging state of the exported shares.
+    pub state_dir: PathBuf,
+    /// Path of the control socket that `status` talks to.
+    pub control: PathBuf,
+    /// In file order; names are unique and paths do not nest.
+    pub shares: Vec<GuestShare>,
+}
+
+/// One `[[share]]` the guest exports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestShare {
+    pub name: String,
+    /// Absolute and lexically normalized (no `.`/`..` components, no trailing slash).
+    pub path: PathBuf,
+}
+
+/// Everything that can go wrong loading a configuration. Both variants are the user's to fix;
+/// `check` exits 2 on either.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", .file.display())]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key or a value of the wrong type, or a value
+    /// failed validation. One line per problem: `FILE:LINE:COLUMN: MESSAGE`.
+    #[error("{}", render_problems(.file, .problems))]
+    Invalid {
+        file: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+/// One thing wrong with a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line and column (in characters) of the offending value, when known.
+    pub location: Option<(usize, usize)>,
+    pub message: String,
+}
+
+fn render_problems(file: &Path, problems: &[Problem]) -> String {
+    let lines: Vec<String> = problems
+        .iter()
+        .map(|problem| match problem.location {
+            Some((line, column)) => {
+                format!("{}:{line}:{column}: {}", file.display(), problem.message)
+            }
+            None => format!("{}: {}", file.display(), problem.message),
+        })
+        .collect();
+    lines.join("\n")
+}
+
+/// Reads and validates a guest configuration file.
+pub fn load(file: &Path) -> Result<GuestConfig, ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+        file: file.to_path_buf(),
+        source,
+    })?;
+    parse(&text, file)
+}
+
+/// Validates configuration text. `file` is used in messages only; it is not read.
+pub fn parse(text: &str, file: &Path) -> Result<GuestConfig, ConfigError> {
+    let mut problems = Problems::new(text);
+    let raw: RawGuestConfig = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(error) => {
+            problems.push(error.span(), error.message().trim_end().to_string());
+            return Err(problems.into_error(file));
+        }
+    };
+    match resolve(raw, file, &mut problems) {
+        Some(config) if problems.is_empty() => Ok(config),
+        _ => Err(problems.into_error(file)),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGuestConfig {
+    listen: Option<Spanned<String>>,
+    state_dir: Option<Spanned<String>>,
+    control: Option<Spanned<String>>,
+    #[serde(default)]
+    share: Vec<Spanned<RawShare>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShare {
+    name: Spanned<String>,
+    path: Spanned<String>,
+}
+
+/// Turns the raw file into a `GuestConfig`, recording every problem. Returns `None` only when a
+/// required value is unusable; the caller also fails when any problem was recorded.
+fn resolve(raw: RawGuestConfig, file: &Path, problems: &mut Problems) -> Option<GuestConfig> {
+    let listen = match &raw.listen {
+        None => Some(EndpointAddr::VsockAny {
+            port: DEFAULT_VSOCK_PORT,
+        }),
+        Some(value) => match value.get_ref().parse::<EndpointAddr>() {
+            Ok(EndpointAddr::Hybrid { port, .. }) => {
+                problems.at(
+                    value,
+                    format!(
+                        "listen: `hybrid:` is the host side of a hybrid vsock; inside the guest \
+                         listen on `vsock://any:{port}`"
+                    ),
+                );
+                None
+            }
+            Ok(endpoint) => Some(endpoint),
+            Err(error) => {
+                problems.at(value, format!("listen: {error}"));
+                None
+            }
+        },
+    };
+    let state_dir = match &raw.state_dir {
+        Some(value) => absolute_path(value, "state_dir", problems),
+        None => Some(PathBuf::from(DEFAULT_STATE_DIR)),
+    };
+    let control = match &raw.control {
+        Some(value) => socket_path(value, "control", problems),
+        None => Some(PathBuf::from(DEFAULT_CONTROL)),
+    };
+
+    if raw.share.is_empty() {
+        problems.push(
+            None,
+            "no [[share]] defined; add at least one with `name` and `path`".to_string(),
+        );
+    }
+    let mut shares: Vec<GuestShare> = Vec::with_capacity(raw.share.len());
+    // Spans of accepted shares' name and path, parallel to `shares`, for the cross-share checks.
+    let mut spans: Vec<(Range<usize>, Range<usize>)> = Vec::with_capacity(raw.share.len());
+    let mut complete = true;
+    for raw_share in &raw.share {
+        let raw_share = raw_share.get_ref();
+        let name = raw_share.name.get_ref();
+        if let Some(message) = share_name_error(name) {
+            problems.at(&raw_share.name, format!("share name {name:?}: {message}"));
+            complete = false;
+        } else if let Some(first) = shares.iter().position(|share| &share.name == name) {
+            let (line, _) = problems.line_column(spans[first].0.start);
+            problems.at(
+                &raw_share.name,
+                format!("duplicate share name {name:?} (first defined on line {line})"),
+            );
+            complete = false;
+        }
+        let key = format!("share {name:?} path");
+        match absolute_path(&raw_share.path, &key, problems) {
+            Some(path) => {
+                spans.push((raw_share.name.span(), raw_share.path.span()));
+                shares.push(GuestShare {
+                    name: name.clone(),
+                    path,
+                });
+            }
+            None => complete = false,
+        }
+    }
+
+    // Cross-value checks: a share inside another would be synced twice under different names; a
+    // share holding the state directory would sync vmsync's own index (and the state directory
+    // inside a share has the same effect); a socket inside a share shows up in every scan as a
+    // problem entry.
+    for (index, share) in shares.iter().enumerate() {
+        let (_, path_span) = &spans[index];
+        for (other_index, other) in shares.iter().enumerate().take(index) {
+            if share.path.starts_with(&other.path) || other.path.starts_with(&share.path) {
+                let (line, _) = problems.line_column(spans[other_index].1.start);
+                problems.push(
+                    Some(path_span.clone()),
+                    format!(
+                        "share {:?} path {} and share {:?} path {} (line {line}) nest; shares \
+                         must not overlap",
+                        share.name,
+                        share.path.display(),
+                        other.name,
+                        other.path.display()
+                    ),
+                );
+            }
+        }
+        if let Some(state_dir) = &state_dir {
+            if state_dir.starts_with(&share.path) || share.path.starts_with(state_dir) {
+                problems.push(
+                    Some(path_span.clone()),
+                    format!(
+                        "share {:?} path {} and state_dir {} nest; keep vmsync's state outside \
+                         every share",
+                        share.name,
+                        share.path.display(),
+                        state_dir.display()
+                    ),
+                );
+            }
+        }
+        let sockets = [
+            ("control", control.clone()),
+            (
+                "listen",
+                match &listen {
+                    Some(EndpointAddr::Unix(path)) => {
+                        normalize_absolute(&path.to_string_lossy()).ok()
+                    }
+                    _ => None,
+                },
+            ),
+        ];
+        for (key, socket) in sockets {
+            if let Some(socket) = socket {
+                if socket.starts_with(&share.path) {
+                    problems.push(
+                        Some(path_span.clone()),
+                        format!(
+                            "the {key} socket {} is inside share {:?} ({}); put sockets outside \
+                             every share",
+                            socket.display(),
+                            share.name,
+                            share.path.display()
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    if !complete {
+        return None;
+    }
+    Some(GuestConfig {
+        file: file.to_path_buf(),
+        listen: listen?,
+        state_dir: state_dir?,
+        control: control?,
+        shares,
+    })
+}
+
+/// `None` when `name` is a valid share name, else why not.
+fn share_name_error(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("must not be empty".to_string());
+    }
+    if name.len() > MAX_SHARE_NAME_BYTES {
+        return Some(format!(
+            "is {} bytes; the limit is {MAX_SHARE_NAME_BYTES}",
+            name.len()
+        ));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Some(format!(
+            "contains {bad:?}; use only letters, digits, `.`, `_` and `-`"
+        ));
+    }
+    // The name becomes a directory name under state_dir.
+    if name == "." || name == ".." {
+        return Some("must not be `.` or `..`".to_string());
+    }
+    None
+}
+
+/// Validates an absolute path value and normalizes it lexically (`//` and `.` dropped, no
+/// trailing slash). Paths are not resolved on disk: a missing share root is a safety halt at run
+/// time, not a configuration error.
+fn absolute_path(value: &Spanned<String>, key: &str, problems: &mut Problems) -> Option<PathBuf> {
+    match normalize_absolute(value.get_ref()) {
+        Ok(path) => Some(path),
+        Err(message) => {
+            problems.at(value, format!("{key}: {message}"));
+            None
+        }
+    }
+}
+
+/// Like [`absolute_path`], and the result must fit in a Unix socket address.
+fn socket_path(value: &Spanned<String>, key: &str, problems: &mut Problems) -> Option<PathBuf> {
+    let text = value.get_ref();
+    if let Some(rest) = text.strip_prefix("unix:") {
+        problems.at(
+            value,
+            format!("{key}: a plain path is expected; write {rest:?} without `unix:`"),
+        );
+        return None;
+    }
+    match normalize_absolute(text).and_then(check_socket_length) {
+        Ok(path) => Some(path),
+        Err(message) => {
+            problems.at(value, format!("{key}: {message}"));
+            None
+        }
+    }
+}
+
+fn normalize_absolute(text: &str) -> Result<PathBuf, String> {
+    if text.is_empty() {
+        return Err("path is empty".to_string());
+    }
+    if text.contains('\0') {
+        return Err(format!("path {text:?} contains a NUL byte"));
+    }
+    let path = Path::new(text);
+    if !path.is_absolute() {
+        return Err(format!("path {text:?} is relative; give an absolute path"));
+    }
+    // `..` is refused rather than resolved: lexical resolution is wrong across symlinks, and the
+    // nesting checks compare paths component by component.
+    if path.components().any(|c| c == Component::ParentDir) {
+        return Err(format!("path {text:?} contains `..`; give it without"));
+    }
+    Ok(path.components().collect())
+}
+
+fn check_socket_length(path: PathBuf) -> Result<PathBuf, String> {
+    let bytes = path.as_os_str().len();
+    if bytes > MAX_UNIX_SOCKET_PATH_BYTES {
+        return Err(format!(
+            "socket path {} is {bytes} bytes; a Unix socket path holds at most \
+             {MAX_UNIX_SOCKET_PATH_BYTES}",
+            path.display()
+        ));
+    }
+    Ok(path)
+}
+
+/// Problems found so far, with the text to turn byte spans into line and column.
+struct Problems<'a> {
+    text: &'a str,
+    list: Vec<Problem>,
+}
+
+impl<'a> Problems<'a> {
+    fn new(text: &'a str) -> Self {
+        Self {
+            text,
+            list: Vec::new(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    fn at<T>(&mut self, value: &Spanned<T>, message: String) {
+        self.push(Some(value.span()), message);
+    }
+
+    fn push(&mut self, span: Option<Range<usize>>, message: String) {
+        let location = span.map(|span| self.line_column(span.start));
+        self.list.push(Problem { location, message });
+    }
+
+    /// 1-based line and column (in characters) of a byte offset.
+    fn line_column(&self, offset: usize) -> (usize, usize) {
+        let offset = offset.min(self.text.len());
+        // Spans come from the parser and fall on character boundaries; be safe anyway.
+        let before = self.text.get(..offset).unwrap_or(self.text);
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |index| index + 1);
+        let column = before[line_start..].chars().count() + 1;
+        (line, column)
+    }
+
+    fn into_error(mut self, file: &Path) -> ConfigError {
+        // File order reads best; problems without a location (missing tables) go last. The sort
+        // is stable, so problems at one location keep the order they were found in.
+        self.list
+            .sort_by_key(|problem| problem.location.unwrap_or((usize::MAX, usize::MAX)));
+        ConfigError::Invalid {
+            file: file.to_path_buf(),
+            problems: self.list,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "/etc/vmsync/guest.toml";
+
+    fn parse_ok(text: &str) -> GuestConfig {
+        match parse(text, Path::new(FILE)) {
+            Ok(config) => config,
+            Err(error) => panic!("expected a valid config, got:\n{error}\n--- config:\n{text}"),
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let config = parse_ok("[[share]]\nname = \"src\"\npath = \"/home/dev/src\"\n");
+        assert_eq!(config.listen, EndpointAddr::VsockAny { port: 786 });
+        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(config.control, PathBuf::from(DEFAULT_CONTROL));
+        assert_eq!(
+            config.shares,
+            vec![GuestShare {
+                name: "src".into(),
+                path: "/home/dev/src".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn full_config_resolves_every_key() {
+        let config = parse_ok(
+            r#"
+listen = "unix:/run/vmsync/guest.sock"
+state_dir = "/srv/state/"
+control = "/run/g.ctl"
+[[share]]
+name = "src"
+path = "/home/dev/src"
+[[share]]
+name = "docs"
+path = "/home/dev/docs/."
+"#,
+        );
+        assert_eq!(
+            config.listen,
+            EndpointAddr::Unix("/run/vmsync/guest.sock".into())
+        );
+        assert_eq!(config.state_dir, PathBuf::from("/srv/state"));
+        assert_eq!(config.control, PathBuf::from("/run/g.ctl"));
+        let paths: Vec<_> = config.shares.iter().map(|s| s.path.clone()).collect();
+        assert_eq!(
+            paths,
+            [
+                PathBuf::from("/home/dev/src"),
+                PathBuf::from("/home/dev/docs")
+            ]
+        );
+        let vsock =
+            parse_ok("listen = \"vsock://7:1024\"\n[[share]]\nname = \"a\"\npath = \"/a\"\n");
+        assert_eq!(vsock.listen, EndpointAddr::Vsock { cid: 7, port: 1024 });
+    }
+
+    /// Each case: a name, the config text, and fragments the error message must contain.
+    #[test]
+    fn bad_configs_explain_what_and_where() {
+        let cases: &[(&str, &str, &[&str])] = &[
+            (
+                "not toml",
+                "[[share]\n",
+                &["/etc/vmsync/guest.toml:1:"],
+            ),
+            (
+                "unknown top-level key",
+                "listen = \"vsock://any:786\"\nmode = \"two-way\"\n",
+                &["guest.toml:2:1: ", "unknown field `mode`", "`listen`"],
+            ),
+            (
+                "host-only share key",
+                "[[share]]\nname = \"a\"\npath = \"/a\"\nignore = []\n",
+                &["guest.toml:4:1: ", "unknown field `ignore`", "expected `name` or `path`"],
+            ),
+            (
+                "no shares",
+                "",
+                &["guest.toml: no [[share]] defined"],
+            ),
+            (
+                "unparsable listen",
+                "listen = \"tcp:0.0.0.0:786\"\n[[share]]\nname = \"a\"\npath = \"/a\"\n",
+                &["guest.toml:1:10: listen: `tcp:0.0.0.0:786`: unknown address form"],
+            ),
+            (
+                "hybrid listen",
+                "listen = \"hybrid:/run/vm.vsock:786\"\n[[share]]\nname = \"a\"\npath = \"/a\"\n",
+                &["guest.toml:1:10: ", "host side of a hybrid vsock", "vsock://any:786"],
+            ),
+            (
+                "relative share path",
+                "[[share]]\nname = \"a\"\npath = \"a\"\n",
+                &["guest.toml:3:8: share \"a\" path: path \"a\" is relative"],
+            ),
+            (
+                "missing share name",
+                "[[share]]\npath = \"/a\"\n",
+                &["missing field `name`"],
+            ),
+            (
+                "relative control",
+                "control = \"guest.ctl\"\n[[share]]\nname = \"a\"\npath = \"/a\"\n",
+                &["guest.toml:1:11: control: path \"guest.ctl\" is relative"],
+            ),
+            (
+                "duplicate share name",
+                "[[share]]\nname = \"a\"\npath = \"/a\"\n[[share]]\nname = \"a\"\npath = \"/b\"\n",
+                &["guest.toml:5:8: duplicate share name \"a\" (first defined on line 2)"],
+            ),
+            (
+                "invalid share name",
+                "[[share]]\nname = \"src/x\"\npath = \"/a\"\n",
+                &["guest.toml:2:8: share name \"src/x\": contains '/'"],
+            ),
+            (
+                "nested shares",
+                "[[share]]\nname = \"a\"\npath = \"/home\"\n[[share]]\nname = \"b\"\npath = \"/home/dev\"\n",
+                &["guest.toml:6:8: share \"b\" path /home/dev and share \"a\" path /home (line 3) nest"],
+            ),
+            (
+                "share inside default state_dir",
+                "[[share]]\nname = \"a\"\npath = \"/var/lib/vmsync/a\"\n",
+                &["guest.toml:3:8: ", "state_dir /var/lib/vmsync nest"],
+            ),
+            (
+                "root share holds state_dir",
+                "[[share]]\nname = \"all\"\npath = \"/\"\n",
+                &["share \"all\" path / and state_dir /var/lib/vmsync nest"],
+            ),
+            (
+                "listen socket inside share",
+                "listen = \"unix:/home/dev/g.sock\"\n[[share]]\nname = \"a\"\npath = \"/home/dev\"\n",
+                &["the listen socket /home/dev/g.sock is inside share \"a\""],
+            ),
+        ];
+        for (name, text, fragments) in cases {
+            let message = match parse(text, Path::new(FILE)) {
+                Ok(config) => panic!("case {name:?}: expected an error, got {config:?}"),
+                Err(error) => error.to_string(),
+            };
+            for fragment in *fragments {
+                assert!(
+                    message.contains(fragment),
+                    "case {name:?}: message lacks {fragment:?}:\n{message}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn load_reports_unreadable_file_with_its_path() {
+        match load(Path::new("/nonexistent/vmsync/guest.toml")) {
+            Err(error @ ConfigError::Read { .. }) => assert!(error
+                .to_string()
+                .starts_with("cannot read config file /nonexistent/vmsync/guest.toml: ")),
+            other => panic!("expected a read error, got {other:?}"),
+        }
+    }
+}

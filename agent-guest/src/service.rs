@@ -1,0 +1,192 @@
+//! `vmsync-guest run`: listen for the host, serve one session at a time (a new connection
+//! replaces the old one: the host reconnected), and answer the control socket.
+
+use crate::config::GuestConfig;
+use anyhow::Context;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use vmsync_engine::control::{self, AgentInfo, ControlRequest, ControlResponse};
+use vmsync_engine::filter::Filter;
+use vmsync_engine::local::LocalEndpoint;
+use vmsync_engine::state::StateDb;
+use vmsync_engine::status::{ShareState, ShareStatus};
+
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VMSYNC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[derive(Clone)]
+struct Shared {
+    exports: Arc<BTreeMap<String, LocalEndpoint>>,
+    /// The current host session, if any: its peer description.
+    peer: Arc<Mutex<Option<String>>>,
+    wire: Arc<Mutex<vmsync_transport::rpc::WireStats>>,
+}
+
+impl Shared {
+    fn snapshot(&self) -> ControlResponse {
+        let peer = self.peer.lock().map(|p| p.clone()).unwrap_or(None);
+        let wire = self.wire.lock().map(|w| w.clone()).unwrap_or_default();
+        let shares = self
+            .exports
+            .iter()
+            .map(|(name, ep)| {
+                let (files, bytes) = ep.indexed_totals();
+                let (received, sent) = wire.for_share(name);
+                ShareStatus {
+                    name: name.clone(),
+                    // The host decides conflicts and halts; the guest only knows whether a
+                    // host is being served.
+                    state: if peer.is_some() {
+                        ShareState::InSync
+                    } else {
+                        ShareState::Connecting
+                    },
+                    files,
+                    bytes,
+                    bytes_sent: sent,
+                    bytes_received: received,
+                    ..ShareStatus::default()
+                }
+            })
+            .collect();
+        ControlResponse::Status {
+            agent: AgentInfo {
+                role: "vmsync-guest".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                pid: std::process::id(),
+                peer: if peer.is_some() {
+                    "connected"
+                } else {
+                    "disconnected"
+                }
+                .into(),
+                peer_detail: peer,
+                rss_bytes: control::rss_bytes(),
+            },
+            shares,
+        }
+    }
+}
+
+pub async fn run(config: GuestConfig) -> anyhow::Result<()> {
+    let db = match StateDb::open(&config.state_dir, "guest.redb") {
+        Ok(db) => Arc::new(db),
+        Err(e) if e.is_locked() => anyhow::bail!(
+            "another vmsync-guest is already running with state_dir {}",
+            config.state_dir.display()
+        ),
+        Err(e) => return Err(e).context("opening the state database"),
+    };
+    let mut exports = BTreeMap::new();
+    for share in &config.shares {
+        let ep = LocalEndpoint::new(&share.name, share.path.clone(), Filter::none(), db.clone())?;
+        exports.insert(share.name.clone(), ep);
+    }
+    let shared = Shared {
+        exports: Arc::new(exports),
+        peer: Arc::new(Mutex::new(None)),
+        wire: Arc::new(Mutex::new(Default::default())),
+    };
+
+    let control_listener = control::bind(&config.control)
+        .with_context(|| format!("binding the control socket {}", config.control.display()))?;
+    tokio::spawn(serve_control(control_listener, shared.clone()));
+
+    let listen = config.listen.to_string();
+    let listener = vmsync_transport::server::listen(&listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    tracing::info!(listen = %listen, shares = shared.exports.len(), "vmsync-guest started");
+
+    let mut current: Option<tokio::task::JoinHandle<()>> = None;
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown_signal() => {
+                tracing::info!("shutting down");
+                return Ok(());
+            }
+        };
+        if let Some(previous) = current.take() {
+            // One host per guest: a new connection means the host reconnected, and the old
+            // session is dead or about to be.
+            previous.abort();
+        }
+        let shared = shared.clone();
+        current = Some(tokio::spawn(async move {
+            if let Ok(mut p) = shared.peer.lock() {
+                *p = Some(peer.clone());
+            }
+            tracing::info!(peer = %peer, "host connected");
+            let exports = shared.exports.clone();
+            let result = vmsync_transport::server::serve(
+                stream,
+                move |open| {
+                    let ep = exports.get(&open.name).ok_or_else(|| {
+                        format!("share `{}` is not exported by this guest", open.name)
+                    })?;
+                    let filter = Filter::new(&open.ignore).map_err(|e| e.to_string())?;
+                    ep.set_filter(filter);
+                    Ok(ep.clone())
+                },
+                env!("CARGO_PKG_VERSION"),
+                shared.wire.clone(),
+            )
+            .await;
+            match result {
+                Ok(()) => tracing::info!(peer = %peer, "host disconnected"),
+                Err(e) => tracing::warn!(peer = %peer, "host session ended: {e}"),
+            }
+            if let Ok(mut p) = shared.peer.lock() {
+                *p = None;
+            }
+        }));
+    }
+}
+
+async fn serve_control(listener: tokio::net::UnixListener, shared: Shared) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let response = match control::read_request(&mut stream).await {
+                Ok(ControlRequest::Status) => shared.snapshot(),
+                Ok(_) => ControlResponse::Error {
+                    message: "the guest only answers status; sync and resume are the host's".into(),
+                },
+                Err(e) => ControlResponse::Error {
+                    message: format!("bad request: {e}"),
+                },
+            };
+            let _ = control::write_response(&mut stream, &response).await;
+        });
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        }
+        _ => std::future::pending().await,
+    }
+}

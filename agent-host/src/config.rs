@@ -1,0 +1,979 @@
+//! `vmsync-host` configuration: one TOML file per VM.
+//!
+//! Two layers, resolved in one place (STYLE.md "Errors, config, time"):
+//! - `Raw*` structs mirror the file exactly. Serde rejects unknown keys (`deny_unknown_fields`)
+//!   and keeps the byte span of every value (`toml::Spanned`) so that a later check can say
+//!   where in the file the offending value is.
+//! - [`parse`] checks every value and returns a [`HostConfig`] whose fields are ready to use:
+//!   absolute normalized paths, a parsed guest endpoint, core enums for mode and conflict policy,
+//!   ignore patterns known to compile. Validation collects every problem it finds instead of
+//!   stopping at the first, so one `vmsync-host check` run lists everything to fix.
+//!
+//! The file format (keys, defaults):
+//!
+//! ```toml
+//! guest = "unix:/run/vmsync/guest.sock"   # required; or "vsock://CID:PORT", "hybrid:/PATH:PORT"
+//! state_dir = "/var/lib/vmsync/vm1"       # default: /var/lib/vmsync/<config file stem>
+//! control = "/run/vmsync/vm1.ctl"         # default: /run/vmsync/<config file stem>.ctl
+//! max_delete_fraction = 0.5               # default 0.5, in (0, 1]
+//! [[share]]                               # at least one
+//! name = "src"                            # [A-Za-z0-9._-], 1..=64 bytes, unique
+//! path = "/home/alice/src"                # absolute
+//! mode = "two-way"                        # two-way | host-to-guest | guest-to-host
+//! conflict = "keep"                       # keep | host-wins | guest-wins | newer-wins (two-way only)
+//! ignore = ["target/", "*.swp"]           # gitignore syntax, relative to the share root
+//! ```
+//!
+//! The defaults for `state_dir` and `control` come from the config file's name so that several
+//! VMs, each with its own `/etc/vmsync/<vm>.toml`, never share state or a control socket without
+//! anyone having to think about it. A file stem that is not a valid share-style name (for example
+//! one with spaces) cannot name a default: such a file must set both keys.
+//!
+//! The guest endpoint is parsed by the transport crate's [`EndpointAddr`] (the one grammar for
+//! configs and the CLI); this module adds what only a host can know, such as that a host must
+//! dial a concrete CID.
+
+use std::ops::Range;
+use std::path::{Component, Path, PathBuf};
+
+use ignore::gitignore::GitignoreBuilder;
+use serde::Deserialize;
+use toml::Spanned;
+use vmsync_core::reconcile::{ConflictPolicy, SyncMode};
+use vmsync_transport::endpoint_addr::{EndpointAddr, MAX_UNIX_SOCKET_PATH_BYTES};
+
+/// Parent of the default per-VM state directory (`<this>/<config file stem>`).
+pub const DEFAULT_STATE_PARENT_DIR: &str = "/var/lib/vmsync";
+/// Directory of the default control socket (`<this>/<config file stem>.ctl`).
+pub const DEFAULT_CONTROL_DIR: &str = "/run/vmsync";
+/// Default for `max_delete_fraction`.
+pub const DEFAULT_MAX_DELETE_FRACTION: f64 = 0.5;
+/// Longest share name. Names travel in the handshake and name directories under `state_dir`.
+pub const MAX_SHARE_NAME_BYTES: usize = 64;
+
+/// A validated host configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostConfig {
+    /// The file this configuration was read from (for messages).
+    pub file: PathBuf,
+    /// Where the guest agent listens.
+    pub guest: EndpointAddr,
+    /// Index, ancestor state and the conflict store of this VM's shares.
+    pub state_dir: PathBuf,
+    /// Path of the control socket that `status`, `sync`, `wait` and `resume` talk to.
+    pub control: PathBuf,
+    /// A cycle that would delete more than this fraction of a share's entries halts the share
+    /// instead (safety), in (0, 1].
+    pub max_delete_fraction: f64,
+    /// In file order; names are unique and paths do not nest.
+    pub shares: Vec<HostShare>,
+}
+
+/// One `[[share]]` of a host configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostShare {
+    pub name: String,
+    /// Absolute and lexically normalized (no `.`/`..` components, no trailing slash).
+    pub path: PathBuf,
+    pub mode: SyncMode,
+    /// Only meaningful for [`SyncMode::TwoWay`]; [`ConflictPolicy::Keep`] otherwise.
+    pub conflict: ConflictPolicy,
+    /// Gitignore patterns relative to the share root, each known to compile.
+    pub ignore: Vec<String>,
+}
+
+/// Everything that can go wrong loading a configuration. Both variants are the user's to fix;
+/// `check` exits 2 on either.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", .file.display())]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key or a value of the wrong type, or a value
+    /// failed validation. One line per problem: `FILE:LINE:COLUMN: MESSAGE`.
+    #[error("{}", render_problems(.file, .problems))]
+    Invalid {
+        file: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+/// One thing wrong with a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line and column (in characters) of the offending value, when known.
+    pub location: Option<(usize, usize)>,
+    pub message: String,
+}
+
+fn render_problems(file: &Path, problems: &[Problem]) -> String {
+    let lines: Vec<String> = problems
+        .iter()
+        .map(|problem| match problem.location {
+            Some((line, column)) => {
+                format!("{}:{line}:{column}: {}", file.display(), problem.message)
+            }
+            None => format!("{}: {}", file.display(), problem.message),
+        })
+        .collect();
+    lines.join("\n")
+}
+
+/// Reads and validates a host configuration file.
+pub fn load(file: &Path) -> Result<HostConfig, ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+        file: file.to_path_buf(),
+        source,
+    })?;
+    parse(&text, file)
+}
+
+/// Validates configuration text. `file` is used in messages and names the default `state_dir`
+/// and `control`; it is not read.
+pub fn parse(text: &str, file: &Path) -> Result<HostConfig, ConfigError> {
+    let mut problems = Problems::new(text);
+    let raw: RawHostConfig = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(error) => {
+            problems.push(error.span(), error.message().trim_end().to_string());
+            return Err(problems.into_error(file));
+        }
+    };
+    match resolve(raw, file, &mut problems) {
+        Some(config) if problems.is_empty() => Ok(config),
+        _ => Err(problems.into_error(file)),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHostConfig {
+    guest: Spanned<String>,
+    state_dir: Option<Spanned<String>>,
+    control: Option<Spanned<String>>,
+    max_delete_fraction: Option<Spanned<f64>>,
+    #[serde(default)]
+    share: Vec<Spanned<RawShare>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShare {
+    name: Spanned<String>,
+    path: Spanned<String>,
+    #[serde(default)]
+    mode: RawMode,
+    // Optional (not defaulted) so that a policy set on a one-way share can be reported.
+    conflict: Option<Spanned<RawConflict>>,
+    #[serde(default)]
+    ignore: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum RawMode {
+    #[default]
+    TwoWay,
+    HostToGuest,
+    GuestToHost,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum RawConflict {
+    Keep,
+    HostWins,
+    GuestWins,
+    NewerWins,
+}
+
+/// Turns the raw file into a `HostConfig`, recording every problem. Returns `None` only when a
+/// required value is unusable; the caller also fails when any problem was recorded.
+fn resolve(raw: RawHostConfig, file: &Path, problems: &mut Problems) -> Option<HostConfig> {
+    let guest = match raw.guest.get_ref().parse::<EndpointAddr>() {
+        Ok(EndpointAddr::VsockAny { port }) => {
+            problems.at(
+                &raw.guest,
+                format!(
+                    "guest: `vsock://any:{port}` is for listening; dial the guest's CID, \
+                     e.g. `vsock://3:{port}`"
+                ),
+            );
+            None
+        }
+        Ok(EndpointAddr::Vsock { cid, .. }) if cid == 0 || cid == 2 => {
+            problems.at(
+                &raw.guest,
+                format!(
+                    "guest: CID {cid} is the {}, not a guest; guest CIDs start at 3",
+                    if cid == 0 { "hypervisor" } else { "host" }
+                ),
+            );
+            None
+        }
+        Ok(endpoint) => Some(endpoint),
+        Err(error) => {
+            problems.at(&raw.guest, format!("guest: {error}"));
+            None
+        }
+    };
+
+    // A stem usable as a default must be safe as a single path component: the share-name rule.
+    let stem = file
+        .file_stem()
+        .and_then(|stem| stem.to_str())
+        .filter(|stem| share_name_error(stem).is_none());
+    let state_dir = match &raw.state_dir {
+        Some(value) => absolute_path(value, "state_dir", problems),
+        None => match stem {
+            Some(stem) => Some(Path::new(DEFAULT_STATE_PARENT_DIR).join(stem)),
+            None => {
+                problems.push(
+                    None,
+                    format!(
+                        "state_dir is not set and the file name {:?} cannot name the default \
+                         ({DEFAULT_STATE_PARENT_DIR}/<file stem>); set state_dir",
+                        file.file_name().unwrap_or(file.as_os_str())
+                    ),
+                );
+                None
+            }
+        },
+    };
+    let control = match &raw.control {
+        Some(value) => socket_path(value, "control", problems),
+        None => match stem {
+            Some(stem) => Some(Path::new(DEFAULT_CONTROL_DIR).join(format!("{stem}.ctl"))),
+            None => {
+                problems.push(
+                    None,
+                    format!(
+                        "control is not set and the file name {:?} cannot name the default \
+                         ({DEFAULT_CONTROL_DIR}/<file stem>.ctl); set control",
+                        file.file_name().unwrap_or(file.as_os_str())
+                    ),
+                );
+                None
+            }
+        },
+    };
+
+    let max_delete_fraction = match &raw.max_delete_fraction {
+        None => DEFAULT_MAX_DELETE_FRACTION,
+        Some(value) => {
+            let fraction = *value.get_ref();
+            // Written as a negated range test so NaN fails it too.
+            if !(fraction > 0.0 && fraction <= 1.0) {
+                problems.at(
+                    value,
+                    format!(
+                        "max_delete_fraction must be greater than 0 and at most 1, got {fraction}"
+                    ),
+                );
+            }
+            fraction
+        }
+    };
+
+    if raw.share.is_empty() {
+        problems.push(
+            None,
+            "no [[share]] defined; add at least one with `name` and `path`".to_string(),
+        );
+    }
+    let mut shares: Vec<HostShare> = Vec::with_capacity(raw.share.len());
+    // Spans of accepted shares' name and path, parallel to `shares`, for the cross-share checks.
+    let mut spans: Vec<(Range<usize>, Range<usize>)> = Vec::with_capacity(raw.share.len());
+    let mut complete = true;
+    for raw_share in &raw.share {
+        let raw_share = raw_share.get_ref();
+        let name = raw_share.name.get_ref();
+        if let Some(message) = share_name_error(name) {
+            problems.at(&raw_share.name, format!("share name {name:?}: {message}"));
+            complete = false;
+        } else if let Some(first) = shares.iter().position(|share| &share.name == name) {
+            let (line, _) = problems.line_column(spans[first].0.start);
+            problems.at(
+                &raw_share.name,
+                format!("duplicate share name {name:?} (first defined on line {line})"),
+            );
+            complete = false;
+        }
+        let key = format!("share {name:?} path");
+        let path = absolute_path(&raw_share.path, &key, problems);
+        let mode = match raw_share.mode {
+            RawMode::TwoWay => SyncMode::TwoWay,
+            RawMode::HostToGuest => SyncMode::HostToGuest,
+            RawMode::GuestToHost => SyncMode::GuestToHost,
+        };
+        let conflict = match &raw_share.conflict {
+            None => ConflictPolicy::Keep,
+            Some(value) if mode != SyncMode::TwoWay => {
+                // One-way shares never settle conflicts: the destination is made to match the
+                // source, and a local edit there is saved in the conflict store first. A policy
+                // here means the user expects something that will not happen.
+                problems.at(
+                    value,
+                    format!(
+                        "share {name:?}: `conflict` applies only to mode = \"two-way\"; a \
+                         one-way share always makes the destination match the source; remove it"
+                    ),
+                );
+                ConflictPolicy::Keep
+            }
+            Some(value) => match value.get_ref() {
+                RawConflict::Keep => ConflictPolicy::Keep,
+                RawConflict::HostWins => ConflictPolicy::HostWins,
+                RawConflict::GuestWins => ConflictPolicy::GuestWins,
+                RawConflict::NewerWins => ConflictPolicy::NewerWins,
+            },
+        };
+        let ignore = check_ignore_patterns(name, &raw_share.ignore, problems);
+        match path {
+            Some(path) => {
+                spans.push((raw_share.name.span(), raw_share.path.span()));
+                shares.push(HostShare {
+                    name: name.clone(),
+                    path,
+                    mode,
+                    conflict,
+                    ignore,
+                });
+            }
+            None => complete = false,
+        }
+    }
+
+    // Cross-value checks: a share inside another would sync the inner tree twice with different
+    // rules; a share holding the state directory would sync vmsync's own index and conflict
+    // store (and the state directory inside a share has the same effect); a socket inside a
+    // share shows up in every scan as a problem entry.
+    for (index, share) in shares.iter().enumerate() {
+        let (_, path_span) = &spans[index];
+        for (other_index, other) in shares.iter().enumerate().take(index) {
+            if share.path.starts_with(&other.path) || other.path.starts_with(&share.path) {
+                let (line, _) = problems.line_column(spans[other_index].1.start);
+                problems.push(
+                    Some(path_span.clone()),
+                    format!(
+                        "share {:?} path {} and share {:?} path {} (line {line}) nest; shares \
+                         must not overlap",
+                        share.name,
+                        share.path.display(),
+                        other.name,
+                        other.path.display()
+                    ),
+                );
+            }
+        }
+        if let Some(state_dir) = &state_dir {
+            if state_dir.starts_with(&share.path) || share.path.starts_with(state_dir) {
+                problems.push(
+                    Some(path_span.clone()),
+                    format!(
+                        "share {:?} path {} and state_dir {} nest; keep vmsync's state outside \
+                         every share",
+                        share.name,
+                        share.path.display(),
+                        state_dir.display()
+                    ),
+                );
+            }
+        }
+        let sockets = [
+            ("control", control.clone()),
+            (
+                "guest",
+                match &guest {
+                    Some(EndpointAddr::Unix(path)) | Some(EndpointAddr::Hybrid { path, .. }) => {
+                        normalize_absolute(&path.to_string_lossy()).ok()
+                    }
+                    _ => None,
+                },
+            ),
+        ];
+        for (key, socket) in sockets {
+            if let Some(socket) = socket {
+                if socket.starts_with(&share.path) {
+                    problems.push(
+                        Some(path_span.clone()),
+                        format!(
+                            "the {key} socket {} is inside share {:?} ({}); put sockets outside \
+                             every share",
+                            socket.display(),
+                            share.name,
+                            share.path.display()
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    if !complete {
+        return None;
+    }
+    Some(HostConfig {
+        file: file.to_path_buf(),
+        guest: guest?,
+        state_dir: state_dir?,
+        control: control?,
+        max_delete_fraction,
+        shares,
+    })
+}
+
+/// Checks each pattern with the same gitignore compiler the engine uses, so that a pattern that
+/// would fail at run time fails `check` instead.
+fn check_ignore_patterns(
+    share: &str,
+    patterns: &[Spanned<String>],
+    problems: &mut Problems,
+) -> Vec<String> {
+    // Patterns are matched relative to the share root; the root itself does not matter for
+    // compiling them.
+    let mut builder = GitignoreBuilder::new("/");
+    let mut all_compiled = true;
+    for pattern in patterns {
+        let text = pattern.get_ref();
+        let trimmed = text.trim();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            // Gitignore reads these as a blank line or a comment: they would silently match
+            // nothing, which is never what a pattern in a config list means.
+            problems.at(
+                pattern,
+                format!(
+                    "share {share:?} ignore pattern {text:?} matches nothing (blank or a `#` \
+                     comment); write `\\#` for a literal leading #"
+                ),
+            );
+            all_compiled = false;
+        } else if text.contains(['\n', '\r']) {
+            problems.at(
+                pattern,
+                format!(
+                    "share {share:?} ignore pattern {text:?} contains a line break; give one \
+                     pattern per list element"
+                ),
+            );
+            all_compiled = false;
+        } else if let Err(error) = builder.add_line(None, text) {
+            problems.at(
+                pattern,
+                format!("share {share:?} ignore pattern {text:?} does not compile: {error}"),
+            );
+            all_compiled = false;
+        }
+    }
+    if all_compiled {
+        if let Err(error) = builder.build() {
+            problems.push(
+                None,
+                format!("share {share:?} ignore patterns do not compile together: {error}"),
+            );
+        }
+    }
+    patterns
+        .iter()
+        .map(|pattern| pattern.get_ref().clone())
+        .collect()
+}
+
+/// `None` when `name` is a valid share name, else why not.
+fn share_name_error(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("must not be empty".to_string());
+    }
+    if name.len() > MAX_SHARE_NAME_BYTES {
+        return Some(format!(
+            "is {} bytes; the limit is {MAX_SHARE_NAME_BYTES}",
+            name.len()
+        ));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Some(format!(
+            "contains {bad:?}; use only letters, digits, `.`, `_` and `-`"
+        ));
+    }
+    // The name becomes a directory name under state_dir.
+    if name == "." || name == ".." {
+        return Some("must not be `.` or `..`".to_string());
+    }
+    None
+}
+
+/// Validates an absolute path value and normalizes it lexically (`//` and `.` dropped, no
+/// trailing slash). Paths are not resolved on disk: a missing share root is a safety halt at run
+/// time, not a configuration error.
+fn absolute_path(value: &Spanned<String>, key: &str, problems: &mut Problems) -> Option<PathBuf> {
+    match normalize_absolute(value.get_ref()) {
+        Ok(path) => Some(path),
+        Err(message) => {
+            problems.at(value, format!("{key}: {message}"));
+            None
+        }
+    }
+}
+
+/// Like [`absolute_path`], and the result must fit in a Unix socket address.
+fn socket_path(value: &Spanned<String>, key: &str, problems: &mut Problems) -> Option<PathBuf> {
+    let text = value.get_ref();
+    if let Some(rest) = text.strip_prefix("unix:") {
+        problems.at(
+            value,
+            format!("{key}: a plain path is expected; write {rest:?} without `unix:`"),
+        );
+        return None;
+    }
+    match normalize_absolute(text).and_then(check_socket_length) {
+        Ok(path) => Some(path),
+        Err(message) => {
+            problems.at(value, format!("{key}: {message}"));
+            None
+        }
+    }
+}
+
+fn normalize_absolute(text: &str) -> Result<PathBuf, String> {
+    if text.is_empty() {
+        return Err("path is empty".to_string());
+    }
+    if text.contains('\0') {
+        return Err(format!("path {text:?} contains a NUL byte"));
+    }
+    let path = Path::new(text);
+    if !path.is_absolute() {
+        return Err(format!("path {text:?} is relative; give an absolute path"));
+    }
+    // `..` is refused rather than resolved: lexical resolution is wrong across symlinks, and the
+    // nesting checks compare paths component by component.
+    if path.components().any(|c| c == Component::ParentDir) {
+        return Err(format!("path {text:?} contains `..`; give it without"));
+    }
+    Ok(path.components().collect())
+}
+
+fn check_socket_length(path: PathBuf) -> Result<PathBuf, String> {
+    let bytes = path.as_os_str().len();
+    if bytes > MAX_UNIX_SOCKET_PATH_BYTES {
+        return Err(format!(
+            "socket path {} is {bytes} bytes; a Unix socket path holds at most \
+             {MAX_UNIX_SOCKET_PATH_BYTES}",
+            path.display()
+        ));
+    }
+    Ok(path)
+}
+
+/// Problems found so far, with the text to turn byte spans into line and column.
+struct Problems<'a> {
+    text: &'a str,
+    list: Vec<Problem>,
+}
+
+impl<'a> Problems<'a> {
+    fn new(text: &'a str) -> Self {
+        Self {
+            text,
+            list: Vec::new(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    fn at<T>(&mut self, value: &Spanned<T>, message: String) {
+        self.push(Some(value.span()), message);
+    }
+
+    fn push(&mut self, span: Option<Range<usize>>, message: String) {
+        let location = span.map(|span| self.line_column(span.start));
+        self.list.push(Problem { location, message });
+    }
+
+    /// 1-based line and column (in characters) of a byte offset.
+    fn line_column(&self, offset: usize) -> (usize, usize) {
+        let offset = offset.min(self.text.len());
+        // Spans come from the parser and fall on character boundaries; be safe anyway.
+        let before = self.text.get(..offset).unwrap_or(self.text);
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |index| index + 1);
+        let column = before[line_start..].chars().count() + 1;
+        (line, column)
+    }
+
+    fn into_error(mut self, file: &Path) -> ConfigError {
+        // File order reads best; problems without a location (missing tables) go last. The sort
+        // is stable, so problems at one location keep the order they were found in.
+        self.list
+            .sort_by_key(|problem| problem.location.unwrap_or((usize::MAX, usize::MAX)));
+        ConfigError::Invalid {
+            file: file.to_path_buf(),
+            problems: self.list,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "/etc/vmsync/vm1.toml";
+
+    fn parse_ok(text: &str) -> HostConfig {
+        match parse(text, Path::new(FILE)) {
+            Ok(config) => config,
+            Err(error) => panic!("expected a valid config, got:\n{error}\n--- config:\n{text}"),
+        }
+    }
+
+    const MINIMAL: &str = r#"
+guest = "unix:/run/vmsync/guest.sock"
+[[share]]
+name = "src"
+path = "/home/alice/src"
+"#;
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let config = parse_ok(MINIMAL);
+        assert_eq!(
+            config.guest,
+            EndpointAddr::Unix(PathBuf::from("/run/vmsync/guest.sock"))
+        );
+        assert_eq!(config.state_dir, PathBuf::from("/var/lib/vmsync/vm1"));
+        assert_eq!(config.control, PathBuf::from("/run/vmsync/vm1.ctl"));
+        assert_eq!(config.max_delete_fraction, DEFAULT_MAX_DELETE_FRACTION);
+        assert_eq!(config.file, PathBuf::from(FILE));
+        assert_eq!(
+            config.shares,
+            vec![HostShare {
+                name: "src".into(),
+                path: PathBuf::from("/home/alice/src"),
+                mode: SyncMode::TwoWay,
+                conflict: ConflictPolicy::Keep,
+                ignore: vec![],
+            }]
+        );
+    }
+
+    #[test]
+    fn full_config_resolves_every_key() {
+        let config = parse_ok(
+            r#"
+guest = "hybrid:/run/vm1.vsock:786"
+state_dir = "/srv/vmsync//state/./vm1/"
+control = "/run/vm1.ctl"
+max_delete_fraction = 1
+[[share]]
+name = "src"
+path = "/home/alice/src"
+mode = "two-way"
+conflict = "newer-wins"
+ignore = ["target/", "*.swp", "!keep.swp", "/build"]
+[[share]]
+name = "out.put_2-x"
+path = "/home/alice/out"
+mode = "guest-to-host"
+[[share]]
+name = "docs"
+path = "/home/alice/docs"
+mode = "host-to-guest"
+"#,
+        );
+        assert_eq!(
+            config.guest,
+            EndpointAddr::Hybrid {
+                path: PathBuf::from("/run/vm1.vsock"),
+                port: 786
+            }
+        );
+        assert_eq!(config.state_dir, PathBuf::from("/srv/vmsync/state/vm1"));
+        assert_eq!(config.control, PathBuf::from("/run/vm1.ctl"));
+        assert_eq!(config.max_delete_fraction, 1.0);
+        let modes: Vec<_> = config.shares.iter().map(|s| s.mode).collect();
+        assert_eq!(
+            modes,
+            [
+                SyncMode::TwoWay,
+                SyncMode::GuestToHost,
+                SyncMode::HostToGuest
+            ]
+        );
+        assert_eq!(config.shares[0].conflict, ConflictPolicy::NewerWins);
+        assert_eq!(
+            config.shares[0].ignore,
+            ["target/", "*.swp", "!keep.swp", "/build"]
+        );
+    }
+
+    #[test]
+    fn every_conflict_policy_maps() {
+        for (text, policy) in [
+            ("keep", ConflictPolicy::Keep),
+            ("host-wins", ConflictPolicy::HostWins),
+            ("guest-wins", ConflictPolicy::GuestWins),
+            ("newer-wins", ConflictPolicy::NewerWins),
+        ] {
+            let config = parse_ok(&format!("{MINIMAL}conflict = \"{text}\"\n"));
+            assert_eq!(config.shares[0].conflict, policy, "{text}");
+        }
+    }
+
+    #[test]
+    fn every_endpoint_form_a_host_can_dial_is_accepted() {
+        for (text, endpoint) in [
+            ("unix:/run/g.sock", EndpointAddr::Unix("/run/g.sock".into())),
+            ("vsock://3:786", EndpointAddr::Vsock { cid: 3, port: 786 }),
+            // Loopback vsock, for testing on one machine with vsock_loopback.
+            ("vsock://1:786", EndpointAddr::Vsock { cid: 1, port: 786 }),
+            (
+                "hybrid:/run/a:b.vsock:1024",
+                EndpointAddr::Hybrid {
+                    path: "/run/a:b.vsock".into(),
+                    port: 1024,
+                },
+            ),
+        ] {
+            let config = parse_ok(&format!(
+                "guest = \"{text}\"\n[[share]]\nname = \"a\"\npath = \"/a\"\n"
+            ));
+            assert_eq!(config.guest, endpoint, "{text}");
+            assert_eq!(config.guest.to_string(), text);
+        }
+    }
+
+    /// Each case: a name, the config text, and fragments the error message must contain.
+    /// `{FILE}` stands for the file name; locations are checked as `FILE:LINE:COLUMN`.
+    #[test]
+    fn bad_configs_explain_what_and_where() {
+        let cases: &[(&str, &str, &[&str])] = &[
+            (
+                "not toml",
+                "guest = \n",
+                &["/etc/vmsync/vm1.toml:1:9: ", "string values must be quoted"],
+            ),
+            (
+                "unknown top-level key",
+                "guest = \"unix:/g.sock\"\nstate_dri = \"/x\"\n",
+                &["vm1.toml:2:1: ", "unknown field `state_dri`", "`state_dir`"],
+            ),
+            (
+                "unknown share key",
+                "guest = \"unix:/g.sock\"\n[[share]]\nname = \"a\"\npath = \"/a\"\nmdoe = \"x\"\n",
+                &["vm1.toml:5:1: ", "unknown field `mdoe`"],
+            ),
+            (
+                "missing guest",
+                "[[share]]\nname = \"a\"\npath = \"/a\"\n",
+                &["missing field `guest`"],
+            ),
+            (
+                "missing share path",
+                "guest = \"unix:/g.sock\"\n[[share]]\nname = \"a\"\n",
+                &["missing field `path`"],
+            ),
+            (
+                "no shares",
+                "guest = \"unix:/g.sock\"\n",
+                &["vm1.toml: no [[share]] defined"],
+            ),
+            (
+                "wrong type",
+                "guest = 5\n",
+                &["vm1.toml:1:9: ", "invalid type: integer `5`, expected a string"],
+            ),
+            (
+                "bad mode",
+                "guest = \"unix:/g.sock\"\n[[share]]\nname = \"a\"\npath = \"/a\"\nmode = \"both\"\n",
+                &["vm1.toml:5:8: ", "unknown variant `both`", "`host-to-guest`"],
+            ),
+            (
+                "bad conflict",
+                "guest = \"unix:/g.sock\"\n[[share]]\nname = \"a\"\npath = \"/a\"\nconflict = \"mine\"\n",
+                &["vm1.toml:5:12: ", "unknown variant `mine`", "`newer-wins`"],
+            ),
+            (
+                "unparsable endpoint",
+                "guest = \"vsock:3:786\"\n[[share]]\nname = \"a\"\npath = \"/a\"\n",
+                &["vm1.toml:1:9: guest: `vsock:3:786`: unknown address form"],
+            ),
+            (
+                "listen-only endpoint",
+                "guest = \"vsock://any:786\"\n[[share]]\nname = \"a\"\npath = \"/a\"\n",
+                &["vm1.toml:1:9: ", "is for listening", "vsock://3:786"],
+            ),
+            (
+                "host cid",
+                "guest = \"vsock://2:786\"\n[[share]]\nname = \"a\"\npath = \"/a\"\n",
+                &["CID 2 is the host"],
+            ),
+            (
+                "relative share path",
+                "guest = \"unix:/g.sock\"\n[[share]]\nname = \"a\"\npath = \"home/a\"\n",
+                &["vm1.toml:4:8: share \"a\" path: path \"home/a\" is relative"],
+            ),
+            (
+                "empty share path",
+                "guest = \"unix:/g.sock\"\n[[share]]\nname = \"a\"\npath = \"\"\n",
+                &["vm1.toml:4:8: share \"a\" path: path is empty"],
+            ),
+            (
+                "dotdot share path",
+                "guest = \"unix:/g.sock\"\n[[share]]\nname = \"a\"\npath = \"/x/../a\"\n",
+                &["contains `..`"],
+            ),
+            (
+                "relative state_dir",
+                "guest = \"unix:/g.sock\"\nstate_dir = \"state\"\n[[share]]\nname = \"a\"\npath = \"/a\"\n",
+                &["vm1.toml:2:13: state_dir: path \"state\" is relative"],
+            ),
+            (
+                "control with scheme",
+                "guest = \"unix:/g.sock\"\ncontrol = \"unix:/c.ctl\"\n[[share]]\nname = \"a\"\npath = \"/a\"\n",
+                &["vm1.toml:2:11: ", "without `unix:`"],
+            ),
+            (
+                "duplicate share name",
+                "guest = \"unix:/g.sock\"\n[[share]]\nname = \"a\"\npath = \"/a\"\n[[share]]\nname = \"a\"\npath = \"/b\"\n",
+                &["vm1.toml:6:8: duplicate share name \"a\" (first defined on line 3)"],
+            ),
+            (
+                "invalid share name characters",
+                "guest = \"unix:/g.sock\"\n[[share]]\nname = \"my src\"\npath = \"/a\"\n",
+                &["vm1.toml:3:8: share name \"my src\": contains ' '"],
+            ),
+            (
+                "empty share name",
+                "guest = \"unix:/g.sock\"\n[[share]]\nname = \"\"\npath = \"/a\"\n",
+                &["must not be empty"],
+            ),
+            (
+                "dot share name",
+                "guest = \"unix:/g.sock\"\n[[share]]\nname = \"..\"\npath = \"/a\"\n",
+                &["must not be `.` or `..`"],
+            ),
+            (
+                "long share name",
+                &format!(
+                    "guest = \"unix:/g.sock\"\n[[share]]\nname = \"{}\"\npath = \"/a\"\n",
+                    "n".repeat(65)
+                ),
+                &["is 65 bytes; the limit is 64"],
+            ),
+            (
+                "nested shares",
+                "guest = \"unix:/g.sock\"\n[[share]]\nname = \"a\"\npath = \"/home/a\"\n[[share]]\nname = \"b\"\npath = \"/home/a/sub/\"\n",
+                &["vm1.toml:7:8: share \"b\" path /home/a/sub and share \"a\" path /home/a (line 4) nest"],
+            ),
+            (
+                "same path twice",
+                "guest = \"unix:/g.sock\"\n[[share]]\nname = \"a\"\npath = \"/home/a\"\n[[share]]\nname = \"b\"\npath = \"/home//a\"\n",
+                &["nest"],
+            ),
+            (
+                "share inside state_dir",
+                "guest = \"unix:/g.sock\"\nstate_dir = \"/var/lib/vmsync\"\n[[share]]\nname = \"a\"\npath = \"/var/lib/vmsync/a\"\n",
+                &["vm1.toml:5:8: share \"a\" path /var/lib/vmsync/a and state_dir /var/lib/vmsync nest"],
+            ),
+            (
+                "state_dir inside share",
+                "guest = \"unix:/g.sock\"\nstate_dir = \"/home/a/.state\"\n[[share]]\nname = \"a\"\npath = \"/home/a\"\n",
+                &["and state_dir /home/a/.state nest"],
+            ),
+            (
+                "control inside share",
+                "guest = \"unix:/g.sock\"\ncontrol = \"/home/a/vm.ctl\"\n[[share]]\nname = \"a\"\npath = \"/home/a\"\n",
+                &["the control socket /home/a/vm.ctl is inside share \"a\""],
+            ),
+            (
+                "guest socket inside share",
+                "guest = \"unix:/home/a/g.sock\"\n[[share]]\nname = \"a\"\npath = \"/home/a\"\n",
+                &["the guest socket /home/a/g.sock is inside share \"a\""],
+            ),
+            (
+                "bad ignore pattern",
+                "guest = \"unix:/g.sock\"\n[[share]]\nname = \"a\"\npath = \"/a\"\nignore = [\"ok\", \"a{b\"]\n",
+                &["vm1.toml:5:17: share \"a\" ignore pattern \"a{b\" does not compile"],
+            ),
+            (
+                "comment as ignore pattern",
+                "guest = \"unix:/g.sock\"\n[[share]]\nname = \"a\"\npath = \"/a\"\nignore = [\"# build output\"]\n",
+                &["matches nothing"],
+            ),
+            (
+                "fraction zero",
+                "guest = \"unix:/g.sock\"\nmax_delete_fraction = 0.0\n[[share]]\nname = \"a\"\npath = \"/a\"\n",
+                &["vm1.toml:2:23: max_delete_fraction must be greater than 0 and at most 1, got 0"],
+            ),
+            (
+                "fraction above one",
+                "guest = \"unix:/g.sock\"\nmax_delete_fraction = 1.5\n[[share]]\nname = \"a\"\npath = \"/a\"\n",
+                &["got 1.5"],
+            ),
+            (
+                "fraction nan",
+                "guest = \"unix:/g.sock\"\nmax_delete_fraction = nan\n[[share]]\nname = \"a\"\npath = \"/a\"\n",
+                &["got NaN"],
+            ),
+            (
+                "conflict on a one-way share",
+                "guest = \"unix:/g.sock\"\n[[share]]\nname = \"a\"\npath = \"/a\"\nmode = \"host-to-guest\"\nconflict = \"host-wins\"\n",
+                &["vm1.toml:6:12: ", "applies only to mode = \"two-way\""],
+            ),
+            (
+                "several problems at once",
+                "guest = \"unix:g.sock\"\n[[share]]\nname = \"a b\"\npath = \"rel\"\n",
+                &[
+                    "vm1.toml:1:9: guest:",
+                    "\n/etc/vmsync/vm1.toml:3:8: share name",
+                    "\n/etc/vmsync/vm1.toml:4:8: share \"a b\" path",
+                ],
+            ),
+        ];
+        for (name, text, fragments) in cases {
+            let message = match parse(text, Path::new(FILE)) {
+                Ok(config) => panic!("case {name:?}: expected an error, got {config:?}"),
+                Err(error) => error.to_string(),
+            };
+            for fragment in *fragments {
+                assert!(
+                    message.contains(fragment),
+                    "case {name:?}: message lacks {fragment:?}:\n{message}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn file_stem_that_cannot_name_defaults_requires_explicit_paths() {
+        let error = match parse(MINIMAL, Path::new("/etc/vmsync/my vm.toml")) {
+            Ok(config) => panic!("expected an error, got {config:?}"),
+            Err(error) => error.to_string(),
+        };
+        assert!(error.contains("state_dir is not set"), "{error}");
+        assert!(error.contains("control is not set"), "{error}");
+        let explicit = format!("state_dir = \"/s\"\ncontrol = \"/c.ctl\"\n{MINIMAL}");
+        assert!(parse(&explicit, Path::new("/etc/vmsync/my vm.toml")).is_ok());
+    }
+
+    #[test]
+    fn load_reports_unreadable_file_with_its_path() {
+        let missing = Path::new("/nonexistent/vmsync/host.toml");
+        match load(missing) {
+            Err(error @ ConfigError::Read { .. }) => {
+                assert!(error
+                    .to_string()
+                    .starts_with("cannot read config file /nonexistent/vmsync/host.toml: "));
+            }
+            other => panic!("expected a read error, got {other:?}"),
+        }
+    }
+}

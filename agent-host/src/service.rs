@@ -1,0 +1,377 @@
+//! `vmsync-host run`: owns the share controllers, keeps a session to the guest alive
+//! (reconnecting with exponential backoff and jitter), runs a full cycle of every share after
+//! each (re)connect and whenever `sync` asks, and answers the control socket.
+
+use crate::config::{HostConfig, HostShare};
+use anyhow::Context;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use vmsync_core::endpoint::ScanScope;
+use vmsync_core::safety::DeletionLimit;
+use vmsync_engine::control::{self, AgentInfo, ControlRequest, ControlResponse};
+use vmsync_engine::controller::{Controller, ShareSettings};
+use vmsync_engine::filter::Filter;
+use vmsync_engine::local::LocalEndpoint;
+use vmsync_engine::state::StateDb;
+use vmsync_engine::status::{ShareState, ShareStatus};
+
+/// First reconnect delay; doubles up to [`RECONNECT_MAX_MS`], with ±25 % jitter.
+const RECONNECT_MIN_MS: u64 = 100;
+const RECONNECT_MAX_MS: u64 = 5_000;
+/// Extra cycles run at once when a cycle found paths that changed under it.
+const MAX_RETRY_CYCLES: usize = 3;
+
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VMSYNC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// A command from the control socket to the sync loop.
+enum Command {
+    Sync(oneshot::Sender<ControlResponse>),
+    Resume(String, oneshot::Sender<ControlResponse>),
+}
+
+struct Share {
+    controller: Controller,
+    local: LocalEndpoint,
+    config: HostShare,
+}
+
+/// What the control socket reads without disturbing the sync loop.
+#[derive(Clone)]
+struct Shared {
+    statuses: Vec<Arc<Mutex<ShareStatus>>>,
+    peer: Arc<Mutex<(bool, Option<String>)>>,
+    wire: Arc<Mutex<vmsync_transport::rpc::WireStats>>,
+}
+
+impl Shared {
+    fn snapshot(&self) -> ControlResponse {
+        let (connected, detail) = self.peer.lock().map(|p| p.clone()).unwrap_or((false, None));
+        let wire = self.wire.lock().map(|w| w.clone()).unwrap_or_default();
+        let mut shares: Vec<ShareStatus> = self
+            .statuses
+            .iter()
+            .filter_map(|s| s.lock().ok().map(|s| s.clone()))
+            .collect();
+        for s in &mut shares {
+            let (sent, received) = wire.for_share(&s.name);
+            s.bytes_sent = sent;
+            s.bytes_received = received;
+        }
+        ControlResponse::Status {
+            agent: AgentInfo {
+                role: "vmsync-host".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                pid: std::process::id(),
+                peer: if connected {
+                    "connected"
+                } else {
+                    "disconnected"
+                }
+                .into(),
+                peer_detail: detail,
+                rss_bytes: control::rss_bytes(),
+            },
+            shares,
+        }
+    }
+}
+
+pub async fn run(config: HostConfig) -> anyhow::Result<()> {
+    let db = match StateDb::open(&config.state_dir, "host.redb") {
+        Ok(db) => Arc::new(db),
+        Err(e) if e.is_locked() => anyhow::bail!(
+            "another vmsync-host is already running with state_dir {}",
+            config.state_dir.display()
+        ),
+        Err(e) => return Err(e).context("opening the state database"),
+    };
+    let mut shares = Vec::new();
+    for share in &config.shares {
+        let filter = Filter::new(&share.ignore)?;
+        let settings = ShareSettings {
+            name: share.name.clone(),
+            mode: share.mode,
+            policy: share.conflict,
+            filter: filter.clone(),
+            deletion_limit: DeletionLimit {
+                max_fraction: config.max_delete_fraction,
+                ..DeletionLimit::default()
+            },
+        };
+        let controller = Controller::new(settings, db.clone(), &config.state_dir)?;
+        let local = LocalEndpoint::new(&share.name, share.path.clone(), filter, db.clone())?;
+        shares.push(Share {
+            controller,
+            local,
+            config: share.clone(),
+        });
+    }
+    let shared = Shared {
+        statuses: shares.iter().map(|s| s.controller.status()).collect(),
+        peer: Arc::new(Mutex::new((false, None))),
+        wire: Arc::new(Mutex::new(Default::default())),
+    };
+
+    let (tx, rx) = mpsc::channel::<Command>(16);
+    let listener = control::bind(&config.control)
+        .with_context(|| format!("binding the control socket {}", config.control.display()))?;
+    tokio::spawn(serve_control(listener, tx, shared.clone()));
+    tracing::info!(guest = %config.guest, shares = shares.len(), "vmsync-host started");
+
+    let mut sync = SyncLoop {
+        config,
+        shares,
+        shared,
+        rx,
+    };
+    tokio::select! {
+        r = sync.run() => r,
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down");
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+async fn serve_control(
+    listener: tokio::net::UnixListener,
+    tx: mpsc::Sender<Command>,
+    shared: Shared,
+) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let tx = tx.clone();
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let response = match control::read_request(&mut stream).await {
+                Err(e) => ControlResponse::Error {
+                    message: format!("bad request: {e}"),
+                },
+                Ok(ControlRequest::Status) => shared.snapshot(),
+                Ok(ControlRequest::Sync) => ask(&tx, Command::Sync).await,
+                Ok(ControlRequest::Resume { share }) => {
+                    ask(&tx, |r| Command::Resume(share, r)).await
+                }
+            };
+            let _ = control::write_response(&mut stream, &response).await;
+        });
+    }
+}
+
+async fn ask(
+    tx: &mpsc::Sender<Command>,
+    make: impl FnOnce(oneshot::Sender<ControlResponse>) -> Command,
+) -> ControlResponse {
+    let (reply, rx) = oneshot::channel();
+    if tx.send(make(reply)).await.is_err() {
+        return ControlResponse::Error {
+            message: "the sync loop has stopped".into(),
+        };
+    }
+    rx.await.unwrap_or(ControlResponse::Error {
+        message: "the sync loop dropped the request".into(),
+    })
+}
+
+struct SyncLoop {
+    config: HostConfig,
+    shares: Vec<Share>,
+    shared: Shared,
+    rx: mpsc::Receiver<Command>,
+}
+
+impl SyncLoop {
+    async fn run(&mut self) -> anyhow::Result<()> {
+        let mut backoff = RECONNECT_MIN_MS;
+        let mut last_error: Option<String> = None;
+        loop {
+            self.set_states(ShareState::Connecting);
+            match self.connect().await {
+                Ok(session) => {
+                    backoff = RECONNECT_MIN_MS;
+                    last_error = None;
+                    self.set_peer(true, Some(self.config.guest.to_string()));
+                    tracing::info!(guest = %self.config.guest, "connected to guest");
+                    let reason = self.connected(session).await;
+                    self.set_peer(false, Some(reason.clone()));
+                    tracing::warn!("guest session ended: {reason}");
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    // Log a failure once, not on every retry: a guest that is down for an hour
+                    // must not fill the journal.
+                    if last_error.as_deref() != Some(msg.as_str()) {
+                        tracing::warn!(guest = %self.config.guest, "cannot reach guest (retrying): {msg}");
+                        last_error = Some(msg.clone());
+                    }
+                    self.set_peer(false, Some(msg));
+                }
+            }
+            let delay = jitter(backoff);
+            backoff = (backoff * 2).min(RECONNECT_MAX_MS);
+            self.idle(Duration::from_millis(delay)).await;
+        }
+    }
+
+    async fn connect(&self) -> anyhow::Result<vmsync_transport::rpc::Session> {
+        let opens = self
+            .shares
+            .iter()
+            .map(|s| (s.config.name.clone(), s.config.ignore.clone()))
+            .collect();
+        vmsync_transport::client::dial(
+            &self.config.guest.to_string(),
+            opens,
+            env!("CARGO_PKG_VERSION"),
+        )
+        .await
+        .map_err(anyhow::Error::from)
+    }
+
+    /// Serves commands while disconnected, for `delay`.
+    async fn idle(&mut self, delay: Duration) {
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => return,
+                cmd = self.rx.recv() => match cmd {
+                    Some(Command::Sync(reply)) => {
+                        let _ = reply.send(ControlResponse::Error { message: "not connected to the guest".into() });
+                    }
+                    Some(Command::Resume(name, reply)) => {
+                        let _ = reply.send(self.resume(&name));
+                    }
+                    None => std::future::pending::<()>().await,
+                },
+            }
+        }
+    }
+
+    /// Syncs everything, then serves commands until the session ends; returns why it ended.
+    async fn connected(&mut self, session: vmsync_transport::rpc::Session) -> String {
+        if let Err(e) = self.sync_all(&session).await {
+            return e;
+        }
+        loop {
+            tokio::select! {
+                reason = session.closed() => return reason,
+                cmd = self.rx.recv() => match cmd {
+                    Some(Command::Sync(reply)) => {
+                        let result = self.sync_all(&session).await;
+                        let response = match &result {
+                            Ok(()) => self.shared.snapshot(),
+                            Err(e) => ControlResponse::Error { message: e.clone() },
+                        };
+                        let _ = reply.send(response);
+                        if let Err(e) = result {
+                            return e;
+                        }
+                    }
+                    Some(Command::Resume(name, reply)) => {
+                        let response = self.resume(&name);
+                        let failed = matches!(response, ControlResponse::Error { .. });
+                        if !failed {
+                            if let Err(e) = self.sync_all(&session).await {
+                                let _ = reply.send(ControlResponse::Error { message: e.clone() });
+                                return e;
+                            }
+                        }
+                        let _ = reply.send(if failed { response } else { self.shared.snapshot() });
+                    }
+                    None => return "control channel closed".into(),
+                },
+            }
+        }
+    }
+
+    /// One full cycle of every share (plus quick retries for paths that changed under it).
+    /// `Err` means the session is unusable.
+    async fn sync_all(&mut self, session: &vmsync_transport::rpc::Session) -> Result<(), String> {
+        for (index, share) in self.shares.iter_mut().enumerate() {
+            let mut remote = session.endpoint(index as u16);
+            for _ in 0..=MAX_RETRY_CYCLES {
+                let result = share
+                    .controller
+                    .cycle(&mut share.local, &mut remote, ScanScope::Full)
+                    .await;
+                if let Ok(stats) = self.shared.wire.lock().as_mut() {
+                    **stats = session.stats();
+                }
+                match result {
+                    Ok(report) if report.retry => continue,
+                    Ok(_) => break,
+                    Err(e) if e.is_disconnect() => return Err(e.to_string()),
+                    Err(e) => {
+                        tracing::error!(share = %share.config.name, "cycle failed: {e}");
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self, name: &str) -> ControlResponse {
+        let Some(share) = self.shares.iter_mut().find(|s| s.config.name == name) else {
+            return ControlResponse::Error {
+                message: format!("no share named `{name}`"),
+            };
+        };
+        match share.controller.resume() {
+            Ok(true) => self.shared.snapshot(),
+            Ok(false) => ControlResponse::Error {
+                message: format!("share `{name}` is not halted"),
+            },
+            Err(e) => ControlResponse::Error {
+                message: format!("resume failed: {e}"),
+            },
+        }
+    }
+
+    fn set_states(&self, state: ShareState) {
+        for s in &self.shares {
+            s.controller.set_state(state);
+        }
+    }
+
+    fn set_peer(&self, connected: bool, detail: Option<String>) {
+        if let Ok(mut p) = self.shared.peer.lock() {
+            *p = (connected, detail);
+        }
+    }
+}
+
+/// `ms` ± 25 %, so a fleet of hosts restarting together does not reconnect in lockstep. The
+/// clock's nanoseconds are random enough for spreading retries.
+fn jitter(ms: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::from(d.subsec_nanos()))
+        .unwrap_or(0);
+    let spread = ms / 2;
+    ms - ms / 4 + if spread == 0 { 0 } else { nanos % spread }
+}

@@ -1,0 +1,765 @@
+//! One sync cycle of one share between two [`Endpoint`]s: scan both sides, check the roots,
+//! reconcile against the ancestor, check the plan is safe, preserve losing versions, stage
+//! files, transition, and record the new ancestor. The controller cannot tell a local side from
+//! a remote one; it owns the ancestor and every decision (DESIGN.md "Sync model").
+//!
+//! Order within a cycle matters for both safety and efficiency:
+//! 1. Losing versions are copied to the conflict store before anything replaces them; an action
+//!    whose loser could not be saved is dropped, never executed.
+//! 2. Every new file is staged before anything is removed, so a renamed or moved file is built
+//!    from its old copy instead of crossing the wire.
+//! 3. Removals run children-first, then creations parents-first.
+
+use crate::conflicts::ConflictStore;
+use crate::filter::Filter;
+use crate::state::{ShareMeta, StateDb, StateError};
+use crate::status::{ProblemView, ShareState, ShareStatus};
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use vmsync_core::endpoint::{
+    Change, ChunkRead, Endpoint, EndpointError, Outcome, Problem, ScanOptions, ScanReport,
+    ScanScope, StageRequest,
+};
+use vmsync_core::reconcile::{reconcile, Action, ConflictPolicy, Plan, Side, SyncMode};
+use vmsync_core::safety::{check_deletions, check_emptied, check_root, DeletionLimit, HaltReason};
+use vmsync_core::{Entry, FileMeta, Hash, RelPath, Snapshot};
+
+/// Files per stage batch: bounds the temp files a destination holds open at once.
+const MAX_STAGE_BATCH_FILES: usize = 256;
+/// Chunks per stage batch (summed over its manifests): bounds the size of one message.
+const MAX_STAGE_BATCH_CHUNKS: usize = 64 * 1024;
+/// Chunks per read/supply round trip: 64 chunks are at most 4 MiB.
+const MAX_CHUNKS_PER_READ: usize = 64;
+/// Changes per transition message.
+const MAX_TRANSITION_BATCH: usize = 1024;
+
+/// A share's sync settings, resolved from configuration.
+#[derive(Debug, Clone)]
+pub struct ShareSettings {
+    pub name: String,
+    pub mode: SyncMode,
+    pub policy: ConflictPolicy,
+    pub filter: Filter,
+    pub deletion_limit: DeletionLimit,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CycleError {
+    #[error("{side} side: {source}")]
+    Endpoint {
+        side: &'static str,
+        #[source]
+        source: EndpointError,
+    },
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+impl CycleError {
+    /// True when the connection to the peer is gone: the caller reconnects.
+    pub fn is_disconnect(&self) -> bool {
+        matches!(
+            self,
+            CycleError::Endpoint {
+                source: EndpointError::Disconnected(_) | EndpointError::Protocol(_),
+                ..
+            }
+        )
+    }
+}
+
+fn side_err(side: Side) -> impl Fn(EndpointError) -> CycleError {
+    move |source| CycleError::Endpoint {
+        side: side.as_str(),
+        source,
+    }
+}
+
+/// How a cycle ended.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CycleReport {
+    /// Changes applied on either side.
+    pub applied: usize,
+    /// Paths left in conflict.
+    pub conflicts: usize,
+    /// Some change found its path changed since the scan: run another cycle soon.
+    pub retry: bool,
+    /// The share is halted (now or from before); nothing was changed.
+    pub halted: bool,
+}
+
+/// Drives cycles for one share. Holds the ancestor in memory and in the state database.
+pub struct Controller {
+    settings: ShareSettings,
+    db: Arc<StateDb>,
+    ancestor: Snapshot,
+    meta: ShareMeta,
+    store: ConflictStore,
+    status: Arc<Mutex<ShareStatus>>,
+    /// Set by `resume` after a mass-deletion halt: the next cycle may delete past the limit.
+    allow_deletions_once: bool,
+}
+
+impl Controller {
+    pub fn new(
+        settings: ShareSettings,
+        db: Arc<StateDb>,
+        state_dir: &Path,
+    ) -> Result<Controller, StateError> {
+        let ancestor = db.load_ancestor(&settings.name)?;
+        let meta = db.load_meta(&settings.name)?;
+        let store = ConflictStore::new(state_dir, &settings.name);
+        let status = ShareStatus {
+            name: settings.name.clone(),
+            conflict_dir: store.dir().display().to_string(),
+            ..ShareStatus::default()
+        };
+        let controller = Controller {
+            settings,
+            db,
+            ancestor,
+            meta,
+            store,
+            status: Arc::new(Mutex::new(status)),
+            allow_deletions_once: false,
+        };
+        controller.show_halt();
+        Ok(controller)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    pub fn settings(&self) -> &ShareSettings {
+        &self.settings
+    }
+
+    /// The live status, shared with the control socket.
+    pub fn status(&self) -> Arc<Mutex<ShareStatus>> {
+        self.status.clone()
+    }
+
+    pub fn is_halted(&self) -> bool {
+        self.meta.halt.is_some()
+    }
+
+    pub fn set_state(&self, state: ShareState) {
+        if let Ok(mut s) = self.status.lock() {
+            if s.state != ShareState::Halted || state == ShareState::Halted {
+                s.state = state;
+            }
+        }
+    }
+
+    fn update_status(&self, f: impl FnOnce(&mut ShareStatus)) {
+        if let Ok(mut s) = self.status.lock() {
+            f(&mut s);
+        }
+    }
+
+    fn show_halt(&self) {
+        let halt = self.meta.halt.clone();
+        self.update_status(|s| match halt {
+            Some(h) => {
+                s.state = ShareState::Halted;
+                s.halt_code = Some(h.code().to_string());
+                s.halt_reason = Some(h.to_string());
+            }
+            None => {
+                if s.state == ShareState::Halted {
+                    s.state = ShareState::Connecting;
+                }
+                s.halt_code = None;
+                s.halt_reason = None;
+            }
+        });
+    }
+
+    /// Lifts a safety halt (`vmsync-host resume`). A replaced, missing or emptied root is
+    /// accepted as the new root and the next cycle merges both sides add-only (the ancestor is
+    /// forgotten, so nothing is deleted anywhere); a mass deletion is allowed to go ahead once.
+    pub fn resume(&mut self) -> Result<bool, StateError> {
+        let Some(halt) = self.meta.halt.take() else {
+            return Ok(false);
+        };
+        match halt {
+            HaltReason::MassDeletion { .. } => self.allow_deletions_once = true,
+            HaltReason::RootMissing { side, .. }
+            | HaltReason::RootReplaced { side, .. }
+            | HaltReason::RootEmptied { side } => {
+                match side {
+                    Side::Host => self.meta.host_root = None,
+                    Side::Guest => self.meta.guest_root = None,
+                }
+                self.db.clear_ancestor(&self.settings.name)?;
+                self.ancestor.clear();
+            }
+        }
+        self.db.store_meta(&self.settings.name, &self.meta)?;
+        tracing::info!(share = %self.settings.name, "safety halt lifted by resume");
+        self.show_halt();
+        Ok(true)
+    }
+
+    fn halt(&mut self, reason: HaltReason) -> Result<CycleReport, CycleError> {
+        tracing::warn!(share = %self.settings.name, code = reason.code(), "share halted: {reason}");
+        self.meta.halt = Some(reason);
+        self.db.store_meta(&self.settings.name, &self.meta)?;
+        self.show_halt();
+        Ok(CycleReport {
+            halted: true,
+            ..CycleReport::default()
+        })
+    }
+
+    /// Runs one full cycle.
+    pub async fn cycle<H: Endpoint, G: Endpoint>(
+        &mut self,
+        host: &mut H,
+        guest: &mut G,
+        scope: ScanScope,
+    ) -> Result<CycleReport, CycleError> {
+        if let Some(halt) = &self.meta.halt {
+            // A missing root that came back unchanged lifts its own halt; every other halt
+            // waits for `resume`.
+            if !matches!(halt, HaltReason::RootMissing { .. }) {
+                return Ok(CycleReport {
+                    halted: true,
+                    ..CycleReport::default()
+                });
+            }
+        }
+        self.set_state(ShareState::Scanning);
+        let host_opts = ScanOptions {
+            create_marker: self.meta.host_root.is_none(),
+        };
+        let guest_opts = ScanOptions {
+            create_marker: self.meta.guest_root.is_none(),
+        };
+        let (h, g) = tokio::join!(
+            host.scan(scope.clone(), host_opts),
+            guest.scan(scope.clone(), guest_opts)
+        );
+        let (host_scan, guest_scan) =
+            match (self.scanned(Side::Host, h)?, self.scanned(Side::Guest, g)?) {
+                (Ok(h), Ok(g)) => (h, g),
+                (Err(reason), _) | (_, Err(reason)) => return self.halt(reason),
+            };
+        if let Err(reason) = self.check_roots(&host_scan, &guest_scan) {
+            return self.halt(reason);
+        }
+        if matches!(self.meta.halt, Some(HaltReason::RootMissing { .. })) {
+            self.meta.halt = None;
+            self.db.store_meta(&self.settings.name, &self.meta)?;
+            self.show_halt();
+        }
+
+        let filter = &self.settings.filter;
+        let visible = |entries: Vec<(RelPath, Entry)>| -> Snapshot {
+            entries
+                .into_iter()
+                .filter(|(p, e)| !filter.is_ignored(p, e.is_dir()))
+                .collect()
+        };
+        let host_snap = visible(host_scan.entries);
+        let guest_snap = visible(guest_scan.entries);
+        let ancestor: Snapshot = self
+            .ancestor
+            .iter()
+            .filter(|(p, e)| in_scope(&scope, p) && !filter.is_ignored(p, e.is_dir()))
+            .map(|(p, e)| (p.clone(), e.clone()))
+            .collect();
+        if scope == ScanScope::Full {
+            for (side, snap) in [(Side::Host, &host_snap), (Side::Guest, &guest_snap)] {
+                if let Err(reason) = check_emptied(side, &ancestor, snap) {
+                    return self.halt(reason);
+                }
+            }
+        }
+
+        let plan = reconcile(
+            &ancestor,
+            &host_snap,
+            &guest_snap,
+            self.settings.mode,
+            self.settings.policy,
+        );
+        if !std::mem::take(&mut self.allow_deletions_once) {
+            if let Err(reason) = check_deletions(&plan, &ancestor, &self.settings.deletion_limit) {
+                return self.halt(reason);
+            }
+        }
+
+        let mut problems = Vec::new();
+        for (side, list) in [
+            (Side::Host, host_scan.problems),
+            (Side::Guest, guest_scan.problems),
+        ] {
+            problems.extend(list.into_iter().map(|p| view(side, p)));
+        }
+        self.set_state(ShareState::Syncing);
+        let mut ancestor_changes: Vec<(RelPath, Option<Entry>)> = plan.agreed.clone();
+        let executed = self.execute(host, guest, &plan, &mut problems).await?;
+        ancestor_changes.extend(executed.applied.iter().cloned());
+        self.commit_ancestor(ancestor_changes)?;
+
+        let (files, bytes) = host_snap
+            .values()
+            .filter_map(Entry::as_file)
+            .fold((0u64, 0u64), |(n, b), m| (n + 1, b + m.size));
+        let conflicts: Vec<String> = plan.conflicts.iter().map(|c| c.path.escaped()).collect();
+        let report = CycleReport {
+            applied: executed.applied.len(),
+            conflicts: conflicts.len(),
+            retry: executed.retry,
+            halted: false,
+        };
+        self.update_status(|s| {
+            s.state = if conflicts.is_empty() {
+                ShareState::InSync
+            } else {
+                ShareState::Conflicted
+            };
+            s.conflicts = conflicts;
+            s.problems = problems;
+            s.files = files;
+            s.bytes = bytes;
+            s.chunks_reused += executed.chunks_reused;
+            s.cycles += 1;
+        });
+        Ok(report)
+    }
+
+    /// Turns a scan result into a report, a halt reason (root gone) or a cycle error.
+    fn scanned(
+        &self,
+        side: Side,
+        result: Result<ScanReport, EndpointError>,
+    ) -> Result<Result<ScanReport, HaltReason>, CycleError> {
+        match result {
+            Ok(r) => Ok(Ok(r)),
+            Err(EndpointError::RootMissing(detail)) => {
+                Ok(Err(HaltReason::RootMissing { side, detail }))
+            }
+            Err(EndpointError::RootNotDir(detail)) => Ok(Err(HaltReason::RootReplaced {
+                side,
+                detail: format!("{detail} is no longer a directory"),
+            })),
+            Err(e) => Err(side_err(side)(e)),
+        }
+    }
+
+    fn check_roots(&mut self, host: &ScanReport, guest: &ScanReport) -> Result<(), HaltReason> {
+        check_root(Side::Host, self.meta.host_root, host.root)?;
+        check_root(Side::Guest, self.meta.guest_root, guest.root)?;
+        let mut changed = false;
+        for (stored, seen) in [
+            (&mut self.meta.host_root, host.root),
+            (&mut self.meta.guest_root, guest.root),
+        ] {
+            if stored.is_none() && seen.is_some() {
+                *stored = seen;
+                changed = true;
+            }
+        }
+        if changed {
+            let meta = self.meta.clone();
+            if let Err(e) = self.db.store_meta(&self.settings.name, &meta) {
+                tracing::error!(share = %self.settings.name, "recording root identity: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    fn commit_ancestor(
+        &mut self,
+        changes: Vec<(RelPath, Option<Entry>)>,
+    ) -> Result<(), StateError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.db.update_ancestor(
+            &self.settings.name,
+            changes.iter().map(|(p, e)| (p, e.as_ref())),
+        )?;
+        for (path, entry) in changes {
+            match entry {
+                Some(e) => {
+                    self.ancestor.insert(path, e);
+                }
+                None => {
+                    self.ancestor.remove(&path);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn execute<H: Endpoint, G: Endpoint>(
+        &mut self,
+        host: &mut H,
+        guest: &mut G,
+        plan: &Plan,
+        problems: &mut Vec<ProblemView>,
+    ) -> Result<Executed, CycleError> {
+        let mut executed = Executed::default();
+        let mut host_actions = Vec::new();
+        let mut guest_actions = Vec::new();
+        for action in &plan.actions {
+            match action.target {
+                Side::Host => host_actions.push(action.clone()),
+                Side::Guest => guest_actions.push(action.clone()),
+            }
+        }
+        // 1. Preserve losing versions; drop actions whose loser could not be saved.
+        let host_actions = self
+            .save_losers(host, Side::Host, host_actions, problems)
+            .await?;
+        let guest_actions = self
+            .save_losers(guest, Side::Guest, guest_actions, problems)
+            .await?;
+        // 2. Stage every new file on both sides before anything is removed.
+        let to_host = stage_files(guest, host, &host_actions, problems, &mut executed)
+            .await
+            .map_err(|(side, e)| side_err(flip(side, Side::Guest))(e))?;
+        let to_guest = stage_files(host, guest, &guest_actions, problems, &mut executed)
+            .await
+            .map_err(|(side, e)| side_err(flip(side, Side::Host))(e))?;
+        // 3. Transition each side: removals children-first, then creations parents-first.
+        transition(
+            host,
+            Side::Host,
+            host_actions,
+            &to_host,
+            problems,
+            &mut executed,
+        )
+        .await?;
+        transition(
+            guest,
+            Side::Guest,
+            guest_actions,
+            &to_guest,
+            problems,
+            &mut executed,
+        )
+        .await?;
+        Ok(executed)
+    }
+
+    async fn save_losers<E: Endpoint>(
+        &self,
+        side_ep: &mut E,
+        side: Side,
+        actions: Vec<Action>,
+        problems: &mut Vec<ProblemView>,
+    ) -> Result<Vec<Action>, CycleError> {
+        if !actions.iter().any(|a| a.save_loser) {
+            return Ok(actions);
+        }
+        let batch = match self.store.begin(side) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::error!(share = %self.settings.name, "cannot create conflict directory: {e}");
+                None
+            }
+        };
+        let mut kept = Vec::with_capacity(actions.len());
+        for action in actions {
+            if !action.save_loser {
+                kept.push(action);
+                continue;
+            }
+            let saved = match (&batch, &action.expected) {
+                (None, _) => Err("conflict store unavailable".to_string()),
+                (Some(_), None) | (Some(_), Some(Entry::Dir { .. })) => Ok(()),
+                (Some(b), Some(Entry::Symlink { target })) => b
+                    .save_symlink(&action.path, target)
+                    .map_err(|e| e.to_string()),
+                (Some(b), Some(Entry::File(meta))) => {
+                    match fetch_file(side_ep, &action.path, meta)
+                        .await
+                        .map_err(side_err(side))?
+                    {
+                        Ok(chunks) => b
+                            .save_file(&action.path, meta, chunks.iter().map(Vec::as_slice))
+                            .map_err(|e| e.to_string()),
+                        Err(reason) => Err(reason),
+                    }
+                }
+            };
+            match saved {
+                Ok(()) => kept.push(action),
+                Err(reason) => problems.push(ProblemView {
+                    path: action.path.escaped(),
+                    side: side.as_str().into(),
+                    reason: format!(
+                        "losing version could not be preserved, so it was not replaced: {reason}"
+                    ),
+                }),
+            }
+        }
+        Ok(kept)
+    }
+}
+
+fn flip(which: Which, source_side: Side) -> Side {
+    match which {
+        Which::Source => source_side,
+        Which::Dest => source_side.other(),
+    }
+}
+
+#[derive(Default)]
+struct Executed {
+    applied: Vec<(RelPath, Option<Entry>)>,
+    retry: bool,
+    chunks_reused: u64,
+}
+
+fn view(side: Side, p: Problem) -> ProblemView {
+    ProblemView {
+        path: p.path.escaped(),
+        side: side.as_str().into(),
+        reason: p.reason,
+    }
+}
+
+fn in_scope(scope: &ScanScope, path: &RelPath) -> bool {
+    match scope {
+        ScanScope::Full => true,
+        ScanScope::Paths(paths) => paths.iter().any(|s| s == path || s.is_ancestor_of(path)),
+    }
+}
+
+/// Which endpoint of a transfer failed.
+#[derive(Debug, Clone, Copy)]
+enum Which {
+    Source,
+    Dest,
+}
+
+/// Reads a whole file's chunks from `ep`. Inner `Err`: the file changed since its scan.
+async fn fetch_file<E: Endpoint>(
+    ep: &mut E,
+    path: &RelPath,
+    meta: &FileMeta,
+) -> Result<Result<Vec<Vec<u8>>, String>, EndpointError> {
+    let manifest = match ep.manifests(vec![(path.clone(), *meta)]).await?.pop() {
+        Some(Ok(m)) => m,
+        Some(Err(p)) => return Ok(Err(p.reason)),
+        None => {
+            return Err(EndpointError::Protocol(
+                "manifests answered with no entry".into(),
+            ))
+        }
+    };
+    let mut out = Vec::with_capacity(manifest.chunks.len());
+    for group in manifest.chunks.chunks(MAX_CHUNKS_PER_READ) {
+        let reads = group
+            .iter()
+            .map(|c| ChunkRead {
+                path: path.clone(),
+                chunk: *c,
+            })
+            .collect();
+        for data in ep.read_chunks(reads).await? {
+            match data {
+                Some(d) => out.push(d),
+                None => return Ok(Err("changed while it was being preserved".into())),
+            }
+        }
+    }
+    Ok(Ok(out))
+}
+
+/// True when the action needs file content on its target (not a metadata-only change).
+fn needs_content(action: &Action) -> Option<&FileMeta> {
+    let Some(Entry::File(new)) = &action.new else {
+        return None;
+    };
+    match &action.expected {
+        Some(Entry::File(old)) if old.digest == new.digest && old.size == new.size => None,
+        _ => Some(new),
+    }
+}
+
+/// Stages on `dst` every file the actions need, reading missing chunks from `src`. Returns the
+/// paths that are fully staged. Per-file trouble becomes a problem; an endpoint failure is an
+/// error tagged with which endpoint failed.
+async fn stage_files<S: Endpoint, D: Endpoint>(
+    src: &mut S,
+    dst: &mut D,
+    actions: &[Action],
+    problems: &mut Vec<ProblemView>,
+    executed: &mut Executed,
+) -> Result<HashSet<RelPath>, (Which, EndpointError)> {
+    let Some(dst_side) = actions.first().map(|a| a.target) else {
+        return Ok(HashSet::new());
+    };
+    let src_side = dst_side.other();
+    let wanted: Vec<(RelPath, FileMeta)> = actions
+        .iter()
+        .filter_map(|a| needs_content(a).map(|m| (a.path.clone(), *m)))
+        .collect();
+    let mut staged = HashSet::new();
+    let mut batch: Vec<(RelPath, FileMeta)> = Vec::new();
+    let mut batch_chunks = 0usize;
+    let mut pending = wanted.into_iter().peekable();
+    while pending.peek().is_some() || !batch.is_empty() {
+        // Fill a batch, estimating chunks from size (a manifest has at most size/min + 1).
+        while let Some((_, meta)) = pending.peek() {
+            let estimate =
+                (meta.size / u64::from(vmsync_core::limits::CHUNK_AVG_BYTES)) as usize + 1;
+            if !batch.is_empty()
+                && (batch.len() >= MAX_STAGE_BATCH_FILES
+                    || batch_chunks + estimate > MAX_STAGE_BATCH_CHUNKS)
+            {
+                break;
+            }
+            batch_chunks += estimate;
+            if let Some(item) = pending.next() {
+                batch.push(item);
+            }
+        }
+        let items = std::mem::take(&mut batch);
+        batch_chunks = 0;
+        let manifests = src
+            .manifests(items.clone())
+            .await
+            .map_err(|e| (Which::Source, e))?;
+        let mut requests = Vec::new();
+        for ((path, meta), m) in items.into_iter().zip(manifests) {
+            match m {
+                Ok(manifest) => requests.push(StageRequest {
+                    path,
+                    meta,
+                    manifest,
+                }),
+                Err(p) => problems.push(view(src_side, p)),
+            }
+        }
+        // Where to read each chunk from on the source, and which files wait for it.
+        let mut sources: HashMap<Hash, ChunkRead> = HashMap::new();
+        for r in &requests {
+            for c in &r.manifest.chunks {
+                sources.entry(c.hash).or_insert_with(|| ChunkRead {
+                    path: r.path.clone(),
+                    chunk: *c,
+                });
+            }
+        }
+        let paths: Vec<(RelPath, usize)> = requests
+            .iter()
+            .map(|r| (r.path.clone(), r.manifest.chunks.len()))
+            .collect();
+        let results = dst.stage(requests).await.map_err(|e| (Which::Dest, e))?;
+        let mut missing: Vec<Hash> = Vec::new();
+        let mut waiting: HashMap<Hash, Vec<RelPath>> = HashMap::new();
+        let mut ok_paths = Vec::new();
+        for ((path, total), result) in paths.into_iter().zip(results) {
+            match result {
+                Ok(want) => {
+                    executed.chunks_reused += total.saturating_sub(want.len()) as u64;
+                    for h in want {
+                        let w = waiting.entry(h).or_default();
+                        if w.is_empty() {
+                            missing.push(h);
+                        }
+                        w.push(path.clone());
+                    }
+                    ok_paths.push(path);
+                }
+                Err(p) => problems.push(view(dst_side, p)),
+            }
+        }
+        let mut failed: HashSet<RelPath> = HashSet::new();
+        for group in missing.chunks(MAX_CHUNKS_PER_READ) {
+            let reads: Vec<ChunkRead> = group
+                .iter()
+                .filter_map(|h| sources.get(h).cloned())
+                .collect();
+            let data = src
+                .read_chunks(reads)
+                .await
+                .map_err(|e| (Which::Source, e))?;
+            let mut supply = Vec::with_capacity(group.len());
+            for (h, d) in group.iter().zip(data) {
+                match d {
+                    Some(d) => supply.push((*h, d)),
+                    None => failed.extend(waiting.get(h).into_iter().flatten().cloned()),
+                }
+            }
+            dst.supply(supply).await.map_err(|e| (Which::Dest, e))?;
+        }
+        for path in ok_paths {
+            if failed.contains(&path) {
+                executed.retry = true;
+                problems.push(ProblemView {
+                    path: path.escaped(),
+                    side: src_side.as_str().into(),
+                    reason: "changed while it was being sent; will retry".into(),
+                });
+            } else {
+                staged.insert(path);
+            }
+        }
+    }
+    Ok(staged)
+}
+
+/// Removals (deletes, and a directory replaced by a non-directory) children-first, then
+/// everything else parents-first.
+fn is_removal(a: &Action) -> bool {
+    a.new.is_none()
+        || (matches!(a.expected, Some(Entry::Dir { .. }))
+            && !matches!(a.new, Some(Entry::Dir { .. })))
+}
+
+async fn transition<E: Endpoint>(
+    ep: &mut E,
+    side: Side,
+    actions: Vec<Action>,
+    staged: &HashSet<RelPath>,
+    problems: &mut Vec<ProblemView>,
+    executed: &mut Executed,
+) -> Result<(), CycleError> {
+    let (mut removals, mut creations): (Vec<Action>, Vec<Action>) = actions
+        .into_iter()
+        .filter(|a| needs_content(a).is_none() || staged.contains(&a.path))
+        .partition(is_removal);
+    removals.sort_by(|a, b| b.path.cmp(&a.path));
+    creations.sort_by(|a, b| a.path.cmp(&b.path));
+    let ordered: Vec<Action> = removals.into_iter().chain(creations).collect();
+    for batch in ordered.chunks(MAX_TRANSITION_BATCH) {
+        let changes: Vec<Change> = batch
+            .iter()
+            .map(|a| Change {
+                path: a.path.clone(),
+                expected: a.expected.clone(),
+                new: a.new.clone(),
+            })
+            .collect();
+        let outcomes = ep.transition(changes).await.map_err(side_err(side))?;
+        for (action, outcome) in batch.iter().zip(outcomes) {
+            match outcome {
+                Outcome::Applied => executed
+                    .applied
+                    .push((action.path.clone(), action.new.clone())),
+                Outcome::Changed(_) => {
+                    executed.retry = true;
+                }
+                Outcome::Failed(reason) => {
+                    problems.push(ProblemView {
+                        path: action.path.escaped(),
+                        side: side.as_str().into(),
+                        reason,
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}

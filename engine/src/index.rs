@@ -1,0 +1,189 @@
+//! The in-memory file index of one share side: what each regular file was when last hashed
+//! (so unchanged files are not re-read) and where each chunk can be found locally (so a
+//! receiver never asks the wire for data it already has: renames, copies, reverts, branch
+//! switches). Persisted through [`crate::state`]; always rebuildable by a full rescan.
+
+use crate::root::Stat;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use vmsync_core::{ChunkRef, FileMeta, Hash, Manifest, RelPath, Timestamp};
+
+/// The parts of `stat` that change whenever a file's content may have: if all match, the
+/// cached digest is trusted; if any differs, the file is re-hashed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+}
+
+impl Identity {
+    pub fn of(stat: &Stat) -> Identity {
+        Identity {
+            dev: stat.dev,
+            ino: stat.ino,
+            size: stat.size,
+            mtime: stat.mtime,
+            ctime: stat.ctime,
+        }
+    }
+}
+
+/// One indexed file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexRecord {
+    pub identity: Identity,
+    pub meta: FileMeta,
+    /// (hash, length) per chunk; offsets are the running sum.
+    pub chunks: Vec<(Hash, u32)>,
+}
+
+impl IndexRecord {
+    pub fn new(identity: Identity, meta: FileMeta, manifest: &Manifest) -> IndexRecord {
+        IndexRecord {
+            identity,
+            meta,
+            chunks: manifest.chunks.iter().map(|c| (c.hash, c.len)).collect(),
+        }
+    }
+
+    pub fn manifest(&self) -> Manifest {
+        let mut offset = 0u64;
+        let chunks = self
+            .chunks
+            .iter()
+            .map(|&(hash, len)| {
+                let c = ChunkRef { hash, offset, len };
+                offset += u64::from(len);
+                c
+            })
+            .collect();
+        Manifest { chunks }
+    }
+}
+
+/// Where a chunk can be read locally.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkLocation {
+    pub path: RelPath,
+    pub offset: u64,
+    pub len: u32,
+}
+
+#[derive(Debug, Default)]
+pub struct FileIndex {
+    files: HashMap<RelPath, IndexRecord>,
+    chunks: HashMap<Hash, ChunkLocation>,
+}
+
+impl FileIndex {
+    pub fn from_records(records: impl IntoIterator<Item = (RelPath, IndexRecord)>) -> FileIndex {
+        let mut index = FileIndex::default();
+        for (path, record) in records {
+            index.insert(path, record);
+        }
+        index
+    }
+
+    pub fn get(&self, path: &RelPath) -> Option<&IndexRecord> {
+        self.files.get(path)
+    }
+
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    pub fn records(&self) -> impl Iterator<Item = &IndexRecord> {
+        self.files.values()
+    }
+
+    pub fn paths(&self) -> impl Iterator<Item = &RelPath> {
+        self.files.keys()
+    }
+
+    /// A place to read `hash` from, if any indexed file had it when hashed. Callers verify the
+    /// bytes they read: the file may have changed since.
+    pub fn locate(&self, hash: &Hash) -> Option<&ChunkLocation> {
+        self.chunks.get(hash)
+    }
+
+    pub fn insert(&mut self, path: RelPath, record: IndexRecord) {
+        self.remove(&path);
+        let mut offset = 0u64;
+        for &(hash, len) in &record.chunks {
+            self.chunks.entry(hash).or_insert_with(|| ChunkLocation {
+                path: path.clone(),
+                offset,
+                len,
+            });
+            offset += u64::from(len);
+        }
+        self.files.insert(path, record);
+    }
+
+    pub fn remove(&mut self, path: &RelPath) -> Option<IndexRecord> {
+        let old = self.files.remove(path)?;
+        // Drop chunk locations that pointed into this file. Another file may hold the same
+        // chunk; it is found again when that file is next re-indexed, and a miss only costs a
+        // transfer, never correctness.
+        for (hash, _) in &old.chunks {
+            if self.chunks.get(hash).is_some_and(|loc| &loc.path == path) {
+                self.chunks.remove(hash);
+            }
+        }
+        Some(old)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(hashes: &[(u8, u32)]) -> IndexRecord {
+        let chunks: Vec<(Hash, u32)> = hashes.iter().map(|&(b, l)| (Hash([b; 32]), l)).collect();
+        let size = chunks.iter().map(|c| u64::from(c.1)).sum();
+        IndexRecord {
+            identity: Identity {
+                dev: 1,
+                ino: 2,
+                size,
+                mtime: Timestamp::default(),
+                ctime: Timestamp::default(),
+            },
+            meta: FileMeta {
+                size,
+                mode: 0o644,
+                mtime: Timestamp::default(),
+                digest: Hash([0; 32]),
+            },
+            chunks,
+        }
+    }
+
+    #[test]
+    fn locates_chunks_and_forgets_removed_files() {
+        let a = RelPath::from_bytes(b"a").unwrap();
+        let b = RelPath::from_bytes(b"b").unwrap();
+        let mut idx = FileIndex::default();
+        idx.insert(a.clone(), rec(&[(1, 10), (2, 20)]));
+        idx.insert(b.clone(), rec(&[(3, 5)]));
+        assert_eq!(
+            idx.locate(&Hash([2; 32])),
+            Some(&ChunkLocation {
+                path: a.clone(),
+                offset: 10,
+                len: 20
+            })
+        );
+        assert_eq!(idx.get(&a).unwrap().manifest().size(), 30);
+        idx.remove(&a);
+        assert!(idx.locate(&Hash([2; 32])).is_none());
+        assert!(idx.locate(&Hash([3; 32])).is_some());
+    }
+}

@@ -1,0 +1,609 @@
+//! The local side of a share: implements [`Endpoint`] over a directory on this machine.
+//! The host uses it for its own share; the guest serves it to the host over the wire.
+//!
+//! Staging: `stage` builds each incoming file in a temp file in the share's reserved directory
+//! from chunks found locally (verified on read), `supply` writes the rest (verified against
+//! their ids), and `transition` checks the target still is what the scan saw, then renames the
+//! temp into place (see [`ShareRoot::commit_temp`]). A staged file's digest is verified by
+//! construction: its manifest must hash to the file digest and every chunk to its id.
+//!
+//! All filesystem work is blocking; each call runs on tokio's blocking pool.
+
+use crate::chunk::hash_chunk;
+use crate::filter::Filter;
+use crate::index::{FileIndex, Identity, IndexRecord};
+use crate::root::{FileKind, FsError, FsErrorKind, ShareRoot, TempFile};
+use crate::scan::{hash_file, scan};
+use crate::state::StateDb;
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use vmsync_core::endpoint::{
+    Change, ChunkRead, Endpoint, EndpointError, Outcome, Problem, RootId, ScanOptions, ScanReport,
+    ScanScope, StageRequest,
+};
+use vmsync_core::entry::PERM_MASK;
+use vmsync_core::limits::CHUNK_MAX_BYTES;
+use vmsync_core::{Entry, FileMeta, Hash, Manifest, RelPath};
+
+/// A file being built for a later transition.
+struct Staged {
+    temp: TempFile,
+    meta: FileMeta,
+    manifest: Manifest,
+    /// Chunk id → offsets in the temp file still waiting for data.
+    missing: HashMap<Hash, Vec<u64>>,
+}
+
+/// One share directory on this machine.
+pub struct LocalShare {
+    name: String,
+    path: PathBuf,
+    root: Option<ShareRoot>,
+    filter: Filter,
+    index: FileIndex,
+    db: Arc<StateDb>,
+    staged: HashMap<RelPath, Staged>,
+    /// Chunk id → staged paths waiting for it.
+    wanted: HashMap<Hash, Vec<RelPath>>,
+    /// Files read and hashed by scans since start (a restart with nothing changed adds none).
+    files_hashed: u64,
+}
+
+/// A cloneable handle on a [`LocalShare`] that implements [`Endpoint`].
+#[derive(Clone)]
+pub struct LocalEndpoint {
+    inner: Arc<Mutex<LocalShare>>,
+}
+
+impl LocalEndpoint {
+    /// Opens the share `name` at `path`, loading its index from `db`. The root itself is
+    /// opened at each scan, so a root that is missing now is reported then, not here.
+    pub fn new(
+        name: &str,
+        path: PathBuf,
+        filter: Filter,
+        db: Arc<StateDb>,
+    ) -> Result<LocalEndpoint, crate::state::StateError> {
+        let index = FileIndex::from_records(db.load_index(name)?);
+        let share = LocalShare {
+            name: name.to_string(),
+            path,
+            root: None,
+            filter,
+            index,
+            db,
+            staged: HashMap::new(),
+            wanted: HashMap::new(),
+            files_hashed: 0,
+        };
+        Ok(LocalEndpoint {
+            inner: Arc::new(Mutex::new(share)),
+        })
+    }
+
+    /// Regular files and their total size, as the index last saw them.
+    pub fn indexed_totals(&self) -> (u64, u64) {
+        self.inner.lock().map_or((0, 0), |s| {
+            s.index
+                .records()
+                .fold((0, 0), |(n, b), r| (n + 1, b + r.meta.size))
+        })
+    }
+
+    /// Files read and hashed by scans since this endpoint was opened.
+    pub fn files_hashed(&self) -> u64 {
+        self.inner.lock().map_or(0, |s| s.files_hashed)
+    }
+
+    /// Replaces the ignore rules (the guest learns the host's at handshake).
+    pub fn set_filter(&self, filter: Filter) {
+        if let Ok(mut s) = self.inner.lock() {
+            s.filter = filter;
+        }
+    }
+
+    async fn run<T, F>(&self, f: F) -> Result<T, EndpointError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut LocalShare) -> Result<T, EndpointError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut share = inner.lock().map_err(|_| {
+                EndpointError::Io("share state poisoned by an earlier panic".into())
+            })?;
+            f(&mut share)
+        })
+        .await
+        .map_err(|e| EndpointError::Io(format!("share worker failed: {e}")))?
+    }
+}
+
+impl Endpoint for LocalEndpoint {
+    async fn scan(
+        &mut self,
+        scope: ScanScope,
+        options: ScanOptions,
+    ) -> Result<ScanReport, EndpointError> {
+        self.run(move |s| s.scan(&scope, &options)).await
+    }
+
+    async fn manifests(
+        &mut self,
+        files: Vec<(RelPath, FileMeta)>,
+    ) -> Result<Vec<Result<Manifest, Problem>>, EndpointError> {
+        self.run(move |s| Ok(s.manifests(files))).await
+    }
+
+    async fn read_chunks(
+        &mut self,
+        reads: Vec<ChunkRead>,
+    ) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
+        self.run(move |s| s.read_chunks(reads)).await
+    }
+
+    async fn stage(
+        &mut self,
+        files: Vec<StageRequest>,
+    ) -> Result<Vec<Result<Vec<Hash>, Problem>>, EndpointError> {
+        self.run(move |s| s.stage(files)).await
+    }
+
+    async fn supply(&mut self, chunks: Vec<(Hash, Vec<u8>)>) -> Result<(), EndpointError> {
+        self.run(move |s| s.supply(chunks)).await
+    }
+
+    async fn transition(&mut self, changes: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {
+        self.run(move |s| s.transition(changes)).await
+    }
+}
+
+fn io_err(e: impl std::fmt::Display) -> EndpointError {
+    EndpointError::Io(e.to_string())
+}
+
+impl LocalShare {
+    fn root(&self) -> Result<&ShareRoot, EndpointError> {
+        self.root
+            .as_ref()
+            .ok_or_else(|| EndpointError::Protocol("share used before its first scan".into()))
+    }
+
+    fn open_root(&mut self) -> Result<(), EndpointError> {
+        let shown = self.path.display().to_string();
+        match ShareRoot::open(&self.path) {
+            Ok(root) => {
+                if let Err(e) = root.clean_temps() {
+                    tracing::warn!(share = %self.name, "cleaning stale temp files: {e}");
+                }
+                self.root = Some(root);
+                Ok(())
+            }
+            Err(e) => {
+                self.root = None;
+                Err(match e.kind() {
+                    FsErrorKind::NotFound => EndpointError::RootMissing(shown),
+                    FsErrorKind::Symlink | FsErrorKind::NotADirectory => {
+                        EndpointError::RootNotDir(shown)
+                    }
+                    _ => EndpointError::Io(format!("{shown}: {e}")),
+                })
+            }
+        }
+    }
+
+    fn scan(
+        &mut self,
+        scope: &ScanScope,
+        options: &ScanOptions,
+    ) -> Result<ScanReport, EndpointError> {
+        // Re-open the root on every full scan: a root replaced or remounted since must be seen
+        // as such, not through an old directory fd.
+        if self.root.is_none() || *scope == ScanScope::Full {
+            self.discard_staged();
+            self.open_root()?;
+        }
+        let root = self.root()?;
+        let (dev, ino) = root.dev_ino();
+        let marker = match root.read_marker().map_err(io_err)? {
+            Some(m) => Some(m),
+            None if options.create_marker => {
+                let mut id = [0u8; 16];
+                rustix::rand::getrandom(&mut id, rustix::rand::GetRandomFlags::empty())
+                    .map_err(io_err)?;
+                root.write_marker(id).map_err(io_err)?;
+                Some(id)
+            }
+            None => None,
+        };
+        let out = scan(root, &self.filter, &self.index, scope).map_err(|e| match e.kind() {
+            FsErrorKind::NotFound => EndpointError::RootMissing(self.path.display().to_string()),
+            _ => io_err(e),
+        })?;
+        for path in &out.gone {
+            self.index.remove(path);
+        }
+        for (path, rec) in &out.hashed {
+            self.index.insert(path.clone(), rec.clone());
+        }
+        self.files_hashed += out.hashed.len() as u64;
+        let changes = out
+            .gone
+            .iter()
+            .map(|p| (p, None))
+            .chain(out.hashed.iter().map(|(p, r)| (p, Some(r))));
+        self.db.update_index(&self.name, changes).map_err(io_err)?;
+        Ok(ScanReport {
+            root: marker.map(|marker| RootId { marker, dev, ino }),
+            entries: out.entries,
+            problems: out.problems,
+        })
+    }
+
+    fn manifests(&mut self, files: Vec<(RelPath, FileMeta)>) -> Vec<Result<Manifest, Problem>> {
+        files
+            .into_iter()
+            .map(|(path, meta)| match self.index.get(&path) {
+                Some(rec) if rec.meta.digest == meta.digest && rec.meta.size == meta.size => {
+                    Ok(rec.manifest())
+                }
+                _ => Err(Problem {
+                    path,
+                    reason: "changed since it was scanned".into(),
+                }),
+            })
+            .collect()
+    }
+
+    fn read_chunks(
+        &mut self,
+        reads: Vec<ChunkRead>,
+    ) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
+        let root = self.root()?;
+        let mut files = OpenFiles::default();
+        Ok(reads
+            .into_iter()
+            .map(|r| files.read_verified(root, &r.path, r.chunk.offset, r.chunk.len, &r.chunk.hash))
+            .collect())
+    }
+
+    fn stage(
+        &mut self,
+        files: Vec<StageRequest>,
+    ) -> Result<Vec<Result<Vec<Hash>, Problem>>, EndpointError> {
+        let mut results = Vec::with_capacity(files.len());
+        let mut sources = OpenFiles::default();
+        for req in files {
+            let path = req.path.clone();
+            results.push(
+                self.stage_one(req, &mut sources)
+                    .map_err(|reason| Problem { path, reason }),
+            );
+        }
+        Ok(results)
+    }
+
+    fn stage_one(
+        &mut self,
+        req: StageRequest,
+        sources: &mut OpenFiles,
+    ) -> Result<Vec<Hash>, String> {
+        req.manifest
+            .validate(&req.meta, CHUNK_MAX_BYTES)
+            .map_err(|e| format!("invalid manifest: {e}"))?;
+        self.unstage(&req.path);
+        let root = self.root().map_err(|e| e.to_string())?;
+        let temp = root
+            .create_temp()
+            .map_err(|e| format!("cannot create temp file: {e}"))?;
+        temp.file
+            .set_len(req.meta.size)
+            .map_err(|e| format!("cannot size temp file: {e}"))?;
+        let mut missing: HashMap<Hash, Vec<u64>> = HashMap::new();
+        // Bytes of chunks already placed in this temp file, so a repeated chunk is copied once.
+        let mut placed: HashMap<Hash, Vec<u8>> = HashMap::new();
+        for c in &req.manifest.chunks {
+            if let Some(data) = placed.get(&c.hash) {
+                write_at(&temp.file, data, c.offset)?;
+                continue;
+            }
+            let local = self.index.locate(&c.hash).and_then(|loc| {
+                sources.read_verified(root, &loc.path, loc.offset, loc.len, &c.hash)
+            });
+            match local {
+                Some(data) => {
+                    write_at(&temp.file, &data, c.offset)?;
+                    // Keep only small repeated chunks in memory: a repeat costs one more read.
+                    if placed.len() < 64 {
+                        placed.insert(c.hash, data);
+                    }
+                }
+                None => missing.entry(c.hash).or_default().push(c.offset),
+            }
+        }
+        let mut want: Vec<Hash> = missing.keys().copied().collect();
+        want.sort();
+        for h in &want {
+            self.wanted.entry(*h).or_default().push(req.path.clone());
+        }
+        self.staged.insert(
+            req.path,
+            Staged {
+                temp,
+                meta: req.meta,
+                manifest: req.manifest,
+                missing,
+            },
+        );
+        Ok(want)
+    }
+
+    fn supply(&mut self, chunks: Vec<(Hash, Vec<u8>)>) -> Result<(), EndpointError> {
+        for (hash, data) in chunks {
+            if data.len() > CHUNK_MAX_BYTES as usize || hash_chunk(&data) != hash {
+                return Err(EndpointError::Protocol(format!(
+                    "chunk {hash} does not match its id"
+                )));
+            }
+            let Some(paths) = self.wanted.remove(&hash) else {
+                return Err(EndpointError::Protocol(format!(
+                    "chunk {hash} was not requested"
+                )));
+            };
+            for path in paths {
+                let Some(staged) = self.staged.get_mut(&path) else {
+                    continue;
+                };
+                let Some(offsets) = staged.missing.remove(&hash) else {
+                    continue;
+                };
+                for offset in offsets {
+                    staged.temp.file.write_all_at(&data, offset).map_err(|e| {
+                        EndpointError::Io(format!("writing staged {}: {e}", path.escaped()))
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn unstage(&mut self, path: &RelPath) {
+        if let Some(old) = self.staged.remove(path) {
+            for h in old.missing.keys() {
+                if let Some(paths) = self.wanted.get_mut(h) {
+                    paths.retain(|p| p != path);
+                    if paths.is_empty() {
+                        self.wanted.remove(h);
+                    }
+                }
+            }
+            if let Some(root) = &self.root {
+                root.discard_temp(old.temp);
+            }
+        }
+    }
+
+    fn discard_staged(&mut self) {
+        let paths: Vec<RelPath> = self.staged.keys().cloned().collect();
+        for p in paths {
+            self.unstage(&p);
+        }
+        self.wanted.clear();
+    }
+
+    fn transition(&mut self, changes: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {
+        self.root()?;
+        let mut outcomes = Vec::with_capacity(changes.len());
+        let mut index_changes: Vec<(RelPath, Option<IndexRecord>)> = Vec::new();
+        for change in changes {
+            let outcome = match self.current(&change.path) {
+                Err(reason) => Outcome::Failed(reason),
+                Ok(current) if current != change.expected => Outcome::Changed(current),
+                Ok(current) => match self.apply(&change, current.as_ref()) {
+                    Ok(record) => {
+                        index_changes.push((change.path.clone(), record));
+                        Outcome::Applied
+                    }
+                    Err(reason) => Outcome::Failed(reason),
+                },
+            };
+            outcomes.push(outcome);
+        }
+        for (path, rec) in &index_changes {
+            match rec {
+                Some(r) => self.index.insert(path.clone(), r.clone()),
+                None => {
+                    self.index.remove(path);
+                }
+            }
+        }
+        let changes = index_changes.iter().map(|(p, r)| (p, r.as_ref()));
+        self.db.update_index(&self.name, changes).map_err(io_err)?;
+        Ok(outcomes)
+    }
+
+    /// What `path` is on disk right now, hashing it if the index cannot vouch for it.
+    fn current(&mut self, path: &RelPath) -> Result<Option<Entry>, String> {
+        let root = self.root().map_err(|e| e.to_string())?;
+        let Some(stat) = root.stat(path).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        Ok(Some(match stat.kind {
+            FileKind::Dir => Entry::Dir {
+                mode: stat.mode & PERM_MASK,
+            },
+            FileKind::Symlink => Entry::Symlink {
+                target: root.read_link(path).map_err(|e| e.to_string())?,
+            },
+            FileKind::Other => return Err("a special file is in the way".into()),
+            FileKind::File => {
+                let mode = stat.mode & PERM_MASK;
+                match self.index.get(path) {
+                    Some(rec) if rec.identity == Identity::of(&stat) => {
+                        Entry::File(FileMeta { mode, ..rec.meta })
+                    }
+                    _ => {
+                        let rec = hash_file(root, path)?;
+                        let meta = rec.meta;
+                        self.index.insert(path.clone(), rec);
+                        Entry::File(meta)
+                    }
+                }
+            }
+        }))
+    }
+
+    /// Makes `path` hold `change.new`; `current` is what is there (already checked against
+    /// `change.expected`). Returns the index record for the path afterwards (`None`: not a file).
+    fn apply(
+        &mut self,
+        change: &Change,
+        current: Option<&Entry>,
+    ) -> Result<Option<IndexRecord>, String> {
+        let path = &change.path;
+        let fs = |e: FsError| e.to_string();
+        match &change.new {
+            None => {
+                self.remove(path, current)?;
+                Ok(None)
+            }
+            Some(Entry::Dir { mode }) => {
+                let root = self.root().map_err(|e| e.to_string())?;
+                match current {
+                    Some(Entry::Dir { mode: m }) if m == mode => {}
+                    Some(Entry::Dir { .. }) => root.set_mode(path, *mode).map_err(fs)?,
+                    Some(_) => {
+                        root.remove_file(path).map_err(fs)?;
+                        root.mkdir(path, *mode).map_err(fs)?;
+                    }
+                    None => root.mkdir(path, *mode).map_err(fs)?,
+                }
+                Ok(None)
+            }
+            Some(Entry::Symlink { target }) => {
+                if current.is_some() {
+                    self.remove(path, current)?;
+                }
+                let root = self.root().map_err(|e| e.to_string())?;
+                root.symlink(path, target).map_err(fs)?;
+                Ok(None)
+            }
+            Some(Entry::File(meta)) => self.apply_file(path, meta, current).map(Some),
+        }
+    }
+
+    fn apply_file(
+        &mut self,
+        path: &RelPath,
+        meta: &FileMeta,
+        current: Option<&Entry>,
+    ) -> Result<IndexRecord, String> {
+        let fs = |e: FsError| e.to_string();
+        // Same content already there: only metadata changes, no data moves.
+        if let Some(Entry::File(cur)) = current {
+            if cur.digest == meta.digest && cur.size == meta.size {
+                self.unstage(path);
+                let root = self.root().map_err(|e| e.to_string())?;
+                root.set_mode(path, meta.mode).map_err(fs)?;
+                root.set_mtime(path, meta.mtime).map_err(fs)?;
+                let stat = root
+                    .stat(path)
+                    .map_err(fs)?
+                    .ok_or("vanished while updating metadata")?;
+                let manifest = self
+                    .index
+                    .get(path)
+                    .map(|r| r.manifest())
+                    .unwrap_or_default();
+                return Ok(IndexRecord::new(Identity::of(&stat), *meta, &manifest));
+            }
+        }
+        let staged = match self.staged.get(path) {
+            Some(s) if s.meta.digest == meta.digest && s.missing.is_empty() => {
+                self.staged.remove(path)
+            }
+            Some(s) if s.meta.digest == meta.digest => {
+                return Err("staged file is incomplete".into())
+            }
+            _ => return Err("content was not staged".into()),
+        };
+        let Some(staged) = staged else {
+            return Err("content was not staged".into());
+        };
+        let root = self.root().map_err(|e| e.to_string())?;
+        if let Some(Entry::Dir { .. }) = current {
+            if let Err(e) = root.remove_dir(path) {
+                root.discard_temp(staged.temp);
+                return Err(e.to_string());
+            }
+        }
+        let stat = root
+            .commit_temp(staged.temp, path, meta.mode, meta.mtime)
+            .map_err(fs)?;
+        Ok(IndexRecord::new(
+            Identity::of(&stat),
+            *meta,
+            &staged.manifest,
+        ))
+    }
+
+    fn remove(&mut self, path: &RelPath, current: Option<&Entry>) -> Result<(), String> {
+        let root = self.root().map_err(|e| e.to_string())?;
+        let result = match current {
+            None => return Ok(()),
+            Some(Entry::Dir { .. }) => root.remove_dir(path),
+            Some(_) => root.remove_file(path),
+        };
+        result.map_err(|e| match e.kind() {
+            FsErrorKind::NotEmpty => {
+                "directory is not empty (it holds entries not synced, such as ignored files)"
+                    .to_string()
+            }
+            _ => e.to_string(),
+        })
+    }
+}
+
+fn write_at(file: &File, data: &[u8], offset: u64) -> Result<(), String> {
+    file.write_all_at(data, offset)
+        .map_err(|e| format!("cannot write temp file: {e}"))
+}
+
+/// A small cache of files opened for reading chunks within one request.
+#[derive(Default)]
+struct OpenFiles {
+    files: HashMap<RelPath, Option<File>>,
+}
+
+/// Most source files kept open at once while serving one request.
+const MAX_OPEN_SOURCE_FILES: usize = 64;
+
+impl OpenFiles {
+    /// Reads `len` bytes at `offset` of `path` and returns them only if they hash to `hash`.
+    fn read_verified(
+        &mut self,
+        root: &ShareRoot,
+        path: &RelPath,
+        offset: u64,
+        len: u32,
+        hash: &Hash,
+    ) -> Option<Vec<u8>> {
+        if len > CHUNK_MAX_BYTES {
+            return None;
+        }
+        if !self.files.contains_key(path) {
+            if self.files.len() >= MAX_OPEN_SOURCE_FILES {
+                self.files.clear();
+            }
+            let file = root.open_file(path).ok().map(|(f, _)| f);
+            self.files.insert(path.clone(), file);
+        }
+        let file = self.files.get(path)?.as_ref()?;
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, offset).ok()?;
+        (hash_chunk(&buf) == *hash).then_some(buf)
+    }
+}

@@ -1,0 +1,221 @@
+//! The state database (redb, one file per agent under its `state_dir`). Per share it holds:
+//! - the file index (`index:<share>`): path → identity + digest + chunk list, so a restart
+//!   re-hashes only files whose size, mtime, ctime or inode changed. A cache: losing it costs
+//!   a re-hash, never data.
+//! - on the host, the ancestor (`ancestor:<share>`): path → entry, the last state both sides
+//!   agreed on, and the share's meta record (root ids, safety halt).
+//!
+//! redb holds an exclusive lock on the file, so a second agent on the same state directory
+//! fails to start instead of racing the first.
+
+use crate::index::IndexRecord;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use vmsync_core::endpoint::RootId;
+use vmsync_core::safety::HaltReason;
+use vmsync_core::{Entry, RelPath, Snapshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: redb::DatabaseError,
+    },
+    #[error("state database: {0}")]
+    Db(#[from] redb::Error),
+    #[error("state database record for `{key}` is corrupt: {source}")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: postcard::Error,
+    },
+    #[error("creating state directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StateError {
+    /// True when another process holds the database (a second agent for the same state dir).
+    pub fn is_locked(&self) -> bool {
+        matches!(
+            self,
+            StateError::Open {
+                source: redb::DatabaseError::DatabaseAlreadyOpen,
+                ..
+            }
+        )
+    }
+}
+
+macro_rules! db_err {
+    ($e:expr) => {
+        $e.map_err(|e| StateError::Db(e.into()))
+    };
+}
+
+/// What the host remembers about a share between cycles besides its ancestor.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareMeta {
+    pub host_root: Option<RootId>,
+    pub guest_root: Option<RootId>,
+    pub halt: Option<HaltReason>,
+}
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+fn index_table(share: &str) -> String {
+    format!("index:{share}")
+}
+fn ancestor_table(share: &str) -> String {
+    format!("ancestor:{share}")
+}
+
+pub struct StateDb {
+    db: Database,
+}
+
+impl StateDb {
+    /// Opens (creating) `<dir>/<file_name>`, creating `dir` with mode 0700 if needed.
+    pub fn open(dir: &Path, file_name: &str) -> Result<StateDb, StateError> {
+        std::fs::create_dir_all(dir).map_err(|source| StateError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = dir.join(file_name);
+        let db = Database::create(&path).map_err(|source| StateError::Open { path, source })?;
+        Ok(StateDb { db })
+    }
+
+    /// Loads a share's file index. A record that fails to decode is dropped (re-hashed later).
+    pub fn load_index(&self, share: &str) -> Result<Vec<(RelPath, IndexRecord)>, StateError> {
+        let name = index_table(share);
+        self.load_table(&name)
+    }
+
+    /// Applies index changes in one transaction: `Some` upserts, `None` removes. Not fsynced:
+    /// the index is a cache, and the ancestor commit that follows a cycle makes it durable.
+    pub fn update_index<'a>(
+        &self,
+        share: &str,
+        changes: impl IntoIterator<Item = (&'a RelPath, Option<&'a IndexRecord>)>,
+    ) -> Result<(), StateError> {
+        let name = index_table(share);
+        self.update_table(&name, changes, Durability::None)
+    }
+
+    pub fn load_ancestor(&self, share: &str) -> Result<Snapshot, StateError> {
+        let name = ancestor_table(share);
+        Ok(self.load_table::<Entry>(&name)?.into_iter().collect())
+    }
+
+    /// Applies ancestor changes durably (fsync before returning).
+    pub fn update_ancestor<'a>(
+        &self,
+        share: &str,
+        changes: impl IntoIterator<Item = (&'a RelPath, Option<&'a Entry>)>,
+    ) -> Result<(), StateError> {
+        let name = ancestor_table(share);
+        self.update_table(&name, changes, Durability::Immediate)
+    }
+
+    /// Forgets a share's ancestor entirely (after `resume` of a replaced root: the next cycle
+    /// then merges both sides add-only).
+    pub fn clear_ancestor(&self, share: &str) -> Result<(), StateError> {
+        let name = ancestor_table(share);
+        let txn = db_err!(self.db.begin_write())?;
+        db_err!(txn.delete_table(TableDefinition::<&[u8], &[u8]>::new(&name)))?;
+        db_err!(txn.commit())
+    }
+
+    pub fn load_meta(&self, share: &str) -> Result<ShareMeta, StateError> {
+        let txn = db_err!(self.db.begin_read())?;
+        let table = match txn.open_table(META) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(ShareMeta::default()),
+            Err(e) => return Err(StateError::Db(e.into())),
+        };
+        match db_err!(table.get(share))? {
+            None => Ok(ShareMeta::default()),
+            Some(v) => postcard::from_bytes(v.value()).map_err(|source| StateError::Corrupt {
+                key: format!("meta {share}"),
+                source,
+            }),
+        }
+    }
+
+    pub fn store_meta(&self, share: &str, meta: &ShareMeta) -> Result<(), StateError> {
+        let bytes = postcard::to_allocvec(meta).map_err(|source| StateError::Corrupt {
+            key: format!("meta {share}"),
+            source,
+        })?;
+        let txn = db_err!(self.db.begin_write())?;
+        {
+            let mut table = db_err!(txn.open_table(META))?;
+            db_err!(table.insert(share, bytes.as_slice()))?;
+        }
+        db_err!(txn.commit())
+    }
+
+    fn load_table<V: for<'de> Deserialize<'de>>(
+        &self,
+        name: &str,
+    ) -> Result<Vec<(RelPath, V)>, StateError> {
+        let def = TableDefinition::<&[u8], &[u8]>::new(name);
+        let txn = db_err!(self.db.begin_read())?;
+        let table = match txn.open_table(def) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(StateError::Db(e.into())),
+        };
+        let mut out = Vec::new();
+        for row in db_err!(table.iter())? {
+            let (k, v) = db_err!(row)?;
+            // A record we cannot read is treated as absent: the index re-hashes, the ancestor
+            // treats the path as new on both sides (add-only), never as deleted.
+            let Ok(path) = RelPath::from_bytes(k.value()) else {
+                continue;
+            };
+            let Ok(value) = postcard::from_bytes(v.value()) else {
+                continue;
+            };
+            out.push((path, value));
+        }
+        Ok(out)
+    }
+
+    fn update_table<'a, V: Serialize + 'a>(
+        &self,
+        name: &str,
+        changes: impl IntoIterator<Item = (&'a RelPath, Option<&'a V>)>,
+        durability: Durability,
+    ) -> Result<(), StateError> {
+        let def = TableDefinition::<&[u8], &[u8]>::new(name);
+        let mut txn = db_err!(self.db.begin_write())?;
+        db_err!(txn.set_durability(durability))?;
+        {
+            let mut table = db_err!(txn.open_table(def))?;
+            for (path, value) in changes {
+                match value {
+                    Some(v) => {
+                        let bytes =
+                            postcard::to_allocvec(v).map_err(|source| StateError::Corrupt {
+                                key: path.escaped(),
+                                source,
+                            })?;
+                        db_err!(table.insert(path.as_bytes(), bytes.as_slice()))?;
+                    }
+                    None => {
+                        db_err!(table.remove(path.as_bytes()))?;
+                    }
+                }
+            }
+        }
+        db_err!(txn.commit())
+    }
+}

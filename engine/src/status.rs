@@ -1,0 +1,64 @@
+//! What `status` shows for a share: its state, why it halted, its conflicts and problems, and
+//! its counters. Shared between the controller (which updates it) and the control socket
+//! (which serialises it as JSON or a table). Peer-derived strings are stored escaped.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ShareState {
+    #[default]
+    Connecting,
+    Scanning,
+    Syncing,
+    InSync,
+    Conflicted,
+    Halted,
+}
+
+impl ShareState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShareState::Connecting => "connecting",
+            ShareState::Scanning => "scanning",
+            ShareState::Syncing => "syncing",
+            ShareState::InSync => "in-sync",
+            ShareState::Conflicted => "conflicted",
+            ShareState::Halted => "halted",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProblemView {
+    /// Escaped share-relative path.
+    pub path: String,
+    /// `host` or `guest`.
+    pub side: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareStatus {
+    pub name: String,
+    pub state: ShareState,
+    /// Machine-readable halt code (`root-missing`, `root-replaced`, `root-emptied`,
+    /// `mass-deletion`) and the message, when halted.
+    pub halt_code: Option<String>,
+    pub halt_reason: Option<String>,
+    /// Escaped paths in conflict (policy `keep`).
+    pub conflicts: Vec<String>,
+    pub problems: Vec<ProblemView>,
+    /// Regular files and their total bytes in the share (host side) after the last cycle.
+    pub files: u64,
+    pub bytes: u64,
+    /// Chunk payload bytes sent to / received from the guest, as they crossed the wire.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Chunks found locally on the receiving side instead of transferred.
+    pub chunks_reused: u64,
+    /// Completed cycles since the agent started.
+    pub cycles: u64,
+    /// Where losing versions are kept.
+    pub conflict_dir: String,
+}

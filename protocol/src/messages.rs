@@ -1,0 +1,259 @@
+//! The messages of the vmsync protocol, encoded with postcard (1.x).
+//!
+//! One [`Message`] enum carries every message in both directions, so each side's session state
+//! machine can name and reject a message that is legal in the protocol but not from that peer or
+//! in that state (a `Response` sent by the host, a second `Hello`, anything before `Hello`).
+//!
+//! Conversation:
+//! 1. host → guest `Hello` (magic, version range, chunker parameters, the shares it opens);
+//!    guest → host `Welcome` or `Refused`. See [`crate::handshake`].
+//! 2. host → guest `Request { id, share, body }`; guest → host `Response { id, body }`. Requests
+//!    are pipelined: many may be outstanding (up to
+//!    [`MAX_OUTSTANDING_REQUESTS`](crate::limits::MAX_OUTSTANDING_REQUESTS)); responses carry
+//!    the request id. `Ping` is answered with `Pong` straight away, even while other requests
+//!    are being served, and is the heartbeat.
+//!
+//! The request bodies mirror the methods of `vmsync_core::endpoint::Endpoint` one to one, and
+//! carry the core domain types: `RelPath` validates itself while being decoded, `Hash` is a fixed
+//! `[u8; 32]`. What serde cannot check is checked by [`crate::validate`] right after decoding.
+//!
+//! Format stability: postcard is not self-describing, so the byte layout of every type here and
+//! of the core types they contain is the wire format. **Enum variants are append-only** (a new
+//! variant goes at the end; nothing is reordered, removed or changed), struct fields are never
+//! reordered, and any change to the layout is a protocol version bump. Golden byte vectors in
+//! `tests/golden.rs` fail on any accidental change.
+
+use crate::chunk::WireChunk;
+use serde::{Deserialize, Serialize};
+use vmsync_core::endpoint::{
+    Change, ChunkRead, EndpointError, Outcome, Problem, ScanOptions, ScanReport, ScanScope,
+    StageRequest,
+};
+use vmsync_core::{FileMeta, Hash, Manifest, RelPath};
+
+/// First field of every `Hello`: "VMSYNC", NUL, and the magic's own revision.
+pub const MAGIC: [u8; 8] = *b"VMSYNC\0\x01";
+/// Oldest protocol version this build speaks.
+pub const PROTOCOL_VERSION_MIN: u16 = 1;
+/// Newest protocol version this build speaks.
+pub const PROTOCOL_VERSION_MAX: u16 = 1;
+/// Feature bits this build understands (none yet). A peer answers with the intersection.
+pub const FEATURES_SUPPORTED: u64 = 0;
+
+/// Every message, both directions. Variant order is the wire tag: append-only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// host → guest, first message of a session.
+    Hello(Hello),
+    /// guest → host, accepts the `Hello`.
+    Welcome(Welcome),
+    /// guest → host, refuses the `Hello`; the guest closes the connection after it.
+    Refused(Refused),
+    /// host → guest, after `Welcome`.
+    Request(Request),
+    /// guest → host, answers one `Request`.
+    Response(Response),
+}
+
+impl Message {
+    /// The variant's name, for error messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::Welcome(_) => "Welcome",
+            Message::Refused(_) => "Refused",
+            Message::Request(_) => "Request",
+            Message::Response(_) => "Response",
+        }
+    }
+}
+
+/// FastCDC parameters in bytes. Both sides must use the same ones: chunk ids and file digests
+/// depend on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ChunkerParams {
+    pub min: u32,
+    pub avg: u32,
+    pub max: u32,
+}
+
+impl ChunkerParams {
+    /// The parameters vmsync pins (`vmsync_core::limits`).
+    pub const PINNED: ChunkerParams = ChunkerParams {
+        min: vmsync_core::limits::CHUNK_MIN_BYTES,
+        avg: vmsync_core::limits::CHUNK_AVG_BYTES,
+        max: vmsync_core::limits::CHUNK_MAX_BYTES,
+    };
+}
+
+/// A share the host wants to sync with this guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareOpen {
+    /// The name the guest's config exports the share under.
+    pub name: String,
+    /// Gitignore patterns the host wants applied on the guest's side (one pattern per string,
+    /// no newlines), so ignored files are not even scanned there.
+    pub ignore: Vec<String>,
+}
+
+/// host → guest: who we are, what we speak, what we want.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Always [`MAGIC`].
+    pub magic: [u8; 8],
+    pub min_version: u16,
+    pub max_version: u16,
+    /// The host agent's version, for logs and `status`.
+    pub agent_version: String,
+    /// Requested feature bits.
+    pub features: u64,
+    pub chunker: ChunkerParams,
+    /// The shares to open; a request's `share` is an index into this list.
+    pub shares: Vec<ShareOpen>,
+}
+
+/// guest → host: the session is open.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The version both sides now speak: the highest in both ranges.
+    pub version: u16,
+    /// The guest agent's version, for logs and `status`.
+    pub agent_version: String,
+    /// The guest's chunker parameters; always equal to the `Hello`'s (else it refuses).
+    pub chunker: ChunkerParams,
+    /// The requested features the guest grants.
+    pub features: u64,
+}
+
+/// guest → host: the session is refused, and why (shown to the user on both sides).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refused {
+    pub reason: String,
+}
+
+/// host → guest: one call of an `Endpoint` method on one share.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Chosen by the host, echoed in the response.
+    pub id: u64,
+    /// Index into `Hello::shares`. Ignored for `Ping`.
+    pub share: u16,
+    pub body: RequestBody,
+}
+
+/// guest → host: the result of one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    pub id: u64,
+    pub body: ResponseBody,
+}
+
+/// The request kinds, without their data. Order matches [`RequestBody`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RequestKind {
+    Ping,
+    Scan,
+    Manifests,
+    ReadChunks,
+    Stage,
+    Supply,
+    Transition,
+}
+
+impl RequestKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            RequestKind::Ping => "Ping",
+            RequestKind::Scan => "Scan",
+            RequestKind::Manifests => "Manifests",
+            RequestKind::ReadChunks => "ReadChunks",
+            RequestKind::Stage => "Stage",
+            RequestKind::Supply => "Supply",
+            RequestKind::Transition => "Transition",
+        }
+    }
+}
+
+/// One variant per `Endpoint` method, plus `Ping`. Append-only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestBody {
+    /// Heartbeat; answered with `Pong`.
+    Ping,
+    Scan {
+        scope: ScanScope,
+        options: ScanOptions,
+    },
+    Manifests {
+        files: Vec<(RelPath, FileMeta)>,
+    },
+    ReadChunks {
+        reads: Vec<ChunkRead>,
+    },
+    Stage {
+        files: Vec<StageRequest>,
+    },
+    /// Chunk data travels compressed when that pays (see [`crate::chunk`]).
+    Supply {
+        chunks: Vec<WireChunk>,
+    },
+    Transition {
+        changes: Vec<Change>,
+    },
+}
+
+impl RequestBody {
+    pub fn kind(&self) -> RequestKind {
+        match self {
+            RequestBody::Ping => RequestKind::Ping,
+            RequestBody::Scan { .. } => RequestKind::Scan,
+            RequestBody::Manifests { .. } => RequestKind::Manifests,
+            RequestBody::ReadChunks { .. } => RequestKind::ReadChunks,
+            RequestBody::Stage { .. } => RequestKind::Stage,
+            RequestBody::Supply { .. } => RequestKind::Supply,
+            RequestBody::Transition { .. } => RequestKind::Transition,
+        }
+    }
+}
+
+/// One variant per request kind, in the same order. Append-only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResponseBody {
+    Pong,
+    Scan(Result<ScanReport, EndpointError>),
+    /// One entry per requested file, in order.
+    Manifests(Result<Vec<Result<Manifest, Problem>>, EndpointError>),
+    /// One entry per requested read, in order; `None` where the data changed on disk.
+    ReadChunks(Result<Vec<Option<WireChunk>>, EndpointError>),
+    /// One entry per requested file, in order: the chunk hashes still missing.
+    Stage(Result<Vec<Result<Vec<Hash>, Problem>>, EndpointError>),
+    Supply(Result<(), EndpointError>),
+    /// One outcome per requested change, in order.
+    Transition(Result<Vec<Outcome>, EndpointError>),
+}
+
+impl ResponseBody {
+    pub fn kind(&self) -> RequestKind {
+        match self {
+            ResponseBody::Pong => RequestKind::Ping,
+            ResponseBody::Scan(_) => RequestKind::Scan,
+            ResponseBody::Manifests(_) => RequestKind::Manifests,
+            ResponseBody::ReadChunks(_) => RequestKind::ReadChunks,
+            ResponseBody::Stage(_) => RequestKind::Stage,
+            ResponseBody::Supply(_) => RequestKind::Supply,
+            ResponseBody::Transition(_) => RequestKind::Transition,
+        }
+    }
+
+    /// The error answer to a request of `kind` (`Pong` for a ping, which cannot fail).
+    pub fn error(kind: RequestKind, err: EndpointError) -> ResponseBody {
+        match kind {
+            RequestKind::Ping => ResponseBody::Pong,
+            RequestKind::Scan => ResponseBody::Scan(Err(err)),
+            RequestKind::Manifests => ResponseBody::Manifests(Err(err)),
+            RequestKind::ReadChunks => ResponseBody::ReadChunks(Err(err)),
+            RequestKind::Stage => ResponseBody::Stage(Err(err)),
+            RequestKind::Supply => ResponseBody::Supply(Err(err)),
+            RequestKind::Transition => ResponseBody::Transition(Err(err)),
+        }
+    }
+}

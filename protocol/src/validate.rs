@@ -1,0 +1,514 @@
+//! Checks serde cannot express, run on every message right after it is decoded (and before one is
+//! sent, so a local bug becomes a typed error instead of a session the peer tears down).
+//!
+//! What is checked: counts and string lengths against [`crate::limits`]; entry metadata (mode bits
+//! within `0o777`, timestamp nanoseconds below 10^9, symlink targets non-empty, NUL-free and
+//! bounded); chunk references (length within `1..=CHUNK_MAX_BYTES`, no offset overflow); manifest
+//! and missing-chunk lists within `MAX_FILE_CHUNKS`; scan reports sorted strictly by path and not
+//! containing the root; wire chunks whose data length fits their codec.
+//!
+//! What is not: anything that needs the session state (the handshake decides magic, versions,
+//! chunker parameters and share names, see [`crate::handshake`]) or real work (decompressing and
+//! hashing chunks is [`crate::chunk::decode_chunk`], a manifest's coverage and digest is
+//! `Manifest::validate` at the consumer).
+
+use crate::chunk::{Codec, WireChunk};
+use crate::limits::{
+    CHUNK_MAX_BYTES, MAX_AGENT_VERSION_BYTES, MAX_BATCH_CHANGES, MAX_BATCH_CHUNKS,
+    MAX_BATCH_FILES, MAX_BATCH_PATHS, MAX_FILE_CHUNKS, MAX_IGNORE_PATTERNS,
+    MAX_IGNORE_PATTERN_BYTES, MAX_REASON_BYTES, MAX_SCAN_ENTRIES, MAX_SCAN_PROBLEMS, MAX_SHARES,
+    MAX_SHARE_NAME_BYTES, MAX_SYMLINK_TARGET_BYTES,
+};
+use crate::messages::{
+    Hello, Message, Refused, Request, RequestBody, Response, ResponseBody, ShareOpen, Welcome,
+};
+use vmsync_core::endpoint::{
+    Change, ChunkRead, EndpointError, Outcome, Problem, ScanReport, ScanScope, StageRequest,
+};
+use vmsync_core::entry::PERM_MASK;
+use vmsync_core::{ChunkRef, Entry, FileMeta, Manifest, Timestamp};
+
+/// Nanoseconds in a second: a timestamp's `nanos` must be below it.
+pub const NANOS_PER_SEC: u32 = 1_000_000_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValidationError {
+    #[error("{what}: {count} items, more than the limit of {max}")]
+    TooMany { what: &'static str, count: usize, max: usize },
+    #[error("{what}: {len} bytes, more than the limit of {max}")]
+    TooLong { what: &'static str, len: usize, max: usize },
+    #[error("{what} is empty")]
+    Empty { what: &'static str },
+    #[error("{what} contains a control character")]
+    ControlCharacter { what: &'static str },
+    #[error("mode {mode:#o} has bits outside {PERM_MASK:#o}")]
+    BadMode { mode: u32 },
+    #[error("timestamp has {nanos} nanoseconds, not below {NANOS_PER_SEC}")]
+    BadNanos { nanos: u32 },
+    #[error("symlink target contains a NUL byte")]
+    NulInSymlink,
+    #[error("chunk length {len} is outside 1..={CHUNK_MAX_BYTES}")]
+    BadChunkLength { len: u32 },
+    #[error("chunk at offset {offset} with length {len} runs past the largest file size")]
+    ChunkOverflow { offset: u64, len: u32 },
+    #[error("scan entry {index} is not after the previous one in path order")]
+    Unsorted { index: usize },
+    #[error("scan report lists the share root as an entry")]
+    RootEntry,
+    #[error("{codec:?} chunk carries {actual} bytes of data for {declared} declared bytes")]
+    ChunkDataLength { codec: Codec, declared: u32, actual: usize },
+}
+
+impl ValidationError {
+    /// True when the message broke a size or count bound (as opposed to carrying a malformed
+    /// value): for a message we were about to send, that is a resource limit, not a bug.
+    pub fn is_limit(&self) -> bool {
+        matches!(self, ValidationError::TooMany { .. } | ValidationError::TooLong { .. })
+    }
+}
+
+type Result<T = ()> = std::result::Result<T, ValidationError>;
+
+/// A structural check on a decoded value.
+pub trait Validate {
+    fn validate(&self) -> Result;
+}
+
+fn count(what: &'static str, count: usize, max: usize) -> Result {
+    if count > max {
+        return Err(ValidationError::TooMany { what, count, max });
+    }
+    Ok(())
+}
+
+fn bytes(what: &'static str, len: usize, max: usize) -> Result {
+    if len > max {
+        return Err(ValidationError::TooLong { what, len, max });
+    }
+    Ok(())
+}
+
+fn text(what: &'static str, s: &str, max: usize) -> Result {
+    bytes(what, s.len(), max)
+}
+
+/// A single-line string: bounded and free of control characters (they would let a peer forge
+/// log lines, or split one ignore pattern into several).
+fn line(what: &'static str, s: &str, max: usize) -> Result {
+    text(what, s, max)?;
+    if s.chars().any(char::is_control) {
+        return Err(ValidationError::ControlCharacter { what });
+    }
+    Ok(())
+}
+
+fn mode(mode: u32) -> Result {
+    if mode & !PERM_MASK != 0 {
+        return Err(ValidationError::BadMode { mode });
+    }
+    Ok(())
+}
+
+fn timestamp(t: &Timestamp) -> Result {
+    if t.nanos >= NANOS_PER_SEC {
+        return Err(ValidationError::BadNanos { nanos: t.nanos });
+    }
+    Ok(())
+}
+
+fn file_meta(m: &FileMeta) -> Result {
+    mode(m.mode)?;
+    timestamp(&m.mtime)
+}
+
+fn entry(e: &Entry) -> Result {
+    match e {
+        Entry::File(m) => file_meta(m),
+        Entry::Dir { mode: m } => mode(*m),
+        Entry::Symlink { target } => {
+            if target.is_empty() {
+                return Err(ValidationError::Empty { what: "symlink target" });
+            }
+            bytes("symlink target", target.len(), MAX_SYMLINK_TARGET_BYTES)?;
+            if target.contains(&0) {
+                return Err(ValidationError::NulInSymlink);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn chunk_ref(c: &ChunkRef) -> Result {
+    if c.len == 0 || c.len > CHUNK_MAX_BYTES {
+        return Err(ValidationError::BadChunkLength { len: c.len });
+    }
+    if c.offset.checked_add(u64::from(c.len)).is_none() {
+        return Err(ValidationError::ChunkOverflow { offset: c.offset, len: c.len });
+    }
+    Ok(())
+}
+
+fn manifest(m: &Manifest) -> Result {
+    count("manifest chunks", m.chunks.len(), MAX_FILE_CHUNKS)?;
+    m.chunks.iter().try_for_each(chunk_ref)
+}
+
+fn problem(p: &Problem) -> Result {
+    text("problem reason", &p.reason, MAX_REASON_BYTES)
+}
+
+fn endpoint_error(e: &EndpointError) -> Result {
+    let s = match e {
+        EndpointError::RootMissing(s)
+        | EndpointError::RootNotDir(s)
+        | EndpointError::UnknownShare(s)
+        | EndpointError::Disconnected(s)
+        | EndpointError::Protocol(s)
+        | EndpointError::Io(s)
+        | EndpointError::Limit(s) => s,
+    };
+    text("error text", s, MAX_REASON_BYTES)
+}
+
+fn result<T>(r: &std::result::Result<T, EndpointError>, ok: impl FnOnce(&T) -> Result) -> Result {
+    match r {
+        Ok(v) => ok(v),
+        Err(e) => endpoint_error(e),
+    }
+}
+
+impl Validate for WireChunk {
+    fn validate(&self) -> Result {
+        if self.len == 0 || self.len > CHUNK_MAX_BYTES {
+            return Err(ValidationError::BadChunkLength { len: self.len });
+        }
+        // `len` ≤ CHUNK_MAX_BYTES fits any usize we build for.
+        let declared = usize::try_from(self.len).unwrap_or(usize::MAX);
+        let fits = match self.codec {
+            Codec::Raw => self.data.len() == declared,
+            // Compressed data is only sent when it is smaller (see `chunk::encode_chunk`).
+            Codec::Zstd => !self.data.is_empty() && self.data.len() < declared,
+        };
+        if !fits {
+            return Err(ValidationError::ChunkDataLength {
+                codec: self.codec,
+                declared: self.len,
+                actual: self.data.len(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Validate for ShareOpen {
+    fn validate(&self) -> Result {
+        text("share name", &self.name, MAX_SHARE_NAME_BYTES)?;
+        count("ignore patterns", self.ignore.len(), MAX_IGNORE_PATTERNS)?;
+        self.ignore
+            .iter()
+            .try_for_each(|p| line("ignore pattern", p, MAX_IGNORE_PATTERN_BYTES))
+    }
+}
+
+impl Validate for Hello {
+    fn validate(&self) -> Result {
+        line("agent version", &self.agent_version, MAX_AGENT_VERSION_BYTES)?;
+        count("shares", self.shares.len(), MAX_SHARES)?;
+        self.shares.iter().try_for_each(Validate::validate)
+    }
+}
+
+impl Validate for Welcome {
+    fn validate(&self) -> Result {
+        line("agent version", &self.agent_version, MAX_AGENT_VERSION_BYTES)
+    }
+}
+
+impl Validate for Refused {
+    fn validate(&self) -> Result {
+        text("refusal reason", &self.reason, MAX_REASON_BYTES)
+    }
+}
+
+impl Validate for ScanReport {
+    fn validate(&self) -> Result {
+        count("scan entries", self.entries.len(), MAX_SCAN_ENTRIES)?;
+        count("scan problems", self.problems.len(), MAX_SCAN_PROBLEMS)?;
+        let mut previous = None;
+        for (index, (path, e)) in self.entries.iter().enumerate() {
+            if path.is_root() {
+                return Err(ValidationError::RootEntry);
+            }
+            if previous.is_some_and(|p| p >= path) {
+                return Err(ValidationError::Unsorted { index });
+            }
+            previous = Some(path);
+            entry(e)?;
+        }
+        self.problems.iter().try_for_each(problem)
+    }
+}
+
+fn change(c: &Change) -> Result {
+    if let Some(e) = &c.expected {
+        entry(e)?;
+    }
+    if let Some(e) = &c.new {
+        entry(e)?;
+    }
+    Ok(())
+}
+
+fn stage_request(s: &StageRequest) -> Result {
+    file_meta(&s.meta)?;
+    manifest(&s.manifest)
+}
+
+fn chunk_read(r: &ChunkRead) -> Result {
+    chunk_ref(&r.chunk)
+}
+
+impl Validate for RequestBody {
+    fn validate(&self) -> Result {
+        match self {
+            RequestBody::Ping => Ok(()),
+            RequestBody::Scan { scope, options: _ } => match scope {
+                ScanScope::Full => Ok(()),
+                ScanScope::Paths(paths) => count("scan paths", paths.len(), MAX_BATCH_PATHS),
+            },
+            RequestBody::Manifests { files } => {
+                count("manifest requests", files.len(), MAX_BATCH_FILES)?;
+                files.iter().try_for_each(|(_, m)| file_meta(m))
+            }
+            RequestBody::ReadChunks { reads } => {
+                count("chunk reads", reads.len(), MAX_BATCH_CHUNKS)?;
+                reads.iter().try_for_each(chunk_read)
+            }
+            RequestBody::Stage { files } => {
+                count("files to stage", files.len(), MAX_BATCH_FILES)?;
+                files.iter().try_for_each(stage_request)
+            }
+            RequestBody::Supply { chunks } => {
+                count("supplied chunks", chunks.len(), MAX_BATCH_CHUNKS)?;
+                chunks.iter().try_for_each(Validate::validate)
+            }
+            RequestBody::Transition { changes } => {
+                count("changes", changes.len(), MAX_BATCH_CHANGES)?;
+                changes.iter().try_for_each(change)
+            }
+        }
+    }
+}
+
+fn outcome(o: &Outcome) -> Result {
+    match o {
+        Outcome::Applied | Outcome::Changed(None) => Ok(()),
+        Outcome::Changed(Some(e)) => entry(e),
+        Outcome::Failed(reason) => text("failure reason", reason, MAX_REASON_BYTES),
+    }
+}
+
+impl Validate for ResponseBody {
+    fn validate(&self) -> Result {
+        match self {
+            ResponseBody::Pong => Ok(()),
+            ResponseBody::Scan(r) => result(r, Validate::validate),
+            ResponseBody::Manifests(r) => result(r, |files| {
+                count("manifests", files.len(), MAX_BATCH_FILES)?;
+                files.iter().try_for_each(|f| match f {
+                    Ok(m) => manifest(m),
+                    Err(p) => problem(p),
+                })
+            }),
+            ResponseBody::ReadChunks(r) => result(r, |chunks| {
+                count("chunks read", chunks.len(), MAX_BATCH_CHUNKS)?;
+                chunks.iter().flatten().try_for_each(Validate::validate)
+            }),
+            ResponseBody::Stage(r) => result(r, |files| {
+                count("staged files", files.len(), MAX_BATCH_FILES)?;
+                files.iter().try_for_each(|f| match f {
+                    Ok(missing) => count("missing chunks", missing.len(), MAX_FILE_CHUNKS),
+                    Err(p) => problem(p),
+                })
+            }),
+            ResponseBody::Supply(r) => result(r, |()| Ok(())),
+            ResponseBody::Transition(r) => result(r, |outcomes| {
+                count("outcomes", outcomes.len(), MAX_BATCH_CHANGES)?;
+                outcomes.iter().try_for_each(outcome)
+            }),
+        }
+    }
+}
+
+impl Validate for Request {
+    fn validate(&self) -> Result {
+        self.body.validate()
+    }
+}
+
+impl Validate for Response {
+    fn validate(&self) -> Result {
+        self.body.validate()
+    }
+}
+
+impl Validate for Message {
+    fn validate(&self) -> Result {
+        match self {
+            Message::Hello(m) => m.validate(),
+            Message::Welcome(m) => m.validate(),
+            Message::Refused(m) => m.validate(),
+            Message::Request(m) => m.validate(),
+            Message::Response(m) => m.validate(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::{encode_chunk, hash_chunk};
+    use vmsync_core::{Hash, RelPath};
+
+    fn p(s: &str) -> RelPath {
+        RelPath::from_bytes(s.as_bytes()).unwrap()
+    }
+
+    fn meta(mode: u32, nanos: u32) -> FileMeta {
+        FileMeta { size: 1, mode, mtime: Timestamp::new(1, nanos), digest: Hash::default() }
+    }
+
+    fn scan(entries: Vec<(RelPath, Entry)>) -> ResponseBody {
+        ResponseBody::Scan(Ok(ScanReport { root: None, entries, problems: vec![] }))
+    }
+
+    #[test]
+    fn entry_metadata() {
+        let ok = scan(vec![
+            (p("a"), Entry::Dir { mode: 0o755 }),
+            (p("a/b"), Entry::File(meta(0o644, 999_999_999))),
+            (p("c"), Entry::Symlink { target: b"a/b".to_vec() }),
+        ]);
+        assert_eq!(ok.validate(), Ok(()));
+        let bad = [
+            (scan(vec![(p("a"), Entry::Dir { mode: 0o4755 })]), ValidationError::BadMode { mode: 0o4755 }),
+            (scan(vec![(p("a"), Entry::File(meta(0o1777, 0)))]), ValidationError::BadMode { mode: 0o1777 }),
+            (
+                scan(vec![(p("a"), Entry::File(meta(0o644, NANOS_PER_SEC)))]),
+                ValidationError::BadNanos { nanos: NANOS_PER_SEC },
+            ),
+            (
+                scan(vec![(p("a"), Entry::Symlink { target: vec![] })]),
+                ValidationError::Empty { what: "symlink target" },
+            ),
+            (scan(vec![(p("a"), Entry::Symlink { target: b"x\0y".to_vec() })]), ValidationError::NulInSymlink),
+            (
+                scan(vec![(p("a"), Entry::Symlink { target: vec![b'x'; MAX_SYMLINK_TARGET_BYTES + 1] })]),
+                ValidationError::TooLong {
+                    what: "symlink target",
+                    len: MAX_SYMLINK_TARGET_BYTES + 1,
+                    max: MAX_SYMLINK_TARGET_BYTES,
+                },
+            ),
+        ];
+        for (body, want) in bad {
+            assert_eq!(body.validate(), Err(want));
+        }
+    }
+
+    #[test]
+    fn scan_report_order() {
+        let dir = Entry::Dir { mode: 0o755 };
+        assert_eq!(
+            scan(vec![(p("b"), dir.clone()), (p("a"), dir.clone())]).validate(),
+            Err(ValidationError::Unsorted { index: 1 })
+        );
+        assert_eq!(
+            scan(vec![(p("a"), dir.clone()), (p("a"), dir.clone())]).validate(),
+            Err(ValidationError::Unsorted { index: 1 })
+        );
+        assert_eq!(scan(vec![(RelPath::root(), dir)]).validate(), Err(ValidationError::RootEntry));
+    }
+
+    #[test]
+    fn chunk_refs() {
+        let read = |offset, len| RequestBody::ReadChunks {
+            reads: vec![ChunkRead { path: p("f"), chunk: ChunkRef { hash: Hash::default(), offset, len } }],
+        };
+        assert_eq!(read(0, 1).validate(), Ok(()));
+        assert_eq!(read(0, CHUNK_MAX_BYTES).validate(), Ok(()));
+        assert_eq!(read(0, 0).validate(), Err(ValidationError::BadChunkLength { len: 0 }));
+        assert_eq!(
+            read(0, CHUNK_MAX_BYTES + 1).validate(),
+            Err(ValidationError::BadChunkLength { len: CHUNK_MAX_BYTES + 1 })
+        );
+        assert_eq!(
+            read(u64::MAX, 1).validate(),
+            Err(ValidationError::ChunkOverflow { offset: u64::MAX, len: 1 })
+        );
+    }
+
+    #[test]
+    fn batch_counts() {
+        let reads = vec![
+            ChunkRead { path: p("f"), chunk: ChunkRef { hash: Hash::default(), offset: 0, len: 1 } };
+            MAX_BATCH_CHUNKS + 1
+        ];
+        let err = RequestBody::ReadChunks { reads }.validate().unwrap_err();
+        assert!(err.is_limit());
+        let paths = vec![p("x"); MAX_BATCH_PATHS + 1];
+        assert!(RequestBody::Scan { scope: ScanScope::Paths(paths), options: Default::default() }
+            .validate()
+            .unwrap_err()
+            .is_limit());
+        let missing = vec![Hash::default(); MAX_FILE_CHUNKS + 1];
+        assert!(ResponseBody::Stage(Ok(vec![Ok(missing)])).validate().unwrap_err().is_limit());
+    }
+
+    #[test]
+    fn wire_chunks() {
+        let data = vec![0u8; 1000];
+        let z = encode_chunk(hash_chunk(&data), &data, 3);
+        assert_eq!(z.codec, Codec::Zstd);
+        assert_eq!(z.validate(), Ok(()));
+        let raw = encode_chunk(hash_chunk(&data), &data, 0);
+        assert_eq!(raw.validate(), Ok(()));
+        let mut short = raw.clone();
+        short.data.pop();
+        assert!(matches!(short.validate(), Err(ValidationError::ChunkDataLength { .. })));
+        let mut big = z.clone();
+        big.data = vec![0; 1000];
+        assert!(matches!(big.validate(), Err(ValidationError::ChunkDataLength { .. })));
+        let mut zero = raw;
+        zero.len = 0;
+        zero.data.clear();
+        assert_eq!(zero.validate(), Err(ValidationError::BadChunkLength { len: 0 }));
+    }
+
+    #[test]
+    fn strings() {
+        let hello = |agent: &str, pattern: &str| Hello {
+            magic: crate::messages::MAGIC,
+            min_version: 1,
+            max_version: 1,
+            agent_version: agent.to_owned(),
+            features: 0,
+            chunker: crate::messages::ChunkerParams::PINNED,
+            shares: vec![ShareOpen { name: "s".into(), ignore: vec![pattern.to_owned()] }],
+        };
+        assert_eq!(hello("1.0", "*.o").validate(), Ok(()));
+        assert!(hello(&"x".repeat(MAX_AGENT_VERSION_BYTES + 1), "*.o").validate().is_err());
+        assert_eq!(
+            hello("1.0", "a\nb").validate(),
+            Err(ValidationError::ControlCharacter { what: "ignore pattern" })
+        );
+        assert_eq!(
+            hello("1\x1b[0m", "a").validate(),
+            Err(ValidationError::ControlCharacter { what: "agent version" })
+        );
+        let long = Refused { reason: "r".repeat(MAX_REASON_BYTES + 1) };
+        assert!(long.validate().is_err());
+        let err = ResponseBody::Supply(Err(EndpointError::Io("e".repeat(MAX_REASON_BYTES + 1))));
+        assert!(err.validate().is_err());
+    }
+}

@@ -1,0 +1,219 @@
+//! Golden byte vectors: the exact encoding of a fixed `Hello`, `Welcome`, `Refused`, a request of
+//! every kind and a response of every kind. Any change to the wire format (a reordered variant, a
+//! new field in a core type, a postcard upgrade that changes layout) fails here. If a failure is
+//! an intended format change, bump the protocol version and update the vectors in one commit.
+
+use vmsync_core::endpoint::{
+    Change, ChunkRead, EndpointError, Outcome, Problem, RootId, ScanOptions, ScanReport,
+    ScanScope, StageRequest,
+};
+use vmsync_core::{ChunkRef, Entry, FileMeta, Hash, Manifest, RelPath, Timestamp};
+use vmsync_protocol::messages::MAGIC;
+use vmsync_protocol::{
+    decode_message, encode_message, ChunkerParams, Codec, Hello, Message, Refused, Request,
+    RequestBody, Response, ResponseBody, ShareOpen, WireChunk, Welcome,
+};
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Encodes `m`, compares with `want` (hex), and checks it decodes back to `m`.
+fn golden(name: &str, m: Message, want: &str) {
+    let bytes = encode_message(&m, usize::MAX).unwrap();
+    assert_eq!(hex(&bytes), want, "{name}: wire format changed");
+    let back: Message = decode_message(&bytes).unwrap();
+    assert_eq!(back, m, "{name}: does not decode back");
+}
+
+fn p(s: &str) -> RelPath {
+    RelPath::from_bytes(s.as_bytes()).unwrap()
+}
+
+fn meta() -> FileMeta {
+    FileMeta {
+        size: 5,
+        mode: 0o644,
+        mtime: Timestamp::new(1_700_000_000, 123),
+        digest: Hash([0x11; 32]),
+    }
+}
+
+fn chunk_ref() -> ChunkRef {
+    ChunkRef { hash: Hash([0x22; 32]), offset: 0, len: 5 }
+}
+
+fn problem() -> Problem {
+    Problem { path: p("d"), reason: "fifo skipped".into() }
+}
+
+fn request(body: RequestBody) -> Message {
+    Message::Request(Request { id: 7, share: 1, body })
+}
+
+fn response(body: ResponseBody) -> Message {
+    Message::Response(Response { id: 7, body })
+}
+
+#[test]
+fn handshake_messages() {
+    golden(
+        "Hello",
+        Message::Hello(Hello {
+            magic: MAGIC,
+            min_version: 1,
+            max_version: 1,
+            agent_version: "vmsync-host 0.1.0".into(),
+            features: 0,
+            chunker: ChunkerParams::PINNED,
+            shares: vec![ShareOpen {
+                name: "src".into(),
+                ignore: vec!["target/".into(), "*.o".into()],
+            }],
+        }),
+        "00564d53594e430001010111766d73796e632d686f737420302e312e30008020808001808004010373726302077461726765742f032a2e6f",
+    );
+    golden(
+        "Welcome",
+        Message::Welcome(Welcome {
+            version: 1,
+            agent_version: "vmsync-guest 0.1.0".into(),
+            chunker: ChunkerParams::PINNED,
+            features: 0,
+        }),
+        "010112766d73796e632d677565737420302e312e30802080800180800400",
+    );
+    golden(
+        "Refused",
+        Message::Refused(Refused { reason: "share `x` is not exported by this guest".into() }),
+        "0227736861726520607860206973206e6f74206578706f727465642062792074686973206775657374",
+    );
+}
+
+#[test]
+fn requests() {
+    golden("Ping", request(RequestBody::Ping), "03070100");
+    golden(
+        "Scan full",
+        request(RequestBody::Scan { scope: ScanScope::Full, options: ScanOptions::default() }),
+        "030701010000",
+    );
+    golden(
+        "Scan paths",
+        request(RequestBody::Scan {
+            scope: ScanScope::Paths(vec![p("a"), p("a/b")]),
+            options: ScanOptions { create_marker: true },
+        }),
+        "030701010102016103612f6201",
+    );
+    golden("Manifests", request(RequestBody::Manifests { files: vec![(p("a/b"), meta())] }), "030701020103612f6205a40380c49fd50c7b1111111111111111111111111111111111111111111111111111111111111111");
+    golden(
+        "ReadChunks",
+        request(RequestBody::ReadChunks {
+            reads: vec![ChunkRead { path: p("a/b"), chunk: chunk_ref() }],
+        }),
+        "030701030103612f6222222222222222222222222222222222222222222222222222222222222222220005",
+    );
+    golden(
+        "Stage",
+        request(RequestBody::Stage {
+            files: vec![StageRequest {
+                path: p("a/b"),
+                meta: meta(),
+                manifest: Manifest { chunks: vec![chunk_ref()] },
+            }],
+        }),
+        "030701040103612f6205a40380c49fd50c7b11111111111111111111111111111111111111111111111111111111111111110122222222222222222222222222222222222222222222222222222222222222220005",
+    );
+    golden(
+        "Supply",
+        request(RequestBody::Supply {
+            chunks: vec![
+                WireChunk { hash: Hash([0x33; 32]), len: 3, codec: Codec::Raw, data: b"abc".to_vec() },
+                WireChunk { hash: Hash([0x44; 32]), len: 10, codec: Codec::Zstd, data: vec![0x28, 0xb5] },
+            ],
+        }),
+        "0307010502333333333333333333333333333333333333333333333333333333333333333303000361626344444444444444444444444444444444444444444444444444444444444444440a010228b5",
+    );
+    golden(
+        "Transition",
+        request(RequestBody::Transition {
+            changes: vec![
+                Change { path: p("a/b"), expected: None, new: Some(Entry::File(meta())) },
+                Change {
+                    path: p("c"),
+                    expected: Some(Entry::Symlink { target: b"x".to_vec() }),
+                    new: None,
+                },
+                Change { path: p("d"), expected: None, new: Some(Entry::Dir { mode: 0o755 }) },
+            ],
+        }),
+        "030701060303612f6200010005a40380c49fd50c7b1111111111111111111111111111111111111111111111111111111111111111016301020178000164000101ed03",
+    );
+}
+
+#[test]
+fn responses() {
+    golden("Pong", response(ResponseBody::Pong), "040700");
+    golden(
+        "Scan",
+        response(ResponseBody::Scan(Ok(ScanReport {
+            root: Some(RootId { marker: [0x55; 16], dev: 2049, ino: 12345 }),
+            entries: vec![
+                (p("a"), Entry::Dir { mode: 0o755 }),
+                (p("a/b"), Entry::File(meta())),
+                (p("c"), Entry::Symlink { target: b"a/b".to_vec() }),
+            ],
+            problems: vec![problem()],
+        }))),
+        "0407010001555555555555555555555555555555558110b96003016101ed0303612f620005a40380c49fd50c7b111111111111111111111111111111111111111111111111111111111111111101630203612f620101640c6669666f20736b6970706564",
+    );
+    golden(
+        "Manifests",
+        response(ResponseBody::Manifests(Ok(vec![
+            Ok(Manifest { chunks: vec![chunk_ref()] }),
+            Err(problem()),
+        ]))),
+        "04070200020001222222222222222222222222222222222222222222222222222222222222222200050101640c6669666f20736b6970706564",
+    );
+    golden(
+        "ReadChunks",
+        response(ResponseBody::ReadChunks(Ok(vec![
+            Some(WireChunk { hash: Hash([0x22; 32]), len: 5, codec: Codec::Raw, data: b"hello".to_vec() }),
+            None,
+        ]))),
+        "040703000201222222222222222222222222222222222222222222222222222222222222222205000568656c6c6f00",
+    );
+    golden(
+        "Stage",
+        response(ResponseBody::Stage(Ok(vec![Ok(vec![Hash([0x22; 32])]), Err(problem())]))),
+        "0407040002000122222222222222222222222222222222222222222222222222222222222222220101640c6669666f20736b6970706564",
+    );
+    golden("Supply", response(ResponseBody::Supply(Ok(()))), "04070500");
+    golden(
+        "Transition",
+        response(ResponseBody::Transition(Ok(vec![
+            Outcome::Applied,
+            Outcome::Changed(None),
+            Outcome::Changed(Some(Entry::Dir { mode: 0o700 })),
+            Outcome::Failed("disk full".into()),
+        ]))),
+        "0407060004000100010101c00302096469736b2066756c6c",
+    );
+}
+
+#[test]
+fn endpoint_errors() {
+    let errors = [
+        (EndpointError::RootMissing("r".into()), "04070101000172"),
+        (EndpointError::RootNotDir("r".into()), "04070101010172"),
+        (EndpointError::UnknownShare("r".into()), "04070101020172"),
+        (EndpointError::Disconnected("r".into()), "04070101030172"),
+        (EndpointError::Protocol("r".into()), "04070101040172"),
+        (EndpointError::Io("r".into()), "04070101050172"),
+        (EndpointError::Limit("r".into()), "04070101060172"),
+    ];
+    for (e, want) in errors {
+        golden(&format!("{e:?}"), response(ResponseBody::Scan(Err(e.clone()))), want);
+    }
+}

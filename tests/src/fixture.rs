@@ -1,0 +1,368 @@
+//! Shared test fixtures: building trees, describing them for byte-for-byte comparison, a
+//! counting `Endpoint` wrapper, and an in-process host/guest pair over local endpoints.
+
+use std::collections::BTreeMap;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use vmsync_core::endpoint::{
+    Change, ChunkRead, Endpoint, EndpointError, Outcome, Problem, ScanOptions, ScanReport,
+    ScanScope, StageRequest,
+};
+use vmsync_core::reconcile::{ConflictPolicy, SyncMode};
+use vmsync_core::safety::DeletionLimit;
+use vmsync_core::{FileMeta, Hash, Manifest, RelPath};
+use vmsync_engine::controller::{Controller, CycleReport, ShareSettings};
+use vmsync_engine::filter::Filter;
+use vmsync_engine::local::LocalEndpoint;
+use vmsync_engine::state::StateDb;
+
+/// What a path is, for comparing trees: kind, content (or link target), permission bits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Node {
+    File { data: Vec<u8>, mode: u32 },
+    Dir { mode: u32 },
+    Symlink(Vec<u8>),
+    Other,
+}
+
+/// Every entry under `root` except the reserved `.vmsync`, keyed by relative path bytes.
+pub fn tree(root: &Path) -> BTreeMap<Vec<u8>, Node> {
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<Vec<u8>, Node>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let rel = path
+            .strip_prefix(root)
+            .unwrap_or(&path)
+            .as_os_str()
+            .as_bytes()
+            .to_vec();
+        if rel == b".vmsync" {
+            continue;
+        }
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        let mode = meta.permissions().mode() & 0o7777;
+        let node = if meta.file_type().is_symlink() {
+            Node::Symlink(
+                std::fs::read_link(&path)
+                    .map(|t| t.as_os_str().as_bytes().to_vec())
+                    .unwrap_or_default(),
+            )
+        } else if meta.is_dir() {
+            walk(root, &path, out);
+            Node::Dir { mode }
+        } else if meta.is_file() {
+            Node::File {
+                data: std::fs::read(&path).unwrap_or_default(),
+                mode,
+            }
+        } else {
+            Node::Other
+        };
+        out.insert(rel, node);
+    }
+}
+
+/// Asserts two trees are identical, naming the first few differences.
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    let (ta, tb) = (tree(a), tree(b));
+    if ta == tb {
+        return;
+    }
+    let mut diffs = Vec::new();
+    for k in ta.keys().chain(tb.keys()) {
+        if ta.get(k) != tb.get(k) && diffs.len() < 10 {
+            let show = |n: Option<&Node>| match n {
+                Some(Node::File { data, mode }) => {
+                    format!("file {} bytes mode {mode:o}", data.len())
+                }
+                other => format!("{other:?}"),
+            };
+            diffs.push(format!(
+                "{}: {} vs {}",
+                String::from_utf8_lossy(k),
+                show(ta.get(k)),
+                show(tb.get(k))
+            ));
+        }
+    }
+    diffs.dedup();
+    panic!("trees differ:\n  {}", diffs.join("\n  "));
+}
+
+/// Writes `data` at `root/rel`, creating parent directories.
+pub fn write(root: &Path, rel: &str, data: impl AsRef<[u8]>) {
+    let p = root.join(rel);
+    if let Some(parent) = p.parent() {
+        std::fs::create_dir_all(parent).expect("create parent dirs");
+    }
+    std::fs::write(&p, data).expect("write file");
+}
+
+pub fn read(root: &Path, rel: &str) -> Vec<u8> {
+    std::fs::read(root.join(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
+}
+
+/// Deterministic pseudo-random bytes (BLAKE3 XOF of the seed).
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    let mut hasher = blake3_xof(seed);
+    hasher(&mut out);
+    out
+}
+
+fn blake3_xof(seed: u64) -> impl FnMut(&mut [u8]) {
+    let mut reader = blake3::Hasher::new()
+        .update(&seed.to_le_bytes())
+        .finalize_xof();
+    move |buf: &mut [u8]| reader.fill(buf)
+}
+
+/// Sets a file's mtime (seconds and nanoseconds since the epoch).
+pub fn set_mtime(path: &Path, secs: i64, nanos: u32) {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::new(secs as u64, nanos);
+    let f = std::fs::File::options()
+        .write(true)
+        .open(path)
+        .expect("open for mtime");
+    f.set_modified(t).expect("set mtime");
+}
+
+pub fn mtime_ns(path: &Path) -> (i64, i64) {
+    let m = std::fs::symlink_metadata(path).expect("stat");
+    (m.mtime(), m.mtime_nsec())
+}
+
+/// Counts the chunk bytes that an endpoint is asked to store (`supply`) or serve
+/// (`read_chunks`): the content that would cross the wire.
+#[derive(Clone, Default)]
+pub struct Counters {
+    pub supplied: Arc<AtomicU64>,
+    pub served: Arc<AtomicU64>,
+}
+
+impl Counters {
+    pub fn supplied(&self) -> u64 {
+        self.supplied.load(Ordering::Relaxed)
+    }
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+    pub fn reset(&self) {
+        self.supplied.store(0, Ordering::Relaxed);
+        self.served.store(0, Ordering::Relaxed);
+    }
+}
+
+/// An `Endpoint` that forwards to `E` and counts chunk bytes.
+pub struct Counting<E> {
+    pub inner: E,
+    pub counters: Counters,
+}
+
+impl<E: Endpoint> Endpoint for Counting<E> {
+    async fn scan(
+        &mut self,
+        scope: ScanScope,
+        options: ScanOptions,
+    ) -> Result<ScanReport, EndpointError> {
+        self.inner.scan(scope, options).await
+    }
+    async fn manifests(
+        &mut self,
+        files: Vec<(RelPath, FileMeta)>,
+    ) -> Result<Vec<Result<Manifest, Problem>>, EndpointError> {
+        self.inner.manifests(files).await
+    }
+    async fn read_chunks(
+        &mut self,
+        reads: Vec<ChunkRead>,
+    ) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
+        let out = self.inner.read_chunks(reads).await?;
+        let n: usize = out.iter().flatten().map(Vec::len).sum();
+        self.counters.served.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+    async fn stage(
+        &mut self,
+        files: Vec<StageRequest>,
+    ) -> Result<Vec<Result<Vec<Hash>, Problem>>, EndpointError> {
+        self.inner.stage(files).await
+    }
+    async fn supply(&mut self, chunks: Vec<(Hash, Vec<u8>)>) -> Result<(), EndpointError> {
+        let n: usize = chunks.iter().map(|c| c.1.len()).sum();
+        self.counters
+            .supplied
+            .fetch_add(n as u64, Ordering::Relaxed);
+        self.inner.supply(chunks).await
+    }
+    async fn transition(&mut self, changes: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {
+        self.inner.transition(changes).await
+    }
+}
+
+/// Settings for an in-process pair.
+#[derive(Clone)]
+pub struct PairOptions {
+    pub mode: SyncMode,
+    pub policy: ConflictPolicy,
+    pub ignore: Vec<String>,
+    pub deletion_limit: DeletionLimit,
+}
+
+impl Default for PairOptions {
+    fn default() -> Self {
+        PairOptions {
+            mode: SyncMode::TwoWay,
+            policy: ConflictPolicy::Keep,
+            ignore: Vec::new(),
+            deletion_limit: DeletionLimit::default(),
+        }
+    }
+}
+
+/// The live half of a [`Pair`]: both endpoints and the controller (dropped on restart).
+pub struct Sides {
+    pub host: Counting<LocalEndpoint>,
+    pub guest: Counting<LocalEndpoint>,
+    pub controller: Controller,
+}
+
+/// A host directory and a guest directory synced in-process by a real `Controller` over two
+/// `LocalEndpoint`s, each side with its own state database, like the two agents.
+pub struct Pair {
+    pub tmp: tempfile::TempDir,
+    pub host_dir: PathBuf,
+    pub guest_dir: PathBuf,
+    pub host_state: PathBuf,
+    pub guest_state: PathBuf,
+    pub options: PairOptions,
+    sides: Option<Sides>,
+    /// Counters survive restarts.
+    pub host_counters: Counters,
+    pub guest_counters: Counters,
+}
+
+impl Pair {
+    pub fn new(options: PairOptions) -> Pair {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let host_dir = tmp.path().join("host");
+        let guest_dir = tmp.path().join("guest");
+        std::fs::create_dir_all(&host_dir).expect("mkdir host");
+        std::fs::create_dir_all(&guest_dir).expect("mkdir guest");
+        let mut pair = Pair {
+            host_state: tmp.path().join("host-state"),
+            guest_state: tmp.path().join("guest-state"),
+            tmp,
+            host_dir,
+            guest_dir,
+            options,
+            sides: None,
+            host_counters: Counters::default(),
+            guest_counters: Counters::default(),
+        };
+        pair.sides = Some(pair.open());
+        pair
+    }
+
+    fn open(&self) -> Sides {
+        let host_db = Arc::new(StateDb::open(&self.host_state, "host.redb").expect("host db"));
+        let guest_db = Arc::new(StateDb::open(&self.guest_state, "guest.redb").expect("guest db"));
+        let filter = Filter::new(&self.options.ignore).expect("filter");
+        let host = LocalEndpoint::new("s", self.host_dir.clone(), filter.clone(), host_db.clone())
+            .expect("host endpoint");
+        let guest = LocalEndpoint::new("s", self.guest_dir.clone(), filter.clone(), guest_db)
+            .expect("guest endpoint");
+        let settings = ShareSettings {
+            name: "s".into(),
+            mode: self.options.mode,
+            policy: self.options.policy,
+            filter,
+            deletion_limit: self.options.deletion_limit.clone(),
+        };
+        let controller = Controller::new(settings, host_db, &self.host_state).expect("controller");
+        Sides {
+            host: Counting {
+                inner: host,
+                counters: self.host_counters.clone(),
+            },
+            guest: Counting {
+                inner: guest,
+                counters: self.guest_counters.clone(),
+            },
+            controller,
+        }
+    }
+
+    pub fn sides(&mut self) -> &mut Sides {
+        self.sides.as_mut().expect("pair is open")
+    }
+
+    /// Drops and reopens both sides and the controller, as an agent restart does.
+    pub fn restart(&mut self) {
+        // Drop first: redb allows one opener per database file.
+        self.sides = None;
+        self.sides = Some(self.open());
+    }
+
+    /// One full cycle.
+    pub async fn cycle(&mut self) -> CycleReport {
+        let s = self.sides();
+        s.controller
+            .cycle(&mut s.host, &mut s.guest, ScanScope::Full)
+            .await
+            .expect("cycle")
+    }
+
+    /// Cycles until nothing is left to retry (at most a few times).
+    pub async fn sync(&mut self) -> CycleReport {
+        let mut report = self.cycle().await;
+        for _ in 0..3 {
+            if !report.retry {
+                break;
+            }
+            report = self.cycle().await;
+        }
+        report
+    }
+
+    pub fn status(&mut self) -> vmsync_engine::status::ShareStatus {
+        self.sides()
+            .controller
+            .status()
+            .lock()
+            .expect("status lock")
+            .clone()
+    }
+
+    /// Files in the conflict store as `batch/relative/path` with their content.
+    pub fn conflict_files(&self) -> Vec<(String, Vec<u8>)> {
+        let dir = self.host_state.join("conflicts").join("s");
+        let mut out = Vec::new();
+        let Ok(batches) = std::fs::read_dir(&dir) else {
+            return out;
+        };
+        for batch in batches.flatten() {
+            for (rel, node) in tree(&batch.path()) {
+                if let Node::File { data, .. } = node {
+                    let name = batch.file_name().to_string_lossy().into_owned();
+                    out.push((format!("{name}/{}", String::from_utf8_lossy(&rel)), data));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}

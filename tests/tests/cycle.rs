@@ -1,0 +1,445 @@
+//! Sync cycles end to end in one process: a real `Controller` over two `LocalEndpoint`s on
+//! temp directories, each with its own state database. Everything but the wire: the agents'
+//! tests (`agents.rs`) repeat the key scenarios across real processes and a real socket.
+
+use std::os::unix::fs::PermissionsExt;
+use vmsync_core::reconcile::{ConflictPolicy, SyncMode};
+use vmsync_engine::status::ShareState;
+use vmsync_tests::fixture::{
+    assert_same_tree, mtime_ns, random_bytes, read, set_mtime, tree, write, Node, Pair, PairOptions,
+};
+
+fn pair() -> Pair {
+    Pair::new(PairOptions::default())
+}
+
+fn with_policy(policy: ConflictPolicy) -> Pair {
+    Pair::new(PairOptions {
+        policy,
+        ..PairOptions::default()
+    })
+}
+
+#[tokio::test]
+async fn host_only_tree_reaches_guest() {
+    let mut p = pair();
+    write(&p.host_dir, "a.txt", "alpha");
+    write(&p.host_dir, "dir/b.bin", random_bytes(1, 300_000));
+    write(&p.host_dir, "dir/sub/c", "");
+    std::fs::create_dir_all(p.host_dir.join("empty/nested")).unwrap();
+    let report = p.sync().await;
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+    assert_eq!(p.status().state, ShareState::InSync);
+    assert!(report.applied >= 6, "{report:?}");
+    // A second cycle has nothing to do.
+    assert_eq!(p.sync().await.applied, 0);
+}
+
+#[tokio::test]
+async fn guest_only_tree_reaches_host() {
+    let mut p = pair();
+    write(&p.guest_dir, "x/y/z.txt", "from the guest");
+    write(&p.guest_dir, "big", random_bytes(2, 1 << 20));
+    p.sync().await;
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+    assert_eq!(read(&p.host_dir, "x/y/z.txt"), b"from the guest");
+}
+
+#[tokio::test]
+async fn disjoint_edits_while_down_converge_after_restart() {
+    let mut p = pair();
+    write(&p.host_dir, "shared.txt", "v1");
+    write(&p.host_dir, "h/old.txt", "old");
+    p.sync().await;
+    p.restart();
+    write(&p.host_dir, "h/new.txt", "host new");
+    write(&p.guest_dir, "g/new.txt", "guest new");
+    write(&p.guest_dir, "shared.txt", "v2 from guest");
+    std::fs::remove_file(p.host_dir.join("h/old.txt")).unwrap();
+    p.sync().await;
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+    assert_eq!(read(&p.host_dir, "shared.txt"), b"v2 from guest");
+    assert!(!p.guest_dir.join("h/old.txt").exists());
+    assert!(p.status().conflicts.is_empty());
+}
+
+async fn both_edited(policy: ConflictPolicy) -> Pair {
+    let mut p = with_policy(policy);
+    write(&p.host_dir, "f.txt", "base");
+    p.sync().await;
+    write(&p.host_dir, "f.txt", "host edit");
+    write(&p.guest_dir, "f.txt", "guest edit, newer");
+    set_mtime(&p.host_dir.join("f.txt"), 1_700_000_000, 0);
+    set_mtime(&p.guest_dir.join("f.txt"), 1_800_000_000, 0);
+    p.restart();
+    p.sync().await;
+    p
+}
+
+#[tokio::test]
+async fn same_file_edited_on_both_sides_keep() {
+    let mut p = both_edited(ConflictPolicy::Keep).await;
+    assert_eq!(read(&p.host_dir, "f.txt"), b"host edit");
+    assert_eq!(read(&p.guest_dir, "f.txt"), b"guest edit, newer");
+    let st = p.status();
+    assert_eq!(st.state, ShareState::Conflicted);
+    assert_eq!(st.conflicts, vec!["f.txt".to_string()]);
+    assert!(p.conflict_files().is_empty(), "keep moves nothing");
+    // Still conflicted on the next cycle, and still nothing touched.
+    p.sync().await;
+    assert_eq!(p.status().conflicts, vec!["f.txt".to_string()]);
+    assert_eq!(read(&p.host_dir, "f.txt"), b"host edit");
+}
+
+#[tokio::test]
+async fn same_file_edited_on_both_sides_host_wins() {
+    let mut p = both_edited(ConflictPolicy::HostWins).await;
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+    assert_eq!(read(&p.guest_dir, "f.txt"), b"host edit");
+    let saved = p.conflict_files();
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    assert!(saved[0].0.ends_with("-guest/f.txt"), "{saved:?}");
+    assert_eq!(saved[0].1, b"guest edit, newer");
+    assert_eq!(p.status().state, ShareState::InSync);
+}
+
+#[tokio::test]
+async fn same_file_edited_on_both_sides_guest_wins() {
+    let p = both_edited(ConflictPolicy::GuestWins).await;
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+    assert_eq!(read(&p.host_dir, "f.txt"), b"guest edit, newer");
+    let saved = p.conflict_files();
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    assert!(saved[0].0.ends_with("-host/f.txt"), "{saved:?}");
+    assert_eq!(saved[0].1, b"host edit");
+}
+
+#[tokio::test]
+async fn same_file_edited_on_both_sides_newer_wins() {
+    let p = both_edited(ConflictPolicy::NewerWins).await;
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+    assert_eq!(read(&p.host_dir, "f.txt"), b"guest edit, newer");
+    assert_eq!(p.conflict_files().len(), 1);
+    assert_eq!(p.conflict_files()[0].1, b"host edit");
+}
+
+#[tokio::test]
+async fn delete_vs_modify_keeps_the_modification() {
+    for policy in [
+        ConflictPolicy::Keep,
+        ConflictPolicy::HostWins,
+        ConflictPolicy::GuestWins,
+        ConflictPolicy::NewerWins,
+    ] {
+        let mut p = with_policy(policy);
+        write(&p.host_dir, "d/f.txt", "base");
+        write(&p.host_dir, "g.txt", "base");
+        p.sync().await;
+        // f: deleted on the host, modified on the guest; g: the reverse.
+        std::fs::remove_file(p.host_dir.join("d/f.txt")).unwrap();
+        write(&p.guest_dir, "d/f.txt", "guest modified");
+        write(&p.host_dir, "g.txt", "host modified");
+        std::fs::remove_file(p.guest_dir.join("g.txt")).unwrap();
+        p.sync().await;
+        assert_same_tree(&p.host_dir, &p.guest_dir);
+        assert_eq!(
+            read(&p.host_dir, "d/f.txt"),
+            b"guest modified",
+            "{policy:?}"
+        );
+        assert_eq!(read(&p.guest_dir, "g.txt"), b"host modified", "{policy:?}");
+    }
+}
+
+#[tokio::test]
+async fn rename_of_a_large_file_sends_no_content() {
+    let mut p = pair();
+    write(&p.host_dir, "big.bin", random_bytes(3, 40 << 20));
+    p.sync().await;
+    p.guest_counters.reset();
+    std::fs::rename(
+        p.host_dir.join("big.bin"),
+        p.host_dir.join("moved/renamed.bin"),
+    )
+    .unwrap_or_else(|_| {
+        std::fs::create_dir_all(p.host_dir.join("moved")).unwrap();
+        std::fs::rename(
+            p.host_dir.join("big.bin"),
+            p.host_dir.join("moved/renamed.bin"),
+        )
+        .unwrap();
+    });
+    p.sync().await;
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+    assert_eq!(
+        p.guest_counters.supplied(),
+        0,
+        "a rename moved content bytes"
+    );
+    assert!(
+        p.status().chunks_reused > 600,
+        "{}",
+        p.status().chunks_reused
+    );
+}
+
+#[tokio::test]
+async fn insertion_in_the_middle_sends_about_the_insertion() {
+    let mut p = pair();
+    let data = random_bytes(4, 64 << 20);
+    write(&p.host_dir, "f.img", &data);
+    p.sync().await;
+    p.guest_counters.reset();
+    let mut edited = data[..32 << 20].to_vec();
+    edited.extend_from_slice(&random_bytes(5, 1 << 20));
+    edited.extend_from_slice(&data[32 << 20..]);
+    write(&p.host_dir, "f.img", &edited);
+    p.sync().await;
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+    let sent = p.guest_counters.supplied();
+    assert!(
+        sent >= 1 << 20 && sent < (1 << 20) + 256 * 1024,
+        "{sent} bytes sent for a 1 MiB insertion"
+    );
+}
+
+#[tokio::test]
+async fn restart_with_nothing_changed_rehashes_nothing() {
+    let mut p = pair();
+    for i in 0..50 {
+        write(
+            &p.host_dir,
+            &format!("d{}/f{i}", i % 5),
+            random_bytes(i, 10_000),
+        );
+    }
+    p.sync().await;
+    p.restart();
+    p.sync().await;
+    assert_eq!(p.sides().host.inner.files_hashed(), 0);
+    assert_eq!(p.sides().guest.inner.files_hashed(), 0);
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+}
+
+#[tokio::test]
+async fn metadata_types_and_odd_names() {
+    let mut p = pair();
+    write(&p.host_dir, "exec.sh", "#!/bin/sh\n");
+    std::fs::set_permissions(
+        p.host_dir.join("exec.sh"),
+        std::fs::Permissions::from_mode(0o4755),
+    )
+    .unwrap();
+    write(&p.host_dir, "ro.txt", "read only");
+    std::fs::set_permissions(
+        p.host_dir.join("ro.txt"),
+        std::fs::Permissions::from_mode(0o444),
+    )
+    .unwrap();
+    set_mtime(&p.host_dir.join("ro.txt"), 1_600_000_000, 123_456_789);
+    std::os::unix::fs::symlink("exec.sh", p.host_dir.join("link")).unwrap();
+    std::os::unix::fs::symlink("../outside", p.host_dir.join("escape")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", p.host_dir.join("absolute")).unwrap();
+    let odd =
+        <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"new\nline \xff\\name");
+    std::fs::write(p.host_dir.join(odd), "odd").unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        p.host_dir.join("fifo").as_path(),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    p.sync().await;
+
+    let g = tree(&p.guest_dir);
+    assert_eq!(
+        g.get(&b"exec.sh"[..]),
+        Some(&Node::File {
+            data: b"#!/bin/sh\n".to_vec(),
+            mode: 0o755
+        }),
+        "setuid stripped"
+    );
+    assert_eq!(
+        g.get(&b"ro.txt"[..]),
+        Some(&Node::File {
+            data: b"read only".to_vec(),
+            mode: 0o444
+        })
+    );
+    assert_eq!(
+        mtime_ns(&p.guest_dir.join("ro.txt")),
+        (1_600_000_000, 123_456_789)
+    );
+    assert_eq!(
+        g.get(&b"link"[..]),
+        Some(&Node::Symlink(b"exec.sh".to_vec()))
+    );
+    assert!(!g.contains_key(&b"escape"[..]), "escaping symlink created");
+    assert!(
+        !g.contains_key(&b"absolute"[..]),
+        "absolute symlink created"
+    );
+    assert!(!g.contains_key(&b"fifo"[..]), "fifo synced");
+    assert_eq!(
+        g.get(&b"new\nline \xff\\name"[..]),
+        Some(&Node::File {
+            data: b"odd".to_vec(),
+            mode: 0o644
+        })
+    );
+    let problems: Vec<String> = p.status().problems.iter().map(|p| p.path.clone()).collect();
+    for expected in ["escape", "absolute", "fifo"] {
+        assert!(
+            problems.iter().any(|p| p == expected),
+            "{expected} not listed in {problems:?}"
+        );
+    }
+    assert!(
+        problems.iter().all(|p| !p.contains('\n')),
+        "unescaped name in {problems:?}"
+    );
+}
+
+#[tokio::test]
+async fn ignored_paths_are_never_sent_deleted_or_overwritten() {
+    let mut p = Pair::new(PairOptions {
+        ignore: vec!["target/".into(), "*.swp".into()],
+        ..PairOptions::default()
+    });
+    write(&p.host_dir, "src/main.rs", "fn main() {}");
+    write(&p.host_dir, "target/debug/app", "host build");
+    write(&p.host_dir, "src/.main.rs.swp", "host swap");
+    write(&p.guest_dir, "target/debug/app", "guest build");
+    write(&p.guest_dir, "notes.swp", "guest swap");
+    p.sync().await;
+    assert_eq!(read(&p.guest_dir, "src/main.rs"), b"fn main() {}");
+    assert_eq!(read(&p.guest_dir, "target/debug/app"), b"guest build");
+    assert_eq!(read(&p.host_dir, "target/debug/app"), b"host build");
+    assert!(!p.guest_dir.join("src/.main.rs.swp").exists());
+    assert!(!p.host_dir.join("notes.swp").exists());
+    // Deleting the source tree on the host does not touch ignored files on the guest.
+    std::fs::remove_dir_all(p.host_dir.join("target")).unwrap();
+    p.sync().await;
+    assert_eq!(read(&p.guest_dir, "target/debug/app"), b"guest build");
+}
+
+#[tokio::test]
+async fn replaced_guest_root_halts_and_costs_the_host_nothing() {
+    let mut p = pair();
+    for i in 0..20 {
+        write(&p.host_dir, &format!("f{i}"), format!("file {i}"));
+    }
+    p.sync().await;
+    let before = tree(&p.host_dir);
+    // The VM is rebuilt: a fresh, empty guest directory.
+    std::fs::remove_dir_all(&p.guest_dir).unwrap();
+    std::fs::create_dir_all(&p.guest_dir).unwrap();
+    write(&p.guest_dir, "fresh.txt", "new vm");
+    let report = p.sync().await;
+    assert!(report.halted);
+    let st = p.status();
+    assert_eq!(st.state, ShareState::Halted);
+    assert_eq!(st.halt_code.as_deref(), Some("root-replaced"));
+    assert_eq!(
+        tree(&p.host_dir),
+        before,
+        "the host lost or gained something"
+    );
+    // Still halted after a restart.
+    p.restart();
+    assert!(p.sync().await.halted);
+    // resume: add-only merge repopulates the guest and keeps the guest's new file.
+    assert!(p.sides().controller.resume().unwrap());
+    p.sync().await;
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+    assert_eq!(read(&p.host_dir, "fresh.txt"), b"new vm");
+    assert_eq!(tree(&p.host_dir).len(), before.len() + 1);
+}
+
+#[tokio::test]
+async fn missing_root_halts_then_recovers_when_it_returns() {
+    let mut p = pair();
+    write(&p.host_dir, "a", "a");
+    p.sync().await;
+    let moved = p.tmp.path().join("guest-away");
+    std::fs::rename(&p.guest_dir, &moved).unwrap();
+    assert!(p.sync().await.halted);
+    assert_eq!(p.status().halt_code.as_deref(), Some("root-missing"));
+    assert_eq!(read(&p.host_dir, "a"), b"a");
+    std::fs::rename(&moved, &p.guest_dir).unwrap();
+    assert!(!p.sync().await.halted);
+    assert_eq!(p.status().state, ShareState::InSync);
+}
+
+#[tokio::test]
+async fn emptied_root_halts_without_deleting() {
+    let mut p = pair();
+    for i in 0..5 {
+        write(&p.host_dir, &format!("f{i}"), "x");
+    }
+    p.sync().await;
+    for i in 0..5 {
+        std::fs::remove_file(p.guest_dir.join(format!("f{i}"))).unwrap();
+    }
+    assert!(p.sync().await.halted);
+    assert_eq!(p.status().halt_code.as_deref(), Some("root-emptied"));
+    assert_eq!(tree(&p.host_dir).len(), 5);
+}
+
+#[tokio::test]
+async fn mass_deletion_halts_above_the_threshold() {
+    let mut p = pair();
+    for i in 0..200 {
+        write(&p.host_dir, &format!("d/f{i}"), "x");
+    }
+    write(&p.host_dir, "keep", "k");
+    p.sync().await;
+    for i in 0..150 {
+        std::fs::remove_file(p.guest_dir.join(format!("d/f{i}"))).unwrap();
+    }
+    assert!(p.sync().await.halted);
+    assert_eq!(p.status().halt_code.as_deref(), Some("mass-deletion"));
+    assert_eq!(tree(&p.host_dir).len(), 202);
+    // resume lets the deletion through once.
+    assert!(p.sides().controller.resume().unwrap());
+    p.sync().await;
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+    assert_eq!(tree(&p.host_dir).len(), 52);
+}
+
+#[tokio::test]
+async fn one_way_host_to_guest_reverts_guest_edits_and_keeps_them() {
+    let mut p = Pair::new(PairOptions {
+        mode: SyncMode::HostToGuest,
+        ..PairOptions::default()
+    });
+    write(&p.host_dir, "f", "host");
+    p.sync().await;
+    write(&p.guest_dir, "f", "guest edit");
+    write(&p.guest_dir, "extra", "guest only");
+    p.sync().await;
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+    assert_eq!(read(&p.guest_dir, "f"), b"host");
+    let saved: Vec<Vec<u8>> = p.conflict_files().into_iter().map(|(_, d)| d).collect();
+    assert!(
+        saved.contains(&b"guest edit".to_vec()) && saved.contains(&b"guest only".to_vec()),
+        "{saved:?}"
+    );
+}
+
+#[tokio::test]
+async fn type_changes_propagate() {
+    let mut p = pair();
+    write(&p.host_dir, "x", "file");
+    write(&p.host_dir, "d/child", "c");
+    p.sync().await;
+    std::fs::remove_file(p.host_dir.join("x")).unwrap();
+    write(&p.host_dir, "x/inner", "now a dir");
+    std::fs::remove_dir_all(p.host_dir.join("d")).unwrap();
+    write(&p.host_dir, "d", "now a file");
+    p.sync().await;
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+}

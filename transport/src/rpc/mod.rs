@@ -1,0 +1,21 @@
+//! The RPC session over any byte stream: the host's client ([`client_handshake`], [`Session`],
+//! [`RemoteEndpoint`]) and the guest's server ([`serve`]). Generic over
+//! `AsyncRead + AsyncWrite`, so tests run both ends over an in-memory pipe.
+//!
+//! - [`client`]: handshake, the cloneable session handle, pipelining, heartbeats, timeouts.
+//! - [`remote`]: `RemoteEndpoint`, the `Endpoint` trait as requests on a session.
+//! - [`server`]: handshake answer, the per-connection state machine, dispatch to a local
+//!   `Endpoint`.
+//! - [`stats`]: byte counters shown by `status`.
+//! - `io`: stream wrappers that count bytes and enforce the silence and stall limits.
+
+pub mod client;
+mod io;
+pub mod remote;
+pub mod server;
+pub mod stats;
+
+pub use client::{client_handshake, client_handshake_with, Session, SessionConfig};
+pub use remote::RemoteEndpoint;
+pub use server::{serve, serve_with, ServerConfig};
+pub use stats::{Stats, StatsSnapshot};

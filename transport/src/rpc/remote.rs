@@ -1,0 +1,171 @@
+//! [`RemoteEndpoint`]: the `Endpoint` trait over a session, for one share. Each method is one
+//! request; its response is checked against the request (right kind, one answer per item, chunk
+//! ids and lengths as asked, chunk data hashing to its id) before the controller sees it.
+//!
+//! A response that fails those checks is a guest breaking the protocol: the call returns
+//! `EndpointError::Protocol` and the whole session is closed, since nothing else the guest says
+//! on it can be trusted either. Chunk data sent by `supply` is compressed here, at the level set
+//! with [`RemoteEndpoint::with_zstd_level`].
+
+use super::client::Session;
+use super::stats::chunk_bytes;
+use crate::error::{error_chain, TransportError};
+use vmsync_core::endpoint::{
+    Change, ChunkRead, Endpoint, EndpointError, Outcome, Problem, ScanOptions, ScanReport,
+    ScanScope, StageRequest,
+};
+use vmsync_core::{ChunkRef, FileMeta, Hash, Manifest, RelPath};
+use vmsync_protocol::chunk::DEFAULT_ZSTD_LEVEL;
+use vmsync_protocol::{decode_chunk, encode_chunk, RequestBody, ResponseBody, WireChunk};
+
+/// One share of a remote guest, as an `Endpoint`. Cheap to create; many may share a session.
+#[derive(Debug, Clone)]
+pub struct RemoteEndpoint {
+    session: Session,
+    share: u16,
+    zstd_level: i32,
+}
+
+impl RemoteEndpoint {
+    /// The endpoint for share `share` (an index into the `Hello`'s shares).
+    pub fn new(session: Session, share: u16) -> Result<Self, TransportError> {
+        let count = session.shares().len();
+        if usize::from(share) >= count {
+            return Err(TransportError::NoSuchShare { index: share, count });
+        }
+        Ok(RemoteEndpoint { session, share, zstd_level: DEFAULT_ZSTD_LEVEL })
+    }
+
+    /// The zstd level for chunk data this side sends (`supply`); 0 never compresses.
+    pub fn with_zstd_level(mut self, level: i32) -> Self {
+        self.zstd_level = level;
+        self
+    }
+
+    pub fn share(&self) -> u16 {
+        self.share
+    }
+
+    /// The share's name, as sent in the `Hello`.
+    pub fn share_name(&self) -> &str {
+        self.session
+            .shares()
+            .get(usize::from(self.share))
+            .map_or("", String::as_str)
+    }
+
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    async fn call(&self, body: RequestBody, content_bytes: u64) -> Result<ResponseBody, EndpointError> {
+        self.session.call(self.share, body, content_bytes).await
+    }
+
+    fn wrong_kind(&self, asked: &str, got: &ResponseBody) -> EndpointError {
+        self.session
+            .violation(format!("answered {asked} with {}", got.kind().name()))
+    }
+
+    fn check_count<T>(&self, what: &str, asked: usize, got: &[T]) -> Result<(), EndpointError> {
+        if got.len() != asked {
+            return Err(self
+                .session
+                .violation(format!("answered {asked} {what} with {} results", got.len())));
+        }
+        Ok(())
+    }
+
+    /// Verifies one chunk of a `ReadChunks` answer against what was asked.
+    fn receive_chunk(&self, read: &ChunkRef, chunk: WireChunk) -> Result<Vec<u8>, EndpointError> {
+        if chunk.hash != read.hash || chunk.len != read.len {
+            return Err(self.session.violation(format!(
+                "sent chunk {:?} ({} bytes) for a read of {:?} ({} bytes)",
+                chunk.hash, chunk.len, read.hash, read.len
+            )));
+        }
+        match decode_chunk(chunk) {
+            Ok((_, data)) => Ok(data),
+            Err(e) => Err(self.session.violation(format!("sent a bad chunk: {}", error_chain(&e)))),
+        }
+    }
+}
+
+impl Endpoint for RemoteEndpoint {
+    async fn scan(&mut self, scope: ScanScope, options: ScanOptions) -> Result<ScanReport, EndpointError> {
+        match self.call(RequestBody::Scan { scope, options }, 0).await? {
+            ResponseBody::Scan(result) => result,
+            other => Err(self.wrong_kind("Scan", &other)),
+        }
+    }
+
+    async fn manifests(
+        &mut self,
+        files: Vec<(RelPath, FileMeta)>,
+    ) -> Result<Vec<Result<Manifest, Problem>>, EndpointError> {
+        let asked = files.len();
+        match self.call(RequestBody::Manifests { files }, 0).await? {
+            ResponseBody::Manifests(Ok(manifests)) => {
+                self.check_count("manifest requests", asked, &manifests)?;
+                Ok(manifests)
+            }
+            ResponseBody::Manifests(Err(e)) => Err(e),
+            other => Err(self.wrong_kind("Manifests", &other)),
+        }
+    }
+
+    async fn read_chunks(&mut self, reads: Vec<ChunkRead>) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
+        let asked: Vec<ChunkRef> = reads.iter().map(|r| r.chunk).collect();
+        let chunks = match self.call(RequestBody::ReadChunks { reads }, 0).await? {
+            ResponseBody::ReadChunks(Ok(chunks)) => chunks,
+            ResponseBody::ReadChunks(Err(e)) => return Err(e),
+            other => return Err(self.wrong_kind("ReadChunks", &other)),
+        };
+        self.check_count("chunk reads", asked.len(), &chunks)?;
+        self.session
+            .stats_handle()
+            .add_content_received(chunk_bytes(chunks.iter().flatten()));
+        asked
+            .iter()
+            .zip(chunks)
+            .map(|(read, chunk)| chunk.map(|c| self.receive_chunk(read, c)).transpose())
+            .collect()
+    }
+
+    async fn stage(&mut self, files: Vec<StageRequest>) -> Result<Vec<Result<Vec<Hash>, Problem>>, EndpointError> {
+        let asked = files.len();
+        match self.call(RequestBody::Stage { files }, 0).await? {
+            ResponseBody::Stage(Ok(staged)) => {
+                self.check_count("files to stage", asked, &staged)?;
+                Ok(staged)
+            }
+            ResponseBody::Stage(Err(e)) => Err(e),
+            other => Err(self.wrong_kind("Stage", &other)),
+        }
+    }
+
+    async fn supply(&mut self, chunks: Vec<(Hash, Vec<u8>)>) -> Result<(), EndpointError> {
+        let level = self.zstd_level;
+        let chunks: Vec<WireChunk> = chunks
+            .iter()
+            .map(|(hash, data)| encode_chunk(*hash, data, level))
+            .collect();
+        let content = chunk_bytes(&chunks);
+        match self.call(RequestBody::Supply { chunks }, content).await? {
+            ResponseBody::Supply(result) => result,
+            other => Err(self.wrong_kind("Supply", &other)),
+        }
+    }
+
+    async fn transition(&mut self, changes: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {
+        let asked = changes.len();
+        match self.call(RequestBody::Transition { changes }, 0).await? {
+            ResponseBody::Transition(Ok(outcomes)) => {
+                self.check_count("changes", asked, &outcomes)?;
+                Ok(outcomes)
+            }
+            ResponseBody::Transition(Err(e)) => Err(e),
+            other => Err(self.wrong_kind("Transition", &other)),
+        }
+    }
+}

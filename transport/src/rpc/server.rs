@@ -1,0 +1,358 @@
+//! The guest's side of a session: answer the handshake, then serve requests on the shares it
+//! opened by calling a local `Endpoint` for each.
+//!
+//! State machine. Before the handshake only `Hello` is accepted (anything else, or nothing within
+//! the handshake timeout, ends the connection). A `Hello` that asks for something we do not
+//! speak or export gets a `Refused` with the reason, then the connection ends. After `Welcome`,
+//! only `Request`s are accepted: a second `Hello`, a `Response`, `Welcome` or `Refused` from the
+//! host, a share index out of range, or more than `MAX_OUTSTANDING_REQUESTS` unanswered requests
+//! is a protocol violation and ends the session.
+//!
+//! Concurrency. A reader task decodes requests, answers `Ping` at once and queues the rest; a
+//! writer task sends responses; requests are served one at a time, in order, by `serve` itself
+//! (the local endpoint is `&mut`). Because pings bypass the queue, a long request does not look
+//! like a dead guest to the host. An endpoint call in progress is never cancelled midway by the
+//! connection's end; the session ends right after it.
+
+use super::client::{millis, Reader, Writer};
+use super::io::{MeteredRead, MeteredWrite};
+use super::stats::{chunk_bytes, Stats};
+use crate::error::{error_chain, TransportError};
+use crate::limits::{HANDSHAKE_TIMEOUT_MS, PEER_SILENCE_LIMIT_MS, WRITE_QUEUE_MESSAGES};
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::task::{JoinError, JoinHandle};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use vmsync_core::endpoint::{Endpoint, EndpointError};
+use vmsync_core::path::escape_bytes;
+use vmsync_protocol::chunk::DEFAULT_ZSTD_LEVEL;
+use vmsync_protocol::handshake::{accept_hello, welcome, LocalParams};
+use vmsync_protocol::limits::{
+    MAX_HANDSHAKE_BYTES, MAX_MESSAGE_BYTES, MAX_OUTSTANDING_REQUESTS, MAX_REASON_BYTES,
+};
+use vmsync_protocol::{
+    decode_chunk, encode_chunk, encode_message, CodecError, FrameCodec, Message, MessageCodec,
+    Refused, Request, RequestBody, RequestKind, Response, ResponseBody, ShareOpen,
+};
+
+/// How a server session behaves. `Default` uses [`crate::limits`] and this build's protocol
+/// parameters.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Versions, chunker parameters and features this guest speaks.
+    pub local: LocalParams,
+    /// zstd level for chunk data this side sends (`ReadChunks` answers); 0 never compresses.
+    pub zstd_level: i32,
+    pub handshake_timeout: Duration,
+    pub silence_limit: Duration,
+    /// Counters for this connection; keep a clone to read them while it runs.
+    pub stats: Arc<Stats>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            local: LocalParams::default(),
+            zstd_level: DEFAULT_ZSTD_LEVEL,
+            handshake_timeout: Duration::from_millis(HANDSHAKE_TIMEOUT_MS),
+            silence_limit: Duration::from_millis(PEER_SILENCE_LIMIT_MS),
+            stats: Arc::new(Stats::default()),
+        }
+    }
+}
+
+/// Serves one connection with the default [`ServerConfig`]. See [`serve_with`].
+pub async fn serve<S, E, F>(stream: S, exports: F, guest_version: &str) -> Result<(), TransportError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    E: Endpoint,
+    F: Fn(&ShareOpen) -> Result<E, String>,
+{
+    serve_with(stream, exports, guest_version, ServerConfig::default()).await
+}
+
+/// Serves one connection: handshake, then requests until the host disconnects (`Ok`) or
+/// something goes wrong (`Err`). `exports` maps each share the host opens to a local endpoint,
+/// or to the refusal reason (use `vmsync_protocol::handshake::share_not_exported` for a share
+/// this guest does not export). Must be called within a tokio runtime.
+pub async fn serve_with<S, E, F>(
+    stream: S,
+    exports: F,
+    guest_version: &str,
+    config: ServerConfig,
+) -> Result<(), TransportError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    E: Endpoint,
+    F: Fn(&ShareOpen) -> Result<E, String>,
+{
+    let stats = config.stats.clone();
+    let (r, w) = tokio::io::split(stream);
+    let mut reader: Reader<S> = FramedRead::new(
+        MeteredRead::new(r, stats.clone(), config.silence_limit),
+        MessageCodec::new(),
+    );
+    let mut writer: Writer<S> = FramedWrite::new(
+        MeteredWrite::new(w, stats.clone(), config.silence_limit),
+        FrameCodec::new(),
+    );
+
+    let handshake = handshake(&mut reader, &mut writer, &exports, guest_version, &config.local);
+    let mut endpoints = tokio::time::timeout(config.handshake_timeout, handshake)
+        .await
+        .map_err(|_| TransportError::HandshakeTimeout { ms: millis(config.handshake_timeout) })??;
+    reader.decoder_mut().handshake_done();
+    writer.encoder_mut().set_max_message_bytes(MAX_MESSAGE_BYTES);
+
+    let (queue_tx, mut queue) = mpsc::channel(MAX_OUTSTANDING_REQUESTS);
+    let (out_tx, out_rx) = mpsc::channel(WRITE_QUEUE_MESSAGES);
+    let shares = endpoints.len();
+    let mut reads = AbortOnDrop(tokio::spawn(read_requests(
+        reader,
+        queue_tx,
+        out_tx.clone(),
+        shares,
+        stats.clone(),
+    )));
+    let mut writes = AbortOnDrop(tokio::spawn(write_responses(writer, out_rx)));
+
+    loop {
+        let request = tokio::select! {
+            biased;
+            ended = &mut reads.0 => return finished(ended),
+            ended = &mut writes.0 => return finished(ended),
+            request = queue.recv() => match request {
+                Some(request) => request,
+                // The reader is ending; its result says why.
+                None => return finished((&mut reads.0).await),
+            },
+        };
+        stats.add_request();
+        let Request { id, share, body } = request;
+        let kind = body.kind();
+        let body = match endpoints.get_mut(usize::from(share)) {
+            Some(endpoint) => dispatch(endpoint, body, config.zstd_level).await,
+            // The reader checked the index already.
+            None => ResponseBody::error(kind, EndpointError::UnknownShare(share.to_string())),
+        };
+        let bytes = encode_response(id, kind, body, &stats)?;
+        if out_tx.send(bytes).await.is_err() {
+            return finished((&mut writes.0).await);
+        }
+    }
+}
+
+/// Reads the `Hello`, decides, and answers. `Ok(endpoints)` once `Welcome` is sent.
+async fn handshake<S, E, F>(
+    reader: &mut Reader<S>,
+    writer: &mut Writer<S>,
+    exports: &F,
+    guest_version: &str,
+    local: &LocalParams,
+) -> Result<Vec<E>, TransportError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(&ShareOpen) -> Result<E, String>,
+{
+    let hello = match reader.next().await {
+        None => return Err(TransportError::ClosedDuringHandshake),
+        Some(Err(e)) => return Err(e.into()),
+        Some(Ok(Message::Hello(hello))) => hello,
+        Some(Ok(other)) => {
+            return Err(TransportError::Protocol(format!("expected Hello, got {}", other.kind())))
+        }
+    };
+    let decision = accept_hello(&hello, local)
+        .map_err(|refusal| refusal.to_string())
+        .and_then(|agreement| {
+            let endpoints = hello.shares.iter().map(exports).collect::<Result<Vec<E>, String>>()?;
+            Ok((agreement, endpoints))
+        });
+    match decision {
+        Ok((agreement, endpoints)) => {
+            let welcome = Message::Welcome(welcome(agreement, guest_version, local));
+            let bytes = encode_message(&welcome, MAX_HANDSHAKE_BYTES).map_err(TransportError::Encode)?;
+            writer.send(Bytes::from(bytes)).await?;
+            Ok(endpoints)
+        }
+        Err(reason) => {
+            let reason = truncate(reason, MAX_REASON_BYTES);
+            let refused = Message::Refused(Refused { reason: reason.clone() });
+            let bytes = encode_message(&refused, MAX_HANDSHAKE_BYTES).map_err(TransportError::Encode)?;
+            writer.send(Bytes::from(bytes)).await?;
+            // EOF right after the reason, so the host reads it before the connection ends.
+            let _ = SinkExt::<Bytes>::close(writer).await;
+            Err(TransportError::RefusedPeer { reason: escape_bytes(reason.as_bytes()) })
+        }
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// Decodes requests: answers pings, checks the share index, queues the rest for `serve`.
+async fn read_requests<S>(
+    mut reader: Reader<S>,
+    queue: mpsc::Sender<Request>,
+    out: mpsc::Sender<Bytes>,
+    shares: usize,
+    stats: Arc<Stats>,
+) -> Result<(), TransportError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    loop {
+        let message = match reader.next().await {
+            None => return Ok(()),
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(message)) => message,
+        };
+        let request = match message {
+            Message::Request(request) => request,
+            Message::Hello(_) => return Err(TransportError::Protocol("a second Hello".to_owned())),
+            other => {
+                return Err(TransportError::Protocol(format!(
+                    "the host sent {}, which only a guest sends",
+                    other.kind()
+                )))
+            }
+        };
+        if request.body == RequestBody::Ping {
+            let pong = Message::Response(Response { id: request.id, body: ResponseBody::Pong });
+            let bytes = encode_message(&pong, MAX_MESSAGE_BYTES).map_err(TransportError::Encode)?;
+            if out.send(Bytes::from(bytes)).await.is_err() {
+                // The writer has ended; `serve` reports why.
+                return Ok(());
+            }
+            continue;
+        }
+        if usize::from(request.share) >= shares {
+            return Err(TransportError::Protocol(format!(
+                "request {} names share {}, but the session opened {shares}",
+                request.id, request.share
+            )));
+        }
+        if let RequestBody::Supply { chunks } = &request.body {
+            stats.add_content_received(chunk_bytes(chunks));
+        }
+        match queue.try_send(request) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Err(TransportError::Protocol(format!(
+                    "more than {MAX_OUTSTANDING_REQUESTS} requests outstanding"
+                )))
+            }
+            Err(TrySendError::Closed(_)) => return Ok(()),
+        }
+    }
+}
+
+async fn write_responses<S>(mut writer: Writer<S>, mut out: mpsc::Receiver<Bytes>) -> Result<(), TransportError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    while let Some(bytes) = out.recv().await {
+        writer.send(bytes).await?;
+    }
+    Ok(())
+}
+
+/// Calls the local endpoint for one request.
+async fn dispatch<E: Endpoint>(endpoint: &mut E, body: RequestBody, zstd_level: i32) -> ResponseBody {
+    match body {
+        RequestBody::Ping => ResponseBody::Pong,
+        RequestBody::Scan { scope, options } => ResponseBody::Scan(endpoint.scan(scope, options).await),
+        RequestBody::Manifests { files } => ResponseBody::Manifests(endpoint.manifests(files).await),
+        RequestBody::ReadChunks { reads } => {
+            let asked: Vec<_> = reads.iter().map(|r| r.chunk.hash).collect();
+            let result = endpoint.read_chunks(reads).await.and_then(|datas| {
+                if datas.len() != asked.len() {
+                    return Err(EndpointError::Io(format!(
+                        "the guest's endpoint answered {} of {} chunk reads",
+                        datas.len(),
+                        asked.len()
+                    )));
+                }
+                Ok(asked
+                    .iter()
+                    .zip(datas)
+                    .map(|(hash, data)| data.map(|d| encode_chunk(*hash, &d, zstd_level)))
+                    .collect())
+            });
+            ResponseBody::ReadChunks(result)
+        }
+        RequestBody::Stage { files } => ResponseBody::Stage(endpoint.stage(files).await),
+        RequestBody::Supply { chunks } => {
+            let decoded: Result<Vec<_>, _> = chunks
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    decode_chunk(c).map_err(|e| {
+                        EndpointError::Protocol(format!("supplied chunk {i}: {}", error_chain(&e)))
+                    })
+                })
+                .collect();
+            match decoded {
+                Ok(chunks) => ResponseBody::Supply(endpoint.supply(chunks).await),
+                Err(e) => ResponseBody::Supply(Err(e)),
+            }
+        }
+        RequestBody::Transition { changes } => ResponseBody::Transition(endpoint.transition(changes).await),
+    }
+}
+
+/// Encodes a response; one that cannot be sent (too large, or invalid because of a local bug)
+/// becomes an error response of the same kind, so the host gets an answer and the session lives.
+fn encode_response(id: u64, kind: RequestKind, body: ResponseBody, stats: &Stats) -> Result<Bytes, TransportError> {
+    let content = match &body {
+        ResponseBody::ReadChunks(Ok(chunks)) => chunk_bytes(chunks.iter().flatten()),
+        _ => 0,
+    };
+    match encode_message(&Message::Response(Response { id, body }), MAX_MESSAGE_BYTES) {
+        Ok(bytes) => {
+            stats.add_content_sent(content);
+            Ok(Bytes::from(bytes))
+        }
+        Err(e) => {
+            let limit = match &e {
+                CodecError::TooLarge { .. } => true,
+                CodecError::Invalid(v) => v.is_limit(),
+                _ => false,
+            };
+            let text = format!("the guest cannot send this response: {}", error_chain(&e));
+            tracing::warn!(request = id, "{text}");
+            let err = if limit { EndpointError::Limit(text) } else { EndpointError::Io(text) };
+            let fallback = Message::Response(Response { id, body: ResponseBody::error(kind, err) });
+            encode_message(&fallback, MAX_MESSAGE_BYTES)
+                .map(Bytes::from)
+                .map_err(TransportError::Encode)
+        }
+    }
+}
+
+fn finished(ended: Result<Result<(), TransportError>, JoinError>) -> Result<(), TransportError> {
+    ended.map_err(TransportError::Task)?
+}
+
+/// A spawned task that is aborted when its owner goes away (the connection's tasks must not
+/// outlive `serve`, e.g. when the caller drops it).
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

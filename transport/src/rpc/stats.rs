@@ -1,0 +1,71 @@
+//! Byte counters of one session, shared between its tasks and readable at any time (the status
+//! command shows them). Counting only; no decisions are made from these numbers.
+
+use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Live counters. Cheap to update from any task.
+#[derive(Debug, Default)]
+pub struct Stats {
+    wire_bytes_sent: AtomicU64,
+    wire_bytes_received: AtomicU64,
+    content_bytes_sent: AtomicU64,
+    content_bytes_received: AtomicU64,
+    requests: AtomicU64,
+}
+
+/// A copy of the counters at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StatsSnapshot {
+    /// Every byte written to the connection (headers, messages, heartbeats).
+    pub wire_bytes_sent: u64,
+    /// Every byte read from the connection.
+    pub wire_bytes_received: u64,
+    /// File content sent: the data lengths of chunks as they went on the wire (compressed
+    /// where compressed).
+    pub content_bytes_sent: u64,
+    /// File content received, counted the same way.
+    pub content_bytes_received: u64,
+    /// Requests sent (client) or served (server), heartbeats excluded.
+    pub requests: u64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            wire_bytes_sent: self.wire_bytes_sent.load(Ordering::Relaxed),
+            wire_bytes_received: self.wire_bytes_received.load(Ordering::Relaxed),
+            content_bytes_sent: self.content_bytes_sent.load(Ordering::Relaxed),
+            content_bytes_received: self.content_bytes_received.load(Ordering::Relaxed),
+            requests: self.requests.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn add_wire_sent(&self, n: u64) {
+        self.wire_bytes_sent.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_wire_received(&self, n: u64) {
+        self.wire_bytes_received.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_content_sent(&self, n: u64) {
+        self.content_bytes_sent.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_content_received(&self, n: u64) {
+        self.content_bytes_received.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Sum of the on-wire data lengths of some chunks.
+pub(crate) fn chunk_bytes<'a>(chunks: impl IntoIterator<Item = &'a vmsync_protocol::WireChunk>) -> u64 {
+    chunks
+        .into_iter()
+        .map(|c| u64::try_from(c.data.len()).unwrap_or(u64::MAX))
+        .fold(0u64, u64::saturating_add)
+}

@@ -1,0 +1,203 @@
+//! Opening byte streams: dial an [`EndpointAddr`] or listen on one, and hand back a boxed
+//! `AsyncRead + AsyncWrite` that the RPC layer is generic over. Nothing here reads or writes
+//! protocol bytes.
+//!
+//! This build supports `unix:` only. `vsock://` and `hybrid:` return an "unsupported" error; the
+//! AF_VSOCK and CONNECT-handshake streams come with a later change.
+//!
+//! A Unix listener replaces a stale socket file left by a previous run, but only if it is a
+//! socket nobody is listening on (never a regular file, directory or symlink), and sets the new
+//! socket's mode to 0600. The mode is set right after `bind`, so there is a short window where
+//! the socket has the umask's mode: the directory holding it (systemd's `RuntimeDirectory`,
+//! mode 0700) is the real access control; 0600 is the second lock.
+
+use crate::endpoint_addr::EndpointAddr;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{UnixListener, UnixStream};
+
+/// Mode of a listening Unix socket: owner read/write only.
+pub const UNIX_SOCKET_MODE: u32 = 0o600;
+
+/// Any bidirectional byte stream the RPC layer can run over.
+pub trait IoStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> IoStream for T {}
+
+/// A connected stream of whichever kind.
+pub type BoxedStream = Box<dyn IoStream>;
+
+fn unsupported(addr: &EndpointAddr) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        format!("{addr}: not supported yet in this build (only unix: addresses are)"),
+    )
+}
+
+/// Dials `addr`.
+pub async fn connect(addr: &EndpointAddr) -> io::Result<BoxedStream> {
+    match addr {
+        EndpointAddr::Unix(path) => {
+            let stream = UnixStream::connect(path).await.map_err(|e| with_path(e, "connect to", path))?;
+            Ok(Box::new(stream))
+        }
+        EndpointAddr::VsockAny { .. } => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{addr} is a listen address; it cannot be dialled"),
+        )),
+        EndpointAddr::Vsock { .. } | EndpointAddr::Hybrid { .. } => Err(unsupported(addr)),
+    }
+}
+
+/// A bound, listening socket.
+#[derive(Debug)]
+pub struct Listener {
+    addr: EndpointAddr,
+    unix: UnixListener,
+}
+
+impl Listener {
+    /// Waits for the next connection. The returned string describes the peer for logs.
+    pub async fn accept(&self) -> io::Result<(BoxedStream, String)> {
+        let (stream, _) = self.unix.accept().await?;
+        Ok((Box::new(stream), self.addr.to_string()))
+    }
+
+    pub fn local_addr(&self) -> &EndpointAddr {
+        &self.addr
+    }
+}
+
+/// Listens on `addr`.
+pub async fn listen(addr: &EndpointAddr) -> io::Result<Listener> {
+    match addr {
+        EndpointAddr::Unix(path) => {
+            remove_stale_socket(path).await?;
+            let unix = UnixListener::bind(path).map_err(|e| with_path(e, "listen on", path))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(UNIX_SOCKET_MODE))
+                .map_err(|e| with_path(e, "set the mode of", path))?;
+            Ok(Listener { addr: addr.clone(), unix })
+        }
+        EndpointAddr::Hybrid { .. } => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{addr}: a hybrid address is dialled through the VMM's socket, not listened on"),
+        )),
+        EndpointAddr::Vsock { .. } | EndpointAddr::VsockAny { .. } => Err(unsupported(addr)),
+    }
+}
+
+fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("cannot {what} {}: {e}", path.display()))
+}
+
+/// Removes `path` if it is a socket that nobody accepts connections on. Anything else there is
+/// left alone and reported.
+async fn remove_stale_socket(path: &PathBuf) -> io::Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(with_path(e, "inspect", path)),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("refusing to replace {}: it exists and is not a socket", path.display()),
+        ));
+    }
+    match UnixStream::connect(path).await {
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{} is in use: another process is listening on it", path.display()),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            std::fs::remove_file(path).map_err(|e| with_path(e, "remove stale socket", path))
+        }
+        Err(e) => Err(with_path(e, "probe existing socket", path)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn unix(path: &Path) -> EndpointAddr {
+        EndpointAddr::Unix(path.to_path_buf())
+    }
+
+    #[tokio::test]
+    async fn unix_listen_connect_and_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = listen(&unix(&path)).await.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, UNIX_SOCKET_MODE);
+        let client = tokio::spawn({
+            let addr = unix(&path);
+            async move {
+                let mut s = connect(&addr).await.unwrap();
+                s.write_all(b"hi").await.unwrap();
+            }
+        });
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 2];
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"hi");
+        client.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn replaces_stale_socket_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        // A stale socket: bound, then the listener dropped (the file stays).
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let listener = listen(&unix(&path)).await.unwrap();
+        // A live one is not stolen.
+        let err = listen(&unix(&path)).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        drop(listener);
+
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"precious").unwrap();
+        let err = listen(&unix(&file)).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert!(err.to_string().contains("not a socket"));
+        assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let err = listen(&unix(&link)).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+    }
+
+    #[tokio::test]
+    async fn vsock_and_hybrid_are_not_supported_yet() {
+        for addr in ["vsock://3:786", "hybrid:/x.sock:786"] {
+            let addr: EndpointAddr = addr.parse().unwrap();
+            let err = connect(&addr).await.err().unwrap();
+            assert_eq!(err.kind(), io::ErrorKind::Unsupported, "{addr}");
+            assert!(err.to_string().contains("not supported yet"));
+        }
+        for addr in ["vsock://any:786", "vsock://3:786"] {
+            let addr: EndpointAddr = addr.parse().unwrap();
+            let err = listen(&addr).await.err().unwrap();
+            assert_eq!(err.kind(), io::ErrorKind::Unsupported, "{addr}");
+        }
+        let any: EndpointAddr = "vsock://any:786".parse().unwrap();
+        assert_eq!(connect(&any).await.err().unwrap().kind(), io::ErrorKind::InvalidInput);
+        let hybrid: EndpointAddr = "hybrid:/x.sock:786".parse().unwrap();
+        assert_eq!(listen(&hybrid).await.err().unwrap().kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[tokio::test]
+    async fn connect_error_names_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing.sock");
+        let err = connect(&unix(&path)).await.err().unwrap();
+        assert!(err.to_string().contains("missing.sock"));
+    }
+}

@@ -1,0 +1,342 @@
+//! A real client against a real server over an in-memory pipe: every `Endpoint` method through
+//! the wire, pipelining, disconnects, handshake refusals, statistics.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::Arc;
+use support::*;
+use vmsync_core::endpoint::{
+    Change, ChunkRead, Endpoint, EndpointError, Outcome, ScanOptions, ScanScope, StageRequest,
+};
+use vmsync_core::{ChunkRef, Entry, Hash};
+use vmsync_protocol::handshake;
+use vmsync_protocol::{ChunkerParams, Hello};
+use vmsync_transport::{client_handshake, RemoteEndpoint, ServerConfig, SessionConfig, TransportError};
+
+fn text(len: usize) -> Vec<u8> {
+    b"the quick brown fox jumps over the lazy dog\n".iter().cycle().take(len).copied().collect()
+}
+
+fn noise(len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Pushes `path` from a local fake to the remote one through the three-step transfer.
+async fn push(local: &mut Fake, remote: &mut RemoteEndpoint, path: &str) -> Vec<Hash> {
+    let data = local.file(path).unwrap();
+    let meta = meta_of(&data);
+    let manifests = local.manifests(vec![(p(path), meta)]).await.unwrap();
+    let manifest = manifests.into_iter().next().unwrap().unwrap();
+    let staged = remote
+        .stage(vec![StageRequest { path: p(path), meta, manifest: manifest.clone() }])
+        .await
+        .unwrap();
+    let missing = staged.into_iter().next().unwrap().unwrap();
+    let reads: Vec<ChunkRead> = manifest
+        .chunks
+        .iter()
+        .filter(|c| missing.contains(&c.hash))
+        .map(|c| ChunkRead { path: p(path), chunk: *c })
+        .collect();
+    let datas = local.read_chunks(reads.clone()).await.unwrap();
+    let supply: Vec<(Hash, Vec<u8>)> =
+        reads.iter().zip(datas).map(|(r, d)| (r.chunk.hash, d.unwrap())).collect();
+    remote.supply(supply).await.unwrap();
+    let outcomes = remote
+        .transition(vec![Change { path: p(path), expected: None, new: Some(Entry::File(meta)) }])
+        .await
+        .unwrap();
+    assert_eq!(outcomes, vec![Outcome::Applied]);
+    missing
+}
+
+#[tokio::test]
+async fn every_method_through_the_wire() {
+    let guest = Fake::with_files(&[("docs/readme", text(10_000)), ("bin/blob", noise(9_000))]);
+    let pair = pair_with(guest.clone(), SessionConfig::default(), ServerConfig::default()).await;
+    let mut remote = pair.session.endpoint(0).unwrap();
+    assert_eq!(remote.share_name(), "src");
+
+    // scan: full and scoped
+    let report = remote.scan(ScanScope::Full, ScanOptions::default()).await.unwrap();
+    let paths: Vec<_> = report.entries.iter().map(|(p, _)| p.clone()).collect();
+    assert_eq!(paths, vec![p("bin/blob"), p("docs/readme")]);
+    let scoped = remote.scan(ScanScope::Paths(vec![p("docs")]), ScanOptions::default()).await.unwrap();
+    assert_eq!(scoped.entries.len(), 1);
+
+    // manifests: one good, one stale
+    let meta = meta_of(&text(10_000));
+    let mut stale = meta;
+    stale.size += 1;
+    let manifests = remote
+        .manifests(vec![(p("docs/readme"), meta), (p("docs/readme"), stale)])
+        .await
+        .unwrap();
+    assert_eq!(manifests[0].as_ref().unwrap(), &manifest_of(&text(10_000)));
+    assert!(manifests[1].is_err());
+
+    // read_chunks: compressible text (zstd), noise (raw), and a read whose data changed
+    let mut reads: Vec<ChunkRead> = manifest_of(&text(10_000))
+        .chunks
+        .into_iter()
+        .map(|c| ChunkRead { path: p("docs/readme"), chunk: c })
+        .collect();
+    reads.extend(
+        manifest_of(&noise(9_000)).chunks.into_iter().map(|c| ChunkRead { path: p("bin/blob"), chunk: c }),
+    );
+    reads.push(ChunkRead {
+        path: p("bin/blob"),
+        chunk: ChunkRef { hash: hash(b"not this"), offset: 0, len: 8 },
+    });
+    let got = remote.read_chunks(reads.clone()).await.unwrap();
+    assert_eq!(got.len(), reads.len());
+    let text_back: Vec<u8> = got[..3].iter().flat_map(|c| c.clone().unwrap()).collect();
+    assert_eq!(text_back, text(10_000));
+    let noise_back: Vec<u8> = got[3..6].iter().flat_map(|c| c.clone().unwrap()).collect();
+    assert_eq!(noise_back, noise(9_000));
+    assert_eq!(got[6], None);
+
+    // stage / supply / transition: host → guest, a new file and a directory
+    let mut host = Fake::with_files(&[("new/file", noise(20_000))]);
+    let outcomes = remote
+        .transition(vec![Change { path: p("new"), expected: None, new: Some(Entry::Dir { mode: 0o755 }) }])
+        .await
+        .unwrap();
+    assert_eq!(outcomes, vec![Outcome::Applied]);
+    let missing = push(&mut host, &mut remote, "new/file").await;
+    assert_eq!(missing.len(), 5);
+    assert_eq!(guest.file("new/file").unwrap(), noise(20_000));
+
+    // A copy of existing content moves no chunk data.
+    host.state.lock().unwrap().files.insert(p("copy"), text(10_000));
+    let missing = push(&mut host, &mut remote, "copy").await;
+    assert!(missing.is_empty());
+    assert_eq!(guest.file("copy").unwrap(), text(10_000));
+
+    // transition against a stale expectation reports what is there
+    let outcomes = remote
+        .transition(vec![Change { path: p("copy"), expected: None, new: None }])
+        .await
+        .unwrap();
+    assert_eq!(outcomes, vec![Outcome::Changed(Some(Entry::File(meta_of(&text(10_000)))))]);
+
+    pair.session.ping().await.unwrap();
+
+    // Statistics agree on both ends, and compression made text cheaper than its size.
+    let client = pair.session.stats();
+    let server = pair.server_stats.snapshot();
+    assert_eq!(client.content_bytes_sent, 20_000, "noise is sent raw");
+    assert_eq!(server.content_bytes_received, client.content_bytes_sent);
+    assert_eq!(server.content_bytes_sent, client.content_bytes_received);
+    assert!(client.content_bytes_received < 10_000 + 9_000, "{client:?}");
+    assert!(client.content_bytes_received >= 9_000);
+    assert_eq!(client.requests, 10);
+    assert_eq!(server.requests, 10);
+    assert!(client.wire_bytes_sent > client.content_bytes_sent);
+}
+
+#[tokio::test]
+async fn endpoint_errors_travel_as_values() {
+    struct Broken;
+    impl vmsync_core::endpoint::Endpoint for Broken {
+        async fn scan(&mut self, _: ScanScope, _: ScanOptions) -> Result<vmsync_core::endpoint::ScanReport, EndpointError> {
+            Err(EndpointError::RootMissing("/srv/share".into()))
+        }
+        async fn manifests(&mut self, _: Vec<(vmsync_core::RelPath, vmsync_core::FileMeta)>) -> Result<Vec<Result<vmsync_core::Manifest, vmsync_core::endpoint::Problem>>, EndpointError> {
+            Err(EndpointError::Io("disk on fire".into()))
+        }
+        async fn read_chunks(&mut self, reads: Vec<ChunkRead>) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
+            // One answer too many: the server must not forward a miscounted answer.
+            Ok(vec![None; reads.len() + 1])
+        }
+        async fn stage(&mut self, _: Vec<StageRequest>) -> Result<Vec<Result<Vec<Hash>, vmsync_core::endpoint::Problem>>, EndpointError> {
+            Err(EndpointError::Limit("quota".into()))
+        }
+        async fn supply(&mut self, _: Vec<(Hash, Vec<u8>)>) -> Result<(), EndpointError> {
+            Ok(())
+        }
+        async fn transition(&mut self, _: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {
+            // A setuid mode breaks validation: the server answers with an error instead.
+            Ok(vec![Outcome::Changed(Some(Entry::Dir { mode: 0o4755 }))])
+        }
+    }
+    let (a, b) = tokio::io::duplex(PIPE_BYTES);
+    let server = tokio::spawn(async move {
+        vmsync_transport::serve(b, |_: &vmsync_protocol::ShareOpen| Ok::<_, String>(Broken), "g").await
+    });
+    let hello = handshake::hello("h", vec![share("src")]);
+    let (session, _) = client_handshake(a, hello).await.unwrap();
+    let mut remote = session.endpoint(0).unwrap();
+    assert_eq!(
+        remote.scan(ScanScope::Full, ScanOptions::default()).await,
+        Err(EndpointError::RootMissing("/srv/share".into()))
+    );
+    assert_eq!(remote.manifests(vec![]).await, Err(EndpointError::Io("disk on fire".into())));
+    assert!(matches!(remote.read_chunks(vec![]).await, Err(EndpointError::Io(_))));
+    assert_eq!(remote.stage(vec![]).await, Err(EndpointError::Limit("quota".into())));
+    let err = remote.transition(vec![]).await.unwrap_err();
+    assert!(matches!(&err, EndpointError::Io(t) if t.contains("mode")), "{err:?}");
+    // The session survived all of that.
+    assert_eq!(remote.supply(vec![]).await, Ok(()));
+    assert!(!session.is_closed());
+    session.close();
+    assert_eq!(session.closed().await, "closed by the host");
+    assert!(server.await.unwrap().is_ok());
+}
+
+#[tokio::test]
+async fn many_requests_outstanding_at_once() {
+    let (guest, gate) = Fake::with_files(&[("f", text(100))]).gated();
+    let pair = pair(guest.clone()).await;
+    let remote = pair.session.endpoint(0).unwrap();
+    // 300 concurrent callers: far more than the server's limit of outstanding requests, which
+    // the client must respect by holding the extra ones back.
+    let tasks: Vec<_> = (0..300)
+        .map(|i| {
+            let mut r = remote.clone();
+            tokio::spawn(async move {
+                if i % 2 == 0 {
+                    r.scan(ScanScope::Full, ScanOptions::default()).await.map(|s| s.entries.len())
+                } else {
+                    r.manifests(vec![(p("f"), meta_of(&text(100)))]).await.map(|m| m.len())
+                }
+            })
+        })
+        .collect();
+    guest.wait_started(1).await;
+    // Heartbeat-free pings are answered while requests wait behind the gate.
+    pair.session.ping().await.unwrap();
+    gate.add_permits(300);
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), Ok(1));
+    }
+    assert!(!pair.session.is_closed());
+    assert_eq!(pair.server_stats.snapshot().requests, 300);
+}
+
+#[tokio::test]
+async fn disconnect_mid_request_fails_every_pending_call() {
+    let (guest, _gate) = Fake::default().gated();
+    let pair = pair(guest.clone()).await;
+    let calls: Vec<_> = (0..5)
+        .map(|_| {
+            let mut r = pair.session.endpoint(0).unwrap();
+            tokio::spawn(async move { r.scan(ScanScope::Full, ScanOptions::default()).await })
+        })
+        .collect();
+    guest.wait_started(1).await;
+    pair.server.abort();
+    for c in calls {
+        let err = c.await.unwrap().unwrap_err();
+        assert!(matches!(err, EndpointError::Disconnected(_)), "{err:?}");
+    }
+    assert_eq!(pair.session.closed().await, "the guest closed the connection");
+    // Later calls fail at once.
+    let mut r = pair.session.endpoint(0).unwrap();
+    assert!(matches!(
+        r.scan(ScanScope::Full, ScanOptions::default()).await,
+        Err(EndpointError::Disconnected(_))
+    ));
+}
+
+#[tokio::test]
+async fn dropping_every_handle_ends_the_server_cleanly() {
+    let pair = pair(Fake::default()).await;
+    pair.session.ping().await.unwrap();
+    drop(pair.session);
+    assert!(pair.server.await.unwrap().is_ok());
+}
+
+async fn refused(mut hello: Hello, edit: impl FnOnce(&mut Hello)) -> (String, String) {
+    edit(&mut hello);
+    let (a, b) = tokio::io::duplex(PIPE_BYTES);
+    let server = spawn_server(b, Fake::default(), ServerConfig::default());
+    let client = match client_handshake(a, hello).await {
+        Err(TransportError::Refused { reason }) => reason,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let server = match server.await.unwrap() {
+        Err(TransportError::RefusedPeer { reason }) => reason,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    (client, server)
+}
+
+#[tokio::test]
+async fn handshake_refusals_are_clear_on_both_sides() {
+    let hello = handshake::hello("h", vec![share("src"), share("nope")]);
+    let (client, server) = refused(hello.clone(), |_| {}).await;
+    assert_eq!(client, "share `nope` is not exported by this guest");
+    assert_eq!(server, client);
+
+    let (client, _) = refused(hello.clone(), |h| h.magic = *b"VMSYNC\0\x09").await;
+    assert!(client.contains("bad magic"), "{client}");
+
+    let (client, _) = refused(hello.clone(), |h| {
+        h.min_version = 2;
+        h.max_version = 3;
+    })
+    .await;
+    assert!(client.contains("no common protocol version"), "{client}");
+
+    let (client, _) = refused(hello.clone(), |h| h.chunker = ChunkerParams { min: 2048, avg: 8192, max: 32768 }).await;
+    assert!(client.contains("chunker parameters differ"), "{client}");
+
+    let (client, _) = refused(hello.clone(), |h| h.shares = vec![share("src"), share("src")]).await;
+    assert!(client.contains("requested twice"), "{client}");
+
+    let (client, _) = refused(hello, |h| h.shares = vec![share("../etc")]).await;
+    assert!(client.contains("is invalid"), "{client}");
+}
+
+#[tokio::test]
+async fn several_shares_on_one_session() {
+    let guest = Fake::with_files(&[("x", text(10))]);
+    let (a, b) = tokio::io::duplex(PIPE_BYTES);
+    let _server = spawn_server(b, guest, ServerConfig::default());
+    let hello = handshake::hello("h", vec![share("src"), share("also")]);
+    let (session, welcome) = client_handshake(a, hello).await.unwrap();
+    assert_eq!(welcome.version, vmsync_protocol::messages::PROTOCOL_VERSION_MAX);
+    assert_eq!(session.shares(), ["src".to_owned(), "also".to_owned()]);
+    let mut second = session.endpoint(1).unwrap();
+    assert_eq!(second.scan(ScanScope::Full, ScanOptions::default()).await.unwrap().entries.len(), 1);
+    assert!(matches!(
+        session.endpoint(2),
+        Err(TransportError::NoSuchShare { index: 2, count: 2 })
+    ));
+}
+
+#[tokio::test]
+async fn oversized_requests_fail_alone() {
+    let pair = pair(Fake::default()).await;
+    let mut remote = pair.session.endpoint(0).unwrap();
+    let too_many = vec![(Hash::default(), vec![1u8]); vmsync_protocol::limits::MAX_BATCH_CHUNKS + 1];
+    assert!(matches!(remote.supply(too_many).await, Err(EndpointError::Limit(_))));
+    let oversized_chunk = vec![(Hash::default(), vec![0u8; vmsync_core::limits::CHUNK_MAX_BYTES as usize + 1])];
+    assert!(matches!(remote.supply(oversized_chunk).await, Err(EndpointError::Limit(_) | EndpointError::Protocol(_))));
+    assert!(!pair.session.is_closed());
+    pair.session.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn compression_level_zero_sends_raw() {
+    let pair = pair(Fake::default()).await;
+    let mut remote = pair.session.endpoint(0).unwrap().with_zstd_level(0);
+    let data = vec![0u8; 4096];
+    remote.supply(vec![(hash(&data), data)]).await.unwrap();
+    assert_eq!(pair.session.stats().content_bytes_sent, 4096);
+    let mut compressing = pair.session.endpoint(0).unwrap();
+    let data = vec![1u8; 4096];
+    compressing.supply(vec![(hash(&data), data)]).await.unwrap();
+    assert!(pair.session.stats().content_bytes_sent < 4096 + 100);
+    let _ = Arc::clone(&pair.server_stats);
+}
