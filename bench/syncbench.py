@@ -766,7 +766,8 @@ class Vmsync:
         return os.path.join(self.work, f"{name}.log")
 
     def write_configs(self):
-        os.makedirs(self.dest, exist_ok=True)
+        for directory in (self.dest, f"{self.work}/guest-state", f"{self.work}/host-state"):
+            os.makedirs(directory, exist_ok=True)
         with open(self.guest_config, "w") as handle:
             handle.write(f'listen = "unix:{self.guest_sock}"\n'
                          f'state_dir = "{self.work}/guest-state"\n'

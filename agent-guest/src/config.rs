@@ -234,12 +234,9 @@ fn resolve(raw: RawGuestConfig, file: &Path, problems: &mut Problems) -> Option<
                 problems.push(
                     Some(path_span.clone()),
                     format!(
-                        "share {:?} path {} and share {:?} path {} (line {line}) nest; shares \
-                         must not overlap",
-                        share.name,
-                        share.path.display(),
-                        other.name,
-                        other.path.display()
+                        "share {:?} path {:?} and share {:?} path {:?} (line {line}) nest; \
+                         shares must not overlap",
+                        share.name, share.path, other.name, other.path
                     ),
                 );
             }
@@ -249,11 +246,9 @@ fn resolve(raw: RawGuestConfig, file: &Path, problems: &mut Problems) -> Option<
                 problems.push(
                     Some(path_span.clone()),
                     format!(
-                        "share {:?} path {} and state_dir {} nest; keep vmsync's state outside \
-                         every share",
-                        share.name,
-                        share.path.display(),
-                        state_dir.display()
+                        "share {:?} path {:?} and state_dir {:?} nest; keep vmsync's state \
+                         outside every share",
+                        share.name, share.path, state_dir
                     ),
                 );
             }
@@ -276,11 +271,9 @@ fn resolve(raw: RawGuestConfig, file: &Path, problems: &mut Problems) -> Option<
                     problems.push(
                         Some(path_span.clone()),
                         format!(
-                            "the {key} socket {} is inside share {:?} ({}); put sockets outside \
-                             every share",
-                            socket.display(),
-                            share.name,
-                            share.path.display()
+                            "the {key} socket {:?} is inside share {:?} ({:?}); put sockets \
+                             outside every share",
+                            socket, share.name, share.path
                         ),
                     );
                 }
@@ -381,9 +374,8 @@ fn check_socket_length(path: PathBuf) -> Result<PathBuf, String> {
     let bytes = path.as_os_str().len();
     if bytes > MAX_UNIX_SOCKET_PATH_BYTES {
         return Err(format!(
-            "socket path {} is {bytes} bytes; a Unix socket path holds at most \
-             {MAX_UNIX_SOCKET_PATH_BYTES}",
-            path.display()
+            "socket path {path:?} is {bytes} bytes; a Unix socket path holds at most \
+             {MAX_UNIX_SOCKET_PATH_BYTES}"
         ));
     }
     Ok(path)
@@ -564,22 +556,22 @@ path = "/home/dev/docs/."
             (
                 "nested shares",
                 "[[share]]\nname = \"a\"\npath = \"/home\"\n[[share]]\nname = \"b\"\npath = \"/home/dev\"\n",
-                &["guest.toml:6:8: share \"b\" path /home/dev and share \"a\" path /home (line 3) nest"],
+                &["guest.toml:6:8: share \"b\" path \"/home/dev\" and share \"a\" path \"/home\" (line 3) nest"],
             ),
             (
                 "share inside default state_dir",
                 "[[share]]\nname = \"a\"\npath = \"/var/lib/vmsync/a\"\n",
-                &["guest.toml:3:8: ", "state_dir /var/lib/vmsync nest"],
+                &["guest.toml:3:8: ", "state_dir \"/var/lib/vmsync\" nest"],
             ),
             (
                 "root share holds state_dir",
                 "[[share]]\nname = \"all\"\npath = \"/\"\n",
-                &["share \"all\" path / and state_dir /var/lib/vmsync nest"],
+                &["share \"all\" path \"/\" and state_dir \"/var/lib/vmsync\" nest"],
             ),
             (
                 "listen socket inside share",
                 "listen = \"unix:/home/dev/g.sock\"\n[[share]]\nname = \"a\"\npath = \"/home/dev\"\n",
-                &["the listen socket /home/dev/g.sock is inside share \"a\""],
+                &["the listen socket \"/home/dev/g.sock\" is inside share \"a\""],
             ),
         ];
         for (name, text, fragments) in cases {

@@ -10,13 +10,18 @@ use vmsync_engine::filter::Filter;
 use vmsync_engine::local::LocalEndpoint;
 use vmsync_engine::state::StateDb;
 use vmsync_engine::status::{ShareState, ShareStatus};
+use vmsync_protocol::handshake;
+use vmsync_transport::{EndpointAddr, ServerConfig, Stats};
 
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("VMSYNC_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Plain text off a terminal: journald and log files get no colour escapes.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .init();
 }
 
@@ -25,19 +30,19 @@ struct Shared {
     exports: Arc<BTreeMap<String, LocalEndpoint>>,
     /// The current host session, if any: its peer description.
     peer: Arc<Mutex<Option<String>>>,
-    wire: Arc<Mutex<vmsync_transport::rpc::WireStats>>,
+    /// Counters of the current (or last) host session.
+    wire: Arc<Mutex<Arc<Stats>>>,
 }
 
 impl Shared {
     fn snapshot(&self) -> ControlResponse {
         let peer = self.peer.lock().map(|p| p.clone()).unwrap_or(None);
-        let wire = self.wire.lock().map(|w| w.clone()).unwrap_or_default();
+        let wire = self.wire.lock().map(|w| w.snapshot()).unwrap_or_default();
         let shares = self
             .exports
             .iter()
             .map(|(name, ep)| {
                 let (files, bytes) = ep.indexed_totals();
-                let (received, sent) = wire.for_share(name);
                 ShareStatus {
                     name: name.clone(),
                     // The host decides conflicts and halts; the guest only knows whether a
@@ -49,8 +54,7 @@ impl Shared {
                     },
                     files,
                     bytes,
-                    bytes_sent: sent,
-                    bytes_received: received,
+                    files_hashed: ep.files_hashed(),
                     ..ShareStatus::default()
                 }
             })
@@ -68,6 +72,8 @@ impl Shared {
                 .into(),
                 peer_detail: peer,
                 rss_bytes: control::rss_bytes(),
+                bytes_sent: wire.content_bytes_sent,
+                bytes_received: wire.content_bytes_received,
             },
             shares,
         }
@@ -91,15 +97,15 @@ pub async fn run(config: GuestConfig) -> anyhow::Result<()> {
     let shared = Shared {
         exports: Arc::new(exports),
         peer: Arc::new(Mutex::new(None)),
-        wire: Arc::new(Mutex::new(Default::default())),
+        wire: Arc::new(Mutex::new(Arc::new(Stats::default()))),
     };
 
     let control_listener = control::bind(&config.control)
         .with_context(|| format!("binding the control socket {}", config.control.display()))?;
     tokio::spawn(serve_control(control_listener, shared.clone()));
 
-    let listen = config.listen.to_string();
-    let listener = vmsync_transport::server::listen(&listen)
+    let listen: EndpointAddr = config.listen.to_string().parse()?;
+    let listener = vmsync_transport::listen(&listen)
         .await
         .with_context(|| format!("listening on {listen}"))?;
     tracing::info!(listen = %listen, shares = shared.exports.len(), "vmsync-guest started");
@@ -132,18 +138,26 @@ pub async fn run(config: GuestConfig) -> anyhow::Result<()> {
             }
             tracing::info!(peer = %peer, "host connected");
             let exports = shared.exports.clone();
-            let result = vmsync_transport::server::serve(
+            let stats = Arc::new(Stats::default());
+            if let Ok(mut w) = shared.wire.lock() {
+                *w = stats.clone();
+            }
+            let server = ServerConfig {
+                stats,
+                ..ServerConfig::default()
+            };
+            let result = vmsync_transport::serve_with(
                 stream,
                 move |open| {
-                    let ep = exports.get(&open.name).ok_or_else(|| {
-                        format!("share `{}` is not exported by this guest", open.name)
-                    })?;
+                    let ep = exports
+                        .get(&open.name)
+                        .ok_or_else(|| handshake::share_not_exported(&open.name))?;
                     let filter = Filter::new(&open.ignore).map_err(|e| e.to_string())?;
                     ep.set_filter(filter);
                     Ok(ep.clone())
                 },
                 env!("CARGO_PKG_VERSION"),
-                shared.wire.clone(),
+                server,
             )
             .await;
             match result {

@@ -359,12 +359,9 @@ fn resolve(raw: RawHostConfig, file: &Path, problems: &mut Problems) -> Option<H
                 problems.push(
                     Some(path_span.clone()),
                     format!(
-                        "share {:?} path {} and share {:?} path {} (line {line}) nest; shares \
-                         must not overlap",
-                        share.name,
-                        share.path.display(),
-                        other.name,
-                        other.path.display()
+                        "share {:?} path {:?} and share {:?} path {:?} (line {line}) nest; \
+                         shares must not overlap",
+                        share.name, share.path, other.name, other.path
                     ),
                 );
             }
@@ -374,11 +371,9 @@ fn resolve(raw: RawHostConfig, file: &Path, problems: &mut Problems) -> Option<H
                 problems.push(
                     Some(path_span.clone()),
                     format!(
-                        "share {:?} path {} and state_dir {} nest; keep vmsync's state outside \
-                         every share",
-                        share.name,
-                        share.path.display(),
-                        state_dir.display()
+                        "share {:?} path {:?} and state_dir {:?} nest; keep vmsync's state \
+                         outside every share",
+                        share.name, share.path, state_dir
                     ),
                 );
             }
@@ -401,11 +396,9 @@ fn resolve(raw: RawHostConfig, file: &Path, problems: &mut Problems) -> Option<H
                     problems.push(
                         Some(path_span.clone()),
                         format!(
-                            "the {key} socket {} is inside share {:?} ({}); put sockets outside \
-                             every share",
-                            socket.display(),
-                            share.name,
-                            share.path.display()
+                            "the {key} socket {:?} is inside share {:?} ({:?}); put sockets \
+                             outside every share",
+                            socket, share.name, share.path
                         ),
                     );
                 }
@@ -563,9 +556,8 @@ fn check_socket_length(path: PathBuf) -> Result<PathBuf, String> {
     let bytes = path.as_os_str().len();
     if bytes > MAX_UNIX_SOCKET_PATH_BYTES {
         return Err(format!(
-            "socket path {} is {bytes} bytes; a Unix socket path holds at most \
-             {MAX_UNIX_SOCKET_PATH_BYTES}",
-            path.display()
+            "socket path {path:?} is {bytes} bytes; a Unix socket path holds at most \
+             {MAX_UNIX_SOCKET_PATH_BYTES}"
         ));
     }
     Ok(path)
@@ -871,7 +863,7 @@ mode = "host-to-guest"
             (
                 "nested shares",
                 "guest = \"unix:/g.sock\"\n[[share]]\nname = \"a\"\npath = \"/home/a\"\n[[share]]\nname = \"b\"\npath = \"/home/a/sub/\"\n",
-                &["vm1.toml:7:8: share \"b\" path /home/a/sub and share \"a\" path /home/a (line 4) nest"],
+                &["vm1.toml:7:8: share \"b\" path \"/home/a/sub\" and share \"a\" path \"/home/a\" (line 4) nest"],
             ),
             (
                 "same path twice",
@@ -881,22 +873,22 @@ mode = "host-to-guest"
             (
                 "share inside state_dir",
                 "guest = \"unix:/g.sock\"\nstate_dir = \"/var/lib/vmsync\"\n[[share]]\nname = \"a\"\npath = \"/var/lib/vmsync/a\"\n",
-                &["vm1.toml:5:8: share \"a\" path /var/lib/vmsync/a and state_dir /var/lib/vmsync nest"],
+                &["vm1.toml:5:8: share \"a\" path \"/var/lib/vmsync/a\" and state_dir \"/var/lib/vmsync\" nest"],
             ),
             (
                 "state_dir inside share",
                 "guest = \"unix:/g.sock\"\nstate_dir = \"/home/a/.state\"\n[[share]]\nname = \"a\"\npath = \"/home/a\"\n",
-                &["and state_dir /home/a/.state nest"],
+                &["and state_dir \"/home/a/.state\" nest"],
             ),
             (
                 "control inside share",
                 "guest = \"unix:/g.sock\"\ncontrol = \"/home/a/vm.ctl\"\n[[share]]\nname = \"a\"\npath = \"/home/a\"\n",
-                &["the control socket /home/a/vm.ctl is inside share \"a\""],
+                &["the control socket \"/home/a/vm.ctl\" is inside share \"a\""],
             ),
             (
                 "guest socket inside share",
                 "guest = \"unix:/home/a/g.sock\"\n[[share]]\nname = \"a\"\npath = \"/home/a\"\n",
-                &["the guest socket /home/a/g.sock is inside share \"a\""],
+                &["the guest socket \"/home/a/g.sock\" is inside share \"a\""],
             ),
             (
                 "bad ignore pattern",

@@ -15,19 +15,27 @@ use vmsync_engine::filter::Filter;
 use vmsync_engine::local::LocalEndpoint;
 use vmsync_engine::state::StateDb;
 use vmsync_engine::status::{ShareState, ShareStatus};
+use vmsync_protocol::handshake;
+use vmsync_protocol::messages::ShareOpen;
+use vmsync_transport::{client_handshake, connect, EndpointAddr, Session};
 
 /// First reconnect delay; doubles up to [`RECONNECT_MAX_MS`], with ±25 % jitter.
 const RECONNECT_MIN_MS: u64 = 100;
 const RECONNECT_MAX_MS: u64 = 5_000;
 /// Extra cycles run at once when a cycle found paths that changed under it.
 const MAX_RETRY_CYCLES: usize = 3;
+/// How long one connection attempt (not the handshake) may take.
+const CONNECT_TIMEOUT_MS: u64 = 5_000;
 
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("VMSYNC_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Plain text off a terminal: journald and log files get no colour escapes.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .init();
 }
 
@@ -47,24 +55,31 @@ struct Share {
 #[derive(Clone)]
 struct Shared {
     statuses: Vec<Arc<Mutex<ShareStatus>>>,
+    locals: Vec<LocalEndpoint>,
     peer: Arc<Mutex<(bool, Option<String>)>>,
-    wire: Arc<Mutex<vmsync_transport::rpc::WireStats>>,
+    /// The live session, for its wire counters.
+    session: Arc<Mutex<Option<Session>>>,
 }
 
 impl Shared {
     fn snapshot(&self) -> ControlResponse {
         let (connected, detail) = self.peer.lock().map(|p| p.clone()).unwrap_or((false, None));
-        let wire = self.wire.lock().map(|w| w.clone()).unwrap_or_default();
-        let mut shares: Vec<ShareStatus> = self
+        let wire = self
+            .session
+            .lock()
+            .ok()
+            .and_then(|s| s.as_ref().map(Session::stats))
+            .unwrap_or_default();
+        let shares: Vec<ShareStatus> = self
             .statuses
             .iter()
-            .filter_map(|s| s.lock().ok().map(|s| s.clone()))
+            .zip(&self.locals)
+            .filter_map(|(s, local)| {
+                let mut s = s.lock().ok()?.clone();
+                s.files_hashed = local.files_hashed();
+                Some(s)
+            })
             .collect();
-        for s in &mut shares {
-            let (sent, received) = wire.for_share(&s.name);
-            s.bytes_sent = sent;
-            s.bytes_received = received;
-        }
         ControlResponse::Status {
             agent: AgentInfo {
                 role: "vmsync-host".into(),
@@ -78,6 +93,8 @@ impl Shared {
                 .into(),
                 peer_detail: detail,
                 rss_bytes: control::rss_bytes(),
+                bytes_sent: wire.content_bytes_sent,
+                bytes_received: wire.content_bytes_received,
             },
             shares,
         }
@@ -116,8 +133,9 @@ pub async fn run(config: HostConfig) -> anyhow::Result<()> {
     }
     let shared = Shared {
         statuses: shares.iter().map(|s| s.controller.status()).collect(),
+        locals: shares.iter().map(|s| s.local.clone()).collect(),
         peer: Arc::new(Mutex::new((false, None))),
-        wire: Arc::new(Mutex::new(Default::default())),
+        session: Arc::new(Mutex::new(None)),
     };
 
     let (tx, rx) = mpsc::channel::<Command>(16);
@@ -214,8 +232,14 @@ impl SyncLoop {
                     backoff = RECONNECT_MIN_MS;
                     last_error = None;
                     self.set_peer(true, Some(self.config.guest.to_string()));
+                    if let Ok(mut s) = self.shared.session.lock() {
+                        *s = Some(session.clone());
+                    }
                     tracing::info!(guest = %self.config.guest, "connected to guest");
                     let reason = self.connected(session).await;
+                    if let Ok(mut s) = self.shared.session.lock() {
+                        *s = None;
+                    }
                     self.set_peer(false, Some(reason.clone()));
                     tracing::warn!("guest session ended: {reason}");
                 }
@@ -236,19 +260,24 @@ impl SyncLoop {
         }
     }
 
-    async fn connect(&self) -> anyhow::Result<vmsync_transport::rpc::Session> {
+    async fn connect(&self) -> anyhow::Result<Session> {
+        let addr: EndpointAddr = self.config.guest.to_string().parse()?;
+        let stream =
+            tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connect(&addr))
+                .await
+                .map_err(|_| anyhow::anyhow!("connecting timed out"))??;
         let opens = self
             .shares
             .iter()
-            .map(|s| (s.config.name.clone(), s.config.ignore.clone()))
+            .map(|s| ShareOpen {
+                name: s.config.name.clone(),
+                ignore: s.config.ignore.clone(),
+            })
             .collect();
-        vmsync_transport::client::dial(
-            &self.config.guest.to_string(),
-            opens,
-            env!("CARGO_PKG_VERSION"),
-        )
-        .await
-        .map_err(anyhow::Error::from)
+        let hello = handshake::hello(env!("CARGO_PKG_VERSION"), opens);
+        let (session, welcome) = client_handshake(stream, hello).await?;
+        tracing::info!(guest_version = %welcome.agent_version, "handshake done");
+        Ok(session)
     }
 
     /// Serves commands while disconnected, for `delay`.
@@ -272,7 +301,7 @@ impl SyncLoop {
     }
 
     /// Syncs everything, then serves commands until the session ends; returns why it ended.
-    async fn connected(&mut self, session: vmsync_transport::rpc::Session) -> String {
+    async fn connected(&mut self, session: Session) -> String {
         if let Err(e) = self.sync_all(&session).await {
             return e;
         }
@@ -310,17 +339,24 @@ impl SyncLoop {
 
     /// One full cycle of every share (plus quick retries for paths that changed under it).
     /// `Err` means the session is unusable.
-    async fn sync_all(&mut self, session: &vmsync_transport::rpc::Session) -> Result<(), String> {
+    async fn sync_all(&mut self, session: &Session) -> Result<(), String> {
         for (index, share) in self.shares.iter_mut().enumerate() {
-            let mut remote = session.endpoint(index as u16);
+            let mut remote = u16::try_from(index)
+                .map_err(|_| "too many shares".to_string())
+                .and_then(|i| session.endpoint(i).map_err(|e| e.to_string()))?;
             for _ in 0..=MAX_RETRY_CYCLES {
+                // Cycles run one share at a time, so the session's content counters move only
+                // for this share meanwhile.
+                let before = session.stats();
                 let result = share
                     .controller
                     .cycle(&mut share.local, &mut remote, ScanScope::Full)
                     .await;
-                if let Ok(stats) = self.shared.wire.lock().as_mut() {
-                    **stats = session.stats();
-                }
+                let after = session.stats();
+                share.controller.add_wire_bytes(
+                    after.content_bytes_sent - before.content_bytes_sent,
+                    after.content_bytes_received - before.content_bytes_received,
+                );
                 match result {
                     Ok(report) if report.retry => continue,
                     Ok(_) => break,

@@ -35,6 +35,9 @@ pub struct AgentInfo {
     pub peer: String,
     pub peer_detail: Option<String>,
     pub rss_bytes: u64,
+    /// Chunk payload bytes sent and received in the current (or last) session.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

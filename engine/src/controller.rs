@@ -141,6 +141,14 @@ impl Controller {
         self.status.clone()
     }
 
+    /// Adds chunk payload bytes that crossed the wire for this share (the session counts them).
+    pub fn add_wire_bytes(&self, sent: u64, received: u64) {
+        self.update_status(|s| {
+            s.bytes_sent += sent;
+            s.bytes_received += received;
+        });
+    }
+
     pub fn is_halted(&self) -> bool {
         self.meta.halt.is_some()
     }
@@ -305,7 +313,9 @@ impl Controller {
         ancestor_changes.extend(executed.applied.iter().cloned());
         self.commit_ancestor(ancestor_changes)?;
 
-        let (files, bytes) = host_snap
+        // What both sides now agree on.
+        let (files, bytes) = self
+            .ancestor
             .values()
             .filter_map(Entry::as_file)
             .fold((0u64, 0u64), |(n, b), m| (n + 1, b + m.size));

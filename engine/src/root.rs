@@ -219,15 +219,19 @@ pub enum FsError {
 impl FsError {
     /// Wraps an I/O error from outside this module (writing a temp file...) with its context.
     pub fn io(op: &'static str, path: &RelPath, source: std::io::Error) -> FsError {
-        FsError::Io { op, path: path.to_string(), source }
+        FsError::Io {
+            op,
+            path: path.to_string(),
+            source,
+        }
     }
 
     pub fn kind(&self) -> FsErrorKind {
         match self {
             FsError::Sys { source, .. } => kind_of_errno(*source),
-            FsError::Io { source, .. } => source
-                .raw_os_error()
-                .map_or(FsErrorKind::Io, |n| kind_of_errno(Errno::from_raw_os_error(n))),
+            FsError::Io { source, .. } => source.raw_os_error().map_or(FsErrorKind::Io, |n| {
+                kind_of_errno(Errno::from_raw_os_error(n))
+            }),
             FsError::Refused { .. } => FsErrorKind::Symlink,
             FsError::NotAFile { .. } => FsErrorKind::NotAFile,
             FsError::Invalid { .. } => FsErrorKind::Io,
@@ -269,7 +273,10 @@ struct Loc<'a> {
 
 impl<'a> Loc<'a> {
     fn path(p: &'a RelPath) -> Self {
-        Loc { base: p.as_bytes(), name: None }
+        Loc {
+            base: p.as_bytes(),
+            name: None,
+        }
     }
     fn shown(&self) -> String {
         match (self.base.is_empty(), self.name) {
@@ -304,16 +311,28 @@ fn fail(op: &'static str, loc: Loc<'_>, e: Errno) -> FsError {
             why: "a mount point is in the way (other filesystems are never crossed)",
             source: Some(e),
         },
-        _ => FsError::Sys { op, path, source: e },
+        _ => FsError::Sys {
+            op,
+            path,
+            source: e,
+        },
     }
 }
 
 fn invalid(op: &'static str, loc: Loc<'_>, why: &'static str) -> FsError {
-    FsError::Invalid { op, path: loc.shown(), why }
+    FsError::Invalid {
+        op,
+        path: loc.shown(),
+        why,
+    }
 }
 
 fn not_a_file(op: &'static str, loc: Loc<'_>, found: FileKind) -> FsError {
-    FsError::NotAFile { op, path: loc.shown(), found }
+    FsError::NotAFile {
+        op,
+        path: loc.shown(),
+        found,
+    }
 }
 
 /// How paths are resolved. `Auto` uses `openat2` where the kernel has it and the walk
@@ -389,7 +408,15 @@ impl ShareRoot {
         let ino = to_u64(st.st_ino);
         let meta = ensure_reserved_dir(root.as_fd(), dev, RESERVED_NAME, resolver, b"")?;
         let tmp = ensure_reserved_dir(meta.as_fd(), dev, TMP_NAME, resolver, RESERVED_NAME)?;
-        Ok(ShareRoot { root, dev, ino, meta, tmp, resolver, temp_counter: AtomicU64::new(0) })
+        Ok(ShareRoot {
+            root,
+            dev,
+            ino,
+            meta,
+            tmp,
+            resolver,
+            temp_counter: AtomicU64::new(0),
+        })
     }
 
     /// The device and inode a root path has *now*, without creating anything: compare with
@@ -526,7 +553,15 @@ impl ShareRoot {
         let (dir, name) = self.parent(OP, p, OFlags::RDONLY)?;
         rfs::unlinkat(&dir, name, AtFlags::REMOVEDIR).map_err(|e| {
             // POSIX lets rmdir say EEXIST for "not empty".
-            fail(OP, loc, if e == Errno::EXIST { Errno::NOTEMPTY } else { e })
+            fail(
+                OP,
+                loc,
+                if e == Errno::EXIST {
+                    Errno::NOTEMPTY
+                } else {
+                    e
+                },
+            )
         })?;
         rfs::fsync(&dir).map_err(|e| fail(OP, loc, e))
     }
@@ -541,8 +576,14 @@ impl ShareRoot {
         // Linux has no race-free "chmod this name, not following" (fchmodat ignores
         // AT_SYMLINK_NOFOLLOW). So: pin the inode with an O_PATH|O_NOFOLLOW fd, check what it is,
         // then chmod that very inode through an fd.
-        let pin = open_beneath(root, self.dev, &comps, OFlags::PATH | OFlags::NOFOLLOW, self.resolver)
-            .map_err(|e| fail(OP, loc, e))?;
+        let pin = open_beneath(
+            root,
+            self.dev,
+            &comps,
+            OFlags::PATH | OFlags::NOFOLLOW,
+            self.resolver,
+        )
+        .map_err(|e| fail(OP, loc, e))?;
         let pinned = Stat::from_raw(&rfs::fstat(&pin).map_err(|e| fail(OP, loc, e))?, self.dev);
         let flags = match pinned.kind {
             FileKind::Dir => OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW,
@@ -562,7 +603,11 @@ impl ShareRoot {
             Ok(fd) => {
                 let st = Stat::from_raw(&rfs::fstat(&fd).map_err(|e| fail(OP, loc, e))?, self.dev);
                 if (st.dev, st.ino) != (pinned.dev, pinned.ino) {
-                    return Err(invalid(OP, loc, "the entry was replaced while being changed"));
+                    return Err(invalid(
+                        OP,
+                        loc,
+                        "the entry was replaced while being changed",
+                    ));
                 }
                 rfs::fchmod(&fd, perm).map_err(|e| fail(OP, loc, e))
             }
@@ -603,14 +648,33 @@ impl ShareRoot {
                 OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::RDWR | OFlags::CLOEXEC,
                 Mode::from_raw_mode(TEMP_MODE),
             ) {
-                Ok(fd) => return Ok(TempFile { file: File::from(fd), name }),
+                Ok(fd) => {
+                    return Ok(TempFile {
+                        file: File::from(fd),
+                        name,
+                    })
+                }
                 Err(Errno::EXIST) => last = Errno::EXIST,
                 Err(e) => {
-                    return Err(fail(OP, Loc { base: TMP_SHOWN, name: Some(name.as_bytes()) }, e))
+                    return Err(fail(
+                        OP,
+                        Loc {
+                            base: TMP_SHOWN,
+                            name: Some(name.as_bytes()),
+                        },
+                        e,
+                    ))
                 }
             }
         }
-        Err(fail(OP, Loc { base: TMP_SHOWN, name: None }, last))
+        Err(fail(
+            OP,
+            Loc {
+                base: TMP_SHOWN,
+                name: None,
+            },
+            last,
+        ))
     }
 
     /// Puts a written temp file in place at `p`: sets its permission bits (`mode & PERM_MASK`)
@@ -629,7 +693,14 @@ impl ShareRoot {
         mode: u32,
         mtime: Timestamp,
     ) -> Result<Stat, FsError> {
-        self.commit("commit temp file", temp, p, mode, mtime, RenameFlags::empty())
+        self.commit(
+            "commit temp file",
+            temp,
+            p,
+            mode,
+            mtime,
+            RenameFlags::empty(),
+        )
     }
 
     /// [`ShareRoot::commit_temp`] for a path that must not exist: if anything appeared at `p`
@@ -718,7 +789,10 @@ impl ShareRoot {
     /// cannot be removed (a non-empty directory someone put there) is logged and left.
     pub fn clean_temps(&self) -> Result<usize, FsError> {
         const OP: &str = "clean temp files";
-        let loc = Loc { base: TMP_SHOWN, name: None };
+        let loc = Loc {
+            base: TMP_SHOWN,
+            name: None,
+        };
         let dir = rfs::Dir::read_from(&self.tmp).map_err(|e| fail(OP, loc, e))?;
         let mut removed = 0usize;
         for entry in dir {
@@ -727,7 +801,10 @@ impl ShareRoot {
             if name == b"." || name == b".." {
                 continue;
             }
-            let at = Loc { base: TMP_SHOWN, name: Some(name) };
+            let at = Loc {
+                base: TMP_SHOWN,
+                name: Some(name),
+            };
             let result = match rfs::unlinkat(&self.tmp, name, AtFlags::empty()) {
                 Err(Errno::ISDIR) => rfs::unlinkat(&self.tmp, name, AtFlags::REMOVEDIR),
                 other => other,
@@ -752,8 +829,18 @@ impl ShareRoot {
     /// halt the share, not silently mint a new identity).
     pub fn read_marker(&self) -> Result<Option<[u8; 16]>, FsError> {
         const OP: &str = "read marker";
-        let loc = Loc { base: RESERVED_NAME, name: Some(MARKER_NAME) };
-        let (mut file, _) = match open_regular(OP, self.meta.as_fd(), self.dev, self.resolver, MARKER_NAME, loc) {
+        let loc = Loc {
+            base: RESERVED_NAME,
+            name: Some(MARKER_NAME),
+        };
+        let (mut file, _) = match open_regular(
+            OP,
+            self.meta.as_fd(),
+            self.dev,
+            self.resolver,
+            MARKER_NAME,
+            loc,
+        ) {
             Ok(x) => x,
             Err(e) if e.kind() == FsErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
@@ -763,7 +850,11 @@ impl ShareRoot {
         (&mut file)
             .take(MARKER_READ_LIMIT as u64)
             .read_to_end(&mut buf)
-            .map_err(|e| FsError::Io { op: OP, path: loc.shown(), source: e })?;
+            .map_err(|e| FsError::Io {
+                op: OP,
+                path: loc.shown(),
+                source: e,
+            })?;
         parse_marker(&buf)
             .map(Some)
             .ok_or_else(|| invalid(OP, loc, "the marker is not 32 hex digits"))
@@ -773,15 +864,21 @@ impl ShareRoot {
     /// fsync `.vmsync/`. Content: 32 lowercase hex digits and a newline.
     pub fn write_marker(&self, id: [u8; 16]) -> Result<(), FsError> {
         const OP: &str = "write marker";
-        let loc = Loc { base: RESERVED_NAME, name: Some(MARKER_NAME) };
+        let loc = Loc {
+            base: RESERVED_NAME,
+            name: Some(MARKER_NAME),
+        };
         let temp = self.create_temp()?;
         let result = (|| {
             let mut text = format_marker(&id).into_bytes();
             text.push(b'\n');
-            (&temp.file)
-                .write_all(&text)
-                .map_err(|e| FsError::Io { op: OP, path: loc.shown(), source: e })?;
-            rfs::fchmod(&temp.file, Mode::from_raw_mode(MARKER_MODE)).map_err(|e| fail(OP, loc, e))?;
+            (&temp.file).write_all(&text).map_err(|e| FsError::Io {
+                op: OP,
+                path: loc.shown(),
+                source: e,
+            })?;
+            rfs::fchmod(&temp.file, Mode::from_raw_mode(MARKER_MODE))
+                .map_err(|e| fail(OP, loc, e))?;
             rfs::fsync(&temp.file).map_err(|e| fail(OP, loc, e))?;
             rfs::renameat(&self.tmp, temp.name.as_str(), &self.meta, MARKER_NAME)
                 .map_err(|e| fail(OP, loc, e))
@@ -824,7 +921,10 @@ impl DirHandle {
     /// are skipped.
     pub fn entries(&self) -> Result<Vec<(Vec<u8>, Stat)>, FsError> {
         const OP: &str = "list directory";
-        let loc = Loc { base: &self.path, name: None };
+        let loc = Loc {
+            base: &self.path,
+            name: None,
+        };
         let dir = rfs::Dir::read_from(&self.fd).map_err(|e| fail(OP, loc, e))?;
         let mut out = Vec::new();
         for entry in dir {
@@ -836,7 +936,16 @@ impl DirHandle {
             match rfs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
                 Ok(st) => out.push((name.to_vec(), Stat::from_raw(&st, self.root_dev))),
                 Err(Errno::NOENT) => {}
-                Err(e) => return Err(fail(OP, Loc { base: &self.path, name: Some(name) }, e)),
+                Err(e) => {
+                    return Err(fail(
+                        OP,
+                        Loc {
+                            base: &self.path,
+                            name: Some(name),
+                        },
+                        e,
+                    ))
+                }
             }
         }
         out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
@@ -875,7 +984,14 @@ impl DirHandle {
     pub fn open_file(&self, name: &[u8]) -> Result<(File, Stat), FsError> {
         const OP: &str = "open file";
         self.check_name(OP, name)?;
-        open_regular(OP, self.fd.as_fd(), self.root_dev, self.resolver, name, self.loc(name))
+        open_regular(
+            OP,
+            self.fd.as_fd(),
+            self.root_dev,
+            self.resolver,
+            name,
+            self.loc(name),
+        )
     }
 
     /// The target of the symlink `name`.
@@ -898,12 +1014,24 @@ impl DirHandle {
 
     /// `fstat` of this directory.
     pub fn stat(&self) -> Result<Stat, FsError> {
-        let st = rfs::fstat(&self.fd).map_err(|e| fail("stat", Loc { base: &self.path, name: None }, e))?;
+        let st = rfs::fstat(&self.fd).map_err(|e| {
+            fail(
+                "stat",
+                Loc {
+                    base: &self.path,
+                    name: None,
+                },
+                e,
+            )
+        })?;
         Ok(Stat::from_raw(&st, self.root_dev))
     }
 
     fn loc<'a>(&'a self, name: &'a [u8]) -> Loc<'a> {
-        Loc { base: &self.path, name: Some(name) }
+        Loc {
+            base: &self.path,
+            name: Some(name),
+        }
     }
 
     /// A name must be exactly one component: with a `/` in it, an `openat` would resolve
@@ -1011,7 +1139,11 @@ pub(crate) fn openat2_beneath(
     if !comps.iter().all(|c| is_single_component(c)) {
         return Err(Errno::INVAL);
     }
-    let path: Vec<u8> = if comps.is_empty() { b".".to_vec() } else { comps.join(&b'/') };
+    let path: Vec<u8> = if comps.is_empty() {
+        b".".to_vec()
+    } else {
+        comps.join(&b'/')
+    };
     let mut flags = oflags | OFlags::CLOEXEC;
     if flags.contains(OFlags::DIRECTORY) {
         // RESOLVE_NO_SYMLINKS already refuses a final symlink, with ELOOP; O_NOFOLLOW on top
@@ -1057,8 +1189,13 @@ pub(crate) fn walk_beneath(
         cur = Some(next);
     }
     let at = cur.as_ref().map_or(base, |fd| fd.as_fd());
-    let fd = rfs::openat(at, *last, oflags | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-        .map_err(|e| symlink_or(at, last, e))?;
+    let fd = rfs::openat(
+        at,
+        *last,
+        oflags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| symlink_or(at, last, e))?;
     // A bind-mounted file is a mount root too; directories also get the device check from
     // open_beneath.
     if is_mount_root(&fd) {
@@ -1083,8 +1220,11 @@ fn not_crossing(fd: &OwnedFd, root_dev: u64) -> Result<(), Errno> {
 fn is_mount_root(fd: &OwnedFd) -> bool {
     match rfs::statx(fd, "", AtFlags::EMPTY_PATH, rfs::StatxFlags::empty()) {
         Ok(stx) => {
-            stx.stx_attributes_mask.contains(rfs::StatxAttributes::MOUNT_ROOT)
-                && stx.stx_attributes.contains(rfs::StatxAttributes::MOUNT_ROOT)
+            stx.stx_attributes_mask
+                .contains(rfs::StatxAttributes::MOUNT_ROOT)
+                && stx
+                    .stx_attributes
+                    .contains(rfs::StatxAttributes::MOUNT_ROOT)
         }
         Err(_) => false,
     }
@@ -1097,7 +1237,10 @@ fn is_mount_root(fd: &OwnedFd) -> bool {
 fn symlink_or(at: BorrowedFd<'_>, name: &[u8], e: Errno) -> Errno {
     if e == Errno::NOTDIR {
         if let Ok(st) = rfs::statat(at, name, AtFlags::SYMLINK_NOFOLLOW) {
-            if matches!(FileType::from_raw_mode(st.st_mode), FileType::Symlink | FileType::Directory) {
+            if matches!(
+                FileType::from_raw_mode(st.st_mode),
+                FileType::Symlink | FileType::Directory
+            ) {
                 return Errno::LOOP;
             }
         }
@@ -1147,10 +1290,18 @@ fn open_root_path(op: &'static str, path: &Path) -> Result<(OwnedFd, rfs::Stat),
                 source: Some(Errno::LOOP),
             }
         } else {
-            FsError::Sys { op, path: shown(), source: e }
+            FsError::Sys {
+                op,
+                path: shown(),
+                source: e,
+            }
         }
     })?;
-    let st = rfs::fstat(&fd).map_err(|e| FsError::Sys { op, path: shown(), source: e })?;
+    let st = rfs::fstat(&fd).map_err(|e| FsError::Sys {
+        op,
+        path: shown(),
+        source: e,
+    })?;
     Ok((fd, st))
 }
 
@@ -1163,20 +1314,34 @@ fn ensure_reserved_dir(
     parent_shown: &[u8],
 ) -> Result<OwnedFd, FsError> {
     const OP: &str = "open reserved directory";
-    let loc = Loc { base: parent_shown, name: Some(name) };
+    let loc = Loc {
+        base: parent_shown,
+        name: Some(name),
+    };
     let created = match rfs::mkdirat(parent, name, Mode::from_raw_mode(RESERVED_DIR_MODE)) {
         Ok(()) => true,
         Err(Errno::EXIST) => false,
         Err(e) => return Err(fail(OP, loc, e)),
     };
-    let fd = open_beneath(parent, dev, &[name], OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW, resolver)
-        .map_err(|e| fail(OP, loc, e))?;
+    let fd = open_beneath(
+        parent,
+        dev,
+        &[name],
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW,
+        resolver,
+    )
+    .map_err(|e| fail(OP, loc, e))?;
     if created {
         // mkdirat's mode went through the umask; make it exactly owner-only. Then make the new
         // entry durable, or a marker written next could vanish with its directory on a crash.
         rfs::fchmod(&fd, Mode::from_raw_mode(RESERVED_DIR_MODE)).map_err(|e| fail(OP, loc, e))?;
-        let readable = rfs::openat(parent, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-            .map_err(|e| fail(OP, loc, e))?;
+        let readable = rfs::openat(
+            parent,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| fail(OP, loc, e))?;
         rfs::fsync(&readable).map_err(|e| fail(OP, loc, e))?;
     }
     Ok(fd)
@@ -1228,7 +1393,12 @@ fn chmod_pinned(pin: &OwnedFd, perm: Mode) -> Result<(), Errno> {
     })
 }
 
-fn read_link_at(op: &'static str, dir: BorrowedFd<'_>, name: &[u8], loc: Loc<'_>) -> Result<Vec<u8>, FsError> {
+fn read_link_at(
+    op: &'static str,
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    loc: Loc<'_>,
+) -> Result<Vec<u8>, FsError> {
     rfs::readlinkat(dir, name, Vec::new())
         .map(|target| target.into_bytes())
         .map_err(|e| fail(op, loc, e))
@@ -1240,8 +1410,14 @@ fn mtime_only(op: &'static str, loc: Loc<'_>, mtime: Timestamp) -> Result<Timest
         return Err(invalid(op, loc, "mtime nanoseconds out of range"));
     }
     Ok(Timestamps {
-        last_access: Timespec { tv_sec: 0, tv_nsec: rfs::UTIME_OMIT },
-        last_modification: Timespec { tv_sec: mtime.secs, tv_nsec: mtime.nanos.into() },
+        last_access: Timespec {
+            tv_sec: 0,
+            tv_nsec: rfs::UTIME_OMIT,
+        },
+        last_modification: Timespec {
+            tv_sec: mtime.secs,
+            tv_nsec: mtime.nanos.into(),
+        },
     })
 }
 
@@ -1349,9 +1525,17 @@ mod tests {
         let f = tmp.path().join("f");
         std::fs::write(&f, b"x").unwrap();
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o000)).unwrap();
-        let pin = rfs::open(&f, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()).unwrap();
+        let pin = rfs::open(
+            &f,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap();
         chmod_pinned(&pin, Mode::from_raw_mode(0o640)).unwrap();
-        assert_eq!(std::fs::metadata(&f).unwrap().permissions().mode() & 0o7777, 0o640);
+        assert_eq!(
+            std::fs::metadata(&f).unwrap().permissions().mode() & 0o7777,
+            0o640
+        );
     }
 
     /// Both resolutions give the same answer (success, or the same errno) on a tree with
@@ -1366,11 +1550,31 @@ mod tests {
         std::os::unix::fs::symlink("/", d.join("abs")).unwrap();
         std::os::unix::fs::symlink("loop", d.join("loop")).unwrap();
         std::os::unix::fs::symlink("/proc/self/root", d.join("proc")).unwrap();
-        let root = rfs::open(d, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).unwrap();
+        let root = rfs::open(
+            d,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap();
         let dev = to_u64(rfs::fstat(&root).unwrap().st_dev);
         let paths: &[&[u8]] = &[
-            b"", b"a", b"a/b", b"a/b/c", b"a/f", b"a/l", b"a/l/c", b"abs", b"abs/etc", b"loop",
-            b"loop/x", b"proc", b"proc/etc", b"missing", b"missing/x", b"a/f/x", b"a/b/missing",
+            b"",
+            b"a",
+            b"a/b",
+            b"a/b/c",
+            b"a/f",
+            b"a/l",
+            b"a/l/c",
+            b"abs",
+            b"abs/etc",
+            b"loop",
+            b"loop/x",
+            b"proc",
+            b"proc/etc",
+            b"missing",
+            b"missing/x",
+            b"a/f/x",
+            b"a/b/missing",
         ];
         let flag_sets = [
             OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW,
@@ -1380,7 +1584,11 @@ mod tests {
         ];
         let mut saw_openat2 = false;
         for path in paths {
-            let comps: Vec<&[u8]> = if path.is_empty() { vec![] } else { path.split(|&b| b == b'/').collect() };
+            let comps: Vec<&[u8]> = if path.is_empty() {
+                vec![]
+            } else {
+                path.split(|&b| b == b'/').collect()
+            };
             for flags in flag_sets {
                 let walked = walk_beneath(root.as_fd(), dev, &comps, flags).map(|_| ());
                 match openat2_beneath(root.as_fd(), &comps, flags).map(|_| ()) {
@@ -1391,7 +1599,11 @@ mod tests {
                     }
                 }
                 // Through a symlink is never a success, whichever resolution.
-                if path.starts_with(b"a/l/") || path.starts_with(b"abs/") || path.starts_with(b"proc/") || path.starts_with(b"loop/") {
+                if path.starts_with(b"a/l/")
+                    || path.starts_with(b"abs/")
+                    || path.starts_with(b"proc/")
+                    || path.starts_with(b"loop/")
+                {
                     assert_eq!(walked, Err(Errno::LOOP), "{}", escape_bytes(path));
                 }
             }
@@ -1400,8 +1612,14 @@ mod tests {
         assert!(saw_openat2 || OPENAT2_MISSING.load(Ordering::Relaxed));
         // Names that are not single components are refused by both, never resolved.
         for bad in [&b"a/b"[..], b"..", b".", b"", b"a\0"] {
-            assert_eq!(walk_beneath(root.as_fd(), dev, &[bad], OFlags::PATH).map(|_| ()), Err(Errno::INVAL));
-            assert_eq!(openat2_beneath(root.as_fd(), &[bad], OFlags::PATH).map(|_| ()), Err(Errno::INVAL));
+            assert_eq!(
+                walk_beneath(root.as_fd(), dev, &[bad], OFlags::PATH).map(|_| ()),
+                Err(Errno::INVAL)
+            );
+            assert_eq!(
+                openat2_beneath(root.as_fd(), &[bad], OFlags::PATH).map(|_| ()),
+                Err(Errno::INVAL)
+            );
         }
     }
 }

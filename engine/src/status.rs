@@ -49,7 +49,8 @@ pub struct ShareStatus {
     /// Escaped paths in conflict (policy `keep`).
     pub conflicts: Vec<String>,
     pub problems: Vec<ProblemView>,
-    /// Regular files and their total bytes in the share (host side) after the last cycle.
+    /// Regular files and their total bytes that both sides agree on after the last cycle
+    /// (on the guest: what its index holds).
     pub files: u64,
     pub bytes: u64,
     /// Chunk payload bytes sent to / received from the guest, as they crossed the wire.
@@ -57,6 +58,8 @@ pub struct ShareStatus {
     pub bytes_received: u64,
     /// Chunks found locally on the receiving side instead of transferred.
     pub chunks_reused: u64,
+    /// Files this agent read and hashed since it started (unchanged files are not re-read).
+    pub files_hashed: u64,
     /// Completed cycles since the agent started.
     pub cycles: u64,
     /// Where losing versions are kept.

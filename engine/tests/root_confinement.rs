@@ -91,7 +91,12 @@ impl Fixture {
         mkfifo(&out.join("fifo"));
         symlink("secret", out.join("link")).unwrap();
         let before = snapshot(&out);
-        Fixture { _tmp: tmp, share, out, before }
+        Fixture {
+            _tmp: tmp,
+            share,
+            out,
+            before,
+        }
     }
 
     fn root(&self, r: Resolver) -> ShareRoot {
@@ -108,7 +113,9 @@ impl Fixture {
     }
 
     fn tmp_entries(&self) -> usize {
-        fs::read_dir(self.share.join(".vmsync/tmp")).unwrap().count()
+        fs::read_dir(self.share.join(".vmsync/tmp"))
+            .unwrap()
+            .count()
     }
 }
 
@@ -135,9 +142,17 @@ fn every_op_refused(root: &ShareRoot, p: &RelPath, want: FsErrorKind) {
     assert_kind(root.set_mtime(p, ts(1, 0)), want, &format!("set_mtime {s}"));
     let t = root.create_temp().unwrap();
     t.file.write_all_at(b"pwned", 0).unwrap();
-    assert_kind(root.commit_temp(t, p, 0o777, ts(1, 0)), want, &format!("commit_temp {s}"));
+    assert_kind(
+        root.commit_temp(t, p, 0o777, ts(1, 0)),
+        want,
+        &format!("commit_temp {s}"),
+    );
     let t = root.create_temp().unwrap();
-    assert_kind(root.commit_temp_new(t, p, 0o777, ts(1, 0)), want, &format!("commit_temp_new {s}"));
+    assert_kind(
+        root.commit_temp_new(t, p, 0o777, ts(1, 0)),
+        want,
+        &format!("commit_temp_new {s}"),
+    );
 }
 
 #[test]
@@ -156,7 +171,14 @@ fn escaping_symlinks_are_never_routes() {
             symlink(os(&target), fx.share.join("d")).unwrap();
             let root = fx.root(resolver);
             let inside = snapshot(&fx.share);
-            for p in [&b"d/x"[..], b"d/sub/x", b"d/sub", b"d/new", b"d/sub/new", b"d/fifo"] {
+            for p in [
+                &b"d/x"[..],
+                b"d/sub/x",
+                b"d/sub",
+                b"d/new",
+                b"d/sub/new",
+                b"d/fifo",
+            ] {
                 every_op_refused(&root, &rp(p), FsErrorKind::Symlink);
             }
             // The link itself: seen as a symlink, never entered.
@@ -167,13 +189,27 @@ fn escaping_symlinks_are_never_routes() {
             assert_kind(root.open_file(&d), FsErrorKind::Symlink, "open_file d");
             assert_kind(root.set_mode(&d, 0o777), FsErrorKind::Symlink, "set_mode d");
             assert_kind(root.mkdir(&d, 0o777), FsErrorKind::Exists, "mkdir d");
-            assert_kind(root.remove_dir(&d), FsErrorKind::NotADirectory, "remove_dir d");
+            assert_kind(
+                root.remove_dir(&d),
+                FsErrorKind::NotADirectory,
+                "remove_dir d",
+            );
             let dh = root.open_dir(&RelPath::root()).unwrap();
             assert_kind(dh.open_subdir(b"d"), FsErrorKind::Symlink, "open_subdir d");
-            assert_kind(dh.open_file(b"d"), FsErrorKind::Symlink, "DirHandle::open_file d");
+            assert_kind(
+                dh.open_file(b"d"),
+                FsErrorKind::Symlink,
+                "DirHandle::open_file d",
+            );
             let listed: Vec<_> = dh.entries().unwrap();
-            assert!(listed.iter().any(|(n, s)| n == b"d" && s.kind == FileKind::Symlink));
-            assert_eq!(snapshot(&fx.share), inside, "share changed ({target:?}, {resolver:?})");
+            assert!(listed
+                .iter()
+                .any(|(n, s)| n == b"d" && s.kind == FileKind::Symlink));
+            assert_eq!(
+                snapshot(&fx.share),
+                inside,
+                "share changed ({target:?}, {resolver:?})"
+            );
             assert_eq!(fx.tmp_entries(), 0, "a refused commit left its temp behind");
             // Removing the link removes the link only.
             root.remove_file(&d).unwrap();
@@ -196,13 +232,27 @@ fn link_chains_loops_and_magic_links() {
         symlink("l1", s.join("l2")).unwrap();
         symlink("self", s.join("self")).unwrap();
         for i in 0..40 {
-            let next = if i == 39 { "../OUT".to_string() } else { format!("k{}", i + 1) };
+            let next = if i == 39 {
+                "../OUT".to_string()
+            } else {
+                format!("k{}", i + 1)
+            };
             symlink(next, s.join(format!("k{i}"))).unwrap();
         }
         symlink("/proc/self/root", s.join("proc")).unwrap();
         symlink("/proc/self/cwd", s.join("cwd")).unwrap();
         let root = fx.root(resolver);
-        for link in [&b"a/c1"[..], b"a/c2", b"l1", b"l2", b"self", b"k0", b"k39", b"proc", b"cwd"] {
+        for link in [
+            &b"a/c1"[..],
+            b"a/c2",
+            b"l1",
+            b"l2",
+            b"self",
+            b"k0",
+            b"k39",
+            b"proc",
+            b"cwd",
+        ] {
             let l = rp(link);
             assert_eq!(root.stat(&l).unwrap().unwrap().kind, FileKind::Symlink);
             for under in [&b"x"[..], b"sub/x", b"tmp", b"new"] {
@@ -215,7 +265,10 @@ fn link_chains_loops_and_magic_links() {
         assert_eq!(root.read_link(&rp(b"proc")).unwrap(), b"/proc/self/root");
         assert!(symlink_target_is_contained(&rp(b"a/c1"), b"c2"));
         assert!(!symlink_target_is_contained(&rp(b"a/c2"), b"../../OUT"));
-        assert!(!symlink_target_is_contained(&rp(b"proc"), b"/proc/self/root"));
+        assert!(!symlink_target_is_contained(
+            &rp(b"proc"),
+            b"/proc/self/root"
+        ));
         assert_eq!(fx.tmp_entries(), 0);
         fx.assert_out_untouched();
     }
@@ -235,18 +288,38 @@ fn fifos_and_sockets_never_block_and_are_never_opened() {
             assert_eq!(root.stat(&f).unwrap().unwrap().kind, FileKind::Other);
             assert_eq!(root.stat(&sock).unwrap().unwrap().kind, FileKind::Other);
             assert_kind(root.open_file(&f), FsErrorKind::NotAFile, "open_file fifo");
-            assert_kind(root.open_file(&sock), FsErrorKind::NotAFile, "open_file socket");
+            assert_kind(
+                root.open_file(&sock),
+                FsErrorKind::NotAFile,
+                "open_file socket",
+            );
             let dh = root.open_dir(&RelPath::root()).unwrap();
-            assert_kind(dh.open_file(b"f"), FsErrorKind::NotAFile, "DirHandle::open_file fifo");
-            assert_kind(root.set_mode(&f, 0o777), FsErrorKind::NotAFile, "set_mode fifo");
+            assert_kind(
+                dh.open_file(b"f"),
+                FsErrorKind::NotAFile,
+                "DirHandle::open_file fifo",
+            );
+            assert_kind(
+                root.set_mode(&f, 0o777),
+                FsErrorKind::NotAFile,
+                "set_mode fifo",
+            );
             // A special file is something we never saw: never replaced by a commit.
             let t = root.create_temp().unwrap();
-            assert_kind(root.commit_temp(t, &f, 0o644, ts(1, 0)), FsErrorKind::NotAFile, "commit over fifo");
+            assert_kind(
+                root.commit_temp(t, &f, 0o644, ts(1, 0)),
+                FsErrorKind::NotAFile,
+                "commit over fifo",
+            );
             tx.send(()).unwrap();
         });
-        rx.recv_timeout(Duration::from_secs(5)).expect("an operation on a FIFO blocked");
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("an operation on a FIFO blocked");
         worker.join().unwrap();
-        assert!(fs::symlink_metadata(fx.share.join("f")).unwrap().file_type().is_fifo());
+        assert!(fs::symlink_metadata(fx.share.join("f"))
+            .unwrap()
+            .file_type()
+            .is_fifo());
         assert_eq!(fx.tmp_entries(), 0);
         fx.assert_out_untouched();
     }
@@ -277,8 +350,14 @@ fn hardlink_to_outside_file_is_replaced_not_written_through() {
 
 #[test]
 fn odd_names_are_just_bytes() {
-    let names: [&[u8]; 6] =
-        [b"new\nline", b"back\\slash", b"\xff\xfe", b"\x1b[31mred", b" lead", b"-dash"];
+    let names: [&[u8]; 6] = [
+        b"new\nline",
+        b"back\\slash",
+        b"\xff\xfe",
+        b"\x1b[31mred",
+        b" lead",
+        b"-dash",
+    ];
     for resolver in RESOLVERS {
         let fx = Fixture::new();
         let root = fx.root(resolver);
@@ -356,10 +435,17 @@ fn modes_are_permission_bits_only_and_ignore_the_umask() {
         fs::set_permissions(fx.share.join("g"), fs::Permissions::from_mode(0o4755)).unwrap();
         let st = root.stat(&rp(b"g")).unwrap().unwrap();
         assert_eq!((st.mode, st.perm()), (0o4755, 0o755));
-        assert_eq!(root.stat(&rp(b"open")).unwrap().unwrap().kind, FileKind::Dir);
+        assert_eq!(
+            root.stat(&rp(b"open")).unwrap().unwrap().kind,
+            FileKind::Dir
+        );
         // The reserved directories are owner-only.
         for p in [".vmsync", ".vmsync/tmp"] {
-            assert_eq!(fs::metadata(fx.share.join(p)).unwrap().mode() & 0o7777, 0o700, "{p}");
+            assert_eq!(
+                fs::metadata(fx.share.join(p)).unwrap().mode() & 0o7777,
+                0o700,
+                "{p}"
+            );
         }
         fx.assert_out_untouched();
     }
@@ -380,7 +466,11 @@ fn symlink_creation_checks_containment() {
             (b"a/sneak", b"b/../../../OUT"),
             (b"marker", b".vmsync/id"),
         ] {
-            let what = format!("symlink {:?} -> {:?}", rp(link), String::from_utf8_lossy(target));
+            let what = format!(
+                "symlink {:?} -> {:?}",
+                rp(link),
+                String::from_utf8_lossy(target)
+            );
             assert_kind(root.symlink(&rp(link), target), FsErrorKind::Symlink, &what);
             assert!(fs::symlink_metadata(fx.share.join(os(link))).is_err());
         }
@@ -388,8 +478,15 @@ fn symlink_creation_checks_containment() {
         // Lexically inside (share/OUT, not the OUT beside the share).
         root.symlink(&rp(b"a/in"), b"../OUT/x").unwrap();
         root.symlink(&rp(b"a/dot"), b".").unwrap();
-        assert_eq!(fs::read_link(fx.share.join("a/ok")).unwrap(), Path::new("../x"));
-        assert_kind(root.symlink(&rp(b"a/ok"), b"y"), FsErrorKind::Exists, "symlink over existing");
+        assert_eq!(
+            fs::read_link(fx.share.join("a/ok")).unwrap(),
+            Path::new("../x")
+        );
+        assert_kind(
+            root.symlink(&rp(b"a/ok"), b"y"),
+            FsErrorKind::Exists,
+            "symlink over existing",
+        );
         fx.assert_out_untouched();
     }
 }
@@ -398,15 +495,38 @@ fn symlink_creation_checks_containment() {
 fn opening_the_root_classifies_failures() {
     let fx = Fixture::new();
     let base = fx.share.parent().unwrap().to_path_buf();
-    assert_kind(ShareRoot::open(&base.join("missing")), FsErrorKind::NotFound, "missing root");
+    assert_kind(
+        ShareRoot::open(&base.join("missing")),
+        FsErrorKind::NotFound,
+        "missing root",
+    );
     fs::write(base.join("file"), b"").unwrap();
-    assert_kind(ShareRoot::open(&base.join("file")), FsErrorKind::NotADirectory, "file root");
+    assert_kind(
+        ShareRoot::open(&base.join("file")),
+        FsErrorKind::NotADirectory,
+        "file root",
+    );
     symlink("share", base.join("linkroot")).unwrap();
-    assert_kind(ShareRoot::open(&base.join("linkroot")), FsErrorKind::Symlink, "symlink root");
-    assert_kind(ShareRoot::probe(&base.join("linkroot")), FsErrorKind::Symlink, "symlink probe");
+    assert_kind(
+        ShareRoot::open(&base.join("linkroot")),
+        FsErrorKind::Symlink,
+        "symlink root",
+    );
+    assert_kind(
+        ShareRoot::probe(&base.join("linkroot")),
+        FsErrorKind::Symlink,
+        "symlink probe",
+    );
     symlink("nowhere", base.join("dangling")).unwrap();
-    assert_kind(ShareRoot::open(&base.join("dangling")), FsErrorKind::Symlink, "dangling root");
-    assert!(fs::symlink_metadata(fx.share.join(".vmsync")).is_err(), "probe/refusal created files");
+    assert_kind(
+        ShareRoot::open(&base.join("dangling")),
+        FsErrorKind::Symlink,
+        "dangling root",
+    );
+    assert!(
+        fs::symlink_metadata(fx.share.join(".vmsync")).is_err(),
+        "probe/refusal created files"
+    );
     // A symlink higher up the configured path is the admin's business, not the share's.
     symlink(".", base.join("here")).unwrap();
     let root = ShareRoot::open(&base.join("here/share")).unwrap();
@@ -423,8 +543,16 @@ fn a_replaced_root_is_detected_and_the_old_fd_stays_confined() {
         let old = fx.share.with_file_name("share.old");
         fs::rename(&fx.share, &old).unwrap();
         symlink("OUT", &fx.share).unwrap();
-        assert_kind(ShareRoot::probe(&fx.share), FsErrorKind::Symlink, "probe after swap");
-        assert_kind(ShareRoot::open_with(&fx.share, resolver), FsErrorKind::Symlink, "reopen");
+        assert_kind(
+            ShareRoot::probe(&fx.share),
+            FsErrorKind::Symlink,
+            "probe after swap",
+        );
+        assert_kind(
+            ShareRoot::open_with(&fx.share, resolver),
+            FsErrorKind::Symlink,
+            "reopen",
+        );
         // The open root keeps working on the original directory, never on the new path.
         let t = root.create_temp().unwrap();
         t.file.write_all_at(b"still inside", 0).unwrap();
@@ -460,7 +588,10 @@ fn clean_temps_removes_leftovers() {
         symlink("../../../OUT", tmp.join("escape")).unwrap();
         assert_eq!(fx.tmp_entries(), 7);
         assert_eq!(root.clean_temps().unwrap(), 6);
-        let left: Vec<_> = fs::read_dir(&tmp).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let left: Vec<_> = fs::read_dir(&tmp)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(left, vec![std::ffi::OsString::from("full")]);
         assert_eq!(root.clean_temps().unwrap(), 0);
         let t = root.create_temp().unwrap();
@@ -489,7 +620,10 @@ fn commit_temp_sets_mode_and_mtime_to_the_nanosecond() {
         assert_eq!(st.mode, 0o640);
         assert_eq!(st.size, 5);
         assert_eq!((st.dev, st.ino), (m.dev(), m.ino()));
-        assert_eq!(st.ctime, ts(m.ctime(), u32::try_from(m.ctime_nsec()).unwrap()));
+        assert_eq!(
+            st.ctime,
+            ts(m.ctime(), u32::try_from(m.ctime_nsec()).unwrap())
+        );
         assert_eq!(root.stat(&p).unwrap(), Some(st));
         // Replacing keeps the rules; a pre-epoch mtime is fine.
         let t = root.create_temp().unwrap();
@@ -507,7 +641,11 @@ fn commit_temp_sets_mode_and_mtime_to_the_nanosecond() {
         assert_eq!(root.stat(&p).unwrap().unwrap().mtime, ts(42, 999_999_999));
         // Out-of-range nanoseconds: refused, and the temp is gone.
         let t = root.create_temp().unwrap();
-        assert_kind(root.commit_temp(t, &rp(b"bad"), 0o644, ts(1, 1_000_000_000)), FsErrorKind::Io, "bad nanos");
+        assert_kind(
+            root.commit_temp(t, &rp(b"bad"), 0o644, ts(1, 1_000_000_000)),
+            FsErrorKind::Io,
+            "bad nanos",
+        );
         assert_eq!(fx.tmp_entries(), 0);
         fx.assert_out_untouched();
     }
@@ -520,11 +658,19 @@ fn commit_refuses_directories_and_commit_new_refuses_anything() {
         let root = fx.root(resolver);
         root.mkdir(&rp(b"dir"), 0o755).unwrap();
         let t = root.create_temp().unwrap();
-        assert_kind(root.commit_temp(t, &rp(b"dir"), 0o644, ts(1, 0)), FsErrorKind::NotAFile, "commit over dir");
+        assert_kind(
+            root.commit_temp(t, &rp(b"dir"), 0o644, ts(1, 0)),
+            FsErrorKind::NotAFile,
+            "commit over dir",
+        );
         assert!(fs::metadata(fx.share.join("dir")).unwrap().is_dir());
         fs::write(fx.share.join("f"), b"local edit").unwrap();
         let t = root.create_temp().unwrap();
-        assert_kind(root.commit_temp_new(t, &rp(b"f"), 0o644, ts(1, 0)), FsErrorKind::Exists, "commit_new over file");
+        assert_kind(
+            root.commit_temp_new(t, &rp(b"f"), 0o644, ts(1, 0)),
+            FsErrorKind::Exists,
+            "commit_new over file",
+        );
         assert_eq!(fs::read(fx.share.join("f")).unwrap(), b"local edit");
         let t = root.create_temp().unwrap();
         root.commit_temp_new(t, &rp(b"g"), 0o644, ts(1, 0)).unwrap();
@@ -536,9 +682,17 @@ fn commit_refuses_directories_and_commit_new_refuses_anything() {
         assert!(fs::symlink_metadata(fx.share.join("l")).unwrap().is_file());
         // Missing parent, parent that is a file.
         let t = root.create_temp().unwrap();
-        assert_kind(root.commit_temp(t, &rp(b"nope/f"), 0o644, ts(1, 0)), FsErrorKind::NotFound, "missing parent");
+        assert_kind(
+            root.commit_temp(t, &rp(b"nope/f"), 0o644, ts(1, 0)),
+            FsErrorKind::NotFound,
+            "missing parent",
+        );
         let t = root.create_temp().unwrap();
-        assert_kind(root.commit_temp(t, &rp(b"f/x"), 0o644, ts(1, 0)), FsErrorKind::NotADirectory, "file parent");
+        assert_kind(
+            root.commit_temp(t, &rp(b"f/x"), 0o644, ts(1, 0)),
+            FsErrorKind::NotADirectory,
+            "file parent",
+        );
         assert_eq!(fx.tmp_entries(), 0);
         fx.assert_out_untouched();
     }
@@ -555,20 +709,51 @@ fn removal_semantics() {
         root.commit_temp(t, &rp(b"f"), 0o644, ts(1, 0)).unwrap();
         symlink("d", fx.share.join("ld")).unwrap();
         symlink("../OUT/secret", fx.share.join("ls")).unwrap();
-        assert_kind(root.remove_dir(&rp(b"d")), FsErrorKind::NotEmpty, "remove_dir non-empty");
-        assert_kind(root.remove_dir(&rp(b"f")), FsErrorKind::NotADirectory, "remove_dir file");
-        assert_kind(root.remove_dir(&rp(b"ld")), FsErrorKind::NotADirectory, "remove_dir symlink");
-        assert_kind(root.remove_file(&rp(b"d")), FsErrorKind::NotAFile, "remove_file dir");
-        assert_kind(root.remove_file(&rp(b"missing")), FsErrorKind::NotFound, "remove_file missing");
-        assert_kind(root.remove_dir(&rp(b"missing/x")), FsErrorKind::NotFound, "remove_dir missing parent");
-        assert_kind(root.remove_file(&RelPath::root()), FsErrorKind::Io, "remove_file root");
+        assert_kind(
+            root.remove_dir(&rp(b"d")),
+            FsErrorKind::NotEmpty,
+            "remove_dir non-empty",
+        );
+        assert_kind(
+            root.remove_dir(&rp(b"f")),
+            FsErrorKind::NotADirectory,
+            "remove_dir file",
+        );
+        assert_kind(
+            root.remove_dir(&rp(b"ld")),
+            FsErrorKind::NotADirectory,
+            "remove_dir symlink",
+        );
+        assert_kind(
+            root.remove_file(&rp(b"d")),
+            FsErrorKind::NotAFile,
+            "remove_file dir",
+        );
+        assert_kind(
+            root.remove_file(&rp(b"missing")),
+            FsErrorKind::NotFound,
+            "remove_file missing",
+        );
+        assert_kind(
+            root.remove_dir(&rp(b"missing/x")),
+            FsErrorKind::NotFound,
+            "remove_dir missing parent",
+        );
+        assert_kind(
+            root.remove_file(&RelPath::root()),
+            FsErrorKind::Io,
+            "remove_file root",
+        );
         root.remove_file(&rp(b"ls")).unwrap();
         root.remove_file(&rp(b"ld")).unwrap();
         assert!(fs::metadata(fx.share.join("d/e")).unwrap().is_dir());
         root.remove_dir(&rp(b"d/e")).unwrap();
         root.remove_dir(&rp(b"d")).unwrap();
         root.remove_file(&rp(b"f")).unwrap();
-        assert_eq!(root.open_dir(&RelPath::root()).unwrap().entries().unwrap(), vec![]);
+        assert_eq!(
+            root.open_dir(&RelPath::root()).unwrap().entries().unwrap(),
+            vec![]
+        );
         fx.assert_out_untouched();
     }
 }
@@ -581,7 +766,11 @@ fn stat_semantics() {
         fs::write(fx.share.join("f"), b"12345").unwrap();
         assert_eq!(root.stat(&rp(b"missing")).unwrap(), None);
         assert_eq!(root.stat(&rp(b"missing/deeper/x")).unwrap(), None);
-        assert_eq!(root.stat(&rp(b"f/x")).unwrap(), None, "a file as parent: cannot exist");
+        assert_eq!(
+            root.stat(&rp(b"f/x")).unwrap(),
+            None,
+            "a file as parent: cannot exist"
+        );
         let st = root.stat(&rp(b"f")).unwrap().unwrap();
         assert_eq!((st.kind, st.size, st.nlink), (FileKind::File, 5, 1));
         let r = root.stat(&RelPath::root()).unwrap().unwrap();
@@ -589,6 +778,11 @@ fn stat_semantics() {
         assert_eq!((r.dev, r.ino), root.dev_ino());
         let dh = root.open_dir(&RelPath::root()).unwrap();
         assert_eq!(dh.stat().unwrap(), r);
+        // The root's own metadata can be set too (through its fd, not its path).
+        root.set_mode(&RelPath::root(), 0o750).unwrap();
+        root.set_mtime(&RelPath::root(), ts(77, 7)).unwrap();
+        let r = root.stat(&RelPath::root()).unwrap().unwrap();
+        assert_eq!((r.mode, r.mtime), (0o750, ts(77, 7)));
         assert_eq!(dh.stat_entry(b"f").unwrap(), Some(st));
         assert_eq!(dh.stat_entry(b"nope").unwrap(), None);
         let (file, fst) = root.open_file(&rp(b"f")).unwrap();
@@ -609,17 +803,41 @@ fn root_listing_hides_the_reserved_directory() {
         fs::create_dir_all(fx.share.join("sub/.vmsync")).unwrap();
         let dh = root.open_dir(&RelPath::root()).unwrap();
         let names: Vec<Vec<u8>> = dh.entries().unwrap().into_iter().map(|(n, _)| n).collect();
-        assert_eq!(names, vec![b"B".to_vec(), b"a".to_vec(), b"b".to_vec(), b"sub".to_vec(), b"\xff".to_vec()]);
-        assert_kind(dh.open_subdir(b".vmsync"), FsErrorKind::Io, "open_subdir .vmsync");
-        assert_kind(dh.open_file(b".vmsync"), FsErrorKind::Io, "open_file .vmsync");
+        assert_eq!(
+            names,
+            vec![
+                b"B".to_vec(),
+                b"a".to_vec(),
+                b"b".to_vec(),
+                b"sub".to_vec(),
+                b"\xff".to_vec()
+            ]
+        );
+        assert_kind(
+            dh.open_subdir(b".vmsync"),
+            FsErrorKind::Io,
+            "open_subdir .vmsync",
+        );
+        assert_kind(
+            dh.open_file(b".vmsync"),
+            FsErrorKind::Io,
+            "open_file .vmsync",
+        );
         for bad in [&b"sub/.vmsync"[..], b"..", b".", b"", b"a\0b"] {
             assert_kind(dh.open_subdir(bad), FsErrorKind::Io, "bad name");
             assert_kind(dh.read_link(bad), FsErrorKind::Io, "bad name");
         }
         let sub = dh.open_subdir(b"sub").unwrap();
         let names: Vec<Vec<u8>> = sub.entries().unwrap().into_iter().map(|(n, _)| n).collect();
-        assert_eq!(names, vec![b".vmsync".to_vec()], "only the root's .vmsync is reserved");
-        assert_eq!(sub.open_subdir(b".vmsync").unwrap().entries().unwrap(), vec![]);
+        assert_eq!(
+            names,
+            vec![b".vmsync".to_vec()],
+            "only the root's .vmsync is reserved"
+        );
+        assert_eq!(
+            sub.open_subdir(b".vmsync").unwrap().entries().unwrap(),
+            vec![]
+        );
         fx.assert_out_untouched();
     }
 }
@@ -643,7 +861,9 @@ fn marker_round_trip_and_hostile_markers() {
         symlink("../../OUT/x", fx.share.join(".vmsync/id")).unwrap();
         assert_kind(root.read_marker(), FsErrorKind::Symlink, "marker symlink");
         root.write_marker(id).unwrap();
-        assert!(fs::symlink_metadata(fx.share.join(".vmsync/id")).unwrap().is_file());
+        assert!(fs::symlink_metadata(fx.share.join(".vmsync/id"))
+            .unwrap()
+            .is_file());
         assert_eq!(fx.tmp_entries(), 0);
         fx.assert_out_untouched();
     }
@@ -654,11 +874,19 @@ fn reserved_directories_that_are_symlinks_are_refused() {
     for resolver in RESOLVERS {
         let fx = Fixture::new();
         symlink("../OUT", fx.share.join(".vmsync")).unwrap();
-        assert_kind(ShareRoot::open_with(&fx.share, resolver), FsErrorKind::Symlink, ".vmsync symlink");
+        assert_kind(
+            ShareRoot::open_with(&fx.share, resolver),
+            FsErrorKind::Symlink,
+            ".vmsync symlink",
+        );
         fs::remove_file(fx.share.join(".vmsync")).unwrap();
         fs::create_dir(fx.share.join(".vmsync")).unwrap();
         symlink("../../OUT/sub", fx.share.join(".vmsync/tmp")).unwrap();
-        assert_kind(ShareRoot::open_with(&fx.share, resolver), FsErrorKind::Symlink, "tmp symlink");
+        assert_kind(
+            ShareRoot::open_with(&fx.share, resolver),
+            FsErrorKind::Symlink,
+            "tmp symlink",
+        );
         fx.assert_out_untouched();
     }
 }
@@ -713,7 +941,10 @@ fn racing_directory_symlink_swaps_never_reach_out() {
         }
         stop.store(true, Ordering::Relaxed);
         swapper.join().unwrap();
-        assert!(landed > 0 && refused > 0, "no race exercised: {landed} landed, {refused} refused");
+        assert!(
+            landed > 0 && refused > 0,
+            "no race exercised: {landed} landed, {refused} refused"
+        );
         assert_eq!(fx.tmp_entries(), 0);
         fx.assert_out_untouched();
     }
@@ -726,7 +957,10 @@ fn mount_points_are_not_crossed() {
     struct Unmount(PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
         }
     }
     let mount = |args: &[&OsStr]| {
@@ -741,24 +975,52 @@ fn mount_points_are_not_crossed() {
         let (m, b) = (fx.share.join("m"), fx.share.join("b"));
         fs::create_dir(&m).unwrap();
         fs::create_dir(&b).unwrap();
-        if !mount(&[OsStr::new("-t"), OsStr::new("tmpfs"), OsStr::new("none"), m.as_os_str()]) {
+        if !mount(&[
+            OsStr::new("-t"),
+            OsStr::new("tmpfs"),
+            OsStr::new("none"),
+            m.as_os_str(),
+        ]) {
             eprintln!("skipping mount_points_are_not_crossed: cannot mount here");
             return;
         }
         let _um = Unmount(m.clone());
-        assert!(mount(&[OsStr::new("--bind"), fx.out.as_os_str(), b.as_os_str()]), "bind mount");
+        assert!(
+            mount(&[OsStr::new("--bind"), fx.out.as_os_str(), b.as_os_str()]),
+            "bind mount"
+        );
         let _ub = Unmount(b.clone());
         let root = fx.root(resolver);
         // A tmpfs: another device, reported as Other, never entered.
         assert_eq!(root.stat(&rp(b"m")).unwrap().unwrap().kind, FileKind::Other);
         let dh = root.open_dir(&RelPath::root()).unwrap();
-        let kinds: Vec<_> = dh.entries().unwrap().into_iter().map(|(n, s)| (n, s.kind)).collect();
-        assert!(kinds.contains(&(b"m".to_vec(), FileKind::Other)), "{kinds:?}");
-        assert_kind(dh.open_subdir(b"m"), FsErrorKind::Symlink, "open_subdir tmpfs");
-        assert_kind(root.open_dir(&rp(b"m")), FsErrorKind::Symlink, "open_dir tmpfs");
+        let kinds: Vec<_> = dh
+            .entries()
+            .unwrap()
+            .into_iter()
+            .map(|(n, s)| (n, s.kind))
+            .collect();
+        assert!(
+            kinds.contains(&(b"m".to_vec(), FileKind::Other)),
+            "{kinds:?}"
+        );
+        assert_kind(
+            dh.open_subdir(b"m"),
+            FsErrorKind::Symlink,
+            "open_subdir tmpfs",
+        );
+        assert_kind(
+            root.open_dir(&rp(b"m")),
+            FsErrorKind::Symlink,
+            "open_dir tmpfs",
+        );
         every_op_refused(&root, &rp(b"m/x"), FsErrorKind::Symlink);
         // A bind mount of OUT: same device, still a mount, never entered.
-        assert_kind(dh.open_subdir(b"b"), FsErrorKind::Symlink, "open_subdir bind mount");
+        assert_kind(
+            dh.open_subdir(b"b"),
+            FsErrorKind::Symlink,
+            "open_subdir bind mount",
+        );
         every_op_refused(&root, &rp(b"b/x"), FsErrorKind::Symlink);
         every_op_refused(&root, &rp(b"b/sub/x"), FsErrorKind::Symlink);
         drop(_ub);

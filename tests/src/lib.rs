@@ -1,8 +1,10 @@
 //! Shared fixtures for vmsync's integration tests (one place for fakes, as rustic's
 //! `crates/testing` does).
 //!
+//! - [`agents`]: both agents as real processes on temp dirs, through a counting relay.
 //! - [`fixture`]: trees, comparisons, a counting `Endpoint`, an in-process host/guest pair.
 //! - [`relay`]: a byte-counting Unix socket relay (what crosses the wire, measured on the wire).
 
+pub mod agents;
 pub mod fixture;
 pub mod relay;

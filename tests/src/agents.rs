@@ -1,0 +1,230 @@
+//! Real processes: a `vmsync-guest` and a `vmsync-host` started from the workspace's built
+//! binaries on temp directories, talking over a Unix socket through a byte-counting [`Relay`],
+//! driven and inspected through their own CLI (`wait`, `sync`, `status --json`).
+//!
+//! The binaries must be built first; `cargo test --workspace` (the README's test command) does
+//! that before any test runs.
+
+use crate::relay::Relay;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where cargo put this test binary's sibling executables (`target/<profile>/`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run the tests with `cargo test --workspace` (which builds the agents first)",
+        path.display()
+    );
+    path
+}
+
+pub struct Agents {
+    pub tmp: tempfile::TempDir,
+    pub host_dir: PathBuf,
+    pub guest_dir: PathBuf,
+    pub host_toml: PathBuf,
+    pub guest_toml: PathBuf,
+    pub host_state: PathBuf,
+    pub relay: Relay,
+    host: Option<Child>,
+    guest: Option<Child>,
+}
+
+impl Agents {
+    /// Both configs, one share `src`; `share_extra` is appended to the host's `[[share]]`
+    /// (e.g. `conflict = "host-wins"`). Nothing is started.
+    pub fn new(share_extra: &str) -> Agents {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let d = tmp.path();
+        let host_dir = d.join("host");
+        let guest_dir = d.join("guest");
+        std::fs::create_dir_all(&host_dir).expect("mkdir");
+        std::fs::create_dir_all(&guest_dir).expect("mkdir");
+        let guest_toml = d.join("guest.toml");
+        let host_toml = d.join("host.toml");
+        std::fs::write(
+            &guest_toml,
+            format!(
+                "listen = \"unix:{d}/guest.sock\"\nstate_dir = \"{d}/guest-state\"\ncontrol = \"{d}/guest.ctl\"\n\
+                 [[share]]\nname = \"src\"\npath = \"{g}\"\n",
+                d = d.display(),
+                g = guest_dir.display()
+            ),
+        )
+        .expect("write guest.toml");
+        std::fs::write(
+            &host_toml,
+            format!(
+                "guest = \"unix:{d}/relay.sock\"\nstate_dir = \"{d}/host-state\"\ncontrol = \"{d}/host.ctl\"\n\
+                 [[share]]\nname = \"src\"\npath = \"{h}\"\n{share_extra}\n",
+                d = d.display(),
+                h = host_dir.display()
+            ),
+        )
+        .expect("write host.toml");
+        let relay = Relay::start(d.join("relay.sock"), d.join("guest.sock")).expect("relay");
+        Agents {
+            host_state: d.join("host-state"),
+            tmp,
+            host_dir,
+            guest_dir,
+            host_toml,
+            guest_toml,
+            relay,
+            host: None,
+            guest: None,
+        }
+    }
+
+    fn spawn(&self, name: &str, config: &Path, log: &str) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.tmp.path().join(log))
+            .expect("log file");
+        Command::new(bin(name))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("VMSYNC_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"))
+    }
+
+    pub fn start_guest(&mut self) {
+        assert!(self.guest.is_none(), "guest already running");
+        self.guest = Some(self.spawn("vmsync-guest", &self.guest_toml, "guest.log"));
+    }
+
+    pub fn start_host(&mut self) {
+        assert!(self.host.is_none(), "host already running");
+        self.host = Some(self.spawn("vmsync-host", &self.host_toml, "host.log"));
+    }
+
+    pub fn start(&mut self) {
+        self.start_guest();
+        self.start_host();
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within 10 s.
+    fn stop_child(child: Option<Child>) {
+        let Some(mut child) = child else { return };
+        if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    pub fn stop_host(&mut self) {
+        Self::stop_child(self.host.take());
+    }
+
+    pub fn stop_guest(&mut self) {
+        Self::stop_child(self.guest.take());
+    }
+
+    pub fn kill_host(&mut self) {
+        if let Some(mut c) = self.host.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn host_cmd(&self, args: &[&str]) -> Output {
+        Command::new(bin("vmsync-host"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.host_toml)
+            .output()
+            .expect("run vmsync-host")
+    }
+
+    /// `vmsync-host wait --timeout SECS`; returns its exit code.
+    pub fn wait(&self, secs: u32) -> i32 {
+        let out = self.host_cmd(&["wait", "--timeout", &secs.to_string()]);
+        out.status.code().unwrap_or(-1)
+    }
+
+    /// Waits for the first sync and insists it succeeded.
+    pub fn wait_in_sync(&self) {
+        let code = self.wait(60);
+        assert_eq!(
+            code,
+            0,
+            "wait exited {code}; host log:\n{}",
+            self.log("host.log")
+        );
+    }
+
+    /// `vmsync-host sync`, insisting on success.
+    pub fn sync(&self) {
+        let out = self.host_cmd(&["sync"]);
+        assert!(
+            out.status.success(),
+            "sync failed: {}{}\nhost log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log("host.log")
+        );
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.host_cmd(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status json")
+    }
+
+    pub fn guest_status(&self) -> serde_json::Value {
+        let out = Command::new(bin("vmsync-guest"))
+            .args(["status", "--json", "--config"])
+            .arg(&self.guest_toml)
+            .output()
+            .expect("run vmsync-guest status");
+        assert!(
+            out.status.success(),
+            "guest status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("guest status json")
+    }
+
+    /// The first share's status object.
+    pub fn share(&self) -> serde_json::Value {
+        self.status()["shares"][0].clone()
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.tmp.path().join(name)).unwrap_or_default()
+    }
+
+    /// Bytes that crossed the socket in both directions since the last reset.
+    pub fn wire_bytes(&self) -> u64 {
+        self.relay.bytes_up() + self.relay.bytes_down()
+    }
+}
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        self.stop_host();
+        self.stop_guest();
+    }
+}

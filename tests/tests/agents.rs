@@ -1,0 +1,354 @@
+//! The foundation scenarios across real processes: `vmsync-host` and `vmsync-guest` on temp
+//! directories over a Unix socket, with the bytes on that socket counted by a relay.
+
+use std::process::Command;
+use vmsync_tests::agents::{bin, Agents};
+use vmsync_tests::fixture::{assert_same_tree, random_bytes, read, set_mtime, tree, write};
+
+#[test]
+fn host_only_and_guest_only_trees_meet() {
+    let mut a = Agents::new("");
+    write(&a.host_dir, "src/main.rs", "fn main() {}\n");
+    write(&a.host_dir, "assets/logo.bin", random_bytes(1, 200_000));
+    std::fs::create_dir_all(a.host_dir.join("empty")).unwrap();
+    write(&a.guest_dir, "out/result.txt", "built in the guest\n");
+    a.start();
+    a.wait_in_sync();
+    assert_same_tree(&a.host_dir, &a.guest_dir);
+    assert_eq!(read(&a.host_dir, "out/result.txt"), b"built in the guest\n");
+    let share = a.share();
+    assert_eq!(share["state"], "in-sync");
+    assert_eq!(share["files"], 3);
+    assert!(share["bytes_sent"].as_u64().unwrap() > 0);
+    assert!(share["bytes_received"].as_u64().unwrap() > 0);
+    let guest = a.guest_status();
+    assert_eq!(guest["agent"]["peer"], "connected");
+}
+
+#[test]
+fn disjoint_edits_while_host_is_down_converge_on_restart() {
+    let mut a = Agents::new("");
+    write(&a.host_dir, "a.txt", "a1");
+    write(&a.host_dir, "gone.txt", "bye");
+    a.start();
+    a.wait_in_sync();
+    a.stop_host();
+    write(&a.host_dir, "a.txt", "a2 host");
+    write(&a.guest_dir, "new/from-guest.txt", "g");
+    std::fs::remove_file(a.guest_dir.join("gone.txt")).unwrap();
+    a.start_host();
+    a.wait_in_sync();
+    assert_same_tree(&a.host_dir, &a.guest_dir);
+    assert_eq!(read(&a.guest_dir, "a.txt"), b"a2 host");
+    assert!(!a.host_dir.join("gone.txt").exists());
+    assert_eq!(read(&a.host_dir, "new/from-guest.txt"), b"g");
+}
+
+fn edited_on_both_sides_while_down(policy: &str) -> Agents {
+    let mut a = Agents::new(&format!("conflict = \"{policy}\""));
+    write(&a.host_dir, "f.txt", "base");
+    a.start();
+    a.wait_in_sync();
+    a.stop_host();
+    write(&a.host_dir, "f.txt", "host version");
+    set_mtime(&a.host_dir.join("f.txt"), 1_700_000_000, 0);
+    write(&a.guest_dir, "f.txt", "guest version (newer)");
+    set_mtime(&a.guest_dir.join("f.txt"), 1_800_000_000, 0);
+    a.start_host();
+    a
+}
+
+fn conflict_copies(a: &Agents) -> Vec<(String, Vec<u8>)> {
+    let dir = a.host_state.join("conflicts/src");
+    let mut out = Vec::new();
+    for batch in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        for (rel, node) in tree(&batch.path()) {
+            if let vmsync_tests::fixture::Node::File { data, .. } = node {
+                let name = format!(
+                    "{}/{}",
+                    batch.file_name().to_string_lossy(),
+                    String::from_utf8_lossy(&rel)
+                );
+                out.push((name, data));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn both_edited_while_down_keep() {
+    let a = edited_on_both_sides_while_down("keep");
+    assert_eq!(a.wait(60), 3, "wait must exit 3 on a conflict");
+    let share = a.share();
+    assert_eq!(share["state"], "conflicted");
+    assert_eq!(share["conflicts"][0], "f.txt");
+    assert_eq!(read(&a.host_dir, "f.txt"), b"host version");
+    assert_eq!(read(&a.guest_dir, "f.txt"), b"guest version (newer)");
+    assert!(conflict_copies(&a).is_empty());
+}
+
+#[test]
+fn both_edited_while_down_auto_policies() {
+    for (policy, winner, loser, loser_side) in [
+        (
+            "host-wins",
+            "host version",
+            "guest version (newer)",
+            "guest",
+        ),
+        (
+            "guest-wins",
+            "guest version (newer)",
+            "host version",
+            "host",
+        ),
+        (
+            "newer-wins",
+            "guest version (newer)",
+            "host version",
+            "host",
+        ),
+    ] {
+        let a = edited_on_both_sides_while_down(policy);
+        a.wait_in_sync();
+        assert_same_tree(&a.host_dir, &a.guest_dir);
+        assert_eq!(read(&a.host_dir, "f.txt"), winner.as_bytes(), "{policy}");
+        let copies = conflict_copies(&a);
+        assert_eq!(copies.len(), 1, "{policy}: {copies:?}");
+        assert!(
+            copies[0].0.ends_with(&format!("-{loser_side}/f.txt")),
+            "{policy}: {copies:?}"
+        );
+        assert_eq!(copies[0].1, loser.as_bytes(), "{policy}");
+        // Never in the synced tree.
+        assert_eq!(tree(&a.host_dir).len(), 1, "{policy}");
+    }
+}
+
+#[test]
+fn delete_on_one_side_modify_on_the_other_keeps_the_modification() {
+    let mut a = Agents::new("conflict = \"host-wins\"");
+    write(&a.host_dir, "doc.txt", "v1");
+    // A second file: deleting a share's only file empties it, which halts (a separate test).
+    write(&a.host_dir, "other.txt", "stays");
+    a.start();
+    a.wait_in_sync();
+    a.stop_host();
+    std::fs::remove_file(a.host_dir.join("doc.txt")).unwrap();
+    write(&a.guest_dir, "doc.txt", "v2 edited in the guest");
+    a.start_host();
+    a.wait_in_sync();
+    assert_eq!(read(&a.host_dir, "doc.txt"), b"v2 edited in the guest");
+    assert_same_tree(&a.host_dir, &a.guest_dir);
+}
+
+#[test]
+fn renaming_a_200_mb_file_while_down_sends_under_1_mb() {
+    let mut a = Agents::new("");
+    write(&a.host_dir, "big/disk.img", random_bytes(7, 200 << 20));
+    a.start();
+    a.wait_in_sync();
+    a.stop_host();
+    std::fs::create_dir_all(a.host_dir.join("moved")).unwrap();
+    std::fs::rename(
+        a.host_dir.join("big/disk.img"),
+        a.host_dir.join("moved/renamed.img"),
+    )
+    .unwrap();
+    a.relay.reset();
+    a.start_host();
+    a.wait_in_sync();
+    assert_same_tree(&a.host_dir, &a.guest_dir);
+    let wire = a.wire_bytes();
+    assert!(
+        wire < 1 << 20,
+        "{wire} bytes crossed the socket for a rename"
+    );
+    assert_eq!(a.share()["bytes_sent"], 0);
+}
+
+#[test]
+fn one_mib_inserted_in_a_64_mb_file_sends_about_one_mib() {
+    let mut a = Agents::new("");
+    let data = random_bytes(8, 64 << 20);
+    write(&a.host_dir, "f.img", &data);
+    a.start();
+    a.wait_in_sync();
+    let mut edited = data[..20 << 20].to_vec();
+    edited.extend_from_slice(&random_bytes(9, 1 << 20));
+    edited.extend_from_slice(&data[20 << 20..]);
+    write(&a.host_dir, "f.img", &edited);
+    let sent_before = a.share()["bytes_sent"].as_u64().unwrap();
+    a.relay.reset();
+    a.sync();
+    assert_same_tree(&a.host_dir, &a.guest_dir);
+    let content = a.share()["bytes_sent"].as_u64().unwrap() - sent_before;
+    let wire = a.wire_bytes();
+    // Random data does not compress: about the insertion plus the chunks around it.
+    assert!(
+        content >= 1 << 20 && content < (1 << 20) + 256 * 1024,
+        "{content} content bytes"
+    );
+    assert!(wire < 2 << 20, "{wire} bytes on the socket");
+}
+
+#[test]
+fn an_escaping_symlink_is_never_created() {
+    let mut a = Agents::new("");
+    let outside = a.tmp.path().join("OUT");
+    write(&outside, "secret", "do not touch");
+    std::os::unix::fs::symlink("../OUT", a.guest_dir.join("escape")).unwrap();
+    std::os::unix::fs::symlink(&outside, a.guest_dir.join("absolute")).unwrap();
+    std::os::unix::fs::symlink("inside.txt", a.guest_dir.join("ok-link")).unwrap();
+    write(&a.guest_dir, "inside.txt", "in");
+    a.start();
+    a.wait_in_sync();
+    assert!(std::fs::symlink_metadata(a.host_dir.join("escape")).is_err());
+    assert!(std::fs::symlink_metadata(a.host_dir.join("absolute")).is_err());
+    assert_eq!(
+        std::fs::read_link(a.host_dir.join("ok-link"))
+            .unwrap()
+            .to_str(),
+        Some("inside.txt")
+    );
+    assert_eq!(read(&outside, "secret"), b"do not touch");
+    let problems = a.share()["problems"].to_string();
+    assert!(
+        problems.contains("escape") && problems.contains("absolute"),
+        "{problems}"
+    );
+}
+
+#[test]
+fn a_restart_with_nothing_changed_rehashes_nothing() {
+    let mut a = Agents::new("");
+    for i in 0..200 {
+        write(
+            &a.host_dir,
+            &format!("d{}/f{i}.txt", i % 10),
+            format!("file {i}\n").repeat(100),
+        );
+    }
+    a.start();
+    a.wait_in_sync();
+    a.stop_host();
+    a.stop_guest();
+    a.start();
+    a.wait_in_sync();
+    assert_eq!(a.share()["files_hashed"], 0);
+    assert_eq!(a.guest_status()["shares"][0]["files_hashed"], 0);
+    assert_eq!(a.share()["cycles"], 1);
+}
+
+#[test]
+fn a_replaced_guest_root_halts_and_resume_repopulates_it() {
+    let mut a = Agents::new("");
+    for i in 0..30 {
+        write(&a.host_dir, &format!("f{i}"), format!("{i}"));
+    }
+    a.start();
+    a.wait_in_sync();
+    a.stop_guest();
+    // The VM was rebuilt: its share comes back empty.
+    std::fs::remove_dir_all(&a.guest_dir).unwrap();
+    std::fs::create_dir_all(&a.guest_dir).unwrap();
+    a.start_guest();
+    assert_eq!(a.wait(60), 3);
+    let share = a.share();
+    assert_eq!(share["state"], "halted");
+    assert_eq!(share["halt_code"], "root-replaced");
+    assert_eq!(tree(&a.host_dir).len(), 30, "the host lost files");
+    let out = a.host_cmd(&["resume", "--share", "src"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    a.wait_in_sync();
+    assert_same_tree(&a.host_dir, &a.guest_dir);
+    assert_eq!(tree(&a.guest_dir).len(), 30);
+}
+
+#[test]
+fn a_share_the_guest_does_not_export_is_a_clear_error() {
+    let mut a = Agents::new("");
+    let text = std::fs::read_to_string(&a.host_toml).unwrap();
+    std::fs::write(
+        &a.host_toml,
+        text.replace("name = \"src\"", "name = \"other\""),
+    )
+    .unwrap();
+    a.start();
+    assert_eq!(a.wait(3), 1, "wait must time out");
+    let st = a.status();
+    assert_eq!(st["agent"]["peer"], "disconnected");
+    let detail = st["agent"]["peer_detail"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        detail.contains("other") && detail.contains("not exported"),
+        "{detail}"
+    );
+    assert!(
+        a.log("guest.log").contains("not exported"),
+        "guest log:\n{}",
+        a.log("guest.log")
+    );
+}
+
+#[test]
+fn check_reports_bad_configs_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("guest = \"unix:/x.sock\"\nbogus = 1\n[[share]]\nname = \"a\"\npath = \"/tmp\"\n", "bogus"),
+        ("guest = \"unix:/x.sock\"\n[[share]]\nname = \"a\"\npath = \"relative/dir\"\n", "relative"),
+        ("guest = \"tcp://1.2.3.4:5\"\n[[share]]\nname = \"a\"\npath = \"/tmp/a\"\n", "tcp"),
+        ("guest = \"unix:/x.sock\"\n[[share]]\nname = \"a\"\npath = \"/tmp/a\"\n[[share]]\nname = \"a\"\npath = \"/tmp/b\"\n", "duplicate"),
+    ];
+    for (i, (text, needle)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("vm{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(bin("vmsync-host"))
+            .arg("check")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert_eq!(out.status.code(), Some(2), "case {i}: {err}");
+        assert!(err.contains(needle), "case {i}: `{needle}` not in: {err}");
+        assert!(
+            err.contains(&format!("vm{i}.toml")),
+            "case {i}: no file name in: {err}"
+        );
+    }
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "guest = \"vsock://3:786\"\nstate_dir = \"/tmp/s\"\ncontrol = \"/tmp/c.ctl\"\n[[share]]\nname = \"a\"\npath = \"/tmp/a\"\n").unwrap();
+    let out = Command::new(bin("vmsync-host"))
+        .arg("check")
+        .arg("--config")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gbad = dir.path().join("guest.toml");
+    std::fs::write(
+        &gbad,
+        "listen = \"unix:/g.sock\"\nextra = true\n[[share]]\nname = \"a\"\npath = \"/tmp/a\"\n",
+    )
+    .unwrap();
+    let out = Command::new(bin("vmsync-guest"))
+        .arg("check")
+        .arg("--config")
+        .arg(&gbad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("extra"));
+}
