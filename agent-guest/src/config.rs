@@ -36,8 +36,6 @@ use vmsync_transport::endpoint_addr::{
     EndpointAddr, DEFAULT_VSOCK_PORT, MAX_UNIX_SOCKET_PATH_BYTES,
 };
 
-/// Default `listen`: every CID, port [`DEFAULT_VSOCK_PORT`].
-pub const DEFAULT_LISTEN: &str = "vsock://any:786";
 /// Default `state_dir`.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/vmsync";
 /// Default `control`.
@@ -155,6 +153,7 @@ struct RawShare {
 /// required value is unusable; the caller also fails when any problem was recorded.
 fn resolve(raw: RawGuestConfig, file: &Path, problems: &mut Problems) -> Option<GuestConfig> {
     let listen = match &raw.listen {
+        // Default: every CID, the transport's default port (786, documented above).
         None => Some(EndpointAddr::VsockAny {
             port: DEFAULT_VSOCK_PORT,
         }),
@@ -448,7 +447,7 @@ mod tests {
     fn minimal_config_gets_documented_defaults() {
         let config = parse_ok("[[share]]\nname = \"src\"\npath = \"/home/dev/src\"\n");
         assert_eq!(config.listen, EndpointAddr::VsockAny { port: 786 });
-        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.listen.to_string(), "vsock://any:786");
         assert_eq!(config.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(config.control, PathBuf::from(DEFAULT_CONTROL));
         assert_eq!(

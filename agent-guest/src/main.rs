@@ -80,6 +80,7 @@ fn main() -> ExitCode {
         }
         Command::Run { .. } => {
             service::init_logging();
+            vmsync_engine::local::raise_fd_limit();
             match runtime.block_on(service::run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -97,11 +98,14 @@ fn main() -> ExitCode {
                 timeout,
             )) {
                 Ok(r @ ControlResponse::Status { .. }) => {
-                    if json {
-                        println!("{}", control::render_json(&r));
+                    let text = if json {
+                        format!("{}\n", control::render_json(&r))
                     } else {
-                        print!("{}", control::render_text(&r));
-                    }
+                        control::render_text(&r)
+                    };
+                    // A closed pipe (`status | head`) is not an error worth a panic.
+                    let _ =
+                        std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
                     ExitCode::SUCCESS
                 }
                 Ok(ControlResponse::Error { message }) => {

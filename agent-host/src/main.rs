@@ -105,6 +105,7 @@ fn main() -> ExitCode {
         }
         Command::Run { .. } => {
             service::init_logging();
+            vmsync_engine::local::raise_fd_limit();
             match runtime.block_on(service::run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

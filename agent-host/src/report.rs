@@ -132,7 +132,13 @@ fn exit_for(response: &ControlResponse) -> ExitCode {
 fn print_response(response: &ControlResponse, json: bool) {
     match response {
         ControlResponse::Error { message } => eprintln!("error: {message}"),
-        _ if json => println!("{}", control::render_json(response)),
-        _ => print!("{}", control::render_text(response)),
+        _ if json => out(&format!("{}\n", control::render_json(response))),
+        _ => out(&control::render_text(response)),
     }
+}
+
+/// Writes to stdout, ignoring a closed pipe (`status | head` must not panic).
+fn out(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }

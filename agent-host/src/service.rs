@@ -24,6 +24,9 @@ const RECONNECT_MIN_MS: u64 = 100;
 const RECONNECT_MAX_MS: u64 = 5_000;
 /// Extra cycles run at once when a cycle found paths that changed under it.
 const MAX_RETRY_CYCLES: usize = 3;
+/// First delay before retrying a cycle that left work pending; doubles up to the maximum.
+const PENDING_RETRY_MIN_MS: u64 = 500;
+const PENDING_RETRY_MAX_MS: u64 = 30_000;
 /// How long one connection attempt (not the handshake) may take.
 const CONNECT_TIMEOUT_MS: u64 = 5_000;
 
@@ -302,48 +305,60 @@ impl SyncLoop {
 
     /// Syncs everything, then serves commands until the session ends; returns why it ended.
     async fn connected(&mut self, session: Session) -> String {
-        if let Err(e) = self.sync_all(&session).await {
-            return e;
-        }
+        // When a cycle leaves work undone (a failed write, a file that would not settle), try
+        // again after a delay that doubles up to PENDING_RETRY_MAX_MS.
+        let mut pending_delay = PENDING_RETRY_MIN_MS;
+        let mut pending = match self.sync_all(&session).await {
+            Ok(p) => p,
+            Err(e) => return e,
+        };
         loop {
+            let retry = tokio::time::sleep(Duration::from_millis(pending_delay));
             tokio::select! {
                 reason = session.closed() => return reason,
-                cmd = self.rx.recv() => match cmd {
-                    Some(Command::Sync(reply)) => {
-                        let result = self.sync_all(&session).await;
-                        let response = match &result {
-                            Ok(()) => self.shared.snapshot(),
-                            Err(e) => ControlResponse::Error { message: e.clone() },
-                        };
-                        let _ = reply.send(response);
-                        if let Err(e) = result {
+                _ = retry, if pending => {
+                    pending_delay = (pending_delay * 2).min(PENDING_RETRY_MAX_MS);
+                    pending = match self.sync_all(&session).await {
+                        Ok(p) => p,
+                        Err(e) => return e,
+                    };
+                }
+                cmd = self.rx.recv() => {
+                    let (result, reply, response) = match cmd {
+                        Some(Command::Sync(reply)) => (self.sync_all(&session).await, reply, None),
+                        Some(Command::Resume(name, reply)) => match self.resume(&name) {
+                            err @ ControlResponse::Error { .. } => (Ok(pending), reply, Some(err)),
+                            _ => (self.sync_all(&session).await, reply, None),
+                        },
+                        None => return "control channel closed".into(),
+                    };
+                    match result {
+                        Ok(p) => {
+                            pending = p;
+                            let _ = reply.send(response.unwrap_or_else(|| self.shared.snapshot()));
+                        }
+                        Err(e) => {
+                            let _ = reply.send(ControlResponse::Error { message: e.clone() });
                             return e;
                         }
                     }
-                    Some(Command::Resume(name, reply)) => {
-                        let response = self.resume(&name);
-                        let failed = matches!(response, ControlResponse::Error { .. });
-                        if !failed {
-                            if let Err(e) = self.sync_all(&session).await {
-                                let _ = reply.send(ControlResponse::Error { message: e.clone() });
-                                return e;
-                            }
-                        }
-                        let _ = reply.send(if failed { response } else { self.shared.snapshot() });
-                    }
-                    None => return "control channel closed".into(),
-                },
+                }
+            }
+            if !pending {
+                pending_delay = PENDING_RETRY_MIN_MS;
             }
         }
     }
 
     /// One full cycle of every share (plus quick retries for paths that changed under it).
-    /// `Err` means the session is unusable.
-    async fn sync_all(&mut self, session: &Session) -> Result<(), String> {
+    /// `Ok(true)` when some share still has work pending; `Err` when the session is unusable.
+    async fn sync_all(&mut self, session: &Session) -> Result<bool, String> {
+        let mut pending = false;
         for (index, share) in self.shares.iter_mut().enumerate() {
             let mut remote = u16::try_from(index)
                 .map_err(|_| "too many shares".to_string())
                 .and_then(|i| session.endpoint(i).map_err(|e| e.to_string()))?;
+            let mut share_pending = true;
             for _ in 0..=MAX_RETRY_CYCLES {
                 // Cycles run one share at a time, so the session's content counters move only
                 // for this share meanwhile.
@@ -358,8 +373,12 @@ impl SyncLoop {
                     after.content_bytes_received - before.content_bytes_received,
                 );
                 match result {
-                    Ok(report) if report.retry => continue,
-                    Ok(_) => break,
+                    Ok(report) => {
+                        share_pending = report.retry || report.pending > 0;
+                        if !report.retry {
+                            break;
+                        }
+                    }
                     Err(e) if e.is_disconnect() => return Err(e.to_string()),
                     Err(e) => {
                         tracing::error!(share = %share.config.name, "cycle failed: {e}");
@@ -367,8 +386,9 @@ impl SyncLoop {
                     }
                 }
             }
+            pending |= share_pending;
         }
-        Ok(())
+        Ok(pending)
     }
 
     fn resume(&mut self, name: &str) -> ControlResponse {

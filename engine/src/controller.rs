@@ -25,8 +25,10 @@ use vmsync_core::reconcile::{reconcile, Action, ConflictPolicy, Plan, Side, Sync
 use vmsync_core::safety::{check_deletions, check_emptied, check_root, DeletionLimit, HaltReason};
 use vmsync_core::{Entry, FileMeta, Hash, RelPath, Snapshot};
 
-/// Files per stage batch: bounds the temp files a destination holds open at once.
-const MAX_STAGE_BATCH_FILES: usize = 256;
+/// Files per stage batch: bounds the temp files a destination holds open at once (it also
+/// caps itself, see `local::max_staged_files`). 64 keeps round trips few and the destination's
+/// parallel fsyncs busy.
+const MAX_STAGE_BATCH_FILES: usize = 64;
 /// Chunks per stage batch (summed over its manifests): bounds the size of one message.
 const MAX_STAGE_BATCH_CHUNKS: usize = 64 * 1024;
 /// Chunks per read/supply round trip: 64 chunks are at most 4 MiB.
@@ -87,6 +89,9 @@ pub struct CycleReport {
     pub retry: bool,
     /// The share is halted (now or from before); nothing was changed.
     pub halted: bool,
+    /// Changes that failed this cycle (listed as problems); the share is not in sync until a
+    /// later cycle does them.
+    pub pending: usize,
 }
 
 /// Drives cycles for one share. Holds the ancestor in memory and in the state database.
@@ -271,14 +276,28 @@ impl Controller {
                 .filter(|(p, e)| !filter.is_ignored(p, e.is_dir()))
                 .collect()
         };
-        let host_snap = visible(host_scan.entries);
-        let guest_snap = visible(guest_scan.entries);
-        let ancestor: Snapshot = self
+        let mut host_snap = visible(host_scan.entries);
+        let mut guest_snap = visible(guest_scan.entries);
+        let mut ancestor: Snapshot = self
             .ancestor
             .iter()
             .filter(|(p, e)| in_scope(&scope, p) && !filter.is_ignored(p, e.is_dir()))
             .map(|(p, e)| (p.clone(), e.clone()))
             .collect();
+        // A path a scan could not read (unreadable, still changing, a special file in the way)
+        // is absent from its report. Absent must not read as deleted: freeze every such path,
+        // and everything beneath it, on both sides for this cycle.
+        let frozen: Vec<&RelPath> = host_scan
+            .problems
+            .iter()
+            .chain(&guest_scan.problems)
+            .map(|p| &p.path)
+            .collect();
+        for path in frozen {
+            for snap in [&mut host_snap, &mut guest_snap, &mut ancestor] {
+                remove_subtree(snap, path);
+            }
+        }
         if scope == ScanScope::Full {
             for (side, snap) in [(Side::Host, &host_snap), (Side::Guest, &guest_snap)] {
                 if let Err(reason) = check_emptied(side, &ancestor, snap) {
@@ -325,12 +344,16 @@ impl Controller {
             conflicts: conflicts.len(),
             retry: executed.retry,
             halted: false,
+            pending: executed.pending,
         };
         self.update_status(|s| {
-            s.state = if conflicts.is_empty() {
-                ShareState::InSync
-            } else {
+            s.state = if !conflicts.is_empty() {
                 ShareState::Conflicted
+            } else if report.pending > 0 || report.retry {
+                // Work remains: not in sync until a later cycle has done it.
+                ShareState::Syncing
+            } else {
+                ShareState::InSync
             };
             s.conflicts = conflicts;
             s.problems = problems;
@@ -424,38 +447,35 @@ impl Controller {
             }
         }
         // 1. Preserve losing versions; drop actions whose loser could not be saved.
+        let planned = host_actions.len() + guest_actions.len();
         let host_actions = self
             .save_losers(host, Side::Host, host_actions, problems)
             .await?;
         let guest_actions = self
             .save_losers(guest, Side::Guest, guest_actions, problems)
             .await?;
-        // 2. Stage every new file on both sides before anything is removed.
-        let to_host = stage_files(guest, host, &host_actions, problems, &mut executed)
-            .await
-            .map_err(|(side, e)| side_err(flip(side, Side::Guest))(e))?;
-        let to_guest = stage_files(host, guest, &guest_actions, problems, &mut executed)
-            .await
-            .map_err(|(side, e)| side_err(flip(side, Side::Host))(e))?;
-        // 3. Transition each side: removals children-first, then creations parents-first.
-        transition(
+        executed.pending += planned - host_actions.len() - guest_actions.len();
+        // 2. Apply each side: see `apply_side` for the order.
+        apply_side(
+            guest,
             host,
             Side::Host,
             host_actions,
-            &to_host,
             problems,
             &mut executed,
         )
-        .await?;
-        transition(
+        .await
+        .map_err(|(which, e)| side_err(flip(which, Side::Guest))(e))?;
+        apply_side(
+            host,
             guest,
             Side::Guest,
             guest_actions,
-            &to_guest,
             problems,
             &mut executed,
         )
-        .await?;
+        .await
+        .map_err(|(which, e)| side_err(flip(which, Side::Host))(e))?;
         Ok(executed)
     }
 
@@ -525,7 +545,10 @@ fn flip(which: Which, source_side: Side) -> Side {
 #[derive(Default)]
 struct Executed {
     applied: Vec<(RelPath, Option<Entry>)>,
+    /// Paths changed under the cycle: run another one now.
     retry: bool,
+    /// Actions that could not be done this cycle (reported as problems): retry later.
+    pending: usize,
     chunks_reused: u64,
 }
 
@@ -534,6 +557,30 @@ fn view(side: Side, p: Problem) -> ProblemView {
         path: p.path.escaped(),
         side: side.as_str().into(),
         reason: p.reason,
+    }
+}
+
+/// Removes `path` and everything beneath it from `snap`.
+fn remove_subtree(snap: &mut Snapshot, path: &RelPath) {
+    if path.is_root() {
+        snap.clear();
+        return;
+    }
+    snap.remove(path);
+    // Descendants are exactly the paths starting with "path/", all sorting between `path` and
+    // "path0" ('/' sorts right before '0'); the range also holds siblings like "path-x".
+    let mut upper = path.as_bytes().to_vec();
+    upper.push(b'0');
+    let Ok(hi) = RelPath::from_bytes(&upper) else {
+        return;
+    };
+    let doomed: Vec<RelPath> = snap
+        .range(path.clone()..hi)
+        .map(|(p, _)| p.clone())
+        .filter(|p| path.is_ancestor_of(p))
+        .collect();
+    for p in doomed {
+        snap.remove(&p);
     }
 }
 
@@ -720,56 +767,111 @@ async fn stage_files<S: Endpoint, D: Endpoint>(
     Ok(staged)
 }
 
-/// Removals (deletes, and a directory replaced by a non-directory) children-first, then
-/// everything else parents-first.
+/// Removals: deletes, and a directory replaced by a non-directory (its children go first).
 fn is_removal(a: &Action) -> bool {
     a.new.is_none()
         || (matches!(a.expected, Some(Entry::Dir { .. }))
             && !matches!(a.new, Some(Entry::Dir { .. })))
 }
 
+/// Applies one side's actions, reading new content from `src`, in three phases:
+/// 1. directories, symlinks and metadata-only changes, parents first;
+/// 2. new file content, batch by batch: stage, fill from `src`, commit. A batch's temp files
+///    are committed before the next batch opens any, so the destination holds at most one
+///    batch of temps open however many files a cycle brings;
+/// 3. removals, children first, last of all: until then a renamed or moved file's old copy is
+///    still there to build the new one from.
+async fn apply_side<S: Endpoint, D: Endpoint>(
+    src: &mut S,
+    dst: &mut D,
+    side: Side,
+    actions: Vec<Action>,
+    problems: &mut Vec<ProblemView>,
+    executed: &mut Executed,
+) -> Result<(), (Which, EndpointError)> {
+    let (mut removals, creations): (Vec<Action>, Vec<Action>) =
+        actions.into_iter().partition(is_removal);
+    let (mut content, mut plain): (Vec<Action>, Vec<Action>) = creations
+        .into_iter()
+        .partition(|a| needs_content(a).is_some());
+    plain.sort_by(|a, b| a.path.cmp(&b.path));
+    content.sort_by(|a, b| a.path.cmp(&b.path));
+    removals.sort_by(|a, b| b.path.cmp(&a.path));
+    for batch in plain.chunks(MAX_TRANSITION_BATCH) {
+        transition(dst, side, batch, problems, executed).await?;
+    }
+    for phase in [content, removals] {
+        for batch in phase.chunks(MAX_STAGE_BATCH_FILES) {
+            let staged = stage_files(src, dst, batch, problems, executed).await?;
+            let ready: Vec<Action> = batch
+                .iter()
+                .filter(|a| needs_content(a).is_none() || staged.contains(&a.path))
+                .cloned()
+                .collect();
+            if ready.len() < batch.len() {
+                executed.pending += batch.len() - ready.len();
+            }
+            transition(dst, side, &ready, problems, executed).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Sends one batch of changes and records how each went.
 async fn transition<E: Endpoint>(
     ep: &mut E,
     side: Side,
-    actions: Vec<Action>,
-    staged: &HashSet<RelPath>,
+    batch: &[Action],
     problems: &mut Vec<ProblemView>,
     executed: &mut Executed,
-) -> Result<(), CycleError> {
-    let (mut removals, mut creations): (Vec<Action>, Vec<Action>) = actions
-        .into_iter()
-        .filter(|a| needs_content(a).is_none() || staged.contains(&a.path))
-        .partition(is_removal);
-    removals.sort_by(|a, b| b.path.cmp(&a.path));
-    creations.sort_by(|a, b| a.path.cmp(&b.path));
-    let ordered: Vec<Action> = removals.into_iter().chain(creations).collect();
-    for batch in ordered.chunks(MAX_TRANSITION_BATCH) {
-        let changes: Vec<Change> = batch
-            .iter()
-            .map(|a| Change {
-                path: a.path.clone(),
-                expected: a.expected.clone(),
-                new: a.new.clone(),
-            })
-            .collect();
-        let outcomes = ep.transition(changes).await.map_err(side_err(side))?;
-        for (action, outcome) in batch.iter().zip(outcomes) {
-            match outcome {
-                Outcome::Applied => executed
-                    .applied
-                    .push((action.path.clone(), action.new.clone())),
-                Outcome::Changed(_) => {
-                    executed.retry = true;
-                }
-                Outcome::Failed(reason) => {
-                    problems.push(ProblemView {
-                        path: action.path.escaped(),
-                        side: side.as_str().into(),
-                        reason,
-                    });
-                }
+) -> Result<(), (Which, EndpointError)> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let changes: Vec<Change> = batch
+        .iter()
+        .map(|a| Change {
+            path: a.path.clone(),
+            expected: a.expected.clone(),
+            new: a.new.clone(),
+        })
+        .collect();
+    let outcomes = ep.transition(changes).await.map_err(|e| (Which::Dest, e))?;
+    for (action, outcome) in batch.iter().zip(outcomes) {
+        match outcome {
+            Outcome::Applied => executed
+                .applied
+                .push((action.path.clone(), action.new.clone())),
+            // Changed since the scan: the next cycle sees the new state and decides again.
+            Outcome::Changed(_) => executed.retry = true,
+            Outcome::Failed(reason) => {
+                executed.pending += 1;
+                problems.push(ProblemView {
+                    path: action.path.escaped(),
+                    side: side.as_str().into(),
+                    reason,
+                });
             }
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remove_subtree_takes_the_path_and_its_descendants_only() {
+        let p = |s: &str| RelPath::from_bytes(s.as_bytes()).unwrap();
+        let mut snap: Snapshot = ["a", "a/b", "a/b/c", "a-b", "a0", "ab", "b"]
+            .into_iter()
+            .map(|s| (p(s), Entry::Dir { mode: 0o755 }))
+            .collect();
+        remove_subtree(&mut snap, &p("a"));
+        let left: Vec<String> = snap.keys().map(|k| k.escaped()).collect();
+        assert_eq!(left, ["a-b", "a0", "ab", "b"]);
+        remove_subtree(&mut snap, &RelPath::root());
+        assert!(snap.is_empty());
+    }
 }

@@ -291,6 +291,10 @@ impl LocalShare {
         req: StageRequest,
         sources: &mut OpenFiles,
     ) -> Result<Vec<Hash>, String> {
+        if !self.staged.contains_key(&req.path) && self.staged.len() >= max_staged_files() {
+            // Out of file descriptors to hold more temp files open: not an error, just later.
+            return Err("too many files staged at once; will retry".into());
+        }
         req.manifest
             .validate(&req.meta, CHUNK_MAX_BYTES)
             .map_err(|e| format!("invalid manifest: {e}"))?;
@@ -395,7 +399,8 @@ impl LocalShare {
     }
 
     fn transition(&mut self, changes: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {
-        self.root()?;
+        self.root()?.begin_batch();
+        self.seal_staged(&changes);
         let mut outcomes = Vec::with_capacity(changes.len());
         let mut index_changes: Vec<(RelPath, Option<IndexRecord>)> = Vec::new();
         for change in changes {
@@ -412,6 +417,8 @@ impl LocalShare {
             };
             outcomes.push(outcome);
         }
+        // Nothing is recorded or acknowledged before the directories are durable.
+        self.root()?.end_batch().map_err(io_err)?;
         for (path, rec) in &index_changes {
             match rec {
                 Some(r) => self.index.insert(path.clone(), r.clone()),
@@ -423,6 +430,53 @@ impl LocalShare {
         let changes = index_changes.iter().map(|(p, r)| (p, r.as_ref()));
         self.db.update_index(&self.name, changes).map_err(io_err)?;
         Ok(outcomes)
+    }
+
+    /// Seals (mode, mtime, fsync) the complete staged files these changes will commit, on a few
+    /// threads: concurrent fsyncs share journal commits, so a batch of small files costs about
+    /// as much as a few. A temp whose seal fails is dropped; its change then fails.
+    fn seal_staged(&mut self, changes: &[Change]) {
+        let Some(root) = self.root.as_ref() else {
+            return;
+        };
+        let wanted: HashMap<&RelPath, &FileMeta> = changes
+            .iter()
+            .filter_map(|c| match &c.new {
+                Some(Entry::File(m)) => Some((&c.path, m)),
+                _ => None,
+            })
+            .collect();
+        let mut jobs: Vec<(&RelPath, &mut Staged)> = self
+            .staged
+            .iter_mut()
+            .filter(|(p, s)| {
+                s.missing.is_empty() && wanted.get(p).is_some_and(|m| m.digest == s.meta.digest)
+            })
+            .collect();
+        if jobs.is_empty() {
+            return;
+        }
+        let per_thread = jobs.len().div_ceil(SEAL_THREADS);
+        let failed: Mutex<Vec<RelPath>> = Mutex::new(Vec::new());
+        std::thread::scope(|scope| {
+            for slice in jobs.chunks_mut(per_thread) {
+                let failed = &failed;
+                scope.spawn(move || {
+                    for (path, staged) in slice.iter_mut() {
+                        let (mode, mtime) = (staged.meta.mode, staged.meta.mtime);
+                        if let Err(e) = root.seal_temp(&mut staged.temp, mode, mtime) {
+                            tracing::warn!(path = %path.escaped(), "fsync of staged file failed: {e}");
+                            if let Ok(mut f) = failed.lock() {
+                                f.push((*path).clone());
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        for path in failed.into_inner().unwrap_or_default() {
+            self.unstage(&path);
+        }
     }
 
     /// What `path` is on disk right now, hashing it if the index cannot vouch for it.
@@ -577,6 +631,36 @@ fn write_at(file: &File, data: &[u8], offset: u64) -> Result<(), String> {
 struct OpenFiles {
     files: HashMap<RelPath, Option<File>>,
 }
+
+/// Raises this process's soft fd limit to its hard limit (agents call it first thing): a
+/// share with many files in flight wants descriptors, and the soft default (1024) is low.
+pub fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            },
+        );
+    }
+}
+
+/// Most staged files held open at once: a quarter of the soft fd limit (at least 16), so a
+/// host that batches more than this process can hold gets retries, not EMFILE failures.
+fn max_staged_files() -> usize {
+    static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+        soft.map_or(4096, |n| usize::try_from(n / 4).unwrap_or(4096))
+            .max(16)
+    })
+}
+
+/// Threads that fsync staged files of one transition batch.
+const SEAL_THREADS: usize = 8;
 
 /// Most source files kept open at once while serving one request.
 const MAX_OPEN_SOURCE_FILES: usize = 64;

@@ -359,6 +359,23 @@ pub struct ShareRoot {
     tmp: OwnedFd,
     resolver: Resolver,
     temp_counter: AtomicU64,
+    /// While a batch is open ([`ShareRoot::begin_batch`]), directories whose entries changed
+    /// and still need an fsync; `None` outside a batch (each change fsyncs its directory).
+    dirty_dirs: std::sync::Mutex<Option<std::collections::BTreeSet<RelPath>>>,
+}
+
+/// Sets a temp's mode and mtime and fsyncs its data: everything before its rename.
+fn seal(
+    op: &'static str,
+    loc: Loc<'_>,
+    temp: &TempFile,
+    mode: u32,
+    mtime: Timestamp,
+) -> Result<(), FsError> {
+    let times = mtime_only(op, loc, mtime)?;
+    rfs::fchmod(&temp.file, Mode::from_raw_mode(mode & PERM_MASK)).map_err(|e| fail(op, loc, e))?;
+    rfs::futimens(&temp.file, &times).map_err(|e| fail(op, loc, e))?;
+    rfs::fsync(&temp.file).map_err(|e| fail(op, loc, e))
 }
 
 /// A temp file in `.vmsync/tmp/`, to be written through `file` (e.g. with
@@ -368,6 +385,8 @@ pub struct ShareRoot {
 pub struct TempFile {
     pub file: File,
     name: String,
+    /// Mode, mtime set and data fsynced by [`ShareRoot::seal_temp`].
+    sealed: bool,
 }
 
 impl TempFile {
@@ -416,6 +435,7 @@ impl ShareRoot {
             tmp,
             resolver,
             temp_counter: AtomicU64::new(0),
+            dirty_dirs: std::sync::Mutex::new(None),
         })
     }
 
@@ -513,7 +533,7 @@ impl ShareRoot {
         )
         .map_err(|e| fail(OP, loc, e))?;
         rfs::fchmod(&fd, Mode::from_raw_mode(mode & PERM_MASK)).map_err(|e| fail(OP, loc, e))?;
-        rfs::fsync(&dir).map_err(|e| fail(OP, loc, e))
+        self.sync_parent(&dir, p).map_err(|e| fail(OP, loc, e))
     }
 
     /// Creates a symlink at `p` pointing to `target`, only if `target` is relative and stays
@@ -532,7 +552,7 @@ impl ShareRoot {
         }
         let (dir, name) = self.parent(OP, p, OFlags::RDONLY)?;
         rfs::symlinkat(target, &dir, name).map_err(|e| fail(OP, loc, e))?;
-        rfs::fsync(&dir).map_err(|e| fail(OP, loc, e))
+        self.sync_parent(&dir, p).map_err(|e| fail(OP, loc, e))
     }
 
     /// Removes the file or symlink at `p` (never what a symlink points to), then fsyncs the
@@ -542,7 +562,7 @@ impl ShareRoot {
         let loc = Loc::path(p);
         let (dir, name) = self.parent(OP, p, OFlags::RDONLY)?;
         rfs::unlinkat(&dir, name, AtFlags::empty()).map_err(|e| fail(OP, loc, e))?;
-        rfs::fsync(&dir).map_err(|e| fail(OP, loc, e))
+        self.sync_parent(&dir, p).map_err(|e| fail(OP, loc, e))
     }
 
     /// Removes the empty directory at `p`, then fsyncs its parent. Not empty → kind
@@ -563,7 +583,7 @@ impl ShareRoot {
                 },
             )
         })?;
-        rfs::fsync(&dir).map_err(|e| fail(OP, loc, e))
+        self.sync_parent(&dir, p).map_err(|e| fail(OP, loc, e))
     }
 
     /// Sets the permission bits of the file or directory at `p` to `mode & PERM_MASK`. Never
@@ -652,6 +672,7 @@ impl ShareRoot {
                     return Ok(TempFile {
                         file: File::from(fd),
                         name,
+                        sealed: false,
                     })
                 }
                 Err(Errno::EXIST) => last = Errno::EXIST,
@@ -735,7 +756,7 @@ impl ShareRoot {
             }
         };
         let st = rfs::fstat(&temp.file).map_err(|e| fail(op, loc, e))?;
-        rfs::fsync(&dir).map_err(|e| fail(op, loc, e))?;
+        self.sync_parent(&dir, p).map_err(|e| fail(op, loc, e))?;
         Ok(Stat::from_raw(&st, self.dev))
     }
 
@@ -750,11 +771,9 @@ impl ShareRoot {
         flags: RenameFlags,
     ) -> Result<OwnedFd, FsError> {
         let loc = Loc::path(p);
-        let times = mtime_only(op, loc, mtime)?;
-        rfs::fchmod(&temp.file, Mode::from_raw_mode(mode & PERM_MASK))
-            .map_err(|e| fail(op, loc, e))?;
-        rfs::futimens(&temp.file, &times).map_err(|e| fail(op, loc, e))?;
-        rfs::fsync(&temp.file).map_err(|e| fail(op, loc, e))?;
+        if !temp.sealed {
+            seal(op, loc, temp, mode, mtime)?;
+        }
         let (dir, name) = self.parent(op, p, OFlags::RDONLY)?;
         // rename(2) would replace a FIFO or socket (special files we never synced, hence never
         // saw) and an empty directory only if the source were a directory; refuse both here
@@ -776,6 +795,70 @@ impl ShareRoot {
         };
         renamed.map_err(|e| fail(op, loc, e))?;
         Ok(dir)
+    }
+
+    /// Sets a written temp file's permission bits and mtime and fsyncs it, ahead of
+    /// [`ShareRoot::commit_temp`] (which then skips those steps; pass it the same mode and
+    /// mtime). Lets a batch fsync many temps in parallel, where the journal merges them. An
+    /// error is final for this temp: discard it.
+    pub fn seal_temp(
+        &self,
+        temp: &mut TempFile,
+        mode: u32,
+        mtime: Timestamp,
+    ) -> Result<(), FsError> {
+        let name = temp.name.clone();
+        let loc = Loc {
+            base: TMP_SHOWN,
+            name: Some(name.as_bytes()),
+        };
+        seal("seal temp file", loc, temp, mode, mtime)?;
+        temp.sealed = true;
+        Ok(())
+    }
+
+    /// Opens a batch: until [`ShareRoot::end_batch`], operations that change a directory's
+    /// entries (mkdir, symlink, remove, commit) record the directory instead of fsyncing it,
+    /// so a batch touching many entries of one directory fsyncs it once.
+    pub fn begin_batch(&self) {
+        if let Ok(mut d) = self.dirty_dirs.lock() {
+            d.get_or_insert_with(Default::default);
+        }
+    }
+
+    /// Closes the batch: fsyncs every directory changed since [`ShareRoot::begin_batch`]. Until
+    /// this returns `Ok`, the batch's changes may not survive a crash: do not record them.
+    pub fn end_batch(&self) -> Result<(), FsError> {
+        const OP: &str = "fsync directory";
+        let dirs = self
+            .dirty_dirs
+            .lock()
+            .ok()
+            .and_then(|mut d| d.take())
+            .unwrap_or_default();
+        for dir in dirs {
+            match self.open_dir(&dir) {
+                Ok(handle) => rfs::fsync(&handle.fd).map_err(|e| fail(OP, Loc::path(&dir), e))?,
+                // Removed or replaced later in the same batch: what matters now is its parent's
+                // entry, and the parent is in the set too.
+                Err(e)
+                    if matches!(e.kind(), FsErrorKind::NotFound | FsErrorKind::NotADirectory) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the change just made in `dir` (the parent of `p`) durable, now or at
+    /// [`ShareRoot::end_batch`].
+    fn sync_parent(&self, dir: &OwnedFd, p: &RelPath) -> Result<(), Errno> {
+        if let Ok(mut d) = self.dirty_dirs.lock() {
+            if let Some(set) = d.as_mut() {
+                set.insert(p.parent().unwrap_or_default());
+                return Ok(());
+            }
+        }
+        rfs::fsync(dir)
     }
 
     /// Removes a temp file that will not be committed. Errors are ignored: a leftover is

@@ -46,6 +46,7 @@ pub fn scan(
     scope: &ScanScope,
 ) -> Result<ScanOutput, FsError> {
     let mut walk = Walk {
+        root,
         filter,
         index,
         out: ScanOutput::default(),
@@ -72,6 +73,7 @@ pub fn scan(
 }
 
 struct Walk<'a> {
+    root: &'a ShareRoot,
     filter: &'a Filter,
     index: &'a FileIndex,
     out: ScanOutput,
@@ -118,50 +120,55 @@ impl Walk<'_> {
         }
     }
 
-    /// Everything beneath `dir` (already reported itself), depth first.
+    /// Everything beneath `dir` (already reported itself), depth first. Subdirectories wait
+    /// on the stack as paths and are opened when their turn comes, so a wide tree never holds
+    /// more than one directory fd open.
     fn dir(&mut self, dir: DirHandle, path: RelPath) {
-        let mut stack = vec![(dir, path)];
-        while let Some((dir, dir_path)) = stack.pop() {
-            let entries = match dir.entries() {
-                Ok(e) => e,
+        let mut stack: Vec<RelPath> = Vec::new();
+        self.list(&dir, &path, &mut stack);
+        drop(dir);
+        while let Some(dir_path) = stack.pop() {
+            match self.root.open_dir(&dir_path) {
+                Ok(dir) => self.list(&dir, &dir_path, &mut stack),
+                Err(e) => self.problem(&dir_path, format!("cannot open directory: {e}")),
+            }
+        }
+    }
+
+    /// Reports one directory's entries; pushes its subdirectories onto `stack`.
+    fn list(&mut self, dir: &DirHandle, dir_path: &RelPath, stack: &mut Vec<RelPath>) {
+        let entries = match dir.entries() {
+            Ok(e) => e,
+            Err(e) => return self.problem(dir_path, format!("cannot list directory: {e}")),
+        };
+        for (name, stat) in entries {
+            let path = match dir_path.join(&name) {
+                Ok(p) => p,
                 Err(e) => {
-                    self.problem(&dir_path, format!("cannot list directory: {e}"));
+                    let shown = vmsync_core::path::escape_bytes(&name);
+                    self.problem(dir_path, format!("entry `{shown}` skipped: {e}"));
                     continue;
                 }
             };
-            for (name, stat) in entries {
-                let path = match dir_path.join(&name) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        let shown = vmsync_core::path::escape_bytes(&name);
-                        let at = dir_path.clone();
-                        self.problem(&at, format!("entry `{shown}` skipped: {e}"));
-                        continue;
-                    }
-                };
-                if self.filter.is_ignored(&path, stat.kind == FileKind::Dir) {
-                    continue;
+            if self.filter.is_ignored(&path, stat.kind == FileKind::Dir) {
+                continue;
+            }
+            match stat.kind {
+                FileKind::Dir => {
+                    self.out.entries.push((
+                        path.clone(),
+                        Entry::Dir {
+                            mode: stat.mode & PERM_MASK,
+                        },
+                    ));
+                    stack.push(path);
                 }
-                match stat.kind {
-                    FileKind::Dir => match dir.open_subdir(&name) {
-                        Ok(sub) => {
-                            self.out.entries.push((
-                                path.clone(),
-                                Entry::Dir {
-                                    mode: stat.mode & PERM_MASK,
-                                },
-                            ));
-                            stack.push((sub, path));
-                        }
-                        Err(e) => self.problem(&path, format!("cannot open directory: {e}")),
-                    },
-                    FileKind::Symlink => match dir.read_link(&name) {
-                        Ok(target) => self.symlink(&path, target),
-                        Err(e) => self.problem(&path, format!("cannot read symlink: {e}")),
-                    },
-                    FileKind::File => self.file(path, stat),
-                    FileKind::Other => self.special(&path),
-                }
+                FileKind::Symlink => match dir.read_link(&name) {
+                    Ok(target) => self.symlink(&path, target),
+                    Err(e) => self.problem(&path, format!("cannot read symlink: {e}")),
+                },
+                FileKind::File => self.file(path, stat),
+                FileKind::Other => self.special(&path),
             }
         }
     }

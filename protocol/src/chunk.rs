@@ -65,7 +65,11 @@ pub enum ChunkError {
     #[error("chunk {hash:?} declares zero bytes")]
     Empty { hash: Hash },
     #[error("raw chunk {hash:?} carries {actual} bytes but declares {declared}")]
-    RawLength { hash: Hash, declared: u32, actual: usize },
+    RawLength {
+        hash: Hash,
+        declared: u32,
+        actual: usize,
+    },
     #[error("compressed chunk {hash:?} does not decompress")]
     Decompress {
         hash: Hash,
@@ -73,7 +77,11 @@ pub enum ChunkError {
         source: io::Error,
     },
     #[error("compressed chunk {hash:?} decompresses to {actual} bytes but declares {declared}")]
-    DecompressedLength { hash: Hash, declared: u32, actual: usize },
+    DecompressedLength {
+        hash: Hash,
+        declared: u32,
+        actual: usize,
+    },
     #[error("chunk data hashes to {actual:?}, not to its id {expected:?}")]
     HashMismatch { expected: Hash, actual: Hash },
 }
@@ -98,19 +106,38 @@ pub fn encode_chunk(hash: Hash, data: &[u8], level: i32) -> WireChunk {
         if let Some(compressed) = compress(data, level) {
             let saved = data.len().saturating_sub(compressed.len());
             if compressed.len() < data.len() && saved * MIN_SAVING_DIVISOR >= data.len() {
-                return WireChunk { hash, len, codec: Codec::Zstd, data: compressed };
+                return WireChunk {
+                    hash,
+                    len,
+                    codec: Codec::Zstd,
+                    data: compressed,
+                };
             }
         }
     }
-    WireChunk { hash, len, codec: Codec::Raw, data: data.to_vec() }
+    WireChunk {
+        hash,
+        len,
+        codec: Codec::Raw,
+        data: data.to_vec(),
+    }
 }
 
 /// Decodes and verifies a received chunk: its declared length is legal, its data decodes to
 /// exactly that many bytes, and those bytes hash to its id.
 pub fn decode_chunk(c: WireChunk) -> Result<(Hash, Vec<u8>), ChunkError> {
-    let WireChunk { hash, len, codec, data } = c;
+    let WireChunk {
+        hash,
+        len,
+        codec,
+        data,
+    } = c;
     if len > CHUNK_MAX_BYTES {
-        return Err(ChunkError::TooLong { hash, len, max: CHUNK_MAX_BYTES });
+        return Err(ChunkError::TooLong {
+            hash,
+            len,
+            max: CHUNK_MAX_BYTES,
+        });
     }
     if len == 0 {
         return Err(ChunkError::Empty { hash });
@@ -120,7 +147,11 @@ pub fn decode_chunk(c: WireChunk) -> Result<(Hash, Vec<u8>), ChunkError> {
     let plain = match codec {
         Codec::Raw => {
             if data.len() != declared {
-                return Err(ChunkError::RawLength { hash, declared: len, actual: data.len() });
+                return Err(ChunkError::RawLength {
+                    hash,
+                    declared: len,
+                    actual: data.len(),
+                });
             }
             data
         }
@@ -139,7 +170,10 @@ pub fn decode_chunk(c: WireChunk) -> Result<(Hash, Vec<u8>), ChunkError> {
     };
     let actual = hash_chunk(&plain);
     if actual != hash {
-        return Err(ChunkError::HashMismatch { expected: hash, actual });
+        return Err(ChunkError::HashMismatch {
+            expected: hash,
+            actual,
+        });
     }
     Ok((hash, plain))
 }
@@ -270,7 +304,12 @@ mod tests {
 
     #[test]
     fn zstd_round_trip_for_compressible_data() {
-        let data: Vec<u8> = b"all work and no play ".iter().cycle().take(60_000).copied().collect();
+        let data: Vec<u8> = b"all work and no play "
+            .iter()
+            .cycle()
+            .take(60_000)
+            .copied()
+            .collect();
         let c = encode_chunk(hash_chunk(&data), &data, DEFAULT_ZSTD_LEVEL);
         assert_eq!(c.codec, Codec::Zstd);
         assert!(c.data.len() < data.len() / 10);
@@ -308,7 +347,12 @@ mod tests {
 
     #[test]
     fn rejects_empty_chunk() {
-        let c = WireChunk { hash: hash_chunk(b""), len: 0, codec: Codec::Raw, data: vec![] };
+        let c = WireChunk {
+            hash: hash_chunk(b""),
+            len: 0,
+            codec: Codec::Raw,
+            data: vec![],
+        };
         assert!(matches!(decode_chunk(c), Err(ChunkError::Empty { .. })));
     }
 
@@ -316,7 +360,12 @@ mod tests {
     fn rejects_raw_length_mismatch() {
         let data = b"abcdef".to_vec();
         for len in [5, 7] {
-            let c = WireChunk { hash: hash_chunk(&data), len, codec: Codec::Raw, data: data.clone() };
+            let c = WireChunk {
+                hash: hash_chunk(&data),
+                len,
+                codec: Codec::Raw,
+                data: data.clone(),
+            };
             assert!(matches!(decode_chunk(c), Err(ChunkError::RawLength { .. })));
         }
     }
@@ -324,22 +373,41 @@ mod tests {
     #[test]
     fn rejects_hash_mismatch() {
         let data = b"abcdef".to_vec();
-        let c = WireChunk { hash: hash_chunk(b"abcdeg"), len: 6, codec: Codec::Raw, data };
-        assert!(matches!(decode_chunk(c), Err(ChunkError::HashMismatch { .. })));
+        let c = WireChunk {
+            hash: hash_chunk(b"abcdeg"),
+            len: 6,
+            codec: Codec::Raw,
+            data,
+        };
+        assert!(matches!(
+            decode_chunk(c),
+            Err(ChunkError::HashMismatch { .. })
+        ));
         let data = vec![1u8; 1000];
         let mut c = encode_chunk(hash_chunk(&data), &data, 3);
         assert_eq!(c.codec, Codec::Zstd);
         c.hash = hash_chunk(b"other");
-        assert!(matches!(decode_chunk(c), Err(ChunkError::HashMismatch { .. })));
+        assert!(matches!(
+            decode_chunk(c),
+            Err(ChunkError::HashMismatch { .. })
+        ));
     }
 
     #[test]
     fn rejects_decompressing_to_fewer_bytes_than_declared() {
         let data = vec![9u8; 1000];
-        let c = WireChunk { hash: hash_chunk(&data), len: 1001, codec: Codec::Zstd, data: zstd_raw(&data) };
+        let c = WireChunk {
+            hash: hash_chunk(&data),
+            len: 1001,
+            codec: Codec::Zstd,
+            data: zstd_raw(&data),
+        };
         let err = decode_chunk(c).unwrap_err();
         assert!(
-            matches!(err, ChunkError::DecompressedLength { actual: 1000, .. } | ChunkError::Decompress { .. }),
+            matches!(
+                err,
+                ChunkError::DecompressedLength { actual: 1000, .. } | ChunkError::Decompress { .. }
+            ),
             "{err:?}"
         );
     }
@@ -347,20 +415,44 @@ mod tests {
     #[test]
     fn rejects_decompressing_to_more_bytes_than_declared() {
         let data = vec![9u8; 1000];
-        let c = WireChunk { hash: hash_chunk(&data[..999]), len: 999, codec: Codec::Zstd, data: zstd_raw(&data) };
-        assert!(matches!(decode_chunk(c), Err(ChunkError::Decompress { .. })));
+        let c = WireChunk {
+            hash: hash_chunk(&data[..999]),
+            len: 999,
+            codec: Codec::Zstd,
+            data: zstd_raw(&data),
+        };
+        assert!(matches!(
+            decode_chunk(c),
+            Err(ChunkError::Decompress { .. })
+        ));
     }
 
     #[test]
     fn rejects_garbage_compressed_data() {
         for data in [vec![0u8; 10], noise(100, 3), b"\x28\xb5\x2f\xfd".to_vec()] {
-            let c = WireChunk { hash: Hash::default(), len: 100, codec: Codec::Zstd, data: data.clone() };
+            let c = WireChunk {
+                hash: Hash::default(),
+                len: 100,
+                codec: Codec::Zstd,
+                data: data.clone(),
+            };
             let r = decode_chunk(c);
-            assert!(matches!(r, Err(ChunkError::Decompress { .. })), "{data:?}: {r:?}");
+            assert!(
+                matches!(r, Err(ChunkError::Decompress { .. })),
+                "{data:?}: {r:?}"
+            );
         }
         // No frame at all decodes to nothing, which is not the declared length.
-        let c = WireChunk { hash: Hash::default(), len: 100, codec: Codec::Zstd, data: vec![] };
-        assert!(matches!(decode_chunk(c), Err(ChunkError::DecompressedLength { actual: 0, .. })));
+        let c = WireChunk {
+            hash: Hash::default(),
+            len: 100,
+            codec: Codec::Zstd,
+            data: vec![],
+        };
+        assert!(matches!(
+            decode_chunk(c),
+            Err(ChunkError::DecompressedLength { actual: 0, .. })
+        ));
     }
 
     #[test]
@@ -380,7 +472,10 @@ mod tests {
                 data: bomb,
             };
             let started = std::time::Instant::now();
-            assert!(matches!(decode_chunk(c), Err(ChunkError::Decompress { .. })));
+            assert!(matches!(
+                decode_chunk(c),
+                Err(ChunkError::Decompress { .. })
+            ));
             // Generous: decoding 1 GiB would take far longer than this even in release builds.
             assert!(started.elapsed() < std::time::Duration::from_secs(2));
         }
@@ -392,7 +487,12 @@ mod tests {
         let mut data = zstd_raw(&a);
         data.extend_from_slice(&zstd_raw(&a));
         // Together 80 000 bytes: more than the 64 KiB buffer.
-        let c = WireChunk { hash: hash_chunk(&a), len: 40_000, codec: Codec::Zstd, data };
+        let c = WireChunk {
+            hash: hash_chunk(&a),
+            len: 40_000,
+            codec: Codec::Zstd,
+            data,
+        };
         assert!(decode_chunk(c).is_err());
     }
 
@@ -403,10 +503,23 @@ mod tests {
         // frame decodes to what it holds, and more than declared still fails.
         let zeros = vec![0u8; 100];
         let frame = rle_bomb(31, 100, 1, None);
-        let c = WireChunk { hash: hash_chunk(&zeros), len: 100, codec: Codec::Zstd, data: frame };
+        let c = WireChunk {
+            hash: hash_chunk(&zeros),
+            len: 100,
+            codec: Codec::Zstd,
+            data: frame,
+        };
         assert_eq!(decode_chunk(c).unwrap().1, zeros);
         let frame = rle_bomb(31, 128 * 1024, 2, None);
-        let c = WireChunk { hash: hash_chunk(&zeros), len: 100, codec: Codec::Zstd, data: frame };
-        assert!(matches!(decode_chunk(c), Err(ChunkError::Decompress { .. })));
+        let c = WireChunk {
+            hash: hash_chunk(&zeros),
+            len: 100,
+            codec: Codec::Zstd,
+            data: frame,
+        };
+        assert!(matches!(
+            decode_chunk(c),
+            Err(ChunkError::Decompress { .. })
+        ));
     }
 }

@@ -60,7 +60,10 @@ pub fn encode_message<T: Serialize + Validate>(
     value.validate()?;
     let bytes = postcard::to_allocvec(value).map_err(CodecError::Encode)?;
     if bytes.len() > max_message_bytes {
-        return Err(CodecError::TooLarge { len: bytes.len(), max: max_message_bytes });
+        return Err(CodecError::TooLarge {
+            len: bytes.len(),
+            max: max_message_bytes,
+        });
     }
     Ok(bytes)
 }
@@ -73,8 +76,14 @@ pub fn decode_message<T: DeserializeOwned + Serialize + Validate>(
     if !rest.is_empty() {
         return Err(CodecError::TrailingBytes { count: rest.len() });
     }
-    postcard::serialize_with_flavor(&value, SameBytes { expected: bytes, pos: 0 })
-        .map_err(|_| CodecError::NonCanonical)?;
+    postcard::serialize_with_flavor(
+        &value,
+        SameBytes {
+            expected: bytes,
+            pos: 0,
+        },
+    )
+    .map_err(|_| CodecError::NonCanonical)?;
     value.validate()?;
     Ok(value)
 }
@@ -130,12 +139,18 @@ impl<In, Out> Default for MessageCodec<In, Out> {
 
 impl<In, Out> MessageCodec<In, Out> {
     pub fn new() -> Self {
-        MessageCodec { frame: FrameCodec::new(), _types: PhantomData }
+        MessageCodec {
+            frame: FrameCodec::new(),
+            _types: PhantomData,
+        }
     }
 
     /// A codec over an already configured frame codec (tests and fuzzing use small fragments).
     pub fn with_frame(frame: FrameCodec) -> Self {
-        MessageCodec { frame, _types: PhantomData }
+        MessageCodec {
+            frame,
+            _types: PhantomData,
+        }
     }
 
     /// Raises the message cap from [`crate::limits::MAX_HANDSHAKE_BYTES`] to [`MAX_MESSAGE_BYTES`].
@@ -195,14 +210,24 @@ mod tests {
     use crate::messages::{Message, Request, RequestBody, ShareOpen};
 
     fn ping(id: u64) -> Message {
-        Message::Request(Request { id, share: 0, body: RequestBody::Ping })
+        Message::Request(Request {
+            id,
+            share: 0,
+            body: RequestBody::Ping,
+        })
     }
 
     #[test]
     fn round_trip_through_codec() {
         let mut codec = MessageCodec::<Message, Message>::new();
         let mut buf = BytesMut::new();
-        let h = Message::Hello(hello("1", vec![ShareOpen { name: "a".into(), ignore: vec![] }]));
+        let h = Message::Hello(hello(
+            "1",
+            vec![ShareOpen {
+                name: "a".into(),
+                ignore: vec![],
+            }],
+        ));
         codec.encode(h.clone(), &mut buf).unwrap();
         codec.encode(ping(7), &mut buf).unwrap();
         assert_eq!(codec.decode(&mut buf).unwrap(), Some(h));
@@ -216,8 +241,14 @@ mod tests {
         let canonical = [3u8, 5, 0, 0];
         assert_eq!(decode_message::<Message>(&canonical).unwrap(), ping(5));
         let overlong = [3u8, 0x85, 0x00, 0, 0];
-        assert!(postcard::from_bytes::<Message>(&overlong).is_ok(), "postcard alone accepts it");
-        assert!(matches!(decode_message::<Message>(&overlong), Err(CodecError::NonCanonical)));
+        assert!(
+            postcard::from_bytes::<Message>(&overlong).is_ok(),
+            "postcard alone accepts it"
+        );
+        assert!(matches!(
+            decode_message::<Message>(&overlong),
+            Err(CodecError::NonCanonical)
+        ));
     }
 
     #[test]
@@ -226,8 +257,14 @@ mod tests {
             decode_message::<Message>(&[3, 5, 0, 0, 0]),
             Err(CodecError::TrailingBytes { count: 1 })
         ));
-        assert!(matches!(decode_message::<Message>(&[5]), Err(CodecError::Decode(_))));
-        assert!(matches!(decode_message::<Message>(&[3, 5, 0, 200]), Err(CodecError::Decode(_))));
+        assert!(matches!(
+            decode_message::<Message>(&[5]),
+            Err(CodecError::Decode(_))
+        ));
+        assert!(matches!(
+            decode_message::<Message>(&[3, 5, 0, 200]),
+            Err(CodecError::Decode(_))
+        ));
     }
 
     #[test]
@@ -236,13 +273,18 @@ mod tests {
         let mut bytes = postcard::to_allocvec(&Message::Hello(hello("1", vec![]))).unwrap();
         bytes.pop(); // the empty share list's length
         bytes.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
-        assert!(matches!(decode_message::<Message>(&bytes), Err(CodecError::Decode(_))));
+        assert!(matches!(
+            decode_message::<Message>(&bytes),
+            Err(CodecError::Decode(_))
+        ));
     }
 
     #[test]
     fn handshake_cap_then_full_cap() {
         let mut codec = MessageCodec::<Message, Message>::new();
-        let big = Message::Refused(crate::messages::Refused { reason: "x".repeat(4000) });
+        let big = Message::Refused(crate::messages::Refused {
+            reason: "x".repeat(4000),
+        });
         let mut buf = BytesMut::new();
         codec.encode(big, &mut buf).unwrap();
         assert_eq!(codec.max_message_bytes(), MAX_HANDSHAKE_BYTES);
@@ -253,9 +295,14 @@ mod tests {
     #[test]
     fn encoder_validates() {
         let mut codec = MessageCodec::<Message, Message>::new();
-        let bad = Message::Refused(crate::messages::Refused { reason: "x".repeat(5000) });
+        let bad = Message::Refused(crate::messages::Refused {
+            reason: "x".repeat(5000),
+        });
         let mut buf = BytesMut::new();
-        assert!(matches!(codec.encode(bad, &mut buf), Err(CodecError::Invalid(_))));
+        assert!(matches!(
+            codec.encode(bad, &mut buf),
+            Err(CodecError::Invalid(_))
+        ));
         assert!(buf.is_empty());
     }
 }

@@ -113,11 +113,17 @@ impl Decoder for FrameCodec {
             // A 31-bit value always fits a usize on the platforms we build for (≥ 32 bits).
             let len = usize::try_from(header & LEN_MASK).unwrap_or(usize::MAX);
             if len > MAX_FRAME_BYTES {
-                return Err(FrameError::FragmentTooLarge { len, max: MAX_FRAME_BYTES });
+                return Err(FrameError::FragmentTooLarge {
+                    len,
+                    max: MAX_FRAME_BYTES,
+                });
             }
             let total = self.assembled.len().saturating_add(len);
             if total > self.max_message_bytes {
-                return Err(FrameError::MessageTooLarge { len: total, max: self.max_message_bytes });
+                return Err(FrameError::MessageTooLarge {
+                    len: total,
+                    max: self.max_message_bytes,
+                });
             }
             if len == 0 {
                 return Err(if !more && self.assembled.is_empty() {
@@ -237,7 +243,10 @@ mod tests {
         let mut wire = encode(&mut codec, &payload);
         assert_eq!(wire.len(), payload.len() + 3 * FRAME_HEADER_BYTES);
         assert_eq!(&wire[..4], &header(MAX_FRAME_BYTES as u32, true));
-        assert_eq!(codec.decode(&mut wire).unwrap().unwrap().len(), payload.len());
+        assert_eq!(
+            codec.decode(&mut wire).unwrap().unwrap().len(),
+            payload.len()
+        );
     }
 
     #[test]
@@ -300,18 +309,27 @@ mod tests {
     fn rejects_empty_message_and_empty_fragments() {
         let mut codec = FrameCodec::new();
         let mut buf = BytesMut::from(&header(0, false)[..]);
-        assert!(matches!(codec.decode(&mut buf), Err(FrameError::EmptyMessage)));
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Err(FrameError::EmptyMessage)
+        ));
 
         let mut codec = FrameCodec::new();
         let mut buf = BytesMut::from(&header(0, true)[..]);
-        assert!(matches!(codec.decode(&mut buf), Err(FrameError::EmptyFragment)));
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Err(FrameError::EmptyFragment)
+        ));
 
         let mut codec = FrameCodec::new();
         let mut buf = BytesMut::new();
         buf.extend_from_slice(&header(1, true));
         buf.extend_from_slice(b"x");
         buf.extend_from_slice(&header(0, false));
-        assert!(matches!(codec.decode(&mut buf), Err(FrameError::EmptyFragment)));
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Err(FrameError::EmptyFragment)
+        ));
 
         let mut codec = FrameCodec::new();
         let mut dst = BytesMut::new();
@@ -333,7 +351,10 @@ mod tests {
             let mut buf = BytesMut::from(&case[..]);
             assert!(codec.decode(&mut buf).unwrap().is_none());
             assert!(
-                matches!(codec.decode_eof(&mut buf), Err(FrameError::Truncated { .. })),
+                matches!(
+                    codec.decode_eof(&mut buf),
+                    Err(FrameError::Truncated { .. })
+                ),
                 "{case:?}"
             );
         }

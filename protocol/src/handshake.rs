@@ -6,11 +6,11 @@
 //! it does not export a requested share. Otherwise both sides speak the highest common version
 //! and the intersection of their feature bits.
 
+use crate::limits::MAX_SHARE_NAME_BYTES;
 use crate::messages::{
     ChunkerParams, Hello, ShareOpen, Welcome, FEATURES_SUPPORTED, MAGIC, PROTOCOL_VERSION_MAX,
     PROTOCOL_VERSION_MIN,
 };
-use crate::limits::MAX_SHARE_NAME_BYTES;
 use std::collections::BTreeSet;
 use vmsync_core::path::escape_bytes;
 
@@ -45,12 +45,20 @@ pub enum Refusal {
         "no common protocol version: host speaks {host_min}..={host_max}, \
          guest speaks {guest_min}..={guest_max}"
     )]
-    NoCommonVersion { host_min: u16, host_max: u16, guest_min: u16, guest_max: u16 },
+    NoCommonVersion {
+        host_min: u16,
+        host_max: u16,
+        guest_min: u16,
+        guest_max: u16,
+    },
     #[error(
         "chunker parameters differ: host uses min/avg/max {}/{}/{} bytes, guest {}/{}/{}",
         host.min, host.avg, host.max, guest.min, guest.avg, guest.max
     )]
-    ChunkerMismatch { host: ChunkerParams, guest: ChunkerParams },
+    ChunkerMismatch {
+        host: ChunkerParams,
+        guest: ChunkerParams,
+    },
     #[error(
         "share name `{0}` is invalid: use 1 to {MAX_SHARE_NAME_BYTES} ASCII letters, digits, \
          `.`, `_` or `-`, not starting with `.`"
@@ -70,7 +78,10 @@ pub struct Agreement {
 /// The refusal reason for a share the guest does not export. Guests use it from their `exports`
 /// mapping so the text is the same everywhere.
 pub fn share_not_exported(name: &str) -> String {
-    format!("share `{}` is not exported by this guest", escape_bytes(name.as_bytes()))
+    format!(
+        "share `{}` is not exported by this guest",
+        escape_bytes(name.as_bytes())
+    )
 }
 
 /// Share names are short, printable, path-free identifiers: `[A-Za-z0-9._-]{1,64}`, not starting
@@ -79,7 +90,9 @@ pub fn is_valid_share_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_SHARE_NAME_BYTES
         && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// The host's `Hello` for these shares, speaking everything this build speaks.
@@ -103,7 +116,10 @@ pub fn accept_hello(hello: &Hello, local: &LocalParams) -> Result<Agreement, Ref
         return Err(Refusal::BadMagic);
     }
     if hello.min_version > hello.max_version {
-        return Err(Refusal::BadVersionRange { min: hello.min_version, max: hello.max_version });
+        return Err(Refusal::BadVersionRange {
+            min: hello.min_version,
+            max: hello.max_version,
+        });
     }
     let version = hello.max_version.min(local.max_version);
     if version < hello.min_version.max(local.min_version) {
@@ -115,7 +131,10 @@ pub fn accept_hello(hello: &Hello, local: &LocalParams) -> Result<Agreement, Ref
         });
     }
     if hello.chunker != local.chunker {
-        return Err(Refusal::ChunkerMismatch { host: hello.chunker, guest: local.chunker });
+        return Err(Refusal::ChunkerMismatch {
+            host: hello.chunker,
+            guest: local.chunker,
+        });
     }
     let mut seen = BTreeSet::new();
     for share in &hello.shares {
@@ -126,7 +145,10 @@ pub fn accept_hello(hello: &Hello, local: &LocalParams) -> Result<Agreement, Ref
             return Err(Refusal::DuplicateShare(share.name.clone()));
         }
     }
-    Ok(Agreement { version, features: hello.features & local.features })
+    Ok(Agreement {
+        version,
+        features: hello.features & local.features,
+    })
 }
 
 /// The guest's `Welcome` for an agreement.
@@ -174,14 +196,23 @@ mod tests {
     use super::*;
 
     fn share(name: &str) -> ShareOpen {
-        ShareOpen { name: name.to_owned(), ignore: vec![] }
+        ShareOpen {
+            name: name.to_owned(),
+            ignore: vec![],
+        }
     }
 
     #[test]
     fn accepts_matching_hello() {
         let h = hello("0.1.0", vec![share("src"), share("out")]);
         let a = accept_hello(&h, &LocalParams::default()).unwrap();
-        assert_eq!(a, Agreement { version: PROTOCOL_VERSION_MAX, features: 0 });
+        assert_eq!(
+            a,
+            Agreement {
+                version: PROTOCOL_VERSION_MAX,
+                features: 0
+            }
+        );
         let w = welcome(a, "0.1.0", &LocalParams::default());
         assert_eq!(check_welcome(&h, &w), Ok(()));
     }
@@ -191,7 +222,11 @@ mod tests {
         let mut h = hello("x", vec![]);
         h.min_version = 1;
         h.max_version = 9;
-        let local = LocalParams { min_version: 2, max_version: 5, ..LocalParams::default() };
+        let local = LocalParams {
+            min_version: 2,
+            max_version: 5,
+            ..LocalParams::default()
+        };
         assert_eq!(accept_hello(&h, &local).unwrap().version, 5);
         h.max_version = 3;
         assert_eq!(accept_hello(&h, &local).unwrap().version, 3);
@@ -202,66 +237,169 @@ mod tests {
         let local = LocalParams::default();
         let base = hello("x", vec![share("a")]);
         let cases: Vec<(Hello, Refusal)> = vec![
-            (Hello { magic: *b"VMSYNC\0\x02", ..base.clone() }, Refusal::BadMagic),
             (
-                Hello { min_version: 3, max_version: 2, ..base.clone() },
+                Hello {
+                    magic: *b"VMSYNC\0\x02",
+                    ..base.clone()
+                },
+                Refusal::BadMagic,
+            ),
+            (
+                Hello {
+                    min_version: 3,
+                    max_version: 2,
+                    ..base.clone()
+                },
                 Refusal::BadVersionRange { min: 3, max: 2 },
             ),
             (
-                Hello { min_version: 2, max_version: 7, ..base.clone() },
-                Refusal::NoCommonVersion { host_min: 2, host_max: 7, guest_min: 1, guest_max: 1 },
+                Hello {
+                    min_version: 2,
+                    max_version: 7,
+                    ..base.clone()
+                },
+                Refusal::NoCommonVersion {
+                    host_min: 2,
+                    host_max: 7,
+                    guest_min: 1,
+                    guest_max: 1,
+                },
             ),
             (
-                Hello { chunker: ChunkerParams { min: 1, avg: 2, max: 3 }, ..base.clone() },
+                Hello {
+                    chunker: ChunkerParams {
+                        min: 1,
+                        avg: 2,
+                        max: 3,
+                    },
+                    ..base.clone()
+                },
                 Refusal::ChunkerMismatch {
-                    host: ChunkerParams { min: 1, avg: 2, max: 3 },
+                    host: ChunkerParams {
+                        min: 1,
+                        avg: 2,
+                        max: 3,
+                    },
                     guest: ChunkerParams::PINNED,
                 },
             ),
             (
-                Hello { shares: vec![share("a"), share("a")], ..base.clone() },
+                Hello {
+                    shares: vec![share("a"), share("a")],
+                    ..base.clone()
+                },
                 Refusal::DuplicateShare("a".into()),
             ),
-            (Hello { shares: vec![share("../etc")], ..base.clone() }, Refusal::BadShareName("../etc".into())),
-            (Hello { shares: vec![share("")], ..base.clone() }, Refusal::BadShareName(String::new())),
             (
-                Hello { shares: vec![share("a\nb")], ..base.clone() },
+                Hello {
+                    shares: vec![share("../etc")],
+                    ..base.clone()
+                },
+                Refusal::BadShareName("../etc".into()),
+            ),
+            (
+                Hello {
+                    shares: vec![share("")],
+                    ..base.clone()
+                },
+                Refusal::BadShareName(String::new()),
+            ),
+            (
+                Hello {
+                    shares: vec![share("a\nb")],
+                    ..base.clone()
+                },
                 Refusal::BadShareName("a\\x0ab".into()),
             ),
         ];
         for (h, want) in cases {
             assert_eq!(accept_hello(&h, &local), Err(want));
         }
-        assert!(Refusal::NoCommonVersion { host_min: 2, host_max: 7, guest_min: 1, guest_max: 1 }
-            .to_string()
-            .contains("host speaks 2..=7, guest speaks 1..=1"));
+        assert!(Refusal::NoCommonVersion {
+            host_min: 2,
+            host_max: 7,
+            guest_min: 1,
+            guest_max: 1
+        }
+        .to_string()
+        .contains("host speaks 2..=7, guest speaks 1..=1"));
     }
 
     #[test]
     fn share_names() {
-        for ok in ["a", "src", "my-share_2.0", &"x".repeat(MAX_SHARE_NAME_BYTES)] {
+        for ok in [
+            "a",
+            "src",
+            "my-share_2.0",
+            &"x".repeat(MAX_SHARE_NAME_BYTES),
+        ] {
             assert!(is_valid_share_name(ok), "{ok}");
         }
-        for bad in ["", ".", "..", ".hidden", "a/b", "a b", "é", &"x".repeat(MAX_SHARE_NAME_BYTES + 1)] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "a/b",
+            "a b",
+            "é",
+            &"x".repeat(MAX_SHARE_NAME_BYTES + 1),
+        ] {
             assert!(!is_valid_share_name(bad), "{bad}");
         }
-        assert_eq!(share_not_exported("x"), "share `x` is not exported by this guest");
+        assert_eq!(
+            share_not_exported("x"),
+            "share `x` is not exported by this guest"
+        );
     }
 
     #[test]
     fn welcome_checks() {
         let h = hello("x", vec![]);
-        let good = welcome(Agreement { version: 1, features: 0 }, "y", &LocalParams::default());
-        assert_eq!(
-            check_welcome(&h, &Welcome { version: 2, ..good.clone() }),
-            Err(WelcomeError::Version { version: 2, min: 1, max: 1 })
+        let good = welcome(
+            Agreement {
+                version: 1,
+                features: 0,
+            },
+            "y",
+            &LocalParams::default(),
         );
         assert_eq!(
-            check_welcome(&h, &Welcome { chunker: ChunkerParams { min: 1, avg: 1, max: 1 }, ..good.clone() }),
+            check_welcome(
+                &h,
+                &Welcome {
+                    version: 2,
+                    ..good.clone()
+                }
+            ),
+            Err(WelcomeError::Version {
+                version: 2,
+                min: 1,
+                max: 1
+            })
+        );
+        assert_eq!(
+            check_welcome(
+                &h,
+                &Welcome {
+                    chunker: ChunkerParams {
+                        min: 1,
+                        avg: 1,
+                        max: 1
+                    },
+                    ..good.clone()
+                }
+            ),
             Err(WelcomeError::Chunker)
         );
         assert_eq!(
-            check_welcome(&h, &Welcome { features: 4, ..good }),
+            check_welcome(
+                &h,
+                &Welcome {
+                    features: 4,
+                    ..good
+                }
+            ),
             Err(WelcomeError::Features { extra: 4 })
         );
     }

@@ -14,10 +14,10 @@
 
 use crate::chunk::{Codec, WireChunk};
 use crate::limits::{
-    CHUNK_MAX_BYTES, MAX_AGENT_VERSION_BYTES, MAX_BATCH_CHANGES, MAX_BATCH_CHUNKS,
-    MAX_BATCH_FILES, MAX_BATCH_PATHS, MAX_FILE_CHUNKS, MAX_IGNORE_PATTERNS,
-    MAX_IGNORE_PATTERN_BYTES, MAX_REASON_BYTES, MAX_SCAN_ENTRIES, MAX_SCAN_PROBLEMS, MAX_SHARES,
-    MAX_SHARE_NAME_BYTES, MAX_SYMLINK_TARGET_BYTES,
+    CHUNK_MAX_BYTES, MAX_AGENT_VERSION_BYTES, MAX_BATCH_CHANGES, MAX_BATCH_CHUNKS, MAX_BATCH_FILES,
+    MAX_BATCH_PATHS, MAX_FILE_CHUNKS, MAX_IGNORE_PATTERNS, MAX_IGNORE_PATTERN_BYTES,
+    MAX_REASON_BYTES, MAX_SCAN_ENTRIES, MAX_SCAN_PROBLEMS, MAX_SHARES, MAX_SHARE_NAME_BYTES,
+    MAX_SYMLINK_TARGET_BYTES,
 };
 use crate::messages::{
     Hello, Message, Refused, Request, RequestBody, Response, ResponseBody, ShareOpen, Welcome,
@@ -34,9 +34,17 @@ pub const NANOS_PER_SEC: u32 = 1_000_000_000;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ValidationError {
     #[error("{what}: {count} items, more than the limit of {max}")]
-    TooMany { what: &'static str, count: usize, max: usize },
+    TooMany {
+        what: &'static str,
+        count: usize,
+        max: usize,
+    },
     #[error("{what}: {len} bytes, more than the limit of {max}")]
-    TooLong { what: &'static str, len: usize, max: usize },
+    TooLong {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
     #[error("{what} is empty")]
     Empty { what: &'static str },
     #[error("{what} contains a control character")]
@@ -56,14 +64,21 @@ pub enum ValidationError {
     #[error("scan report lists the share root as an entry")]
     RootEntry,
     #[error("{codec:?} chunk carries {actual} bytes of data for {declared} declared bytes")]
-    ChunkDataLength { codec: Codec, declared: u32, actual: usize },
+    ChunkDataLength {
+        codec: Codec,
+        declared: u32,
+        actual: usize,
+    },
 }
 
 impl ValidationError {
     /// True when the message broke a size or count bound (as opposed to carrying a malformed
     /// value): for a message we were about to send, that is a resource limit, not a bug.
     pub fn is_limit(&self) -> bool {
-        matches!(self, ValidationError::TooMany { .. } | ValidationError::TooLong { .. })
+        matches!(
+            self,
+            ValidationError::TooMany { .. } | ValidationError::TooLong { .. }
+        )
     }
 }
 
@@ -127,7 +142,9 @@ fn entry(e: &Entry) -> Result {
         Entry::Dir { mode: m } => mode(*m),
         Entry::Symlink { target } => {
             if target.is_empty() {
-                return Err(ValidationError::Empty { what: "symlink target" });
+                return Err(ValidationError::Empty {
+                    what: "symlink target",
+                });
             }
             bytes("symlink target", target.len(), MAX_SYMLINK_TARGET_BYTES)?;
             if target.contains(&0) {
@@ -143,7 +160,10 @@ fn chunk_ref(c: &ChunkRef) -> Result {
         return Err(ValidationError::BadChunkLength { len: c.len });
     }
     if c.offset.checked_add(u64::from(c.len)).is_none() {
-        return Err(ValidationError::ChunkOverflow { offset: c.offset, len: c.len });
+        return Err(ValidationError::ChunkOverflow {
+            offset: c.offset,
+            len: c.len,
+        });
     }
     Ok(())
 }
@@ -212,7 +232,11 @@ impl Validate for ShareOpen {
 
 impl Validate for Hello {
     fn validate(&self) -> Result {
-        line("agent version", &self.agent_version, MAX_AGENT_VERSION_BYTES)?;
+        line(
+            "agent version",
+            &self.agent_version,
+            MAX_AGENT_VERSION_BYTES,
+        )?;
         count("shares", self.shares.len(), MAX_SHARES)?;
         self.shares.iter().try_for_each(Validate::validate)
     }
@@ -220,7 +244,11 @@ impl Validate for Hello {
 
 impl Validate for Welcome {
     fn validate(&self) -> Result {
-        line("agent version", &self.agent_version, MAX_AGENT_VERSION_BYTES)
+        line(
+            "agent version",
+            &self.agent_version,
+            MAX_AGENT_VERSION_BYTES,
+        )
     }
 }
 
@@ -375,11 +403,20 @@ mod tests {
     }
 
     fn meta(mode: u32, nanos: u32) -> FileMeta {
-        FileMeta { size: 1, mode, mtime: Timestamp::new(1, nanos), digest: Hash::default() }
+        FileMeta {
+            size: 1,
+            mode,
+            mtime: Timestamp::new(1, nanos),
+            digest: Hash::default(),
+        }
     }
 
     fn scan(entries: Vec<(RelPath, Entry)>) -> ResponseBody {
-        ResponseBody::Scan(Ok(ScanReport { root: None, entries, problems: vec![] }))
+        ResponseBody::Scan(Ok(ScanReport {
+            root: None,
+            entries,
+            problems: vec![],
+        }))
     }
 
     #[test]
@@ -387,23 +424,51 @@ mod tests {
         let ok = scan(vec![
             (p("a"), Entry::Dir { mode: 0o755 }),
             (p("a/b"), Entry::File(meta(0o644, 999_999_999))),
-            (p("c"), Entry::Symlink { target: b"a/b".to_vec() }),
+            (
+                p("c"),
+                Entry::Symlink {
+                    target: b"a/b".to_vec(),
+                },
+            ),
         ]);
         assert_eq!(ok.validate(), Ok(()));
         let bad = [
-            (scan(vec![(p("a"), Entry::Dir { mode: 0o4755 })]), ValidationError::BadMode { mode: 0o4755 }),
-            (scan(vec![(p("a"), Entry::File(meta(0o1777, 0)))]), ValidationError::BadMode { mode: 0o1777 }),
+            (
+                scan(vec![(p("a"), Entry::Dir { mode: 0o4755 })]),
+                ValidationError::BadMode { mode: 0o4755 },
+            ),
+            (
+                scan(vec![(p("a"), Entry::File(meta(0o1777, 0)))]),
+                ValidationError::BadMode { mode: 0o1777 },
+            ),
             (
                 scan(vec![(p("a"), Entry::File(meta(0o644, NANOS_PER_SEC)))]),
-                ValidationError::BadNanos { nanos: NANOS_PER_SEC },
+                ValidationError::BadNanos {
+                    nanos: NANOS_PER_SEC,
+                },
             ),
             (
                 scan(vec![(p("a"), Entry::Symlink { target: vec![] })]),
-                ValidationError::Empty { what: "symlink target" },
+                ValidationError::Empty {
+                    what: "symlink target",
+                },
             ),
-            (scan(vec![(p("a"), Entry::Symlink { target: b"x\0y".to_vec() })]), ValidationError::NulInSymlink),
             (
-                scan(vec![(p("a"), Entry::Symlink { target: vec![b'x'; MAX_SYMLINK_TARGET_BYTES + 1] })]),
+                scan(vec![(
+                    p("a"),
+                    Entry::Symlink {
+                        target: b"x\0y".to_vec(),
+                    },
+                )]),
+                ValidationError::NulInSymlink,
+            ),
+            (
+                scan(vec![(
+                    p("a"),
+                    Entry::Symlink {
+                        target: vec![b'x'; MAX_SYMLINK_TARGET_BYTES + 1],
+                    },
+                )]),
                 ValidationError::TooLong {
                     what: "symlink target",
                     len: MAX_SYMLINK_TARGET_BYTES + 1,
@@ -427,42 +492,73 @@ mod tests {
             scan(vec![(p("a"), dir.clone()), (p("a"), dir.clone())]).validate(),
             Err(ValidationError::Unsorted { index: 1 })
         );
-        assert_eq!(scan(vec![(RelPath::root(), dir)]).validate(), Err(ValidationError::RootEntry));
+        assert_eq!(
+            scan(vec![(RelPath::root(), dir)]).validate(),
+            Err(ValidationError::RootEntry)
+        );
     }
 
     #[test]
     fn chunk_refs() {
         let read = |offset, len| RequestBody::ReadChunks {
-            reads: vec![ChunkRead { path: p("f"), chunk: ChunkRef { hash: Hash::default(), offset, len } }],
+            reads: vec![ChunkRead {
+                path: p("f"),
+                chunk: ChunkRef {
+                    hash: Hash::default(),
+                    offset,
+                    len,
+                },
+            }],
         };
         assert_eq!(read(0, 1).validate(), Ok(()));
         assert_eq!(read(0, CHUNK_MAX_BYTES).validate(), Ok(()));
-        assert_eq!(read(0, 0).validate(), Err(ValidationError::BadChunkLength { len: 0 }));
+        assert_eq!(
+            read(0, 0).validate(),
+            Err(ValidationError::BadChunkLength { len: 0 })
+        );
         assert_eq!(
             read(0, CHUNK_MAX_BYTES + 1).validate(),
-            Err(ValidationError::BadChunkLength { len: CHUNK_MAX_BYTES + 1 })
+            Err(ValidationError::BadChunkLength {
+                len: CHUNK_MAX_BYTES + 1
+            })
         );
         assert_eq!(
             read(u64::MAX, 1).validate(),
-            Err(ValidationError::ChunkOverflow { offset: u64::MAX, len: 1 })
+            Err(ValidationError::ChunkOverflow {
+                offset: u64::MAX,
+                len: 1
+            })
         );
     }
 
     #[test]
     fn batch_counts() {
         let reads = vec![
-            ChunkRead { path: p("f"), chunk: ChunkRef { hash: Hash::default(), offset: 0, len: 1 } };
+            ChunkRead {
+                path: p("f"),
+                chunk: ChunkRef {
+                    hash: Hash::default(),
+                    offset: 0,
+                    len: 1
+                }
+            };
             MAX_BATCH_CHUNKS + 1
         ];
         let err = RequestBody::ReadChunks { reads }.validate().unwrap_err();
         assert!(err.is_limit());
         let paths = vec![p("x"); MAX_BATCH_PATHS + 1];
-        assert!(RequestBody::Scan { scope: ScanScope::Paths(paths), options: Default::default() }
+        assert!(RequestBody::Scan {
+            scope: ScanScope::Paths(paths),
+            options: Default::default()
+        }
+        .validate()
+        .unwrap_err()
+        .is_limit());
+        let missing = vec![Hash::default(); MAX_FILE_CHUNKS + 1];
+        assert!(ResponseBody::Stage(Ok(vec![Ok(missing)]))
             .validate()
             .unwrap_err()
             .is_limit());
-        let missing = vec![Hash::default(); MAX_FILE_CHUNKS + 1];
-        assert!(ResponseBody::Stage(Ok(vec![Ok(missing)])).validate().unwrap_err().is_limit());
     }
 
     #[test]
@@ -475,14 +571,23 @@ mod tests {
         assert_eq!(raw.validate(), Ok(()));
         let mut short = raw.clone();
         short.data.pop();
-        assert!(matches!(short.validate(), Err(ValidationError::ChunkDataLength { .. })));
+        assert!(matches!(
+            short.validate(),
+            Err(ValidationError::ChunkDataLength { .. })
+        ));
         let mut big = z.clone();
         big.data = vec![0; 1000];
-        assert!(matches!(big.validate(), Err(ValidationError::ChunkDataLength { .. })));
+        assert!(matches!(
+            big.validate(),
+            Err(ValidationError::ChunkDataLength { .. })
+        ));
         let mut zero = raw;
         zero.len = 0;
         zero.data.clear();
-        assert_eq!(zero.validate(), Err(ValidationError::BadChunkLength { len: 0 }));
+        assert_eq!(
+            zero.validate(),
+            Err(ValidationError::BadChunkLength { len: 0 })
+        );
     }
 
     #[test]
@@ -494,19 +599,30 @@ mod tests {
             agent_version: agent.to_owned(),
             features: 0,
             chunker: crate::messages::ChunkerParams::PINNED,
-            shares: vec![ShareOpen { name: "s".into(), ignore: vec![pattern.to_owned()] }],
+            shares: vec![ShareOpen {
+                name: "s".into(),
+                ignore: vec![pattern.to_owned()],
+            }],
         };
         assert_eq!(hello("1.0", "*.o").validate(), Ok(()));
-        assert!(hello(&"x".repeat(MAX_AGENT_VERSION_BYTES + 1), "*.o").validate().is_err());
+        assert!(hello(&"x".repeat(MAX_AGENT_VERSION_BYTES + 1), "*.o")
+            .validate()
+            .is_err());
         assert_eq!(
             hello("1.0", "a\nb").validate(),
-            Err(ValidationError::ControlCharacter { what: "ignore pattern" })
+            Err(ValidationError::ControlCharacter {
+                what: "ignore pattern"
+            })
         );
         assert_eq!(
             hello("1\x1b[0m", "a").validate(),
-            Err(ValidationError::ControlCharacter { what: "agent version" })
+            Err(ValidationError::ControlCharacter {
+                what: "agent version"
+            })
         );
-        let long = Refused { reason: "r".repeat(MAX_REASON_BYTES + 1) };
+        let long = Refused {
+            reason: "r".repeat(MAX_REASON_BYTES + 1),
+        };
         assert!(long.validate().is_err());
         let err = ResponseBody::Supply(Err(EndpointError::Io("e".repeat(MAX_REASON_BYTES + 1))));
         assert!(err.validate().is_err());

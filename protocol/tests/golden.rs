@@ -2,16 +2,17 @@
 //! every kind and a response of every kind. Any change to the wire format (a reordered variant, a
 //! new field in a core type, a postcard upgrade that changes layout) fails here. If a failure is
 //! an intended format change, bump the protocol version and update the vectors in one commit.
+#![allow(clippy::unwrap_used)]
 
 use vmsync_core::endpoint::{
-    Change, ChunkRead, EndpointError, Outcome, Problem, RootId, ScanOptions, ScanReport,
-    ScanScope, StageRequest,
+    Change, ChunkRead, EndpointError, Outcome, Problem, RootId, ScanOptions, ScanReport, ScanScope,
+    StageRequest,
 };
 use vmsync_core::{ChunkRef, Entry, FileMeta, Hash, Manifest, RelPath, Timestamp};
 use vmsync_protocol::messages::MAGIC;
 use vmsync_protocol::{
     decode_message, encode_message, ChunkerParams, Codec, Hello, Message, Refused, Request,
-    RequestBody, Response, ResponseBody, ShareOpen, WireChunk, Welcome,
+    RequestBody, Response, ResponseBody, ShareOpen, Welcome, WireChunk,
 };
 
 fn hex(bytes: &[u8]) -> String {
@@ -40,15 +41,26 @@ fn meta() -> FileMeta {
 }
 
 fn chunk_ref() -> ChunkRef {
-    ChunkRef { hash: Hash([0x22; 32]), offset: 0, len: 5 }
+    ChunkRef {
+        hash: Hash([0x22; 32]),
+        offset: 0,
+        len: 5,
+    }
 }
 
 fn problem() -> Problem {
-    Problem { path: p("d"), reason: "fifo skipped".into() }
+    Problem {
+        path: p("d"),
+        reason: "fifo skipped".into(),
+    }
 }
 
 fn request(body: RequestBody) -> Message {
-    Message::Request(Request { id: 7, share: 1, body })
+    Message::Request(Request {
+        id: 7,
+        share: 1,
+        body,
+    })
 }
 
 fn response(body: ResponseBody) -> Message {
@@ -85,7 +97,9 @@ fn handshake_messages() {
     );
     golden(
         "Refused",
-        Message::Refused(Refused { reason: "share `x` is not exported by this guest".into() }),
+        Message::Refused(Refused {
+            reason: "share `x` is not exported by this guest".into(),
+        }),
         "0227736861726520607860206973206e6f74206578706f727465642062792074686973206775657374",
     );
 }
@@ -95,14 +109,19 @@ fn requests() {
     golden("Ping", request(RequestBody::Ping), "03070100");
     golden(
         "Scan full",
-        request(RequestBody::Scan { scope: ScanScope::Full, options: ScanOptions::default() }),
+        request(RequestBody::Scan {
+            scope: ScanScope::Full,
+            options: ScanOptions::default(),
+        }),
         "030701010000",
     );
     golden(
         "Scan paths",
         request(RequestBody::Scan {
             scope: ScanScope::Paths(vec![p("a"), p("a/b")]),
-            options: ScanOptions { create_marker: true },
+            options: ScanOptions {
+                create_marker: true,
+            },
         }),
         "030701010102016103612f6201",
     );
@@ -110,7 +129,10 @@ fn requests() {
     golden(
         "ReadChunks",
         request(RequestBody::ReadChunks {
-            reads: vec![ChunkRead { path: p("a/b"), chunk: chunk_ref() }],
+            reads: vec![ChunkRead {
+                path: p("a/b"),
+                chunk: chunk_ref(),
+            }],
         }),
         "030701030103612f6222222222222222222222222222222222222222222222222222222222222222220005",
     );
@@ -214,6 +236,10 @@ fn endpoint_errors() {
         (EndpointError::Limit("r".into()), "04070101060172"),
     ];
     for (e, want) in errors {
-        golden(&format!("{e:?}"), response(ResponseBody::Scan(Err(e.clone()))), want);
+        golden(
+            &format!("{e:?}"),
+            response(ResponseBody::Scan(Err(e.clone()))),
+            want,
+        );
     }
 }

@@ -33,6 +33,8 @@ pub struct Agents {
     pub relay: Relay,
     host: Option<Child>,
     guest: Option<Child>,
+    /// `ulimit -n` for the guest process, when set.
+    pub guest_fd_limit: Option<u32>,
 }
 
 impl Agents {
@@ -78,19 +80,32 @@ impl Agents {
             relay,
             host: None,
             guest: None,
+            guest_fd_limit: None,
         }
     }
 
-    fn spawn(&self, name: &str, config: &Path, log: &str) -> Child {
+    fn spawn(&self, name: &str, config: &Path, log: &str, fd_limit: Option<u32>) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.tmp.path().join(log))
             .expect("log file");
-        Command::new(bin(name))
-            .args(["run", "--config"])
-            .arg(config)
-            .env("VMSYNC_LOG", "debug")
+        let mut cmd = match fd_limit {
+            // Through the shell's ulimit: setting an rlimit in a pre_exec hook needs unsafe.
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" run --config \"$1\""));
+                c.arg(bin(name)).arg(config);
+                c
+            }
+            None => {
+                let mut c = Command::new(bin(name));
+                c.args(["run", "--config"]).arg(config);
+                c
+            }
+        };
+        cmd.env("VMSYNC_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -100,12 +115,17 @@ impl Agents {
 
     pub fn start_guest(&mut self) {
         assert!(self.guest.is_none(), "guest already running");
-        self.guest = Some(self.spawn("vmsync-guest", &self.guest_toml, "guest.log"));
+        self.guest = Some(self.spawn(
+            "vmsync-guest",
+            &self.guest_toml,
+            "guest.log",
+            self.guest_fd_limit,
+        ));
     }
 
     pub fn start_host(&mut self) {
         assert!(self.host.is_none(), "host already running");
-        self.host = Some(self.spawn("vmsync-host", &self.host_toml, "host.log"));
+        self.host = Some(self.spawn("vmsync-host", &self.host_toml, "host.log", None));
     }
 
     pub fn start(&mut self) {

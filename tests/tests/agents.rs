@@ -352,3 +352,22 @@ fn check_reports_bad_configs_with_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("extra"));
 }
+
+/// Regression: staged temp files used to stay open until the end of the cycle, so a first sync
+/// of more files than the guest's fd limit failed everywhere (and `wait` said in-sync).
+#[test]
+fn thousands_of_new_files_fit_in_a_small_fd_limit() {
+    let mut a = Agents::new("");
+    a.guest_fd_limit = Some(256);
+    for i in 0..3000 {
+        write(
+            &a.host_dir,
+            &format!("d{}/e{}/f{i}.txt", i % 40, i % 3),
+            format!("{i}\n"),
+        );
+    }
+    a.start();
+    a.wait_in_sync();
+    assert_same_tree(&a.host_dir, &a.guest_dir);
+    assert_eq!(a.share()["problems"], serde_json::json!([]));
+}

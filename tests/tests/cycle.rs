@@ -443,3 +443,33 @@ async fn type_changes_propagate() {
     p.sync().await;
     assert_same_tree(&p.host_dir, &p.guest_dir);
 }
+
+#[tokio::test]
+async fn a_path_a_scan_cannot_read_is_frozen_not_deleted() {
+    let mut p = pair();
+    write(&p.host_dir, "x", "host data");
+    write(&p.host_dir, "y", "other");
+    p.sync().await;
+    // The guest's x becomes a FIFO: the guest scan cannot report it as a file. That must not
+    // read as "deleted on the guest".
+    std::fs::remove_file(p.guest_dir.join("x")).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        p.guest_dir.join("x").as_path(),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    p.sync().await;
+    assert_eq!(read(&p.host_dir, "x"), b"host data");
+    assert!(p
+        .status()
+        .problems
+        .iter()
+        .any(|q| q.path == "x" && q.side == "guest"));
+    // Once the FIFO is gone the ordinary rules apply again: the guest deleted x.
+    std::fs::remove_file(p.guest_dir.join("x")).unwrap();
+    p.sync().await;
+    assert!(!p.host_dir.join("x").exists());
+}

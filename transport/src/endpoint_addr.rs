@@ -51,7 +51,11 @@ pub enum AddrError {
     #[error("`{input}`: the socket path contains a NUL byte")]
     NulInPath { input: String },
     #[error("`{input}`: the socket path is {len} bytes, longer than the {max} the kernel allows")]
-    PathTooLong { input: String, len: usize, max: usize },
+    PathTooLong {
+        input: String,
+        len: usize,
+        max: usize,
+    },
     #[error("`{input}`: missing `:PORT` at the end")]
     MissingPort { input: String },
     #[error("`{input}`: missing `CID:PORT` after `vsock://`")]
@@ -60,7 +64,11 @@ pub enum AddrError {
         "`{input}`: {what} `{value}` is not a decimal number from 0 to 4294967294 \
          (no sign, no leading zeros)"
     )]
-    BadNumber { input: String, what: &'static str, value: String },
+    BadNumber {
+        input: String,
+        what: &'static str,
+        value: String,
+    },
 }
 
 impl EndpointAddr {
@@ -81,7 +89,11 @@ fn quote(input: &str) -> String {
 
 /// A `u32` in canonical decimal, excluding the reserved `u32::MAX`.
 fn number(input: &str, what: &'static str, value: &str) -> Result<u32, AddrError> {
-    let bad = || AddrError::BadNumber { input: quote(input), what, value: quote(value) };
+    let bad = || AddrError::BadNumber {
+        input: quote(input),
+        what,
+        value: quote(value),
+    };
     let canonical = !value.is_empty()
         && value.bytes().all(|b| b.is_ascii_digit())
         && (value == "0" || !value.starts_with('0'));
@@ -96,13 +108,19 @@ fn number(input: &str, what: &'static str, value: &str) -> Result<u32, AddrError
 
 fn socket_path(input: &str, path: &str) -> Result<PathBuf, AddrError> {
     if path.is_empty() {
-        return Err(AddrError::EmptyPath { input: quote(input) });
+        return Err(AddrError::EmptyPath {
+            input: quote(input),
+        });
     }
     if !path.starts_with('/') {
-        return Err(AddrError::RelativePath { input: quote(input) });
+        return Err(AddrError::RelativePath {
+            input: quote(input),
+        });
     }
     if path.contains('\0') {
-        return Err(AddrError::NulInPath { input: quote(input) });
+        return Err(AddrError::NulInPath {
+            input: quote(input),
+        });
     }
     if path.len() > MAX_UNIX_SOCKET_PATH_BYTES {
         return Err(AddrError::PathTooLong {
@@ -124,9 +142,13 @@ impl FromStr for EndpointAddr {
         if let Some(rest) = input.strip_prefix("vsock://") {
             let Some((cid, port)) = rest.split_once(':') else {
                 return Err(if rest.is_empty() {
-                    AddrError::MissingCid { input: quote(input) }
+                    AddrError::MissingCid {
+                        input: quote(input),
+                    }
                 } else {
-                    AddrError::MissingPort { input: quote(input) }
+                    AddrError::MissingPort {
+                        input: quote(input),
+                    }
                 });
             };
             let port = number(input, "port", port)?;
@@ -139,13 +161,17 @@ impl FromStr for EndpointAddr {
         if let Some(rest) = input.strip_prefix("hybrid:") {
             // The port is after the last `:`; the path itself may contain colons.
             let Some((path, port)) = rest.rsplit_once(':') else {
-                return Err(AddrError::MissingPort { input: quote(input) });
+                return Err(AddrError::MissingPort {
+                    input: quote(input),
+                });
             };
             let path = socket_path(input, path)?;
             let port = number(input, "port", port)?;
             return Ok(EndpointAddr::Hybrid { path, port });
         }
-        Err(AddrError::UnknownScheme { input: quote(input) })
+        Err(AddrError::UnknownScheme {
+            input: quote(input),
+        })
     }
 }
 
@@ -171,19 +197,34 @@ mod tests {
     #[test]
     fn parses_and_prints_back() {
         let cases = [
-            ("unix:/run/vmsync/dev.sock", EndpointAddr::Unix("/run/vmsync/dev.sock".into())),
+            (
+                "unix:/run/vmsync/dev.sock",
+                EndpointAddr::Unix("/run/vmsync/dev.sock".into()),
+            ),
             ("unix:/a:b", EndpointAddr::Unix("/a:b".into())),
             ("vsock://3:786", EndpointAddr::Vsock { cid: 3, port: 786 }),
             ("vsock://0:0", EndpointAddr::Vsock { cid: 0, port: 0 }),
-            ("vsock://4294967294:1", EndpointAddr::Vsock { cid: 4_294_967_294, port: 1 }),
+            (
+                "vsock://4294967294:1",
+                EndpointAddr::Vsock {
+                    cid: 4_294_967_294,
+                    port: 1,
+                },
+            ),
             ("vsock://any:786", EndpointAddr::VsockAny { port: 786 }),
             (
                 "hybrid:/run/fc/vm1.vsock:786",
-                EndpointAddr::Hybrid { path: "/run/fc/vm1.vsock".into(), port: 786 },
+                EndpointAddr::Hybrid {
+                    path: "/run/fc/vm1.vsock".into(),
+                    port: 786,
+                },
             ),
             (
                 "hybrid:/odd:name.sock:52",
-                EndpointAddr::Hybrid { path: "/odd:name.sock".into(), port: 52 },
+                EndpointAddr::Hybrid {
+                    path: "/odd:name.sock".into(),
+                    port: 52,
+                },
             ),
         ];
         for (input, want) in cases {
@@ -215,7 +256,7 @@ mod tests {
             ("vsock://3:99999999999", "port `99999999999`"),
             ("vsock://-1:786", "CID `-1`"),
             ("vsock://any:", "port ``"),
-            ("hybrid:/x.sock", "port `x.sock`"),
+            ("hybrid:/x.sock", "missing `:PORT`"),
             ("hybrid:x.sock:786", "must be absolute"),
             ("hybrid:/x.sock:port", "port `port`"),
             ("hybrid::786", "socket path is empty"),

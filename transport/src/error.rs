@@ -79,7 +79,10 @@ mod tests {
     #[test]
     fn chain_includes_causes() {
         let e = TransportError::from(CodecError::Frame(FrameError::EmptyMessage));
-        assert_eq!(error_chain(&e), "the peer sent bad data: framing error: empty message");
+        assert_eq!(
+            error_chain(&e),
+            "the peer sent bad data: framing error: empty message"
+        );
         let e = TransportError::from(CodecError::Frame(FrameError::Io(io::Error::other("boom"))));
         assert!(matches!(e, TransportError::Io(_)));
     }

@@ -39,7 +39,9 @@ fn unsupported(addr: &EndpointAddr) -> io::Error {
 pub async fn connect(addr: &EndpointAddr) -> io::Result<BoxedStream> {
     match addr {
         EndpointAddr::Unix(path) => {
-            let stream = UnixStream::connect(path).await.map_err(|e| with_path(e, "connect to", path))?;
+            let stream = UnixStream::connect(path)
+                .await
+                .map_err(|e| with_path(e, "connect to", path))?;
             Ok(Box::new(stream))
         }
         EndpointAddr::VsockAny { .. } => Err(io::Error::new(
@@ -77,11 +79,16 @@ pub async fn listen(addr: &EndpointAddr) -> io::Result<Listener> {
             let unix = UnixListener::bind(path).map_err(|e| with_path(e, "listen on", path))?;
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(UNIX_SOCKET_MODE))
                 .map_err(|e| with_path(e, "set the mode of", path))?;
-            Ok(Listener { addr: addr.clone(), unix })
+            Ok(Listener {
+                addr: addr.clone(),
+                unix,
+            })
         }
         EndpointAddr::Hybrid { .. } => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("{addr}: a hybrid address is dialled through the VMM's socket, not listened on"),
+            format!(
+                "{addr}: a hybrid address is dialled through the VMM's socket, not listened on"
+            ),
         )),
         EndpointAddr::Vsock { .. } | EndpointAddr::VsockAny { .. } => Err(unsupported(addr)),
     }
@@ -102,13 +109,19 @@ async fn remove_stale_socket(path: &PathBuf) -> io::Result<()> {
     if !meta.file_type().is_socket() {
         return Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
-            format!("refusing to replace {}: it exists and is not a socket", path.display()),
+            format!(
+                "refusing to replace {}: it exists and is not a socket",
+                path.display()
+            ),
         ));
     }
     match UnixStream::connect(path).await {
         Ok(_) => Err(io::Error::new(
             io::ErrorKind::AddrInUse,
-            format!("{} is in use: another process is listening on it", path.display()),
+            format!(
+                "{} is in use: another process is listening on it",
+                path.display()
+            ),
         )),
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
             std::fs::remove_file(path).map_err(|e| with_path(e, "remove stale socket", path))
@@ -188,9 +201,15 @@ mod tests {
             assert_eq!(err.kind(), io::ErrorKind::Unsupported, "{addr}");
         }
         let any: EndpointAddr = "vsock://any:786".parse().unwrap();
-        assert_eq!(connect(&any).await.err().unwrap().kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(
+            connect(&any).await.err().unwrap().kind(),
+            io::ErrorKind::InvalidInput
+        );
         let hybrid: EndpointAddr = "hybrid:/x.sock:786".parse().unwrap();
-        assert_eq!(listen(&hybrid).await.err().unwrap().kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(
+            listen(&hybrid).await.err().unwrap().kind(),
+            io::ErrorKind::InvalidInput
+        );
     }
 
     #[tokio::test]

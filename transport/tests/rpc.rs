@@ -12,14 +12,24 @@ use vmsync_core::endpoint::{
 use vmsync_core::{ChunkRef, Entry, Hash};
 use vmsync_protocol::handshake;
 use vmsync_protocol::{ChunkerParams, Hello};
-use vmsync_transport::{client_handshake, RemoteEndpoint, ServerConfig, SessionConfig, TransportError};
+use vmsync_transport::{
+    client_handshake, RemoteEndpoint, ServerConfig, SessionConfig, TransportError,
+};
 
 fn text(len: usize) -> Vec<u8> {
-    b"the quick brown fox jumps over the lazy dog\n".iter().cycle().take(len).copied().collect()
+    b"the quick brown fox jumps over the lazy dog\n"
+        .iter()
+        .cycle()
+        .take(len)
+        .copied()
+        .collect()
 }
 
 fn noise(len: usize) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    noise_seeded(len, 0x9e37_79b9_7f4a_7c15)
+}
+
+fn noise_seeded(len: usize, mut x: u64) -> Vec<u8> {
     (0..len)
         .map(|_| {
             x ^= x << 13;
@@ -37,7 +47,11 @@ async fn push(local: &mut Fake, remote: &mut RemoteEndpoint, path: &str) -> Vec<
     let manifests = local.manifests(vec![(p(path), meta)]).await.unwrap();
     let manifest = manifests.into_iter().next().unwrap().unwrap();
     let staged = remote
-        .stage(vec![StageRequest { path: p(path), meta, manifest: manifest.clone() }])
+        .stage(vec![StageRequest {
+            path: p(path),
+            meta,
+            manifest: manifest.clone(),
+        }])
         .await
         .unwrap();
     let missing = staged.into_iter().next().unwrap().unwrap();
@@ -45,14 +59,24 @@ async fn push(local: &mut Fake, remote: &mut RemoteEndpoint, path: &str) -> Vec<
         .chunks
         .iter()
         .filter(|c| missing.contains(&c.hash))
-        .map(|c| ChunkRead { path: p(path), chunk: *c })
+        .map(|c| ChunkRead {
+            path: p(path),
+            chunk: *c,
+        })
         .collect();
     let datas = local.read_chunks(reads.clone()).await.unwrap();
-    let supply: Vec<(Hash, Vec<u8>)> =
-        reads.iter().zip(datas).map(|(r, d)| (r.chunk.hash, d.unwrap())).collect();
+    let supply: Vec<(Hash, Vec<u8>)> = reads
+        .iter()
+        .zip(datas)
+        .map(|(r, d)| (r.chunk.hash, d.unwrap()))
+        .collect();
     remote.supply(supply).await.unwrap();
     let outcomes = remote
-        .transition(vec![Change { path: p(path), expected: None, new: Some(Entry::File(meta)) }])
+        .transition(vec![Change {
+            path: p(path),
+            expected: None,
+            new: Some(Entry::File(meta)),
+        }])
         .await
         .unwrap();
     assert_eq!(outcomes, vec![Outcome::Applied]);
@@ -62,15 +86,26 @@ async fn push(local: &mut Fake, remote: &mut RemoteEndpoint, path: &str) -> Vec<
 #[tokio::test]
 async fn every_method_through_the_wire() {
     let guest = Fake::with_files(&[("docs/readme", text(10_000)), ("bin/blob", noise(9_000))]);
-    let pair = pair_with(guest.clone(), SessionConfig::default(), ServerConfig::default()).await;
+    let pair = pair_with(
+        guest.clone(),
+        SessionConfig::default(),
+        ServerConfig::default(),
+    )
+    .await;
     let mut remote = pair.session.endpoint(0).unwrap();
     assert_eq!(remote.share_name(), "src");
 
     // scan: full and scoped
-    let report = remote.scan(ScanScope::Full, ScanOptions::default()).await.unwrap();
+    let report = remote
+        .scan(ScanScope::Full, ScanOptions::default())
+        .await
+        .unwrap();
     let paths: Vec<_> = report.entries.iter().map(|(p, _)| p.clone()).collect();
     assert_eq!(paths, vec![p("bin/blob"), p("docs/readme")]);
-    let scoped = remote.scan(ScanScope::Paths(vec![p("docs")]), ScanOptions::default()).await.unwrap();
+    let scoped = remote
+        .scan(ScanScope::Paths(vec![p("docs")]), ScanOptions::default())
+        .await
+        .unwrap();
     assert_eq!(scoped.entries.len(), 1);
 
     // manifests: one good, one stale
@@ -88,14 +123,27 @@ async fn every_method_through_the_wire() {
     let mut reads: Vec<ChunkRead> = manifest_of(&text(10_000))
         .chunks
         .into_iter()
-        .map(|c| ChunkRead { path: p("docs/readme"), chunk: c })
+        .map(|c| ChunkRead {
+            path: p("docs/readme"),
+            chunk: c,
+        })
         .collect();
     reads.extend(
-        manifest_of(&noise(9_000)).chunks.into_iter().map(|c| ChunkRead { path: p("bin/blob"), chunk: c }),
+        manifest_of(&noise(9_000))
+            .chunks
+            .into_iter()
+            .map(|c| ChunkRead {
+                path: p("bin/blob"),
+                chunk: c,
+            }),
     );
     reads.push(ChunkRead {
         path: p("bin/blob"),
-        chunk: ChunkRef { hash: hash(b"not this"), offset: 0, len: 8 },
+        chunk: ChunkRef {
+            hash: hash(b"not this"),
+            offset: 0,
+            len: 8,
+        },
     });
     let got = remote.read_chunks(reads.clone()).await.unwrap();
     assert_eq!(got.len(), reads.len());
@@ -106,28 +154,43 @@ async fn every_method_through_the_wire() {
     assert_eq!(got[6], None);
 
     // stage / supply / transition: host → guest, a new file and a directory
-    let mut host = Fake::with_files(&[("new/file", noise(20_000))]);
+    let mut host = Fake::with_files(&[("new/file", noise_seeded(20_000, 42))]);
     let outcomes = remote
-        .transition(vec![Change { path: p("new"), expected: None, new: Some(Entry::Dir { mode: 0o755 }) }])
+        .transition(vec![Change {
+            path: p("new"),
+            expected: None,
+            new: Some(Entry::Dir { mode: 0o755 }),
+        }])
         .await
         .unwrap();
     assert_eq!(outcomes, vec![Outcome::Applied]);
     let missing = push(&mut host, &mut remote, "new/file").await;
     assert_eq!(missing.len(), 5);
-    assert_eq!(guest.file("new/file").unwrap(), noise(20_000));
+    assert_eq!(guest.file("new/file").unwrap(), noise_seeded(20_000, 42));
 
     // A copy of existing content moves no chunk data.
-    host.state.lock().unwrap().files.insert(p("copy"), text(10_000));
+    host.state
+        .lock()
+        .unwrap()
+        .files
+        .insert(p("copy"), text(10_000));
     let missing = push(&mut host, &mut remote, "copy").await;
     assert!(missing.is_empty());
     assert_eq!(guest.file("copy").unwrap(), text(10_000));
 
     // transition against a stale expectation reports what is there
     let outcomes = remote
-        .transition(vec![Change { path: p("copy"), expected: None, new: None }])
+        .transition(vec![Change {
+            path: p("copy"),
+            expected: None,
+            new: None,
+        }])
         .await
         .unwrap();
-    assert_eq!(outcomes, vec![Outcome::Changed(Some(Entry::File(meta_of(&text(10_000)))))]);
+    assert_eq!(
+        outcomes,
+        vec![Outcome::Changed(Some(Entry::File(meta_of(&text(10_000)))))]
+    );
 
     pair.session.ping().await.unwrap();
 
@@ -139,8 +202,10 @@ async fn every_method_through_the_wire() {
     assert_eq!(server.content_bytes_sent, client.content_bytes_received);
     assert!(client.content_bytes_received < 10_000 + 9_000, "{client:?}");
     assert!(client.content_bytes_received >= 9_000);
-    assert_eq!(client.requests, 10);
-    assert_eq!(server.requests, 10);
+    // 2 scans, manifests, read_chunks, 2 × (stage, supply, transition), 2 more transitions;
+    // pings are not requests.
+    assert_eq!(client.requests, 12);
+    assert_eq!(server.requests, 12);
     assert!(client.wire_bytes_sent > client.content_bytes_sent);
 }
 
@@ -148,17 +213,31 @@ async fn every_method_through_the_wire() {
 async fn endpoint_errors_travel_as_values() {
     struct Broken;
     impl vmsync_core::endpoint::Endpoint for Broken {
-        async fn scan(&mut self, _: ScanScope, _: ScanOptions) -> Result<vmsync_core::endpoint::ScanReport, EndpointError> {
+        async fn scan(
+            &mut self,
+            _: ScanScope,
+            _: ScanOptions,
+        ) -> Result<vmsync_core::endpoint::ScanReport, EndpointError> {
             Err(EndpointError::RootMissing("/srv/share".into()))
         }
-        async fn manifests(&mut self, _: Vec<(vmsync_core::RelPath, vmsync_core::FileMeta)>) -> Result<Vec<Result<vmsync_core::Manifest, vmsync_core::endpoint::Problem>>, EndpointError> {
+        async fn manifests(
+            &mut self,
+            _: Vec<(vmsync_core::RelPath, vmsync_core::FileMeta)>,
+        ) -> Result<Vec<Result<vmsync_core::Manifest, vmsync_core::endpoint::Problem>>, EndpointError>
+        {
             Err(EndpointError::Io("disk on fire".into()))
         }
-        async fn read_chunks(&mut self, reads: Vec<ChunkRead>) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
+        async fn read_chunks(
+            &mut self,
+            reads: Vec<ChunkRead>,
+        ) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
             // One answer too many: the server must not forward a miscounted answer.
             Ok(vec![None; reads.len() + 1])
         }
-        async fn stage(&mut self, _: Vec<StageRequest>) -> Result<Vec<Result<Vec<Hash>, vmsync_core::endpoint::Problem>>, EndpointError> {
+        async fn stage(
+            &mut self,
+            _: Vec<StageRequest>,
+        ) -> Result<Vec<Result<Vec<Hash>, vmsync_core::endpoint::Problem>>, EndpointError> {
             Err(EndpointError::Limit("quota".into()))
         }
         async fn supply(&mut self, _: Vec<(Hash, Vec<u8>)>) -> Result<(), EndpointError> {
@@ -171,7 +250,12 @@ async fn endpoint_errors_travel_as_values() {
     }
     let (a, b) = tokio::io::duplex(PIPE_BYTES);
     let server = tokio::spawn(async move {
-        vmsync_transport::serve(b, |_: &vmsync_protocol::ShareOpen| Ok::<_, String>(Broken), "g").await
+        vmsync_transport::serve(
+            b,
+            |_: &vmsync_protocol::ShareOpen| Ok::<_, String>(Broken),
+            "g",
+        )
+        .await
     });
     let hello = handshake::hello("h", vec![share("src")]);
     let (session, _) = client_handshake(a, hello).await.unwrap();
@@ -180,11 +264,23 @@ async fn endpoint_errors_travel_as_values() {
         remote.scan(ScanScope::Full, ScanOptions::default()).await,
         Err(EndpointError::RootMissing("/srv/share".into()))
     );
-    assert_eq!(remote.manifests(vec![]).await, Err(EndpointError::Io("disk on fire".into())));
-    assert!(matches!(remote.read_chunks(vec![]).await, Err(EndpointError::Io(_))));
-    assert_eq!(remote.stage(vec![]).await, Err(EndpointError::Limit("quota".into())));
+    assert_eq!(
+        remote.manifests(vec![]).await,
+        Err(EndpointError::Io("disk on fire".into()))
+    );
+    assert!(matches!(
+        remote.read_chunks(vec![]).await,
+        Err(EndpointError::Io(_))
+    ));
+    assert_eq!(
+        remote.stage(vec![]).await,
+        Err(EndpointError::Limit("quota".into()))
+    );
     let err = remote.transition(vec![]).await.unwrap_err();
-    assert!(matches!(&err, EndpointError::Io(t) if t.contains("mode")), "{err:?}");
+    assert!(
+        matches!(&err, EndpointError::Io(t) if t.contains("mode")),
+        "{err:?}"
+    );
     // The session survived all of that.
     assert_eq!(remote.supply(vec![]).await, Ok(()));
     assert!(!session.is_closed());
@@ -205,15 +301,19 @@ async fn many_requests_outstanding_at_once() {
             let mut r = remote.clone();
             tokio::spawn(async move {
                 if i % 2 == 0 {
-                    r.scan(ScanScope::Full, ScanOptions::default()).await.map(|s| s.entries.len())
+                    r.scan(ScanScope::Full, ScanOptions::default())
+                        .await
+                        .map(|s| s.entries.len())
                 } else {
-                    r.manifests(vec![(p("f"), meta_of(&text(100)))]).await.map(|m| m.len())
+                    r.manifests(vec![(p("f"), meta_of(&text(100)))])
+                        .await
+                        .map(|m| m.len())
                 }
             })
         })
         .collect();
     guest.wait_started(1).await;
-    // Heartbeat-free pings are answered while requests wait behind the gate.
+    // Pings are answered while requests wait behind the gate.
     pair.session.ping().await.unwrap();
     gate.add_permits(300);
     for t in tasks {
@@ -239,7 +339,10 @@ async fn disconnect_mid_request_fails_every_pending_call() {
         let err = c.await.unwrap().unwrap_err();
         assert!(matches!(err, EndpointError::Disconnected(_)), "{err:?}");
     }
-    assert_eq!(pair.session.closed().await, "the guest closed the connection");
+    assert_eq!(
+        pair.session.closed().await,
+        "the guest closed the connection"
+    );
     // Later calls fail at once.
     let mut r = pair.session.endpoint(0).unwrap();
     assert!(matches!(
@@ -288,10 +391,20 @@ async fn handshake_refusals_are_clear_on_both_sides() {
     .await;
     assert!(client.contains("no common protocol version"), "{client}");
 
-    let (client, _) = refused(hello.clone(), |h| h.chunker = ChunkerParams { min: 2048, avg: 8192, max: 32768 }).await;
+    let (client, _) = refused(hello.clone(), |h| {
+        h.chunker = ChunkerParams {
+            min: 2048,
+            avg: 8192,
+            max: 32768,
+        }
+    })
+    .await;
     assert!(client.contains("chunker parameters differ"), "{client}");
 
-    let (client, _) = refused(hello.clone(), |h| h.shares = vec![share("src"), share("src")]).await;
+    let (client, _) = refused(hello.clone(), |h| {
+        h.shares = vec![share("src"), share("src")]
+    })
+    .await;
     assert!(client.contains("requested twice"), "{client}");
 
     let (client, _) = refused(hello, |h| h.shares = vec![share("../etc")]).await;
@@ -305,10 +418,21 @@ async fn several_shares_on_one_session() {
     let _server = spawn_server(b, guest, ServerConfig::default());
     let hello = handshake::hello("h", vec![share("src"), share("also")]);
     let (session, welcome) = client_handshake(a, hello).await.unwrap();
-    assert_eq!(welcome.version, vmsync_protocol::messages::PROTOCOL_VERSION_MAX);
+    assert_eq!(
+        welcome.version,
+        vmsync_protocol::messages::PROTOCOL_VERSION_MAX
+    );
     assert_eq!(session.shares(), ["src".to_owned(), "also".to_owned()]);
     let mut second = session.endpoint(1).unwrap();
-    assert_eq!(second.scan(ScanScope::Full, ScanOptions::default()).await.unwrap().entries.len(), 1);
+    assert_eq!(
+        second
+            .scan(ScanScope::Full, ScanOptions::default())
+            .await
+            .unwrap()
+            .entries
+            .len(),
+        1
+    );
     assert!(matches!(
         session.endpoint(2),
         Err(TransportError::NoSuchShare { index: 2, count: 2 })
@@ -319,10 +443,20 @@ async fn several_shares_on_one_session() {
 async fn oversized_requests_fail_alone() {
     let pair = pair(Fake::default()).await;
     let mut remote = pair.session.endpoint(0).unwrap();
-    let too_many = vec![(Hash::default(), vec![1u8]); vmsync_protocol::limits::MAX_BATCH_CHUNKS + 1];
-    assert!(matches!(remote.supply(too_many).await, Err(EndpointError::Limit(_))));
-    let oversized_chunk = vec![(Hash::default(), vec![0u8; vmsync_core::limits::CHUNK_MAX_BYTES as usize + 1])];
-    assert!(matches!(remote.supply(oversized_chunk).await, Err(EndpointError::Limit(_) | EndpointError::Protocol(_))));
+    let too_many =
+        vec![(Hash::default(), vec![1u8]); vmsync_protocol::limits::MAX_BATCH_CHUNKS + 1];
+    assert!(matches!(
+        remote.supply(too_many).await,
+        Err(EndpointError::Limit(_))
+    ));
+    let oversized_chunk = vec![(
+        Hash::default(),
+        vec![0u8; vmsync_core::limits::CHUNK_MAX_BYTES as usize + 1],
+    )];
+    assert!(matches!(
+        remote.supply(oversized_chunk).await,
+        Err(EndpointError::Limit(_) | EndpointError::Protocol(_))
+    ));
     assert!(!pair.session.is_closed());
     pair.session.ping().await.unwrap();
 }
@@ -339,4 +473,32 @@ async fn compression_level_zero_sends_raw() {
     compressing.supply(vec![(hash(&data), data)]).await.unwrap();
     assert!(pair.session.stats().content_bytes_sent < 4096 + 100);
     let _ = Arc::clone(&pair.server_stats);
+}
+
+#[tokio::test]
+async fn session_over_a_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr: vmsync_transport::EndpointAddr =
+        format!("unix:{}", dir.path().join("g.sock").display())
+            .parse()
+            .unwrap();
+    let listener = vmsync_transport::listen(&addr).await.unwrap();
+    let guest = Fake::with_files(&[("f", text(5000))]);
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        vmsync_transport::serve(stream, exports(guest), "g").await
+    });
+    let stream = vmsync_transport::connect(&addr).await.unwrap();
+    let (session, _) = client_handshake(stream, handshake::hello("h", vec![share("src")]))
+        .await
+        .unwrap();
+    let mut remote = session.endpoint(0).unwrap();
+    let report = remote
+        .scan(ScanScope::Full, ScanOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(report.entries.len(), 1);
+    drop(remote);
+    drop(session);
+    assert!(server.await.unwrap().is_ok());
 }

@@ -40,7 +40,7 @@ use vmsync_protocol::handshake::check_welcome;
 use vmsync_protocol::limits::{MAX_HANDSHAKE_BYTES, MAX_MESSAGE_BYTES, MAX_OUTSTANDING_REQUESTS};
 use vmsync_protocol::{
     encode_message, CodecError, FrameCodec, Hello, Message, MessageCodec, Request, RequestBody,
-    Response, ResponseBody, Validate, Welcome,
+    RequestKind, Response, ResponseBody, Validate, Welcome,
 };
 
 pub(crate) type Reader<S> = FramedRead<MeteredRead<ReadHalf<S>>, MessageCodec<Message, Message>>;
@@ -70,7 +70,10 @@ impl Default for SessionConfig {
 }
 
 /// Opens a session over `stream` with the default [`SessionConfig`].
-pub async fn client_handshake<S>(stream: S, hello: Hello) -> Result<(Session, Welcome), TransportError>
+pub async fn client_handshake<S>(
+    stream: S,
+    hello: Hello,
+) -> Result<(Session, Welcome), TransportError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -100,11 +103,12 @@ where
     );
 
     let exchange = async {
-        let bytes = encode_message(&Message::Hello(hello.clone()), MAX_HANDSHAKE_BYTES)
-            .map_err(|e| match e {
+        let bytes = encode_message(&Message::Hello(hello.clone()), MAX_HANDSHAKE_BYTES).map_err(
+            |e| match e {
                 CodecError::Invalid(v) => TransportError::InvalidHello(v),
                 other => TransportError::Encode(other),
-            })?;
+            },
+        )?;
         writer.send(Bytes::from(bytes)).await?;
         match reader.next().await {
             None => Err(TransportError::ClosedDuringHandshake),
@@ -124,10 +128,14 @@ where
     };
     let welcome = tokio::time::timeout(config.handshake_timeout, exchange)
         .await
-        .map_err(|_| TransportError::HandshakeTimeout { ms: millis(config.handshake_timeout) })??;
+        .map_err(|_| TransportError::HandshakeTimeout {
+            ms: millis(config.handshake_timeout),
+        })??;
 
     reader.decoder_mut().handshake_done();
-    writer.encoder_mut().set_max_message_bytes(MAX_MESSAGE_BYTES);
+    writer
+        .encoder_mut()
+        .set_max_message_bytes(MAX_MESSAGE_BYTES);
 
     let max_outstanding = config.max_outstanding.clamp(1, MAX_OUTSTANDING_REQUESTS);
     let (closed, _) = watch::channel(None);
@@ -191,8 +199,9 @@ struct State {
 struct Waiter {
     tx: oneshot::Sender<ResponseBody>,
     /// Released when the response arrives (or the session ends), not when the caller stops
-    /// waiting: the server counts the request as outstanding until it has answered.
-    _permit: OwnedSemaphorePermit,
+    /// waiting: the server counts the request as outstanding until it has answered. Pings hold
+    /// none: the server answers them without queueing.
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Inner {
@@ -203,7 +212,10 @@ impl Inner {
     }
 
     fn reason(&self) -> String {
-        self.lock().closed.clone().unwrap_or_else(|| "session closed".to_owned())
+        self.lock()
+            .closed
+            .clone()
+            .unwrap_or_else(|| "session closed".to_owned())
     }
 
     /// Ends the session: the first reason wins, every waiter is dropped (its caller sees
@@ -223,13 +235,23 @@ impl Inner {
         self.closed.send_replace(Some(reason));
     }
 
-    fn register(&self, id: u64, permit: OwnedSemaphorePermit) -> Result<oneshot::Receiver<ResponseBody>, EndpointError> {
+    fn register(
+        &self,
+        id: u64,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Result<oneshot::Receiver<ResponseBody>, EndpointError> {
         let (tx, rx) = oneshot::channel();
         let mut st = self.lock();
         if let Some(reason) = &st.closed {
             return Err(EndpointError::Disconnected(reason.clone()));
         }
-        st.waiters.insert(id, Waiter { tx, _permit: permit });
+        st.waiters.insert(
+            id,
+            Waiter {
+                tx,
+                _permit: permit,
+            },
+        );
         Ok(rx)
     }
 
@@ -257,7 +279,10 @@ impl Inner {
             st.heartbeat = None;
             return match response.body {
                 ResponseBody::Pong => Ok(()),
-                other => Err(format!("the guest answered a heartbeat with {}", other.kind().name())),
+                other => Err(format!(
+                    "the guest answered a heartbeat with {}",
+                    other.kind().name()
+                )),
             };
         }
         match st.waiters.remove(&response.id) {
@@ -267,7 +292,10 @@ impl Inner {
                 let _ = waiter.tx.send(response.body);
                 Ok(())
             }
-            None => Err(format!("the guest answered request {}, which is not pending", response.id)),
+            None => Err(format!(
+                "the guest answered request {}, which is not pending",
+                response.id
+            )),
         }
     }
 }
@@ -358,24 +386,28 @@ impl Session {
         content_bytes: u64,
     ) -> Result<ResponseBody, EndpointError> {
         let inner = &*self.inner;
-        let permit = inner
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| EndpointError::Disconnected(inner.reason()))?;
-        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         let kind = body.kind();
+        let permit = if kind == RequestKind::Ping {
+            None
+        } else {
+            let permit = inner.permits.clone().acquire_owned().await;
+            Some(permit.map_err(|_| EndpointError::Disconnected(inner.reason()))?)
+        };
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         let message = Message::Request(Request { id, share, body });
         let bytes = encode_message(&message, MAX_MESSAGE_BYTES).map_err(outgoing_error)?;
         drop(message);
         let rx = inner.register(id, permit)?;
-        let mut guard = Unregister { inner, id, armed: true };
+        let mut guard = Unregister {
+            inner,
+            id,
+            armed: true,
+        };
         if self.tx.send(Bytes::from(bytes)).await.is_err() {
             return Err(EndpointError::Disconnected(inner.reason()));
         }
         guard.armed = false;
-        if kind != vmsync_protocol::RequestKind::Ping {
+        if kind != RequestKind::Ping {
             inner.stats.add_request();
         }
         inner.stats.add_content_sent(content_bytes);
@@ -430,7 +462,10 @@ where
                 }
             }
             Some(Ok(other)) => {
-                break format!("protocol violation: the guest sent {} after the handshake", other.kind())
+                break format!(
+                    "protocol violation: the guest sent {} after the handshake",
+                    other.kind()
+                )
             }
         }
     };

@@ -49,7 +49,8 @@ impl<R: AsyncRead + Unpin> AsyncRead for MeteredRead<R> {
             Poll::Ready(result) => {
                 this.waiting = false;
                 let n = buf.filled().len().saturating_sub(before);
-                this.stats.add_wire_received(u64::try_from(n).unwrap_or(u64::MAX));
+                this.stats
+                    .add_wire_received(u64::try_from(n).unwrap_or(u64::MAX));
                 Poll::Ready(result)
             }
             Poll::Pending => {
@@ -94,7 +95,11 @@ impl<W> MeteredWrite<W> {
 
     /// Turns a `Pending` write or flush into `TimedOut` once the peer has not taken a byte
     /// for the stall limit (it is not reading: dead, or hostile).
-    fn stalled<T>(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+    fn stalled<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
         match polled {
             Poll::Ready(r) => {
                 self.waiting = false;
@@ -130,7 +135,8 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for MeteredWrite<W> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &polled {
-            this.stats.add_wire_sent(u64::try_from(*n).unwrap_or(u64::MAX));
+            this.stats
+                .add_wire_sent(u64::try_from(*n).unwrap_or(u64::MAX));
         }
         this.stalled(cx, polled)
     }

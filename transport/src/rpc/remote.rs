@@ -31,9 +31,16 @@ impl RemoteEndpoint {
     pub fn new(session: Session, share: u16) -> Result<Self, TransportError> {
         let count = session.shares().len();
         if usize::from(share) >= count {
-            return Err(TransportError::NoSuchShare { index: share, count });
+            return Err(TransportError::NoSuchShare {
+                index: share,
+                count,
+            });
         }
-        Ok(RemoteEndpoint { session, share, zstd_level: DEFAULT_ZSTD_LEVEL })
+        Ok(RemoteEndpoint {
+            session,
+            share,
+            zstd_level: DEFAULT_ZSTD_LEVEL,
+        })
     }
 
     /// The zstd level for chunk data this side sends (`supply`); 0 never compresses.
@@ -58,7 +65,11 @@ impl RemoteEndpoint {
         &self.session
     }
 
-    async fn call(&self, body: RequestBody, content_bytes: u64) -> Result<ResponseBody, EndpointError> {
+    async fn call(
+        &self,
+        body: RequestBody,
+        content_bytes: u64,
+    ) -> Result<ResponseBody, EndpointError> {
         self.session.call(self.share, body, content_bytes).await
     }
 
@@ -69,9 +80,10 @@ impl RemoteEndpoint {
 
     fn check_count<T>(&self, what: &str, asked: usize, got: &[T]) -> Result<(), EndpointError> {
         if got.len() != asked {
-            return Err(self
-                .session
-                .violation(format!("answered {asked} {what} with {} results", got.len())));
+            return Err(self.session.violation(format!(
+                "answered {asked} {what} with {} results",
+                got.len()
+            )));
         }
         Ok(())
     }
@@ -86,13 +98,19 @@ impl RemoteEndpoint {
         }
         match decode_chunk(chunk) {
             Ok((_, data)) => Ok(data),
-            Err(e) => Err(self.session.violation(format!("sent a bad chunk: {}", error_chain(&e)))),
+            Err(e) => Err(self
+                .session
+                .violation(format!("sent a bad chunk: {}", error_chain(&e)))),
         }
     }
 }
 
 impl Endpoint for RemoteEndpoint {
-    async fn scan(&mut self, scope: ScanScope, options: ScanOptions) -> Result<ScanReport, EndpointError> {
+    async fn scan(
+        &mut self,
+        scope: ScanScope,
+        options: ScanOptions,
+    ) -> Result<ScanReport, EndpointError> {
         match self.call(RequestBody::Scan { scope, options }, 0).await? {
             ResponseBody::Scan(result) => result,
             other => Err(self.wrong_kind("Scan", &other)),
@@ -114,7 +132,10 @@ impl Endpoint for RemoteEndpoint {
         }
     }
 
-    async fn read_chunks(&mut self, reads: Vec<ChunkRead>) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
+    async fn read_chunks(
+        &mut self,
+        reads: Vec<ChunkRead>,
+    ) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
         let asked: Vec<ChunkRef> = reads.iter().map(|r| r.chunk).collect();
         let chunks = match self.call(RequestBody::ReadChunks { reads }, 0).await? {
             ResponseBody::ReadChunks(Ok(chunks)) => chunks,
@@ -132,7 +153,10 @@ impl Endpoint for RemoteEndpoint {
             .collect()
     }
 
-    async fn stage(&mut self, files: Vec<StageRequest>) -> Result<Vec<Result<Vec<Hash>, Problem>>, EndpointError> {
+    async fn stage(
+        &mut self,
+        files: Vec<StageRequest>,
+    ) -> Result<Vec<Result<Vec<Hash>, Problem>>, EndpointError> {
         let asked = files.len();
         match self.call(RequestBody::Stage { files }, 0).await? {
             ResponseBody::Stage(Ok(staged)) => {

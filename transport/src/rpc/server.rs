@@ -67,7 +67,11 @@ impl Default for ServerConfig {
 }
 
 /// Serves one connection with the default [`ServerConfig`]. See [`serve_with`].
-pub async fn serve<S, E, F>(stream: S, exports: F, guest_version: &str) -> Result<(), TransportError>
+pub async fn serve<S, E, F>(
+    stream: S,
+    exports: F,
+    guest_version: &str,
+) -> Result<(), TransportError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     E: Endpoint,
@@ -102,12 +106,22 @@ where
         FrameCodec::new(),
     );
 
-    let handshake = handshake(&mut reader, &mut writer, &exports, guest_version, &config.local);
+    let handshake = handshake(
+        &mut reader,
+        &mut writer,
+        &exports,
+        guest_version,
+        &config.local,
+    );
     let mut endpoints = tokio::time::timeout(config.handshake_timeout, handshake)
         .await
-        .map_err(|_| TransportError::HandshakeTimeout { ms: millis(config.handshake_timeout) })??;
+        .map_err(|_| TransportError::HandshakeTimeout {
+            ms: millis(config.handshake_timeout),
+        })??;
     reader.decoder_mut().handshake_done();
-    writer.encoder_mut().set_max_message_bytes(MAX_MESSAGE_BYTES);
+    writer
+        .encoder_mut()
+        .set_max_message_bytes(MAX_MESSAGE_BYTES);
 
     let (queue_tx, mut queue) = mpsc::channel(MAX_OUTSTANDING_REQUESTS);
     let (out_tx, out_rx) = mpsc::channel(WRITE_QUEUE_MESSAGES);
@@ -164,30 +178,43 @@ where
         Some(Err(e)) => return Err(e.into()),
         Some(Ok(Message::Hello(hello))) => hello,
         Some(Ok(other)) => {
-            return Err(TransportError::Protocol(format!("expected Hello, got {}", other.kind())))
+            return Err(TransportError::Protocol(format!(
+                "expected Hello, got {}",
+                other.kind()
+            )))
         }
     };
     let decision = accept_hello(&hello, local)
         .map_err(|refusal| refusal.to_string())
         .and_then(|agreement| {
-            let endpoints = hello.shares.iter().map(exports).collect::<Result<Vec<E>, String>>()?;
+            let endpoints = hello
+                .shares
+                .iter()
+                .map(exports)
+                .collect::<Result<Vec<E>, String>>()?;
             Ok((agreement, endpoints))
         });
     match decision {
         Ok((agreement, endpoints)) => {
             let welcome = Message::Welcome(welcome(agreement, guest_version, local));
-            let bytes = encode_message(&welcome, MAX_HANDSHAKE_BYTES).map_err(TransportError::Encode)?;
+            let bytes =
+                encode_message(&welcome, MAX_HANDSHAKE_BYTES).map_err(TransportError::Encode)?;
             writer.send(Bytes::from(bytes)).await?;
             Ok(endpoints)
         }
         Err(reason) => {
             let reason = truncate(reason, MAX_REASON_BYTES);
-            let refused = Message::Refused(Refused { reason: reason.clone() });
-            let bytes = encode_message(&refused, MAX_HANDSHAKE_BYTES).map_err(TransportError::Encode)?;
+            let refused = Message::Refused(Refused {
+                reason: reason.clone(),
+            });
+            let bytes =
+                encode_message(&refused, MAX_HANDSHAKE_BYTES).map_err(TransportError::Encode)?;
             writer.send(Bytes::from(bytes)).await?;
             // EOF right after the reason, so the host reads it before the connection ends.
             let _ = SinkExt::<Bytes>::close(writer).await;
-            Err(TransportError::RefusedPeer { reason: escape_bytes(reason.as_bytes()) })
+            Err(TransportError::RefusedPeer {
+                reason: escape_bytes(reason.as_bytes()),
+            })
         }
     }
 }
@@ -231,7 +258,10 @@ where
             }
         };
         if request.body == RequestBody::Ping {
-            let pong = Message::Response(Response { id: request.id, body: ResponseBody::Pong });
+            let pong = Message::Response(Response {
+                id: request.id,
+                body: ResponseBody::Pong,
+            });
             let bytes = encode_message(&pong, MAX_MESSAGE_BYTES).map_err(TransportError::Encode)?;
             if out.send(Bytes::from(bytes)).await.is_err() {
                 // The writer has ended; `serve` reports why.
@@ -260,7 +290,10 @@ where
     }
 }
 
-async fn write_responses<S>(mut writer: Writer<S>, mut out: mpsc::Receiver<Bytes>) -> Result<(), TransportError>
+async fn write_responses<S>(
+    mut writer: Writer<S>,
+    mut out: mpsc::Receiver<Bytes>,
+) -> Result<(), TransportError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -271,11 +304,19 @@ where
 }
 
 /// Calls the local endpoint for one request.
-async fn dispatch<E: Endpoint>(endpoint: &mut E, body: RequestBody, zstd_level: i32) -> ResponseBody {
+async fn dispatch<E: Endpoint>(
+    endpoint: &mut E,
+    body: RequestBody,
+    zstd_level: i32,
+) -> ResponseBody {
     match body {
         RequestBody::Ping => ResponseBody::Pong,
-        RequestBody::Scan { scope, options } => ResponseBody::Scan(endpoint.scan(scope, options).await),
-        RequestBody::Manifests { files } => ResponseBody::Manifests(endpoint.manifests(files).await),
+        RequestBody::Scan { scope, options } => {
+            ResponseBody::Scan(endpoint.scan(scope, options).await)
+        }
+        RequestBody::Manifests { files } => {
+            ResponseBody::Manifests(endpoint.manifests(files).await)
+        }
         RequestBody::ReadChunks { reads } => {
             let asked: Vec<_> = reads.iter().map(|r| r.chunk.hash).collect();
             let result = endpoint.read_chunks(reads).await.and_then(|datas| {
@@ -310,13 +351,20 @@ async fn dispatch<E: Endpoint>(endpoint: &mut E, body: RequestBody, zstd_level: 
                 Err(e) => ResponseBody::Supply(Err(e)),
             }
         }
-        RequestBody::Transition { changes } => ResponseBody::Transition(endpoint.transition(changes).await),
+        RequestBody::Transition { changes } => {
+            ResponseBody::Transition(endpoint.transition(changes).await)
+        }
     }
 }
 
 /// Encodes a response; one that cannot be sent (too large, or invalid because of a local bug)
 /// becomes an error response of the same kind, so the host gets an answer and the session lives.
-fn encode_response(id: u64, kind: RequestKind, body: ResponseBody, stats: &Stats) -> Result<Bytes, TransportError> {
+fn encode_response(
+    id: u64,
+    kind: RequestKind,
+    body: ResponseBody,
+    stats: &Stats,
+) -> Result<Bytes, TransportError> {
     let content = match &body {
         ResponseBody::ReadChunks(Ok(chunks)) => chunk_bytes(chunks.iter().flatten()),
         _ => 0,
@@ -334,8 +382,15 @@ fn encode_response(id: u64, kind: RequestKind, body: ResponseBody, stats: &Stats
             };
             let text = format!("the guest cannot send this response: {}", error_chain(&e));
             tracing::warn!(request = id, "{text}");
-            let err = if limit { EndpointError::Limit(text) } else { EndpointError::Io(text) };
-            let fallback = Message::Response(Response { id, body: ResponseBody::error(kind, err) });
+            let err = if limit {
+                EndpointError::Limit(text)
+            } else {
+                EndpointError::Io(text)
+            };
+            let fallback = Message::Response(Response {
+                id,
+                body: ResponseBody::error(kind, err),
+            });
             encode_message(&fallback, MAX_MESSAGE_BYTES)
                 .map(Bytes::from)
                 .map_err(TransportError::Encode)

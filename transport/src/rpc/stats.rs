@@ -63,7 +63,9 @@ impl Stats {
 }
 
 /// Sum of the on-wire data lengths of some chunks.
-pub(crate) fn chunk_bytes<'a>(chunks: impl IntoIterator<Item = &'a vmsync_protocol::WireChunk>) -> u64 {
+pub(crate) fn chunk_bytes<'a>(
+    chunks: impl IntoIterator<Item = &'a vmsync_protocol::WireChunk>,
+) -> u64 {
     chunks
         .into_iter()
         .map(|c| u64::try_from(c.data.len()).unwrap_or(u64::MAX))

@@ -40,7 +40,11 @@ pub fn chunks_of(data: &[u8]) -> Vec<(ChunkRef, &[u8])> {
     let mut offset = 0u64;
     data.chunks(FAKE_CHUNK_BYTES)
         .map(|c| {
-            let r = ChunkRef { hash: hash(c), offset, len: c.len() as u32 };
+            let r = ChunkRef {
+                hash: hash(c),
+                offset,
+                len: c.len() as u32,
+            };
             offset += c.len() as u64;
             (r, c)
         })
@@ -48,7 +52,9 @@ pub fn chunks_of(data: &[u8]) -> Vec<(ChunkRef, &[u8])> {
 }
 
 pub fn manifest_of(data: &[u8]) -> Manifest {
-    Manifest { chunks: chunks_of(data).into_iter().map(|(r, _)| r).collect() }
+    Manifest {
+        chunks: chunks_of(data).into_iter().map(|(r, _)| r).collect(),
+    }
 }
 
 pub fn meta_of(data: &[u8]) -> FileMeta {
@@ -128,7 +134,11 @@ impl Fake {
 }
 
 impl Endpoint for Fake {
-    async fn scan(&mut self, scope: ScanScope, _options: ScanOptions) -> Result<ScanReport, EndpointError> {
+    async fn scan(
+        &mut self,
+        scope: ScanScope,
+        _options: ScanOptions,
+    ) -> Result<ScanReport, EndpointError> {
         self.enter().await;
         let st = self.state.lock().unwrap();
         let in_scope = |path: &RelPath| match &scope {
@@ -139,26 +149,43 @@ impl Endpoint for Fake {
             .dirs
             .iter()
             .map(|d| (d.clone(), Entry::Dir { mode: 0o755 }))
-            .chain(st.files.iter().map(|(path, data)| (path.clone(), Entry::File(meta_of(data)))))
+            .chain(
+                st.files
+                    .iter()
+                    .map(|(path, data)| (path.clone(), Entry::File(meta_of(data)))),
+            )
             .filter(|(path, _)| in_scope(path))
             .collect();
         entries.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(ScanReport { root: None, entries, problems: vec![] })
+        Ok(ScanReport {
+            root: None,
+            entries,
+            problems: vec![],
+        })
     }
 
-    async fn manifests(&mut self, files: Vec<(RelPath, FileMeta)>) -> Result<Vec<Result<Manifest, Problem>>, EndpointError> {
+    async fn manifests(
+        &mut self,
+        files: Vec<(RelPath, FileMeta)>,
+    ) -> Result<Vec<Result<Manifest, Problem>>, EndpointError> {
         self.enter().await;
         let st = self.state.lock().unwrap();
         Ok(files
             .into_iter()
             .map(|(path, meta)| match st.files.get(&path) {
                 Some(data) if meta_of(data) == meta => Ok(manifest_of(data)),
-                _ => Err(Problem { path, reason: "changed since the scan".into() }),
+                _ => Err(Problem {
+                    path,
+                    reason: "changed since the scan".into(),
+                }),
             })
             .collect())
     }
 
-    async fn read_chunks(&mut self, reads: Vec<ChunkRead>) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
+    async fn read_chunks(
+        &mut self,
+        reads: Vec<ChunkRead>,
+    ) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
         self.enter().await;
         let st = self.state.lock().unwrap();
         Ok(reads
@@ -172,7 +199,10 @@ impl Endpoint for Fake {
             .collect())
     }
 
-    async fn stage(&mut self, files: Vec<StageRequest>) -> Result<Vec<Result<Vec<Hash>, Problem>>, EndpointError> {
+    async fn stage(
+        &mut self,
+        files: Vec<StageRequest>,
+    ) -> Result<Vec<Result<Vec<Hash>, Problem>>, EndpointError> {
         self.enter().await;
         let mut st = self.state.lock().unwrap();
         let mut local: HashMap<Hash, Vec<u8>> = HashMap::new();
@@ -202,7 +232,9 @@ impl Endpoint for Fake {
         let mut st = self.state.lock().unwrap();
         for (h, data) in chunks {
             if hash(&data) != h {
-                return Err(EndpointError::Protocol("chunk does not hash to its id".into()));
+                return Err(EndpointError::Protocol(
+                    "chunk does not hash to its id".into(),
+                ));
             }
             st.store.insert(h, data);
         }
@@ -256,7 +288,10 @@ impl Endpoint for Fake {
 }
 
 pub fn share(name: &str) -> ShareOpen {
-    ShareOpen { name: name.to_owned(), ignore: vec![] }
+    ShareOpen {
+        name: name.to_owned(),
+        ignore: vec![],
+    }
 }
 
 /// The exports of a test guest: every share named `src` maps to `guest`.
@@ -276,8 +311,14 @@ pub struct Pair {
     pub server_stats: Arc<vmsync_transport::Stats>,
 }
 
-pub fn spawn_server(stream: DuplexStream, guest: Fake, config: ServerConfig) -> JoinHandle<Result<(), TransportError>> {
-    tokio::spawn(async move { serve_with(stream, exports(guest), "vmsync-guest test", config).await })
+pub fn spawn_server(
+    stream: DuplexStream,
+    guest: Fake,
+    config: ServerConfig,
+) -> JoinHandle<Result<(), TransportError>> {
+    tokio::spawn(
+        async move { serve_with(stream, exports(guest), "vmsync-guest test", config).await },
+    )
 }
 
 /// A real client and a real server over an in-memory pipe, share `src` opened as index 0.
@@ -292,7 +333,11 @@ pub async fn pair_with(guest: Fake, client: SessionConfig, server: ServerConfig)
     let hello = handshake::hello("vmsync-host test", vec![share("src")]);
     let (session, welcome) = client_handshake_with(a, hello, client).await.unwrap();
     assert_eq!(welcome.agent_version, "vmsync-guest test");
-    Pair { session, server, server_stats }
+    Pair {
+        session,
+        server,
+        server_stats,
+    }
 }
 
 pub type Raw = Framed<DuplexStream, MessageCodec<Message, Message>>;
@@ -310,7 +355,12 @@ pub async fn send_raw_bytes(raw: &mut Raw, bytes: &[u8]) {
 /// A raw host that has done a proper handshake opening `src`.
 pub async fn raw_host_after_handshake(stream: DuplexStream) -> Raw {
     let mut host = raw(stream);
-    host.send(Message::Hello(handshake::hello("raw host", vec![share("src")]))).await.unwrap();
+    host.send(Message::Hello(handshake::hello(
+        "raw host",
+        vec![share("src")],
+    )))
+    .await
+    .unwrap();
     match host.next().await {
         Some(Ok(Message::Welcome(_))) => {}
         other => panic!("expected Welcome, got {other:?}"),
@@ -338,6 +388,11 @@ pub fn frame_header(len: u32, more: bool) -> [u8; 4] {
 
 pub fn bytes_of(m: &Message) -> Bytes {
     let mut buf = BytesMut::new();
-    tokio_util::codec::Encoder::encode(&mut MessageCodec::<Message, Message>::new(), m.clone(), &mut buf).unwrap();
+    tokio_util::codec::Encoder::encode(
+        &mut MessageCodec::<Message, Message>::new(),
+        m.clone(),
+        &mut buf,
+    )
+    .unwrap();
     buf.freeze()
 }

@@ -1,0 +1,570 @@
+//! Peers that break the rules. A "hostile host" writes raw frames and messages at our server; a
+//! "hostile guest" answers our client with raw frames and messages. Every violation must end the
+//! session with a clear error and never reach the local endpoint.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use futures::{SinkExt, StreamExt};
+use support::*;
+use tokio::io::AsyncWriteExt;
+use vmsync_core::endpoint::{
+    ChunkRead, Endpoint, EndpointError, ScanOptions, ScanReport, ScanScope,
+};
+use vmsync_core::{ChunkRef, Entry, Hash};
+use vmsync_protocol::chunk::{encode_chunk, hash_chunk};
+use vmsync_protocol::limits::{MAX_FRAME_BYTES, MAX_HANDSHAKE_BYTES, MAX_OUTSTANDING_REQUESTS};
+use vmsync_protocol::{
+    handshake, CodecError, FrameError, Message, Request, RequestBody, Response, ResponseBody,
+    Welcome,
+};
+use vmsync_transport::{client_handshake, ServerConfig, TransportError};
+
+// ---------------------------------------------------------------- hostile host vs our server
+
+/// Runs a real server against whatever `host` writes; returns the server's result.
+async fn server_result_after<F, Fut>(guest: Fake, host: F) -> Result<(), TransportError>
+where
+    F: FnOnce(Raw) -> Fut,
+    Fut: std::future::Future<Output = Raw>,
+{
+    let (a, b) = tokio::io::duplex(PIPE_BYTES);
+    let server = spawn_server(b, guest, ServerConfig::default());
+    let raw_host = host(raw(a)).await;
+    let result = server.await.unwrap();
+    drop(raw_host);
+    result
+}
+
+async fn bytes_then_eof(bytes: Vec<u8>) -> Result<(), TransportError> {
+    server_result_after(Fake::default(), |mut host| async move {
+        send_raw_bytes(&mut host, &bytes).await;
+        host.get_mut().shutdown().await.unwrap();
+        host
+    })
+    .await
+}
+
+fn frame_error(r: Result<(), TransportError>) -> FrameError {
+    match r {
+        Err(TransportError::Codec(CodecError::Frame(e))) => e,
+        other => panic!("expected a framing error, got {other:?}"),
+    }
+}
+
+fn protocol_error(r: Result<(), TransportError>) -> String {
+    match r {
+        Err(TransportError::Protocol(what)) => what,
+        other => panic!("expected a protocol violation, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn oversized_frame_headers() {
+    let e = frame_error(bytes_then_eof(u32::MAX.to_be_bytes().to_vec()).await);
+    assert!(matches!(e, FrameError::FragmentTooLarge { .. }), "{e:?}");
+
+    let header = frame_header(MAX_HANDSHAKE_BYTES as u32 + 1, false).to_vec();
+    let e = frame_error(bytes_then_eof(header).await);
+    assert!(
+        matches!(e, FrameError::MessageTooLarge { len, max } if len == MAX_HANDSHAKE_BYTES + 1 && max == MAX_HANDSHAKE_BYTES),
+        "{e:?}"
+    );
+
+    // After the handshake the message cap is higher, but a fragment is still at most 1 MiB.
+    let r = server_result_after(Fake::default(), |host| async move {
+        let mut host = raw_host_after_handshake(host.into_inner()).await;
+        send_raw_bytes(&mut host, &frame_header(MAX_FRAME_BYTES as u32 + 1, false)).await;
+        host
+    })
+    .await;
+    assert!(matches!(
+        frame_error(r),
+        FrameError::FragmentTooLarge { .. }
+    ));
+}
+
+#[tokio::test]
+async fn truncated_input_then_eof() {
+    let mut half_body = frame_header(100, false).to_vec();
+    half_body.extend_from_slice(&[0u8; 10]);
+    for bytes in [
+        vec![0u8, 0],
+        half_body,
+        frame_header(5, true)
+            .iter()
+            .chain(b"abcde")
+            .copied()
+            .collect(),
+    ] {
+        let e = frame_error(bytes_then_eof(bytes.clone()).await);
+        assert!(
+            matches!(e, FrameError::Truncated { .. }),
+            "{bytes:?}: {e:?}"
+        );
+    }
+    assert!(matches!(
+        bytes_then_eof(vec![]).await,
+        Err(TransportError::ClosedDuringHandshake)
+    ));
+}
+
+#[tokio::test]
+async fn garbage_bytes() {
+    let e = frame_error(bytes_then_eof(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()).await);
+    assert!(matches!(e, FrameError::FragmentTooLarge { .. }), "{e:?}");
+
+    let mut junk = frame_header(5, false).to_vec();
+    junk.extend_from_slice(&[0xff; 5]);
+    assert!(matches!(
+        bytes_then_eof(junk).await,
+        Err(TransportError::Codec(CodecError::Decode(_)))
+    ));
+
+    let e = frame_error(bytes_then_eof(frame_header(0, false).to_vec()).await);
+    assert!(matches!(e, FrameError::EmptyMessage));
+
+    // An unknown message tag.
+    let mut unknown = frame_header(1, false).to_vec();
+    unknown.push(9);
+    assert!(matches!(
+        bytes_then_eof(unknown).await,
+        Err(TransportError::Codec(CodecError::Decode(_)))
+    ));
+
+    // A Hello whose first field is an over-long varint: valid postcard, not canonical.
+    let hello = bytes_of(&Message::Hello(handshake::hello("h", vec![share("src")])));
+    let mut body = hello[4..].to_vec();
+    body[0] = 0x80;
+    body.insert(1, 0x00);
+    let mut noncanonical = frame_header(body.len() as u32, false).to_vec();
+    noncanonical.extend_from_slice(&body);
+    assert!(matches!(
+        bytes_then_eof(noncanonical).await,
+        Err(TransportError::Codec(CodecError::NonCanonical))
+    ));
+}
+
+#[tokio::test]
+async fn message_before_hello() {
+    let r = server_result_after(Fake::default(), |mut host| async move {
+        host.send(Message::Request(Request {
+            id: 1,
+            share: 0,
+            body: RequestBody::Ping,
+        }))
+        .await
+        .unwrap();
+        host
+    })
+    .await;
+    assert_eq!(protocol_error(r), "expected Hello, got Request");
+}
+
+#[tokio::test]
+async fn two_hellos() {
+    let guest = Fake::default();
+    let r = server_result_after(guest.clone(), |host| async move {
+        let mut host = raw_host_after_handshake(host.into_inner()).await;
+        host.send(Message::Hello(handshake::hello(
+            "again",
+            vec![share("src")],
+        )))
+        .await
+        .unwrap();
+        host
+    })
+    .await;
+    assert_eq!(protocol_error(r), "a second Hello");
+    assert_eq!(guest.started.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn guest_only_messages_from_the_host() {
+    let welcome = Message::Welcome(Welcome {
+        version: 1,
+        agent_version: "x".into(),
+        chunker: vmsync_protocol::ChunkerParams::PINNED,
+        features: 0,
+    });
+    let response = Message::Response(Response {
+        id: 1,
+        body: ResponseBody::Pong,
+    });
+    for m in [welcome, response] {
+        let r = server_result_after(Fake::default(), |host| async move {
+            let mut host = raw_host_after_handshake(host.into_inner()).await;
+            host.send(m).await.unwrap();
+            host
+        })
+        .await;
+        assert!(protocol_error(r).contains("which only a guest sends"));
+    }
+}
+
+#[tokio::test]
+async fn share_index_out_of_range() {
+    let guest = Fake::default();
+    let r = server_result_after(guest.clone(), |host| async move {
+        let mut host = raw_host_after_handshake(host.into_inner()).await;
+        let scan = RequestBody::Scan {
+            scope: ScanScope::Full,
+            options: ScanOptions::default(),
+        };
+        host.send(Message::Request(Request {
+            id: 5,
+            share: 1,
+            body: scan,
+        }))
+        .await
+        .unwrap();
+        host
+    })
+    .await;
+    assert_eq!(
+        protocol_error(r),
+        "request 5 names share 1, but the session opened 1"
+    );
+    assert_eq!(guest.started.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn too_many_outstanding_requests() {
+    let (guest, _gate) = Fake::default().gated();
+    let r = server_result_after(guest, |host| async move {
+        let mut host = raw_host_after_handshake(host.into_inner()).await;
+        for id in 0..(MAX_OUTSTANDING_REQUESTS as u64 + 5) {
+            let scan = RequestBody::Scan {
+                scope: ScanScope::Full,
+                options: ScanOptions::default(),
+            };
+            if host
+                .send(Message::Request(Request {
+                    id,
+                    share: 0,
+                    body: scan,
+                }))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        host
+    })
+    .await;
+    assert_eq!(
+        protocol_error(r),
+        format!("more than {MAX_OUTSTANDING_REQUESTS} requests outstanding")
+    );
+}
+
+#[tokio::test]
+async fn bad_supplied_chunk_is_refused_and_the_session_goes_on() {
+    let guest = Fake::default();
+    let r = server_result_after(guest.clone(), |host| async move {
+        let mut host = raw_host_after_handshake(host.into_inner()).await;
+        let data = vec![7u8; 1000];
+        let mut chunk = encode_chunk(hash_chunk(&data), &data, 3);
+        chunk.hash = hash_chunk(b"something else");
+        host.send(Message::Request(Request {
+            id: 1,
+            share: 0,
+            body: RequestBody::Supply {
+                chunks: vec![chunk],
+            },
+        }))
+        .await
+        .unwrap();
+        match host.next().await {
+            Some(Ok(Message::Response(Response {
+                id: 1,
+                body: ResponseBody::Supply(Err(EndpointError::Protocol(why))),
+            }))) => {
+                assert!(why.contains("hashes to"), "{why}");
+            }
+            other => panic!("{other:?}"),
+        }
+        host.send(Message::Request(Request {
+            id: 2,
+            share: 0,
+            body: RequestBody::Ping,
+        }))
+        .await
+        .unwrap();
+        assert!(matches!(
+            host.next().await,
+            Some(Ok(Message::Response(Response {
+                id: 2,
+                body: ResponseBody::Pong
+            })))
+        ));
+        host.get_mut().shutdown().await.unwrap();
+        host
+    })
+    .await;
+    assert!(r.is_ok(), "{r:?}");
+    assert!(guest.state.lock().unwrap().store.is_empty());
+}
+
+// ---------------------------------------------------------------- hostile guest vs our client
+
+async fn client_against<F, Fut>(guest: F) -> Result<vmsync_transport::Session, TransportError>
+where
+    F: FnOnce(Raw) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let (a, b) = tokio::io::duplex(PIPE_BYTES);
+    tokio::spawn(async move { guest(raw(b)).await });
+    client_handshake(a, handshake::hello("h", vec![share("src")]))
+        .await
+        .map(|(s, _)| s)
+}
+
+#[tokio::test]
+async fn hostile_handshake_answers() {
+    let r = client_against(|mut g| async move {
+        let _ = g.next().await;
+        g.send(Message::Request(Request {
+            id: 1,
+            share: 0,
+            body: RequestBody::Ping,
+        }))
+        .await
+        .unwrap();
+    })
+    .await;
+    assert!(
+        matches!(&r, Err(TransportError::Protocol(w)) if w == "expected Welcome or Refused, got Request"),
+        "{r:?}"
+    );
+
+    let r = client_against(|mut g| async move {
+        let _ = g.next().await;
+        let w = Welcome {
+            version: 7,
+            agent_version: "x".into(),
+            chunker: vmsync_protocol::ChunkerParams::PINNED,
+            features: 0,
+        };
+        g.send(Message::Welcome(w)).await.unwrap();
+    })
+    .await;
+    assert!(matches!(r, Err(TransportError::BadWelcome(_))), "{r:?}");
+
+    let r = client_against(|mut g| async move {
+        let _ = g.next().await;
+        send_raw_bytes(&mut g, &u32::MAX.to_be_bytes()).await;
+    })
+    .await;
+    assert!(
+        matches!(
+            r,
+            Err(TransportError::Codec(CodecError::Frame(
+                FrameError::FragmentTooLarge { .. }
+            )))
+        ),
+        "{r:?}"
+    );
+
+    let r = client_against(|mut g| async move {
+        let _ = g.next().await;
+    })
+    .await;
+    assert!(
+        matches!(r, Err(TransportError::ClosedDuringHandshake)),
+        "{r:?}"
+    );
+
+    // A refusal reason with terminal escapes is shown escaped.
+    let r = client_against(|mut g| async move {
+        let _ = g.next().await;
+        g.send(Message::Refused(vmsync_protocol::Refused {
+            reason: "no\x1b[2J".into(),
+        }))
+        .await
+        .unwrap();
+    })
+    .await;
+    assert!(
+        matches!(&r, Err(TransportError::Refused { reason }) if reason == "no\\x1b[2J"),
+        "{r:?}"
+    );
+}
+
+/// A raw guest that welcomes the host, then answers the first request with `answer(request)`
+/// and keeps the connection open until the host goes away.
+async fn session_with_answer(
+    answer: impl FnOnce(Request) -> Vec<u8> + Send + 'static,
+) -> vmsync_transport::Session {
+    client_against(|mut g| async move {
+        raw_guest_welcome(&mut g).await;
+        loop {
+            match g.next().await {
+                Some(Ok(Message::Request(r))) if r.body == RequestBody::Ping => {
+                    let _ = g
+                        .send(Message::Response(Response {
+                            id: r.id,
+                            body: ResponseBody::Pong,
+                        }))
+                        .await;
+                }
+                Some(Ok(Message::Request(r))) => {
+                    send_raw_bytes(&mut g, &answer(r)).await;
+                    break;
+                }
+                _ => return,
+            }
+        }
+        while g.next().await.is_some() {}
+    })
+    .await
+    .unwrap()
+}
+
+fn answer_with(body: ResponseBody) -> impl FnOnce(Request) -> Vec<u8> + Send + 'static {
+    move |r| bytes_of(&Message::Response(Response { id: r.id, body })).to_vec()
+}
+
+async fn assert_violation<T: std::fmt::Debug>(
+    session: &vmsync_transport::Session,
+    result: Result<T, EndpointError>,
+    needle: &str,
+) {
+    match result {
+        Err(EndpointError::Protocol(what) | EndpointError::Disconnected(what)) => {
+            assert!(
+                what.contains(needle),
+                "{what:?} does not mention {needle:?}"
+            )
+        }
+        other => panic!("expected a protocol error, got {other:?}"),
+    }
+    let reason = session.closed().await;
+    assert!(reason.contains(needle), "{reason:?}");
+}
+
+#[tokio::test]
+async fn response_to_an_unknown_id() {
+    let session = session_with_answer(|r| {
+        bytes_of(&Message::Response(Response {
+            id: r.id + 1000,
+            body: ResponseBody::Pong,
+        }))
+        .to_vec()
+    })
+    .await;
+    let mut remote = session.endpoint(0).unwrap();
+    let r = remote.scan(ScanScope::Full, ScanOptions::default()).await;
+    assert_violation(&session, r, "which is not pending").await;
+}
+
+#[tokio::test]
+async fn wrong_response_kind() {
+    let session = session_with_answer(answer_with(ResponseBody::Supply(Ok(())))).await;
+    let mut remote = session.endpoint(0).unwrap();
+    let r = remote.scan(ScanScope::Full, ScanOptions::default()).await;
+    assert_violation(&session, r, "answered Scan with Supply").await;
+}
+
+#[tokio::test]
+async fn wrong_answer_count() {
+    let session = session_with_answer(answer_with(ResponseBody::Manifests(Ok(vec![])))).await;
+    let mut remote = session.endpoint(0).unwrap();
+    let r = remote.manifests(vec![(p("f"), meta_of(b"x"))]).await;
+    assert_violation(&session, r, "answered 1 manifest requests with 0 results").await;
+}
+
+fn one_read() -> Vec<ChunkRead> {
+    let data = vec![3u8; 2000];
+    vec![ChunkRead {
+        path: p("f"),
+        chunk: ChunkRef {
+            hash: hash_chunk(&data),
+            offset: 0,
+            len: 2000,
+        },
+    }]
+}
+
+#[tokio::test]
+async fn chunk_that_does_not_hash_to_its_id() {
+    let session = session_with_answer(|r| {
+        let asked = match &r.body {
+            RequestBody::ReadChunks { reads } => reads[0].chunk.hash,
+            _ => panic!(),
+        };
+        let evil = vec![4u8; 2000];
+        let mut chunk = encode_chunk(hash_chunk(&evil), &evil, 3);
+        chunk.hash = asked;
+        bytes_of(&Message::Response(Response {
+            id: r.id,
+            body: ResponseBody::ReadChunks(Ok(vec![Some(chunk)])),
+        }))
+        .to_vec()
+    })
+    .await;
+    let mut remote = session.endpoint(0).unwrap();
+    let r = remote.read_chunks(one_read()).await;
+    assert_violation(&session, r, "sent a bad chunk").await;
+}
+
+#[tokio::test]
+async fn chunk_for_another_read() {
+    let session = session_with_answer(|r| {
+        let other = vec![5u8; 2000];
+        let chunk = encode_chunk(hash_chunk(&other), &other, 3);
+        bytes_of(&Message::Response(Response {
+            id: r.id,
+            body: ResponseBody::ReadChunks(Ok(vec![Some(chunk)])),
+        }))
+        .to_vec()
+    })
+    .await;
+    let mut remote = session.endpoint(0).unwrap();
+    let r = remote.read_chunks(one_read()).await;
+    assert_violation(&session, r, "for a read of").await;
+}
+
+#[tokio::test]
+async fn invalid_scan_report_is_rejected_at_decode() {
+    let report = ScanReport {
+        root: None,
+        entries: vec![(p("x"), Entry::Dir { mode: 0o4755 })],
+        problems: vec![],
+    };
+    // Encode without validation (postcard directly), as a hostile guest would.
+    let session = session_with_answer(move |r| {
+        let body = postcard::to_allocvec(&Message::Response(Response {
+            id: r.id,
+            body: ResponseBody::Scan(Ok(report)),
+        }))
+        .unwrap();
+        let mut bytes = frame_header(body.len() as u32, false).to_vec();
+        bytes.extend_from_slice(&body);
+        bytes
+    })
+    .await;
+    let mut remote = session.endpoint(0).unwrap();
+    let r = remote.scan(ScanScope::Full, ScanOptions::default()).await;
+    assert_violation(&session, r, "mode").await;
+}
+
+#[tokio::test]
+async fn oversized_frame_from_the_guest() {
+    let session = session_with_answer(|_| u32::MAX.to_be_bytes().to_vec()).await;
+    let mut remote = session.endpoint(0).unwrap();
+    let r = remote.scan(ScanScope::Full, ScanOptions::default()).await;
+    assert_violation(&session, r, "larger than").await;
+}
+
+#[tokio::test]
+async fn guest_sends_a_hello_after_the_handshake() {
+    let session =
+        session_with_answer(|_| bytes_of(&Message::Hello(handshake::hello("g", vec![]))).to_vec())
+            .await;
+    let mut remote = session.endpoint(0).unwrap();
+    let r = remote.scan(ScanScope::Full, ScanOptions::default()).await;
+    assert_violation(&session, r, "sent Hello after the handshake").await;
+    let _ = Hash::default();
+}
