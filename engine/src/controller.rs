@@ -732,16 +732,27 @@ async fn stage_files<S: Endpoint, D: Endpoint>(
                 Err(p) => problems.push(view(dst_side, p)),
             }
         }
+        // Only hashes this batch's manifests contain can be read; anything else a (possibly
+        // hostile) destination asked for is ignored.
+        missing.retain(|h| sources.contains_key(h));
         let mut failed: HashSet<RelPath> = HashSet::new();
+        // Two stages in flight: the source reads group k+1 while the destination takes group
+        // k, so neither side idles waiting for the other.
+        let mut ready: Option<Vec<(Hash, Vec<u8>)>> = None;
         for group in missing.chunks(MAX_CHUNKS_PER_READ) {
             let reads: Vec<ChunkRead> = group
                 .iter()
                 .filter_map(|h| sources.get(h).cloned())
                 .collect();
-            let data = src
-                .read_chunks(reads)
-                .await
-                .map_err(|e| (Which::Source, e))?;
+            let previous = ready.take();
+            let (data, supplied) = tokio::join!(src.read_chunks(reads), async {
+                match previous {
+                    Some(chunks) => dst.supply(chunks).await,
+                    None => Ok(()),
+                }
+            });
+            supplied.map_err(|e| (Which::Dest, e))?;
+            let data = data.map_err(|e| (Which::Source, e))?;
             let mut supply = Vec::with_capacity(group.len());
             for (h, d) in group.iter().zip(data) {
                 match d {
@@ -749,7 +760,10 @@ async fn stage_files<S: Endpoint, D: Endpoint>(
                     None => failed.extend(waiting.get(h).into_iter().flatten().cloned()),
                 }
             }
-            dst.supply(supply).await.map_err(|e| (Which::Dest, e))?;
+            ready = Some(supply);
+        }
+        if let Some(chunks) = ready {
+            dst.supply(chunks).await.map_err(|e| (Which::Dest, e))?;
         }
         for path in ok_paths {
             if failed.contains(&path) {

@@ -364,6 +364,9 @@ pub struct ShareRoot {
     dirty_dirs: std::sync::Mutex<Option<std::collections::BTreeSet<RelPath>>>,
 }
 
+/// Threads that fsync a batch's changed directories.
+const DIR_SYNC_THREADS: usize = 8;
+
 /// Sets a temp's mode and mtime and fsyncs its data: everything before its rename.
 fn seal(
     op: &'static str,
@@ -829,24 +832,51 @@ impl ShareRoot {
     /// Closes the batch: fsyncs every directory changed since [`ShareRoot::begin_batch`]. Until
     /// this returns `Ok`, the batch's changes may not survive a crash: do not record them.
     pub fn end_batch(&self) -> Result<(), FsError> {
-        const OP: &str = "fsync directory";
-        let dirs = self
+        let dirs: Vec<RelPath> = self
             .dirty_dirs
             .lock()
             .ok()
             .and_then(|mut d| d.take())
-            .unwrap_or_default();
-        for dir in dirs {
-            match self.open_dir(&dir) {
-                Ok(handle) => rfs::fsync(&handle.fd).map_err(|e| fail(OP, Loc::path(&dir), e))?,
-                // Removed or replaced later in the same batch: what matters now is its parent's
-                // entry, and the parent is in the set too.
-                Err(e)
-                    if matches!(e.kind(), FsErrorKind::NotFound | FsErrorKind::NotADirectory) => {}
-                Err(e) => return Err(e),
-            }
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        if dirs.len() <= 1 {
+            return dirs.iter().try_for_each(|d| self.fsync_dir(d));
         }
-        Ok(())
+        // Concurrent fsyncs of different directories share journal commits.
+        let per_thread = dirs.len().div_ceil(DIR_SYNC_THREADS);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = dirs
+                .chunks(per_thread)
+                .map(|slice| scope.spawn(move || slice.iter().try_for_each(|d| self.fsync_dir(d))))
+                .collect();
+            workers.into_iter().try_for_each(|w| {
+                w.join().unwrap_or_else(|_| {
+                    Err(invalid(
+                        "fsync directory",
+                        Loc {
+                            base: b"",
+                            name: None,
+                        },
+                        "a worker panicked",
+                    ))
+                })
+            })
+        })
+    }
+
+    fn fsync_dir(&self, dir: &RelPath) -> Result<(), FsError> {
+        match self.open_dir(dir) {
+            Ok(handle) => {
+                rfs::fsync(&handle.fd).map_err(|e| fail("fsync directory", Loc::path(dir), e))
+            }
+            // Removed or replaced later in the same batch: what matters now is its parent's
+            // entry, and the parent is in the set too.
+            Err(e) if matches!(e.kind(), FsErrorKind::NotFound | FsErrorKind::NotADirectory) => {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Makes the change just made in `dir` (the parent of `p`) durable, now or at
