@@ -7,7 +7,7 @@ use anyhow::Context;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
-use vmsync_core::endpoint::ScanScope;
+use vmsync_core::endpoint::{ChangeHints, Endpoint, ScanScope};
 use vmsync_core::safety::DeletionLimit;
 use vmsync_engine::control::{self, AgentInfo, ControlRequest, ControlResponse};
 use vmsync_engine::controller::{Controller, ShareSettings};
@@ -15,15 +15,18 @@ use vmsync_engine::filter::Filter;
 use vmsync_engine::local::LocalEndpoint;
 use vmsync_engine::state::StateDb;
 use vmsync_engine::status::{ShareState, ShareStatus};
+use vmsync_engine::watch::HintSet;
 use vmsync_protocol::handshake;
 use vmsync_protocol::messages::ShareOpen;
-use vmsync_transport::{client_handshake, connect, EndpointAddr, Session};
+use vmsync_transport::{client_handshake, connect, EndpointAddr, RemoteEndpoint, Session};
 
 /// First reconnect delay; doubles up to [`RECONNECT_MAX_MS`], with ±25 % jitter.
 const RECONNECT_MIN_MS: u64 = 100;
 const RECONNECT_MAX_MS: u64 = 5_000;
 /// Extra cycles run at once when a cycle found paths that changed under it.
 const MAX_RETRY_CYCLES: usize = 3;
+/// Hint messages queued between the watchers and the sync loop (each carries a whole set).
+const HINT_QUEUE: usize = 64;
 /// First delay before retrying a cycle that left work pending; doubles up to the maximum.
 const PENDING_RETRY_MIN_MS: u64 = 500;
 const PENDING_RETRY_MAX_MS: u64 = 30_000;
@@ -303,12 +306,24 @@ impl SyncLoop {
         }
     }
 
-    /// Syncs everything, then serves commands until the session ends; returns why it ended.
+    /// Syncs everything, then keeps both sides in sync live until the session ends: each
+    /// side's watcher feeds change hints, and the hints that pile up while a cycle runs become
+    /// the scope of the next one. Also serves commands and retries pending work. Returns why
+    /// the session ended.
     async fn connected(&mut self, session: Session) -> String {
-        // When a cycle leaves work undone (a failed write, a file that would not settle), try
-        // again after a delay that doubles up to PENDING_RETRY_MAX_MS.
+        let (hint_tx, mut hint_rx) = mpsc::channel::<(usize, ChangeHints)>(HINT_QUEUE);
+        let mut watchers = tokio::task::JoinSet::new();
+        for (index, share) in self.shares.iter().enumerate() {
+            let remote = match endpoint(&session, index) {
+                Ok(r) => r,
+                Err(e) => return e,
+            };
+            watchers.spawn(forward_changes(share.local.clone(), index, hint_tx.clone()));
+            watchers.spawn(forward_changes(remote, index, hint_tx.clone()));
+        }
+        let mut hints: Vec<HintSet> = self.shares.iter().map(|_| HintSet::default()).collect();
         let mut pending_delay = PENDING_RETRY_MIN_MS;
-        let mut pending = match self.sync_all(&session).await {
+        let mut pending = match self.sync_all(&session, None).await {
             Ok(p) => p,
             Err(e) => return e,
         };
@@ -316,19 +331,30 @@ impl SyncLoop {
             let retry = tokio::time::sleep(Duration::from_millis(pending_delay));
             tokio::select! {
                 reason = session.closed() => return reason,
+                Some((index, h)) = hint_rx.recv() => {
+                    merge(&mut hints, index, h);
+                    // Take everything else already waiting: one cycle for a whole burst.
+                    while let Ok((index, h)) = hint_rx.try_recv() {
+                        merge(&mut hints, index, h);
+                    }
+                    pending = match self.sync_all(&session, Some(&mut hints)).await {
+                        Ok(p) => p,
+                        Err(e) => return e,
+                    };
+                }
                 _ = retry, if pending => {
                     pending_delay = (pending_delay * 2).min(PENDING_RETRY_MAX_MS);
-                    pending = match self.sync_all(&session).await {
+                    pending = match self.sync_all(&session, None).await {
                         Ok(p) => p,
                         Err(e) => return e,
                     };
                 }
                 cmd = self.rx.recv() => {
                     let (result, reply, response) = match cmd {
-                        Some(Command::Sync(reply)) => (self.sync_all(&session).await, reply, None),
+                        Some(Command::Sync(reply)) => (self.sync_all(&session, None).await, reply, None),
                         Some(Command::Resume(name, reply)) => match self.resume(&name) {
                             err @ ControlResponse::Error { .. } => (Ok(pending), reply, Some(err)),
-                            _ => (self.sync_all(&session).await, reply, None),
+                            _ => (self.sync_all(&session, None).await, reply, None),
                         },
                         None => return "control channel closed".into(),
                     };
@@ -350,14 +376,30 @@ impl SyncLoop {
         }
     }
 
-    /// One full cycle of every share (plus quick retries for paths that changed under it).
+    /// A cycle of every share: a full one when `hints` is `None`, else a targeted one for each
+    /// share with hints (taking them). Paths that changed under a cycle get quick extra cycles.
     /// `Ok(true)` when some share still has work pending; `Err` when the session is unusable.
-    async fn sync_all(&mut self, session: &Session) -> Result<bool, String> {
+    async fn sync_all(
+        &mut self,
+        session: &Session,
+        mut hints: Option<&mut Vec<HintSet>>,
+    ) -> Result<bool, String> {
         let mut pending = false;
         for (index, share) in self.shares.iter_mut().enumerate() {
-            let mut remote = u16::try_from(index)
-                .map_err(|_| "too many shares".to_string())
-                .and_then(|i| session.endpoint(i).map_err(|e| e.to_string()))?;
+            let mut scope = match hints.as_deref_mut().and_then(|h| h.get_mut(index)) {
+                None => ScanScope::Full,
+                Some(h) if h.is_empty() => continue,
+                Some(h) => {
+                    let taken = h.take();
+                    if taken.rescan {
+                        ScanScope::Full
+                    } else {
+                        ScanScope::Paths(taken.paths)
+                    }
+                }
+            };
+            share.controller.set_state(ShareState::Syncing);
+            let mut remote = endpoint(session, index)?;
             let mut share_pending = true;
             for _ in 0..=MAX_RETRY_CYCLES {
                 // Cycles run one share at a time, so the session's content counters move only
@@ -365,7 +407,7 @@ impl SyncLoop {
                 let before = session.stats();
                 let result = share
                     .controller
-                    .cycle(&mut share.local, &mut remote, ScanScope::Full)
+                    .cycle(&mut share.local, &mut remote, scope.clone())
                     .await;
                 let after = session.stats();
                 share.controller.add_wire_bytes(
@@ -378,6 +420,8 @@ impl SyncLoop {
                         if !report.retry {
                             break;
                         }
+                        // Something moved under the cycle: look at the whole share again.
+                        scope = ScanScope::Full;
                     }
                     Err(e) if e.is_disconnect() => return Err(e.to_string()),
                     Err(e) => {
@@ -419,6 +463,45 @@ impl SyncLoop {
             *p = (connected, detail);
         }
     }
+}
+
+/// Forwards a side's change hints to the sync loop until the side or the loop goes away.
+async fn forward_changes<E: Endpoint>(
+    mut side: E,
+    index: usize,
+    tx: mpsc::Sender<(usize, ChangeHints)>,
+) {
+    loop {
+        match side.changes().await {
+            Ok(h) => {
+                if tx.send((index, h)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::debug!("change hints stopped: {e}");
+                return;
+            }
+        }
+    }
+}
+
+fn merge(sets: &mut [HintSet], index: usize, hints: ChangeHints) {
+    let Some(set) = sets.get_mut(index) else {
+        return;
+    };
+    if hints.rescan {
+        set.add_rescan();
+    }
+    for p in hints.paths {
+        set.add(p);
+    }
+}
+
+fn endpoint(session: &Session, index: usize) -> Result<RemoteEndpoint, String> {
+    u16::try_from(index)
+        .map_err(|_| "too many shares".to_string())
+        .and_then(|i| session.endpoint(i).map_err(|e| e.to_string()))
 }
 
 /// `ms` ± 25 %, so a fleet of hosts restarting together does not reconnect in lockstep. The

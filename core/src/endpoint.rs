@@ -100,6 +100,24 @@ pub enum Outcome {
     Failed(String),
 }
 
+/// What changed on a side since it last answered [`Endpoint::changes`]: hints, not facts. The
+/// controller rescans these paths (a directory with everything beneath it) to learn what they
+/// are now.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ChangeHints {
+    /// Paths that changed, coalesced: no path here lies beneath another one here.
+    pub paths: Vec<RelPath>,
+    /// Too much changed to say what (an event queue overflowed, too many paths, a watch could
+    /// not be placed): rescan the whole share.
+    pub rescan: bool,
+}
+
+impl ChangeHints {
+    pub fn is_empty(&self) -> bool {
+        self.paths.is_empty() && !self.rescan
+    }
+}
+
 /// Why a side cannot go on at all.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum EndpointError {
@@ -154,6 +172,15 @@ pub trait Endpoint: Send {
         &mut self,
         chunks: Vec<(Hash, Vec<u8>)>,
     ) -> impl Future<Output = Result<(), EndpointError>> + Send;
+
+    /// Waits until this side has seen changes since the previous call, then returns them. The
+    /// first call starts watching and returns at once with `rescan` set (nothing before the
+    /// watch is known). Changes this side's own `transition`s made may be included; rescanning
+    /// them finds them unchanged.
+    /// A side that cannot watch never answers (the default).
+    fn changes(&mut self) -> impl Future<Output = Result<ChangeHints, EndpointError>> + Send {
+        std::future::pending()
+    }
 
     /// Applies changes in the order given (the controller orders removals children-first and
     /// creations parents-first). A staged file stays staged until a transition consumes it, a

@@ -16,6 +16,7 @@ pub const CHUNK_MIN_BYTES: u32 = 4 * 1024;
 pub const CHUNK_AVG_BYTES: u32 = 16 * 1024;
 pub const CHUNK_MAX_BYTES: u32 = 64 * 1024;
 
-/// Most chunks one file may have: 4 Mi chunks, at least 16 GiB even if every chunk is minimal.
+/// Most chunks one file may have: 2 Mi chunks (8 GiB at the minimum chunk size, 32 GiB on
+/// average), so a manifest (about 41 bytes a chunk) fits one 128 MiB message.
 /// Larger files are skipped and reported.
-pub const MAX_FILE_CHUNKS: usize = 4 * 1024 * 1024;
+pub const MAX_FILE_CHUNKS: usize = 2 * 1024 * 1024;

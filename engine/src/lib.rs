@@ -11,6 +11,7 @@
 //! - [`conflicts`]: the conflict store that keeps every losing version out of the synced tree.
 //! - [`status`]: what `status` reports per share.
 //! - [`control`]: the control socket protocol (`status`, `sync`, `resume`) and its client.
+//! - [`watch`]: inotify events → coalesced change hints.
 //! - [`controller`]: runs a sync cycle between two `Endpoint`s.
 
 pub mod chunk;
@@ -24,3 +25,4 @@ pub mod root;
 pub mod scan;
 pub mod state;
 pub mod status;
+pub mod watch;

@@ -15,14 +15,15 @@ use crate::index::{FileIndex, Identity, IndexRecord};
 use crate::root::{FileKind, FsError, FsErrorKind, ShareRoot, TempFile};
 use crate::scan::{hash_file, scan};
 use crate::state::StateDb;
+use crate::watch::ShareWatcher;
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use vmsync_core::endpoint::{
-    Change, ChunkRead, Endpoint, EndpointError, Outcome, Problem, RootId, ScanOptions, ScanReport,
-    ScanScope, StageRequest,
+    Change, ChangeHints, ChunkRead, Endpoint, EndpointError, Outcome, Problem, RootId, ScanOptions,
+    ScanReport, ScanScope, StageRequest,
 };
 use vmsync_core::entry::PERM_MASK;
 use vmsync_core::limits::CHUNK_MAX_BYTES;
@@ -56,7 +57,19 @@ pub struct LocalShare {
 #[derive(Clone)]
 pub struct LocalEndpoint {
     inner: Arc<Mutex<LocalShare>>,
+    watch: Arc<WatchState>,
 }
+
+/// The share's watcher, started by the first [`Endpoint::changes`] call.
+#[derive(Default)]
+struct WatchState {
+    watcher: std::sync::OnceLock<Arc<ShareWatcher>>,
+    /// Why watching is not possible (shown in status); changes then come as periodic rescans.
+    failed: Mutex<Option<String>>,
+}
+
+/// With no watch (inotify limit reached), how often the whole share is rescanned instead.
+const UNWATCHED_RESCAN_MS: u64 = 10_000;
 
 impl LocalEndpoint {
     /// Opens the share `name` at `path`, loading its index from `db`. The root itself is
@@ -81,6 +94,7 @@ impl LocalEndpoint {
         };
         Ok(LocalEndpoint {
             inner: Arc::new(Mutex::new(share)),
+            watch: Arc::new(WatchState::default()),
         })
     }
 
@@ -96,6 +110,12 @@ impl LocalEndpoint {
     /// Files read and hashed by scans since this endpoint was opened.
     pub fn files_hashed(&self) -> u64 {
         self.inner.lock().map_or(0, |s| s.files_hashed)
+    }
+
+    /// Why this share cannot be watched (it is then rescanned every
+    /// [`UNWATCHED_RESCAN_MS`]); `None` while watching works or has not started.
+    pub fn watch_problem(&self) -> Option<String> {
+        self.watch.failed.lock().ok().and_then(|f| f.clone())
     }
 
     /// Replaces the ignore rules (the guest learns the host's at handshake).
@@ -158,6 +178,57 @@ impl Endpoint for LocalEndpoint {
 
     async fn transition(&mut self, changes: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {
         self.run(move |s| s.transition(changes)).await
+    }
+
+    async fn changes(&mut self) -> Result<ChangeHints, EndpointError> {
+        if let Some(watcher) = self.watch.watcher.get() {
+            return Ok(watcher.next().await);
+        }
+        let unwatched = self
+            .watch
+            .failed
+            .lock()
+            .map(|f| f.is_some())
+            .unwrap_or(true);
+        if unwatched {
+            tokio::time::sleep(std::time::Duration::from_millis(UNWATCHED_RESCAN_MS)).await;
+            return Ok(ChangeHints {
+                paths: Vec::new(),
+                rescan: true,
+            });
+        }
+        let (path, filter) = self
+            .inner
+            .lock()
+            .map(|s| (s.path.clone(), s.filter.clone()))
+            .map_err(|_| EndpointError::Io("share state poisoned by an earlier panic".into()))?;
+        let started = tokio::task::spawn_blocking(move || ShareWatcher::start(&path, filter))
+            .await
+            .map_err(|e| EndpointError::Io(format!("starting the watcher: {e}")))?;
+        match started {
+            Ok(w) => {
+                let _ = self.watch.watcher.set(Arc::new(w));
+            }
+            Err(e) => {
+                let why = if e.is_watch_limit() {
+                    format!("inotify watch limit reached (fs.inotify.max_user_watches); rescanning every {} s instead: {e}", UNWATCHED_RESCAN_MS / 1000)
+                } else {
+                    format!(
+                        "cannot watch; rescanning every {} s instead: {e}",
+                        UNWATCHED_RESCAN_MS / 1000
+                    )
+                };
+                tracing::warn!("{why}");
+                if let Ok(mut f) = self.watch.failed.lock() {
+                    *f = Some(why);
+                }
+            }
+        }
+        // Whatever happened before the watch began is unknown: rescan everything once.
+        Ok(ChangeHints {
+            paths: Vec::new(),
+            rescan: true,
+        })
     }
 }
 

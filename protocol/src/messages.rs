@@ -26,8 +26,8 @@
 use crate::chunk::WireChunk;
 use serde::{Deserialize, Serialize};
 use vmsync_core::endpoint::{
-    Change, ChunkRead, EndpointError, Outcome, Problem, ScanOptions, ScanReport, ScanScope,
-    StageRequest,
+    Change, ChangeHints, ChunkRead, EndpointError, Outcome, Problem, ScanOptions, ScanReport,
+    ScanScope, StageRequest,
 };
 use vmsync_core::{FileMeta, Hash, Manifest, RelPath};
 
@@ -158,6 +158,7 @@ pub enum RequestKind {
     Stage,
     Supply,
     Transition,
+    PollChanges,
 }
 
 impl RequestKind {
@@ -170,6 +171,7 @@ impl RequestKind {
             RequestKind::Stage => "Stage",
             RequestKind::Supply => "Supply",
             RequestKind::Transition => "Transition",
+            RequestKind::PollChanges => "PollChanges",
         }
     }
 }
@@ -199,6 +201,11 @@ pub enum RequestBody {
     Transition {
         changes: Vec<Change>,
     },
+    /// Long-poll for change hints: answered when the guest has some, or with empty hints after
+    /// at most `max_wait_ms` (so no request outlives the client's backstop).
+    PollChanges {
+        max_wait_ms: u32,
+    },
 }
 
 impl RequestBody {
@@ -211,6 +218,7 @@ impl RequestBody {
             RequestBody::Stage { .. } => RequestKind::Stage,
             RequestBody::Supply { .. } => RequestKind::Supply,
             RequestBody::Transition { .. } => RequestKind::Transition,
+            RequestBody::PollChanges { .. } => RequestKind::PollChanges,
         }
     }
 }
@@ -229,6 +237,7 @@ pub enum ResponseBody {
     Supply(Result<(), EndpointError>),
     /// One outcome per requested change, in order.
     Transition(Result<Vec<Outcome>, EndpointError>),
+    Changes(Result<ChangeHints, EndpointError>),
 }
 
 impl ResponseBody {
@@ -241,6 +250,7 @@ impl ResponseBody {
             ResponseBody::Stage(_) => RequestKind::Stage,
             ResponseBody::Supply(_) => RequestKind::Supply,
             ResponseBody::Transition(_) => RequestKind::Transition,
+            ResponseBody::Changes(_) => RequestKind::PollChanges,
         }
     }
 
@@ -254,6 +264,7 @@ impl ResponseBody {
             RequestKind::Stage => ResponseBody::Stage(Err(err)),
             RequestKind::Supply => ResponseBody::Supply(Err(err)),
             RequestKind::Transition => ResponseBody::Transition(Err(err)),
+            RequestKind::PollChanges => ResponseBody::Changes(Err(err)),
         }
     }
 }

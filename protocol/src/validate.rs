@@ -324,6 +324,7 @@ impl Validate for RequestBody {
                 count("changes", changes.len(), MAX_BATCH_CHANGES)?;
                 changes.iter().try_for_each(change)
             }
+            RequestBody::PollChanges { .. } => Ok(()),
         }
     }
 }
@@ -363,6 +364,9 @@ impl Validate for ResponseBody {
             ResponseBody::Transition(r) => result(r, |outcomes| {
                 count("outcomes", outcomes.len(), MAX_BATCH_CHANGES)?;
                 outcomes.iter().try_for_each(outcome)
+            }),
+            ResponseBody::Changes(r) => result(r, |hints| {
+                count("change hints", hints.paths.len(), MAX_BATCH_PATHS)
             }),
         }
     }

@@ -178,9 +178,10 @@ fn one_mib_inserted_in_a_64_mb_file_sends_about_one_mib() {
     let mut edited = data[..20 << 20].to_vec();
     edited.extend_from_slice(&random_bytes(9, 1 << 20));
     edited.extend_from_slice(&data[20 << 20..]);
-    write(&a.host_dir, "f.img", &edited);
+    // Counted from before the edit: the watcher may sync it before `sync` is even called.
     let sent_before = a.share()["bytes_sent"].as_u64().unwrap();
     a.relay.reset();
+    write(&a.host_dir, "f.img", &edited);
     a.sync();
     assert_same_tree(&a.host_dir, &a.guest_dir);
     let content = a.share()["bytes_sent"].as_u64().unwrap() - sent_before;
@@ -238,7 +239,6 @@ fn a_restart_with_nothing_changed_rehashes_nothing() {
     a.wait_in_sync();
     assert_eq!(a.share()["files_hashed"], 0);
     assert_eq!(a.guest_status()["shares"][0]["files_hashed"], 0);
-    assert_eq!(a.share()["cycles"], 1);
 }
 
 #[test]

@@ -22,3 +22,7 @@ pub const REQUEST_TIMEOUT_MS: u64 = 30 * 60 * 1000;
 /// Encoded messages waiting for a writer task. Small: the writer's socket buffer does the real
 /// buffering, and a full queue is back-pressure on whoever produces messages.
 pub const WRITE_QUEUE_MESSAGES: usize = 16;
+
+/// Longest a change long-poll is held open before it is answered empty and re-asked: well
+/// inside the request backstop, so a quiet share never looks like a hung request.
+pub const POLL_WAIT_MS: u32 = 25_000;

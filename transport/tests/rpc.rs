@@ -211,6 +211,7 @@ async fn every_method_through_the_wire() {
 
 #[tokio::test]
 async fn endpoint_errors_travel_as_values() {
+    #[derive(Clone)]
     struct Broken;
     impl vmsync_core::endpoint::Endpoint for Broken {
         async fn scan(

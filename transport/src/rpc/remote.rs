@@ -11,8 +11,8 @@ use super::client::Session;
 use super::stats::chunk_bytes;
 use crate::error::{error_chain, TransportError};
 use vmsync_core::endpoint::{
-    Change, ChunkRead, Endpoint, EndpointError, Outcome, Problem, ScanOptions, ScanReport,
-    ScanScope, StageRequest,
+    Change, ChangeHints, ChunkRead, Endpoint, EndpointError, Outcome, Problem, ScanOptions,
+    ScanReport, ScanScope, StageRequest,
 };
 use vmsync_core::{ChunkRef, FileMeta, Hash, Manifest, RelPath};
 use vmsync_protocol::chunk::DEFAULT_ZSTD_LEVEL;
@@ -106,6 +106,20 @@ impl RemoteEndpoint {
 }
 
 impl Endpoint for RemoteEndpoint {
+    async fn changes(&mut self) -> Result<ChangeHints, EndpointError> {
+        loop {
+            let body = RequestBody::PollChanges {
+                max_wait_ms: crate::limits::POLL_WAIT_MS,
+            };
+            match self.call(body, 0).await? {
+                // Nothing within the poll window: ask again.
+                ResponseBody::Changes(Ok(hints)) if hints.is_empty() => continue,
+                ResponseBody::Changes(result) => return result,
+                other => return Err(self.wrong_kind("PollChanges", &other)),
+            }
+        }
+    }
+
     async fn scan(
         &mut self,
         scope: ScanScope,

@@ -18,7 +18,9 @@ use super::client::{millis, Reader, Writer};
 use super::io::{MeteredRead, MeteredWrite};
 use super::stats::{chunk_bytes, Stats};
 use crate::error::{error_chain, TransportError};
-use crate::limits::{HANDSHAKE_TIMEOUT_MS, PEER_SILENCE_LIMIT_MS, WRITE_QUEUE_MESSAGES};
+use crate::limits::{
+    HANDSHAKE_TIMEOUT_MS, PEER_SILENCE_LIMIT_MS, POLL_WAIT_MS, WRITE_QUEUE_MESSAGES,
+};
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use std::sync::Arc;
@@ -28,7 +30,7 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::task::{JoinError, JoinHandle};
 use tokio_util::codec::{FramedRead, FramedWrite};
-use vmsync_core::endpoint::{Endpoint, EndpointError};
+use vmsync_core::endpoint::{ChangeHints, Endpoint, EndpointError};
 use vmsync_core::path::escape_bytes;
 use vmsync_protocol::chunk::DEFAULT_ZSTD_LEVEL;
 use vmsync_protocol::handshake::{accept_hello, welcome, LocalParams};
@@ -74,7 +76,7 @@ pub async fn serve<S, E, F>(
 ) -> Result<(), TransportError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    E: Endpoint,
+    E: Endpoint + Clone + 'static,
     F: Fn(&ShareOpen) -> Result<E, String>,
 {
     serve_with(stream, exports, guest_version, ServerConfig::default()).await
@@ -92,7 +94,7 @@ pub async fn serve_with<S, E, F>(
 ) -> Result<(), TransportError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    E: Endpoint,
+    E: Endpoint + Clone + 'static,
     F: Fn(&ShareOpen) -> Result<E, String>,
 {
     let stats = config.stats.clone();
@@ -134,6 +136,8 @@ where
         stats.clone(),
     )));
     let mut writes = AbortOnDrop(tokio::spawn(write_responses(writer, out_rx)));
+    // Pending long-polls; dropped (aborted) with the session.
+    let mut polls = tokio::task::JoinSet::new();
 
     loop {
         let request = tokio::select! {
@@ -149,6 +153,24 @@ where
         stats.add_request();
         let Request { id, share, body } = request;
         let kind = body.kind();
+        // A long-poll waits in a task of its own, so the requests behind it are not held up.
+        if let RequestBody::PollChanges { max_wait_ms } = body {
+            if let Some(endpoint) = endpoints.get(usize::from(share)) {
+                let mut endpoint = endpoint.clone();
+                let (out, stats) = (out_tx.clone(), stats.clone());
+                let wait = Duration::from_millis(u64::from(max_wait_ms.min(POLL_WAIT_MS)));
+                polls.spawn(async move {
+                    let body = match tokio::time::timeout(wait, endpoint.changes()).await {
+                        Ok(result) => ResponseBody::Changes(result),
+                        Err(_) => ResponseBody::Changes(Ok(ChangeHints::default())),
+                    };
+                    if let Ok(bytes) = encode_response(id, kind, body, &stats) {
+                        let _ = out.send(bytes).await;
+                    }
+                });
+                continue;
+            }
+        }
         let body = match endpoints.get_mut(usize::from(share)) {
             Some(endpoint) => dispatch(endpoint, body, config.zstd_level).await,
             // The reader checked the index already.
@@ -354,6 +376,9 @@ async fn dispatch<E: Endpoint>(
         RequestBody::Transition { changes } => {
             ResponseBody::Transition(endpoint.transition(changes).await)
         }
+        // Served in a task of its own by the session loop; reaching here means the share index
+        // was bad, which the reader already refused.
+        RequestBody::PollChanges { .. } => ResponseBody::Changes(Ok(ChangeHints::default())),
     }
 }
 
