@@ -22,6 +22,8 @@
 //! mode = "two-way"                        # two-way | host-to-guest | guest-to-host
 //! conflict = "keep"                       # keep | host-wins | guest-wins | newer-wins (two-way only)
 //! ignore = ["target/", "*.swp"]           # gitignore syntax, relative to the share root
+//! respect_gitignore = false               # also honour .gitignore/.ignore files in the tree
+//! ignore_vcs = false                      # skip .git, .hg and .svn directories
 //! ```
 //!
 //! The defaults for `state_dir` and `control` come from the config file's name so that several
@@ -80,6 +82,10 @@ pub struct HostShare {
     pub conflict: ConflictPolicy,
     /// Gitignore patterns relative to the share root, each known to compile.
     pub ignore: Vec<String>,
+    /// Also honour `.gitignore` and `.ignore` files inside the tree (default false).
+    pub respect_gitignore: bool,
+    /// Skip `.git`, `.hg` and `.svn` directories (default false).
+    pub ignore_vcs: bool,
 }
 
 /// Everything that can go wrong loading a configuration. Both variants are the user's to fix;
@@ -170,6 +176,10 @@ struct RawShare {
     conflict: Option<Spanned<RawConflict>>,
     #[serde(default)]
     ignore: Vec<Spanned<String>>,
+    #[serde(default)]
+    respect_gitignore: bool,
+    #[serde(default)]
+    ignore_vcs: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
@@ -332,6 +342,16 @@ fn resolve(raw: RawHostConfig, file: &Path, problems: &mut Problems) -> Option<H
             },
         };
         let ignore = check_ignore_patterns(name, &raw_share.ignore, problems);
+        if raw_share.respect_gitignore {
+            problems.at(
+                &raw_share.name,
+                format!(
+                "share {name:?}: respect_gitignore = true is not implemented in this build yet; \
+                 list the patterns in `ignore` instead"
+            ),
+            );
+            complete = false;
+        }
         match path {
             Some(path) => {
                 spans.push((raw_share.name.span(), raw_share.path.span()));
@@ -341,6 +361,8 @@ fn resolve(raw: RawHostConfig, file: &Path, problems: &mut Problems) -> Option<H
                     mode,
                     conflict,
                     ignore,
+                    respect_gitignore: raw_share.respect_gitignore,
+                    ignore_vcs: raw_share.ignore_vcs,
                 });
             }
             None => complete = false,
@@ -652,6 +674,8 @@ path = "/home/alice/src"
                 mode: SyncMode::TwoWay,
                 conflict: ConflictPolicy::Keep,
                 ignore: vec![],
+                respect_gitignore: false,
+                ignore_vcs: false,
             }]
         );
     }

@@ -12,7 +12,9 @@ const CONTROL_TIMEOUT_MS: u64 = 10_000;
 /// How long `sync` waits for a cycle (a first sync of a large tree takes a while).
 const SYNC_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
 /// `wait` polls the agent this often.
-const WAIT_POLL_MS: u64 = 50;
+const WAIT_POLL_MS: u64 = 10;
+/// How long shares must stay in sync before `wait` believes it (see `wait`).
+const WAIT_SETTLE_MS: u64 = 20;
 
 pub async fn status(control: &Path, json: bool) -> ExitCode {
     match request(
@@ -67,6 +69,7 @@ pub async fn resume(control: &Path, share: &str) -> ExitCode {
 /// right after `run`.
 pub async fn wait(control: &Path, timeout: Option<f64>) -> ExitCode {
     let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+    let mut settled: Option<Instant> = None;
     loop {
         if let Ok(ControlResponse::Status { shares, agent }) = request(
             control,
@@ -90,11 +93,22 @@ pub async fn wait(control: &Path, timeout: Option<f64>) -> ExitCode {
                 );
                 return ExitCode::from(3);
             }
-            if agent.peer == "connected"
+            let in_sync = agent.peer == "connected"
                 && !shares.is_empty()
-                && shares.iter().all(|s| s.state == ShareState::InSync)
+                && shares.iter().all(|s| s.state == ShareState::InSync);
+            // In sync on two looks WAIT_SETTLE_MS apart: a change made just before `wait` was
+            // called has had time to reach the host as a hint (that takes about a millisecond)
+            // and would have turned the share to `syncing`.
+            if in_sync
+                && settled
+                    .is_some_and(|t: Instant| t.elapsed() >= Duration::from_millis(WAIT_SETTLE_MS))
             {
                 return ExitCode::SUCCESS;
+            }
+            if !in_sync {
+                settled = None;
+            } else if settled.is_none() {
+                settled = Some(Instant::now());
             }
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {

@@ -83,6 +83,8 @@ impl Shared {
             .filter_map(|(s, local)| {
                 let mut s = s.lock().ok()?.clone();
                 s.files_hashed = local.files_hashed();
+                s.watching = local.is_watching();
+                s.watch_problem = local.watch_problem();
                 Some(s)
             })
             .collect();
@@ -118,7 +120,7 @@ pub async fn run(config: HostConfig) -> anyhow::Result<()> {
     };
     let mut shares = Vec::new();
     for share in &config.shares {
-        let filter = Filter::new(&share.ignore)?;
+        let filter = Filter::new(&share_patterns(share))?;
         let settings = ShareSettings {
             name: share.name.clone(),
             mode: share.mode,
@@ -277,7 +279,7 @@ impl SyncLoop {
             .iter()
             .map(|s| ShareOpen {
                 name: s.config.name.clone(),
-                ignore: s.config.ignore.clone(),
+                ignore: share_patterns(&s.config),
             })
             .collect();
         let hello = handshake::hello(env!("CARGO_PKG_VERSION"), opens);
@@ -463,6 +465,16 @@ impl SyncLoop {
             *p = (connected, detail);
         }
     }
+}
+
+/// The ignore patterns both sides apply to a share: its own, plus the version control
+/// directories when `ignore_vcs` is set.
+fn share_patterns(share: &HostShare) -> Vec<String> {
+    let mut patterns = share.ignore.clone();
+    if share.ignore_vcs {
+        patterns.extend([".git/", ".hg/", ".svn/"].map(String::from));
+    }
+    patterns
 }
 
 /// Forwards a side's change hints to the sync loop until the side or the loop goes away.

@@ -182,6 +182,15 @@ pub fn render_text(response: &ControlResponse) -> String {
                 s.name
             );
         }
+        match (&s.watch_problem, s.watching) {
+            (Some(problem), _) => {
+                let _ = writeln!(out, "  not watched: {problem}");
+            }
+            (None, true) => {
+                let _ = writeln!(out, "  watching {} directories live", s.watched_dirs);
+            }
+            (None, false) => {}
+        }
         for c in &s.conflicts {
             let _ = writeln!(out, "  conflict: {c}");
         }

@@ -21,6 +21,7 @@ use vmsync_core::endpoint::{
     Change, ChunkRead, Endpoint, EndpointError, Outcome, Problem, ScanOptions, ScanReport,
     ScanScope, StageRequest,
 };
+use vmsync_core::path::escape_bytes;
 use vmsync_core::reconcile::{reconcile, Action, ConflictPolicy, Plan, Side, SyncMode};
 use vmsync_core::safety::{check_deletions, check_emptied, check_root, DeletionLimit, HaltReason};
 use vmsync_core::{Entry, FileMeta, Hash, RelPath, Snapshot};
@@ -339,6 +340,8 @@ impl Controller {
             .filter_map(Entry::as_file)
             .fold((0u64, 0u64), |(n, b), m| (n + 1, b + m.size));
         let conflicts: Vec<String> = plan.conflicts.iter().map(|c| c.path.escaped()).collect();
+        let dirs = (scope == ScanScope::Full)
+            .then(|| 1 + host_snap.values().filter(|e| e.is_dir()).count() as u64);
         let report = CycleReport {
             applied: executed.applied.len(),
             conflicts: conflicts.len(),
@@ -359,6 +362,9 @@ impl Controller {
             s.problems = problems;
             s.files = files;
             s.bytes = bytes;
+            if let Some(dirs) = dirs {
+                s.watched_dirs = dirs;
+            }
             s.chunks_reused += executed.chunks_reused;
             s.cycles += 1;
         });
@@ -525,8 +531,9 @@ impl Controller {
                 Err(reason) => problems.push(ProblemView {
                     path: action.path.escaped(),
                     side: side.as_str().into(),
-                    reason: format!(
-                        "losing version could not be preserved, so it was not replaced: {reason}"
+                    reason: escape_bytes(
+                        format!("losing version could not be preserved, so it was not replaced: {reason}")
+                            .as_bytes(),
                     ),
                 }),
             }
@@ -556,7 +563,8 @@ fn view(side: Side, p: Problem) -> ProblemView {
     ProblemView {
         path: p.path.escaped(),
         side: side.as_str().into(),
-        reason: p.reason,
+        // Reasons may come from the guest: never let its bytes reach a terminal raw.
+        reason: escape_bytes(p.reason.as_bytes()),
     }
 }
 
@@ -863,7 +871,7 @@ async fn transition<E: Endpoint>(
                 problems.push(ProblemView {
                     path: action.path.escaped(),
                     side: side.as_str().into(),
-                    reason,
+                    reason: escape_bytes(reason.as_bytes()),
                 });
             }
         }

@@ -112,6 +112,11 @@ impl LocalEndpoint {
         self.inner.lock().map_or(0, |s| s.files_hashed)
     }
 
+    /// True once the watcher runs.
+    pub fn is_watching(&self) -> bool {
+        self.watch.watcher.get().is_some()
+    }
+
     /// Why this share cannot be watched (it is then rescanned every
     /// [`UNWATCHED_RESCAN_MS`]); `None` while watching works or has not started.
     pub fn watch_problem(&self) -> Option<String> {

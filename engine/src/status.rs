@@ -60,6 +60,11 @@ pub struct ShareStatus {
     pub chunks_reused: u64,
     /// Files this agent read and hashed since it started (unchanged files are not re-read).
     pub files_hashed: u64,
+    /// Whether this agent's side of the share is watched live (inotify), how many
+    /// directories that watch covers (as of the last full scan), and why not if it is not.
+    pub watching: bool,
+    pub watched_dirs: u64,
+    pub watch_problem: Option<String>,
     /// Completed cycles since the agent started.
     pub cycles: u64,
     /// Where losing versions are kept.

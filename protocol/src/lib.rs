@@ -5,6 +5,7 @@
 //! Module map:
 //! - [`limits`]: every wire bound (frame, message, batch, string sizes), named with its unit.
 //! - [`frame`]: fragments on a byte stream; size checked from the header before buffering.
+//! - [`listing`]: full scan listings sent as differences against the previous one.
 //! - [`messages`]: the postcard-encoded message enums (handshake, requests, responses).
 //! - [`validate`]: the checks serde cannot express, run on every decoded message.
 //! - [`handshake`]: the pure decisions of the handshake (accept/refuse a `Hello`, check a
@@ -18,6 +19,7 @@ pub mod codec;
 pub mod frame;
 pub mod handshake;
 pub mod limits;
+pub mod listing;
 pub mod messages;
 pub mod validate;
 

@@ -25,11 +25,12 @@
 
 use crate::chunk::WireChunk;
 use serde::{Deserialize, Serialize};
+use vmsync_core::endpoint::RootId;
 use vmsync_core::endpoint::{
     Change, ChangeHints, ChunkRead, EndpointError, Outcome, Problem, ScanOptions, ScanReport,
     ScanScope, StageRequest,
 };
-use vmsync_core::{FileMeta, Hash, Manifest, RelPath};
+use vmsync_core::{Entry, FileMeta, Hash, Manifest, RelPath};
 
 /// First field of every `Hello`: "VMSYNC", NUL, and the magic's own revision.
 pub const MAGIC: [u8; 8] = *b"VMSYNC\0\x01";
@@ -159,6 +160,7 @@ pub enum RequestKind {
     Supply,
     Transition,
     PollChanges,
+    ScanFull,
 }
 
 impl RequestKind {
@@ -172,6 +174,7 @@ impl RequestKind {
             RequestKind::Supply => "Supply",
             RequestKind::Transition => "Transition",
             RequestKind::PollChanges => "PollChanges",
+            RequestKind::ScanFull => "ScanFull",
         }
     }
 }
@@ -206,6 +209,12 @@ pub enum RequestBody {
     PollChanges {
         max_wait_ms: u32,
     },
+    /// A full scan, answered as a [`ScanDelta`] against the listing this session last sent
+    /// with token `base` (or in full when the guest does not have that one).
+    ScanFull {
+        options: ScanOptions,
+        base: Option<u64>,
+    },
 }
 
 impl RequestBody {
@@ -219,6 +228,7 @@ impl RequestBody {
             RequestBody::Supply { .. } => RequestKind::Supply,
             RequestBody::Transition { .. } => RequestKind::Transition,
             RequestBody::PollChanges { .. } => RequestKind::PollChanges,
+            RequestBody::ScanFull { .. } => RequestKind::ScanFull,
         }
     }
 }
@@ -238,6 +248,23 @@ pub enum ResponseBody {
     /// One outcome per requested change, in order.
     Transition(Result<Vec<Outcome>, EndpointError>),
     Changes(Result<ChangeHints, EndpointError>),
+    ScanDelta(Result<ScanDelta, EndpointError>),
+}
+
+/// A full scan's listing as the difference against an earlier one (see [`crate::listing`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanDelta {
+    /// Names this listing, for the next request's `base`.
+    pub token: u64,
+    /// The listing this one is relative to; `None`: `changed` is the whole listing.
+    pub base: Option<u64>,
+    pub root: Option<RootId>,
+    /// New or different entries, sorted by path.
+    pub changed: Vec<(RelPath, Entry)>,
+    /// Paths no longer there, sorted.
+    pub removed: Vec<RelPath>,
+    /// All of this scan's problems (not a difference: they are few).
+    pub problems: Vec<Problem>,
 }
 
 impl ResponseBody {
@@ -251,6 +278,7 @@ impl ResponseBody {
             ResponseBody::Supply(_) => RequestKind::Supply,
             ResponseBody::Transition(_) => RequestKind::Transition,
             ResponseBody::Changes(_) => RequestKind::PollChanges,
+            ResponseBody::ScanDelta(_) => RequestKind::ScanFull,
         }
     }
 
@@ -265,6 +293,7 @@ impl ResponseBody {
             RequestKind::Supply => ResponseBody::Supply(Err(err)),
             RequestKind::Transition => ResponseBody::Transition(Err(err)),
             RequestKind::PollChanges => ResponseBody::Changes(Err(err)),
+            RequestKind::ScanFull => ResponseBody::ScanDelta(Err(err)),
         }
     }
 }

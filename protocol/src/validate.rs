@@ -20,7 +20,8 @@ use crate::limits::{
     MAX_SYMLINK_TARGET_BYTES,
 };
 use crate::messages::{
-    Hello, Message, Refused, Request, RequestBody, Response, ResponseBody, ShareOpen, Welcome,
+    Hello, Message, Refused, Request, RequestBody, Response, ResponseBody, ScanDelta, ShareOpen,
+    Welcome,
 };
 use vmsync_core::endpoint::{
     Change, ChunkRead, EndpointError, Outcome, Problem, ScanReport, ScanScope, StageRequest,
@@ -277,6 +278,31 @@ impl Validate for ScanReport {
     }
 }
 
+impl Validate for ScanDelta {
+    fn validate(&self) -> Result {
+        count("scan entries", self.changed.len(), MAX_SCAN_ENTRIES)?;
+        count("removed scan entries", self.removed.len(), MAX_SCAN_ENTRIES)?;
+        count("scan problems", self.problems.len(), MAX_SCAN_PROBLEMS)?;
+        let mut previous = None;
+        for (index, (path, e)) in self.changed.iter().enumerate() {
+            if path.is_root() {
+                return Err(ValidationError::RootEntry);
+            }
+            if previous.is_some_and(|p| p >= path) {
+                return Err(ValidationError::Unsorted { index });
+            }
+            previous = Some(path);
+            entry(e)?;
+        }
+        for (index, pair) in self.removed.windows(2).enumerate() {
+            if pair[0] >= pair[1] {
+                return Err(ValidationError::Unsorted { index: index + 1 });
+            }
+        }
+        self.problems.iter().try_for_each(problem)
+    }
+}
+
 fn change(c: &Change) -> Result {
     if let Some(e) = &c.expected {
         entry(e)?;
@@ -324,7 +350,7 @@ impl Validate for RequestBody {
                 count("changes", changes.len(), MAX_BATCH_CHANGES)?;
                 changes.iter().try_for_each(change)
             }
-            RequestBody::PollChanges { .. } => Ok(()),
+            RequestBody::PollChanges { .. } | RequestBody::ScanFull { .. } => Ok(()),
         }
     }
 }
@@ -365,6 +391,7 @@ impl Validate for ResponseBody {
                 count("outcomes", outcomes.len(), MAX_BATCH_CHANGES)?;
                 outcomes.iter().try_for_each(outcome)
             }),
+            ResponseBody::ScanDelta(r) => result(r, Validate::validate),
             ResponseBody::Changes(r) => result(r, |hints| {
                 count("change hints", hints.paths.len(), MAX_BATCH_PATHS)
             }),

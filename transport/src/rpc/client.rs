@@ -36,6 +36,7 @@ use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use vmsync_core::endpoint::EndpointError;
 use vmsync_core::path::escape_bytes;
+use vmsync_core::{Entry, RelPath};
 use vmsync_protocol::handshake::check_welcome;
 use vmsync_protocol::limits::{MAX_HANDSHAKE_BYTES, MAX_MESSAGE_BYTES, MAX_OUTSTANDING_REQUESTS};
 use vmsync_protocol::{
@@ -148,6 +149,7 @@ where
         config,
         shares: hello.shares.iter().map(|s| s.name.clone()).collect(),
         welcome: welcome.clone(),
+        listings: Mutex::new(HashMap::new()),
     });
     let (tx, rx) = mpsc::channel(WRITE_QUEUE_MESSAGES);
     tokio::spawn(read_loop(reader, inner.clone()));
@@ -163,7 +165,7 @@ pub(crate) fn millis(d: Duration) -> u64 {
 /// closes when [`Session::close`] is called or the last clone is dropped.
 #[derive(Clone)]
 pub struct Session {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
     tx: mpsc::Sender<Bytes>,
 }
 
@@ -185,6 +187,8 @@ pub(crate) struct Inner {
     config: SessionConfig,
     shares: Vec<String>,
     welcome: Welcome,
+    /// Per share, the last full listing received in this session (see `RemoteEndpoint::scan`).
+    pub(crate) listings: Mutex<HashMap<u16, (u64, Arc<Vec<(RelPath, Entry)>>)>>,
 }
 
 #[derive(Default)]

@@ -10,12 +10,14 @@
 use super::client::Session;
 use super::stats::chunk_bytes;
 use crate::error::{error_chain, TransportError};
+use std::sync::Arc;
 use vmsync_core::endpoint::{
     Change, ChangeHints, ChunkRead, Endpoint, EndpointError, Outcome, Problem, ScanOptions,
     ScanReport, ScanScope, StageRequest,
 };
-use vmsync_core::{ChunkRef, FileMeta, Hash, Manifest, RelPath};
+use vmsync_core::{ChunkRef, Entry, FileMeta, Hash, Manifest, RelPath};
 use vmsync_protocol::chunk::DEFAULT_ZSTD_LEVEL;
+use vmsync_protocol::listing;
 use vmsync_protocol::{decode_chunk, encode_chunk, RequestBody, ResponseBody, WireChunk};
 
 /// One share of a remote guest, as an `Endpoint`. Cheap to create; many may share a session.
@@ -105,6 +107,51 @@ impl RemoteEndpoint {
     }
 }
 
+impl RemoteEndpoint {
+    /// A full scan whose listing travels as the difference against the last one this session
+    /// received for the share (`vmsync_protocol::listing`): a no-op cycle of a large share
+    /// moves a few bytes instead of its whole listing.
+    async fn scan_full(&mut self, options: ScanOptions) -> Result<ScanReport, EndpointError> {
+        let last: Option<(u64, Arc<Vec<(RelPath, Entry)>>)> = self
+            .session
+            .inner
+            .listings
+            .lock()
+            .ok()
+            .and_then(|l| l.get(&self.share).cloned());
+        let base = last.as_ref().map(|(token, _)| *token);
+        let delta = match self
+            .call(RequestBody::ScanFull { options, base }, 0)
+            .await?
+        {
+            ResponseBody::ScanDelta(result) => result?,
+            other => return Err(self.wrong_kind("ScanFull", &other)),
+        };
+        let entries = match (delta.base, last) {
+            (None, _) => delta.changed,
+            (Some(b), Some((token, old))) if b == token => {
+                listing::apply(&old, delta.changed, &delta.removed).ok_or_else(|| {
+                    self.session
+                        .violation("sent a listing difference that does not fit".into())
+                })?
+            }
+            (Some(b), _) => {
+                return Err(self.session.violation(format!(
+                    "sent a listing relative to {b}, which was never asked for"
+                )));
+            }
+        };
+        if let Ok(mut l) = self.session.inner.listings.lock() {
+            l.insert(self.share, (delta.token, Arc::new(entries.clone())));
+        }
+        Ok(ScanReport {
+            root: delta.root,
+            entries,
+            problems: delta.problems,
+        })
+    }
+}
+
 impl Endpoint for RemoteEndpoint {
     async fn changes(&mut self) -> Result<ChangeHints, EndpointError> {
         loop {
@@ -125,6 +172,9 @@ impl Endpoint for RemoteEndpoint {
         scope: ScanScope,
         options: ScanOptions,
     ) -> Result<ScanReport, EndpointError> {
+        if scope == ScanScope::Full {
+            return self.scan_full(options).await;
+        }
         match self.call(RequestBody::Scan { scope, options }, 0).await? {
             ResponseBody::Scan(result) => result,
             other => Err(self.wrong_kind("Scan", &other)),

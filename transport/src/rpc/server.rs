@@ -23,6 +23,7 @@ use crate::limits::{
 };
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -30,13 +31,16 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::task::{JoinError, JoinHandle};
 use tokio_util::codec::{FramedRead, FramedWrite};
-use vmsync_core::endpoint::{ChangeHints, Endpoint, EndpointError};
+use vmsync_core::endpoint::{ChangeHints, Endpoint, EndpointError, ScanOptions, ScanScope};
 use vmsync_core::path::escape_bytes;
+use vmsync_core::{Entry, RelPath};
 use vmsync_protocol::chunk::DEFAULT_ZSTD_LEVEL;
 use vmsync_protocol::handshake::{accept_hello, welcome, LocalParams};
 use vmsync_protocol::limits::{
     MAX_HANDSHAKE_BYTES, MAX_MESSAGE_BYTES, MAX_OUTSTANDING_REQUESTS, MAX_REASON_BYTES,
 };
+use vmsync_protocol::listing;
+use vmsync_protocol::messages::ScanDelta;
 use vmsync_protocol::{
     decode_chunk, encode_chunk, encode_message, CodecError, FrameCodec, Message, MessageCodec,
     Refused, Request, RequestBody, RequestKind, Response, ResponseBody, ShareOpen,
@@ -138,6 +142,9 @@ where
     let mut writes = AbortOnDrop(tokio::spawn(write_responses(writer, out_rx)));
     // Pending long-polls; dropped (aborted) with the session.
     let mut polls = tokio::task::JoinSet::new();
+    // Per share, the last full listing sent in this session and its token.
+    let mut listings: HashMap<u16, Listing> = HashMap::new();
+    let mut next_token: u64 = 1;
 
     loop {
         let request = tokio::select! {
@@ -171,10 +178,19 @@ where
                 continue;
             }
         }
-        let body = match endpoints.get_mut(usize::from(share)) {
-            Some(endpoint) => dispatch(endpoint, body, config.zstd_level).await,
+        let body = match (endpoints.get_mut(usize::from(share)), body) {
+            (Some(endpoint), RequestBody::ScanFull { options, base }) => {
+                let last = listings.remove(&share);
+                let (body, listing) =
+                    scan_full(endpoint, options, base, last, &mut next_token).await;
+                if let Some(listing) = listing {
+                    listings.insert(share, listing);
+                }
+                body
+            }
+            (Some(endpoint), body) => dispatch(endpoint, body, config.zstd_level).await,
             // The reader checked the index already.
-            None => ResponseBody::error(kind, EndpointError::UnknownShare(share.to_string())),
+            (None, _) => ResponseBody::error(kind, EndpointError::UnknownShare(share.to_string())),
         };
         let bytes = encode_response(id, kind, body, &stats)?;
         if out_tx.send(bytes).await.is_err() {
@@ -379,7 +395,50 @@ async fn dispatch<E: Endpoint>(
         // Served in a task of its own by the session loop; reaching here means the share index
         // was bad, which the reader already refused.
         RequestBody::PollChanges { .. } => ResponseBody::Changes(Ok(ChangeHints::default())),
+        // Answered by the session loop, which holds the listings.
+        RequestBody::ScanFull { .. } => ResponseBody::ScanDelta(Err(EndpointError::Protocol(
+            "ScanFull reached the plain dispatcher".into(),
+        ))),
     }
+}
+
+/// A full listing sent earlier in this session: its token and entries.
+type Listing = (u64, Vec<(RelPath, Entry)>);
+
+/// Answers `ScanFull`: scans, then sends the listing as a difference against `last` when the
+/// host says it holds that one (`base`), in full otherwise. Returns the listing to remember.
+async fn scan_full<E: Endpoint>(
+    endpoint: &mut E,
+    options: ScanOptions,
+    base: Option<u64>,
+    last: Option<Listing>,
+    next_token: &mut u64,
+) -> (ResponseBody, Option<Listing>) {
+    let report = match endpoint.scan(ScanScope::Full, options).await {
+        Ok(r) => r,
+        Err(e) => return (ResponseBody::ScanDelta(Err(e)), None),
+    };
+    let token = *next_token;
+    *next_token += 1;
+    let (base, changed, removed) = match last {
+        Some((t, old)) if Some(t) == base => {
+            let (changed, removed) = listing::diff(&old, &report.entries);
+            (Some(t), changed, removed)
+        }
+        _ => (None, report.entries.clone(), Vec::new()),
+    };
+    let delta = ScanDelta {
+        token,
+        base,
+        root: report.root,
+        changed,
+        removed,
+        problems: report.problems,
+    };
+    (
+        ResponseBody::ScanDelta(Ok(delta)),
+        Some((token, report.entries)),
+    )
 }
 
 /// Encodes a response; one that cannot be sent (too large, or invalid because of a local bug)
