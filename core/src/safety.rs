@@ -3,11 +3,13 @@
 //! too much at once. Pure functions over what the scans reported and what reconcile planned;
 //! the controller decides when to call them and records the halt until `resume`.
 
+use crate::digest::Hash;
 use crate::endpoint::RootId;
-use crate::entry::Snapshot;
+use crate::entry::{Entry, Snapshot};
 use crate::path::escape_bytes;
 use crate::reconcile::{Plan, Side};
 use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
 use std::fmt;
 
 /// Why a share stopped syncing. Every variant blocks all changes until lifted.
@@ -163,12 +165,16 @@ impl Default for DeletionLimit {
     }
 }
 
-/// Checks the plan's deletions per side against `limit`, relative to the ancestor's size.
+/// Checks the plan's deletions per side against `limit`, relative to the size of the whole
+/// share (`ancestor` must be the full ancestor, also for a cycle over a few paths: a targeted
+/// cycle that deletes a whole subtree is not a disaster if the share is large).
 ///
-/// Every entry counts, directories included: each is something the user sees vanish. Against
-/// an empty ancestor any deletion exceeds the fraction, so a first one-way sync that would
-/// wipe a populated destination halts once it reaches `min_entries`. The host is checked
-/// first.
+/// What counts is what the user would lose: deleted files and symlinks whose content the same
+/// plan does not re-create elsewhere on that side. A moved or renamed directory deletes every
+/// path in it and creates the same content under the new name: nothing is lost, nothing
+/// counts. Directories themselves do not count (their files do). Against an empty ancestor
+/// any deletion exceeds the fraction, so a first one-way sync that would wipe a populated
+/// destination halts once it reaches `min_entries`. The host is checked first.
 pub fn check_deletions(
     plan: &Plan,
     ancestor: &Snapshot,
@@ -176,10 +182,19 @@ pub fn check_deletions(
 ) -> Result<(), HaltReason> {
     let entries = ancestor.len();
     for side in [Side::Host, Side::Guest] {
+        // Content this side gains in the plan: file digests and symlink targets.
+        let created: HashSet<ContentKey<'_>> = plan
+            .actions
+            .iter()
+            .filter(|a| a.target == side)
+            .filter_map(|a| a.new.as_ref().and_then(content_key))
+            .collect();
         let deletions = plan
             .actions
             .iter()
             .filter(|a| a.target == side && a.new.is_none())
+            .filter_map(|a| a.expected.as_ref().and_then(content_key))
+            .filter(|k| !created.contains(k))
             .count();
         // Written as "not within the limit" so that a NaN fraction halts instead of never
         // halting.
@@ -193,6 +208,21 @@ pub fn check_deletions(
         }
     }
     Ok(())
+}
+
+#[derive(PartialEq, Eq, Hash)]
+enum ContentKey<'a> {
+    File(Hash),
+    Symlink(&'a [u8]),
+}
+
+/// What would be lost if `e` vanished; `None` for a directory (its entries count instead).
+fn content_key(e: &Entry) -> Option<ContentKey<'_>> {
+    match e {
+        Entry::File(m) => Some(ContentKey::File(m.digest)),
+        Entry::Symlink { target } => Some(ContentKey::Symlink(target)),
+        Entry::Dir { .. } => None,
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -310,13 +340,25 @@ mod tests {
         }
     }
 
-    /// A plan with `host` deletions on the host, `guest` on the guest, and one creation on each
-    /// side (creations never count).
+    /// A file with content `i`.
+    fn file(i: usize) -> Entry {
+        let mut digest = [0u8; 32];
+        digest[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        Entry::File(FileMeta {
+            size: 1,
+            mode: 0o644,
+            mtime: Timestamp::default(),
+            digest: Hash(digest),
+        })
+    }
+
+    /// A plan with `host` file deletions on the host, `guest` on the guest, and one creation
+    /// on each side (creations never count).
     fn plan(host: usize, guest: usize) -> Plan {
         let action = |i: usize, target: Side, new: Option<Entry>| Action {
             path: RelPath::from_bytes(format!("p{i:05}").as_bytes()).unwrap(),
             target,
-            expected: Some(Entry::Dir { mode: 0o755 }),
+            expected: Some(file(i)),
             new,
             save_loser: false,
         };
@@ -380,6 +422,45 @@ mod tests {
             let got = check_deletions(&plan(host, guest), &snapshot(entries), &limit);
             assert_eq!(got, want, "{name}");
         }
+    }
+
+    #[test]
+    fn moves_and_directories_are_not_losses() {
+        let limit = DeletionLimit {
+            max_fraction: 0.5,
+            min_entries: 1,
+        };
+        // Every file of a 200-entry share moves to a new name, and its directory goes.
+        let mut actions = Vec::new();
+        for i in 0..200 {
+            let at = |name: String| RelPath::from_bytes(name.as_bytes()).unwrap();
+            actions.push(Action {
+                path: at(format!("old/f{i}")),
+                target: Side::Guest,
+                expected: Some(file(i)),
+                new: None,
+                save_loser: false,
+            });
+            actions.push(Action {
+                path: at(format!("new/f{i}")),
+                target: Side::Guest,
+                expected: None,
+                new: Some(file(i)),
+                save_loser: false,
+            });
+        }
+        actions.push(Action {
+            path: RelPath::from_bytes(b"old").unwrap(),
+            target: Side::Guest,
+            expected: Some(Entry::Dir { mode: 0o755 }),
+            new: None,
+            save_loser: false,
+        });
+        let plan = Plan {
+            actions,
+            ..Plan::default()
+        };
+        assert_eq!(check_deletions(&plan, &snapshot(201), &limit), Ok(()));
     }
 
     #[test]

@@ -315,7 +315,10 @@ impl Controller {
             self.settings.policy,
         );
         if !std::mem::take(&mut self.allow_deletions_once) {
-            if let Err(reason) = check_deletions(&plan, &ancestor, &self.settings.deletion_limit) {
+            // Against the whole share, also for a targeted cycle.
+            if let Err(reason) =
+                check_deletions(&plan, &self.ancestor, &self.settings.deletion_limit)
+            {
                 return self.halt(reason);
             }
         }

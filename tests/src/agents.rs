@@ -248,3 +248,83 @@ impl Drop for Agents {
         self.stop_guest();
     }
 }
+
+/// Polls `condition` until it holds or `timeout` has passed; returns whether it held. The first
+/// polls are a couple of milliseconds apart (live sync lands in milliseconds) and the interval
+/// grows to 50 ms, so a slow condition (walking a big tree) does not eat the CPU the agents
+/// need. This is how live tests synchronise: a bounded wait on the outcome, never a fixed sleep.
+pub fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut interval = Duration::from_millis(2);
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(interval);
+        interval = (interval * 2).min(Duration::from_millis(50));
+    }
+}
+
+impl Agents {
+    /// The last `lines` lines of a log in the temp dir (the agents log at debug level, so the
+    /// whole file is too long for a failure message).
+    pub fn log_tail(&self, name: &str, lines: usize) -> String {
+        let log = self.log(name);
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Waits (bounded by `timeout`) until the host's and the guest's trees are identical byte
+    /// for byte, leaving out paths at or beneath `skip`; panics with the differences and the
+    /// tails of both logs if they are not by then.
+    pub fn converge_except(&self, timeout: Duration, skip: &[&str]) {
+        use crate::fixture::{tree_diff, tree_except};
+        let same = eventually(timeout, || {
+            tree_except(&self.host_dir, skip) == tree_except(&self.guest_dir, skip)
+        });
+        if !same {
+            let diff = tree_diff(
+                &tree_except(&self.host_dir, skip),
+                &tree_except(&self.guest_dir, skip),
+                10,
+            );
+            panic!(
+                "host and guest trees still differ after {timeout:?} (host vs guest):\n  {}\n\
+                 status: {}\n--- host.log (tail)\n{}\n--- guest.log (tail)\n{}",
+                diff.join("\n  "),
+                self.status(),
+                self.log_tail("host.log", 60),
+                self.log_tail("guest.log", 30),
+            );
+        }
+    }
+
+    /// [`Agents::converge_except`] with nothing left out.
+    pub fn converge(&self, timeout: Duration) {
+        self.converge_except(timeout, &[]);
+    }
+
+    /// Every file in the host's conflict store for share `src`, as
+    /// (`<batch dir>/<path>`, content); batch dirs end in `-host` or `-guest`, the side the
+    /// saved version came from.
+    pub fn conflict_copies(&self) -> Vec<(String, Vec<u8>)> {
+        let dir = self.host_state.join("conflicts/src");
+        let mut out = Vec::new();
+        for batch in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            for (rel, node) in crate::fixture::tree(&batch.path()) {
+                if let crate::fixture::Node::File { data, .. } = node {
+                    let name = format!(
+                        "{}/{}",
+                        batch.file_name().to_string_lossy(),
+                        String::from_utf8_lossy(&rel)
+                    );
+                    out.push((name, data));
+                }
+            }
+        }
+        out
+    }
+}

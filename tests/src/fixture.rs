@@ -366,3 +366,42 @@ impl Pair {
         out
     }
 }
+
+/// [`tree`] without the entries at or beneath any of `skip` (relative paths such as `.git`):
+/// for comparing a share with its replica when one side holds something the share ignores.
+pub fn tree_except(root: &Path, skip: &[&str]) -> BTreeMap<Vec<u8>, Node> {
+    let mut out = tree(root);
+    out.retain(|rel, _| {
+        !skip.iter().any(|s| {
+            let s = s.as_bytes();
+            rel.as_slice() == s || (rel.starts_with(s) && rel.get(s.len()) == Some(&b'/'))
+        })
+    });
+    out
+}
+
+/// The first `limit` differences between two tree descriptions, one line each
+/// (`path: left vs right`), for failure messages.
+pub fn tree_diff(
+    a: &BTreeMap<Vec<u8>, Node>,
+    b: &BTreeMap<Vec<u8>, Node>,
+    limit: usize,
+) -> Vec<String> {
+    let show = |n: Option<&Node>| match n {
+        Some(Node::File { data, mode }) => format!("file {} bytes mode {mode:o}", data.len()),
+        other => format!("{other:?}"),
+    };
+    let keys: std::collections::BTreeSet<&Vec<u8>> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .take(limit)
+        .map(|k| {
+            format!(
+                "{}: {} vs {}",
+                String::from_utf8_lossy(k),
+                show(a.get(k)),
+                show(b.get(k))
+            )
+        })
+        .collect()
+}
