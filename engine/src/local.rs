@@ -377,7 +377,7 @@ impl LocalShare {
         self.unstage(&req.path);
         let root = self.root().map_err(|e| e.to_string())?;
         let temp = root
-            .create_temp()
+            .create_temp_for(&req.path)
             .map_err(|e| format!("cannot create temp file: {e}"))?;
         temp.file
             .set_len(req.meta.size)

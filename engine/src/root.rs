@@ -362,6 +362,8 @@ pub struct ShareRoot {
     /// While a batch is open ([`ShareRoot::begin_batch`]), directories whose entries changed
     /// and still need an fsync; `None` outside a batch (each change fsyncs its directory).
     dirty_dirs: std::sync::Mutex<Option<std::collections::BTreeSet<RelPath>>>,
+    /// Set once this filesystem refused `O_TMPFILE`.
+    no_tmpfile: std::sync::atomic::AtomicBool,
 }
 
 /// Threads that fsync a batch's changed directories.
@@ -387,7 +389,9 @@ fn seal(
 #[derive(Debug)]
 pub struct TempFile {
     pub file: File,
-    name: String,
+    /// Its name in `.vmsync/tmp/`; `None` for an unnamed (`O_TMPFILE`) inode, which gets a
+    /// name only when it is committed and vanishes by itself if it never is.
+    name: Option<String>,
     /// Mode, mtime set and data fsynced by [`ShareRoot::seal_temp`].
     sealed: bool,
 }
@@ -395,7 +399,7 @@ pub struct TempFile {
 impl TempFile {
     /// The temp file's name inside `.vmsync/tmp/`.
     pub fn name(&self) -> &str {
-        &self.name
+        self.name.as_deref().unwrap_or("")
     }
 }
 
@@ -439,6 +443,7 @@ impl ShareRoot {
             resolver,
             temp_counter: AtomicU64::new(0),
             dirty_dirs: std::sync::Mutex::new(None),
+            no_tmpfile: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -656,6 +661,89 @@ impl ShareRoot {
         rfs::utimensat(&dir, name, &times, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| fail(OP, loc, e))
     }
 
+    /// Creates a new, empty, unnamed temp file (mode 0600) for the file that will be committed
+    /// at `p`: an `O_TMPFILE` inode in `p`'s directory, so the filesystem allocates it near its
+    /// final home. Every temp created in `.vmsync/tmp/` would otherwise come from that one
+    /// directory's inode group, which ext4 searches ever more slowly as files come and go
+    /// (20,000 small files: 5 s became 19 s). Falls back to [`ShareRoot::create_temp`] where
+    /// `O_TMPFILE` is not supported or `p`'s directory does not exist yet.
+    pub fn create_temp_for(&self, p: &RelPath) -> Result<TempFile, FsError> {
+        const OP: &str = "create temp file";
+        if !self.no_tmpfile.load(Ordering::Relaxed) {
+            if let Ok((dir, _)) = self.parent(OP, p, OFlags::PATH) {
+                let flags = OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC;
+                match rfs::openat(&dir, ".", flags, Mode::from_raw_mode(TEMP_MODE)) {
+                    Ok(fd) => {
+                        return Ok(TempFile {
+                            file: File::from(fd),
+                            name: None,
+                            sealed: false,
+                        })
+                    }
+                    // The filesystem has no O_TMPFILE: stop asking.
+                    Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => {
+                        self.no_tmpfile.store(true, Ordering::Relaxed);
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        self.create_temp()
+    }
+
+    /// Gives an unnamed temp a fresh name in `.vmsync/tmp/`, so it can be renamed into place.
+    fn name_temp(&self, op: &'static str, temp: &mut TempFile) -> Result<(), FsError> {
+        if temp.name.is_some() {
+            return Ok(());
+        }
+        let pid = rustix::process::getpid().as_raw_pid();
+        let mut last = Errno::EXIST;
+        for _ in 0..TEMP_CREATE_ATTEMPTS {
+            let n = self.temp_counter.fetch_add(1, Ordering::Relaxed);
+            let name = format!("t.{pid}.{n}.{:016x}", random_u64(n));
+            let loc = Loc {
+                base: TMP_SHOWN,
+                name: Some(name.as_bytes()),
+            };
+            // AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; the /proc link works without it.
+            let linked = match rfs::linkat(
+                &temp.file,
+                "",
+                &self.tmp,
+                name.as_str(),
+                AtFlags::EMPTY_PATH,
+            ) {
+                Err(Errno::NOENT | Errno::PERM | Errno::ACCESS) => {
+                    let proc_path = format!("/proc/self/fd/{}", temp.file.as_raw_fd());
+                    rfs::linkat(
+                        rfs::CWD,
+                        proc_path.as_str(),
+                        &self.tmp,
+                        name.as_str(),
+                        AtFlags::SYMLINK_FOLLOW,
+                    )
+                }
+                other => other,
+            };
+            match linked {
+                Ok(()) => {
+                    temp.name = Some(name);
+                    return Ok(());
+                }
+                Err(Errno::EXIST) => last = Errno::EXIST,
+                Err(e) => return Err(fail(op, loc, e)),
+            }
+        }
+        Err(fail(
+            op,
+            Loc {
+                base: TMP_SHOWN,
+                name: None,
+            },
+            last,
+        ))
+    }
+
     /// Creates a new, empty temp file (mode 0600) in `.vmsync/tmp/` under a fresh unique name.
     pub fn create_temp(&self) -> Result<TempFile, FsError> {
         const OP: &str = "create temp file";
@@ -674,7 +762,7 @@ impl ShareRoot {
                 Ok(fd) => {
                     return Ok(TempFile {
                         file: File::from(fd),
-                        name,
+                        name: Some(name),
                         sealed: false,
                     })
                 }
@@ -743,14 +831,16 @@ impl ShareRoot {
     fn commit(
         &self,
         op: &'static str,
-        temp: TempFile,
+        mut temp: TempFile,
         p: &RelPath,
         mode: u32,
         mtime: Timestamp,
         flags: RenameFlags,
     ) -> Result<Stat, FsError> {
         let loc = Loc::path(p);
-        let placed = self.prepare_and_rename(op, &temp, p, mode, mtime, flags);
+        let placed = self
+            .name_temp(op, &mut temp)
+            .and_then(|()| self.prepare_and_rename(op, &temp, p, mode, mtime, flags));
         let dir = match placed {
             Ok(dir) => dir,
             Err(e) => {
@@ -792,9 +882,9 @@ impl ShareRoot {
             Err(e) => return Err(fail(op, loc, e)),
         }
         let renamed = if flags.is_empty() {
-            rfs::renameat(&self.tmp, temp.name.as_str(), &dir, name)
+            rfs::renameat(&self.tmp, temp.name(), &dir, name)
         } else {
-            rfs::renameat_with(&self.tmp, temp.name.as_str(), &dir, name, flags)
+            rfs::renameat_with(&self.tmp, temp.name(), &dir, name, flags)
         };
         renamed.map_err(|e| fail(op, loc, e))?;
         Ok(dir)
@@ -810,7 +900,7 @@ impl ShareRoot {
         mode: u32,
         mtime: Timestamp,
     ) -> Result<(), FsError> {
-        let name = temp.name.clone();
+        let name = temp.name().to_owned();
         let loc = Loc {
             base: TMP_SHOWN,
             name: Some(name.as_bytes()),
@@ -894,7 +984,10 @@ impl ShareRoot {
     /// Removes a temp file that will not be committed. Errors are ignored: a leftover is
     /// removed by the next [`ShareRoot::clean_temps`].
     pub fn discard_temp(&self, temp: TempFile) {
-        let _ = rfs::unlinkat(&self.tmp, temp.name.as_str(), AtFlags::empty());
+        // An unnamed temp has nothing to unlink: closing it frees it.
+        if let Some(name) = &temp.name {
+            let _ = rfs::unlinkat(&self.tmp, name.as_str(), AtFlags::empty());
+        }
     }
 
     /// Removes every leftover in `.vmsync/tmp/` (temps of a run that crashed or was killed);
@@ -993,7 +1086,7 @@ impl ShareRoot {
             rfs::fchmod(&temp.file, Mode::from_raw_mode(MARKER_MODE))
                 .map_err(|e| fail(OP, loc, e))?;
             rfs::fsync(&temp.file).map_err(|e| fail(OP, loc, e))?;
-            rfs::renameat(&self.tmp, temp.name.as_str(), &self.meta, MARKER_NAME)
+            rfs::renameat(&self.tmp, temp.name(), &self.meta, MARKER_NAME)
                 .map_err(|e| fail(OP, loc, e))
         })();
         if let Err(e) = result {

@@ -181,7 +181,11 @@ fn one_mib_inserted_in_a_64_mb_file_sends_about_one_mib() {
     // Counted from before the edit: the watcher may sync it before `sync` is even called.
     let sent_before = a.share()["bytes_sent"].as_u64().unwrap();
     a.relay.reset();
-    write(&a.host_dir, "f.img", &edited);
+    // Written beside the share and renamed in: one atomic change. Written in place, the live
+    // watcher may sync consistent intermediate versions on the way, which costs more bytes.
+    let staged = a.tmp.path().join("f.img.new");
+    std::fs::write(&staged, &edited).unwrap();
+    std::fs::rename(&staged, a.host_dir.join("f.img")).unwrap();
     a.sync();
     assert_same_tree(&a.host_dir, &a.guest_dir);
     let content = a.share()["bytes_sent"].as_u64().unwrap() - sent_before;
