@@ -290,7 +290,7 @@ impl Pair {
             mode: self.options.mode,
             policy: self.options.policy,
             filter,
-            deletion_limit: self.options.deletion_limit.clone(),
+            deletion_limit: self.options.deletion_limit,
         };
         let controller = Controller::new(settings, host_db, &self.host_state).expect("controller");
         Sides {

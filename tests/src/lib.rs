@@ -5,6 +5,10 @@
 //! - [`fixture`]: trees, comparisons, a counting `Endpoint`, an in-process host/guest pair.
 //! - [`relay`]: a byte-counting Unix socket relay (what crosses the wire, measured on the wire).
 
+// Test support: a fixture that cannot be built should stop the test loudly, so panicking on
+// I/O errors is what these helpers are for. Daemon crates keep the workspace lint.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 pub mod agents;
 pub mod fixture;
 pub mod relay;

@@ -6,6 +6,9 @@
 //! never a fixed sleep, and nothing here asserts on time: how fast changes land is the
 //! benchmark's business (bench/latency-bench.sh). The bounds only turn a hang into a failure.
 
+// Integration tests: helpers outside #[test] fns panic on broken fixtures by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -451,22 +454,16 @@ fn the_same_file_edited_on_both_sides_at_once_host_wins_and_nothing_is_lost() {
             write(&a.host_dir, &format!("f{i}.txt"), "base");
         }
     });
-    // Released together, the two writes land microseconds apart: well before either side's
-    // change can have reached the other, so every file is a real conflict.
-    let barrier = Arc::new(Barrier::new(2));
-    let edit = |root: PathBuf, side: &'static str| {
-        let barrier = Arc::clone(&barrier);
-        std::thread::spawn(move || {
-            barrier.wait();
-            for i in 0..5 {
-                write(&root, &format!("f{i}.txt"), format!("{side} {i}"));
-            }
-        })
-    };
-    let host = edit(a.host_dir.clone(), "host");
-    let guest = edit(a.guest_dir.clone(), "guest");
-    host.join().unwrap();
-    guest.join().unwrap();
+    // Two writes a few milliseconds apart are concurrent for the sync only if neither change
+    // has reached the other side in between, which live sync (and thread scheduling on a busy
+    // machine) can make false. Freezing the host process pins that down: both watchers see
+    // their edit at once, and the host's cycle finds both when it resumes.
+    a.freeze_host();
+    for i in 0..5 {
+        write(&a.host_dir, &format!("f{i}.txt"), format!("host {i}"));
+        write(&a.guest_dir, &format!("f{i}.txt"), format!("guest {i}"));
+    }
+    a.thaw_host();
     let resolved = eventually(SETTLE, || {
         (0..5).all(|i| {
             std::fs::read(a.guest_dir.join(format!("f{i}.txt"))).ok()

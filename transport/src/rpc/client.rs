@@ -178,6 +178,9 @@ impl fmt::Debug for Session {
     }
 }
 
+/// A full listing received earlier in this session: its token and entries.
+pub(crate) type Listing = (u64, Arc<Vec<(RelPath, Entry)>>);
+
 pub(crate) struct Inner {
     state: Mutex<State>,
     next_id: AtomicU64,
@@ -188,7 +191,7 @@ pub(crate) struct Inner {
     shares: Vec<String>,
     welcome: Welcome,
     /// Per share, the last full listing received in this session (see `RemoteEndpoint::scan`).
-    pub(crate) listings: Mutex<HashMap<u16, (u64, Arc<Vec<(RelPath, Entry)>>)>>,
+    pub(crate) listings: Mutex<HashMap<u16, Listing>>,
 }
 
 #[derive(Default)]

@@ -7,7 +7,7 @@
 //! on it can be trusted either. Chunk data sent by `supply` is compressed here, at the level set
 //! with [`RemoteEndpoint::with_zstd_level`].
 
-use super::client::Session;
+use super::client::{Listing, Session};
 use super::stats::chunk_bytes;
 use crate::error::{error_chain, TransportError};
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use vmsync_core::endpoint::{
     Change, ChangeHints, ChunkRead, Endpoint, EndpointError, Outcome, Problem, ScanOptions,
     ScanReport, ScanScope, StageRequest,
 };
-use vmsync_core::{ChunkRef, Entry, FileMeta, Hash, Manifest, RelPath};
+use vmsync_core::{ChunkRef, FileMeta, Hash, Manifest, RelPath};
 use vmsync_protocol::chunk::DEFAULT_ZSTD_LEVEL;
 use vmsync_protocol::listing;
 use vmsync_protocol::{decode_chunk, encode_chunk, RequestBody, ResponseBody, WireChunk};
@@ -112,7 +112,7 @@ impl RemoteEndpoint {
     /// received for the share (`vmsync_protocol::listing`): a no-op cycle of a large share
     /// moves a few bytes instead of its whole listing.
     async fn scan_full(&mut self, options: ScanOptions) -> Result<ScanReport, EndpointError> {
-        let last: Option<(u64, Arc<Vec<(RelPath, Entry)>>)> = self
+        let last: Option<Listing> = self
             .session
             .inner
             .listings
