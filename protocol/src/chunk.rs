@@ -19,6 +19,22 @@ pub const COMPRESSION_OFF: i32 = 0;
 /// The default zstd level: the fastest positive level. On a virtio-vsock link (GB/s) the link is
 /// rarely the bottleneck, so spending CPU on higher levels usually slows a sync down.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+/// Below this many raw bytes in one batch, chunks are compressed at [`SMALL_BATCH_ZSTD_LEVEL`]
+/// instead: a live edit or a delta moves little data, so its bytes matter and the CPU for a
+/// higher level is microseconds; a bulk transfer keeps the fast level.
+pub const SMALL_BATCH_BYTES: usize = 1024 * 1024;
+pub const SMALL_BATCH_ZSTD_LEVEL: i32 = 9;
+
+/// The zstd level for a batch of `raw_bytes` of chunk data, given the configured `level`
+/// (adaptive: see [`SMALL_BATCH_BYTES`]; `COMPRESSION_OFF` stays off).
+pub fn level_for_batch(level: i32, raw_bytes: usize) -> i32 {
+    if level == COMPRESSION_OFF || raw_bytes >= SMALL_BATCH_BYTES {
+        level
+    } else {
+        level.max(SMALL_BATCH_ZSTD_LEVEL)
+    }
+}
+
 /// Compressed data is kept only if it saves at least `1 / MIN_SAVING_DIVISOR` of the raw size.
 pub const MIN_SAVING_DIVISOR: usize = 16;
 /// Largest window a chunk's zstd frame may declare: 2^17 = 128 KiB, above [`CHUNK_MAX_BYTES`].
@@ -253,6 +269,15 @@ mod byte_string {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn small_batches_compress_harder_bulk_stays_fast() {
+        assert_eq!(level_for_batch(1, 16 * 1024), SMALL_BATCH_ZSTD_LEVEL);
+        assert_eq!(level_for_batch(1, SMALL_BATCH_BYTES), 1);
+        assert_eq!(level_for_batch(COMPRESSION_OFF, 10), COMPRESSION_OFF);
+        assert_eq!(level_for_batch(19, 10), 19);
+    }
+
     use super::*;
 
     /// Deterministic incompressible bytes (xorshift).

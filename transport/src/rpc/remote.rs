@@ -16,7 +16,7 @@ use vmsync_core::endpoint::{
     ScanReport, ScanScope, StageRequest,
 };
 use vmsync_core::{ChunkRef, FileMeta, Hash, Manifest, RelPath};
-use vmsync_protocol::chunk::DEFAULT_ZSTD_LEVEL;
+use vmsync_protocol::chunk::{level_for_batch, DEFAULT_ZSTD_LEVEL};
 use vmsync_protocol::listing;
 use vmsync_protocol::{decode_chunk, encode_chunk, RequestBody, ResponseBody, WireChunk};
 
@@ -234,9 +234,10 @@ impl Endpoint for RemoteEndpoint {
 
     async fn supply(&mut self, chunks: Vec<(Hash, Vec<u8>)>) -> Result<(), EndpointError> {
         let level = self.zstd_level;
+        let raw: usize = chunks.iter().map(|(_, d)| d.len()).sum();
         let chunks: Vec<WireChunk> = chunks
             .iter()
-            .map(|(hash, data)| encode_chunk(*hash, data, level))
+            .map(|(hash, data)| encode_chunk(*hash, data, level_for_batch(level, raw)))
             .collect();
         let content = chunk_bytes(&chunks);
         match self.call(RequestBody::Supply { chunks }, content).await? {

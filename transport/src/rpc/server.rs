@@ -34,7 +34,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use vmsync_core::endpoint::{ChangeHints, Endpoint, EndpointError, ScanOptions, ScanScope};
 use vmsync_core::path::escape_bytes;
 use vmsync_core::{Entry, RelPath};
-use vmsync_protocol::chunk::DEFAULT_ZSTD_LEVEL;
+use vmsync_protocol::chunk::{level_for_batch, DEFAULT_ZSTD_LEVEL};
 use vmsync_protocol::handshake::{accept_hello, welcome, LocalParams};
 use vmsync_protocol::limits::{
     MAX_HANDSHAKE_BYTES, MAX_MESSAGE_BYTES, MAX_OUTSTANDING_REQUESTS, MAX_REASON_BYTES,
@@ -365,10 +365,12 @@ async fn dispatch<E: Endpoint>(
                         asked.len()
                     )));
                 }
+                let raw: usize = datas.iter().flatten().map(Vec::len).sum();
+                let level = level_for_batch(zstd_level, raw);
                 Ok(asked
                     .iter()
                     .zip(datas)
-                    .map(|(hash, data)| data.map(|d| encode_chunk(*hash, &d, zstd_level)))
+                    .map(|(hash, data)| data.map(|d| encode_chunk(*hash, &d, level)))
                     .collect())
             });
             ResponseBody::ReadChunks(result)
