@@ -13,6 +13,7 @@ use vmsync_engine::control::{self, AgentInfo, ControlRequest, ControlResponse};
 use vmsync_engine::controller::{Controller, ShareSettings};
 use vmsync_engine::filter::Filter;
 use vmsync_engine::local::LocalEndpoint;
+use vmsync_engine::notify_systemd;
 use vmsync_engine::state::StateDb;
 use vmsync_engine::status::{ShareState, ShareStatus};
 use vmsync_engine::watch::HintSet;
@@ -153,6 +154,7 @@ pub async fn run(config: HostConfig) -> anyhow::Result<()> {
     tracing::info!(guest = %config.guest, shares = shares.len(), "vmsync-host started");
 
     let mut sync = SyncLoop {
+        ready_sent: false,
         config,
         shares,
         shared,
@@ -223,6 +225,8 @@ async fn ask(
 }
 
 struct SyncLoop {
+    /// `READY=1` went to systemd (after the first full sync).
+    ready_sent: bool,
     config: HostConfig,
     shares: Vec<Share>,
     shared: Shared,
@@ -329,6 +333,15 @@ impl SyncLoop {
             Ok(p) => p,
             Err(e) => return e,
         };
+        if !self.ready_sent {
+            // systemd (Type=notify): started means the first sync is done, so units ordered
+            // after this one start on a complete tree.
+            notify_systemd::notify(
+                std::env::var_os("NOTIFY_SOCKET"),
+                "READY=1\nSTATUS=first sync done",
+            );
+            self.ready_sent = true;
+        }
         loop {
             let retry = tokio::time::sleep(Duration::from_millis(pending_delay));
             tokio::select! {

@@ -13,6 +13,7 @@
 //! - [`control`]: the control socket protocol (`status`, `sync`, `resume`) and its client.
 //! - [`watch`]: inotify events → coalesced change hints.
 //! - [`controller`]: runs a sync cycle between two `Endpoint`s.
+//! - [`notify_systemd`]: `READY=1` to systemd for `Type=notify` units.
 
 pub mod chunk;
 pub mod conflicts;
@@ -21,6 +22,7 @@ pub mod controller;
 pub mod filter;
 pub mod index;
 pub mod local;
+pub mod notify_systemd;
 pub mod root;
 pub mod scan;
 pub mod state;

@@ -378,3 +378,23 @@ fn thousands_of_new_files_fit_in_a_small_fd_limit() {
     assert_same_tree(&a.host_dir, &a.guest_dir);
     assert_eq!(a.share()["problems"], serde_json::json!([]));
 }
+
+#[test]
+fn the_shipped_default_configurations_pass_check() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging");
+    for (agent, file) in [
+        ("vmsync-host", "host-vm.toml"),
+        ("vmsync-guest", "guest.toml"),
+    ] {
+        let out = Command::new(bin(agent))
+            .args(["check", "--config"])
+            .arg(root.join(file))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
