@@ -27,7 +27,7 @@ use vmsync_core::endpoint::{
     Change, ChunkRead, EndpointError, Outcome, Problem, ScanReport, ScanScope, StageRequest,
 };
 use vmsync_core::entry::PERM_MASK;
-use vmsync_core::{ChunkRef, Entry, FileMeta, Manifest, Timestamp};
+use vmsync_core::{ChunkRef, Entry, FileMeta, Manifest, RelPath, Timestamp};
 
 /// Nanoseconds in a second: a timestamp's `nanos` must be below it.
 pub const NANOS_PER_SEC: u32 = 1_000_000_000;
@@ -261,39 +261,34 @@ impl Validate for Refused {
 
 impl Validate for ScanReport {
     fn validate(&self) -> Result {
-        count("scan entries", self.entries.len(), MAX_SCAN_ENTRIES)?;
         count("scan problems", self.problems.len(), MAX_SCAN_PROBLEMS)?;
-        let mut previous = None;
-        for (index, (path, e)) in self.entries.iter().enumerate() {
-            if path.is_root() {
-                return Err(ValidationError::RootEntry);
-            }
-            if previous.is_some_and(|p| p >= path) {
-                return Err(ValidationError::Unsorted { index });
-            }
-            previous = Some(path);
-            entry(e)?;
-        }
+        scan_entries(&self.entries)?;
         self.problems.iter().try_for_each(problem)
     }
 }
 
+/// Scan entries: bounded, strictly sorted by path, never the root, each entry valid.
+fn scan_entries(entries: &[(RelPath, Entry)]) -> Result {
+    count("scan entries", entries.len(), MAX_SCAN_ENTRIES)?;
+    let mut previous = None;
+    for (index, (path, e)) in entries.iter().enumerate() {
+        if path.is_root() {
+            return Err(ValidationError::RootEntry);
+        }
+        if previous.is_some_and(|p| p >= path) {
+            return Err(ValidationError::Unsorted { index });
+        }
+        previous = Some(path);
+        entry(e)?;
+    }
+    Ok(())
+}
+
 impl Validate for ScanDelta {
     fn validate(&self) -> Result {
-        count("scan entries", self.changed.len(), MAX_SCAN_ENTRIES)?;
         count("removed scan entries", self.removed.len(), MAX_SCAN_ENTRIES)?;
         count("scan problems", self.problems.len(), MAX_SCAN_PROBLEMS)?;
-        let mut previous = None;
-        for (index, (path, e)) in self.changed.iter().enumerate() {
-            if path.is_root() {
-                return Err(ValidationError::RootEntry);
-            }
-            if previous.is_some_and(|p| p >= path) {
-                return Err(ValidationError::Unsorted { index });
-            }
-            previous = Some(path);
-            entry(e)?;
-        }
+        scan_entries(&self.changed)?;
         for (index, pair) in self.removed.windows(2).enumerate() {
             if pair[0] >= pair[1] {
                 return Err(ValidationError::Unsorted { index: index + 1 });
