@@ -5,11 +5,11 @@
 #![allow(clippy::unwrap_used)]
 
 use vmsync_core::endpoint::{
-    Change, ChunkRead, EndpointError, Outcome, Problem, RootId, ScanOptions, ScanReport, ScanScope,
-    StageRequest,
+    Change, ChangeHints, ChunkRead, EndpointError, Outcome, Problem, RootId, ScanOptions,
+    ScanReport, ScanScope, StageRequest,
 };
 use vmsync_core::{ChunkRef, Entry, FileMeta, Hash, Manifest, RelPath, Timestamp};
-use vmsync_protocol::messages::MAGIC;
+use vmsync_protocol::messages::{ScanDelta, MAGIC};
 use vmsync_protocol::{
     decode_message, encode_message, ChunkerParams, Codec, Hello, Message, Refused, Request,
     RequestBody, Response, ResponseBody, ShareOpen, Welcome, WireChunk,
@@ -172,6 +172,23 @@ fn requests() {
         }),
         "030701060303612f6200010005a40380c49fd50c7b1111111111111111111111111111111111111111111111111111111111111111016301020178000164000101ed03",
     );
+    golden(
+        "PollChanges",
+        request(RequestBody::PollChanges {
+            max_wait_ms: 25_000,
+        }),
+        "03070107a8c301",
+    );
+    golden(
+        "ScanFull",
+        request(RequestBody::ScanFull {
+            options: ScanOptions {
+                create_marker: true,
+            },
+            base: Some(7),
+        }),
+        "03070108010107",
+    );
 }
 
 #[test]
@@ -221,6 +238,26 @@ fn responses() {
             Outcome::Failed("disk full".into()),
         ]))),
         "0407060004000100010101c00302096469736b2066756c6c",
+    );
+    golden(
+        "Changes",
+        response(ResponseBody::Changes(Ok(ChangeHints {
+            paths: vec![p("a/b"), p("c")],
+            rescan: false,
+        }))),
+        "040707000203612f62016300",
+    );
+    golden(
+        "ScanDelta",
+        response(ResponseBody::ScanDelta(Ok(ScanDelta {
+            token: 9,
+            base: Some(7),
+            root: None,
+            changed: vec![(p("a/b"), Entry::File(meta()))],
+            removed: vec![p("c")],
+            problems: vec![problem()],
+        }))),
+        "04070800090107000103612f620005a40380c49fd50c7b11111111111111111111111111111111111111111111111111111111111111110101630101640c6669666f20736b6970706564",
     );
 }
 
