@@ -476,3 +476,85 @@ async fn a_path_a_scan_cannot_read_is_frozen_not_deleted() {
     p.sync().await;
     assert!(!p.host_dir.join("x").exists());
 }
+
+/// A compromised guest that serves bytes other than the chunk ids it listed: nothing it sent
+/// may land on the host, and the host's existing data stays as it was.
+#[tokio::test]
+async fn a_guest_serving_forged_chunk_data_gets_nothing_written() {
+    use vmsync_core::endpoint::{ChunkRead, Endpoint, EndpointError};
+    struct Forger<E>(E);
+    impl<E: Endpoint> Endpoint for Forger<E> {
+        async fn scan(
+            &mut self,
+            scope: vmsync_core::endpoint::ScanScope,
+            options: vmsync_core::endpoint::ScanOptions,
+        ) -> Result<vmsync_core::endpoint::ScanReport, EndpointError> {
+            self.0.scan(scope, options).await
+        }
+        async fn manifests(
+            &mut self,
+            files: Vec<(vmsync_core::RelPath, vmsync_core::FileMeta)>,
+        ) -> Result<Vec<Result<vmsync_core::Manifest, vmsync_core::endpoint::Problem>>, EndpointError>
+        {
+            self.0.manifests(files).await
+        }
+        async fn read_chunks(
+            &mut self,
+            reads: Vec<ChunkRead>,
+        ) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
+            // Same lengths, different bytes.
+            let real = self.0.read_chunks(reads).await?;
+            Ok(real
+                .into_iter()
+                .map(|d| d.map(|d| vec![0x41; d.len()]))
+                .collect())
+        }
+        async fn stage(
+            &mut self,
+            files: Vec<vmsync_core::endpoint::StageRequest>,
+        ) -> Result<
+            Vec<Result<Vec<vmsync_core::Hash>, vmsync_core::endpoint::Problem>>,
+            EndpointError,
+        > {
+            self.0.stage(files).await
+        }
+        async fn supply(
+            &mut self,
+            chunks: Vec<(vmsync_core::Hash, Vec<u8>)>,
+        ) -> Result<(), EndpointError> {
+            self.0.supply(chunks).await
+        }
+        async fn transition(
+            &mut self,
+            changes: Vec<vmsync_core::endpoint::Change>,
+        ) -> Result<Vec<vmsync_core::endpoint::Outcome>, EndpointError> {
+            self.0.transition(changes).await
+        }
+    }
+
+    let mut p = pair();
+    write(&p.host_dir, "keep.txt", "host data");
+    p.sync().await;
+    write(
+        &p.guest_dir,
+        "keep.txt",
+        "guest edit the forger will corrupt",
+    );
+    write(&p.guest_dir, "new.bin", random_bytes(6, 100_000));
+    let sides = p.sides();
+    let mut forger = Forger(sides.guest.inner.clone());
+    let result = sides
+        .controller
+        .cycle(
+            &mut sides.host,
+            &mut forger,
+            vmsync_core::endpoint::ScanScope::Full,
+        )
+        .await;
+    assert!(result.is_err(), "forged chunks were accepted: {result:?}");
+    assert_eq!(read(&p.host_dir, "keep.txt"), b"host data");
+    assert!(!p.host_dir.join("new.bin").exists());
+    // An honest guest afterwards syncs normally.
+    p.sync().await;
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+}
