@@ -328,3 +328,23 @@ impl Agents {
         out
     }
 }
+
+impl Agents {
+    /// Freezes (`SIGSTOP`) the running `vmsync-host`: no cycle runs until [`Agents::thaw_host`],
+    /// while both watchers keep queueing. Lets a test make edits on both sides that are
+    /// certainly concurrent for the sync, whatever the thread scheduling.
+    pub fn freeze_host(&self) {
+        self.signal_host(rustix::process::Signal::STOP);
+    }
+
+    /// Resumes (`SIGCONT`) a host frozen by [`Agents::freeze_host`].
+    pub fn thaw_host(&self) {
+        self.signal_host(rustix::process::Signal::CONT);
+    }
+
+    fn signal_host(&self, signal: rustix::process::Signal) {
+        let child = self.host.as_ref().expect("host is not running");
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("host pid");
+        rustix::process::kill_process(pid, signal).expect("signal the host");
+    }
+}
