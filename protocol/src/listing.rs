@@ -102,9 +102,12 @@ mod tests {
         v
     }
 
+    /// A listing written as (path, content id) pairs.
+    type Spec<'a> = &'a [(&'a str, u8)];
+
     #[test]
     fn diff_then_apply_gives_the_new_listing() {
-        let cases: &[(&[(&str, u8)], &[(&str, u8)])] = &[
+        let cases: &[(Spec<'_>, Spec<'_>)] = &[
             (&[], &[]),
             (&[("a", 1)], &[]),
             (&[], &[("a", 1), ("b", 2)]),
