@@ -314,14 +314,24 @@ impl Controller {
             self.settings.mode,
             self.settings.policy,
         );
-        if !std::mem::take(&mut self.allow_deletions_once) {
+        if !self.allow_deletions_once {
             // Against the whole share, also for a targeted cycle.
             if let Err(reason) =
                 check_deletions(&plan, &self.ancestor, &self.settings.deletion_limit)
             {
+                // A targeted cycle sees part of the story: the hint for a directory's old name
+                // can arrive a moment before the one for its new name, and a move then looks
+                // like a mass deletion. Decide only on a full cycle.
+                if scope != ScanScope::Full {
+                    return Ok(CycleReport {
+                        retry: true,
+                        ..CycleReport::default()
+                    });
+                }
                 return self.halt(reason);
             }
         }
+        self.allow_deletions_once = false;
 
         let mut problems = Vec::new();
         for (side, list) in [

@@ -158,6 +158,13 @@ impl Agents {
         Self::stop_child(self.guest.take());
     }
 
+    pub fn kill_guest(&mut self) {
+        if let Some(mut c) = self.guest.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     pub fn kill_host(&mut self) {
         if let Some(mut c) = self.host.take() {
             let _ = c.kill();

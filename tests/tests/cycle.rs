@@ -558,3 +558,42 @@ async fn a_guest_serving_forged_chunk_data_gets_nothing_written() {
     p.sync().await;
     assert_same_tree(&p.host_dir, &p.guest_dir);
 }
+
+/// Regression (live bug A): the hint for a renamed directory's old name can be handled before
+/// the one for its new name. That partial cycle looks like a mass deletion; it must lead to a
+/// full look, never a halt.
+#[tokio::test]
+async fn a_targeted_cycle_never_halts_a_move_that_it_sees_only_half_of() {
+    let mut p = pair();
+    for i in 0..300 {
+        write(&p.host_dir, &format!("lib/module/f{i}"), format!("{i}"));
+    }
+    write(&p.host_dir, "other", "x");
+    p.sync().await;
+    let before = tree(&p.host_dir);
+    std::fs::rename(
+        p.guest_dir.join("lib/module"),
+        p.guest_dir.join("lib/renamed"),
+    )
+    .unwrap();
+    let old_name_only =
+        vmsync_core::endpoint::ScanScope::Paths(vec![vmsync_core::RelPath::from_bytes(
+            b"lib/module",
+        )
+        .unwrap()]);
+    let sides = p.sides();
+    let report = sides
+        .controller
+        .cycle(&mut sides.host, &mut sides.guest, old_name_only)
+        .await
+        .unwrap();
+    assert!(!report.halted && report.retry, "{report:?}");
+    assert_eq!(
+        tree(&p.host_dir),
+        before,
+        "nothing may change on the partial view"
+    );
+    let report = p.sync().await;
+    assert!(!report.halted, "{report:?}");
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+}
