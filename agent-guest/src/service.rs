@@ -55,6 +55,8 @@ impl Shared {
                     files,
                     bytes,
                     files_hashed: ep.files_hashed(),
+                    watching: ep.is_watching(),
+                    watch_problem: ep.watch_problem(),
                     ..ShareStatus::default()
                 }
             })
@@ -109,6 +111,7 @@ pub async fn run(config: GuestConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {listen}"))?;
     tracing::info!(listen = %listen, shares = shared.exports.len(), "vmsync-guest started");
+    vmsync_engine::notify_systemd::notify(std::env::var_os("NOTIFY_SOCKET"), "READY=1");
 
     let mut current: Option<tokio::task::JoinHandle<()>> = None;
     loop {
@@ -132,6 +135,7 @@ pub async fn run(config: GuestConfig) -> anyhow::Result<()> {
             previous.abort();
         }
         let shared = shared.clone();
+        let max_write_bytes = config.max_write_bytes;
         current = Some(tokio::spawn(async move {
             if let Ok(mut p) = shared.peer.lock() {
                 *p = Some(peer.clone());
@@ -146,6 +150,8 @@ pub async fn run(config: GuestConfig) -> anyhow::Result<()> {
                 stats,
                 ..ServerConfig::default()
             };
+            // Every write to the host is capped (the 32 KiB vsock trap, see config.rs).
+            let stream = vmsync_transport::CappedWrite::new(stream, max_write_bytes);
             let result = vmsync_transport::serve_with(
                 stream,
                 move |open| {

@@ -5,6 +5,8 @@
 //! Module map:
 //! - [`endpoint_addr`]: `unix:`, `vsock://`, `hybrid:` address syntax, parsed and printed.
 //! - [`stream`]: dialling and listening; hands back boxed byte streams.
+//! - [`hybrid`]: the `CONNECT PORT` handshake on a VMM's hybrid vsock Unix socket.
+//! - [`capped`]: a stream wrapper bounding each write (the 32 KiB vsock trap).
 //! - [`rpc`]: the session over any byte stream (client, remote endpoint, server, stats).
 //! - [`limits`]: timing bounds (handshake, heartbeat, silence, request backstop).
 //! - [`error`]: `TransportError`, why a session could not start or ended.
@@ -12,12 +14,15 @@
 //! The wire format itself (frames, messages, validation, chunk compression) is the
 //! `vmsync_protocol` crate; this crate moves its messages and keeps the session state.
 
+pub mod capped;
 pub mod endpoint_addr;
 pub mod error;
+pub mod hybrid;
 pub mod limits;
 pub mod rpc;
 pub mod stream;
 
+pub use capped::CappedWrite;
 pub use endpoint_addr::{AddrError, EndpointAddr, DEFAULT_VSOCK_PORT};
 pub use error::TransportError;
 pub use rpc::{

@@ -464,7 +464,7 @@ async fn wrong_response_kind() {
     let session = session_with_answer(answer_with(ResponseBody::Supply(Ok(())))).await;
     let mut remote = session.endpoint(0).unwrap();
     let r = remote.scan(ScanScope::Full, ScanOptions::default()).await;
-    assert_violation(&session, r, "answered Scan with Supply").await;
+    assert_violation(&session, r, "answered ScanFull with Supply").await;
 }
 
 #[tokio::test]

@@ -463,16 +463,22 @@ async fn oversized_requests_fail_alone() {
 }
 
 #[tokio::test]
-async fn compression_level_zero_sends_raw() {
+async fn bulk_batches_follow_the_level_small_ones_always_compress() {
     let pair = pair(Fake::default()).await;
+    // Bulk level 0: a batch of 1 MiB or more travels raw...
     let mut remote = pair.session.endpoint(0).unwrap().with_zstd_level(0);
-    let data = vec![0u8; 4096];
-    remote.supply(vec![(hash(&data), data)]).await.unwrap();
-    assert_eq!(pair.session.stats().content_bytes_sent, 4096);
-    let mut compressing = pair.session.endpoint(0).unwrap();
+    let bulk: Vec<(Hash, Vec<u8>)> = (0..16u8)
+        .map(|i| {
+            let data = vec![i; 64 * 1024];
+            (hash(&data), data)
+        })
+        .collect();
+    remote.supply(bulk).await.unwrap();
+    assert_eq!(pair.session.stats().content_bytes_sent, 1 << 20);
+    // ...while a small batch (a live edit) is compressed whatever the bulk level.
     let data = vec![1u8; 4096];
-    compressing.supply(vec![(hash(&data), data)]).await.unwrap();
-    assert!(pair.session.stats().content_bytes_sent < 4096 + 100);
+    remote.supply(vec![(hash(&data), data)]).await.unwrap();
+    assert!(pair.session.stats().content_bytes_sent < (1 << 20) + 100);
     let _ = Arc::clone(&pair.server_stats);
 }
 

@@ -1,0 +1,51 @@
+//! The `vmsync-host` command line as a user meets it. Also makes `cargo test --workspace` build
+//! the `vmsync-host` executable, which the process-level tests in `tests/` run.
+
+use std::process::Command;
+
+fn host() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vmsync-host"))
+}
+
+#[test]
+fn help_lists_every_command() {
+    let out = host().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["run", "check", "status", "sync", "wait", "resume"] {
+        assert!(text.contains(cmd), "`{cmd}` missing from --help:\n{text}");
+    }
+}
+
+#[test]
+fn a_missing_config_is_an_error_with_exit_2() {
+    let out = host()
+        .args(["check", "--config", "/nonexistent/vm.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/vm.toml"));
+}
+
+#[test]
+fn status_without_a_running_agent_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("vm.toml");
+    let ctl = dir.path().join("vm.ctl");
+    std::fs::write(
+        &config,
+        format!(
+            "guest = \"unix:{d}/g.sock\"\nstate_dir = \"{d}/state\"\ncontrol = \"{c}\"\n[[share]]\nname = \"s\"\npath = \"{d}/share\"\n",
+            d = dir.path().display(),
+            c = ctl.display()
+        ),
+    )
+    .unwrap();
+    let out = host()
+        .args(["status", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is `run` running?"));
+}
