@@ -367,10 +367,20 @@ impl SyncLoop {
                 cmd = self.rx.recv() => {
                     let (result, reply, response) = match cmd {
                         Some(Command::Sync(reply)) => (self.sync_all(&session, None).await, reply, None),
-                        Some(Command::Resume(name, reply)) => match self.resume(&name) {
-                            err @ ControlResponse::Error { .. } => (Ok(pending), reply, Some(err)),
-                            _ => (self.sync_all(&session, None).await, reply, None),
-                        },
+                        Some(Command::Resume(name, reply)) => {
+                            // Answer as soon as the halt is lifted: the add-only merge that
+                            // follows can take long, and `wait` is there to watch it.
+                            let response = self.resume(&name);
+                            let lifted = !matches!(response, ControlResponse::Error { .. });
+                            let _ = reply.send(response);
+                            if lifted {
+                                pending = match self.sync_all(&session, None).await {
+                                    Ok(p) => p,
+                                    Err(e) => return e,
+                                };
+                            }
+                            continue;
+                        }
                         None => return "control channel closed".into(),
                     };
                     match result {
