@@ -651,16 +651,12 @@ impl LocalShare {
                 return Ok(IndexRecord::new(Identity::of(&stat), *meta, &manifest));
             }
         }
-        let staged = match self.staged.get(path) {
-            Some(s) if s.meta.digest == meta.digest && s.missing.is_empty() => {
-                self.staged.remove(path)
-            }
-            Some(s) if s.meta.digest == meta.digest => {
-                return Err("staged file is incomplete".into())
-            }
-            _ => return Err("content was not staged".into()),
-        };
-        let Some(staged) = staged else {
+        match self.staged.get(path) {
+            Some(s) if s.meta.digest != meta.digest => return Err("content was not staged".into()),
+            Some(s) if !s.missing.is_empty() => return Err("staged file is incomplete".into()),
+            _ => {}
+        }
+        let Some(staged) = self.staged.remove(path) else {
             return Err("content was not staged".into());
         };
         let root = self.root().map_err(|e| e.to_string())?;
