@@ -36,13 +36,15 @@
 //! dial a concrete CID.
 
 use std::ops::Range;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use ignore::gitignore::GitignoreBuilder;
 use serde::Deserialize;
 use toml::Spanned;
+pub use vmsync_config::ConfigError;
+use vmsync_config::{absolute_path, normalize_absolute, share_name_error, socket_path, Problems};
 use vmsync_core::reconcile::{ConflictPolicy, SyncMode};
-use vmsync_transport::endpoint_addr::{EndpointAddr, MAX_UNIX_SOCKET_PATH_BYTES};
+use vmsync_transport::endpoint_addr::EndpointAddr;
 
 /// Parent of the default per-VM state directory (`<this>/<config file stem>`).
 pub const DEFAULT_STATE_PARENT_DIR: &str = "/var/lib/vmsync";
@@ -50,8 +52,6 @@ pub const DEFAULT_STATE_PARENT_DIR: &str = "/var/lib/vmsync";
 pub const DEFAULT_CONTROL_DIR: &str = "/run/vmsync";
 /// Default for `max_delete_fraction`.
 pub const DEFAULT_MAX_DELETE_FRACTION: f64 = 0.5;
-/// Longest share name. Names travel in the handshake and name directories under `state_dir`.
-pub const MAX_SHARE_NAME_BYTES: usize = 64;
 
 /// A validated host configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -86,46 +86,6 @@ pub struct HostShare {
     pub respect_gitignore: bool,
     /// Skip `.git`, `.hg` and `.svn` directories (default false).
     pub ignore_vcs: bool,
-}
-
-/// Everything that can go wrong loading a configuration. Both variants are the user's to fix;
-/// `check` exits 2 on either.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {}: {source}", .file.display())]
-    Read {
-        file: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML, has an unknown key or a value of the wrong type, or a value
-    /// failed validation. One line per problem: `FILE:LINE:COLUMN: MESSAGE`.
-    #[error("{}", render_problems(.file, .problems))]
-    Invalid {
-        file: PathBuf,
-        problems: Vec<Problem>,
-    },
-}
-
-/// One thing wrong with a configuration file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// 1-based line and column (in characters) of the offending value, when known.
-    pub location: Option<(usize, usize)>,
-    pub message: String,
-}
-
-fn render_problems(file: &Path, problems: &[Problem]) -> String {
-    let lines: Vec<String> = problems
-        .iter()
-        .map(|problem| match problem.location {
-            Some((line, column)) => {
-                format!("{}:{line}:{column}: {}", file.display(), problem.message)
-            }
-            None => format!("{}: {}", file.display(), problem.message),
-        })
-        .collect();
-    lines.join("\n")
 }
 
 /// Reads and validates a host configuration file.
@@ -495,144 +455,6 @@ fn check_ignore_patterns(
         .iter()
         .map(|pattern| pattern.get_ref().clone())
         .collect()
-}
-
-/// `None` when `name` is a valid share name, else why not.
-fn share_name_error(name: &str) -> Option<String> {
-    if name.is_empty() {
-        return Some("must not be empty".to_string());
-    }
-    if name.len() > MAX_SHARE_NAME_BYTES {
-        return Some(format!(
-            "is {} bytes; the limit is {MAX_SHARE_NAME_BYTES}",
-            name.len()
-        ));
-    }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Some(format!(
-            "contains {bad:?}; use only letters, digits, `.`, `_` and `-`"
-        ));
-    }
-    // The name becomes a directory name under state_dir.
-    if name == "." || name == ".." {
-        return Some("must not be `.` or `..`".to_string());
-    }
-    None
-}
-
-/// Validates an absolute path value and normalizes it lexically (`//` and `.` dropped, no
-/// trailing slash). Paths are not resolved on disk: a missing share root is a safety halt at run
-/// time, not a configuration error.
-fn absolute_path(value: &Spanned<String>, key: &str, problems: &mut Problems) -> Option<PathBuf> {
-    match normalize_absolute(value.get_ref()) {
-        Ok(path) => Some(path),
-        Err(message) => {
-            problems.at(value, format!("{key}: {message}"));
-            None
-        }
-    }
-}
-
-/// Like [`absolute_path`], and the result must fit in a Unix socket address.
-fn socket_path(value: &Spanned<String>, key: &str, problems: &mut Problems) -> Option<PathBuf> {
-    let text = value.get_ref();
-    if let Some(rest) = text.strip_prefix("unix:") {
-        problems.at(
-            value,
-            format!("{key}: a plain path is expected; write {rest:?} without `unix:`"),
-        );
-        return None;
-    }
-    match normalize_absolute(text).and_then(check_socket_length) {
-        Ok(path) => Some(path),
-        Err(message) => {
-            problems.at(value, format!("{key}: {message}"));
-            None
-        }
-    }
-}
-
-fn normalize_absolute(text: &str) -> Result<PathBuf, String> {
-    if text.is_empty() {
-        return Err("path is empty".to_string());
-    }
-    if text.contains('\0') {
-        return Err(format!("path {text:?} contains a NUL byte"));
-    }
-    let path = Path::new(text);
-    if !path.is_absolute() {
-        return Err(format!("path {text:?} is relative; give an absolute path"));
-    }
-    // `..` is refused rather than resolved: lexical resolution is wrong across symlinks, and the
-    // nesting checks compare paths component by component.
-    if path.components().any(|c| c == Component::ParentDir) {
-        return Err(format!("path {text:?} contains `..`; give it without"));
-    }
-    Ok(path.components().collect())
-}
-
-fn check_socket_length(path: PathBuf) -> Result<PathBuf, String> {
-    let bytes = path.as_os_str().len();
-    if bytes > MAX_UNIX_SOCKET_PATH_BYTES {
-        return Err(format!(
-            "socket path {path:?} is {bytes} bytes; a Unix socket path holds at most \
-             {MAX_UNIX_SOCKET_PATH_BYTES}"
-        ));
-    }
-    Ok(path)
-}
-
-/// Problems found so far, with the text to turn byte spans into line and column.
-struct Problems<'a> {
-    text: &'a str,
-    list: Vec<Problem>,
-}
-
-impl<'a> Problems<'a> {
-    fn new(text: &'a str) -> Self {
-        Self {
-            text,
-            list: Vec::new(),
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.list.is_empty()
-    }
-
-    fn at<T>(&mut self, value: &Spanned<T>, message: String) {
-        self.push(Some(value.span()), message);
-    }
-
-    fn push(&mut self, span: Option<Range<usize>>, message: String) {
-        let location = span.map(|span| self.line_column(span.start));
-        self.list.push(Problem { location, message });
-    }
-
-    /// 1-based line and column (in characters) of a byte offset.
-    fn line_column(&self, offset: usize) -> (usize, usize) {
-        let offset = offset.min(self.text.len());
-        // Spans come from the parser and fall on character boundaries; be safe anyway.
-        let before = self.text.get(..offset).unwrap_or(self.text);
-        let line = before.matches('\n').count() + 1;
-        let line_start = before.rfind('\n').map_or(0, |index| index + 1);
-        let column = before[line_start..].chars().count() + 1;
-        (line, column)
-    }
-
-    fn into_error(mut self, file: &Path) -> ConfigError {
-        // File order reads best; problems without a location (missing tables) go last. The sort
-        // is stable, so problems at one location keep the order they were found in.
-        self.list
-            .sort_by_key(|problem| problem.location.unwrap_or((usize::MAX, usize::MAX)));
-        ConfigError::Invalid {
-            file: file.to_path_buf(),
-            problems: self.list,
-        }
-    }
 }
 
 #[cfg(test)]
