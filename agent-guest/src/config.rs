@@ -43,8 +43,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use toml::Spanned;
-pub use vmsync_config::ConfigError;
-use vmsync_config::{absolute_path, normalize_absolute, share_name_error, socket_path, Problems};
+pub use vmsync_agent_common::config::ConfigError;
+use vmsync_agent_common::config::{
+    absolute_path, normalize_absolute, share_name_error, socket_path, Problems,
+};
 use vmsync_transport::endpoint_addr::{EndpointAddr, DEFAULT_VSOCK_PORT};
 
 /// Default `state_dir`.

@@ -13,18 +13,6 @@ use vmsync_engine::status::{ShareState, ShareStatus};
 use vmsync_protocol::handshake;
 use vmsync_transport::{EndpointAddr, ServerConfig, Stats};
 
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VMSYNC_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Plain text off a terminal: journald and log files get no colour escapes.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .init();
-}
-
 #[derive(Clone)]
 struct Shared {
     exports: Arc<BTreeMap<String, LocalEndpoint>>,
@@ -124,7 +112,7 @@ pub async fn run(config: GuestConfig) -> anyhow::Result<()> {
                     continue;
                 }
             },
-            _ = shutdown_signal() => {
+            _ = vmsync_agent_common::process::shutdown_signal() => {
                 tracing::info!("shutting down");
                 return Ok(());
             }
@@ -195,18 +183,5 @@ async fn serve_control(listener: tokio::net::UnixListener, shared: Shared) {
             };
             let _ = control::write_response(&mut stream, &response).await;
         });
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        }
-        _ => std::future::pending().await,
     }
 }

@@ -41,8 +41,10 @@ use std::path::{Path, PathBuf};
 use ignore::gitignore::GitignoreBuilder;
 use serde::Deserialize;
 use toml::Spanned;
-pub use vmsync_config::ConfigError;
-use vmsync_config::{absolute_path, normalize_absolute, share_name_error, socket_path, Problems};
+pub use vmsync_agent_common::config::ConfigError;
+use vmsync_agent_common::config::{
+    absolute_path, normalize_absolute, share_name_error, socket_path, Problems,
+};
 use vmsync_core::reconcile::{ConflictPolicy, SyncMode};
 use vmsync_transport::endpoint_addr::EndpointAddr;
 

@@ -84,10 +84,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match vmsync_agent_common::process::runtime() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("vmsync-host: cannot start the async runtime: {e}");
@@ -104,7 +101,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run { .. } => {
-            service::init_logging();
+            vmsync_agent_common::process::init_logging();
             vmsync_engine::local::raise_fd_limit();
             match runtime.block_on(service::run(config)) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -34,18 +34,6 @@ const PENDING_RETRY_MAX_MS: u64 = 30_000;
 /// How long one connection attempt (not the handshake) may take.
 const CONNECT_TIMEOUT_MS: u64 = 5_000;
 
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VMSYNC_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Plain text off a terminal: journald and log files get no colour escapes.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .init();
-}
-
 /// A command from the control socket to the sync loop.
 enum Command {
     Sync(oneshot::Sender<ControlResponse>),
@@ -162,23 +150,10 @@ pub async fn run(config: HostConfig) -> anyhow::Result<()> {
     };
     tokio::select! {
         r = sync.run() => r,
-        _ = shutdown_signal() => {
+        _ = vmsync_agent_common::process::shutdown_signal() => {
             tracing::info!("shutting down");
             Ok(())
         }
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        }
-        _ => std::future::pending().await,
     }
 }
 
