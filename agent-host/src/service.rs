@@ -319,7 +319,11 @@ impl SyncLoop {
         }
         loop {
             let retry = tokio::time::sleep(Duration::from_millis(pending_delay));
+            let bulk = self.shares.iter().position(|s| s.controller.has_bulk());
+            // Biased: hints and commands come first, so a big file crossing in bulk steps
+            // never holds up the live cycles of everything else.
             tokio::select! {
+                biased;
                 reason = session.closed() => return reason,
                 Some((index, h)) = hint_rx.recv() => {
                     merge(&mut hints, index, h);
@@ -328,6 +332,13 @@ impl SyncLoop {
                         merge(&mut hints, index, h);
                     }
                     pending = match self.sync_all(&session, Some(&mut hints)).await {
+                        Ok(p) => p,
+                        Err(e) => return e,
+                    };
+                }
+                () = std::future::ready(()), if bulk.is_some() => {
+                    let index = bulk.unwrap_or_default();
+                    pending |= match self.bulk_step(&session, index, &mut hints).await {
                         Ok(p) => p,
                         Err(e) => return e,
                     };
@@ -433,6 +444,48 @@ impl SyncLoop {
             pending |= share_pending;
         }
         Ok(pending)
+    }
+
+    /// One step of share `index`'s oldest bulk transfer; when it lands, a targeted cycle of
+    /// its paths. `Ok(true)` when work is pending; `Err` when the session is unusable.
+    async fn bulk_step(
+        &mut self,
+        session: &Session,
+        index: usize,
+        hints: &mut Vec<HintSet>,
+    ) -> Result<bool, String> {
+        let Some(share) = self.shares.get_mut(index) else {
+            return Ok(false);
+        };
+        let mut remote = endpoint(session, index)?;
+        let before = session.stats();
+        let result = share
+            .controller
+            .bulk_step(&mut share.local, &mut remote)
+            .await;
+        let after = session.stats();
+        share.controller.add_wire_bytes(
+            after.content_bytes_sent - before.content_bytes_sent,
+            after.content_bytes_received - before.content_bytes_received,
+        );
+        match result {
+            Err(e) if e.is_disconnect() => return Err(e.to_string()),
+            Err(e) => tracing::error!(share = %share.config.name, "bulk transfer failed: {e}"),
+            Ok(()) => {}
+        }
+        let rehint = share.controller.take_rehints();
+        if rehint.is_empty() {
+            return Ok(false);
+        }
+        merge(
+            hints,
+            index,
+            ChangeHints {
+                paths: rehint,
+                rescan: false,
+            },
+        );
+        self.sync_all(session, Some(hints)).await
     }
 
     fn resume(&mut self, name: &str) -> ControlResponse {

@@ -9,12 +9,17 @@
 //! 2. Every new file is staged before anything is removed, so a renamed or moved file is built
 //!    from its old copy instead of crossing the wire.
 //! 3. Removals run children-first, then creations parents-first.
+//!
+//! Live (targeted) cycles keep big transfers out of the way: a file that still needs
+//! [`BULK_MIN_BYTES`] or more of chunk data from the other side after staging is left staged
+//! and finished by [`Controller::bulk_step`], a few MiB at a time, between the cycles that the
+//! next hints bring. Its path is frozen in those cycles until it lands, then hinted again.
 
 use crate::conflicts::ConflictStore;
 use crate::filter::Filter;
 use crate::state::{ShareMeta, StateDb, StateError};
 use crate::status::{ProblemView, ShareState, ShareStatus};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use vmsync_core::endpoint::{
@@ -36,6 +41,9 @@ const MAX_STAGE_BATCH_CHUNKS: usize = 64 * 1024;
 const MAX_CHUNKS_PER_READ: usize = 64;
 /// Changes per transition message.
 const MAX_TRANSITION_BATCH: usize = 1024;
+/// In a live cycle, a file missing at least this much chunk data on its destination after
+/// staging is finished in the background (see [`Controller::bulk_step`]).
+pub const BULK_MIN_BYTES: u64 = 8 << 20;
 
 /// A share's sync settings, resolved from configuration.
 #[derive(Debug, Clone)]
@@ -105,6 +113,30 @@ pub struct Controller {
     status: Arc<Mutex<ShareStatus>>,
     /// Set by `resume` after a mass-deletion halt: the next cycle may delete past the limit.
     allow_deletions_once: bool,
+    /// Big files of live cycles still crossing: staged on their destination, chunks missing.
+    bulk: VecDeque<BulkJob>,
+    /// Paths a finished bulk job asks to look at again (its cycles froze them meanwhile).
+    rehint: Vec<RelPath>,
+}
+
+/// Files of one stage batch whose missing chunks cross in [`Controller::bulk_step`]s.
+struct BulkJob {
+    /// The changes to make once everything is there; all on one destination side.
+    actions: Vec<Action>,
+    /// Source reads of the chunks the destination still lacks, each chunk once.
+    reads: VecDeque<ChunkRead>,
+    /// Chunks read and not yet supplied (the source reads ahead of the destination by one step).
+    ready: Option<Vec<(Hash, Vec<u8>)>>,
+    /// Chunk → the job's files that wait for it, to drop the right ones when a read fails.
+    waiting: HashMap<Hash, Vec<RelPath>>,
+    /// Files whose source changed while being read: not committed.
+    failed: HashSet<RelPath>,
+}
+
+impl BulkJob {
+    fn target(&self) -> Option<Side> {
+        self.actions.first().map(|a| a.target)
+    }
 }
 
 impl Controller {
@@ -129,6 +161,8 @@ impl Controller {
             store,
             status: Arc::new(Mutex::new(status)),
             allow_deletions_once: false,
+            bulk: VecDeque::new(),
+            rehint: Vec::new(),
         };
         controller.show_halt();
         Ok(controller)
@@ -235,6 +269,11 @@ impl Controller {
         guest: &mut G,
         scope: ScanScope,
     ) -> Result<CycleReport, CycleError> {
+        if scope == ScanScope::Full {
+            // A full scan discards both sides' staged files; this cycle covers those paths.
+            self.bulk.clear();
+            self.rehint.clear();
+        }
         if let Some(halt) = &self.meta.halt {
             // A missing root that came back unchanged lifts its own halt; every other halt
             // waits for `resume`.
@@ -246,6 +285,7 @@ impl Controller {
             }
         }
         self.set_state(ShareState::Scanning);
+        let started = std::time::Instant::now();
         let host_opts = ScanOptions {
             create_marker: self.meta.host_root.is_none(),
         };
@@ -288,11 +328,17 @@ impl Controller {
         // A path a scan could not read (unreadable, still changing, a special file in the way)
         // is absent from its report. Absent must not read as deleted: freeze every such path,
         // and everything beneath it, on both sides for this cycle.
+        // Files still crossing in a bulk job are frozen too, until it has landed them.
         let frozen: Vec<&RelPath> = host_scan
             .problems
             .iter()
             .chain(&guest_scan.problems)
             .map(|p| &p.path)
+            .chain(
+                self.bulk
+                    .iter()
+                    .flat_map(|j| j.actions.iter().map(|a| &a.path)),
+            )
             .collect();
         for path in frozen {
             for snap in [&mut host_snap, &mut guest_snap, &mut ancestor] {
@@ -342,16 +388,27 @@ impl Controller {
         }
         self.set_state(ShareState::Syncing);
         let mut ancestor_changes: Vec<(RelPath, Option<Entry>)> = plan.agreed.clone();
-        let executed = self.execute(host, guest, &plan, &mut problems).await?;
+        let defer = scope != ScanScope::Full;
+        let planned = started.elapsed();
+        let mut executed = self
+            .execute(host, guest, &plan, defer, &mut problems)
+            .await?;
+        let done = started.elapsed();
         ancestor_changes.extend(executed.applied.iter().cloned());
         self.commit_ancestor(ancestor_changes)?;
+        tracing::debug!(
+            share = %self.settings.name,
+            full = scope == ScanScope::Full,
+            actions = plan.actions.len(),
+            applied = executed.applied.len(),
+            "cycle: scanned and planned in {} us, executed in {} us, recorded in {} us",
+            planned.as_micros(),
+            (done - planned).as_micros(),
+            (started.elapsed() - done).as_micros()
+        );
+        self.bulk.extend(std::mem::take(&mut executed.bulk));
 
-        // What both sides now agree on.
-        let (files, bytes) = self
-            .ancestor
-            .values()
-            .filter_map(Entry::as_file)
-            .fold((0u64, 0u64), |(n, b), m| (n + 1, b + m.size));
+        let (files, bytes) = self.agreed_totals();
         let conflicts: Vec<String> = plan.conflicts.iter().map(|c| c.path.escaped()).collect();
         let dirs = (scope == ScanScope::Full)
             .then(|| 1 + host_snap.values().filter(|e| e.is_dir()).count() as u64);
@@ -362,10 +419,11 @@ impl Controller {
             halted: false,
             pending: executed.pending,
         };
+        let bulk_pending = !self.bulk.is_empty();
         self.update_status(|s| {
             s.state = if !conflicts.is_empty() {
                 ShareState::Conflicted
-            } else if report.pending > 0 || report.retry {
+            } else if report.pending > 0 || report.retry || bulk_pending {
                 // Work remains: not in sync until a later cycle has done it.
                 ShareState::Syncing
             } else {
@@ -425,6 +483,87 @@ impl Controller {
         Ok(())
     }
 
+    /// What both sides agree on: regular files and their total size.
+    fn agreed_totals(&self) -> (u64, u64) {
+        self.ancestor
+            .values()
+            .filter_map(Entry::as_file)
+            .fold((0u64, 0u64), |(n, b), m| (n + 1, b + m.size))
+    }
+
+    /// True while big files of live cycles are still crossing (see [`Controller::bulk_step`]).
+    pub fn has_bulk(&self) -> bool {
+        !self.bulk.is_empty()
+    }
+
+    /// Paths to look at again: finished bulk jobs froze them while they ran.
+    pub fn take_rehints(&mut self) -> Vec<RelPath> {
+        std::mem::take(&mut self.rehint)
+    }
+
+    /// Moves the oldest bulk job one step on: the source reads the next group of its missing
+    /// chunks while the destination takes the group read last time. When all are there, its
+    /// files are committed like a cycle's, and their paths queued for [`take_rehints`]: the
+    /// cycles that ran meanwhile froze them, so whatever changed there since is looked at now.
+    ///
+    /// [`take_rehints`]: Controller::take_rehints
+    pub async fn bulk_step<H: Endpoint, G: Endpoint>(
+        &mut self,
+        host: &mut H,
+        guest: &mut G,
+    ) -> Result<(), CycleError> {
+        let Some(job) = self.bulk.front_mut() else {
+            return Ok(());
+        };
+        let Some(target) = job.target() else {
+            self.bulk.pop_front();
+            return Ok(());
+        };
+        let source = target.other();
+        let advanced = match target {
+            Side::Guest => advance(host, guest, job).await,
+            Side::Host => advance(guest, host, job).await,
+        };
+        let done = match advanced {
+            Ok(done) => done,
+            Err((which, e)) => {
+                // Give the job up; its paths are looked at again by the next cycle.
+                if let Some(job) = self.bulk.pop_front() {
+                    self.rehint.extend(job.actions.into_iter().map(|a| a.path));
+                }
+                return Err(side_err(flip(which, source))(e));
+            }
+        };
+        if !done {
+            return Ok(());
+        }
+        let Some(job) = self.bulk.pop_front() else {
+            return Ok(());
+        };
+        self.rehint
+            .extend(job.actions.iter().map(|a| a.path.clone()));
+        let ready: Vec<Action> = job
+            .actions
+            .iter()
+            .filter(|a| !job.failed.contains(&a.path))
+            .cloned()
+            .collect();
+        let mut executed = Executed::default();
+        let mut problems = Vec::new();
+        let result = match target {
+            Side::Guest => transition(guest, target, &ready, &mut problems, &mut executed).await,
+            Side::Host => transition(host, target, &ready, &mut problems, &mut executed).await,
+        };
+        result.map_err(|(_, e)| side_err(target)(e))?;
+        self.commit_ancestor(executed.applied)?;
+        let (files, bytes) = self.agreed_totals();
+        self.update_status(|s| {
+            s.files = files;
+            s.bytes = bytes;
+        });
+        Ok(())
+    }
+
     fn commit_ancestor(
         &mut self,
         changes: Vec<(RelPath, Option<Entry>)>,
@@ -454,6 +593,7 @@ impl Controller {
         host: &mut H,
         guest: &mut G,
         plan: &Plan,
+        defer: bool,
         problems: &mut Vec<ProblemView>,
     ) -> Result<Executed, CycleError> {
         let mut executed = Executed::default();
@@ -480,6 +620,7 @@ impl Controller {
             host,
             Side::Host,
             host_actions,
+            defer,
             problems,
             &mut executed,
         )
@@ -490,6 +631,7 @@ impl Controller {
             guest,
             Side::Guest,
             guest_actions,
+            defer,
             problems,
             &mut executed,
         )
@@ -570,6 +712,8 @@ struct Executed {
     /// Actions that could not be done this cycle (reported as problems): retry later.
     pending: usize,
     chunks_reused: u64,
+    /// Big files left staged for [`Controller::bulk_step`].
+    bulk: Vec<BulkJob>,
 }
 
 fn view(side: Side, p: Problem) -> ProblemView {
@@ -665,12 +809,16 @@ fn needs_content(action: &Action) -> Option<&FileMeta> {
 }
 
 /// Stages on `dst` every file the actions need, reading missing chunks from `src`. Returns the
-/// paths that are fully staged. Per-file trouble becomes a problem; an endpoint failure is an
-/// error tagged with which endpoint failed.
+/// paths that are fully staged. With `defer`, a file still missing [`BULK_MIN_BYTES`] or more
+/// after staging is left staged: it goes into a bulk job in `executed` and into
+/// `deferred_paths`. Per-file trouble becomes a problem; an endpoint failure is an error
+/// tagged with which endpoint failed.
 async fn stage_files<S: Endpoint, D: Endpoint>(
     src: &mut S,
     dst: &mut D,
     actions: &[Action],
+    defer: bool,
+    deferred_paths: &mut HashSet<RelPath>,
     problems: &mut Vec<ProblemView>,
     executed: &mut Executed,
 ) -> Result<HashSet<RelPath>, (Which, EndpointError)> {
@@ -734,28 +882,73 @@ async fn stage_files<S: Endpoint, D: Endpoint>(
             .map(|r| (r.path.clone(), r.manifest.chunks.len()))
             .collect();
         let results = dst.stage(requests).await.map_err(|e| (Which::Dest, e))?;
-        let mut missing: Vec<Hash> = Vec::new();
-        let mut waiting: HashMap<Hash, Vec<RelPath>> = HashMap::new();
-        let mut ok_paths = Vec::new();
+        // Only hashes this batch's manifests contain can be read; anything else a (possibly
+        // hostile) destination asked for is ignored.
+        let mut wants: Vec<(RelPath, Vec<Hash>, bool)> = Vec::new();
         for ((path, total), result) in paths.into_iter().zip(results) {
             match result {
-                Ok(want) => {
+                Ok(mut want) => {
                     executed.chunks_reused += total.saturating_sub(want.len()) as u64;
-                    for h in want {
-                        let w = waiting.entry(h).or_default();
-                        if w.is_empty() {
-                            missing.push(h);
-                        }
-                        w.push(path.clone());
-                    }
-                    ok_paths.push(path);
+                    want.retain(|h| sources.contains_key(h));
+                    let bytes: u64 = want
+                        .iter()
+                        .filter_map(|h| sources.get(h))
+                        .map(|r| u64::from(r.chunk.len))
+                        .sum();
+                    wants.push((path, want, defer && bytes >= BULK_MIN_BYTES));
                 }
                 Err(p) => problems.push(view(dst_side, p)),
             }
         }
-        // Only hashes this batch's manifests contain can be read; anything else a (possibly
-        // hostile) destination asked for is ignored.
-        missing.retain(|h| sources.contains_key(h));
+        // A chunk some file sent now waits for is supplied now (it fills every staged file
+        // that wants it); the rest go to the bulk job.
+        let mut missing: Vec<Hash> = Vec::new();
+        let mut waiting: HashMap<Hash, Vec<RelPath>> = HashMap::new();
+        for (path, want, deferred) in &wants {
+            if *deferred {
+                continue;
+            }
+            for h in want {
+                let w = waiting.entry(*h).or_default();
+                if w.is_empty() {
+                    missing.push(*h);
+                }
+                w.push(path.clone());
+            }
+        }
+        let mut job = BulkJob {
+            actions: Vec::new(),
+            reads: VecDeque::new(),
+            ready: None,
+            waiting: HashMap::new(),
+            failed: HashSet::new(),
+        };
+        let mut ok_paths = Vec::new();
+        for (path, want, deferred) in wants {
+            if !deferred {
+                ok_paths.push(path);
+                continue;
+            }
+            for h in want {
+                if waiting.contains_key(&h) {
+                    continue;
+                }
+                let w = job.waiting.entry(h).or_default();
+                if w.is_empty() {
+                    if let Some(read) = sources.get(&h) {
+                        job.reads.push_back(read.clone());
+                    }
+                }
+                w.push(path.clone());
+            }
+            if let Some(action) = actions.iter().find(|a| a.path == path) {
+                job.actions.push(action.clone());
+            }
+            deferred_paths.insert(path);
+        }
+        if !job.actions.is_empty() {
+            executed.bulk.push(job);
+        }
         let mut failed: HashSet<RelPath> = HashSet::new();
         // Two stages in flight: the source reads group k+1 while the destination takes group
         // k, so neither side idles waiting for the other.
@@ -802,6 +995,49 @@ async fn stage_files<S: Endpoint, D: Endpoint>(
     Ok(staged)
 }
 
+/// One step of a bulk job from `src` to `dst` (see [`Controller::bulk_step`]). `Ok(true)`
+/// once every chunk has been read and supplied.
+async fn advance<S: Endpoint, D: Endpoint>(
+    src: &mut S,
+    dst: &mut D,
+    job: &mut BulkJob,
+) -> Result<bool, (Which, EndpointError)> {
+    let take = job.reads.len().min(MAX_CHUNKS_PER_READ);
+    let reads: Vec<ChunkRead> = job.reads.drain(..take).collect();
+    let previous = job.ready.take();
+    let (data, supplied) = tokio::join!(
+        async {
+            if reads.is_empty() {
+                Ok(Vec::new())
+            } else {
+                src.read_chunks(reads.clone()).await
+            }
+        },
+        async {
+            match previous {
+                Some(chunks) => dst.supply(chunks).await,
+                None => Ok(()),
+            }
+        }
+    );
+    supplied.map_err(|e| (Which::Dest, e))?;
+    let data = data.map_err(|e| (Which::Source, e))?;
+    let mut supply = Vec::with_capacity(reads.len());
+    for (read, d) in reads.iter().zip(data) {
+        match d {
+            Some(d) => supply.push((read.chunk.hash, d)),
+            None => {
+                let waiting = job.waiting.get(&read.chunk.hash).into_iter().flatten();
+                job.failed.extend(waiting.cloned());
+            }
+        }
+    }
+    if !supply.is_empty() {
+        job.ready = Some(supply);
+    }
+    Ok(job.reads.is_empty() && job.ready.is_none())
+}
+
 /// Removals: deletes, and a directory replaced by a non-directory (its children go first).
 fn is_removal(a: &Action) -> bool {
     a.new.is_none()
@@ -816,11 +1052,14 @@ fn is_removal(a: &Action) -> bool {
 ///    batch of temps open however many files a cycle brings;
 /// 3. removals, children first, last of all: until then a renamed or moved file's old copy is
 ///    still there to build the new one from.
+///
+/// With `defer` (live cycles), big transfers are left to bulk jobs (see [`stage_files`]).
 async fn apply_side<S: Endpoint, D: Endpoint>(
     src: &mut S,
     dst: &mut D,
     side: Side,
     actions: Vec<Action>,
+    defer: bool,
     problems: &mut Vec<ProblemView>,
     executed: &mut Executed,
 ) -> Result<(), (Which, EndpointError)> {
@@ -837,14 +1076,16 @@ async fn apply_side<S: Endpoint, D: Endpoint>(
     }
     for phase in [content, removals] {
         for batch in phase.chunks(MAX_STAGE_BATCH_FILES) {
-            let staged = stage_files(src, dst, batch, problems, executed).await?;
+            let mut deferred = HashSet::new();
+            let staged =
+                stage_files(src, dst, batch, defer, &mut deferred, problems, executed).await?;
             let ready: Vec<Action> = batch
                 .iter()
                 .filter(|a| needs_content(a).is_none() || staged.contains(&a.path))
                 .cloned()
                 .collect();
-            if ready.len() < batch.len() {
-                executed.pending += batch.len() - ready.len();
+            if ready.len() + deferred.len() < batch.len() {
+                executed.pending += batch.len() - ready.len() - deferred.len();
             }
             transition(dst, side, &ready, problems, executed).await?;
         }

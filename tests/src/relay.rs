@@ -42,6 +42,8 @@ pub struct RelayCounters {
     up: AtomicU64,
     down: AtomicU64,
     connections: AtomicU64,
+    /// Bytes per second each direction may carry; 0: as fast as it goes.
+    rate: AtomicU64,
 }
 
 impl RelayCounters {
@@ -159,6 +161,12 @@ impl Relay {
         Arc::clone(&self.counters)
     }
 
+    /// Limits each direction of every connection to `bytes_per_sec` (0: no limit), like a slow
+    /// link: lets tests see what happens while a big transfer is on the wire.
+    pub fn set_rate_limit(&self, bytes_per_sec: u64) {
+        self.counters.rate.store(bytes_per_sec, Ordering::Relaxed);
+    }
+
     /// Cuts every relayed connection (both sides see the connection close) and keeps listening:
     /// a way for tests to make the agents reconnect.
     pub fn disconnect_all(&self) {
@@ -273,8 +281,8 @@ async fn relay_connection(
     };
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
-    let up = pump(client_read, server_write, &counters.up);
-    let down = pump(server_read, client_write, &counters.down);
+    let up = pump(client_read, server_write, &counters.up, &counters.rate);
+    let down = pump(server_read, client_write, &counters.down, &counters.rate);
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     while !(up_done && down_done) {
@@ -300,12 +308,23 @@ async fn pump(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
     counter: &AtomicU64,
+    rate: &AtomicU64,
 ) -> io::Result<()> {
     let mut buffer = vec![0u8; RELAY_BUFFER_BYTES];
     loop {
-        let read = from.read(&mut buffer).await?;
+        let limit = rate.load(Ordering::Relaxed);
+        // Under a rate limit, small reads keep the pacing smooth.
+        let want = if limit == 0 {
+            RELAY_BUFFER_BYTES
+        } else {
+            RELAY_BUFFER_BYTES.min(16 * 1024)
+        };
+        let read = from.read(&mut buffer[..want]).await?;
         if read == 0 {
             return to.shutdown().await;
+        }
+        if let Some(nanos) = (read as u64 * 1_000_000_000).checked_div(limit) {
+            tokio::time::sleep(Duration::from_nanos(nanos)).await;
         }
         // Counted write by write rather than after `write_all`, so bytes that did reach the
         // peer before a failure are not lost from the count.

@@ -597,3 +597,193 @@ async fn a_targeted_cycle_never_halts_a_move_that_it_sees_only_half_of() {
     assert!(!report.halted, "{report:?}");
     assert_same_tree(&p.host_dir, &p.guest_dir);
 }
+
+fn paths(list: &[&str]) -> vmsync_core::endpoint::ScanScope {
+    vmsync_core::endpoint::ScanScope::Paths(
+        list.iter()
+            .map(|p| vmsync_core::RelPath::from_bytes(p.as_bytes()).unwrap())
+            .collect(),
+    )
+}
+
+/// Issue 3 #2: in a live (targeted) cycle a big new file does not hold up the small ones
+/// hinted with it: they land in that cycle, the big one in bulk steps afterwards, and a cycle
+/// that runs in between leaves the file in flight alone.
+#[tokio::test]
+async fn a_live_cycle_lands_small_files_first_and_finishes_a_big_one_in_bulk_steps() {
+    let mut p = pair();
+    p.sync().await;
+    let big = random_bytes(7, 20 << 20);
+    write(&p.host_dir, "big.bin", &big);
+    for i in 0..10 {
+        write(&p.host_dir, &format!("small/{i}.txt"), format!("small {i}"));
+    }
+    let sides = p.sides();
+    let report = sides
+        .controller
+        .cycle(
+            &mut sides.host,
+            &mut sides.guest,
+            paths(&["big.bin", "small"]),
+        )
+        .await
+        .unwrap();
+    assert!(!report.halted, "{report:?}");
+    for i in 0..10 {
+        assert_eq!(
+            read(&p.guest_dir, &format!("small/{i}.txt")),
+            format!("small {i}").as_bytes()
+        );
+    }
+    assert!(
+        !p.guest_dir.join("big.bin").exists(),
+        "the big file is still crossing"
+    );
+    let sides = p.sides();
+    assert!(sides.controller.has_bulk());
+    assert_eq!(
+        p.status().state,
+        vmsync_engine::status::ShareState::Syncing,
+        "not in sync while a bulk transfer is pending"
+    );
+
+    // One bulk step moves a bounded part (at most 64 chunks), then a live cycle of another
+    // path runs and also one that names the big file: it is frozen, nothing is restaged.
+    let sides = p.sides();
+    sides
+        .controller
+        .bulk_step(&mut sides.host, &mut sides.guest)
+        .await
+        .unwrap();
+    let after_one_step = p.host_counters.served();
+    assert!(
+        after_one_step > 0 && after_one_step <= 64 * 64 * 1024,
+        "{after_one_step}"
+    );
+    write(&p.host_dir, "during.txt", "edited during the bulk transfer");
+    let sides = p.sides();
+    sides
+        .controller
+        .cycle(
+            &mut sides.host,
+            &mut sides.guest,
+            paths(&["during.txt", "big.bin"]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        read(&p.guest_dir, "during.txt"),
+        b"edited during the bulk transfer"
+    );
+    assert!(!p.guest_dir.join("big.bin").exists());
+
+    let mut steps = 0;
+    while p.sides().controller.has_bulk() {
+        let sides = p.sides();
+        sides
+            .controller
+            .bulk_step(&mut sides.host, &mut sides.guest)
+            .await
+            .unwrap();
+        steps += 1;
+        assert!(steps < 10_000, "bulk transfer does not finish");
+    }
+    assert!(steps > 2, "the transfer took {steps} steps: not split");
+    assert_eq!(read(&p.guest_dir, "big.bin"), big);
+    let sides = p.sides();
+    let rehint = sides.controller.take_rehints();
+    assert_eq!(
+        rehint,
+        vec![vmsync_core::RelPath::from_bytes(b"big.bin").unwrap()]
+    );
+    // Only the new data crossed, once; and the ancestor knows the file: a full cycle after it
+    // moves nothing.
+    let served = p.host_counters.served();
+    assert!(
+        served >= big.len() as u64 && served < big.len() as u64 + (1 << 20),
+        "{served}"
+    );
+    p.host_counters.reset();
+    let report = p.sync().await;
+    assert_eq!(report.applied, 0, "{report:?}");
+    assert_eq!(p.host_counters.served(), 0);
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+}
+
+/// A full cycle while a bulk transfer is in flight takes the file over (both sides drop their
+/// staged files at a full scan) and lands it itself.
+#[tokio::test]
+async fn a_full_cycle_takes_over_a_bulk_transfer_in_flight() {
+    let mut p = pair();
+    p.sync().await;
+    let big = random_bytes(8, 12 << 20);
+    write(&p.guest_dir, "out/big.bin", &big);
+    let sides = p.sides();
+    sides
+        .controller
+        .cycle(&mut sides.host, &mut sides.guest, paths(&["out"]))
+        .await
+        .unwrap();
+    let sides = p.sides();
+    assert!(sides.controller.has_bulk());
+    sides
+        .controller
+        .bulk_step(&mut sides.host, &mut sides.guest)
+        .await
+        .unwrap();
+    let report = p.sync().await;
+    assert!(!p.sides().controller.has_bulk());
+    assert!(!report.halted, "{report:?}");
+    assert_eq!(read(&p.host_dir, "out/big.bin"), big);
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+    assert_eq!(p.status().state, vmsync_engine::status::ShareState::InSync);
+}
+
+/// The source changes while its bulk transfer runs: nothing torn lands, and the next cycle
+/// (the path is hinted again) sends the new version.
+#[tokio::test]
+async fn a_bulk_transfer_whose_source_changes_lands_nothing_torn() {
+    let mut p = pair();
+    p.sync().await;
+    write(&p.host_dir, "big.bin", random_bytes(9, 10 << 20));
+    let sides = p.sides();
+    sides
+        .controller
+        .cycle(&mut sides.host, &mut sides.guest, paths(&["big.bin"]))
+        .await
+        .unwrap();
+    let newer = random_bytes(10, 11 << 20);
+    write(&p.host_dir, "big.bin", &newer);
+    let mut steps = 0;
+    while p.sides().controller.has_bulk() {
+        let sides = p.sides();
+        sides
+            .controller
+            .bulk_step(&mut sides.host, &mut sides.guest)
+            .await
+            .unwrap();
+        steps += 1;
+        assert!(steps < 10_000);
+    }
+    assert!(
+        !p.guest_dir.join("big.bin").exists(),
+        "a torn or stale file landed"
+    );
+    let sides = p.sides();
+    let rehint = sides.controller.take_rehints();
+    let scope = vmsync_core::endpoint::ScanScope::Paths(rehint);
+    sides
+        .controller
+        .cycle(&mut sides.host, &mut sides.guest, scope)
+        .await
+        .unwrap();
+    while p.sides().controller.has_bulk() {
+        let sides = p.sides();
+        sides
+            .controller
+            .bulk_step(&mut sides.host, &mut sides.guest)
+            .await
+            .unwrap();
+    }
+    assert_eq!(read(&p.guest_dir, "big.bin"), newer);
+}

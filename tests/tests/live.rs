@@ -644,3 +644,46 @@ fn wait_returns_once_edits_made_before_it_have_landed() {
         );
     }
 }
+
+/// Issue 3 #2: a burst of small changes does not wait behind a big file. With the link slowed
+/// to 16 MiB/s, a 48 MiB file takes about three seconds to cross; 200 small files written just
+/// after it must all have landed, byte for byte, while the big one is still on its way.
+#[test]
+fn small_files_do_not_wait_behind_a_big_transfer_both_ways() {
+    let a = started("", |_| {});
+    a.relay.set_rate_limit(16 << 20);
+    for (n, (src, dst, label)) in directions(&a).into_iter().enumerate() {
+        let big = random_bytes(40 + n as u64, 48 << 20);
+        // Made next to the share and renamed in: the file appears whole, in one event.
+        let outside = a.tmp.path().join(format!("big-{n}.tmp"));
+        std::fs::write(&outside, &big).unwrap();
+        std::fs::rename(&outside, src.join(format!("big-{n}.bin"))).unwrap();
+        for i in 0..200 {
+            write(
+                &src,
+                &format!("burst-{n}/f{i:03}.txt"),
+                format!("{label} {i}\n"),
+            );
+        }
+        let all_small_there = || {
+            (0..200).all(|i| {
+                std::fs::read(dst.join(format!("burst-{n}/f{i:03}.txt")))
+                    .is_ok_and(|d| d == format!("{label} {i}\n").as_bytes())
+            })
+        };
+        assert!(
+            eventually(SETTLE, all_small_there),
+            "{label}: the small files did not land; status {}",
+            a.status()
+        );
+        let big_there = std::fs::read(dst.join(format!("big-{n}.bin"))).ok();
+        assert!(
+            big_there.is_none(),
+            "{label}: the big file landed before the small files written after it"
+        );
+        a.converge(SETTLE_BIG);
+        assert_eq!(read(&dst, &format!("big-{n}.bin")), big, "{label}");
+    }
+    a.relay.set_rate_limit(0);
+    settled(&a);
+}
