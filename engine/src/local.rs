@@ -534,20 +534,26 @@ impl LocalShare {
         }
         let per_thread = jobs.len().div_ceil(SEAL_THREADS);
         let failed: Mutex<Vec<RelPath>> = Mutex::new(Vec::new());
-        std::thread::scope(|scope| {
-            for slice in jobs.chunks_mut(per_thread) {
-                let failed = &failed;
-                scope.spawn(move || {
-                    for (path, staged) in slice.iter_mut() {
-                        let (mode, mtime) = (staged.meta.mode, staged.meta.mtime);
-                        if let Err(e) = root.seal_temp(&mut staged.temp, mode, mtime) {
-                            tracing::warn!(path = %path.escaped(), "fsync of staged file failed: {e}");
-                            if let Ok(mut f) = failed.lock() {
-                                f.push((*path).clone());
-                            }
-                        }
+        let seal = |slice: &mut [(&RelPath, &mut Staged)]| {
+            for (path, staged) in slice.iter_mut() {
+                let (mode, mtime) = (staged.meta.mode, staged.meta.mtime);
+                if let Err(e) = root.seal_temp(&mut staged.temp, mode, mtime) {
+                    tracing::warn!(path = %path.escaped(), "fsync of staged file failed: {e}");
+                    if let Ok(mut f) = failed.lock() {
+                        f.push((*path).clone());
                     }
-                });
+                }
+            }
+        };
+        // The calling thread seals the first slice: a live edit's one file costs no thread.
+        std::thread::scope(|scope| {
+            let mut slices = jobs.chunks_mut(per_thread);
+            let first = slices.next();
+            for slice in slices {
+                scope.spawn(move || seal(slice));
+            }
+            if let Some(slice) = first {
+                seal(slice);
             }
         });
         for path in failed.into_inner().unwrap_or_default() {

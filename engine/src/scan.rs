@@ -220,23 +220,24 @@ fn hash_all(root: &ShareRoot, jobs: Vec<HashJob>, out: &mut ScanOutput) {
     if jobs.is_empty() {
         return;
     }
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, MAX_HASH_THREADS)
-        .min(jobs.len());
+    let threads = hash_threads().min(jobs.len());
     let next = AtomicUsize::new(0);
     let results = Mutex::new(Vec::with_capacity(jobs.len()));
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(job) = jobs.get(i) else { break };
-                let result = hash_file(root, &job.path);
-                if let Ok(mut r) = results.lock() {
-                    r.push((job.path.clone(), result));
-                }
-            });
+    let work = || loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let Some(job) = jobs.get(i) else { break };
+        let result = hash_file(root, &job.path);
+        if let Ok(mut r) = results.lock() {
+            r.push((job.path.clone(), result));
         }
+    };
+    // The calling thread is one of the workers: a live edit's single file is hashed with no
+    // thread to start (that costs more than hashing a small file).
+    std::thread::scope(|s| {
+        for _ in 1..threads {
+            s.spawn(work);
+        }
+        work();
     });
     let results = results
         .into_inner()
@@ -250,6 +251,17 @@ fn hash_all(root: &ShareRoot, jobs: Vec<HashJob>, out: &mut ScanOutput) {
             Err(reason) => out.problems.push(Problem { path, reason }),
         }
     }
+}
+
+/// Threads that hash, at most: the machine's parallelism (looked up once: it reads cgroup
+/// files) up to [`MAX_HASH_THREADS`].
+fn hash_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, MAX_HASH_THREADS)
+    })
 }
 
 /// Reads and chunks one file, insisting on a consistent read.
