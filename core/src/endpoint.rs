@@ -168,6 +168,9 @@ pub trait Endpoint: Send {
     ) -> impl Future<Output = Result<Vec<Result<Vec<Hash>, Problem>>, EndpointError>> + Send;
 
     /// Supplies missing chunk data for staged files. Each chunk is verified against its hash.
+    /// A remote side may report this call's failure from the next call on the same endpoint
+    /// (it sends the next request without waiting for this answer); every call that uses the
+    /// supplied data comes after it, so none can succeed on data that did not arrive.
     fn supply(
         &mut self,
         chunks: Vec<(Hash, Vec<u8>)>,

@@ -392,6 +392,18 @@ impl Session {
         body: RequestBody,
         content_bytes: u64,
     ) -> Result<ResponseBody, EndpointError> {
+        self.send(share, body, content_bytes).await?.wait().await
+    }
+
+    /// Queues one request; its answer is collected with [`PendingCall::wait`]. The guest
+    /// handles a session's requests in order (PollChanges aside), so a request sent after
+    /// this one is handled after it.
+    pub(crate) async fn send(
+        &self,
+        share: u16,
+        body: RequestBody,
+        content_bytes: u64,
+    ) -> Result<PendingCall, EndpointError> {
         let inner = &*self.inner;
         let kind = body.kind();
         let permit = if kind == RequestKind::Ping {
@@ -418,6 +430,39 @@ impl Session {
             inner.stats.add_request();
         }
         inner.stats.add_content_sent(content_bytes);
+        Ok(PendingCall {
+            inner: self.inner.clone(),
+            id,
+            kind,
+            rx,
+        })
+    }
+}
+
+/// A request on its way: [`PendingCall::wait`] for the answer. Dropped, the answer is
+/// discarded when it comes.
+pub(crate) struct PendingCall {
+    inner: Arc<Inner>,
+    id: u64,
+    kind: RequestKind,
+    rx: oneshot::Receiver<ResponseBody>,
+}
+
+impl std::fmt::Debug for PendingCall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PendingCall({} {})", self.kind.name(), self.id)
+    }
+}
+
+impl PendingCall {
+    /// Waits for the answer, up to the request timeout (closing the session when it passes).
+    pub(crate) async fn wait(self) -> Result<ResponseBody, EndpointError> {
+        let PendingCall {
+            inner,
+            id,
+            kind,
+            rx,
+        } = self;
         match tokio::time::timeout(inner.config.request_timeout, rx).await {
             Ok(Ok(body)) => Ok(body),
             Ok(Err(_)) => Err(EndpointError::Disconnected(inner.reason())),

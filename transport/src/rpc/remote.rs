@@ -7,7 +7,7 @@
 //! on it can be trusted either. Chunk data sent by `supply` is compressed here, at the level set
 //! with [`RemoteEndpoint::with_zstd_level`].
 
-use super::client::{Listing, Session};
+use super::client::{Listing, PendingCall, Session};
 use super::stats::chunk_bytes;
 use crate::error::{error_chain, TransportError};
 use std::sync::Arc;
@@ -21,11 +21,26 @@ use vmsync_protocol::listing;
 use vmsync_protocol::{decode_chunk, encode_chunk, RequestBody, ResponseBody, WireChunk};
 
 /// One share of a remote guest, as an `Endpoint`. Cheap to create; many may share a session.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RemoteEndpoint {
     session: Session,
     share: u16,
     zstd_level: i32,
+    /// The last `supply`, sent and not yet answered: its answer is collected by the next call,
+    /// after that call's request is on its way (see [`Endpoint::supply`] below).
+    unanswered: Option<PendingCall>,
+}
+
+impl Clone for RemoteEndpoint {
+    /// A clone shares the session, not the unanswered supply.
+    fn clone(&self) -> Self {
+        RemoteEndpoint {
+            session: self.session.clone(),
+            share: self.share,
+            zstd_level: self.zstd_level,
+            unanswered: None,
+        }
+    }
 }
 
 impl RemoteEndpoint {
@@ -42,6 +57,7 @@ impl RemoteEndpoint {
             session,
             share,
             zstd_level: DEFAULT_ZSTD_LEVEL,
+            unanswered: None,
         })
     }
 
@@ -67,12 +83,27 @@ impl RemoteEndpoint {
         &self.session
     }
 
+    /// Sends one request; collects the answer of an unanswered `supply` sent before it (the
+    /// guest handles them in order), then this request's answer.
     async fn call(
-        &self,
+        &mut self,
         body: RequestBody,
         content_bytes: u64,
     ) -> Result<ResponseBody, EndpointError> {
-        self.session.call(self.share, body, content_bytes).await
+        let pending = self.session.send(self.share, body, content_bytes).await?;
+        self.settle().await?;
+        pending.wait().await
+    }
+
+    /// Collects the answer of the unanswered `supply`, if any: its error, if it failed.
+    async fn settle(&mut self) -> Result<(), EndpointError> {
+        let Some(pending) = self.unanswered.take() else {
+            return Ok(());
+        };
+        match pending.wait().await? {
+            ResponseBody::Supply(result) => result,
+            other => Err(self.wrong_kind("Supply", &other)),
+        }
     }
 
     fn wrong_kind(&self, asked: &str, got: &ResponseBody) -> EndpointError {
@@ -240,10 +271,16 @@ impl Endpoint for RemoteEndpoint {
             .map(|(hash, data)| encode_chunk(*hash, data, level_for_batch(level, raw)))
             .collect();
         let content = chunk_bytes(&chunks);
-        match self.call(RequestBody::Supply { chunks }, content).await? {
-            ResponseBody::Supply(result) => result,
-            other => Err(self.wrong_kind("Supply", &other)),
-        }
+        // Not waited for: what follows a supply (the next supply, the transition) is sent
+        // right behind it, and its answer, an error included, is collected by that next call.
+        // This saves a round trip per batch; a failed supply fails the call after it.
+        let pending = self
+            .session
+            .send(self.share, RequestBody::Supply { chunks }, content)
+            .await?;
+        self.settle().await?;
+        self.unanswered = Some(pending);
+        Ok(())
     }
 
     async fn transition(&mut self, changes: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {

@@ -146,6 +146,8 @@ where
     let mut listings: HashMap<u16, Listing> = HashMap::new();
     let mut next_token: u64 = 1;
 
+    // Requests are handled one at a time, in the order they arrived (long-polls aside). The
+    // client relies on it: it sends what follows a `Supply` without waiting for its answer.
     loop {
         let request = tokio::select! {
             biased;
