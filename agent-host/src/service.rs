@@ -259,6 +259,7 @@ impl SyncLoop {
             .map(|s| ShareOpen {
                 name: s.config.name.clone(),
                 ignore: share_patterns(&s.config),
+                respect_gitignore: s.config.respect_gitignore,
             })
             .collect();
         let hello = handshake::hello(env!("CARGO_PKG_VERSION"), opens);

@@ -316,6 +316,8 @@ impl LocalShare {
             root: marker.map(|marker| RootId { marker, dev, ino }),
             entries: out.entries,
             problems: out.problems,
+            // Filled by the scanner once it reads the tree's ignore files.
+            ignored: Vec::new(),
         })
     }
 

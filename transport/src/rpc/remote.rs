@@ -148,6 +148,7 @@ impl RemoteEndpoint {
             root: delta.root,
             entries,
             problems: delta.problems,
+            ignored: delta.ignored,
         })
     }
 }
