@@ -287,12 +287,16 @@ impl Controller {
             .collect();
         // A path a scan could not read (unreadable, still changing, a special file in the way)
         // is absent from its report. Absent must not read as deleted: freeze every such path,
-        // and everything beneath it, on both sides for this cycle.
+        // and everything beneath it, on both sides for this cycle. Likewise what a side's own
+        // ignore files exclude: never sent, deleted or overwritten, and its ancestor record
+        // kept for when it is no longer ignored.
         let frozen: Vec<&RelPath> = host_scan
             .problems
             .iter()
             .chain(&guest_scan.problems)
             .map(|p| &p.path)
+            .chain(&host_scan.ignored)
+            .chain(&guest_scan.ignored)
             .collect();
         for path in frozen {
             for snap in [&mut host_snap, &mut guest_snap, &mut ancestor] {

@@ -11,11 +11,12 @@
 
 use crate::chunk::hash_chunk;
 use crate::filter::Filter;
+use crate::gitignore::RulesCache;
 use crate::index::{FileIndex, Identity, IndexRecord};
 use crate::root::{FileKind, FsError, FsErrorKind, ShareRoot, TempFile};
 use crate::scan::{hash_file, scan};
 use crate::state::StateDb;
-use crate::watch::ShareWatcher;
+use crate::watch::{ShareWatcher, SharedFilter};
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -44,6 +45,8 @@ pub struct LocalShare {
     path: PathBuf,
     root: Option<ShareRoot>,
     filter: Filter,
+    /// The tree's compiled ignore files, kept between scans.
+    rules: RulesCache,
     index: FileIndex,
     db: Arc<StateDb>,
     staged: HashMap<RelPath, Staged>,
@@ -61,9 +64,10 @@ pub struct LocalEndpoint {
 }
 
 /// The share's watcher, started by the first [`Endpoint::changes`] call.
-#[derive(Default)]
 struct WatchState {
     watcher: std::sync::OnceLock<Arc<ShareWatcher>>,
+    /// The share's ignore rules, as the watcher reads them.
+    filter: SharedFilter,
     /// Why watching is not possible (shown in status); changes then come as periodic rescans.
     failed: Mutex<Option<String>>,
 }
@@ -81,11 +85,17 @@ impl LocalEndpoint {
         db: Arc<StateDb>,
     ) -> Result<LocalEndpoint, crate::state::StateError> {
         let index = FileIndex::from_records(db.load_index(name)?);
+        let watch = WatchState {
+            watcher: std::sync::OnceLock::new(),
+            filter: Arc::new(std::sync::RwLock::new(filter.clone())),
+            failed: Mutex::new(None),
+        };
         let share = LocalShare {
             name: name.to_string(),
             path,
             root: None,
             filter,
+            rules: RulesCache::default(),
             index,
             db,
             staged: HashMap::new(),
@@ -94,7 +104,7 @@ impl LocalEndpoint {
         };
         Ok(LocalEndpoint {
             inner: Arc::new(Mutex::new(share)),
-            watch: Arc::new(WatchState::default()),
+            watch: Arc::new(watch),
         })
     }
 
@@ -123,8 +133,12 @@ impl LocalEndpoint {
         self.watch.failed.lock().ok().and_then(|f| f.clone())
     }
 
-    /// Replaces the ignore rules (the guest learns the host's at handshake).
+    /// Replaces the ignore rules (the guest learns the host's at handshake), for scans and
+    /// for a running watch alike.
     pub fn set_filter(&self, filter: Filter) {
+        if let Ok(mut w) = self.watch.filter.write() {
+            *w = filter.clone();
+        }
         if let Ok(mut s) = self.inner.lock() {
             s.filter = filter;
         }
@@ -202,11 +216,11 @@ impl Endpoint for LocalEndpoint {
                 rescan: true,
             });
         }
-        let (path, filter) = self
-            .inner
-            .lock()
-            .map(|s| (s.path.clone(), s.filter.clone()))
-            .map_err(|_| EndpointError::Io("share state poisoned by an earlier panic".into()))?;
+        let path =
+            self.inner.lock().map(|s| s.path.clone()).map_err(|_| {
+                EndpointError::Io("share state poisoned by an earlier panic".into())
+            })?;
+        let filter = self.watch.filter.clone();
         let started = tokio::task::spawn_blocking(move || ShareWatcher::start(&path, filter))
             .await
             .map_err(|e| EndpointError::Io(format!("starting the watcher: {e}")))?;
@@ -295,7 +309,8 @@ impl LocalShare {
             }
             None => None,
         };
-        let out = scan(root, &self.filter, &self.index, scope).map_err(|e| match e.kind() {
+        let out = scan(root, &self.filter, &self.index, &self.rules, scope);
+        let out = out.map_err(|e| match e.kind() {
             FsErrorKind::NotFound => EndpointError::RootMissing(self.path.display().to_string()),
             _ => io_err(e),
         })?;
@@ -316,8 +331,7 @@ impl LocalShare {
             root: marker.map(|marker| RootId { marker, dev, ino }),
             entries: out.entries,
             problems: out.problems,
-            // Filled by the scanner once it reads the tree's ignore files.
-            ignored: Vec::new(),
+            ignored: out.ignored,
         })
     }
 

@@ -7,17 +7,26 @@
 //! Coalescing needs no timer: hints accumulate while the controller is busy with a cycle and
 //! are taken all at once when it asks again, so a burst of thousands of events costs one
 //! targeted cycle, and a single edit is handed over the moment it happens.
+//!
+//! On a share that honours the tree's ignore files, a change to a `.gitignore` or `.ignore`
+//! becomes a hint for its directory: its rules decide about everything beneath, so all of it is
+//! rescanned (newly un-ignored entries are then synced; newly ignored ones left alone).
 
 use crate::filter::Filter;
+use crate::gitignore::is_ignore_file_name;
 use notify::{EventKind, RecursiveMode, Watcher as _};
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use vmsync_core::endpoint::ChangeHints;
 use vmsync_core::path::RESERVED_NAME;
 use vmsync_core::RelPath;
+
+/// The share's ignore rules as the watcher reads them: shared with its endpoint, so that new
+/// rules (a host that reconnects with another configuration) apply to a running watch.
+pub type SharedFilter = Arc<RwLock<Filter>>;
 
 /// More pending paths than this and the hint becomes "rescan everything": a rescan is cheaper
 /// than a scope list that long, and memory stays bounded whatever the event storm.
@@ -107,7 +116,7 @@ impl WatchError {
 
 impl ShareWatcher {
     /// Starts watching `root` recursively. Paths the filter ignores are dropped.
-    pub fn start(root: &Path, filter: Filter) -> Result<ShareWatcher, WatchError> {
+    pub fn start(root: &Path, filter: SharedFilter) -> Result<ShareWatcher, WatchError> {
         let shared = Arc::new(Shared::default());
         let cb_shared = shared.clone();
         let cb_root = root.to_path_buf();
@@ -122,11 +131,15 @@ impl ShareWatcher {
                         if event.need_rescan() {
                             hints.add_rescan();
                         } else if !matches!(event.kind, EventKind::Access(_)) {
+                            let filter = match filter.read() {
+                                Ok(f) => f,
+                                Err(poisoned) => poisoned.into_inner(),
+                            };
                             for path in &event.paths {
-                                if let Some(rel) = relative(&cb_root, path) {
-                                    if !filter.is_ignored(&rel, false) {
-                                        hints.add(rel);
-                                    }
+                                if let Some(hint) =
+                                    relative(&cb_root, path).and_then(|rel| hint_for(rel, &filter))
+                                {
+                                    hints.add(hint);
                                 }
                             }
                         }
@@ -170,6 +183,16 @@ impl ShareWatcher {
             notified.await;
         }
     }
+}
+
+/// What to rescan for a change at `rel`: its directory when it is an ignore file the share
+/// honours, else itself; `None` when the configured patterns exclude it.
+fn hint_for(rel: RelPath, filter: &Filter) -> Option<RelPath> {
+    let hint = match rel.name() {
+        Some(name) if filter.respects_gitignore() && is_ignore_file_name(name) => rel.parent()?,
+        _ => rel,
+    };
+    (!filter.is_ignored(&hint, false)).then_some(hint)
 }
 
 /// `path` relative to `root` as a `RelPath`; `None` outside the root, inside the reserved
@@ -228,10 +251,35 @@ mod tests {
         assert_eq!(relative(root, Path::new("/s/a/b")), Some(p("a/b")));
     }
 
+    #[test]
+    fn an_ignore_file_hints_its_directory_when_honoured() {
+        let plain = Filter::new(&["*.swp".into()]).unwrap();
+        let git = plain.clone().with_gitignore(true);
+        let cases = [
+            (&plain, "a/b/.gitignore", Some("a/b/.gitignore")),
+            (&git, "a/b/.gitignore", Some("a/b")),
+            (&git, "a/.ignore", Some("a")),
+            (&git, ".gitignore", Some("")),
+            (&git, "a/gitignore", Some("a/gitignore")),
+            (&git, "a/x.swp", None),
+        ];
+        for (filter, changed, want) in cases {
+            let got = hint_for(p(changed), filter).map(|h| h.escaped());
+            assert_eq!(got.as_deref(), want, "{changed}");
+        }
+        let mut h = HintSet::default();
+        h.add(hint_for(p(".gitignore"), &git).unwrap());
+        assert!(
+            h.take().rescan,
+            "the root's ignore files cover the whole share"
+        );
+    }
+
     #[tokio::test]
     async fn real_events_become_hints() {
         let dir = tempfile::tempdir().unwrap();
-        let w = ShareWatcher::start(dir.path(), Filter::new(&["*.swp".into()]).unwrap()).unwrap();
+        let filter = Filter::new(&["*.swp".into()]).unwrap();
+        let w = ShareWatcher::start(dir.path(), Arc::new(RwLock::new(filter))).unwrap();
         std::fs::write(dir.path().join("x.swp"), "ignored").unwrap();
         std::fs::create_dir_all(dir.path().join("new/deeper")).unwrap();
         std::fs::write(dir.path().join("file"), "data").unwrap();
