@@ -16,7 +16,7 @@ use crate::index::{FileIndex, Identity, IndexRecord};
 use crate::root::{FileKind, FsError, FsErrorKind, ShareRoot, TempFile};
 use crate::scan::{hash_file, scan};
 use crate::state::StateDb;
-use crate::watch::{ShareWatcher, SharedFilter};
+use crate::watch::{ShareWatcher, SharedRules, WatchRules};
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -47,6 +47,8 @@ pub struct LocalShare {
     filter: Filter,
     /// The tree's compiled ignore files, kept between scans.
     rules: RulesCache,
+    /// What the watcher knows of the ignore rules; scans keep it current.
+    watch_rules: SharedRules,
     index: FileIndex,
     db: Arc<StateDb>,
     staged: HashMap<RelPath, Staged>,
@@ -67,7 +69,7 @@ pub struct LocalEndpoint {
 struct WatchState {
     watcher: std::sync::OnceLock<Arc<ShareWatcher>>,
     /// The share's ignore rules, as the watcher reads them.
-    filter: SharedFilter,
+    rules: SharedRules,
     /// Why watching is not possible (shown in status); changes then come as periodic rescans.
     failed: Mutex<Option<String>>,
 }
@@ -85,9 +87,10 @@ impl LocalEndpoint {
         db: Arc<StateDb>,
     ) -> Result<LocalEndpoint, crate::state::StateError> {
         let index = FileIndex::from_records(db.load_index(name)?);
+        let watch_rules = Arc::new(std::sync::RwLock::new(WatchRules::new(filter.clone())));
         let watch = WatchState {
             watcher: std::sync::OnceLock::new(),
-            filter: Arc::new(std::sync::RwLock::new(filter.clone())),
+            rules: watch_rules.clone(),
             failed: Mutex::new(None),
         };
         let share = LocalShare {
@@ -96,6 +99,7 @@ impl LocalEndpoint {
             root: None,
             filter,
             rules: RulesCache::default(),
+            watch_rules,
             index,
             db,
             staged: HashMap::new(),
@@ -136,8 +140,8 @@ impl LocalEndpoint {
     /// Replaces the ignore rules (the guest learns the host's at handshake), for scans and
     /// for a running watch alike.
     pub fn set_filter(&self, filter: Filter) {
-        if let Ok(mut w) = self.watch.filter.write() {
-            *w = filter.clone();
+        if let Ok(mut w) = self.watch.rules.write() {
+            w.set_filter(filter.clone());
         }
         if let Ok(mut s) = self.inner.lock() {
             s.filter = filter;
@@ -220,8 +224,8 @@ impl Endpoint for LocalEndpoint {
             self.inner.lock().map(|s| s.path.clone()).map_err(|_| {
                 EndpointError::Io("share state poisoned by an earlier panic".into())
             })?;
-        let filter = self.watch.filter.clone();
-        let started = tokio::task::spawn_blocking(move || ShareWatcher::start(&path, filter))
+        let rules = self.watch.rules.clone();
+        let started = tokio::task::spawn_blocking(move || ShareWatcher::start(&path, rules))
             .await
             .map_err(|e| EndpointError::Io(format!("starting the watcher: {e}")))?;
         match started {
@@ -309,11 +313,17 @@ impl LocalShare {
             }
             None => None,
         };
+        if let Ok(mut w) = self.watch_rules.write() {
+            w.rescanning(scope);
+        }
         let out = scan(root, &self.filter, &self.index, &self.rules, scope);
         let out = out.map_err(|e| match e.kind() {
             FsErrorKind::NotFound => EndpointError::RootMissing(self.path.display().to_string()),
             _ => io_err(e),
         })?;
+        if let Ok(mut w) = self.watch_rules.write() {
+            w.ignored_dirs_found(&out.ignored_dirs);
+        }
         for path in &out.gone {
             self.index.remove(path);
         }

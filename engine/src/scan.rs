@@ -49,6 +49,9 @@ pub struct ScanOutput {
     /// What the tree's ignore files exclude (see `ScanReport::ignored`): sorted, none beneath
     /// another, at most [`MAX_SCAN_IGNORED`].
     pub ignored: Vec<RelPath>,
+    /// The directories among `ignored` (not those a coarsened list stands in for): nothing
+    /// beneath them can sync until the rules above them change.
+    pub ignored_dirs: Vec<RelPath>,
 }
 
 struct HashJob {
@@ -93,6 +96,10 @@ pub fn scan(
     out.gone = gone_paths(index, scope, &out.entries);
     let (ignored, coarsened) = bound_ignored(std::mem::take(&mut out.ignored), MAX_SCAN_IGNORED);
     out.ignored = ignored;
+    out.ignored_dirs.sort();
+    out.ignored_dirs.dedup();
+    out.ignored_dirs
+        .retain(|d| out.ignored.binary_search(d).is_ok());
     if let Some(problem) = coarsened {
         tracing::warn!("{}: {}", problem.path.escaped(), problem.reason);
         out.problems.push(problem);
@@ -151,7 +158,7 @@ impl Walk<'_> {
             return;
         }
         if rules.is_ignored(path, is_dir) {
-            self.out.ignored.push(path.clone());
+            self.ignored(path.clone(), is_dir);
             return;
         }
         match stat.kind {
@@ -218,7 +225,7 @@ impl Walk<'_> {
             return Ok(Above::Covered);
         }
         if outer.is_ignored(dir, is_dir) {
-            self.out.ignored.push(dir.clone());
+            self.ignored(dir.clone(), is_dir);
             return Ok(Above::Covered);
         }
         let Some(handle) = handle else {
@@ -293,7 +300,7 @@ impl Walk<'_> {
                 continue;
             }
             if rules.is_ignored(&path, is_dir) {
-                self.out.ignored.push(path);
+                self.ignored(path, is_dir);
                 continue;
             }
             match stat.kind {
@@ -348,6 +355,13 @@ impl Walk<'_> {
             path,
             "not a regular file, directory or symlink (fifo, socket or device); not synced".into(),
         );
+    }
+
+    fn ignored(&mut self, path: RelPath, is_dir: bool) {
+        if is_dir {
+            self.out.ignored_dirs.push(path.clone());
+        }
+        self.out.ignored.push(path);
     }
 
     fn problem(&mut self, path: &RelPath, reason: String) {
@@ -624,6 +638,7 @@ mod tests {
         let out = run(t.path(), &git_filter(), &ScanScope::Full);
         assert_eq!(entries(&out), [".gitignore"]);
         assert_eq!(ignored(&out), ["build"]);
+        assert_eq!(out.ignored_dirs, [p("build")]);
         assert!(out.problems.is_empty(), "{:?}", out.problems);
     }
 

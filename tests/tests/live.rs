@@ -691,3 +691,39 @@ fn gitignore_edits_take_effect_live_on_both_sides() {
     let code = a.wait(20);
     assert_eq!(code, 0, "wait exited {code}; status {}", a.status());
 }
+
+/// A build writing into a directory the tree's `.gitignore` excludes costs no cycles: the
+/// watcher drops events beneath a directory the last scan found ignored, as it does beneath
+/// one the configured patterns exclude (before it did, 10,000 such files cost 1,358 cycles).
+#[test]
+fn a_burst_into_a_gitignored_directory_costs_no_cycles() {
+    let a = started("respect_gitignore = true", |a| {
+        for dir in [&a.host_dir, &a.guest_dir] {
+            write(dir, ".gitignore", "target/\n");
+            std::fs::create_dir_all(dir.join("target/debug/deps")).unwrap();
+        }
+        write(&a.host_dir, "src/main.rs", "fn main() {}");
+    });
+    let before = a.share()["cycles"].as_u64().unwrap();
+    for f in 0..3000 {
+        write(
+            &a.guest_dir,
+            &format!("target/debug/deps/o{f:05}.o"),
+            "object",
+        );
+    }
+    write(&a.guest_dir, "src/lib.rs", "pub fn f() {}");
+    assert!(eventually(SETTLE, || a
+        .host_dir
+        .join("src/lib.rs")
+        .exists()));
+    assert_eq!(a.wait(20), 0);
+    let cycles = a.share()["cycles"].as_u64().unwrap() - before;
+    assert!(cycles <= 10, "{cycles} cycles for one synced file");
+    assert_eq!(
+        std::fs::read_dir(a.host_dir.join("target/debug/deps"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
