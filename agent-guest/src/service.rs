@@ -146,7 +146,9 @@ pub async fn run(config: GuestConfig) -> anyhow::Result<()> {
                     let ep = exports
                         .get(&open.name)
                         .ok_or_else(|| handshake::share_not_exported(&open.name))?;
-                    let filter = Filter::new(&open.ignore).map_err(|e| e.to_string())?;
+                    let filter = Filter::new(&open.ignore)
+                        .map_err(|e| e.to_string())?
+                        .with_gitignore(open.respect_gitignore);
                     ep.set_filter(filter);
                     Ok(ep.clone())
                 },

@@ -22,7 +22,9 @@
 //! mode = "two-way"                        # two-way | host-to-guest | guest-to-host
 //! conflict = "keep"                       # keep | host-wins | guest-wins | newer-wins (two-way only)
 //! ignore = ["target/", "*.swp"]           # gitignore syntax, relative to the share root
-//! respect_gitignore = false               # also honour .gitignore/.ignore files in the tree
+//! respect_gitignore = false               # also honour .gitignore/.ignore files in the tree:
+//!                                         # what they exclude on either side is never sent,
+//!                                         # deleted or overwritten; re-read when they change
 //! ignore_vcs = false                      # skip .git, .hg and .svn directories
 //! ```
 //!
@@ -304,16 +306,6 @@ fn resolve(raw: RawHostConfig, file: &Path, problems: &mut Problems) -> Option<H
             },
         };
         let ignore = check_ignore_patterns(name, &raw_share.ignore, problems);
-        if raw_share.respect_gitignore {
-            problems.at(
-                &raw_share.name,
-                format!(
-                "share {name:?}: respect_gitignore = true is not implemented in this build yet; \
-                 list the patterns in `ignore` instead"
-            ),
-            );
-            complete = false;
-        }
         match path {
             Some(path) => {
                 spans.push((raw_share.name.span(), raw_share.path.span()));
@@ -526,6 +518,8 @@ mode = "guest-to-host"
 name = "docs"
 path = "/home/alice/docs"
 mode = "host-to-guest"
+respect_gitignore = true
+ignore_vcs = true
 "#,
         );
         assert_eq!(
@@ -552,6 +546,8 @@ mode = "host-to-guest"
             config.shares[0].ignore,
             ["target/", "*.swp", "!keep.swp", "/build"]
         );
+        assert!(!config.shares[0].respect_gitignore && !config.shares[0].ignore_vcs);
+        assert!(config.shares[2].respect_gitignore && config.shares[2].ignore_vcs);
     }
 
     #[test]

@@ -109,7 +109,7 @@ pub async fn run(config: HostConfig) -> anyhow::Result<()> {
     };
     let mut shares = Vec::new();
     for share in &config.shares {
-        let filter = Filter::new(&share_patterns(share))?;
+        let filter = Filter::new(&share_patterns(share))?.with_gitignore(share.respect_gitignore);
         let settings = ShareSettings {
             name: share.name.clone(),
             mode: share.mode,
@@ -259,6 +259,7 @@ impl SyncLoop {
             .map(|s| ShareOpen {
                 name: s.config.name.clone(),
                 ignore: share_patterns(&s.config),
+                respect_gitignore: s.config.respect_gitignore,
             })
             .collect();
         let hello = handshake::hello(env!("CARGO_PKG_VERSION"), opens);

@@ -54,6 +54,14 @@ pub struct ScanReport {
     pub entries: Vec<(RelPath, Entry)>,
     /// Entries skipped (special files, escaping symlinks, unreadable, unstable) and why.
     pub problems: Vec<Problem>,
+    /// Paths in scope that the tree's own ignore files (`.gitignore`, `.ignore`) exclude on
+    /// this side, sorted, none beneath another (what is beneath an ignored directory is not
+    /// listed: it is ignored with it). The controller leaves them, and everything beneath
+    /// them, alone on both sides. At most [`MAX_SCAN_IGNORED`](crate::limits::MAX_SCAN_IGNORED);
+    /// beyond that a scan lists ancestor directories instead. Empty unless the share
+    /// respects ignore files. Paths the configured `ignore` patterns exclude are not listed:
+    /// both sides apply those alike.
+    pub ignored: Vec<RelPath>,
 }
 
 /// Options that shape a scan; the host sends its share config's values to the guest.

@@ -20,3 +20,9 @@ pub const CHUNK_MAX_BYTES: u32 = 64 * 1024;
 /// average), so a manifest (about 41 bytes a chunk) fits one 128 MiB message.
 /// Larger files are skipped and reported.
 pub const MAX_FILE_CHUNKS: usize = 2 * 1024 * 1024;
+
+/// Most ignored paths one scan reports (shares with `respect_gitignore`). A scan that skipped
+/// more reports their ancestor directories instead, a level higher at a time until they fit:
+/// the other side then leaves those directories alone entirely, which is safe, where dropping
+/// paths from the list would let it delete or overwrite them.
+pub const MAX_SCAN_IGNORED: usize = 65_536;

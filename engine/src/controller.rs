@@ -327,13 +327,17 @@ impl Controller {
             .collect();
         // A path a scan could not read (unreadable, still changing, a special file in the way)
         // is absent from its report. Absent must not read as deleted: freeze every such path,
-        // and everything beneath it, on both sides for this cycle.
-        // Files still crossing in a bulk job are frozen too, until it has landed them.
+        // and everything beneath it, on both sides for this cycle. Likewise what a side's own
+        // ignore files exclude: never sent, deleted or overwritten, and its ancestor record
+        // kept for when it is no longer ignored. Files still crossing in a bulk job are frozen
+        // too, until it has landed them.
         let frozen: Vec<&RelPath> = host_scan
             .problems
             .iter()
             .chain(&guest_scan.problems)
             .map(|p| &p.path)
+            .chain(&host_scan.ignored)
+            .chain(&guest_scan.ignored)
             .chain(
                 self.bulk
                     .iter()

@@ -2,6 +2,10 @@
 //! `RelPath`s. An ignored path is invisible to sync on both sides: never scanned, sent, deleted
 //! or overwritten. Matching a path also matches everything beneath it (`target/` hides
 //! `target/debug/x`), so a scan can skip ignored directories without descending.
+//!
+//! A filter also carries the share's `respect_gitignore` flag: whether the scanner honours the
+//! tree's own `.gitignore` and `.ignore` files as well (see [`crate::gitignore`]). Those depend
+//! on the tree, not on the configuration, so they are read by each scan, not compiled here.
 
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use std::ffi::OsStr;
@@ -22,6 +26,7 @@ pub struct FilterError {
 pub struct Filter {
     patterns: Vec<String>,
     matcher: std::sync::Arc<Gitignore>,
+    respect_gitignore: bool,
 }
 
 impl Filter {
@@ -42,7 +47,19 @@ impl Filter {
         Ok(Filter {
             patterns: patterns.to_vec(),
             matcher: std::sync::Arc::new(matcher),
+            respect_gitignore: false,
         })
+    }
+
+    /// This filter, also honouring the tree's `.gitignore` and `.ignore` files when `yes`.
+    pub fn with_gitignore(mut self, yes: bool) -> Filter {
+        self.respect_gitignore = yes;
+        self
+    }
+
+    /// True if scans also honour the tree's `.gitignore` and `.ignore` files.
+    pub fn respects_gitignore(&self) -> bool {
+        self.respect_gitignore
     }
 
     /// Matches nothing.
@@ -50,6 +67,7 @@ impl Filter {
         Filter {
             patterns: Vec::new(),
             matcher: std::sync::Arc::new(Gitignore::empty()),
+            respect_gitignore: false,
         }
     }
 
@@ -57,7 +75,8 @@ impl Filter {
         &self.patterns
     }
 
-    /// True if `path` (a directory when `is_dir`) or any of its parents is ignored.
+    /// True if `path` (a directory when `is_dir`) or any of its parents is ignored by the
+    /// configured patterns (the tree's ignore files are the scanner's business).
     pub fn is_ignored(&self, path: &RelPath, is_dir: bool) -> bool {
         if self.patterns.is_empty() || path.is_root() {
             return false;

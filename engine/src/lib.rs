@@ -4,6 +4,7 @@
 //! - [`root`]: the only door to share content: a root directory fd and `*at` syscalls.
 //! - [`chunk`]: FastCDC cut points and BLAKE3 chunk ids.
 //! - [`filter`]: ignore rules (gitignore syntax) applied to relative paths.
+//! - [`gitignore`]: the tree's own `.gitignore` and `.ignore` files, for `respect_gitignore`.
 //! - [`index`]: the in-memory file index: cached digests and where each chunk is found locally.
 //! - [`state`]: the redb database: per-share file index, and on the host the ancestor and halts.
 //! - [`scan`]: walks (part of) a share into entries, re-hashing only what changed.
@@ -20,6 +21,7 @@ pub mod conflicts;
 pub mod control;
 pub mod controller;
 pub mod filter;
+pub mod gitignore;
 pub mod index;
 pub mod local;
 pub mod notify_systemd;

@@ -11,11 +11,12 @@
 
 use crate::chunk::hash_chunk;
 use crate::filter::Filter;
+use crate::gitignore::RulesCache;
 use crate::index::{FileIndex, Identity, IndexRecord};
 use crate::root::{FileKind, FsError, FsErrorKind, ShareRoot, TempFile};
 use crate::scan::{hash_file, scan};
 use crate::state::StateDb;
-use crate::watch::ShareWatcher;
+use crate::watch::{ShareWatcher, SharedRules, WatchRules};
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -44,6 +45,10 @@ pub struct LocalShare {
     path: PathBuf,
     root: Option<ShareRoot>,
     filter: Filter,
+    /// The tree's compiled ignore files, kept between scans.
+    rules: RulesCache,
+    /// What the watcher knows of the ignore rules; scans keep it current.
+    watch_rules: SharedRules,
     index: FileIndex,
     db: Arc<StateDb>,
     staged: HashMap<RelPath, Staged>,
@@ -61,9 +66,10 @@ pub struct LocalEndpoint {
 }
 
 /// The share's watcher, started by the first [`Endpoint::changes`] call.
-#[derive(Default)]
 struct WatchState {
     watcher: std::sync::OnceLock<Arc<ShareWatcher>>,
+    /// The share's ignore rules, as the watcher reads them.
+    rules: SharedRules,
     /// Why watching is not possible (shown in status); changes then come as periodic rescans.
     failed: Mutex<Option<String>>,
 }
@@ -81,11 +87,19 @@ impl LocalEndpoint {
         db: Arc<StateDb>,
     ) -> Result<LocalEndpoint, crate::state::StateError> {
         let index = FileIndex::from_records(db.load_index(name)?);
+        let watch_rules = Arc::new(std::sync::RwLock::new(WatchRules::new(filter.clone())));
+        let watch = WatchState {
+            watcher: std::sync::OnceLock::new(),
+            rules: watch_rules.clone(),
+            failed: Mutex::new(None),
+        };
         let share = LocalShare {
             name: name.to_string(),
             path,
             root: None,
             filter,
+            rules: RulesCache::default(),
+            watch_rules,
             index,
             db,
             staged: HashMap::new(),
@@ -94,7 +108,7 @@ impl LocalEndpoint {
         };
         Ok(LocalEndpoint {
             inner: Arc::new(Mutex::new(share)),
-            watch: Arc::new(WatchState::default()),
+            watch: Arc::new(watch),
         })
     }
 
@@ -123,8 +137,12 @@ impl LocalEndpoint {
         self.watch.failed.lock().ok().and_then(|f| f.clone())
     }
 
-    /// Replaces the ignore rules (the guest learns the host's at handshake).
+    /// Replaces the ignore rules (the guest learns the host's at handshake), for scans and
+    /// for a running watch alike.
     pub fn set_filter(&self, filter: Filter) {
+        if let Ok(mut w) = self.watch.rules.write() {
+            w.set_filter(filter.clone());
+        }
         if let Ok(mut s) = self.inner.lock() {
             s.filter = filter;
         }
@@ -202,12 +220,12 @@ impl Endpoint for LocalEndpoint {
                 rescan: true,
             });
         }
-        let (path, filter) = self
-            .inner
-            .lock()
-            .map(|s| (s.path.clone(), s.filter.clone()))
-            .map_err(|_| EndpointError::Io("share state poisoned by an earlier panic".into()))?;
-        let started = tokio::task::spawn_blocking(move || ShareWatcher::start(&path, filter))
+        let path =
+            self.inner.lock().map(|s| s.path.clone()).map_err(|_| {
+                EndpointError::Io("share state poisoned by an earlier panic".into())
+            })?;
+        let rules = self.watch.rules.clone();
+        let started = tokio::task::spawn_blocking(move || ShareWatcher::start(&path, rules))
             .await
             .map_err(|e| EndpointError::Io(format!("starting the watcher: {e}")))?;
         match started {
@@ -295,10 +313,17 @@ impl LocalShare {
             }
             None => None,
         };
-        let out = scan(root, &self.filter, &self.index, scope).map_err(|e| match e.kind() {
+        if let Ok(mut w) = self.watch_rules.write() {
+            w.rescanning(scope);
+        }
+        let out = scan(root, &self.filter, &self.index, &self.rules, scope);
+        let out = out.map_err(|e| match e.kind() {
             FsErrorKind::NotFound => EndpointError::RootMissing(self.path.display().to_string()),
             _ => io_err(e),
         })?;
+        if let Ok(mut w) = self.watch_rules.write() {
+            w.ignored_dirs_found(&out.ignored_dirs);
+        }
         for path in &out.gone {
             self.index.remove(path);
         }
@@ -316,6 +341,7 @@ impl LocalShare {
             root: marker.map(|marker| RootId { marker, dev, ino }),
             entries: out.entries,
             problems: out.problems,
+            ignored: out.ignored,
         })
     }
 

@@ -5,16 +5,30 @@
 //! A file is reported only from a consistent read (HOSTILE rule 20): its identity must be the
 //! same before and after chunking, else it is retried a few times and then reported as a
 //! problem for a later cycle, never sent torn.
+//!
+//! With `respect_gitignore`, each directory's `.gitignore` and `.ignore` are read as the walk
+//! enters it (see [`crate::gitignore`]), and what they exclude is neither descended into nor
+//! reported as an entry, but listed in [`ScanOutput::ignored`]. A targeted scan of `a/b/c`
+//! reads the rules of the root, `a` and `a/b` first, so it decides exactly as a full scan
+//! would: an ignored `a` or `a/b` is listed (and nothing beneath it scanned) whether or not
+//! `a/b/c` exists. Every scan looks at the ignore files again (a compiled file is reused only
+//! while its identity is unchanged, see [`RulesCache`]), so an edited one takes effect at the
+//! next scan of its directory.
 
 use crate::chunk::chunk_reader;
 use crate::filter::Filter;
+use crate::gitignore::{read_dir_rules, Rules, RulesCache};
 use crate::index::{FileIndex, Identity, IndexRecord};
-use crate::root::{symlink_target_is_contained, DirHandle, FileKind, FsError, ShareRoot, Stat};
+use crate::root::{
+    symlink_target_is_contained, DirHandle, FileKind, FsError, FsErrorKind, ShareRoot, Stat,
+};
+use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use vmsync_core::endpoint::{Problem, ScanScope};
 use vmsync_core::entry::PERM_MASK;
+use vmsync_core::limits::MAX_SCAN_IGNORED;
 use vmsync_core::{Entry, FileMeta, Manifest, RelPath, Timestamp};
 
 /// Attempts at a consistent read of a file that changes while we hash it.
@@ -32,30 +46,41 @@ pub struct ScanOutput {
     pub hashed: Vec<(RelPath, IndexRecord)>,
     /// Indexed files in scope that are no longer regular files there: records to remove.
     pub gone: Vec<RelPath>,
+    /// What the tree's ignore files exclude (see `ScanReport::ignored`): sorted, none beneath
+    /// another, at most [`MAX_SCAN_IGNORED`].
+    pub ignored: Vec<RelPath>,
+    /// The directories among `ignored` (not those a coarsened list stands in for): nothing
+    /// beneath them can sync until the rules above them change.
+    pub ignored_dirs: Vec<RelPath>,
 }
 
 struct HashJob {
     path: RelPath,
 }
 
-/// Scans `scope`. Fails only if the scope's starting points cannot be read at all.
+/// Scans `scope`. Fails only if the scope's starting points cannot be read at all. `rules`
+/// keeps the tree's compiled ignore files from one scan to the next.
 pub fn scan(
     root: &ShareRoot,
     filter: &Filter,
     index: &FileIndex,
+    rules: &RulesCache,
     scope: &ScanScope,
 ) -> Result<ScanOutput, FsError> {
     let mut walk = Walk {
         root,
         filter,
+        gitignore: filter.respects_gitignore(),
+        rules,
         index,
         out: ScanOutput::default(),
         jobs: Vec::new(),
+        above: HashMap::new(),
     };
     match scope {
         ScanScope::Full => {
             let dir = root.open_dir(&RelPath::root())?;
-            walk.dir(dir, RelPath::root());
+            walk.dir(dir, RelPath::root(), Rules::default());
         }
         ScanScope::Paths(paths) => {
             for path in paths {
@@ -69,15 +94,40 @@ pub fn scan(
     out.entries.sort_by(|a, b| a.0.cmp(&b.0));
     out.entries.dedup_by(|a, b| a.0 == b.0);
     out.gone = gone_paths(index, scope, &out.entries);
+    let (ignored, coarsened) = bound_ignored(std::mem::take(&mut out.ignored), MAX_SCAN_IGNORED);
+    out.ignored = ignored;
+    out.ignored_dirs.sort();
+    out.ignored_dirs.dedup();
+    out.ignored_dirs
+        .retain(|d| out.ignored.binary_search(d).is_ok());
+    if let Some(problem) = coarsened {
+        tracing::warn!("{}: {}", problem.path.escaped(), problem.reason);
+        out.problems.push(problem);
+    }
     Ok(out)
 }
 
 struct Walk<'a> {
     root: &'a ShareRoot,
     filter: &'a Filter,
+    /// Honour the tree's ignore files.
+    gitignore: bool,
+    rules: &'a RulesCache,
     index: &'a FileIndex,
     out: ScanOutput,
     jobs: Vec<HashJob>,
+    /// For targeted scans: what the directories above the scope paths turned out to be.
+    above: HashMap<RelPath, Above>,
+}
+
+/// A directory above a targeted scan's path, as far as ignore rules go.
+#[derive(Clone)]
+enum Above {
+    /// It can be entered; these rules are in force inside it.
+    Rules(Rules),
+    /// Nothing beneath it is scanned: it is ignored, or its ignore files are unusable (both
+    /// already reported), or it does not exist (nothing to report).
+    Covered,
 }
 
 impl Walk<'_> {
@@ -85,17 +135,30 @@ impl Walk<'_> {
     fn path(&mut self, root: &ShareRoot, path: &RelPath) {
         if path.is_root() {
             match root.open_dir(path) {
-                Ok(dir) => self.dir(dir, RelPath::root()),
+                Ok(dir) => self.dir(dir, RelPath::root(), Rules::default()),
                 Err(e) => self.problem(path, format!("cannot read: {e}")),
             }
             return;
         }
+        let rules = match path.parent() {
+            Some(parent) if self.gitignore => match self.rules_above(&parent) {
+                Ok(Above::Rules(rules)) => rules,
+                Ok(Above::Covered) => return,
+                Err(reason) => return self.problem(path, reason),
+            },
+            _ => Rules::default(),
+        };
         let stat = match root.stat(path) {
             Ok(Some(stat)) => stat,
             Ok(None) => return,
             Err(e) => return self.problem(path, format!("cannot stat: {e}")),
         };
-        if self.filter.is_ignored(path, stat.kind == FileKind::Dir) {
+        let is_dir = stat.kind == FileKind::Dir;
+        if self.filter.is_ignored(path, is_dir) {
+            return;
+        }
+        if rules.is_ignored(path, is_dir) {
+            self.ignored(path.clone(), is_dir);
             return;
         }
         match stat.kind {
@@ -107,7 +170,7 @@ impl Walk<'_> {
                             mode: stat.mode & PERM_MASK,
                         },
                     ));
-                    self.dir(dir, path.clone());
+                    self.dir(dir, path.clone(), rules);
                 }
                 Err(e) => self.problem(path, format!("cannot open directory: {e}")),
             },
@@ -120,26 +183,108 @@ impl Walk<'_> {
         }
     }
 
-    /// Everything beneath `dir` (already reported itself), depth first. Subdirectories wait
-    /// on the stack as paths and are opened when their turn comes, so a wide tree never holds
-    /// more than one directory fd open.
-    fn dir(&mut self, dir: DirHandle, path: RelPath) {
-        let mut stack: Vec<RelPath> = Vec::new();
-        self.list(&dir, &path, &mut stack);
+    /// The ignore rules in force inside `dir`, an ancestor of a targeted scan's path: the
+    /// rules of every directory from the root down to it, each read once per scan. `Covered`
+    /// when `dir` or a directory above it is ignored (listed as such) or has unusable ignore
+    /// files (listed as a problem), or does not exist. `Err` when `dir` cannot be read (the
+    /// reason, for a problem on the scan's path).
+    fn rules_above(&mut self, dir: &RelPath) -> Result<Above, String> {
+        let mut chain: Vec<RelPath> = dir.ancestors().collect();
+        chain.reverse();
+        chain.push(dir.clone());
+        let mut outer = Rules::default();
+        for d in chain {
+            let here = match self.above.get(&d) {
+                Some(known) => known.clone(),
+                None => {
+                    let found = self.enter(&d, &outer)?;
+                    self.above.insert(d, found.clone());
+                    found
+                }
+            };
+            match here {
+                Above::Rules(rules) => outer = rules,
+                Above::Covered => return Ok(Above::Covered),
+            }
+        }
+        Ok(Above::Rules(outer))
+    }
+
+    /// What the directory `dir` is for a targeted scan below it; `outer`: the rules in force
+    /// in its parent.
+    fn enter(&mut self, dir: &RelPath, outer: &Rules) -> Result<Above, String> {
+        // As a full scan would see it: only what exists is ignored, a directory as one.
+        let (handle, is_dir) = match self.root.open_dir(dir) {
+            Ok(h) => (Some(h), true),
+            Err(e) if e.kind() == FsErrorKind::NotFound => return Ok(Above::Covered),
+            // Something else is there (the path below it cannot exist), maybe ignored itself.
+            Err(e) if e.kind() == FsErrorKind::NotADirectory => (None, false),
+            Err(e) => return Err(format!("cannot read the ignore files above it: {e}")),
+        };
+        if self.filter.is_ignored(dir, is_dir) {
+            return Ok(Above::Covered);
+        }
+        if outer.is_ignored(dir, is_dir) {
+            self.ignored(dir.clone(), is_dir);
+            return Ok(Above::Covered);
+        }
+        let Some(handle) = handle else {
+            return Ok(Above::Covered);
+        };
+        match read_dir_rules(&handle, dir, |name| handle.stat_entry(name), self.rules) {
+            Ok(own) => Ok(Above::Rules(outer.within(dir, own))),
+            Err(reason) => {
+                self.problem(dir, unusable(&reason));
+                Ok(Above::Covered)
+            }
+        }
+    }
+
+    /// Everything beneath `dir` (already reported itself), depth first; `rules` are those in
+    /// force in its parent. Subdirectories wait on the stack as paths (with the rules in force
+    /// where they are) and are opened when their turn comes, so a wide tree never holds more
+    /// than one directory fd open.
+    fn dir(&mut self, dir: DirHandle, path: RelPath, rules: Rules) {
+        let mut stack: Vec<(RelPath, Rules)> = Vec::new();
+        self.list(&dir, &path, &rules, &mut stack);
         drop(dir);
-        while let Some(dir_path) = stack.pop() {
+        while let Some((dir_path, rules)) = stack.pop() {
             match self.root.open_dir(&dir_path) {
-                Ok(dir) => self.list(&dir, &dir_path, &mut stack),
+                Ok(dir) => self.list(&dir, &dir_path, &rules, &mut stack),
                 Err(e) => self.problem(&dir_path, format!("cannot open directory: {e}")),
             }
         }
     }
 
-    /// Reports one directory's entries; pushes its subdirectories onto `stack`.
-    fn list(&mut self, dir: &DirHandle, dir_path: &RelPath, stack: &mut Vec<RelPath>) {
+    /// Reports one directory's entries; pushes its subdirectories onto `stack`. `outer`: the
+    /// ignore rules in force in its parent.
+    fn list(
+        &mut self,
+        dir: &DirHandle,
+        dir_path: &RelPath,
+        outer: &Rules,
+        stack: &mut Vec<(RelPath, Rules)>,
+    ) {
         let entries = match dir.entries() {
             Ok(e) => e,
             Err(e) => return self.problem(dir_path, format!("cannot list directory: {e}")),
+        };
+        let rules = if self.gitignore {
+            let listed = |name: &[u8]| {
+                Ok(entries
+                    .binary_search_by(|(n, _)| n.as_slice().cmp(name))
+                    .ok()
+                    .and_then(|i| entries.get(i))
+                    .map(|(_, stat)| *stat))
+            };
+            let own = read_dir_rules(dir, dir_path, listed, self.rules);
+            match own {
+                Ok(own) => outer.within(dir_path, own),
+                // Nothing here can be told apart as ignored or not: leave all of it alone.
+                Err(reason) => return self.problem(dir_path, unusable(&reason)),
+            }
+        } else {
+            Rules::default()
         };
         for (name, stat) in entries {
             let path = match dir_path.join(&name) {
@@ -150,7 +295,12 @@ impl Walk<'_> {
                     continue;
                 }
             };
-            if self.filter.is_ignored(&path, stat.kind == FileKind::Dir) {
+            let is_dir = stat.kind == FileKind::Dir;
+            if self.filter.is_ignored(&path, is_dir) {
+                continue;
+            }
+            if rules.is_ignored(&path, is_dir) {
+                self.ignored(path, is_dir);
                 continue;
             }
             match stat.kind {
@@ -161,7 +311,7 @@ impl Walk<'_> {
                             mode: stat.mode & PERM_MASK,
                         },
                     ));
-                    stack.push(path);
+                    stack.push((path, rules.clone()));
                 }
                 FileKind::Symlink => match dir.read_link(&name) {
                     Ok(target) => self.symlink(&path, target),
@@ -207,12 +357,87 @@ impl Walk<'_> {
         );
     }
 
+    fn ignored(&mut self, path: RelPath, is_dir: bool) {
+        if is_dir {
+            self.out.ignored_dirs.push(path.clone());
+        }
+        self.out.ignored.push(path);
+    }
+
     fn problem(&mut self, path: &RelPath, reason: String) {
         self.out.problems.push(Problem {
             path: path.clone(),
             reason,
         });
     }
+}
+
+/// The problem text for a directory whose ignore files cannot be used.
+fn unusable(reason: &str) -> String {
+    format!(
+        "ignore file unusable, so nothing in this directory is synced until it is fixed: {reason}"
+    )
+}
+
+/// Sorts `ignored`, drops duplicates and paths beneath others, and brings it within `max`: if
+/// there are more, each path is replaced by its ancestor at the deepest depth at which they
+/// fit (at worst the root). Those ancestors are frozen whole by the controller, which is safe
+/// but also holds back whatever else they contain, so a coarsened list also comes with a
+/// problem saying so.
+fn bound_ignored(mut ignored: Vec<RelPath>, max: usize) -> (Vec<RelPath>, Option<Problem>) {
+    ignored.sort();
+    ignored.dedup();
+    let ignored = outermost(ignored);
+    if ignored.len() <= max {
+        return (ignored, None);
+    }
+    let total = ignored.len();
+    let deepest = ignored.iter().map(RelPath::depth).max().unwrap_or(0);
+    for depth in (0..deepest).rev() {
+        let mut cut: Vec<RelPath> = ignored.iter().map(|p| ancestor_at(p, depth)).collect();
+        cut.dedup();
+        let cut = outermost(cut);
+        if cut.len() <= max {
+            let first = cut
+                .iter()
+                .find(|p| ignored.binary_search(p).is_err())
+                .cloned();
+            let problem = first.map(|path| Problem {
+                path,
+                reason: format!(
+                    "{total} paths are excluded by ignore files, more than a scan lists \
+                     ({max}); the directories that hold them are not synced (this one and \
+                     others); list such paths in the share's `ignore` patterns instead"
+                ),
+            });
+            return (cut, problem);
+        }
+    }
+    (vec![RelPath::root()], None)
+}
+
+/// `path`, or its ancestor `depth` components deep if it is deeper.
+fn ancestor_at(path: &RelPath, depth: usize) -> RelPath {
+    if path.depth() <= depth {
+        return path.clone();
+    }
+    RelPath::from_components(path.components().take(depth)).unwrap_or_else(|_| RelPath::root())
+}
+
+/// A sorted list without the paths that lie beneath another path in it.
+fn outermost(sorted: Vec<RelPath>) -> Vec<RelPath> {
+    // Sorted order puts an ancestor before its descendants, but not always right before them
+    // ("a", "a-b", "a/c"), so look each path's ancestors up among those kept.
+    let mut kept: std::collections::HashSet<RelPath> = std::collections::HashSet::new();
+    let mut out: Vec<RelPath> = Vec::with_capacity(sorted.len());
+    for p in sorted {
+        if p.ancestors().any(|a| kept.contains(&a)) {
+            continue;
+        }
+        kept.insert(p.clone());
+        out.push(p);
+    }
+    out
 }
 
 /// Hashes every job on a few threads, adding entries, index records and problems to `out`.
@@ -315,4 +540,294 @@ fn gone_paths(index: &FileIndex, scope: &ScanScope, entries: &[(RelPath, Entry)]
         .collect();
     gone.sort();
     gone
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::from_bytes(s.as_bytes()).unwrap()
+    }
+
+    fn write(root: &Path, rel: &str, data: &[u8]) {
+        let path = root.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, data).unwrap();
+    }
+
+    fn git_filter() -> Filter {
+        Filter::none().with_gitignore(true)
+    }
+
+    fn run(dir: &Path, filter: &Filter, scope: &ScanScope) -> ScanOutput {
+        let root = ShareRoot::open(dir).unwrap();
+        scan(
+            &root,
+            filter,
+            &FileIndex::default(),
+            &RulesCache::default(),
+            scope,
+        )
+        .unwrap()
+    }
+
+    fn entries(out: &ScanOutput) -> Vec<String> {
+        out.entries.iter().map(|(p, _)| p.escaped()).collect()
+    }
+
+    fn ignored(out: &ScanOutput) -> Vec<String> {
+        out.ignored.iter().map(|p| p.escaped()).collect()
+    }
+
+    fn problems(out: &ScanOutput) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = out
+            .problems
+            .iter()
+            .map(|p| (p.path.escaped(), p.reason.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn nested_gitignore_with_negation() {
+        let t = tempfile::tempdir().unwrap();
+        write(t.path(), ".gitignore", b"*.log\n/top-only\n");
+        write(t.path(), "a.log", b"x");
+        write(t.path(), "top-only", b"x");
+        write(t.path(), "sub/.gitignore", b"!keep.log\n");
+        write(t.path(), "sub/keep.log", b"x");
+        write(t.path(), "sub/drop.log", b"x");
+        write(t.path(), "sub/top-only", b"x");
+        write(t.path(), "sub/deeper/keep.log", b"x");
+        let out = run(t.path(), &git_filter(), &ScanScope::Full);
+        assert_eq!(
+            entries(&out),
+            [
+                ".gitignore",
+                "sub",
+                "sub/.gitignore",
+                "sub/deeper",
+                "sub/deeper/keep.log",
+                "sub/keep.log",
+                "sub/top-only",
+            ]
+        );
+        assert_eq!(ignored(&out), ["a.log", "sub/drop.log", "top-only"]);
+        assert!(out.problems.is_empty(), "{:?}", out.problems);
+    }
+
+    #[test]
+    fn dot_ignore_overrides_gitignore_in_the_same_directory() {
+        let t = tempfile::tempdir().unwrap();
+        write(t.path(), ".gitignore", b"gen/\n*.tmp\n");
+        write(t.path(), ".ignore", b"!gen/\n");
+        write(t.path(), "gen/out.rs", b"x");
+        write(t.path(), "a.tmp", b"x");
+        let out = run(t.path(), &git_filter(), &ScanScope::Full);
+        assert_eq!(
+            entries(&out),
+            [".gitignore", ".ignore", "gen", "gen/out.rs"]
+        );
+        assert_eq!(ignored(&out), ["a.tmp"]);
+    }
+
+    #[test]
+    fn an_ignored_directory_is_not_descended() {
+        let t = tempfile::tempdir().unwrap();
+        write(t.path(), ".gitignore", b"build/\n");
+        write(t.path(), "build/a/b/c.o", b"x");
+        // Reported as a problem if the walk went in.
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            t.path().join("build/a/fifo"),
+            rustix::fs::Mode::from_raw_mode(0o644),
+        )
+        .unwrap();
+        write(t.path(), "build/.gitignore", b"!c.o\n");
+        let out = run(t.path(), &git_filter(), &ScanScope::Full);
+        assert_eq!(entries(&out), [".gitignore"]);
+        assert_eq!(ignored(&out), ["build"]);
+        assert_eq!(out.ignored_dirs, [p("build")]);
+        assert!(out.problems.is_empty(), "{:?}", out.problems);
+    }
+
+    #[test]
+    fn a_targeted_scan_decides_as_a_full_scan_does() {
+        let t = tempfile::tempdir().unwrap();
+        write(t.path(), ".gitignore", b"build/\n*.log\n");
+        write(t.path(), "build/x/y.o", b"x");
+        write(t.path(), "src/.gitignore", b"!important.log\ngen\n");
+        write(t.path(), "src/important.log", b"x");
+        write(t.path(), "src/debug.log", b"x");
+        write(t.path(), "src/gen/a.rs", b"x");
+        write(t.path(), "src/lib.rs", b"x");
+        write(t.path(), "file-not-dir", b"x");
+        let filter = git_filter();
+        let full = run(t.path(), &filter, &ScanScope::Full);
+        let targeted = |paths: &[&str]| {
+            run(
+                t.path(),
+                &filter,
+                &ScanScope::Paths(paths.iter().map(|s| p(s)).collect()),
+            )
+        };
+        // Beneath an ignored directory: the directory is reported, whether or not the path
+        // exists, and nothing beneath it is scanned.
+        let out = targeted(&["build/x/y.o", "build/x/missing", "build/x"]);
+        assert!(out.entries.is_empty());
+        assert_eq!(ignored(&out), ["build"]);
+        let out = targeted(&["src/gen/a.rs"]);
+        assert!(out.entries.is_empty());
+        assert_eq!(ignored(&out), ["src/gen"]);
+        // The path itself, by the rules of every directory above it.
+        let out = targeted(&["src/debug.log", "src/important.log", "src/lib.rs"]);
+        assert_eq!(entries(&out), ["src/important.log", "src/lib.rs"]);
+        assert_eq!(ignored(&out), ["src/debug.log"]);
+        // A missing path that would be ignored is not reported (a full scan does not see it).
+        let out = targeted(&["src/missing.log", "file-not-dir/x"]);
+        assert!(out.entries.is_empty() && out.ignored.is_empty() && out.problems.is_empty());
+        // A directory scope gives the full scan's answer for that subtree.
+        let out = targeted(&["src"]);
+        let within = |o: &ScanOutput| -> (Vec<String>, Vec<String>) {
+            let keep = |s: &String| s == "src" || s.starts_with("src/");
+            (
+                entries(o).into_iter().filter(keep).collect(),
+                ignored(o).into_iter().filter(keep).collect(),
+            )
+        };
+        assert_eq!(within(&out), within(&full));
+    }
+
+    #[test]
+    fn a_symlinked_ignore_file_is_not_followed() {
+        let t = tempfile::tempdir().unwrap();
+        let share = t.path().join("share");
+        write(t.path(), "outside/rules", b"*\n");
+        write(&share, "sub/secret", b"x");
+        std::os::unix::fs::symlink("../../outside/rules", share.join("sub/.gitignore")).unwrap();
+        write(&share, "other/file", b"x");
+        for scope in [ScanScope::Full, ScanScope::Paths(vec![p("sub/secret")])] {
+            let out = run(&share, &git_filter(), &scope);
+            // Had it been followed, `*` would have ignored everything in `sub`.
+            assert!(out.ignored.is_empty(), "{scope:?}: {:?}", out.ignored);
+            assert!(
+                !entries(&out).contains(&"sub/secret".to_string()),
+                "{scope:?}: the directory must be frozen, not synced by default"
+            );
+            let problems = problems(&out);
+            assert_eq!(problems.len(), 1, "{scope:?}: {problems:?}");
+            assert_eq!(problems[0].0, "sub");
+            assert!(problems[0].1.contains("symlink"), "{problems:?}");
+        }
+        assert_eq!(
+            std::fs::read(t.path().join("outside/rules")).unwrap(),
+            b"*\n"
+        );
+        // At the root, the whole share is the problem.
+        std::os::unix::fs::symlink("../outside/rules", share.join(".ignore")).unwrap();
+        let out = run(&share, &git_filter(), &ScanScope::Full);
+        assert_eq!(problems(&out).len(), 1);
+        assert_eq!(problems(&out)[0].0, "");
+        assert!(out.entries.is_empty());
+    }
+
+    #[test]
+    fn an_oversized_or_broken_ignore_file_is_a_problem_for_its_directory() {
+        let t = tempfile::tempdir().unwrap();
+        let mut big = b"*.o\n".to_vec();
+        big.resize(MAX_IGNORE + 1, b'#');
+        write(t.path(), "big/.gitignore", &big);
+        write(t.path(), "big/x.o", b"x");
+        write(t.path(), "bad/.ignore", b"ok\na{b\n");
+        write(t.path(), "bad/x", b"x");
+        write(t.path(), "fine/.gitignore", &big[..MAX_IGNORE]);
+        write(t.path(), "fine/x.o", b"x");
+        let out = run(t.path(), &git_filter(), &ScanScope::Full);
+        let problems = problems(&out);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!(problems[0].0, "bad");
+        assert!(problems[0].1.contains(".ignore line 2"), "{problems:?}");
+        assert_eq!(problems[1].0, "big");
+        assert!(problems[1].1.contains("larger than"), "{problems:?}");
+        assert_eq!(entries(&out), ["bad", "big", "fine", "fine/.gitignore"]);
+        assert_eq!(ignored(&out), ["fine/x.o"]);
+    }
+
+    const MAX_IGNORE: usize = crate::gitignore::MAX_IGNORE_FILE_BYTES as usize;
+
+    #[test]
+    fn without_respect_gitignore_ignore_files_are_plain_files() {
+        let t = tempfile::tempdir().unwrap();
+        write(t.path(), ".gitignore", b"*\n");
+        write(t.path(), "a", b"x");
+        let out = run(t.path(), &Filter::none(), &ScanScope::Full);
+        assert_eq!(entries(&out), [".gitignore", "a"]);
+        assert!(out.ignored.is_empty());
+    }
+
+    #[test]
+    fn an_edited_ignore_file_applies_at_the_next_scan() {
+        let t = tempfile::tempdir().unwrap();
+        write(t.path(), "d/.gitignore", b"x\n");
+        write(t.path(), "d/x", b"x");
+        let scope = ScanScope::Paths(vec![p("d")]);
+        assert_eq!(ignored(&run(t.path(), &git_filter(), &scope)), ["d/x"]);
+        write(t.path(), "d/.gitignore", b"");
+        let out = run(t.path(), &git_filter(), &scope);
+        assert!(out.ignored.is_empty());
+        assert_eq!(entries(&out), ["d", "d/.gitignore", "d/x"]);
+    }
+
+    #[test]
+    fn cached_rules_follow_every_edit_of_an_ignore_file() {
+        let t = tempfile::tempdir().unwrap();
+        write(t.path(), "d/.gitignore", b"a\n");
+        write(t.path(), "d/a", b"x");
+        write(t.path(), "d/b", b"x");
+        // Old enough to be cached (see gitignore::SETTLE_SECS).
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        let root = ShareRoot::open(t.path()).unwrap();
+        let (index, cache) = (FileIndex::default(), RulesCache::default());
+        let filter = git_filter();
+        let run = |scope: &ScanScope| scan(&root, &filter, &index, &cache, scope).unwrap();
+        let scope = ScanScope::Paths(vec![p("d")]);
+        assert_eq!(ignored(&run(&scope)), ["d/a"]);
+        assert_eq!(cache.len(), 1, "a settled ignore file is kept");
+        assert_eq!(ignored(&run(&ScanScope::Full)), ["d/a"]);
+        // Same size, rewritten at once, twice: each scan sees what is there now.
+        write(t.path(), "d/.gitignore", b"b\n");
+        assert_eq!(ignored(&run(&scope)), ["d/b"]);
+        write(t.path(), "d/.gitignore", b"a\n");
+        assert_eq!(ignored(&run(&ScanScope::Paths(vec![p("d/a")]))), ["d/a"]);
+        std::fs::remove_file(t.path().join("d/.gitignore")).unwrap();
+        assert!(run(&scope).ignored.is_empty());
+    }
+
+    #[test]
+    fn too_many_ignored_paths_become_their_directories() {
+        let paths: Vec<RelPath> = (0..10)
+            .flat_map(|d| (0..10).map(move |f| p(&format!("top/d{d}/f{f}"))))
+            .chain([p("a"), p("a/b"), p("z/y/x")])
+            .collect();
+        let (kept, problem) = bound_ignored(paths.clone(), 1000);
+        assert_eq!(kept.len(), 102, "a/b lies beneath a");
+        assert!(problem.is_none());
+        let (kept, problem) = bound_ignored(paths.clone(), 12);
+        let kept: Vec<String> = kept.iter().map(|p| p.escaped()).collect();
+        let mut want = vec!["a".to_string()];
+        want.extend((0..10).map(|d| format!("top/d{d}")));
+        want.push("z/y".into());
+        assert_eq!(kept, want);
+        let problem = problem.unwrap();
+        assert_eq!(problem.path.escaped(), "top/d0");
+        assert!(problem.reason.contains("102 paths"), "{}", problem.reason);
+        let (kept, _) = bound_ignored(paths.clone(), 3);
+        assert_eq!(kept, [p("a"), p("top"), p("z")]);
+        let (kept, problem) = bound_ignored(paths, 2);
+        assert_eq!(kept, [RelPath::root()]);
+        assert_eq!(problem.unwrap().path, RelPath::root());
+    }
 }

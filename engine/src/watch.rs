@@ -7,17 +7,103 @@
 //! Coalescing needs no timer: hints accumulate while the controller is busy with a cycle and
 //! are taken all at once when it asks again, so a burst of thousands of events costs one
 //! targeted cycle, and a single edit is handed over the moment it happens.
+//!
+//! On a share that honours the tree's ignore files, a change to a `.gitignore` or `.ignore`
+//! becomes a hint for its directory: its rules decide about everything beneath, so all of it is
+//! rescanned (newly un-ignored entries are then synced; newly ignored ones left alone). And
+//! events strictly beneath a directory the latest scans found excluded by those files are
+//! dropped, as those beneath a directory the configured patterns exclude always were: a build
+//! writing thousands of files into an ignored `target/` would otherwise cost a cycle after
+//! cycle. Such a directory stays excluded until an ignore file above it changes, which is an
+//! event outside it whose hint rescans it; and a scan forgets, before it starts, what it is
+//! about to decide again, so no event is lost while it runs.
 
 use crate::filter::Filter;
+use crate::gitignore::is_ignore_file_name;
 use notify::{EventKind, RecursiveMode, Watcher as _};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use vmsync_core::endpoint::ChangeHints;
+use std::sync::{Arc, Mutex, RwLock};
+use vmsync_core::endpoint::{ChangeHints, ScanScope};
+use vmsync_core::limits::MAX_SCAN_IGNORED;
 use vmsync_core::path::RESERVED_NAME;
 use vmsync_core::RelPath;
+
+/// What the watcher knows of a share's ignore rules: its filter, and the directories the
+/// latest scans found excluded by the tree's ignore files. Shared with the share's endpoint,
+/// which keeps it current: new rules (a host that reconnects with another configuration) and
+/// what each scan finds reach a running watch.
+#[derive(Debug)]
+pub struct WatchRules {
+    filter: Filter,
+    ignored_dirs: HashSet<RelPath>,
+}
+
+/// [`WatchRules`] behind the lock the watcher and the endpoint share.
+pub type SharedRules = Arc<RwLock<WatchRules>>;
+
+impl WatchRules {
+    pub fn new(filter: Filter) -> WatchRules {
+        WatchRules {
+            filter,
+            ignored_dirs: HashSet::new(),
+        }
+    }
+
+    /// New rules: nothing learnt under the old ones holds any more.
+    pub fn set_filter(&mut self, filter: Filter) {
+        self.filter = filter;
+        self.ignored_dirs.clear();
+    }
+
+    /// A scan of `scope` starts: forget what it will decide again (the scope paths and what
+    /// lies beneath them), so events there are not dropped while it runs.
+    pub fn rescanning(&mut self, scope: &ScanScope) {
+        match scope {
+            ScanScope::Full => self.ignored_dirs.clear(),
+            ScanScope::Paths(paths) => {
+                if self.ignored_dirs.is_empty() {
+                    return;
+                }
+                let scope: HashSet<&RelPath> = paths.iter().collect();
+                self.ignored_dirs
+                    .retain(|d| !scope.contains(d) && !d.ancestors().any(|a| scope.contains(&a)));
+            }
+        }
+    }
+
+    /// A scan found these directories excluded by the tree's ignore files.
+    pub fn ignored_dirs_found(&mut self, dirs: &[RelPath]) {
+        for d in dirs {
+            if self.ignored_dirs.len() >= MAX_SCAN_IGNORED {
+                return;
+            }
+            self.ignored_dirs.insert(d.clone());
+        }
+    }
+
+    /// What to rescan for a change at `rel`: its directory when it is an ignore file the share
+    /// honours, else itself; `None` when nothing there can sync (the configured patterns
+    /// exclude it, or it lies beneath a directory the ignore files exclude).
+    fn hint_for(&self, rel: RelPath) -> Option<RelPath> {
+        let hint = match rel.name() {
+            Some(name) if self.filter.respects_gitignore() && is_ignore_file_name(name) => {
+                rel.parent()?
+            }
+            _ => rel,
+        };
+        if self.filter.is_ignored(&hint, false) {
+            return None;
+        }
+        if !self.ignored_dirs.is_empty() && hint.ancestors().any(|a| self.ignored_dirs.contains(&a))
+        {
+            return None;
+        }
+        Some(hint)
+    }
+}
 
 /// More pending paths than this and the hint becomes "rescan everything": a rescan is cheaper
 /// than a scope list that long, and memory stays bounded whatever the event storm.
@@ -106,8 +192,8 @@ impl WatchError {
 }
 
 impl ShareWatcher {
-    /// Starts watching `root` recursively. Paths the filter ignores are dropped.
-    pub fn start(root: &Path, filter: Filter) -> Result<ShareWatcher, WatchError> {
+    /// Starts watching `root` recursively. Paths the rules say cannot sync are dropped.
+    pub fn start(root: &Path, rules: SharedRules) -> Result<ShareWatcher, WatchError> {
         let shared = Arc::new(Shared::default());
         let cb_shared = shared.clone();
         let cb_root = root.to_path_buf();
@@ -122,11 +208,15 @@ impl ShareWatcher {
                         if event.need_rescan() {
                             hints.add_rescan();
                         } else if !matches!(event.kind, EventKind::Access(_)) {
+                            let rules = match rules.read() {
+                                Ok(r) => r,
+                                Err(poisoned) => poisoned.into_inner(),
+                            };
                             for path in &event.paths {
-                                if let Some(rel) = relative(&cb_root, path) {
-                                    if !filter.is_ignored(&rel, false) {
-                                        hints.add(rel);
-                                    }
+                                if let Some(hint) =
+                                    relative(&cb_root, path).and_then(|rel| rules.hint_for(rel))
+                                {
+                                    hints.add(hint);
                                 }
                             }
                         }
@@ -228,10 +318,74 @@ mod tests {
         assert_eq!(relative(root, Path::new("/s/a/b")), Some(p("a/b")));
     }
 
+    #[test]
+    fn an_ignore_file_hints_its_directory_when_honoured() {
+        let plain = WatchRules::new(Filter::new(&["*.swp".into()]).unwrap());
+        let git = WatchRules::new(plain.filter.clone().with_gitignore(true));
+        let cases = [
+            (&plain, "a/b/.gitignore", Some("a/b/.gitignore")),
+            (&git, "a/b/.gitignore", Some("a/b")),
+            (&git, "a/.ignore", Some("a")),
+            (&git, ".gitignore", Some("")),
+            (&git, "a/gitignore", Some("a/gitignore")),
+            (&git, "a/x.swp", None),
+        ];
+        for (rules, changed, want) in cases {
+            let got = rules.hint_for(p(changed)).map(|h| h.escaped());
+            assert_eq!(got.as_deref(), want, "{changed}");
+        }
+        let mut h = HintSet::default();
+        h.add(git.hint_for(p(".gitignore")).unwrap());
+        assert!(
+            h.take().rescan,
+            "the root's ignore files cover the whole share"
+        );
+    }
+
+    #[test]
+    fn events_beneath_an_ignored_directory_are_dropped_until_it_is_rescanned() {
+        let mut rules = WatchRules::new(Filter::none().with_gitignore(true));
+        rules.ignored_dirs_found(&[p("target"), p("web/node_modules")]);
+        let hint = |r: &WatchRules, s: &str| r.hint_for(p(s)).map(|h| h.escaped());
+        assert_eq!(hint(&rules, "target/debug/x.o"), None);
+        assert_eq!(hint(&rules, "web/node_modules/a/b.js"), None);
+        assert_eq!(hint(&rules, "target/.gitignore"), Some("target".into()));
+        // The directory itself may become something that syncs (a file named `target`).
+        assert_eq!(hint(&rules, "target"), Some("target".into()));
+        assert_eq!(hint(&rules, "targets/x"), Some("targets/x".into()));
+        // An ignore file above it changed: the scan of that directory decides again, and
+        // meanwhile nothing beneath is dropped.
+        rules.rescanning(&ScanScope::Paths(vec![p("web")]));
+        assert_eq!(
+            hint(&rules, "web/node_modules/a/b.js"),
+            Some("web/node_modules/a/b.js".into())
+        );
+        assert_eq!(hint(&rules, "target/debug/x.o"), None);
+        rules.rescanning(&ScanScope::Paths(vec![p("target/debug")]));
+        assert_eq!(
+            hint(&rules, "target/debug/x.o"),
+            None,
+            "a scope beneath decides nothing above"
+        );
+        rules.rescanning(&ScanScope::Full);
+        assert_eq!(
+            hint(&rules, "target/debug/x.o"),
+            Some("target/debug/x.o".into())
+        );
+        rules.ignored_dirs_found(&[p("target")]);
+        rules.set_filter(Filter::none());
+        assert_eq!(
+            hint(&rules, "target/debug/x.o"),
+            Some("target/debug/x.o".into())
+        );
+    }
+
     #[tokio::test]
     async fn real_events_become_hints() {
         let dir = tempfile::tempdir().unwrap();
-        let w = ShareWatcher::start(dir.path(), Filter::new(&["*.swp".into()]).unwrap()).unwrap();
+        let filter = Filter::new(&["*.swp".into()]).unwrap();
+        let w = ShareWatcher::start(dir.path(), Arc::new(RwLock::new(WatchRules::new(filter))))
+            .unwrap();
         std::fs::write(dir.path().join("x.swp"), "ignored").unwrap();
         std::fs::create_dir_all(dir.path().join("new/deeper")).unwrap();
         std::fs::write(dir.path().join("file"), "data").unwrap();

@@ -226,6 +226,7 @@ mod tests {
             vec![ShareOpen {
                 name: "a".into(),
                 ignore: vec![],
+                respect_gitignore: true,
             }],
         ));
         codec.encode(h.clone(), &mut buf).unwrap();

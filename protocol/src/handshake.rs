@@ -199,6 +199,7 @@ mod tests {
         ShareOpen {
             name: name.to_owned(),
             ignore: vec![],
+            respect_gitignore: false,
         }
     }
 

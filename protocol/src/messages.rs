@@ -95,6 +95,9 @@ pub struct ShareOpen {
     /// Gitignore patterns the host wants applied on the guest's side (one pattern per string,
     /// no newlines), so ignored files are not even scanned there.
     pub ignore: Vec<String>,
+    /// Also honour the tree's own `.gitignore` and `.ignore` files (the share's
+    /// `respect_gitignore`): the guest's scans then read them and report what they exclude.
+    pub respect_gitignore: bool,
 }
 
 /// host → guest: who we are, what we speak, what we want.
@@ -265,6 +268,9 @@ pub struct ScanDelta {
     pub removed: Vec<RelPath>,
     /// All of this scan's problems (not a difference: they are few).
     pub problems: Vec<Problem>,
+    /// All of this scan's ignored paths (`ScanReport::ignored`; not a difference either: a
+    /// share's ignore files exclude a few directories and files, and the list is bounded).
+    pub ignored: Vec<RelPath>,
 }
 
 impl ResponseBody {

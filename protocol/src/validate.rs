@@ -16,8 +16,8 @@ use crate::chunk::{Codec, WireChunk};
 use crate::limits::{
     CHUNK_MAX_BYTES, MAX_AGENT_VERSION_BYTES, MAX_BATCH_CHANGES, MAX_BATCH_CHUNKS, MAX_BATCH_FILES,
     MAX_BATCH_PATHS, MAX_FILE_CHUNKS, MAX_IGNORE_PATTERNS, MAX_IGNORE_PATTERN_BYTES,
-    MAX_REASON_BYTES, MAX_SCAN_ENTRIES, MAX_SCAN_PROBLEMS, MAX_SHARES, MAX_SHARE_NAME_BYTES,
-    MAX_SYMLINK_TARGET_BYTES,
+    MAX_REASON_BYTES, MAX_SCAN_ENTRIES, MAX_SCAN_IGNORED, MAX_SCAN_PROBLEMS, MAX_SHARES,
+    MAX_SHARE_NAME_BYTES, MAX_SYMLINK_TARGET_BYTES,
 };
 use crate::messages::{
     Hello, Message, Refused, Request, RequestBody, Response, ResponseBody, ScanDelta, ShareOpen,
@@ -263,8 +263,27 @@ impl Validate for ScanReport {
     fn validate(&self) -> Result {
         count("scan problems", self.problems.len(), MAX_SCAN_PROBLEMS)?;
         scan_entries(&self.entries)?;
+        ignored_paths(&self.ignored)?;
         self.problems.iter().try_for_each(problem)
     }
+}
+
+/// Ignored paths: bounded and strictly sorted (so without duplicates). The root may appear: a
+/// scan that skipped more than it may list reports ever shallower directories, at worst the
+/// root.
+fn ignored_paths(paths: &[RelPath]) -> Result {
+    count("ignored paths", paths.len(), MAX_SCAN_IGNORED)?;
+    strictly_sorted(paths)
+}
+
+/// A list of paths in strictly increasing order.
+fn strictly_sorted(paths: &[RelPath]) -> Result {
+    for (index, pair) in paths.windows(2).enumerate() {
+        if pair[0] >= pair[1] {
+            return Err(ValidationError::Unsorted { index: index + 1 });
+        }
+    }
+    Ok(())
 }
 
 /// Scan entries: bounded, strictly sorted by path, never the root, each entry valid.
@@ -289,11 +308,8 @@ impl Validate for ScanDelta {
         count("removed scan entries", self.removed.len(), MAX_SCAN_ENTRIES)?;
         count("scan problems", self.problems.len(), MAX_SCAN_PROBLEMS)?;
         scan_entries(&self.changed)?;
-        for (index, pair) in self.removed.windows(2).enumerate() {
-            if pair[0] >= pair[1] {
-                return Err(ValidationError::Unsorted { index: index + 1 });
-            }
-        }
+        strictly_sorted(&self.removed)?;
+        ignored_paths(&self.ignored)?;
         self.problems.iter().try_for_each(problem)
     }
 }
@@ -442,6 +458,7 @@ mod tests {
             root: None,
             entries,
             problems: vec![],
+            ignored: vec![],
         }))
     }
 
@@ -522,6 +539,46 @@ mod tests {
             scan(vec![(RelPath::root(), dir)]).validate(),
             Err(ValidationError::RootEntry)
         );
+    }
+
+    #[test]
+    fn ignored_paths_sorted_unique_bounded() {
+        let report = |ignored: Vec<RelPath>| {
+            ResponseBody::Scan(Ok(ScanReport {
+                root: None,
+                entries: vec![],
+                problems: vec![],
+                ignored,
+            }))
+        };
+        let delta = |ignored: Vec<RelPath>| {
+            ResponseBody::ScanDelta(Ok(ScanDelta {
+                token: 1,
+                base: None,
+                root: None,
+                changed: vec![],
+                removed: vec![],
+                problems: vec![],
+                ignored,
+            }))
+        };
+        let bodies: [fn(Vec<RelPath>) -> ResponseBody; 2] = [report, delta];
+        for body in bodies {
+            assert_eq!(
+                body(vec![RelPath::root(), p("a"), p("a/b")]).validate(),
+                Ok(())
+            );
+            for bad in [vec![p("b"), p("a")], vec![p("a"), p("a")]] {
+                assert_eq!(
+                    body(bad).validate(),
+                    Err(ValidationError::Unsorted { index: 1 })
+                );
+            }
+            let many: Vec<RelPath> = (0..=MAX_SCAN_IGNORED)
+                .map(|i| p(&format!("f{i:06}")))
+                .collect();
+            assert!(body(many).validate().unwrap_err().is_limit());
+        }
     }
 
     #[test]
@@ -628,6 +685,7 @@ mod tests {
             shares: vec![ShareOpen {
                 name: "s".into(),
                 ignore: vec![pattern.to_owned()],
+                respect_gitignore: false,
             }],
         };
         assert_eq!(hello("1.0", "*.o").validate(), Ok(()));

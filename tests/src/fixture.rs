@@ -219,6 +219,8 @@ pub struct PairOptions {
     pub mode: SyncMode,
     pub policy: ConflictPolicy,
     pub ignore: Vec<String>,
+    /// Both sides also honour the tree's `.gitignore` and `.ignore` files.
+    pub respect_gitignore: bool,
     pub deletion_limit: DeletionLimit,
 }
 
@@ -228,6 +230,7 @@ impl Default for PairOptions {
             mode: SyncMode::TwoWay,
             policy: ConflictPolicy::Keep,
             ignore: Vec::new(),
+            respect_gitignore: false,
             deletion_limit: DeletionLimit::default(),
         }
     }
@@ -280,7 +283,9 @@ impl Pair {
     fn open(&self) -> Sides {
         let host_db = Arc::new(StateDb::open(&self.host_state, "host.redb").expect("host db"));
         let guest_db = Arc::new(StateDb::open(&self.guest_state, "guest.redb").expect("guest db"));
-        let filter = Filter::new(&self.options.ignore).expect("filter");
+        let filter = Filter::new(&self.options.ignore)
+            .expect("filter")
+            .with_gitignore(self.options.respect_gitignore);
         let host = LocalEndpoint::new("s", self.host_dir.clone(), filter.clone(), host_db.clone())
             .expect("host endpoint");
         let guest = LocalEndpoint::new("s", self.guest_dir.clone(), filter.clone(), guest_db)
@@ -322,6 +327,21 @@ impl Pair {
         let s = self.sides();
         s.controller
             .cycle(&mut s.host, &mut s.guest, ScanScope::Full)
+            .await
+            .expect("cycle")
+    }
+
+    /// One targeted cycle over `paths` (relative, `""` for the root), as live hints trigger.
+    pub async fn cycle_paths(&mut self, paths: &[&str]) -> CycleReport {
+        let scope = ScanScope::Paths(
+            paths
+                .iter()
+                .map(|p| RelPath::from_bytes(p.as_bytes()).expect("valid path"))
+                .collect(),
+        );
+        let s = self.sides();
+        s.controller
+            .cycle(&mut s.host, &mut s.guest, scope)
             .await
             .expect("cycle")
     }

@@ -329,6 +329,160 @@ async fn ignored_paths_are_never_sent_deleted_or_overwritten() {
     assert_eq!(read(&p.guest_dir, "target/debug/app"), b"guest build");
 }
 
+fn gitignore_pair() -> Pair {
+    Pair::new(PairOptions {
+        respect_gitignore: true,
+        ..PairOptions::default()
+    })
+}
+
+#[tokio::test]
+async fn gitignored_paths_are_never_sent_deleted_or_overwritten_on_either_side() {
+    let mut p = gitignore_pair();
+    write(&p.host_dir, ".gitignore", "*.log\nbuild/\n");
+    write(&p.host_dir, "src/main.rs", "fn main() {}");
+    write(&p.host_dir, "src/.gitignore", "!keep.log\n");
+    write(&p.host_dir, "src/keep.log", "re-included");
+    write(&p.host_dir, "app.log", "host log");
+    write(&p.host_dir, "build/out.bin", "host build");
+    write(&p.host_dir, "cache/data", "host cache");
+    // The guest has a file where the host's rules ignore one, and a directory whose own rules
+    // ignore everything in it (the ignore file too, so the host never gets it).
+    write(&p.guest_dir, "app.log", "guest log");
+    write(&p.guest_dir, "cache/.gitignore", "*\n");
+    write(&p.guest_dir, "cache/data", "guest cache");
+    let report = p.sync().await;
+    assert_eq!(report.conflicts, 0, "{report:?}");
+    assert_eq!(p.status().state, ShareState::InSync, "{:?}", p.status());
+    assert_eq!(read(&p.guest_dir, ".gitignore"), b"*.log\nbuild/\n");
+    assert_eq!(read(&p.guest_dir, "src/main.rs"), b"fn main() {}");
+    assert_eq!(read(&p.guest_dir, "src/keep.log"), b"re-included");
+    assert!(
+        !p.guest_dir.join("build").exists(),
+        "ignored directory sent"
+    );
+    assert_eq!(read(&p.guest_dir, "app.log"), b"guest log");
+    assert_eq!(read(&p.guest_dir, "cache/data"), b"guest cache");
+    assert_eq!(read(&p.host_dir, "app.log"), b"host log");
+    assert_eq!(read(&p.host_dir, "build/out.bin"), b"host build");
+    assert_eq!(read(&p.host_dir, "cache/data"), b"host cache");
+    assert!(!p.host_dir.join("cache/.gitignore").exists());
+
+    // Edits and deletions of ignored paths on one side never reach the other.
+    write(&p.host_dir, "app.log", "host log, later");
+    write(&p.host_dir, "cache/data", "host cache, later");
+    p.sync().await;
+    assert_eq!(read(&p.guest_dir, "app.log"), b"guest log");
+    assert_eq!(read(&p.guest_dir, "cache/data"), b"guest cache");
+    for gone in ["app.log", "cache/data"] {
+        std::fs::remove_file(p.host_dir.join(gone)).unwrap();
+    }
+    p.sync().await;
+    assert_eq!(read(&p.guest_dir, "app.log"), b"guest log");
+    assert_eq!(read(&p.guest_dir, "cache/data"), b"guest cache");
+    write(&p.guest_dir, "app.log", "guest log, later");
+    write(&p.guest_dir, "cache/data", "guest cache, later");
+    p.sync().await;
+    assert!(!p.host_dir.join("app.log").exists());
+    assert!(!p.host_dir.join("cache/data").exists());
+    // What is not ignored still syncs both ways.
+    write(&p.guest_dir, "src/lib.rs", "pub fn f() {}");
+    p.sync().await;
+    assert_eq!(read(&p.host_dir, "src/lib.rs"), b"pub fn f() {}");
+    assert_eq!(p.status().state, ShareState::InSync);
+}
+
+/// What the live hint for an edited ignore file (its directory) makes a cycle do.
+#[tokio::test]
+async fn an_edited_ignore_file_syncs_what_it_releases_and_freezes_what_it_covers() {
+    let mut p = gitignore_pair();
+    write(&p.host_dir, "d/.gitignore", "*.tmp\n");
+    write(&p.host_dir, "d/a.tmp", "A");
+    write(&p.host_dir, "d/notes", "v1");
+    p.sync().await;
+    assert!(!p.guest_dir.join("d/a.tmp").exists());
+    assert_eq!(read(&p.guest_dir, "d/notes"), b"v1");
+
+    // A line removed: what it covered syncs.
+    write(&p.host_dir, "d/.gitignore", "");
+    p.cycle_paths(&["d"]).await;
+    assert_eq!(read(&p.guest_dir, "d/.gitignore"), b"");
+    assert_eq!(read(&p.guest_dir, "d/a.tmp"), b"A");
+
+    // A line added: from then on the path is left alone on both sides, nothing is deleted.
+    write(&p.host_dir, "d/.gitignore", "notes\n");
+    p.cycle_paths(&["d"]).await;
+    assert_eq!(read(&p.guest_dir, "d/.gitignore"), b"notes\n");
+    assert_eq!(read(&p.guest_dir, "d/notes"), b"v1");
+    write(&p.host_dir, "d/notes", "v2 on the host");
+    p.cycle_paths(&["d/notes"]).await;
+    p.sync().await;
+    assert_eq!(read(&p.guest_dir, "d/notes"), b"v1");
+    std::fs::remove_file(p.host_dir.join("d/notes")).unwrap();
+    p.cycle_paths(&["d/notes"]).await;
+    p.sync().await;
+    assert_eq!(
+        read(&p.guest_dir, "d/notes"),
+        b"v1",
+        "an ignored file was deleted"
+    );
+    write(&p.guest_dir, "d/notes", "v3 on the guest");
+    p.cycle_paths(&["d/notes"]).await;
+    p.sync().await;
+    assert!(
+        !p.host_dir.join("d/notes").exists(),
+        "an ignored file was sent"
+    );
+    assert_eq!(read(&p.guest_dir, "d/notes"), b"v3 on the guest");
+    assert_eq!(p.status().state, ShareState::InSync);
+}
+
+#[tokio::test]
+async fn an_unusable_ignore_file_freezes_its_directory_and_says_why() {
+    let mut p = gitignore_pair();
+    write(&p.host_dir, "ok/file", "synced");
+    write(&p.host_dir, "d/.gitignore", "secret\n");
+    write(&p.host_dir, "d/file", "d v1");
+    p.sync().await;
+    assert_eq!(read(&p.guest_dir, "d/file"), b"d v1");
+    // A pattern that does not compile: what it meant to exclude cannot be known, so nothing
+    // in the directory moves, in either direction, until it is fixed.
+    write(&p.host_dir, "d/.gitignore", "secret\nbroken{\n");
+    write(&p.host_dir, "d/secret", "never to leave the host");
+    write(&p.host_dir, "d/file", "d v2");
+    std::fs::remove_file(p.guest_dir.join("ok/file")).unwrap();
+    p.sync().await;
+    assert!(!p.guest_dir.join("d/secret").exists());
+    assert_eq!(read(&p.guest_dir, "d/file"), b"d v1");
+    assert_eq!(read(&p.guest_dir, "d/.gitignore"), b"secret\n");
+    assert!(!p.host_dir.join("ok/file").exists(), "the rest still syncs");
+    let problems = p.status().problems;
+    assert!(
+        problems
+            .iter()
+            .any(|q| q.path == "d" && q.side == "host" && q.reason.contains(".gitignore line 2")),
+        "{problems:?}"
+    );
+    write(&p.host_dir, "d/.gitignore", "secret\n");
+    p.sync().await;
+    assert_eq!(read(&p.guest_dir, "d/file"), b"d v2");
+    assert!(!p.guest_dir.join("d/secret").exists());
+    assert!(p.status().problems.is_empty());
+}
+
+#[tokio::test]
+async fn without_respect_gitignore_ignore_files_are_ordinary_files() {
+    let mut p = pair();
+    write(&p.host_dir, ".gitignore", "*\n");
+    write(&p.host_dir, "x.log", "log");
+    write(&p.guest_dir, "sub/.ignore", "*\n");
+    write(&p.guest_dir, "sub/y", "y");
+    p.sync().await;
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+    assert_eq!(read(&p.guest_dir, "x.log"), b"log");
+    assert_eq!(read(&p.host_dir, "sub/y"), b"y");
+}
+
 #[tokio::test]
 async fn replaced_guest_root_halts_and_costs_the_host_nothing() {
     let mut p = pair();

@@ -179,6 +179,7 @@ impl RemoteEndpoint {
             root: delta.root,
             entries,
             problems: delta.problems,
+            ignored: delta.ignored,
         })
     }
 }

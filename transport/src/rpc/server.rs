@@ -438,6 +438,7 @@ async fn scan_full<E: Endpoint>(
         changed,
         removed,
         problems: report.problems,
+        ignored: report.ignored,
     };
     (
         ResponseBody::ScanDelta(Ok(delta)),

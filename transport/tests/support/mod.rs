@@ -161,6 +161,7 @@ impl Endpoint for Fake {
             root: None,
             entries,
             problems: vec![],
+            ignored: vec![],
         })
     }
 
@@ -291,6 +292,7 @@ pub fn share(name: &str) -> ShareOpen {
     ShareOpen {
         name: name.to_owned(),
         ignore: vec![],
+        respect_gitignore: false,
     }
 }
 
