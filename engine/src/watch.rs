@@ -20,12 +20,14 @@
 
 use crate::filter::Filter;
 use crate::gitignore::is_ignore_file_name;
+use notify::event::{ModifyKind, RenameMode};
 use notify::{EventKind, RecursiveMode, Watcher as _};
 use std::collections::{BTreeSet, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 use vmsync_core::endpoint::{ChangeHints, ScanScope};
 use vmsync_core::limits::MAX_SCAN_IGNORED;
 use vmsync_core::path::RESERVED_NAME;
@@ -167,7 +169,15 @@ impl HintSet {
 struct Shared {
     hints: Mutex<HintSet>,
     wake: tokio::sync::Notify,
+    /// When the first half of a rename (its old name) was seen with no second half yet.
+    half_move: Mutex<Option<Instant>>,
 }
+
+/// How long hints wait for a rename's second half (inotify queues both halves together, so
+/// it normally follows within microseconds; only a move out of the share never completes).
+/// Handed over alone, the old name would look deleted: the other side would delete its copy,
+/// and the content would then have to cross the wire again for the new name.
+const HALF_MOVE_WAIT: Duration = Duration::from_millis(5);
 
 /// A running watch on one share root. Dropping it stops watching.
 pub struct ShareWatcher {
@@ -205,6 +215,17 @@ impl ShareWatcher {
                 };
                 match event {
                     Ok(event) => {
+                        if let Ok(mut half) = cb_shared.half_move.lock() {
+                            match event.kind {
+                                EventKind::Modify(ModifyKind::Name(RenameMode::From)) => {
+                                    half.get_or_insert_with(Instant::now);
+                                }
+                                EventKind::Modify(ModifyKind::Name(
+                                    RenameMode::To | RenameMode::Both,
+                                )) => *half = None,
+                                _ => {}
+                            }
+                        }
                         if event.need_rescan() {
                             hints.add_rescan();
                         } else if !matches!(event.kind, EventKind::Access(_)) {
@@ -248,13 +269,30 @@ impl ShareWatcher {
         })
     }
 
-    /// Waits until there are hints, then takes them all.
+    /// Waits until there are hints, then takes them all; while a rename is half seen, up to
+    /// [`HALF_MOVE_WAIT`] longer, so both its names travel together.
     pub async fn next(&self) -> ChangeHints {
         loop {
             let notified = self.shared.wake.notified();
-            if let Ok(mut hints) = self.shared.hints.lock() {
-                if !hints.is_empty() {
-                    return hints.take();
+            let has_hints = self.shared.hints.lock().is_ok_and(|h| !h.is_empty());
+            if has_hints {
+                let half_move = self.shared.half_move.lock().ok().and_then(|h| *h);
+                let wait = half_move.map_or(Duration::ZERO, |since| {
+                    HALF_MOVE_WAIT.saturating_sub(since.elapsed())
+                });
+                if wait.is_zero() {
+                    if let Ok(mut half) = self.shared.half_move.lock() {
+                        *half = None;
+                    }
+                    if let Ok(mut hints) = self.shared.hints.lock() {
+                        return hints.take();
+                    }
+                } else {
+                    tokio::select! {
+                        () = notified => {}
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                    continue;
                 }
             }
             notified.await;
@@ -399,5 +437,45 @@ mod tests {
             seen.extend(hints.paths.iter().map(|p| p.escaped()));
         }
         assert!(!seen.contains("x.swp"), "{seen:?}");
+    }
+
+    /// A rename hands over both names in one go, even when the consumer is already waiting
+    /// (it is woken by the first half): the other side must see a move, not a deletion.
+    #[tokio::test]
+    async fn a_rename_arrives_with_both_names_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("d")).unwrap();
+        std::fs::write(dir.path().join("d/old"), "data").unwrap();
+        let w = ShareWatcher::start(
+            dir.path(),
+            Arc::new(RwLock::new(WatchRules::new(Filter::new(&[]).unwrap()))),
+        )
+        .unwrap();
+        for round in 0..20 {
+            let (from, to) = if round % 2 == 0 {
+                ("old", "new")
+            } else {
+                ("new", "old")
+            };
+            let waiting = w.next();
+            let renamer = async {
+                tokio::task::yield_now().await;
+                std::fs::rename(
+                    dir.path().join("d").join(from),
+                    dir.path().join("d").join(to),
+                )
+                .unwrap();
+            };
+            let (hints, ()) = tokio::time::timeout(Duration::from_secs(5), async {
+                tokio::join!(waiting, renamer)
+            })
+            .await
+            .expect("hints in time");
+            let seen: BTreeSet<String> = hints.paths.iter().map(|p| p.escaped()).collect();
+            assert!(
+                seen.contains(&format!("d/{from}")) && seen.contains(&format!("d/{to}")),
+                "round {round}: {seen:?}"
+            );
+        }
     }
 }
