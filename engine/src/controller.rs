@@ -357,13 +357,33 @@ impl Controller {
             }
         }
 
-        let plan = reconcile(
+        let mut plan = reconcile(
             &ancestor,
             &host_snap,
             &guest_snap,
             self.settings.mode,
             self.settings.policy,
         );
+        // A directory the other side removed cannot go while something this side ignores is
+        // still in it (nothing ignored is ever deleted). Keep it, and forget it in the
+        // ancestor: the next cycle then sees it as this side's and gives the other side the
+        // (empty) directory back, where retrying the removal would fail on every cycle.
+        let mut kept_dirs = Vec::new();
+        plan.actions.retain(|a| {
+            let ignored = match a.target {
+                Side::Host => &host_scan.ignored,
+                Side::Guest => &guest_scan.ignored,
+            };
+            let keep = a.new.is_none()
+                && matches!(a.expected, Some(Entry::Dir { .. }))
+                && ignored.iter().any(|p| a.path.is_ancestor_of(p));
+            if keep {
+                kept_dirs.push(a.path.clone());
+            }
+            !keep
+        });
+        let dirs_kept = !kept_dirs.is_empty();
+        plan.agreed.extend(kept_dirs.into_iter().map(|p| (p, None)));
         if !self.allow_deletions_once {
             // Against the whole share, also for a targeted cycle.
             if let Err(reason) =
@@ -419,7 +439,7 @@ impl Controller {
         let report = CycleReport {
             applied: executed.applied.len(),
             conflicts: conflicts.len(),
-            retry: executed.retry,
+            retry: executed.retry || dirs_kept,
             halted: false,
             pending: executed.pending,
         };

@@ -470,6 +470,45 @@ async fn an_unusable_ignore_file_freezes_its_directory_and_says_why() {
     assert!(p.status().problems.is_empty());
 }
 
+/// A directory deleted on one side while the other side's ignore files keep something in
+/// it: the ignored content stays, the directory with it, and the share settles in sync (the
+/// emptied directory comes back on the side that deleted it) instead of retrying forever.
+#[tokio::test]
+async fn a_deleted_directory_holding_ignored_files_on_the_other_side_settles() {
+    let mut p = gitignore_pair();
+    write(&p.host_dir, ".gitignore", "target/\n");
+    write(&p.host_dir, "crates/a/src/lib.rs", "pub fn a() {}");
+    p.sync().await;
+    write(
+        &p.guest_dir,
+        "crates/a/target/debug/liba.rlib",
+        "guest build output",
+    );
+    p.sync().await;
+    std::fs::remove_dir_all(p.host_dir.join("crates/a")).unwrap();
+    let report = p.sync().await;
+    assert!(!report.retry && report.pending == 0, "{report:?}");
+    assert_eq!(
+        read(&p.guest_dir, "crates/a/target/debug/liba.rlib"),
+        b"guest build output"
+    );
+    assert!(
+        !p.guest_dir.join("crates/a/src").exists(),
+        "the synced files went"
+    );
+    assert!(
+        p.host_dir.join("crates/a").is_dir(),
+        "the directory came back, empty"
+    );
+    assert!(
+        !p.host_dir.join("crates/a/target").exists(),
+        "nothing ignored was sent"
+    );
+    assert_eq!(p.status().state, ShareState::InSync);
+    let report = p.cycle().await;
+    assert_eq!((report.applied, report.retry), (0, false), "{report:?}");
+}
+
 #[tokio::test]
 async fn without_respect_gitignore_ignore_files_are_ordinary_files() {
     let mut p = pair();
