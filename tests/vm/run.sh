@@ -100,11 +100,29 @@ cleanup() {
 trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT TERM
 
+# device_state : vhost-device-vsock seen from outside (threads and their states, its sockets)
+device_state() {
+  local t
+  echo "vhost-device-vsock pid $VDV_PID, threads (name, state, wait channel):"
+  for t in /proc/"$VDV_PID"/task/*; do
+    [ -d "$t" ] && echo "  $(cat "$t/comm" 2>/dev/null) $(awk '{ print $3 }' "$t/stat" 2>/dev/null) $(cat "$t/wchan" 2>/dev/null)"
+  done
+  if command -v ss >/dev/null; then echo "unix sockets under $RUN:"; ss -xap 2>/dev/null | grep -F "$RUN" | sed 's/^/  /'; fi
+}
 fail() {
   log "FAIL: $*"
   echo "FAIL: $*" >> "$SUMMARY"
-  { echo "--- console (tail)"; tail -40 "$RUN/console.log"; echo "--- host (tail)"; tail -40 "$RUN/host.log"
-    echo "--- guest agent log (tail)"; gctl 10 'tail -40 /tmp/agent.log' 2>&1 || true; } >&2 || true
+  # Everything needed to tell a vmsync failure from a VM/device one goes to failure.txt (kept
+  # with the run's logs), not only to stderr.
+  {
+    echo "FAIL: $*"
+    echo "--- console (tail)"; tail -40 "$RUN/console.log"
+    echo "--- host agent log (tail)"; tail -40 "$RUN/host.log"
+    echo "--- guest: agent pid file, processes, agent log (tail)"
+    gctl_n 5 10 'cat /run/agent.pid; ps; tail -40 /tmp/agent.log' || echo "(vm-ctl could not reach the guest: rc $?)"
+    echo "--- device"; device_state
+  } > "$RUN/failure.txt" 2>&1 || true
+  cat "$RUN/failure.txt" >&2 || true
   exit 1
 }
 
@@ -129,16 +147,17 @@ VMSYNC_HOST=$WORK/bin/vmsync-host
 # vm-ctl exits 126 when the command never reached the guest (vhost-device-vsock 0.3.0 now and
 # then drops a host-initiated connection made right after another one closed): retry those.
 GCTL_RETRIES=0
-gctl() {
+gctl_n() {  # gctl_n TRIES TIMEOUT_S 'shell command'
   local i rc
-  for i in $(seq 50); do
-    rc=0; "$WORK/bin/vm-ctl" run "$UDS" "$CTL_PORT" "$1" "$2" 2>>"$RUN/vm-ctl.log" || rc=$?
+  for i in $(seq "$1"); do
+    rc=0; "$WORK/bin/vm-ctl" run "$UDS" "$CTL_PORT" "$2" "$3" 2>>"$RUN/vm-ctl.log" || rc=$?
     [ "$rc" = 126 ] || return "$rc"
     GCTL_RETRIES=$((GCTL_RETRIES + 1))
     sleep 0.1
   done
   return 126
 }
+gctl() { gctl_n 50 "$1" "$2"; }
 
 host_status() { "$VMSYNC_HOST" status --json --config "$HOST_CFG"; }
 # share_field FIELD : one field of the share's status (empty when unavailable)
@@ -247,7 +266,7 @@ if grep -q 'cannot reach guest' "$RUN/host.log"; then
 fi
 [ "$(share_field state)" = connecting ] || log "WARNING: host share state before the guest agent: $(share_field state)"
 T0=$(now)
-gctl 10 agent-start >/dev/null || fail "cannot start vmsync-guest"
+gctl 40 agent-start >/dev/null || fail "cannot start vmsync-guest"
 until_ok 30 host_connected || fail "scenario 1: the host did not connect to the guest agent"
 T1=$(now)
 say "  host connected $(elapsed "$T0" "$T1") s after the guest agent started (reconnect backoff)"
@@ -316,7 +335,7 @@ say "scenario 3 PASS: ${BIG_MB} MB file with 1 MiB changed -> $DELTA bytes of ch
 # Guest->host throughput of fresh random files with the agent's writes capped at 32 KiB (the
 # default) and at 256 KiB, alternating, in the same VM. The agent is restarted between settings.
 set_cap() {   # set_cap BYTES : rewrite the guest config and restart the agent
-  gctl 30 "sed -i '/^max_write_bytes/d' /etc/vmsync/guest.toml && sed -i '1i max_write_bytes = $1' /etc/vmsync/guest.toml && agent-stop TERM; agent-start" >/dev/null \
+  gctl 60 "sed -i '/^max_write_bytes/d' /etc/vmsync/guest.toml && sed -i '1i max_write_bytes = $1' /etc/vmsync/guest.toml && agent-stop TERM >/dev/null && agent-start" >/dev/null \
     || fail "cannot restart the guest agent with max_write_bytes=$1"
   # the host reconnects (backoff restarts at 100 ms); `sync` succeeds only once connected
   sleep 0.5
@@ -379,7 +398,7 @@ if ! alive "$VDV_PID"; then   # vhost-device-vsock normally waits for the next V
 fi
 boot_guest
 [ "$(gctl 10 'find /share -type f | wc -l' | tr -d '\r\n ')" = 0 ] || fail "scenario 4: the rebooted guest's share is not empty"
-gctl 10 agent-start >/dev/null || fail "cannot start vmsync-guest after the reboot"
+gctl 40 agent-start >/dev/null || fail "cannot start vmsync-guest after the reboot"
 until_ok 120 is_root_replaced \
   || fail "scenario 4: the host did not halt with root-replaced (state: $(share_field state) $(share_field halt_code))"
 host_sums > "$RUN/sums-host-halted.txt"
@@ -409,23 +428,37 @@ gctl 60 "cp /tmp/kill-g.bin /share/kill-g.part && mv /share/kill-g.part /share/k
 # Kill from inside the guest the moment the agent has a staging file (a transfer to the guest is
 # in flight, when the filesystem has no O_TMPFILE and vmsync stages under .vmsync/tmp), or after
 # about 3 s (tmpfs has O_TMPFILE: staging is invisible; the 60 MiB take ~10 s under TCG).
-AT_KILL=$(gctl 60 'i=0; until [ -n "$(ls -A /share/.vmsync/tmp 2>/dev/null)" ] || [ $i -ge 120 ]; do usleep 25000; i=$((i+1)); done
+# agent-stop waits until every thread of the killed agent has exited (they hold its state
+# database's lock and its listener; see guest/agent-stop), agent-start until the new one
+# listens: a restart that failed is reported as such, not as "the host did not reconnect".
+AT_KILL=$(gctl 90 'i=0; until [ -n "$(ls -A /share/.vmsync/tmp 2>/dev/null)" ] || [ $i -ge 120 ]; do usleep 25000; i=$((i+1)); done
   staged=$(ls -A /share/.vmsync/tmp 2>/dev/null | wc -l)
   if [ -f /share/kill-h.bin ]; then h=$(wc -c < /share/kill-h.bin | tr -d " "); else h=absent; fi
-  agent-stop KILL; agent-start >/dev/null; echo "staged=$staged kill-h.bin=$h"' | tr -d '\r' | tail -1) \
-  || fail "scenario 5: cannot kill and restart vmsync-guest"
-case "${AT_KILL#* }" in
-  kill-h.bin=absent) MID="mid-transfer: ${AT_KILL%% *} staging file(s), the host->guest file not in place yet" ;;
-  "kill-h.bin=$KILL_H") MID="host->guest file already complete" ;;
+  stop=$(agent-stop KILL) || { echo "agent-stop: the killed agent did not exit: $stop"; exit 3; }
+  agent-start >/dev/null || { echo "agent-start: the restarted agent did not come up (see /tmp/agent.log)"; exit 4; }
+  echo "staged=$staged kill-h.bin=$h $stop"' | tr -d '\r' | tail -1) \
+  || fail "scenario 5: cannot kill and restart vmsync-guest: $AT_KILL"
+kv() { echo "$AT_KILL" | sed -n "s/.*$1=\([^ ]*\).*/\1/p"; }
+case "$(kv kill-h.bin)" in
+  absent) MID="mid-transfer: $(kv staged) staging file(s), the host->guest file not in place yet" ;;
+  "$KILL_H") MID="host->guest file already complete" ;;
   *) fail "scenario 5: torn file visible in the guest at kill time: $AT_KILL" ;;
 esac
 HOST_G=$(stat -c %s "$H/kill-g.bin" 2>/dev/null || echo absent)
 [ "$HOST_G" = absent ] || [ "$HOST_G" = "$KILL_G" ] || fail "scenario 5: torn guest->host file on the host: $HOST_G bytes"
 sleep 0.5
-until_ok 120 host_cycle || fail "scenario 5: the host did not reconnect"
+if ! until_ok 120 host_cycle; then
+  # Tell the two possible causes apart: the guest answers vm-ctl (vsock and the device work:
+  # vmsync-guest is not listening or vmsync-host does not reconnect) or it does not (device/VM).
+  if gctl_n 5 10 true >/dev/null; then
+    fail "scenario 5: the host did not reconnect, although the guest answers vm-ctl (the device works)"
+  fi
+  fail "scenario 5: the host did not reconnect, and vm-ctl cannot reach the guest either (vhost-device-vsock or the VM stopped answering; see failure.txt)"
+fi
 converge "scenario 5"
 LEFT=$(gctl 10 'cd /share/.vmsync 2>/dev/null && find . -type f | tr "\n" " "' | tr -d '\r')
 say "scenario 5 PASS: vmsync-guest SIGKILLed ($MID; guest->host file on the host: $HOST_G) and restarted; trees identical, no torn file; guest .vmsync holds: ${LEFT:-nothing}"
+say "  the killed agent's last thread exited $(kv waited_ms) ms after SIGKILL (polls that saw its main thread a zombie while other threads still ran: $(kv zombie_with_threads))"
 
 # ------------------------------------------------------------- done
 say "host 'cannot reach guest' log lines over the whole run: $(grep -c 'cannot reach guest' "$RUN/host.log" || true) (once per outage and distinct error)"
