@@ -20,3 +20,14 @@ pub const CHUNK_MAX_BYTES: u32 = 64 * 1024;
 /// average), so a manifest (about 41 bytes a chunk) fits one 128 MiB message.
 /// Larger files are skipped and reported.
 pub const MAX_FILE_CHUNKS: usize = 2 * 1024 * 1024;
+
+/// Chunk deltas (see `crate::delta`): the smallest and largest block size a signature may use.
+/// Small blocks make long signatures and slow diffs; a block past the largest chunk matches
+/// nothing.
+pub const DELTA_BLOCK_MIN_BYTES: u32 = 64;
+pub const DELTA_BLOCK_MAX_BYTES: u32 = 16 * 1024;
+/// Longest signature a peer may send for one chunk's base. Ours are under 1 KiB (block size
+/// about the square root of the base, 8 bytes a block); this leaves room for other choices.
+pub const MAX_SIGNATURE_BYTES: usize = 16 * 1024;
+/// Longest delta: a delta is only sent when it is shorter than its chunk.
+pub const MAX_DELTA_BYTES: usize = CHUNK_MAX_BYTES as usize;
