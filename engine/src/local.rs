@@ -7,6 +7,14 @@
 //! temp into place (see [`ShareRoot::commit_temp`]). A staged file's digest is verified by
 //! construction: its manifest must hash to the file digest and every chunk to its id.
 //!
+//! Deltas: when a file being staged replaces one this side already has at that path, `stage`
+//! offers, for each missing chunk where the old file probably holds similar bytes, a base: the
+//! signature of those old bytes ([`vmsync_core::delta::base_windows`] picks them). As a source,
+//! `read_deltas` answers such a read with a delta when that is smaller than the chunk. `supply`
+//! re-reads the base (it is not kept in memory), applies the delta and verifies the result
+//! against the chunk id; one that does not verify stays missing, for the controller to send
+//! whole.
+//!
 //! All filesystem work is blocking; each call runs on tokio's blocking pool.
 
 use crate::chunk::hash_chunk;
@@ -21,9 +29,10 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use vmsync_core::delta;
 use vmsync_core::endpoint::{
-    Change, ChangeHints, ChunkRead, Endpoint, EndpointError, Outcome, Problem, RootId, ScanOptions,
-    ScanReport, ScanScope, StageRequest,
+    Change, ChangeHints, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, MissingChunk,
+    Outcome, Problem, RootId, ScanOptions, ScanReport, ScanScope, StageRequest,
 };
 use vmsync_core::entry::PERM_MASK;
 use vmsync_core::limits::CHUNK_MAX_BYTES;
@@ -38,6 +47,19 @@ struct Staged {
     missing: HashMap<Hash, Vec<u64>>,
 }
 
+/// Old bytes offered as the base for a missing chunk: re-read when its delta arrives.
+struct Base {
+    path: RelPath,
+    offset: u64,
+    len: u64,
+    /// The length of the chunk the delta must rebuild.
+    chunk_len: u32,
+}
+
+/// Most signature bytes one `stage` call offers, summed over its files: bounds the answer
+/// (and the source's work) when many big files were rewritten wholesale.
+const MAX_STAGE_SIGNATURE_BYTES: usize = 8 << 20;
+
 /// One share directory on this machine.
 pub struct LocalShare {
     name: String,
@@ -49,6 +71,8 @@ pub struct LocalShare {
     staged: HashMap<RelPath, Staged>,
     /// Chunk id → staged paths waiting for it.
     wanted: HashMap<Hash, Vec<RelPath>>,
+    /// Chunk id → the base offered for it (only for wanted chunks).
+    bases: HashMap<Hash, Base>,
     /// Files read and hashed by scans since start (a restart with nothing changed adds none).
     files_hashed: u64,
 }
@@ -90,6 +114,7 @@ impl LocalEndpoint {
             db,
             staged: HashMap::new(),
             wanted: HashMap::new(),
+            bases: HashMap::new(),
             files_hashed: 0,
         };
         Ok(LocalEndpoint {
@@ -170,14 +195,21 @@ impl Endpoint for LocalEndpoint {
         self.run(move |s| s.read_chunks(reads)).await
     }
 
+    async fn read_deltas(
+        &mut self,
+        reads: Vec<DeltaRead>,
+    ) -> Result<Vec<Option<ChunkData>>, EndpointError> {
+        self.run(move |s| s.read_deltas(reads)).await
+    }
+
     async fn stage(
         &mut self,
         files: Vec<StageRequest>,
-    ) -> Result<Vec<Result<Vec<Hash>, Problem>>, EndpointError> {
+    ) -> Result<Vec<Result<Vec<MissingChunk>, Problem>>, EndpointError> {
         self.run(move |s| s.stage(files)).await
     }
 
-    async fn supply(&mut self, chunks: Vec<(Hash, Vec<u8>)>) -> Result<(), EndpointError> {
+    async fn supply(&mut self, chunks: Vec<(Hash, ChunkData)>) -> Result<Vec<Hash>, EndpointError> {
         self.run(move |s| s.supply(chunks)).await
     }
 
@@ -346,27 +378,108 @@ impl LocalShare {
             .collect())
     }
 
+    fn read_deltas(
+        &mut self,
+        reads: Vec<DeltaRead>,
+    ) -> Result<Vec<Option<ChunkData>>, EndpointError> {
+        let root = self.root()?;
+        let mut files = OpenFiles::default();
+        Ok(reads
+            .into_iter()
+            .map(|DeltaRead { read: r, base }| {
+                let data = files.read_verified(
+                    root,
+                    &r.path,
+                    r.chunk.offset,
+                    r.chunk.len,
+                    &r.chunk.hash,
+                )?;
+                // A signature this side cannot use (malformed, hostile) just means "whole".
+                let delta = base
+                    .and_then(|b| delta::parse_signature(b).ok())
+                    .and_then(|sig| delta::delta(&sig, &data));
+                Some(match delta {
+                    Some(d) => ChunkData::Delta(d),
+                    None => ChunkData::Whole(data),
+                })
+            })
+            .collect())
+    }
+
     fn stage(
         &mut self,
         files: Vec<StageRequest>,
-    ) -> Result<Vec<Result<Vec<Hash>, Problem>>, EndpointError> {
+    ) -> Result<Vec<Result<Vec<MissingChunk>, Problem>>, EndpointError> {
         let mut results = Vec::with_capacity(files.len());
         let mut sources = OpenFiles::default();
+        let mut budget = MAX_STAGE_SIGNATURE_BYTES;
         for req in files {
             let path = req.path.clone();
             results.push(
-                self.stage_one(req, &mut sources)
+                self.stage_one(req, &mut sources, &mut budget)
                     .map_err(|reason| Problem { path, reason }),
             );
         }
         Ok(results)
     }
 
+    /// Offers bases for the missing chunks of `req` (sorted, each once) from the file this
+    /// side has at that path now, within `budget` signature bytes.
+    fn offer_bases(
+        &mut self,
+        req: &StageRequest,
+        want: Vec<Hash>,
+        sources: &mut OpenFiles,
+        budget: &mut usize,
+    ) -> Vec<MissingChunk> {
+        let mut out: Vec<MissingChunk> = want
+            .into_iter()
+            .map(|hash| MissingChunk { hash, base: None })
+            .collect();
+        let (Some(old), Some(root)) = (self.index.get(&req.path), self.root.as_ref()) else {
+            return out;
+        };
+        let windows = delta::base_windows(&old.chunks, &req.manifest.chunks);
+        for (c, window) in req.manifest.chunks.iter().zip(windows) {
+            let Some(w) = window else { continue };
+            if *budget == 0 || self.bases.contains_key(&c.hash) {
+                continue;
+            }
+            let Ok(i) = out.binary_search_by(|m| m.hash.cmp(&c.hash)) else {
+                continue;
+            };
+            if out[i].base.is_some() {
+                continue;
+            }
+            let Some(bytes) = sources.read_range(root, &req.path, w.offset, w.len) else {
+                continue;
+            };
+            let sig = delta::signature(&bytes, w.block);
+            if sig.len() > *budget {
+                *budget = 0;
+                continue;
+            }
+            *budget -= sig.len();
+            out[i].base = Some(sig);
+            self.bases.insert(
+                c.hash,
+                Base {
+                    path: req.path.clone(),
+                    offset: w.offset,
+                    len: w.len,
+                    chunk_len: c.len,
+                },
+            );
+        }
+        out
+    }
+
     fn stage_one(
         &mut self,
         req: StageRequest,
         sources: &mut OpenFiles,
-    ) -> Result<Vec<Hash>, String> {
+        budget: &mut usize,
+    ) -> Result<Vec<MissingChunk>, String> {
         if !self.staged.contains_key(&req.path) && self.staged.len() >= max_staged_files() {
             // Out of file descriptors to hold more temp files open: not an error, just later.
             return Err("too many files staged at once; will retry".into());
@@ -409,6 +522,7 @@ impl LocalShare {
         for h in &want {
             self.wanted.entry(*h).or_default().push(req.path.clone());
         }
+        let want = self.offer_bases(&req, want, sources, budget);
         self.staged.insert(
             req.path,
             Staged {
@@ -421,17 +535,35 @@ impl LocalShare {
         Ok(want)
     }
 
-    fn supply(&mut self, chunks: Vec<(Hash, Vec<u8>)>) -> Result<(), EndpointError> {
+    fn supply(&mut self, chunks: Vec<(Hash, ChunkData)>) -> Result<Vec<Hash>, EndpointError> {
+        let mut still_missing = Vec::new();
+        let mut bases = OpenFiles::default();
         for (hash, data) in chunks {
-            if data.len() > CHUNK_MAX_BYTES as usize || hash_chunk(&data) != hash {
-                return Err(EndpointError::Protocol(format!(
-                    "chunk {hash} does not match its id"
-                )));
-            }
-            let Some(paths) = self.wanted.remove(&hash) else {
+            if !self.wanted.contains_key(&hash) {
                 return Err(EndpointError::Protocol(format!(
                     "chunk {hash} was not requested"
                 )));
+            }
+            let data = match data {
+                ChunkData::Whole(data) => {
+                    if data.len() > CHUNK_MAX_BYTES as usize || hash_chunk(&data) != hash {
+                        return Err(EndpointError::Protocol(format!(
+                            "chunk {hash} does not match its id"
+                        )));
+                    }
+                    data
+                }
+                ChunkData::Delta(d) => match self.rebuild(&hash, &d, &mut bases) {
+                    Some(data) => data,
+                    None => {
+                        still_missing.push(hash);
+                        continue;
+                    }
+                },
+            };
+            self.bases.remove(&hash);
+            let Some(paths) = self.wanted.remove(&hash) else {
+                continue;
             };
             for path in paths {
                 let Some(staged) = self.staged.get_mut(&path) else {
@@ -447,7 +579,16 @@ impl LocalShare {
                 }
             }
         }
-        Ok(())
+        Ok(still_missing)
+    }
+
+    /// Rebuilds chunk `hash` from the base offered for it and `delta`: `None` unless the base
+    /// can still be read and the result is exactly the chunk.
+    fn rebuild(&self, hash: &Hash, delta: &[u8], files: &mut OpenFiles) -> Option<Vec<u8>> {
+        let base = self.bases.get(hash)?;
+        let root = self.root.as_ref()?;
+        let bytes = files.read_range(root, &base.path, base.offset, base.len)?;
+        delta::apply(&bytes, delta, base.chunk_len, hash)
     }
 
     fn unstage(&mut self, path: &RelPath) {
@@ -457,6 +598,7 @@ impl LocalShare {
                     paths.retain(|p| p != path);
                     if paths.is_empty() {
                         self.wanted.remove(h);
+                        self.bases.remove(h);
                     }
                 }
             }
@@ -472,6 +614,7 @@ impl LocalShare {
             self.unstage(&p);
         }
         self.wanted.clear();
+        self.bases.clear();
     }
 
     fn transition(&mut self, changes: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {
@@ -750,6 +893,32 @@ impl OpenFiles {
         if len > CHUNK_MAX_BYTES {
             return None;
         }
+        let buf = self.read_at(root, path, offset, u64::from(len))?;
+        (hash_chunk(&buf) == *hash).then_some(buf)
+    }
+
+    /// Reads `len` bytes (at most [`delta::MAX_BASE_BYTES`]) at `offset` of `path`: a delta
+    /// base, unverified (whatever is built from it is verified).
+    fn read_range(
+        &mut self,
+        root: &ShareRoot,
+        path: &RelPath,
+        offset: u64,
+        len: u64,
+    ) -> Option<Vec<u8>> {
+        if len > delta::MAX_BASE_BYTES {
+            return None;
+        }
+        self.read_at(root, path, offset, len)
+    }
+
+    fn read_at(
+        &mut self,
+        root: &ShareRoot,
+        path: &RelPath,
+        offset: u64,
+        len: u64,
+    ) -> Option<Vec<u8>> {
         if !self.files.contains_key(path) {
             if self.files.len() >= MAX_OPEN_SOURCE_FILES {
                 self.files.clear();
@@ -758,8 +927,8 @@ impl OpenFiles {
             self.files.insert(path.clone(), file);
         }
         let file = self.files.get(path)?.as_ref()?;
-        let mut buf = vec![0u8; len as usize];
+        let mut buf = vec![0u8; usize::try_from(len).ok()?];
         file.read_exact_at(&mut buf, offset).ok()?;
-        (hash_chunk(&buf) == *hash).then_some(buf)
+        Some(buf)
     }
 }

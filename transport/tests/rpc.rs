@@ -7,7 +7,8 @@ mod support;
 use std::sync::Arc;
 use support::*;
 use vmsync_core::endpoint::{
-    Change, ChunkRead, Endpoint, EndpointError, Outcome, ScanOptions, ScanScope, StageRequest,
+    Change, ChunkData, ChunkRead, Endpoint, EndpointError, Outcome, ScanOptions, ScanScope,
+    StageRequest,
 };
 use vmsync_core::{ChunkRef, Entry, Hash};
 use vmsync_protocol::handshake;
@@ -54,7 +55,14 @@ async fn push(local: &mut Fake, remote: &mut RemoteEndpoint, path: &str) -> Vec<
         }])
         .await
         .unwrap();
-    let missing = staged.into_iter().next().unwrap().unwrap();
+    let missing: Vec<Hash> = staged
+        .into_iter()
+        .next()
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.hash)
+        .collect();
     let reads: Vec<ChunkRead> = manifest
         .chunks
         .iter()
@@ -65,12 +73,12 @@ async fn push(local: &mut Fake, remote: &mut RemoteEndpoint, path: &str) -> Vec<
         })
         .collect();
     let datas = local.read_chunks(reads.clone()).await.unwrap();
-    let supply: Vec<(Hash, Vec<u8>)> = reads
+    let supply: Vec<(Hash, ChunkData)> = reads
         .iter()
         .zip(datas)
-        .map(|(r, d)| (r.chunk.hash, d.unwrap()))
+        .map(|(r, d)| (r.chunk.hash, ChunkData::Whole(d.unwrap())))
         .collect();
-    remote.supply(supply).await.unwrap();
+    assert_eq!(remote.supply(supply).await.unwrap(), vec![]);
     let outcomes = remote
         .transition(vec![Change {
             path: p(path),
@@ -235,14 +243,26 @@ async fn endpoint_errors_travel_as_values() {
             // One answer too many: the server must not forward a miscounted answer.
             Ok(vec![None; reads.len() + 1])
         }
+        async fn read_deltas(
+            &mut self,
+            reads: Vec<vmsync_core::endpoint::DeltaRead>,
+        ) -> Result<Vec<Option<vmsync_core::endpoint::ChunkData>>, EndpointError> {
+            Ok(vec![None; reads.len() + 1])
+        }
         async fn stage(
             &mut self,
             _: Vec<StageRequest>,
-        ) -> Result<Vec<Result<Vec<Hash>, vmsync_core::endpoint::Problem>>, EndpointError> {
+        ) -> Result<
+            Vec<Result<Vec<vmsync_core::endpoint::MissingChunk>, vmsync_core::endpoint::Problem>>,
+            EndpointError,
+        > {
             Err(EndpointError::Limit("quota".into()))
         }
-        async fn supply(&mut self, _: Vec<(Hash, Vec<u8>)>) -> Result<(), EndpointError> {
-            Ok(())
+        async fn supply(
+            &mut self,
+            _: Vec<(Hash, vmsync_core::endpoint::ChunkData)>,
+        ) -> Result<Vec<Hash>, EndpointError> {
+            Ok(vec![])
         }
         async fn transition(&mut self, _: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {
             // A setuid mode breaks validation: the server answers with an error instead.
@@ -283,7 +303,7 @@ async fn endpoint_errors_travel_as_values() {
         "{err:?}"
     );
     // The session survived all of that.
-    assert_eq!(remote.supply(vec![]).await, Ok(()));
+    assert_eq!(remote.supply(vec![]).await, Ok(vec![]));
     assert!(!session.is_closed());
     session.close();
     assert_eq!(session.closed().await, "closed by the host");
@@ -444,15 +464,17 @@ async fn several_shares_on_one_session() {
 async fn oversized_requests_fail_alone() {
     let pair = pair(Fake::default()).await;
     let mut remote = pair.session.endpoint(0).unwrap();
-    let too_many =
-        vec![(Hash::default(), vec![1u8]); vmsync_protocol::limits::MAX_BATCH_CHUNKS + 1];
+    let too_many = vec![
+        (Hash::default(), ChunkData::Whole(vec![1u8]));
+        vmsync_protocol::limits::MAX_BATCH_CHUNKS + 1
+    ];
     assert!(matches!(
         remote.supply(too_many).await,
         Err(EndpointError::Limit(_))
     ));
     let oversized_chunk = vec![(
         Hash::default(),
-        vec![0u8; vmsync_core::limits::CHUNK_MAX_BYTES as usize + 1],
+        ChunkData::Whole(vec![0u8; vmsync_core::limits::CHUNK_MAX_BYTES as usize + 1]),
     )];
     assert!(matches!(
         remote.supply(oversized_chunk).await,
@@ -467,17 +489,20 @@ async fn bulk_batches_follow_the_level_small_ones_always_compress() {
     let pair = pair(Fake::default()).await;
     // Bulk level 0: a batch of 1 MiB or more travels raw...
     let mut remote = pair.session.endpoint(0).unwrap().with_zstd_level(0);
-    let bulk: Vec<(Hash, Vec<u8>)> = (0..16u8)
+    let bulk: Vec<(Hash, ChunkData)> = (0..16u8)
         .map(|i| {
             let data = vec![i; 64 * 1024];
-            (hash(&data), data)
+            (hash(&data), ChunkData::Whole(data))
         })
         .collect();
     remote.supply(bulk).await.unwrap();
     assert_eq!(pair.session.stats().content_bytes_sent, 1 << 20);
     // ...while a small batch (a live edit) is compressed whatever the bulk level.
     let data = vec![1u8; 4096];
-    remote.supply(vec![(hash(&data), data)]).await.unwrap();
+    remote
+        .supply(vec![(hash(&data), ChunkData::Whole(data))])
+        .await
+        .unwrap();
     assert!(pair.session.stats().content_bytes_sent < (1 << 20) + 100);
     let _ = Arc::clone(&pair.server_stats);
 }

@@ -6,19 +6,29 @@
 //! `EndpointError::Protocol` and the whole session is closed, since nothing else the guest says
 //! on it can be trusted either. Chunk data sent by `supply` is compressed here, at the level set
 //! with [`RemoteEndpoint::with_zstd_level`].
+//!
+//! Chunk deltas travel in `Stage2`, `ReadChunks2` and `Supply2`, used only when the guest
+//! granted [`FEATURE_CHUNK_DELTA`]; with an older guest this side stages without bases, reads
+//! whole chunks, and answers any delta it is asked to supply as "still missing" (the controller
+//! then sends it whole).
 
 use super::client::{Listing, Session};
-use super::stats::chunk_bytes;
+use super::server::encode_content;
+use super::stats::{chunk_bytes, content_bytes};
 use crate::error::{error_chain, TransportError};
+use std::collections::HashSet;
 use std::sync::Arc;
 use vmsync_core::endpoint::{
-    Change, ChangeHints, ChunkRead, Endpoint, EndpointError, Outcome, Problem, ScanOptions,
-    ScanReport, ScanScope, StageRequest,
+    Change, ChangeHints, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, MissingChunk,
+    Outcome, Problem, ScanOptions, ScanReport, ScanScope, StageRequest,
 };
 use vmsync_core::{ChunkRef, FileMeta, Hash, Manifest, RelPath};
 use vmsync_protocol::chunk::{level_for_batch, DEFAULT_ZSTD_LEVEL};
 use vmsync_protocol::listing;
-use vmsync_protocol::{decode_chunk, encode_chunk, RequestBody, ResponseBody, WireChunk};
+use vmsync_protocol::messages::{BasedRead, StageAnswer, StageFile, FEATURE_CHUNK_DELTA};
+use vmsync_protocol::{
+    decode_chunk, decode_delta, encode_chunk, RequestBody, ResponseBody, WireChunk, WireContent,
+};
 
 /// One share of a remote guest, as an `Endpoint`. Cheap to create; many may share a session.
 #[derive(Debug, Clone)]
@@ -73,6 +83,11 @@ impl RemoteEndpoint {
         content_bytes: u64,
     ) -> Result<ResponseBody, EndpointError> {
         self.session.call(self.share, body, content_bytes).await
+    }
+
+    /// True when the guest speaks chunk deltas.
+    fn deltas(&self) -> bool {
+        self.session.welcome().features & FEATURE_CHUNK_DELTA != 0
     }
 
     fn wrong_kind(&self, asked: &str, got: &ResponseBody) -> EndpointError {
@@ -217,33 +232,150 @@ impl Endpoint for RemoteEndpoint {
             .collect()
     }
 
+    async fn read_deltas(
+        &mut self,
+        reads: Vec<DeltaRead>,
+    ) -> Result<Vec<Option<ChunkData>>, EndpointError> {
+        if !self.deltas() || reads.iter().all(|r| r.base.is_none()) {
+            let plain = reads.into_iter().map(|r| r.read).collect();
+            let datas = self.read_chunks(plain).await?;
+            return Ok(datas.into_iter().map(|d| d.map(ChunkData::Whole)).collect());
+        }
+        let asked: Vec<(ChunkRef, bool)> = reads
+            .iter()
+            .map(|r| (r.read.chunk, r.base.is_some()))
+            .collect();
+        let reads = reads
+            .into_iter()
+            .map(|r| BasedRead {
+                read: r.read,
+                base: r.base,
+            })
+            .collect();
+        let chunks = match self.call(RequestBody::ReadChunks2 { reads }, 0).await? {
+            ResponseBody::ReadChunks2(Ok(chunks)) => chunks,
+            ResponseBody::ReadChunks2(Err(e)) => return Err(e),
+            other => return Err(self.wrong_kind("ReadChunks2", &other)),
+        };
+        self.check_count("chunk reads", asked.len(), &chunks)?;
+        self.session
+            .stats_handle()
+            .add_content_received(content_bytes(chunks.iter().flatten()));
+        asked
+            .iter()
+            .zip(chunks)
+            .map(|((read, based), content)| match content {
+                None => Ok(None),
+                Some(WireContent::Whole(c)) => self
+                    .receive_chunk(read, c)
+                    .map(|d| Some(ChunkData::Whole(d))),
+                Some(WireContent::Delta(d)) => {
+                    if !based || d.hash != read.hash {
+                        return Err(self.session.violation(format!(
+                            "sent a delta for chunk {:?} to a read of {:?} {} a base",
+                            d.hash,
+                            read.hash,
+                            if *based { "with" } else { "without" }
+                        )));
+                    }
+                    // What the delta rebuilds is checked by the destination that applies it.
+                    match decode_delta(d) {
+                        Ok((_, delta)) => Ok(Some(ChunkData::Delta(delta))),
+                        Err(e) => Err(self
+                            .session
+                            .violation(format!("sent a bad delta: {}", error_chain(&e)))),
+                    }
+                }
+            })
+            .collect()
+    }
+
     async fn stage(
         &mut self,
         files: Vec<StageRequest>,
-    ) -> Result<Vec<Result<Vec<Hash>, Problem>>, EndpointError> {
+    ) -> Result<Vec<Result<Vec<MissingChunk>, Problem>>, EndpointError> {
         let asked = files.len();
+        if self.deltas() {
+            let files = files.into_iter().map(StageFile::from).collect();
+            return match self.call(RequestBody::Stage2 { files }, 0).await? {
+                ResponseBody::Stage2(Ok(staged)) => {
+                    self.check_count("files to stage", asked, &staged)?;
+                    Ok(staged
+                        .into_iter()
+                        .map(|a| match a {
+                            StageAnswer::Missing(missing) => Ok(missing),
+                            StageAnswer::Problem(p) => Err(p),
+                        })
+                        .collect())
+                }
+                ResponseBody::Stage2(Err(e)) => Err(e),
+                other => Err(self.wrong_kind("Stage2", &other)),
+            };
+        }
         match self.call(RequestBody::Stage { files }, 0).await? {
             ResponseBody::Stage(Ok(staged)) => {
                 self.check_count("files to stage", asked, &staged)?;
-                Ok(staged)
+                Ok(staged
+                    .into_iter()
+                    .map(|r| {
+                        r.map(|hashes| {
+                            hashes
+                                .into_iter()
+                                .map(|hash| MissingChunk { hash, base: None })
+                                .collect()
+                        })
+                    })
+                    .collect())
             }
             ResponseBody::Stage(Err(e)) => Err(e),
             other => Err(self.wrong_kind("Stage", &other)),
         }
     }
 
-    async fn supply(&mut self, chunks: Vec<(Hash, Vec<u8>)>) -> Result<(), EndpointError> {
-        let level = self.zstd_level;
+    async fn supply(&mut self, chunks: Vec<(Hash, ChunkData)>) -> Result<Vec<Hash>, EndpointError> {
         let raw: usize = chunks.iter().map(|(_, d)| d.len()).sum();
-        let chunks: Vec<WireChunk> = chunks
-            .iter()
-            .map(|(hash, data)| encode_chunk(*hash, data, level_for_batch(level, raw)))
-            .collect();
-        let content = chunk_bytes(&chunks);
-        match self.call(RequestBody::Supply { chunks }, content).await? {
-            ResponseBody::Supply(result) => result,
-            other => Err(self.wrong_kind("Supply", &other)),
+        let level = level_for_batch(self.zstd_level, raw);
+        if !self.deltas() {
+            // An older guest takes whole chunks only; a delta stays missing and comes again whole.
+            let mut missing = Vec::new();
+            let mut wire: Vec<WireChunk> = Vec::with_capacity(chunks.len());
+            for (hash, data) in &chunks {
+                match data {
+                    ChunkData::Whole(d) => wire.push(encode_chunk(*hash, d, level)),
+                    ChunkData::Delta(_) => missing.push(*hash),
+                }
+            }
+            if !wire.is_empty() {
+                let content = chunk_bytes(&wire);
+                match self
+                    .call(RequestBody::Supply { chunks: wire }, content)
+                    .await?
+                {
+                    ResponseBody::Supply(result) => result?,
+                    other => return Err(self.wrong_kind("Supply", &other)),
+                }
+            }
+            return Ok(missing);
         }
+        let sent: HashSet<Hash> = chunks.iter().map(|(h, _)| *h).collect();
+        let wire: Vec<WireContent> = chunks
+            .iter()
+            .map(|(hash, data)| encode_content(*hash, data, level))
+            .collect();
+        let content = content_bytes(&wire);
+        let missing = match self
+            .call(RequestBody::Supply2 { chunks: wire }, content)
+            .await?
+        {
+            ResponseBody::Supply2(result) => result?,
+            other => return Err(self.wrong_kind("Supply2", &other)),
+        };
+        if let Some(h) = missing.iter().find(|h| !sent.contains(h)) {
+            return Err(self.session.violation(format!(
+                "says chunk {h:?} is still missing, which was not supplied"
+            )));
+        }
+        Ok(missing)
     }
 
     async fn transition(&mut self, changes: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {
