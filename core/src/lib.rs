@@ -4,6 +4,7 @@
 //! Module map:
 //! - [`path`]: `RelPath`, a validated path relative to a share root (the only path type that
 //!   crosses module or wire boundaries).
+//! - [`edits`]: manifests written as edits against an old one (copy runs, new references).
 //! - [`digest`]: `Hash`, a BLAKE3 digest (chunks and whole files).
 //! - [`entry`]: what a path is on one side (`Entry`), a side's view (`Snapshot`), file manifests.
 //! - [`reconcile`]: the three-way merge of ancestor, host and guest into a `Plan`.
@@ -14,6 +15,7 @@
 
 pub mod delta;
 pub mod digest;
+pub mod edits;
 pub mod endpoint;
 pub mod entry;
 pub mod limits;

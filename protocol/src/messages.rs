@@ -29,6 +29,7 @@
 
 use crate::chunk::{WireChunk, WireContent};
 use serde::{Deserialize, Serialize};
+use vmsync_core::edits::ManifestEdit;
 use vmsync_core::endpoint::RootId;
 use vmsync_core::endpoint::{
     Change, ChangeHints, ChunkRead, EndpointError, MissingChunk, Outcome, Problem, ScanOptions,
@@ -257,6 +258,15 @@ pub struct StageFile {
 pub enum ManifestForm {
     /// Every chunk reference.
     Full(Manifest),
+    /// Edits against the manifest of the file the guest has at that path now, which must be
+    /// the one of `base_size` bytes with digest `base_digest` (see `vmsync_core::edits`). A
+    /// guest that does not have it answers [`StageAnswer::BaseUnknown`], and the host sends
+    /// the manifest in full.
+    Edits {
+        base_size: u64,
+        base_digest: Hash,
+        edits: Vec<ManifestEdit>,
+    },
 }
 
 /// The answer for one file of a `Stage2` request. Append-only.
@@ -265,6 +275,9 @@ pub enum StageAnswer {
     /// Staged; these chunks are still missing, some with a delta base.
     Missing(Vec<MissingChunk>),
     Problem(Problem),
+    /// The manifest came as edits against a file this side does not have (any more), or they
+    /// did not rebuild a manifest of the file's digest: nothing was staged; send it in full.
+    BaseUnknown,
 }
 
 /// One read of a `ReadChunks2` request: a chunk, and the signature of the base the destination

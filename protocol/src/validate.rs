@@ -24,6 +24,7 @@ use crate::messages::{
     BasedRead, Hello, ManifestForm, Message, Refused, Request, RequestBody, Response, ResponseBody,
     ScanDelta, ShareOpen, StageAnswer, StageFile, Welcome,
 };
+use vmsync_core::edits::ManifestEdit;
 use vmsync_core::endpoint::MissingChunk;
 use vmsync_core::endpoint::{
     Change, ChunkRead, EndpointError, Outcome, Problem, ScanReport, ScanScope, StageRequest,
@@ -264,7 +265,27 @@ fn stage_file(f: &StageFile) -> Result {
     file_meta(&f.meta)?;
     match &f.manifest {
         ManifestForm::Full(m) => manifest(m),
+        ManifestForm::Edits { edits, .. } => manifest_edits(edits),
     }
+}
+
+/// Edits: bounded in number and in new references, each reference's length legal. Whether the
+/// copies fit the old manifest is checked when they are applied (`vmsync_core::edits::apply`).
+fn manifest_edits(edits: &[ManifestEdit]) -> Result {
+    count("manifest edits", edits.len(), MAX_FILE_CHUNKS)?;
+    let mut new = 0usize;
+    for e in edits {
+        if let ManifestEdit::New(refs) = e {
+            new = new.saturating_add(refs.len());
+            count("new chunk references", new, MAX_FILE_CHUNKS)?;
+            for &(_, len) in refs {
+                if len == 0 || len > CHUNK_MAX_BYTES {
+                    return Err(ValidationError::BadChunkLength { len });
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn based_read(r: &BasedRead) -> Result {
@@ -458,6 +479,7 @@ impl Validate for ResponseBody {
                 files.iter().try_for_each(|f| match f {
                     StageAnswer::Missing(missing) => missing_chunks(missing),
                     StageAnswer::Problem(p) => problem(p),
+                    StageAnswer::BaseUnknown => Ok(()),
                 })
             }),
             ResponseBody::ReadChunks2(r) => result(r, |chunks| {
@@ -755,6 +777,41 @@ mod tests {
         ));
         let too_many = ResponseBody::Supply2(Ok(vec![Hash::default(); MAX_BATCH_CHUNKS + 1]));
         assert!(too_many.validate().unwrap_err().is_limit());
+    }
+
+    #[test]
+    fn manifest_edit_bounds() {
+        use crate::messages::{ManifestForm, StageFile};
+        let stage = |edits: Vec<ManifestEdit>| RequestBody::Stage2 {
+            files: vec![StageFile {
+                path: p("f"),
+                meta: meta(0o644, 0),
+                manifest: ManifestForm::Edits {
+                    base_size: 1,
+                    base_digest: Hash::default(),
+                    edits,
+                },
+            }],
+        };
+        let new = |len| ManifestEdit::New(vec![(Hash::default(), len)]);
+        let copy = ManifestEdit::Copy { start: 0, count: 1 };
+        assert_eq!(stage(vec![copy.clone(), new(1)]).validate(), Ok(()));
+        assert_eq!(
+            stage(vec![new(0)]).validate(),
+            Err(ValidationError::BadChunkLength { len: 0 })
+        );
+        assert_eq!(
+            stage(vec![new(CHUNK_MAX_BYTES + 1)]).validate(),
+            Err(ValidationError::BadChunkLength {
+                len: CHUNK_MAX_BYTES + 1
+            })
+        );
+        let too_many = ManifestEdit::New(vec![(Hash::default(), 1); MAX_FILE_CHUNKS + 1]);
+        assert!(stage(vec![too_many]).validate().unwrap_err().is_limit());
+        assert!(stage(vec![copy; MAX_FILE_CHUNKS + 1])
+            .validate()
+            .unwrap_err()
+            .is_limit());
     }
 
     #[test]

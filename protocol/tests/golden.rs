@@ -4,6 +4,7 @@
 //! an intended format change, bump the protocol version and update the vectors in one commit.
 #![allow(clippy::unwrap_used)]
 
+use vmsync_core::edits::ManifestEdit;
 use vmsync_core::endpoint::{
     Change, ChangeHints, ChunkRead, EndpointError, MissingChunk, Outcome, Problem, RootId,
     ScanOptions, ScanReport, ScanScope, StageRequest,
@@ -356,5 +357,34 @@ fn chunk_delta_messages() {
         "Supply2 answer",
         response(ResponseBody::Supply2(Ok(vec![Hash([0x44; 32])]))),
         "04070b00014444444444444444444444444444444444444444444444444444444444444444",
+    );
+}
+
+/// Manifest edits in `Stage2` and the answer that asks for the full manifest instead.
+#[test]
+fn manifest_edit_messages() {
+    golden(
+        "Stage2 with edits",
+        request(RequestBody::Stage2 {
+            files: vec![StageFile {
+                path: p("a/b"),
+                meta: meta(),
+                manifest: ManifestForm::Edits {
+                    base_size: 70_000,
+                    base_digest: Hash([0x55; 32]),
+                    edits: vec![
+                        ManifestEdit::Copy { start: 0, count: 40 },
+                        ManifestEdit::New(vec![(Hash([0x22; 32]), 5)]),
+                        ManifestEdit::Copy { start: 41, count: 300 },
+                    ],
+                },
+            }],
+        }),
+        "030701090103612f6205a40380c49fd50c7b111111111111111111111111111111111111111111111111111111111111111101f0a20455555555555555555555555555555555555555555555555555555555555555550300002801012222222222222222222222222222222222222222222222222222222222222222050029ac02",
+    );
+    golden(
+        "Stage2 answer BaseUnknown",
+        response(ResponseBody::Stage2(Ok(vec![StageAnswer::BaseUnknown]))),
+        "040709000102",
     );
 }

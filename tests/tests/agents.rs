@@ -196,12 +196,16 @@ fn one_mib_inserted_in_a_64_mb_file_sends_about_one_mib() {
     assert_same_tree(&a.host_dir, &a.guest_dir);
     let content = a.share()["bytes_sent"].as_u64().unwrap() - sent_before;
     let wire = a.wire_bytes();
-    // Random data does not compress: about the insertion plus the chunks around it.
+    eprintln!("1 MiB inserted in 64 MiB: {content} content bytes, {wire} bytes on the socket");
+    // Random data does not compress: about the insertion; the chunks around it cross as
+    // deltas against their old bytes.
     assert!(
-        ((1 << 20)..(1 << 20) + 256 * 1024).contains(&content),
+        ((1 << 20)..(1 << 20) + 64 * 1024).contains(&content),
         "{content} content bytes"
     );
-    assert!(wire < 2 << 20, "{wire} bytes on the socket");
+    // The manifest (4,000 references, ~160 KiB in full) crosses as edits: the socket carries
+    // little more than the content.
+    assert!(wire < (1 << 20) + 96 * 1024, "{wire} bytes on the socket");
 }
 
 /// Issue 2 across real processes: 256 random bytes written in place into each of 200 files

@@ -43,6 +43,16 @@ fn noise_seeded(len: usize, mut x: u64) -> Vec<u8> {
 
 /// Pushes `path` from a local fake to the remote one through the three-step transfer.
 async fn push(local: &mut Fake, remote: &mut RemoteEndpoint, path: &str) -> Vec<Hash> {
+    push_over(local, remote, path, None).await
+}
+
+/// [`push`] over what the remote has at `path` now (`expected`).
+async fn push_over(
+    local: &mut Fake,
+    remote: &mut RemoteEndpoint,
+    path: &str,
+    expected: Option<Entry>,
+) -> Vec<Hash> {
     let data = local.file(path).unwrap();
     let meta = meta_of(&data);
     let manifests = local.manifests(vec![(p(path), meta)]).await.unwrap();
@@ -82,7 +92,7 @@ async fn push(local: &mut Fake, remote: &mut RemoteEndpoint, path: &str) -> Vec<
     let outcomes = remote
         .transition(vec![Change {
             path: p(path),
-            expected: None,
+            expected,
             new: Some(Entry::File(meta)),
         }])
         .await
@@ -533,4 +543,74 @@ async fn session_over_a_unix_socket() {
     drop(remote);
     drop(session);
     assert!(server.await.unwrap().is_ok());
+}
+
+/// A small change to a big file the guest already holds: `Stage2` carries the manifest as
+/// edits against the old one (a few dozen bytes instead of 256 references). When the guest's
+/// copy changed behind the session's back, it answers `BaseUnknown` and the file is staged
+/// again in full: slower, still right.
+#[tokio::test]
+async fn a_small_change_to_a_big_file_stages_as_manifest_edits() {
+    let v1 = noise_seeded(1 << 20, 1);
+    let mut host = Fake::with_files(&[("big", v1.clone())]);
+    let guest = Fake::default();
+    let pair = pair(guest.clone()).await;
+    let mut remote = pair.session.endpoint(0).unwrap();
+    let first = pair.session.stats().wire_bytes_sent;
+    push(&mut host, &mut remote, "big").await;
+    let first = pair.session.stats().wire_bytes_sent - first;
+    let manifest_bytes = 256 * 40;
+    assert!(first > (1 << 20) + manifest_bytes, "{first}");
+
+    // One 4 KiB chunk changes.
+    let mut v2 = v1.clone();
+    v2[500_000..500_100].copy_from_slice(&noise_seeded(100, 2));
+    host.state
+        .lock()
+        .unwrap()
+        .files
+        .insert(p("big"), v2.clone());
+    let before = pair.session.stats().wire_bytes_sent;
+    let missing = push_over(
+        &mut host,
+        &mut remote,
+        "big",
+        Some(Entry::File(meta_of(&v1))),
+    )
+    .await;
+    let sent = pair.session.stats().wire_bytes_sent - before;
+    assert_eq!(missing.len(), 1);
+    assert_eq!(guest.file("big"), Some(v2.clone()));
+    // The chunk, the edits and the transition: far below the full manifest's 10 KiB alone.
+    assert!(
+        sent < 4096 + 1024,
+        "{sent} bytes sent for a one-chunk change"
+    );
+
+    // The guest's copy is replaced behind the session's back: the edits do not fit.
+    let v3 = noise_seeded(1 << 20, 3);
+    guest
+        .state
+        .lock()
+        .unwrap()
+        .files
+        .insert(p("big"), v3.clone());
+    let mut v4 = v2.clone();
+    v4[10..20].copy_from_slice(b"0123456789");
+    host.state
+        .lock()
+        .unwrap()
+        .files
+        .insert(p("big"), v4.clone());
+    let requests = pair.session.stats().requests;
+    push_over(
+        &mut host,
+        &mut remote,
+        "big",
+        Some(Entry::File(meta_of(&v3))),
+    )
+    .await;
+    assert_eq!(guest.file("big"), Some(v4));
+    // Stage2 twice (edits, then in full), Supply2, Transition.
+    assert_eq!(pair.session.stats().requests - requests, 4);
 }

@@ -11,6 +11,12 @@
 //! granted [`FEATURE_CHUNK_DELTA`]; with an older guest this side stages without bases, reads
 //! whole chunks, and answers any delta it is asked to supply as "still missing" (the controller
 //! then sends it whole).
+//!
+//! Manifest edits: a `Stage2` of a big file the guest already holds at that path (as this
+//! session saw it, see `memory`) carries the manifest as edits against the old one when that
+//! is smaller. A guest that cannot rebuild it answers `BaseUnknown` for that file, and this
+//! side stages it again with the full manifest: a second round trip that only a stale memory
+//! costs.
 
 use super::client::{Listing, Session};
 use super::server::encode_content;
@@ -18,6 +24,7 @@ use super::stats::{chunk_bytes, content_bytes};
 use crate::error::{error_chain, TransportError};
 use std::collections::HashSet;
 use std::sync::Arc;
+use vmsync_core::edits;
 use vmsync_core::endpoint::{
     Change, ChangeHints, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, MissingChunk,
     Outcome, Problem, ScanOptions, ScanReport, ScanScope, StageRequest,
@@ -25,7 +32,9 @@ use vmsync_core::endpoint::{
 use vmsync_core::{ChunkRef, FileMeta, Hash, Manifest, RelPath};
 use vmsync_protocol::chunk::{level_for_batch, DEFAULT_ZSTD_LEVEL};
 use vmsync_protocol::listing;
-use vmsync_protocol::messages::{BasedRead, StageAnswer, StageFile, FEATURE_CHUNK_DELTA};
+use vmsync_protocol::messages::{
+    BasedRead, ManifestForm, StageAnswer, StageFile, FEATURE_CHUNK_DELTA,
+};
 use vmsync_protocol::{
     decode_chunk, decode_delta, encode_chunk, RequestBody, ResponseBody, WireChunk, WireContent,
 };
@@ -83,6 +92,53 @@ impl RemoteEndpoint {
         content_bytes: u64,
     ) -> Result<ResponseBody, EndpointError> {
         self.session.call(self.share, body, content_bytes).await
+    }
+
+    fn memory(&self) -> std::sync::MutexGuard<'_, super::memory::ManifestMemory> {
+        self.session
+            .inner
+            .manifests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The `Stage2` form of `req`: edits against the manifest the guest holds at that path
+    /// where this session remembers one and the edits are smaller; in full otherwise.
+    fn stage_file(&self, req: StageRequest, edit: bool) -> StageFile {
+        let held = if edit {
+            self.memory().held(self.share, &req.path)
+        } else {
+            None
+        };
+        if let Some(old) = held {
+            let new = edits::refs(&req.manifest);
+            let e = edits::diff(&old.refs, &new);
+            if edits::encoded_size(&e) < edits::full_size(new.len()) {
+                return StageFile {
+                    path: req.path,
+                    meta: req.meta,
+                    manifest: ManifestForm::Edits {
+                        base_size: old.size,
+                        base_digest: old.digest,
+                        edits: e,
+                    },
+                };
+            }
+        }
+        StageFile::from(req)
+    }
+
+    /// One `Stage2` round trip.
+    async fn stage2(&self, files: Vec<StageFile>) -> Result<Vec<StageAnswer>, EndpointError> {
+        let asked = files.len();
+        match self.call(RequestBody::Stage2 { files }, 0).await? {
+            ResponseBody::Stage2(Ok(staged)) => {
+                self.check_count("files to stage", asked, &staged)?;
+                Ok(staged)
+            }
+            ResponseBody::Stage2(Err(e)) => Err(e),
+            other => Err(self.wrong_kind("Stage2", &other)),
+        }
     }
 
     /// True when the guest speaks chunk deltas.
@@ -201,9 +257,16 @@ impl Endpoint for RemoteEndpoint {
         files: Vec<(RelPath, FileMeta)>,
     ) -> Result<Vec<Result<Manifest, Problem>>, EndpointError> {
         let asked = files.len();
+        let paths: Vec<RelPath> = files.iter().map(|(p, _)| p.clone()).collect();
         match self.call(RequestBody::Manifests { files }, 0).await? {
             ResponseBody::Manifests(Ok(manifests)) => {
                 self.check_count("manifest requests", asked, &manifests)?;
+                let mut memory = self.memory();
+                for (path, m) in paths.iter().zip(&manifests) {
+                    if let Ok(m) = m {
+                        memory.hold(self.share, path, m);
+                    }
+                }
                 Ok(manifests)
             }
             ResponseBody::Manifests(Err(e)) => Err(e),
@@ -296,21 +359,43 @@ impl Endpoint for RemoteEndpoint {
     ) -> Result<Vec<Result<Vec<MissingChunk>, Problem>>, EndpointError> {
         let asked = files.len();
         if self.deltas() {
-            let files = files.into_iter().map(StageFile::from).collect();
-            return match self.call(RequestBody::Stage2 { files }, 0).await? {
-                ResponseBody::Stage2(Ok(staged)) => {
-                    self.check_count("files to stage", asked, &staged)?;
-                    Ok(staged
-                        .into_iter()
-                        .map(|a| match a {
-                            StageAnswer::Missing(missing) => Ok(missing),
-                            StageAnswer::Problem(p) => Err(p),
-                        })
-                        .collect())
+            {
+                let mut memory = self.memory();
+                for f in &files {
+                    memory.staged(self.share, &f.path, &f.manifest);
                 }
-                ResponseBody::Stage2(Err(e)) => Err(e),
-                other => Err(self.wrong_kind("Stage2", &other)),
-            };
+            }
+            let full: Vec<StageRequest> = files.clone();
+            let wire = files
+                .into_iter()
+                .map(|f| self.stage_file(f, true))
+                .collect();
+            let mut answers = self.stage2(wire).await?;
+            // Edits the guest could not rebuild: once more, in full.
+            let again: Vec<usize> = (0..answers.len())
+                .filter(|&i| answers[i] == StageAnswer::BaseUnknown)
+                .collect();
+            if !again.is_empty() {
+                let retry = again
+                    .iter()
+                    .filter_map(|&i| full.get(i).cloned())
+                    .map(|f| self.stage_file(f, false))
+                    .collect();
+                let second = self.stage2(retry).await?;
+                for (i, answer) in again.into_iter().zip(second) {
+                    answers[i] = answer;
+                }
+            }
+            return answers
+                .into_iter()
+                .map(|a| match a {
+                    StageAnswer::Missing(missing) => Ok(Ok(missing)),
+                    StageAnswer::Problem(p) => Ok(Err(p)),
+                    StageAnswer::BaseUnknown => Err(self
+                        .session
+                        .violation("answered a full manifest with BaseUnknown".into())),
+                })
+                .collect();
         }
         match self.call(RequestBody::Stage { files }, 0).await? {
             ResponseBody::Stage(Ok(staged)) => {
@@ -380,9 +465,25 @@ impl Endpoint for RemoteEndpoint {
 
     async fn transition(&mut self, changes: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {
         let asked = changes.len();
+        let landing: Vec<(RelPath, Option<Hash>)> = changes
+            .iter()
+            .map(|c| {
+                let digest = match &c.new {
+                    Some(vmsync_core::Entry::File(m)) => Some(m.digest),
+                    _ => None,
+                };
+                (c.path.clone(), digest)
+            })
+            .collect();
         match self.call(RequestBody::Transition { changes }, 0).await? {
             ResponseBody::Transition(Ok(outcomes)) => {
                 self.check_count("changes", asked, &outcomes)?;
+                let mut memory = self.memory();
+                for ((path, digest), outcome) in landing.iter().zip(&outcomes) {
+                    if *outcome == Outcome::Applied {
+                        memory.applied(self.share, path, *digest);
+                    }
+                }
                 Ok(outcomes)
             }
             ResponseBody::Transition(Err(e)) => Err(e),

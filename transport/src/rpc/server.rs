@@ -31,19 +31,22 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::task::{JoinError, JoinHandle};
 use tokio_util::codec::{FramedRead, FramedWrite};
+use vmsync_core::edits;
 use vmsync_core::endpoint::{
     ChangeHints, ChunkData, DeltaRead, Endpoint, EndpointError, ScanOptions, ScanScope,
     StageRequest,
 };
 use vmsync_core::path::escape_bytes;
+use vmsync_core::FileMeta;
 use vmsync_core::{Entry, RelPath};
 use vmsync_protocol::chunk::{level_for_batch, DEFAULT_ZSTD_LEVEL};
 use vmsync_protocol::handshake::{accept_hello, welcome, LocalParams};
+use vmsync_protocol::limits::CHUNK_MAX_BYTES;
 use vmsync_protocol::limits::{
     MAX_HANDSHAKE_BYTES, MAX_MESSAGE_BYTES, MAX_OUTSTANDING_REQUESTS, MAX_REASON_BYTES,
 };
 use vmsync_protocol::listing;
-use vmsync_protocol::messages::{ManifestForm, ScanDelta, StageAnswer};
+use vmsync_protocol::messages::{ManifestForm, ScanDelta, StageAnswer, StageFile};
 use vmsync_protocol::{
     decode_chunk, decode_delta, encode_chunk, encode_delta, encode_message, CodecError, FrameCodec,
     Message, MessageCodec, Refused, Request, RequestBody, RequestKind, Response, ResponseBody,
@@ -423,28 +426,7 @@ async fn dispatch<E: Endpoint>(
         RequestBody::ScanFull { .. } => ResponseBody::ScanDelta(Err(EndpointError::Protocol(
             "ScanFull reached the plain dispatcher".into(),
         ))),
-        RequestBody::Stage2 { files } => {
-            let requests = files
-                .into_iter()
-                .map(|f| match f.manifest {
-                    ManifestForm::Full(manifest) => StageRequest {
-                        path: f.path,
-                        meta: f.meta,
-                        manifest,
-                    },
-                })
-                .collect();
-            let result = endpoint.stage(requests).await.map(|answers| {
-                answers
-                    .into_iter()
-                    .map(|a| match a {
-                        Ok(missing) => StageAnswer::Missing(missing),
-                        Err(p) => StageAnswer::Problem(p),
-                    })
-                    .collect()
-            });
-            ResponseBody::Stage2(result)
-        }
+        RequestBody::Stage2 { files } => ResponseBody::Stage2(stage2(endpoint, files).await),
         RequestBody::ReadChunks2 { reads } => {
             let asked: Vec<_> = reads.iter().map(|r| r.read.chunk.hash).collect();
             let reads = reads
@@ -488,6 +470,79 @@ async fn dispatch<E: Endpoint>(
             }
         }
     }
+}
+
+/// Answers `Stage2`: rebuilds manifests sent as edits against the manifest of the file the
+/// endpoint has at that path now (which must be the base the edits name), checks each rebuilt
+/// one against its file's digest, and stages every file it has a manifest for. A file whose
+/// edits do not fit gets `BaseUnknown`, and the host sends it again in full.
+async fn stage2<E: Endpoint>(
+    endpoint: &mut E,
+    files: Vec<StageFile>,
+) -> Result<Vec<StageAnswer>, EndpointError> {
+    // The bases of the edited files, in one call.
+    let bases: Vec<(RelPath, FileMeta)> = files
+        .iter()
+        .filter_map(|f| match &f.manifest {
+            ManifestForm::Edits {
+                base_size,
+                base_digest,
+                ..
+            } => Some((
+                f.path.clone(),
+                FileMeta {
+                    size: *base_size,
+                    digest: *base_digest,
+                    ..f.meta
+                },
+            )),
+            ManifestForm::Full(_) => None,
+        })
+        .collect();
+    let mut bases = if bases.is_empty() {
+        Vec::new()
+    } else {
+        endpoint.manifests(bases).await?
+    }
+    .into_iter();
+    let mut answers: Vec<Option<StageAnswer>> = Vec::with_capacity(files.len());
+    let mut requests = Vec::with_capacity(files.len());
+    for f in files {
+        let manifest = match f.manifest {
+            ManifestForm::Full(m) => Some(m),
+            ManifestForm::Edits { edits: e, .. } => bases
+                .next()
+                .and_then(Result::ok)
+                .and_then(|base| edits::apply(&edits::refs(&base), &e).ok())
+                .map(|refs| edits::to_manifest(&refs))
+                .filter(|m| m.validate(&f.meta, CHUNK_MAX_BYTES).is_ok()),
+        };
+        match manifest {
+            Some(manifest) => {
+                answers.push(None);
+                requests.push(StageRequest {
+                    path: f.path,
+                    meta: f.meta,
+                    manifest,
+                });
+            }
+            None => answers.push(Some(StageAnswer::BaseUnknown)),
+        }
+    }
+    let mut staged = endpoint.stage(requests).await?.into_iter();
+    answers
+        .into_iter()
+        .map(|a| match a {
+            Some(a) => Ok(a),
+            None => match staged.next() {
+                Some(Ok(missing)) => Ok(StageAnswer::Missing(missing)),
+                Some(Err(p)) => Ok(StageAnswer::Problem(p)),
+                None => Err(EndpointError::Io(
+                    "the guest's endpoint answered too few staged files".into(),
+                )),
+            },
+        })
+        .collect()
 }
 
 /// Chunk content for the wire, compressed at `level` when that pays.
