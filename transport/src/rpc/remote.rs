@@ -366,11 +366,22 @@ impl Endpoint for RemoteEndpoint {
                 }
             }
             let full: Vec<StageRequest> = files.clone();
-            let wire = files
+            let wire: Vec<StageFile> = files
                 .into_iter()
                 .map(|f| self.stage_file(f, true))
                 .collect();
+            let edited: Vec<bool> = wire
+                .iter()
+                .map(|f| matches!(f.manifest, ManifestForm::Edits { .. }))
+                .collect();
             let mut answers = self.stage2(wire).await?;
+            let baseless =
+                (0..answers.len()).find(|&i| answers[i] == StageAnswer::BaseUnknown && !edited[i]);
+            if let Some(i) = baseless {
+                return Err(self.session.violation(format!(
+                    "answered BaseUnknown for file {i}, whose manifest was sent in full"
+                )));
+            }
             // Edits the guest could not rebuild: once more, in full.
             let again: Vec<usize> = (0..answers.len())
                 .filter(|&i| answers[i] == StageAnswer::BaseUnknown)
