@@ -73,6 +73,10 @@ pub struct LocalShare {
     wanted: HashMap<Hash, Vec<RelPath>>,
     /// Chunk id → the base offered for it (only for wanted chunks).
     bases: HashMap<Hash, Base>,
+    /// What this side's own transitions left at a path: a file of this identity, or (`None`)
+    /// nothing. A watcher hint for such a path that still finds exactly that is our own echo,
+    /// and is not passed on (see [`LocalShare::drop_echoes`]).
+    echoes: HashMap<RelPath, Option<Identity>>,
     /// Files read and hashed by scans since start (a restart with nothing changed adds none).
     files_hashed: u64,
 }
@@ -115,6 +119,7 @@ impl LocalEndpoint {
             staged: HashMap::new(),
             wanted: HashMap::new(),
             bases: HashMap::new(),
+            echoes: HashMap::new(),
             files_hashed: 0,
         };
         Ok(LocalEndpoint {
@@ -218,8 +223,21 @@ impl Endpoint for LocalEndpoint {
     }
 
     async fn changes(&mut self) -> Result<ChangeHints, EndpointError> {
-        if let Some(watcher) = self.watch.watcher.get() {
-            return Ok(watcher.next().await);
+        if let Some(watcher) = self.watch.watcher.get().cloned() {
+            loop {
+                let hints = watcher.next().await;
+                // Filtering waits for the share (a transition may hold it). Cancelled meanwhile
+                // (a long-poll's timeout), the hints go back to the watcher, not astray.
+                let mut pending = Requeue {
+                    watcher: &watcher,
+                    hints: Some(hints.clone()),
+                };
+                let hints = self.run(move |s| Ok(s.drop_echoes(hints))).await?;
+                pending.hints = None;
+                if !hints.is_empty() {
+                    return Ok(hints);
+                }
+            }
         }
         let unwatched = self
             .watch
@@ -266,6 +284,20 @@ impl Endpoint for LocalEndpoint {
             paths: Vec::new(),
             rescan: true,
         })
+    }
+}
+
+/// Hands hints back to the watcher if dropped while still holding them.
+struct Requeue<'a> {
+    watcher: &'a ShareWatcher,
+    hints: Option<ChangeHints>,
+}
+
+impl Drop for Requeue<'_> {
+    fn drop(&mut self) {
+        if let Some(hints) = self.hints.take() {
+            self.watcher.requeue(hints);
+        }
     }
 }
 
@@ -492,6 +524,19 @@ impl LocalShare {
         let temp = root
             .create_temp_for(&req.path)
             .map_err(|e| format!("cannot create temp file: {e}"))?;
+        let mut tmp_echo = None;
+        // An unnamed (O_TMPFILE) temp in the file's directory shows up in watch events as
+        // `#<inode>` there, gone by the time anyone looks: one more echo of our own.
+        if temp.name().is_empty() {
+            let tmp_name = rustix::fs::fstat(&temp.file)
+                .ok()
+                .map(|st| format!("#{}", st.st_ino));
+            tmp_echo = tmp_name.and_then(|n| {
+                req.path
+                    .parent()
+                    .and_then(|dir| dir.join(n.as_bytes()).ok())
+            });
+        }
         temp.file
             .set_len(req.meta.size)
             .map_err(|e| format!("cannot size temp file: {e}"))?;
@@ -521,6 +566,12 @@ impl LocalShare {
         want.sort();
         for h in &want {
             self.wanted.entry(*h).or_default().push(req.path.clone());
+        }
+        if let Some(path) = tmp_echo {
+            if self.echoes.len() >= MAX_ECHOES {
+                self.echoes.clear();
+            }
+            self.echoes.insert(path, None);
         }
         let want = self.offer_bases(&req, want, sources, budget);
         self.staged.insert(
@@ -622,12 +673,24 @@ impl LocalShare {
         self.seal_staged(&changes);
         let mut outcomes = Vec::with_capacity(changes.len());
         let mut index_changes: Vec<(RelPath, Option<IndexRecord>)> = Vec::new();
+        if self.echoes.len() >= MAX_ECHOES {
+            self.echoes.clear();
+        }
         for change in changes {
             let outcome = match self.current(&change.path) {
                 Err(reason) => Outcome::Failed(reason),
                 Ok(current) if current != change.expected => Outcome::Changed(current),
                 Ok(current) => match self.apply(&change, current.as_ref()) {
                     Ok(record) => {
+                        match (&change.new, &record) {
+                            (Some(Entry::File(_)), Some(r)) => {
+                                self.echoes.insert(change.path.clone(), Some(r.identity));
+                            }
+                            (None, _) => {
+                                self.echoes.insert(change.path.clone(), None);
+                            }
+                            _ => {}
+                        }
                         index_changes.push((change.path.clone(), record));
                         Outcome::Applied
                     }
@@ -649,6 +712,41 @@ impl LocalShare {
         let changes = index_changes.iter().map(|(p, r)| (p, r.as_ref()));
         self.db.update_index(&self.name, changes).map_err(io_err)?;
         Ok(outcomes)
+    }
+
+    /// Drops from watcher hints the paths that hold exactly what this side's own transitions
+    /// left there (a file of the identity it committed, or nothing where it deleted): the
+    /// controller that asked for those changes knows them already, and a hint would only cost a
+    /// round trip to rescan them. The identity test is the scan's own (inode, size, mtime,
+    /// ctime), so any later write by someone else still gets through; so do directory hints,
+    /// which may stand for many children.
+    fn drop_echoes(&mut self, mut hints: ChangeHints) -> ChangeHints {
+        if hints.rescan || self.echoes.is_empty() {
+            return hints;
+        }
+        let Some(root) = self.root.as_ref() else {
+            return hints;
+        };
+        let echoes = &mut self.echoes;
+        hints.paths.retain(|path| {
+            let Some(left) = echoes.get(path) else {
+                return true;
+            };
+            let now = root.stat(path).ok();
+            let echo = match (left, &now) {
+                (Some(id), Some(Some(stat))) => {
+                    stat.kind == FileKind::File && Identity::of(stat) == *id
+                }
+                (None, Some(None)) => true,
+                _ => false,
+            };
+            if !echo {
+                // Changed since: not ours any more.
+                echoes.remove(path);
+            }
+            !echo
+        });
+        hints
     }
 
     /// Seals (mode, mtime, fsync) the complete staged files these changes will commit, on a few
@@ -873,6 +971,10 @@ fn max_staged_files() -> usize {
             .max(16)
     })
 }
+
+/// Most paths remembered as this side's own writes (see [`LocalShare::drop_echoes`]); past it
+/// the memory starts over, and echoes are rescanned as before.
+const MAX_ECHOES: usize = 65_536;
 
 /// Threads that fsync staged files of one transition batch.
 const SEAL_THREADS: usize = 8;

@@ -1132,3 +1132,37 @@ async fn a_bulk_job_sends_deltas() {
     eprintln!("bulk: {sent} B with deltas for {whole} B of changed chunks");
     assert!(sent * 5 < whole, "{sent} vs {whole}");
 }
+
+/// A side's own writes (a cycle's transition) are not hinted back to the controller: they
+/// would only cost a rescan round trip. Someone else's write right after still is.
+#[tokio::test]
+async fn a_sides_own_writes_are_not_hinted_back_but_others_writes_are() {
+    use std::time::Duration;
+    use vmsync_core::endpoint::Endpoint;
+    let mut p = pair();
+    write(&p.host_dir, "a/keep.txt", "v1");
+    write(&p.host_dir, "a/gone.txt", "bye");
+    p.sync().await;
+    let mut guest = p.sides().guest.inner.clone();
+    // The first call starts the watch and asks for a rescan of everything.
+    assert!(guest.changes().await.unwrap().rescan);
+    write(
+        &p.host_dir,
+        "a/keep.txt",
+        "v2, written on the guest by the cycle",
+    );
+    write(&p.host_dir, "a/new.txt", "new");
+    std::fs::remove_file(p.host_dir.join("a/gone.txt")).unwrap();
+    let report = p.sync().await;
+    assert_eq!(report.applied, 3, "{report:?}");
+    let quiet = tokio::time::timeout(Duration::from_millis(500), guest.changes()).await;
+    assert!(quiet.is_err(), "own writes were hinted: {quiet:?}");
+    // An edit by someone else, of a path the cycle wrote, gets through.
+    write(&p.guest_dir, "a/new.txt", "edited in the guest");
+    let hints = tokio::time::timeout(Duration::from_secs(10), guest.changes())
+        .await
+        .expect("a hint for the guest's own edit")
+        .unwrap();
+    let edited = vmsync_core::RelPath::from_bytes(b"a/new.txt").unwrap();
+    assert!(hints.rescan || hints.paths.contains(&edited), "{hints:?}");
+}
