@@ -6,8 +6,11 @@
 //! or copied data never crosses the wire:
 //! 1. `manifests` on the source: the chunk lists of the files to send;
 //! 2. `stage` on the destination: it builds each file in its reserved directory from chunks it
-//!    finds locally and answers with the chunks it still lacks; `supply` fills those in with
-//!    data the controller read from the source with `read_chunks`;
+//!    finds locally and answers with the chunks it still lacks, offering for some of them a
+//!    *base* (a signature of old bytes the chunk probably resembles, see [`crate::delta`]);
+//!    `supply` fills those in with data the controller read from the source with `read_deltas`:
+//!    a delta against the base where that is smaller, the whole chunk otherwise. A delta that
+//!    does not rebuild its chunk leaves it missing, and the controller sends it whole;
 //! 3. `transition` on the destination: verify-before-replace, rename into place, fsync.
 //!
 //! Per-path trouble is data (`Problem`, `Outcome::Failed`), not an `Err`: an `Err` means the
@@ -76,6 +79,45 @@ pub struct ScanOptions {
 pub struct ChunkRead {
     pub path: RelPath,
     pub chunk: ChunkRef,
+}
+
+/// A chunk the destination still lacks after staging.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MissingChunk {
+    pub hash: Hash,
+    /// An rsync signature of bytes the destination holds that the chunk probably resembles
+    /// (see [`crate::delta`]): the source may answer with a delta against them.
+    pub base: Option<Vec<u8>>,
+}
+
+/// One chunk to read from a source file, with the base the destination offered for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeltaRead {
+    pub read: ChunkRead,
+    pub base: Option<Vec<u8>>,
+}
+
+/// Chunk content on its way from a source to a destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChunkData {
+    /// The chunk's bytes, verified against its id.
+    Whole(Vec<u8>),
+    /// An rsync delta that rebuilds the chunk from the base the destination offered for it.
+    /// Unverified until the destination has applied it.
+    Delta(Vec<u8>),
+}
+
+impl ChunkData {
+    /// Bytes this carries (the delta's length for a delta).
+    pub fn len(&self) -> usize {
+        match self {
+            ChunkData::Whole(d) | ChunkData::Delta(d) => d.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// A file the destination should build, ready for a later `transition`.
@@ -168,21 +210,29 @@ pub trait Endpoint: Send {
         reads: Vec<ChunkRead>,
     ) -> impl Future<Output = Result<Vec<Option<Vec<u8>>>, EndpointError>> + Send;
 
-    /// Starts building these files from locally available chunks. Returns, per file, the chunk
-    /// hashes still missing (each once), or a `Problem`.
+    /// Reads chunks like [`Endpoint::read_chunks`], answering a read that carries a base with a
+    /// delta against it where the delta is smaller than the chunk. `None` where the data on
+    /// disk no longer hashes to the chunk id.
+    fn read_deltas(
+        &mut self,
+        reads: Vec<DeltaRead>,
+    ) -> impl Future<Output = Result<Vec<Option<ChunkData>>, EndpointError>> + Send;
+
+    /// Starts building these files from locally available chunks. Returns, per file, the chunks
+    /// still missing (each once, some with a base to send a delta against), or a `Problem`.
     fn stage(
         &mut self,
         files: Vec<StageRequest>,
-    ) -> impl Future<Output = Result<Vec<Result<Vec<Hash>, Problem>>, EndpointError>> + Send;
+    ) -> impl Future<Output = Result<Vec<Result<Vec<MissingChunk>, Problem>>, EndpointError>> + Send;
 
-    /// Supplies missing chunk data for staged files. Each chunk is verified against its hash.
-    /// A remote side may report this call's failure from the next call on the same endpoint
-    /// (it sends the next request without waiting for this answer); every call that uses the
-    /// supplied data comes after it, so none can succeed on data that did not arrive.
+    /// Supplies missing chunk data for staged files. Whole chunks are verified against their
+    /// ids (a mismatch is an error); a delta is applied to the base this side offered and the
+    /// result verified. Returns the chunks still missing because their delta did not rebuild
+    /// them (the base changed meanwhile, a checksum collision): send those whole.
     fn supply(
         &mut self,
-        chunks: Vec<(Hash, Vec<u8>)>,
-    ) -> impl Future<Output = Result<(), EndpointError>> + Send;
+        chunks: Vec<(Hash, ChunkData)>,
+    ) -> impl Future<Output = Result<Vec<Hash>, EndpointError>> + Send;
 
     /// Waits until this side has seen changes since the previous call, then returns them. The
     /// first call starts watching and returns at once with `rescan` set (nothing before the

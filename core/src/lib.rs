@@ -4,14 +4,18 @@
 //! Module map:
 //! - [`path`]: `RelPath`, a validated path relative to a share root (the only path type that
 //!   crosses module or wire boundaries).
+//! - [`edits`]: manifests written as edits against an old one (copy runs, new references).
 //! - [`digest`]: `Hash`, a BLAKE3 digest (chunks and whole files).
 //! - [`entry`]: what a path is on one side (`Entry`), a side's view (`Snapshot`), file manifests.
 //! - [`reconcile`]: the three-way merge of ancestor, host and guest into a `Plan`.
 //! - [`safety`]: the checks that halt a share instead of propagating mass deletions.
+//! - [`delta`]: chunk deltas: rsync signatures of old bytes, deltas against them, checked apply.
 //! - [`endpoint`]: the `Endpoint` trait that a local and a remote side both implement.
 //! - [`limits`]: every bound on sizes and counts, named with its unit.
 
+pub mod delta;
 pub mod digest;
+pub mod edits;
 pub mod endpoint;
 pub mod entry;
 pub mod limits;

@@ -26,3 +26,14 @@ pub const MAX_FILE_CHUNKS: usize = 2 * 1024 * 1024;
 /// the other side then leaves those directories alone entirely, which is safe, where dropping
 /// paths from the list would let it delete or overwrite them.
 pub const MAX_SCAN_IGNORED: usize = 65_536;
+
+/// Chunk deltas (see `crate::delta`): the smallest and largest block size a signature may use.
+/// Small blocks make long signatures and slow diffs; a block past the largest chunk matches
+/// nothing.
+pub const DELTA_BLOCK_MIN_BYTES: u32 = 64;
+pub const DELTA_BLOCK_MAX_BYTES: u32 = 16 * 1024;
+/// Longest signature a peer may send for one chunk's base. Ours are under 1 KiB (block size
+/// about the square root of the base, 8 bytes a block); this leaves room for other choices.
+pub const MAX_SIGNATURE_BYTES: usize = 16 * 1024;
+/// Longest delta: a delta is only sent when it is shorter than its chunk.
+pub const MAX_DELTA_BYTES: usize = CHUNK_MAX_BYTES as usize;

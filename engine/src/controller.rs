@@ -23,8 +23,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use vmsync_core::endpoint::{
-    Change, ChunkRead, Endpoint, EndpointError, Outcome, Problem, ScanOptions, ScanReport,
-    ScanScope, StageRequest,
+    Change, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, Outcome, Problem,
+    ScanOptions, ScanReport, ScanScope, StageRequest,
 };
 use vmsync_core::path::escape_bytes;
 use vmsync_core::reconcile::{reconcile, Action, ConflictPolicy, Plan, Side, SyncMode};
@@ -123,10 +123,11 @@ pub struct Controller {
 struct BulkJob {
     /// The changes to make once everything is there; all on one destination side.
     actions: Vec<Action>,
-    /// Source reads of the chunks the destination still lacks, each chunk once.
-    reads: VecDeque<ChunkRead>,
+    /// Source reads of the chunks the destination still lacks, each chunk once, with the base
+    /// the destination offered for it (a chunk whose delta failed comes back without one).
+    reads: VecDeque<DeltaRead>,
     /// Chunks read and not yet supplied (the source reads ahead of the destination by one step).
-    ready: Option<Vec<(Hash, Vec<u8>)>>,
+    ready: Option<Vec<(ChunkRead, ChunkData)>>,
     /// Chunk → the job's files that wait for it, to drop the right ones when a read fails.
     waiting: HashMap<Hash, Vec<RelPath>>,
     /// Files whose source changed while being read: not committed.
@@ -907,13 +908,24 @@ async fn stage_files<S: Endpoint, D: Endpoint>(
             .collect();
         let results = dst.stage(requests).await.map_err(|e| (Which::Dest, e))?;
         // Only hashes this batch's manifests contain can be read; anything else a (possibly
-        // hostile) destination asked for is ignored.
+        // hostile) destination asked for is ignored. A base is the destination's business: the
+        // source only computes a delta against it, and the destination checks what it rebuilds.
+        let mut bases: HashMap<Hash, Vec<u8>> = HashMap::new();
         let mut wants: Vec<(RelPath, Vec<Hash>, bool)> = Vec::new();
         for ((path, total), result) in paths.into_iter().zip(results) {
             match result {
-                Ok(mut want) => {
-                    executed.chunks_reused += total.saturating_sub(want.len()) as u64;
-                    want.retain(|h| sources.contains_key(h));
+                Ok(missing) => {
+                    executed.chunks_reused += total.saturating_sub(missing.len()) as u64;
+                    let mut want = Vec::with_capacity(missing.len());
+                    for m in missing {
+                        if !sources.contains_key(&m.hash) {
+                            continue;
+                        }
+                        if let Some(base) = m.base {
+                            bases.entry(m.hash).or_insert(base);
+                        }
+                        want.push(m.hash);
+                    }
                     let bytes: u64 = want
                         .iter()
                         .filter_map(|h| sources.get(h))
@@ -960,7 +972,10 @@ async fn stage_files<S: Endpoint, D: Endpoint>(
                 let w = job.waiting.entry(h).or_default();
                 if w.is_empty() {
                     if let Some(read) = sources.get(&h) {
-                        job.reads.push_back(read.clone());
+                        job.reads.push_back(DeltaRead {
+                            read: read.clone(),
+                            base: bases.remove(&h),
+                        });
                     }
                 }
                 w.push(path.clone());
@@ -974,34 +989,59 @@ async fn stage_files<S: Endpoint, D: Endpoint>(
             executed.bulk.push(job);
         }
         let mut failed: HashSet<RelPath> = HashSet::new();
+        let mut fail = |h: &Hash| failed.extend(waiting.get(h).into_iter().flatten().cloned());
+        // Chunks whose delta did not rebuild them on the destination: sent whole below.
+        let mut whole: Vec<ChunkRead> = Vec::new();
         // Two stages in flight: the source reads group k+1 while the destination takes group
         // k, so neither side idles waiting for the other.
-        let mut ready: Option<Vec<(Hash, Vec<u8>)>> = None;
+        let mut ready: Option<Vec<(ChunkRead, ChunkData)>> = None;
         for group in missing.chunks(MAX_CHUNKS_PER_READ) {
-            let reads: Vec<ChunkRead> = group
+            let reads: Vec<DeltaRead> = group
                 .iter()
-                .filter_map(|h| sources.get(h).cloned())
+                .filter_map(|h| {
+                    sources.get(h).map(|r| DeltaRead {
+                        read: r.clone(),
+                        base: bases.remove(h),
+                    })
+                })
                 .collect();
+            let asked: Vec<ChunkRead> = reads.iter().map(|r| r.read.clone()).collect();
             let previous = ready.take();
-            let (data, supplied) = tokio::join!(src.read_chunks(reads), async {
-                match previous {
-                    Some(chunks) => dst.supply(chunks).await,
-                    None => Ok(()),
-                }
-            });
-            supplied.map_err(|e| (Which::Dest, e))?;
+            let (data, supplied) = tokio::join!(src.read_deltas(reads), supply(dst, previous));
+            let (retry, lost) = supplied.map_err(|e| (Which::Dest, e))?;
+            whole.extend(retry);
+            lost.iter().for_each(&mut fail);
             let data = data.map_err(|e| (Which::Source, e))?;
-            let mut supply = Vec::with_capacity(group.len());
-            for (h, d) in group.iter().zip(data) {
+            let mut batch = Vec::with_capacity(group.len());
+            for (read, d) in asked.into_iter().zip(data) {
                 match d {
-                    Some(d) => supply.push((*h, d)),
-                    None => failed.extend(waiting.get(h).into_iter().flatten().cloned()),
+                    Some(d) => batch.push((read, d)),
+                    None => fail(&read.chunk.hash),
                 }
             }
-            ready = Some(supply);
+            ready = Some(batch);
         }
-        if let Some(chunks) = ready {
-            dst.supply(chunks).await.map_err(|e| (Which::Dest, e))?;
+        let (retry, lost) = supply(dst, ready).await.map_err(|e| (Which::Dest, e))?;
+        whole.extend(retry);
+        lost.iter().for_each(&mut fail);
+        // The fallback: one more round trip, only for chunks whose delta failed.
+        for group in whole.chunks(MAX_CHUNKS_PER_READ) {
+            let data = src
+                .read_chunks(group.to_vec())
+                .await
+                .map_err(|e| (Which::Source, e))?;
+            let mut batch = Vec::with_capacity(group.len());
+            for (read, d) in group.iter().zip(data) {
+                match d {
+                    Some(d) => batch.push((read.clone(), ChunkData::Whole(d))),
+                    None => fail(&read.chunk.hash),
+                }
+            }
+            let (retry, lost) = supply(dst, Some(batch))
+                .await
+                .map_err(|e| (Which::Dest, e))?;
+            retry.iter().for_each(|r| fail(&r.chunk.hash));
+            lost.iter().for_each(&mut fail);
         }
         for path in ok_paths {
             if failed.contains(&path) {
@@ -1019,6 +1059,36 @@ async fn stage_files<S: Endpoint, D: Endpoint>(
     Ok(staged)
 }
 
+/// Supplies `chunks` (if any) to `dst`. Returns the chunks to send again whole (their delta
+/// did not rebuild them) and the ones that are lost (sent whole and still refused: the files
+/// waiting for them fail this time).
+async fn supply<D: Endpoint>(
+    dst: &mut D,
+    chunks: Option<Vec<(ChunkRead, ChunkData)>>,
+) -> Result<(Vec<ChunkRead>, Vec<Hash>), EndpointError> {
+    let Some(chunks) = chunks.filter(|c| !c.is_empty()) else {
+        return Ok((Vec::new(), Vec::new()));
+    };
+    let mut sent: HashMap<Hash, (ChunkRead, bool)> = HashMap::with_capacity(chunks.len());
+    let mut data = Vec::with_capacity(chunks.len());
+    for (read, d) in chunks {
+        let is_delta = matches!(d, ChunkData::Delta(_));
+        data.push((read.chunk.hash, d));
+        sent.insert(read.chunk.hash, (read, is_delta));
+    }
+    let still_missing = dst.supply(data).await?;
+    let (mut retry, mut lost) = (Vec::new(), Vec::new());
+    // Only chunks of this batch count; the destination cannot add work by naming others.
+    for h in still_missing {
+        match sent.remove(&h) {
+            Some((read, true)) => retry.push(read),
+            Some((_, false)) => lost.push(h),
+            None => {}
+        }
+    }
+    Ok((retry, lost))
+}
+
 /// One step of a bulk job from `src` to `dst` (see [`Controller::bulk_step`]). `Ok(true)`
 /// once every chunk has been read and supplied.
 async fn advance<S: Endpoint, D: Endpoint>(
@@ -1027,37 +1097,38 @@ async fn advance<S: Endpoint, D: Endpoint>(
     job: &mut BulkJob,
 ) -> Result<bool, (Which, EndpointError)> {
     let take = job.reads.len().min(MAX_CHUNKS_PER_READ);
-    let reads: Vec<ChunkRead> = job.reads.drain(..take).collect();
+    let reads: Vec<DeltaRead> = job.reads.drain(..take).collect();
+    let asked: Vec<ChunkRead> = reads.iter().map(|r| r.read.clone()).collect();
     let previous = job.ready.take();
     let (data, supplied) = tokio::join!(
         async {
             if reads.is_empty() {
                 Ok(Vec::new())
             } else {
-                src.read_chunks(reads.clone()).await
+                src.read_deltas(reads).await
             }
         },
-        async {
-            match previous {
-                Some(chunks) => dst.supply(chunks).await,
-                None => Ok(()),
-            }
-        }
+        supply(dst, previous)
     );
-    supplied.map_err(|e| (Which::Dest, e))?;
+    let (retry, lost) = supplied.map_err(|e| (Which::Dest, e))?;
     let data = data.map_err(|e| (Which::Source, e))?;
-    let mut supply = Vec::with_capacity(reads.len());
-    for (read, d) in reads.iter().zip(data) {
+    let mut fail = |h: &Hash| {
+        let waiting = job.waiting.get(h).into_iter().flatten();
+        job.failed.extend(waiting.cloned());
+    };
+    lost.iter().for_each(&mut fail);
+    let mut batch = Vec::with_capacity(asked.len());
+    for (read, d) in asked.into_iter().zip(data) {
         match d {
-            Some(d) => supply.push((read.chunk.hash, d)),
-            None => {
-                let waiting = job.waiting.get(&read.chunk.hash).into_iter().flatten();
-                job.failed.extend(waiting.cloned());
-            }
+            Some(d) => batch.push((read, d)),
+            None => fail(&read.chunk.hash),
         }
     }
-    if !supply.is_empty() {
-        job.ready = Some(supply);
+    // A chunk whose delta failed goes round again, whole.
+    job.reads
+        .extend(retry.into_iter().map(|read| DeltaRead { read, base: None }));
+    if !batch.is_empty() {
+        job.ready = Some(batch);
     }
     Ok(job.reads.is_empty() && job.ready.is_none())
 }

@@ -7,6 +7,14 @@
 //! temp into place (see [`ShareRoot::commit_temp`]). A staged file's digest is verified by
 //! construction: its manifest must hash to the file digest and every chunk to its id.
 //!
+//! Deltas: when a file being staged replaces one this side already has at that path, `stage`
+//! offers, for each missing chunk where the old file probably holds similar bytes, a base: the
+//! signature of those old bytes ([`vmsync_core::delta::base_windows`] picks them). As a source,
+//! `read_deltas` answers such a read with a delta when that is smaller than the chunk. `supply`
+//! re-reads the base (it is not kept in memory), applies the delta and verifies the result
+//! against the chunk id; one that does not verify stays missing, for the controller to send
+//! whole.
+//!
 //! All filesystem work is blocking; each call runs on tokio's blocking pool.
 
 use crate::chunk::hash_chunk;
@@ -22,9 +30,10 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use vmsync_core::delta;
 use vmsync_core::endpoint::{
-    Change, ChangeHints, ChunkRead, Endpoint, EndpointError, Outcome, Problem, RootId, ScanOptions,
-    ScanReport, ScanScope, StageRequest,
+    Change, ChangeHints, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, MissingChunk,
+    Outcome, Problem, RootId, ScanOptions, ScanReport, ScanScope, StageRequest,
 };
 use vmsync_core::entry::PERM_MASK;
 use vmsync_core::limits::CHUNK_MAX_BYTES;
@@ -38,6 +47,19 @@ struct Staged {
     /// Chunk id → offsets in the temp file still waiting for data.
     missing: HashMap<Hash, Vec<u64>>,
 }
+
+/// Old bytes offered as the base for a missing chunk: re-read when its delta arrives.
+struct Base {
+    path: RelPath,
+    offset: u64,
+    len: u64,
+    /// The length of the chunk the delta must rebuild.
+    chunk_len: u32,
+}
+
+/// Most signature bytes one `stage` call offers, summed over its files: bounds the answer
+/// (and the source's work) when many big files were rewritten wholesale.
+const MAX_STAGE_SIGNATURE_BYTES: usize = 8 << 20;
 
 /// One share directory on this machine.
 pub struct LocalShare {
@@ -54,6 +76,12 @@ pub struct LocalShare {
     staged: HashMap<RelPath, Staged>,
     /// Chunk id → staged paths waiting for it.
     wanted: HashMap<Hash, Vec<RelPath>>,
+    /// Chunk id → the base offered for it (only for wanted chunks).
+    bases: HashMap<Hash, Base>,
+    /// What this side's own transitions left at a path: a file of this identity, or (`None`)
+    /// nothing. A watcher hint for such a path that still finds exactly that is our own echo,
+    /// and is not passed on (see [`LocalShare::drop_echoes`]).
+    echoes: HashMap<RelPath, Option<Identity>>,
     /// Files read and hashed by scans since start (a restart with nothing changed adds none).
     files_hashed: u64,
 }
@@ -104,6 +132,8 @@ impl LocalEndpoint {
             db,
             staged: HashMap::new(),
             wanted: HashMap::new(),
+            bases: HashMap::new(),
+            echoes: HashMap::new(),
             files_hashed: 0,
         };
         Ok(LocalEndpoint {
@@ -188,14 +218,21 @@ impl Endpoint for LocalEndpoint {
         self.run(move |s| s.read_chunks(reads)).await
     }
 
+    async fn read_deltas(
+        &mut self,
+        reads: Vec<DeltaRead>,
+    ) -> Result<Vec<Option<ChunkData>>, EndpointError> {
+        self.run(move |s| s.read_deltas(reads)).await
+    }
+
     async fn stage(
         &mut self,
         files: Vec<StageRequest>,
-    ) -> Result<Vec<Result<Vec<Hash>, Problem>>, EndpointError> {
+    ) -> Result<Vec<Result<Vec<MissingChunk>, Problem>>, EndpointError> {
         self.run(move |s| s.stage(files)).await
     }
 
-    async fn supply(&mut self, chunks: Vec<(Hash, Vec<u8>)>) -> Result<(), EndpointError> {
+    async fn supply(&mut self, chunks: Vec<(Hash, ChunkData)>) -> Result<Vec<Hash>, EndpointError> {
         self.run(move |s| s.supply(chunks)).await
     }
 
@@ -204,8 +241,21 @@ impl Endpoint for LocalEndpoint {
     }
 
     async fn changes(&mut self) -> Result<ChangeHints, EndpointError> {
-        if let Some(watcher) = self.watch.watcher.get() {
-            return Ok(watcher.next().await);
+        if let Some(watcher) = self.watch.watcher.get().cloned() {
+            loop {
+                let hints = watcher.next().await;
+                // Filtering waits for the share (a transition may hold it). Cancelled meanwhile
+                // (a long-poll's timeout), the hints go back to the watcher, not astray.
+                let mut pending = Requeue {
+                    watcher: &watcher,
+                    hints: Some(hints.clone()),
+                };
+                let hints = self.run(move |s| Ok(s.drop_echoes(hints))).await?;
+                pending.hints = None;
+                if !hints.is_empty() {
+                    return Ok(hints);
+                }
+            }
         }
         let unwatched = self
             .watch
@@ -252,6 +302,20 @@ impl Endpoint for LocalEndpoint {
             paths: Vec::new(),
             rescan: true,
         })
+    }
+}
+
+/// Hands hints back to the watcher if dropped while still holding them.
+struct Requeue<'a> {
+    watcher: &'a ShareWatcher,
+    hints: Option<ChangeHints>,
+}
+
+impl Drop for Requeue<'_> {
+    fn drop(&mut self) {
+        if let Some(hints) = self.hints.take() {
+            self.watcher.requeue(hints);
+        }
     }
 }
 
@@ -372,27 +436,108 @@ impl LocalShare {
             .collect())
     }
 
+    fn read_deltas(
+        &mut self,
+        reads: Vec<DeltaRead>,
+    ) -> Result<Vec<Option<ChunkData>>, EndpointError> {
+        let root = self.root()?;
+        let mut files = OpenFiles::default();
+        Ok(reads
+            .into_iter()
+            .map(|DeltaRead { read: r, base }| {
+                let data = files.read_verified(
+                    root,
+                    &r.path,
+                    r.chunk.offset,
+                    r.chunk.len,
+                    &r.chunk.hash,
+                )?;
+                // A signature this side cannot use (malformed, hostile) just means "whole".
+                let delta = base
+                    .and_then(|b| delta::parse_signature(b).ok())
+                    .and_then(|sig| delta::delta(&sig, &data));
+                Some(match delta {
+                    Some(d) => ChunkData::Delta(d),
+                    None => ChunkData::Whole(data),
+                })
+            })
+            .collect())
+    }
+
     fn stage(
         &mut self,
         files: Vec<StageRequest>,
-    ) -> Result<Vec<Result<Vec<Hash>, Problem>>, EndpointError> {
+    ) -> Result<Vec<Result<Vec<MissingChunk>, Problem>>, EndpointError> {
         let mut results = Vec::with_capacity(files.len());
         let mut sources = OpenFiles::default();
+        let mut budget = MAX_STAGE_SIGNATURE_BYTES;
         for req in files {
             let path = req.path.clone();
             results.push(
-                self.stage_one(req, &mut sources)
+                self.stage_one(req, &mut sources, &mut budget)
                     .map_err(|reason| Problem { path, reason }),
             );
         }
         Ok(results)
     }
 
+    /// Offers bases for the missing chunks of `req` (sorted, each once) from the file this
+    /// side has at that path now, within `budget` signature bytes.
+    fn offer_bases(
+        &mut self,
+        req: &StageRequest,
+        want: Vec<Hash>,
+        sources: &mut OpenFiles,
+        budget: &mut usize,
+    ) -> Vec<MissingChunk> {
+        let mut out: Vec<MissingChunk> = want
+            .into_iter()
+            .map(|hash| MissingChunk { hash, base: None })
+            .collect();
+        let (Some(old), Some(root)) = (self.index.get(&req.path), self.root.as_ref()) else {
+            return out;
+        };
+        let windows = delta::base_windows(&old.chunks, &req.manifest.chunks);
+        for (c, window) in req.manifest.chunks.iter().zip(windows) {
+            let Some(w) = window else { continue };
+            if *budget == 0 || self.bases.contains_key(&c.hash) {
+                continue;
+            }
+            let Ok(i) = out.binary_search_by(|m| m.hash.cmp(&c.hash)) else {
+                continue;
+            };
+            if out[i].base.is_some() {
+                continue;
+            }
+            let Some(bytes) = sources.read_range(root, &req.path, w.offset, w.len) else {
+                continue;
+            };
+            let sig = delta::signature(&bytes, w.block);
+            if sig.len() > *budget {
+                *budget = 0;
+                continue;
+            }
+            *budget -= sig.len();
+            out[i].base = Some(sig);
+            self.bases.insert(
+                c.hash,
+                Base {
+                    path: req.path.clone(),
+                    offset: w.offset,
+                    len: w.len,
+                    chunk_len: c.len,
+                },
+            );
+        }
+        out
+    }
+
     fn stage_one(
         &mut self,
         req: StageRequest,
         sources: &mut OpenFiles,
-    ) -> Result<Vec<Hash>, String> {
+        budget: &mut usize,
+    ) -> Result<Vec<MissingChunk>, String> {
         if !self.staged.contains_key(&req.path) && self.staged.len() >= max_staged_files() {
             // Out of file descriptors to hold more temp files open: not an error, just later.
             return Err("too many files staged at once; will retry".into());
@@ -405,6 +550,19 @@ impl LocalShare {
         let temp = root
             .create_temp_for(&req.path)
             .map_err(|e| format!("cannot create temp file: {e}"))?;
+        let mut tmp_echo = None;
+        // An unnamed (O_TMPFILE) temp in the file's directory shows up in watch events as
+        // `#<inode>` there, gone by the time anyone looks: one more echo of our own.
+        if temp.name().is_empty() {
+            let tmp_name = rustix::fs::fstat(&temp.file)
+                .ok()
+                .map(|st| format!("#{}", st.st_ino));
+            tmp_echo = tmp_name.and_then(|n| {
+                req.path
+                    .parent()
+                    .and_then(|dir| dir.join(n.as_bytes()).ok())
+            });
+        }
         temp.file
             .set_len(req.meta.size)
             .map_err(|e| format!("cannot size temp file: {e}"))?;
@@ -435,6 +593,13 @@ impl LocalShare {
         for h in &want {
             self.wanted.entry(*h).or_default().push(req.path.clone());
         }
+        if let Some(path) = tmp_echo {
+            if self.echoes.len() >= MAX_ECHOES {
+                self.echoes.clear();
+            }
+            self.echoes.insert(path, None);
+        }
+        let want = self.offer_bases(&req, want, sources, budget);
         self.staged.insert(
             req.path,
             Staged {
@@ -447,17 +612,35 @@ impl LocalShare {
         Ok(want)
     }
 
-    fn supply(&mut self, chunks: Vec<(Hash, Vec<u8>)>) -> Result<(), EndpointError> {
+    fn supply(&mut self, chunks: Vec<(Hash, ChunkData)>) -> Result<Vec<Hash>, EndpointError> {
+        let mut still_missing = Vec::new();
+        let mut bases = OpenFiles::default();
         for (hash, data) in chunks {
-            if data.len() > CHUNK_MAX_BYTES as usize || hash_chunk(&data) != hash {
-                return Err(EndpointError::Protocol(format!(
-                    "chunk {hash} does not match its id"
-                )));
-            }
-            let Some(paths) = self.wanted.remove(&hash) else {
+            if !self.wanted.contains_key(&hash) {
                 return Err(EndpointError::Protocol(format!(
                     "chunk {hash} was not requested"
                 )));
+            }
+            let data = match data {
+                ChunkData::Whole(data) => {
+                    if data.len() > CHUNK_MAX_BYTES as usize || hash_chunk(&data) != hash {
+                        return Err(EndpointError::Protocol(format!(
+                            "chunk {hash} does not match its id"
+                        )));
+                    }
+                    data
+                }
+                ChunkData::Delta(d) => match self.rebuild(&hash, &d, &mut bases) {
+                    Some(data) => data,
+                    None => {
+                        still_missing.push(hash);
+                        continue;
+                    }
+                },
+            };
+            self.bases.remove(&hash);
+            let Some(paths) = self.wanted.remove(&hash) else {
+                continue;
             };
             for path in paths {
                 let Some(staged) = self.staged.get_mut(&path) else {
@@ -473,7 +656,16 @@ impl LocalShare {
                 }
             }
         }
-        Ok(())
+        Ok(still_missing)
+    }
+
+    /// Rebuilds chunk `hash` from the base offered for it and `delta`: `None` unless the base
+    /// can still be read and the result is exactly the chunk.
+    fn rebuild(&self, hash: &Hash, delta: &[u8], files: &mut OpenFiles) -> Option<Vec<u8>> {
+        let base = self.bases.get(hash)?;
+        let root = self.root.as_ref()?;
+        let bytes = files.read_range(root, &base.path, base.offset, base.len)?;
+        delta::apply(&bytes, delta, base.chunk_len, hash)
     }
 
     fn unstage(&mut self, path: &RelPath) {
@@ -483,6 +675,7 @@ impl LocalShare {
                     paths.retain(|p| p != path);
                     if paths.is_empty() {
                         self.wanted.remove(h);
+                        self.bases.remove(h);
                     }
                 }
             }
@@ -498,6 +691,7 @@ impl LocalShare {
             self.unstage(&p);
         }
         self.wanted.clear();
+        self.bases.clear();
     }
 
     fn transition(&mut self, changes: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {
@@ -505,12 +699,24 @@ impl LocalShare {
         self.seal_staged(&changes);
         let mut outcomes = Vec::with_capacity(changes.len());
         let mut index_changes: Vec<(RelPath, Option<IndexRecord>)> = Vec::new();
+        if self.echoes.len() >= MAX_ECHOES {
+            self.echoes.clear();
+        }
         for change in changes {
             let outcome = match self.current(&change.path) {
                 Err(reason) => Outcome::Failed(reason),
                 Ok(current) if current != change.expected => Outcome::Changed(current),
                 Ok(current) => match self.apply(&change, current.as_ref()) {
                     Ok(record) => {
+                        match (&change.new, &record) {
+                            (Some(Entry::File(_)), Some(r)) => {
+                                self.echoes.insert(change.path.clone(), Some(r.identity));
+                            }
+                            (None, _) => {
+                                self.echoes.insert(change.path.clone(), None);
+                            }
+                            _ => {}
+                        }
                         index_changes.push((change.path.clone(), record));
                         Outcome::Applied
                     }
@@ -532,6 +738,41 @@ impl LocalShare {
         let changes = index_changes.iter().map(|(p, r)| (p, r.as_ref()));
         self.db.update_index(&self.name, changes).map_err(io_err)?;
         Ok(outcomes)
+    }
+
+    /// Drops from watcher hints the paths that hold exactly what this side's own transitions
+    /// left there (a file of the identity it committed, or nothing where it deleted): the
+    /// controller that asked for those changes knows them already, and a hint would only cost a
+    /// round trip to rescan them. The identity test is the scan's own (inode, size, mtime,
+    /// ctime), so any later write by someone else still gets through; so do directory hints,
+    /// which may stand for many children.
+    fn drop_echoes(&mut self, mut hints: ChangeHints) -> ChangeHints {
+        if hints.rescan || self.echoes.is_empty() {
+            return hints;
+        }
+        let Some(root) = self.root.as_ref() else {
+            return hints;
+        };
+        let echoes = &mut self.echoes;
+        hints.paths.retain(|path| {
+            let Some(left) = echoes.get(path) else {
+                return true;
+            };
+            let now = root.stat(path).ok();
+            let echo = match (left, &now) {
+                (Some(id), Some(Some(stat))) => {
+                    stat.kind == FileKind::File && Identity::of(stat) == *id
+                }
+                (None, Some(None)) => true,
+                _ => false,
+            };
+            if !echo {
+                // Changed since: not ours any more.
+                echoes.remove(path);
+            }
+            !echo
+        });
+        hints
     }
 
     /// Seals (mode, mtime, fsync) the complete staged files these changes will commit, on a few
@@ -763,6 +1004,10 @@ fn max_staged_files() -> usize {
     })
 }
 
+/// Most paths remembered as this side's own writes (see [`LocalShare::drop_echoes`]); past it
+/// the memory starts over, and echoes are rescanned as before.
+const MAX_ECHOES: usize = 65_536;
+
 /// Threads that fsync staged files of one transition batch.
 const SEAL_THREADS: usize = 8;
 
@@ -782,6 +1027,32 @@ impl OpenFiles {
         if len > CHUNK_MAX_BYTES {
             return None;
         }
+        let buf = self.read_at(root, path, offset, u64::from(len))?;
+        (hash_chunk(&buf) == *hash).then_some(buf)
+    }
+
+    /// Reads `len` bytes (at most [`delta::MAX_BASE_BYTES`]) at `offset` of `path`: a delta
+    /// base, unverified (whatever is built from it is verified).
+    fn read_range(
+        &mut self,
+        root: &ShareRoot,
+        path: &RelPath,
+        offset: u64,
+        len: u64,
+    ) -> Option<Vec<u8>> {
+        if len > delta::MAX_BASE_BYTES {
+            return None;
+        }
+        self.read_at(root, path, offset, len)
+    }
+
+    fn read_at(
+        &mut self,
+        root: &ShareRoot,
+        path: &RelPath,
+        offset: u64,
+        len: u64,
+    ) -> Option<Vec<u8>> {
         if !self.files.contains_key(path) {
             if self.files.len() >= MAX_OPEN_SOURCE_FILES {
                 self.files.clear();
@@ -790,8 +1061,8 @@ impl OpenFiles {
             self.files.insert(path.clone(), file);
         }
         let file = self.files.get(path)?.as_ref()?;
-        let mut buf = vec![0u8; len as usize];
+        let mut buf = vec![0u8; usize::try_from(len).ok()?];
         file.read_exact_at(&mut buf, offset).ok()?;
-        (hash_chunk(&buf) == *hash).then_some(buf)
+        Some(buf)
     }
 }

@@ -269,6 +269,24 @@ impl ShareWatcher {
         })
     }
 
+    /// Puts hints taken with [`ShareWatcher::next`] back, for a consumer that could not finish
+    /// handling them (it was cancelled): they come out again, merged with newer ones.
+    pub fn requeue(&self, taken: ChangeHints) {
+        let mut hints = match self.shared.hints.lock() {
+            Ok(h) => h,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if taken.rescan {
+            hints.add_rescan();
+        }
+        for path in taken.paths {
+            hints.add(path);
+        }
+        if !hints.is_empty() {
+            self.shared.wake.notify_one();
+        }
+    }
+
     /// Waits until there are hints, then takes them all; while a rename is half seen, up to
     /// [`HALF_MOVE_WAIT`] longer, so both its names travel together.
     pub async fn next(&self) -> ChangeHints {

@@ -7,7 +7,7 @@
 //! never make us allocate more than one chunk. The data is only handed out after its BLAKE3
 //! hash matched the chunk id. This module does no I/O.
 
-use crate::limits::CHUNK_MAX_BYTES;
+use crate::limits::{CHUNK_MAX_BYTES, MAX_DELTA_BYTES};
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::fmt;
@@ -109,6 +109,55 @@ pub enum ChunkError {
     HashMismatch { expected: Hash, actual: Hash },
 }
 
+/// A chunk delta as it crosses the wire: an rsync delta that rebuilds chunk `hash` from the
+/// base the destination offered for it (see `vmsync_core::delta`). Compressed like a chunk.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireDelta {
+    /// The chunk the delta rebuilds.
+    pub hash: Hash,
+    /// Length of the decoded delta (not of the chunk).
+    pub len: u32,
+    pub codec: Codec,
+    #[serde(with = "byte_string")]
+    pub data: Vec<u8>,
+}
+
+impl fmt::Debug for WireDelta {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WireDelta")
+            .field("hash", &self.hash)
+            .field("len", &self.len)
+            .field("codec", &self.codec)
+            .field("data_len", &self.data.len())
+            .finish()
+    }
+}
+
+/// Chunk content on the wire: whole, or a delta. Append-only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireContent {
+    Whole(WireChunk),
+    Delta(WireDelta),
+}
+
+impl WireContent {
+    /// The chunk this is for.
+    pub fn hash(&self) -> Hash {
+        match self {
+            WireContent::Whole(c) => c.hash,
+            WireContent::Delta(d) => d.hash,
+        }
+    }
+
+    /// Bytes of data as sent (compressed where compressed).
+    pub fn data_len(&self) -> usize {
+        match self {
+            WireContent::Whole(c) => c.data.len(),
+            WireContent::Delta(d) => d.data.len(),
+        }
+    }
+}
+
 /// BLAKE3 of `data` as a chunk id.
 pub fn hash_chunk(data: &[u8]) -> Hash {
     Hash(*blake3::hash(data).as_bytes())
@@ -144,6 +193,65 @@ pub fn encode_chunk(hash: Hash, data: &[u8], level: i32) -> WireChunk {
         codec: Codec::Raw,
         data: data.to_vec(),
     }
+}
+
+/// Encodes a delta for the wire, compressing it like a chunk when that pays.
+pub fn encode_delta(hash: Hash, delta: &[u8], level: i32) -> WireDelta {
+    let WireChunk {
+        len, codec, data, ..
+    } = encode_chunk(hash, delta, level);
+    WireDelta {
+        hash,
+        len,
+        codec,
+        data,
+    }
+}
+
+/// Decodes a received delta: its declared length is legal (at most [`MAX_DELTA_BYTES`]) and
+/// its data decodes to exactly that many bytes. What the delta rebuilds is checked where it is
+/// applied (`vmsync_core::delta::apply`).
+pub fn decode_delta(d: WireDelta) -> Result<(Hash, Vec<u8>), ChunkError> {
+    let WireDelta {
+        hash,
+        len,
+        codec,
+        data,
+    } = d;
+    let declared = usize::try_from(len).unwrap_or(usize::MAX);
+    if declared > MAX_DELTA_BYTES {
+        return Err(ChunkError::TooLong {
+            hash,
+            len,
+            max: u32::try_from(MAX_DELTA_BYTES).unwrap_or(u32::MAX),
+        });
+    }
+    if len == 0 {
+        return Err(ChunkError::Empty { hash });
+    }
+    let plain = match codec {
+        Codec::Raw if data.len() == declared => data,
+        Codec::Raw => {
+            return Err(ChunkError::RawLength {
+                hash,
+                declared: len,
+                actual: data.len(),
+            })
+        }
+        Codec::Zstd => {
+            let out = decompress(&data, declared)
+                .map_err(|source| ChunkError::Decompress { hash, source })?;
+            if out.len() != declared {
+                return Err(ChunkError::DecompressedLength {
+                    hash,
+                    declared: len,
+                    actual: out.len(),
+                });
+            }
+            out
+        }
+    };
+    Ok((hash, plain))
 }
 
 /// Decodes and verifies a received chunk: its declared length is legal, its data decodes to

@@ -211,11 +211,19 @@ mod tests {
             a,
             Agreement {
                 version: PROTOCOL_VERSION_MAX,
-                features: 0
+                features: FEATURES_SUPPORTED
             }
         );
         let w = welcome(a, "0.1.0", &LocalParams::default());
         assert_eq!(check_welcome(&h, &w), Ok(()));
+        // An older guest that grants no features: the session works without them.
+        let old = LocalParams {
+            features: 0,
+            ..LocalParams::default()
+        };
+        let a = accept_hello(&h, &old).unwrap();
+        assert_eq!(a.features, 0);
+        assert_eq!(check_welcome(&h, &welcome(a, "0.0.9", &old)), Ok(()));
     }
 
     #[test]

@@ -10,8 +10,8 @@
 //! - [`validate`]: the checks serde cannot express, run on every decoded message.
 //! - [`handshake`]: the pure decisions of the handshake (accept/refuse a `Hello`, check a
 //!   `Welcome`).
-//! - [`chunk`]: chunk payloads, zstd compression when it pays, decompression with a hard cap and
-//!   a hash check.
+//! - [`chunk`]: chunk payloads and chunk deltas, zstd compression when it pays, decompression
+//!   with a hard cap and a hash check.
 //! - [`codec`]: frame + postcard + validate as one `tokio_util` codec, canonical-form decoding.
 
 pub mod chunk;
@@ -23,7 +23,10 @@ pub mod listing;
 pub mod messages;
 pub mod validate;
 
-pub use chunk::{decode_chunk, encode_chunk, ChunkError, Codec, WireChunk};
+pub use chunk::{
+    decode_chunk, decode_delta, encode_chunk, encode_delta, ChunkError, Codec, WireChunk,
+    WireContent, WireDelta,
+};
 pub use codec::{decode_message, encode_message, CodecError, MessageCodec};
 pub use frame::{FrameCodec, FrameError};
 pub use messages::{

@@ -9,8 +9,9 @@
 //! are re-exported here so that decoders read every bound from one module.
 
 pub use vmsync_core::limits::{
-    CHUNK_AVG_BYTES, CHUNK_MAX_BYTES, CHUNK_MIN_BYTES, MAX_FILE_CHUNKS, MAX_NAME_BYTES,
-    MAX_PATH_BYTES, MAX_PATH_DEPTH, MAX_SCAN_IGNORED, MAX_SYMLINK_TARGET_BYTES,
+    CHUNK_AVG_BYTES, CHUNK_MAX_BYTES, CHUNK_MIN_BYTES, MAX_DELTA_BYTES, MAX_FILE_CHUNKS,
+    MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_PATH_DEPTH, MAX_SCAN_IGNORED, MAX_SIGNATURE_BYTES,
+    MAX_SYMLINK_TARGET_BYTES,
 };
 
 /// Size of a fragment header: one big-endian `u32`.

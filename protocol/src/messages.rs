@@ -13,7 +13,7 @@
 //!    the request id. `Ping` is answered with `Pong` straight away, even while other requests
 //!    are being served, and is the heartbeat.
 //!
-//! The request bodies mirror the methods of `vmsync_core::endpoint::Endpoint` one to one, and
+//! The request bodies mirror the methods of `vmsync_core::endpoint::Endpoint`, and
 //! carry the core domain types: `RelPath` validates itself while being decoded, `Hash` is a fixed
 //! `[u8; 32]`. What serde cannot check is checked by [`crate::validate`] right after decoding.
 //!
@@ -22,13 +22,18 @@
 //! variant goes at the end; nothing is reordered, removed or changed), struct fields are never
 //! reordered, and any change to the layout is a protocol version bump. Golden byte vectors in
 //! `tests/golden.rs` fail on any accidental change.
+//!
+//! Features: `Stage2`, `ReadChunks2` and `Supply2` carry chunk deltas (delta bases in the stage
+//! answer, deltas in reads and supplies). A host sends them only to a guest that granted
+//! [`FEATURE_CHUNK_DELTA`]; with an older guest it keeps to `Stage`, `ReadChunks` and `Supply`.
 
-use crate::chunk::WireChunk;
+use crate::chunk::{WireChunk, WireContent};
 use serde::{Deserialize, Serialize};
+use vmsync_core::edits::ManifestEdit;
 use vmsync_core::endpoint::RootId;
 use vmsync_core::endpoint::{
-    Change, ChangeHints, ChunkRead, EndpointError, Outcome, Problem, ScanOptions, ScanReport,
-    ScanScope, StageRequest,
+    Change, ChangeHints, ChunkRead, EndpointError, MissingChunk, Outcome, Problem, ScanOptions,
+    ScanReport, ScanScope, StageRequest,
 };
 use vmsync_core::{Entry, FileMeta, Hash, Manifest, RelPath};
 
@@ -38,8 +43,10 @@ pub const MAGIC: [u8; 8] = *b"VMSYNC\0\x01";
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// Newest protocol version this build speaks.
 pub const PROTOCOL_VERSION_MAX: u16 = 1;
-/// Feature bits this build understands (none yet). A peer answers with the intersection.
-pub const FEATURES_SUPPORTED: u64 = 0;
+/// Feature bit: the peer speaks `Stage2`, `ReadChunks2` and `Supply2` (chunk deltas).
+pub const FEATURE_CHUNK_DELTA: u64 = 1;
+/// Feature bits this build understands. A peer answers with the intersection.
+pub const FEATURES_SUPPORTED: u64 = FEATURE_CHUNK_DELTA;
 
 /// Every message, both directions. Variant order is the wire tag: append-only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,6 +171,9 @@ pub enum RequestKind {
     Transition,
     PollChanges,
     ScanFull,
+    Stage2,
+    ReadChunks2,
+    Supply2,
 }
 
 impl RequestKind {
@@ -178,6 +188,9 @@ impl RequestKind {
             RequestKind::Transition => "Transition",
             RequestKind::PollChanges => "PollChanges",
             RequestKind::ScanFull => "ScanFull",
+            RequestKind::Stage2 => "Stage2",
+            RequestKind::ReadChunks2 => "ReadChunks2",
+            RequestKind::Supply2 => "Supply2",
         }
     }
 }
@@ -218,6 +231,74 @@ pub enum RequestBody {
         options: ScanOptions,
         base: Option<u64>,
     },
+    /// `Stage` whose answer may offer delta bases ([`StageAnswer`]). Needs
+    /// [`FEATURE_CHUNK_DELTA`].
+    Stage2 {
+        files: Vec<StageFile>,
+    },
+    /// `ReadChunks` where a read may carry the destination's base signature, and the answer a
+    /// delta against it. Needs [`FEATURE_CHUNK_DELTA`].
+    ReadChunks2 {
+        reads: Vec<BasedRead>,
+    },
+    /// `Supply` of whole chunks or deltas; answered with the chunks still missing. Needs
+    /// [`FEATURE_CHUNK_DELTA`].
+    Supply2 {
+        chunks: Vec<WireContent>,
+    },
+}
+
+/// One file of a `Stage2` request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageFile {
+    pub path: RelPath,
+    pub meta: FileMeta,
+    pub manifest: ManifestForm,
+}
+
+/// How a `Stage2` request carries a manifest. Append-only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ManifestForm {
+    /// Every chunk reference.
+    Full(Manifest),
+    /// Edits against the manifest of the file the guest has at that path now, which must be
+    /// the one of `base_size` bytes with digest `base_digest` (see `vmsync_core::edits`). A
+    /// guest that does not have it answers [`StageAnswer::BaseUnknown`], and the host sends
+    /// the manifest in full.
+    Edits {
+        base_size: u64,
+        base_digest: Hash,
+        edits: Vec<ManifestEdit>,
+    },
+}
+
+/// The answer for one file of a `Stage2` request. Append-only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StageAnswer {
+    /// Staged; these chunks are still missing, some with a delta base.
+    Missing(Vec<MissingChunk>),
+    Problem(Problem),
+    /// The manifest came as edits against a file this side does not have (any more), or they
+    /// did not rebuild a manifest of the file's digest: nothing was staged; send it in full.
+    BaseUnknown,
+}
+
+/// One read of a `ReadChunks2` request: a chunk, and the signature of the base the destination
+/// offered for it (see `vmsync_core::delta`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BasedRead {
+    pub read: ChunkRead,
+    pub base: Option<Vec<u8>>,
+}
+
+impl From<StageRequest> for StageFile {
+    fn from(r: StageRequest) -> StageFile {
+        StageFile {
+            path: r.path,
+            meta: r.meta,
+            manifest: ManifestForm::Full(r.manifest),
+        }
+    }
 }
 
 impl RequestBody {
@@ -232,6 +313,9 @@ impl RequestBody {
             RequestBody::Transition { .. } => RequestKind::Transition,
             RequestBody::PollChanges { .. } => RequestKind::PollChanges,
             RequestBody::ScanFull { .. } => RequestKind::ScanFull,
+            RequestBody::Stage2 { .. } => RequestKind::Stage2,
+            RequestBody::ReadChunks2 { .. } => RequestKind::ReadChunks2,
+            RequestBody::Supply2 { .. } => RequestKind::Supply2,
         }
     }
 }
@@ -252,6 +336,13 @@ pub enum ResponseBody {
     Transition(Result<Vec<Outcome>, EndpointError>),
     Changes(Result<ChangeHints, EndpointError>),
     ScanDelta(Result<ScanDelta, EndpointError>),
+    /// One answer per requested file, in order.
+    Stage2(Result<Vec<StageAnswer>, EndpointError>),
+    /// One entry per requested read, in order: the chunk whole, a delta against the read's
+    /// base, or `None` where the data changed on disk.
+    ReadChunks2(Result<Vec<Option<WireContent>>, EndpointError>),
+    /// The supplied chunks still missing: their delta did not rebuild them.
+    Supply2(Result<Vec<Hash>, EndpointError>),
 }
 
 /// A full scan's listing as the difference against an earlier one (see [`crate::listing`]).
@@ -285,6 +376,9 @@ impl ResponseBody {
             ResponseBody::Transition(_) => RequestKind::Transition,
             ResponseBody::Changes(_) => RequestKind::PollChanges,
             ResponseBody::ScanDelta(_) => RequestKind::ScanFull,
+            ResponseBody::Stage2(_) => RequestKind::Stage2,
+            ResponseBody::ReadChunks2(_) => RequestKind::ReadChunks2,
+            ResponseBody::Supply2(_) => RequestKind::Supply2,
         }
     }
 
@@ -300,6 +394,9 @@ impl ResponseBody {
             RequestKind::Transition => ResponseBody::Transition(Err(err)),
             RequestKind::PollChanges => ResponseBody::Changes(Err(err)),
             RequestKind::ScanFull => ResponseBody::ScanDelta(Err(err)),
+            RequestKind::Stage2 => ResponseBody::Stage2(Err(err)),
+            RequestKind::ReadChunks2 => ResponseBody::ReadChunks2(Err(err)),
+            RequestKind::Supply2 => ResponseBody::Supply2(Err(err)),
         }
     }
 }

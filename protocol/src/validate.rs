@@ -5,24 +5,28 @@
 //! within `0o777`, timestamp nanoseconds below 10^9, symlink targets non-empty, NUL-free and
 //! bounded); chunk references (length within `1..=CHUNK_MAX_BYTES`, no offset overflow); manifest
 //! and missing-chunk lists within `MAX_FILE_CHUNKS`; scan reports sorted strictly by path and not
-//! containing the root; wire chunks whose data length fits their codec.
+//! containing the root; wire chunks and deltas whose data length fits their codec; delta
+//! signatures within `MAX_SIGNATURE_BYTES`.
 //!
 //! What is not: anything that needs the session state (the handshake decides magic, versions,
 //! chunker parameters and share names, see [`crate::handshake`]) or real work (decompressing and
 //! hashing chunks is [`crate::chunk::decode_chunk`], a manifest's coverage and digest is
 //! `Manifest::validate` at the consumer).
 
-use crate::chunk::{Codec, WireChunk};
+use crate::chunk::{Codec, WireChunk, WireContent, WireDelta};
 use crate::limits::{
     CHUNK_MAX_BYTES, MAX_AGENT_VERSION_BYTES, MAX_BATCH_CHANGES, MAX_BATCH_CHUNKS, MAX_BATCH_FILES,
-    MAX_BATCH_PATHS, MAX_FILE_CHUNKS, MAX_IGNORE_PATTERNS, MAX_IGNORE_PATTERN_BYTES,
-    MAX_REASON_BYTES, MAX_SCAN_ENTRIES, MAX_SCAN_IGNORED, MAX_SCAN_PROBLEMS, MAX_SHARES,
-    MAX_SHARE_NAME_BYTES, MAX_SYMLINK_TARGET_BYTES,
+    MAX_BATCH_PATHS, MAX_DELTA_BYTES, MAX_FILE_CHUNKS, MAX_IGNORE_PATTERNS,
+    MAX_IGNORE_PATTERN_BYTES, MAX_REASON_BYTES, MAX_SCAN_ENTRIES, MAX_SCAN_IGNORED,
+    MAX_SCAN_PROBLEMS, MAX_SHARES, MAX_SHARE_NAME_BYTES, MAX_SIGNATURE_BYTES,
+    MAX_SYMLINK_TARGET_BYTES,
 };
 use crate::messages::{
-    Hello, Message, Refused, Request, RequestBody, Response, ResponseBody, ScanDelta, ShareOpen,
-    Welcome,
+    BasedRead, Hello, ManifestForm, Message, Refused, Request, RequestBody, Response, ResponseBody,
+    ScanDelta, ShareOpen, StageAnswer, StageFile, Welcome,
 };
+use vmsync_core::edits::ManifestEdit;
+use vmsync_core::endpoint::MissingChunk;
 use vmsync_core::endpoint::{
     Change, ChunkRead, EndpointError, Outcome, Problem, ScanReport, ScanScope, StageRequest,
 };
@@ -70,6 +74,8 @@ pub enum ValidationError {
         declared: u32,
         actual: usize,
     },
+    #[error("delta length {len} is outside 1..={MAX_DELTA_BYTES}")]
+    BadDeltaLength { len: u32 },
 }
 
 impl ValidationError {
@@ -203,22 +209,89 @@ impl Validate for WireChunk {
         if self.len == 0 || self.len > CHUNK_MAX_BYTES {
             return Err(ValidationError::BadChunkLength { len: self.len });
         }
-        // `len` ≤ CHUNK_MAX_BYTES fits any usize we build for.
-        let declared = usize::try_from(self.len).unwrap_or(usize::MAX);
-        let fits = match self.codec {
-            Codec::Raw => self.data.len() == declared,
-            // Compressed data is only sent when it is smaller (see `chunk::encode_chunk`).
-            Codec::Zstd => !self.data.is_empty() && self.data.len() < declared,
-        };
-        if !fits {
-            return Err(ValidationError::ChunkDataLength {
-                codec: self.codec,
-                declared: self.len,
-                actual: self.data.len(),
-            });
-        }
-        Ok(())
+        codec_data(self.codec, self.len, &self.data)
     }
+}
+
+/// Data that fits its codec: raw data is exactly `declared` bytes, compressed data is shorter
+/// (it is only sent when it is, see `chunk::encode_chunk`) and not empty.
+fn codec_data(codec: Codec, declared: u32, data: &[u8]) -> Result {
+    // `declared` is at most 64 KiB here: it fits any usize we build for.
+    let n = usize::try_from(declared).unwrap_or(usize::MAX);
+    let fits = match codec {
+        Codec::Raw => data.len() == n,
+        Codec::Zstd => !data.is_empty() && data.len() < n,
+    };
+    if !fits {
+        return Err(ValidationError::ChunkDataLength {
+            codec,
+            declared,
+            actual: data.len(),
+        });
+    }
+    Ok(())
+}
+
+impl Validate for WireDelta {
+    fn validate(&self) -> Result {
+        if self.len == 0 || usize::try_from(self.len).map_or(true, |n| n > MAX_DELTA_BYTES) {
+            return Err(ValidationError::BadDeltaLength { len: self.len });
+        }
+        codec_data(self.codec, self.len, &self.data)
+    }
+}
+
+impl Validate for WireContent {
+    fn validate(&self) -> Result {
+        match self {
+            WireContent::Whole(c) => c.validate(),
+            WireContent::Delta(d) => d.validate(),
+        }
+    }
+}
+
+fn signature(base: &Option<Vec<u8>>) -> Result {
+    match base {
+        Some(sig) => bytes("delta signature", sig.len(), MAX_SIGNATURE_BYTES),
+        None => Ok(()),
+    }
+}
+
+fn missing_chunks(missing: &[MissingChunk]) -> Result {
+    count("missing chunks", missing.len(), MAX_FILE_CHUNKS)?;
+    missing.iter().try_for_each(|m| signature(&m.base))
+}
+
+fn stage_file(f: &StageFile) -> Result {
+    file_meta(&f.meta)?;
+    match &f.manifest {
+        ManifestForm::Full(m) => manifest(m),
+        ManifestForm::Edits { edits, .. } => manifest_edits(edits),
+    }
+}
+
+/// Edits: bounded in number and in new references, each reference's length legal. Whether the
+/// copies fit the old manifest is checked when they are applied (`vmsync_core::edits::apply`).
+fn manifest_edits(edits: &[ManifestEdit]) -> Result {
+    count("manifest edits", edits.len(), MAX_FILE_CHUNKS)?;
+    let mut new = 0usize;
+    for e in edits {
+        if let ManifestEdit::New(refs) = e {
+            new = new.saturating_add(refs.len());
+            count("new chunk references", new, MAX_FILE_CHUNKS)?;
+            for &(_, len) in refs {
+                if len == 0 || len > CHUNK_MAX_BYTES {
+                    return Err(ValidationError::BadChunkLength { len });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn based_read(r: &BasedRead) -> Result {
+    chunk_read(&r.read)?;
+    signature(&r.base)
 }
 
 impl Validate for ShareOpen {
@@ -362,6 +435,18 @@ impl Validate for RequestBody {
                 changes.iter().try_for_each(change)
             }
             RequestBody::PollChanges { .. } | RequestBody::ScanFull { .. } => Ok(()),
+            RequestBody::Stage2 { files } => {
+                count("files to stage", files.len(), MAX_BATCH_FILES)?;
+                files.iter().try_for_each(stage_file)
+            }
+            RequestBody::ReadChunks2 { reads } => {
+                count("chunk reads", reads.len(), MAX_BATCH_CHUNKS)?;
+                reads.iter().try_for_each(based_read)
+            }
+            RequestBody::Supply2 { chunks } => {
+                count("supplied chunks", chunks.len(), MAX_BATCH_CHUNKS)?;
+                chunks.iter().try_for_each(Validate::validate)
+            }
         }
     }
 }
@@ -405,6 +490,21 @@ impl Validate for ResponseBody {
             ResponseBody::ScanDelta(r) => result(r, Validate::validate),
             ResponseBody::Changes(r) => result(r, |hints| {
                 count("change hints", hints.paths.len(), MAX_BATCH_PATHS)
+            }),
+            ResponseBody::Stage2(r) => result(r, |files| {
+                count("staged files", files.len(), MAX_BATCH_FILES)?;
+                files.iter().try_for_each(|f| match f {
+                    StageAnswer::Missing(missing) => missing_chunks(missing),
+                    StageAnswer::Problem(p) => problem(p),
+                    StageAnswer::BaseUnknown => Ok(()),
+                })
+            }),
+            ResponseBody::ReadChunks2(r) => result(r, |chunks| {
+                count("chunks read", chunks.len(), MAX_BATCH_CHUNKS)?;
+                chunks.iter().flatten().try_for_each(Validate::validate)
+            }),
+            ResponseBody::Supply2(r) => result(r, |missing| {
+                count("chunks still missing", missing.len(), MAX_BATCH_CHUNKS)
             }),
         }
     }
@@ -671,6 +771,105 @@ mod tests {
             zero.validate(),
             Err(ValidationError::BadChunkLength { len: 0 })
         );
+    }
+
+    #[test]
+    fn chunk_delta_bounds() {
+        use crate::chunk::encode_delta;
+        use crate::messages::{BasedRead, StageAnswer};
+        use vmsync_core::endpoint::MissingChunk;
+        let read = |base: Option<Vec<u8>>| RequestBody::ReadChunks2 {
+            reads: vec![BasedRead {
+                read: ChunkRead {
+                    path: p("f"),
+                    chunk: ChunkRef {
+                        hash: Hash::default(),
+                        offset: 0,
+                        len: 1,
+                    },
+                },
+                base,
+            }],
+        };
+        assert_eq!(read(None).validate(), Ok(()));
+        assert_eq!(read(Some(vec![0; MAX_SIGNATURE_BYTES])).validate(), Ok(()));
+        assert!(read(Some(vec![0; MAX_SIGNATURE_BYTES + 1]))
+            .validate()
+            .unwrap_err()
+            .is_limit());
+        let staged = |base| {
+            ResponseBody::Stage2(Ok(vec![StageAnswer::Missing(vec![MissingChunk {
+                hash: Hash::default(),
+                base: Some(base),
+            }])]))
+        };
+        assert_eq!(staged(vec![1; 100]).validate(), Ok(()));
+        assert!(staged(vec![1; MAX_SIGNATURE_BYTES + 1])
+            .validate()
+            .unwrap_err()
+            .is_limit());
+        // Deltas: bounded declared length, data that fits the codec.
+        let supply = |d: WireDelta| RequestBody::Supply2 {
+            chunks: vec![WireContent::Delta(d)],
+        };
+        let z = encode_delta(Hash::default(), &[0u8; 1000], 3);
+        assert_eq!(z.codec, Codec::Zstd);
+        assert_eq!(supply(z.clone()).validate(), Ok(()));
+        let mut long = encode_delta(Hash::default(), &[1], 0);
+        long.len = u32::try_from(MAX_DELTA_BYTES).unwrap() + 1;
+        assert_eq!(
+            supply(long.clone()).validate(),
+            Err(ValidationError::BadDeltaLength { len: long.len })
+        );
+        let mut empty = z.clone();
+        empty.len = 0;
+        assert_eq!(
+            supply(empty).validate(),
+            Err(ValidationError::BadDeltaLength { len: 0 })
+        );
+        let mut bloated = z;
+        bloated.data = vec![0; 1000];
+        assert!(matches!(
+            supply(bloated).validate(),
+            Err(ValidationError::ChunkDataLength { .. })
+        ));
+        let too_many = ResponseBody::Supply2(Ok(vec![Hash::default(); MAX_BATCH_CHUNKS + 1]));
+        assert!(too_many.validate().unwrap_err().is_limit());
+    }
+
+    #[test]
+    fn manifest_edit_bounds() {
+        use crate::messages::{ManifestForm, StageFile};
+        let stage = |edits: Vec<ManifestEdit>| RequestBody::Stage2 {
+            files: vec![StageFile {
+                path: p("f"),
+                meta: meta(0o644, 0),
+                manifest: ManifestForm::Edits {
+                    base_size: 1,
+                    base_digest: Hash::default(),
+                    edits,
+                },
+            }],
+        };
+        let new = |len| ManifestEdit::New(vec![(Hash::default(), len)]);
+        let copy = ManifestEdit::Copy { start: 0, count: 1 };
+        assert_eq!(stage(vec![copy.clone(), new(1)]).validate(), Ok(()));
+        assert_eq!(
+            stage(vec![new(0)]).validate(),
+            Err(ValidationError::BadChunkLength { len: 0 })
+        );
+        assert_eq!(
+            stage(vec![new(CHUNK_MAX_BYTES + 1)]).validate(),
+            Err(ValidationError::BadChunkLength {
+                len: CHUNK_MAX_BYTES + 1
+            })
+        );
+        let too_many = ManifestEdit::New(vec![(Hash::default(), 1); MAX_FILE_CHUNKS + 1]);
+        assert!(stage(vec![too_many]).validate().unwrap_err().is_limit());
+        assert!(stage(vec![copy; MAX_FILE_CHUNKS + 1])
+            .validate()
+            .unwrap_err()
+            .is_limit());
     }
 
     #[test]

@@ -4,15 +4,18 @@
 //! an intended format change, bump the protocol version and update the vectors in one commit.
 #![allow(clippy::unwrap_used)]
 
+use vmsync_core::edits::ManifestEdit;
 use vmsync_core::endpoint::{
-    Change, ChangeHints, ChunkRead, EndpointError, Outcome, Problem, RootId, ScanOptions,
-    ScanReport, ScanScope, StageRequest,
+    Change, ChangeHints, ChunkRead, EndpointError, MissingChunk, Outcome, Problem, RootId,
+    ScanOptions, ScanReport, ScanScope, StageRequest,
 };
 use vmsync_core::{ChunkRef, Entry, FileMeta, Hash, Manifest, RelPath, Timestamp};
-use vmsync_protocol::messages::{ScanDelta, MAGIC};
+use vmsync_protocol::messages::{
+    BasedRead, ManifestForm, ScanDelta, StageAnswer, StageFile, FEATURE_CHUNK_DELTA, MAGIC,
+};
 use vmsync_protocol::{
     decode_message, encode_message, ChunkerParams, Codec, Hello, Message, Refused, Request,
-    RequestBody, Response, ResponseBody, ShareOpen, Welcome, WireChunk,
+    RequestBody, Response, ResponseBody, ShareOpen, Welcome, WireChunk, WireContent, WireDelta,
 };
 
 fn hex(bytes: &[u8]) -> String {
@@ -282,4 +285,109 @@ fn endpoint_errors() {
             want,
         );
     }
+}
+
+/// The chunk-delta messages (`Stage2`, `ReadChunks2`, `Supply2` and their answers) and the
+/// feature bit that enables them.
+#[test]
+fn chunk_delta_messages() {
+    assert_eq!(FEATURE_CHUNK_DELTA, 1);
+    golden(
+        "Hello with chunk deltas",
+        Message::Hello(Hello {
+            magic: MAGIC,
+            min_version: 1,
+            max_version: 1,
+            agent_version: "h".into(),
+            features: FEATURE_CHUNK_DELTA,
+            chunker: ChunkerParams::PINNED,
+            shares: vec![],
+        }),
+        "00564d53594e4300010101016801802080800180800400",
+    );
+    golden(
+        "Stage2",
+        request(RequestBody::Stage2 {
+            files: vec![StageFile {
+                path: p("a/b"),
+                meta: meta(),
+                manifest: ManifestForm::Full(Manifest { chunks: vec![chunk_ref()] }),
+            }],
+        }),
+        "030701090103612f6205a40380c49fd50c7b1111111111111111111111111111111111111111111111111111111111111111000122222222222222222222222222222222222222222222222222222222222222220005",
+    );
+    golden(
+        "ReadChunks2",
+        request(RequestBody::ReadChunks2 {
+            reads: vec![
+                BasedRead { read: ChunkRead { path: p("a/b"), chunk: chunk_ref() }, base: Some(vec![0x72, 0x73]) },
+                BasedRead { read: ChunkRead { path: p("c"), chunk: chunk_ref() }, base: None },
+            ],
+        }),
+        "0307010a0203612f62222222222222222222222222222222222222222222222222222222222222222200050102727301632222222222222222222222222222222222222222222222222222222222222222000500",
+    );
+    golden(
+        "Supply2",
+        request(RequestBody::Supply2 {
+            chunks: vec![
+                WireContent::Whole(WireChunk { hash: Hash([0x33; 32]), len: 3, codec: Codec::Raw, data: b"abc".to_vec() }),
+                WireContent::Delta(WireDelta { hash: Hash([0x44; 32]), len: 10, codec: Codec::Zstd, data: vec![0x28, 0xb5] }),
+            ],
+        }),
+        "0307010b020033333333333333333333333333333333333333333333333333333333333333330300036162630144444444444444444444444444444444444444444444444444444444444444440a010228b5",
+    );
+    golden(
+        "Stage2 answer",
+        response(ResponseBody::Stage2(Ok(vec![
+            StageAnswer::Missing(vec![
+                MissingChunk { hash: Hash([0x22; 32]), base: Some(vec![1, 2, 3]) },
+                MissingChunk { hash: Hash([0x33; 32]), base: None },
+            ]),
+            StageAnswer::Problem(problem()),
+        ]))),
+        "04070900020002222222222222222222222222222222222222222222222222222222222222222201030102033333333333333333333333333333333333333333333333333333333333333333000101640c6669666f20736b6970706564",
+    );
+    golden(
+        "ReadChunks2 answer",
+        response(ResponseBody::ReadChunks2(Ok(vec![
+            Some(WireContent::Whole(WireChunk { hash: Hash([0x22; 32]), len: 5, codec: Codec::Raw, data: b"hello".to_vec() })),
+            Some(WireContent::Delta(WireDelta { hash: Hash([0x22; 32]), len: 2, codec: Codec::Raw, data: vec![0, 9] })),
+            None,
+        ]))),
+        "04070a00030100222222222222222222222222222222222222222222222222222222222222222205000568656c6c6f01012222222222222222222222222222222222222222222222222222222222222222020002000900",
+    );
+    golden(
+        "Supply2 answer",
+        response(ResponseBody::Supply2(Ok(vec![Hash([0x44; 32])]))),
+        "04070b00014444444444444444444444444444444444444444444444444444444444444444",
+    );
+}
+
+/// Manifest edits in `Stage2` and the answer that asks for the full manifest instead.
+#[test]
+fn manifest_edit_messages() {
+    golden(
+        "Stage2 with edits",
+        request(RequestBody::Stage2 {
+            files: vec![StageFile {
+                path: p("a/b"),
+                meta: meta(),
+                manifest: ManifestForm::Edits {
+                    base_size: 70_000,
+                    base_digest: Hash([0x55; 32]),
+                    edits: vec![
+                        ManifestEdit::Copy { start: 0, count: 40 },
+                        ManifestEdit::New(vec![(Hash([0x22; 32]), 5)]),
+                        ManifestEdit::Copy { start: 41, count: 300 },
+                    ],
+                },
+            }],
+        }),
+        "030701090103612f6205a40380c49fd50c7b111111111111111111111111111111111111111111111111111111111111111101f0a20455555555555555555555555555555555555555555555555555555555555555550300002801012222222222222222222222222222222222222222222222222222222222222222050029ac02",
+    );
+    golden(
+        "Stage2 answer BaseUnknown",
+        response(ResponseBody::Stage2(Ok(vec![StageAnswer::BaseUnknown]))),
+        "040709000102",
+    );
 }

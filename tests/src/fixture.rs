@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use vmsync_core::endpoint::{
-    Change, ChunkRead, Endpoint, EndpointError, Outcome, Problem, ScanOptions, ScanReport,
-    ScanScope, StageRequest,
+    Change, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, MissingChunk, Outcome,
+    Problem, ScanOptions, ScanReport, ScanScope, StageRequest,
 };
 use vmsync_core::reconcile::{ConflictPolicy, SyncMode};
 use vmsync_core::safety::DeletionLimit;
@@ -146,11 +146,16 @@ pub fn mtime_ns(path: &Path) -> (i64, i64) {
 }
 
 /// Counts the chunk bytes that an endpoint is asked to store (`supply`) or serve
-/// (`read_chunks`): the content that would cross the wire.
+/// (`read_chunks`, `read_deltas`): the content that would cross the wire (a delta counts its
+/// own length, not its chunk's), and the signature bytes of the delta bases it offers
+/// (`stage`), which would cross the other way.
 #[derive(Clone, Default)]
 pub struct Counters {
     pub supplied: Arc<AtomicU64>,
     pub served: Arc<AtomicU64>,
+    pub signatures: Arc<AtomicU64>,
+    /// Chunks supplied as deltas.
+    pub deltas: Arc<AtomicU64>,
 }
 
 impl Counters {
@@ -160,9 +165,17 @@ impl Counters {
     pub fn served(&self) -> u64 {
         self.served.load(Ordering::Relaxed)
     }
+    pub fn signatures(&self) -> u64 {
+        self.signatures.load(Ordering::Relaxed)
+    }
+    pub fn deltas(&self) -> u64 {
+        self.deltas.load(Ordering::Relaxed)
+    }
     pub fn reset(&self) {
         self.supplied.store(0, Ordering::Relaxed);
         self.served.store(0, Ordering::Relaxed);
+        self.signatures.store(0, Ordering::Relaxed);
+        self.deltas.store(0, Ordering::Relaxed);
     }
 }
 
@@ -195,17 +208,44 @@ impl<E: Endpoint> Endpoint for Counting<E> {
         self.counters.served.fetch_add(n as u64, Ordering::Relaxed);
         Ok(out)
     }
+    async fn read_deltas(
+        &mut self,
+        reads: Vec<DeltaRead>,
+    ) -> Result<Vec<Option<ChunkData>>, EndpointError> {
+        let out = self.inner.read_deltas(reads).await?;
+        let n: usize = out.iter().flatten().map(ChunkData::len).sum();
+        self.counters.served.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(out)
+    }
     async fn stage(
         &mut self,
         files: Vec<StageRequest>,
-    ) -> Result<Vec<Result<Vec<Hash>, Problem>>, EndpointError> {
-        self.inner.stage(files).await
+    ) -> Result<Vec<Result<Vec<MissingChunk>, Problem>>, EndpointError> {
+        let out = self.inner.stage(files).await?;
+        let n: usize = out
+            .iter()
+            .flatten()
+            .flatten()
+            .filter_map(|m| m.base.as_ref())
+            .map(Vec::len)
+            .sum();
+        self.counters
+            .signatures
+            .fetch_add(n as u64, Ordering::Relaxed);
+        Ok(out)
     }
-    async fn supply(&mut self, chunks: Vec<(Hash, Vec<u8>)>) -> Result<(), EndpointError> {
+    async fn supply(&mut self, chunks: Vec<(Hash, ChunkData)>) -> Result<Vec<Hash>, EndpointError> {
         let n: usize = chunks.iter().map(|c| c.1.len()).sum();
+        let deltas = chunks
+            .iter()
+            .filter(|c| matches!(c.1, ChunkData::Delta(_)))
+            .count();
         self.counters
             .supplied
             .fetch_add(n as u64, Ordering::Relaxed);
+        self.counters
+            .deltas
+            .fetch_add(deltas as u64, Ordering::Relaxed);
         self.inner.supply(chunks).await
     }
     async fn transition(&mut self, changes: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {
@@ -424,4 +464,65 @@ pub fn tree_diff(
             )
         })
         .collect()
+}
+
+/// Deterministic text-like bytes: words from a small vocabulary, spaces and line breaks. It
+/// compresses a few times over, like source code, so tests see zstd at work on whole chunks.
+pub fn text_bytes(seed: u64, len: usize) -> Vec<u8> {
+    const WORDS: [&[u8]; 16] = [
+        b"fn",
+        b"let",
+        b"mut",
+        b"self",
+        b"return",
+        b"match",
+        b"impl",
+        b"struct",
+        b"value",
+        b"index",
+        b"buffer",
+        b"length",
+        b"offset",
+        b"chunk",
+        b"delta",
+        b"signature",
+    ];
+    let noise = random_bytes(seed, len / 2 + 16);
+    let mut out = Vec::with_capacity(len + 16);
+    let mut i = 0;
+    while out.len() < len {
+        let r = noise[i % noise.len()];
+        i += 1;
+        out.extend_from_slice(WORDS[usize::from(r & 15)]);
+        out.push(if r >> 4 == 0 { b'\n' } else { b' ' });
+    }
+    out.truncate(len);
+    out
+}
+
+/// Writes 256 random bytes over `root/rel` at `offset` (clamped to fit), in place.
+pub fn patch_in_place(root: &Path, rel: &str, seed: u64, offset: usize) {
+    use std::io::{Seek, SeekFrom, Write};
+    let path = root.join(rel);
+    let size = std::fs::metadata(&path).expect("stat").len() as usize;
+    let patch = random_bytes(seed, 256.min(size));
+    let at = offset.min(size - patch.len());
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open for patch");
+    f.seek(SeekFrom::Start(at as u64)).expect("seek");
+    f.write_all(&patch).expect("patch");
+}
+
+/// The bytes of the chunks of `new` that `old` does not have: what crosses whole when every
+/// changed chunk is sent whole.
+pub fn changed_chunk_bytes(old: &[u8], new: &[u8]) -> u64 {
+    let cut = |d: &[u8]| vmsync_engine::chunk::chunk_reader(d).expect("chunk");
+    let old: std::collections::HashSet<Hash> = cut(old).into_iter().map(|c| c.hash).collect();
+    cut(new)
+        .into_iter()
+        .filter(|c| !old.contains(&c.hash))
+        .map(|c| u64::from(c.len))
+        .sum()
 }

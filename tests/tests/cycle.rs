@@ -6,10 +6,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::unix::fs::PermissionsExt;
+use vmsync_core::endpoint::{ChunkData, EndpointError};
 use vmsync_core::reconcile::{ConflictPolicy, SyncMode};
 use vmsync_engine::status::ShareState;
 use vmsync_tests::fixture::{
-    assert_same_tree, mtime_ns, random_bytes, read, set_mtime, tree, write, Node, Pair, PairOptions,
+    assert_same_tree, changed_chunk_bytes, mtime_ns, patch_in_place, random_bytes, read, set_mtime,
+    text_bytes, tree, write, Node, Pair, PairOptions,
 };
 
 fn pair() -> Pair {
@@ -674,7 +676,9 @@ async fn a_path_a_scan_cannot_read_is_frozen_not_deleted() {
 /// may land on the host, and the host's existing data stays as it was.
 #[tokio::test]
 async fn a_guest_serving_forged_chunk_data_gets_nothing_written() {
-    use vmsync_core::endpoint::{ChunkRead, Endpoint, EndpointError};
+    use vmsync_core::endpoint::{
+        ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, MissingChunk,
+    };
     struct Forger<E>(E);
     impl<E: Endpoint> Endpoint for Forger<E> {
         async fn scan(
@@ -702,19 +706,38 @@ async fn a_guest_serving_forged_chunk_data_gets_nothing_written() {
                 .map(|d| d.map(|d| vec![0x41; d.len()]))
                 .collect())
         }
+        async fn read_deltas(
+            &mut self,
+            reads: Vec<DeltaRead>,
+        ) -> Result<Vec<Option<ChunkData>>, EndpointError> {
+            // Forged whole chunks, and deltas that rebuild something else.
+            let real = self.0.read_deltas(reads).await?;
+            Ok(real
+                .into_iter()
+                .map(|d| {
+                    d.map(|d| match d {
+                        ChunkData::Whole(d) => ChunkData::Whole(vec![0x41; d.len()]),
+                        ChunkData::Delta(mut d) => {
+                            if let Some(b) = d.last_mut() {
+                                *b ^= 0x41;
+                            }
+                            ChunkData::Delta(d)
+                        }
+                    })
+                })
+                .collect())
+        }
         async fn stage(
             &mut self,
             files: Vec<vmsync_core::endpoint::StageRequest>,
-        ) -> Result<
-            Vec<Result<Vec<vmsync_core::Hash>, vmsync_core::endpoint::Problem>>,
-            EndpointError,
-        > {
+        ) -> Result<Vec<Result<Vec<MissingChunk>, vmsync_core::endpoint::Problem>>, EndpointError>
+        {
             self.0.stage(files).await
         }
         async fn supply(
             &mut self,
-            chunks: Vec<(vmsync_core::Hash, Vec<u8>)>,
-        ) -> Result<(), EndpointError> {
+            chunks: Vec<(vmsync_core::Hash, ChunkData)>,
+        ) -> Result<Vec<vmsync_core::Hash>, EndpointError> {
             self.0.supply(chunks).await
         }
         async fn transition(
@@ -979,4 +1002,360 @@ async fn a_bulk_transfer_whose_source_changes_lands_nothing_torn() {
             .unwrap();
     }
     assert_eq!(read(&p.guest_dir, "big.bin"), newer);
+}
+
+/// Issue 2: 200 files (text and random, 8-40 KiB) each get 256 random bytes in place. Returns
+/// the file names and what sending every changed chunk whole would cost (raw bytes).
+fn patch_200_files(p: &Pair, from_host: bool) -> (Vec<String>, u64) {
+    let root = if from_host { &p.host_dir } else { &p.guest_dir };
+    let mut names = Vec::new();
+    for i in 0..200u64 {
+        let name = format!("d{}/f{i}.dat", i % 7);
+        let len = 8 * 1024 + (i as usize * 7919) % (32 * 1024);
+        let data = if i % 2 == 0 {
+            text_bytes(100 + i, len)
+        } else {
+            random_bytes(100 + i, len)
+        };
+        write(root, &name, &data);
+        names.push(name);
+    }
+    (names, 0)
+}
+
+/// Runs the patch scenario in one direction; returns (bytes with deltas, whole-chunk bytes).
+async fn two_hundred_patches(from_host: bool) -> (u64, u64) {
+    let mut p = pair();
+    let (names, _) = patch_200_files(&p, from_host);
+    p.sync().await;
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+    let root = if from_host {
+        p.host_dir.clone()
+    } else {
+        p.guest_dir.clone()
+    };
+    let mut whole = 0;
+    for (i, name) in names.iter().enumerate() {
+        let before = read(&root, name);
+        patch_in_place(&root, name, 1000 + i as u64, (i * 4099) % before.len());
+        whole += changed_chunk_bytes(&before, &read(&root, name));
+    }
+    p.host_counters.reset();
+    p.guest_counters.reset();
+    let report = p.sync().await;
+    assert_eq!(report.applied, 200, "{report:?}");
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+    let (dst, src) = if from_host {
+        (&p.guest_counters, &p.host_counters)
+    } else {
+        (&p.host_counters, &p.guest_counters)
+    };
+    assert_eq!(dst.supplied(), src.served());
+    assert!(
+        dst.deltas() >= 190,
+        "only {} chunks crossed as deltas",
+        dst.deltas()
+    );
+    let sent = dst.supplied() + dst.signatures();
+    eprintln!(
+        "200 patches {}: deltas {} B + signatures {} B = {sent} B; whole chunks {whole} B",
+        if from_host {
+            "host -> guest"
+        } else {
+            "guest -> host"
+        },
+        dst.supplied(),
+        dst.signatures()
+    );
+    (sent, whole)
+}
+
+/// Issue 2, in-process: 256-byte patches in 200 files cross as deltas against the old file, a
+/// small fraction of the whole chunks they touch, in both directions.
+#[tokio::test]
+async fn two_hundred_small_patches_cross_as_deltas_both_ways() {
+    for from_host in [true, false] {
+        let (sent, whole) = two_hundred_patches(from_host).await;
+        assert!(
+            sent * 6 < whole,
+            "{sent} bytes with deltas vs {whole} bytes of whole chunks"
+        );
+    }
+}
+
+/// An endpoint that runs a hook on every `supply` (before passing it on), to change the
+/// destination's files between `stage` and `supply`.
+struct Hooked<E, F> {
+    inner: E,
+    hook: F,
+}
+
+impl<E, F> vmsync_core::endpoint::Endpoint for Hooked<E, F>
+where
+    E: vmsync_core::endpoint::Endpoint,
+    F: FnMut(&[(vmsync_core::Hash, ChunkData)]) + Send,
+{
+    async fn scan(
+        &mut self,
+        scope: vmsync_core::endpoint::ScanScope,
+        options: vmsync_core::endpoint::ScanOptions,
+    ) -> Result<vmsync_core::endpoint::ScanReport, EndpointError> {
+        self.inner.scan(scope, options).await
+    }
+    async fn manifests(
+        &mut self,
+        files: Vec<(vmsync_core::RelPath, vmsync_core::FileMeta)>,
+    ) -> Result<Vec<Result<vmsync_core::Manifest, vmsync_core::endpoint::Problem>>, EndpointError>
+    {
+        self.inner.manifests(files).await
+    }
+    async fn read_chunks(
+        &mut self,
+        reads: Vec<vmsync_core::endpoint::ChunkRead>,
+    ) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
+        self.inner.read_chunks(reads).await
+    }
+    async fn read_deltas(
+        &mut self,
+        reads: Vec<vmsync_core::endpoint::DeltaRead>,
+    ) -> Result<Vec<Option<ChunkData>>, EndpointError> {
+        self.inner.read_deltas(reads).await
+    }
+    async fn stage(
+        &mut self,
+        files: Vec<vmsync_core::endpoint::StageRequest>,
+    ) -> Result<
+        Vec<Result<Vec<vmsync_core::endpoint::MissingChunk>, vmsync_core::endpoint::Problem>>,
+        EndpointError,
+    > {
+        self.inner.stage(files).await
+    }
+    async fn supply(
+        &mut self,
+        chunks: Vec<(vmsync_core::Hash, ChunkData)>,
+    ) -> Result<Vec<vmsync_core::Hash>, EndpointError> {
+        (self.hook)(&chunks);
+        self.inner.supply(chunks).await
+    }
+    async fn transition(
+        &mut self,
+        changes: Vec<vmsync_core::endpoint::Change>,
+    ) -> Result<Vec<vmsync_core::endpoint::Outcome>, EndpointError> {
+        self.inner.transition(changes).await
+    }
+}
+
+/// The base a delta was made against changes on the destination between `stage` and `supply`
+/// (someone rewrites the guest's copy): the delta no longer rebuilds its chunk, the chunk comes
+/// again whole, and the mirror ends up with the host's content.
+#[tokio::test]
+async fn a_base_that_changes_between_stage_and_supply_still_converges() {
+    let mut p = Pair::new(PairOptions {
+        mode: SyncMode::HostToGuest,
+        ..PairOptions::default()
+    });
+    let old = text_bytes(1, 40_000);
+    write(&p.host_dir, "doc.txt", &old);
+    p.sync().await;
+    patch_in_place(&p.host_dir, "doc.txt", 2, 20_000);
+    let guest_dir = p.guest_dir.clone();
+    let sides = p.sides();
+    let mut meddled = 0;
+    let mut guest = Hooked {
+        inner: sides.guest.inner.clone(),
+        hook: |chunks: &[(vmsync_core::Hash, ChunkData)]| {
+            if meddled == 0 && chunks.iter().any(|(_, d)| matches!(d, ChunkData::Delta(_))) {
+                // Same size, other bytes: the base window now holds something else.
+                write(&guest_dir, "doc.txt", text_bytes(3, 40_000));
+                meddled += 1;
+            }
+        },
+    };
+    sides
+        .controller
+        .cycle(
+            &mut sides.host,
+            &mut guest,
+            vmsync_core::endpoint::ScanScope::Full,
+        )
+        .await
+        .unwrap();
+    drop(guest);
+    assert_eq!(meddled, 1, "no delta was supplied");
+    p.sync().await;
+    assert_eq!(read(&p.guest_dir, "doc.txt"), read(&p.host_dir, "doc.txt"));
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+}
+
+/// A source whose deltas do not rebuild their chunks (a bug, a checksum collision, a hostile
+/// peer): the destination refuses each, and the same cycle sends those chunks whole.
+#[tokio::test]
+async fn deltas_that_do_not_rebuild_their_chunk_fall_back_to_whole_chunks() {
+    struct Garbling<E>(E);
+    impl<E: vmsync_core::endpoint::Endpoint> vmsync_core::endpoint::Endpoint for Garbling<E> {
+        async fn scan(
+            &mut self,
+            scope: vmsync_core::endpoint::ScanScope,
+            options: vmsync_core::endpoint::ScanOptions,
+        ) -> Result<vmsync_core::endpoint::ScanReport, EndpointError> {
+            self.0.scan(scope, options).await
+        }
+        async fn manifests(
+            &mut self,
+            files: Vec<(vmsync_core::RelPath, vmsync_core::FileMeta)>,
+        ) -> Result<Vec<Result<vmsync_core::Manifest, vmsync_core::endpoint::Problem>>, EndpointError>
+        {
+            self.0.manifests(files).await
+        }
+        async fn read_chunks(
+            &mut self,
+            reads: Vec<vmsync_core::endpoint::ChunkRead>,
+        ) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
+            self.0.read_chunks(reads).await
+        }
+        async fn read_deltas(
+            &mut self,
+            reads: Vec<vmsync_core::endpoint::DeltaRead>,
+        ) -> Result<Vec<Option<ChunkData>>, EndpointError> {
+            let real = self.0.read_deltas(reads).await?;
+            Ok(real
+                .into_iter()
+                .map(|d| {
+                    d.map(|d| match d {
+                        // A literal byte flipped: well-formed, rebuilds the wrong bytes.
+                        ChunkData::Delta(mut d) => {
+                            let n = d.len();
+                            d[n - 2] ^= 1;
+                            ChunkData::Delta(d)
+                        }
+                        whole => whole,
+                    })
+                })
+                .collect())
+        }
+        async fn stage(
+            &mut self,
+            files: Vec<vmsync_core::endpoint::StageRequest>,
+        ) -> Result<
+            Vec<Result<Vec<vmsync_core::endpoint::MissingChunk>, vmsync_core::endpoint::Problem>>,
+            EndpointError,
+        > {
+            self.0.stage(files).await
+        }
+        async fn supply(
+            &mut self,
+            chunks: Vec<(vmsync_core::Hash, ChunkData)>,
+        ) -> Result<Vec<vmsync_core::Hash>, EndpointError> {
+            self.0.supply(chunks).await
+        }
+        async fn transition(
+            &mut self,
+            changes: Vec<vmsync_core::endpoint::Change>,
+        ) -> Result<Vec<vmsync_core::endpoint::Outcome>, EndpointError> {
+            self.0.transition(changes).await
+        }
+    }
+
+    let mut p = pair();
+    for i in 0..5 {
+        write(&p.host_dir, &format!("f{i}"), random_bytes(i, 30_000));
+    }
+    p.sync().await;
+    for i in 0..5 {
+        patch_in_place(&p.host_dir, &format!("f{i}"), 50 + i, 10_000);
+    }
+    p.guest_counters.reset();
+    let sides = p.sides();
+    let mut host = Garbling(sides.host.inner.clone());
+    let report = sides
+        .controller
+        .cycle(
+            &mut host,
+            &mut sides.guest,
+            vmsync_core::endpoint::ScanScope::Full,
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.applied, 5, "{report:?}");
+    assert!(!report.retry && report.pending == 0, "{report:?}");
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+    // Every chunk went twice: a delta that failed, then whole.
+    assert!(p.guest_counters.deltas() >= 5);
+    assert!(p.guest_counters.supplied() > 5 * 16 * 1024);
+}
+
+/// A live cycle's bulk job (a big file with many scattered edits) sends deltas too.
+#[tokio::test]
+async fn a_bulk_job_sends_deltas() {
+    let mut p = pair();
+    let big = random_bytes(20, 24 << 20);
+    write(&p.host_dir, "big.bin", &big);
+    p.sync().await;
+    // 800 patches 30 KiB apart: about 800 changed chunks, well over the bulk threshold.
+    for i in 0..800 {
+        patch_in_place(&p.host_dir, "big.bin", 3000 + i as u64, i * 30 * 1024 + 777);
+    }
+    let edited = read(&p.host_dir, "big.bin");
+    let whole = changed_chunk_bytes(&big, &edited);
+    assert!(
+        whole >= vmsync_engine::controller::BULK_MIN_BYTES,
+        "{whole}"
+    );
+    p.guest_counters.reset();
+    let sides = p.sides();
+    sides
+        .controller
+        .cycle(&mut sides.host, &mut sides.guest, paths(&["big.bin"]))
+        .await
+        .unwrap();
+    assert!(p.sides().controller.has_bulk(), "not deferred to bulk");
+    let mut steps = 0;
+    while p.sides().controller.has_bulk() {
+        let sides = p.sides();
+        sides
+            .controller
+            .bulk_step(&mut sides.host, &mut sides.guest)
+            .await
+            .unwrap();
+        steps += 1;
+        assert!(steps < 10_000);
+    }
+    assert_eq!(read(&p.guest_dir, "big.bin"), edited);
+    let sent = p.guest_counters.supplied() + p.guest_counters.signatures();
+    eprintln!("bulk: {sent} B with deltas for {whole} B of changed chunks");
+    assert!(sent * 5 < whole, "{sent} vs {whole}");
+}
+
+/// A side's own writes (a cycle's transition) are not hinted back to the controller: they
+/// would only cost a rescan round trip. Someone else's write right after still is.
+#[tokio::test]
+async fn a_sides_own_writes_are_not_hinted_back_but_others_writes_are() {
+    use std::time::Duration;
+    use vmsync_core::endpoint::Endpoint;
+    let mut p = pair();
+    write(&p.host_dir, "a/keep.txt", "v1");
+    write(&p.host_dir, "a/gone.txt", "bye");
+    p.sync().await;
+    let mut guest = p.sides().guest.inner.clone();
+    // The first call starts the watch and asks for a rescan of everything.
+    assert!(guest.changes().await.unwrap().rescan);
+    write(
+        &p.host_dir,
+        "a/keep.txt",
+        "v2, written on the guest by the cycle",
+    );
+    write(&p.host_dir, "a/new.txt", "new");
+    std::fs::remove_file(p.host_dir.join("a/gone.txt")).unwrap();
+    let report = p.sync().await;
+    assert_eq!(report.applied, 3, "{report:?}");
+    let quiet = tokio::time::timeout(Duration::from_millis(500), guest.changes()).await;
+    assert!(quiet.is_err(), "own writes were hinted: {quiet:?}");
+    // An edit by someone else, of a path the cycle wrote, gets through.
+    write(&p.guest_dir, "a/new.txt", "edited in the guest");
+    let hints = tokio::time::timeout(Duration::from_secs(10), guest.changes())
+        .await
+        .expect("a hint for the guest's own edit")
+        .unwrap();
+    let edited = vmsync_core::RelPath::from_bytes(b"a/new.txt").unwrap();
+    assert!(hints.rescan || hints.paths.contains(&edited), "{hints:?}");
 }

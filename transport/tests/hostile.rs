@@ -569,3 +569,105 @@ async fn guest_sends_a_hello_after_the_handshake() {
     assert_violation(&session, r, "sent Hello after the handshake").await;
     let _ = Hash::default();
 }
+
+// ---------------------------------------------------------------- hostile guest: chunk deltas
+
+fn based_reads() -> Vec<vmsync_core::endpoint::DeltaRead> {
+    let mut reads: Vec<_> = one_read()
+        .into_iter()
+        .map(|read| vmsync_core::endpoint::DeltaRead {
+            read,
+            base: Some(vmsync_core::delta::signature(&[1u8; 3000], 256)),
+        })
+        .collect();
+    let mut plain = reads[0].clone();
+    plain.read.path = p("g");
+    plain.base = None;
+    reads.push(plain);
+    reads
+}
+
+/// A delta for a read that offered no base: the guest cannot mean it; the session ends.
+#[tokio::test]
+async fn delta_for_a_read_without_a_base() {
+    let session = session_with_answer(|r| {
+        let asked = match &r.body {
+            RequestBody::ReadChunks2 { reads } => reads[1].read.chunk.hash,
+            other => panic!("{other:?}"),
+        };
+        let delta = vmsync_protocol::encode_delta(asked, &[0x72, 0x73, 0x02, 0x36, 0], 0);
+        bytes_of(&Message::Response(Response {
+            id: r.id,
+            body: ResponseBody::ReadChunks2(Ok(vec![
+                None,
+                Some(vmsync_protocol::WireContent::Delta(delta)),
+            ])),
+        }))
+        .to_vec()
+    })
+    .await;
+    let mut remote = session.endpoint(0).unwrap();
+    let r = remote.read_deltas(based_reads()).await;
+    assert_violation(&session, r, "without a base").await;
+}
+
+/// A delta that decompresses to more than it declares.
+#[tokio::test]
+async fn delta_that_does_not_decode() {
+    let session = session_with_answer(|r| {
+        let asked = match &r.body {
+            RequestBody::ReadChunks2 { reads } => reads[0].read.chunk.hash,
+            other => panic!("{other:?}"),
+        };
+        let mut delta = vmsync_protocol::encode_delta(asked, &[7u8; 3000], 3);
+        assert_eq!(delta.codec, vmsync_protocol::Codec::Zstd);
+        delta.len = 100;
+        bytes_of(&Message::Response(Response {
+            id: r.id,
+            body: ResponseBody::ReadChunks2(Ok(vec![
+                Some(vmsync_protocol::WireContent::Delta(delta)),
+                None,
+            ])),
+        }))
+        .to_vec()
+    })
+    .await;
+    let mut remote = session.endpoint(0).unwrap();
+    let r = remote.read_deltas(based_reads()).await;
+    assert_violation(&session, r, "sent a bad delta").await;
+}
+
+/// "Still missing" for a chunk this side never supplied.
+#[tokio::test]
+async fn still_missing_chunk_that_was_never_supplied() {
+    let session =
+        session_with_answer(answer_with(ResponseBody::Supply2(Ok(vec![Hash([9; 32])])))).await;
+    let mut remote = session.endpoint(0).unwrap();
+    let data = vec![1u8; 100];
+    let r = remote
+        .supply(vec![(
+            hash_chunk(&data),
+            vmsync_core::endpoint::ChunkData::Whole(data),
+        )])
+        .await;
+    assert_violation(&session, r, "which was not supplied").await;
+}
+
+/// `BaseUnknown` for a manifest sent in full: there was no base to not know.
+#[tokio::test]
+async fn base_unknown_for_a_full_manifest() {
+    let session = session_with_answer(answer_with(ResponseBody::Stage2(Ok(vec![
+        vmsync_protocol::messages::StageAnswer::BaseUnknown,
+    ]))))
+    .await;
+    let mut remote = session.endpoint(0).unwrap();
+    let data = b"x".to_vec();
+    let r = remote
+        .stage(vec![vmsync_core::endpoint::StageRequest {
+            path: p("f"),
+            meta: meta_of(&data),
+            manifest: manifest_of(&data),
+        }])
+        .await;
+    assert_violation(&session, r, "BaseUnknown").await;
+}

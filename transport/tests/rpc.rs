@@ -7,7 +7,8 @@ mod support;
 use std::sync::Arc;
 use support::*;
 use vmsync_core::endpoint::{
-    Change, ChunkRead, Endpoint, EndpointError, Outcome, ScanOptions, ScanScope, StageRequest,
+    Change, ChunkData, ChunkRead, Endpoint, EndpointError, Outcome, ScanOptions, ScanScope,
+    StageRequest,
 };
 use vmsync_core::{ChunkRef, Entry, Hash};
 use vmsync_protocol::handshake;
@@ -42,6 +43,16 @@ fn noise_seeded(len: usize, mut x: u64) -> Vec<u8> {
 
 /// Pushes `path` from a local fake to the remote one through the three-step transfer.
 async fn push(local: &mut Fake, remote: &mut RemoteEndpoint, path: &str) -> Vec<Hash> {
+    push_over(local, remote, path, None).await
+}
+
+/// [`push`] over what the remote has at `path` now (`expected`).
+async fn push_over(
+    local: &mut Fake,
+    remote: &mut RemoteEndpoint,
+    path: &str,
+    expected: Option<Entry>,
+) -> Vec<Hash> {
     let data = local.file(path).unwrap();
     let meta = meta_of(&data);
     let manifests = local.manifests(vec![(p(path), meta)]).await.unwrap();
@@ -54,7 +65,14 @@ async fn push(local: &mut Fake, remote: &mut RemoteEndpoint, path: &str) -> Vec<
         }])
         .await
         .unwrap();
-    let missing = staged.into_iter().next().unwrap().unwrap();
+    let missing: Vec<Hash> = staged
+        .into_iter()
+        .next()
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.hash)
+        .collect();
     let reads: Vec<ChunkRead> = manifest
         .chunks
         .iter()
@@ -65,16 +83,16 @@ async fn push(local: &mut Fake, remote: &mut RemoteEndpoint, path: &str) -> Vec<
         })
         .collect();
     let datas = local.read_chunks(reads.clone()).await.unwrap();
-    let supply: Vec<(Hash, Vec<u8>)> = reads
+    let supply: Vec<(Hash, ChunkData)> = reads
         .iter()
         .zip(datas)
-        .map(|(r, d)| (r.chunk.hash, d.unwrap()))
+        .map(|(r, d)| (r.chunk.hash, ChunkData::Whole(d.unwrap())))
         .collect();
-    remote.supply(supply).await.unwrap();
+    assert_eq!(remote.supply(supply).await.unwrap(), vec![]);
     let outcomes = remote
         .transition(vec![Change {
             path: p(path),
-            expected: None,
+            expected,
             new: Some(Entry::File(meta)),
         }])
         .await
@@ -235,14 +253,26 @@ async fn endpoint_errors_travel_as_values() {
             // One answer too many: the server must not forward a miscounted answer.
             Ok(vec![None; reads.len() + 1])
         }
+        async fn read_deltas(
+            &mut self,
+            reads: Vec<vmsync_core::endpoint::DeltaRead>,
+        ) -> Result<Vec<Option<vmsync_core::endpoint::ChunkData>>, EndpointError> {
+            Ok(vec![None; reads.len() + 1])
+        }
         async fn stage(
             &mut self,
             _: Vec<StageRequest>,
-        ) -> Result<Vec<Result<Vec<Hash>, vmsync_core::endpoint::Problem>>, EndpointError> {
+        ) -> Result<
+            Vec<Result<Vec<vmsync_core::endpoint::MissingChunk>, vmsync_core::endpoint::Problem>>,
+            EndpointError,
+        > {
             Err(EndpointError::Limit("quota".into()))
         }
-        async fn supply(&mut self, _: Vec<(Hash, Vec<u8>)>) -> Result<(), EndpointError> {
-            Ok(())
+        async fn supply(
+            &mut self,
+            _: Vec<(Hash, vmsync_core::endpoint::ChunkData)>,
+        ) -> Result<Vec<Hash>, EndpointError> {
+            Ok(vec![])
         }
         async fn transition(&mut self, _: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {
             // A setuid mode breaks validation: the server answers with an error instead.
@@ -283,7 +313,7 @@ async fn endpoint_errors_travel_as_values() {
         "{err:?}"
     );
     // The session survived all of that.
-    assert_eq!(remote.supply(vec![]).await, Ok(()));
+    assert_eq!(remote.supply(vec![]).await, Ok(vec![]));
     assert!(!session.is_closed());
     session.close();
     assert_eq!(session.closed().await, "closed by the host");
@@ -444,15 +474,17 @@ async fn several_shares_on_one_session() {
 async fn oversized_requests_fail_alone() {
     let pair = pair(Fake::default()).await;
     let mut remote = pair.session.endpoint(0).unwrap();
-    let too_many =
-        vec![(Hash::default(), vec![1u8]); vmsync_protocol::limits::MAX_BATCH_CHUNKS + 1];
+    let too_many = vec![
+        (Hash::default(), ChunkData::Whole(vec![1u8]));
+        vmsync_protocol::limits::MAX_BATCH_CHUNKS + 1
+    ];
     assert!(matches!(
         remote.supply(too_many).await,
         Err(EndpointError::Limit(_))
     ));
     let oversized_chunk = vec![(
         Hash::default(),
-        vec![0u8; vmsync_core::limits::CHUNK_MAX_BYTES as usize + 1],
+        ChunkData::Whole(vec![0u8; vmsync_core::limits::CHUNK_MAX_BYTES as usize + 1]),
     )];
     assert!(matches!(
         remote.supply(oversized_chunk).await,
@@ -467,17 +499,20 @@ async fn bulk_batches_follow_the_level_small_ones_always_compress() {
     let pair = pair(Fake::default()).await;
     // Bulk level 0: a batch of 1 MiB or more travels raw...
     let mut remote = pair.session.endpoint(0).unwrap().with_zstd_level(0);
-    let bulk: Vec<(Hash, Vec<u8>)> = (0..16u8)
+    let bulk: Vec<(Hash, ChunkData)> = (0..16u8)
         .map(|i| {
             let data = vec![i; 64 * 1024];
-            (hash(&data), data)
+            (hash(&data), ChunkData::Whole(data))
         })
         .collect();
     remote.supply(bulk).await.unwrap();
     assert_eq!(pair.session.stats().content_bytes_sent, 1 << 20);
     // ...while a small batch (a live edit) is compressed whatever the bulk level.
     let data = vec![1u8; 4096];
-    remote.supply(vec![(hash(&data), data)]).await.unwrap();
+    remote
+        .supply(vec![(hash(&data), ChunkData::Whole(data))])
+        .await
+        .unwrap();
     assert!(pair.session.stats().content_bytes_sent < (1 << 20) + 100);
     let _ = Arc::clone(&pair.server_stats);
 }
@@ -508,4 +543,74 @@ async fn session_over_a_unix_socket() {
     drop(remote);
     drop(session);
     assert!(server.await.unwrap().is_ok());
+}
+
+/// A small change to a big file the guest already holds: `Stage2` carries the manifest as
+/// edits against the old one (a few dozen bytes instead of 256 references). When the guest's
+/// copy changed behind the session's back, it answers `BaseUnknown` and the file is staged
+/// again in full: slower, still right.
+#[tokio::test]
+async fn a_small_change_to_a_big_file_stages_as_manifest_edits() {
+    let v1 = noise_seeded(1 << 20, 1);
+    let mut host = Fake::with_files(&[("big", v1.clone())]);
+    let guest = Fake::default();
+    let pair = pair(guest.clone()).await;
+    let mut remote = pair.session.endpoint(0).unwrap();
+    let first = pair.session.stats().wire_bytes_sent;
+    push(&mut host, &mut remote, "big").await;
+    let first = pair.session.stats().wire_bytes_sent - first;
+    let manifest_bytes = 256 * 40;
+    assert!(first > (1 << 20) + manifest_bytes, "{first}");
+
+    // One 4 KiB chunk changes.
+    let mut v2 = v1.clone();
+    v2[500_000..500_100].copy_from_slice(&noise_seeded(100, 2));
+    host.state
+        .lock()
+        .unwrap()
+        .files
+        .insert(p("big"), v2.clone());
+    let before = pair.session.stats().wire_bytes_sent;
+    let missing = push_over(
+        &mut host,
+        &mut remote,
+        "big",
+        Some(Entry::File(meta_of(&v1))),
+    )
+    .await;
+    let sent = pair.session.stats().wire_bytes_sent - before;
+    assert_eq!(missing.len(), 1);
+    assert_eq!(guest.file("big"), Some(v2.clone()));
+    // The chunk, the edits and the transition: far below the full manifest's 10 KiB alone.
+    assert!(
+        sent < 4096 + 1024,
+        "{sent} bytes sent for a one-chunk change"
+    );
+
+    // The guest's copy is replaced behind the session's back: the edits do not fit.
+    let v3 = noise_seeded(1 << 20, 3);
+    guest
+        .state
+        .lock()
+        .unwrap()
+        .files
+        .insert(p("big"), v3.clone());
+    let mut v4 = v2.clone();
+    v4[10..20].copy_from_slice(b"0123456789");
+    host.state
+        .lock()
+        .unwrap()
+        .files
+        .insert(p("big"), v4.clone());
+    let requests = pair.session.stats().requests;
+    push_over(
+        &mut host,
+        &mut remote,
+        "big",
+        Some(Entry::File(meta_of(&v3))),
+    )
+    .await;
+    assert_eq!(guest.file("big"), Some(v4));
+    // Stage2 twice (edits, then in full), Supply2, Transition.
+    assert_eq!(pair.session.stats().requests - requests, 4);
 }

@@ -16,6 +16,7 @@
 //! `EndpointError::Disconnected` with the reason, and [`Session::closed`] returns it.
 
 use super::io::{MeteredRead, MeteredWrite};
+use super::memory::ManifestMemory;
 use super::remote::RemoteEndpoint;
 use super::stats::{Stats, StatsSnapshot};
 use crate::error::{error_chain, TransportError};
@@ -150,6 +151,7 @@ where
         shares: hello.shares.iter().map(|s| s.name.clone()).collect(),
         welcome: welcome.clone(),
         listings: Mutex::new(HashMap::new()),
+        manifests: Mutex::new(ManifestMemory::default()),
     });
     let (tx, rx) = mpsc::channel(WRITE_QUEUE_MESSAGES);
     tokio::spawn(read_loop(reader, inner.clone()));
@@ -192,6 +194,8 @@ pub(crate) struct Inner {
     welcome: Welcome,
     /// Per share, the last full listing received in this session (see `RemoteEndpoint::scan`).
     pub(crate) listings: Mutex<HashMap<u16, Listing>>,
+    /// The guest's big manifests as this session saw them (see `RemoteEndpoint::stage`).
+    pub(crate) manifests: Mutex<ManifestMemory>,
 }
 
 #[derive(Default)]

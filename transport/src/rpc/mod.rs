@@ -7,10 +7,12 @@
 //! - [`server`]: handshake answer, the per-connection state machine, dispatch to a local
 //!   `Endpoint`.
 //! - [`stats`]: byte counters shown by `status`.
+//! - `memory`: the guest's big manifests as this session saw them, for manifest edits.
 //! - `io`: stream wrappers that count bytes and enforce the silence and stall limits.
 
 pub mod client;
 mod io;
+mod memory;
 pub mod remote;
 pub mod server;
 pub mod stats;

@@ -6,41 +6,45 @@
 //! `EndpointError::Protocol` and the whole session is closed, since nothing else the guest says
 //! on it can be trusted either. Chunk data sent by `supply` is compressed here, at the level set
 //! with [`RemoteEndpoint::with_zstd_level`].
+//!
+//! Chunk deltas travel in `Stage2`, `ReadChunks2` and `Supply2`, used only when the guest
+//! granted [`FEATURE_CHUNK_DELTA`]; with an older guest this side stages without bases, reads
+//! whole chunks, and answers any delta it is asked to supply as "still missing" (the controller
+//! then sends it whole).
+//!
+//! Manifest edits: a `Stage2` of a big file the guest already holds at that path (as this
+//! session saw it, see `memory`) carries the manifest as edits against the old one when that
+//! is smaller. A guest that cannot rebuild it answers `BaseUnknown` for that file, and this
+//! side stages it again with the full manifest: a second round trip that only a stale memory
+//! costs.
 
-use super::client::{Listing, PendingCall, Session};
-use super::stats::chunk_bytes;
+use super::client::{Listing, Session};
+use super::server::encode_content;
+use super::stats::{chunk_bytes, content_bytes};
 use crate::error::{error_chain, TransportError};
+use std::collections::HashSet;
 use std::sync::Arc;
+use vmsync_core::edits;
 use vmsync_core::endpoint::{
-    Change, ChangeHints, ChunkRead, Endpoint, EndpointError, Outcome, Problem, ScanOptions,
-    ScanReport, ScanScope, StageRequest,
+    Change, ChangeHints, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, MissingChunk,
+    Outcome, Problem, ScanOptions, ScanReport, ScanScope, StageRequest,
 };
 use vmsync_core::{ChunkRef, FileMeta, Hash, Manifest, RelPath};
 use vmsync_protocol::chunk::{level_for_batch, DEFAULT_ZSTD_LEVEL};
 use vmsync_protocol::listing;
-use vmsync_protocol::{decode_chunk, encode_chunk, RequestBody, ResponseBody, WireChunk};
+use vmsync_protocol::messages::{
+    BasedRead, ManifestForm, StageAnswer, StageFile, FEATURE_CHUNK_DELTA,
+};
+use vmsync_protocol::{
+    decode_chunk, decode_delta, encode_chunk, RequestBody, ResponseBody, WireChunk, WireContent,
+};
 
 /// One share of a remote guest, as an `Endpoint`. Cheap to create; many may share a session.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct RemoteEndpoint {
     session: Session,
     share: u16,
     zstd_level: i32,
-    /// The last `supply`, sent and not yet answered: its answer is collected by the next call,
-    /// after that call's request is on its way (see [`Endpoint::supply`] below).
-    unanswered: Option<PendingCall>,
-}
-
-impl Clone for RemoteEndpoint {
-    /// A clone shares the session, not the unanswered supply.
-    fn clone(&self) -> Self {
-        RemoteEndpoint {
-            session: self.session.clone(),
-            share: self.share,
-            zstd_level: self.zstd_level,
-            unanswered: None,
-        }
-    }
 }
 
 impl RemoteEndpoint {
@@ -57,7 +61,6 @@ impl RemoteEndpoint {
             session,
             share,
             zstd_level: DEFAULT_ZSTD_LEVEL,
-            unanswered: None,
         })
     }
 
@@ -83,27 +86,64 @@ impl RemoteEndpoint {
         &self.session
     }
 
-    /// Sends one request; collects the answer of an unanswered `supply` sent before it (the
-    /// guest handles them in order), then this request's answer.
     async fn call(
-        &mut self,
+        &self,
         body: RequestBody,
         content_bytes: u64,
     ) -> Result<ResponseBody, EndpointError> {
-        let pending = self.session.send(self.share, body, content_bytes).await?;
-        self.settle().await?;
-        pending.wait().await
+        self.session.call(self.share, body, content_bytes).await
     }
 
-    /// Collects the answer of the unanswered `supply`, if any: its error, if it failed.
-    async fn settle(&mut self) -> Result<(), EndpointError> {
-        let Some(pending) = self.unanswered.take() else {
-            return Ok(());
+    fn memory(&self) -> std::sync::MutexGuard<'_, super::memory::ManifestMemory> {
+        self.session
+            .inner
+            .manifests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The `Stage2` form of `req`: edits against the manifest the guest holds at that path
+    /// where this session remembers one and the edits are smaller; in full otherwise.
+    fn stage_file(&self, req: StageRequest, edit: bool) -> StageFile {
+        let held = if edit {
+            self.memory().held(self.share, &req.path)
+        } else {
+            None
         };
-        match pending.wait().await? {
-            ResponseBody::Supply(result) => result,
-            other => Err(self.wrong_kind("Supply", &other)),
+        if let Some(old) = held {
+            let new = edits::refs(&req.manifest);
+            let e = edits::diff(&old.refs, &new);
+            if edits::encoded_size(&e) < edits::full_size(new.len()) {
+                return StageFile {
+                    path: req.path,
+                    meta: req.meta,
+                    manifest: ManifestForm::Edits {
+                        base_size: old.size,
+                        base_digest: old.digest,
+                        edits: e,
+                    },
+                };
+            }
         }
+        StageFile::from(req)
+    }
+
+    /// One `Stage2` round trip.
+    async fn stage2(&self, files: Vec<StageFile>) -> Result<Vec<StageAnswer>, EndpointError> {
+        let asked = files.len();
+        match self.call(RequestBody::Stage2 { files }, 0).await? {
+            ResponseBody::Stage2(Ok(staged)) => {
+                self.check_count("files to stage", asked, &staged)?;
+                Ok(staged)
+            }
+            ResponseBody::Stage2(Err(e)) => Err(e),
+            other => Err(self.wrong_kind("Stage2", &other)),
+        }
+    }
+
+    /// True when the guest speaks chunk deltas.
+    fn deltas(&self) -> bool {
+        self.session.welcome().features & FEATURE_CHUNK_DELTA != 0
     }
 
     fn wrong_kind(&self, asked: &str, got: &ResponseBody) -> EndpointError {
@@ -218,9 +258,16 @@ impl Endpoint for RemoteEndpoint {
         files: Vec<(RelPath, FileMeta)>,
     ) -> Result<Vec<Result<Manifest, Problem>>, EndpointError> {
         let asked = files.len();
+        let paths: Vec<RelPath> = files.iter().map(|(p, _)| p.clone()).collect();
         match self.call(RequestBody::Manifests { files }, 0).await? {
             ResponseBody::Manifests(Ok(manifests)) => {
                 self.check_count("manifest requests", asked, &manifests)?;
+                let mut memory = self.memory();
+                for (path, m) in paths.iter().zip(&manifests) {
+                    if let Ok(m) = m {
+                        memory.hold(self.share, path, m);
+                    }
+                }
                 Ok(manifests)
             }
             ResponseBody::Manifests(Err(e)) => Err(e),
@@ -249,46 +296,206 @@ impl Endpoint for RemoteEndpoint {
             .collect()
     }
 
+    async fn read_deltas(
+        &mut self,
+        reads: Vec<DeltaRead>,
+    ) -> Result<Vec<Option<ChunkData>>, EndpointError> {
+        if !self.deltas() || reads.iter().all(|r| r.base.is_none()) {
+            let plain = reads.into_iter().map(|r| r.read).collect();
+            let datas = self.read_chunks(plain).await?;
+            return Ok(datas.into_iter().map(|d| d.map(ChunkData::Whole)).collect());
+        }
+        let asked: Vec<(ChunkRef, bool)> = reads
+            .iter()
+            .map(|r| (r.read.chunk, r.base.is_some()))
+            .collect();
+        let reads = reads
+            .into_iter()
+            .map(|r| BasedRead {
+                read: r.read,
+                base: r.base,
+            })
+            .collect();
+        let chunks = match self.call(RequestBody::ReadChunks2 { reads }, 0).await? {
+            ResponseBody::ReadChunks2(Ok(chunks)) => chunks,
+            ResponseBody::ReadChunks2(Err(e)) => return Err(e),
+            other => return Err(self.wrong_kind("ReadChunks2", &other)),
+        };
+        self.check_count("chunk reads", asked.len(), &chunks)?;
+        self.session
+            .stats_handle()
+            .add_content_received(content_bytes(chunks.iter().flatten()));
+        asked
+            .iter()
+            .zip(chunks)
+            .map(|((read, based), content)| match content {
+                None => Ok(None),
+                Some(WireContent::Whole(c)) => self
+                    .receive_chunk(read, c)
+                    .map(|d| Some(ChunkData::Whole(d))),
+                Some(WireContent::Delta(d)) => {
+                    if !based || d.hash != read.hash {
+                        return Err(self.session.violation(format!(
+                            "sent a delta for chunk {:?} to a read of {:?} {} a base",
+                            d.hash,
+                            read.hash,
+                            if *based { "with" } else { "without" }
+                        )));
+                    }
+                    // What the delta rebuilds is checked by the destination that applies it.
+                    match decode_delta(d) {
+                        Ok((_, delta)) => Ok(Some(ChunkData::Delta(delta))),
+                        Err(e) => Err(self
+                            .session
+                            .violation(format!("sent a bad delta: {}", error_chain(&e)))),
+                    }
+                }
+            })
+            .collect()
+    }
+
     async fn stage(
         &mut self,
         files: Vec<StageRequest>,
-    ) -> Result<Vec<Result<Vec<Hash>, Problem>>, EndpointError> {
+    ) -> Result<Vec<Result<Vec<MissingChunk>, Problem>>, EndpointError> {
         let asked = files.len();
+        if self.deltas() {
+            {
+                let mut memory = self.memory();
+                for f in &files {
+                    memory.staged(self.share, &f.path, &f.manifest);
+                }
+            }
+            let full: Vec<StageRequest> = files.clone();
+            let wire: Vec<StageFile> = files
+                .into_iter()
+                .map(|f| self.stage_file(f, true))
+                .collect();
+            let edited: Vec<bool> = wire
+                .iter()
+                .map(|f| matches!(f.manifest, ManifestForm::Edits { .. }))
+                .collect();
+            let mut answers = self.stage2(wire).await?;
+            let baseless =
+                (0..answers.len()).find(|&i| answers[i] == StageAnswer::BaseUnknown && !edited[i]);
+            if let Some(i) = baseless {
+                return Err(self.session.violation(format!(
+                    "answered BaseUnknown for file {i}, whose manifest was sent in full"
+                )));
+            }
+            // Edits the guest could not rebuild: once more, in full.
+            let again: Vec<usize> = (0..answers.len())
+                .filter(|&i| answers[i] == StageAnswer::BaseUnknown)
+                .collect();
+            if !again.is_empty() {
+                let retry = again
+                    .iter()
+                    .filter_map(|&i| full.get(i).cloned())
+                    .map(|f| self.stage_file(f, false))
+                    .collect();
+                let second = self.stage2(retry).await?;
+                for (i, answer) in again.into_iter().zip(second) {
+                    answers[i] = answer;
+                }
+            }
+            return answers
+                .into_iter()
+                .map(|a| match a {
+                    StageAnswer::Missing(missing) => Ok(Ok(missing)),
+                    StageAnswer::Problem(p) => Ok(Err(p)),
+                    StageAnswer::BaseUnknown => Err(self
+                        .session
+                        .violation("answered a full manifest with BaseUnknown".into())),
+                })
+                .collect();
+        }
         match self.call(RequestBody::Stage { files }, 0).await? {
             ResponseBody::Stage(Ok(staged)) => {
                 self.check_count("files to stage", asked, &staged)?;
-                Ok(staged)
+                Ok(staged
+                    .into_iter()
+                    .map(|r| {
+                        r.map(|hashes| {
+                            hashes
+                                .into_iter()
+                                .map(|hash| MissingChunk { hash, base: None })
+                                .collect()
+                        })
+                    })
+                    .collect())
             }
             ResponseBody::Stage(Err(e)) => Err(e),
             other => Err(self.wrong_kind("Stage", &other)),
         }
     }
 
-    async fn supply(&mut self, chunks: Vec<(Hash, Vec<u8>)>) -> Result<(), EndpointError> {
-        let level = self.zstd_level;
+    async fn supply(&mut self, chunks: Vec<(Hash, ChunkData)>) -> Result<Vec<Hash>, EndpointError> {
         let raw: usize = chunks.iter().map(|(_, d)| d.len()).sum();
-        let chunks: Vec<WireChunk> = chunks
+        let level = level_for_batch(self.zstd_level, raw);
+        if !self.deltas() {
+            // An older guest takes whole chunks only; a delta stays missing and comes again whole.
+            let mut missing = Vec::new();
+            let mut wire: Vec<WireChunk> = Vec::with_capacity(chunks.len());
+            for (hash, data) in &chunks {
+                match data {
+                    ChunkData::Whole(d) => wire.push(encode_chunk(*hash, d, level)),
+                    ChunkData::Delta(_) => missing.push(*hash),
+                }
+            }
+            if !wire.is_empty() {
+                let content = chunk_bytes(&wire);
+                match self
+                    .call(RequestBody::Supply { chunks: wire }, content)
+                    .await?
+                {
+                    ResponseBody::Supply(result) => result?,
+                    other => return Err(self.wrong_kind("Supply", &other)),
+                }
+            }
+            return Ok(missing);
+        }
+        let sent: HashSet<Hash> = chunks.iter().map(|(h, _)| *h).collect();
+        let wire: Vec<WireContent> = chunks
             .iter()
-            .map(|(hash, data)| encode_chunk(*hash, data, level_for_batch(level, raw)))
+            .map(|(hash, data)| encode_content(*hash, data, level))
             .collect();
-        let content = chunk_bytes(&chunks);
-        // Not waited for: what follows a supply (the next supply, the transition) is sent
-        // right behind it, and its answer, an error included, is collected by that next call.
-        // This saves a round trip per batch; a failed supply fails the call after it.
-        let pending = self
-            .session
-            .send(self.share, RequestBody::Supply { chunks }, content)
-            .await?;
-        self.settle().await?;
-        self.unanswered = Some(pending);
-        Ok(())
+        let content = content_bytes(&wire);
+        let missing = match self
+            .call(RequestBody::Supply2 { chunks: wire }, content)
+            .await?
+        {
+            ResponseBody::Supply2(result) => result?,
+            other => return Err(self.wrong_kind("Supply2", &other)),
+        };
+        if let Some(h) = missing.iter().find(|h| !sent.contains(h)) {
+            return Err(self.session.violation(format!(
+                "says chunk {h:?} is still missing, which was not supplied"
+            )));
+        }
+        Ok(missing)
     }
 
     async fn transition(&mut self, changes: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {
         let asked = changes.len();
+        let landing: Vec<(RelPath, Option<Hash>)> = changes
+            .iter()
+            .map(|c| {
+                let digest = match &c.new {
+                    Some(vmsync_core::Entry::File(m)) => Some(m.digest),
+                    _ => None,
+                };
+                (c.path.clone(), digest)
+            })
+            .collect();
         match self.call(RequestBody::Transition { changes }, 0).await? {
             ResponseBody::Transition(Ok(outcomes)) => {
                 self.check_count("changes", asked, &outcomes)?;
+                let mut memory = self.memory();
+                for ((path, digest), outcome) in landing.iter().zip(&outcomes) {
+                    if *outcome == Outcome::Applied {
+                        memory.applied(self.share, path, *digest);
+                    }
+                }
                 Ok(outcomes)
             }
             ResponseBody::Transition(Err(e)) => Err(e),

@@ -16,7 +16,7 @@
 
 use super::client::{millis, Reader, Writer};
 use super::io::{MeteredRead, MeteredWrite};
-use super::stats::{chunk_bytes, Stats};
+use super::stats::{chunk_bytes, content_bytes, Stats};
 use crate::error::{error_chain, TransportError};
 use crate::limits::{
     HANDSHAKE_TIMEOUT_MS, PEER_SILENCE_LIMIT_MS, POLL_WAIT_MS, WRITE_QUEUE_MESSAGES,
@@ -31,19 +31,26 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::task::{JoinError, JoinHandle};
 use tokio_util::codec::{FramedRead, FramedWrite};
-use vmsync_core::endpoint::{ChangeHints, Endpoint, EndpointError, ScanOptions, ScanScope};
+use vmsync_core::edits;
+use vmsync_core::endpoint::{
+    ChangeHints, ChunkData, DeltaRead, Endpoint, EndpointError, ScanOptions, ScanScope,
+    StageRequest,
+};
 use vmsync_core::path::escape_bytes;
+use vmsync_core::FileMeta;
 use vmsync_core::{Entry, RelPath};
 use vmsync_protocol::chunk::{level_for_batch, DEFAULT_ZSTD_LEVEL};
 use vmsync_protocol::handshake::{accept_hello, welcome, LocalParams};
+use vmsync_protocol::limits::CHUNK_MAX_BYTES;
 use vmsync_protocol::limits::{
     MAX_HANDSHAKE_BYTES, MAX_MESSAGE_BYTES, MAX_OUTSTANDING_REQUESTS, MAX_REASON_BYTES,
 };
 use vmsync_protocol::listing;
-use vmsync_protocol::messages::ScanDelta;
+use vmsync_protocol::messages::{ManifestForm, ScanDelta, StageAnswer, StageFile};
 use vmsync_protocol::{
-    decode_chunk, encode_chunk, encode_message, CodecError, FrameCodec, Message, MessageCodec,
-    Refused, Request, RequestBody, RequestKind, Response, ResponseBody, ShareOpen,
+    decode_chunk, decode_delta, encode_chunk, encode_delta, encode_message, CodecError, FrameCodec,
+    Message, MessageCodec, Refused, Request, RequestBody, RequestKind, Response, ResponseBody,
+    ShareOpen, WireContent,
 };
 
 /// How a server session behaves. `Default` uses [`crate::limits`] and this build's protocol
@@ -146,8 +153,7 @@ where
     let mut listings: HashMap<u16, Listing> = HashMap::new();
     let mut next_token: u64 = 1;
 
-    // Requests are handled one at a time, in the order they arrived (long-polls aside). The
-    // client relies on it: it sends what follows a `Supply` without waiting for its answer.
+    // Requests are handled one at a time, in the order they arrived (long-polls aside).
     loop {
         let request = tokio::select! {
             biased;
@@ -315,8 +321,10 @@ where
                 request.id, request.share
             )));
         }
-        if let RequestBody::Supply { chunks } = &request.body {
-            stats.add_content_received(chunk_bytes(chunks));
+        match &request.body {
+            RequestBody::Supply { chunks } => stats.add_content_received(chunk_bytes(chunks)),
+            RequestBody::Supply2 { chunks } => stats.add_content_received(content_bytes(chunks)),
+            _ => {}
         }
         match queue.try_send(request) {
             Ok(()) => {}
@@ -377,7 +385,16 @@ async fn dispatch<E: Endpoint>(
             });
             ResponseBody::ReadChunks(result)
         }
-        RequestBody::Stage { files } => ResponseBody::Stage(endpoint.stage(files).await),
+        // The old form: no bases offered.
+        RequestBody::Stage { files } => {
+            let result = endpoint.stage(files).await.map(|answers| {
+                answers
+                    .into_iter()
+                    .map(|a| a.map(|missing| missing.into_iter().map(|m| m.hash).collect()))
+                    .collect()
+            });
+            ResponseBody::Stage(result)
+        }
         RequestBody::Supply { chunks } => {
             let decoded: Result<Vec<_>, _> = chunks
                 .into_iter()
@@ -389,7 +406,14 @@ async fn dispatch<E: Endpoint>(
                 })
                 .collect();
             match decoded {
-                Ok(chunks) => ResponseBody::Supply(endpoint.supply(chunks).await),
+                Ok(chunks) => {
+                    let chunks = chunks
+                        .into_iter()
+                        .map(|(h, d)| (h, ChunkData::Whole(d)))
+                        .collect();
+                    // Whole chunks verified above are never left missing.
+                    ResponseBody::Supply(endpoint.supply(chunks).await.map(|_| ()))
+                }
                 Err(e) => ResponseBody::Supply(Err(e)),
             }
         }
@@ -403,6 +427,141 @@ async fn dispatch<E: Endpoint>(
         RequestBody::ScanFull { .. } => ResponseBody::ScanDelta(Err(EndpointError::Protocol(
             "ScanFull reached the plain dispatcher".into(),
         ))),
+        RequestBody::Stage2 { files } => ResponseBody::Stage2(stage2(endpoint, files).await),
+        RequestBody::ReadChunks2 { reads } => {
+            let asked: Vec<_> = reads.iter().map(|r| r.read.chunk.hash).collect();
+            let reads = reads
+                .into_iter()
+                .map(|r| DeltaRead {
+                    read: r.read,
+                    base: r.base,
+                })
+                .collect();
+            let result = endpoint.read_deltas(reads).await.and_then(|datas| {
+                if datas.len() != asked.len() {
+                    return Err(EndpointError::Io(format!(
+                        "the guest's endpoint answered {} of {} chunk reads",
+                        datas.len(),
+                        asked.len()
+                    )));
+                }
+                let raw: usize = datas.iter().flatten().map(ChunkData::len).sum();
+                let level = level_for_batch(zstd_level, raw);
+                Ok(asked
+                    .iter()
+                    .zip(datas)
+                    .map(|(hash, data)| data.map(|d| encode_content(*hash, &d, level)))
+                    .collect())
+            });
+            ResponseBody::ReadChunks2(result)
+        }
+        RequestBody::Supply2 { chunks } => {
+            let decoded: Result<Vec<_>, _> = chunks
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    decode_content(c).map_err(|e| {
+                        EndpointError::Protocol(format!("supplied chunk {i}: {}", error_chain(&e)))
+                    })
+                })
+                .collect();
+            match decoded {
+                Ok(chunks) => ResponseBody::Supply2(endpoint.supply(chunks).await),
+                Err(e) => ResponseBody::Supply2(Err(e)),
+            }
+        }
+    }
+}
+
+/// Answers `Stage2`: rebuilds manifests sent as edits against the manifest of the file the
+/// endpoint has at that path now (which must be the base the edits name), checks each rebuilt
+/// one against its file's digest, and stages every file it has a manifest for. A file whose
+/// edits do not fit gets `BaseUnknown`, and the host sends it again in full.
+async fn stage2<E: Endpoint>(
+    endpoint: &mut E,
+    files: Vec<StageFile>,
+) -> Result<Vec<StageAnswer>, EndpointError> {
+    // The bases of the edited files, in one call.
+    let bases: Vec<(RelPath, FileMeta)> = files
+        .iter()
+        .filter_map(|f| match &f.manifest {
+            ManifestForm::Edits {
+                base_size,
+                base_digest,
+                ..
+            } => Some((
+                f.path.clone(),
+                FileMeta {
+                    size: *base_size,
+                    digest: *base_digest,
+                    ..f.meta
+                },
+            )),
+            ManifestForm::Full(_) => None,
+        })
+        .collect();
+    let mut bases = if bases.is_empty() {
+        Vec::new()
+    } else {
+        endpoint.manifests(bases).await?
+    }
+    .into_iter();
+    let mut answers: Vec<Option<StageAnswer>> = Vec::with_capacity(files.len());
+    let mut requests = Vec::with_capacity(files.len());
+    for f in files {
+        let manifest = match f.manifest {
+            ManifestForm::Full(m) => Some(m),
+            ManifestForm::Edits { edits: e, .. } => bases
+                .next()
+                .and_then(Result::ok)
+                .and_then(|base| edits::apply(&edits::refs(&base), &e).ok())
+                .map(|refs| edits::to_manifest(&refs))
+                .filter(|m| m.validate(&f.meta, CHUNK_MAX_BYTES).is_ok()),
+        };
+        match manifest {
+            Some(manifest) => {
+                answers.push(None);
+                requests.push(StageRequest {
+                    path: f.path,
+                    meta: f.meta,
+                    manifest,
+                });
+            }
+            None => answers.push(Some(StageAnswer::BaseUnknown)),
+        }
+    }
+    let mut staged = endpoint.stage(requests).await?.into_iter();
+    answers
+        .into_iter()
+        .map(|a| match a {
+            Some(a) => Ok(a),
+            None => match staged.next() {
+                Some(Ok(missing)) => Ok(StageAnswer::Missing(missing)),
+                Some(Err(p)) => Ok(StageAnswer::Problem(p)),
+                None => Err(EndpointError::Io(
+                    "the guest's endpoint answered too few staged files".into(),
+                )),
+            },
+        })
+        .collect()
+}
+
+/// Chunk content for the wire, compressed at `level` when that pays.
+pub(crate) fn encode_content(hash: vmsync_core::Hash, data: &ChunkData, level: i32) -> WireContent {
+    match data {
+        ChunkData::Whole(d) => WireContent::Whole(encode_chunk(hash, d, level)),
+        ChunkData::Delta(d) => WireContent::Delta(encode_delta(hash, d, level)),
+    }
+}
+
+/// Received chunk content: a whole chunk decoded and verified against its id; a delta decoded
+/// (it is verified once applied, by the destination).
+pub(crate) fn decode_content(
+    c: WireContent,
+) -> Result<(vmsync_core::Hash, ChunkData), vmsync_protocol::ChunkError> {
+    match c {
+        WireContent::Whole(c) => decode_chunk(c).map(|(h, d)| (h, ChunkData::Whole(d))),
+        WireContent::Delta(d) => decode_delta(d).map(|(h, d)| (h, ChunkData::Delta(d))),
     }
 }
 
@@ -456,6 +615,7 @@ fn encode_response(
 ) -> Result<Bytes, TransportError> {
     let content = match &body {
         ResponseBody::ReadChunks(Ok(chunks)) => chunk_bytes(chunks.iter().flatten()),
+        ResponseBody::ReadChunks2(Ok(chunks)) => content_bytes(chunks.iter().flatten()),
         _ => 0,
     };
     match encode_message(&Message::Response(Response { id, body }), MAX_MESSAGE_BYTES) {

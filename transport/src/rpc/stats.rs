@@ -71,3 +71,13 @@ pub(crate) fn chunk_bytes<'a>(
         .map(|c| u64::try_from(c.data.len()).unwrap_or(u64::MAX))
         .fold(0u64, u64::saturating_add)
 }
+
+/// Sum of the on-wire data lengths of some chunk contents (whole chunks and deltas).
+pub(crate) fn content_bytes<'a>(
+    contents: impl IntoIterator<Item = &'a vmsync_protocol::WireContent>,
+) -> u64 {
+    contents
+        .into_iter()
+        .map(|c| u64::try_from(c.data_len()).unwrap_or(u64::MAX))
+        .fold(0u64, u64::saturating_add)
+}

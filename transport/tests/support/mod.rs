@@ -13,8 +13,8 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::codec::Framed;
 use vmsync_core::endpoint::{
-    Change, ChunkRead, Endpoint, EndpointError, Outcome, Problem, ScanOptions, ScanReport,
-    ScanScope, StageRequest,
+    Change, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, MissingChunk, Outcome,
+    Problem, ScanOptions, ScanReport, ScanScope, StageRequest,
 };
 use vmsync_core::{ChunkRef, Entry, FileMeta, Hash, Manifest, RelPath, Timestamp};
 use vmsync_protocol::handshake::{self, share_not_exported};
@@ -174,7 +174,12 @@ impl Endpoint for Fake {
         Ok(files
             .into_iter()
             .map(|(path, meta)| match st.files.get(&path) {
-                Some(data) if meta_of(data) == meta => Ok(manifest_of(data)),
+                // Content, like the real endpoint: size and digest (mode and mtime may differ).
+                Some(data)
+                    if meta_of(data).size == meta.size && meta_of(data).digest == meta.digest =>
+                {
+                    Ok(manifest_of(data))
+                }
                 _ => Err(Problem {
                     path,
                     reason: "changed since the scan".into(),
@@ -200,10 +205,20 @@ impl Endpoint for Fake {
             .collect())
     }
 
+    /// The fake offers no delta bases, so it always reads whole chunks.
+    async fn read_deltas(
+        &mut self,
+        reads: Vec<DeltaRead>,
+    ) -> Result<Vec<Option<ChunkData>>, EndpointError> {
+        let reads = reads.into_iter().map(|r| r.read).collect();
+        let datas = self.read_chunks(reads).await?;
+        Ok(datas.into_iter().map(|d| d.map(ChunkData::Whole)).collect())
+    }
+
     async fn stage(
         &mut self,
         files: Vec<StageRequest>,
-    ) -> Result<Vec<Result<Vec<Hash>, Problem>>, EndpointError> {
+    ) -> Result<Vec<Result<Vec<MissingChunk>, Problem>>, EndpointError> {
         self.enter().await;
         let mut st = self.state.lock().unwrap();
         let mut local: HashMap<Hash, Vec<u8>> = HashMap::new();
@@ -223,15 +238,24 @@ impl Endpoint for Fake {
                 }
             }
             st.staged.insert(f.path.clone(), f);
-            out.push(Ok(missing));
+            out.push(Ok(missing
+                .into_iter()
+                .map(|hash| MissingChunk { hash, base: None })
+                .collect()));
         }
         Ok(out)
     }
 
-    async fn supply(&mut self, chunks: Vec<(Hash, Vec<u8>)>) -> Result<(), EndpointError> {
+    async fn supply(&mut self, chunks: Vec<(Hash, ChunkData)>) -> Result<Vec<Hash>, EndpointError> {
         self.enter().await;
         let mut st = self.state.lock().unwrap();
+        let mut missing = Vec::new();
         for (h, data) in chunks {
+            // No base was offered, so no delta can rebuild anything.
+            let ChunkData::Whole(data) = data else {
+                missing.push(h);
+                continue;
+            };
             if hash(&data) != h {
                 return Err(EndpointError::Protocol(
                     "chunk does not hash to its id".into(),
@@ -239,7 +263,7 @@ impl Endpoint for Fake {
             }
             st.store.insert(h, data);
         }
-        Ok(())
+        Ok(missing)
     }
 
     async fn transition(&mut self, changes: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {
