@@ -19,7 +19,9 @@ use vmsync_engine::status::{ShareState, ShareStatus};
 use vmsync_engine::watch::HintSet;
 use vmsync_protocol::handshake;
 use vmsync_protocol::messages::ShareOpen;
-use vmsync_transport::{client_handshake, connect, EndpointAddr, RemoteEndpoint, Session};
+use vmsync_transport::{
+    client_handshake, connect, EndpointAddr, RemoteEndpoint, Session, StatsSnapshot,
+};
 
 /// First reconnect delay; doubles up to [`RECONNECT_MAX_MS`], with ±25 % jitter.
 const RECONNECT_MIN_MS: u64 = 100;
@@ -414,18 +416,12 @@ impl SyncLoop {
             let mut remote = endpoint(session, index)?;
             let mut share_pending = true;
             for _ in 0..=MAX_RETRY_CYCLES {
-                // Cycles run one share at a time, so the session's content counters move only
-                // for this share meanwhile.
                 let before = session.stats();
                 let result = share
                     .controller
                     .cycle(&mut share.local, &mut remote, scope.clone())
                     .await;
-                let after = session.stats();
-                share.controller.add_wire_bytes(
-                    after.content_bytes_sent - before.content_bytes_sent,
-                    after.content_bytes_received - before.content_bytes_received,
-                );
+                credit_wire_bytes(&share.controller, session, &before);
                 match result {
                     Ok(report) => {
                         share_pending = report.retry || report.pending > 0;
@@ -464,11 +460,7 @@ impl SyncLoop {
             .controller
             .bulk_step(&mut share.local, &mut remote)
             .await;
-        let after = session.stats();
-        share.controller.add_wire_bytes(
-            after.content_bytes_sent - before.content_bytes_sent,
-            after.content_bytes_received - before.content_bytes_received,
-        );
+        credit_wire_bytes(&share.controller, session, &before);
         match result {
             Err(e) if e.is_disconnect() => return Err(e.to_string()),
             Err(e) => tracing::error!(share = %share.config.name, "bulk transfer failed: {e}"),
@@ -548,6 +540,16 @@ async fn forward_changes<E: Endpoint>(
             }
         }
     }
+}
+
+/// Credits the content bytes the session moved since `before` to `controller`'s share: work
+/// runs one share at a time, so the session's counters moved only for it meanwhile.
+fn credit_wire_bytes(controller: &Controller, session: &Session, before: &StatsSnapshot) {
+    let after = session.stats();
+    controller.add_wire_bytes(
+        after.content_bytes_sent - before.content_bytes_sent,
+        after.content_bytes_received - before.content_bytes_received,
+    );
 }
 
 fn merge(sets: &mut [HintSet], index: usize, hints: ChangeHints) {
