@@ -377,7 +377,7 @@ impl Controller {
             };
             let keep = a.new.is_none()
                 && matches!(a.expected, Some(Entry::Dir { .. }))
-                && ignored.iter().any(|p| a.path.is_ancestor_of(p));
+                && holds_any(ignored, &a.path);
             if keep {
                 kept_dirs.push(a.path.clone());
             }
@@ -772,6 +772,17 @@ fn remove_subtree(snap: &mut Snapshot, path: &RelPath) {
     for p in doomed {
         snap.remove(&p);
     }
+}
+
+/// True when `sorted` (sorted by path, as scans report ignored paths) holds a path beneath
+/// `dir`. Descendants of `dir` are exactly the paths starting with "dir/": a binary search
+/// finds the first path not below that prefix, so a removal of many directories does not scan
+/// a long list once each.
+fn holds_any(sorted: &[RelPath], dir: &RelPath) -> bool {
+    let mut prefix = dir.as_bytes().to_vec();
+    prefix.push(b'/');
+    let first = sorted.partition_point(|p| p.as_bytes() < prefix.as_slice());
+    sorted.get(first).is_some_and(|p| dir.is_ancestor_of(p))
 }
 
 fn in_scope(scope: &ScanScope, path: &RelPath) -> bool {
@@ -1231,6 +1242,22 @@ async fn transition<E: Endpoint>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn holds_any_finds_descendants_only() {
+        let rp = |s: &str| RelPath::from_bytes(s.as_bytes()).unwrap();
+        let sorted = vec![rp("a-b/x"), rp("a.c"), rp("a/b/target"), rp("ab/target")];
+        assert!(holds_any(&sorted, &rp("a")));
+        assert!(holds_any(&sorted, &rp("a/b")));
+        assert!(!holds_any(&sorted, &rp("a/c")));
+        assert!(
+            !holds_any(&sorted, &rp("a-b/x")),
+            "a path is not beneath itself"
+        );
+        assert!(holds_any(&sorted, &rp("ab")));
+        assert!(!holds_any(&sorted, &rp("b")));
+        assert!(!holds_any(&[], &rp("a")));
+    }
 
     #[test]
     fn remove_subtree_takes_the_path_and_its_descendants_only() {
