@@ -22,6 +22,7 @@ use crate::status::{ProblemView, ShareState, ShareStatus};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use vmsync_core::endpoint::{
     Change, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, Outcome, Problem,
     ScanOptions, ScanReport, ScanScope, StageRequest,
@@ -286,7 +287,7 @@ impl Controller {
             }
         }
         self.set_state(ShareState::Scanning);
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let host_opts = ScanOptions {
             create_marker: self.meta.host_root.is_none(),
         };
@@ -426,9 +427,14 @@ impl Controller {
             full = scope == ScanScope::Full,
             actions = plan.actions.len(),
             applied = executed.applied.len(),
-            "cycle: scanned and planned in {} us, executed in {} us, recorded in {} us",
+            "cycle: scanned and planned in {} us, executed in {} us (manifests {}, stage {}, \
+             transfer {}, transition {}), recorded in {} us",
             planned.as_micros(),
             (done - planned).as_micros(),
+            executed.times.manifests.as_micros(),
+            executed.times.stage.as_micros(),
+            executed.times.transfer.as_micros(),
+            executed.times.transition.as_micros(),
             (started.elapsed() - done).as_micros()
         );
         self.bulk.extend(std::mem::take(&mut executed.bulk));
@@ -739,6 +745,17 @@ struct Executed {
     chunks_reused: u64,
     /// Big files left staged for [`Controller::bulk_step`].
     bulk: Vec<BulkJob>,
+    /// Where the time went, for the cycle's debug log.
+    times: PhaseTimes,
+}
+
+/// Time a cycle spent waiting on each kind of endpoint call (debug log only).
+#[derive(Default)]
+struct PhaseTimes {
+    manifests: std::time::Duration,
+    stage: std::time::Duration,
+    transfer: std::time::Duration,
+    transition: std::time::Duration,
 }
 
 fn view(side: Side, p: Problem) -> ProblemView {
@@ -888,10 +905,12 @@ async fn stage_files<S: Endpoint, D: Endpoint>(
         }
         let items = std::mem::take(&mut batch);
         batch_chunks = 0;
+        let clock = Instant::now();
         let manifests = src
             .manifests(items.clone())
             .await
             .map_err(|e| (Which::Source, e))?;
+        executed.times.manifests += clock.elapsed();
         let mut requests = Vec::new();
         for ((path, meta), m) in items.into_iter().zip(manifests) {
             match m {
@@ -917,7 +936,10 @@ async fn stage_files<S: Endpoint, D: Endpoint>(
             .iter()
             .map(|r| (r.path.clone(), r.manifest.chunks.len()))
             .collect();
+        let clock = Instant::now();
         let results = dst.stage(requests).await.map_err(|e| (Which::Dest, e))?;
+        executed.times.stage += clock.elapsed();
+        let clock = Instant::now();
         // Only hashes this batch's manifests contain can be read; anything else a (possibly
         // hostile) destination asked for is ignored. A base is the destination's business: the
         // source only computes a delta against it, and the destination checks what it rebuilds.
@@ -1054,6 +1076,7 @@ async fn stage_files<S: Endpoint, D: Endpoint>(
             retry.iter().for_each(|r| fail(&r.chunk.hash));
             lost.iter().for_each(&mut fail);
         }
+        executed.times.transfer += clock.elapsed();
         for path in ok_paths {
             if failed.contains(&path) {
                 executed.retry = true;
@@ -1218,7 +1241,9 @@ async fn transition<E: Endpoint>(
             new: a.new.clone(),
         })
         .collect();
+    let clock = Instant::now();
     let outcomes = ep.transition(changes).await.map_err(|e| (Which::Dest, e))?;
+    executed.times.transition += clock.elapsed();
     for (action, outcome) in batch.iter().zip(outcomes) {
         match outcome {
             Outcome::Applied => executed
