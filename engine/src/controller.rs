@@ -109,6 +109,9 @@ pub struct Controller {
     settings: ShareSettings,
     db: Arc<StateDb>,
     ancestor: Snapshot,
+    /// Regular files in `ancestor` and their total size, kept up to date as it changes: a live
+    /// cycle must not cost time in proportion to the whole share.
+    totals: Totals,
     meta: ShareMeta,
     store: ConflictStore,
     status: Arc<Mutex<ShareStatus>>,
@@ -155,10 +158,12 @@ impl Controller {
             conflict_dir: store.dir().display().to_string(),
             ..ShareStatus::default()
         };
+        let totals = Totals::of(&ancestor);
         let controller = Controller {
             settings,
             db,
             ancestor,
+            totals,
             meta,
             store,
             status: Arc::new(Mutex::new(status)),
@@ -245,6 +250,7 @@ impl Controller {
                 }
                 self.db.clear_ancestor(&self.settings.name)?;
                 self.ancestor.clear();
+                self.totals = Totals::default();
             }
         }
         self.db.store_meta(&self.settings.name, &self.meta)?;
@@ -321,10 +327,15 @@ impl Controller {
         };
         let mut host_snap = visible(host_scan.entries);
         let mut guest_snap = visible(guest_scan.entries);
-        let mut ancestor: Snapshot = self
-            .ancestor
-            .iter()
-            .filter(|(p, e)| in_scope(&scope, p) && !filter.is_ignored(p, e.is_dir()))
+        // What the scope covers, found by range: a live cycle looks at its paths only.
+        let scoped: Box<dyn Iterator<Item = (&RelPath, &Entry)>> = match &scope {
+            ScanScope::Full => Box::new(self.ancestor.iter()),
+            ScanScope::Paths(paths) => {
+                Box::new(paths.iter().flat_map(|p| subtree(&self.ancestor, p)))
+            }
+        };
+        let mut ancestor: Snapshot = scoped
+            .filter(|(p, e)| !filter.is_ignored(p, e.is_dir()))
             .map(|(p, e)| (p.clone(), e.clone()))
             .collect();
         // A path a scan could not read (unreadable, still changing, a special file in the way)
@@ -516,10 +527,7 @@ impl Controller {
 
     /// What both sides agree on: regular files and their total size.
     fn agreed_totals(&self) -> (u64, u64) {
-        self.ancestor
-            .values()
-            .filter_map(Entry::as_file)
-            .fold((0u64, 0u64), |(n, b), m| (n + 1, b + m.size))
+        (self.totals.files, self.totals.bytes)
     }
 
     /// True while big files of live cycles are still crossing (see [`Controller::bulk_step`]).
@@ -607,14 +615,7 @@ impl Controller {
             changes.iter().map(|(p, e)| (p, e.as_ref())),
         )?;
         for (path, entry) in changes {
-            match entry {
-                Some(e) => {
-                    self.ancestor.insert(path, e);
-                }
-                None => {
-                    self.ancestor.remove(&path);
-                }
-            }
+            self.totals.record(&mut self.ancestor, path, entry);
         }
         Ok(())
     }
@@ -767,25 +768,78 @@ fn view(side: Side, p: Problem) -> ProblemView {
     }
 }
 
+/// Regular files and their total size in a snapshot.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Totals {
+    files: u64,
+    bytes: u64,
+}
+
+impl Totals {
+    fn of(snap: &Snapshot) -> Totals {
+        let mut t = Totals::default();
+        snap.values().for_each(|e| t.add(e));
+        t
+    }
+
+    fn add(&mut self, e: &Entry) {
+        if let Some(m) = e.as_file() {
+            self.files += 1;
+            self.bytes = self.bytes.saturating_add(m.size);
+        }
+    }
+
+    fn remove(&mut self, e: &Entry) {
+        if let Some(m) = e.as_file() {
+            self.files = self.files.saturating_sub(1);
+            self.bytes = self.bytes.saturating_sub(m.size);
+        }
+    }
+
+    /// Sets (or with `None` removes) `path` in `snap`, which these are the totals of.
+    fn record(&mut self, snap: &mut Snapshot, path: RelPath, entry: Option<Entry>) {
+        let old = match entry {
+            Some(e) => {
+                self.add(&e);
+                snap.insert(path, e)
+            }
+            None => snap.remove(&path),
+        };
+        if let Some(old) = old {
+            self.remove(&old);
+        }
+    }
+}
+
+/// `path` and everything beneath it in `snap`, in order, found by range rather than by
+/// looking at every entry.
+fn subtree<'a>(
+    snap: &'a Snapshot,
+    path: &'a RelPath,
+) -> Box<dyn Iterator<Item = (&'a RelPath, &'a Entry)> + 'a> {
+    if path.is_root() {
+        return Box::new(snap.iter());
+    }
+    // Descendants are exactly the paths starting with "path/", all sorting between `path` and
+    // "path0" ('/' sorts right before '0'); the range also holds siblings like "path-x".
+    let mut upper = path.as_bytes().to_vec();
+    upper.push(b'0');
+    let Ok(hi) = RelPath::from_bytes(&upper) else {
+        return Box::new(snap.get_key_value(path).into_iter());
+    };
+    Box::new(
+        snap.range(path.clone()..hi)
+            .filter(move |(p, _)| *p == path || path.is_ancestor_of(p)),
+    )
+}
+
 /// Removes `path` and everything beneath it from `snap`.
 fn remove_subtree(snap: &mut Snapshot, path: &RelPath) {
     if path.is_root() {
         snap.clear();
         return;
     }
-    snap.remove(path);
-    // Descendants are exactly the paths starting with "path/", all sorting between `path` and
-    // "path0" ('/' sorts right before '0'); the range also holds siblings like "path-x".
-    let mut upper = path.as_bytes().to_vec();
-    upper.push(b'0');
-    let Ok(hi) = RelPath::from_bytes(&upper) else {
-        return;
-    };
-    let doomed: Vec<RelPath> = snap
-        .range(path.clone()..hi)
-        .map(|(p, _)| p.clone())
-        .filter(|p| path.is_ancestor_of(p))
-        .collect();
+    let doomed: Vec<RelPath> = subtree(snap, path).map(|(p, _)| p.clone()).collect();
     for p in doomed {
         snap.remove(&p);
     }
@@ -800,13 +854,6 @@ fn holds_any(sorted: &[RelPath], dir: &RelPath) -> bool {
     prefix.push(b'/');
     let first = sorted.partition_point(|p| p.as_bytes() < prefix.as_slice());
     sorted.get(first).is_some_and(|p| dir.is_ancestor_of(p))
-}
-
-fn in_scope(scope: &ScanScope, path: &RelPath) -> bool {
-    match scope {
-        ScanScope::Full => true,
-        ScanScope::Paths(paths) => paths.iter().any(|s| s == path || s.is_ancestor_of(path)),
-    }
 }
 
 /// Which endpoint of a transfer failed.
@@ -1296,5 +1343,52 @@ mod tests {
         assert_eq!(left, ["a-b", "a0", "ab", "b"]);
         remove_subtree(&mut snap, &RelPath::root());
         assert!(snap.is_empty());
+    }
+
+    fn file(size: u64) -> Entry {
+        Entry::File(FileMeta {
+            size,
+            mode: 0o644,
+            mtime: vmsync_core::entry::Timestamp::new(0, 0),
+            digest: Hash([size as u8; 32]),
+        })
+    }
+
+    proptest::proptest! {
+        /// The range lookup finds what a look at every entry finds: the path and everything
+        /// beneath it, nothing else (names chosen to sort around '/').
+        #[test]
+        fn subtree_is_the_path_and_its_descendants(
+            names in proptest::collection::btree_set("[ab/.0-]{1,6}", 0..40),
+            probe in "[ab.0-]{1,3}(/[ab.0-]{1,2})?",
+        ) {
+            let snap: Snapshot = names
+                .iter()
+                .filter_map(|n| RelPath::from_bytes(n.as_bytes()).ok())
+                .map(|p| (p, Entry::Dir { mode: 0o755 }))
+                .collect();
+            let Ok(path) = RelPath::from_bytes(probe.as_bytes()) else { return Ok(()) };
+            let fast: Vec<&RelPath> = subtree(&snap, &path).map(|(p, _)| p).collect();
+            let slow: Vec<&RelPath> =
+                snap.keys().filter(|p| **p == path || path.is_ancestor_of(p)).collect();
+            proptest::prop_assert_eq!(fast, slow);
+        }
+
+        /// The running totals always equal a count over the whole snapshot.
+        #[test]
+        fn totals_follow_every_change(
+            ops in proptest::collection::vec((0u8..8, proptest::option::of(0u64..1000)), 0..60),
+        ) {
+            let mut snap = Snapshot::new();
+            let mut totals = Totals::default();
+            for (name, size) in ops {
+                let path = RelPath::from_bytes(format!("f{name}").as_bytes()).unwrap();
+                let entry = size.map(|size| {
+                    if size % 7 == 0 { Entry::Dir { mode: 0o755 } } else { file(size) }
+                });
+                totals.record(&mut snap, path, entry);
+                proptest::prop_assert_eq!(totals, Totals::of(&snap));
+            }
+        }
     }
 }
