@@ -651,13 +651,14 @@ class RsyncDaemon:
     """rsync pushing to an rsync daemon on 127.0.0.1: the usual way to rsync between machines
     without ssh, so rsync's delta-transfer algorithm is in play as it is over a network."""
 
-    def __init__(self, work, dest, processes, timeout):
+    def __init__(self, work, dest, processes, timeout, tool="rsync", flags=()):
         self.work, self.dest = work, dest
         self.processes, self.timeout = processes, timeout
+        self.tool = tool
         self.daemon = None
         self.port = None
         self.log_path = os.path.join(work, "rsyncd.log")
-        self.extra = os.environ.get("RSYNC_FLAGS", "").split()
+        self.extra = os.environ.get("RSYNC_FLAGS", "").split() + list(flags)
 
     def start(self):
         os.makedirs(self.dest, exist_ok=True)
@@ -716,14 +717,22 @@ class RsyncDaemon:
         daemon_cpu = cpu_seconds(self.daemon.pid) - daemon_cpu_before
         wire = parse_rsync_total(timed.output, "Total bytes sent") + \
             parse_rsync_total(timed.output, "Total bytes received")
-        log(f"rsync {phase}: client {timed.cpu:.2f} s CPU, daemon side {daemon_cpu:.2f} s "
+        log(f"{self.tool} {phase}: client {timed.cpu:.2f} s CPU, daemon side {daemon_cpu:.2f} s "
             f"CPU; {len(sampler.peaks)} processes, {fmt_bytes(sampler.total())} summed peaks")
-        return Result(phase, "rsync", timed.wall, timed.cpu + daemon_cpu, sampler.total(),
+        return Result(phase, self.tool, timed.wall, timed.cpu + daemon_cpu, sampler.total(),
                       wire)
 
     def _wait_for_no_children(self):
         wait_for(lambda: not child_pids(self.daemon.pid), PROCESS_STOP_TIMEOUT_S,
                  "rsync daemon children to exit", self.daemon, self.log_path)
+
+
+RSYNC_FSYNC = "rsync --fsync"
+
+
+def rsync_has_fsync():
+    out = subprocess.run(["rsync", "--help"], capture_output=True, text=True)
+    return "--fsync" in out.stdout
 
 
 def parse_rsync_total(output, label):
@@ -911,16 +920,17 @@ def print_report(results, params, dataset, versions):
     rows = [("phase", "tool", "wall s", "CPU s", "peak RSS", "on the wire")]
     by_key = {(r.phase, r.tool): r for r in results}
     for phase in ("initial", "no-op", "delta"):
-        for tool in ("vmsync", "rsync"):
+        for tool in ("vmsync", "rsync", RSYNC_FSYNC):
             r = by_key.get((phase, tool))
             if r:
                 rows.append((phase, tool, f"{r.wall:.2f}", f"{r.cpu:.2f}", fmt_bytes(r.rss),
                              fmt_bytes(r.wire)))
-        mine, theirs = by_key.get((phase, "vmsync")), by_key.get((phase, "rsync"))
-        if mine and theirs:
-            rows.append((phase, "vmsync/rsync", ratio(mine.wall, theirs.wall),
-                         ratio(mine.cpu, theirs.cpu), ratio(mine.rss, theirs.rss),
-                         ratio(mine.wire, theirs.wire)))
+        for peer in ("rsync", RSYNC_FSYNC):
+            mine, theirs = by_key.get((phase, "vmsync")), by_key.get((phase, peer))
+            if mine and theirs:
+                rows.append((phase, f"vmsync/{peer}", ratio(mine.wall, theirs.wall),
+                             ratio(mine.cpu, theirs.cpu), ratio(mine.rss, theirs.rss),
+                             ratio(mine.wire, theirs.wire)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     print()
     print(f"vmsync benchmark: SCALE={params.scale:g} SEED={params.seed}; "
@@ -940,8 +950,12 @@ def print_report(results, params, dataset, versions):
     initial = (by_key.get(("initial", "vmsync")), by_key.get(("initial", "rsync")))
     noop = (by_key.get(("no-op", "vmsync")), by_key.get(("no-op", "rsync")))
     delta = (by_key.get(("delta", "vmsync")), by_key.get(("delta", "rsync")))
+    initial_fsync = by_key.get(("initial", RSYNC_FSYNC))
     if all(initial):
         checks.append(("initial sync faster than rsync", initial[0].wall < initial[1].wall))
+    if initial[0] and initial_fsync:
+        checks.append((f"initial sync faster than {RSYNC_FSYNC} (the same durability)",
+                       initial[0].wall < initial_fsync.wall))
     if all(delta):
         checks.append(("delta bytes at most half of rsync's",
                        delta[0].wire <= delta[1].wire / 2))
@@ -949,8 +963,9 @@ def print_report(results, params, dataset, versions):
         checks.append(("no-op re-sync no slower than rsync", noop[0].wall <= noop[1].wall))
     for text, ok in checks:
         print(f"target: {text}: {'met' if ok else 'NOT MET'}")
-    print("notes: vmsync fsyncs every file it writes, rsync (default flags) does not; both read "
-          "a source tree that is in the page cache.")
+    print(f"notes: vmsync fsyncs every file it writes, rsync (default flags) does not, "
+          f"{RSYNC_FSYNC} does (initial sync only); all read a source tree that is in the page "
+          f"cache.")
 
 
 def tool_versions(bin_dir, want_vmsync, want_rsync):
@@ -986,8 +1001,8 @@ def params_from_env():
 
 def check_free_space(parent, params):
     dataset = params.small_total + 4 * params.big_file_bytes
-    # Source, two destinations, vmsync's staging and state, and slack.
-    needed = int(dataset * 3.5) + 256 * MIB
+    # Source, three destinations, vmsync's staging and state, and slack.
+    needed = int(dataset * 4.5) + 256 * MIB
     free = shutil.disk_usage(parent).free
     if free < needed:
         raise BenchError(f"{parent} has {fmt_bytes(free)} free; this SCALE needs about "
@@ -1021,12 +1036,21 @@ def run(args):
             f"{time.monotonic() - started:.1f} s; hashing the source")
         expected = manifest(source)
 
-        rsync = None
+        rsync = rsync_fsync = None
         if want_rsync:
             rsync_work = os.path.join(work, "rsync")
             os.makedirs(rsync_work)
             rsync = RsyncDaemon(rsync_work, os.path.join(work, "rsync-dest"), processes, timeout)
             rsync.start()
+            # The same durability as vmsync: rsync fsyncs each file it writes (3.2.4 and later).
+            if rsync_has_fsync():
+                fsync_work = os.path.join(work, "rsync-fsync")
+                os.makedirs(fsync_work)
+                rsync_fsync = RsyncDaemon(fsync_work, os.path.join(work, "rsync-fsync-dest"),
+                                          processes, timeout, RSYNC_FSYNC, ["--fsync"])
+                rsync_fsync.start()
+            else:
+                log("this rsync has no --fsync (3.2.4 and later): no durable rsync run")
         if want_vmsync:
             vmsync_work = os.path.join(work, "vmsync")
             os.makedirs(vmsync_work)
@@ -1053,6 +1077,8 @@ def run(args):
             record(vmsync.initial(), vmsync.dest, 1)
         if rsync:
             record(rsync.sync("initial", source), rsync.dest, 10**9)
+        if rsync_fsync:
+            record(rsync_fsync.sync("initial", source), rsync_fsync.dest, 10**9)
         if vmsync:
             record(vmsync.sync("no-op", vmsync.begin_sync()), vmsync.dest, 1)
         if rsync:
