@@ -81,7 +81,9 @@ pub async fn run(config: GuestConfig) -> anyhow::Result<()> {
     };
     let mut exports = BTreeMap::new();
     for share in &config.shares {
-        let ep = LocalEndpoint::new(&share.name, share.path.clone(), Filter::none(), db.clone())?;
+        // The request loop awaits one call at a time: the share's work can run on its thread.
+        let ep = LocalEndpoint::new(&share.name, share.path.clone(), Filter::none(), db.clone())?
+            .on_calling_thread();
         exports.insert(share.name.clone(), ep);
     }
     let shared = Shared {
