@@ -647,10 +647,26 @@ async fn still_missing_chunk_that_was_never_supplied() {
     let r = remote
         .supply(vec![(
             hash_chunk(&data),
-            vmsync_core::endpoint::ChunkData::Whole(data),
+            vmsync_core::endpoint::ChunkData::Delta(vec![0u8; 10]),
         )])
         .await;
     assert_violation(&session, r, "which was not supplied").await;
+}
+
+/// Whole chunks are supplied without waiting for the answer (it can only be "done" or an
+/// error); a guest that claims one is still missing is caught by the next call.
+#[tokio::test]
+async fn still_missing_whole_chunk_is_caught_by_the_next_call() {
+    let data = vec![1u8; 100];
+    let hash = hash_chunk(&data);
+    let session = session_with_answer(answer_with(ResponseBody::Supply2(Ok(vec![hash])))).await;
+    let mut remote = session.endpoint(0).unwrap();
+    let r = remote
+        .supply(vec![(hash, vmsync_core::endpoint::ChunkData::Whole(data))])
+        .await;
+    assert_eq!(r, Ok(Vec::new()), "sent, not waited for");
+    let r = remote.transition(Vec::new()).await;
+    assert_violation(&session, r, "still missing").await;
 }
 
 /// `BaseUnknown` for a manifest sent in full: there was no base to not know.

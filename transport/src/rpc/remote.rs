@@ -18,12 +18,12 @@
 //! side stages it again with the full manifest: a second round trip that only a stale memory
 //! costs.
 
-use super::client::{Listing, Session};
+use super::client::{Listing, PendingCall, Session};
 use super::server::encode_content;
 use super::stats::{chunk_bytes, content_bytes};
 use crate::error::{error_chain, TransportError};
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use vmsync_core::edits;
 use vmsync_core::endpoint::{
     Change, ChangeHints, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, MissingChunk,
@@ -40,11 +40,27 @@ use vmsync_protocol::{
 };
 
 /// One share of a remote guest, as an `Endpoint`. Cheap to create; many may share a session.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RemoteEndpoint {
     session: Session,
     share: u16,
     zstd_level: i32,
+    /// A supply of whole chunks sent and not answered yet (see `supply`): the next call is sent
+    /// first, then this answer awaited.
+    unanswered: Mutex<Option<PendingCall>>,
+}
+
+impl Clone for RemoteEndpoint {
+    /// A clone shares the session, not an unanswered supply: that stays with the calls it
+    /// precedes.
+    fn clone(&self) -> Self {
+        RemoteEndpoint {
+            session: self.session.clone(),
+            share: self.share,
+            zstd_level: self.zstd_level,
+            unanswered: Mutex::new(None),
+        }
+    }
 }
 
 impl RemoteEndpoint {
@@ -61,6 +77,7 @@ impl RemoteEndpoint {
             session,
             share,
             zstd_level: DEFAULT_ZSTD_LEVEL,
+            unanswered: Mutex::new(None),
         })
     }
 
@@ -91,7 +108,33 @@ impl RemoteEndpoint {
         body: RequestBody,
         content_bytes: u64,
     ) -> Result<ResponseBody, EndpointError> {
-        self.session.call(self.share, body, content_bytes).await
+        let pending = self.session.send(self.share, body, content_bytes).await?;
+        self.settle().await?;
+        pending.wait().await
+    }
+
+    /// Waits for the answer to a supply sent earlier and not awaited (see `supply`), if any.
+    /// Its failure is this call's: the guest handles requests in order, so whatever was sent
+    /// after it went ahead without those chunks and is best not trusted either.
+    async fn settle(&self) -> Result<(), EndpointError> {
+        let pending = self
+            .unanswered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let Some(pending) = pending else {
+            return Ok(());
+        };
+        match pending.wait().await? {
+            ResponseBody::Supply2(Ok(missing)) => match missing.first() {
+                None => Ok(()),
+                Some(h) => Err(self.session.violation(format!(
+                    "says chunk {h:?} is still missing, which was supplied whole"
+                ))),
+            },
+            ResponseBody::Supply2(Err(e)) => Err(e),
+            other => Err(self.wrong_kind("Supply2", &other)),
+        }
     }
 
     fn memory(&self) -> std::sync::MutexGuard<'_, super::memory::ManifestMemory> {
@@ -230,7 +273,8 @@ impl Endpoint for RemoteEndpoint {
             let body = RequestBody::PollChanges {
                 max_wait_ms: crate::limits::POLL_WAIT_MS,
             };
-            match self.call(body, 0).await? {
+            // A long-poll is answered out of order: it never waits for an unanswered supply.
+            match self.session.call(self.share, body, 0).await? {
                 // Nothing within the poll window: ask again.
                 ResponseBody::Changes(Ok(hints)) if hints.is_empty() => continue,
                 ResponseBody::Changes(result) => return result,
@@ -455,11 +499,28 @@ impl Endpoint for RemoteEndpoint {
             return Ok(missing);
         }
         let sent: HashSet<Hash> = chunks.iter().map(|(h, _)| *h).collect();
+        let whole = chunks.iter().all(|(_, d)| matches!(d, ChunkData::Whole(_)));
         let wire: Vec<WireContent> = chunks
             .iter()
             .map(|(hash, data)| encode_content(*hash, data, level))
             .collect();
         let content = content_bytes(&wire);
+        if whole {
+            // Whole chunks are never left missing (the guest verifies each and refuses a bad
+            // one with an error), so the answer says nothing the controller needs now: send,
+            // and collect it behind the next call (usually the transition these chunks
+            // complete), one round trip less per live edit.
+            self.settle().await?;
+            let pending = self
+                .session
+                .send(self.share, RequestBody::Supply2 { chunks: wire }, content)
+                .await?;
+            *self
+                .unanswered
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(pending);
+            return Ok(Vec::new());
+        }
         let missing = match self
             .call(RequestBody::Supply2 { chunks: wire }, content)
             .await?
