@@ -300,9 +300,9 @@ impl Controller {
         let guest_opts = ScanOptions {
             create_marker: self.meta.guest_root.is_none(),
         };
-        let (h, g) = tokio::join!(
-            host.scan(scope.clone(), host_opts),
-            guest.scan(scope.clone(), guest_opts)
+        let ((h, host_took), (g, guest_took)) = tokio::join!(
+            timed(host.scan(scope.clone(), host_opts)),
+            timed(guest.scan(scope.clone(), guest_opts))
         );
         let (host_scan, guest_scan) =
             match (self.scanned(Side::Host, h)?, self.scanned(Side::Guest, g)?) {
@@ -438,8 +438,10 @@ impl Controller {
             full = scope == ScanScope::Full,
             actions = plan.actions.len(),
             applied = executed.applied.len(),
-            "cycle: scanned and planned in {} us, executed in {} us (manifests {}, stage {}, \
-             transfer {}, transition {}), recorded in {} us",
+            "cycle: scanned (host {} us, guest {} us) and planned in {} us, executed in {} us \
+             (manifests {}, stage {}, transfer {}, transition {}), recorded in {} us",
+            host_took.as_micros(),
+            guest_took.as_micros(),
             planned.as_micros(),
             (done - planned).as_micros(),
             executed.times.manifests.as_micros(),
@@ -766,6 +768,13 @@ fn view(side: Side, p: Problem) -> ProblemView {
         // Reasons may come from the guest: never let its bytes reach a terminal raw.
         reason: escape_bytes(p.reason.as_bytes()),
     }
+}
+
+/// Runs `f`, timing it (for the debug log).
+async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, std::time::Duration) {
+    let clock = Instant::now();
+    let out = f.await;
+    (out, clock.elapsed())
 }
 
 /// Regular files and their total size in a snapshot.
