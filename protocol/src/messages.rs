@@ -26,6 +26,8 @@
 //! Features: `Stage2`, `ReadChunks2` and `Supply2` carry chunk deltas (delta bases in the stage
 //! answer, deltas in reads and supplies). A host sends them only to a guest that granted
 //! [`FEATURE_CHUNK_DELTA`]; with an older guest it keeps to `Stage`, `ReadChunks` and `Supply`.
+//! `Scan2` answers a targeted scan with the manifests of its small files too, saving a live
+//! edit the `Manifests` round trip; only to a guest that granted [`FEATURE_SCAN_MANIFESTS`].
 
 use crate::chunk::{WireChunk, WireContent};
 use serde::{Deserialize, Serialize};
@@ -45,8 +47,15 @@ pub const PROTOCOL_VERSION_MIN: u16 = 1;
 pub const PROTOCOL_VERSION_MAX: u16 = 1;
 /// Feature bit: the peer speaks `Stage2`, `ReadChunks2` and `Supply2` (chunk deltas).
 pub const FEATURE_CHUNK_DELTA: u64 = 1;
+/// Feature bit: the peer speaks `Scan2` (targeted scans that carry small files' manifests).
+pub const FEATURE_SCAN_MANIFESTS: u64 = 2;
 /// Feature bits this build understands. A peer answers with the intersection.
-pub const FEATURES_SUPPORTED: u64 = FEATURE_CHUNK_DELTA;
+pub const FEATURES_SUPPORTED: u64 = FEATURE_CHUNK_DELTA | FEATURE_SCAN_MANIFESTS;
+/// A `Scan2` answer carries the manifests of files of at most this many bytes (a few chunks
+/// each)...
+pub const SCAN_MANIFEST_MAX_FILE_BYTES: u64 = 256 * 1024;
+/// ...and of at most this many of them.
+pub const SCAN_MANIFESTS_MAX: usize = 256;
 
 /// Every message, both directions. Variant order is the wire tag: append-only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -174,6 +183,7 @@ pub enum RequestKind {
     Stage2,
     ReadChunks2,
     Supply2,
+    Scan2,
 }
 
 impl RequestKind {
@@ -191,6 +201,7 @@ impl RequestKind {
             RequestKind::Stage2 => "Stage2",
             RequestKind::ReadChunks2 => "ReadChunks2",
             RequestKind::Supply2 => "Supply2",
+            RequestKind::Scan2 => "Scan2",
         }
     }
 }
@@ -245,6 +256,12 @@ pub enum RequestBody {
     /// [`FEATURE_CHUNK_DELTA`].
     Supply2 {
         chunks: Vec<WireContent>,
+    },
+    /// A targeted scan (`scope` is never `Full`), answered with [`ScanWithManifests`]. Needs
+    /// [`FEATURE_SCAN_MANIFESTS`].
+    Scan2 {
+        scope: ScanScope,
+        options: ScanOptions,
     },
 }
 
@@ -316,6 +333,7 @@ impl RequestBody {
             RequestBody::Stage2 { .. } => RequestKind::Stage2,
             RequestBody::ReadChunks2 { .. } => RequestKind::ReadChunks2,
             RequestBody::Supply2 { .. } => RequestKind::Supply2,
+            RequestBody::Scan2 { .. } => RequestKind::Scan2,
         }
     }
 }
@@ -343,6 +361,16 @@ pub enum ResponseBody {
     ReadChunks2(Result<Vec<Option<WireContent>>, EndpointError>),
     /// The supplied chunks still missing: their delta did not rebuild them.
     Supply2(Result<Vec<Hash>, EndpointError>),
+    Scan2(Result<ScanWithManifests, EndpointError>),
+}
+
+/// A targeted scan's report with the manifests of some of the files it lists: files of at
+/// most [`SCAN_MANIFEST_MAX_FILE_BYTES`], at most [`SCAN_MANIFESTS_MAX`] of them, sorted by
+/// path. The host then needs no `Manifests` request to send them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanWithManifests {
+    pub report: ScanReport,
+    pub manifests: Vec<(RelPath, Manifest)>,
 }
 
 /// A full scan's listing as the difference against an earlier one (see [`crate::listing`]).
@@ -379,6 +407,7 @@ impl ResponseBody {
             ResponseBody::Stage2(_) => RequestKind::Stage2,
             ResponseBody::ReadChunks2(_) => RequestKind::ReadChunks2,
             ResponseBody::Supply2(_) => RequestKind::Supply2,
+            ResponseBody::Scan2(_) => RequestKind::Scan2,
         }
     }
 
@@ -397,6 +426,7 @@ impl ResponseBody {
             RequestKind::Stage2 => ResponseBody::Stage2(Err(err)),
             RequestKind::ReadChunks2 => ResponseBody::ReadChunks2(Err(err)),
             RequestKind::Supply2 => ResponseBody::Supply2(Err(err)),
+            RequestKind::Scan2 => ResponseBody::Scan2(Err(err)),
         }
     }
 }

@@ -23,7 +23,7 @@ use crate::limits::{
 };
 use crate::messages::{
     BasedRead, Hello, ManifestForm, Message, Refused, Request, RequestBody, Response, ResponseBody,
-    ScanDelta, ShareOpen, StageAnswer, StageFile, Welcome,
+    ScanDelta, ShareOpen, StageAnswer, StageFile, Welcome, SCAN_MANIFESTS_MAX,
 };
 use vmsync_core::edits::ManifestEdit;
 use vmsync_core::endpoint::MissingChunk;
@@ -76,6 +76,8 @@ pub enum ValidationError {
     },
     #[error("delta length {len} is outside 1..={MAX_DELTA_BYTES}")]
     BadDeltaLength { len: u32 },
+    #[error("Scan2 asks for a full scan, which only ScanFull does")]
+    FullScan2,
 }
 
 impl ValidationError {
@@ -414,6 +416,10 @@ impl Validate for RequestBody {
                 ScanScope::Full => Ok(()),
                 ScanScope::Paths(paths) => count("scan paths", paths.len(), MAX_BATCH_PATHS),
             },
+            RequestBody::Scan2 { scope, options: _ } => match scope {
+                ScanScope::Full => Err(ValidationError::FullScan2),
+                ScanScope::Paths(paths) => count("scan paths", paths.len(), MAX_BATCH_PATHS),
+            },
             RequestBody::Manifests { files } => {
                 count("manifest requests", files.len(), MAX_BATCH_FILES)?;
                 files.iter().try_for_each(|(_, m)| file_meta(m))
@@ -505,6 +511,13 @@ impl Validate for ResponseBody {
             }),
             ResponseBody::Supply2(r) => result(r, |missing| {
                 count("chunks still missing", missing.len(), MAX_BATCH_CHUNKS)
+            }),
+            ResponseBody::Scan2(r) => result(r, |s| {
+                s.report.validate()?;
+                count("scan manifests", s.manifests.len(), SCAN_MANIFESTS_MAX)?;
+                let paths: Vec<RelPath> = s.manifests.iter().map(|(p, _)| p.clone()).collect();
+                strictly_sorted(&paths)?;
+                s.manifests.iter().try_for_each(|(_, m)| manifest(m))
             }),
         }
     }
@@ -835,6 +848,41 @@ mod tests {
         ));
         let too_many = ResponseBody::Supply2(Ok(vec![Hash::default(); MAX_BATCH_CHUNKS + 1]));
         assert!(too_many.validate().unwrap_err().is_limit());
+    }
+
+    #[test]
+    fn scan2_bounds() {
+        assert_eq!(
+            RequestBody::Scan2 {
+                scope: ScanScope::Full,
+                options: Default::default()
+            }
+            .validate(),
+            Err(ValidationError::FullScan2)
+        );
+        let answer = |manifests: Vec<(RelPath, Manifest)>| {
+            ResponseBody::Scan2(Ok(crate::messages::ScanWithManifests {
+                report: ScanReport {
+                    root: None,
+                    entries: vec![],
+                    problems: vec![],
+                    ignored: vec![],
+                },
+                manifests,
+            }))
+        };
+        let m = Manifest { chunks: vec![] };
+        assert!(answer(vec![(p("a"), m.clone()), (p("b"), m.clone())])
+            .validate()
+            .is_ok());
+        assert_eq!(
+            answer(vec![(p("b"), m.clone()), (p("a"), m.clone())]).validate(),
+            Err(ValidationError::Unsorted { index: 1 })
+        );
+        let many = (0..=SCAN_MANIFESTS_MAX)
+            .map(|i| (p(&format!("f{i:05}")), m.clone()))
+            .collect();
+        assert!(answer(many).validate().unwrap_err().is_limit());
     }
 
     #[test]

@@ -11,7 +11,8 @@ use vmsync_core::endpoint::{
 };
 use vmsync_core::{ChunkRef, Entry, FileMeta, Hash, Manifest, RelPath, Timestamp};
 use vmsync_protocol::messages::{
-    BasedRead, ManifestForm, ScanDelta, StageAnswer, StageFile, FEATURE_CHUNK_DELTA, MAGIC,
+    BasedRead, ManifestForm, ScanDelta, ScanWithManifests, StageAnswer, StageFile,
+    FEATURE_CHUNK_DELTA, FEATURE_SCAN_MANIFESTS, MAGIC,
 };
 use vmsync_protocol::{
     decode_message, encode_message, ChunkerParams, Codec, Hello, Message, Refused, Request,
@@ -360,6 +361,35 @@ fn chunk_delta_messages() {
         "Supply2 answer",
         response(ResponseBody::Supply2(Ok(vec![Hash([0x44; 32])]))),
         "04070b00014444444444444444444444444444444444444444444444444444444444444444",
+    );
+}
+
+/// `Scan2` (a targeted scan whose answer carries small files' manifests) and its feature bit.
+#[test]
+fn scan_with_manifests_messages() {
+    assert_eq!(FEATURE_SCAN_MANIFESTS, 2);
+    golden(
+        "Scan2",
+        request(RequestBody::Scan2 {
+            scope: ScanScope::Paths(vec![p("a/b")]),
+            options: ScanOptions {
+                create_marker: false,
+            },
+        }),
+        "0307010c010103612f6200",
+    );
+    golden(
+        "Scan2 answer",
+        response(ResponseBody::Scan2(Ok(ScanWithManifests {
+            report: ScanReport {
+                root: None,
+                entries: vec![(p("a/b"), Entry::File(meta()))],
+                problems: vec![],
+                ignored: vec![],
+            },
+            manifests: vec![(p("a/b"), Manifest { chunks: vec![chunk_ref()] })],
+        }))),
+        "04070c00000103612f620005a40380c49fd50c7b111111111111111111111111111111111111111111111111111111111111111100000103612f620122222222222222222222222222222222222222222222222222222222222222220005",
     );
 }
 

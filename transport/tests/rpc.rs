@@ -101,6 +101,52 @@ async fn push_over(
     missing
 }
 
+/// A targeted scan brings its small files' manifests along (`Scan2`), so sending a file just
+/// edited costs no `Manifests` round trip; a big file, or one whose metadata no longer fits,
+/// is asked for as before.
+#[tokio::test]
+async fn a_targeted_scan_brings_small_files_manifests() {
+    let small = text(3_000);
+    let big = noise(300 * 1024);
+    let guest = Fake::with_files(&[("d/small", small.clone()), ("d/big", big.clone())]);
+    let pair = pair(guest).await;
+    let mut remote = pair.session.endpoint(0).unwrap();
+    remote
+        .scan(ScanScope::Paths(vec![p("d")]), ScanOptions::default())
+        .await
+        .unwrap();
+    let before = pair.session.stats().requests;
+    let got = remote
+        .manifests(vec![(p("d/small"), meta_of(&small))])
+        .await
+        .unwrap();
+    assert_eq!(got, vec![Ok(manifest_of(&small))]);
+    assert_eq!(
+        pair.session.stats().requests,
+        before,
+        "answered from the scan"
+    );
+
+    let mut stale = meta_of(&small);
+    stale.size += 1;
+    let got = remote
+        .manifests(vec![
+            (p("d/big"), meta_of(&big)),
+            (p("d/small"), meta_of(&small)),
+            (p("d/small"), stale),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(got[0], Ok(manifest_of(&big)));
+    assert_eq!(got[1], Ok(manifest_of(&small)));
+    assert!(got[2].is_err(), "{got:?}");
+    assert_eq!(
+        pair.session.stats().requests,
+        before + 1,
+        "one request, for the big and the stale file"
+    );
+}
+
 #[tokio::test]
 async fn every_method_through_the_wire() {
     let guest = Fake::with_files(&[("docs/readme", text(10_000)), ("bin/blob", noise(9_000))]);
@@ -296,7 +342,7 @@ async fn endpoint_errors_travel_as_values() {
         Err(EndpointError::RootMissing("/srv/share".into()))
     );
     assert_eq!(
-        remote.manifests(vec![]).await,
+        remote.manifests(vec![(p("f"), meta_of(b"x"))]).await,
         Err(EndpointError::Io("disk on fire".into()))
     );
     assert!(matches!(

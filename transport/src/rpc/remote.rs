@@ -22,7 +22,7 @@ use super::client::{Listing, PendingCall, Session};
 use super::server::encode_content;
 use super::stats::{chunk_bytes, content_bytes};
 use crate::error::{error_chain, TransportError};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use vmsync_core::edits;
 use vmsync_core::endpoint::{
@@ -31,9 +31,10 @@ use vmsync_core::endpoint::{
 };
 use vmsync_core::{ChunkRef, FileMeta, Hash, Manifest, RelPath};
 use vmsync_protocol::chunk::{level_for_batch, DEFAULT_ZSTD_LEVEL};
+use vmsync_protocol::limits::CHUNK_MAX_BYTES;
 use vmsync_protocol::listing;
 use vmsync_protocol::messages::{
-    BasedRead, ManifestForm, StageAnswer, StageFile, FEATURE_CHUNK_DELTA,
+    BasedRead, ManifestForm, StageAnswer, StageFile, FEATURE_CHUNK_DELTA, FEATURE_SCAN_MANIFESTS,
 };
 use vmsync_protocol::{
     decode_chunk, decode_delta, encode_chunk, RequestBody, ResponseBody, WireChunk, WireContent,
@@ -48,6 +49,8 @@ pub struct RemoteEndpoint {
     /// A supply of whole chunks sent and not answered yet (see `supply`): the next call is sent
     /// first, then this answer awaited.
     unanswered: Mutex<Option<PendingCall>>,
+    /// Manifests the last targeted scan brought (`Scan2`), for `manifests` to answer from.
+    scanned: HashMap<RelPath, Manifest>,
 }
 
 impl Clone for RemoteEndpoint {
@@ -59,6 +62,7 @@ impl Clone for RemoteEndpoint {
             share: self.share,
             zstd_level: self.zstd_level,
             unanswered: Mutex::new(None),
+            scanned: HashMap::new(),
         }
     }
 }
@@ -78,6 +82,7 @@ impl RemoteEndpoint {
             share,
             zstd_level: DEFAULT_ZSTD_LEVEL,
             unanswered: Mutex::new(None),
+            scanned: HashMap::new(),
         })
     }
 
@@ -288,12 +293,24 @@ impl Endpoint for RemoteEndpoint {
         scope: ScanScope,
         options: ScanOptions,
     ) -> Result<ScanReport, EndpointError> {
+        self.scanned.clear();
         if scope == ScanScope::Full {
             return self.scan_full(options).await;
         }
-        match self.call(RequestBody::Scan { scope, options }, 0).await? {
-            ResponseBody::Scan(result) => result,
-            other => Err(self.wrong_kind("Scan", &other)),
+        if self.session.welcome().features & FEATURE_SCAN_MANIFESTS == 0 {
+            return match self.call(RequestBody::Scan { scope, options }, 0).await? {
+                ResponseBody::Scan(result) => result,
+                other => Err(self.wrong_kind("Scan", &other)),
+            };
+        }
+        match self.call(RequestBody::Scan2 { scope, options }, 0).await? {
+            ResponseBody::Scan2(Ok(scanned)) => {
+                // Checked against the file's metadata when `manifests` uses one.
+                self.scanned = scanned.manifests.into_iter().collect();
+                Ok(scanned.report)
+            }
+            ResponseBody::Scan2(Err(e)) => Err(e),
+            other => Err(self.wrong_kind("Scan2", &other)),
         }
     }
 
@@ -301,22 +318,50 @@ impl Endpoint for RemoteEndpoint {
         &mut self,
         files: Vec<(RelPath, FileMeta)>,
     ) -> Result<Vec<Result<Manifest, Problem>>, EndpointError> {
-        let asked = files.len();
-        let paths: Vec<RelPath> = files.iter().map(|(p, _)| p.clone()).collect();
-        match self.call(RequestBody::Manifests { files }, 0).await? {
-            ResponseBody::Manifests(Ok(manifests)) => {
-                self.check_count("manifest requests", asked, &manifests)?;
-                let mut memory = self.memory();
-                for (path, m) in paths.iter().zip(&manifests) {
-                    if let Ok(m) = m {
-                        memory.hold(self.share, path, m);
-                    }
+        // What the last targeted scan brought answers without a round trip; a manifest that
+        // does not fit its file's metadata is asked for again, like any other.
+        let mut answers: Vec<Option<Result<Manifest, Problem>>> = files
+            .iter()
+            .map(|(path, meta)| {
+                self.scanned
+                    .get(path)
+                    .filter(|m| m.validate(meta, CHUNK_MAX_BYTES).is_ok())
+                    .map(|m| Ok(m.clone()))
+            })
+            .collect();
+        let ask: Vec<(RelPath, FileMeta)> = files
+            .iter()
+            .zip(&answers)
+            .filter(|(_, a)| a.is_none())
+            .map(|(f, _)| f.clone())
+            .collect();
+        if !ask.is_empty() {
+            let asked = ask.len();
+            let fetched = match self.call(RequestBody::Manifests { files: ask }, 0).await? {
+                ResponseBody::Manifests(Ok(manifests)) => {
+                    self.check_count("manifest requests", asked, &manifests)?;
+                    manifests
                 }
-                Ok(manifests)
+                ResponseBody::Manifests(Err(e)) => return Err(e),
+                other => return Err(self.wrong_kind("Manifests", &other)),
+            };
+            let mut fetched = fetched.into_iter();
+            for slot in answers.iter_mut().filter(|a| a.is_none()) {
+                *slot = fetched.next();
             }
-            ResponseBody::Manifests(Err(e)) => Err(e),
-            other => Err(self.wrong_kind("Manifests", &other)),
         }
+        let mut memory = self.memory();
+        let mut out = Vec::with_capacity(files.len());
+        for ((path, _), answer) in files.iter().zip(answers) {
+            let answer = answer.ok_or_else(|| {
+                EndpointError::Protocol("manifests answered fewer files than asked".into())
+            })?;
+            if let Ok(m) = &answer {
+                memory.hold(self.share, path, m);
+            }
+            out.push(answer);
+        }
+        Ok(out)
     }
 
     async fn read_chunks(

@@ -46,7 +46,10 @@ use vmsync_protocol::limits::{
     MAX_HANDSHAKE_BYTES, MAX_MESSAGE_BYTES, MAX_OUTSTANDING_REQUESTS, MAX_REASON_BYTES,
 };
 use vmsync_protocol::listing;
-use vmsync_protocol::messages::{ManifestForm, ScanDelta, StageAnswer, StageFile};
+use vmsync_protocol::messages::{
+    ManifestForm, ScanDelta, ScanWithManifests, StageAnswer, StageFile, SCAN_MANIFESTS_MAX,
+    SCAN_MANIFEST_MAX_FILE_BYTES,
+};
 use vmsync_protocol::{
     decode_chunk, decode_delta, encode_chunk, encode_delta, encode_message, CodecError, FrameCodec,
     Message, MessageCodec, Refused, Request, RequestBody, RequestKind, Response, ResponseBody,
@@ -428,6 +431,9 @@ async fn dispatch<E: Endpoint>(
             "ScanFull reached the plain dispatcher".into(),
         ))),
         RequestBody::Stage2 { files } => ResponseBody::Stage2(stage2(endpoint, files).await),
+        RequestBody::Scan2 { scope, options } => {
+            ResponseBody::Scan2(scan_with_manifests(endpoint, scope, options).await)
+        }
         RequestBody::ReadChunks2 { reads } => {
             let asked: Vec<_> = reads.iter().map(|r| r.read.chunk.hash).collect();
             let reads = reads
@@ -471,6 +477,38 @@ async fn dispatch<E: Endpoint>(
             }
         }
     }
+}
+
+/// Answers `Scan2`: the scan, and the manifests of the first
+/// [`SCAN_MANIFESTS_MAX`] files it lists of at most [`SCAN_MANIFEST_MAX_FILE_BYTES`] (in path
+/// order, as the report lists them), which the host would otherwise ask for next.
+async fn scan_with_manifests<E: Endpoint>(
+    endpoint: &mut E,
+    scope: ScanScope,
+    options: ScanOptions,
+) -> Result<ScanWithManifests, EndpointError> {
+    let report = endpoint.scan(scope, options).await?;
+    let small: Vec<(RelPath, FileMeta)> = report
+        .entries
+        .iter()
+        .filter_map(|(path, e)| match e {
+            Entry::File(m) if m.size <= SCAN_MANIFEST_MAX_FILE_BYTES => Some((path.clone(), *m)),
+            _ => None,
+        })
+        .take(SCAN_MANIFESTS_MAX)
+        .collect();
+    let mut manifests = Vec::with_capacity(small.len());
+    if !small.is_empty() {
+        let paths: Vec<RelPath> = small.iter().map(|(p, _)| p.clone()).collect();
+        let answers = endpoint.manifests(small).await?;
+        for (path, answer) in paths.into_iter().zip(answers) {
+            // A file that changed since is simply left out: the host asks for it as before.
+            if let Ok(m) = answer {
+                manifests.push((path, m));
+            }
+        }
+    }
+    Ok(ScanWithManifests { report, manifests })
 }
 
 /// Answers `Stage2`: rebuilds manifests sent as edits against the manifest of the file the
