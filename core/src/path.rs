@@ -263,6 +263,26 @@ impl<'de> Deserialize<'de> for RelPath {
     }
 }
 
+/// `path` and everything beneath it in a map keyed by path, in order, found by range rather
+/// than by looking at every key: descendants are exactly the paths starting with "path/", all
+/// sorting between `path` and "path0" ('/' sorts right before '0'); the range also holds
+/// siblings like "path-x", which are skipped.
+pub fn subtree<'a, V>(
+    map: &'a std::collections::BTreeMap<RelPath, V>,
+    path: &'a RelPath,
+) -> Box<dyn Iterator<Item = (&'a RelPath, &'a V)> + 'a> {
+    if path.is_root() {
+        return Box::new(map.iter());
+    }
+    let mut upper = path.0.to_vec();
+    upper.push(b'0');
+    let hi = RelPath(upper.into_boxed_slice());
+    Box::new(
+        map.range(path.clone()..hi)
+            .filter(move |(p, _)| *p == path || path.is_ancestor_of(p)),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,5 +390,26 @@ mod tests {
         let de: serde::de::value::BytesDeserializer<'_, serde::de::value::Error> =
             path.as_bytes().into_deserializer();
         RelPath::deserialize(de).unwrap()
+    }
+
+    proptest::proptest! {
+        /// The range lookup finds what a look at every entry finds: the path and everything
+        /// beneath it, nothing else (names chosen to sort around '/').
+        #[test]
+        fn subtree_is_the_path_and_its_descendants(
+            names in proptest::collection::btree_set("[ab/.0-]{1,6}", 0..40),
+            probe in "[ab.0-]{1,3}(/[ab.0-]{1,2})?",
+        ) {
+            let snap: std::collections::BTreeMap<RelPath, ()> = names
+                .iter()
+                .filter_map(|n| RelPath::from_bytes(n.as_bytes()).ok())
+                .map(|p| (p, ()))
+                .collect();
+            let Ok(path) = RelPath::from_bytes(probe.as_bytes()) else { return Ok(()) };
+            let fast: Vec<&RelPath> = subtree(&snap, &path).map(|(p, _)| p).collect();
+            let slow: Vec<&RelPath> =
+                snap.keys().filter(|p| **p == path || path.is_ancestor_of(p)).collect();
+            proptest::prop_assert_eq!(fast, slow);
+        }
     }
 }

@@ -27,7 +27,7 @@ use vmsync_core::endpoint::{
     Change, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, Outcome, Problem,
     ScanOptions, ScanReport, ScanScope, StageRequest,
 };
-use vmsync_core::path::escape_bytes;
+use vmsync_core::path::{escape_bytes, subtree};
 use vmsync_core::reconcile::{reconcile, Action, ConflictPolicy, Plan, Side, SyncMode};
 use vmsync_core::safety::{check_deletions, check_emptied, check_root, DeletionLimit, HaltReason};
 use vmsync_core::{Entry, FileMeta, Hash, RelPath, Snapshot};
@@ -820,28 +820,6 @@ impl Totals {
     }
 }
 
-/// `path` and everything beneath it in `snap`, in order, found by range rather than by
-/// looking at every entry.
-fn subtree<'a>(
-    snap: &'a Snapshot,
-    path: &'a RelPath,
-) -> Box<dyn Iterator<Item = (&'a RelPath, &'a Entry)> + 'a> {
-    if path.is_root() {
-        return Box::new(snap.iter());
-    }
-    // Descendants are exactly the paths starting with "path/", all sorting between `path` and
-    // "path0" ('/' sorts right before '0'); the range also holds siblings like "path-x".
-    let mut upper = path.as_bytes().to_vec();
-    upper.push(b'0');
-    let Ok(hi) = RelPath::from_bytes(&upper) else {
-        return Box::new(snap.get_key_value(path).into_iter());
-    };
-    Box::new(
-        snap.range(path.clone()..hi)
-            .filter(move |(p, _)| *p == path || path.is_ancestor_of(p)),
-    )
-}
-
 /// Removes `path` and everything beneath it from `snap`.
 fn remove_subtree(snap: &mut Snapshot, path: &RelPath) {
     if path.is_root() {
@@ -1364,25 +1342,6 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// The range lookup finds what a look at every entry finds: the path and everything
-        /// beneath it, nothing else (names chosen to sort around '/').
-        #[test]
-        fn subtree_is_the_path_and_its_descendants(
-            names in proptest::collection::btree_set("[ab/.0-]{1,6}", 0..40),
-            probe in "[ab.0-]{1,3}(/[ab.0-]{1,2})?",
-        ) {
-            let snap: Snapshot = names
-                .iter()
-                .filter_map(|n| RelPath::from_bytes(n.as_bytes()).ok())
-                .map(|p| (p, Entry::Dir { mode: 0o755 }))
-                .collect();
-            let Ok(path) = RelPath::from_bytes(probe.as_bytes()) else { return Ok(()) };
-            let fast: Vec<&RelPath> = subtree(&snap, &path).map(|(p, _)| p).collect();
-            let slow: Vec<&RelPath> =
-                snap.keys().filter(|p| **p == path || path.is_ancestor_of(p)).collect();
-            proptest::prop_assert_eq!(fast, slow);
-        }
-
         /// The running totals always equal a count over the whole snapshot.
         #[test]
         fn totals_follow_every_change(

@@ -5,7 +5,7 @@
 
 use crate::root::Stat;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use vmsync_core::{ChunkRef, FileMeta, Hash, Manifest, RelPath, Timestamp};
 
 /// The parts of `stat` that change whenever a file's content may have: if all match, the
@@ -74,7 +74,8 @@ pub struct ChunkLocation {
 
 #[derive(Debug, Default)]
 pub struct FileIndex {
-    files: HashMap<RelPath, IndexRecord>,
+    /// Ordered, so the files beneath a path are a range (see [`FileIndex::paths_under`]).
+    files: BTreeMap<RelPath, IndexRecord>,
     chunks: HashMap<Hash, ChunkLocation>,
 }
 
@@ -105,6 +106,11 @@ impl FileIndex {
 
     pub fn paths(&self) -> impl Iterator<Item = &RelPath> {
         self.files.keys()
+    }
+
+    /// Indexed files at `path` or beneath it, without looking at the others.
+    pub fn paths_under<'a>(&'a self, path: &'a RelPath) -> impl Iterator<Item = &'a RelPath> {
+        vmsync_core::path::subtree(&self.files, path).map(|(p, _)| p)
     }
 
     /// A place to read `hash` from, if any indexed file had it when hashed. Callers verify the

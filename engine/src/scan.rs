@@ -524,13 +524,12 @@ fn identity_of_metadata(m: &std::fs::Metadata, dev: u64) -> Identity {
 
 /// Indexed files within `scope` that the scan did not find as regular files.
 fn gone_paths(index: &FileIndex, scope: &ScanScope, entries: &[(RelPath, Entry)]) -> Vec<RelPath> {
-    let in_scope = |p: &RelPath| match scope {
-        ScanScope::Full => true,
-        ScanScope::Paths(paths) => paths.iter().any(|s| s == p || s.is_ancestor_of(p)),
+    // A targeted scan looks at the index entries beneath its paths only.
+    let indexed: Box<dyn Iterator<Item = &RelPath>> = match scope {
+        ScanScope::Full => Box::new(index.paths()),
+        ScanScope::Paths(paths) => Box::new(paths.iter().flat_map(|s| index.paths_under(s))),
     };
-    let mut gone: Vec<RelPath> = index
-        .paths()
-        .filter(|p| in_scope(p))
+    let mut gone: Vec<RelPath> = indexed
         .filter(|p| {
             entries
                 .binary_search_by(|(q, _)| q.cmp(p))
@@ -539,6 +538,7 @@ fn gone_paths(index: &FileIndex, scope: &ScanScope, entries: &[(RelPath, Entry)]
         .cloned()
         .collect();
     gone.sort();
+    gone.dedup();
     gone
 }
 
