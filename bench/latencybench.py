@@ -31,7 +31,8 @@ Environment: SAMPLES (default 200), IDLE_SECS (default 30), WARMUP (default 5 un
 samples per direction), GAP_MS (pause between samples, default 10), BENCH_DIR (parent of the
 temporary directory), SAMPLE_TIMEOUT (seconds a sample may take before the run fails, default
 10), WRITE_MODE (`direct`, the default: open, write, close; `atomic`: a temp file renamed into
-place, as editors save).
+place, as editors save), EXTRA_FILES (default 0: that many more 200-byte files in the host's
+tree before the start, 100 a directory, to see what a big share costs a live edit).
 """
 
 import argparse
@@ -55,6 +56,7 @@ GAP_MS = float(os.environ.get("GAP_MS", "10"))
 SAMPLE_TIMEOUT = float(os.environ.get("SAMPLE_TIMEOUT", "10"))
 # "direct" (open, write, close: the issue's operation) or "atomic" (temp file + rename).
 WRITE_MODE = os.environ.get("WRITE_MODE", "direct")
+EXTRA_FILES = int(os.environ.get("EXTRA_FILES", "0"))
 BIG_TIMEOUT = 300.0
 STOP_TIMEOUT = 10.0
 FILE_BYTES = 1024
@@ -496,6 +498,11 @@ def main():
         make_repo(vm.host_src)
         os.makedirs(os.path.join(vm.host_src, "lat-h2g"))
         os.makedirs(os.path.join(vm.guest_src, "lat-g2h"))
+        for i in range(EXTRA_FILES):
+            write(os.path.join(vm.host_src, f"bulk/d{i // 100:04d}/f{i:06d}.txt"),
+                  f"extra file {i}\n".encode() * 12)
+        if EXTRA_FILES:
+            log(f"{EXTRA_FILES} extra files in the host's tree")
         vm.start()
         log("agents in sync")
 
@@ -548,7 +555,8 @@ def main():
         print(f"load average at start: {load_start}, at end: {loadavg()}")
         print(f"vmsync live-sync benchmark: {os.cpu_count()} CPUs, Unix socket, "
               f"{FILE_BYTES} B files ({WRITE_MODE} writes), {SAMPLES} samples per direction "
-              f"(+{WARMUP} warm-up), {GAP_MS:g} ms between samples")
+              f"(+{WARMUP} warm-up), {GAP_MS:g} ms between samples"
+              + (f", {EXTRA_FILES} extra files in the share" if EXTRA_FILES else ""))
         print()
         print(f"{'edit-to-visible':<22} {'samples':>7} {'p50 ms':>8} {'p90 ms':>8} "
               f"{'p99 ms':>8} {'max ms':>8} {'mean ms':>8}")
