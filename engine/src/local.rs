@@ -102,6 +102,28 @@ struct WatchState {
     rules: SharedRules,
     /// Why watching is not possible (shown in status); changes then come as periodic rescans.
     failed: Mutex<Option<String>>,
+    /// When the directories that may lack a watch are rescanned next (past the watch limit).
+    unwatched_next: Mutex<Option<std::time::Instant>>,
+    /// How often that is: [`crate::watch::UNWATCHED_RESCAN`] (tests shorten it).
+    unwatched_every: std::time::Duration,
+}
+
+impl WatchState {
+    fn unwatched_due(&self) -> std::time::Instant {
+        let mut next = self
+            .unwatched_next
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *next.get_or_insert_with(|| std::time::Instant::now() + self.unwatched_every)
+    }
+
+    fn unwatched_done(&self) {
+        let mut next = self
+            .unwatched_next
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *next = Some(std::time::Instant::now() + self.unwatched_every);
+    }
 }
 
 /// With no watch (inotify limit reached), how often the whole share is rescanned instead.
@@ -122,6 +144,8 @@ impl LocalEndpoint {
             watcher: std::sync::OnceLock::new(),
             rules: watch_rules.clone(),
             failed: Mutex::new(None),
+            unwatched_next: Mutex::new(None),
+            unwatched_every: crate::watch::UNWATCHED_RESCAN,
         };
         let share = LocalShare {
             name: name.to_string(),
@@ -176,8 +200,13 @@ impl LocalEndpoint {
     }
 
     /// Why this share cannot be watched (it is then rescanned every
-    /// [`UNWATCHED_RESCAN_MS`]); `None` while watching works or has not started.
+    /// [`UNWATCHED_RESCAN_MS`]), or not all of it (the watch limit was hit while watching:
+    /// what may lack a watch is rescanned every [`crate::watch::UNWATCHED_RESCAN`]); `None`
+    /// while watching works or has not started.
     pub fn watch_problem(&self) -> Option<String> {
+        if let Some(problem) = self.watch.watcher.get().and_then(|w| w.limit_problem()) {
+            return Some(problem);
+        }
         self.watch.failed.lock().ok().and_then(|f| f.clone())
     }
 
@@ -263,7 +292,22 @@ impl Endpoint for LocalEndpoint {
     async fn changes(&mut self) -> Result<ChangeHints, EndpointError> {
         if let Some(watcher) = self.watch.watcher.get().cloned() {
             loop {
-                let hints = watcher.next().await;
+                let hints = match watcher.unwatched() {
+                    None => watcher.next().await,
+                    // Past the watch limit: hints as they come, and every so often a rescan of
+                    // what may lack a watch (on a clock of its own, so a stream of hints
+                    // cannot put it off).
+                    Some(dirs) => {
+                        let due = self.watch.unwatched_due();
+                        tokio::select! {
+                            hints = watcher.next() => hints,
+                            () = tokio::time::sleep_until(due.into()) => {
+                                self.watch.unwatched_done();
+                                return Ok(dirs);
+                            }
+                        }
+                    }
+                };
                 // Filtering waits for the share (a transition may hold it). Cancelled meanwhile
                 // (a long-poll's timeout), the hints go back to the watcher, not astray.
                 let mut pending = Requeue {
@@ -1084,5 +1128,42 @@ impl OpenFiles {
         let mut buf = vec![0u8; usize::try_from(len).ok()?];
         file.read_exact_at(&mut buf, offset).ok()?;
         Some(buf)
+    }
+}
+
+#[cfg(test)]
+mod watch_limit_tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Past the watch limit, `changes` keeps coming back, every so often, with the directories
+    /// that may lack a watch, even when nothing is heard; and `status` says why.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn past_the_watch_limit_unwatched_directories_are_rescanned_periodically() {
+        let dir = tempfile::tempdir().unwrap();
+        let share = dir.path().join("share");
+        std::fs::create_dir_all(share.join("b")).unwrap();
+        let db = Arc::new(StateDb::open(dir.path(), "state.redb").unwrap());
+        let mut ep = LocalEndpoint::new("s", share.clone(), Filter::none(), db).unwrap();
+        Arc::get_mut(&mut ep.watch).unwrap().unwatched_every = Duration::from_millis(200);
+        assert!(
+            ep.changes().await.unwrap().rescan,
+            "the first call starts the watch"
+        );
+        assert_eq!(ep.watch_problem(), None);
+        let watcher = ep.watch.watcher.get().unwrap().clone();
+        let error = notify::Error::new(notify::ErrorKind::MaxFilesWatch).add_path(share.join("b"));
+        watcher.inject(Err(error));
+        assert!(ep.changes().await.unwrap().rescan, "a full rescan first");
+        assert!(ep.watch_problem().unwrap().contains("max_user_watches"));
+        let b = RelPath::from_bytes(b"b").unwrap();
+        for _ in 0..2 {
+            let hints = tokio::time::timeout(Duration::from_secs(5), ep.changes())
+                .await
+                .expect("a periodic rescan with nothing heard")
+                .unwrap();
+            assert_eq!(hints.paths, vec![b.clone()]);
+            assert!(!hints.rescan);
+        }
     }
 }

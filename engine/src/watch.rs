@@ -4,6 +4,13 @@
 //! overflowed event queue, too many paths, a directory that could not be watched) becomes
 //! "rescan everything".
 //!
+//! The inotify watch limit (`fs.inotify.max_user_watches`) can be hit while a share is watched:
+//! a new directory then gets no watch, and nothing inside it would ever be heard of again.
+//! From then on the watcher keeps the directories that may lack a watch (the one `notify`
+//! names, those created shortly before, which its failed batch skipped, and every one created
+//! since) and hands them out every [`UNWATCHED_RESCAN`] for a targeted rescan, and `status`
+//! says so ([`ShareWatcher::limit_problem`]).
+//!
 //! Coalescing needs no timer: hints accumulate while the controller is busy with a cycle and
 //! are taken all at once when it asks again, so a burst of thousands of events costs one
 //! targeted cycle, and a single edit is handed over the moment it happens.
@@ -20,9 +27,9 @@
 
 use crate::filter::Filter;
 use crate::gitignore::is_ignore_file_name;
-use notify::event::{ModifyKind, RenameMode};
+use notify::event::{CreateKind, ModifyKind, RenameMode};
 use notify::{EventKind, RecursiveMode, Watcher as _};
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -171,6 +178,74 @@ struct Shared {
     wake: tokio::sync::Notify,
     /// When the first half of a rename (its old name) was seen with no second half yet.
     half_move: Mutex<Option<Instant>>,
+    unwatched: Mutex<Unwatched>,
+}
+
+/// How often directories that may lack a watch are rescanned, once the watch limit was hit.
+pub const UNWATCHED_RESCAN: Duration = Duration::from_secs(10);
+
+/// How long a new directory counts as "just created": `notify` adds the watches of one batch
+/// of events in a row and stops at the first that hits the limit, so the directories created
+/// just before the one it names may have none either.
+const RECENT_DIR_WINDOW: Duration = Duration::from_secs(2);
+/// At most this many recent directories are remembered (beyond, the oldest go).
+const RECENT_DIRS_MAX: usize = 4096;
+
+/// What the watcher knows about directories without a watch.
+#[derive(Default)]
+struct Unwatched {
+    /// Why (set when the watch limit was first hit): shown in `status`.
+    problem: Option<String>,
+    /// Directories that may have no watch, coalesced; "everything" when there are too many.
+    dirs: HintSet,
+    /// Directories created in the last [`RECENT_DIR_WINDOW`], oldest first.
+    recent: VecDeque<(Instant, RelPath)>,
+}
+
+impl Unwatched {
+    /// A directory appeared (created, or moved in).
+    fn dir_created(&mut self, path: RelPath, now: Instant) {
+        if self.problem.is_some() {
+            self.dirs.add(path);
+            return;
+        }
+        while self
+            .recent
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > RECENT_DIR_WINDOW)
+            || self.recent.len() >= RECENT_DIRS_MAX
+        {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((now, path));
+    }
+
+    /// What to rescan periodically; `None` before the watch limit was hit.
+    fn hints(&self) -> Option<ChangeHints> {
+        self.problem.as_ref()?;
+        Some(ChangeHints {
+            paths: self.dirs.paths.iter().cloned().collect(),
+            rescan: self.dirs.rescan,
+        })
+    }
+
+    /// The watch limit was hit at `failed` (where `notify` says; `None` when it does not).
+    fn limit_hit(&mut self, failed: Option<RelPath>, why: String) {
+        if self.problem.is_none() {
+            self.problem = Some(format!(
+                "inotify watch limit reached (fs.inotify.max_user_watches): directories created \
+                 since are rescanned every {} s; raise the limit and restart the agent ({why})",
+                UNWATCHED_RESCAN.as_secs()
+            ));
+        }
+        match failed {
+            Some(path) => self.dirs.add(path),
+            None => self.dirs.add_rescan(),
+        }
+        for (_, path) in self.recent.drain(..) {
+            self.dirs.add(path);
+        }
+    }
 }
 
 /// How long hints wait for a rename's second half (inotify queues both halves together, so
@@ -183,6 +258,10 @@ const HALF_MOVE_WAIT: Duration = Duration::from_millis(5);
 pub struct ShareWatcher {
     shared: Arc<Shared>,
     _watcher: notify::RecommendedWatcher,
+    #[cfg(test)]
+    root: PathBuf,
+    #[cfg(test)]
+    rules: SharedRules,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -196,8 +275,7 @@ pub struct WatchError {
 impl WatchError {
     /// The inotify watch limit (`fs.inotify.max_user_watches`) was reached.
     pub fn is_watch_limit(&self) -> bool {
-        matches!(self.source.kind, notify::ErrorKind::MaxFilesWatch)
-            || matches!(&self.source.kind, notify::ErrorKind::Io(e) if e.raw_os_error() == Some(28))
+        is_limit(&self.source)
     }
 }
 
@@ -207,51 +285,11 @@ impl ShareWatcher {
         let shared = Arc::new(Shared::default());
         let cb_shared = shared.clone();
         let cb_root = root.to_path_buf();
+        #[cfg(test)]
+        let test_rules = rules.clone();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                let mut hints = match cb_shared.hints.lock() {
-                    Ok(h) => h,
-                    Err(poisoned) => poisoned.into_inner(),
-                };
-                match event {
-                    Ok(event) => {
-                        if let Ok(mut half) = cb_shared.half_move.lock() {
-                            match event.kind {
-                                EventKind::Modify(ModifyKind::Name(RenameMode::From)) => {
-                                    half.get_or_insert_with(Instant::now);
-                                }
-                                EventKind::Modify(ModifyKind::Name(
-                                    RenameMode::To | RenameMode::Both,
-                                )) => *half = None,
-                                _ => {}
-                            }
-                        }
-                        if event.need_rescan() {
-                            hints.add_rescan();
-                        } else if !matches!(event.kind, EventKind::Access(_)) {
-                            let rules = match rules.read() {
-                                Ok(r) => r,
-                                Err(poisoned) => poisoned.into_inner(),
-                            };
-                            for path in &event.paths {
-                                if let Some(hint) =
-                                    relative(&cb_root, path).and_then(|rel| rules.hint_for(rel))
-                                {
-                                    hints.add(hint);
-                                }
-                            }
-                        }
-                    }
-                    // A watch that failed (a new directory past the watch limit, a queue overflow):
-                    // the only safe hint left is "rescan everything".
-                    Err(e) => {
-                        tracing::warn!(root = %cb_root.display(), "watch error: {e}");
-                        hints.add_rescan();
-                    }
-                }
-                if !hints.is_empty() {
-                    cb_shared.wake.notify_one();
-                }
+                on_event(&cb_shared, &cb_root, &rules, event);
             })
             .map_err(|source| WatchError {
                 path: root.to_path_buf(),
@@ -266,7 +304,34 @@ impl ShareWatcher {
         Ok(ShareWatcher {
             shared,
             _watcher: watcher,
+            #[cfg(test)]
+            root: root.to_path_buf(),
+            #[cfg(test)]
+            rules: test_rules,
         })
+    }
+
+    /// Why part of the share may be unwatched (the watch limit was hit while watching); `None`
+    /// while every directory has its watch.
+    pub fn limit_problem(&self) -> Option<String> {
+        self.shared
+            .unwatched
+            .lock()
+            .ok()
+            .and_then(|u| u.problem.clone())
+    }
+
+    /// The directories that may lack a watch, for a periodic rescan (see the module docs);
+    /// `None` while the watch limit has not been hit.
+    pub fn unwatched(&self) -> Option<ChangeHints> {
+        self.shared.unwatched.lock().ok()?.hints()
+    }
+
+    /// Feeds an event as if `notify` had sent it (tests: the watch limit cannot be reached on
+    /// purpose without starving every other inotify user on the machine).
+    #[cfg(test)]
+    pub(crate) fn inject(&self, event: notify::Result<notify::Event>) {
+        on_event(&self.shared, &self.root, &self.rules, event);
     }
 
     /// Puts hints taken with [`ShareWatcher::next`] back, for a consumer that could not finish
@@ -318,6 +383,85 @@ impl ShareWatcher {
     }
 }
 
+/// Turns one `notify` event (or error) into hints, on the callback thread.
+fn on_event(
+    shared: &Shared,
+    root: &Path,
+    rules: &SharedRules,
+    event: notify::Result<notify::Event>,
+) {
+    let mut hints = match shared.hints.lock() {
+        Ok(h) => h,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    let unwatched = || match shared.unwatched.lock() {
+        Ok(u) => u,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    match event {
+        Ok(event) => {
+            if let Ok(mut half) = shared.half_move.lock() {
+                match event.kind {
+                    EventKind::Modify(ModifyKind::Name(RenameMode::From)) => {
+                        half.get_or_insert_with(Instant::now);
+                    }
+                    EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both)) => {
+                        *half = None
+                    }
+                    _ => {}
+                }
+            }
+            // Where `notify` places a new watch: a created directory, or anything moved in
+            // (a file there costs a needless rescan at worst).
+            let new_dir = matches!(
+                event.kind,
+                EventKind::Create(CreateKind::Folder)
+                    | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
+            );
+            if new_dir {
+                let now = Instant::now();
+                let mut u = unwatched();
+                // For a rename with both names, the new one is the last.
+                if let Some(rel) = event.paths.last().and_then(|p| relative(root, p)) {
+                    u.dir_created(rel, now);
+                }
+            }
+            if event.need_rescan() {
+                hints.add_rescan();
+            } else if !matches!(event.kind, EventKind::Access(_)) {
+                let rules = match rules.read() {
+                    Ok(r) => r,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
+                for path in &event.paths {
+                    if let Some(hint) = relative(root, path).and_then(|rel| rules.hint_for(rel)) {
+                        hints.add(hint);
+                    }
+                }
+            }
+        }
+        // A watch that failed (a new directory past the watch limit, a queue overflow): rescan
+        // everything now; past the watch limit, also keep rescanning what may lack a watch.
+        Err(e) => {
+            tracing::warn!(root = %root.display(), "watch error: {e}");
+            if is_limit(&e) {
+                let failed = e.paths.first().and_then(|p| relative(root, p));
+                unwatched().limit_hit(failed, e.to_string());
+            }
+            hints.add_rescan();
+        }
+    }
+    if !hints.is_empty() {
+        shared.wake.notify_one();
+    }
+}
+
+/// `notify`'s way of saying the inotify watch limit was reached.
+fn is_limit(e: &notify::Error) -> bool {
+    matches!(e.kind, notify::ErrorKind::MaxFilesWatch)
+        || matches!(&e.kind, notify::ErrorKind::Io(io) if io.raw_os_error() == Some(28))
+}
+
 /// `path` relative to `root` as a `RelPath`; `None` outside the root, inside the reserved
 /// directory, or not a valid share path.
 fn relative(root: &Path, path: &Path) -> Option<RelPath> {
@@ -339,6 +483,53 @@ mod tests {
 
     fn p(s: &str) -> RelPath {
         RelPath::from_bytes(s.as_bytes()).unwrap()
+    }
+
+    fn limit_error(path: &str) -> notify::Error {
+        notify::Error::new(notify::ErrorKind::MaxFilesWatch).add_path(PathBuf::from(path))
+    }
+
+    fn created_dir(path: &str) -> notify::Event {
+        notify::Event::new(EventKind::Create(CreateKind::Folder)).add_path(PathBuf::from(path))
+    }
+
+    /// Past the watch limit: the directory `notify` names, those created just before it (its
+    /// batch skipped them) and every one created since are kept for periodic rescans; a
+    /// directory created long before keeps its watch and is left out.
+    #[test]
+    fn the_watch_limit_keeps_what_may_lack_a_watch() {
+        let shared = Shared::default();
+        let rules: SharedRules = Arc::new(RwLock::new(WatchRules::new(Filter::none())));
+        let root = Path::new("/s");
+        let t0 = Instant::now();
+        {
+            let mut u = shared.unwatched.lock().unwrap();
+            u.dir_created(p("old"), t0);
+            assert_eq!(u.hints(), None, "nothing is unwatched before the limit");
+        }
+        // "old" is now outside the recent window.
+        shared.unwatched.lock().unwrap().recent[0].0 = t0 - RECENT_DIR_WINDOW * 2;
+        on_event(&shared, root, &rules, Ok(created_dir("/s/a/just-made")));
+        on_event(&shared, root, &rules, Err(limit_error("/s/b")));
+        let taken = shared.hints.lock().unwrap().take();
+        assert!(taken.rescan, "the limit also asks for one full rescan now");
+        on_event(&shared, root, &rules, Ok(created_dir("/s/c/later")));
+        on_event(
+            &shared,
+            root,
+            &rules,
+            Ok(created_dir("/s/a/just-made/deeper")),
+        );
+        let u = shared.unwatched.lock().unwrap();
+        assert!(u.problem.as_deref().unwrap().contains("max_user_watches"));
+        let got: Vec<String> = u
+            .hints()
+            .unwrap()
+            .paths
+            .iter()
+            .map(|p| p.escaped())
+            .collect();
+        assert_eq!(got, ["a/just-made", "b", "c/later"]);
     }
 
     #[test]
