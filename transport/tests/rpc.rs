@@ -280,10 +280,19 @@ async fn endpoint_errors_travel_as_values() {
     impl vmsync_core::endpoint::Endpoint for Broken {
         async fn scan(
             &mut self,
-            _: ScanScope,
+            scope: ScanScope,
             _: ScanOptions,
         ) -> Result<vmsync_core::endpoint::ScanReport, EndpointError> {
-            Err(EndpointError::RootMissing("/srv/share".into()))
+            match scope {
+                ScanScope::Full => Err(EndpointError::RootMissing("/srv/share".into())),
+                // A targeted scan works; the manifests its answer would carry do not.
+                ScanScope::Paths(_) => Ok(vmsync_core::endpoint::ScanReport {
+                    root: None,
+                    entries: vec![(p("f"), Entry::File(meta_of(b"x")))],
+                    problems: vec![],
+                    ignored: vec![],
+                }),
+            }
         }
         async fn manifests(
             &mut self,
@@ -340,6 +349,14 @@ async fn endpoint_errors_travel_as_values() {
     assert_eq!(
         remote.scan(ScanScope::Full, ScanOptions::default()).await,
         Err(EndpointError::RootMissing("/srv/share".into()))
+    );
+    assert_eq!(
+        remote
+            .scan(ScanScope::Paths(vec![p("f")]), ScanOptions::default())
+            .await
+            .map(|r| r.entries.len()),
+        Ok(1),
+        "a scan whose manifests fail still answers"
     );
     assert_eq!(
         remote.manifests(vec![(p("f"), meta_of(b"x"))]).await,

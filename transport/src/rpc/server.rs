@@ -500,7 +500,11 @@ async fn scan_with_manifests<E: Endpoint>(
     let mut manifests = Vec::with_capacity(small.len());
     if !small.is_empty() {
         let paths: Vec<RelPath> = small.iter().map(|(p, _)| p.clone()).collect();
-        let answers = endpoint.manifests(small).await?;
+        // The manifests are a bonus: if they cannot be had, the scan still answers, and the
+        // host asks for them (and hears why) as it would have.
+        let Ok(answers) = endpoint.manifests(small).await else {
+            return Ok(ScanWithManifests { report, manifests });
+        };
         for (path, answer) in paths.into_iter().zip(answers) {
             // A file that changed since is simply left out: the host asks for it as before.
             if let Ok(m) = answer {
