@@ -16,8 +16,9 @@
 //! whole.
 //!
 //! Early sealing: the moment a staged file is complete (`stage` found every chunk locally, or
-//! `supply` wrote its last missing one), its seal (mode, mtime, fsync) goes to the share's
-//! background [`Sealer`], so the disk flush overlaps the rest of the transfer. `transition`
+//! `supply` wrote its last missing one) while other staged files still wait for chunks, its
+//! seal (mode, mtime, fsync) goes to the share's background [`Sealer`], so the disk flush
+//! overlaps the rest of the transfer. `transition`
 //! then only waits for seals still running (and runs itself those not yet started), and renames
 //! a temp only once its seal succeeded. Dropping a staged file drops its [`SealHandle`], which
 //! cancels the seal (or throws its result away).
@@ -498,13 +499,16 @@ impl LocalShare {
         let mut results = Vec::with_capacity(files.len());
         let mut sources = OpenFiles::default();
         let mut budget = MAX_STAGE_SIGNATURE_BYTES;
+        let mut completed = Vec::new();
         for req in files {
             let path = req.path.clone();
-            results.push(
-                self.stage_one(req, &mut sources, &mut budget)
-                    .map_err(|reason| Problem { path, reason }),
-            );
+            let result = self.stage_one(req, &mut sources, &mut budget);
+            if result.as_ref().is_ok_and(|missing| missing.is_empty()) {
+                completed.push(path.clone());
+            }
+            results.push(result.map_err(|reason| Problem { path, reason }));
         }
+        self.seal_early(completed);
         Ok(results)
     }
 
@@ -627,22 +631,20 @@ impl LocalShare {
             self.echoes.insert(path, None);
         }
         let want = self.offer_bases(&req, want, sources, budget);
-        let mut staged = Staged {
+        let staged = Staged {
             temp,
             meta: req.meta,
             manifest: req.manifest,
             missing,
             seal: None,
         };
-        if staged.missing.is_empty() {
-            staged.seal_early(&mut self.sealer, &req.path);
-        }
         self.staged.insert(req.path, staged);
         Ok(want)
     }
 
     fn supply(&mut self, chunks: Vec<(Hash, ChunkData)>) -> Result<Vec<Hash>, EndpointError> {
         let mut still_missing = Vec::new();
+        let mut completed = Vec::new();
         let mut bases = OpenFiles::default();
         for (hash, data) in chunks {
             if !self.wanted.contains_key(&hash) {
@@ -684,11 +686,30 @@ impl LocalShare {
                     })?;
                 }
                 if staged.missing.is_empty() {
+                    completed.push(path);
+                }
+            }
+        }
+        self.seal_early(completed);
+        Ok(still_missing)
+    }
+
+    /// Hands the seals of these just completed staged files to the background sealer, if
+    /// other staged files still wait for chunks: the rest of the transfer then overlaps their
+    /// fsyncs. With nothing more to come, their transition follows at once and seals them
+    /// itself: handing a live edit's one file to another thread would only add two thread
+    /// wake-ups to its latency.
+    fn seal_early(&mut self, completed: Vec<RelPath>) {
+        if self.wanted.is_empty() {
+            return;
+        }
+        for path in completed {
+            if let Some(staged) = self.staged.get_mut(&path) {
+                if staged.missing.is_empty() && staged.seal.is_none() {
                     staged.seal_early(&mut self.sealer, &path);
                 }
             }
         }
-        Ok(still_missing)
     }
 
     /// Rebuilds chunk `hash` from the base offered for it and `delta`: `None` unless the base
@@ -1300,6 +1321,14 @@ mod tests {
             .collect()
     }
 
+    /// Stages a file whose chunks never come: other staged files then complete while more
+    /// transfer is still to come, which is when they are sealed early. Returns its path.
+    fn keep_waiting(share: &mut LocalShare) -> RelPath {
+        let path = RelPath::from_bytes(b"pending").unwrap();
+        assert!(!stage(share, &path, &content(999)).is_empty());
+        path
+    }
+
     fn create(path: &RelPath, data: &[u8]) -> Change {
         Change {
             path: path.clone(),
@@ -1374,6 +1403,7 @@ mod tests {
     #[test]
     fn file_completed_by_supply_is_sealed_before_transition() {
         let mut f = fixture();
+        keep_waiting(&mut f.share);
         let path = RelPath::from_bytes(b"f.bin").unwrap();
         let data = content(1);
         let mut missing = stage(&mut f.share, &path, &data);
@@ -1398,6 +1428,7 @@ mod tests {
         let data = content(2);
         std::fs::write(f.share_dir.join("old"), &data).unwrap();
         full_scan(&mut f.share);
+        keep_waiting(&mut f.share);
         let path = RelPath::from_bytes(b"copy").unwrap();
         assert!(stage(&mut f.share, &path, &data).is_empty(), "all local");
         eventually("the background seal", || is_sealed_on_disk(&f.share, &path));
@@ -1412,6 +1443,7 @@ mod tests {
         f.share
             .sealer
             .set_hook(Some(Arc::new(|| Some(rustix::io::Errno::IO))));
+        let pending = keep_waiting(&mut f.share);
         let path = RelPath::from_bytes(b"f.bin").unwrap();
         let data = content(3);
         let missing = stage(&mut f.share, &path, &data);
@@ -1423,7 +1455,8 @@ mod tests {
             vec![Outcome::Failed("content was not staged".into())]
         );
         assert!(!f.share_dir.join("f.bin").exists());
-        assert!(f.share.staged.is_empty());
+        assert!(!f.share.staged.contains_key(&path));
+        f.share.unstage(&pending);
         assert_eq!(leftover_temps(&f.share_dir), 0);
     }
 
@@ -1434,6 +1467,7 @@ mod tests {
         // own seal (which succeeds) decides.
         let (hook, entered, release) = holding_hook(vec![Some(rustix::io::Errno::IO), None]);
         f.share.sealer.set_hook(Some(hook));
+        let pending = keep_waiting(&mut f.share);
         let path = RelPath::from_bytes(b"f.bin").unwrap();
         let data = content(4);
         let missing = stage(&mut f.share, &path, &data);
@@ -1449,6 +1483,7 @@ mod tests {
         let outcomes = f.share.transition(vec![create(&path, &data)]).unwrap();
         assert_eq!(outcomes, vec![Outcome::Applied]);
         assert_eq!(std::fs::read(f.share_dir.join("f.bin")).unwrap(), data);
+        f.share.unstage(&pending);
         assert_eq!(leftover_temps(&f.share_dir), 0);
     }
 
@@ -1458,6 +1493,7 @@ mod tests {
         // The first seal succeeds after its file was staged again; the new temp's fails.
         let (hook, entered, release) = holding_hook(vec![None, Some(rustix::io::Errno::IO)]);
         f.share.sealer.set_hook(Some(hook));
+        keep_waiting(&mut f.share);
         let path = RelPath::from_bytes(b"f.bin").unwrap();
         let data = content(5);
         let missing = stage(&mut f.share, &path, &data);
@@ -1482,6 +1518,7 @@ mod tests {
         let mut f = fixture();
         let (hook, entered, release) = holding_hook(vec![None]);
         f.share.sealer.set_hook(Some(hook));
+        keep_waiting(&mut f.share);
         let path = RelPath::from_bytes(b"f.bin").unwrap();
         let data = content(6);
         let missing = stage(&mut f.share, &path, &data);
@@ -1506,6 +1543,7 @@ mod tests {
         // Every worker held in a seal of another file: this file's job stays queued.
         let (hook, entered, gate) = gate_hook();
         f.share.sealer.set_hook(Some(hook));
+        keep_waiting(&mut f.share);
         let mut busy = Vec::new();
         for i in 0..crate::seal::SEAL_WORKERS {
             let p = RelPath::from_bytes(format!("busy{i}").as_bytes()).unwrap();
@@ -1530,5 +1568,23 @@ mod tests {
             outcomes.iter().all(|o| *o == Outcome::Applied),
             "{outcomes:?}"
         );
+    }
+
+    #[test]
+    fn last_file_to_complete_is_left_for_its_transition() {
+        let mut f = fixture();
+        let path = RelPath::from_bytes(b"f.bin").unwrap();
+        let data = content(8);
+        let missing = stage(&mut f.share, &path, &data);
+        f.share.supply(missing).unwrap();
+        // Nothing more to transfer: no thread hand-off, the transition seals it (a live edit).
+        assert!(f.share.staged[&path].seal.is_none());
+        assert_eq!(temp_meta(&f.share, &path).mode() & 0o7777, 0o600);
+        let outcomes = f.share.transition(vec![create(&path, &data)]).unwrap();
+        assert_eq!(outcomes, vec![Outcome::Applied]);
+        let placed = f.share_dir.join("f.bin");
+        assert_eq!(std::fs::read(&placed).unwrap(), data);
+        assert_eq!(std::fs::metadata(&placed).unwrap().mode() & 0o7777, MODE);
+        assert_eq!(f.share.sealer.workers(), 0, "no sealing thread started");
     }
 }
