@@ -1,4 +1,4 @@
-//! Early sealing: runs a staged file's seal (mode, mtime, fsync: a [`SealJob`]) on a few
+//! Early sealing: runs a staged file's seal (mode, mtime, fsync: a [`SealJob`]) on a pool of
 //! background threads as soon as the file is complete, so the disk flush overlaps the rest of
 //! the transfer instead of all of it waiting for the transition.
 //!
@@ -17,10 +17,10 @@ use crate::root::{FsError, SealJob, Sealed};
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
-/// Most background threads per share that run seals. Concurrent fsyncs are what makes them
-/// cheap (the block layer merges their cache flushes: one thread fsyncing 1,000 small files
-/// took 2.5-3 s on the bench VM, sixteen 0.05 s), and a worker spends its time waiting on
-/// the disk, not on a CPU. Measured with bench/syncbench.py, see the commit that set it.
+/// Most background threads per share that run seals. Concurrency is what makes fsyncs cheap
+/// (one thread fsyncing 1,000 small new files took 2.5-3 s on the bench VM, sixteen 0.05 s:
+/// concurrent fsyncs share the disk's cache flushes), and a worker spends its time waiting
+/// on the disk, not on a CPU. Measured with bench/syncbench.py, see the commit that set it.
 pub const SEAL_WORKERS: usize = 16;
 
 /// How long a worker with nothing to do waits for a job before it ends: an idle share holds
