@@ -16,9 +16,10 @@
 //! whole.
 //!
 //! Early sealing: the moment a staged file is complete (`stage` found every chunk locally, or
-//! `supply` wrote its last missing one) while other staged files still wait for chunks, its
-//! seal (mode, mtime, fsync) goes to the share's background [`Sealer`], so the disk flush
-//! overlaps the rest of the transfer. `transition`
+//! `supply` wrote its last missing one), its seal (mode, mtime, fsync) goes to the share's
+//! background [`Sealer`], so the disk flush overlaps the rest of the transfer; except for a
+//! lone file that completes the transfer (a live edit), which its transition seals without a
+//! thread hand-off. `transition`
 //! then only waits for seals still running (and runs itself those not yet started), and renames
 //! a temp only once its seal succeeded. Dropping a staged file drops its [`SealHandle`], which
 //! cancels the seal (or throws its result away).
@@ -695,12 +696,13 @@ impl LocalShare {
     }
 
     /// Hands the seals of these just completed staged files to the background sealer, if
-    /// other staged files still wait for chunks: the rest of the transfer then overlaps their
-    /// fsyncs. With nothing more to come, their transition follows at once and seals them
-    /// itself: handing a live edit's one file to another thread would only add two thread
-    /// wake-ups to its latency.
+    /// other staged files still wait for chunks (the rest of the transfer then overlaps their
+    /// fsyncs) or if there are several (the pool seals them with more concurrency than the
+    /// transition would, and starts before it asks). One file completing the transfer is left
+    /// to its transition, which follows at once: handing a live edit's one file to another
+    /// thread would only add two thread wake-ups to its latency.
     fn seal_early(&mut self, completed: Vec<RelPath>) {
-        if self.wanted.is_empty() {
+        if self.wanted.is_empty() && completed.len() <= 1 {
             return;
         }
         for path in completed {
@@ -1586,5 +1588,31 @@ mod tests {
         assert_eq!(std::fs::read(&placed).unwrap(), data);
         assert_eq!(std::fs::metadata(&placed).unwrap().mode() & 0o7777, MODE);
         assert_eq!(f.share.sealer.workers(), 0, "no sealing thread started");
+    }
+
+    #[test]
+    fn files_completing_the_transfer_together_are_sealed_early() {
+        let mut f = fixture();
+        let files: Vec<(RelPath, Vec<u8>)> = (0..3)
+            .map(|i| {
+                let p = RelPath::from_bytes(format!("f{i}").as_bytes()).unwrap();
+                (p, content(200 + i))
+            })
+            .collect();
+        let mut missing = Vec::new();
+        for (p, d) in &files {
+            missing.extend(stage(&mut f.share, p, d));
+        }
+        // One supply completes all three and the transfer: still worth the pool.
+        f.share.supply(missing).unwrap();
+        for (p, _) in &files {
+            eventually("the background seal", || is_sealed_on_disk(&f.share, p));
+        }
+        let changes = files.iter().map(|(p, d)| create(p, d)).collect();
+        let outcomes = f.share.transition(changes).unwrap();
+        assert!(
+            outcomes.iter().all(|o| *o == Outcome::Applied),
+            "{outcomes:?}"
+        );
     }
 }
