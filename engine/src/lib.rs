@@ -9,6 +9,7 @@
 //! - [`state`]: the redb database: per-share file index, and on the host the ancestor and halts.
 //! - [`scan`]: walks (part of) a share into entries, re-hashing only what changed.
 //! - [`local`]: the local `Endpoint`: scan, serve chunks, stage and apply changes.
+//! - [`seal`]: fsyncs complete staged files in the background, ahead of their transition.
 //! - [`conflicts`]: the conflict store that keeps every losing version out of the synced tree.
 //! - [`status`]: what `status` reports per share.
 //! - [`control`]: the control socket protocol (`status`, `sync`, `resume`) and its client.
@@ -27,6 +28,7 @@ pub mod local;
 pub mod notify_systemd;
 pub mod root;
 pub mod scan;
+pub mod seal;
 pub mod state;
 pub mod status;
 pub mod watch;

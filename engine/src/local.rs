@@ -15,14 +15,24 @@
 //! against the chunk id; one that does not verify stays missing, for the controller to send
 //! whole.
 //!
+//! Early sealing: the moment a staged file is complete (`stage` found every chunk locally, or
+//! `supply` wrote its last missing one), its seal (mode, mtime, fsync) goes to the share's
+//! background [`Sealer`], so the disk flush overlaps the rest of the transfer; except for a
+//! lone file that completes the transfer (a live edit), which its transition seals without a
+//! thread hand-off. `transition`
+//! then only waits for seals still running (and runs itself those not yet started), and renames
+//! a temp only once its seal succeeded. Dropping a staged file drops its [`SealHandle`], which
+//! cancels the seal (or throws its result away).
+//!
 //! All filesystem work is blocking; each call runs on tokio's blocking pool.
 
 use crate::chunk::hash_chunk;
 use crate::filter::Filter;
 use crate::gitignore::RulesCache;
 use crate::index::{FileIndex, Identity, IndexRecord};
-use crate::root::{FileKind, FsError, FsErrorKind, ShareRoot, TempFile};
+use crate::root::{FileKind, FsError, FsErrorKind, SealJob, Sealed, ShareRoot, TempFile};
 use crate::scan::{hash_file, scan};
+use crate::seal::{SealHandle, Sealer};
 use crate::state::StateDb;
 use crate::watch::{ShareWatcher, SharedRules, WatchRules};
 use std::collections::HashMap;
@@ -46,6 +56,22 @@ struct Staged {
     manifest: Manifest,
     /// Chunk id → offsets in the temp file still waiting for data.
     missing: HashMap<Hash, Vec<u64>>,
+    /// The seal submitted once `missing` became empty (`None` before, or if it could not be
+    /// submitted: `transition` then seals the temp itself).
+    seal: Option<SealHandle>,
+}
+
+impl Staged {
+    /// Hands this complete file's seal to `sealer`. A failure to hand it over (no descriptor
+    /// for the job's `dup`) only means `transition` will seal it itself.
+    fn seal_early(&mut self, sealer: &mut Sealer, path: &RelPath) {
+        match self.temp.seal_job(self.meta.mode, self.meta.mtime) {
+            Ok(job) => self.seal = Some(sealer.submit(job)),
+            Err(e) => {
+                tracing::debug!(path = %path.escaped(), "sealing at the transition instead: {e}");
+            }
+        }
+    }
 }
 
 /// Old bytes offered as the base for a missing chunk: re-read when its delta arrives.
@@ -84,6 +110,8 @@ pub struct LocalShare {
     echoes: HashMap<RelPath, Option<Identity>>,
     /// Files read and hashed by scans since start (a restart with nothing changed adds none).
     files_hashed: u64,
+    /// Seals complete staged files in the background (see the module docs).
+    sealer: Sealer,
 }
 
 /// A cloneable handle on a [`LocalShare`] that implements [`Endpoint`].
@@ -161,6 +189,7 @@ impl LocalEndpoint {
             bases: HashMap::new(),
             echoes: HashMap::new(),
             files_hashed: 0,
+            sealer: Sealer::new(),
         };
         Ok(LocalEndpoint {
             inner: Arc::new(Mutex::new(share)),
@@ -535,13 +564,16 @@ impl LocalShare {
         let mut results = Vec::with_capacity(files.len());
         let mut sources = OpenFiles::default();
         let mut budget = MAX_STAGE_SIGNATURE_BYTES;
+        let mut completed = Vec::new();
         for req in files {
             let path = req.path.clone();
-            results.push(
-                self.stage_one(req, &mut sources, &mut budget)
-                    .map_err(|reason| Problem { path, reason }),
-            );
+            let result = self.stage_one(req, &mut sources, &mut budget);
+            if result.as_ref().is_ok_and(|missing| missing.is_empty()) {
+                completed.push(path.clone());
+            }
+            results.push(result.map_err(|reason| Problem { path, reason }));
         }
+        self.seal_early(completed);
         Ok(results)
     }
 
@@ -664,20 +696,20 @@ impl LocalShare {
             self.echoes.insert(path, None);
         }
         let want = self.offer_bases(&req, want, sources, budget);
-        self.staged.insert(
-            req.path,
-            Staged {
-                temp,
-                meta: req.meta,
-                manifest: req.manifest,
-                missing,
-            },
-        );
+        let staged = Staged {
+            temp,
+            meta: req.meta,
+            manifest: req.manifest,
+            missing,
+            seal: None,
+        };
+        self.staged.insert(req.path, staged);
         Ok(want)
     }
 
     fn supply(&mut self, chunks: Vec<(Hash, ChunkData)>) -> Result<Vec<Hash>, EndpointError> {
         let mut still_missing = Vec::new();
+        let mut completed = Vec::new();
         let mut bases = OpenFiles::default();
         for (hash, data) in chunks {
             if !self.wanted.contains_key(&hash) {
@@ -718,9 +750,32 @@ impl LocalShare {
                         EndpointError::Io(format!("writing staged {}: {e}", path.escaped()))
                     })?;
                 }
+                if staged.missing.is_empty() {
+                    completed.push(path);
+                }
             }
         }
+        self.seal_early(completed);
         Ok(still_missing)
+    }
+
+    /// Hands the seals of these just completed staged files to the background sealer, if
+    /// other staged files still wait for chunks (the rest of the transfer then overlaps their
+    /// fsyncs) or if there are several (the pool seals them with more concurrency than the
+    /// transition would, and starts before it asks). One file completing the transfer is left
+    /// to its transition, which follows at once: handing a live edit's one file to another
+    /// thread would only add two thread wake-ups to its latency.
+    fn seal_early(&mut self, completed: Vec<RelPath>) {
+        if self.wanted.is_empty() && completed.len() <= 1 {
+            return;
+        }
+        for path in completed {
+            if let Some(staged) = self.staged.get_mut(&path) {
+                if staged.missing.is_empty() && staged.seal.is_none() {
+                    staged.seal_early(&mut self.sealer, &path);
+                }
+            }
+        }
     }
 
     /// Rebuilds chunk `hash` from the base offered for it and `delta`: `None` unless the base
@@ -760,7 +815,19 @@ impl LocalShare {
 
     fn transition(&mut self, changes: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {
         self.root()?.begin_batch();
-        self.seal_staged(&changes);
+        let clock = std::time::Instant::now();
+        let seals = self.seal_staged(&changes);
+        if seals != SealCounts::default() {
+            tracing::debug!(
+                share = %self.name,
+                early = seals.early,
+                waited = seals.waited,
+                claimed = seals.claimed,
+                inline = seals.inline,
+                "transition: staged files sealed in {} us",
+                clock.elapsed().as_micros()
+            );
+        }
         let mut outcomes = Vec::with_capacity(changes.len());
         let mut index_changes: Vec<(RelPath, Option<IndexRecord>)> = Vec::new();
         if self.echoes.len() >= MAX_ECHOES {
@@ -839,12 +906,17 @@ impl LocalShare {
         hints
     }
 
-    /// Seals (mode, mtime, fsync) the complete staged files these changes will commit, on a few
-    /// threads: concurrent fsyncs share journal commits, so a batch of small files costs about
-    /// as much as a few. A temp whose seal fails is dropped; its change then fails.
-    fn seal_staged(&mut self, changes: &[Change]) {
+    /// Makes sure the complete staged files these changes will commit are sealed (mode, mtime,
+    /// fsync). Most were handed to the background sealer as they completed: this takes the
+    /// results of those that finished, waits for those still running, and runs those not
+    /// started yet (or never handed over) itself, on a few threads: concurrent fsyncs let the
+    /// filesystem and the disk merge their work. A temp whose seal fails is dropped; its change
+    /// then fails. A temp whose seal result is missing (a worker gone) stays unsealed, and its
+    /// commit seals it.
+    fn seal_staged(&mut self, changes: &[Change]) -> SealCounts {
+        let mut counts = SealCounts::default();
         let Some(root) = self.root.as_ref() else {
-            return;
+            return counts;
         };
         let wanted: HashMap<&RelPath, &FileMeta> = changes
             .iter()
@@ -853,43 +925,107 @@ impl LocalShare {
                 _ => None,
             })
             .collect();
-        let mut jobs: Vec<(&RelPath, &mut Staged)> = self
+        let mut items: Vec<(&RelPath, &mut Staged)> = self
             .staged
             .iter_mut()
             .filter(|(p, s)| {
-                s.missing.is_empty() && wanted.get(p).is_some_and(|m| m.digest == s.meta.digest)
+                s.missing.is_empty()
+                    && wanted.get(p).is_some_and(|m| m.digest == s.meta.digest)
+                    && !s.temp.is_sealed(s.meta.mode, s.meta.mtime)
             })
             .collect();
-        if jobs.is_empty() {
-            return;
+        if items.is_empty() {
+            return counts;
         }
-        let per_thread = jobs.len().div_ceil(SEAL_THREADS);
-        let failed: Mutex<Vec<RelPath>> = Mutex::new(Vec::new());
-        let seal = |slice: &mut [(&RelPath, &mut Staged)]| {
-            for (path, staged) in slice.iter_mut() {
-                let (mode, mtime) = (staged.meta.mode, staged.meta.mtime);
-                if let Err(e) = root.seal_temp(&mut staged.temp, mode, mtime) {
-                    tracing::warn!(path = %path.escaped(), "fsync of staged file failed: {e}");
-                    if let Ok(mut f) = failed.lock() {
-                        f.push((*path).clone());
+        // Which seals to run here (not started by a worker, or never submitted) and which to
+        // wait for, by index into `items`. Claiming a queued job first keeps a worker from
+        // starting it behind our back.
+        let mut jobs: Vec<(usize, SealJob)> = Vec::new();
+        let mut waits: Vec<(usize, SealHandle)> = Vec::new();
+        let mut failed: Vec<RelPath> = Vec::new();
+        for (i, (path, staged)) in items.iter_mut().enumerate() {
+            let (mode, mtime) = (staged.meta.mode, staged.meta.mtime);
+            match staged.seal.take() {
+                Some(handle) => match handle.claim() {
+                    Some(job) => {
+                        counts.claimed += 1;
+                        jobs.push((i, job));
+                    }
+                    None => {
+                        if handle.is_done() {
+                            counts.early += 1;
+                        } else {
+                            counts.waited += 1;
+                        }
+                        waits.push((i, handle));
+                    }
+                },
+                None => {
+                    counts.inline += 1;
+                    match staged.temp.seal_job(mode, mtime) {
+                        Ok(job) => jobs.push((i, job)),
+                        // No descriptor to spare for a dup: seal through the temp's own.
+                        Err(_) => {
+                            if let Err(e) = root.seal_temp(&mut staged.temp, mode, mtime) {
+                                tracing::warn!(path = %path.escaped(), "fsync of staged file failed: {e}");
+                                failed.push((*path).clone());
+                            }
+                        }
                     }
                 }
             }
+        }
+        let mut results: Vec<(usize, Option<Result<Sealed, FsError>>)> = Vec::new();
+        let per_thread = jobs.len().div_ceil(SEAL_THREADS).max(1);
+        let run = |slice: Vec<(usize, SealJob)>| -> Vec<(usize, Option<Result<Sealed, FsError>>)> {
+            slice
+                .into_iter()
+                .map(|(i, job)| (i, Some(job.run())))
+                .collect()
         };
-        // The calling thread seals the first slice: a live edit's one file costs no thread.
+        let mut slices: Vec<Vec<(usize, SealJob)>> = Vec::new();
+        let mut jobs = jobs.into_iter().peekable();
+        while jobs.peek().is_some() {
+            slices.push(jobs.by_ref().take(per_thread).collect());
+        }
+        // The calling thread runs the first slice, then waits for the background's seals: a
+        // live edit's one file costs no thread.
         std::thread::scope(|scope| {
-            let mut slices = jobs.chunks_mut(per_thread);
+            let mut slices = slices.into_iter();
             let first = slices.next();
-            for slice in slices {
-                scope.spawn(move || seal(slice));
-            }
+            let workers: Vec<_> = slices
+                .map(|slice| scope.spawn(move || run(slice)))
+                .collect();
             if let Some(slice) = first {
-                seal(slice);
+                results.extend(run(slice));
+            }
+            for (i, handle) in waits {
+                results.push((i, handle.wait()));
+            }
+            for w in workers {
+                // A panicked thread's temps stay unsealed; their commits seal them.
+                results.extend(w.join().unwrap_or_default());
             }
         });
-        for path in failed.into_inner().unwrap_or_default() {
+        for (i, result) in results {
+            let Some((path, staged)) = items.get_mut(i) else {
+                continue;
+            };
+            match result {
+                Some(Ok(proof)) => {
+                    staged.temp.accept_seal(proof);
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(path = %path.escaped(), "fsync of staged file failed: {e}");
+                    failed.push((*path).clone());
+                }
+                None => {}
+            }
+        }
+        for path in failed {
             self.unstage(&path);
         }
+        counts
     }
 
     /// What `path` is on disk right now, hashing it if the index cannot vouch for it.
@@ -993,10 +1129,28 @@ impl LocalShare {
             Some(s) if !s.missing.is_empty() => return Err("staged file is incomplete".into()),
             _ => {}
         }
-        let Some(staged) = self.staged.remove(path) else {
+        let Some(mut staged) = self.staged.remove(path) else {
             return Err("content was not staged".into());
         };
         let root = self.root().map_err(|e| e.to_string())?;
+        // `seal_staged` settled every seal this commit could meet; should one still be out,
+        // it must finish (or be taken back) before the temp is renamed, and a failure is final.
+        if let Some(handle) = staged.seal.take() {
+            let result = match handle.claim() {
+                Some(job) => Some(job.run()),
+                None => handle.wait(),
+            };
+            match result {
+                Some(Ok(proof)) => {
+                    staged.temp.accept_seal(proof);
+                }
+                Some(Err(e)) => {
+                    root.discard_temp(staged.temp);
+                    return Err(e.to_string());
+                }
+                None => {}
+            }
+        }
         if let Some(Entry::Dir { .. }) = current {
             if let Err(e) = root.remove_dir(path) {
                 root.discard_temp(staged.temp);
@@ -1072,8 +1226,22 @@ fn max_staged_files() -> usize {
 /// the memory starts over, and echoes are rescanned as before.
 const MAX_ECHOES: usize = 65_536;
 
-/// Threads that fsync staged files of one transition batch.
+/// Threads that fsync the staged files of one transition batch that the background sealer
+/// has not started on.
 const SEAL_THREADS: usize = 8;
+
+/// How the staged files of one transition got sealed (for the debug log).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct SealCounts {
+    /// Sealed in the background before the transition asked.
+    early: usize,
+    /// Still being sealed in the background: waited for.
+    waited: usize,
+    /// Queued for the background but not started: sealed by the transition.
+    claimed: usize,
+    /// Never handed to the background: sealed by the transition.
+    inline: usize,
+}
 
 /// Most source files kept open at once while serving one request.
 const MAX_OPEN_SOURCE_FILES: usize = 64;
@@ -1165,5 +1333,387 @@ mod watch_limit_tests {
             assert_eq!(hints.paths, vec![b.clone()]);
             assert!(!hints.rescan);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::chunk_bytes;
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::{mpsc, Condvar};
+    use std::time::{Duration, Instant};
+    use vmsync_core::entry::Timestamp;
+
+    const MODE: u32 = 0o640;
+    const MTIME: Timestamp = Timestamp {
+        secs: 1_700_000_000,
+        nanos: 7,
+    };
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        share_dir: PathBuf,
+        share: LocalShare,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let share_dir = dir.path().join("share");
+        std::fs::create_dir(&share_dir).unwrap();
+        let db = Arc::new(StateDb::open(&dir.path().join("state"), "db").unwrap());
+        let LocalEndpoint { inner, .. } =
+            LocalEndpoint::new("t", share_dir.clone(), Filter::none(), db).unwrap();
+        let mut share = Arc::try_unwrap(inner).ok().unwrap().into_inner().unwrap();
+        full_scan(&mut share);
+        Fixture {
+            _dir: dir,
+            share_dir,
+            share,
+        }
+    }
+
+    fn full_scan(share: &mut LocalShare) {
+        let options = ScanOptions {
+            create_marker: true,
+        };
+        share.scan(&ScanScope::Full, &options).unwrap();
+    }
+
+    /// A few chunks of bytes no other test file shares.
+    fn content(seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..150_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn request(path: &RelPath, data: &[u8]) -> StageRequest {
+        let chunks = chunk_bytes(data);
+        StageRequest {
+            path: path.clone(),
+            meta: FileMeta {
+                size: data.len() as u64,
+                mode: MODE,
+                mtime: MTIME,
+                digest: Manifest::digest_of(&chunks),
+            },
+            manifest: Manifest { chunks },
+        }
+    }
+
+    /// Stages `data` at `path`; returns the chunks it still misses, with their bytes.
+    fn stage(share: &mut LocalShare, path: &RelPath, data: &[u8]) -> Vec<(Hash, ChunkData)> {
+        let req = request(path, data);
+        let chunks = req.manifest.chunks.clone();
+        let mut results = share.stage(vec![req]).unwrap();
+        let missing = results.pop().unwrap().unwrap();
+        missing
+            .iter()
+            .map(|m| {
+                let c = chunks.iter().find(|c| c.hash == m.hash).unwrap();
+                let start = usize::try_from(c.offset).unwrap();
+                let bytes = data[start..start + c.len as usize].to_vec();
+                (m.hash, ChunkData::Whole(bytes))
+            })
+            .collect()
+    }
+
+    /// Stages a file whose chunks never come: other staged files then complete while more
+    /// transfer is still to come, which is when they are sealed early. Returns its path.
+    fn keep_waiting(share: &mut LocalShare) -> RelPath {
+        let path = RelPath::from_bytes(b"pending").unwrap();
+        assert!(!stage(share, &path, &content(999)).is_empty());
+        path
+    }
+
+    fn create(path: &RelPath, data: &[u8]) -> Change {
+        Change {
+            path: path.clone(),
+            expected: None,
+            new: Some(Entry::File(request(path, data).meta)),
+        }
+    }
+
+    fn temp_meta(share: &LocalShare, path: &RelPath) -> std::fs::Metadata {
+        share.staged[path].temp.file.metadata().unwrap()
+    }
+
+    /// Polls `done` until it holds; fails after a generous deadline.
+    fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting: {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn is_sealed_on_disk(share: &LocalShare, path: &RelPath) -> bool {
+        let m = temp_meta(share, path);
+        m.mode() & 0o7777 == MODE
+            && (m.mtime(), m.mtime_nsec()) == (MTIME.secs, i64::from(MTIME.nanos))
+    }
+
+    fn leftover_temps(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir.join(".vmsync/tmp")).unwrap().count()
+    }
+
+    /// A hook that holds seals one at a time until released, announcing each on `entered`,
+    /// and ends the n-th with `results[n]` (`Some`: fail with that errno).
+    fn holding_hook(
+        results: Vec<Option<rustix::io::Errno>>,
+    ) -> (crate::seal::Hook, mpsc::Receiver<()>, mpsc::Sender<()>) {
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        let results = Mutex::new(results.into_iter());
+        let hook: crate::seal::Hook = Arc::new(move || {
+            // One seal at a time, announced only once it holds the turn: the n-th announced
+            // is the n-th released and gets the n-th result.
+            let turn = release_rx.lock().unwrap();
+            let _ = entered_tx.send(());
+            let _ = turn.recv();
+            results.lock().unwrap().next().flatten()
+        });
+        (hook, entered, release)
+    }
+
+    /// Open (true) or closed, and the signal that it opened.
+    type Gate = Arc<(Mutex<bool>, Condvar)>;
+
+    /// A hook that holds every seal, announcing each on `entered`, until the gate opens.
+    fn gate_hook() -> (crate::seal::Hook, mpsc::Receiver<()>, Gate) {
+        let (entered_tx, entered) = mpsc::channel();
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let g = gate.clone();
+        let hook: crate::seal::Hook = Arc::new(move || {
+            let _ = entered_tx.send(());
+            let (open, cv) = &*g;
+            let mut open = open.lock().unwrap();
+            while !*open {
+                open = cv.wait(open).unwrap();
+            }
+            None
+        });
+        (hook, entered, gate)
+    }
+
+    #[test]
+    fn file_completed_by_supply_is_sealed_before_transition() {
+        let mut f = fixture();
+        keep_waiting(&mut f.share);
+        let path = RelPath::from_bytes(b"f.bin").unwrap();
+        let data = content(1);
+        let mut missing = stage(&mut f.share, &path, &data);
+        assert!(missing.len() >= 2, "want a file of several chunks");
+        let last = missing.split_off(1);
+        f.share.supply(missing).unwrap();
+        // Incomplete: nothing to seal yet.
+        assert_eq!(temp_meta(&f.share, &path).mode() & 0o7777, 0o600);
+        f.share.supply(last).unwrap();
+        // Complete: sealed without anyone asking for a transition.
+        eventually("the background seal", || is_sealed_on_disk(&f.share, &path));
+        let outcomes = f.share.transition(vec![create(&path, &data)]).unwrap();
+        assert_eq!(outcomes, vec![Outcome::Applied]);
+        let placed = f.share_dir.join("f.bin");
+        assert_eq!(std::fs::read(&placed).unwrap(), data);
+        assert_eq!(std::fs::metadata(&placed).unwrap().mode() & 0o7777, MODE);
+    }
+
+    #[test]
+    fn file_found_locally_is_sealed_at_stage() {
+        let mut f = fixture();
+        let data = content(2);
+        std::fs::write(f.share_dir.join("old"), &data).unwrap();
+        full_scan(&mut f.share);
+        keep_waiting(&mut f.share);
+        let path = RelPath::from_bytes(b"copy").unwrap();
+        assert!(stage(&mut f.share, &path, &data).is_empty(), "all local");
+        eventually("the background seal", || is_sealed_on_disk(&f.share, &path));
+        let outcomes = f.share.transition(vec![create(&path, &data)]).unwrap();
+        assert_eq!(outcomes, vec![Outcome::Applied]);
+        assert_eq!(std::fs::read(f.share_dir.join("copy")).unwrap(), data);
+    }
+
+    #[test]
+    fn background_seal_failure_fails_the_change() {
+        let mut f = fixture();
+        f.share
+            .sealer
+            .set_hook(Some(Arc::new(|| Some(rustix::io::Errno::IO))));
+        let pending = keep_waiting(&mut f.share);
+        let path = RelPath::from_bytes(b"f.bin").unwrap();
+        let data = content(3);
+        let missing = stage(&mut f.share, &path, &data);
+        f.share.supply(missing).unwrap();
+        f.share.sealer.wait_idle();
+        let outcomes = f.share.transition(vec![create(&path, &data)]).unwrap();
+        assert_eq!(
+            outcomes,
+            vec![Outcome::Failed("content was not staged".into())]
+        );
+        assert!(!f.share_dir.join("f.bin").exists());
+        assert!(!f.share.staged.contains_key(&path));
+        f.share.unstage(&pending);
+        assert_eq!(leftover_temps(&f.share_dir), 0);
+    }
+
+    #[test]
+    fn restage_during_an_inflight_seal_gets_its_own_result() {
+        let mut f = fixture();
+        // The first seal fails, but only after its file was staged again: the new temp's
+        // own seal (which succeeds) decides.
+        let (hook, entered, release) = holding_hook(vec![Some(rustix::io::Errno::IO), None]);
+        f.share.sealer.set_hook(Some(hook));
+        let pending = keep_waiting(&mut f.share);
+        let path = RelPath::from_bytes(b"f.bin").unwrap();
+        let data = content(4);
+        let missing = stage(&mut f.share, &path, &data);
+        f.share.supply(missing).unwrap();
+        entered.recv().unwrap();
+        // Restaged while the first temp's seal runs: the old temp is closed and dropped.
+        let missing = stage(&mut f.share, &path, &data);
+        f.share.supply(missing).unwrap();
+        release.send(()).unwrap();
+        entered.recv().unwrap();
+        release.send(()).unwrap();
+        f.share.sealer.wait_idle();
+        let outcomes = f.share.transition(vec![create(&path, &data)]).unwrap();
+        assert_eq!(outcomes, vec![Outcome::Applied]);
+        assert_eq!(std::fs::read(f.share_dir.join("f.bin")).unwrap(), data);
+        f.share.unstage(&pending);
+        assert_eq!(leftover_temps(&f.share_dir), 0);
+    }
+
+    #[test]
+    fn restaged_file_is_not_credited_with_the_old_temps_seal() {
+        let mut f = fixture();
+        // The first seal succeeds after its file was staged again; the new temp's fails.
+        let (hook, entered, release) = holding_hook(vec![None, Some(rustix::io::Errno::IO)]);
+        f.share.sealer.set_hook(Some(hook));
+        keep_waiting(&mut f.share);
+        let path = RelPath::from_bytes(b"f.bin").unwrap();
+        let data = content(5);
+        let missing = stage(&mut f.share, &path, &data);
+        f.share.supply(missing).unwrap();
+        entered.recv().unwrap();
+        let missing = stage(&mut f.share, &path, &data);
+        f.share.supply(missing).unwrap();
+        release.send(()).unwrap();
+        entered.recv().unwrap();
+        release.send(()).unwrap();
+        f.share.sealer.wait_idle();
+        let outcomes = f.share.transition(vec![create(&path, &data)]).unwrap();
+        assert_eq!(
+            outcomes,
+            vec![Outcome::Failed("content was not staged".into())]
+        );
+        assert!(!f.share_dir.join("f.bin").exists());
+    }
+
+    #[test]
+    fn full_scan_during_an_inflight_seal_discards_the_file() {
+        let mut f = fixture();
+        let (hook, entered, release) = holding_hook(vec![None]);
+        f.share.sealer.set_hook(Some(hook));
+        keep_waiting(&mut f.share);
+        let path = RelPath::from_bytes(b"f.bin").unwrap();
+        let data = content(6);
+        let missing = stage(&mut f.share, &path, &data);
+        f.share.supply(missing).unwrap();
+        entered.recv().unwrap();
+        // Discards every staged file and reopens the root while the seal runs.
+        full_scan(&mut f.share);
+        release.send(()).unwrap();
+        f.share.sealer.wait_idle();
+        let outcomes = f.share.transition(vec![create(&path, &data)]).unwrap();
+        assert_eq!(
+            outcomes,
+            vec![Outcome::Failed("content was not staged".into())]
+        );
+        assert!(!f.share_dir.join("f.bin").exists());
+        assert_eq!(leftover_temps(&f.share_dir), 0);
+    }
+
+    #[test]
+    fn transition_seals_what_the_background_has_not_started() {
+        let mut f = fixture();
+        // Every worker held in a seal of another file: this file's job stays queued.
+        let (hook, entered, gate) = gate_hook();
+        f.share.sealer.set_hook(Some(hook));
+        keep_waiting(&mut f.share);
+        let mut busy = Vec::new();
+        for i in 0..crate::seal::SEAL_WORKERS {
+            let p = RelPath::from_bytes(format!("busy{i}").as_bytes()).unwrap();
+            let data = content(100 + i as u64);
+            let missing = stage(&mut f.share, &p, &data);
+            f.share.supply(missing).unwrap();
+            entered.recv().unwrap();
+            busy.push((p, data));
+        }
+        let path = RelPath::from_bytes(b"f.bin").unwrap();
+        let data = content(7);
+        let missing = stage(&mut f.share, &path, &data);
+        f.share.supply(missing).unwrap();
+        // Taken back from the queue and sealed by the transition itself, without waiting.
+        let outcomes = f.share.transition(vec![create(&path, &data)]).unwrap();
+        assert_eq!(outcomes, vec![Outcome::Applied]);
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+        let changes = busy.iter().map(|(p, d)| create(p, d)).collect();
+        let outcomes = f.share.transition(changes).unwrap();
+        assert!(
+            outcomes.iter().all(|o| *o == Outcome::Applied),
+            "{outcomes:?}"
+        );
+    }
+
+    #[test]
+    fn last_file_to_complete_is_left_for_its_transition() {
+        let mut f = fixture();
+        let path = RelPath::from_bytes(b"f.bin").unwrap();
+        let data = content(8);
+        let missing = stage(&mut f.share, &path, &data);
+        f.share.supply(missing).unwrap();
+        // Nothing more to transfer: no thread hand-off, the transition seals it (a live edit).
+        assert!(f.share.staged[&path].seal.is_none());
+        assert_eq!(temp_meta(&f.share, &path).mode() & 0o7777, 0o600);
+        let outcomes = f.share.transition(vec![create(&path, &data)]).unwrap();
+        assert_eq!(outcomes, vec![Outcome::Applied]);
+        let placed = f.share_dir.join("f.bin");
+        assert_eq!(std::fs::read(&placed).unwrap(), data);
+        assert_eq!(std::fs::metadata(&placed).unwrap().mode() & 0o7777, MODE);
+        assert_eq!(f.share.sealer.workers(), 0, "no sealing thread started");
+    }
+
+    #[test]
+    fn files_completing_the_transfer_together_are_sealed_early() {
+        let mut f = fixture();
+        let files: Vec<(RelPath, Vec<u8>)> = (0..3)
+            .map(|i| {
+                let p = RelPath::from_bytes(format!("f{i}").as_bytes()).unwrap();
+                (p, content(200 + i))
+            })
+            .collect();
+        let mut missing = Vec::new();
+        for (p, d) in &files {
+            missing.extend(stage(&mut f.share, p, d));
+        }
+        // One supply completes all three and the transfer: still worth the pool.
+        f.share.supply(missing).unwrap();
+        for (p, _) in &files {
+            eventually("the background seal", || is_sealed_on_disk(&f.share, p));
+        }
+        let changes = files.iter().map(|(p, d)| create(p, d)).collect();
+        let outcomes = f.share.transition(changes).unwrap();
+        assert!(
+            outcomes.iter().all(|o| *o == Outcome::Applied),
+            "{outcomes:?}"
+        );
     }
 }

@@ -377,10 +377,20 @@ fn seal(
     mode: u32,
     mtime: Timestamp,
 ) -> Result<(), FsError> {
+    seal_fd(op, loc, &temp.file, mode, mtime)
+}
+
+fn seal_fd(
+    op: &'static str,
+    loc: Loc<'_>,
+    file: &File,
+    mode: u32,
+    mtime: Timestamp,
+) -> Result<(), FsError> {
     let times = mtime_only(op, loc, mtime)?;
-    rfs::fchmod(&temp.file, Mode::from_raw_mode(mode & PERM_MASK)).map_err(|e| fail(op, loc, e))?;
-    rfs::futimens(&temp.file, &times).map_err(|e| fail(op, loc, e))?;
-    rfs::fsync(&temp.file).map_err(|e| fail(op, loc, e))
+    rfs::fchmod(file, Mode::from_raw_mode(mode & PERM_MASK)).map_err(|e| fail(op, loc, e))?;
+    rfs::futimens(file, &times).map_err(|e| fail(op, loc, e))?;
+    rfs::fsync(file).map_err(|e| fail(op, loc, e))
 }
 
 /// A temp file in `.vmsync/tmp/`, to be written through `file` (e.g. with
@@ -392,14 +402,120 @@ pub struct TempFile {
     /// Its name in `.vmsync/tmp/`; `None` for an unnamed (`O_TMPFILE`) inode, which gets a
     /// name only when it is committed and vanishes by itself if it never is.
     name: Option<String>,
-    /// Mode, mtime set and data fsynced by [`ShareRoot::seal_temp`].
-    sealed: bool,
+    /// Distinct for every temp this process creates: a [`Sealed`] proof is accepted only by
+    /// the temp its [`SealJob`] was made from.
+    id: u64,
+    /// The mode and mtime it was sealed with (set, and data fsynced), by
+    /// [`ShareRoot::seal_temp`] or an accepted [`SealJob`]; `None` until then.
+    sealed: Option<(u32, Timestamp)>,
 }
 
+/// Source of [`TempFile`] ids.
+static NEXT_TEMP_ID: AtomicU64 = AtomicU64::new(1);
+
 impl TempFile {
+    fn new(file: File, name: Option<String>) -> TempFile {
+        TempFile {
+            file,
+            name,
+            id: NEXT_TEMP_ID.fetch_add(1, Ordering::Relaxed),
+            sealed: None,
+        }
+    }
+
     /// The temp file's name inside `.vmsync/tmp/`.
     pub fn name(&self) -> &str {
         self.name.as_deref().unwrap_or("")
+    }
+
+    /// True once sealed with this mode and mtime: committing it with them skips the seal.
+    pub fn is_sealed(&self, mode: u32, mtime: Timestamp) -> bool {
+        self.sealed == Some((mode, mtime))
+    }
+
+    /// This temp's seal (what [`ShareRoot::seal_temp`] does) as a job to run on another
+    /// thread while this temp stays in use here. The job owns a duplicate of the temp's
+    /// descriptor, so it never touches `self.file`: the temp may be discarded (and its fd
+    /// closed) while the job runs. The temp's writes must be finished: the fsync covers only
+    /// what was written before it. Errors: the `dup` failed (say, out of descriptors).
+    pub fn seal_job(&self, mode: u32, mtime: Timestamp) -> Result<SealJob, FsError> {
+        let loc = Loc {
+            base: TMP_SHOWN,
+            name: Some(self.name().as_bytes()),
+        };
+        let file = self.file.try_clone().map_err(|e| FsError::Io {
+            op: SEAL_OP,
+            path: loc.shown(),
+            source: e,
+        })?;
+        Ok(SealJob {
+            file,
+            id: self.id,
+            name: self.name.clone(),
+            mode,
+            mtime,
+        })
+    }
+
+    /// Takes the proof of a finished [`SealJob`]: the temp counts as sealed (committing it
+    /// with the same mode and mtime skips the seal). Returns false, changing nothing, for a
+    /// proof made from another temp.
+    pub fn accept_seal(&mut self, proof: Sealed) -> bool {
+        if proof.id != self.id {
+            return false;
+        }
+        self.sealed = Some((proof.mode, proof.mtime));
+        true
+    }
+}
+
+const SEAL_OP: &str = "seal temp file";
+
+/// A temp's seal (mode, mtime, fsync) detached from the temp, to run on another thread: see
+/// [`TempFile::seal_job`]. Dropping it closes its own descriptor only.
+#[derive(Debug)]
+pub struct SealJob {
+    file: File,
+    id: u64,
+    name: Option<String>,
+    mode: u32,
+    mtime: Timestamp,
+}
+
+/// Proof that a [`SealJob`] succeeded, for [`TempFile::accept_seal`]. Only a job makes one.
+#[derive(Debug)]
+pub struct Sealed {
+    id: u64,
+    mode: u32,
+    mtime: Timestamp,
+}
+
+impl SealJob {
+    /// Sets the temp's permission bits and mtime and fsyncs it. An error is final for the temp
+    /// (HOSTILE.md rule 7: no retry on it, no rename): discard it.
+    pub fn run(self) -> Result<Sealed, FsError> {
+        let name = self.name.as_deref().unwrap_or("");
+        let loc = Loc {
+            base: TMP_SHOWN,
+            name: Some(name.as_bytes()),
+        };
+        seal_fd(SEAL_OP, loc, &self.file, self.mode, self.mtime)?;
+        Ok(Sealed {
+            id: self.id,
+            mode: self.mode,
+            mtime: self.mtime,
+        })
+    }
+
+    /// Fails the job with `errno` instead of running it (fault injection for tests).
+    #[cfg(test)]
+    pub(crate) fn fail(self, errno: Errno) -> FsError {
+        let name = self.name.as_deref().unwrap_or("");
+        let loc = Loc {
+            base: TMP_SHOWN,
+            name: Some(name.as_bytes()),
+        };
+        fail(SEAL_OP, loc, errno)
     }
 }
 
@@ -673,13 +789,7 @@ impl ShareRoot {
             if let Ok((dir, _)) = self.parent(OP, p, OFlags::PATH) {
                 let flags = OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC;
                 match rfs::openat(&dir, ".", flags, Mode::from_raw_mode(TEMP_MODE)) {
-                    Ok(fd) => {
-                        return Ok(TempFile {
-                            file: File::from(fd),
-                            name: None,
-                            sealed: false,
-                        })
-                    }
+                    Ok(fd) => return Ok(TempFile::new(File::from(fd), None)),
                     // The filesystem has no O_TMPFILE: stop asking.
                     Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => {
                         self.no_tmpfile.store(true, Ordering::Relaxed);
@@ -759,13 +869,7 @@ impl ShareRoot {
                 OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::RDWR | OFlags::CLOEXEC,
                 Mode::from_raw_mode(TEMP_MODE),
             ) {
-                Ok(fd) => {
-                    return Ok(TempFile {
-                        file: File::from(fd),
-                        name: Some(name),
-                        sealed: false,
-                    })
-                }
+                Ok(fd) => return Ok(TempFile::new(File::from(fd), Some(name))),
                 Err(Errno::EXIST) => last = Errno::EXIST,
                 Err(e) => {
                     return Err(fail(
@@ -864,7 +968,7 @@ impl ShareRoot {
         flags: RenameFlags,
     ) -> Result<OwnedFd, FsError> {
         let loc = Loc::path(p);
-        if !temp.sealed {
+        if !temp.is_sealed(mode, mtime) {
             seal(op, loc, temp, mode, mtime)?;
         }
         let (dir, name) = self.parent(op, p, OFlags::RDONLY)?;
@@ -905,8 +1009,8 @@ impl ShareRoot {
             base: TMP_SHOWN,
             name: Some(name.as_bytes()),
         };
-        seal("seal temp file", loc, temp, mode, mtime)?;
-        temp.sealed = true;
+        seal(SEAL_OP, loc, temp, mode, mtime)?;
+        temp.sealed = Some((mode, mtime));
         Ok(())
     }
 
