@@ -742,14 +742,21 @@ impl LocalShare {
                 let Some(staged) = self.staged.get_mut(&path) else {
                     continue;
                 };
-                let Some(offsets) = staged.missing.remove(&hash) else {
+                let Some(offsets) = staged.missing.get(&hash) else {
                     continue;
                 };
-                for offset in offsets {
-                    staged.temp.file.write_all_at(&data, offset).map_err(|e| {
-                        EndpointError::Io(format!("writing staged {}: {e}", path.escaped()))
-                    })?;
+                let written = offsets
+                    .iter()
+                    .try_for_each(|&offset| staged.temp.file.write_all_at(&data, offset));
+                if let Err(e) = written {
+                    // Half written: drop the temp, so nothing can take it for complete.
+                    self.unstage(&path);
+                    return Err(EndpointError::Io(format!(
+                        "writing staged {}: {e}",
+                        path.escaped()
+                    )));
                 }
+                staged.missing.remove(&hash);
                 if staged.missing.is_empty() {
                     completed.push(path);
                 }
@@ -1523,6 +1530,27 @@ mod tests {
         let placed = f.share_dir.join("f.bin");
         assert_eq!(std::fs::read(&placed).unwrap(), data);
         assert_eq!(std::fs::metadata(&placed).unwrap().mode() & 0o7777, MODE);
+    }
+
+    /// A chunk that cannot be written leaves no staged file that looks complete: the change
+    /// fails instead of committing a temp with a hole in it.
+    #[test]
+    fn a_chunk_that_cannot_be_written_unstages_its_file() {
+        let mut f = fixture();
+        let path = RelPath::from_bytes(b"f.bin").unwrap();
+        let data = content(3);
+        let missing = stage(&mut f.share, &path, &data);
+        assert!(!missing.is_empty());
+        // Writes to the temp now fail (EBADF: a read-only descriptor in its place).
+        let readonly = std::fs::File::open(f.share_dir.join(".")).unwrap();
+        if let Some(staged) = f.share.staged.get_mut(&path) {
+            staged.temp.file = readonly;
+        }
+        assert!(matches!(f.share.supply(missing), Err(EndpointError::Io(_))));
+        assert!(!f.share.staged.contains_key(&path), "still staged");
+        let outcomes = f.share.transition(vec![create(&path, &data)]).unwrap();
+        assert!(matches!(outcomes[..], [Outcome::Failed(_)]), "{outcomes:?}");
+        assert!(!f.share_dir.join("f.bin").exists());
     }
 
     #[test]
