@@ -1591,12 +1591,14 @@ mod tests {
         assert_eq!(leftover_temps(&f.share_dir), 0);
     }
 
-    #[test]
-    fn restage_during_an_inflight_seal_gets_its_own_result() {
+    /// Stages `f.bin`, lets its seal start, stages it again (the old temp is dropped while
+    /// its seal runs), then lets the two seals end with `results` (the old one's first) and
+    /// transitions it.
+    fn restage_during_an_inflight_seal(
+        results: Vec<Option<rustix::io::Errno>>,
+    ) -> (Fixture, Vec<u8>, Vec<Outcome>) {
         let mut f = fixture();
-        // The first seal fails, but only after its file was staged again: the new temp's
-        // own seal (which succeeds) decides.
-        let (hook, entered, release) = holding_hook(vec![Some(rustix::io::Errno::IO), None]);
+        let (hook, entered, release) = holding_hook(results);
         f.share.sealer.set_hook(Some(hook));
         let pending = keep_waiting(&mut f.share);
         let path = RelPath::from_bytes(b"f.bin").unwrap();
@@ -1604,7 +1606,6 @@ mod tests {
         let missing = stage(&mut f.share, &path, &data);
         f.share.supply(missing).unwrap();
         entered.recv().unwrap();
-        // Restaged while the first temp's seal runs: the old temp is closed and dropped.
         let missing = stage(&mut f.share, &path, &data);
         f.share.supply(missing).unwrap();
         release.send(()).unwrap();
@@ -1612,31 +1613,26 @@ mod tests {
         release.send(()).unwrap();
         f.share.sealer.wait_idle();
         let outcomes = f.share.transition(vec![create(&path, &data)]).unwrap();
+        f.share.unstage(&pending);
+        (f, data, outcomes)
+    }
+
+    #[test]
+    fn restage_during_an_inflight_seal_gets_its_own_result() {
+        // The first seal fails, but only after its file was staged again: the new temp's own
+        // seal (which succeeds) decides.
+        let (f, data, outcomes) =
+            restage_during_an_inflight_seal(vec![Some(rustix::io::Errno::IO), None]);
         assert_eq!(outcomes, vec![Outcome::Applied]);
         assert_eq!(std::fs::read(f.share_dir.join("f.bin")).unwrap(), data);
-        f.share.unstage(&pending);
         assert_eq!(leftover_temps(&f.share_dir), 0);
     }
 
     #[test]
     fn restaged_file_is_not_credited_with_the_old_temps_seal() {
-        let mut f = fixture();
         // The first seal succeeds after its file was staged again; the new temp's fails.
-        let (hook, entered, release) = holding_hook(vec![None, Some(rustix::io::Errno::IO)]);
-        f.share.sealer.set_hook(Some(hook));
-        keep_waiting(&mut f.share);
-        let path = RelPath::from_bytes(b"f.bin").unwrap();
-        let data = content(5);
-        let missing = stage(&mut f.share, &path, &data);
-        f.share.supply(missing).unwrap();
-        entered.recv().unwrap();
-        let missing = stage(&mut f.share, &path, &data);
-        f.share.supply(missing).unwrap();
-        release.send(()).unwrap();
-        entered.recv().unwrap();
-        release.send(()).unwrap();
-        f.share.sealer.wait_idle();
-        let outcomes = f.share.transition(vec![create(&path, &data)]).unwrap();
+        let (f, _, outcomes) =
+            restage_during_an_inflight_seal(vec![None, Some(rustix::io::Errno::IO)]);
         assert_eq!(
             outcomes,
             vec![Outcome::Failed("content was not staged".into())]
