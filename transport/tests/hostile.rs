@@ -669,6 +669,28 @@ async fn still_missing_whole_chunk_is_caught_by_the_next_call() {
     assert_violation(&session, r, "still missing").await;
 }
 
+/// Several supplies of whole chunks go out without waiting for their answers (the guest takes
+/// the next while it writes one); a false "still missing" in the first is still caught, by the
+/// next call that waits.
+#[tokio::test]
+async fn a_false_answer_among_supplies_in_flight_is_caught_by_the_next_call() {
+    let data = vec![1u8; 100];
+    let hash = hash_chunk(&data);
+    let session = session_with_answer(answer_with(ResponseBody::Supply2(Ok(vec![hash])))).await;
+    let mut remote = session.endpoint(0).unwrap();
+    for i in 0..3 {
+        let r = remote
+            .supply(vec![(
+                hash,
+                vmsync_core::endpoint::ChunkData::Whole(data.clone()),
+            )])
+            .await;
+        assert_eq!(r, Ok(Vec::new()), "supply {i}: sent, not waited for");
+    }
+    let r = remote.transition(Vec::new()).await;
+    assert_violation(&session, r, "still missing").await;
+}
+
 /// `BaseUnknown` for a manifest sent in full: there was no base to not know.
 #[tokio::test]
 async fn base_unknown_for_a_full_manifest() {

@@ -22,7 +22,7 @@ use super::client::{Listing, PendingCall, Session};
 use super::server::encode_content;
 use super::stats::{chunk_bytes, content_bytes};
 use crate::error::{error_chain, TransportError};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use vmsync_core::edits;
 use vmsync_core::endpoint::{
@@ -40,28 +40,33 @@ use vmsync_protocol::{
     decode_chunk, decode_delta, encode_chunk, RequestBody, ResponseBody, WireChunk, WireContent,
 };
 
+/// At most this many supplies of whole chunks in flight unanswered per endpoint: enough that
+/// the guest always has the next one at hand, few enough to bound what waits in its queue
+/// (each is at most `MAX_BATCH_CHUNKS` chunks).
+const MAX_UNANSWERED_SUPPLIES: usize = 3;
+
 /// One share of a remote guest, as an `Endpoint`. Cheap to create; many may share a session.
 #[derive(Debug)]
 pub struct RemoteEndpoint {
     session: Session,
     share: u16,
     zstd_level: i32,
-    /// A supply of whole chunks sent and not answered yet (see `supply`): the next call is sent
-    /// first, then this answer awaited.
-    unanswered: Mutex<Option<PendingCall>>,
+    /// Supplies of whole chunks sent and not answered yet, oldest first (see `supply`): the
+    /// next other call is sent first, then these answers awaited.
+    unanswered: Mutex<VecDeque<PendingCall>>,
     /// Manifests the last targeted scan brought (`Scan2`), for `manifests` to answer from.
     scanned: HashMap<RelPath, Manifest>,
 }
 
 impl Clone for RemoteEndpoint {
-    /// A clone shares the session, not an unanswered supply: that stays with the calls it
-    /// precedes.
+    /// A clone shares the session, not the unanswered supplies: they stay with the calls they
+    /// precede.
     fn clone(&self) -> Self {
         RemoteEndpoint {
             session: self.session.clone(),
             share: self.share,
             zstd_level: self.zstd_level,
-            unanswered: Mutex::new(None),
+            unanswered: Mutex::new(VecDeque::new()),
             scanned: HashMap::new(),
         }
     }
@@ -81,7 +86,7 @@ impl RemoteEndpoint {
             session,
             share,
             zstd_level: DEFAULT_ZSTD_LEVEL,
-            unanswered: Mutex::new(None),
+            unanswered: Mutex::new(VecDeque::new()),
             scanned: HashMap::new(),
         })
     }
@@ -118,27 +123,40 @@ impl RemoteEndpoint {
         pending.wait().await
     }
 
-    /// Waits for the answer to a supply sent earlier and not awaited (see `supply`), if any.
-    /// Its failure is this call's: the guest handles requests in order, so whatever was sent
-    /// after it went ahead without those chunks and is best not trusted either.
+    /// Waits for the answers to the supplies sent earlier and not awaited (see `supply`), if
+    /// any. A failure is this call's: the guest handles requests in order, so whatever was
+    /// sent after it went ahead without those chunks and is best not trusted either.
     async fn settle(&self) -> Result<(), EndpointError> {
-        let pending = self
-            .unanswered
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        let Some(pending) = pending else {
-            return Ok(());
-        };
-        match pending.wait().await? {
-            ResponseBody::Supply2(Ok(missing)) => match missing.first() {
-                None => Ok(()),
-                Some(h) => Err(self.session.violation(format!(
-                    "says chunk {h:?} is still missing, which was supplied whole"
-                ))),
-            },
-            ResponseBody::Supply2(Err(e)) => Err(e),
-            other => Err(self.wrong_kind("Supply2", &other)),
+        self.settle_down_to(0).await
+    }
+
+    /// Awaits the oldest unanswered supplies until at most `left` remain.
+    async fn settle_down_to(&self, left: usize) -> Result<(), EndpointError> {
+        loop {
+            let pending = {
+                let mut unanswered = self
+                    .unanswered
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if unanswered.len() <= left {
+                    return Ok(());
+                }
+                unanswered.pop_front()
+            };
+            let Some(pending) = pending else {
+                return Ok(());
+            };
+            match pending.wait().await? {
+                ResponseBody::Supply2(Ok(missing)) => {
+                    if let Some(h) = missing.first() {
+                        return Err(self.session.violation(format!(
+                            "says chunk {h:?} is still missing, which was supplied whole"
+                        )));
+                    }
+                }
+                ResponseBody::Supply2(Err(e)) => return Err(e),
+                other => return Err(self.wrong_kind("Supply2", &other)),
+            }
         }
     }
 
@@ -554,16 +572,17 @@ impl Endpoint for RemoteEndpoint {
             // Whole chunks are never left missing (the guest verifies each and refuses a bad
             // one with an error), so the answer says nothing the controller needs now: send,
             // and collect it behind the next call (usually the transition these chunks
-            // complete), one round trip less per live edit.
-            self.settle().await?;
+            // complete), one round trip less per live edit. A few such supplies may be in
+            // flight at once, so the guest takes the next while it writes this one.
+            self.settle_down_to(MAX_UNANSWERED_SUPPLIES - 1).await?;
             let pending = self
                 .session
                 .send(self.share, RequestBody::Supply2 { chunks: wire }, content)
                 .await?;
-            *self
-                .unanswered
+            self.unanswered
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(pending);
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push_back(pending);
             return Ok(Vec::new());
         }
         let missing = match self
