@@ -1210,9 +1210,9 @@ fn is_removal(a: &Action) -> bool {
 
 /// Applies one side's actions, reading new content from `src`, in three phases:
 /// 1. directories, symlinks and metadata-only changes, parents first;
-/// 2. new file content, batch by batch: stage, fill from `src`, commit. A batch's temp files
-///    are committed before the next batch opens any, so the destination holds at most one
-///    batch of temps open however many files a cycle brings;
+/// 2. new file content, batch by batch: stage, fill from `src`, commit. A batch is committed
+///    once the next one is filled (its files' fsyncs overlap that transfer), so the
+///    destination holds at most two batches of temps open however many files a cycle brings;
 /// 3. removals, children first, last of all: until then a renamed or moved file's old copy is
 ///    still there to build the new one from.
 ///
@@ -1238,6 +1238,10 @@ async fn apply_side<S: Endpoint, D: Endpoint>(
         transition(dst, side, batch, problems, executed).await?;
     }
     for phase in [content, removals] {
+        // A batch is committed after the next one is staged and filled: the background seals
+        // (fsyncs) of its files then run during that transfer instead of holding up the
+        // commit. At most two batches of temps are open at once.
+        let mut filled: Option<Vec<Action>> = None;
         for batch in phase.chunks(MAX_STAGE_BATCH_FILES) {
             let mut deferred = HashSet::new();
             let staged =
@@ -1250,7 +1254,12 @@ async fn apply_side<S: Endpoint, D: Endpoint>(
             if ready.len() + deferred.len() < batch.len() {
                 executed.pending += batch.len() - ready.len() - deferred.len();
             }
-            transition(dst, side, &ready, problems, executed).await?;
+            if let Some(previous) = filled.replace(ready) {
+                transition(dst, side, &previous, problems, executed).await?;
+            }
+        }
+        if let Some(last) = filled {
+            transition(dst, side, &last, problems, executed).await?;
         }
     }
     Ok(())
