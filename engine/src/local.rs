@@ -874,7 +874,12 @@ impl LocalShare {
                         index_changes.push((change.path.clone(), record));
                         Outcome::Applied
                     }
-                    Err(reason) => Outcome::Failed(reason),
+                    // Something appeared there since it was checked: decide again with it.
+                    Err(ApplyError::Appeared) => match self.current(&change.path) {
+                        Ok(now) => Outcome::Changed(now),
+                        Err(reason) => Outcome::Failed(reason),
+                    },
+                    Err(ApplyError::Failed(reason)) => Outcome::Failed(reason),
                 },
             };
             applying += step.elapsed();
@@ -1107,7 +1112,7 @@ impl LocalShare {
         &mut self,
         change: &Change,
         current: Option<&Entry>,
-    ) -> Result<Option<IndexRecord>, String> {
+    ) -> Result<Option<IndexRecord>, ApplyError> {
         let path = &change.path;
         let fs = |e: FsError| e.to_string();
         match &change.new {
@@ -1145,7 +1150,7 @@ impl LocalShare {
         path: &RelPath,
         meta: &FileMeta,
         current: Option<&Entry>,
-    ) -> Result<IndexRecord, String> {
+    ) -> Result<IndexRecord, ApplyError> {
         let fs = |e: FsError| e.to_string();
         // Same content already there: only metadata changes, no data moves.
         if let Some(Entry::File(cur)) = current {
@@ -1188,7 +1193,7 @@ impl LocalShare {
                 }
                 Some(Err(e)) => {
                     root.discard_temp(staged.temp);
-                    return Err(e.to_string());
+                    return Err(e.to_string().into());
                 }
                 None => {}
             }
@@ -1196,12 +1201,19 @@ impl LocalShare {
         if let Some(Entry::Dir { .. }) = current {
             if let Err(e) = root.remove_dir(path) {
                 root.discard_temp(staged.temp);
-                return Err(e.to_string());
+                return Err(e.to_string().into());
             }
         }
-        let stat = root
-            .commit_temp(staged.temp, path, meta.mode, meta.mtime)
-            .map_err(fs)?;
+        // Where nothing was, nothing is replaced: a file someone created since the check
+        // stays, and the change is decided again.
+        let committed = match current {
+            None => root.commit_temp_new(staged.temp, path, meta.mode, meta.mtime),
+            Some(_) => root.commit_temp(staged.temp, path, meta.mode, meta.mtime),
+        };
+        let stat = committed.map_err(|e| match e.kind() {
+            FsErrorKind::Exists if current.is_none() => ApplyError::Appeared,
+            _ => ApplyError::Failed(e.to_string()),
+        })?;
         Ok(IndexRecord::new(
             Identity::of(&stat),
             *meta,
@@ -1279,6 +1291,26 @@ fn adjacent_runs<'a, 'b>(pieces: &'a [(u64, &'b [u8])]) -> Vec<&'a [(u64, &'b [u
 /// What one supply writes to one staged file: (offset, index of the chunk's bytes) pairs, and
 /// the chunks that fills.
 type FileWrites = (Vec<(u64, usize)>, Vec<Hash>);
+
+/// Why a change was not applied.
+#[derive(Debug)]
+enum ApplyError {
+    /// Something appeared at the path after it was found empty: the change no longer fits.
+    Appeared,
+    Failed(String),
+}
+
+impl From<String> for ApplyError {
+    fn from(reason: String) -> Self {
+        ApplyError::Failed(reason)
+    }
+}
+
+impl From<&str> for ApplyError {
+    fn from(reason: &str) -> Self {
+        ApplyError::Failed(reason.to_owned())
+    }
+}
 
 fn write_at(file: &File, data: &[u8], offset: u64) -> Result<(), String> {
     file.write_all_at(data, offset)

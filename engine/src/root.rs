@@ -815,27 +815,7 @@ impl ShareRoot {
                 base: TMP_SHOWN,
                 name: Some(name.as_bytes()),
             };
-            // AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; the /proc link works without it.
-            let linked = match rfs::linkat(
-                &temp.file,
-                "",
-                &self.tmp,
-                name.as_str(),
-                AtFlags::EMPTY_PATH,
-            ) {
-                Err(Errno::NOENT | Errno::PERM | Errno::ACCESS) => {
-                    let proc_path = format!("/proc/self/fd/{}", temp.file.as_raw_fd());
-                    rfs::linkat(
-                        rfs::CWD,
-                        proc_path.as_str(),
-                        &self.tmp,
-                        name.as_str(),
-                        AtFlags::SYMLINK_FOLLOW,
-                    )
-                }
-                other => other,
-            };
-            match linked {
+            match link_fd(&temp.file, &self.tmp, name.as_bytes()) {
                 Ok(()) => {
                     temp.name = Some(name);
                     return Ok(());
@@ -942,9 +922,14 @@ impl ShareRoot {
         flags: RenameFlags,
     ) -> Result<Stat, FsError> {
         let loc = Loc::path(p);
-        let placed = self
-            .name_temp(op, &mut temp)
-            .and_then(|()| self.prepare_and_rename(op, &temp, p, mode, mtime, flags));
+        let placed = if flags == RenameFlags::NOREPLACE && temp.name.is_none() {
+            // An unnamed temp for a new file is linked straight in: linkat(2) never replaces
+            // anything, and it spares a name in `.vmsync/tmp/` and a rename across directories.
+            self.link_new(op, &temp, p, mode, mtime)
+        } else {
+            self.name_temp(op, &mut temp)
+                .and_then(|()| self.prepare_and_rename(op, &temp, p, mode, mtime, flags))
+        };
         let dir = match placed {
             Ok(dir) => dir,
             Err(e) => {
@@ -955,6 +940,25 @@ impl ShareRoot {
         let st = rfs::fstat(&temp.file).map_err(|e| fail(op, loc, e))?;
         self.sync_parent(&dir, p).map_err(|e| fail(op, loc, e))?;
         Ok(Stat::from_raw(&st, self.dev))
+    }
+
+    /// Seals an unnamed temp if needed and links it at `p`, which must not exist (an error of
+    /// kind `Exists` if anything is there); returns the destination directory's fd.
+    fn link_new(
+        &self,
+        op: &'static str,
+        temp: &TempFile,
+        p: &RelPath,
+        mode: u32,
+        mtime: Timestamp,
+    ) -> Result<OwnedFd, FsError> {
+        let loc = Loc::path(p);
+        if !temp.is_sealed(mode, mtime) {
+            seal(op, loc, temp, mode, mtime)?;
+        }
+        let (dir, name) = self.parent(op, p, OFlags::RDONLY)?;
+        link_fd(&temp.file, &dir, name).map_err(|e| fail(op, loc, e))?;
+        Ok(dir)
     }
 
     /// Everything up to and including the rename; returns the destination directory's fd.
@@ -1222,6 +1226,24 @@ impl ShareRoot {
         )
         .map_err(|e| fail(op, loc, e))?;
         Ok((dir, name))
+    }
+}
+
+/// Links the open file `file` at `dir`/`name`; fails with `EEXIST` if anything is there.
+/// `AT_EMPTY_PATH` needs CAP_DAC_READ_SEARCH; the /proc link works without it.
+fn link_fd(file: &File, dir: &OwnedFd, name: &[u8]) -> Result<(), Errno> {
+    match rfs::linkat(file, "", dir, name, AtFlags::EMPTY_PATH) {
+        Err(Errno::NOENT | Errno::PERM | Errno::ACCESS) => {
+            let proc_path = format!("/proc/self/fd/{}", file.as_raw_fd());
+            rfs::linkat(
+                rfs::CWD,
+                proc_path.as_str(),
+                dir,
+                name,
+                AtFlags::SYMLINK_FOLLOW,
+            )
+        }
+        other => other,
     }
 }
 

@@ -1028,3 +1028,56 @@ fn mount_points_are_not_crossed() {
         fx.assert_out_untouched();
     }
 }
+
+/// A new file's unnamed temp is linked straight in: never over anything (a file, a directory,
+/// a symlink, a FIFO that appeared since), never through a symlinked parent, and without
+/// leaving a name in `.vmsync/tmp/`.
+#[test]
+fn commit_new_links_an_unnamed_temp_and_replaces_nothing() {
+    for resolver in RESOLVERS {
+        let fx = Fixture::new();
+        let root = fx.root(resolver);
+        root.mkdir(&rp(b"d"), 0o755).unwrap();
+        fs::write(fx.share.join("d/f"), b"local edit").unwrap();
+        root.mkdir(&rp(b"d/sub"), 0o755).unwrap();
+        symlink("f", fx.share.join("d/l")).unwrap();
+        mkfifo(&fx.share.join("d/p"));
+        symlink("../OUT", fx.share.join("esc")).unwrap();
+        for (name, want) in [
+            (&b"d/f"[..], FsErrorKind::Exists),
+            (b"d/sub", FsErrorKind::Exists),
+            (b"d/l", FsErrorKind::Exists),
+            (b"d/p", FsErrorKind::Exists),
+            (b"esc/x", FsErrorKind::NotADirectory),
+        ] {
+            let t = root.create_temp_for(&rp(b"d/new")).unwrap();
+            t.file.write_all_at(b"pwned", 0).unwrap();
+            let shown = String::from_utf8_lossy(name).into_owned();
+            let got = root.commit_temp_new(t, &rp(name), 0o644, ts(1, 0));
+            assert!(got.is_err(), "{shown}: committed");
+            if want != FsErrorKind::NotADirectory {
+                assert_kind(got, want, &shown);
+            }
+        }
+        assert_eq!(fs::read(fx.share.join("d/f")).unwrap(), b"local edit");
+        assert!(fs::metadata(fx.share.join("d/sub")).unwrap().is_dir());
+        assert_eq!(fs::read_link(fx.share.join("d/l")).unwrap(), Path::new("f"));
+        let t = root.create_temp_for(&rp(b"d/new")).unwrap();
+        assert_eq!(
+            t.name(),
+            "",
+            "an O_TMPFILE temp (this test's filesystem has them)"
+        );
+        t.file.write_all_at(b"fresh", 0).unwrap();
+        let st = root
+            .commit_temp_new(t, &rp(b"d/new"), 0o640, ts(7, 5))
+            .unwrap();
+        let meta = fs::symlink_metadata(fx.share.join("d/new")).unwrap();
+        assert_eq!(fs::read(fx.share.join("d/new")).unwrap(), b"fresh");
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o640);
+        assert_eq!((meta.mtime(), meta.mtime_nsec()), (7, 5));
+        assert_eq!(st.ino, meta.ino());
+        assert_eq!(fx.tmp_entries(), 0);
+        fx.assert_out_untouched();
+    }
+}
