@@ -25,7 +25,7 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
@@ -51,7 +51,7 @@ use vmsync_protocol::messages::{
     SCAN_MANIFEST_MAX_FILE_BYTES,
 };
 use vmsync_protocol::{
-    decode_chunk, decode_delta, encode_chunk, encode_delta, encode_message, CodecError, FrameCodec,
+    decode_delta, encode_chunk, encode_delta, encode_message, unpack_chunk, CodecError, FrameCodec,
     Message, MessageCodec, Refused, Request, RequestBody, RequestKind, Response, ResponseBody,
     ShareOpen, WireContent,
 };
@@ -156,8 +156,10 @@ where
     let mut listings: HashMap<u16, Listing> = HashMap::new();
     let mut next_token: u64 = 1;
 
+    let mut times = ServeTimes::default();
     // Requests are handled one at a time, in the order they arrived (long-polls aside).
     loop {
+        let waiting = Instant::now();
         let request = tokio::select! {
             biased;
             ended = &mut reads.0 => return finished(ended),
@@ -171,6 +173,8 @@ where
         stats.add_request();
         let Request { id, share, body } = request;
         let kind = body.kind();
+        let started = Instant::now();
+        times.idle += started - waiting;
         // A long-poll waits in a task of its own, so the requests behind it are not held up.
         if let RequestBody::PollChanges { max_wait_ms } = body {
             if let Some(endpoint) = endpoints.get(usize::from(share)) {
@@ -204,9 +208,42 @@ where
             (None, _) => ResponseBody::error(kind, EndpointError::UnknownShare(share.to_string())),
         };
         let bytes = encode_response(id, kind, body, &stats)?;
+        times.add(kind, started.elapsed());
         if out_tx.send(bytes).await.is_err() {
             return finished((&mut writes.0).await);
         }
+    }
+}
+
+/// Where a session's request loop spent its time: per request kind, and waiting for requests.
+/// Logged (debug) when the session ends; it tells whether this side was the bottleneck.
+#[derive(Default)]
+struct ServeTimes {
+    busy: HashMap<RequestKind, (u64, Duration)>,
+    idle: Duration,
+}
+
+impl ServeTimes {
+    fn add(&mut self, kind: RequestKind, took: Duration) {
+        let entry = self.busy.entry(kind).or_default();
+        entry.0 += 1;
+        entry.1 += took;
+    }
+}
+
+impl Drop for ServeTimes {
+    fn drop(&mut self) {
+        let mut busy: Vec<_> = self.busy.iter().collect();
+        busy.sort_by_key(|(_, (_, took))| std::cmp::Reverse(*took));
+        let shown: Vec<String> = busy
+            .iter()
+            .map(|(kind, (n, took))| format!("{kind:?} {n}x {} ms", took.as_millis()))
+            .collect();
+        tracing::debug!(
+            "session requests: {}; waited for requests {} ms",
+            shown.join(", "),
+            self.idle.as_millis()
+        );
     }
 }
 
@@ -403,7 +440,7 @@ async fn dispatch<E: Endpoint>(
                 .into_iter()
                 .enumerate()
                 .map(|(i, c)| {
-                    decode_chunk(c).map_err(|e| {
+                    unpack_chunk(c).map_err(|e| {
                         EndpointError::Protocol(format!("supplied chunk {i}: {}", error_chain(&e)))
                     })
                 })
@@ -414,7 +451,7 @@ async fn dispatch<E: Endpoint>(
                         .into_iter()
                         .map(|(h, d)| (h, ChunkData::Whole(d)))
                         .collect();
-                    // Whole chunks verified above are never left missing.
+                    // Whole chunks are never left missing (a mismatch is an error).
                     ResponseBody::Supply(endpoint.supply(chunks).await.map(|_| ()))
                 }
                 Err(e) => ResponseBody::Supply(Err(e)),
@@ -466,7 +503,7 @@ async fn dispatch<E: Endpoint>(
                 .into_iter()
                 .enumerate()
                 .map(|(i, c)| {
-                    decode_content(c).map_err(|e| {
+                    unpack_content(c).map_err(|e| {
                         EndpointError::Protocol(format!("supplied chunk {i}: {}", error_chain(&e)))
                     })
                 })
@@ -598,11 +635,14 @@ pub(crate) fn encode_content(hash: vmsync_core::Hash, data: &ChunkData, level: i
 
 /// Received chunk content: a whole chunk decoded and verified against its id; a delta decoded
 /// (it is verified once applied, by the destination).
-pub(crate) fn decode_content(
+/// Unpacks supplied content for `Endpoint::supply`, which verifies every whole chunk against
+/// its id itself (its contract): checked here for length and codec only, so each byte is
+/// hashed once.
+pub(crate) fn unpack_content(
     c: WireContent,
 ) -> Result<(vmsync_core::Hash, ChunkData), vmsync_protocol::ChunkError> {
     match c {
-        WireContent::Whole(c) => decode_chunk(c).map(|(h, d)| (h, ChunkData::Whole(d))),
+        WireContent::Whole(c) => unpack_chunk(c).map(|(h, d)| (h, ChunkData::Whole(d))),
         WireContent::Delta(d) => decode_delta(d).map(|(h, d)| (h, ChunkData::Delta(d))),
     }
 }
