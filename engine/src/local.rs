@@ -1658,6 +1658,13 @@ mod tests {
         share.staged[path].temp.file.metadata().unwrap()
     }
 
+    fn temp_bytes(share: &LocalShare, path: &RelPath) -> Vec<u8> {
+        let file = &share.staged[path].temp.file;
+        let mut buf = vec![0u8; usize::try_from(file.metadata().unwrap().len()).unwrap()];
+        file.read_exact_at(&mut buf, 0).unwrap();
+        buf
+    }
+
     /// Polls `done` until it holds; fails after a generous deadline.
     fn eventually(what: &str, mut done: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -1737,6 +1744,34 @@ mod tests {
         let placed = f.share_dir.join("f.bin");
         assert_eq!(std::fs::read(&placed).unwrap(), data);
         assert_eq!(std::fs::metadata(&placed).unwrap().mode() & 0o7777, MODE);
+    }
+
+    /// A whole chunk whose bytes are not what its id says is refused before anything of the
+    /// supply is written (the wire layer does not hash it: this is the check), and the file it
+    /// was for cannot be committed.
+    #[test]
+    fn a_chunk_that_does_not_match_its_id_is_refused() {
+        let mut f = fixture();
+        let path = RelPath::from_bytes(b"f.bin").unwrap();
+        let data = content(4);
+        let mut missing = stage(&mut f.share, &path, &data);
+        assert!(missing.len() >= 2, "want a file of several chunks");
+        if let Some((_, ChunkData::Whole(bytes))) = missing.last_mut() {
+            bytes[0] ^= 1;
+        }
+        let before = temp_bytes(&f.share, &path);
+        assert!(matches!(
+            f.share.supply(missing),
+            Err(EndpointError::Protocol(_))
+        ));
+        assert_eq!(
+            temp_bytes(&f.share, &path),
+            before,
+            "nothing of the supply written"
+        );
+        let outcomes = f.share.transition(vec![create(&path, &data)]).unwrap();
+        assert!(matches!(outcomes[..], [Outcome::Failed(_)]), "{outcomes:?}");
+        assert!(!f.share_dir.join("f.bin").exists());
     }
 
     /// A chunk that cannot be written leaves no staged file that looks complete: the change
