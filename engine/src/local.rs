@@ -561,6 +561,24 @@ impl LocalShare {
         &mut self,
         files: Vec<StageRequest>,
     ) -> Result<Vec<Result<Vec<MissingChunk>, Problem>>, EndpointError> {
+        // A file that completed a transfer alone was left for its transition to seal (see
+        // `seal_early`); a new batch starting first means that transition is not next (the
+        // controller commits a batch after filling the one after it): seal it meanwhile.
+        let left: Vec<RelPath> = self
+            .staged
+            .iter()
+            .filter(|(_, s)| {
+                s.missing.is_empty()
+                    && s.seal.is_none()
+                    && !s.temp.is_sealed(s.meta.mode, s.meta.mtime)
+            })
+            .map(|(p, _)| p.clone())
+            .collect();
+        for path in left {
+            if let Some(staged) = self.staged.get_mut(&path) {
+                staged.seal_early(&mut self.sealer, &path);
+            }
+        }
         let mut results = Vec::with_capacity(files.len());
         let mut sources = OpenFiles::default();
         let mut budget = MAX_STAGE_SIGNATURE_BYTES;
@@ -1955,6 +1973,36 @@ mod tests {
         assert_eq!(std::fs::read(&placed).unwrap(), data);
         assert_eq!(std::fs::metadata(&placed).unwrap().mode() & 0o7777, MODE);
         assert_eq!(f.share.sealer.workers(), 0, "no sealing thread started");
+    }
+
+    /// The file left for its transition is handed to the background once another batch is
+    /// staged first: its transition is not next any more (the controller commits a batch
+    /// after filling the next), and its fsync can run meanwhile.
+    #[test]
+    fn a_file_left_for_its_transition_is_sealed_when_another_batch_starts() {
+        let mut f = fixture();
+        let path = RelPath::from_bytes(b"f.bin").unwrap();
+        let data = content(9);
+        let missing = stage(&mut f.share, &path, &data);
+        f.share.supply(missing).unwrap();
+        assert!(
+            f.share.staged[&path].seal.is_none(),
+            "left for its transition"
+        );
+        let next = RelPath::from_bytes(b"g.bin").unwrap();
+        let next_data = content(10);
+        let next_missing = stage(&mut f.share, &next, &next_data);
+        assert!(f.share.staged[&path].seal.is_some(), "handed to the sealer");
+        eventually("the background seal", || is_sealed_on_disk(&f.share, &path));
+        assert!(f.share.staged[&next].seal.is_none(), "still incomplete");
+        f.share.supply(next_missing).unwrap();
+        let outcomes = f
+            .share
+            .transition(vec![create(&path, &data), create(&next, &next_data)])
+            .unwrap();
+        assert_eq!(outcomes, vec![Outcome::Applied, Outcome::Applied]);
+        assert_eq!(std::fs::read(f.share_dir.join("f.bin")).unwrap(), data);
+        assert_eq!(std::fs::read(f.share_dir.join("g.bin")).unwrap(), next_data);
     }
 
     #[test]
