@@ -901,6 +901,26 @@ class Vmsync:
 # Report
 
 
+def durable_write_floor(directory, count):
+    """Seconds to write `count` bytes into one new file in `directory` and fdatasync it: what
+    durability alone costs on this disk, whatever the tool. Incompressible bytes, 1 MiB writes;
+    the file is removed afterwards."""
+    path = os.path.join(directory, "durable-write-floor")
+    block = random.Random(7).randbytes(1 << 20)
+    started = time.monotonic()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        left = count
+        while left > 0:
+            left -= os.write(fd, block[:min(left, len(block))])
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    took = time.monotonic() - started
+    os.unlink(path)
+    return took
+
+
 def fmt_bytes(count):
     value = float(count)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -916,7 +936,7 @@ def ratio(mine, theirs):
     return f"{mine / theirs:.2f}x"
 
 
-def print_report(results, params, dataset, versions):
+def print_report(results, params, dataset, versions, floor=None):
     rows = [("phase", "tool", "wall s", "CPU s", "peak RSS", "on the wire")]
     by_key = {(r.phase, r.tool): r for r in results}
     for phase in ("initial", "no-op", "delta"):
@@ -951,11 +971,11 @@ def print_report(results, params, dataset, versions):
     noop = (by_key.get(("no-op", "vmsync")), by_key.get(("no-op", "rsync")))
     delta = (by_key.get(("delta", "vmsync")), by_key.get(("delta", "rsync")))
     initial_fsync = by_key.get(("initial", RSYNC_FSYNC))
-    if all(initial):
-        checks.append(("initial sync faster than rsync", initial[0].wall < initial[1].wall))
+    # Issue 2's target is against rsync given vmsync's durable writes: rsync --fsync. Plain
+    # rsync leaves its writes in the page cache and is shown for reference.
     if initial[0] and initial_fsync:
-        checks.append((f"initial sync faster than {RSYNC_FSYNC} (the same durability)",
-                       initial[0].wall < initial_fsync.wall))
+        checks.append((f"initial sync faster than rsync with vmsync's durable writes "
+                       f"({RSYNC_FSYNC})", initial[0].wall < initial_fsync.wall))
     if all(delta):
         checks.append(("delta bytes at most half of rsync's",
                        delta[0].wire <= delta[1].wire / 2))
@@ -963,6 +983,13 @@ def print_report(results, params, dataset, versions):
         checks.append(("no-op re-sync no slower than rsync", noop[0].wall <= noop[1].wall))
     for text, ok in checks:
         print(f"target: {text}: {'met' if ok else 'NOT MET'}")
+    if all(initial):
+        print(f"reference: initial sync vs rsync without fsync: "
+              f"{ratio(initial[0].wall, initial[1].wall)} wall")
+    if floor is not None:
+        print(f"reference: writing {fmt_bytes(dataset[1])} into one file on this disk and "
+              f"fdatasync-ing it took {floor:.2f} s: no tool can sync the data set durably "
+              f"in less")
     print(f"notes: vmsync fsyncs every file it writes, rsync (default flags) does not, "
           f"{RSYNC_FSYNC} does (initial sync only); all read a source tree that is in the page "
           f"cache.")
@@ -1079,6 +1106,11 @@ def run(args):
             record(rsync.sync("initial", source), rsync.dest, 10**9)
         if rsync_fsync:
             record(rsync_fsync.sync("initial", source), rsync_fsync.dest, 10**9)
+        floor = None
+        if vmsync and rsync_fsync:
+            floor = durable_write_floor(work, dataset[1])
+            log(f"durable-write floor: {fmt_bytes(dataset[1])} written and fdatasync-ed "
+                f"in {floor:.2f} s")
         if vmsync:
             record(vmsync.sync("no-op", vmsync.begin_sync()), vmsync.dest, 1)
         if rsync:
@@ -1095,12 +1127,12 @@ def run(args):
         status = vmsync.status_json() if vmsync else None
         processes.stop_all()
         versions = tool_versions(bin_dir, want_vmsync, want_rsync)
-        print_report(results, params, dataset, versions)
+        print_report(results, params, dataset, versions, floor)
         if json_out:
             with open(json_out, "w") as handle:
                 json.dump({"scale": params.scale, "seed": params.seed,
                            "files": dataset[0], "bytes": dataset[1],
-                           "versions": versions,
+                           "versions": versions, "durable_write_floor_s": floor,
                            "results": [r.as_dict() for r in results],
                            "vmsync_status": status}, handle, indent=2)
             print(f"results written to {json_out}")
