@@ -41,6 +41,11 @@ pub struct RootId {
     pub ino: u64,
 }
 
+/// The reason a destination gives for a file it has no room to stage now: it holds a limited
+/// number of temp files open (a share of its descriptor limit), and files staged earlier still
+/// wait for their transition. The controller commits what waits and asks again.
+pub const STAGING_FULL: &str = "too many files staged at once; will retry";
+
 /// A path that could not be synced this time, and why. Shown in `status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Problem {

@@ -23,6 +23,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use vmsync_core::endpoint::STAGING_FULL;
 use vmsync_core::endpoint::{
     Change, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, Outcome, Problem,
     ScanOptions, ScanReport, ScanScope, StageRequest,
@@ -1242,17 +1243,48 @@ async fn apply_side<S: Endpoint, D: Endpoint>(
         // (fsyncs) of its files then run during that transfer instead of holding up the
         // commit. At most two batches of temps are open at once.
         let mut filled: Option<Vec<Action>> = None;
-        for batch in phase.chunks(MAX_STAGE_BATCH_FILES) {
+        let mut queue: VecDeque<Action> = phase.into();
+        while !queue.is_empty() {
+            let take = queue.len().min(MAX_STAGE_BATCH_FILES);
+            let batch: Vec<Action> = queue.drain(..take).collect();
+            let mark = problems.len();
             let mut deferred = HashSet::new();
             let staged =
-                stage_files(src, dst, batch, defer, &mut deferred, problems, executed).await?;
-            let ready: Vec<Action> = batch
+                stage_files(src, dst, &batch, defer, &mut deferred, problems, executed).await?;
+            // Files the destination had no room to stage (few descriptors, and the previous
+            // batch's temps still open): commit that batch, then ask again. Given up for this
+            // cycle only when nothing could be staged and nothing waits to be committed.
+            let full: HashSet<String> = problems
+                .get(mark..)
+                .unwrap_or_default()
                 .iter()
-                .filter(|a| needs_content(a).is_none() || staged.contains(&a.path))
-                .cloned()
+                .filter(|p| p.reason == STAGING_FULL)
+                .map(|p| p.path.clone())
                 .collect();
-            if ready.len() + deferred.len() < batch.len() {
-                executed.pending += batch.len() - ready.len() - deferred.len();
+            let again = !full.is_empty() && (filled.is_some() || !staged.is_empty());
+            if again {
+                let kept: Vec<ProblemView> = problems
+                    .drain(mark..)
+                    .filter(|p| !full.contains(&p.path))
+                    .collect();
+                problems.extend(kept);
+                if let Some(previous) = filled.take() {
+                    transition(dst, side, &previous, problems, executed).await?;
+                }
+            }
+            let mut retry = Vec::new();
+            let mut ready = Vec::new();
+            for action in batch {
+                if needs_content(&action).is_none() || staged.contains(&action.path) {
+                    ready.push(action);
+                } else if again && full.contains(&action.path.escaped()) {
+                    retry.push(action);
+                } else if !deferred.contains(&action.path) {
+                    executed.pending += 1;
+                }
+            }
+            for action in retry.into_iter().rev() {
+                queue.push_front(action);
             }
             if let Some(previous) = filled.replace(ready) {
                 transition(dst, side, &previous, problems, executed).await?;

@@ -654,7 +654,7 @@ impl LocalShare {
     ) -> Result<Vec<MissingChunk>, String> {
         if !self.staged.contains_key(&req.path) && self.staged.len() >= max_staged_files() {
             // Out of file descriptors to hold more temp files open: not an error, just later.
-            return Err("too many files staged at once; will retry".into());
+            return Err(vmsync_core::endpoint::STAGING_FULL.into());
         }
         req.manifest
             .validate(&req.meta, CHUNK_MAX_BYTES)
