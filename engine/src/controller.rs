@@ -33,10 +33,11 @@ use vmsync_core::reconcile::{reconcile, Action, ConflictPolicy, Plan, Side, Sync
 use vmsync_core::safety::{check_deletions, check_emptied, check_root, DeletionLimit, HaltReason};
 use vmsync_core::{Entry, FileMeta, Hash, RelPath, Snapshot};
 
-/// Files per stage batch: bounds the temp files a destination holds open at once (it also
-/// caps itself, see `local::max_staged_files`). 64 keeps round trips few and the destination's
+/// Files per stage batch: bounds the temp files a destination holds open at once, two batches'
+/// worth (it also caps itself, see `local::max_staged_files`). 128 keeps round trips and
+/// directory fsyncs few (each directory is fsynced once per batch) and the destination's
 /// parallel fsyncs busy.
-const MAX_STAGE_BATCH_FILES: usize = 64;
+const MAX_STAGE_BATCH_FILES: usize = 128;
 /// Chunks per stage batch (summed over its manifests): bounds the size of one message.
 const MAX_STAGE_BATCH_CHUNKS: usize = 64 * 1024;
 /// Chunks per read/supply round trip: 64 chunks are at most 4 MiB.
