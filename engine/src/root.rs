@@ -952,13 +952,25 @@ impl ShareRoot {
         mode: u32,
         mtime: Timestamp,
     ) -> Result<OwnedFd, FsError> {
-        let loc = Loc::path(p);
-        if !temp.is_sealed(mode, mtime) {
-            seal(op, loc, temp, mode, mtime)?;
-        }
-        let (dir, name) = self.parent(op, p, OFlags::RDONLY)?;
-        link_fd(&temp.file, &dir, name).map_err(|e| fail(op, loc, e))?;
+        let (dir, name) = self.sealed_for(op, temp, p, mode, mtime)?;
+        link_fd(&temp.file, &dir, name).map_err(|e| fail(op, Loc::path(p), e))?;
         Ok(dir)
+    }
+
+    /// Seals `temp` unless it already is (mode, mtime, fsync), then opens the directory it is
+    /// to be placed in: the first steps of every commit.
+    fn sealed_for<'p>(
+        &self,
+        op: &'static str,
+        temp: &TempFile,
+        p: &'p RelPath,
+        mode: u32,
+        mtime: Timestamp,
+    ) -> Result<(OwnedFd, &'p [u8]), FsError> {
+        if !temp.is_sealed(mode, mtime) {
+            seal(op, Loc::path(p), temp, mode, mtime)?;
+        }
+        self.parent(op, p, OFlags::RDONLY)
     }
 
     /// Everything up to and including the rename; returns the destination directory's fd.
@@ -972,10 +984,7 @@ impl ShareRoot {
         flags: RenameFlags,
     ) -> Result<OwnedFd, FsError> {
         let loc = Loc::path(p);
-        if !temp.is_sealed(mode, mtime) {
-            seal(op, loc, temp, mode, mtime)?;
-        }
-        let (dir, name) = self.parent(op, p, OFlags::RDONLY)?;
+        let (dir, name) = self.sealed_for(op, temp, p, mode, mtime)?;
         // rename(2) would replace a FIFO or socket (special files we never synced, hence never
         // saw) and an empty directory only if the source were a directory; refuse both here
         // rather than rely on the caller having looked.
