@@ -1254,7 +1254,8 @@ async fn apply_side<S: Endpoint, D: Endpoint>(
                 stage_files(src, dst, &batch, defer, &mut deferred, problems, executed).await?;
             // Files the destination had no room to stage (few descriptors, and the previous
             // batch's temps still open): commit that batch, then ask again. Given up for this
-            // cycle only when nothing could be staged and nothing waits to be committed.
+            // cycle when nothing could be staged and nothing waits to be committed: every
+            // retry follows a batch that took files off the queue for good, so this ends.
             let full: HashSet<String> = problems
                 .get(mark..)
                 .unwrap_or_default()
@@ -1262,7 +1263,8 @@ async fn apply_side<S: Endpoint, D: Endpoint>(
                 .filter(|p| p.reason == STAGING_FULL)
                 .map(|p| p.path.clone())
                 .collect();
-            let again = !full.is_empty() && (filled.is_some() || !staged.is_empty());
+            let waiting = filled.as_ref().is_some_and(|f| !f.is_empty());
+            let again = !full.is_empty() && (waiting || !staged.is_empty());
             if again {
                 let kept: Vec<ProblemView> = problems
                     .drain(mark..)

@@ -1084,10 +1084,12 @@ async fn two_hundred_small_patches_cross_as_deltas_both_ways() {
 }
 
 /// An endpoint that runs a hook on every `supply` (before passing it on), to change the
-/// destination's files between `stage` and `supply`.
+/// destination's files between `stage` and `supply`; with `no_room`, it refuses to stage
+/// anything, as a destination out of descriptors does.
 struct Hooked<E, F> {
     inner: E,
     hook: F,
+    no_room: bool,
 }
 
 impl<E, F> vmsync_core::endpoint::Endpoint for Hooked<E, F>
@@ -1128,6 +1130,17 @@ where
         Vec<Result<Vec<vmsync_core::endpoint::MissingChunk>, vmsync_core::endpoint::Problem>>,
         EndpointError,
     > {
+        if self.no_room {
+            return Ok(files
+                .into_iter()
+                .map(|f| {
+                    Err(vmsync_core::endpoint::Problem {
+                        path: f.path,
+                        reason: vmsync_core::endpoint::STAGING_FULL.into(),
+                    })
+                })
+                .collect());
+        }
         self.inner.stage(files).await
     }
     async fn supply(
@@ -1170,6 +1183,7 @@ async fn a_base_that_changes_between_stage_and_supply_still_converges() {
                 meddled += 1;
             }
         },
+        no_room: false,
     };
     sides
         .controller
@@ -1358,4 +1372,41 @@ async fn a_sides_own_writes_are_not_hinted_back_but_others_writes_are() {
         .unwrap();
     let edited = vmsync_core::RelPath::from_bytes(b"a/new.txt").unwrap();
     assert!(hints.rescan || hints.paths.contains(&edited), "{hints:?}");
+}
+
+/// A destination that never has room to stage (its staged files are at its descriptor cap and
+/// nothing this cycle could free them): the cycle gives those files up and ends, it does not
+/// spin asking again; what it could do (directories) is done, and the next cycle, with room,
+/// brings the files.
+#[tokio::test]
+async fn a_destination_with_no_room_to_stage_ends_the_cycle_with_files_pending() {
+    let mut p = pair();
+    for i in 0..300 {
+        write(
+            &p.host_dir,
+            &format!("d{}/f{i}.txt", i % 7),
+            format!("{i}\n"),
+        );
+    }
+    let sides = p.sides();
+    let mut guest = Hooked {
+        inner: sides.guest.inner.clone(),
+        hook: |_: &[(vmsync_core::Hash, ChunkData)]| {},
+        no_room: true,
+    };
+    let cycle = sides.controller.cycle(
+        &mut sides.host,
+        &mut guest,
+        vmsync_core::endpoint::ScanScope::Full,
+    );
+    let report = tokio::time::timeout(std::time::Duration::from_secs(60), cycle)
+        .await
+        .expect("the cycle ended")
+        .unwrap();
+    drop(guest);
+    assert_eq!(report.pending, 300, "{report:?}");
+    assert!(p.guest_dir.join("d6").is_dir(), "directories were made");
+    assert!(!p.guest_dir.join("d0/f0.txt").exists());
+    p.sync().await;
+    assert_same_tree(&p.host_dir, &p.guest_dir);
 }
