@@ -1229,7 +1229,9 @@ impl LocalShare {
             Some(_) => root.commit_temp(staged.temp, path, meta.mode, meta.mtime),
         };
         let stat = committed.map_err(|e| match e.kind() {
-            FsErrorKind::Exists if current.is_none() => ApplyError::Appeared,
+            FsErrorKind::Exists | FsErrorKind::NotAFile if current.is_none() => {
+                ApplyError::Appeared
+            }
             _ => ApplyError::Failed(e.to_string()),
         })?;
         Ok(IndexRecord::new(

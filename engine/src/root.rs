@@ -988,20 +988,31 @@ impl ShareRoot {
         // rename(2) would replace a FIFO or socket (special files we never synced, hence never
         // saw) and an empty directory only if the source were a directory; refuse both here
         // rather than rely on the caller having looked.
-        match rfs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        let existed = match rfs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => {
                 let kind = Stat::from_raw(&st, self.dev).kind;
                 if matches!(kind, FileKind::Dir | FileKind::Other) {
                     return Err(not_a_file(op, loc, kind));
                 }
+                true
             }
-            Err(Errno::NOENT) => {}
+            Err(Errno::NOENT) => false,
             Err(e) => return Err(fail(op, loc, e)),
-        }
+        };
         let renamed = if flags.is_empty() {
             rfs::renameat(&self.tmp, temp.name(), &dir, name)
         } else {
-            rfs::renameat_with(&self.tmp, temp.name(), &dir, name, flags)
+            match rfs::renameat_with(&self.tmp, temp.name(), &dir, name, flags) {
+                // A filesystem without RENAME_NOREPLACE (some network and FUSE ones): the check
+                // above, then a plain rename, narrows the window to this moment.
+                Err(Errno::INVAL) if flags == RenameFlags::NOREPLACE => {
+                    if existed {
+                        return Err(fail(op, loc, Errno::EXIST));
+                    }
+                    rfs::renameat(&self.tmp, temp.name(), &dir, name)
+                }
+                other => other,
+            }
         };
         renamed.map_err(|e| fail(op, loc, e))?;
         Ok(dir)
