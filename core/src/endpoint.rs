@@ -248,6 +248,25 @@ pub trait Endpoint: Send {
         std::future::pending()
     }
 
+    /// Puts back what this side's own recent `transition`s removed, for a share that halted
+    /// because the other side's deletions were too many (see `docs/safety.md`): each item is a
+    /// path and the entry a transition removed or replaced there, given parents first. A
+    /// directory is re-created where nothing is; a file or symlink is moved back from the
+    /// share's trash when the path is free and the kept version is that entry. Per item:
+    /// `Applied` (back in place), `Changed` (something else is there now: left alone) or
+    /// `Failed` (not found in the trash, or an error). A side that keeps no trash (the
+    /// default) fails every item.
+    fn put_back(
+        &mut self,
+        items: Vec<(RelPath, Entry)>,
+    ) -> impl Future<Output = Result<Vec<Outcome>, EndpointError>> + Send {
+        let outcomes = items
+            .iter()
+            .map(|_| Outcome::Failed("this side keeps no trash".into()))
+            .collect();
+        std::future::ready(Ok(outcomes))
+    }
+
     /// Applies changes in the order given (the controller orders removals children-first and
     /// creations parents-first). A staged file stays staged until a transition consumes it, a
     /// new `stage` of the same path replaces it, or a full scan discards every leftover.

@@ -13,7 +13,7 @@ use vmsync_core::endpoint::{
 };
 use vmsync_core::reconcile::{ConflictPolicy, SyncMode};
 use vmsync_core::safety::DeletionLimit;
-use vmsync_core::{FileMeta, Hash, Manifest, RelPath};
+use vmsync_core::{Entry, FileMeta, Hash, Manifest, RelPath};
 use vmsync_engine::controller::{Controller, CycleReport, ShareSettings};
 use vmsync_engine::filter::Filter;
 use vmsync_engine::local::LocalEndpoint;
@@ -250,6 +250,12 @@ impl<E: Endpoint> Endpoint for Counting<E> {
     }
     async fn transition(&mut self, changes: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {
         self.inner.transition(changes).await
+    }
+    async fn put_back(
+        &mut self,
+        items: Vec<(RelPath, Entry)>,
+    ) -> Result<Vec<Outcome>, EndpointError> {
+        self.inner.put_back(items).await
     }
 }
 
