@@ -71,14 +71,16 @@ impl Shared {
 }
 
 pub async fn run(config: GuestConfig) -> anyhow::Result<()> {
-    let db = match StateDb::open(&config.state_dir, "guest.redb") {
-        Ok(db) => Arc::new(db),
+    let (db, notice) = match StateDb::open_or_recover(&config.state_dir, "guest.redb") {
+        Ok((db, notice)) => (Arc::new(db), notice),
         Err(e) if e.is_locked() => anyhow::bail!(
             "another vmsync-guest is already running with state_dir {}",
             config.state_dir.display()
         ),
         Err(e) => return Err(e).context("opening the state database"),
     };
+    // Logged where it was found; the guest's index is a cache, rebuilt by the next scans.
+    drop(notice);
     let mut exports = BTreeMap::new();
     for share in &config.shares {
         // The request loop awaits one call at a time: the share's work can run on its thread.

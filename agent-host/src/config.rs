@@ -26,6 +26,9 @@
 //!                                         # what they exclude on either side is never sent,
 //!                                         # deleted or overwritten; re-read when they change
 //! ignore_vcs = false                      # skip .git, .hg and .svn directories
+//! deletion_exempt = ["target/", ...]      # gitignore syntax; deletions beneath these never
+//!                                         # count toward max_delete_fraction (default:
+//!                                         # DEFAULT_DELETION_EXEMPT, build outputs and caches)
 //! ```
 //!
 //! The defaults for `state_dir` and `control` come from the config file's name so that several
@@ -56,6 +59,21 @@ pub const DEFAULT_STATE_PARENT_DIR: &str = "/var/lib/vmsync";
 pub const DEFAULT_CONTROL_DIR: &str = "/run/vmsync";
 /// Default for `max_delete_fraction`.
 pub const DEFAULT_MAX_DELETE_FRACTION: f64 = 0.5;
+/// Default for a share's `deletion_exempt`: build outputs and caches that tools delete in bulk
+/// by design (`cargo clean`, `rm -rf node_modules`, `git gc`, virtualenvs, test caches). Their
+/// deletions are still kept in the trash; they only do not count toward the mass-deletion halt.
+pub const DEFAULT_DELETION_EXEMPT: &[&str] = &[
+    "target/",
+    "node_modules/",
+    ".git/objects/",
+    "__pycache__/",
+    ".venv/",
+    ".tox/",
+    ".cache/",
+    ".gradle/",
+    ".mypy_cache/",
+    ".pytest_cache/",
+];
 
 /// A validated host configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -90,6 +108,8 @@ pub struct HostShare {
     pub respect_gitignore: bool,
     /// Skip `.git`, `.hg` and `.svn` directories (default false).
     pub ignore_vcs: bool,
+    /// Gitignore patterns whose deletions never count toward `max_delete_fraction`.
+    pub deletion_exempt: Vec<String>,
 }
 
 /// Reads and validates a host configuration file.
@@ -144,6 +164,7 @@ struct RawShare {
     respect_gitignore: bool,
     #[serde(default)]
     ignore_vcs: bool,
+    deletion_exempt: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
@@ -306,6 +327,13 @@ fn resolve(raw: RawHostConfig, file: &Path, problems: &mut Problems) -> Option<H
             },
         };
         let ignore = check_ignore_patterns(name, &raw_share.ignore, problems);
+        let deletion_exempt = match &raw_share.deletion_exempt {
+            None => DEFAULT_DELETION_EXEMPT
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
+            Some(patterns) => check_ignore_patterns(name, patterns, problems),
+        };
         match path {
             Some(path) => {
                 spans.push((raw_share.name.span(), raw_share.path.span()));
@@ -317,6 +345,7 @@ fn resolve(raw: RawHostConfig, file: &Path, problems: &mut Problems) -> Option<H
                     ignore,
                     respect_gitignore: raw_share.respect_gitignore,
                     ignore_vcs: raw_share.ignore_vcs,
+                    deletion_exempt,
                 });
             }
             None => complete = false,

@@ -101,8 +101,8 @@ impl Shared {
 }
 
 pub async fn run(config: HostConfig) -> anyhow::Result<()> {
-    let db = match StateDb::open(&config.state_dir, "host.redb") {
-        Ok(db) => Arc::new(db),
+    let (db, notice) = match StateDb::open_or_recover(&config.state_dir, "host.redb") {
+        Ok((db, notice)) => (Arc::new(db), notice),
         Err(e) if e.is_locked() => anyhow::bail!(
             "another vmsync-host is already running with state_dir {}",
             config.state_dir.display()
@@ -121,8 +121,12 @@ pub async fn run(config: HostConfig) -> anyhow::Result<()> {
                 max_fraction: config.max_delete_fraction,
                 ..DeletionLimit::default()
             },
+            deletion_exempt: Filter::new(&share.deletion_exempt)?,
         };
         let controller = Controller::new(settings, db.clone(), &config.state_dir)?;
+        if let Some(notice) = &notice {
+            controller.set_notice(notice.clone());
+        }
         let local = LocalEndpoint::new(&share.name, share.path.clone(), filter, db.clone())?;
         shares.push(Share {
             controller,

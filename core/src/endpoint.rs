@@ -36,9 +36,21 @@ pub enum ScanScope {
 /// A change of any of these between cycles means the root was replaced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct RootId {
+    /// The marker's random id; [`RootId::NO_MARKER`] when the root has no marker file.
     pub marker: [u8; 16],
     pub dev: u64,
     pub ino: u64,
+}
+
+impl RootId {
+    /// The marker of a root that has none (a real marker is 16 random bytes, never all zero):
+    /// the scan still reports where the root is, so that the host can tell a marker removed
+    /// in place from a root replaced by another directory.
+    pub const NO_MARKER: [u8; 16] = [0; 16];
+
+    pub fn has_marker(&self) -> bool {
+        self.marker != RootId::NO_MARKER
+    }
 }
 
 /// The reason a destination gives for a file it has no room to stage now: it holds a limited
@@ -56,7 +68,8 @@ pub struct Problem {
 /// The result of a scan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScanReport {
-    /// The root's identity; `None` when the root has no marker (and none was created).
+    /// The root's identity (with [`RootId::NO_MARKER`] when the root has no marker and none
+    /// was created); `None` from a side that cannot say where its root is.
     pub root: Option<RootId>,
     /// Every syncable, non-ignored entry in scope, sorted by path. Never contains the root.
     pub entries: Vec<(RelPath, Entry)>,

@@ -8,11 +8,13 @@
 //! - [`digest`]: `Hash`, a BLAKE3 digest (chunks and whole files).
 //! - [`entry`]: what a path is on one side (`Entry`), a side's view (`Snapshot`), file manifests.
 //! - [`reconcile`]: the three-way merge of ancestor, host and guest into a `Plan`.
-//! - [`safety`]: the checks that halt a share instead of propagating mass deletions.
+//! - [`safety`]: the checks that halt a share instead of propagating a wiped or replaced root.
+//! - [`deletions`]: the mass-deletion guard: losses counted over a sliding window of time.
 //! - [`delta`]: chunk deltas: rsync signatures of old bytes, deltas against them, checked apply.
 //! - [`endpoint`]: the `Endpoint` trait that a local and a remote side both implement.
 //! - [`limits`]: every bound on sizes and counts, named with its unit.
 
+pub mod deletions;
 pub mod delta;
 pub mod digest;
 pub mod edits;

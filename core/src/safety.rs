@@ -3,13 +3,11 @@
 //! too much at once. Pure functions over what the scans reported and what reconcile planned;
 //! the controller decides when to call them and records the halt until `resume`.
 
-use crate::digest::Hash;
 use crate::endpoint::RootId;
-use crate::entry::{Entry, Snapshot};
+use crate::entry::Snapshot;
 use crate::path::escape_bytes;
-use crate::reconcile::{Plan, Side};
+use crate::reconcile::Side;
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
 use std::fmt;
 
 /// Why a share stopped syncing. Every variant blocks all changes until lifted.
@@ -22,7 +20,8 @@ pub enum HaltReason {
     RootReplaced { side: Side, detail: String },
     /// The root holds nothing although the last sync left entries there.
     RootEmptied { side: Side },
-    /// The plan deletes more entries on one side than the configured limit allows.
+    /// The other side's changes deleted or would delete more of this side's files and symlinks
+    /// within a minute than the configured limit allows (see [`crate::deletions`]).
     MassDeletion {
         side: Side,
         deletions: usize,
@@ -79,7 +78,9 @@ impl fmt::Display for HaltReason {
                 entries,
             } => write!(
                 f,
-                "this cycle would delete {deletions} of {entries} synced entries on the {}",
+                "the {}'s changes would delete {deletions} of {entries} synced files and \
+                 symlinks on the {} within a minute",
+                side.other().as_str(),
                 side.as_str()
             ),
         }
@@ -100,7 +101,7 @@ pub fn check_root(
     let Some(stored) = stored else {
         return Ok(());
     };
-    let Some(seen) = seen else {
+    let Some(seen) = seen.filter(RootId::has_marker) else {
         return Err(HaltReason::RootReplaced {
             side,
             detail: "the root identity marker is gone".to_string(),
@@ -142,15 +143,17 @@ pub fn check_emptied(side: Side, ancestor: &Snapshot, scan: &Snapshot) -> Result
     }
 }
 
-/// How many deletions one cycle may make on one side before the share halts.
+/// How many of a side's files and symlinks the other side's changes may delete within the
+/// deletion window before the share halts (see [`crate::deletions`]).
 ///
 /// Both bounds must be crossed to halt. The fraction is generous because ordinary work
-/// deletes a lot at once: `git checkout` of another branch, `make clean`, removing
-/// `node_modules`. `min_entries` keeps small shares from halting when a few deletions are a
-/// large fraction of them (deleting 3 of 4 files is not a disaster worth a manual `resume`).
+/// deletes a lot at once (`git checkout` of another branch); build outputs and caches are
+/// exempt by path instead. `min_entries` keeps small shares from halting when a few deletions
+/// are a large fraction of them (deleting 3 of 4 files is not a disaster worth a `resume`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct DeletionLimit {
-    /// Largest fraction of the ancestor's entries one side may lose in a cycle, in `0.0..=1.0`.
+    /// Largest fraction of its countable entries one side may lose in the window, in
+    /// `0.0..=1.0`.
     pub max_fraction: f64,
     /// Fewer deletions than this never halt, whatever the fraction.
     pub min_entries: usize,
@@ -162,66 +165,6 @@ impl Default for DeletionLimit {
             max_fraction: 0.5,
             min_entries: 100,
         }
-    }
-}
-
-/// Checks the plan's deletions per side against `limit`, relative to the size of the whole
-/// share (`ancestor` must be the full ancestor, also for a cycle over a few paths: a targeted
-/// cycle that deletes a whole subtree is not a disaster if the share is large).
-///
-/// What counts is what the user would lose: deleted files and symlinks whose content the same
-/// plan does not re-create elsewhere on that side. A moved or renamed directory deletes every
-/// path in it and creates the same content under the new name: nothing is lost, nothing
-/// counts. Directories themselves do not count (their files do). Against an empty ancestor
-/// any deletion exceeds the fraction, so a first one-way sync that would wipe a populated
-/// destination halts once it reaches `min_entries`. The host is checked first.
-pub fn check_deletions(
-    plan: &Plan,
-    ancestor: &Snapshot,
-    limit: &DeletionLimit,
-) -> Result<(), HaltReason> {
-    let entries = ancestor.len();
-    for side in [Side::Host, Side::Guest] {
-        // Content this side gains in the plan: file digests and symlink targets.
-        let created: HashSet<ContentKey<'_>> = plan
-            .actions
-            .iter()
-            .filter(|a| a.target == side)
-            .filter_map(|a| a.new.as_ref().and_then(content_key))
-            .collect();
-        let deletions = plan
-            .actions
-            .iter()
-            .filter(|a| a.target == side && a.new.is_none())
-            .filter_map(|a| a.expected.as_ref().and_then(content_key))
-            .filter(|k| !created.contains(k))
-            .count();
-        // Written as "not within the limit" so that a NaN fraction halts instead of never
-        // halting.
-        let within = deletions as f64 <= limit.max_fraction * entries as f64;
-        if deletions >= limit.min_entries && !within {
-            return Err(HaltReason::MassDeletion {
-                side,
-                deletions,
-                entries,
-            });
-        }
-    }
-    Ok(())
-}
-
-#[derive(PartialEq, Eq, Hash)]
-enum ContentKey<'a> {
-    File(Hash),
-    Symlink(&'a [u8]),
-}
-
-/// What would be lost if `e` vanished; `None` for a directory (its entries count instead).
-fn content_key(e: &Entry) -> Option<ContentKey<'_>> {
-    match e {
-        Entry::File(m) => Some(ContentKey::File(m.digest)),
-        Entry::Symlink { target } => Some(ContentKey::Symlink(target)),
-        Entry::Dir { .. } => None,
     }
 }
 
@@ -237,7 +180,6 @@ mod tests {
     use crate::digest::Hash;
     use crate::entry::{Entry, FileMeta, Timestamp};
     use crate::path::RelPath;
-    use crate::reconcile::Action;
 
     fn id(marker: u8, dev: u64, ino: u64) -> RootId {
         RootId {
@@ -267,6 +209,12 @@ mod tests {
             ("first sync, no marker yet", None, None, Ok(())),
             ("first sync, marker seen", None, Some(id(1, 5, 7)), Ok(())),
             ("same root", Some(id(1, 5, 7)), Some(id(1, 5, 7)), Ok(())),
+            (
+                "marker file removed",
+                Some(id(1, 5, 7)),
+                Some(id(0, 5, 7)),
+                replaced("the root identity marker is gone"),
+            ),
             (
                 "marker gone",
                 Some(id(1, 5, 7)),
@@ -340,129 +288,6 @@ mod tests {
         }
     }
 
-    /// A file with content `i`.
-    fn file(i: usize) -> Entry {
-        let mut digest = [0u8; 32];
-        digest[..8].copy_from_slice(&(i as u64).to_le_bytes());
-        Entry::File(FileMeta {
-            size: 1,
-            mode: 0o644,
-            mtime: Timestamp::default(),
-            digest: Hash(digest),
-        })
-    }
-
-    /// A plan with `host` file deletions on the host, `guest` on the guest, and one creation
-    /// on each side (creations never count).
-    fn plan(host: usize, guest: usize) -> Plan {
-        let action = |i: usize, target: Side, new: Option<Entry>| Action {
-            path: RelPath::from_bytes(format!("p{i:05}").as_bytes()).unwrap(),
-            target,
-            expected: Some(file(i)),
-            new,
-            save_loser: false,
-        };
-        let dir = Some(Entry::Dir { mode: 0o700 });
-        let mut actions: Vec<Action> = (0..host).map(|i| action(i, Side::Host, None)).collect();
-        actions.extend((0..guest).map(|i| action(i, Side::Guest, None)));
-        actions.push(action(99_998, Side::Host, dir.clone()));
-        actions.push(action(99_999, Side::Guest, dir));
-        Plan {
-            actions,
-            ..Plan::default()
-        }
-    }
-
-    #[test]
-    fn check_deletions_table() {
-        let default = DeletionLimit::default();
-        let strict = DeletionLimit {
-            max_fraction: 0.3,
-            min_entries: 1,
-        };
-        let nan = DeletionLimit {
-            max_fraction: f64::NAN,
-            min_entries: 1,
-        };
-        let mass = |side, deletions, entries| {
-            Err(HaltReason::MassDeletion {
-                side,
-                deletions,
-                entries,
-            })
-        };
-        // (name, limit, ancestor entries, host deletions, guest deletions, result)
-        type Row = (
-            &'static str,
-            DeletionLimit,
-            usize,
-            usize,
-            usize,
-            Result<(), HaltReason>,
-        );
-        #[rustfmt::skip]
-        let cases: Vec<Row> = vec![
-            ("no deletions", default, 1000, 0, 0, Ok(())),
-            ("half exactly is allowed", default, 1000, 500, 0, Ok(())),
-            ("just over half halts", default, 1000, 501, 0, mass(Side::Host, 501, 1000)),
-            ("guest deletes everything", default, 1000, 0, 1000, mass(Side::Guest, 1000, 1000)),
-            ("small share never halts", default, 60, 0, 60, Ok(())),
-            ("99 deletions are under min_entries", default, 120, 99, 0, Ok(())),
-            ("100 deletions reach min_entries", default, 120, 100, 0, mass(Side::Host, 100, 120)),
-            ("each side judged alone", default, 1000, 400, 400, Ok(())),
-            ("host reported first", default, 200, 150, 150, mass(Side::Host, 150, 200)),
-            ("empty ancestor, big one-way wipe", default, 0, 0, 100, mass(Side::Guest, 100, 0)),
-            ("empty ancestor, few deletions", default, 0, 0, 99, Ok(())),
-            ("strict limit: 30%", strict, 10, 3, 0, Ok(())),
-            ("strict limit: 40%", strict, 10, 4, 0, mass(Side::Host, 4, 10)),
-            ("NaN fraction halts", nan, 10, 1, 0, mass(Side::Host, 1, 10)),
-            ("NaN fraction, nothing deleted", nan, 10, 0, 0, Ok(())),
-        ];
-        for (name, limit, entries, host, guest, want) in cases {
-            let got = check_deletions(&plan(host, guest), &snapshot(entries), &limit);
-            assert_eq!(got, want, "{name}");
-        }
-    }
-
-    #[test]
-    fn moves_and_directories_are_not_losses() {
-        let limit = DeletionLimit {
-            max_fraction: 0.5,
-            min_entries: 1,
-        };
-        // Every file of a 200-entry share moves to a new name, and its directory goes.
-        let mut actions = Vec::new();
-        for i in 0..200 {
-            let at = |name: String| RelPath::from_bytes(name.as_bytes()).unwrap();
-            actions.push(Action {
-                path: at(format!("old/f{i}")),
-                target: Side::Guest,
-                expected: Some(file(i)),
-                new: None,
-                save_loser: false,
-            });
-            actions.push(Action {
-                path: at(format!("new/f{i}")),
-                target: Side::Guest,
-                expected: None,
-                new: Some(file(i)),
-                save_loser: false,
-            });
-        }
-        actions.push(Action {
-            path: RelPath::from_bytes(b"old").unwrap(),
-            target: Side::Guest,
-            expected: Some(Entry::Dir { mode: 0o755 }),
-            new: None,
-            save_loser: false,
-        });
-        let plan = Plan {
-            actions,
-            ..Plan::default()
-        };
-        assert_eq!(check_deletions(&plan, &snapshot(201), &limit), Ok(()));
-    }
-
     #[test]
     fn display_and_codes() {
         let cases = [
@@ -494,7 +319,8 @@ mod tests {
                     entries: 1000,
                 },
                 "mass-deletion",
-                "this cycle would delete 700 of 1000 synced entries on the guest",
+                "the host's changes would delete 700 of 1000 synced files and symlinks on the \
+                 guest within a minute",
             ),
         ];
         for (reason, code, text) in cases {

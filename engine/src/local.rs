@@ -495,7 +495,11 @@ impl LocalShare {
             .chain(out.hashed.iter().map(|(p, r)| (p, Some(r))));
         self.db.update_index(&self.name, changes).map_err(io_err)?;
         Ok(ScanReport {
-            root: marker.map(|marker| RootId { marker, dev, ino }),
+            root: Some(RootId {
+                marker: marker.unwrap_or(RootId::NO_MARKER),
+                dev,
+                ino,
+            }),
             entries: out.entries,
             problems: out.problems,
             ignored: out.ignored,

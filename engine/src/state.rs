@@ -7,6 +7,11 @@
 //!
 //! redb holds an exclusive lock on the file, so a second agent on the same state directory
 //! fails to start instead of racing the first.
+//!
+//! A database that is missing, truncated or garbage never stops an agent and never deletes
+//! anything: [`StateDb::open_or_recover`] sets a damaged file aside and starts a new one, and
+//! a record that cannot be read is treated as absent. On the host an empty ancestor means the
+//! next cycle merges both sides add-only (see `docs/safety.md`, "Lost or damaged state").
 
 use crate::index::IndexRecord;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
@@ -90,6 +95,42 @@ impl StateDb {
         let path = dir.join(file_name);
         let db = Database::create(&path).map_err(|source| StateError::Open { path, source })?;
         Ok(StateDb { db })
+    }
+
+    /// Opens the database like [`StateDb::open`]; when the file exists but cannot be opened
+    /// as a database (truncated, garbage, written by something else), renames it to
+    /// `<file_name>.damaged-<unix seconds>` beside it and starts a new one. Returns, with the
+    /// database, what was done, for the agent to show. A database another process holds is
+    /// still an error: that is a second agent, not damage.
+    pub fn open_or_recover(
+        dir: &Path,
+        file_name: &str,
+    ) -> Result<(StateDb, Option<String>), StateError> {
+        match StateDb::open(dir, file_name) {
+            Ok(db) => Ok((db, None)),
+            Err(e) if e.is_locked() || matches!(e, StateError::Dir { .. }) => Err(e),
+            Err(e) => {
+                let path = dir.join(file_name);
+                let secs = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let aside = dir.join(format!("{file_name}.damaged-{secs}"));
+                std::fs::rename(&path, &aside).map_err(|source| StateError::Dir {
+                    path: aside.clone(),
+                    source,
+                })?;
+                let notice = format!(
+                    "the state database {} could not be read ({e}); it was moved to {} and a \
+                     new one started: the next cycle merges both sides add-only (nothing is \
+                     deleted anywhere)",
+                    path.display(),
+                    aside.display()
+                );
+                tracing::warn!("{notice}");
+                Ok((StateDb::open(dir, file_name)?, Some(notice)))
+            }
+        }
     }
 
     /// Loads a share's file index. A record that fails to decode is dropped (re-hashed later).

@@ -46,6 +46,11 @@ pub struct ShareStatus {
     /// `mass-deletion`) and the message, when halted.
     pub halt_code: Option<String>,
     pub halt_reason: Option<String>,
+    /// Entries the last halt put back on the side that lost them (from its trash).
+    pub put_back: u64,
+    /// Something this agent did on its own that the user should know about (a damaged state
+    /// database set aside, a lost root marker), and what it means for the next cycle.
+    pub notice: Option<String>,
     /// Escaped paths in conflict (policy `keep`).
     pub conflicts: Vec<String>,
     pub problems: Vec<ProblemView>,

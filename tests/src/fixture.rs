@@ -268,6 +268,8 @@ pub struct PairOptions {
     /// Both sides also honour the tree's `.gitignore` and `.ignore` files.
     pub respect_gitignore: bool,
     pub deletion_limit: DeletionLimit,
+    /// Patterns whose deletions never count toward `deletion_limit` (default: none).
+    pub deletion_exempt: Vec<String>,
 }
 
 impl Default for PairOptions {
@@ -278,6 +280,7 @@ impl Default for PairOptions {
             ignore: Vec::new(),
             respect_gitignore: false,
             deletion_limit: DeletionLimit::default(),
+            deletion_exempt: Vec::new(),
         }
     }
 }
@@ -342,6 +345,7 @@ impl Pair {
             policy: self.options.policy,
             filter,
             deletion_limit: self.options.deletion_limit,
+            deletion_exempt: Filter::new(&self.options.deletion_exempt).expect("exempt patterns"),
         };
         let controller = Controller::new(settings, host_db, &self.host_state).expect("controller");
         Sides {
