@@ -98,7 +98,7 @@ fn main() -> ExitCode {
                     let text = if json {
                         format!("{}\n", control::render_json(&r))
                     } else {
-                        control::render_text(&r)
+                        control::render_text(&r, None)
                     };
                     // A closed pipe (`status | head`) is not an error worth a panic.
                     let _ =

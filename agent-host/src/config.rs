@@ -521,6 +521,10 @@ path = "/home/alice/src"
                 ignore: vec![],
                 respect_gitignore: false,
                 ignore_vcs: false,
+                deletion_exempt: DEFAULT_DELETION_EXEMPT
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect(),
             }]
         );
     }
@@ -549,6 +553,7 @@ path = "/home/alice/docs"
 mode = "host-to-guest"
 respect_gitignore = true
 ignore_vcs = true
+deletion_exempt = ["out/", "*.o"]
 "#,
         );
         assert_eq!(
@@ -577,6 +582,10 @@ ignore_vcs = true
         );
         assert!(!config.shares[0].respect_gitignore && !config.shares[0].ignore_vcs);
         assert!(config.shares[2].respect_gitignore && config.shares[2].ignore_vcs);
+        assert_eq!(config.shares[2].deletion_exempt, ["out/", "*.o"]);
+        assert!(config.shares[0]
+            .deletion_exempt
+            .contains(&"target/".to_string()));
     }
 
     #[test]

@@ -112,9 +112,13 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Status { json, .. } => runtime.block_on(report::status(&config.control, json)),
-        Command::Sync { .. } => runtime.block_on(report::sync(&config.control)),
+        Command::Status { json, .. } => {
+            runtime.block_on(report::status(&config.control, &config.file, json))
+        }
+        Command::Sync { .. } => runtime.block_on(report::sync(&config.control, &config.file)),
         Command::Wait { timeout, .. } => runtime.block_on(report::wait(&config.control, timeout)),
-        Command::Resume { share, .. } => runtime.block_on(report::resume(&config.control, &share)),
+        Command::Resume { share, .. } => {
+            runtime.block_on(report::resume(&config.control, &config.file, &share))
+        }
     }
 }

@@ -16,7 +16,7 @@ const WAIT_POLL_MS: u64 = 10;
 /// How long shares must stay in sync before `wait` believes it (see `wait`).
 const WAIT_SETTLE_MS: u64 = 20;
 
-pub async fn status(control: &Path, json: bool) -> ExitCode {
+pub async fn status(control: &Path, config: &Path, json: bool) -> ExitCode {
     match request(
         control,
         &ControlRequest::Status,
@@ -25,7 +25,7 @@ pub async fn status(control: &Path, json: bool) -> ExitCode {
     .await
     {
         Ok(response) => {
-            print_response(&response, json);
+            print_response(&response, json, config);
             match response {
                 ControlResponse::Error { .. } => ExitCode::from(1),
                 ControlResponse::Status { .. } => ExitCode::SUCCESS,
@@ -35,7 +35,7 @@ pub async fn status(control: &Path, json: bool) -> ExitCode {
     }
 }
 
-pub async fn sync(control: &Path) -> ExitCode {
+pub async fn sync(control: &Path, config: &Path) -> ExitCode {
     match request(
         control,
         &ControlRequest::Sync,
@@ -44,20 +44,20 @@ pub async fn sync(control: &Path) -> ExitCode {
     .await
     {
         Ok(response) => {
-            print_response(&response, false);
+            print_response(&response, false, config);
             exit_for(&response)
         }
         Err(e) => not_running(control, e),
     }
 }
 
-pub async fn resume(control: &Path, share: &str) -> ExitCode {
+pub async fn resume(control: &Path, config: &Path, share: &str) -> ExitCode {
     let req = ControlRequest::Resume {
         share: share.to_string(),
     };
     match request(control, &req, Duration::from_millis(CONTROL_TIMEOUT_MS)).await {
         Ok(response) => {
-            print_response(&response, false);
+            print_response(&response, false, config);
             exit_for(&response)
         }
         Err(e) => not_running(control, e),
@@ -143,11 +143,14 @@ fn exit_for(response: &ControlResponse) -> ExitCode {
     }
 }
 
-fn print_response(response: &ControlResponse, json: bool) {
+fn print_response(response: &ControlResponse, json: bool, config: &Path) {
     match response {
         ControlResponse::Error { message } => eprintln!("error: {message}"),
         _ if json => out(&format!("{}\n", control::render_json(response))),
-        _ => out(&control::render_text(response)),
+        _ => {
+            let shown = vmsync_core::path::escape_bytes(config.as_os_str().as_encoded_bytes());
+            out(&control::render_text(response, Some(&shown)))
+        }
     }
 }
 

@@ -257,7 +257,8 @@ mod tests {
     #[test]
     fn lost_content_table() {
         let f = file(1);
-        let cases: Vec<(&str, Option<Entry>, Option<Entry>, Option<Content>)> = vec![
+        type Row = (&'static str, Option<Entry>, Option<Entry>, Option<Content>);
+        let cases: Vec<Row> = vec![
             ("file deleted", Some(f.clone()), None, Content::of(&f)),
             ("file edited", Some(f.clone()), Some(file(2)), None),
             (
@@ -394,15 +395,28 @@ mod tests {
             })
         };
         #[rustfmt::skip]
-        let cases: Vec<(&str, DeletionLimit, usize, usize, Result<(), HaltReason>)> = vec![
+        type Row = (&'static str, DeletionLimit, usize, usize, Result<(), HaltReason>);
+        let cases: Vec<Row> = vec![
             ("no losses", default, 0, 1000, Ok(())),
             ("half exactly is allowed", default, 500, 1000, Ok(())),
             ("just over half halts", default, 501, 1000, mass(501, 1000)),
             ("everything", default, 1000, 1000, mass(1000, 1000)),
             ("small share never halts", default, 60, 60, Ok(())),
             ("99 losses are under min_entries", default, 99, 120, Ok(())),
-            ("100 losses reach min_entries", default, 100, 120, mass(100, 120)),
-            ("nothing synced before, a big wipe", default, 100, 0, mass(100, 0)),
+            (
+                "100 losses reach min_entries",
+                default,
+                100,
+                120,
+                mass(100, 120),
+            ),
+            (
+                "nothing synced before, a big wipe",
+                default,
+                100,
+                0,
+                mass(100, 0),
+            ),
             ("strict: 30%", strict, 3, 10, Ok(())),
             ("strict: 40%", strict, 4, 10, mass(4, 10)),
             ("NaN fraction halts", nan, 1, 10, mass(1, 10)),

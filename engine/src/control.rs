@@ -137,7 +137,9 @@ pub fn render_json(response: &ControlResponse) -> String {
 }
 
 /// The response as a human-readable table (`status`).
-pub fn render_text(response: &ControlResponse) -> String {
+/// The status as text. `config_shown` is the configuration file the command was given, for
+/// the exact `resume` command a halted share needs.
+pub fn render_text(response: &ControlResponse, config_shown: Option<&str>) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let (agent, shares) = match response {
@@ -176,11 +178,23 @@ pub fn render_text(response: &ControlResponse) -> String {
             s.chunks_reused
         );
         if let Some(reason) = &s.halt_reason {
+            let _ = writeln!(out, "  halted: {reason}");
+            if s.put_back > 0 {
+                let _ = writeln!(
+                    out,
+                    "  {} entries the halted changes had removed were put back from the trash",
+                    s.put_back
+                );
+            }
             let _ = writeln!(
                 out,
-                "  halted: {reason} (lift with `vmsync-host resume --share {}`)",
+                "  to let it through: vmsync-host resume --config {} --share {}",
+                config_shown.unwrap_or("<config>"),
                 s.name
             );
+        }
+        if let Some(notice) = &s.notice {
+            let _ = writeln!(out, "  notice: {notice}");
         }
         match (&s.watch_problem, s.watching) {
             (Some(problem), _) => {

@@ -609,6 +609,129 @@ async fn mass_deletion_halts_above_the_threshold() {
 }
 
 #[tokio::test]
+async fn a_guest_replacing_every_file_by_a_directory_halts_and_costs_the_host_nothing() {
+    let mut p = pair();
+    for i in 0..150 {
+        write(&p.host_dir, &format!("d/f{i}"), format!("file {i}"));
+    }
+    p.sync().await;
+    let before = tree(&p.host_dir);
+    for i in 0..150 {
+        let path = p.guest_dir.join(format!("d/f{i}"));
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+    }
+    assert!(p.sync().await.halted);
+    assert_eq!(p.status().halt_code.as_deref(), Some("mass-deletion"));
+    assert!(tree(&p.host_dir) == before, "the host tree changed");
+}
+
+/// A compromised guest that reports every file as moved to a new name, then refuses to serve
+/// any of them: the moves excuse the deletions in the plan, but a removal that a move excused
+/// waits for the move's new copy, which never lands. The host keeps every file.
+#[tokio::test]
+async fn a_guest_reporting_moves_it_will_not_serve_deletes_nothing() {
+    use std::collections::BTreeMap;
+    use vmsync_core::endpoint::{
+        Change, ChunkRead, DeltaRead, Endpoint, MissingChunk, Outcome, Problem, ScanOptions,
+        ScanReport, ScanScope, StageRequest,
+    };
+    use vmsync_core::{Entry, FileMeta, Hash, Manifest, RelPath};
+    struct Mover<E>(E);
+    impl<E: Endpoint> Endpoint for Mover<E> {
+        async fn scan(
+            &mut self,
+            scope: ScanScope,
+            options: ScanOptions,
+        ) -> Result<ScanReport, EndpointError> {
+            let mut report = self.0.scan(scope, options).await?;
+            let mut entries: BTreeMap<RelPath, Entry> = BTreeMap::new();
+            entries.insert(
+                RelPath::from_bytes(b"moved").unwrap(),
+                Entry::Dir { mode: 0o755 },
+            );
+            for (path, entry) in report.entries {
+                let mut moved = b"moved/".to_vec();
+                moved.extend_from_slice(path.as_bytes());
+                entries.insert(RelPath::from_bytes(&moved).unwrap(), entry);
+            }
+            report.entries = entries.into_iter().collect();
+            Ok(report)
+        }
+        async fn manifests(
+            &mut self,
+            files: Vec<(RelPath, FileMeta)>,
+        ) -> Result<Vec<Result<Manifest, Problem>>, EndpointError> {
+            Ok(files
+                .into_iter()
+                .map(|(path, _)| {
+                    Err(Problem {
+                        path,
+                        reason: "not today".into(),
+                    })
+                })
+                .collect())
+        }
+        async fn read_chunks(
+            &mut self,
+            reads: Vec<ChunkRead>,
+        ) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
+            Ok(reads.iter().map(|_| None).collect())
+        }
+        async fn read_deltas(
+            &mut self,
+            reads: Vec<DeltaRead>,
+        ) -> Result<Vec<Option<ChunkData>>, EndpointError> {
+            Ok(reads.iter().map(|_| None).collect())
+        }
+        async fn stage(
+            &mut self,
+            files: Vec<StageRequest>,
+        ) -> Result<Vec<Result<Vec<MissingChunk>, Problem>>, EndpointError> {
+            self.0.stage(files).await
+        }
+        async fn supply(
+            &mut self,
+            chunks: Vec<(Hash, ChunkData)>,
+        ) -> Result<Vec<Hash>, EndpointError> {
+            self.0.supply(chunks).await
+        }
+        async fn transition(
+            &mut self,
+            changes: Vec<Change>,
+        ) -> Result<Vec<Outcome>, EndpointError> {
+            self.0.transition(changes).await
+        }
+    }
+
+    let mut p = pair();
+    for i in 0..300 {
+        write(&p.host_dir, &format!("d/f{i}"), format!("file {i}"));
+    }
+    p.sync().await;
+    let before = tree(&p.host_dir);
+    let host_dir = p.host_dir.clone();
+    let sides = p.sides();
+    let mut mover = Mover(sides.guest.inner.clone());
+    for _ in 0..3 {
+        let report = sides
+            .controller
+            .cycle(&mut sides.host, &mut mover, ScanScope::Full)
+            .await
+            .unwrap();
+        assert!(report.pending > 0, "{report:?}");
+        // Every host entry is still there, byte for byte (the forged move's empty directories
+        // are all the host gained).
+        let now = tree(&host_dir);
+        let lost = before
+            .iter()
+            .filter(|(k, v)| now.get(*k) != Some(v))
+            .count();
+        assert_eq!(lost, 0, "{lost} host entries lost or changed");
+    }
+}
+
+#[tokio::test]
 async fn one_way_host_to_guest_reverts_guest_edits_and_keeps_them() {
     let mut p = Pair::new(PairOptions {
         mode: SyncMode::HostToGuest,

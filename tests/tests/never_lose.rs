@@ -1,0 +1,286 @@
+//! "Never lose a host file", across real processes: whatever the guest's side of the world does
+//! (a live `rm -rf` of its share or of a big part of it, deletions spread over many cycles, a
+//! wipe while the host agent is down, a damaged state database, a removed root marker), the
+//! host tree stays byte for byte what it was until the user lets a deletion through with
+//! `resume`; and what is let through stays in the host's trash. See `docs/safety.md`.
+//!
+//! Synchronisation is a bounded poll on the outcome, never a fixed sleep.
+
+// Integration tests: helpers outside #[test] fns panic on broken fixtures by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::time::Duration;
+use vmsync_tests::agents::{eventually, Agents};
+use vmsync_tests::fixture::{assert_same_tree, tree, write};
+
+/// Bound on convergence after thousands of files changed.
+const SETTLE: Duration = Duration::from_secs(60);
+
+/// Both agents started and through their first sync, with `prepare` run on the host tree first.
+fn started(share_extra: &str, prepare: impl FnOnce(&Path)) -> Agents {
+    let mut a = Agents::new(share_extra);
+    prepare(&a.host_dir);
+    a.start();
+    a.wait_in_sync();
+    assert_same_tree(&a.host_dir, &a.guest_dir);
+    a
+}
+
+/// `n` small files spread over `dirs` directories beneath `under`.
+fn populate(root: &Path, under: &str, n: usize, dirs: usize) {
+    for i in 0..n {
+        write(
+            root,
+            &format!("{under}/d{:02}/f{i:05}.txt", i % dirs),
+            format!("{under} file {i}\n"),
+        );
+    }
+}
+
+/// Removes every entry of `root` except the reserved `.vmsync/` (what `rm -rf share/*` does).
+fn empty_out(root: &Path) {
+    for entry in std::fs::read_dir(root).unwrap().flatten() {
+        if entry.file_name() == ".vmsync" {
+            continue;
+        }
+        let path = entry.path();
+        if entry.file_type().unwrap().is_dir() {
+            std::fs::remove_dir_all(&path).unwrap();
+        } else {
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+}
+
+/// The share's halt code; `None` also while the host agent does not answer yet.
+fn halt_code(a: &Agents) -> Option<String> {
+    let out = a.host_cmd(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    status["shares"][0]["halt_code"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// Files kept in a share's trash.
+fn trashed_files(root: &Path) -> usize {
+    fn count(dir: &Path) -> usize {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .map(|e| match e.file_type() {
+                Ok(t) if t.is_dir() => count(&e.path()),
+                Ok(_) => 1,
+                Err(_) => 0,
+            })
+            .sum()
+    }
+    count(&root.join(".vmsync/trash"))
+}
+
+/// Waits until the host tree is `before` again and the share is halted with one of `codes`.
+fn assert_halted_and_intact(
+    a: &Agents,
+    before: &std::collections::BTreeMap<Vec<u8>, vmsync_tests::fixture::Node>,
+    codes: &[&str],
+) {
+    let restored = eventually(SETTLE, || {
+        halt_code(a).is_some() && tree(&a.host_dir) == *before
+    });
+    let now = tree(&a.host_dir);
+    assert!(
+        restored,
+        "host tree not restored: {} of {} entries, halt {:?}\nhost log:\n{}",
+        now.len(),
+        before.len(),
+        halt_code(a),
+        a.log_tail("host.log", 40)
+    );
+    let code = halt_code(a).unwrap();
+    assert!(codes.contains(&code.as_str()), "halt code {code}");
+    // And it stays that way: nothing more propagates while halted.
+    a.host_cmd(&["sync"]);
+    assert!(
+        tree(&a.host_dir) == *before,
+        "the host tree changed while halted"
+    );
+}
+
+#[test]
+fn live_rm_rf_of_the_guest_share_costs_the_host_nothing() {
+    let a = started("", |h| populate(h, "src", 1500, 30));
+    let before = tree(&a.host_dir);
+    empty_out(&a.guest_dir);
+    assert_halted_and_intact(&a, &before, &["mass-deletion", "root-emptied"]);
+    let text = a.host_cmd(&["status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("vmsync-host resume --config") && text.contains("--share src"),
+        "status does not say how to resume:\n{text}"
+    );
+}
+
+#[test]
+fn live_rm_rf_of_the_guest_root_directory_costs_the_host_nothing() {
+    let a = started("", |h| populate(h, "src", 1500, 30));
+    let before = tree(&a.host_dir);
+    std::fs::remove_dir_all(&a.guest_dir).unwrap();
+    assert_halted_and_intact(&a, &before, &["mass-deletion", "root-missing"]);
+}
+
+#[test]
+fn live_rm_rf_of_a_large_subdirectory_halts_and_resume_lets_it_through() {
+    let a = started("", |h| {
+        populate(h, "big", 1200, 20);
+        populate(h, "small", 300, 3);
+    });
+    let before = tree(&a.host_dir);
+    std::fs::remove_dir_all(a.guest_dir.join("big")).unwrap();
+    assert_halted_and_intact(&a, &before, &["mass-deletion"]);
+    assert!(
+        a.share()["put_back"].as_u64().unwrap() > 0 || a.log("host.log").contains("would delete"),
+        "neither put back nor judged before executing"
+    );
+
+    // The user meant it: resume lets the deletion through, and the host keeps it all in its
+    // trash.
+    let out = a.host_cmd(&["resume", "--share", "src"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(a.wait(60), 0, "{}", a.log_tail("host.log", 30));
+    assert!(!a.host_dir.join("big").exists());
+    assert_same_tree(&a.host_dir, &a.guest_dir);
+    assert_eq!(
+        tree(&a.host_dir)
+            .keys()
+            .filter(|k| k.starts_with(b"small/"))
+            .count(),
+        303
+    );
+    assert!(
+        trashed_files(&a.host_dir) >= 1200,
+        "trash holds {}",
+        trashed_files(&a.host_dir)
+    );
+}
+
+#[test]
+fn deleting_an_exempt_build_directory_goes_through() {
+    let a = started("", |h| {
+        populate(h, "target", 1600, 40);
+        populate(h, "src", 200, 4);
+    });
+    std::fs::remove_dir_all(a.guest_dir.join("target")).unwrap();
+    assert!(
+        eventually(SETTLE, || !a.host_dir.join("target").exists()),
+        "{}",
+        a.log_tail("host.log", 30)
+    );
+    assert_eq!(a.wait(60), 0);
+    assert_eq!(halt_code(&a), None);
+    assert_same_tree(&a.host_dir, &a.guest_dir);
+}
+
+#[test]
+fn deletions_spread_over_cycles_add_up_and_are_put_back_together() {
+    let a = started("", |h| populate(h, "src", 1000, 10));
+    let before = tree(&a.host_dir);
+    // 30 % goes through...
+    for d in 0..3 {
+        std::fs::remove_dir_all(a.guest_dir.join(format!("src/d{d:02}"))).unwrap();
+    }
+    assert!(eventually(SETTLE, || !a.host_dir.join("src/d02").exists()));
+    assert_eq!(a.wait(60), 0);
+    // ...and 30 % more within the minute crosses the limit: both bursts come back.
+    for d in 3..6 {
+        std::fs::remove_dir_all(a.guest_dir.join(format!("src/d{d:02}"))).unwrap();
+    }
+    assert_halted_and_intact(&a, &before, &["mass-deletion"]);
+}
+
+#[test]
+fn the_same_wipe_halts_when_the_host_agent_was_down() {
+    let mut a = started("", |h| populate(h, "src", 1000, 10));
+    let before = tree(&a.host_dir);
+    a.stop_host();
+    empty_out(&a.guest_dir);
+    write(&a.guest_dir, "src/new.txt", "made while the host was down");
+    a.start_host();
+    assert!(eventually(SETTLE, || halt_code(&a).is_some()));
+    assert_eq!(halt_code(&a).as_deref(), Some("mass-deletion"));
+    assert!(tree(&a.host_dir) == before, "the host tree changed");
+}
+
+#[test]
+fn a_damaged_host_state_database_merges_add_only() {
+    let mut a = started("", |h| populate(h, "src", 200, 4));
+    a.stop_host();
+    let db = a.host_state.join("host.redb");
+    std::fs::write(&db, b"this is not a redb database, it was overwritten").unwrap();
+    // With a good ancestor this would be a guest deletion; with lost state it must not be.
+    std::fs::remove_file(a.guest_dir.join("src/d00/f00000.txt")).unwrap();
+    write(&a.guest_dir, "src/guest-new.txt", "g");
+    let before = tree(&a.host_dir);
+    a.start_host();
+    assert_eq!(a.wait(60), 0, "{}", a.log_tail("host.log", 30));
+    let host = tree(&a.host_dir);
+    for (path, node) in &before {
+        assert_eq!(
+            host.get(path),
+            Some(node),
+            "{}",
+            String::from_utf8_lossy(path)
+        );
+    }
+    assert!(
+        a.guest_dir.join("src/d00/f00000.txt").exists(),
+        "not recreated on the guest"
+    );
+    assert!(a.host_dir.join("src/guest-new.txt").exists());
+    assert_same_tree(&a.host_dir, &a.guest_dir);
+    let notice = a.share()["notice"].as_str().unwrap_or_default().to_string();
+    assert!(notice.contains("could not be read"), "notice: {notice:?}");
+    assert!(std::fs::read_dir(&a.host_state)
+        .unwrap()
+        .flatten()
+        .any(|e| e
+            .file_name()
+            .to_string_lossy()
+            .starts_with("host.redb.damaged-")));
+}
+
+#[test]
+fn a_damaged_guest_state_database_does_not_stop_the_guest() {
+    let mut a = started("", |h| populate(h, "src", 50, 2));
+    a.stop_guest();
+    let db = a.tmp.path().join("guest-state/guest.redb");
+    let len = std::fs::metadata(&db).unwrap().len();
+    // Truncated mid-file, as a crash of a copying tool leaves it.
+    let f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+    f.set_len(len / 3).unwrap();
+    drop(f);
+    a.start_guest();
+    write(&a.host_dir, "src/after.txt", "after");
+    assert_eq!(a.wait(60), 0, "{}", a.log_tail("guest.log", 30));
+    assert_same_tree(&a.host_dir, &a.guest_dir);
+}
+
+#[test]
+fn a_removed_root_marker_merges_add_only() {
+    let mut a = started("", |h| populate(h, "src", 200, 4));
+    a.stop_host();
+    std::fs::remove_dir_all(a.guest_dir.join(".vmsync")).unwrap();
+    std::fs::remove_file(a.guest_dir.join("src/d01/f00001.txt")).unwrap();
+    let before = tree(&a.host_dir);
+    a.start_host();
+    assert_eq!(a.wait(60), 0, "{}", a.log_tail("host.log", 30));
+    assert!(tree(&a.host_dir) == before, "the host lost something");
+    assert_same_tree(&a.host_dir, &a.guest_dir);
+    let notice = a.share()["notice"].as_str().unwrap_or_default().to_string();
+    assert!(notice.contains("marker"), "notice: {notice:?}");
+}
