@@ -90,6 +90,8 @@ pub struct HostShare {
     pub respect_gitignore: bool,
     /// Skip `.git`, `.hg` and `.svn` directories (default false).
     pub ignore_vcs: bool,
+    /// How long and how much of what changes replace or delete is kept in the share's trash.
+    pub retention: vmsync_engine::trash::Retention,
 }
 
 /// Reads and validates a host configuration file.
@@ -144,6 +146,8 @@ struct RawShare {
     respect_gitignore: bool,
     #[serde(default)]
     ignore_vcs: bool,
+    keep_deleted: Option<Spanned<String>>,
+    keep_deleted_max: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
@@ -306,6 +310,12 @@ fn resolve(raw: RawHostConfig, file: &Path, problems: &mut Problems) -> Option<H
             },
         };
         let ignore = check_ignore_patterns(name, &raw_share.ignore, problems);
+        let retention = vmsync_agent_common::config::retention(
+            name,
+            raw_share.keep_deleted.as_ref(),
+            raw_share.keep_deleted_max.as_ref(),
+            problems,
+        );
         match path {
             Some(path) => {
                 spans.push((raw_share.name.span(), raw_share.path.span()));
@@ -317,6 +327,7 @@ fn resolve(raw: RawHostConfig, file: &Path, problems: &mut Problems) -> Option<H
                     ignore,
                     respect_gitignore: raw_share.respect_gitignore,
                     ignore_vcs: raw_share.ignore_vcs,
+                    retention,
                 });
             }
             None => complete = false,
@@ -492,6 +503,7 @@ path = "/home/alice/src"
                 ignore: vec![],
                 respect_gitignore: false,
                 ignore_vcs: false,
+                retention: Default::default(),
             }]
         );
     }

@@ -76,6 +76,7 @@ impl Shared {
                 s.files_hashed = local.files_hashed();
                 s.watching = local.is_watching();
                 s.watch_problem = local.watch_problem();
+                (s.trash_files, s.trash_bytes) = local.trash_totals();
                 Some(s)
             })
             .collect();
@@ -124,6 +125,7 @@ pub async fn run(config: HostConfig) -> anyhow::Result<()> {
         };
         let controller = Controller::new(settings, db.clone(), &config.state_dir)?;
         let local = LocalEndpoint::new(&share.name, share.path.clone(), filter, db.clone())?;
+        local.set_retention(share.retention);
         shares.push(Share {
             controller,
             local,
