@@ -151,6 +151,20 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
     )
 }
 
+/// `2026-12-06T08:16:44.123456789Z`: RFC 3339, UTC, nanoseconds.
+pub fn format_rfc3339(t: Timestamp) -> String {
+    let days = t.secs.div_euclid(SECS_PER_DAY);
+    let rem = t.secs.rem_euclid(SECS_PER_DAY);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:09}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60,
+        t.nanos
+    )
+}
+
 /// A time given on the command line: RFC 3339 UTC (`2026-12-06T08:16:44Z`, fractions
 /// allowed) or an age (`10m`, `2h`, `1d`: that long before `now`).
 pub fn parse_since(s: &str, now: Timestamp) -> Result<Timestamp, String> {
