@@ -386,7 +386,17 @@ path = "/home/dev/docs/."
             (
                 "host-only share key",
                 "[[share]]\nname = \"a\"\npath = \"/a\"\nignore = []\n",
-                &["guest.toml:4:1: ", "unknown field `ignore`", "expected `name` or `path`"],
+                &["guest.toml:4:1: ", "unknown field `ignore`", "`name`, `path`, `keep_deleted`"],
+            ),
+            (
+                "bad keep_deleted",
+                "[[share]]\nname = \"a\"\npath = \"/a\"\nkeep_deleted = \"1w\"\n",
+                &["guest.toml:4:16: ", "share \"a\": keep_deleted", "s, m, h or d"],
+            ),
+            (
+                "bad keep_deleted_max",
+                "[[share]]\nname = \"a\"\npath = \"/a\"\nkeep_deleted_max = \"5 GB\"\n",
+                &["guest.toml:4:20: ", "keep_deleted_max", "not a size"],
             ),
             (
                 "max_write_bytes out of range",

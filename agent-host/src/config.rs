@@ -563,6 +563,25 @@ ignore_vcs = true
     }
 
     #[test]
+    fn retention_defaults_and_values() {
+        let config = parse_ok(MINIMAL);
+        assert_eq!(
+            config.shares[0].retention,
+            vmsync_engine::trash::Retention::default()
+        );
+        let config = parse_ok(&format!(
+            "{MINIMAL}keep_deleted = \"36h\"\nkeep_deleted_max = \"5GiB\"\n"
+        ));
+        assert_eq!(
+            config.shares[0].retention,
+            vmsync_engine::trash::Retention {
+                max_age: std::time::Duration::from_secs(36 * 3600),
+                max_size: vmsync_engine::trash::SizeLimit::Bytes(5 << 30),
+            }
+        );
+    }
+
+    #[test]
     fn every_conflict_policy_maps() {
         for (text, policy) in [
             ("keep", ConflictPolicy::Keep),
@@ -642,6 +661,16 @@ ignore_vcs = true
                 "bad mode",
                 "guest = \"unix:/g.sock\"\n[[share]]\nname = \"a\"\npath = \"/a\"\nmode = \"both\"\n",
                 &["vm1.toml:5:8: ", "unknown variant `both`", "`host-to-guest`"],
+            ),
+            (
+                "bad keep_deleted",
+                "guest = \"unix:/g.sock\"\n[[share]]\nname = \"a\"\npath = \"/a\"\nkeep_deleted = \"7 days\"\n",
+                &["vm1.toml:5:16: ", "keep_deleted", "s, m, h or d"],
+            ),
+            (
+                "bad keep_deleted_max",
+                "guest = \"unix:/g.sock\"\n[[share]]\nname = \"a\"\npath = \"/a\"\nkeep_deleted_max = \"150%\"\n",
+                &["vm1.toml:5:20: ", "keep_deleted_max", "0 to 100"],
             ),
             (
                 "bad conflict",

@@ -2309,6 +2309,112 @@ mod tests {
         RelPath::from_bytes(s).unwrap()
     }
 
+    fn kept_paths(dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let trash = dir.join(".vmsync/trash");
+        for batch in std::fs::read_dir(&trash).unwrap().flatten() {
+            let mut stack = vec![batch.path()];
+            while let Some(d) = stack.pop() {
+                for e in std::fs::read_dir(&d).unwrap().flatten() {
+                    let ft = e.file_type().unwrap();
+                    if ft.is_dir() {
+                        stack.push(e.path());
+                    } else {
+                        let rel = e.path().strip_prefix(&trash).unwrap().to_owned();
+                        out.push(rel.to_string_lossy().into_owned());
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn trash_layout_one_batch_per_transition_and_a_fresh_one_on_a_collision() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::write(dir.join("a"), b"a as a file").unwrap();
+        std::fs::create_dir(dir.join("d")).unwrap();
+        std::fs::write(dir.join("d/x"), b"x").unwrap();
+        std::fs::write(dir.join("d/y"), b"y").unwrap();
+        let root = ShareRoot::open(dir).unwrap();
+        let ino = std::fs::metadata(dir.join("d/y")).unwrap().ino();
+        root.begin_batch();
+        let a = root.trash_remove(&p(b"a")).unwrap();
+        let x = root.trash_remove(&p(b"d/x")).unwrap();
+        let y = root.trash_link(&p(b"d/y")).unwrap();
+        // `a` is now a directory holding `b`: `a/b` cannot go where `a` the file went.
+        std::fs::create_dir(dir.join("a")).unwrap();
+        std::fs::write(dir.join("a/b"), b"b").unwrap();
+        let b = root.trash_remove(&p(b"a/b")).unwrap();
+        root.end_batch().unwrap();
+        assert_eq!(a.batch, x.batch);
+        assert_eq!(a.batch, y.batch);
+        assert_ne!(a.batch, b.batch);
+        assert!(crate::trash::parse_batch_name(a.batch.as_bytes()).is_some());
+        assert_eq!(
+            kept_paths(dir),
+            vec![
+                format!("{}/a", a.batch),
+                format!("{}/d/x", a.batch),
+                format!("{}/d/y", a.batch),
+                format!("{}/a/b", b.batch),
+            ]
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+        );
+        // Moved, not copied; linked, and still in place.
+        assert!(!dir.join("d/x").exists());
+        assert_eq!(std::fs::read(dir.join("d/y")).unwrap(), b"y");
+        let kept_y = dir.join(".vmsync/trash").join(&y.batch).join("d/y");
+        assert_eq!(std::fs::metadata(kept_y).unwrap().ino(), ino);
+        // A directory is never trashed.
+        let err = root.trash_remove(&p(b"d")).unwrap_err();
+        assert_eq!(err.kind(), FsErrorKind::NotAFile);
+        // Outside a batch each trashing is its own batch.
+        std::fs::write(dir.join("z"), b"z").unwrap();
+        let z = root.trash_remove(&p(b"z")).unwrap();
+        assert_ne!(z.batch, a.batch);
+        assert_ne!(z.batch, b.batch);
+    }
+
+    #[test]
+    fn a_symlink_is_replaced_in_one_rename_and_put_back_never_replaces() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::write(dir.join("t"), b"t").unwrap();
+        std::os::unix::fs::symlink("t", dir.join("l")).unwrap();
+        let root = ShareRoot::open(dir).unwrap();
+        let kept = root.trash_link(&p(b"l")).unwrap();
+        root.replace_with_symlink(&p(b"l"), b"x/../t").unwrap_err();
+        root.replace_with_symlink(&p(b"l"), b"other").unwrap();
+        assert_eq!(
+            std::fs::read_link(dir.join("l")).unwrap(),
+            std::path::PathBuf::from("other")
+        );
+        assert_eq!(root.kept_read_link(&kept.batch, &p(b"l")).unwrap(), b"t");
+        let err = root
+            .restore_kept(&kept.batch, &p(b"l"), &p(b"l"))
+            .unwrap_err();
+        assert_eq!(err.kind(), FsErrorKind::Exists);
+        std::fs::remove_file(dir.join("l")).unwrap();
+        root.restore_kept(&kept.batch, &p(b"l"), &p(b"l")).unwrap();
+        assert_eq!(
+            std::fs::read_link(dir.join("l")).unwrap(),
+            std::path::PathBuf::from("t")
+        );
+        assert!(root.kept_stat(&kept.batch, &p(b"l")).unwrap().is_none());
+        // No temp left behind.
+        assert_eq!(
+            std::fs::read_dir(dir.join(".vmsync/tmp")).unwrap().count(),
+            0
+        );
+    }
+
     #[test]
     fn symlink_containment_table() {
         let cases: &[(&[u8], &[u8], bool)] = &[
