@@ -64,7 +64,7 @@ pub struct HostConfig {
     pub file: PathBuf,
     /// Where the guest agent listens.
     pub guest: EndpointAddr,
-    /// Index, ancestor state and the conflict store of this VM's shares.
+    /// Index and ancestor state of this VM's shares.
     pub state_dir: PathBuf,
     /// Path of the control socket that `status`, `sync`, `wait` and `resume` talk to.
     pub control: PathBuf,
@@ -291,7 +291,7 @@ fn resolve(raw: RawHostConfig, file: &Path, problems: &mut Problems) -> Option<H
             None => ConflictPolicy::Keep,
             Some(value) if mode != SyncMode::TwoWay => {
                 // One-way shares never settle conflicts: the destination is made to match the
-                // source, and a local edit there is saved in the conflict store first. A policy
+                // source, and a local edit there is kept in its trash first. A policy
                 // here means the user expects something that will not happen.
                 problems.at(
                     value,
