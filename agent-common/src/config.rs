@@ -193,3 +193,29 @@ impl<'a> Problems<'a> {
         }
     }
 }
+
+/// A share's trash retention from its `keep_deleted` (a duration: `s`, `m`, `h`, `d`; default
+/// 7d) and `keep_deleted_max` (a percentage of the side's share size or a size such as
+/// `"5GiB"`; default 10%). Problems are recorded against the values.
+pub fn retention(
+    share: &str,
+    keep_deleted: Option<&Spanned<String>>,
+    keep_deleted_max: Option<&Spanned<String>>,
+    problems: &mut Problems,
+) -> vmsync_engine::trash::Retention {
+    use vmsync_engine::trash::{parse_duration, Retention, SizeLimit};
+    let mut retention = Retention::default();
+    if let Some(value) = keep_deleted {
+        match parse_duration(value.get_ref()) {
+            Ok(d) => retention.max_age = d,
+            Err(e) => problems.at(value, format!("share {share:?}: keep_deleted: {e}")),
+        }
+    }
+    if let Some(value) = keep_deleted_max {
+        match SizeLimit::parse(value.get_ref()) {
+            Ok(l) => retention.max_size = l,
+            Err(e) => problems.at(value, format!("share {share:?}: keep_deleted_max: {e}")),
+        }
+    }
+    retention
+}

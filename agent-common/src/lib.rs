@@ -2,6 +2,8 @@
 //!
 //! - [`config`]: problem collection and `FILE:LINE:COLUMN` reports, share-name and path checks.
 //! - [`process`]: logging setup, the async runtime, waiting for SIGTERM/SIGINT.
+//! - [`trash_cli`]: the `trash` and `restore` commands, on this side's share directory.
 
 pub mod config;
 pub mod process;
+pub mod trash_cli;

@@ -83,6 +83,8 @@ pub struct GuestShare {
     pub name: String,
     /// Absolute and lexically normalized (no `.`/`..` components, no trailing slash).
     pub path: PathBuf,
+    /// How long and how much of what changes replace or delete is kept in the share's trash.
+    pub retention: vmsync_engine::trash::Retention,
 }
 
 /// Reads and validates a guest configuration file.
@@ -126,6 +128,8 @@ struct RawGuestConfig {
 struct RawShare {
     name: Spanned<String>,
     path: Spanned<String>,
+    keep_deleted: Option<Spanned<String>>,
+    keep_deleted_max: Option<Spanned<String>>,
 }
 
 /// Turns the raw file into a `GuestConfig`, recording every problem. Returns `None` only when a
@@ -206,6 +210,12 @@ fn resolve(raw: RawGuestConfig, file: &Path, problems: &mut Problems) -> Option<
             );
             complete = false;
         }
+        let retention = vmsync_agent_common::config::retention(
+            name,
+            raw_share.keep_deleted.as_ref(),
+            raw_share.keep_deleted_max.as_ref(),
+            problems,
+        );
         let key = format!("share {name:?} path");
         match absolute_path(&raw_share.path, &key, problems) {
             Some(path) => {
@@ -213,6 +223,7 @@ fn resolve(raw: RawGuestConfig, file: &Path, problems: &mut Problems) -> Option<
                 shares.push(GuestShare {
                     name: name.clone(),
                     path,
+                    retention,
                 });
             }
             None => complete = false,
@@ -316,7 +327,8 @@ mod tests {
             config.shares,
             vec![GuestShare {
                 name: "src".into(),
-                path: "/home/dev/src".into()
+                path: "/home/dev/src".into(),
+                retention: Default::default(),
             }]
         );
     }
@@ -374,7 +386,17 @@ path = "/home/dev/docs/."
             (
                 "host-only share key",
                 "[[share]]\nname = \"a\"\npath = \"/a\"\nignore = []\n",
-                &["guest.toml:4:1: ", "unknown field `ignore`", "expected `name` or `path`"],
+                &["guest.toml:4:1: ", "unknown field `ignore`", "`name`, `path`, `keep_deleted`"],
+            ),
+            (
+                "bad keep_deleted",
+                "[[share]]\nname = \"a\"\npath = \"/a\"\nkeep_deleted = \"1w\"\n",
+                &["guest.toml:4:16: ", "share \"a\": keep_deleted", "s, m, h or d"],
+            ),
+            (
+                "bad keep_deleted_max",
+                "[[share]]\nname = \"a\"\npath = \"/a\"\nkeep_deleted_max = \"5 GB\"\n",
+                &["guest.toml:4:20: ", "keep_deleted_max", "not a size"],
             ),
             (
                 "max_write_bytes out of range",

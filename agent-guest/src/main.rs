@@ -44,6 +44,34 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List what the share's trash keeps (files and symlinks that changes replaced or deleted):
+    /// when, original path, kind, size; totals. Reads the share directory directly.
+    Trash {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        share: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put back the newest kept version of each PATH (and everything beneath it; none: all),
+    /// never over a file newer than the kept version. Exit 0 when all went back, 3 when
+    /// something was skipped (listed with why), 1 on error, 2 on a bad configuration.
+    Restore {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        share: String,
+        /// Only versions trashed at or after this time: RFC 3339 UTC
+        /// (2026-12-06T08:16:44Z) or an age (10m, 2h, 1d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only say what would be done.
+        #[arg(long)]
+        dry_run: bool,
+        /// Share-relative paths, or absolute paths inside the share.
+        paths: Vec<String>,
+    },
 }
 
 /// How long `status` waits for the agent.
@@ -52,9 +80,11 @@ const CONTROL_TIMEOUT_MS: u64 = 10_000;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let path = match &cli.command {
-        Command::Run { config } | Command::Check { config } | Command::Status { config, .. } => {
-            config.clone()
-        }
+        Command::Run { config }
+        | Command::Check { config }
+        | Command::Status { config, .. }
+        | Command::Trash { config, .. }
+        | Command::Restore { config, .. } => config.clone(),
     };
     let config = match config::load(&path) {
         Ok(c) => c,
@@ -71,6 +101,34 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Trash { share, json, .. } => {
+            match config.shares.iter().find(|s| s.name == share) {
+                Some(s) => vmsync_agent_common::trash_cli::list(&s.name, &s.path, json),
+                None => {
+                    eprintln!("no share named {share:?} in {}", path.display());
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Restore {
+            share,
+            since,
+            dry_run,
+            paths,
+            ..
+        } => match config.shares.iter().find(|s| s.name == share) {
+            Some(s) => vmsync_agent_common::trash_cli::restore(
+                &s.name,
+                &s.path,
+                since.as_deref(),
+                dry_run,
+                &paths,
+            ),
+            None => {
+                eprintln!("no share named {share:?} in {}", path.display());
+                ExitCode::from(2)
+            }
+        },
         Command::Check { .. } => {
             println!("{}: ok ({} share(s))", path.display(), config.shares.len());
             ExitCode::SUCCESS

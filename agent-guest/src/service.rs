@@ -31,6 +31,7 @@ impl Shared {
             .iter()
             .map(|(name, ep)| {
                 let (files, bytes) = ep.indexed_totals();
+                let (trash_files, trash_bytes) = ep.trash_totals();
                 ShareStatus {
                     name: name.clone(),
                     // The host decides conflicts and halts; the guest only knows whether a
@@ -45,6 +46,8 @@ impl Shared {
                     files_hashed: ep.files_hashed(),
                     watching: ep.is_watching(),
                     watch_problem: ep.watch_problem(),
+                    trash_files,
+                    trash_bytes,
                     ..ShareStatus::default()
                 }
             })
@@ -86,6 +89,7 @@ pub async fn run(config: GuestConfig) -> anyhow::Result<()> {
         // The request loop awaits one call at a time: the share's work can run on its thread.
         let ep = LocalEndpoint::new(&share.name, share.path.clone(), Filter::none(), db.clone())?
             .on_calling_thread();
+        ep.set_retention(share.retention);
         exports.insert(share.name.clone(), ep);
     }
     let shared = Shared {

@@ -82,7 +82,7 @@ pub struct HostConfig {
     pub file: PathBuf,
     /// Where the guest agent listens.
     pub guest: EndpointAddr,
-    /// Index, ancestor state and the conflict store of this VM's shares.
+    /// Index and ancestor state of this VM's shares.
     pub state_dir: PathBuf,
     /// Path of the control socket that `status`, `sync`, `wait` and `resume` talk to.
     pub control: PathBuf,
@@ -110,6 +110,8 @@ pub struct HostShare {
     pub ignore_vcs: bool,
     /// Gitignore patterns whose deletions never count toward `max_delete_fraction`.
     pub deletion_exempt: Vec<String>,
+    /// How long and how much of what changes replace or delete is kept in the share's trash.
+    pub retention: vmsync_engine::trash::Retention,
 }
 
 /// Reads and validates a host configuration file.
@@ -165,6 +167,8 @@ struct RawShare {
     #[serde(default)]
     ignore_vcs: bool,
     deletion_exempt: Option<Vec<Spanned<String>>>,
+    keep_deleted: Option<Spanned<String>>,
+    keep_deleted_max: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
@@ -308,7 +312,7 @@ fn resolve(raw: RawHostConfig, file: &Path, problems: &mut Problems) -> Option<H
             None => ConflictPolicy::Keep,
             Some(value) if mode != SyncMode::TwoWay => {
                 // One-way shares never settle conflicts: the destination is made to match the
-                // source, and a local edit there is saved in the conflict store first. A policy
+                // source, and a local edit there is kept in its trash first. A policy
                 // here means the user expects something that will not happen.
                 problems.at(
                     value,
@@ -334,6 +338,12 @@ fn resolve(raw: RawHostConfig, file: &Path, problems: &mut Problems) -> Option<H
                 .collect(),
             Some(patterns) => check_ignore_patterns(name, patterns, problems),
         };
+        let retention = vmsync_agent_common::config::retention(
+            name,
+            raw_share.keep_deleted.as_ref(),
+            raw_share.keep_deleted_max.as_ref(),
+            problems,
+        );
         match path {
             Some(path) => {
                 spans.push((raw_share.name.span(), raw_share.path.span()));
@@ -346,6 +356,7 @@ fn resolve(raw: RawHostConfig, file: &Path, problems: &mut Problems) -> Option<H
                     respect_gitignore: raw_share.respect_gitignore,
                     ignore_vcs: raw_share.ignore_vcs,
                     deletion_exempt,
+                    retention,
                 });
             }
             None => complete = false,
@@ -525,6 +536,7 @@ path = "/home/alice/src"
                     .iter()
                     .map(|p| p.to_string())
                     .collect(),
+                retention: Default::default(),
             }]
         );
     }
@@ -586,6 +598,25 @@ deletion_exempt = ["out/", "*.o"]
         assert!(config.shares[0]
             .deletion_exempt
             .contains(&"target/".to_string()));
+    }
+
+    #[test]
+    fn retention_defaults_and_values() {
+        let config = parse_ok(MINIMAL);
+        assert_eq!(
+            config.shares[0].retention,
+            vmsync_engine::trash::Retention::default()
+        );
+        let config = parse_ok(&format!(
+            "{MINIMAL}keep_deleted = \"36h\"\nkeep_deleted_max = \"5GiB\"\n"
+        ));
+        assert_eq!(
+            config.shares[0].retention,
+            vmsync_engine::trash::Retention {
+                max_age: std::time::Duration::from_secs(36 * 3600),
+                max_size: vmsync_engine::trash::SizeLimit::Bytes(5 << 30),
+            }
+        );
     }
 
     #[test]
@@ -668,6 +699,16 @@ deletion_exempt = ["out/", "*.o"]
                 "bad mode",
                 "guest = \"unix:/g.sock\"\n[[share]]\nname = \"a\"\npath = \"/a\"\nmode = \"both\"\n",
                 &["vm1.toml:5:8: ", "unknown variant `both`", "`host-to-guest`"],
+            ),
+            (
+                "bad keep_deleted",
+                "guest = \"unix:/g.sock\"\n[[share]]\nname = \"a\"\npath = \"/a\"\nkeep_deleted = \"7 days\"\n",
+                &["vm1.toml:5:16: ", "keep_deleted", "s, m, h or d"],
+            ),
+            (
+                "bad keep_deleted_max",
+                "guest = \"unix:/g.sock\"\n[[share]]\nname = \"a\"\npath = \"/a\"\nkeep_deleted_max = \"150%\"\n",
+                &["vm1.toml:5:20: ", "keep_deleted_max", "0 to 100"],
             ),
             (
                 "bad conflict",

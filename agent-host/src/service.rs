@@ -76,6 +76,7 @@ impl Shared {
                 s.files_hashed = local.files_hashed();
                 s.watching = local.is_watching();
                 s.watch_problem = local.watch_problem();
+                (s.trash_files, s.trash_bytes) = local.trash_totals();
                 Some(s)
             })
             .collect();
@@ -128,6 +129,7 @@ pub async fn run(config: HostConfig) -> anyhow::Result<()> {
             controller.set_notice(notice.clone());
         }
         let local = LocalEndpoint::new(&share.name, share.path.clone(), filter, db.clone())?;
+        local.set_retention(share.retention);
         shares.push(Share {
             controller,
             local,

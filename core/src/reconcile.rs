@@ -88,8 +88,9 @@ pub struct Action {
     pub expected: Option<Entry>,
     /// What `target` must hold afterwards; `None` deletes.
     pub new: Option<Entry>,
-    /// Save `target`'s current version (`expected`) in the conflict store before replacing or
-    /// deleting it: it is a conflict's losing version or a one-way destination's local edit.
+    /// `target`'s current version (`expected`) is a conflict's losing version or a one-way
+    /// destination's local edit. Every replaced or deleted file is kept in the target side's
+    /// trash whatever this says; the flag names the losers (the simulator and tests check it).
     pub save_loser: bool,
 }
 

@@ -205,6 +205,15 @@ pub fn render_text(response: &ControlResponse, config_shown: Option<&str>) -> St
             }
             (None, false) => {}
         }
+        if s.trash_files > 0 {
+            let _ = writeln!(
+                out,
+                "  trash: {} files, {} kept (list with `trash --share {}`)",
+                s.trash_files,
+                human_bytes(s.trash_bytes),
+                s.name
+            );
+        }
         for c in &s.conflicts {
             let _ = writeln!(out, "  conflict: {c}");
         }

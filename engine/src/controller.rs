@@ -1,11 +1,11 @@
 //! One sync cycle of one share between two [`Endpoint`]s: scan both sides, check the roots,
-//! reconcile against the ancestor, check the plan is safe, preserve losing versions, stage
-//! files, transition, and record the new ancestor. The controller cannot tell a local side from
+//! reconcile against the ancestor, check the plan is safe, stage files, transition, and record
+//! the new ancestor. The controller cannot tell a local side from
 //! a remote one; it owns the ancestor and every decision (DESIGN.md "Sync model").
 //!
 //! Order within a cycle matters for both safety and efficiency:
-//! 1. Losing versions are copied to the conflict store before anything replaces them; an action
-//!    whose loser could not be saved is dropped, never executed.
+//! 1. Losing versions need no step of their own: the transition that replaces or deletes one
+//!    keeps it in its side's trash (`engine/src/trash.rs`), and fails rather than lose it.
 //! 2. Every new file is staged before anything is removed, so a renamed or moved file is built
 //!    from its old copy instead of crossing the wire.
 //! 3. Removals run children-first, then creations parents-first.
@@ -15,7 +15,6 @@
 //! and finished by [`Controller::bulk_step`], a few MiB at a time, between the cycles that the
 //! next hints bring. Its path is frozen in those cycles until it lands, then hinted again.
 
-use crate::conflicts::ConflictStore;
 use crate::filter::Filter;
 use crate::state::{ShareMeta, StateDb, StateError};
 use crate::status::{ProblemView, ShareState, ShareStatus};
@@ -119,7 +118,6 @@ pub struct Controller {
     /// cycle must not cost time in proportion to the whole share.
     totals: Totals,
     meta: ShareMeta,
-    store: ConflictStore,
     status: Arc<Mutex<ShareStatus>>,
     /// Set by `resume` after a mass-deletion halt: the next cycle may delete past the limit.
     allow_deletions_once: bool,
@@ -159,7 +157,7 @@ impl Controller {
     pub fn new(
         settings: ShareSettings,
         db: Arc<StateDb>,
-        state_dir: &Path,
+        _state_dir: &Path,
     ) -> Result<Controller, StateError> {
         let ancestor = db.load_ancestor(&settings.name)?;
         // A share record that cannot be read is lost state: start clean (add-only), never
@@ -182,10 +180,8 @@ impl Controller {
         } else {
             ancestor
         };
-        let store = ConflictStore::new(state_dir, &settings.name);
         let status = ShareStatus {
             name: settings.name.clone(),
-            conflict_dir: store.dir().display().to_string(),
             ..ShareStatus::default()
         };
         let totals = Totals::of(&ancestor, &settings.deletion_exempt);
@@ -195,7 +191,6 @@ impl Controller {
             ancestor,
             totals,
             meta,
-            store,
             status: Arc::new(Mutex::new(status)),
             allow_deletions_once: false,
             windows: Default::default(),
@@ -888,16 +883,7 @@ impl Controller {
                 Side::Guest => guest_actions.push(action.clone()),
             }
         }
-        // 1. Preserve losing versions; drop actions whose loser could not be saved.
-        let planned = host_actions.len() + guest_actions.len();
-        let host_actions = self
-            .save_losers(host, Side::Host, host_actions, problems)
-            .await?;
-        let guest_actions = self
-            .save_losers(guest, Side::Guest, guest_actions, problems)
-            .await?;
-        executed.pending += planned - host_actions.len() - guest_actions.len();
-        // 2. Apply each side: see `apply_side` for the order.
+        // Apply each side: see `apply_side` for the order.
         apply_side(
             guest,
             host,
@@ -921,62 +907,6 @@ impl Controller {
         .await
         .map_err(|(which, e)| side_err(flip(which, Side::Host))(e))?;
         Ok(executed)
-    }
-
-    async fn save_losers<E: Endpoint>(
-        &self,
-        side_ep: &mut E,
-        side: Side,
-        actions: Vec<Action>,
-        problems: &mut Vec<ProblemView>,
-    ) -> Result<Vec<Action>, CycleError> {
-        if !actions.iter().any(|a| a.save_loser) {
-            return Ok(actions);
-        }
-        let batch = match self.store.begin(side) {
-            Ok(b) => Some(b),
-            Err(e) => {
-                tracing::error!(share = %self.settings.name, "cannot create conflict directory: {e}");
-                None
-            }
-        };
-        let mut kept = Vec::with_capacity(actions.len());
-        for action in actions {
-            if !action.save_loser {
-                kept.push(action);
-                continue;
-            }
-            let saved = match (&batch, &action.expected) {
-                (None, _) => Err("conflict store unavailable".to_string()),
-                (Some(_), None) | (Some(_), Some(Entry::Dir { .. })) => Ok(()),
-                (Some(b), Some(Entry::Symlink { target })) => b
-                    .save_symlink(&action.path, target)
-                    .map_err(|e| e.to_string()),
-                (Some(b), Some(Entry::File(meta))) => {
-                    match fetch_file(side_ep, &action.path, meta)
-                        .await
-                        .map_err(side_err(side))?
-                    {
-                        Ok(chunks) => b
-                            .save_file(&action.path, meta, chunks.iter().map(Vec::as_slice))
-                            .map_err(|e| e.to_string()),
-                        Err(reason) => Err(reason),
-                    }
-                }
-            };
-            match saved {
-                Ok(()) => kept.push(action),
-                Err(reason) => problems.push(ProblemView {
-                    path: action.path.escaped(),
-                    side: side.as_str().into(),
-                    reason: escape_bytes(
-                        format!("losing version could not be preserved, so it was not replaced: {reason}")
-                            .as_bytes(),
-                    ),
-                }),
-            }
-        }
-        Ok(kept)
     }
 }
 
@@ -1124,40 +1054,6 @@ fn holds_any(sorted: &[RelPath], dir: &RelPath) -> bool {
 enum Which {
     Source,
     Dest,
-}
-
-/// Reads a whole file's chunks from `ep`. Inner `Err`: the file changed since its scan.
-async fn fetch_file<E: Endpoint>(
-    ep: &mut E,
-    path: &RelPath,
-    meta: &FileMeta,
-) -> Result<Result<Vec<Vec<u8>>, String>, EndpointError> {
-    let manifest = match ep.manifests(vec![(path.clone(), *meta)]).await?.pop() {
-        Some(Ok(m)) => m,
-        Some(Err(p)) => return Ok(Err(p.reason)),
-        None => {
-            return Err(EndpointError::Protocol(
-                "manifests answered with no entry".into(),
-            ))
-        }
-    };
-    let mut out = Vec::with_capacity(manifest.chunks.len());
-    for group in manifest.chunks.chunks(MAX_CHUNKS_PER_READ) {
-        let reads = group
-            .iter()
-            .map(|c| ChunkRead {
-                path: path.clone(),
-                chunk: *c,
-            })
-            .collect();
-        for data in ep.read_chunks(reads).await? {
-            match data {
-                Some(d) => out.push(d),
-                None => return Ok(Err("changed while it was being preserved".into())),
-            }
-        }
-    }
-    Ok(Ok(out))
 }
 
 /// True when the action needs file content on its target (not a metadata-only change).

@@ -77,6 +77,8 @@ pub struct FileIndex {
     /// Ordered, so the files beneath a path are a range (see [`FileIndex::paths_under`]).
     files: BTreeMap<RelPath, IndexRecord>,
     chunks: HashMap<Hash, ChunkLocation>,
+    /// The sum of the indexed files' sizes, kept as they come and go.
+    bytes: u64,
 }
 
 impl FileIndex {
@@ -98,6 +100,11 @@ impl FileIndex {
 
     pub fn is_empty(&self) -> bool {
         self.files.is_empty()
+    }
+
+    /// The total size of the indexed files, without walking them.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
     }
 
     pub fn records(&self) -> impl Iterator<Item = &IndexRecord> {
@@ -130,11 +137,13 @@ impl FileIndex {
             });
             offset += u64::from(len);
         }
+        self.bytes = self.bytes.saturating_add(record.meta.size);
         self.files.insert(path, record);
     }
 
     pub fn remove(&mut self, path: &RelPath) -> Option<IndexRecord> {
         let old = self.files.remove(path)?;
+        self.bytes = self.bytes.saturating_sub(old.meta.size);
         // Drop chunk locations that pointed into this file. Another file may hold the same
         // chunk; it is found again when that file is next re-indexed, and a miss only costs a
         // transfer, never correctness.

@@ -10,15 +10,15 @@
 //! - [`scan`]: walks (part of) a share into entries, re-hashing only what changed.
 //! - [`local`]: the local `Endpoint`: scan, serve chunks, stage and apply changes.
 //! - [`seal`]: fsyncs complete staged files in the background, ahead of their transition.
-//! - [`conflicts`]: the conflict store that keeps every losing version out of the synced tree.
 //! - [`status`]: what `status` reports per share.
+//! - [`trash`]: what replaced and deleted files become: batches in `.vmsync/trash/`, their
+//!   retention, listing and restore.
 //! - [`control`]: the control socket protocol (`status`, `sync`, `resume`) and its client.
 //! - [`watch`]: inotify events → coalesced change hints.
 //! - [`controller`]: runs a sync cycle between two `Endpoint`s.
 //! - [`notify_systemd`]: `READY=1` to systemd for `Type=notify` units.
 
 pub mod chunk;
-pub mod conflicts;
 pub mod control;
 pub mod controller;
 pub mod filter;
@@ -31,4 +31,5 @@ pub mod scan;
 pub mod seal;
 pub mod state;
 pub mod status;
+pub mod trash;
 pub mod watch;

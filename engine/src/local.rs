@@ -34,11 +34,13 @@ use crate::root::{FileKind, FsError, FsErrorKind, SealJob, Sealed, ShareRoot, Te
 use crate::scan::{hash_file, scan};
 use crate::seal::{SealHandle, Sealer};
 use crate::state::StateDb;
+use crate::trash::{KeptLog, Pruner, Retention, TrashTotals};
 use crate::watch::{ShareWatcher, SharedRules, WatchRules};
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use vmsync_core::delta;
 use vmsync_core::endpoint::{
@@ -112,6 +114,16 @@ pub struct LocalShare {
     files_hashed: u64,
     /// Seals complete staged files in the background (see the module docs).
     sealer: Sealer,
+    /// Recent trash moves, for `put_back`.
+    kept: KeptLog,
+    /// Set when a transition kept something in the trash: the pruner is woken after it.
+    trashed: bool,
+    /// The share's trash pruner, once retention is set ([`LocalEndpoint::set_retention`]).
+    pruner: Option<Pruner>,
+    /// The bytes of the indexed files, for the pruner's percentage limit.
+    share_bytes: Arc<AtomicU64>,
+    /// What the trash holds, as the pruner last measured it.
+    trash_totals: Arc<TrashTotals>,
 }
 
 /// A cloneable handle on a [`LocalShare`] that implements [`Endpoint`].
@@ -190,6 +202,11 @@ impl LocalEndpoint {
             echoes: HashMap::new(),
             files_hashed: 0,
             sealer: Sealer::new(),
+            kept: KeptLog::default(),
+            trashed: false,
+            pruner: None,
+            share_bytes: Arc::new(AtomicU64::new(0)),
+            trash_totals: Arc::new(TrashTotals::default()),
         };
         Ok(LocalEndpoint {
             inner: Arc::new(Mutex::new(share)),
@@ -216,6 +233,36 @@ impl LocalEndpoint {
                 .records()
                 .fold((0, 0), |(n, b), r| (n + 1, b + r.meta.size))
         })
+    }
+
+    /// Starts pruning this share's trash in the background with `retention` (once; later
+    /// calls do nothing).
+    pub fn set_retention(&self, retention: Retention) {
+        let Ok(mut s) = self.inner.lock() else {
+            return;
+        };
+        if s.pruner.is_some() {
+            return;
+        }
+        s.share_bytes.store(s.index.bytes(), Ordering::Relaxed);
+        match Pruner::spawn(
+            s.name.clone(),
+            s.path.clone(),
+            retention,
+            s.share_bytes.clone(),
+            s.trash_totals.clone(),
+        ) {
+            Ok(p) => {
+                p.wake();
+                s.pruner = Some(p);
+            }
+            Err(e) => tracing::warn!(share = %s.name, "cannot start the trash pruner: {e}"),
+        }
+    }
+
+    /// Files and bytes in the share's trash, as the pruner last measured them.
+    pub fn trash_totals(&self) -> (u64, u64) {
+        self.inner.lock().map_or((0, 0), |s| s.trash_totals.get())
     }
 
     /// Files read and hashed by scans since this endpoint was opened.
@@ -316,6 +363,13 @@ impl Endpoint for LocalEndpoint {
 
     async fn transition(&mut self, changes: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {
         self.run(move |s| s.transition(changes)).await
+    }
+
+    async fn put_back(
+        &mut self,
+        items: Vec<(RelPath, Entry)>,
+    ) -> Result<Vec<Outcome>, EndpointError> {
+        self.run(move |s| s.put_back(items)).await
     }
 
     async fn changes(&mut self) -> Result<ChangeHints, EndpointError> {
@@ -922,6 +976,13 @@ impl LocalShare {
         }
         let changes = index_changes.iter().map(|(p, r)| (p, r.as_ref()));
         self.db.update_index(&self.name, changes).map_err(io_err)?;
+        self.share_bytes
+            .store(self.index.bytes(), Ordering::Relaxed);
+        if std::mem::take(&mut self.trashed) {
+            if let Some(p) = &self.pruner {
+                p.wake();
+            }
+        }
         tracing::debug!(
             share = %self.name,
             changes = count,
@@ -1147,8 +1208,9 @@ impl LocalShare {
                 match current {
                     Some(Entry::Dir { mode: m }) if m == mode => {}
                     Some(Entry::Dir { .. }) => root.set_mode(path, *mode).map_err(fs)?,
-                    Some(_) => {
-                        root.remove_file(path).map_err(fs)?;
+                    Some(old) => {
+                        self.keep(path, old, false)?;
+                        let root = self.root().map_err(|e| e.to_string())?;
                         root.mkdir(path, *mode).map_err(fs)?;
                     }
                     None => root.mkdir(path, *mode).map_err(fs)?,
@@ -1156,11 +1218,23 @@ impl LocalShare {
                 Ok(None)
             }
             Some(Entry::Symlink { target }) => {
-                if current.is_some() {
-                    self.remove(path, current)?;
+                match current {
+                    Some(Entry::Dir { .. }) => {
+                        self.remove(path, current)?;
+                        let root = self.root().map_err(|e| e.to_string())?;
+                        root.symlink(path, target).map_err(fs)?;
+                    }
+                    // Kept first, then replaced in one rename: the path is never empty.
+                    Some(old) => {
+                        self.keep(path, old, true)?;
+                        let root = self.root().map_err(|e| e.to_string())?;
+                        root.replace_with_symlink(path, target).map_err(fs)?;
+                    }
+                    None => {
+                        let root = self.root().map_err(|e| e.to_string())?;
+                        root.symlink(path, target).map_err(fs)?;
+                    }
                 }
-                let root = self.root().map_err(|e| e.to_string())?;
-                root.symlink(path, target).map_err(fs)?;
                 Ok(None)
             }
             Some(Entry::File(meta)) => self.apply_file(path, meta, current).map(Some),
@@ -1220,12 +1294,25 @@ impl LocalShare {
                 None => {}
             }
         }
-        if let Some(Entry::Dir { .. }) = current {
-            if let Err(e) = root.remove_dir(path) {
-                root.discard_temp(staged.temp);
-                return Err(e.to_string().into());
+        match current {
+            Some(Entry::Dir { .. }) => {
+                if let Err(e) = root.remove_dir(path) {
+                    root.discard_temp(staged.temp);
+                    return Err(e.to_string().into());
+                }
             }
+            // The old version is kept (a second link in the trash) before the rename replaces
+            // it; if it cannot be kept, it is not replaced.
+            Some(old) => {
+                if let Err(e) = self.keep(path, old, true) {
+                    let root = self.root().map_err(|e| e.to_string())?;
+                    root.discard_temp(staged.temp);
+                    return Err(e.into());
+                }
+            }
+            None => {}
         }
+        let root = self.root().map_err(|e| e.to_string())?;
         // Where nothing was, nothing is replaced: a file someone created since the check
         // stays, and the change is decided again.
         let committed = match current {
@@ -1245,12 +1332,108 @@ impl LocalShare {
         ))
     }
 
-    fn remove(&mut self, path: &RelPath, current: Option<&Entry>) -> Result<(), String> {
+    /// Keeps the file or symlink `entry` at `path` in the trash: moved there (`link` false:
+    /// a deletion) or linked there (`link` true: it is about to be replaced).
+    fn keep(&mut self, path: &RelPath, entry: &Entry, link: bool) -> Result<(), String> {
         let root = self.root().map_err(|e| e.to_string())?;
+        let kept = if link {
+            root.trash_link(path)
+        } else {
+            root.trash_remove(path)
+        }
+        .map_err(|e| format!("could not be kept in the trash, so it was left alone: {e}"))?;
+        self.kept.record(
+            std::time::Instant::now(),
+            path.clone(),
+            kept.batch,
+            entry.clone(),
+        );
+        self.trashed = true;
+        Ok(())
+    }
+
+    /// See [`Endpoint::put_back`].
+    fn put_back(&mut self, items: Vec<(RelPath, Entry)>) -> Result<Vec<Outcome>, EndpointError> {
+        if self.root.is_none() {
+            self.open_root()?;
+        }
+        self.root()?.begin_batch();
+        let now = std::time::Instant::now();
+        let mut outcomes = Vec::with_capacity(items.len());
+        for (path, entry) in items {
+            let outcome = self.put_back_one(now, &path, &entry);
+            if outcome == Outcome::Applied {
+                // What is there now is no echo of ours: let a hint through, the scan sees it.
+                self.echoes.remove(&path);
+            }
+            outcomes.push(outcome);
+        }
+        self.root()?.end_batch().map_err(io_err)?;
+        Ok(outcomes)
+    }
+
+    fn put_back_one(&mut self, now: std::time::Instant, path: &RelPath, entry: &Entry) -> Outcome {
+        let root = match self.root() {
+            Ok(r) => r,
+            Err(e) => return Outcome::Failed(e.to_string()),
+        };
+        let there = match root.stat(path) {
+            Ok(s) => s,
+            Err(e) => return Outcome::Failed(e.to_string()),
+        };
+        if let Some(stat) = there {
+            if stat.kind == FileKind::Dir && entry.is_dir() {
+                return Outcome::Applied;
+            }
+            return match self.current(path) {
+                Ok(now) => Outcome::Changed(now),
+                Err(reason) => Outcome::Failed(reason),
+            };
+        }
+        if let Entry::Dir { mode } = entry {
+            return match root.mkdir(path, *mode) {
+                Ok(()) => Outcome::Applied,
+                Err(e) => Outcome::Failed(e.to_string()),
+            };
+        }
+        let Some((seq, batch)) = self.kept.find(now, path, entry) else {
+            return Outcome::Failed("not found in the trash".into());
+        };
+        let root = match self.root() {
+            Ok(r) => r,
+            Err(e) => return Outcome::Failed(e.to_string()),
+        };
+        let kept_is_it = match (entry, root.kept_stat(&batch, path)) {
+            (Entry::File(meta), Ok(Some(st))) => {
+                st.kind == FileKind::File && st.size == meta.size && st.mtime == meta.mtime
+            }
+            (Entry::Symlink { target }, Ok(Some(st))) => {
+                st.kind == FileKind::Symlink
+                    && root.kept_read_link(&batch, path).ok().as_ref() == Some(target)
+            }
+            _ => false,
+        };
+        if !kept_is_it {
+            return Outcome::Failed("the kept version is gone or changed in the trash".into());
+        }
+        match root.restore_kept(&batch, path, path) {
+            Ok(()) => {
+                self.kept.take(path, seq);
+                Outcome::Applied
+            }
+            Err(e) if e.kind() == FsErrorKind::Exists => match self.current(path) {
+                Ok(now) => Outcome::Changed(now),
+                Err(reason) => Outcome::Failed(reason),
+            },
+            Err(e) => Outcome::Failed(e.to_string()),
+        }
+    }
+
+    fn remove(&mut self, path: &RelPath, current: Option<&Entry>) -> Result<(), String> {
         let result = match current {
             None => return Ok(()),
-            Some(Entry::Dir { .. }) => root.remove_dir(path),
-            Some(_) => root.remove_file(path),
+            Some(Entry::Dir { .. }) => self.root().map_err(|e| e.to_string())?.remove_dir(path),
+            Some(entry) => return self.keep(path, entry, false),
         };
         result.map_err(|e| match e.kind() {
             FsErrorKind::NotEmpty => {

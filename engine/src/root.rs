@@ -53,8 +53,11 @@ use vmsync_core::path::{escape_bytes, RelPath, RESERVED_NAME};
 const TMP_NAME: &[u8] = b"tmp";
 /// The identity marker inside [`RESERVED_NAME`].
 const MARKER_NAME: &[u8] = b"id";
+/// The trash inside [`RESERVED_NAME`]: one directory per batch (see [`crate::trash`]).
+const TRASH_NAME: &[u8] = b"trash";
 /// Shown in errors about reserved entries.
 const TMP_SHOWN: &[u8] = b".vmsync/tmp";
+const TRASH_SHOWN: &[u8] = b".vmsync/trash";
 const RESERVED_DIR_MODE: u32 = 0o700;
 const TEMP_MODE: u32 = 0o600;
 const MARKER_MODE: u32 = 0o644;
@@ -357,6 +360,11 @@ pub struct ShareRoot {
     meta: OwnedFd,
     /// `.vmsync/tmp/`, readable (listed by `clean_temps`, fsynced).
     tmp: OwnedFd,
+    /// `.vmsync/trash/`, readable: where replaced and deleted files are kept.
+    trash: OwnedFd,
+    /// The trash batch the current transition writes into, and trash directories still to be
+    /// fsynced (see [`ShareRoot::trash_remove`]).
+    trash_batch: std::sync::Mutex<TrashBatch>,
     resolver: Resolver,
     temp_counter: AtomicU64,
     /// While a batch is open ([`ShareRoot::begin_batch`]), directories whose entries changed
@@ -550,12 +558,15 @@ impl ShareRoot {
         let ino = to_u64(st.st_ino);
         let meta = ensure_reserved_dir(root.as_fd(), dev, RESERVED_NAME, resolver, b"")?;
         let tmp = ensure_reserved_dir(meta.as_fd(), dev, TMP_NAME, resolver, RESERVED_NAME)?;
+        let trash = ensure_reserved_dir(meta.as_fd(), dev, TRASH_NAME, resolver, RESERVED_NAME)?;
         Ok(ShareRoot {
             root,
             dev,
             ino,
             meta,
             tmp,
+            trash,
+            trash_batch: std::sync::Mutex::new(TrashBatch::default()),
             resolver,
             temp_counter: AtomicU64::new(0),
             dirty_dirs: std::sync::Mutex::new(None),
@@ -676,6 +687,46 @@ impl ShareRoot {
         }
         let (dir, name) = self.parent(OP, p, OFlags::RDONLY)?;
         rfs::symlinkat(target, &dir, name).map_err(|e| fail(OP, loc, e))?;
+        self.sync_parent(&dir, p).map_err(|e| fail(OP, loc, e))
+    }
+
+    /// Replaces the file or symlink at `p` with a symlink to `target` in one rename: the new
+    /// link is made in `.vmsync/tmp/` and renamed over `p`, so `p` is never empty. Keep the
+    /// old entry first ([`ShareRoot::trash_link`]). Same target rules as
+    /// [`ShareRoot::symlink`]; a directory at `p` is an error.
+    pub fn replace_with_symlink(&self, p: &RelPath, target: &[u8]) -> Result<(), FsError> {
+        const OP: &str = "replace with symlink";
+        let loc = Loc::path(p);
+        if !symlink_target_is_contained(p, target) {
+            return Err(FsError::Refused {
+                op: OP,
+                path: loc.shown(),
+                why: "the target is empty, absolute or leaves the share",
+                source: None,
+            });
+        }
+        let (dir, name) = self.parent(OP, p, OFlags::RDONLY)?;
+        let pid = rustix::process::getpid().as_raw_pid();
+        let mut made = None;
+        for _ in 0..TEMP_CREATE_ATTEMPTS {
+            let n = self.temp_counter.fetch_add(1, Ordering::Relaxed);
+            let temp = format!("s.{pid}.{n}.{:016x}", random_u64(n));
+            match rfs::symlinkat(target, &self.tmp, temp.as_str()) {
+                Ok(()) => {
+                    made = Some(temp);
+                    break;
+                }
+                Err(Errno::EXIST) => {}
+                Err(e) => return Err(fail(OP, loc, e)),
+            }
+        }
+        let Some(temp) = made else {
+            return Err(fail(OP, loc, Errno::EXIST));
+        };
+        if let Err(e) = rfs::renameat(&self.tmp, temp.as_str(), &dir, name) {
+            let _ = rfs::unlinkat(&self.tmp, temp.as_str(), AtFlags::empty());
+            return Err(fail(OP, loc, e));
+        }
         self.sync_parent(&dir, p).map_err(|e| fail(OP, loc, e))
     }
 
@@ -1045,11 +1096,16 @@ impl ShareRoot {
         if let Ok(mut d) = self.dirty_dirs.lock() {
             d.get_or_insert_with(Default::default);
         }
+        if let Ok(mut t) = self.trash_batch.lock() {
+            t.in_batch = true;
+        }
     }
 
     /// Closes the batch: fsyncs every directory changed since [`ShareRoot::begin_batch`]. Until
     /// this returns `Ok`, the batch's changes may not survive a crash: do not record them.
     pub fn end_batch(&self) -> Result<(), FsError> {
+        // The trash first: a kept version must be durable no later than what replaced it.
+        self.close_trash_batch()?;
         let dirs: Vec<RelPath> = self
             .dirty_dirs
             .lock()
@@ -1246,6 +1302,450 @@ impl ShareRoot {
         )
         .map_err(|e| fail(op, loc, e))?;
         Ok((dir, name))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The trash (`.vmsync/trash/<batch>/<original path>`, see `crate::trash` and docs/safety.md)
+
+/// The trash batch of the running transition.
+#[derive(Debug, Default)]
+struct TrashBatch {
+    /// Between [`ShareRoot::begin_batch`] and [`ShareRoot::end_batch`]: one batch directory
+    /// serves every trashing until then. Outside, each trashing is its own batch.
+    in_batch: bool,
+    /// The batch being written into: its name and directory.
+    current: Option<(String, OwnedFd)>,
+    /// Batches opened since the last close, registered as open (the pruner leaves them alone).
+    opened: Vec<String>,
+    /// Trash directories whose entries changed and still need an fsync.
+    dirty: Vec<OwnedFd>,
+}
+
+/// Where a trashed file or symlink went: `.vmsync/trash/<batch>/<path>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kept {
+    pub batch: String,
+    pub path: RelPath,
+}
+
+/// Batch names tried before giving up when they are taken (by another process).
+const TRASH_BATCH_ATTEMPTS: u32 = 16;
+
+impl ShareRoot {
+    /// Moves the file or symlink at `p` into the trash with one `renameat` (same filesystem,
+    /// never a copy), under its own path in the current batch; `p` is empty afterwards. A
+    /// directory at `p` is refused (kind `NotAFile`): directories are removed, not kept.
+    /// Durable at [`ShareRoot::end_batch`] (outside a batch: before this returns).
+    pub fn trash_remove(&self, p: &RelPath) -> Result<Kept, FsError> {
+        self.trash_entry("move to trash", p, false)
+    }
+
+    /// Keeps the file or symlink at `p` in the trash as a second hard link, leaving `p` in
+    /// place: the first step of replacing it, so that the path is never empty and the old
+    /// inode is never unlinked. The link is made before the replacing rename; both directories
+    /// are fsynced before the transition answers (see docs/safety.md on power loss).
+    pub fn trash_link(&self, p: &RelPath) -> Result<Kept, FsError> {
+        self.trash_entry("keep in trash", p, true)
+    }
+
+    fn trash_entry(&self, op: &'static str, p: &RelPath, link: bool) -> Result<Kept, FsError> {
+        let loc = Loc::path(p);
+        let (dir, name) = self.parent(op, p, OFlags::RDONLY)?;
+        match rfs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => {
+                let kind = Stat::from_raw(&st, self.dev).kind;
+                if matches!(kind, FileKind::Dir | FileKind::Other) {
+                    return Err(not_a_file(op, loc, kind));
+                }
+            }
+            Err(e) => return Err(fail(op, loc, e)),
+        }
+        let mut guard = self
+            .trash_batch
+            .lock()
+            .map_err(|_| invalid(op, loc, "the trash state was poisoned by a panic"))?;
+        let mut fresh = false;
+        let kept = loop {
+            let (batch, slot) = self.trash_slot(op, &mut guard, p, fresh)?;
+            let Some(slot) = slot else {
+                if fresh {
+                    return Err(invalid(
+                        op,
+                        loc,
+                        "no free place for it in a new trash batch",
+                    ));
+                }
+                fresh = true;
+                continue;
+            };
+            let moved = if link {
+                rfs::linkat(&dir, name, &slot, name, AtFlags::empty())
+            } else {
+                rename_noreplace(&dir, name, &slot, name)
+            };
+            match moved {
+                Ok(()) => {
+                    guard.dirty.push(slot);
+                    break Kept {
+                        batch,
+                        path: p.clone(),
+                    };
+                }
+                Err(Errno::EXIST) if !fresh => fresh = true,
+                Err(e) => return Err(fail(op, loc, e)),
+            }
+        };
+        if !link {
+            self.sync_parent(&dir, p).map_err(|e| fail(op, loc, e))?;
+        }
+        if !guard.in_batch {
+            self.close_trash_locked(&mut guard)?;
+        }
+        Ok(kept)
+    }
+
+    /// The directory in the current batch (opened, or a new one if `fresh` or none is open)
+    /// where `p` goes, its parents created as needed; `None` in second place when `p` cannot
+    /// go there (its name or a parent's is taken by something else in that batch).
+    fn trash_slot(
+        &self,
+        op: &'static str,
+        state: &mut TrashBatch,
+        p: &RelPath,
+        fresh: bool,
+    ) -> Result<(String, Option<OwnedFd>), FsError> {
+        if fresh || state.current.is_none() {
+            let opened = self.open_trash_batch_dir(op)?;
+            state.opened.push(opened.0.clone());
+            state
+                .dirty
+                .push(self.trash.try_clone().map_err(|e| FsError::Io {
+                    op,
+                    path: escape_bytes(TRASH_SHOWN),
+                    source: e,
+                })?);
+            state.current = Some(opened);
+        }
+        let Some((batch, batch_fd)) = state.current.as_ref() else {
+            return Err(invalid(op, Loc::path(p), "no trash batch"));
+        };
+        let batch = batch.clone();
+        let shown = Loc {
+            base: TRASH_SHOWN,
+            name: Some(batch.as_bytes()),
+        };
+        let comps: Vec<&[u8]> = p.components().collect();
+        let parents = comps.split_last().map_or(&[][..], |(_, d)| d);
+        let mut cur = batch_fd.try_clone().map_err(|e| FsError::Io {
+            op,
+            path: shown.shown(),
+            source: e,
+        })?;
+        for comp in parents {
+            match rfs::mkdirat(&cur, *comp, Mode::from_raw_mode(RESERVED_DIR_MODE)) {
+                Ok(()) => state.dirty.push(cur.try_clone().map_err(|e| FsError::Io {
+                    op,
+                    path: shown.shown(),
+                    source: e,
+                })?),
+                Err(Errno::EXIST) => {}
+                Err(e) => return Err(fail(op, shown, e)),
+            }
+            match rfs::openat(
+                &cur,
+                *comp,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(next) => cur = next,
+                Err(Errno::NOTDIR | Errno::LOOP) => return Ok((batch, None)),
+                Err(e) => return Err(fail(op, shown, e)),
+            }
+        }
+        let name = comps.last().copied().unwrap_or_default();
+        match rfs::statat(&cur, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Err(Errno::NOENT) => Ok((batch, Some(cur))),
+            Ok(_) => Ok((batch, None)),
+            Err(e) => Err(fail(op, shown, e)),
+        }
+    }
+
+    /// Creates a new batch directory named by the time now (see [`crate::trash::batch_name`]).
+    fn open_trash_batch_dir(&self, op: &'static str) -> Result<(String, OwnedFd), FsError> {
+        let mut last = Errno::EXIST;
+        for _ in 0..TRASH_BATCH_ATTEMPTS {
+            let name = crate::trash::new_batch_name();
+            let loc = Loc {
+                base: TRASH_SHOWN,
+                name: Some(name.as_bytes()),
+            };
+            match rfs::mkdirat(
+                &self.trash,
+                name.as_str(),
+                Mode::from_raw_mode(RESERVED_DIR_MODE),
+            ) {
+                Ok(()) => {}
+                Err(Errno::EXIST) => {
+                    last = Errno::EXIST;
+                    continue;
+                }
+                Err(e) => return Err(fail(op, loc, e)),
+            }
+            crate::trash::register_open(&name);
+            let fd = rfs::openat(
+                &self.trash,
+                name.as_str(),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| fail(op, loc, e))?;
+            return Ok((name, fd));
+        }
+        Err(fail(
+            op,
+            Loc {
+                base: TRASH_SHOWN,
+                name: None,
+            },
+            last,
+        ))
+    }
+
+    /// Fsyncs the trash directories changed since the last close and ends the current batch.
+    fn close_trash_batch(&self) -> Result<(), FsError> {
+        let mut guard = self.trash_batch.lock().map_err(|_| {
+            invalid(
+                "fsync trash",
+                Loc {
+                    base: TRASH_SHOWN,
+                    name: None,
+                },
+                "the trash state was poisoned by a panic",
+            )
+        })?;
+        guard.in_batch = false;
+        self.close_trash_locked(&mut guard)
+    }
+
+    fn close_trash_locked(&self, state: &mut TrashBatch) -> Result<(), FsError> {
+        let dirty = std::mem::take(&mut state.dirty);
+        state.current = None;
+        let result = dirty.iter().try_for_each(|fd| {
+            rfs::fsync(fd).map_err(|e| {
+                fail(
+                    "fsync trash",
+                    Loc {
+                        base: TRASH_SHOWN,
+                        name: None,
+                    },
+                    e,
+                )
+            })
+        });
+        for name in state.opened.drain(..) {
+            crate::trash::unregister_open(&name);
+        }
+        result
+    }
+
+    /// `lstat` of `.vmsync/trash/<batch>/<rel>`; `None` if it is not there.
+    pub fn kept_stat(&self, batch: &str, rel: &RelPath) -> Result<Option<Stat>, FsError> {
+        let Some((dir, name)) = self.kept_parent("stat kept entry", batch, rel)? else {
+            return Ok(None);
+        };
+        match rfs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some(Stat::from_raw(&st, self.dev))),
+            Err(Errno::NOENT) => Ok(None),
+            Err(e) => Err(fail("stat kept entry", Loc::path(rel), e)),
+        }
+    }
+
+    /// The target of the kept symlink `.vmsync/trash/<batch>/<rel>`.
+    pub fn kept_read_link(&self, batch: &str, rel: &RelPath) -> Result<Vec<u8>, FsError> {
+        const OP: &str = "read kept symlink";
+        let Some((dir, name)) = self.kept_parent(OP, batch, rel)? else {
+            return Err(fail(OP, Loc::path(rel), Errno::NOENT));
+        };
+        read_link_at(OP, dir.as_fd(), name, Loc::path(rel))
+    }
+
+    /// Moves the kept `.vmsync/trash/<batch>/<rel>` back to `p` with one rename that never
+    /// replaces anything (kind `Exists` if something is at `p`). `p`'s parent must exist.
+    pub fn restore_kept(&self, batch: &str, rel: &RelPath, p: &RelPath) -> Result<(), FsError> {
+        const OP: &str = "put back from trash";
+        let loc = Loc::path(p);
+        let Some((src, src_name)) = self.kept_parent(OP, batch, rel)? else {
+            return Err(fail(OP, loc, Errno::NOENT));
+        };
+        let (dir, name) = self.parent(OP, p, OFlags::RDONLY)?;
+        rename_noreplace(&src, src_name, &dir, name).map_err(|e| fail(OP, loc, e))?;
+        self.sync_parent(&dir, p).map_err(|e| fail(OP, loc, e))?;
+        let mut guard = self
+            .trash_batch
+            .lock()
+            .map_err(|_| invalid(OP, loc, "the trash state was poisoned by a panic"))?;
+        if guard.in_batch {
+            guard.dirty.push(src);
+            Ok(())
+        } else {
+            rfs::fsync(&src).map_err(|e| fail(OP, loc, e))
+        }
+    }
+
+    fn kept_parent<'r>(
+        &self,
+        op: &'static str,
+        batch: &str,
+        rel: &'r RelPath,
+    ) -> Result<Option<(OwnedFd, &'r [u8])>, FsError> {
+        let mut comps: Vec<&[u8]> = vec![batch.as_bytes()];
+        comps.extend(rel.components());
+        let Some(name) = rel.name() else {
+            return Err(invalid(op, Loc::path(rel), "not a kept entry"));
+        };
+        comps.pop();
+        match open_beneath(
+            self.trash.as_fd(),
+            self.dev,
+            &comps,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW,
+            self.resolver,
+        ) {
+            Ok(fd) => Ok(Some((fd, name))),
+            Err(Errno::NOENT | Errno::NOTDIR) => Ok(None),
+            Err(e) => Err(fail(op, Loc::path(rel), e)),
+        }
+    }
+
+    /// The names of the entries of `.vmsync/trash/`, unsorted.
+    pub fn trash_batches(&self) -> Result<Vec<Vec<u8>>, FsError> {
+        const OP: &str = "list trash";
+        let loc = Loc {
+            base: TRASH_SHOWN,
+            name: None,
+        };
+        let dir = rfs::Dir::read_from(&self.trash).map_err(|e| fail(OP, loc, e))?;
+        let mut out = Vec::new();
+        for entry in dir {
+            let entry = entry.map_err(|e| fail(OP, loc, e))?;
+            let name = entry.file_name().to_bytes();
+            if name != b"." && name != b".." {
+                out.push(name.to_vec());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Opens the batch directory `.vmsync/trash/<name>` for walking.
+    pub fn open_trash_batch(&self, name: &[u8]) -> Result<DirHandle, FsError> {
+        let mut shown = TRASH_SHOWN.to_vec();
+        shown.push(b'/');
+        shown.extend_from_slice(name);
+        if !is_single_component(name) {
+            return Err(invalid(
+                "open trash batch",
+                Loc {
+                    base: &shown,
+                    name: None,
+                },
+                "not a single file name",
+            ));
+        }
+        let fd = open_beneath(
+            self.trash.as_fd(),
+            self.dev,
+            &[name],
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW,
+            self.resolver,
+        )
+        .map_err(|e| {
+            fail(
+                "open trash batch",
+                Loc {
+                    base: &shown,
+                    name: None,
+                },
+                e,
+            )
+        })?;
+        Ok(DirHandle {
+            fd,
+            root_dev: self.dev,
+            is_root: false,
+            path: shown.into(),
+            resolver: self.resolver,
+        })
+    }
+
+    /// Removes the entry `name` of `.vmsync/trash/` and everything beneath it, walking
+    /// directory fds (never following a symlink), then fsyncs the trash directory.
+    pub fn remove_trash_batch(&self, name: &[u8]) -> Result<(), FsError> {
+        const OP: &str = "remove trash batch";
+        let loc = Loc {
+            base: TRASH_SHOWN,
+            name: Some(name),
+        };
+        if !is_single_component(name) {
+            return Err(invalid(OP, loc, "not a single file name"));
+        }
+        remove_tree(self.trash.as_fd(), name, self.dev, self.resolver, 0)
+            .map_err(|e| fail(OP, loc, e))?;
+        rfs::fsync(&self.trash).map_err(|e| fail(OP, loc, e))
+    }
+}
+
+/// `renameat2(RENAME_NOREPLACE)`, or where the filesystem lacks it, a check and a plain rename.
+fn rename_noreplace(
+    from: &OwnedFd,
+    from_name: &[u8],
+    to: &OwnedFd,
+    to_name: &[u8],
+) -> Result<(), Errno> {
+    match rfs::renameat_with(from, from_name, to, to_name, RenameFlags::NOREPLACE) {
+        Err(Errno::INVAL) => match rfs::statat(to, to_name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(_) => Err(Errno::EXIST),
+            Err(Errno::NOENT) => rfs::renameat(from, from_name, to, to_name),
+            Err(e) => Err(e),
+        },
+        other => other,
+    }
+}
+
+/// Removes `parent`/`name` recursively through directory fds.
+fn remove_tree(
+    parent: BorrowedFd<'_>,
+    name: &[u8],
+    dev: u64,
+    resolver: Resolver,
+    depth: usize,
+) -> Result<(), Errno> {
+    match rfs::unlinkat(parent, name, AtFlags::empty()) {
+        Ok(()) | Err(Errno::NOENT) => return Ok(()),
+        Err(Errno::ISDIR) => {}
+        Err(e) => return Err(e),
+    }
+    if depth > vmsync_core::limits::MAX_PATH_DEPTH {
+        return Err(Errno::LOOP);
+    }
+    let fd = open_beneath(
+        parent,
+        dev,
+        &[name],
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW,
+        resolver,
+    )?;
+    let names: Vec<Vec<u8>> = rfs::Dir::read_from(&fd)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_bytes().to_vec())
+        .filter(|n| n.as_slice() != b"." && n.as_slice() != b"..")
+        .collect();
+    for child in names {
+        remove_tree(fd.as_fd(), &child, dev, resolver, depth + 1)?;
+    }
+    match rfs::unlinkat(parent, name, AtFlags::REMOVEDIR) {
+        Ok(()) | Err(Errno::NOENT) => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -1807,6 +2307,112 @@ mod tests {
 
     fn p(s: &[u8]) -> RelPath {
         RelPath::from_bytes(s).unwrap()
+    }
+
+    fn kept_paths(dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let trash = dir.join(".vmsync/trash");
+        for batch in std::fs::read_dir(&trash).unwrap().flatten() {
+            let mut stack = vec![batch.path()];
+            while let Some(d) = stack.pop() {
+                for e in std::fs::read_dir(&d).unwrap().flatten() {
+                    let ft = e.file_type().unwrap();
+                    if ft.is_dir() {
+                        stack.push(e.path());
+                    } else {
+                        let rel = e.path().strip_prefix(&trash).unwrap().to_owned();
+                        out.push(rel.to_string_lossy().into_owned());
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn trash_layout_one_batch_per_transition_and_a_fresh_one_on_a_collision() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::write(dir.join("a"), b"a as a file").unwrap();
+        std::fs::create_dir(dir.join("d")).unwrap();
+        std::fs::write(dir.join("d/x"), b"x").unwrap();
+        std::fs::write(dir.join("d/y"), b"y").unwrap();
+        let root = ShareRoot::open(dir).unwrap();
+        let ino = std::fs::metadata(dir.join("d/y")).unwrap().ino();
+        root.begin_batch();
+        let a = root.trash_remove(&p(b"a")).unwrap();
+        let x = root.trash_remove(&p(b"d/x")).unwrap();
+        let y = root.trash_link(&p(b"d/y")).unwrap();
+        // `a` is now a directory holding `b`: `a/b` cannot go where `a` the file went.
+        std::fs::create_dir(dir.join("a")).unwrap();
+        std::fs::write(dir.join("a/b"), b"b").unwrap();
+        let b = root.trash_remove(&p(b"a/b")).unwrap();
+        root.end_batch().unwrap();
+        assert_eq!(a.batch, x.batch);
+        assert_eq!(a.batch, y.batch);
+        assert_ne!(a.batch, b.batch);
+        assert!(crate::trash::parse_batch_name(a.batch.as_bytes()).is_some());
+        assert_eq!(
+            kept_paths(dir),
+            vec![
+                format!("{}/a", a.batch),
+                format!("{}/d/x", a.batch),
+                format!("{}/d/y", a.batch),
+                format!("{}/a/b", b.batch),
+            ]
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+        );
+        // Moved, not copied; linked, and still in place.
+        assert!(!dir.join("d/x").exists());
+        assert_eq!(std::fs::read(dir.join("d/y")).unwrap(), b"y");
+        let kept_y = dir.join(".vmsync/trash").join(&y.batch).join("d/y");
+        assert_eq!(std::fs::metadata(kept_y).unwrap().ino(), ino);
+        // A directory is never trashed.
+        let err = root.trash_remove(&p(b"d")).unwrap_err();
+        assert_eq!(err.kind(), FsErrorKind::NotAFile);
+        // Outside a batch each trashing is its own batch.
+        std::fs::write(dir.join("z"), b"z").unwrap();
+        let z = root.trash_remove(&p(b"z")).unwrap();
+        assert_ne!(z.batch, a.batch);
+        assert_ne!(z.batch, b.batch);
+    }
+
+    #[test]
+    fn a_symlink_is_replaced_in_one_rename_and_put_back_never_replaces() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::write(dir.join("t"), b"t").unwrap();
+        std::os::unix::fs::symlink("t", dir.join("l")).unwrap();
+        let root = ShareRoot::open(dir).unwrap();
+        let kept = root.trash_link(&p(b"l")).unwrap();
+        root.replace_with_symlink(&p(b"l"), b"x/../t").unwrap_err();
+        root.replace_with_symlink(&p(b"l"), b"other").unwrap();
+        assert_eq!(
+            std::fs::read_link(dir.join("l")).unwrap(),
+            std::path::PathBuf::from("other")
+        );
+        assert_eq!(root.kept_read_link(&kept.batch, &p(b"l")).unwrap(), b"t");
+        let err = root
+            .restore_kept(&kept.batch, &p(b"l"), &p(b"l"))
+            .unwrap_err();
+        assert_eq!(err.kind(), FsErrorKind::Exists);
+        std::fs::remove_file(dir.join("l")).unwrap();
+        root.restore_kept(&kept.batch, &p(b"l"), &p(b"l")).unwrap();
+        assert_eq!(
+            std::fs::read_link(dir.join("l")).unwrap(),
+            std::path::PathBuf::from("t")
+        );
+        assert!(root.kept_stat(&kept.batch, &p(b"l")).unwrap().is_none());
+        // No temp left behind.
+        assert_eq!(
+            std::fs::read_dir(dir.join(".vmsync/tmp")).unwrap().count(),
+            0
+        );
     }
 
     #[test]

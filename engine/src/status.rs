@@ -72,6 +72,8 @@ pub struct ShareStatus {
     pub watch_problem: Option<String>,
     /// Completed cycles since the agent started.
     pub cycles: u64,
-    /// Where losing versions are kept.
-    pub conflict_dir: String,
+    /// What this side's trash (`.vmsync/trash/` in the share) holds: files and symlinks kept
+    /// because a change replaced or deleted them, and their bytes.
+    pub trash_files: u64,
+    pub trash_bytes: u64,
 }

@@ -314,25 +314,14 @@ impl Agents {
         self.converge_except(timeout, &[]);
     }
 
-    /// Every file in the host's conflict store for share `src`, as
-    /// (`<batch dir>/<path>`, content); batch dirs end in `-host` or `-guest`, the side the
-    /// saved version came from.
-    pub fn conflict_copies(&self) -> Vec<(String, Vec<u8>)> {
-        let dir = self.host_state.join("conflicts/src");
-        let mut out = Vec::new();
-        for batch in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            for (rel, node) in crate::fixture::tree(&batch.path()) {
-                if let crate::fixture::Node::File { data, .. } = node {
-                    let name = format!(
-                        "{}/{}",
-                        batch.file_name().to_string_lossy(),
-                        String::from_utf8_lossy(&rel)
-                    );
-                    out.push((name, data));
-                }
-            }
-        }
-        out
+    /// Files kept in the host's trash for share `src`, as (`<batch>/<path>`, content).
+    pub fn host_trash(&self) -> Vec<(String, Vec<u8>)> {
+        crate::fixture::trash_files(&self.host_dir)
+    }
+
+    /// Files kept in the guest's trash for share `src`, as (`<batch>/<path>`, content).
+    pub fn guest_trash(&self) -> Vec<(String, Vec<u8>)> {
+        crate::fixture::trash_files(&self.guest_dir)
     }
 }
 

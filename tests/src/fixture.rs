@@ -417,23 +417,15 @@ impl Pair {
             .clone()
     }
 
-    /// Files in the conflict store as `batch/relative/path` with their content.
-    pub fn conflict_files(&self) -> Vec<(String, Vec<u8>)> {
-        let dir = self.host_state.join("conflicts").join("s");
-        let mut out = Vec::new();
-        let Ok(batches) = std::fs::read_dir(&dir) else {
-            return out;
-        };
-        for batch in batches.flatten() {
-            for (rel, node) in tree(&batch.path()) {
-                if let Node::File { data, .. } = node {
-                    let name = batch.file_name().to_string_lossy().into_owned();
-                    out.push((format!("{name}/{}", String::from_utf8_lossy(&rel)), data));
-                }
-            }
-        }
-        out.sort();
-        out
+    /// Files kept in the host's trash, as (`<batch>/<relative path>`, content), by batch
+    /// name (that is, by time).
+    pub fn host_trash(&self) -> Vec<(String, Vec<u8>)> {
+        trash_files(&self.host_dir)
+    }
+
+    /// Files kept in the guest's trash, as [`Pair::host_trash`].
+    pub fn guest_trash(&self) -> Vec<(String, Vec<u8>)> {
+        trash_files(&self.guest_dir)
     }
 }
 
@@ -535,4 +527,21 @@ pub fn changed_chunk_bytes(old: &[u8], new: &[u8]) -> u64 {
         .filter(|c| !old.contains(&c.hash))
         .map(|c| u64::from(c.len))
         .sum()
+}
+
+/// Regular files in the trash of the share at `root` (`.vmsync/trash/<batch>/<path>`), as
+/// (`<batch>/<path>`, content), sorted (batches sort by time).
+pub fn trash_files(root: &Path) -> Vec<(String, Vec<u8>)> {
+    let dir = root.join(".vmsync/trash");
+    let mut out = Vec::new();
+    for batch in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        for (rel, node) in tree(&batch.path()) {
+            if let Node::File { data, .. } = node {
+                let name = batch.file_name().to_string_lossy().into_owned();
+                out.push((format!("{name}/{}", String::from_utf8_lossy(&rel)), data));
+            }
+        }
+    }
+    out.sort();
+    out
 }

@@ -64,24 +64,6 @@ fn edited_on_both_sides_while_down(policy: &str) -> Agents {
     a
 }
 
-fn conflict_copies(a: &Agents) -> Vec<(String, Vec<u8>)> {
-    let dir = a.host_state.join("conflicts/src");
-    let mut out = Vec::new();
-    for batch in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-        for (rel, node) in tree(&batch.path()) {
-            if let vmsync_tests::fixture::Node::File { data, .. } = node {
-                let name = format!(
-                    "{}/{}",
-                    batch.file_name().to_string_lossy(),
-                    String::from_utf8_lossy(&rel)
-                );
-                out.push((name, data));
-            }
-        }
-    }
-    out
-}
-
 #[test]
 fn both_edited_while_down_keep() {
     let a = edited_on_both_sides_while_down("keep");
@@ -91,7 +73,7 @@ fn both_edited_while_down_keep() {
     assert_eq!(share["conflicts"][0], "f.txt");
     assert_eq!(read(&a.host_dir, "f.txt"), b"host version");
     assert_eq!(read(&a.guest_dir, "f.txt"), b"guest version (newer)");
-    assert!(conflict_copies(&a).is_empty());
+    assert!(a.host_trash().is_empty() && a.guest_trash().is_empty());
 }
 
 #[test]
@@ -120,12 +102,15 @@ fn both_edited_while_down_auto_policies() {
         a.wait_in_sync();
         assert_same_tree(&a.host_dir, &a.guest_dir);
         assert_eq!(read(&a.host_dir, "f.txt"), winner.as_bytes(), "{policy}");
-        let copies = conflict_copies(&a);
+        // The losing version is kept in the trash of the side where it lost.
+        let (copies, other) = if loser_side == "host" {
+            (a.host_trash(), a.guest_trash())
+        } else {
+            (a.guest_trash(), a.host_trash())
+        };
         assert_eq!(copies.len(), 1, "{policy}: {copies:?}");
-        assert!(
-            copies[0].0.ends_with(&format!("-{loser_side}/f.txt")),
-            "{policy}: {copies:?}"
-        );
+        assert!(other.is_empty(), "{policy}: {other:?}");
+        assert!(copies[0].0.ends_with("/f.txt"), "{policy}: {copies:?}");
         assert_eq!(copies[0].1, loser.as_bytes(), "{policy}");
         // Never in the synced tree.
         assert_eq!(tree(&a.host_dir).len(), 1, "{policy}");

@@ -89,7 +89,10 @@ async fn same_file_edited_on_both_sides_keep() {
     let st = p.status();
     assert_eq!(st.state, ShareState::Conflicted);
     assert_eq!(st.conflicts, vec!["f.txt".to_string()]);
-    assert!(p.conflict_files().is_empty(), "keep moves nothing");
+    assert!(
+        p.host_trash().is_empty() && p.guest_trash().is_empty(),
+        "keep moves nothing"
+    );
     // Still conflicted on the next cycle, and still nothing touched.
     p.sync().await;
     assert_eq!(p.status().conflicts, vec!["f.txt".to_string()]);
@@ -101,10 +104,12 @@ async fn same_file_edited_on_both_sides_host_wins() {
     let mut p = both_edited(ConflictPolicy::HostWins).await;
     assert_same_tree(&p.host_dir, &p.guest_dir);
     assert_eq!(read(&p.guest_dir, "f.txt"), b"host edit");
-    let saved = p.conflict_files();
+    // The losing version is kept in the trash of the side where it lost.
+    let saved = p.guest_trash();
     assert_eq!(saved.len(), 1, "{saved:?}");
-    assert!(saved[0].0.ends_with("-guest/f.txt"), "{saved:?}");
+    assert!(saved[0].0.ends_with("/f.txt"), "{saved:?}");
     assert_eq!(saved[0].1, b"guest edit, newer");
+    assert!(p.host_trash().is_empty());
     assert_eq!(p.status().state, ShareState::InSync);
 }
 
@@ -113,10 +118,11 @@ async fn same_file_edited_on_both_sides_guest_wins() {
     let p = both_edited(ConflictPolicy::GuestWins).await;
     assert_same_tree(&p.host_dir, &p.guest_dir);
     assert_eq!(read(&p.host_dir, "f.txt"), b"guest edit, newer");
-    let saved = p.conflict_files();
+    let saved = p.host_trash();
     assert_eq!(saved.len(), 1, "{saved:?}");
-    assert!(saved[0].0.ends_with("-host/f.txt"), "{saved:?}");
+    assert!(saved[0].0.ends_with("/f.txt"), "{saved:?}");
     assert_eq!(saved[0].1, b"host edit");
+    assert!(p.guest_trash().is_empty());
 }
 
 #[tokio::test]
@@ -124,8 +130,10 @@ async fn same_file_edited_on_both_sides_newer_wins() {
     let p = both_edited(ConflictPolicy::NewerWins).await;
     assert_same_tree(&p.host_dir, &p.guest_dir);
     assert_eq!(read(&p.host_dir, "f.txt"), b"guest edit, newer");
-    assert_eq!(p.conflict_files().len(), 1);
-    assert_eq!(p.conflict_files()[0].1, b"host edit");
+    let saved = p.host_trash();
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    assert_eq!(saved[0].1, b"host edit");
+    assert!(p.guest_trash().is_empty());
 }
 
 #[tokio::test]
@@ -744,7 +752,7 @@ async fn one_way_host_to_guest_reverts_guest_edits_and_keeps_them() {
     p.sync().await;
     assert_same_tree(&p.host_dir, &p.guest_dir);
     assert_eq!(read(&p.guest_dir, "f"), b"host");
-    let saved: Vec<Vec<u8>> = p.conflict_files().into_iter().map(|(_, d)| d).collect();
+    let saved: Vec<Vec<u8>> = p.guest_trash().into_iter().map(|(_, d)| d).collect();
     assert!(
         saved.contains(&b"guest edit".to_vec()) && saved.contains(&b"guest only".to_vec()),
         "{saved:?}"

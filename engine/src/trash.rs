@@ -1,0 +1,955 @@
+//! The share's trash: where every file or symlink a transition deletes or replaces is kept
+//! instead of unlinked (docs/safety.md, "The trash").
+//!
+//! Layout: `.vmsync/trash/<batch>/<original relative path>`, one batch directory per
+//! transition that kept something, named by the UTC time it was opened
+//! (`20261206T081644.123456789Z-7`: sortable by time, the counter unique within the process).
+//! The file operations themselves are [`ShareRoot`]'s (`trash_remove`, `trash_link`,
+//! `restore_kept`, `remove_trash_batch`); this module holds what is decided around them:
+//! - the batch names ([`batch_name`], [`parse_batch_name`]) and the set of batches a running
+//!   transition still writes into, which the pruner never touches;
+//! - retention ([`Retention`]) and the pruning decision ([`plan_prune`]), pure, and the
+//!   background [`Pruner`] that applies it off the request path;
+//! - listing what is kept ([`list`]) and putting it back ([`restore`], for the CLI;
+//!   [`KeptLog`], the in-memory record `Endpoint::put_back` answers from).
+//!
+//! What it must not do: delete anything outside `.vmsync/trash/`, remove a batch that is
+//! still being written, or make a sync wait for pruning.
+
+use crate::root::{FileKind, FsError, FsErrorKind, ShareRoot};
+use serde::Serialize;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vmsync_core::{Entry, RelPath, Timestamp};
+
+/// Default `keep_deleted`: a week.
+pub const DEFAULT_KEEP_DELETED_SECS: u64 = 7 * 24 * 3600;
+/// Default `keep_deleted_max`: this percentage of the share's size.
+pub const DEFAULT_KEEP_DELETED_PERCENT: u32 = 10;
+/// How often the pruner looks at the trash when nothing wakes it.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How long `put_back` can reach back: trash moves older than this are forgotten.
+pub const PUT_BACK_WINDOW: Duration = Duration::from_secs(600);
+/// At most this many trash moves are remembered for `put_back` (about 200 bytes each).
+pub const MAX_PUT_BACK_RECORDS: usize = 1_000_000;
+
+const SECS_PER_DAY: i64 = 86_400;
+
+static BATCH_COUNTER: AtomicU64 = AtomicU64::new(0);
+static OPEN_BATCHES: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+/// Now, as a wall-clock timestamp.
+pub fn now() -> Timestamp {
+    match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => Timestamp::new(
+            i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            d.subsec_nanos(),
+        ),
+        Err(_) => Timestamp::default(),
+    }
+}
+
+/// A new batch name for the time now, unique within this process.
+pub(crate) fn new_batch_name() -> String {
+    batch_name(now(), BATCH_COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+pub(crate) fn register_open(name: &str) {
+    if let Ok(mut open) = OPEN_BATCHES.lock() {
+        open.insert(name.to_string());
+    }
+}
+
+pub(crate) fn unregister_open(name: &str) {
+    if let Ok(mut open) = OPEN_BATCHES.lock() {
+        open.remove(name);
+    }
+}
+
+fn is_open(name: &[u8]) -> bool {
+    let Ok(name) = std::str::from_utf8(name) else {
+        return false;
+    };
+    OPEN_BATCHES.lock().map_or(true, |open| open.contains(name))
+}
+
+/// `YYYYMMDDTHHMMSS.nnnnnnnnnZ-<n>` (UTC). Parsed back by [`parse_batch_name`].
+pub fn batch_name(t: Timestamp, n: u64) -> String {
+    let days = t.secs.div_euclid(SECS_PER_DAY);
+    let rem = t.secs.rem_euclid(SECS_PER_DAY);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}.{:09}Z-{n}",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60,
+        t.nanos
+    )
+}
+
+/// The time and counter of a batch name made by [`batch_name`]; `None` for anything else.
+pub fn parse_batch_name(name: &[u8]) -> Option<(Timestamp, u64)> {
+    let s = std::str::from_utf8(name).ok()?;
+    let (stamp, n) = s.split_once("Z-")?;
+    let n: u64 = digits(n)?.parse().ok()?;
+    let (date, time) = stamp.split_once('T')?;
+    let (hms, nanos) = time.split_once('.')?;
+    if date.len() != 8 || hms.len() != 6 || nanos.len() != 9 {
+        return None;
+    }
+    let num = |s: &str| -> Option<i64> { digits(s)?.parse().ok() };
+    let (y, m, d) = (num(&date[..4])?, num(&date[4..6])?, num(&date[6..])?);
+    let (hh, mm, ss) = (num(&hms[..2])?, num(&hms[2..4])?, num(&hms[4..])?);
+    let nanos: u32 = digits(nanos)?.parse().ok()?;
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 59 {
+        return None;
+    }
+    let days = days_from_civil(y, m, d);
+    if civil_from_days(days) != (y, m, d) {
+        return None;
+    }
+    let t = Timestamp::new(days * SECS_PER_DAY + hh * 3600 + mm * 60 + ss, nanos);
+    // Canonical form only: the name must be exactly what we would have made.
+    (batch_name(t, n).as_bytes() == name).then_some((t, n))
+}
+
+fn digits(s: &str) -> Option<&str> {
+    (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then_some(s)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (
+        if m <= 2 {
+            yoe + era * 400 + 1
+        } else {
+            yoe + era * 400
+        },
+        m,
+        d,
+    )
+}
+
+/// `2026-12-06T08:16:44.123456789Z`: RFC 3339, UTC, nanoseconds.
+pub fn format_rfc3339(t: Timestamp) -> String {
+    let days = t.secs.div_euclid(SECS_PER_DAY);
+    let rem = t.secs.rem_euclid(SECS_PER_DAY);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:09}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60,
+        t.nanos
+    )
+}
+
+/// A time given on the command line: RFC 3339 UTC (`2026-12-06T08:16:44Z`, fractions
+/// allowed) or an age (`10m`, `2h`, `1d`: that long before `now`).
+pub fn parse_since(s: &str, now: Timestamp) -> Result<Timestamp, String> {
+    if let Ok(age) = parse_duration(s) {
+        let secs = i64::try_from(age.as_secs()).map_err(|_| format!("{s:?}: too long ago"))?;
+        return Ok(Timestamp::new(now.secs.saturating_sub(secs), now.nanos));
+    }
+    let bad = || {
+        format!(
+            "{s:?} is neither an RFC 3339 UTC time (2026-12-06T08:16:44Z) nor an age (10m, 2h, 1d)"
+        )
+    };
+    let body = s.strip_suffix('Z').ok_or_else(bad)?;
+    let (date, time) = body.split_once('T').ok_or_else(bad)?;
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let dp: Vec<&str> = date.split('-').collect();
+    let tp: Vec<&str> = hms.split(':').collect();
+    if dp.len() != 3
+        || tp.len() != 3
+        || frac.len() > 9
+        || (!frac.is_empty() && digits(frac).is_none())
+    {
+        return Err(bad());
+    }
+    let num =
+        |s: &str| -> Result<i64, String> { digits(s).and_then(|d| d.parse().ok()).ok_or_else(bad) };
+    let (y, m, d) = (num(dp[0])?, num(dp[1])?, num(dp[2])?);
+    let (hh, mm, ss) = (num(tp[0])?, num(tp[1])?, num(tp[2])?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 59 {
+        return Err(bad());
+    }
+    let days = days_from_civil(y, m, d);
+    if civil_from_days(days) != (y, m, d) {
+        return Err(bad());
+    }
+    let nanos: u32 = if frac.is_empty() {
+        0
+    } else {
+        format!("{frac:0<9}").parse().map_err(|_| bad())?
+    };
+    Ok(Timestamp::new(
+        days * SECS_PER_DAY + hh * 3600 + mm * 60 + ss,
+        nanos,
+    ))
+}
+
+/// `30s`, `10m`, `2h`, `7d`: a number and one unit.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration: a whole number and s, m, h or d (e.g. \"7d\")");
+    let unit = s.chars().last().ok_or_else(bad)?;
+    let n: u64 = digits(&s[..s.len() - unit.len_utf8()])
+        .and_then(|d| d.parse().ok())
+        .ok_or_else(bad)?;
+    let mul = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mul).map(Duration::from_secs).ok_or_else(bad)
+}
+
+/// How much the trash may hold: a share of the side's indexed bytes, or a size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeLimit {
+    /// Percent (0..=100) of the bytes of the files this side indexes.
+    Percent(u32),
+    Bytes(u64),
+}
+
+impl SizeLimit {
+    /// `10%`, `5GiB`, `500MB`, `64KiB`, `1000` (bytes).
+    pub fn parse(s: &str) -> Result<SizeLimit, String> {
+        if let Some(p) = s.strip_suffix('%') {
+            let n: u32 = digits(p)
+                .and_then(|d| d.parse().ok())
+                .filter(|n| *n <= 100)
+                .ok_or_else(|| format!("{s:?}: a percentage is a whole number from 0 to 100"))?;
+            return Ok(SizeLimit::Percent(n));
+        }
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let bad = || format!("{s:?} is not a size: e.g. \"10%\", \"5GiB\", \"500MB\"");
+        let n: u64 = digits(num).and_then(|d| d.parse().ok()).ok_or_else(bad)?;
+        let mul: u64 = match unit {
+            "" | "B" => 1,
+            "KB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "TiB" => 1 << 40,
+            _ => return Err(bad()),
+        };
+        n.checked_mul(mul).map(SizeLimit::Bytes).ok_or_else(bad)
+    }
+
+    /// The limit in bytes for a share of `share_bytes`.
+    pub fn bytes(self, share_bytes: u64) -> u64 {
+        match self {
+            SizeLimit::Bytes(b) => b,
+            SizeLimit::Percent(p) => {
+                u64::try_from(u128::from(share_bytes) * u128::from(p) / 100).unwrap_or(u64::MAX)
+            }
+        }
+    }
+}
+
+/// A share's `keep_deleted` and `keep_deleted_max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub max_age: Duration,
+    pub max_size: SizeLimit,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_age: Duration::from_secs(DEFAULT_KEEP_DELETED_SECS),
+            max_size: SizeLimit::Percent(DEFAULT_KEEP_DELETED_PERCENT),
+        }
+    }
+}
+
+/// One batch as the pruner sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchUsage {
+    pub name: Vec<u8>,
+    pub time: Timestamp,
+    pub bytes: u64,
+    /// A running transition still writes into it.
+    pub open: bool,
+}
+
+/// Which batches to remove (indices into `batches`, sorted oldest first): every batch older
+/// than `max_age`, then the oldest until the rest hold at most `max_bytes`. Never an open
+/// batch, and never the newest batch for size alone: a single large deletion stays
+/// recoverable until it ages out or something newer is kept.
+pub fn plan_prune(
+    batches: &[BatchUsage],
+    now: Timestamp,
+    max_age: Duration,
+    max_bytes: u64,
+) -> Vec<usize> {
+    let cutoff = now
+        .secs
+        .saturating_sub(i64::try_from(max_age.as_secs()).unwrap_or(i64::MAX));
+    let newest = batches.len().checked_sub(1);
+    let mut remove = Vec::new();
+    let mut total: u64 = batches.iter().map(|b| b.bytes).sum();
+    for (i, b) in batches.iter().enumerate() {
+        if b.open {
+            continue;
+        }
+        let expired = Timestamp::new(cutoff, now.nanos) > b.time;
+        let over = total > max_bytes && Some(i) != newest;
+        if expired || over {
+            remove.push(i);
+            total -= b.bytes;
+        }
+    }
+    remove
+}
+
+/// One kept file or symlink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptItem {
+    pub batch: String,
+    /// When it was trashed (its batch's time).
+    pub time: Timestamp,
+    pub path: RelPath,
+    pub kind: FileKind,
+    pub size: u64,
+    pub mtime: Timestamp,
+}
+
+/// What is in the trash, by batch: batches with a name we did not make are left out.
+/// Sorted by time, then path.
+pub fn list(root: &ShareRoot) -> Result<Vec<KeptItem>, FsError> {
+    let mut names = root.trash_batches()?;
+    names.sort();
+    let mut out = Vec::new();
+    for name in names {
+        let Some((time, _)) = parse_batch_name(&name) else {
+            continue;
+        };
+        let batch = String::from_utf8_lossy(&name).into_owned();
+        let dir = match root.open_trash_batch(&name) {
+            Ok(d) => d,
+            Err(e) if e.kind() == FsErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        walk(&dir, &RelPath::root(), &mut |path, stat| {
+            out.push(KeptItem {
+                batch: batch.clone(),
+                time,
+                path,
+                kind: stat.kind,
+                size: stat.size,
+                mtime: stat.mtime,
+            });
+        })?;
+    }
+    Ok(out)
+}
+
+fn walk(
+    dir: &crate::root::DirHandle,
+    at: &RelPath,
+    f: &mut dyn FnMut(RelPath, &crate::root::Stat),
+) -> Result<(), FsError> {
+    for (name, stat) in dir.entries()? {
+        let Ok(path) = at.join(&name) else {
+            continue;
+        };
+        match stat.kind {
+            FileKind::Dir => match dir.open_subdir(&name) {
+                Ok(sub) => walk(&sub, &path, f)?,
+                Err(e) if e.kind() == FsErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            },
+            FileKind::File | FileKind::Symlink => f(path, &stat),
+            FileKind::Other => {}
+        }
+    }
+    Ok(())
+}
+
+/// The trash's file count and bytes, as the pruner last measured them (for `status`).
+#[derive(Debug, Default)]
+pub struct TrashTotals {
+    pub files: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+impl TrashTotals {
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.files.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Applies the retention once: removes expired and excess batches, oldest first. Returns the
+/// files and bytes kept afterwards.
+pub fn prune_once(
+    root: &ShareRoot,
+    retention: Retention,
+    share_bytes: u64,
+    now: Timestamp,
+) -> Result<(u64, u64), FsError> {
+    let items = list(root)?;
+    let mut batches: Vec<BatchUsage> = Vec::new();
+    let mut files: HashMap<String, u64> = HashMap::new();
+    for item in &items {
+        *files.entry(item.batch.clone()).or_default() += 1;
+        match batches.last_mut() {
+            Some(b) if b.name == item.batch.as_bytes() => b.bytes += item.size,
+            _ => batches.push(BatchUsage {
+                name: item.batch.as_bytes().to_vec(),
+                time: item.time,
+                bytes: item.size,
+                open: false,
+            }),
+        }
+    }
+    // Batches with nothing in them (a transition that failed midway) count as empty ones.
+    let mut names = root.trash_batches()?;
+    names.sort();
+    for name in names {
+        if let Some((time, _)) = parse_batch_name(&name) {
+            if !batches.iter().any(|b| b.name == name) {
+                batches.push(BatchUsage {
+                    name,
+                    time,
+                    bytes: 0,
+                    open: false,
+                });
+            }
+        }
+    }
+    batches.sort_by(|a, b| (a.time, &a.name).cmp(&(b.time, &b.name)));
+    for b in &mut batches {
+        b.open = is_open(&b.name);
+    }
+    let remove = plan_prune(
+        &batches,
+        now,
+        retention.max_age,
+        retention.max_size.bytes(share_bytes),
+    );
+    let mut removed = BTreeSet::new();
+    for i in remove {
+        if let Some(b) = batches.get(i) {
+            root.remove_trash_batch(&b.name)?;
+            removed.insert(b.name.clone());
+        }
+    }
+    let (mut n, mut bytes) = (0u64, 0u64);
+    for item in items {
+        if !removed.contains(item.batch.as_bytes()) {
+            n += 1;
+            bytes += item.size;
+        }
+    }
+    Ok((n, bytes))
+}
+
+/// The background pruner of one share: prunes every [`PRUNE_EVERY`] and soon after a
+/// transition kept something ([`Pruner::wake`]). Stops when dropped.
+#[derive(Debug)]
+pub struct Pruner {
+    wake: std::sync::mpsc::Sender<()>,
+}
+
+impl Pruner {
+    /// Starts the pruner thread for the share at `path`. `share_bytes` is the size of what
+    /// the side indexes, kept current by its owner; `totals` receives what the trash holds.
+    pub fn spawn(
+        share: String,
+        path: PathBuf,
+        retention: Retention,
+        share_bytes: Arc<AtomicU64>,
+        totals: Arc<TrashTotals>,
+    ) -> std::io::Result<Pruner> {
+        let (wake, rx) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("vmsync-prune-{share}"))
+            .spawn(move || loop {
+                match rx.recv_timeout(PRUNE_EVERY) {
+                    Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+                // Several wake-ups at once are one prune.
+                while rx.try_recv().is_ok() {}
+                let root = match ShareRoot::open(&path) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::debug!(share = %share, "trash not pruned: {e}");
+                        continue;
+                    }
+                };
+                let bytes = share_bytes.load(Ordering::Relaxed);
+                match prune_once(&root, retention, bytes, now()) {
+                    Ok((n, b)) => {
+                        totals.files.store(n, Ordering::Relaxed);
+                        totals.bytes.store(b, Ordering::Relaxed);
+                    }
+                    Err(e) => tracing::warn!(share = %share, "pruning the trash: {e}"),
+                }
+            })?;
+        Ok(Pruner { wake })
+    }
+
+    pub fn wake(&self) {
+        let _ = self.wake.send(());
+    }
+}
+
+/// Recent trash moves of one side, for `put_back`: path → where each went and what it was.
+/// Bounded by [`PUT_BACK_WINDOW`] and [`MAX_PUT_BACK_RECORDS`].
+#[derive(Debug, Default)]
+pub struct KeptLog {
+    by_path: HashMap<RelPath, Vec<(u64, String, Entry)>>,
+    order: VecDeque<(Instant, u64, RelPath)>,
+    seq: u64,
+}
+
+impl KeptLog {
+    pub fn record(&mut self, at: Instant, path: RelPath, batch: String, entry: Entry) {
+        self.expire(at);
+        while self.order.len() >= MAX_PUT_BACK_RECORDS {
+            self.pop_oldest();
+        }
+        self.seq += 1;
+        self.by_path
+            .entry(path.clone())
+            .or_default()
+            .push((self.seq, batch, entry));
+        self.order.push_back((at, self.seq, path));
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while self
+            .order
+            .front()
+            .is_some_and(|(t, _, _)| now.saturating_duration_since(*t) > PUT_BACK_WINDOW)
+        {
+            self.pop_oldest();
+        }
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some((_, seq, path)) = self.order.pop_front() {
+            self.forget(&path, seq);
+        }
+    }
+
+    fn forget(&mut self, path: &RelPath, seq: u64) {
+        if let Some(v) = self.by_path.get_mut(path) {
+            v.retain(|(s, _, _)| *s != seq);
+            if v.is_empty() {
+                self.by_path.remove(path);
+            }
+        }
+    }
+
+    /// The newest remembered trash move of `path` whose entry is the same version as
+    /// `entry` (kind, size, mtime, symlink target): its sequence number and batch.
+    pub fn find(&mut self, now: Instant, path: &RelPath, entry: &Entry) -> Option<(u64, String)> {
+        self.expire(now);
+        self.by_path
+            .get(path)?
+            .iter()
+            .rev()
+            .find_map(|(seq, batch, e)| same_version(e, entry).then(|| (*seq, batch.clone())))
+    }
+
+    /// Forgets one move (it was put back).
+    pub fn take(&mut self, path: &RelPath, seq: u64) {
+        self.forget(path, seq);
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+}
+
+/// Whether two entries are the same kept version: kind, size, mtime, symlink target.
+pub fn same_version(a: &Entry, b: &Entry) -> bool {
+    match (a, b) {
+        (Entry::File(x), Entry::File(y)) => x.size == y.size && x.mtime == y.mtime,
+        (Entry::Symlink { target: x }, Entry::Symlink { target: y }) => x == y,
+        (Entry::Dir { .. }, Entry::Dir { .. }) => true,
+        _ => false,
+    }
+}
+
+/// What `restore` should put back.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Only versions trashed at or after this time.
+    pub since: Option<Timestamp>,
+    /// Only these paths and what is beneath them; empty: everything.
+    pub paths: Vec<RelPath>,
+    pub dry_run: bool,
+}
+
+/// What `restore` did (or, dry, would do) for one path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RestoreLine {
+    /// Escaped.
+    pub path: String,
+    pub batch: String,
+    /// `restored`, `replaced` (an older file was there; it was trashed first) or `skipped`.
+    pub action: &'static str,
+    pub reason: Option<String>,
+}
+
+/// Puts back the newest kept version of each selected path (see [`RestoreOptions`]), parents
+/// first. Never over a directory or over a file or symlink whose mtime is not older than the
+/// kept version's: those are skipped with the reason. An older file there is kept in the trash
+/// first, then replaced. Missing parent directories are created (mode 0755).
+pub fn restore(root: &ShareRoot, opts: &RestoreOptions) -> Result<Vec<RestoreLine>, FsError> {
+    let mut newest: std::collections::BTreeMap<RelPath, KeptItem> = Default::default();
+    for item in list(root)? {
+        if opts.since.is_some_and(|s| item.time < s) {
+            continue;
+        }
+        if !opts.paths.is_empty()
+            && !opts
+                .paths
+                .iter()
+                .any(|p| *p == item.path || p.is_root() || p.is_ancestor_of(&item.path))
+        {
+            continue;
+        }
+        match newest.get(&item.path) {
+            Some(old) if (old.time, &old.batch) >= (item.time, &item.batch) => {}
+            _ => {
+                newest.insert(item.path.clone(), item);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if !opts.dry_run {
+        root.begin_batch();
+    }
+    for (path, item) in newest {
+        let line = |action: &'static str, reason: Option<String>| RestoreLine {
+            path: path.escaped(),
+            batch: item.batch.clone(),
+            action,
+            reason,
+        };
+        let result = restore_one(root, &path, &item, opts.dry_run);
+        out.push(match result {
+            Ok(Ok(replaced)) => line(if replaced { "replaced" } else { "restored" }, None),
+            Ok(Err(why)) => line("skipped", Some(why)),
+            Err(e) => line("skipped", Some(e.to_string())),
+        });
+    }
+    if !opts.dry_run {
+        root.end_batch()?;
+    }
+    Ok(out)
+}
+
+/// `Ok(Ok(replaced))` when put back (or, dry, when it would be), `Ok(Err(why))` when skipped.
+fn restore_one(
+    root: &ShareRoot,
+    path: &RelPath,
+    item: &KeptItem,
+    dry: bool,
+) -> Result<Result<bool, String>, FsError> {
+    let mut missing = Vec::new();
+    for anc in path.ancestors() {
+        if anc.is_root() || anc == *path {
+            continue;
+        }
+        match root.stat(&anc)? {
+            Some(s) if s.kind == FileKind::Dir => {}
+            Some(_) => return Ok(Err(format!("{} is not a directory", anc.escaped()))),
+            None => missing.push(anc),
+        }
+    }
+    let existing = root.stat(path)?;
+    let replaced = match &existing {
+        None => false,
+        Some(s) if matches!(s.kind, FileKind::Dir | FileKind::Other) => {
+            return Ok(Err("something that is not a file is there".into()))
+        }
+        Some(s) if s.mtime >= item.mtime => {
+            return Ok(Err(
+                "the file there is not older than the kept version".into()
+            ))
+        }
+        Some(_) => true,
+    };
+    if dry {
+        return Ok(Ok(replaced));
+    }
+    missing.sort();
+    for dir in missing {
+        match root.mkdir(&dir, 0o755) {
+            Ok(()) => {}
+            Err(e) if e.kind() == FsErrorKind::Exists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if replaced {
+        root.trash_remove(path)?;
+    }
+    root.restore_kept(&item.batch, &item.path, path)?;
+    Ok(Ok(replaced))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_names_round_trip_and_sort_by_time() {
+        let cases = [
+            (Timestamp::new(0, 0), 0, "19700101T000000.000000000Z-0"),
+            (
+                Timestamp::new(1_796_545_004, 123_456_789),
+                42,
+                "20261206T081644.123456789Z-42",
+            ),
+            (
+                Timestamp::new(951_782_400, 1),
+                7,
+                "20000229T000000.000000001Z-7",
+            ),
+            (
+                Timestamp::new(253_402_300_799, 999_999_999),
+                u64::MAX,
+                "99991231T235959.999999999Z-18446744073709551615",
+            ),
+        ];
+        for (t, n, name) in cases {
+            assert_eq!(batch_name(t, n), name);
+            assert_eq!(parse_batch_name(name.as_bytes()), Some((t, n)), "{name}");
+        }
+        let a = batch_name(Timestamp::new(1_796_545_004, 5), 9);
+        let b = batch_name(Timestamp::new(1_796_545_004, 6), 1);
+        assert!(a < b);
+    }
+
+    #[test]
+    fn batch_name_parser_refuses_what_we_do_not_make() {
+        for junk in [
+            "",
+            "tmp",
+            "20261206T081644.123456789Z",
+            "20261206T081644.123456789Z-",
+            "20261206T081644.123456789Z-x",
+            "20261206T081644.12345678Z-1",
+            "20261306T081644.123456789Z-1",
+            "20260230T081644.123456789Z-1",
+            "20261206T246644.123456789Z-1",
+            "20261206T081644.123456789Z-01",
+            "20261206T081644.123456789Z-+1",
+            "2026120T6081644.123456789Z-1",
+        ] {
+            assert_eq!(parse_batch_name(junk.as_bytes()), None, "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn durations_sizes_and_times_parse() {
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(604_800)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        for bad in ["", "d", "7", "7w", "-1d", "1.5h", " 7d"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(SizeLimit::parse("10%"), Ok(SizeLimit::Percent(10)));
+        assert_eq!(SizeLimit::parse("5GiB"), Ok(SizeLimit::Bytes(5 << 30)));
+        assert_eq!(SizeLimit::parse("500MB"), Ok(SizeLimit::Bytes(500_000_000)));
+        assert_eq!(SizeLimit::parse("1000"), Ok(SizeLimit::Bytes(1000)));
+        for bad in ["", "%", "101%", "5 GiB", "5gb", "GiB", "-1", "1.5GiB"] {
+            assert!(SizeLimit::parse(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(SizeLimit::Percent(10).bytes(1000), 100);
+        let now = Timestamp::new(1_796_545_004, 7);
+        assert_eq!(
+            parse_since("2026-12-06T08:16:44Z", now),
+            Ok(Timestamp::new(1_796_545_004, 0))
+        );
+        assert_eq!(
+            parse_since("2026-12-06T08:16:44.5Z", now),
+            Ok(Timestamp::new(1_796_545_004, 500_000_000))
+        );
+        assert_eq!(
+            parse_since("10m", now),
+            Ok(Timestamp::new(1_796_545_004 - 600, 7))
+        );
+        for bad in [
+            "2026-12-06 08:16:44",
+            "2026-12-06T08:16:44+01:00",
+            "yesterday",
+            "2026-02-30T00:00:00Z",
+        ] {
+            assert!(parse_since(bad, now).is_err(), "{bad:?}");
+        }
+    }
+
+    fn usage(secs: i64, bytes: u64) -> BatchUsage {
+        BatchUsage {
+            name: batch_name(Timestamp::new(secs, 0), 0).into_bytes(),
+            time: Timestamp::new(secs, 0),
+            bytes,
+            open: false,
+        }
+    }
+
+    #[test]
+    fn pruning_by_age_and_by_size() {
+        let day = Duration::from_secs(86_400);
+        let now = Timestamp::new(10 * 86_400, 0);
+        // (batches: (age in days, bytes), max_age, max_bytes, open index, expected removals)
+        type Case = (
+            &'static str,
+            Vec<(i64, u64)>,
+            Duration,
+            u64,
+            Option<usize>,
+            Vec<usize>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "nothing to do",
+                vec![(3, 10), (2, 10)],
+                7 * day,
+                100,
+                None,
+                vec![],
+            ),
+            (
+                "expired by age",
+                vec![(9, 10), (8, 10), (2, 10)],
+                7 * day,
+                100,
+                None,
+                vec![0, 1],
+            ),
+            (
+                "oldest first until under the size",
+                vec![(5, 40), (4, 40), (3, 40), (1, 40)],
+                7 * day,
+                90,
+                None,
+                vec![0, 1],
+            ),
+            (
+                "the newest stays even alone over the size",
+                vec![(2, 50), (1, 500)],
+                7 * day,
+                100,
+                None,
+                vec![0],
+            ),
+            (
+                "the newest goes when it is expired",
+                vec![(8, 500)],
+                7 * day,
+                1000,
+                None,
+                vec![0],
+            ),
+            (
+                "an open batch is never removed",
+                vec![(9, 50), (8, 50), (1, 50)],
+                7 * day,
+                60,
+                Some(0),
+                vec![1],
+            ),
+            (
+                "size zero keeps only the newest",
+                vec![(3, 1), (2, 1), (1, 1)],
+                7 * day,
+                0,
+                None,
+                vec![0, 1],
+            ),
+        ];
+        for (what, batches, max_age, max_bytes, open, want) in cases {
+            let mut v: Vec<BatchUsage> = batches
+                .iter()
+                .map(|&(days, b)| usage(now.secs - days * 86_400 - 1, b))
+                .collect();
+            if let Some(i) = open {
+                v[i].open = true;
+            }
+            assert_eq!(plan_prune(&v, now, max_age, max_bytes), want, "{what}");
+        }
+    }
+
+    fn file(size: u64, secs: i64) -> Entry {
+        Entry::File(vmsync_core::FileMeta {
+            size,
+            mode: 0o644,
+            mtime: Timestamp::new(secs, 0),
+            digest: vmsync_core::Hash([0; 32]),
+        })
+    }
+
+    #[test]
+    fn kept_log_finds_the_newest_matching_version_and_forgets_old_ones() {
+        let p = RelPath::from_bytes(b"a/b").unwrap();
+        let t0 = Instant::now();
+        let mut log = KeptLog::default();
+        log.record(t0, p.clone(), "b1".into(), file(3, 1));
+        log.record(t0, p.clone(), "b2".into(), file(3, 2));
+        log.record(t0, p.clone(), "b3".into(), file(3, 1));
+        let (seq, batch) = log.find(t0, &p, &file(3, 1)).unwrap();
+        assert_eq!(batch, "b3");
+        log.take(&p, seq);
+        assert_eq!(log.find(t0, &p, &file(3, 1)).unwrap().1, "b1");
+        assert_eq!(log.find(t0, &p, &file(4, 1)), None);
+        assert_eq!(
+            log.find(
+                t0,
+                &p,
+                &Entry::Symlink {
+                    target: b"x".to_vec()
+                }
+            ),
+            None
+        );
+        let later = t0 + PUT_BACK_WINDOW + Duration::from_secs(1);
+        assert_eq!(log.find(later, &p, &file(3, 2)), None);
+        assert!(log.is_empty());
+    }
+}
