@@ -935,6 +935,10 @@ impl LocalShare {
     }
 
     fn transition(&mut self, changes: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {
+        // Below the reserve nothing new is made (removals, which free space, still go).
+        if changes.iter().any(|c| c.new.is_some()) {
+            self.check_room(0)?;
+        }
         self.root()?.begin_batch();
         let clock = std::time::Instant::now();
         let seals = self.seal_staged(&changes);
@@ -1914,11 +1918,16 @@ mod tests {
         if let Some(staged) = f.share.staged.get_mut(&path) {
             staged.temp.file = readonly;
         }
-        assert!(matches!(f.share.supply(missing), Err(EndpointError::Io(_))));
+        // The supply itself goes on (other files in it may land); this file is dropped.
+        assert_eq!(f.share.supply(missing).unwrap(), Vec::<Hash>::new());
         assert!(!f.share.staged.contains_key(&path), "still staged");
         let outcomes = f.share.transition(vec![create(&path, &data)]).unwrap();
-        assert!(matches!(outcomes[..], [Outcome::Failed(_)]), "{outcomes:?}");
+        match &outcomes[..] {
+            [Outcome::Failed(reason)] => assert!(reason.starts_with("write failed"), "{reason}"),
+            _ => panic!("{outcomes:?}"),
+        }
         assert!(!f.share_dir.join("f.bin").exists());
+        assert_eq!(leftover_temps(&f.share_dir), 0);
     }
 
     #[test]
@@ -1951,7 +1960,7 @@ mod tests {
         let outcomes = f.share.transition(vec![create(&path, &data)]).unwrap();
         assert_eq!(
             outcomes,
-            vec![Outcome::Failed("content was not staged".into())]
+            vec![Outcome::Failed("fsync failed: I/O error".into())]
         );
         assert!(!f.share_dir.join("f.bin").exists());
         assert!(!f.share.staged.contains_key(&path));
@@ -2003,7 +2012,7 @@ mod tests {
             restage_during_an_inflight_seal(vec![None, Some(rustix::io::Errno::IO)]);
         assert_eq!(
             outcomes,
-            vec![Outcome::Failed("content was not staged".into())]
+            vec![Outcome::Failed("fsync failed: I/O error".into())]
         );
         assert!(!f.share_dir.join("f.bin").exists());
     }
