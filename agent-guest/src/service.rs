@@ -84,6 +84,7 @@ pub async fn run(config: GuestConfig) -> anyhow::Result<()> {
         // The request loop awaits one call at a time: the share's work can run on its thread.
         let ep = LocalEndpoint::new(&share.name, share.path.clone(), Filter::none(), db.clone())?
             .on_calling_thread();
+        ep.set_min_free(share.min_free);
         exports.insert(share.name.clone(), ep);
     }
     let shared = Shared {

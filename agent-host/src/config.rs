@@ -26,6 +26,10 @@
 //!                                         # what they exclude on either side is never sent,
 //!                                         # deleted or overwritten; re-read when they change
 //! ignore_vcs = false                      # skip .git, .hg and .svn directories
+//! min_free = "1GiB"                       # default: the smaller of 1 GiB and 5 % of the
+//!                                         # filesystem; or a percentage ("5%"). Below it on
+//!                                         # the share's or the state_dir's filesystem the share
+//!                                         # pauses with `disk-full` (docs/safety.md)
 //! ```
 //!
 //! The defaults for `state_dir` and `control` come from the config file's name so that several
@@ -48,6 +52,7 @@ use vmsync_agent_common::config::{
     absolute_path, normalize_absolute, share_name_error, socket_path, Problems,
 };
 use vmsync_core::reconcile::{ConflictPolicy, SyncMode};
+use vmsync_core::reserve::MinFree;
 use vmsync_transport::endpoint_addr::EndpointAddr;
 
 /// Parent of the default per-VM state directory (`<this>/<config file stem>`).
@@ -90,6 +95,9 @@ pub struct HostShare {
     pub respect_gitignore: bool,
     /// Skip `.git`, `.hg` and `.svn` directories (default false).
     pub ignore_vcs: bool,
+    /// Free space to keep on the share's filesystem and on the state directory's (default:
+    /// the smaller of 1 GiB and 5 %); below it the share pauses with `disk-full`.
+    pub min_free: MinFree,
 }
 
 /// Reads and validates a host configuration file.
@@ -144,6 +152,7 @@ struct RawShare {
     respect_gitignore: bool,
     #[serde(default)]
     ignore_vcs: bool,
+    min_free: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
@@ -306,6 +315,13 @@ fn resolve(raw: RawHostConfig, file: &Path, problems: &mut Problems) -> Option<H
             },
         };
         let ignore = check_ignore_patterns(name, &raw_share.ignore, problems);
+        let min_free = match &raw_share.min_free {
+            None => MinFree::Default,
+            Some(value) => MinFree::parse(value.get_ref()).unwrap_or_else(|message| {
+                problems.at(value, format!("share {name:?} min_free: {message}"));
+                MinFree::Default
+            }),
+        };
         match path {
             Some(path) => {
                 spans.push((raw_share.name.span(), raw_share.path.span()));
@@ -317,6 +333,7 @@ fn resolve(raw: RawHostConfig, file: &Path, problems: &mut Problems) -> Option<H
                     ignore,
                     respect_gitignore: raw_share.respect_gitignore,
                     ignore_vcs: raw_share.ignore_vcs,
+                    min_free,
                 });
             }
             None => complete = false,
@@ -492,6 +509,7 @@ path = "/home/alice/src"
                 ignore: vec![],
                 respect_gitignore: false,
                 ignore_vcs: false,
+                min_free: MinFree::Default,
             }]
         );
     }
@@ -548,6 +566,21 @@ ignore_vcs = true
         );
         assert!(!config.shares[0].respect_gitignore && !config.shares[0].ignore_vcs);
         assert!(config.shares[2].respect_gitignore && config.shares[2].ignore_vcs);
+    }
+
+    #[test]
+    fn min_free_takes_a_size_or_a_percentage() {
+        for (text, want) in [
+            ("1GiB", MinFree::Bytes(1 << 30)),
+            ("5%", MinFree::Basis(500)),
+            ("0", MinFree::Bytes(0)),
+        ] {
+            let config = parse_ok(&format!("{MINIMAL}min_free = \"{text}\"\n"));
+            assert_eq!(config.shares[0].min_free, want, "{text}");
+        }
+        let text = format!("{MINIMAL}min_free = \"lots\"\n");
+        let err = parse(&text, Path::new(FILE)).unwrap_err().to_string();
+        assert!(err.contains("share \"src\" min_free: `lots`"), "{err}");
     }
 
     #[test]

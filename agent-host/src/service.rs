@@ -122,8 +122,10 @@ pub async fn run(config: HostConfig) -> anyhow::Result<()> {
                 ..DeletionLimit::default()
             },
         };
-        let controller = Controller::new(settings, db.clone(), &config.state_dir)?;
+        let mut controller = Controller::new(settings, db.clone(), &config.state_dir)?;
+        controller.set_min_free(share.min_free);
         let local = LocalEndpoint::new(&share.name, share.path.clone(), filter, db.clone())?;
+        local.set_min_free(share.min_free);
         shares.push(Share {
             controller,
             local,
