@@ -348,3 +348,108 @@ async fn state_dir_below_the_reserve_pauses_the_share() {
     assert_same_tree(&p.host_dir, &p.guest_dir);
     assert_eq!(p.status().state, ShareState::InSync);
 }
+
+/// A small tmpfs mounted over a directory for one test (root only), unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// `None` (the test is skipped) when not root or `mount` refuses.
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        if !rustix::process::getuid().is_root() {
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return None;
+        }
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("skipped: cannot mount a tmpfs");
+        }
+        ok.then(|| Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A real full disk: the guest share on a 4 MiB tmpfs, filled (beside the share's content, in
+/// its reserved directory) past the default reserve (5 % of it). A cycle pauses with
+/// `disk-full` and writes nothing there; once the filler is gone the next cycle goes ahead.
+#[tokio::test]
+async fn a_really_full_guest_disk_pauses_and_resumes_when_space_appears() {
+    let mut p = Pair::new(Default::default());
+    let Some(_mount) = Tmpfs::mount(&p.guest_dir, "4m") else {
+        return;
+    };
+    write(&p.host_dir, "a.txt", "first");
+    p.sync().await;
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+    let before = tree(&p.guest_dir);
+
+    let filler = p.guest_dir.join(".vmsync/filler");
+    std::fs::write(&filler, vec![7u8; 3900 << 10]).unwrap();
+    write(&p.host_dir, "b.bin", random_bytes(8, 60_000));
+    write(&p.host_dir, "d/c.txt", "in a new directory");
+    let report = p.cycle().await;
+    assert_eq!(report.pending, 1, "{report:?}");
+    let status = p.status();
+    assert_eq!(status.halt_code.as_deref(), Some(DISK_FULL_CODE));
+    assert!(status.disk_free.unwrap() < status.disk_reserve.unwrap());
+    assert_eq!(
+        tree(&p.guest_dir),
+        before,
+        "nothing written on the full disk"
+    );
+    assert_eq!(temps(&p.guest_dir), Vec::<String>::new());
+
+    std::fs::remove_file(&filler).unwrap();
+    let report = p.sync().await;
+    assert_eq!(report.pending, 0, "{report:?}");
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+    assert_eq!(p.status().state, ShareState::InSync);
+    assert_eq!(p.status().halt_code, None);
+}
+
+/// The host's state directory on a full 4 MiB tmpfs: the share pauses before the cycle writes
+/// its database, and goes on once there is room.
+#[tokio::test]
+async fn a_really_full_state_dir_pauses_and_resumes_when_space_appears() {
+    let mut p = Pair::new(Default::default());
+    // The state database is reopened on the tmpfs, as an agent restart would.
+    let state = p.host_state.clone();
+    let Some(_mount) = Tmpfs::mount(&state, "4m") else {
+        return;
+    };
+    p.restart();
+    write(&p.host_dir, "a.txt", "one");
+    let filler = state.join("filler");
+    std::fs::write(&filler, vec![7u8; 3900 << 10]).unwrap();
+    let report = p.cycle().await;
+    assert_eq!(report.pending, 1, "{report:?}");
+    let status = p.status();
+    assert_eq!(status.halt_code.as_deref(), Some(DISK_FULL_CODE));
+    assert!(status
+        .halt_reason
+        .unwrap_or_default()
+        .starts_with("host state directory "));
+    assert!(!p.guest_dir.join("a.txt").exists());
+
+    std::fs::remove_file(&filler).unwrap();
+    p.sync().await;
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+    assert_eq!(p.status().state, ShareState::InSync);
+}
