@@ -318,20 +318,23 @@ impl Controller {
                 ));
             }
         }
+        let result = self.cycle_inner(host, guest, scope).await;
+        if let Err(CycleError::Endpoint {
+            side,
+            source: EndpointError::DiskFull { free, reserve },
+        }) = result
+        {
+            return Ok(self.pause_disk_full(&format!("{side} share"), free, reserve));
+        }
         if std::mem::take(&mut self.space.paused) {
+            tracing::info!(share = %self.settings.name, "disk-full pause lifted: there is room again");
             self.show_halt();
             self.update_status(|s| {
                 s.disk_free = None;
                 s.disk_reserve = None;
             });
         }
-        match self.cycle_inner(host, guest, scope).await {
-            Err(CycleError::Endpoint {
-                side,
-                source: EndpointError::DiskFull { free, reserve },
-            }) => Ok(self.pause_disk_full(&format!("{side} share"), free, reserve)),
-            other => other,
-        }
+        result
     }
 
     fn pause_disk_full(&mut self, what: &str, free: u64, reserve: u64) -> CycleReport {

@@ -453,3 +453,53 @@ async fn a_really_full_state_dir_pauses_and_resumes_when_space_appears() {
     assert_same_tree(&p.host_dir, &p.guest_dir);
     assert_eq!(p.status().state, ShareState::InSync);
 }
+
+/// Across real processes and the wire: a guest whose share is below its own `min_free` answers
+/// `DiskFull`; the host shows the share paused with `disk-full` (the guest's figures in the
+/// reason), nothing lands in the guest share, and once the guest runs with a lower reserve the
+/// share syncs without a `resume`.
+#[test]
+fn a_guest_below_its_min_free_pauses_the_host_share_over_the_wire() {
+    use std::time::Duration;
+    use vmsync_tests::agents::{eventually, Agents};
+    let mut a = Agents::new("");
+    let guest_toml = std::fs::read_to_string(&a.guest_toml).unwrap();
+    std::fs::write(&a.guest_toml, format!("{guest_toml}min_free = \"100%\"\n")).unwrap();
+    write(&a.host_dir, "a.txt", "for a full guest");
+    write(&a.host_dir, "d/b.bin", random_bytes(11, 100_000));
+    a.start();
+    // The control socket appears a moment after the start: ask until it answers.
+    let paused = eventually(Duration::from_secs(60), || {
+        let out = a.host_cmd(&["status", "--json"]);
+        out.status.success()
+            && serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .is_ok_and(|v| v["shares"][0]["halt_code"] == DISK_FULL_CODE)
+    });
+    let share = a.share();
+    assert!(paused, "{share}\n{}", a.log("host.log"));
+    assert_eq!(share["state"], "halted");
+    let reason = share["halt_reason"].as_str().unwrap_or_default();
+    assert!(reason.starts_with("guest share: "), "{reason}");
+    assert!(share["disk_reserve"].as_u64().unwrap() > share["disk_free"].as_u64().unwrap());
+    assert!(
+        tree(&a.guest_dir).is_empty(),
+        "nothing written in the guest share"
+    );
+    assert_eq!(temps(&a.guest_dir), Vec::<String>::new());
+
+    a.stop_guest();
+    std::fs::write(&a.guest_toml, format!("{guest_toml}min_free = \"0\"\n")).unwrap();
+    a.start_guest();
+    // `wait` would exit 3 at once while the share still shows the pause: poll instead.
+    let resumed = eventually(Duration::from_secs(60), || {
+        let out = a.host_cmd(&["status", "--json"]);
+        out.status.success()
+            && serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .is_ok_and(|v| v["shares"][0]["state"] == "in-sync")
+    });
+    assert!(resumed, "{}\n{}", a.share(), a.log("host.log"));
+    assert_same_tree(&a.host_dir, &a.guest_dir);
+    let share = a.share();
+    assert_eq!(share["state"], "in-sync");
+    assert!(share["halt_code"].is_null(), "{share}");
+}
