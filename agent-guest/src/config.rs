@@ -18,6 +18,9 @@
 //! [[share]]                          # at least one
 //! name = "src"                       # [A-Za-z0-9._-], 1..=64 bytes, unique
 //! path = "/home/dev/src"             # absolute
+//! min_free = "1GiB"                  # default: the smaller of 1 GiB and 5 % of the filesystem;
+//!                                    # or a percentage ("5%"). Below it, no new content is
+//!                                    # written into the share (docs/safety.md)
 //! ```
 //!
 //! The default port, 786, is below 1024: vsock reserves those ports for privileged processes on
@@ -47,6 +50,7 @@ pub use vmsync_agent_common::config::ConfigError;
 use vmsync_agent_common::config::{
     absolute_path, normalize_absolute, share_name_error, socket_path, Problems,
 };
+use vmsync_core::reserve::MinFree;
 use vmsync_transport::endpoint_addr::{EndpointAddr, DEFAULT_VSOCK_PORT};
 
 /// Default `state_dir`.
@@ -85,6 +89,9 @@ pub struct GuestShare {
     pub path: PathBuf,
     /// How long and how much of what changes replace or delete is kept in the share's trash.
     pub retention: vmsync_engine::trash::Retention,
+    /// Free space to keep on the share's filesystem (default: the smaller of 1 GiB and 5 %);
+    /// below it the guest refuses to write new content and the host pauses the share.
+    pub min_free: MinFree,
 }
 
 /// Reads and validates a guest configuration file.
@@ -130,6 +137,7 @@ struct RawShare {
     path: Spanned<String>,
     keep_deleted: Option<Spanned<String>>,
     keep_deleted_max: Option<Spanned<String>>,
+    min_free: Option<Spanned<String>>,
 }
 
 /// Turns the raw file into a `GuestConfig`, recording every problem. Returns `None` only when a
@@ -216,6 +224,13 @@ fn resolve(raw: RawGuestConfig, file: &Path, problems: &mut Problems) -> Option<
             raw_share.keep_deleted_max.as_ref(),
             problems,
         );
+        let min_free = match &raw_share.min_free {
+            None => MinFree::Default,
+            Some(value) => MinFree::parse(value.get_ref()).unwrap_or_else(|message| {
+                problems.at(value, format!("share {name:?} min_free: {message}"));
+                MinFree::Default
+            }),
+        };
         let key = format!("share {name:?} path");
         match absolute_path(&raw_share.path, &key, problems) {
             Some(path) => {
@@ -224,6 +239,7 @@ fn resolve(raw: RawGuestConfig, file: &Path, problems: &mut Problems) -> Option<
                     name: name.clone(),
                     path,
                     retention,
+                    min_free,
                 });
             }
             None => complete = false,
@@ -329,7 +345,27 @@ mod tests {
                 name: "src".into(),
                 path: "/home/dev/src".into(),
                 retention: Default::default(),
+                min_free: MinFree::Default,
             }]
+        );
+    }
+
+    #[test]
+    fn min_free_takes_a_size_or_a_percentage() {
+        let config = parse_ok(
+            "[[share]]\nname = \"a\"\npath = \"/a\"\nmin_free = \"2.5%\"\n[[share]]\nname = \"b\"\npath = \"/b\"\nmin_free = \"512MiB\"\n",
+        );
+        assert_eq!(config.shares[0].min_free, MinFree::Basis(250));
+        assert_eq!(config.shares[1].min_free, MinFree::Bytes(512 << 20));
+        let err = parse(
+            "[[share]]\nname = \"a\"\npath = \"/a\"\nmin_free = \"120%\"\n",
+            Path::new("guest.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("guest.toml:4:12: share \"a\" min_free"),
+            "{err}"
         );
     }
 
@@ -386,7 +422,7 @@ path = "/home/dev/docs/."
             (
                 "host-only share key",
                 "[[share]]\nname = \"a\"\npath = \"/a\"\nignore = []\n",
-                &["guest.toml:4:1: ", "unknown field `ignore`", "`name`, `path`, `keep_deleted`"],
+                &["guest.toml:4:1: ", "unknown field `ignore`", "`name`, `path`, `keep_deleted`", "`min_free`"],
             ),
             (
                 "bad keep_deleted",

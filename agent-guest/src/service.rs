@@ -90,6 +90,7 @@ pub async fn run(config: GuestConfig) -> anyhow::Result<()> {
         let ep = LocalEndpoint::new(&share.name, share.path.clone(), Filter::none(), db.clone())?
             .on_calling_thread();
         ep.set_retention(share.retention);
+        ep.set_min_free(share.min_free);
         exports.insert(share.name.clone(), ep);
     }
     let shared = Shared {

@@ -29,6 +29,10 @@
 //! deletion_exempt = ["target/", ...]      # gitignore syntax; deletions beneath these never
 //!                                         # count toward max_delete_fraction (default:
 //!                                         # DEFAULT_DELETION_EXEMPT, build outputs and caches)
+//! min_free = "1GiB"                       # default: the smaller of 1 GiB and 5 % of the
+//!                                         # filesystem; or a percentage ("5%"). Below it on
+//!                                         # the share's or the state_dir's filesystem the share
+//!                                         # pauses with `disk-full` (docs/safety.md)
 //! ```
 //!
 //! The defaults for `state_dir` and `control` come from the config file's name so that several
@@ -51,6 +55,7 @@ use vmsync_agent_common::config::{
     absolute_path, normalize_absolute, share_name_error, socket_path, Problems,
 };
 use vmsync_core::reconcile::{ConflictPolicy, SyncMode};
+use vmsync_core::reserve::MinFree;
 use vmsync_transport::endpoint_addr::EndpointAddr;
 
 /// Parent of the default per-VM state directory (`<this>/<config file stem>`).
@@ -112,6 +117,9 @@ pub struct HostShare {
     pub deletion_exempt: Vec<String>,
     /// How long and how much of what changes replace or delete is kept in the share's trash.
     pub retention: vmsync_engine::trash::Retention,
+    /// Free space to keep on the share's filesystem and on the state directory's (default:
+    /// the smaller of 1 GiB and 5 %); below it the share pauses with `disk-full`.
+    pub min_free: MinFree,
 }
 
 /// Reads and validates a host configuration file.
@@ -169,6 +177,7 @@ struct RawShare {
     deletion_exempt: Option<Vec<Spanned<String>>>,
     keep_deleted: Option<Spanned<String>>,
     keep_deleted_max: Option<Spanned<String>>,
+    min_free: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
@@ -344,6 +353,13 @@ fn resolve(raw: RawHostConfig, file: &Path, problems: &mut Problems) -> Option<H
             raw_share.keep_deleted_max.as_ref(),
             problems,
         );
+        let min_free = match &raw_share.min_free {
+            None => MinFree::Default,
+            Some(value) => MinFree::parse(value.get_ref()).unwrap_or_else(|message| {
+                problems.at(value, format!("share {name:?} min_free: {message}"));
+                MinFree::Default
+            }),
+        };
         match path {
             Some(path) => {
                 spans.push((raw_share.name.span(), raw_share.path.span()));
@@ -357,6 +373,7 @@ fn resolve(raw: RawHostConfig, file: &Path, problems: &mut Problems) -> Option<H
                     ignore_vcs: raw_share.ignore_vcs,
                     deletion_exempt,
                     retention,
+                    min_free,
                 });
             }
             None => complete = false,
@@ -537,6 +554,7 @@ path = "/home/alice/src"
                     .map(|p| p.to_string())
                     .collect(),
                 retention: Default::default(),
+                min_free: MinFree::Default,
             }]
         );
     }
@@ -617,6 +635,21 @@ deletion_exempt = ["out/", "*.o"]
                 max_size: vmsync_engine::trash::SizeLimit::Bytes(5 << 30),
             }
         );
+    }
+
+    #[test]
+    fn min_free_takes_a_size_or_a_percentage() {
+        for (text, want) in [
+            ("1GiB", MinFree::Bytes(1 << 30)),
+            ("5%", MinFree::Basis(500)),
+            ("0", MinFree::Bytes(0)),
+        ] {
+            let config = parse_ok(&format!("{MINIMAL}min_free = \"{text}\"\n"));
+            assert_eq!(config.shares[0].min_free, want, "{text}");
+        }
+        let text = format!("{MINIMAL}min_free = \"lots\"\n");
+        let err = parse(&text, Path::new(FILE)).unwrap_err().to_string();
+        assert!(err.contains("share \"src\" min_free: `lots`"), "{err}");
     }
 
     #[test]

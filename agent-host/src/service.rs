@@ -124,12 +124,14 @@ pub async fn run(config: HostConfig) -> anyhow::Result<()> {
             },
             deletion_exempt: Filter::new(&share.deletion_exempt)?,
         };
-        let controller = Controller::new(settings, db.clone(), &config.state_dir)?;
+        let mut controller = Controller::new(settings, db.clone(), &config.state_dir)?;
+        controller.set_min_free(share.min_free);
         if let Some(notice) = &notice {
             controller.set_notice(notice.clone());
         }
         let local = LocalEndpoint::new(&share.name, share.path.clone(), filter, db.clone())?;
         local.set_retention(share.retention);
+        local.set_min_free(share.min_free);
         shares.push(Share {
             controller,
             local,

@@ -203,6 +203,11 @@ pub enum EndpointError {
     Io(String),
     #[error("resource limit: {0}")]
     Limit(String),
+    /// The side's filesystem has less free space than its reserve (`min_free`): it refuses to
+    /// stage or write new content until there is room again. Bytes free for an unprivileged
+    /// writer, and the reserve.
+    #[error("disk full: {} free, below the reserve of {}", crate::reserve::ShowBytes(*free), crate::reserve::ShowBytes(*reserve))]
+    DiskFull { free: u64, reserve: u64 },
 }
 
 /// One side of a share. See the module docs for how a transfer uses these.

@@ -13,6 +13,7 @@
 //! - [`delta`]: chunk deltas: rsync signatures of old bytes, deltas against them, checked apply.
 //! - [`endpoint`]: the `Endpoint` trait that a local and a remote side both implement.
 //! - [`limits`]: every bound on sizes and counts, named with its unit.
+//! - [`reserve`]: the free-space reserve (`min_free`) a destination keeps on its filesystem.
 
 pub mod deletions;
 pub mod delta;
@@ -23,6 +24,7 @@ pub mod entry;
 pub mod limits;
 pub mod path;
 pub mod reconcile;
+pub mod reserve;
 pub mod safety;
 
 pub use digest::Hash;

@@ -48,6 +48,9 @@ const MAX_TRANSITION_BATCH: usize = 1024;
 /// staging is finished in the background (see [`Controller::bulk_step`]).
 pub const BULK_MIN_BYTES: u64 = 8 << 20;
 
+/// The `halt_code` of a share paused because a disk is below its reserve.
+pub const DISK_FULL_CODE: &str = "disk-full";
+
 /// A share's sync settings, resolved from configuration.
 #[derive(Debug, Clone)]
 pub struct ShareSettings {
@@ -130,6 +133,18 @@ pub struct Controller {
     bulk: VecDeque<BulkJob>,
     /// Paths a finished bulk job asks to look at again (its cycles froze them meanwhile).
     rehint: Vec<RelPath>,
+    /// Disk space: see [`Controller::set_min_free`].
+    space: SpaceGuard,
+}
+
+/// What keeps a share from filling a disk (`docs/safety.md`, "Faults and full disks").
+struct SpaceGuard {
+    /// The host's state directory, whose database every cycle writes.
+    state_dir: std::path::PathBuf,
+    min_free: vmsync_core::reserve::MinFree,
+    /// The share is paused with `disk-full`: the last cycle found a side (or the state
+    /// directory) below its reserve. The next cycle tries again.
+    paused: bool,
 }
 
 /// Files of one stage batch whose missing chunks cross in [`Controller::bulk_step`]s.
@@ -157,7 +172,7 @@ impl Controller {
     pub fn new(
         settings: ShareSettings,
         db: Arc<StateDb>,
-        _state_dir: &Path,
+        state_dir: &Path,
     ) -> Result<Controller, StateError> {
         let ancestor = db.load_ancestor(&settings.name)?;
         // A share record that cannot be read is lost state: start clean (add-only), never
@@ -197,6 +212,11 @@ impl Controller {
             epoch: Instant::now(),
             bulk: VecDeque::new(),
             rehint: Vec::new(),
+            space: SpaceGuard {
+                state_dir: state_dir.to_path_buf(),
+                min_free: Default::default(),
+                paused: false,
+            },
         };
         controller.show_halt();
         if let Some(notice) = notice {
@@ -428,8 +448,76 @@ impl Controller {
         })
     }
 
-    /// Runs one full cycle.
+    /// Sets the free space to keep on the state directory's filesystem (the share's
+    /// `min_free`; each side checks its own share root).
+    pub fn set_min_free(&mut self, min_free: vmsync_core::reserve::MinFree) {
+        self.space.min_free = min_free;
+    }
+
+    /// Runs one cycle. A side whose disk is below its reserve (or a host state directory that
+    /// is) pauses the share with `disk-full` instead: the report says work is pending, so the
+    /// caller tries again later, and the first cycle with room lifts the pause by itself.
     pub async fn cycle<H: Endpoint, G: Endpoint>(
+        &mut self,
+        host: &mut H,
+        guest: &mut G,
+        scope: ScanScope,
+    ) -> Result<CycleReport, CycleError> {
+        if self.meta.halt.is_none() {
+            let checked = crate::space::check_path(&self.space.state_dir, self.space.min_free);
+            if let Err(EndpointError::DiskFull { free, reserve }) = checked {
+                let dir = self.space.state_dir.display().to_string();
+                return Ok(self.pause_disk_full(
+                    &format!("host state directory {dir}"),
+                    free,
+                    reserve,
+                ));
+            }
+        }
+        let result = self.cycle_inner(host, guest, scope).await;
+        if let Err(CycleError::Endpoint {
+            side,
+            source: EndpointError::DiskFull { free, reserve },
+        }) = result
+        {
+            return Ok(self.pause_disk_full(&format!("{side} share"), free, reserve));
+        }
+        if std::mem::take(&mut self.space.paused) {
+            tracing::info!(share = %self.settings.name, "disk-full pause lifted: there is room again");
+            self.show_halt();
+            self.update_status(|s| {
+                s.disk_free = None;
+                s.disk_reserve = None;
+            });
+        }
+        result
+    }
+
+    fn pause_disk_full(&mut self, what: &str, free: u64, reserve: u64) -> CycleReport {
+        use vmsync_core::reserve::ShowBytes;
+        let reason = format!(
+            "{what}: {} free, below the reserve of {} (min_free); paused until there is room",
+            ShowBytes(free),
+            ShowBytes(reserve)
+        );
+        if !self.space.paused {
+            tracing::warn!(share = %self.settings.name, "share paused: {}", escape_bytes(reason.as_bytes()));
+        }
+        self.space.paused = true;
+        self.update_status(|s| {
+            s.state = ShareState::Halted;
+            s.halt_code = Some(DISK_FULL_CODE.to_string());
+            s.halt_reason = Some(escape_bytes(reason.as_bytes()));
+            s.disk_free = Some(free);
+            s.disk_reserve = Some(reserve);
+        });
+        CycleReport {
+            pending: 1,
+            ..CycleReport::default()
+        }
+    }
+
+    async fn cycle_inner<H: Endpoint, G: Endpoint>(
         &mut self,
         host: &mut H,
         guest: &mut G,

@@ -9,6 +9,9 @@
 //! - [`state`]: the redb database: per-share file index, and on the host the ancestor and halts.
 //! - [`scan`]: walks (part of) a share into entries, re-hashing only what changed.
 //! - [`local`]: the local `Endpoint`: scan, serve chunks, stage and apply changes.
+//! - [`faults`]: how a failed write, fsync, mkdir or rename reads in `status`; test-only
+//!   fault injection (cargo feature `faults`).
+//! - [`space`]: free space against a share's reserve (`min_free`).
 //! - [`seal`]: fsyncs complete staged files in the background, ahead of their transition.
 //! - [`status`]: what `status` reports per share.
 //! - [`trash`]: what replaced and deleted files become: batches in `.vmsync/trash/`, their
@@ -21,6 +24,7 @@
 pub mod chunk;
 pub mod control;
 pub mod controller;
+pub mod faults;
 pub mod filter;
 pub mod gitignore;
 pub mod index;
@@ -29,6 +33,7 @@ pub mod notify_systemd;
 pub mod root;
 pub mod scan;
 pub mod seal;
+pub mod space;
 pub mod state;
 pub mod status;
 pub mod trash;

@@ -27,6 +27,7 @@
 //! All filesystem work is blocking; each call runs on tokio's blocking pool.
 
 use crate::chunk::hash_chunk;
+use crate::faults::{fault_reason, io_reason, FaultOp};
 use crate::filter::Filter;
 use crate::gitignore::RulesCache;
 use crate::index::{FileIndex, Identity, IndexRecord};
@@ -49,6 +50,7 @@ use vmsync_core::endpoint::{
 };
 use vmsync_core::entry::PERM_MASK;
 use vmsync_core::limits::CHUNK_MAX_BYTES;
+use vmsync_core::reserve::MinFree;
 use vmsync_core::{Entry, FileMeta, Hash, Manifest, RelPath};
 
 /// A file being built for a later transition.
@@ -124,6 +126,11 @@ pub struct LocalShare {
     share_bytes: Arc<AtomicU64>,
     /// What the trash holds, as the pruner last measured it.
     trash_totals: Arc<TrashTotals>,
+    /// Staged files dropped by a filesystem fault (a failed write or fsync), and why: their
+    /// transition fails with that reason, and their temp is already gone.
+    faulted: HashMap<RelPath, String>,
+    /// The free space this side keeps on the share's filesystem (`min_free`).
+    min_free: MinFree,
 }
 
 /// A cloneable handle on a [`LocalShare`] that implements [`Endpoint`].
@@ -207,6 +214,8 @@ impl LocalEndpoint {
             pruner: None,
             share_bytes: Arc::new(AtomicU64::new(0)),
             trash_totals: Arc::new(TrashTotals::default()),
+            faulted: HashMap::new(),
+            min_free: MinFree::default(),
         };
         Ok(LocalEndpoint {
             inner: Arc::new(Mutex::new(share)),
@@ -284,6 +293,14 @@ impl LocalEndpoint {
             return Some(problem);
         }
         self.watch.failed.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// Sets the free space to keep on the share's filesystem: below it, `stage` and `supply`
+    /// refuse with [`EndpointError::DiskFull`] (see `docs/safety.md`).
+    pub fn set_min_free(&self, min_free: MinFree) {
+        if let Ok(mut s) = self.inner.lock() {
+            s.min_free = min_free;
+        }
     }
 
     /// Replaces the ignore rules (the guest learns the host's at handshake), for scans and
@@ -615,10 +632,31 @@ impl LocalShare {
             .collect())
     }
 
+    /// Refuses new content that would take the share's filesystem below its reserve.
+    fn check_room(&self, incoming: u64) -> Result<(), EndpointError> {
+        let root = self.root()?;
+        let Ok((free, total)) = root.space() else {
+            return Ok(());
+        };
+        let left = free.saturating_sub(incoming);
+        match self.min_free.shortfall(left, total) {
+            Some(reserve) => Err(EndpointError::DiskFull {
+                free: left,
+                reserve,
+            }),
+            None => Ok(()),
+        }
+    }
+
     fn stage(
         &mut self,
         files: Vec<StageRequest>,
     ) -> Result<Vec<Result<Vec<MissingChunk>, Problem>>, EndpointError> {
+        // Sizes claimed by the peer: an upper bound of what this batch writes.
+        let incoming = files
+            .iter()
+            .fold(0u64, |n, f| n.saturating_add(f.meta.size));
+        self.check_room(incoming)?;
         // A file that completed a transfer alone was left for its transition to seal (see
         // `seal_early`); a new batch starting first means that transition is not next (the
         // controller commits a batch after filling the one after it): seal it meanwhile.
@@ -718,6 +756,7 @@ impl LocalShare {
             .validate(&req.meta, CHUNK_MAX_BYTES)
             .map_err(|e| format!("invalid manifest: {e}"))?;
         self.unstage(&req.path);
+        self.faulted.remove(&req.path);
         let root = self.root().map_err(|e| e.to_string())?;
         let temp = root
             .create_temp_for(&req.path)
@@ -735,31 +774,51 @@ impl LocalShare {
                     .and_then(|dir| dir.join(n.as_bytes()).ok())
             });
         }
-        temp.file
-            .set_len(req.meta.size)
-            .map_err(|e| format!("cannot size temp file: {e}"))?;
-        let mut missing: HashMap<Hash, Vec<u64>> = HashMap::new();
-        // Bytes of chunks already placed in this temp file, so a repeated chunk is copied once.
-        let mut placed: HashMap<Hash, Vec<u8>> = HashMap::new();
-        for c in &req.manifest.chunks {
-            if let Some(data) = placed.get(&c.hash) {
-                write_at(&temp.file, data, c.offset)?;
-                continue;
-            }
-            let local = self.index.locate(&c.hash).and_then(|loc| {
-                sources.read_verified(root, &loc.path, loc.offset, loc.len, &c.hash)
-            });
-            match local {
-                Some(data) => {
-                    write_at(&temp.file, &data, c.offset)?;
-                    // Keep only small repeated chunks in memory: a repeat costs one more read.
-                    if placed.len() < 64 {
-                        placed.insert(c.hash, data);
-                    }
+        let index = &self.index;
+        let mut fill = || -> Result<HashMap<Hash, Vec<u64>>, String> {
+            temp.file
+                .set_len(req.meta.size)
+                .map_err(|e| io_reason(FaultOp::Write, &e))?;
+            let write = |data: &[u8], offset: u64| -> Result<(), String> {
+                if let Some(e) = root.injected(FaultOp::Write, &req.path) {
+                    return Err(io_reason(FaultOp::Write, &e.into()));
                 }
-                None => missing.entry(c.hash).or_default().push(c.offset),
+                write_at(&temp.file, data, offset)
+            };
+            let mut missing: HashMap<Hash, Vec<u64>> = HashMap::new();
+            // Bytes of chunks already placed in this temp file, so a repeated chunk is copied
+            // once.
+            let mut placed: HashMap<Hash, Vec<u8>> = HashMap::new();
+            for c in &req.manifest.chunks {
+                if let Some(data) = placed.get(&c.hash) {
+                    write(data, c.offset)?;
+                    continue;
+                }
+                let local = index.locate(&c.hash).and_then(|loc| {
+                    sources.read_verified(root, &loc.path, loc.offset, loc.len, &c.hash)
+                });
+                match local {
+                    Some(data) => {
+                        write(&data, c.offset)?;
+                        // Keep only small repeated chunks in memory: a repeat costs one more
+                        // read.
+                        if placed.len() < 64 {
+                            placed.insert(c.hash, data);
+                        }
+                    }
+                    None => missing.entry(c.hash).or_default().push(c.offset),
+                }
             }
-        }
+            Ok(missing)
+        };
+        let missing = match fill() {
+            Ok(missing) => missing,
+            Err(reason) => {
+                // Half written: the temp goes now, not at the next start.
+                root.discard_temp(temp);
+                return Err(reason);
+            }
+        };
         let mut want: Vec<Hash> = missing.keys().copied().collect();
         want.sort();
         for h in &want {
@@ -784,6 +843,10 @@ impl LocalShare {
     }
 
     fn supply(&mut self, chunks: Vec<(Hash, ChunkData)>) -> Result<Vec<Hash>, EndpointError> {
+        let incoming = chunks
+            .iter()
+            .fold(0u64, |n, (_, d)| n.saturating_add(d.len() as u64));
+        self.check_room(incoming)?;
         let mut still_missing = Vec::new();
         let mut bases = OpenFiles::default();
         // Every chunk is verified before anything is written; then each file's chunks are
@@ -830,7 +893,6 @@ impl LocalShare {
             }
         }
         let mut completed = Vec::new();
-        let mut failure = None;
         for (path, (mut list, filled)) in writes {
             let Some(staged) = self.staged.get_mut(&path) else {
                 continue;
@@ -840,12 +902,20 @@ impl LocalShare {
                 .iter()
                 .filter_map(|&(offset, at)| datas.get(at).map(|d| (offset, d.as_slice())))
                 .collect();
-            if let Err(e) = write_pieces(&staged.temp.file, &pieces) {
-                // Half written: drop the temp, so nothing can take it for complete.
+            let written = match self
+                .root
+                .as_ref()
+                .and_then(|r| r.injected(FaultOp::Write, &path))
+            {
+                Some(e) => Err(e.into()),
+                None => write_pieces(&staged.temp.file, &pieces),
+            };
+            if let Err(e) = written {
+                // Half written: drop the temp, so nothing can take it for complete. The rest
+                // of the supply goes on; this file's transition fails with the reason.
+                tracing::warn!(path = %path.escaped(), "writing a staged file failed: {e}");
                 self.unstage(&path);
-                failure.get_or_insert_with(|| {
-                    EndpointError::Io(format!("writing staged {}: {e}", path.escaped()))
-                });
+                self.fault(path, io_reason(FaultOp::Write, &e));
                 continue;
             }
             for hash in filled {
@@ -856,10 +926,15 @@ impl LocalShare {
             }
         }
         self.seal_early(completed);
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(still_missing),
+        Ok(still_missing)
+    }
+
+    /// Remembers why a staged file was dropped, for its transition to say.
+    fn fault(&mut self, path: RelPath, reason: String) {
+        if self.faulted.len() >= MAX_ECHOES {
+            self.faulted.clear();
         }
+        self.faulted.insert(path, reason);
     }
 
     /// Hands the seals of these just completed staged files to the background sealer, if
@@ -908,6 +983,7 @@ impl LocalShare {
     }
 
     fn discard_staged(&mut self) {
+        self.faulted.clear();
         let paths: Vec<RelPath> = self.staged.keys().cloned().collect();
         for p in paths {
             self.unstage(&p);
@@ -917,6 +993,10 @@ impl LocalShare {
     }
 
     fn transition(&mut self, changes: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {
+        // Below the reserve nothing new is made (removals, which free space, still go).
+        if changes.iter().any(|c| c.new.is_some()) {
+            self.check_room(0)?;
+        }
         self.root()?.begin_batch();
         let clock = std::time::Instant::now();
         let seals = self.seal_staged(&changes);
@@ -928,7 +1008,9 @@ impl LocalShare {
         if self.echoes.len() >= MAX_ECHOES {
             self.echoes.clear();
         }
+        let mut paths = Vec::with_capacity(changes.len());
         for change in changes {
+            paths.push(change.path.clone());
             let step = std::time::Instant::now();
             let current = self.current(&change.path);
             checking += step.elapsed();
@@ -963,7 +1045,26 @@ impl LocalShare {
         }
         // Nothing is recorded or acknowledged before the directories are durable.
         let step = std::time::Instant::now();
-        self.root()?.end_batch().map_err(io_err)?;
+        let unsynced = self.root()?.end_batch_each();
+        if !unsynced.is_empty() {
+            // In place but maybe not durable: not recorded, and failed, so that a later cycle
+            // (which finds them done) records them once their directory is synced.
+            let reasons: HashMap<RelPath, String> = unsynced
+                .into_iter()
+                .map(|(dir, e)| {
+                    tracing::warn!(share = %self.name, dir = %dir.escaped(), "{e}");
+                    (dir, fault_reason(FaultOp::DirFsync, &e))
+                })
+                .collect();
+            for (path, outcome) in paths.iter().zip(outcomes.iter_mut()) {
+                let dir = path.parent().unwrap_or_default();
+                if let (Outcome::Applied, Some(reason)) = (&*outcome, reasons.get(&dir)) {
+                    *outcome = Outcome::Failed(reason.clone());
+                    index_changes.retain(|(p, _)| p != path);
+                    self.echoes.remove(path);
+                }
+            }
+        }
         let synced = step.elapsed();
         let step = std::time::Instant::now();
         for (path, rec) in &index_changes {
@@ -1072,7 +1173,7 @@ impl LocalShare {
         // starting it behind our back.
         let mut jobs: Vec<(usize, SealJob)> = Vec::new();
         let mut waits: Vec<(usize, SealHandle)> = Vec::new();
-        let mut failed: Vec<RelPath> = Vec::new();
+        let mut failed: Vec<(RelPath, String)> = Vec::new();
         for (i, (path, staged)) in items.iter_mut().enumerate() {
             let (mode, mtime) = (staged.meta.mode, staged.meta.mtime);
             match staged.seal.take() {
@@ -1098,7 +1199,7 @@ impl LocalShare {
                         Err(_) => {
                             if let Err(e) = root.seal_temp(&mut staged.temp, mode, mtime) {
                                 tracing::warn!(path = %path.escaped(), "fsync of staged file failed: {e}");
-                                failed.push((*path).clone());
+                                failed.push(((*path).clone(), fault_reason(FaultOp::Fsync, &e)));
                             }
                         }
                     }
@@ -1147,13 +1248,14 @@ impl LocalShare {
                 }
                 Some(Err(e)) => {
                     tracing::warn!(path = %path.escaped(), "fsync of staged file failed: {e}");
-                    failed.push((*path).clone());
+                    failed.push(((*path).clone(), fault_reason(FaultOp::Fsync, &e)));
                 }
                 None => {}
             }
         }
-        for path in failed {
+        for (path, reason) in failed {
             self.unstage(&path);
+            self.fault(path, reason);
         }
         counts
     }
@@ -1198,6 +1300,7 @@ impl LocalShare {
     ) -> Result<Option<IndexRecord>, ApplyError> {
         let path = &change.path;
         let fs = |e: FsError| e.to_string();
+        let mkdir = |e: FsError| fault_reason(FaultOp::Mkdir, &e);
         match &change.new {
             None => {
                 self.remove(path, current)?;
@@ -1211,9 +1314,9 @@ impl LocalShare {
                     Some(old) => {
                         self.keep(path, old, false)?;
                         let root = self.root().map_err(|e| e.to_string())?;
-                        root.mkdir(path, *mode).map_err(fs)?;
+                        root.mkdir(path, *mode).map_err(mkdir)?;
                     }
-                    None => root.mkdir(path, *mode).map_err(fs)?,
+                    None => root.mkdir(path, *mode).map_err(mkdir)?,
                 }
                 Ok(None)
             }
@@ -1273,7 +1376,10 @@ impl LocalShare {
             _ => {}
         }
         let Some(mut staged) = self.staged.remove(path) else {
-            return Err("content was not staged".into());
+            return Err(match self.faulted.remove(path) {
+                Some(reason) => reason.into(),
+                None => "content was not staged".into(),
+            });
         };
         let root = self.root().map_err(|e| e.to_string())?;
         // `seal_staged` settled every seal this commit could meet; should one still be out,
@@ -1289,7 +1395,7 @@ impl LocalShare {
                 }
                 Some(Err(e)) => {
                     root.discard_temp(staged.temp);
-                    return Err(e.to_string().into());
+                    return Err(fault_reason(FaultOp::Fsync, &e).into());
                 }
                 None => {}
             }
@@ -1323,7 +1429,11 @@ impl LocalShare {
             FsErrorKind::Exists | FsErrorKind::NotAFile if current.is_none() => {
                 ApplyError::Appeared
             }
-            _ => ApplyError::Failed(e.to_string()),
+            // The commit seals a temp not sealed yet, then renames it.
+            _ if e.op() == crate::root::SEAL_OP => {
+                ApplyError::Failed(fault_reason(FaultOp::Fsync, &e))
+            }
+            _ => ApplyError::Failed(fault_reason(FaultOp::Rename, &e)),
         })?;
         Ok(IndexRecord::new(
             Identity::of(&stat),
@@ -1995,11 +2105,16 @@ mod tests {
         if let Some(staged) = f.share.staged.get_mut(&path) {
             staged.temp.file = readonly;
         }
-        assert!(matches!(f.share.supply(missing), Err(EndpointError::Io(_))));
+        // The supply itself goes on (other files in it may land); this file is dropped.
+        assert_eq!(f.share.supply(missing).unwrap(), Vec::<Hash>::new());
         assert!(!f.share.staged.contains_key(&path), "still staged");
         let outcomes = f.share.transition(vec![create(&path, &data)]).unwrap();
-        assert!(matches!(outcomes[..], [Outcome::Failed(_)]), "{outcomes:?}");
+        match &outcomes[..] {
+            [Outcome::Failed(reason)] => assert!(reason.starts_with("write failed"), "{reason}"),
+            _ => panic!("{outcomes:?}"),
+        }
         assert!(!f.share_dir.join("f.bin").exists());
+        assert_eq!(leftover_temps(&f.share_dir), 0);
     }
 
     #[test]
@@ -2032,7 +2147,7 @@ mod tests {
         let outcomes = f.share.transition(vec![create(&path, &data)]).unwrap();
         assert_eq!(
             outcomes,
-            vec![Outcome::Failed("content was not staged".into())]
+            vec![Outcome::Failed("fsync failed: I/O error".into())]
         );
         assert!(!f.share_dir.join("f.bin").exists());
         assert!(!f.share.staged.contains_key(&path));
@@ -2084,7 +2199,7 @@ mod tests {
             restage_during_an_inflight_seal(vec![None, Some(rustix::io::Errno::IO)]);
         assert_eq!(
             outcomes,
-            vec![Outcome::Failed("content was not staged".into())]
+            vec![Outcome::Failed("fsync failed: I/O error".into())]
         );
         assert!(!f.share_dir.join("f.bin").exists());
     }

@@ -34,6 +34,7 @@
 //!   directory before returning, so an operation reported done survives a power loss.
 //! - **No fd leaks.** Every fd is an [`OwnedFd`] opened `O_CLOEXEC`.
 
+use crate::faults::{self, FaultOp};
 use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use rustix::fs::{
     self as rfs, AtFlags, FileType, Mode, OFlags, RenameFlags, ResolveFlags, Timespec, Timestamps,
@@ -229,6 +230,17 @@ impl FsError {
         }
     }
 
+    /// The operation that failed, as the error's message names it.
+    pub fn op(&self) -> &'static str {
+        match self {
+            FsError::Sys { op, .. }
+            | FsError::Io { op, .. }
+            | FsError::Refused { op, .. }
+            | FsError::NotAFile { op, .. }
+            | FsError::Invalid { op, .. } => op,
+        }
+    }
+
     pub fn kind(&self) -> FsErrorKind {
         match self {
             FsError::Sys { source, .. } => kind_of_errno(*source),
@@ -376,6 +388,7 @@ pub struct ShareRoot {
 
 /// Threads that fsync a batch's changed directories.
 const DIR_SYNC_THREADS: usize = 8;
+const DIR_FSYNC_OP: &str = "fsync directory";
 
 /// Sets a temp's mode and mtime and fsyncs its data: everything before its rename.
 fn seal(
@@ -385,19 +398,23 @@ fn seal(
     mode: u32,
     mtime: Timestamp,
 ) -> Result<(), FsError> {
-    seal_fd(op, loc, &temp.file, mode, mtime)
+    seal_fd(op, loc, &temp.file, &temp.fault, mode, mtime)
 }
 
 fn seal_fd(
     op: &'static str,
     loc: Loc<'_>,
     file: &File,
+    fault: &faults::Tag,
     mode: u32,
     mtime: Timestamp,
 ) -> Result<(), FsError> {
     let times = mtime_only(op, loc, mtime)?;
     rfs::fchmod(file, Mode::from_raw_mode(mode & PERM_MASK)).map_err(|e| fail(op, loc, e))?;
     rfs::futimens(file, &times).map_err(|e| fail(op, loc, e))?;
+    if let Some(e) = fault.injected(FaultOp::Fsync) {
+        return Err(fail(op, loc, e));
+    }
     rfs::fsync(file).map_err(|e| fail(op, loc, e))
 }
 
@@ -416,6 +433,8 @@ pub struct TempFile {
     /// The mode and mtime it was sealed with (set, and data fsynced), by
     /// [`ShareRoot::seal_temp`] or an accepted [`SealJob`]; `None` until then.
     sealed: Option<(u32, Timestamp)>,
+    /// Where its injected faults are looked up (empty without the `faults` feature).
+    fault: faults::Tag,
 }
 
 /// Source of [`TempFile`] ids.
@@ -428,6 +447,7 @@ impl TempFile {
             name,
             id: NEXT_TEMP_ID.fetch_add(1, Ordering::Relaxed),
             sealed: None,
+            fault: faults::Tag::default(),
         }
     }
 
@@ -462,6 +482,7 @@ impl TempFile {
             name: self.name.clone(),
             mode,
             mtime,
+            fault: self.fault.clone(),
         })
     }
 
@@ -477,7 +498,9 @@ impl TempFile {
     }
 }
 
-const SEAL_OP: &str = "seal temp file";
+/// The operation named in the errors of a temp's seal (its mode, mtime and fsync), also when
+/// a commit seals it.
+pub const SEAL_OP: &str = "seal temp file";
 
 /// A temp's seal (mode, mtime, fsync) detached from the temp, to run on another thread: see
 /// [`TempFile::seal_job`]. Dropping it closes its own descriptor only.
@@ -488,6 +511,7 @@ pub struct SealJob {
     name: Option<String>,
     mode: u32,
     mtime: Timestamp,
+    fault: faults::Tag,
 }
 
 /// Proof that a [`SealJob`] succeeded, for [`TempFile::accept_seal`]. Only a job makes one.
@@ -507,7 +531,7 @@ impl SealJob {
             base: TMP_SHOWN,
             name: Some(name.as_bytes()),
         };
-        seal_fd(SEAL_OP, loc, &self.file, self.mode, self.mtime)?;
+        seal_fd(SEAL_OP, loc, &self.file, &self.fault, self.mode, self.mtime)?;
         Ok(Sealed {
             id: self.id,
             mode: self.mode,
@@ -654,6 +678,9 @@ impl ShareRoot {
         const OP: &str = "mkdir";
         let loc = Loc::path(p);
         let (dir, name) = self.parent(OP, p, OFlags::RDONLY)?;
+        if let Some(e) = self.injected(FaultOp::Mkdir, p) {
+            return Err(fail(OP, loc, e));
+        }
         // Created owner-only, then opened (no-follow, so a directory swapped for a symlink in
         // between is refused) and set with fchmod on the fd: the final mode is exact whatever
         // the umask, and is never wider than asked at any moment.
@@ -835,6 +862,12 @@ impl ShareRoot {
     /// (20,000 small files: 5 s became 19 s). Falls back to [`ShareRoot::create_temp`] where
     /// `O_TMPFILE` is not supported or `p`'s directory does not exist yet.
     pub fn create_temp_for(&self, p: &RelPath) -> Result<TempFile, FsError> {
+        let mut temp = self.create_temp_near(p)?;
+        temp.fault = faults::Tag::new(self.dev_ino(), p);
+        Ok(temp)
+    }
+
+    fn create_temp_near(&self, p: &RelPath) -> Result<TempFile, FsError> {
         const OP: &str = "create temp file";
         if !self.no_tmpfile.load(Ordering::Relaxed) {
             if let Ok((dir, _)) = self.parent(OP, p, OFlags::PATH) {
@@ -1004,6 +1037,9 @@ impl ShareRoot {
         mtime: Timestamp,
     ) -> Result<OwnedFd, FsError> {
         let (dir, name) = self.sealed_for(op, temp, p, mode, mtime)?;
+        if let Some(e) = self.injected(FaultOp::Rename, p) {
+            return Err(fail(op, Loc::path(p), e));
+        }
         link_fd(&temp.file, &dir, name).map_err(|e| fail(op, Loc::path(p), e))?;
         Ok(dir)
     }
@@ -1019,7 +1055,7 @@ impl ShareRoot {
         mtime: Timestamp,
     ) -> Result<(OwnedFd, &'p [u8]), FsError> {
         if !temp.is_sealed(mode, mtime) {
-            seal(op, Loc::path(p), temp, mode, mtime)?;
+            seal(SEAL_OP, Loc::path(p), temp, mode, mtime)?;
         }
         self.parent(op, p, OFlags::RDONLY)
     }
@@ -1050,6 +1086,9 @@ impl ShareRoot {
             Err(Errno::NOENT) => false,
             Err(e) => return Err(fail(op, loc, e)),
         };
+        if let Some(e) = self.injected(FaultOp::Rename, p) {
+            return Err(fail(op, loc, e));
+        }
         let renamed = if flags.is_empty() {
             rfs::renameat(&self.tmp, temp.name(), &dir, name)
         } else {
@@ -1104,8 +1143,23 @@ impl ShareRoot {
     /// Closes the batch: fsyncs every directory changed since [`ShareRoot::begin_batch`]. Until
     /// this returns `Ok`, the batch's changes may not survive a crash: do not record them.
     pub fn end_batch(&self) -> Result<(), FsError> {
-        // The trash first: a kept version must be durable no later than what replaced it.
-        self.close_trash_batch()?;
+        match self.end_batch_each().into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// [`ShareRoot::end_batch`], going on past a directory whose fsync fails: returns each
+    /// such directory with its error. The changes made in those directories are in place but
+    /// may not survive a crash (do not record them); those elsewhere are durable.
+    pub fn end_batch_each(&self) -> Vec<(RelPath, FsError)> {
+        // The trash first: a kept version must be durable no later than what replaced it. If
+        // it cannot be made durable, the batch's changes are reported as not durable either
+        // (under the root: the caller fails what it cannot vouch for).
+        let mut unsynced = Vec::new();
+        if let Err(e) = self.close_trash_batch() {
+            unsynced.push((RelPath::root(), e));
+        }
         let dirs: Vec<RelPath> = self
             .dirty_dirs
             .lock()
@@ -1114,35 +1168,53 @@ impl ShareRoot {
             .unwrap_or_default()
             .into_iter()
             .collect();
-        if dirs.len() <= 1 {
-            return dirs.iter().try_for_each(|d| self.fsync_dir(d));
-        }
-        // Concurrent fsyncs of different directories share journal commits.
-        let per_thread = dirs.len().div_ceil(DIR_SYNC_THREADS);
+        let per_thread = dirs.len().div_ceil(DIR_SYNC_THREADS).max(1);
         std::thread::scope(|scope| {
             let workers: Vec<_> = dirs
                 .chunks(per_thread)
-                .map(|slice| scope.spawn(move || slice.iter().try_for_each(|d| self.fsync_dir(d))))
-                .collect();
-            workers.into_iter().try_for_each(|w| {
-                w.join().unwrap_or_else(|_| {
-                    Err(invalid(
-                        "fsync directory",
-                        Loc {
-                            base: b"",
-                            name: None,
-                        },
-                        "a worker panicked",
-                    ))
+                .map(|slice| {
+                    scope.spawn(move || {
+                        slice
+                            .iter()
+                            .filter_map(|d| self.fsync_dir(d).err().map(|e| (d.clone(), e)))
+                            .collect::<Vec<_>>()
+                    })
                 })
-            })
+                .collect();
+            let mut failed = unsynced;
+            for (w, slice) in workers.into_iter().zip(dirs.chunks(per_thread)) {
+                match w.join() {
+                    Ok(list) => failed.extend(list),
+                    Err(_) => failed.extend(slice.iter().map(|d| {
+                        (
+                            d.clone(),
+                            invalid(DIR_FSYNC_OP, Loc::path(d), "a worker panicked"),
+                        )
+                    })),
+                }
+            }
+            failed
         })
+    }
+
+    /// The errno a test injected for `op` on `p` under this root (always `None` without the
+    /// `faults` feature).
+    pub(crate) fn injected(&self, op: FaultOp, p: &RelPath) -> Option<Errno> {
+        faults::injected(self.dev_ino(), op, p)
+    }
+
+    /// Bytes an unprivileged writer may still use on the root's filesystem, and its size.
+    pub fn space(&self) -> std::io::Result<(u64, u64)> {
+        crate::space::free_and_total(&self.root)
     }
 
     fn fsync_dir(&self, dir: &RelPath) -> Result<(), FsError> {
         match self.open_dir(dir) {
             Ok(handle) => {
-                rfs::fsync(&handle.fd).map_err(|e| fail("fsync directory", Loc::path(dir), e))
+                if let Some(e) = self.injected(FaultOp::DirFsync, dir) {
+                    return Err(fail(DIR_FSYNC_OP, Loc::path(dir), e));
+                }
+                rfs::fsync(&handle.fd).map_err(|e| fail(DIR_FSYNC_OP, Loc::path(dir), e))
             }
             // Removed or replaced later in the same batch: what matters now is its parent's
             // entry, and the parent is in the set too.

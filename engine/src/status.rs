@@ -43,7 +43,8 @@ pub struct ShareStatus {
     pub name: String,
     pub state: ShareState,
     /// Machine-readable halt code (`root-missing`, `root-replaced`, `root-emptied`,
-    /// `mass-deletion`) and the message, when halted.
+    /// `mass-deletion`, or `disk-full`, a pause that lifts itself) and the message, when
+    /// halted.
     pub halt_code: Option<String>,
     pub halt_reason: Option<String>,
     /// Entries the last halt put back on the side that lost them (from its trash).
@@ -70,6 +71,12 @@ pub struct ShareStatus {
     pub watching: bool,
     pub watched_dirs: u64,
     pub watch_problem: Option<String>,
+    /// While paused with `disk-full`: the bytes free (after the refused write) and the reserve
+    /// of the filesystem that is short.
+    #[serde(default)]
+    pub disk_free: Option<u64>,
+    #[serde(default)]
+    pub disk_reserve: Option<u64>,
     /// Completed cycles since the agent started.
     pub cycles: u64,
     /// What this side's trash (`.vmsync/trash/` in the share) holds: files and symlinks kept

@@ -35,6 +35,10 @@ pub const PRUNE_EVERY: Duration = Duration::from_secs(60);
 pub const PUT_BACK_WINDOW: Duration = Duration::from_secs(600);
 /// At most this many trash moves are remembered for `put_back` (about 200 bytes each).
 pub const MAX_PUT_BACK_RECORDS: usize = 1_000_000;
+/// The size limit never removes a batch younger than this: what a wipe or a burst of edits
+/// just kept must outlive any halt, `put_back` and a user's first look, however small the
+/// share (10 % of a share of small files is a few kilobytes). The age limit still applies.
+pub const SIZE_PRUNE_MIN_AGE: Duration = Duration::from_secs(3600);
 
 const SECS_PER_DAY: i64 = 86_400;
 
@@ -304,8 +308,8 @@ pub struct BatchUsage {
 
 /// Which batches to remove (indices into `batches`, sorted oldest first): every batch older
 /// than `max_age`, then the oldest until the rest hold at most `max_bytes`. Never an open
-/// batch, and never the newest batch for size alone: a single large deletion stays
-/// recoverable until it ages out or something newer is kept.
+/// batch, and for size alone never the newest batch nor one younger than
+/// [`SIZE_PRUNE_MIN_AGE`]: a large deletion stays recoverable until it ages out.
 pub fn plan_prune(
     batches: &[BatchUsage],
     now: Timestamp,
@@ -316,6 +320,11 @@ pub fn plan_prune(
         .secs
         .saturating_sub(i64::try_from(max_age.as_secs()).unwrap_or(i64::MAX));
     let newest = batches.len().checked_sub(1);
+    let young = Timestamp::new(
+        now.secs
+            .saturating_sub(i64::try_from(SIZE_PRUNE_MIN_AGE.as_secs()).unwrap_or(i64::MAX)),
+        now.nanos,
+    );
     let mut remove = Vec::new();
     let mut total: u64 = batches.iter().map(|b| b.bytes).sum();
     for (i, b) in batches.iter().enumerate() {
@@ -323,7 +332,7 @@ pub fn plan_prune(
             continue;
         }
         let expired = Timestamp::new(cutoff, now.nanos) > b.time;
-        let over = total > max_bytes && Some(i) != newest;
+        let over = total > max_bytes && Some(i) != newest && b.time < young;
         if expired || over {
             remove.push(i);
             total -= b.bytes;
@@ -894,6 +903,14 @@ mod tests {
                 60,
                 Some(0),
                 vec![1],
+            ),
+            (
+                "size never removes what was kept within the hour",
+                vec![(3, 100), (0, 100), (0, 100)],
+                7 * day,
+                0,
+                None,
+                vec![0],
             ),
             (
                 "size zero keeps only the newest",

@@ -195,6 +195,8 @@ fn endpoint_error(e: &EndpointError) -> Result {
         | EndpointError::Protocol(s)
         | EndpointError::Io(s)
         | EndpointError::Limit(s) => s,
+        // Two numbers: nothing to bound.
+        EndpointError::DiskFull { .. } => return Ok(()),
     };
     text("error text", s, MAX_REASON_BYTES)
 }

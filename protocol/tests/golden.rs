@@ -278,6 +278,14 @@ fn endpoint_errors() {
         (EndpointError::Protocol("r".into()), "04070101040172"),
         (EndpointError::Io("r".into()), "04070101050172"),
         (EndpointError::Limit("r".into()), "04070101060172"),
+        // Appended: a side below its free-space reserve (varint free, then reserve).
+        (
+            EndpointError::DiskFull {
+                free: 1,
+                reserve: 300,
+            },
+            "040701010701ac02",
+        ),
     ];
     for (e, want) in errors {
         golden(

@@ -616,6 +616,47 @@ async fn mass_deletion_halts_above_the_threshold() {
     assert_eq!(tree(&p.host_dir).len(), 52);
 }
 
+/// Deletions spread over several cycles add up within the window; crossing the limit halts
+/// and puts back everything the window removed from the host, from its trash.
+#[tokio::test]
+async fn deletions_spread_over_cycles_are_judged_together_and_put_back() {
+    let mut p = pair();
+    for i in 0..300 {
+        write(
+            &p.host_dir,
+            &format!("d{}/f{i}", i % 10),
+            format!("file {i}"),
+        );
+    }
+    p.sync().await;
+    let before = tree(&p.host_dir);
+    for d in 0..4 {
+        std::fs::remove_dir_all(p.guest_dir.join(format!("d{d}"))).unwrap();
+    }
+    let report = p.sync().await;
+    assert!(!report.halted, "40 % alone is under the limit");
+    assert!(!p.host_dir.join("d0").exists());
+    for d in 4..6 {
+        std::fs::remove_dir_all(p.guest_dir.join(format!("d{d}"))).unwrap();
+    }
+    assert!(p.sync().await.halted);
+    assert_eq!(p.status().halt_code.as_deref(), Some("mass-deletion"));
+    assert_eq!(
+        p.status().put_back,
+        4 * 30 + 4,
+        "files and their directories"
+    );
+    assert!(
+        tree(&p.host_dir) == before,
+        "the host tree was not put back"
+    );
+    // resume lets the whole deletion through.
+    assert!(p.sides().controller.resume().unwrap());
+    p.sync().await;
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+    assert_eq!(tree(&p.host_dir).len(), 4 * 31);
+}
+
 #[tokio::test]
 async fn a_guest_replacing_every_file_by_a_directory_halts_and_costs_the_host_nothing() {
     let mut p = pair();
