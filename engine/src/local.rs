@@ -24,6 +24,12 @@
 //! a temp only once its seal succeeded. Dropping a staged file drops its [`SealHandle`], which
 //! cancels the seal (or throws its result away).
 //!
+//! The trash: nothing a transition deletes or replaces is unlinked. A file or symlink being
+//! deleted is moved into the share's trash, one being replaced is linked there first
+//! ([`ShareRoot::trash_remove`], [`ShareRoot::trash_link`]); if it cannot be kept, the change
+//! fails. Recent moves are remembered for `put_back`, and a background [`Pruner`] applies the
+//! share's retention (see [`crate::trash`] and docs/safety.md).
+//!
 //! All filesystem work is blocking; each call runs on tokio's blocking pool.
 
 use crate::chunk::hash_chunk;

@@ -32,6 +32,11 @@
 //!   inside the root ([`symlink_target_is_contained`]), and nothing here ever traverses one.
 //! - **Durable directory changes.** Every mkdir, symlink, unlink and rename fsyncs the parent
 //!   directory before returning, so an operation reported done survives a power loss.
+//! - **Kept, not unlinked.** What a change deletes or replaces goes to `.vmsync/trash/`
+//!   ([`ShareRoot::trash_remove`]: one rename; [`ShareRoot::trash_link`]: a second link made
+//!   before the replacing rename), fsynced no later than the change; `remove_file` is for
+//!   callers that own what they remove. The trash is walked and pruned through fds like the
+//!   rest, never by joined paths.
 //! - **No fd leaks.** Every fd is an [`OwnedFd`] opened `O_CLOEXEC`.
 
 use crate::faults::{self, FaultOp};

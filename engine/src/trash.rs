@@ -29,6 +29,9 @@ use vmsync_core::{Entry, RelPath, Timestamp};
 pub const DEFAULT_KEEP_DELETED_SECS: u64 = 7 * 24 * 3600;
 /// Default `keep_deleted_max`: this percentage of the share's size.
 pub const DEFAULT_KEEP_DELETED_PERCENT: u32 = 10;
+/// A percentage `keep_deleted_max` never limits the trash below this: on a small share, 10 %
+/// would be a few bytes, and every version but the newest would go within a minute.
+pub const MIN_PERCENT_LIMIT_BYTES: u64 = 64 << 20;
 /// How often the pruner looks at the trash when nothing wakes it.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// How long `put_back` can reach back: trash moves older than this are forgotten.
@@ -269,13 +272,14 @@ impl SizeLimit {
         n.checked_mul(mul).map(SizeLimit::Bytes).ok_or_else(bad)
     }
 
-    /// The limit in bytes for a share of `share_bytes`.
+    /// The limit in bytes for a share of `share_bytes` (a percentage: at least
+    /// [`MIN_PERCENT_LIMIT_BYTES`]).
     pub fn bytes(self, share_bytes: u64) -> u64 {
         match self {
             SizeLimit::Bytes(b) => b,
-            SizeLimit::Percent(p) => {
-                u64::try_from(u128::from(share_bytes) * u128::from(p) / 100).unwrap_or(u64::MAX)
-            }
+            SizeLimit::Percent(p) => u64::try_from(u128::from(share_bytes) * u128::from(p) / 100)
+                .unwrap_or(u64::MAX)
+                .max(MIN_PERCENT_LIMIT_BYTES),
         }
     }
 }
@@ -809,7 +813,8 @@ mod tests {
         for bad in ["", "%", "101%", "5 GiB", "5gb", "GiB", "-1", "1.5GiB"] {
             assert!(SizeLimit::parse(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(SizeLimit::Percent(10).bytes(1000), 100);
+        assert_eq!(SizeLimit::Percent(10).bytes(1000), MIN_PERCENT_LIMIT_BYTES);
+        assert_eq!(SizeLimit::Percent(10).bytes(10 << 30), 1 << 30);
         let now = Timestamp::new(1_796_545_004, 7);
         assert_eq!(
             parse_since("2026-12-06T08:16:44Z", now),

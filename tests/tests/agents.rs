@@ -476,3 +476,46 @@ fn kill_9_of_either_agent_mid_transfer_converges_with_no_torn_files() {
         }
     }
 }
+
+#[test]
+fn both_agents_keep_what_the_other_side_removed_and_show_it_in_status() {
+    let mut a = Agents::new("");
+    write(&a.host_dir, "host-file.txt", "deleted on the guest");
+    write(&a.host_dir, "edited.txt", "the guest's old version");
+    write(&a.host_dir, "stays.txt", "stays");
+    a.start();
+    a.wait_in_sync();
+    std::fs::remove_file(a.guest_dir.join("host-file.txt")).unwrap();
+    write(&a.host_dir, "edited.txt", "edited on the host");
+    a.sync();
+    a.wait_in_sync();
+    assert_same_tree(&a.host_dir, &a.guest_dir);
+    let host_kept = a.host_trash();
+    assert_eq!(host_kept.len(), 1, "{host_kept:?}");
+    assert!(host_kept[0].0.ends_with("/host-file.txt"), "{host_kept:?}");
+    assert_eq!(host_kept[0].1, b"deleted on the guest");
+    let guest_kept = a.guest_trash();
+    assert_eq!(guest_kept.len(), 1, "{guest_kept:?}");
+    assert_eq!(guest_kept[0].1, b"the guest's old version");
+    // Each agent's pruner measures its trash after the transition that filled it.
+    let counted = vmsync_tests::agents::eventually(std::time::Duration::from_secs(30), || {
+        a.share()["trash_files"] == 1 && a.guest_status()["shares"][0]["trash_files"] == 1
+    });
+    assert!(counted, "host: {}\nguest: {}", a.share(), a.guest_status());
+    assert_eq!(a.share()["trash_bytes"], 20);
+    assert_eq!(a.guest_status()["shares"][0]["trash_bytes"], 23);
+    // The guest's own CLI lists the guest's trash.
+    let out = Command::new(bin("vmsync-guest"))
+        .args(["trash", "--json", "--share", "src", "--config"])
+        .arg(&a.guest_toml)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed["items"][0]["path"], "edited.txt");
+    assert_eq!(listed["items"][0]["kind"], "file");
+}

@@ -247,15 +247,25 @@ async fn expiry_by_age_then_by_size_oldest_first() {
             .collect::<Vec<_>>(),
         vec![random_bytes(2, 1000), random_bytes(3, 1000)]
     );
-    // A percentage of a share of 10,000 bytes: 10 % is 1000: only the newest stays.
+    // A percentage of a small share (10 % of 10,000 bytes) never limits below 64 MiB.
     let by_percent = Retention {
         max_size: SizeLimit::Percent(10),
         ..Retention::default()
     };
     assert_eq!(
         trash::prune_once(&root, by_percent, 10_000, now).unwrap(),
-        (1, 1000)
+        (2, 2000)
     );
+    // 10 % of 20 GiB is 2 GiB: within. 0 %: down to the newest batch, which always stays.
+    assert_eq!(
+        trash::prune_once(&root, by_percent, 20 << 30, now).unwrap(),
+        (2, 2000)
+    );
+    let zero = Retention {
+        max_size: SizeLimit::Bytes(0),
+        ..Retention::default()
+    };
+    assert_eq!(trash::prune_once(&root, zero, 0, now).unwrap(), (1, 1000));
     assert_eq!(batches(&p.host_dir), all[3..].to_vec());
     // A day later with keep_deleted = 1h: the last batch has expired too.
     let by_age = Retention {
