@@ -9,6 +9,8 @@
 //! - [`entry`]: what a path is on one side (`Entry`), a side's view (`Snapshot`), file manifests.
 //! - [`reconcile`]: the three-way merge of ancestor, host and guest into a `Plan`.
 //! - [`safety`]: the checks that halt a share instead of propagating mass deletions.
+//! - [`rollback`]: share generations (a guest that went back in time) and the add-only merge
+//!   after one.
 //! - [`delta`]: chunk deltas: rsync signatures of old bytes, deltas against them, checked apply.
 //! - [`endpoint`]: the `Endpoint` trait that a local and a remote side both implement.
 //! - [`limits`]: every bound on sizes and counts, named with its unit.
@@ -21,6 +23,7 @@ pub mod entry;
 pub mod limits;
 pub mod path;
 pub mod reconcile;
+pub mod rollback;
 pub mod safety;
 
 pub use digest::Hash;
