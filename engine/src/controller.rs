@@ -17,7 +17,7 @@
 
 use crate::conflicts::ConflictStore;
 use crate::filter::Filter;
-use crate::state::{ShareMeta, StateDb, StateError};
+use crate::state::{Generation, ShareMeta, StateDb, StateError};
 use crate::status::{ProblemView, ShareState, ShareStatus};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
@@ -30,6 +30,7 @@ use vmsync_core::endpoint::{
 };
 use vmsync_core::path::{escape_bytes, subtree};
 use vmsync_core::reconcile::{reconcile, Action, ConflictPolicy, Plan, Side, SyncMode};
+use vmsync_core::rollback::{check_generation, rollback_ancestor, GenerationCheck};
 use vmsync_core::safety::{check_deletions, check_emptied, check_root, DeletionLimit, HaltReason};
 use vmsync_core::{Entry, FileMeta, Hash, RelPath, Snapshot};
 
@@ -115,6 +116,8 @@ pub struct Controller {
     /// cycle must not cost time in proportion to the whole share.
     totals: Totals,
     meta: ShareMeta,
+    /// The share's generation (see `docs/safety.md`, "Snapshot reverts").
+    generation: Generation,
     store: ConflictStore,
     status: Arc<Mutex<ShareStatus>>,
     /// Set by `resume` after a mass-deletion halt: the next cycle may delete past the limit.
@@ -154,6 +157,7 @@ impl Controller {
     ) -> Result<Controller, StateError> {
         let ancestor = db.load_ancestor(&settings.name)?;
         let meta = db.load_meta(&settings.name)?;
+        let generation = db.load_generation(&settings.name)?;
         let store = ConflictStore::new(state_dir, &settings.name);
         let status = ShareStatus {
             name: settings.name.clone(),
@@ -167,6 +171,7 @@ impl Controller {
             ancestor,
             totals,
             meta,
+            generation,
             store,
             status: Arc::new(Mutex::new(status)),
             allow_deletions_once: false,
@@ -236,7 +241,9 @@ impl Controller {
 
     /// Lifts a safety halt (`vmsync-host resume`). A replaced, missing or emptied root is
     /// accepted as the new root and the next cycle merges both sides add-only (the ancestor is
-    /// forgotten, so nothing is deleted anywhere); a mass deletion is allowed to go ahead once.
+    /// forgotten, so nothing is deleted anywhere); a mass deletion is allowed to go ahead once;
+    /// after a rolled-back guest the next cycle is a full one that merges add-only with the
+    /// host's newer versions winning (see [`Controller::merge_after_rollback`]).
     pub fn resume(&mut self) -> Result<bool, StateError> {
         let Some(halt) = self.meta.halt.take() else {
             return Ok(false);
@@ -253,6 +260,19 @@ impl Controller {
                 self.db.clear_ancestor(&self.settings.name)?;
                 self.ancestor.clear();
                 self.totals = Totals::default();
+                if side == Side::Guest {
+                    // A new guest root starts its generations afresh.
+                    self.generation = Generation::default();
+                    self.db
+                        .store_generation(&self.settings.name, self.generation)?;
+                }
+            }
+            HaltReason::GuestRolledBack { .. } => {
+                // Recorded before the halt is lifted: the merge must not be skipped by a
+                // restart in between.
+                self.generation.merge_pending = true;
+                self.db
+                    .store_generation(&self.settings.name, self.generation)?;
             }
         }
         self.db.store_meta(&self.settings.name, &self.meta)?;
@@ -279,6 +299,12 @@ impl Controller {
         guest: &mut G,
         scope: ScanScope,
     ) -> Result<CycleReport, CycleError> {
+        // The merge after a rolled-back guest looks at the whole share.
+        let scope = if self.generation.merge_pending {
+            ScanScope::Full
+        } else {
+            scope
+        };
         if scope == ScanScope::Full {
             // A full scan discards both sides' staged files; this cycle covers those paths.
             self.bulk.clear();
@@ -318,6 +344,9 @@ impl Controller {
             self.meta.halt = None;
             self.db.store_meta(&self.settings.name, &self.meta)?;
             self.show_halt();
+        }
+        if let Err(reason) = self.check_generation(&guest_scan) {
+            return self.halt(reason);
         }
 
         let filter = &self.settings.filter;
@@ -370,6 +399,11 @@ impl Controller {
                     return self.halt(reason);
                 }
             }
+        }
+        if self.generation.merge_pending {
+            ancestor = self
+                .merge_after_rollback(guest, &ancestor, &host_snap, &guest_snap)
+                .await?;
         }
 
         let mut plan = reconcile(
@@ -434,7 +468,7 @@ impl Controller {
             .await?;
         let done = started.elapsed();
         ancestor_changes.extend(executed.applied.iter().cloned());
-        self.commit_ancestor(ancestor_changes)?;
+        self.commit_ancestor(guest, ancestor_changes).await?;
         tracing::debug!(
             share = %self.settings.name,
             full = scope == ScanScope::Full,
@@ -598,7 +632,7 @@ impl Controller {
             Side::Host => transition(host, target, &ready, &mut problems, &mut executed).await,
         };
         result.map_err(|(_, e)| side_err(target)(e))?;
-        self.commit_ancestor(executed.applied)?;
+        self.commit_ancestor(guest, executed.applied).await?;
         let (files, bytes) = self.agreed_totals();
         self.update_status(|s| {
             s.files = files;
@@ -607,21 +641,95 @@ impl Controller {
         Ok(())
     }
 
-    fn commit_ancestor(
+    /// Records ancestor changes, after the guest has noted the next generation: whatever
+    /// guest state the new ancestor relies on is stamped before the host relies on it, so a
+    /// revert to any instant after this is seen. If the guest cannot note it, nothing is
+    /// recorded (the next cycle finds both sides agreeing again).
+    async fn commit_ancestor<G: Endpoint>(
         &mut self,
+        guest: &mut G,
         changes: Vec<(RelPath, Option<Entry>)>,
-    ) -> Result<(), StateError> {
+    ) -> Result<(), CycleError> {
         if changes.is_empty() {
             return Ok(());
         }
-        self.db.update_ancestor(
+        let next = Generation {
+            value: self.generation.value.saturating_add(1),
+            merge_pending: false,
+        };
+        guest
+            .mark(next.value)
+            .await
+            .map_err(side_err(Side::Guest))?;
+        self.db.commit_ancestor(
             &self.settings.name,
-            changes.iter().map(|(p, e)| (p, e.as_ref())),
+            changes.iter().map(|(p, e)| (p, e.as_ref())).collect(),
+            false,
+            next,
         )?;
+        self.generation = next;
         for (path, entry) in changes {
             self.totals.record(&mut self.ancestor, path, entry);
         }
         Ok(())
+    }
+
+    /// Checks the generation the guest's scan reported (`vmsync_core::rollback`): older than
+    /// the host's halts the share, newer is adopted. Skipped for the merge after `resume`.
+    fn check_generation(&mut self, guest: &ScanReport) -> Result<(), HaltReason> {
+        if self.generation.merge_pending {
+            return Ok(());
+        }
+        let seen = guest.generation;
+        match check_generation(self.generation.value, seen, guest.root.is_some())? {
+            GenerationCheck::Current => {}
+            GenerationCheck::Adopt(value) => {
+                tracing::info!(share = %self.settings.name, "the guest holds generation {value}, newer than the host's {}: adopted", self.generation.value);
+                self.generation.value = value;
+                if let Err(e) = self
+                    .db
+                    .store_generation(&self.settings.name, self.generation)
+                {
+                    tracing::error!(share = %self.settings.name, "recording the generation: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The first full cycle after `resume` of a rolled-back guest: replaces the (in-scope)
+    /// ancestor with the substitute of [`rollback_ancestor`], under which reconcile deletes
+    /// nothing on either side and the host's versions win over the guest's older ones, and
+    /// records it as the ancestor with a generation past the host's, noted on the guest
+    /// first. Recording it (rather than using it once) keeps a merge that does not finish in
+    /// one cycle add-only in the cycles after. Returns the substitute.
+    async fn merge_after_rollback<G: Endpoint>(
+        &mut self,
+        guest: &mut G,
+        ancestor: &Snapshot,
+        host: &Snapshot,
+        guest_snap: &Snapshot,
+    ) -> Result<Snapshot, CycleError> {
+        let substitute = rollback_ancestor(ancestor, host, guest_snap);
+        let next = Generation {
+            value: self.generation.value.saturating_add(1),
+            merge_pending: false,
+        };
+        guest
+            .mark(next.value)
+            .await
+            .map_err(side_err(Side::Guest))?;
+        self.db.commit_ancestor(
+            &self.settings.name,
+            substitute.iter().map(|(p, e)| (p, Some(e))).collect(),
+            true,
+            next,
+        )?;
+        tracing::info!(share = %self.settings.name, "merging add-only after the guest went back in time: {} of {} ancestor entries kept", substitute.len(), self.ancestor.len());
+        self.generation = next;
+        self.ancestor = substitute.clone();
+        self.totals = Totals::of(&self.ancestor);
+        Ok(substitute)
     }
 
     async fn execute<H: Endpoint, G: Endpoint>(

@@ -251,6 +251,9 @@ impl<E: Endpoint> Endpoint for Counting<E> {
     async fn transition(&mut self, changes: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {
         self.inner.transition(changes).await
     }
+    async fn mark(&mut self, generation: u64) -> Result<(), EndpointError> {
+        self.inner.mark(generation).await
+    }
     async fn put_back(
         &mut self,
         items: Vec<(RelPath, Entry)>,

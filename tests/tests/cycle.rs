@@ -746,6 +746,9 @@ async fn a_guest_serving_forged_chunk_data_gets_nothing_written() {
         ) -> Result<Vec<vmsync_core::endpoint::Outcome>, EndpointError> {
             self.0.transition(changes).await
         }
+        async fn mark(&mut self, generation: u64) -> Result<(), EndpointError> {
+            self.0.mark(generation).await
+        }
     }
 
     let mut p = pair();
@@ -1156,6 +1159,9 @@ where
     ) -> Result<Vec<vmsync_core::endpoint::Outcome>, EndpointError> {
         self.inner.transition(changes).await
     }
+    async fn mark(&mut self, generation: u64) -> Result<(), EndpointError> {
+        self.inner.mark(generation).await
+    }
 }
 
 /// The base a delta was made against changes on the destination between `stage` and `supply`
@@ -1267,6 +1273,9 @@ async fn deltas_that_do_not_rebuild_their_chunk_fall_back_to_whole_chunks() {
             changes: Vec<vmsync_core::endpoint::Change>,
         ) -> Result<Vec<vmsync_core::endpoint::Outcome>, EndpointError> {
             self.0.transition(changes).await
+        }
+        async fn mark(&mut self, generation: u64) -> Result<(), EndpointError> {
+            self.0.mark(generation).await
         }
     }
 
