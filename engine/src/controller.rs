@@ -126,6 +126,8 @@ pub struct Controller {
     bulk: VecDeque<BulkJob>,
     /// Paths a finished bulk job asks to look at again (its cycles froze them meanwhile).
     rehint: Vec<RelPath>,
+    /// Paths in conflict, as the cycles that last covered them found them.
+    conflicts: std::collections::BTreeSet<RelPath>,
 }
 
 /// Files of one stage batch whose missing chunks cross in [`Controller::bulk_step`]s.
@@ -177,6 +179,7 @@ impl Controller {
             allow_deletions_once: false,
             bulk: VecDeque::new(),
             rehint: Vec::new(),
+            conflicts: Default::default(),
         };
         controller.show_halt();
         Ok(controller)
@@ -489,7 +492,17 @@ impl Controller {
         self.bulk.extend(std::mem::take(&mut executed.bulk));
 
         let (files, bytes) = self.agreed_totals();
-        let conflicts: Vec<String> = plan.conflicts.iter().map(|c| c.path.escaped()).collect();
+        // A targeted cycle sees only its paths: conflicts elsewhere stand until a cycle that
+        // covers them finds them settled.
+        match &scope {
+            ScanScope::Full => self.conflicts.clear(),
+            ScanScope::Paths(paths) => self
+                .conflicts
+                .retain(|c| !paths.iter().any(|p| p == c || p.is_ancestor_of(c))),
+        }
+        self.conflicts
+            .extend(plan.conflicts.iter().map(|c| c.path.clone()));
+        let conflicts: Vec<String> = self.conflicts.iter().map(RelPath::escaped).collect();
         let dirs = (scope == ScanScope::Full)
             .then(|| 1 + host_snap.values().filter(|e| e.is_dir()).count() as u64);
         let report = CycleReport {
