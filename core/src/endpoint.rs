@@ -83,6 +83,9 @@ pub struct ScanReport {
     /// respects ignore files. Paths the configured `ignore` patterns exclude are not listed:
     /// both sides apply those alike.
     pub ignored: Vec<RelPath>,
+    /// The share generation this side last noted ([`Endpoint::mark`]), kept in its reserved
+    /// directory beside the files it describes; `None` when there is none. Read on every scan.
+    pub generation: Option<u64>,
 }
 
 /// Options that shape a scan; the host sends its share config's values to the guest.
@@ -283,6 +286,15 @@ pub trait Endpoint: Send {
             .map(|_| Outcome::Failed("this side keeps no trash".into()))
             .collect();
         std::future::ready(Ok(outcomes))
+    }
+
+    /// Notes `generation` durably enough in this side's reserved directory (see
+    /// `docs/safety.md`, "Snapshot reverts"): from now on its scans report it. The host calls
+    /// it on the guest before it records a new ancestor. A side that keeps no generation (the
+    /// default) does nothing.
+    fn mark(&mut self, generation: u64) -> impl Future<Output = Result<(), EndpointError>> + Send {
+        let _ = generation;
+        std::future::ready(Ok(()))
     }
 
     /// Applies changes in the order given (the controller orders removals children-first and

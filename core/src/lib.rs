@@ -10,6 +10,8 @@
 //! - [`reconcile`]: the three-way merge of ancestor, host and guest into a `Plan`.
 //! - [`safety`]: the checks that halt a share instead of propagating a wiped or replaced root.
 //! - [`deletions`]: the mass-deletion guard: losses counted over a sliding window of time.
+//! - [`rollback`]: share generations (a guest that went back in time) and the add-only merge
+//!   after one.
 //! - [`delta`]: chunk deltas: rsync signatures of old bytes, deltas against them, checked apply.
 //! - [`endpoint`]: the `Endpoint` trait that a local and a remote side both implement.
 //! - [`limits`]: every bound on sizes and counts, named with its unit.
@@ -25,6 +27,7 @@ pub mod limits;
 pub mod path;
 pub mod reconcile;
 pub mod reserve;
+pub mod rollback;
 pub mod safety;
 
 pub use digest::Hash;

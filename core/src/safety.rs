@@ -27,6 +27,10 @@ pub enum HaltReason {
         deletions: usize,
         entries: usize,
     },
+    /// The guest's share went back in time (a VM snapshot revert, a disk image copied back):
+    /// it holds an older generation than the host recorded (`None`: no generation at all).
+    /// See [`crate::rollback`].
+    GuestRolledBack { guest: Option<u64>, host: u64 },
 }
 
 impl HaltReason {
@@ -37,6 +41,7 @@ impl HaltReason {
             HaltReason::RootReplaced { .. } => "root-replaced",
             HaltReason::RootEmptied { .. } => "root-emptied",
             HaltReason::MassDeletion { .. } => "mass-deletion",
+            HaltReason::GuestRolledBack { .. } => "guest-rolled-back",
         }
     }
 
@@ -46,6 +51,7 @@ impl HaltReason {
             | HaltReason::RootReplaced { side, .. }
             | HaltReason::RootEmptied { side }
             | HaltReason::MassDeletion { side, .. } => *side,
+            HaltReason::GuestRolledBack { .. } => Side::Guest,
         }
     }
 }
@@ -83,6 +89,17 @@ impl fmt::Display for HaltReason {
                 side.other().as_str(),
                 side.as_str()
             ),
+            HaltReason::GuestRolledBack { guest, host } => {
+                let seen = match guest {
+                    Some(g) => format!("generation {g}"),
+                    None => "no generation".to_string(),
+                };
+                write!(
+                    f,
+                    "the guest share went back in time (a snapshot revert?): it holds {seen}, \
+                     the host synced generation {host} with it; nothing was changed on the host"
+                )
+            }
         }
     }
 }
@@ -321,6 +338,24 @@ mod tests {
                 "mass-deletion",
                 "the host's changes would delete 700 of 1000 synced files and symlinks on the \
                  guest within a minute",
+            ),
+            (
+                HaltReason::GuestRolledBack {
+                    guest: Some(3),
+                    host: 9,
+                },
+                "guest-rolled-back",
+                "the guest share went back in time (a snapshot revert?): it holds generation 3, \
+                 the host synced generation 9 with it; nothing was changed on the host",
+            ),
+            (
+                HaltReason::GuestRolledBack {
+                    guest: None,
+                    host: 9,
+                },
+                "guest-rolled-back",
+                "the guest share went back in time (a snapshot revert?): it holds no generation, \
+                 the host synced generation 9 with it; nothing was changed on the host",
             ),
         ];
         for (reason, code, text) in cases {

@@ -12,6 +12,7 @@ use common::{
 };
 use proptest::prelude::*;
 use vmsync_core::reconcile::{reconcile, Conflict, ConflictPolicy, Plan, Side, SyncMode};
+use vmsync_core::rollback::rollback_ancestor;
 use vmsync_core::{Entry, RelPath, Snapshot, Timestamp};
 
 const NAMES: [&str; 3] = ["a", "b", "c"];
@@ -447,5 +448,78 @@ proptest! {
             }
         }
         settled(&w, mode, policy, &plan)?;
+    }
+}
+
+/// A guest that went back to a snapshot: a common history up to the snapshot, more synced
+/// edits (the ancestor, which both sides held), then host edits since, and a guest that is
+/// the snapshot plus edits of its own made after the revert.
+fn reverted() -> impl Strategy<Value = World> {
+    (
+        prop::collection::vec(op(), 0..10),
+        prop::collection::vec(op(), 0..8),
+        prop::collection::vec(op(), 0..6),
+        prop::collection::vec(op(), 0..4),
+    )
+        .prop_map(|(base, synced, host_ops, guest_ops)| {
+            let snapshot = build(&Snapshot::new(), &base);
+            let ancestor = build(&snapshot, &synced);
+            let host = build(&ancestor, &host_ops);
+            let guest = build(&snapshot, &guest_ops);
+            World::new(ancestor, host, guest)
+        })
+}
+
+proptest! {
+    /// The merge after `resume` of a rolled-back guest, under any policy: reconciling against
+    /// the substitute ancestor deletes nothing on either side, never lets a guest version
+    /// that is not newer than what both sides had agreed on replace a host version outright
+    /// (only as a conflict's winner, the host's version kept), applies cleanly, and every
+    /// version that was on either side is still somewhere (the conflict store counting), but
+    /// the guest's older ones that the host's replaced.
+    #[test]
+    fn rollback_merge_deletes_nothing_on_either_side(w in reverted(), policy in any_policy()) {
+        let substitute = rollback_ancestor(&w.ancestor, &w.host, &w.guest);
+        let mut merged = World::new(substitute, w.host.clone(), w.guest.clone());
+        let plan = run_cycle(&mut merged, SyncMode::TwoWay, policy)?;
+        // A guest version from before what both sides agreed on: the host's replaces it.
+        let older = |p: &RelPath, g: &Entry| match w.ancestor.get(p) {
+            Some(anc) => g == anc || matches!(
+                (g, anc),
+                (Entry::File(g), Entry::File(anc)) if g.mtime <= anc.mtime
+            ),
+            None => false,
+        };
+        for a in &plan.actions {
+            prop_assert!(a.new.is_some(), "{} deleted on the {}", a.path, a.target.as_str());
+            if a.target == Side::Host {
+                // What the host deleted since comes back (add-only), but an older guest version
+                // replaces a host one only as the winner of a conflict that a guest change
+                // beneath it caused, the host's version kept.
+                let from_before = a.expected.is_some()
+                    && w.guest.get(&a.path).is_some_and(|g| older(&a.path, g));
+                let kept = a.save_loser || a.expected.as_ref().is_some_and(Entry::is_dir);
+                prop_assert!(
+                    !from_before || kept,
+                    "older guest version given to the host at {} without keeping the host's",
+                    a.path
+                );
+            }
+        }
+        for side in [Side::Host, Side::Guest] {
+            for (p, e) in w.side(side) {
+                prop_assert!(
+                    merged.side(side).contains_key(p),
+                    "{} gone from the {}", p, side.as_str()
+                );
+                // A directory's permission bits are settled like any conflict; its presence
+                // is checked above.
+                let replaceable = e.is_dir() || (side == Side::Guest && older(p, e));
+                prop_assert!(
+                    replaceable || survives(&merged, p, e, true),
+                    "{} version of {} lost", side.as_str(), p
+                );
+            }
+        }
     }
 }

@@ -16,7 +16,7 @@
 //! next hints bring. Its path is frozen in those cycles until it lands, then hinted again.
 
 use crate::filter::Filter;
-use crate::state::{ShareMeta, StateDb, StateError};
+use crate::state::{Generation, ShareMeta, StateDb, StateError};
 use crate::status::{ProblemView, ShareState, ShareStatus};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
@@ -30,6 +30,7 @@ use vmsync_core::endpoint::{
 };
 use vmsync_core::path::{escape_bytes, subtree};
 use vmsync_core::reconcile::{reconcile, Action, ConflictPolicy, Plan, Side, SyncMode};
+use vmsync_core::rollback::{check_generation, rollback_ancestor, GenerationCheck};
 use vmsync_core::safety::{check_emptied, check_root, DeletionLimit, HaltReason};
 use vmsync_core::{Entry, FileMeta, Hash, RelPath, Snapshot};
 
@@ -121,6 +122,8 @@ pub struct Controller {
     /// cycle must not cost time in proportion to the whole share.
     totals: Totals,
     meta: ShareMeta,
+    /// The share's generation (see `docs/safety.md`, "Snapshot reverts").
+    generation: Generation,
     status: Arc<Mutex<ShareStatus>>,
     /// Set by `resume` after a mass-deletion halt: the next cycle may delete past the limit.
     allow_deletions_once: bool,
@@ -133,6 +136,8 @@ pub struct Controller {
     bulk: VecDeque<BulkJob>,
     /// Paths a finished bulk job asks to look at again (its cycles froze them meanwhile).
     rehint: Vec<RelPath>,
+    /// Paths in conflict, as the cycles that last covered them found them.
+    conflicts: std::collections::BTreeSet<RelPath>,
     /// Disk space: see [`Controller::set_min_free`].
     space: SpaceGuard,
 }
@@ -195,6 +200,7 @@ impl Controller {
         } else {
             ancestor
         };
+        let generation = db.load_generation(&settings.name)?;
         let status = ShareStatus {
             name: settings.name.clone(),
             ..ShareStatus::default()
@@ -206,6 +212,7 @@ impl Controller {
             ancestor,
             totals,
             meta,
+            generation,
             status: Arc::new(Mutex::new(status)),
             allow_deletions_once: false,
             windows: Default::default(),
@@ -217,6 +224,7 @@ impl Controller {
                 min_free: Default::default(),
                 paused: false,
             },
+            conflicts: Default::default(),
         };
         controller.show_halt();
         if let Some(notice) = notice {
@@ -289,7 +297,9 @@ impl Controller {
 
     /// Lifts a safety halt (`vmsync-host resume`). A replaced, missing or emptied root is
     /// accepted as the new root and the next cycle merges both sides add-only (the ancestor is
-    /// forgotten, so nothing is deleted anywhere); a mass deletion is allowed to go ahead once.
+    /// forgotten, so nothing is deleted anywhere); a mass deletion is allowed to go ahead once;
+    /// after a rolled-back guest the next cycle is a full one that merges add-only with the
+    /// host's newer versions winning (see [`Controller::merge_after_rollback`]).
     pub fn resume(&mut self) -> Result<bool, StateError> {
         let Some(halt) = self.meta.halt.take() else {
             return Ok(false);
@@ -299,6 +309,13 @@ impl Controller {
             HaltReason::RootMissing { side, .. }
             | HaltReason::RootReplaced { side, .. }
             | HaltReason::RootEmptied { side } => self.forget_root(side)?,
+            HaltReason::GuestRolledBack { .. } => {
+                // Recorded before the halt is lifted: the merge must not be skipped by a
+                // restart in between.
+                self.generation.merge_pending = true;
+                self.db
+                    .store_generation(&self.settings.name, self.generation)?;
+            }
         }
         self.db.store_meta(&self.settings.name, &self.meta)?;
         tracing::info!(share = %self.settings.name, "safety halt lifted by resume");
@@ -382,11 +399,18 @@ impl Controller {
             ref other => other.side().other(),
         };
         let report = self.halt(reason)?;
-        let put_back = match victim {
-            Side::Host => self.put_back(Side::Host, host).await?,
-            Side::Guest => self.put_back(Side::Guest, guest).await?,
+        let back = match victim {
+            Side::Host => self.put_back(Side::Host, host).await,
+            Side::Guest => self.put_back(Side::Guest, guest).await,
         };
         self.windows = Default::default();
+        let put_back = back.len();
+        // Recorded as synced again, so that `resume` sees the deletion once more. Should the
+        // guest be gone for the mark, they stay unrecorded: the next cycle then copies them
+        // back to the other side instead (nothing is lost either way).
+        if let Err(e) = self.commit_ancestor(guest, back).await {
+            tracing::warn!(share = %self.settings.name, "recording what was put back: {e}");
+        }
         if put_back > 0 {
             tracing::warn!(
                 share = %self.settings.name,
@@ -399,23 +423,25 @@ impl Controller {
     }
 
     /// Asks `ep` to put back every removal in `side`'s window, parents first, the latest
-    /// removal of each path; what came back is recorded in the ancestor again, so a `resume`
-    /// that lets the deletion through sees it as the other side's deletion once more. Returns
-    /// how many entries came back.
-    async fn put_back<E: Endpoint>(&mut self, side: Side, ep: &mut E) -> Result<usize, CycleError> {
+    /// removal of each path. Returns what came back, as ancestor changes.
+    async fn put_back<E: Endpoint>(
+        &mut self,
+        side: Side,
+        ep: &mut E,
+    ) -> Vec<(RelPath, Option<Entry>)> {
         let mut latest: std::collections::BTreeMap<RelPath, Entry> = Default::default();
         for removal in self.window(side).removals() {
             latest.insert(removal.path.clone(), removal.entry.clone());
         }
         if latest.is_empty() {
-            return Ok(0);
+            return Vec::new();
         }
         let items: Vec<(RelPath, Entry)> = latest.into_iter().collect();
         let outcomes = match ep.put_back(items.clone()).await {
             Ok(o) => o,
             Err(e) => {
                 tracing::error!(share = %self.settings.name, side = side.as_str(), "putting back removed entries failed: {e}");
-                return Ok(0);
+                return Vec::new();
             }
         };
         let mut back = Vec::new();
@@ -432,9 +458,7 @@ impl Controller {
                 ),
             }
         }
-        let count = back.len();
-        self.commit_ancestor(back)?;
-        Ok(count)
+        back
     }
 
     fn halt(&mut self, reason: HaltReason) -> Result<CycleReport, CycleError> {
@@ -523,6 +547,12 @@ impl Controller {
         guest: &mut G,
         scope: ScanScope,
     ) -> Result<CycleReport, CycleError> {
+        // The merge after a rolled-back guest looks at the whole share.
+        let scope = if self.generation.merge_pending {
+            ScanScope::Full
+        } else {
+            scope
+        };
         if scope == ScanScope::Full {
             // A full scan discards both sides' staged files; this cycle covers those paths.
             self.bulk.clear();
@@ -592,6 +622,9 @@ impl Controller {
             self.db.store_meta(&self.settings.name, &self.meta)?;
             self.show_halt();
         }
+        if let Err(reason) = self.check_generation(&guest_scan) {
+            return self.halt(reason);
+        }
 
         let filter = &self.settings.filter;
         let visible = |entries: Vec<(RelPath, Entry)>| -> Snapshot {
@@ -643,6 +676,11 @@ impl Controller {
                     return self.halt_and_put_back(reason, host, guest).await;
                 }
             }
+        }
+        if self.generation.merge_pending {
+            ancestor = self
+                .merge_after_rollback(guest, &ancestor, &host_snap, &guest_snap)
+                .await?;
         }
 
         let mut plan = reconcile(
@@ -716,7 +754,7 @@ impl Controller {
             .await?;
         let done = started.elapsed();
         ancestor_changes.extend(executed.applied.iter().cloned());
-        self.commit_ancestor(ancestor_changes)?;
+        self.commit_ancestor(guest, ancestor_changes).await?;
         if let Err(reason) = self.count_removals(&executed) {
             // Only removals this cycle could not foresee get here (the plan was judged): halt
             // all the same, and undo the window.
@@ -743,7 +781,17 @@ impl Controller {
         self.bulk.extend(std::mem::take(&mut executed.bulk));
 
         let (files, bytes) = self.agreed_totals();
-        let conflicts: Vec<String> = plan.conflicts.iter().map(|c| c.path.escaped()).collect();
+        // A targeted cycle sees only its paths: conflicts elsewhere stand until a cycle that
+        // covers them finds them settled.
+        match &scope {
+            ScanScope::Full => self.conflicts.clear(),
+            ScanScope::Paths(paths) => self
+                .conflicts
+                .retain(|c| !paths.iter().any(|p| p == c || p.is_ancestor_of(c))),
+        }
+        self.conflicts
+            .extend(plan.conflicts.iter().map(|c| c.path.clone()));
+        let conflicts: Vec<String> = self.conflicts.iter().map(RelPath::escaped).collect();
         let dirs = (scope == ScanScope::Full)
             .then(|| 1 + host_snap.values().filter(|e| e.is_dir()).count() as u64);
         let report = CycleReport {
@@ -825,6 +873,12 @@ impl Controller {
         self.ancestor.clear();
         self.totals = Totals::default();
         self.windows = Default::default();
+        if side == Side::Guest {
+            // A new guest root (or one that lost `.vmsync/`) starts its generations afresh.
+            self.generation = Generation::default();
+            self.db
+                .store_generation(&self.settings.name, self.generation)?;
+        }
         Ok(())
     }
 
@@ -919,7 +973,8 @@ impl Controller {
             Side::Host => transition(host, target, &ready, &mut problems, &mut executed).await,
         };
         result.map_err(|(_, e)| side_err(target)(e))?;
-        self.commit_ancestor(std::mem::take(&mut executed.applied))?;
+        self.commit_ancestor(guest, std::mem::take(&mut executed.applied))
+            .await?;
         // A bulk job only creates; its creations may make up for earlier removals.
         if let Err(reason) = self.count_removals(&executed) {
             self.halt_and_put_back(reason, host, guest).await?;
@@ -932,17 +987,33 @@ impl Controller {
         Ok(())
     }
 
-    fn commit_ancestor(
+    /// Records ancestor changes, after the guest has noted the next generation: whatever
+    /// guest state the new ancestor relies on is stamped before the host relies on it, so a
+    /// revert to any instant after this is seen. If the guest cannot note it, nothing is
+    /// recorded (the next cycle finds both sides agreeing again).
+    async fn commit_ancestor<G: Endpoint>(
         &mut self,
+        guest: &mut G,
         changes: Vec<(RelPath, Option<Entry>)>,
-    ) -> Result<(), StateError> {
+    ) -> Result<(), CycleError> {
         if changes.is_empty() {
             return Ok(());
         }
-        self.db.update_ancestor(
+        let next = Generation {
+            value: self.generation.value.saturating_add(1),
+            merge_pending: false,
+        };
+        guest
+            .mark(next.value)
+            .await
+            .map_err(side_err(Side::Guest))?;
+        self.db.commit_ancestor(
             &self.settings.name,
-            changes.iter().map(|(p, e)| (p, e.as_ref())),
+            changes.iter().map(|(p, e)| (p, e.as_ref())).collect(),
+            false,
+            next,
         )?;
+        self.generation = next;
         for (path, entry) in changes {
             self.totals.record(
                 &mut self.ancestor,
@@ -952,6 +1023,65 @@ impl Controller {
             );
         }
         Ok(())
+    }
+
+    /// Checks the generation the guest's scan reported (`vmsync_core::rollback`): older than
+    /// the host's halts the share, newer is adopted. Skipped for the merge after `resume`.
+    fn check_generation(&mut self, guest: &ScanReport) -> Result<(), HaltReason> {
+        if self.generation.merge_pending {
+            return Ok(());
+        }
+        let seen = guest.generation;
+        let marked = guest.root.is_some_and(|r| r.has_marker());
+        match check_generation(self.generation.value, seen, marked)? {
+            GenerationCheck::Current => {}
+            GenerationCheck::Adopt(value) => {
+                tracing::info!(share = %self.settings.name, "the guest holds generation {value}, newer than the host's {}: adopted", self.generation.value);
+                self.generation.value = value;
+                if let Err(e) = self
+                    .db
+                    .store_generation(&self.settings.name, self.generation)
+                {
+                    tracing::error!(share = %self.settings.name, "recording the generation: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The first full cycle after `resume` of a rolled-back guest: replaces the (in-scope)
+    /// ancestor with the substitute of [`rollback_ancestor`], under which reconcile deletes
+    /// nothing on either side and the host's versions win over the guest's older ones, and
+    /// records it as the ancestor with a generation past the host's, noted on the guest
+    /// first. Recording it (rather than using it once) keeps a merge that does not finish in
+    /// one cycle add-only in the cycles after. Returns the substitute.
+    async fn merge_after_rollback<G: Endpoint>(
+        &mut self,
+        guest: &mut G,
+        ancestor: &Snapshot,
+        host: &Snapshot,
+        guest_snap: &Snapshot,
+    ) -> Result<Snapshot, CycleError> {
+        let substitute = rollback_ancestor(ancestor, host, guest_snap);
+        let next = Generation {
+            value: self.generation.value.saturating_add(1),
+            merge_pending: false,
+        };
+        guest
+            .mark(next.value)
+            .await
+            .map_err(side_err(Side::Guest))?;
+        self.db.commit_ancestor(
+            &self.settings.name,
+            substitute.iter().map(|(p, e)| (p, Some(e))).collect(),
+            true,
+            next,
+        )?;
+        tracing::info!(share = %self.settings.name, "merging add-only after the guest went back in time: {} of {} ancestor entries kept", substitute.len(), self.ancestor.len());
+        self.generation = next;
+        self.ancestor = substitute.clone();
+        self.totals = Totals::of(&self.ancestor, &self.settings.deletion_exempt);
+        Ok(substitute)
     }
 
     async fn execute<H: Endpoint, G: Endpoint>(

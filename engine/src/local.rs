@@ -96,6 +96,9 @@ struct Base {
 /// Most signature bytes one `stage` call offers, summed over its files: bounds the answer
 /// (and the source's work) when many big files were rewritten wholesale.
 const MAX_STAGE_SIGNATURE_BYTES: usize = 8 << 20;
+/// Whether [`Endpoint::mark`] fdatasyncs the generation file (and fsyncs `.vmsync/`): see
+/// `docs/safety.md`, "Snapshot reverts", for what a guest crash does either way.
+const MARK_FSYNC: bool = false;
 
 /// One share directory on this machine.
 pub struct LocalShare {
@@ -395,6 +398,10 @@ impl Endpoint for LocalEndpoint {
         self.run(move |s| s.put_back(items)).await
     }
 
+    async fn mark(&mut self, generation: u64) -> Result<(), EndpointError> {
+        self.run(move |s| s.mark(generation)).await
+    }
+
     async fn changes(&mut self) -> Result<ChangeHints, EndpointError> {
         if let Some(watcher) = self.watch.watcher.get().cloned() {
             loop {
@@ -547,6 +554,7 @@ impl LocalShare {
             }
             None => None,
         };
+        let generation = root.read_generation().map_err(io_err)?;
         if let Ok(mut w) = self.watch_rules.write() {
             w.rescanning(scope);
         }
@@ -580,7 +588,14 @@ impl LocalShare {
             entries: out.entries,
             problems: out.problems,
             ignored: out.ignored,
+            generation,
         })
+    }
+
+    fn mark(&mut self, generation: u64) -> Result<(), EndpointError> {
+        self.root()?
+            .write_generation(generation, MARK_FSYNC)
+            .map_err(io_err)
     }
 
     fn manifests(&mut self, files: Vec<(RelPath, FileMeta)>) -> Vec<Result<Manifest, Problem>> {

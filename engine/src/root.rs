@@ -61,6 +61,11 @@ const TMP_NAME: &[u8] = b"tmp";
 const MARKER_NAME: &[u8] = b"id";
 /// The trash inside [`RESERVED_NAME`]: one directory per batch (see [`crate::trash`]).
 const TRASH_NAME: &[u8] = b"trash";
+/// The share generation inside [`RESERVED_NAME`]: decimal digits and a newline.
+const GENERATION_NAME: &[u8] = b"generation";
+/// Read at most this much of a generation file: `u64::MAX` has 20 digits, then a newline and
+/// one byte to spot junk.
+const GENERATION_READ_LIMIT: usize = 22;
 /// Shown in errors about reserved entries.
 const TMP_SHOWN: &[u8] = b".vmsync/tmp";
 const TRASH_SHOWN: &[u8] = b".vmsync/trash";
@@ -1357,6 +1362,77 @@ impl ShareRoot {
         rfs::fsync(&self.meta).map_err(|e| fail(OP, loc, e))
     }
 
+    /// The share generation last written with [`ShareRoot::write_generation`], or `None` if
+    /// there is none or it is not a decimal number (a share without a trustworthy generation
+    /// is treated as one that went back in time, never as a current one).
+    pub fn read_generation(&self) -> Result<Option<u64>, FsError> {
+        const OP: &str = "read generation";
+        let loc = Loc {
+            base: RESERVED_NAME,
+            name: Some(GENERATION_NAME),
+        };
+        let (mut file, _) = match open_regular(
+            OP,
+            self.meta.as_fd(),
+            self.dev,
+            self.resolver,
+            GENERATION_NAME,
+            loc,
+        ) {
+            Ok(x) => x,
+            Err(e) if e.kind() == FsErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut buf = Vec::with_capacity(GENERATION_READ_LIMIT);
+        (&mut file)
+            .take(GENERATION_READ_LIMIT as u64)
+            .read_to_end(&mut buf)
+            .map_err(|e| FsError::Io {
+                op: OP,
+                path: loc.shown(),
+                source: e,
+            })?;
+        Ok(parse_generation(&buf))
+    }
+
+    /// Replaces the share generation atomically: temp file, rename over
+    /// `.vmsync/generation`. With `durable`, the temp's data is fdatasynced before the rename
+    /// and `.vmsync/` fsynced after it; without, a crash of the whole guest may bring back the
+    /// previous value (a false alarm, never a missed revert: see `docs/safety.md`).
+    pub fn write_generation(&self, generation: u64, durable: bool) -> Result<(), FsError> {
+        const OP: &str = "write generation";
+        let loc = Loc {
+            base: RESERVED_NAME,
+            name: Some(GENERATION_NAME),
+        };
+        let temp = self.create_temp()?;
+        let result = (|| {
+            let text = format!("{generation}\n");
+            (&temp.file)
+                .write_all(text.as_bytes())
+                .map_err(|e| FsError::Io {
+                    op: OP,
+                    path: loc.shown(),
+                    source: e,
+                })?;
+            rfs::fchmod(&temp.file, Mode::from_raw_mode(MARKER_MODE))
+                .map_err(|e| fail(OP, loc, e))?;
+            if durable {
+                rfs::fdatasync(&temp.file).map_err(|e| fail(OP, loc, e))?;
+            }
+            rfs::renameat(&self.tmp, temp.name(), &self.meta, GENERATION_NAME)
+                .map_err(|e| fail(OP, loc, e))
+        })();
+        if let Err(e) = result {
+            self.discard_temp(temp);
+            return Err(e);
+        }
+        if durable {
+            rfs::fsync(&self.meta).map_err(|e| fail(OP, loc, e))?;
+        }
+        Ok(())
+    }
+
     /// Resolves `p`'s parent directory (opened with `access`: `PATH` to act on the final
     /// component, `RDONLY` when the directory will be fsynced) and returns it with `p`'s name.
     fn parent<'p>(
@@ -2362,6 +2438,16 @@ fn format_marker(id: &[u8; 16]) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// 1 to 20 decimal digits that fit a `u64`, optionally followed by one newline.
+fn parse_generation(bytes: &[u8]) -> Option<u64> {
+    let digits = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    // Checked up front: `parse` alone would accept a sign (`+7`).
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
 /// 32 hex digits (either case), optionally followed by one newline.
 fn parse_marker(bytes: &[u8]) -> Option<[u8; 16]> {
     let hex = bytes.strip_suffix(b"\n").unwrap_or(bytes);
@@ -2534,6 +2620,46 @@ mod tests {
         }
         let long = vec![b'a'; MAX_SYMLINK_TARGET_BYTES + 1];
         assert!(!symlink_target_is_contained(&p(b"a"), &long));
+    }
+
+    #[test]
+    fn generation_format() {
+        let cases: [(&[u8], Option<u64>); 10] = [
+            (b"0\n", Some(0)),
+            (b"7", Some(7)),
+            (b"18446744073709551615\n", Some(u64::MAX)),
+            (b"18446744073709551616\n", None),
+            (b"+7\n", None),
+            (b"-1\n", None),
+            (b"7\n\n", None),
+            (b" 7\n", None),
+            (b"\n", None),
+            (b"", None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(parse_generation(text), want, "{}", escape_bytes(text));
+        }
+    }
+
+    #[test]
+    fn generation_round_trips_through_the_reserved_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = ShareRoot::open(dir.path()).unwrap();
+        assert_eq!(root.read_generation().unwrap(), None);
+        for (generation, durable) in [(1, false), (2, true), (u64::MAX, false)] {
+            root.write_generation(generation, durable).unwrap();
+            assert_eq!(root.read_generation().unwrap(), Some(generation));
+            let text = std::fs::read(dir.path().join(".vmsync/generation")).unwrap();
+            assert_eq!(text, format!("{generation}\n").into_bytes());
+        }
+        assert_eq!(
+            std::fs::read_dir(dir.path().join(".vmsync/tmp"))
+                .unwrap()
+                .count(),
+            0
+        );
+        std::fs::write(dir.path().join(".vmsync/generation"), b"junk\n").unwrap();
+        assert_eq!(root.read_generation().unwrap(), None);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //!   re-hashes only files whose size, mtime, ctime or inode changed. A cache: losing it costs
 //!   a re-hash, never data.
 //! - on the host, the ancestor (`ancestor:<share>`): path → entry, the last state both sides
-//!   agreed on, and the share's meta record (root ids, safety halt).
+//!   agreed on, and the share's meta record (root ids, safety halt), and its generation
+//!   record (`generation:<share>` in the meta table, see [`Generation`]).
 //!
 //! redb holds an exclusive lock on the file, so a second agent on the same state directory
 //! fails to start instead of racing the first.
@@ -72,7 +73,23 @@ pub struct ShareMeta {
     pub halt: Option<HaltReason>,
 }
 
+/// The host's record of a share's generation (`vmsync_core::rollback`): the value the guest
+/// noted before the ancestor was last recorded, and whether the next full cycle is the
+/// add-only merge that follows `resume` of a rolled-back guest. Kept apart from [`ShareMeta`]
+/// so that it is written in the same transaction as the ancestor, and so that a database from
+/// before generations existed still decodes (its shares are at generation 0).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Generation {
+    pub value: u64,
+    pub merge_pending: bool,
+}
+
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// The generation record's key in the meta table; share names cannot hold a `:`.
+fn generation_key(share: &str) -> String {
+    format!("generation:{share}")
+}
 
 fn index_table(share: &str) -> String {
     format!("index:{share}")
@@ -171,6 +188,71 @@ impl StateDb {
         let name = ancestor_table(share);
         let txn = db_err!(self.db.begin_write())?;
         db_err!(txn.delete_table(TableDefinition::<&[u8], &[u8]>::new(&name)))?;
+        db_err!(txn.commit())
+    }
+
+    /// A share's generation record; the default (generation 0) when there is none.
+    pub fn load_generation(&self, share: &str) -> Result<Generation, StateError> {
+        let key = generation_key(share);
+        let txn = db_err!(self.db.begin_read())?;
+        let table = match txn.open_table(META) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Generation::default()),
+            Err(e) => return Err(StateError::Db(e.into())),
+        };
+        match db_err!(table.get(key.as_str()))? {
+            None => Ok(Generation::default()),
+            Some(v) => postcard::from_bytes(v.value())
+                .map_err(|source| StateError::Corrupt { key, source }),
+        }
+    }
+
+    /// Records a share's generation on its own (durably).
+    pub fn store_generation(&self, share: &str, generation: Generation) -> Result<(), StateError> {
+        self.commit_ancestor(share, Vec::new(), false, generation)
+    }
+
+    /// Applies ancestor changes and records the generation in one durable transaction; with
+    /// `replace`, the ancestor is first emptied (so `changes` become the whole of it).
+    pub fn commit_ancestor<'a>(
+        &self,
+        share: &str,
+        changes: Vec<(&'a RelPath, Option<&'a Entry>)>,
+        replace: bool,
+        generation: Generation,
+    ) -> Result<(), StateError> {
+        let key = generation_key(share);
+        let record = postcard::to_allocvec(&generation).map_err(|source| StateError::Corrupt {
+            key: key.clone(),
+            source,
+        })?;
+        let name = ancestor_table(share);
+        let def = TableDefinition::<&[u8], &[u8]>::new(&name);
+        let mut txn = db_err!(self.db.begin_write())?;
+        db_err!(txn.set_durability(Durability::Immediate))?;
+        if replace {
+            db_err!(txn.delete_table(def))?;
+        }
+        {
+            let mut table = db_err!(txn.open_table(def))?;
+            for (path, value) in changes {
+                match value {
+                    Some(v) => {
+                        let bytes =
+                            postcard::to_allocvec(v).map_err(|source| StateError::Corrupt {
+                                key: path.escaped(),
+                                source,
+                            })?;
+                        db_err!(table.insert(path.as_bytes(), bytes.as_slice()))?;
+                    }
+                    None => {
+                        db_err!(table.remove(path.as_bytes()))?;
+                    }
+                }
+            }
+            let mut meta = db_err!(txn.open_table(META))?;
+            db_err!(meta.insert(key.as_str(), record.as_slice()))?;
+        }
         db_err!(txn.commit())
     }
 

@@ -52,6 +52,9 @@ pub const MAX_BATCH_CHANGES: usize = 65_536;
 pub const MAX_SCAN_ENTRIES: usize = 4 * 1024 * 1024;
 /// Most problems in one scan report.
 pub const MAX_SCAN_PROBLEMS: usize = 65_536;
+/// Largest share generation a message may carry (`Mark`, scan reports): half the `u64` range,
+/// so a guest cannot push the host's count to where it could no longer advance.
+pub const MAX_GENERATION: u64 = u64::MAX / 2;
 
 /// Most requests a client may have sent and not yet seen answered. The server enforces it (a
 /// client that exceeds it is misbehaving and the session ends), so the server's queue is bounded

@@ -184,6 +184,7 @@ pub enum RequestKind {
     ReadChunks2,
     Supply2,
     Scan2,
+    Mark,
 }
 
 impl RequestKind {
@@ -202,6 +203,7 @@ impl RequestKind {
             RequestKind::ReadChunks2 => "ReadChunks2",
             RequestKind::Supply2 => "Supply2",
             RequestKind::Scan2 => "Scan2",
+            RequestKind::Mark => "Mark",
         }
     }
 }
@@ -262,6 +264,11 @@ pub enum RequestBody {
     Scan2 {
         scope: ScanScope,
         options: ScanOptions,
+    },
+    /// Note the share generation in the share's reserved directory (`Endpoint::mark`);
+    /// answered with `Marked`.
+    Mark {
+        generation: u64,
     },
 }
 
@@ -334,6 +341,7 @@ impl RequestBody {
             RequestBody::ReadChunks2 { .. } => RequestKind::ReadChunks2,
             RequestBody::Supply2 { .. } => RequestKind::Supply2,
             RequestBody::Scan2 { .. } => RequestKind::Scan2,
+            RequestBody::Mark { .. } => RequestKind::Mark,
         }
     }
 }
@@ -362,6 +370,7 @@ pub enum ResponseBody {
     /// The supplied chunks still missing: their delta did not rebuild them.
     Supply2(Result<Vec<Hash>, EndpointError>),
     Scan2(Result<ScanWithManifests, EndpointError>),
+    Marked(Result<(), EndpointError>),
 }
 
 /// A targeted scan's report with the manifests of some of the files it lists: files of at
@@ -390,6 +399,8 @@ pub struct ScanDelta {
     /// All of this scan's ignored paths (`ScanReport::ignored`; not a difference either: a
     /// share's ignore files exclude a few directories and files, and the list is bounded).
     pub ignored: Vec<RelPath>,
+    /// `ScanReport::generation`: the share generation the guest last noted.
+    pub generation: Option<u64>,
 }
 
 impl ResponseBody {
@@ -408,6 +419,7 @@ impl ResponseBody {
             ResponseBody::ReadChunks2(_) => RequestKind::ReadChunks2,
             ResponseBody::Supply2(_) => RequestKind::Supply2,
             ResponseBody::Scan2(_) => RequestKind::Scan2,
+            ResponseBody::Marked(_) => RequestKind::Mark,
         }
     }
 
@@ -427,6 +439,7 @@ impl ResponseBody {
             RequestKind::ReadChunks2 => ResponseBody::ReadChunks2(Err(err)),
             RequestKind::Supply2 => ResponseBody::Supply2(Err(err)),
             RequestKind::Scan2 => ResponseBody::Scan2(Err(err)),
+            RequestKind::Mark => ResponseBody::Marked(Err(err)),
         }
     }
 }

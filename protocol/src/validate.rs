@@ -16,7 +16,7 @@
 use crate::chunk::{Codec, WireChunk, WireContent, WireDelta};
 use crate::limits::{
     CHUNK_MAX_BYTES, MAX_AGENT_VERSION_BYTES, MAX_BATCH_CHANGES, MAX_BATCH_CHUNKS, MAX_BATCH_FILES,
-    MAX_BATCH_PATHS, MAX_DELTA_BYTES, MAX_FILE_CHUNKS, MAX_IGNORE_PATTERNS,
+    MAX_BATCH_PATHS, MAX_DELTA_BYTES, MAX_FILE_CHUNKS, MAX_GENERATION, MAX_IGNORE_PATTERNS,
     MAX_IGNORE_PATTERN_BYTES, MAX_REASON_BYTES, MAX_SCAN_ENTRIES, MAX_SCAN_IGNORED,
     MAX_SCAN_PROBLEMS, MAX_SHARES, MAX_SHARE_NAME_BYTES, MAX_SIGNATURE_BYTES,
     MAX_SYMLINK_TARGET_BYTES,
@@ -78,6 +78,8 @@ pub enum ValidationError {
     BadDeltaLength { len: u32 },
     #[error("Scan2 asks for a full scan, which only ScanFull does")]
     FullScan2,
+    #[error("share generation {0} is above the limit of {MAX_GENERATION}")]
+    BadGeneration(u64),
 }
 
 impl ValidationError {
@@ -341,7 +343,15 @@ impl Validate for ScanReport {
         count("scan problems", self.problems.len(), MAX_SCAN_PROBLEMS)?;
         scan_entries(&self.entries)?;
         ignored_paths(&self.ignored)?;
+        generation(self.generation)?;
         self.problems.iter().try_for_each(problem)
+    }
+}
+
+fn generation(g: Option<u64>) -> Result {
+    match g {
+        Some(g) if g > MAX_GENERATION => Err(ValidationError::BadGeneration(g)),
+        _ => Ok(()),
     }
 }
 
@@ -387,6 +397,7 @@ impl Validate for ScanDelta {
         scan_entries(&self.changed)?;
         strictly_sorted(&self.removed)?;
         ignored_paths(&self.ignored)?;
+        generation(self.generation)?;
         self.problems.iter().try_for_each(problem)
     }
 }
@@ -455,6 +466,7 @@ impl Validate for RequestBody {
                 count("supplied chunks", chunks.len(), MAX_BATCH_CHUNKS)?;
                 chunks.iter().try_for_each(Validate::validate)
             }
+            RequestBody::Mark { generation: g } => generation(Some(*g)),
         }
     }
 }
@@ -521,6 +533,7 @@ impl Validate for ResponseBody {
                 strictly_sorted(&paths)?;
                 s.manifests.iter().try_for_each(|(_, m)| manifest(m))
             }),
+            ResponseBody::Marked(r) => result(r, |()| Ok(())),
         }
     }
 }
@@ -574,6 +587,7 @@ mod tests {
             entries,
             problems: vec![],
             ignored: vec![],
+            generation: None,
         }))
     }
 
@@ -664,6 +678,7 @@ mod tests {
                 entries: vec![],
                 problems: vec![],
                 ignored,
+                generation: None,
             }))
         };
         let delta = |ignored: Vec<RelPath>| {
@@ -675,6 +690,7 @@ mod tests {
                 removed: vec![],
                 problems: vec![],
                 ignored,
+                generation: None,
             }))
         };
         let bodies: [fn(Vec<RelPath>) -> ResponseBody; 2] = [report, delta];
@@ -853,6 +869,49 @@ mod tests {
     }
 
     #[test]
+    fn generation_bounds() {
+        let mark = |generation| RequestBody::Mark { generation };
+        assert_eq!(mark(0).validate(), Ok(()));
+        assert_eq!(mark(MAX_GENERATION).validate(), Ok(()));
+        assert_eq!(
+            mark(MAX_GENERATION + 1).validate(),
+            Err(ValidationError::BadGeneration(MAX_GENERATION + 1))
+        );
+        assert_eq!(
+            mark(u64::MAX).validate(),
+            Err(ValidationError::BadGeneration(u64::MAX))
+        );
+        let report = |generation| ScanReport {
+            root: None,
+            entries: vec![],
+            problems: vec![],
+            ignored: vec![],
+            generation,
+        };
+        assert_eq!(report(None).validate(), Ok(()));
+        assert_eq!(report(Some(MAX_GENERATION)).validate(), Ok(()));
+        assert_eq!(
+            ResponseBody::Scan(Ok(report(Some(u64::MAX)))).validate(),
+            Err(ValidationError::BadGeneration(u64::MAX))
+        );
+        let delta = ScanDelta {
+            token: 1,
+            base: None,
+            root: None,
+            changed: vec![],
+            removed: vec![],
+            problems: vec![],
+            ignored: vec![],
+            generation: Some(MAX_GENERATION + 1),
+        };
+        assert_eq!(
+            ResponseBody::ScanDelta(Ok(delta)).validate(),
+            Err(ValidationError::BadGeneration(MAX_GENERATION + 1))
+        );
+        assert_eq!(ResponseBody::Marked(Ok(())).validate(), Ok(()));
+    }
+
+    #[test]
     fn scan2_bounds() {
         assert_eq!(
             RequestBody::Scan2 {
@@ -869,6 +928,7 @@ mod tests {
                     entries: vec![],
                     problems: vec![],
                     ignored: vec![],
+                    generation: None,
                 },
                 manifests,
             }))

@@ -338,6 +338,23 @@ impl Agents {
         self.signal_host(rustix::process::Signal::CONT);
     }
 
+    /// Freezes (`SIGSTOP`) the running `vmsync-guest`: its share and state stand still, as a
+    /// VM's disk does at the instant a snapshot is taken.
+    pub fn freeze_guest(&self) {
+        self.signal_guest(rustix::process::Signal::STOP);
+    }
+
+    /// Resumes (`SIGCONT`) a guest frozen by [`Agents::freeze_guest`].
+    pub fn thaw_guest(&self) {
+        self.signal_guest(rustix::process::Signal::CONT);
+    }
+
+    fn signal_guest(&self, signal: rustix::process::Signal) {
+        let child = self.guest.as_ref().expect("guest is not running");
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("guest pid");
+        rustix::process::kill_process(pid, signal).expect("signal the guest");
+    }
+
     fn signal_host(&self, signal: rustix::process::Signal) {
         let child = self.host.as_ref().expect("host is not running");
         let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("host pid");

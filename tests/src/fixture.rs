@@ -156,6 +156,8 @@ pub struct Counters {
     pub signatures: Arc<AtomicU64>,
     /// Chunks supplied as deltas.
     pub deltas: Arc<AtomicU64>,
+    /// While set, `mark` fails as if the connection dropped (the rest goes through).
+    pub refuse_marks: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Counters {
@@ -250,6 +252,14 @@ impl<E: Endpoint> Endpoint for Counting<E> {
     }
     async fn transition(&mut self, changes: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {
         self.inner.transition(changes).await
+    }
+    async fn mark(&mut self, generation: u64) -> Result<(), EndpointError> {
+        if self.counters.refuse_marks.load(Ordering::Relaxed) {
+            return Err(EndpointError::Disconnected(
+                "mark refused by the test".into(),
+            ));
+        }
+        self.inner.mark(generation).await
     }
     async fn put_back(
         &mut self,

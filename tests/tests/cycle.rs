@@ -918,6 +918,9 @@ async fn a_guest_serving_forged_chunk_data_gets_nothing_written() {
         ) -> Result<Vec<vmsync_core::endpoint::Outcome>, EndpointError> {
             self.0.transition(changes).await
         }
+        async fn mark(&mut self, generation: u64) -> Result<(), EndpointError> {
+            self.0.mark(generation).await
+        }
     }
 
     let mut p = pair();
@@ -1328,6 +1331,9 @@ where
     ) -> Result<Vec<vmsync_core::endpoint::Outcome>, EndpointError> {
         self.inner.transition(changes).await
     }
+    async fn mark(&mut self, generation: u64) -> Result<(), EndpointError> {
+        self.inner.mark(generation).await
+    }
 }
 
 /// The base a delta was made against changes on the destination between `stage` and `supply`
@@ -1439,6 +1445,9 @@ async fn deltas_that_do_not_rebuild_their_chunk_fall_back_to_whole_chunks() {
             changes: Vec<vmsync_core::endpoint::Change>,
         ) -> Result<Vec<vmsync_core::endpoint::Outcome>, EndpointError> {
             self.0.transition(changes).await
+        }
+        async fn mark(&mut self, generation: u64) -> Result<(), EndpointError> {
+            self.0.mark(generation).await
         }
     }
 
@@ -1580,5 +1589,51 @@ async fn a_destination_with_no_room_to_stage_ends_the_cycle_with_files_pending()
     assert!(p.guest_dir.join("d6").is_dir(), "directories were made");
     assert!(!p.guest_dir.join("d0/f0.txt").exists());
     p.sync().await;
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+}
+
+/// The guest notes the next generation before the host records a new ancestor; when it
+/// cannot, the host records nothing, and the next cycle finds both sides agreeing instead of
+/// taking the guest for one that went back in time.
+#[tokio::test]
+async fn a_cycle_whose_generation_note_fails_records_nothing() {
+    let mut p = Pair::new(PairOptions::default());
+    write(&p.host_dir, "a", "first");
+    p.sync().await;
+    let generation = || std::fs::read(p.guest_dir.join(".vmsync/generation")).unwrap();
+    assert_eq!(generation(), b"1\n");
+    p.guest_counters
+        .refuse_marks
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    write(&p.host_dir, "b", "second");
+    let s = p.sides();
+    let failed = s
+        .controller
+        .cycle(
+            &mut s.host,
+            &mut s.guest,
+            vmsync_core::endpoint::ScanScope::Full,
+        )
+        .await;
+    assert!(failed.is_err(), "{failed:?}");
+    assert_eq!(
+        read(&p.guest_dir, "b"),
+        b"second",
+        "the transfer itself went through"
+    );
+    assert_eq!(
+        std::fs::read(p.guest_dir.join(".vmsync/generation")).unwrap(),
+        b"1\n"
+    );
+    p.guest_counters
+        .refuse_marks
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    let report = p.sync().await;
+    assert!(!report.halted, "{report:?}");
+    assert_eq!(p.status().halt_code, None);
+    assert_eq!(
+        std::fs::read(p.guest_dir.join(".vmsync/generation")).unwrap(),
+        b"2\n"
+    );
     assert_same_tree(&p.host_dir, &p.guest_dir);
 }

@@ -535,6 +535,7 @@ async fn invalid_scan_report_is_rejected_at_decode() {
         entries: vec![(p("x"), Entry::Dir { mode: 0o4755 })],
         problems: vec![],
         ignored: vec![],
+        generation: None,
     };
     // Encode without validation (postcard directly), as a hostile guest would.
     let session = session_with_answer(move |r| {

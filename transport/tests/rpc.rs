@@ -291,6 +291,7 @@ async fn endpoint_errors_travel_as_values() {
                     entries: vec![(p("f"), Entry::File(meta_of(b"x")))],
                     problems: vec![],
                     ignored: vec![],
+                    generation: None,
                 }),
             }
         }

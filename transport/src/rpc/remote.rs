@@ -286,6 +286,7 @@ impl RemoteEndpoint {
             entries,
             problems: delta.problems,
             ignored: delta.ignored,
+            generation: delta.generation,
         })
     }
 }
@@ -598,6 +599,13 @@ impl Endpoint for RemoteEndpoint {
             )));
         }
         Ok(missing)
+    }
+
+    async fn mark(&mut self, generation: u64) -> Result<(), EndpointError> {
+        match self.call(RequestBody::Mark { generation }, 0).await? {
+            ResponseBody::Marked(result) => result,
+            other => Err(self.wrong_kind("Mark", &other)),
+        }
     }
 
     async fn transition(&mut self, changes: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {

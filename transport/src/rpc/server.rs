@@ -460,6 +460,7 @@ async fn dispatch<E: Endpoint>(
         RequestBody::Transition { changes } => {
             ResponseBody::Transition(endpoint.transition(changes).await)
         }
+        RequestBody::Mark { generation } => ResponseBody::Marked(endpoint.mark(generation).await),
         // Served in a task of its own by the session loop; reaching here means the share index
         // was bad, which the reader already refused.
         RequestBody::PollChanges { .. } => ResponseBody::Changes(Ok(ChangeHints::default())),
@@ -680,6 +681,7 @@ async fn scan_full<E: Endpoint>(
         removed,
         problems: report.problems,
         ignored: report.ignored,
+        generation: report.generation,
     };
     (
         ResponseBody::ScanDelta(Ok(delta)),

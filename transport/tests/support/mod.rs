@@ -162,6 +162,7 @@ impl Endpoint for Fake {
             entries,
             problems: vec![],
             ignored: vec![],
+            generation: None,
         })
     }
 
