@@ -433,8 +433,15 @@ impl Controller {
             .execute(host, guest, &plan, defer, &mut problems)
             .await?;
         let done = started.elapsed();
+        // What the transitions stored already is a prefix of `applied`; it is that of these
+        // changes only when nothing comes before it.
+        let stored = if ancestor_changes.is_empty() {
+            executed.recorded
+        } else {
+            0
+        };
         ancestor_changes.extend(executed.applied.iter().cloned());
-        self.commit_ancestor(ancestor_changes)?;
+        self.commit_ancestor_from(ancestor_changes, stored)?;
         tracing::debug!(
             share = %self.settings.name,
             full = scope == ScanScope::Full,
@@ -611,13 +618,25 @@ impl Controller {
         &mut self,
         changes: Vec<(RelPath, Option<Entry>)>,
     ) -> Result<(), StateError> {
+        self.commit_ancestor_from(changes, 0)
+    }
+
+    /// Records `changes` in the ancestor, in memory and in the database, where the first
+    /// `stored` of them already are.
+    fn commit_ancestor_from(
+        &mut self,
+        changes: Vec<(RelPath, Option<Entry>)>,
+        stored: usize,
+    ) -> Result<(), StateError> {
         if changes.is_empty() {
             return Ok(());
         }
-        self.db.update_ancestor(
-            &self.settings.name,
-            changes.iter().map(|(p, e)| (p, e.as_ref())),
-        )?;
+        if let Some(rest) = changes.get(stored..).filter(|r| !r.is_empty()) {
+            self.db.update_ancestor(
+                &self.settings.name,
+                rest.iter().map(|(p, e)| (p, e.as_ref())),
+            )?;
+        }
         for (path, entry) in changes {
             self.totals.record(&mut self.ancestor, path, entry);
         }
@@ -632,7 +651,10 @@ impl Controller {
         defer: bool,
         problems: &mut Vec<ProblemView>,
     ) -> Result<Executed, CycleError> {
-        let mut executed = Executed::default();
+        let mut executed = Executed {
+            recorder: Some((self.db.clone(), self.settings.name.clone())),
+            ..Executed::default()
+        };
         let mut host_actions = Vec::new();
         let mut guest_actions = Vec::new();
         for action in &plan.actions {
@@ -650,8 +672,9 @@ impl Controller {
             .save_losers(guest, Side::Guest, guest_actions, problems)
             .await?;
         executed.pending += planned - host_actions.len() - guest_actions.len();
-        // 2. Apply each side: see `apply_side` for the order.
-        apply_side(
+        // 2. Apply each side: see `apply_side` for the order. A side that fails part way
+        // leaves what already landed recorded in the ancestor (see `Executed::recorder`).
+        if let Err((which, e)) = apply_side(
             guest,
             host,
             Side::Host,
@@ -661,8 +684,11 @@ impl Controller {
             &mut executed,
         )
         .await
-        .map_err(|(which, e)| side_err(flip(which, Side::Guest))(e))?;
-        apply_side(
+        {
+            self.record_cut_off(executed);
+            return Err(side_err(flip(which, Side::Guest))(e));
+        }
+        if let Err((which, e)) = apply_side(
             host,
             guest,
             Side::Guest,
@@ -672,8 +698,19 @@ impl Controller {
             &mut executed,
         )
         .await
-        .map_err(|(which, e)| side_err(flip(which, Side::Host))(e))?;
+        {
+            self.record_cut_off(executed);
+            return Err(side_err(flip(which, Side::Host))(e));
+        }
         Ok(executed)
+    }
+
+    /// A cycle failed after applying `executed.applied`: those changes are true on both sides
+    /// now, so the ancestor takes them (in memory too, for the next cycle of this process).
+    fn record_cut_off(&mut self, executed: Executed) {
+        if let Err(e) = self.commit_ancestor_from(executed.applied, executed.recorded) {
+            tracing::warn!(share = %self.settings.name, "recording a cut-off cycle's changes: {e}");
+        }
     }
 
     async fn save_losers<E: Endpoint>(
@@ -743,6 +780,14 @@ fn flip(which: Which, source_side: Side) -> Side {
 #[derive(Default)]
 struct Executed {
     applied: Vec<(RelPath, Option<Entry>)>,
+    /// Where each transition records what it applied in the ancestor, durably, as soon as it
+    /// returns (`None`: only at the end of the cycle). A cycle cut off later (the agent killed,
+    /// the connection lost) must not forget what already landed: the next cycle would read a
+    /// file it copied as the destination's own creation, and the source's later edit or
+    /// deletion of it as a conflict or a resurrection.
+    recorder: Option<(Arc<StateDb>, String)>,
+    /// How many of `applied`, from the start, the recorder has stored.
+    recorded: usize,
     /// Paths changed under the cycle: run another one now.
     retry: bool,
     /// Actions that could not be done this cycle (reported as problems): retry later.
@@ -1322,6 +1367,7 @@ async fn transition<E: Endpoint>(
     let clock = Instant::now();
     let outcomes = ep.transition(changes).await.map_err(|e| (Which::Dest, e))?;
     executed.times.transition += clock.elapsed();
+    let before = executed.applied.len();
     for (action, outcome) in batch.iter().zip(outcomes) {
         match outcome {
             Outcome::Applied => executed
@@ -1336,6 +1382,17 @@ async fn transition<E: Endpoint>(
                     side: side.as_str().into(),
                     reason: escape_bytes(reason.as_bytes()),
                 });
+            }
+        }
+    }
+    if let Some((db, share)) = &executed.recorder {
+        // Only while everything before it is stored too, so that what is stored is always a
+        // prefix of `applied` (the end of the cycle stores the rest).
+        if executed.recorded == before {
+            let batch = &executed.applied[before..];
+            match db.update_ancestor(share, batch.iter().map(|(p, e)| (p, e.as_ref()))) {
+                Ok(()) => executed.recorded = executed.applied.len(),
+                Err(e) => tracing::warn!(%share, "recording a batch in the ancestor: {e}"),
             }
         }
     }
