@@ -326,3 +326,55 @@ fn kill_9_loop_every_visible_file_is_a_whole_version_and_the_trees_converge() {
         expected.len(),
     );
 }
+
+/// Regression: `kill -9` of the destination in the middle of an initial sync that makes many
+/// directories left one at mode 0700 (made owner-only, killed before its mode was set), and the
+/// next cycle reported it as the user's conflict (`wait` exited 3). The guest is killed three
+/// times while it makes 8,000 directories, each time once a different number exist; every
+/// directory visible after each kill must have its final mode, and the sync must finish clean.
+#[test]
+fn kill_9_while_making_directories_leaves_none_at_a_temporary_mode() {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
+    const DIRS: usize = 8_000;
+    let mut a = Agents::new("");
+    for i in 0..DIRS {
+        std::fs::create_dir_all(a.host_dir.join(format!("t/d{i:05}"))).unwrap();
+    }
+    let count = |root: &Path| std::fs::read_dir(root.join("t")).map_or(0, |d| d.count());
+    let modes = |root: &Path| -> Vec<String> {
+        std::fs::read_dir(root.join("t"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| {
+                        use std::os::unix::fs::PermissionsExt;
+                        let m = e.metadata().ok()?.permissions().mode() & 0o7777;
+                        (m != 0o755).then(|| format!("{:?} at {m:o}", e.file_name()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    a.start();
+    for (round, fraction) in [10, 4, 2].into_iter().enumerate() {
+        let seen = count(&a.guest_dir);
+        let until = seen + (DIRS - seen) / fraction;
+        let reached = eventually(Duration::from_secs(120), || count(&a.guest_dir) >= until);
+        assert!(
+            reached,
+            "round {round}: the guest never had {until} directories"
+        );
+        a.kill_guest();
+        let wrong = modes(&a.guest_dir);
+        assert!(
+            wrong.is_empty(),
+            "round {round}: after kill -9 at {} directories: {wrong:?}",
+            count(&a.guest_dir)
+        );
+        a.start_guest();
+    }
+    assert_eq!(a.wait(300), 0, "status: {}", a.share());
+    assert_eq!(count(&a.guest_dir), DIRS);
+    assert!(modes(&a.guest_dir).is_empty());
+    vmsync_tests::fixture::assert_same_tree(&a.host_dir, &a.guest_dir);
+    assert!(temp_names(&a.guest_dir).is_empty());
+}
