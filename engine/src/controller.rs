@@ -111,6 +111,11 @@ pub struct Controller {
     settings: ShareSettings,
     db: Arc<StateDb>,
     ancestor: Snapshot,
+    /// Changes sent in a transition that never answered: each may or may not have landed.
+    /// The next full cycle records in the ancestor those its scan finds in place, so that a
+    /// copy which landed is not read as the destination's own edit (and a deletion of it on
+    /// the source brought back from there).
+    unconfirmed: Vec<(Side, RelPath, Option<Entry>)>,
     /// Regular files in `ancestor` and their total size, kept up to date as it changes: a live
     /// cycle must not cost time in proportion to the whole share.
     totals: Totals,
@@ -165,6 +170,7 @@ impl Controller {
             settings,
             db,
             ancestor,
+            unconfirmed: Vec::new(),
             totals,
             meta,
             store,
@@ -329,6 +335,29 @@ impl Controller {
         };
         let mut host_snap = visible(host_scan.entries);
         let mut guest_snap = visible(guest_scan.entries);
+        if scope == ScanScope::Full && !self.unconfirmed.is_empty() {
+            let landed: Vec<(RelPath, Option<Entry>)> = std::mem::take(&mut self.unconfirmed)
+                .into_iter()
+                .filter(|(side, path, new)| {
+                    let snap = match side {
+                        Side::Host => &host_snap,
+                        Side::Guest => &guest_snap,
+                    };
+                    snap.get(path) == new.as_ref()
+                })
+                .map(|(_, path, new)| (path, new))
+                .collect();
+            // As `commit_ancestor`, field by field: the filter is borrowed here.
+            if !landed.is_empty() {
+                self.db.update_ancestor(
+                    &self.settings.name,
+                    landed.iter().map(|(p, e)| (p, e.as_ref())),
+                )?;
+                for (path, entry) in landed {
+                    self.totals.record(&mut self.ancestor, path, entry);
+                }
+            }
+        }
         // What the scope covers, found by range: a live cycle looks at its paths only.
         let scoped: Box<dyn Iterator<Item = (&RelPath, &Entry)>> = match &scope {
             ScanScope::Full => Box::new(self.ancestor.iter()),
@@ -708,6 +737,7 @@ impl Controller {
     /// A cycle failed after applying `executed.applied`: those changes are true on both sides
     /// now, so the ancestor takes them (in memory too, for the next cycle of this process).
     fn record_cut_off(&mut self, executed: Executed) {
+        self.unconfirmed.extend(executed.unconfirmed);
         if let Err(e) = self.commit_ancestor_from(executed.applied, executed.recorded) {
             tracing::warn!(share = %self.settings.name, "recording a cut-off cycle's changes: {e}");
         }
@@ -788,6 +818,9 @@ struct Executed {
     recorder: Option<(Arc<StateDb>, String)>,
     /// How many of `applied`, from the start, the recorder has stored.
     recorded: usize,
+    /// The changes of a transition that failed without an answer (the connection lost, the
+    /// destination killed): some may have landed. See `Controller::unconfirmed`.
+    unconfirmed: Vec<(Side, RelPath, Option<Entry>)>,
     /// Paths changed under the cycle: run another one now.
     retry: bool,
     /// Actions that could not be done this cycle (reported as problems): retry later.
@@ -1365,7 +1398,15 @@ async fn transition<E: Endpoint>(
         })
         .collect();
     let clock = Instant::now();
-    let outcomes = ep.transition(changes).await.map_err(|e| (Which::Dest, e))?;
+    let outcomes = match ep.transition(changes).await {
+        Ok(o) => o,
+        Err(e) => {
+            executed
+                .unconfirmed
+                .extend(batch.iter().map(|a| (side, a.path.clone(), a.new.clone())));
+            return Err((Which::Dest, e));
+        }
+    };
     executed.times.transition += clock.elapsed();
     let before = executed.applied.len();
     for (action, outcome) in batch.iter().zip(outcomes) {

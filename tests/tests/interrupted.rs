@@ -28,6 +28,8 @@ enum Cut {
     Error,
     /// It never answers; the test then drops the cycle, as `kill -9` of the host does.
     Hang,
+    /// It lands, but its answer is lost (the guest killed right after applying it).
+    LandThenError,
 }
 
 /// A local endpoint whose transitions stop at the `at`-th one.
@@ -79,6 +81,10 @@ impl<E: Endpoint> Endpoint for CutOff<E> {
             match self.cut {
                 Cut::Error => return Err(EndpointError::Io("connection lost".into())),
                 Cut::Hang => std::future::pending::<()>().await,
+                Cut::LandThenError => {
+                    self.inner.transition(changes).await?;
+                    return Err(EndpointError::Io("connection lost".into()));
+                }
             }
         }
         self.inner.transition(changes).await
@@ -129,11 +135,12 @@ fn open(tmp: &std::path::Path, at: usize, cut: Cut) -> Side {
 /// 600 host files cross to the guest in batches; the third transition is cut off. Then the host
 /// deletes one file and edits another of those that had landed. Cut by an error the same
 /// controller goes on; cut by a hang the controller is dropped mid-cycle and reopened from its
-/// database (the host agent killed and restarted). Either way the next cycles carry the
-/// deletion and the edit: no resurrection, no conflict.
+/// database (the host agent killed and restarted); cut after the batch landed, its answer lost,
+/// the next full scan finds it in place. Each way the next cycles carry the deletion and the
+/// edit: no resurrection, no conflict.
 #[tokio::test]
 async fn a_cycle_cut_off_after_some_batches_keeps_what_landed_in_the_ancestor() {
-    for cut in [Cut::Error, Cut::Hang] {
+    for cut in [Cut::Error, Cut::Hang, Cut::LandThenError] {
         let tmp = tempfile::tempdir().unwrap();
         let (h, g) = (tmp.path().join("host"), tmp.path().join("guest"));
         std::fs::create_dir_all(&g).unwrap();
@@ -149,7 +156,9 @@ async fn a_cycle_cut_off_after_some_batches_keeps_what_landed_in_the_ancestor() 
             .controller
             .cycle(&mut s.host, &mut s.guest, ScanScope::Full);
         match cut {
-            Cut::Error => assert!(cycle.await.is_err(), "the cut must fail the cycle"),
+            Cut::Error | Cut::LandThenError => {
+                assert!(cycle.await.is_err(), "the cut must fail the cycle")
+            }
             Cut::Hang => {
                 let calls = s.calls.clone();
                 tokio::select! {
@@ -175,8 +184,10 @@ async fn a_cycle_cut_off_after_some_batches_keeps_what_landed_in_the_ancestor() 
             "{cut:?}: {} files landed",
             landed.len()
         );
-        std::fs::remove_file(h.join(&landed[0])).unwrap();
-        write(&h, &landed[1], "edited on the host after the cut\n");
+        // The last ones landed: with `LandThenError`, from the batch whose answer was lost.
+        let (gone, edited) = (&landed[landed.len() - 1], &landed[landed.len() - 2]);
+        std::fs::remove_file(h.join(gone)).unwrap();
+        write(&h, edited, "edited on the host after the cut\n");
         s.guest.at = usize::MAX;
         for _ in 0..3 {
             let report = s
@@ -193,11 +204,10 @@ async fn a_cycle_cut_off_after_some_batches_keeps_what_landed_in_the_ancestor() 
             }
         }
         assert!(
-            !h.join(&landed[0]).exists() && !g.join(&landed[0]).exists(),
-            "{cut:?}: the deleted {} came back",
-            landed[0]
+            !h.join(gone).exists() && !g.join(gone).exists(),
+            "{cut:?}: the deleted {gone} came back"
         );
-        assert_eq!(read(&g, &landed[1]), b"edited on the host after the cut\n");
+        assert_eq!(read(&g, edited), b"edited on the host after the cut\n");
         assert_same_tree(&h, &g);
         assert_eq!(
             tree(&g)
