@@ -118,6 +118,11 @@ pub struct Controller {
     settings: ShareSettings,
     db: Arc<StateDb>,
     ancestor: Snapshot,
+    /// Changes sent in a transition that never answered: each may or may not have landed.
+    /// The next full cycle records in the ancestor those its scan finds in place, so that a
+    /// copy which landed is not read as the destination's own edit (and a deletion of it on
+    /// the source brought back from there).
+    unconfirmed: Vec<(Side, RelPath, Option<Entry>)>,
     /// Regular files in `ancestor` and their total size, kept up to date as it changes: a live
     /// cycle must not cost time in proportion to the whole share.
     totals: Totals,
@@ -210,6 +215,7 @@ impl Controller {
             settings,
             db,
             ancestor,
+            unconfirmed: Vec::new(),
             totals,
             meta,
             generation,
@@ -626,7 +632,7 @@ impl Controller {
             return self.halt(reason);
         }
 
-        let filter = &self.settings.filter;
+        let filter = &self.settings.filter.clone();
         let visible = |entries: Vec<(RelPath, Entry)>| -> Snapshot {
             entries
                 .into_iter()
@@ -635,6 +641,25 @@ impl Controller {
         };
         let mut host_snap = visible(host_scan.entries);
         let mut guest_snap = visible(guest_scan.entries);
+        if scope == ScanScope::Full && !self.unconfirmed.is_empty() {
+            let landed: Vec<(RelPath, Option<Entry>)> = std::mem::take(&mut self.unconfirmed)
+                .into_iter()
+                .filter(|(side, path, new)| {
+                    let snap = match side {
+                        Side::Host => &host_snap,
+                        Side::Guest => &guest_snap,
+                    };
+                    snap.get(path) == new.as_ref()
+                })
+                .map(|(_, path, new)| (path, new))
+                .collect();
+            let mut seen = HashSet::new();
+            let landed: Vec<(RelPath, Option<Entry>)> = landed
+                .into_iter()
+                .filter(|(p, _)| seen.insert(p.clone()))
+                .collect();
+            self.commit_ancestor(guest, landed).await?;
+        }
         // What the scope covers, found by range: a live cycle looks at its paths only.
         let scoped: Box<dyn Iterator<Item = (&RelPath, &Entry)>> = match &scope {
             ScanScope::Full => Box::new(self.ancestor.iter()),
@@ -752,9 +777,20 @@ impl Controller {
         let mut executed = self
             .execute(host, guest, &plan, defer, &mut problems)
             .await?;
+        if let Some(rec) = &executed.recorder {
+            self.generation = rec.generation;
+        }
         let done = started.elapsed();
+        // What the transitions stored already is a prefix of `applied`; it is that of these
+        // changes only when nothing comes before it.
+        let stored = if ancestor_changes.is_empty() {
+            executed.recorded
+        } else {
+            0
+        };
         ancestor_changes.extend(executed.applied.iter().cloned());
-        self.commit_ancestor(guest, ancestor_changes).await?;
+        self.commit_ancestor_from(guest, ancestor_changes, stored)
+            .await?;
         if let Err(reason) = self.count_removals(&executed) {
             // Only removals this cycle could not foresee get here (the plan was judged): halt
             // all the same, and undo the window.
@@ -996,24 +1032,38 @@ impl Controller {
         guest: &mut G,
         changes: Vec<(RelPath, Option<Entry>)>,
     ) -> Result<(), CycleError> {
+        self.commit_ancestor_from(guest, changes, 0).await
+    }
+
+    /// Records `changes` in the ancestor, in memory and in the database, where the first
+    /// `stored` of them already are (a transition recorded them as it landed). The rest is
+    /// recorded after the guest has noted the next generation, like every ancestor write.
+    async fn commit_ancestor_from<G: Endpoint>(
+        &mut self,
+        guest: &mut G,
+        changes: Vec<(RelPath, Option<Entry>)>,
+        stored: usize,
+    ) -> Result<(), CycleError> {
         if changes.is_empty() {
             return Ok(());
         }
-        let next = Generation {
-            value: self.generation.value.saturating_add(1),
-            merge_pending: false,
-        };
-        guest
-            .mark(next.value)
-            .await
-            .map_err(side_err(Side::Guest))?;
-        self.db.commit_ancestor(
-            &self.settings.name,
-            changes.iter().map(|(p, e)| (p, e.as_ref())).collect(),
-            false,
-            next,
-        )?;
-        self.generation = next;
+        if let Some(rest) = changes.get(stored..).filter(|r| !r.is_empty()) {
+            let next = Generation {
+                value: self.generation.value.saturating_add(1),
+                merge_pending: false,
+            };
+            guest
+                .mark(next.value)
+                .await
+                .map_err(side_err(Side::Guest))?;
+            self.db.commit_ancestor(
+                &self.settings.name,
+                rest.iter().map(|(p, e)| (p, e.as_ref())).collect(),
+                false,
+                next,
+            )?;
+            self.generation = next;
+        }
         for (path, entry) in changes {
             self.totals.record(
                 &mut self.ancestor,
@@ -1092,7 +1142,14 @@ impl Controller {
         defer: bool,
         problems: &mut Vec<ProblemView>,
     ) -> Result<Executed, CycleError> {
-        let mut executed = Executed::default();
+        let mut executed = Executed {
+            recorder: Some(Recorder {
+                db: self.db.clone(),
+                share: self.settings.name.clone(),
+                generation: self.generation,
+            }),
+            ..Executed::default()
+        };
         let mut host_actions = Vec::new();
         let mut guest_actions = Vec::new();
         for action in &plan.actions {
@@ -1101,8 +1158,9 @@ impl Controller {
                 Side::Guest => guest_actions.push(action.clone()),
             }
         }
-        // Apply each side: see `apply_side` for the order.
-        apply_side(
+        // Apply each side: see `apply_side` for the order. A side that fails part way
+        // leaves what already landed recorded in the ancestor (see `Executed::recorder`).
+        if let Err((which, e)) = apply_side(
             guest,
             host,
             Side::Host,
@@ -1112,8 +1170,11 @@ impl Controller {
             &mut executed,
         )
         .await
-        .map_err(|(which, e)| side_err(flip(which, Side::Guest))(e))?;
-        apply_side(
+        {
+            self.record_cut_off(executed);
+            return Err(side_err(flip(which, Side::Guest))(e));
+        }
+        if let Err((which, e)) = apply_side(
             host,
             guest,
             Side::Guest,
@@ -1123,8 +1184,30 @@ impl Controller {
             &mut executed,
         )
         .await
-        .map_err(|(which, e)| side_err(flip(which, Side::Host))(e))?;
+        {
+            self.record_cut_off(executed);
+            return Err(side_err(flip(which, Side::Host))(e));
+        }
         Ok(executed)
+    }
+
+    /// A cycle failed after applying `executed.applied`: those changes are true on both sides
+    /// now, so the ancestor takes them (in memory too, for the next cycle of this process).
+    ///
+    /// The guest may be gone, so nothing is recorded here: what landed without being recorded
+    /// is verified by the next full cycle's scans and recorded then (`unconfirmed`; either
+    /// side holding the new entry is enough, the change made both sides hold it). The
+    /// generation and what the transitions did record are kept.
+    fn record_cut_off(&mut self, executed: Executed) {
+        if let Some(recorder) = &executed.recorder {
+            self.generation = recorder.generation;
+        }
+        self.unconfirmed.extend(executed.unconfirmed);
+        for (path, new) in executed.applied.into_iter().skip(executed.recorded) {
+            for side in [Side::Host, Side::Guest] {
+                self.unconfirmed.push((side, path.clone(), new.clone()));
+            }
+        }
     }
 }
 
@@ -1142,6 +1225,17 @@ struct Executed {
     removed: Vec<Removed>,
     /// Content applied changes created on a side (for the deletion windows).
     gained: Vec<(Side, Content)>,
+    /// Where each transition records what it applied in the ancestor, durably, as soon as it
+    /// returns (`None`: only at the end of the cycle). A cycle cut off later (the agent killed,
+    /// the connection lost) must not forget what already landed: the next cycle would read a
+    /// file it copied as the destination's own creation, and the source's later edit or
+    /// deletion of it as a conflict or a resurrection.
+    recorder: Option<Recorder>,
+    /// How many of `applied`, from the start, the recorder has stored.
+    recorded: usize,
+    /// The changes of a transition that failed without an answer (the connection lost, the
+    /// destination killed): some may have landed. See `Controller::unconfirmed`.
+    unconfirmed: Vec<(Side, RelPath, Option<Entry>)>,
     /// Paths changed under the cycle: run another one now.
     retry: bool,
     /// Actions that could not be done this cycle (reported as problems): retry later.
@@ -1771,8 +1865,17 @@ async fn transition<E: Endpoint>(
         })
         .collect();
     let clock = Instant::now();
-    let outcomes = ep.transition(changes).await.map_err(|e| (Which::Dest, e))?;
+    let outcomes = match ep.transition(changes).await {
+        Ok(o) => o,
+        Err(e) => {
+            executed
+                .unconfirmed
+                .extend(batch.iter().map(|a| (side, a.path.clone(), a.new.clone())));
+            return Err((Which::Dest, e));
+        }
+    };
     executed.times.transition += clock.elapsed();
+    let before = executed.applied.len();
     for (action, outcome) in batch.iter().zip(outcomes) {
         match outcome {
             Outcome::Applied => {
@@ -1793,7 +1896,49 @@ async fn transition<E: Endpoint>(
             }
         }
     }
+    // Only while everything before it is stored too, so that what is stored is always a
+    // prefix of `applied` (the end of the cycle stores the rest). Only for the guest's own
+    // batches: every ancestor write follows a mark on the guest (see `commit_ancestor`), and
+    // here the destination is the endpoint at hand.
+    if side == Side::Guest && executed.recorded == before && executed.applied.len() > before {
+        if let Some(rec) = executed.recorder.as_mut() {
+            let next = Generation {
+                value: rec.generation.value.saturating_add(1),
+                merge_pending: false,
+            };
+            let batch = executed.applied.get(before..).unwrap_or_default();
+            let recorded = match ep.mark(next.value).await {
+                Ok(()) => rec
+                    .db
+                    .commit_ancestor(
+                        &rec.share,
+                        batch.iter().map(|(p, e)| (p, e.as_ref())).collect(),
+                        false,
+                        next,
+                    )
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match recorded {
+                Ok(()) => {
+                    rec.generation = next;
+                    executed.recorded = executed.applied.len();
+                }
+                Err(e) => {
+                    tracing::warn!(share = %rec.share, "recording a batch in the ancestor: {e}")
+                }
+            }
+        }
+    }
     Ok(())
+}
+
+/// Records each batch a transition applied on the guest in the ancestor as soon as it lands
+/// (see `Executed::recorder`), with the generation it marks.
+struct Recorder {
+    db: Arc<StateDb>,
+    share: String,
+    generation: Generation,
 }
 
 #[cfg(test)]

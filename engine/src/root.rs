@@ -71,6 +71,8 @@ const TMP_SHOWN: &[u8] = b".vmsync/tmp";
 const TRASH_SHOWN: &[u8] = b".vmsync/trash";
 const RESERVED_DIR_MODE: u32 = 0o700;
 const TEMP_MODE: u32 = 0o600;
+/// The owner's write bit, which moving a directory between parents needs.
+const OWNER_WRITE: u32 = 0o200;
 const MARKER_MODE: u32 = 0o644;
 /// Hex digits in the marker file (16 bytes).
 const MARKER_HEX_LEN: usize = 32;
@@ -691,21 +693,76 @@ impl ShareRoot {
         if let Some(e) = self.injected(FaultOp::Mkdir, p) {
             return Err(fail(OP, loc, e));
         }
-        // Created owner-only, then opened (no-follow, so a directory swapped for a symlink in
-        // between is refused) and set with fchmod on the fd: the final mode is exact whatever
-        // the umask, and is never wider than asked at any moment.
-        rfs::mkdirat(&dir, name, Mode::from_raw_mode(RESERVED_DIR_MODE))
-            .map_err(|e| fail(OP, loc, e))?;
-        let fd = open_beneath(
-            dir.as_fd(),
-            self.dev,
-            &[name],
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW,
-            self.resolver,
-        )
-        .map_err(|e| fail(OP, loc, e))?;
-        rfs::fchmod(&fd, Mode::from_raw_mode(mode & PERM_MASK)).map_err(|e| fail(OP, loc, e))?;
+        // Made in the temp area, owner-only, set to its exact mode there (whatever the umask),
+        // then renamed into place: the directory is visible only with its final mode, never
+        // wider than asked and never narrower, even when the agent is killed between the
+        // steps. A directory left visible at 0700 would be read by the next cycle as a
+        // creation of this side's that conflicts with the other side's. A leftover in the
+        // temp area is removed by `clean_temps`.
+        let temp = self.make_temp_dir(OP)?;
+        let tname = temp.as_str();
+        let made = (|| {
+            let fd = rfs::openat(
+                &self.tmp,
+                tname,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            // Moving a directory to another parent rewrites its `..`, which needs write
+            // permission on it: one its owner may not write gets its last bit after the move.
+            let exact = mode & PERM_MASK;
+            rfs::fchmod(&fd, Mode::from_raw_mode(exact | OWNER_WRITE))?;
+            match rfs::renameat_with(&self.tmp, tname, &dir, name, RenameFlags::NOREPLACE) {
+                // A filesystem without RENAME_NOREPLACE: look, then a plain rename (which
+                // would only ever replace an empty directory).
+                Err(Errno::INVAL) => match rfs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(_) => Err(Errno::EXIST),
+                    Err(Errno::NOENT) => rfs::renameat(&self.tmp, tname, &dir, name),
+                    Err(e) => Err(e),
+                },
+                other => other,
+            }?;
+            if exact & OWNER_WRITE == 0 {
+                rfs::fchmod(&fd, Mode::from_raw_mode(exact))?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = made {
+            let _ = rfs::unlinkat(&self.tmp, tname, AtFlags::REMOVEDIR);
+            return Err(fail(OP, loc, e));
+        }
         self.sync_parent(&dir, p).map_err(|e| fail(OP, loc, e))
+    }
+
+    /// Makes a new, empty, owner-only directory in `.vmsync/tmp/` under a fresh unique name
+    /// and returns the name.
+    fn make_temp_dir(&self, op: &'static str) -> Result<String, FsError> {
+        let pid = rustix::process::getpid().as_raw_pid();
+        let mut last = Errno::EXIST;
+        for _ in 0..TEMP_CREATE_ATTEMPTS {
+            let n = self.temp_counter.fetch_add(1, Ordering::Relaxed);
+            let name = format!("d.{pid}.{n}.{:016x}", random_u64(n));
+            match rfs::mkdirat(
+                &self.tmp,
+                name.as_str(),
+                Mode::from_raw_mode(RESERVED_DIR_MODE),
+            ) {
+                Ok(()) => return Ok(name),
+                Err(Errno::EXIST) => last = Errno::EXIST,
+                Err(e) => {
+                    let loc = Loc {
+                        base: TMP_SHOWN,
+                        name: Some(name.as_bytes()),
+                    };
+                    return Err(fail(op, loc, e));
+                }
+            }
+        }
+        let loc = Loc {
+            base: TMP_SHOWN,
+            name: None,
+        };
+        Err(fail(op, loc, last))
     }
 
     /// Creates a symlink at `p` pointing to `target`, only if `target` is relative and stays

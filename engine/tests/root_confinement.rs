@@ -1081,3 +1081,41 @@ fn commit_new_links_an_unnamed_temp_and_replaces_nothing() {
         fx.assert_out_untouched();
     }
 }
+
+/// A directory appears only with its final mode: it is made in the temp area and renamed into
+/// place, so an agent killed part way leaves an owner-only leftover there (which `clean_temps`
+/// removes), never a visible directory at 0700 that the next cycle would read as a conflict.
+#[test]
+fn mkdir_shows_a_directory_only_with_its_final_mode() {
+    for resolver in RESOLVERS {
+        let fx = Fixture::new();
+        let root = fx.root(resolver);
+        let disk = |p: &[u8]| fs::symlink_metadata(fx.share.join(os(p))).unwrap().mode() & 0o7777;
+        for (name, mode) in [
+            (&b"a"[..], 0o755),
+            (b"b", 0o775),
+            (b"c", 0o555),
+            (b"d", 0o000),
+        ] {
+            root.mkdir(&rp(name), mode).unwrap();
+            assert_eq!(disk(name), mode, "{}", String::from_utf8_lossy(name));
+        }
+        root.mkdir(&rp(b"a/inner"), 0o750).unwrap();
+        assert_eq!(disk(b"a/inner"), 0o750);
+        // Nothing is left in the temp area, also when the name is taken.
+        assert_kind(
+            root.mkdir(&rp(b"a"), 0o700),
+            FsErrorKind::Exists,
+            "mkdir a again",
+        );
+        fs::write(fx.share.join("file"), b"x").unwrap();
+        assert_kind(
+            root.mkdir(&rp(b"file"), 0o755),
+            FsErrorKind::Exists,
+            "mkdir over a file",
+        );
+        assert_eq!(fx.tmp_entries(), 0);
+        assert_eq!(disk(b"a"), 0o755);
+        assert_eq!(fs::read(fx.share.join("file")).unwrap(), b"x");
+    }
+}

@@ -3,6 +3,8 @@
 //!
 //! - [`agents`]: both agents as real processes on temp dirs, through a counting relay.
 //! - [`fixture`]: trees, comparisons, a counting `Endpoint`, an in-process host/guest pair.
+//! - [`killloop`]: writers that keep making versions, and the checks that every visible file is
+//!   one of them (the kill loop's).
 //! - [`relay`]: a byte-counting Unix socket relay (what crosses the wire, measured on the wire).
 
 // Test support: a fixture that cannot be built should stop the test loudly, so panicking on
@@ -11,4 +13,5 @@
 
 pub mod agents;
 pub mod fixture;
+pub mod killloop;
 pub mod relay;

@@ -751,6 +751,9 @@ async fn a_guest_reporting_moves_it_will_not_serve_deletes_nothing() {
         ) -> Result<Vec<Outcome>, EndpointError> {
             self.0.transition(changes).await
         }
+        async fn mark(&mut self, generation: u64) -> Result<(), EndpointError> {
+            self.0.mark(generation).await
+        }
     }
 
     let mut p = pair();

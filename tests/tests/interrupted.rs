@@ -1,0 +1,224 @@
+//! A cycle cut off part way (the destination's connection lost, or the host killed between two
+//! batches of a big sync) must leave what already landed recorded in the ancestor. Otherwise
+//! the next cycle reads a file it copied as the destination's own creation: the source's later
+//! deletion of it brings it back, and the source's later edit of it is a conflict. The kill
+//! loop (`tests/tests/kill_loop.rs`) found both.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use vmsync_core::endpoint::{
+    Change, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, MissingChunk, Outcome,
+    Problem, ScanOptions, ScanReport, ScanScope, StageRequest,
+};
+use vmsync_core::reconcile::{ConflictPolicy, SyncMode};
+use vmsync_core::safety::DeletionLimit;
+use vmsync_core::{Entry, FileMeta, Hash, Manifest, RelPath};
+use vmsync_engine::controller::{Controller, ShareSettings};
+use vmsync_engine::filter::Filter;
+use vmsync_engine::local::LocalEndpoint;
+use vmsync_engine::state::StateDb;
+use vmsync_tests::fixture::{assert_same_tree, read, tree, write};
+
+/// How the transition numbered `at` (from 0) ends.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Cut {
+    /// It fails, as a lost connection does.
+    Error,
+    /// It never answers; the test then drops the cycle, as `kill -9` of the host does.
+    Hang,
+    /// It lands, but its answer is lost (the guest killed right after applying it).
+    LandThenError,
+}
+
+/// A local endpoint whose transitions stop at the `at`-th one.
+struct CutOff<E> {
+    inner: E,
+    at: usize,
+    cut: Cut,
+    calls: Arc<AtomicUsize>,
+}
+
+impl<E: Endpoint> Endpoint for CutOff<E> {
+    async fn scan(
+        &mut self,
+        scope: ScanScope,
+        options: ScanOptions,
+    ) -> Result<ScanReport, EndpointError> {
+        self.inner.scan(scope, options).await
+    }
+    async fn manifests(
+        &mut self,
+        files: Vec<(RelPath, FileMeta)>,
+    ) -> Result<Vec<Result<Manifest, Problem>>, EndpointError> {
+        self.inner.manifests(files).await
+    }
+    async fn read_chunks(
+        &mut self,
+        reads: Vec<ChunkRead>,
+    ) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
+        self.inner.read_chunks(reads).await
+    }
+    async fn read_deltas(
+        &mut self,
+        reads: Vec<DeltaRead>,
+    ) -> Result<Vec<Option<ChunkData>>, EndpointError> {
+        self.inner.read_deltas(reads).await
+    }
+    async fn stage(
+        &mut self,
+        files: Vec<StageRequest>,
+    ) -> Result<Vec<Result<Vec<MissingChunk>, Problem>>, EndpointError> {
+        self.inner.stage(files).await
+    }
+    async fn supply(&mut self, chunks: Vec<(Hash, ChunkData)>) -> Result<Vec<Hash>, EndpointError> {
+        self.inner.supply(chunks).await
+    }
+    async fn transition(&mut self, changes: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        if n == self.at {
+            match self.cut {
+                Cut::Error => return Err(EndpointError::Io("connection lost".into())),
+                Cut::Hang => std::future::pending::<()>().await,
+                Cut::LandThenError => {
+                    self.inner.transition(changes).await?;
+                    return Err(EndpointError::Io("connection lost".into()));
+                }
+            }
+        }
+        self.inner.transition(changes).await
+    }
+    async fn put_back(
+        &mut self,
+        items: Vec<(RelPath, Entry)>,
+    ) -> Result<Vec<Outcome>, EndpointError> {
+        self.inner.put_back(items).await
+    }
+    async fn mark(&mut self, generation: u64) -> Result<(), EndpointError> {
+        self.inner.mark(generation).await
+    }
+}
+
+struct Side {
+    host: LocalEndpoint,
+    guest: CutOff<LocalEndpoint>,
+    controller: Controller,
+    calls: Arc<AtomicUsize>,
+}
+
+fn open(tmp: &std::path::Path, at: usize, cut: Cut) -> Side {
+    let host_db = Arc::new(StateDb::open(&tmp.join("host-state"), "host.redb").unwrap());
+    let guest_db = Arc::new(StateDb::open(&tmp.join("guest-state"), "guest.redb").unwrap());
+    let filter = Filter::new(&[]).unwrap();
+    let host = LocalEndpoint::new("s", tmp.join("host"), filter.clone(), host_db.clone()).unwrap();
+    let guest = LocalEndpoint::new("s", tmp.join("guest"), filter.clone(), guest_db).unwrap();
+    let settings = ShareSettings {
+        name: "s".into(),
+        mode: SyncMode::TwoWay,
+        policy: ConflictPolicy::Keep,
+        filter,
+        deletion_limit: DeletionLimit::default(),
+        deletion_exempt: Filter::none(),
+    };
+    let controller = Controller::new(settings, host_db, &tmp.join("host-state")).unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    Side {
+        host,
+        guest: CutOff {
+            inner: guest,
+            at,
+            cut,
+            calls: calls.clone(),
+        },
+        controller,
+        calls,
+    }
+}
+
+/// 600 host files cross to the guest in batches; the third transition is cut off. Then the host
+/// deletes one file and edits another of those that had landed. Cut by an error the same
+/// controller goes on; cut by a hang the controller is dropped mid-cycle and reopened from its
+/// database (the host agent killed and restarted); cut after the batch landed, its answer lost,
+/// the next full scan finds it in place. Each way the next cycles carry the deletion and the
+/// edit: no resurrection, no conflict.
+#[tokio::test]
+async fn a_cycle_cut_off_after_some_batches_keeps_what_landed_in_the_ancestor() {
+    for cut in [Cut::Error, Cut::Hang, Cut::LandThenError] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (h, g) = (tmp.path().join("host"), tmp.path().join("guest"));
+        std::fs::create_dir_all(&g).unwrap();
+        for i in 0..600 {
+            write(
+                &h,
+                &format!("d{}/f{i:03}.txt", i % 5),
+                format!("file {i}\n"),
+            );
+        }
+        let mut s = open(tmp.path(), 2, cut);
+        let cycle = s
+            .controller
+            .cycle(&mut s.host, &mut s.guest, ScanScope::Full);
+        match cut {
+            Cut::Error | Cut::LandThenError => {
+                assert!(cycle.await.is_err(), "the cut must fail the cycle")
+            }
+            Cut::Hang => {
+                let calls = s.calls.clone();
+                tokio::select! {
+                    _ = cycle => panic!("a hung transition cannot finish the cycle"),
+                    _ = async {
+                        while calls.load(Ordering::SeqCst) <= 2 {
+                            tokio::task::yield_now().await;
+                        }
+                    } => {}
+                }
+                drop(s);
+                s = open(tmp.path(), usize::MAX, Cut::Error);
+            }
+        }
+        // Something landed, and not everything: the cut was part way.
+        let landed: Vec<String> = tree(&g)
+            .into_iter()
+            .filter(|(p, _)| p.ends_with(b".txt"))
+            .map(|(p, _)| String::from_utf8(p).unwrap())
+            .collect();
+        assert!(
+            !landed.is_empty() && landed.len() < 600,
+            "{cut:?}: {} files landed",
+            landed.len()
+        );
+        // The last ones landed: with `LandThenError`, from the batch whose answer was lost.
+        let (gone, edited) = (&landed[landed.len() - 1], &landed[landed.len() - 2]);
+        std::fs::remove_file(h.join(gone)).unwrap();
+        write(&h, edited, "edited on the host after the cut\n");
+        s.guest.at = usize::MAX;
+        for _ in 0..3 {
+            let report = s
+                .controller
+                .cycle(&mut s.host, &mut s.guest, ScanScope::Full)
+                .await
+                .expect("cycle");
+            assert_eq!(
+                report.conflicts, 0,
+                "{cut:?}: a copied file became a conflict"
+            );
+            if !report.retry {
+                break;
+            }
+        }
+        assert!(
+            !h.join(gone).exists() && !g.join(gone).exists(),
+            "{cut:?}: the deleted {gone} came back"
+        );
+        assert_eq!(read(&g, edited), b"edited on the host after the cut\n");
+        assert_same_tree(&h, &g);
+        assert_eq!(
+            tree(&g)
+                .into_iter()
+                .filter(|(p, _)| p.ends_with(b".txt"))
+                .count(),
+            599
+        );
+    }
+}
