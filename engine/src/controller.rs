@@ -16,7 +16,7 @@
 //! next hints bring. Its path is frozen in those cycles until it lands, then hinted again.
 
 use crate::filter::Filter;
-use crate::state::{Generation, ShareMeta, StateDb, StateError};
+use crate::state::{Generation, PendingBatch, ShareMeta, StateDb, StateError};
 use crate::status::{ProblemView, ShareState, ShareStatus};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
@@ -123,6 +123,8 @@ pub struct Controller {
     /// copy which landed is not read as the destination's own edit (and a deletion of it on
     /// the source brought back from there).
     unconfirmed: Vec<(Side, RelPath, Option<Entry>)>,
+    /// The guest batch in flight, noted on disk (see [`PendingBatch`]).
+    pending: PendingBatch,
     /// Regular files in `ancestor` and their total size, kept up to date as it changes: a live
     /// cycle must not cost time in proportion to the whole share.
     totals: Totals,
@@ -211,11 +213,22 @@ impl Controller {
             ..ShareStatus::default()
         };
         let totals = Totals::of(&ancestor, &settings.deletion_exempt);
+        let settings_name = settings.name.clone();
+        // A batch a killed predecessor left in flight: verified by the first full cycle.
+        let pending = PendingBatch::new(state_dir, &settings_name);
+        let unconfirmed = pending
+            .load()
+            .into_iter()
+            .flat_map(|(path, new)| {
+                [Side::Host, Side::Guest].map(|side| (side, path.clone(), new.clone()))
+            })
+            .collect();
         let controller = Controller {
             settings,
             db,
             ancestor,
-            unconfirmed: Vec::new(),
+            unconfirmed,
+            pending,
             totals,
             meta,
             generation,
@@ -659,6 +672,7 @@ impl Controller {
                 .filter(|(p, _)| seen.insert(p.clone()))
                 .collect();
             self.commit_ancestor(guest, landed).await?;
+            self.pending.clear();
         }
         // What the scope covers, found by range: a live cycle looks at its paths only.
         let scoped: Box<dyn Iterator<Item = (&RelPath, &Entry)>> = match &scope {
@@ -1147,6 +1161,7 @@ impl Controller {
                 db: self.db.clone(),
                 share: self.settings.name.clone(),
                 generation: self.generation,
+                pending: PendingBatch::new(&self.space.state_dir, &self.settings.name),
             }),
             ..Executed::default()
         };
@@ -1203,7 +1218,18 @@ impl Controller {
             self.generation = recorder.generation;
         }
         self.unconfirmed.extend(executed.unconfirmed);
-        for (path, new) in executed.applied.into_iter().skip(executed.recorded) {
+        let mut applied = executed.applied;
+        let unrecorded = applied.split_off(executed.recorded.min(applied.len()));
+        // The recorded prefix is in the database already: the in-memory ancestor follows.
+        for (path, entry) in applied {
+            self.totals.record(
+                &mut self.ancestor,
+                path,
+                entry,
+                &self.settings.deletion_exempt,
+            );
+        }
+        for (path, new) in unrecorded {
             for side in [Side::Host, Side::Guest] {
                 self.unconfirmed.push((side, path.clone(), new.clone()));
             }
@@ -1864,6 +1890,15 @@ async fn transition<E: Endpoint>(
             new: a.new.clone(),
         })
         .collect();
+    if side == Side::Guest {
+        if let Some(rec) = &executed.recorder {
+            let in_flight: Vec<(RelPath, Option<Entry>)> = batch
+                .iter()
+                .map(|a| (a.path.clone(), a.new.clone()))
+                .collect();
+            rec.pending.write(&in_flight);
+        }
+    }
     let clock = Instant::now();
     let outcomes = match ep.transition(changes).await {
         Ok(o) => o,
@@ -1922,6 +1957,7 @@ async fn transition<E: Endpoint>(
             match recorded {
                 Ok(()) => {
                     rec.generation = next;
+                    rec.pending.clear();
                     executed.recorded = executed.applied.len();
                 }
                 Err(e) => {
@@ -1939,6 +1975,8 @@ struct Recorder {
     db: Arc<StateDb>,
     share: String,
     generation: Generation,
+    /// Notes the guest batch in flight on disk until it is recorded.
+    pending: PendingBatch,
 }
 
 #[cfg(test)]

@@ -348,3 +348,49 @@ impl StateDb {
         db_err!(txn.commit())
     }
 }
+
+/// The batch a host is applying on the guest, written beside the database before the
+/// transition is sent and removed once the batch is recorded in the ancestor. A host agent
+/// killed in between finds it at start: those changes may have landed, and the next full
+/// cycle records the ones its scans find in place (see `Controller`'s `unconfirmed`), so a
+/// later deletion of such a file is not read as the guest's creation. Written without fsync:
+/// it guards against a killed process, whose page cache survives; after a power loss the guest
+/// may have lost the batch as well.
+pub struct PendingBatch {
+    path: PathBuf,
+}
+
+impl PendingBatch {
+    pub fn new(state_dir: &Path, share: &str) -> PendingBatch {
+        PendingBatch {
+            path: state_dir.join(format!("pending-{share}.postcard")),
+        }
+    }
+
+    /// Notes `changes` (path, entry after the change) as possibly landing.
+    pub fn write(&self, changes: &[(RelPath, Option<Entry>)]) {
+        let written = postcard::to_allocvec(changes)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| std::fs::write(&self.path, bytes).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            tracing::warn!(path = %self.path.display(), "noting a batch in flight: {e}");
+        }
+    }
+
+    /// Forgets the batch in flight (it was recorded, or found in place).
+    pub fn clear(&self) {
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(path = %self.path.display(), "{e}"),
+        }
+    }
+
+    /// The batch a previous run left in flight, if any. Unreadable content is nothing.
+    pub fn load(&self) -> Vec<(RelPath, Option<Entry>)> {
+        std::fs::read(&self.path)
+            .ok()
+            .and_then(|bytes| postcard::from_bytes(&bytes).ok())
+            .unwrap_or_default()
+    }
+}

@@ -200,8 +200,10 @@ async fn a_cycle_cut_off_after_some_batches_keeps_what_landed_in_the_ancestor() 
                 .await
                 .expect("cycle");
             assert_eq!(
-                report.conflicts, 0,
-                "{cut:?}: a copied file became a conflict"
+                report.conflicts,
+                0,
+                "{cut:?}: a copied file became a conflict: {:?}",
+                s.controller.status().lock().unwrap().conflicts
             );
             if !report.retry {
                 break;
