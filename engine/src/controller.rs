@@ -16,7 +16,7 @@
 //! next hints bring. Its path is frozen in those cycles until it lands, then hinted again.
 
 use crate::filter::Filter;
-use crate::state::{Generation, PendingBatch, ShareMeta, StateDb, StateError};
+use crate::state::{Generation, InFlight, PendingBatch, ShareMeta, StateDb, StateError};
 use crate::status::{ProblemView, ShareState, ShareStatus};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
@@ -216,13 +216,7 @@ impl Controller {
         let settings_name = settings.name.clone();
         // A batch a killed predecessor left in flight: verified by the first full cycle.
         let pending = PendingBatch::new(state_dir, &settings_name);
-        let unconfirmed = pending
-            .load()
-            .into_iter()
-            .flat_map(|(path, new)| {
-                [Side::Host, Side::Guest].map(|side| (side, path.clone(), new.clone()))
-            })
-            .collect();
+        let unconfirmed = pending.load();
         let controller = Controller {
             settings,
             db,
@@ -654,8 +648,11 @@ impl Controller {
         };
         let mut host_snap = visible(host_scan.entries);
         let mut guest_snap = visible(guest_scan.entries);
-        if scope == ScanScope::Full && !self.unconfirmed.is_empty() {
-            let landed: Vec<(RelPath, Option<Entry>)> = std::mem::take(&mut self.unconfirmed)
+        if scope == ScanScope::Full {
+            // What this process or a killed predecessor applied without recording it.
+            let mut candidates = std::mem::take(&mut self.unconfirmed);
+            candidates.extend(self.pending.load());
+            let landed: Vec<(RelPath, Option<Entry>)> = candidates
                 .into_iter()
                 .filter(|(side, path, new)| {
                     let snap = match side {
@@ -803,8 +800,14 @@ impl Controller {
             0
         };
         ancestor_changes.extend(executed.applied.iter().cloned());
-        self.commit_ancestor_from(guest, ancestor_changes, stored)
-            .await?;
+        if let Err(e) = self
+            .commit_ancestor_from(guest, ancestor_changes, stored)
+            .await
+        {
+            self.record_cut_off(executed);
+            return Err(e);
+        }
+        self.pending.clear();
         if let Err(reason) = self.count_removals(&executed) {
             // Only removals this cycle could not foresee get here (the plan was judged): halt
             // all the same, and undo the window.
@@ -1890,14 +1893,12 @@ async fn transition<E: Endpoint>(
             new: a.new.clone(),
         })
         .collect();
-    if side == Side::Guest {
-        if let Some(rec) = &executed.recorder {
-            let in_flight: Vec<(RelPath, Option<Entry>)> = batch
-                .iter()
-                .map(|a| (a.path.clone(), a.new.clone()))
-                .collect();
-            rec.pending.write(&in_flight);
-        }
+    if let Some(rec) = &executed.recorder {
+        let in_flight: Vec<InFlight> = batch
+            .iter()
+            .map(|a| (side, a.path.clone(), a.new.clone()))
+            .collect();
+        rec.pending.append(&in_flight);
     }
     let clock = Instant::now();
     let outcomes = match ep.transition(changes).await {
@@ -1957,6 +1958,7 @@ async fn transition<E: Endpoint>(
             match recorded {
                 Ok(()) => {
                     rec.generation = next;
+                    // Everything before this batch was recorded too (the prefix rule).
                     rec.pending.clear();
                     executed.recorded = executed.applied.len();
                 }

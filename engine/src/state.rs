@@ -349,16 +349,20 @@ impl StateDb {
     }
 }
 
-/// The batch a host is applying on the guest, written beside the database before the
-/// transition is sent and removed once the batch is recorded in the ancestor. A host agent
-/// killed in between finds it at start: those changes may have landed, and the next full
-/// cycle records the ones its scans find in place (see `Controller`'s `unconfirmed`), so a
-/// later deletion of such a file is not read as the guest's creation. Written without fsync:
-/// it guards against a killed process, whose page cache survives; after a power loss the guest
-/// may have lost the batch as well.
+/// The changes a host is applying in a cycle and has not recorded in the ancestor yet, noted
+/// beside the database before each transition is sent (appended, one frame per batch) and
+/// removed once all of them are recorded. A host agent killed in between finds them at start:
+/// each may have landed on its destination, and the next full cycle records those its scans
+/// find in place there (see `Controller`'s `unconfirmed`), so that a later deletion of such a
+/// file on the other side is not read as a creation. Written without fsync: it guards against
+/// a killed process, whose page cache survives; after a power loss the destination may have
+/// lost the batch as well.
 pub struct PendingBatch {
     path: PathBuf,
 }
+
+/// One change in flight: the side it changes, the path, the entry it leaves there.
+pub type InFlight = (vmsync_core::reconcile::Side, RelPath, Option<Entry>);
 
 impl PendingBatch {
     pub fn new(state_dir: &Path, share: &str) -> PendingBatch {
@@ -367,17 +371,28 @@ impl PendingBatch {
         }
     }
 
-    /// Notes `changes` (path, entry after the change) as possibly landing.
-    pub fn write(&self, changes: &[(RelPath, Option<Entry>)]) {
+    /// Notes `changes` as possibly landing, after those noted since the last `clear`.
+    pub fn append(&self, changes: &[InFlight]) {
+        use std::io::Write;
         let written = postcard::to_allocvec(changes)
             .map_err(|e| e.to_string())
-            .and_then(|bytes| std::fs::write(&self.path, bytes).map_err(|e| e.to_string()));
+            .and_then(|bytes| {
+                let len = u32::try_from(bytes.len()).map_err(|e| e.to_string())?;
+                let mut file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.path)
+                    .map_err(|e| e.to_string())?;
+                let mut frame = len.to_le_bytes().to_vec();
+                frame.extend_from_slice(&bytes);
+                file.write_all(&frame).map_err(|e| e.to_string())
+            });
         if let Err(e) = written {
-            tracing::warn!(path = %self.path.display(), "noting a batch in flight: {e}");
+            tracing::warn!(path = %self.path.display(), "noting changes in flight: {e}");
         }
     }
 
-    /// Forgets the batch in flight (it was recorded, or found in place).
+    /// Forgets what was in flight (it was recorded, or found in place).
     pub fn clear(&self) {
         match std::fs::remove_file(&self.path) {
             Ok(()) => {}
@@ -386,11 +401,51 @@ impl PendingBatch {
         }
     }
 
-    /// The batch a previous run left in flight, if any. Unreadable content is nothing.
-    pub fn load(&self) -> Vec<(RelPath, Option<Entry>)> {
-        std::fs::read(&self.path)
-            .ok()
-            .and_then(|bytes| postcard::from_bytes(&bytes).ok())
-            .unwrap_or_default()
+    /// What a previous run left in flight. A torn or unreadable frame ends the list.
+    pub fn load(&self) -> Vec<InFlight> {
+        let bytes = std::fs::read(&self.path).unwrap_or_default();
+        let mut out = Vec::new();
+        let mut rest = bytes.as_slice();
+        while let Some((len, tail)) = rest.split_first_chunk::<4>() {
+            let len = u32::from_le_bytes(*len) as usize;
+            let Some(frame) = tail.get(..len) else { break };
+            match postcard::from_bytes::<Vec<InFlight>>(frame) {
+                Ok(items) => out.extend(items),
+                Err(_) => break,
+            }
+            rest = tail.get(len..).unwrap_or_default();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod pending_tests {
+    use super::*;
+    use vmsync_core::reconcile::Side;
+
+    #[test]
+    fn pending_changes_append_load_and_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let pending = PendingBatch::new(dir.path(), "s");
+        assert!(pending.load().is_empty());
+        let p = |s: &str| RelPath::from_bytes(s.as_bytes()).unwrap();
+        pending.append(&[(Side::Guest, p("a"), None)]);
+        pending.append(&[(Side::Host, p("b"), Some(Entry::Dir { mode: 0o755 }))]);
+        assert_eq!(
+            pending.load(),
+            [
+                (Side::Guest, p("a"), None),
+                (Side::Host, p("b"), Some(Entry::Dir { mode: 0o755 }))
+            ]
+        );
+        // A frame torn by a crash ends the list; what came before it stands.
+        let mut bytes = std::fs::read(dir.path().join("pending-s.postcard")).unwrap();
+        bytes.extend_from_slice(&[200, 0, 0, 0, 1, 2]);
+        std::fs::write(dir.path().join("pending-s.postcard"), bytes).unwrap();
+        assert_eq!(pending.load().len(), 2);
+        pending.clear();
+        assert!(pending.load().is_empty());
     }
 }

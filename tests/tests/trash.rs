@@ -230,11 +230,18 @@ async fn expiry_by_age_then_by_size_oldest_first() {
     let kept = trash::prune_once(&root, Retention::default(), 1 << 30, now).unwrap();
     assert_eq!(kept, (4, 4000));
     assert_eq!(batches(&p.host_dir), all);
-    // 2500 bytes at most: the two oldest go.
+    // 2500 bytes at most: nothing kept within the hour goes for size alone...
     let by_size = Retention {
         max_size: SizeLimit::Bytes(2500),
         ..Retention::default()
     };
+    assert_eq!(
+        trash::prune_once(&root, by_size, 0, now).unwrap(),
+        (4, 4000)
+    );
+    assert_eq!(batches(&p.host_dir), all);
+    // ...and two hours later the two oldest go.
+    let now = vmsync_core::entry::Timestamp::new(now.secs + 7200, now.nanos);
     assert_eq!(
         trash::prune_once(&root, by_size, 0, now).unwrap(),
         (2, 2000)
