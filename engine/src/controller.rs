@@ -430,7 +430,7 @@ impl Controller {
                 side = victim.as_str(),
                 "put back {put_back} entries that the window's removals took"
             );
-            self.update_status(|s| s.put_back += put_back as u64);
+            self.update_status(|s| s.put_back = put_back as u64);
         }
         Ok(report)
     }
