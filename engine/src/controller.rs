@@ -398,20 +398,30 @@ impl Controller {
     }
 
     /// Halts the share and puts back what the window removed from the side that suffered:
-    /// for a mass deletion the side that lost the entries, for a root found missing, replaced
-    /// or emptied the other side (its recent removals were that root's doing). A side that
-    /// keeps no trash puts nothing back; its removals stay in its trash if it has one.
+    /// for a mass deletion the side that lost the entries, for a root found missing or emptied
+    /// the other side (its recent removals were that wipe's doing). A side that keeps no trash
+    /// puts nothing back; its removals stay in its trash if it has one.
     async fn halt_and_put_back<H: Endpoint, G: Endpoint>(
         &mut self,
         reason: HaltReason,
         host: &mut H,
         guest: &mut G,
     ) -> Result<CycleReport, CycleError> {
+        // A wipe in progress shows as a root gone or emptied: what the window removed was its
+        // doing. A replaced root (a rebuilt VM) or a reverted one says nothing about the
+        // deletions before it, which the old root's life made: those stay as they went (kept
+        // in the trash).
         let victim = match reason {
-            HaltReason::MassDeletion { side, .. } => side,
-            ref other => other.side().other(),
+            HaltReason::MassDeletion { side, .. } => Some(side),
+            HaltReason::RootMissing { side, .. } | HaltReason::RootEmptied { side } => {
+                Some(side.other())
+            }
+            _ => None,
         };
         let report = self.halt(reason)?;
+        let Some(victim) = victim else {
+            return Ok(report);
+        };
         let back = match victim {
             Side::Host => self.put_back(Side::Host, host).await,
             Side::Guest => self.put_back(Side::Guest, guest).await,
