@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# vmsync live-sync benchmark (issue 3, "Benchmark"): edit-to-visible latency both ways with
+# vmsync live-sync benchmark: edit-to-visible latency both ways with
 # lsyncd as the reference, a 1,000-file git branch switch, a 10,000-file burst, idle CPU/RSS.
 #
 #   bash bench/latency-bench.sh [--no-build] [--no-lsyncd] [--keep]

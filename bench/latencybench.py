@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""vmsync live-sync benchmark (issue 3, "Benchmark"). Python 3 standard library only.
+"""vmsync live-sync benchmark. Python 3 standard library only.
 
 Normally started by bench/latency-bench.sh, which installs lsyncd, rsync and inotify-tools,
 builds the release agents and passes --bin-dir. It prints figures; it asserts nothing about

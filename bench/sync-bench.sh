@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# vmsync vs. rsync benchmark (issue 2, "Benchmark").
+# vmsync vs. rsync benchmark.
 #
 #   bash bench/sync-bench.sh [--rsync-only | --vmsync-only] [--no-build] [--keep] [--json FILE]
 #

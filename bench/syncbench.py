@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""vmsync vs. rsync benchmark (issue 2, "Benchmark"). Python 3 standard library only.
+"""vmsync vs. rsync benchmark. Python 3 standard library only.
 
 Normally started by bench/sync-bench.sh, which installs rsync, builds the release binaries and
 passes --bin-dir. Subcommands:
@@ -54,7 +54,7 @@ import time
 
 MIB = 1024 * 1024
 
-# Full-scale data set (issue 2): about 20,000 files / 500 MiB, plus four 256 MiB files.
+# Full-scale data set: about 20,000 files / 500 MiB, plus four 256 MiB files.
 FULL_FILE_COUNT = 20_000
 FULL_SMALL_TOTAL_BYTES = 500 * MIB
 FULL_BIG_FILE_BYTES = 256 * MIB
@@ -1104,7 +1104,7 @@ def run(args):
                 raise
             results.append(result)
 
-        # vmsync must keep mtimes to the nanosecond (issue 2). rsync is checked to the second:
+        # vmsync must keep mtimes to the nanosecond. rsync is checked to the second:
         # it keeps nanoseconds only from protocol 31 on, and the run should not fail on an
         # older rsync for something it never promised.
         # Each initial sync (and the floor) starts with nothing left to write back: otherwise a

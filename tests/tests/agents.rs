@@ -193,7 +193,7 @@ fn one_mib_inserted_in_a_64_mb_file_sends_about_one_mib() {
     assert!(wire < (1 << 20) + 96 * 1024, "{wire} bytes on the socket");
 }
 
-/// Issue 2 across real processes: 256 random bytes written in place into each of 200 files
+/// Across real processes: 256 random bytes written in place into each of 200 files
 /// (text and random, 8-40 KiB) cross as deltas against the other side's old copies, in both
 /// directions: a small fraction of the whole chunks they touch, counted on the socket.
 #[test]

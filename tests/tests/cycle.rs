@@ -1000,7 +1000,7 @@ fn paths(list: &[&str]) -> vmsync_core::endpoint::ScanScope {
     )
 }
 
-/// Issue 3 #2: in a live (targeted) cycle a big new file does not hold up the small ones
+/// In a live (targeted) cycle a big new file does not hold up the small ones
 /// hinted with it: they land in that cycle, the big one in bulk steps afterwards, and a cycle
 /// that runs in between leaves the file in flight alone.
 #[tokio::test]
@@ -1182,7 +1182,7 @@ async fn a_bulk_transfer_whose_source_changes_lands_nothing_torn() {
     assert_eq!(read(&p.guest_dir, "big.bin"), newer);
 }
 
-/// Issue 2: 200 files (text and random, 8-40 KiB) each get 256 random bytes in place. Returns
+/// 200 files (text and random, 8-40 KiB) each get 256 random bytes in place. Returns
 /// the file names and what sending every changed chunk whole would cost (raw bytes).
 fn patch_200_files(p: &Pair, from_host: bool) -> (Vec<String>, u64) {
     let root = if from_host { &p.host_dir } else { &p.guest_dir };
@@ -1248,7 +1248,7 @@ async fn two_hundred_patches(from_host: bool) -> (u64, u64) {
     (sent, whole)
 }
 
-/// Issue 2, in-process: 256-byte patches in 200 files cross as deltas against the old file, a
+/// In-process: 256-byte patches in 200 files cross as deltas against the old file, a
 /// small fraction of the whole chunks they touch, in both directions.
 #[tokio::test]
 async fn two_hundred_small_patches_cross_as_deltas_both_ways() {

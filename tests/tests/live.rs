@@ -1,4 +1,4 @@
-//! Live sync across real processes (issue 3, "What must work" 5-7 and 10): both agents
+//! Live sync across real processes: both agents
 //! running, a change made on one side with plain file operations, and the other side's tree
 //! checked byte for byte once it has converged.
 //!
@@ -646,7 +646,7 @@ fn wait_returns_once_edits_made_before_it_have_landed() {
     }
 }
 
-/// Issue 3 #2: a burst of small changes does not wait behind a big file. With the link slowed
+/// A burst of small changes does not wait behind a big file. With the link slowed
 /// to 16 MiB/s, a 48 MiB file takes about three seconds to cross; 200 small files written just
 /// after it must all have landed, byte for byte, while the big one is still on its way.
 #[test]
