@@ -1075,21 +1075,16 @@ impl Controller {
             return Ok(());
         }
         if let Some(rest) = changes.get(stored..).filter(|r| !r.is_empty()) {
-            let next = Generation {
-                value: self.generation.value.saturating_add(1),
-                merge_pending: false,
-            };
-            guest
-                .mark(next.value)
-                .await
-                .map_err(side_err(Side::Guest))?;
-            self.db.commit_ancestor(
+            let rows = rest.iter().map(|(p, e)| (p, e.as_ref())).collect();
+            self.generation = mark_and_record(
+                guest,
+                &self.db,
                 &self.settings.name,
-                rest.iter().map(|(p, e)| (p, e.as_ref())).collect(),
+                self.generation,
+                rows,
                 false,
-                next,
-            )?;
-            self.generation = next;
+            )
+            .await?;
         }
         for (path, entry) in changes {
             self.totals.record(
@@ -1140,22 +1135,17 @@ impl Controller {
         guest_snap: &Snapshot,
     ) -> Result<Snapshot, CycleError> {
         let substitute = rollback_ancestor(ancestor, host, guest_snap);
-        let next = Generation {
-            value: self.generation.value.saturating_add(1),
-            merge_pending: false,
-        };
-        guest
-            .mark(next.value)
-            .await
-            .map_err(side_err(Side::Guest))?;
-        self.db.commit_ancestor(
+        let rows = substitute.iter().map(|(p, e)| (p, Some(e))).collect();
+        self.generation = mark_and_record(
+            guest,
+            &self.db,
             &self.settings.name,
-            substitute.iter().map(|(p, e)| (p, Some(e))).collect(),
+            self.generation,
+            rows,
             true,
-            next,
-        )?;
+        )
+        .await?;
         tracing::info!(share = %self.settings.name, "merging add-only after the guest went back in time: {} of {} ancestor entries kept", substitute.len(), self.ancestor.len());
-        self.generation = next;
         self.ancestor = substitute.clone();
         self.totals = Totals::of(&self.ancestor, &self.settings.deletion_exempt);
         Ok(substitute)
@@ -1948,25 +1938,10 @@ async fn transition<E: Endpoint>(
     // here the destination is the endpoint at hand.
     if side == Side::Guest && executed.recorded == before && executed.applied.len() > before {
         if let Some(rec) = executed.recorder.as_mut() {
-            let next = Generation {
-                value: rec.generation.value.saturating_add(1),
-                merge_pending: false,
-            };
             let batch = executed.applied.get(before..).unwrap_or_default();
-            let recorded = match ep.mark(next.value).await {
-                Ok(()) => rec
-                    .db
-                    .commit_ancestor(
-                        &rec.share,
-                        batch.iter().map(|(p, e)| (p, e.as_ref())).collect(),
-                        false,
-                        next,
-                    )
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            match recorded {
-                Ok(()) => {
+            let rows = batch.iter().map(|(p, e)| (p, e.as_ref())).collect();
+            match mark_and_record(ep, &rec.db, &rec.share, rec.generation, rows, false).await {
+                Ok(next) => {
                     rec.generation = next;
                     // Everything before this batch was recorded too (the prefix rule).
                     rec.pending.clear();
@@ -1979,6 +1954,31 @@ async fn transition<E: Endpoint>(
         }
     }
     Ok(())
+}
+
+/// Every ancestor write: the guest first notes the generation after `current`, then the
+/// ancestor rows and that generation are recorded in one transaction, so whatever guest state
+/// the ancestor relies on is stamped before the host relies on it (see `docs/safety.md`,
+/// "Snapshot reverts"). `replace`: the rows are the whole ancestor. Returns the new generation;
+/// nothing is recorded if the guest could not note it.
+async fn mark_and_record<G: Endpoint>(
+    guest: &mut G,
+    db: &StateDb,
+    share: &str,
+    current: Generation,
+    rows: Vec<(&RelPath, Option<&Entry>)>,
+    replace: bool,
+) -> Result<Generation, CycleError> {
+    let next = Generation {
+        value: current.value.saturating_add(1),
+        merge_pending: false,
+    };
+    guest
+        .mark(next.value)
+        .await
+        .map_err(side_err(Side::Guest))?;
+    db.commit_ancestor(share, rows, replace, next)?;
+    Ok(next)
 }
 
 /// Records each batch a transition applied on the guest in the ancestor as soon as it lands
