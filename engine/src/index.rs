@@ -72,11 +72,20 @@ pub struct ChunkLocation {
     pub len: u32,
 }
 
+/// How many files beyond the first the index remembers for one chunk. A chunk held by more
+/// files than this is still found as long as one remembered holder stays; losing them all only
+/// costs a transfer until the chunk's next holder is re-indexed.
+const MAX_SPARE_HOLDERS: usize = 7;
+
 #[derive(Debug, Default)]
 pub struct FileIndex {
     /// Ordered, so the files beneath a path are a range (see [`FileIndex::paths_under`]).
     files: BTreeMap<RelPath, IndexRecord>,
+    /// The first holder of each chunk: the place [`FileIndex::locate`] answers.
     chunks: HashMap<Hash, ChunkLocation>,
+    /// Further files holding the same chunk, so that removing the first holder (a rename
+    /// indexes the new path before it drops the old one) leaves the chunk locatable.
+    spares: HashMap<Hash, Vec<ChunkLocation>>,
     /// The sum of the indexed files' sizes, kept as they come and go.
     bytes: u64,
 }
@@ -130,12 +139,25 @@ impl FileIndex {
         self.remove(&path);
         let mut offset = 0u64;
         for &(hash, len) in &record.chunks {
-            self.chunks.entry(hash).or_insert_with(|| ChunkLocation {
+            let here = ChunkLocation {
                 path: path.clone(),
                 offset,
                 len,
-            });
+            };
             offset += u64::from(len);
+            match self.chunks.get(&hash) {
+                None => {
+                    self.chunks.insert(hash, here);
+                }
+                // A chunk repeated within this file: its first place is enough.
+                Some(first) if first.path == path => {}
+                Some(_) => {
+                    let spares = self.spares.entry(hash).or_default();
+                    if spares.len() < MAX_SPARE_HOLDERS && spares.iter().all(|s| s.path != path) {
+                        spares.push(here);
+                    }
+                }
+            }
         }
         self.bytes = self.bytes.saturating_add(record.meta.size);
         self.files.insert(path, record);
@@ -144,12 +166,23 @@ impl FileIndex {
     pub fn remove(&mut self, path: &RelPath) -> Option<IndexRecord> {
         let old = self.files.remove(path)?;
         self.bytes = self.bytes.saturating_sub(old.meta.size);
-        // Drop chunk locations that pointed into this file. Another file may hold the same
-        // chunk; it is found again when that file is next re-indexed, and a miss only costs a
-        // transfer, never correctness.
+        // Drop the chunk locations that pointed into this file; a spare holder, if any, takes
+        // the first one's place.
         for (hash, _) in &old.chunks {
             if self.chunks.get(hash).is_some_and(|loc| &loc.path == path) {
-                self.chunks.remove(hash);
+                match self.spares.get_mut(hash).and_then(Vec::pop) {
+                    Some(next) => {
+                        self.chunks.insert(*hash, next);
+                    }
+                    None => {
+                        self.chunks.remove(hash);
+                    }
+                }
+            } else if let Some(spares) = self.spares.get_mut(hash) {
+                spares.retain(|s| &s.path != path);
+            }
+            if self.spares.get(hash).is_some_and(Vec::is_empty) {
+                self.spares.remove(hash);
             }
         }
         Some(old)
@@ -200,5 +233,61 @@ mod tests {
         idx.remove(&a);
         assert!(idx.locate(&Hash([2; 32])).is_none());
         assert!(idx.locate(&Hash([3; 32])).is_some());
+    }
+
+    #[test]
+    fn a_chunk_stays_locatable_while_any_holder_is_left() {
+        let [a, b, c] = [b"a", b"b", b"c"].map(|n| RelPath::from_bytes(n).unwrap());
+        let mut idx = FileIndex::default();
+        // A rename as a transition records it: the new path first, then the old one goes.
+        idx.insert(a.clone(), rec(&[(1, 10), (2, 20)]));
+        idx.insert(b.clone(), rec(&[(1, 10), (2, 20)]));
+        idx.remove(&a);
+        assert_eq!(idx.locate(&Hash([2; 32])).map(|l| &l.path), Some(&b));
+        idx.insert(c.clone(), rec(&[(9, 5), (2, 20)]));
+        idx.remove(&b);
+        let loc = idx.locate(&Hash([2; 32])).unwrap();
+        assert_eq!((&loc.path, loc.offset), (&c, 5));
+        idx.remove(&c);
+        assert!(idx.locate(&Hash([2; 32])).is_none());
+        assert!(idx.spares.is_empty());
+    }
+
+    proptest::proptest! {
+        /// Whatever files come and go, a chunk that a remaining file holds is located in a
+        /// file that holds it, at that chunk's place; nothing is located that no file holds.
+        #[test]
+        fn locations_follow_the_files_that_hold_them(
+            ops in proptest::collection::vec(
+                (0u8..5, proptest::option::of(proptest::collection::vec(0u8..6, 1..5))),
+                1..60,
+            ),
+        ) {
+            let mut idx = FileIndex::default();
+            for (file, chunks) in ops {
+                let path = RelPath::from_bytes(&[b'a' + file]).unwrap();
+                match chunks {
+                    Some(c) => {
+                        let hashes: Vec<(u8, u32)> = c.iter().map(|&h| (h, 7)).collect();
+                        idx.insert(path, rec(&hashes));
+                    }
+                    None => {
+                        idx.remove(&path);
+                    }
+                }
+            }
+            for h in 0u8..6 {
+                let hash = Hash([h; 32]);
+                let held = idx.records().any(|r| r.chunks.iter().any(|c| c.0 == hash));
+                match idx.locate(&hash) {
+                    None => proptest::prop_assert!(!held),
+                    Some(loc) => {
+                        let rec = idx.get(&loc.path).unwrap();
+                        let at = (loc.offset / 7) as usize;
+                        proptest::prop_assert_eq!(rec.chunks[at].0, hash);
+                    }
+                }
+            }
+        }
     }
 }
