@@ -178,6 +178,16 @@ impl BulkJob {
     fn target(&self) -> Option<Side> {
         self.actions.first().map(|a| a.target)
     }
+
+    /// The chunks this job has still to supply, with the side they go to.
+    fn queued(&self) -> impl Iterator<Item = (Side, Hash)> + '_ {
+        let target = self.target();
+        let reads = self.reads.iter().map(|r| r.read.chunk.hash);
+        let ready = self.ready.iter().flatten().map(|(r, _)| r.chunk.hash);
+        reads
+            .chain(ready)
+            .filter_map(move |h| target.map(|t| (t, h)))
+    }
 }
 
 impl Controller {
@@ -1166,6 +1176,7 @@ impl Controller {
                 generation: self.generation,
                 pending: PendingBatch::new(&self.space.state_dir, &self.settings.name),
             }),
+            queued: self.bulk.iter().flat_map(BulkJob::queued).collect(),
             ..Executed::default()
         };
         let mut host_actions = Vec::new();
@@ -1272,6 +1283,10 @@ struct Executed {
     chunks_reused: u64,
     /// Big files left staged for [`Controller::bulk_step`].
     bulk: Vec<BulkJob>,
+    /// Chunks that bulk jobs (earlier ones, or this cycle's) are still to supply, by
+    /// destination side. A file staged now that lacks one joins the bulk queue behind them and
+    /// is filled by that supply: asked again, the chunk would cross twice.
+    queued: HashSet<(Side, Hash)>,
     /// Where the time went, for the cycle's debug log.
     times: PhaseTimes,
 }
@@ -1497,8 +1512,13 @@ async fn stage_files<S: Endpoint, D: Endpoint>(
                 Ok(missing) => {
                     executed.chunks_reused += total.saturating_sub(missing.len()) as u64;
                     let mut want = Vec::with_capacity(missing.len());
+                    let mut behind_bulk = false;
                     for m in missing {
                         if !sources.contains_key(&m.hash) {
+                            continue;
+                        }
+                        if defer && executed.queued.contains(&(dst_side, m.hash)) {
+                            behind_bulk = true;
                             continue;
                         }
                         if let Some(base) = m.base {
@@ -1511,7 +1531,8 @@ async fn stage_files<S: Endpoint, D: Endpoint>(
                         .filter_map(|h| sources.get(h))
                         .map(|r| u64::from(r.chunk.len))
                         .sum();
-                    wants.push((path, want, defer && bytes >= BULK_MIN_BYTES));
+                    let deferred = defer && (behind_bulk || bytes >= BULK_MIN_BYTES);
+                    wants.push((path, want, deferred));
                 }
                 Err(p) => problems.push(view(dst_side, p)),
             }
@@ -1566,6 +1587,7 @@ async fn stage_files<S: Endpoint, D: Endpoint>(
             deferred_paths.insert(path);
         }
         if !job.actions.is_empty() {
+            executed.queued.extend(job.queued());
             executed.bulk.push(job);
         }
         let mut failed: HashSet<RelPath> = HashSet::new();

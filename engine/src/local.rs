@@ -875,10 +875,11 @@ impl LocalShare {
         let mut datas: Vec<Vec<u8>> = Vec::with_capacity(chunks.len());
         let mut writes: HashMap<RelPath, FileWrites> = HashMap::new();
         for (hash, data) in chunks {
+            // A chunk no staged file waits for any more (another supply filled them first, or
+            // they were unstaged): nothing to write.
             if !self.wanted.contains_key(&hash) {
-                return Err(EndpointError::Protocol(format!(
-                    "chunk {hash} was not requested"
-                )));
+                tracing::debug!(share = %self.name, "chunk {hash} is no longer wanted");
+                continue;
             }
             let data = match data {
                 ChunkData::Whole(data) => {
