@@ -1063,6 +1063,52 @@ impl ShareRoot {
         self.commit("create file", temp, p, mode, mtime, RenameFlags::NOREPLACE)
     }
 
+    /// Makes `p` another name of the file at `other` (a hard link), replacing what `p` holds
+    /// with one rename, so `p` is never empty. Only when both are still what the caller last
+    /// saw (identities `other_was` and `p_was`: device, inode, size, times); otherwise an error,
+    /// and nothing is touched. What `p` held is not kept: the caller links only a copy of the
+    /// same content it has just committed (see docs/hard-links.md). Returns the `fstat` of the
+    /// linked inode (its ctime moved: a link was added).
+    pub fn link_over(
+        &self,
+        other: &RelPath,
+        other_was: &crate::index::Identity,
+        p: &RelPath,
+        p_was: &crate::index::Identity,
+    ) -> Result<Stat, FsError> {
+        const OP: &str = "hard link";
+        let loc = Loc::path(p);
+        let (file, st) = self.open_file(other)?;
+        if crate::index::Identity::of(&st) != *other_was {
+            return Err(invalid(
+                OP,
+                Loc::path(other),
+                "changed since it was indexed",
+            ));
+        }
+        match self.stat(p)? {
+            Some(now)
+                if now.kind == FileKind::File && crate::index::Identity::of(&now) == *p_was => {}
+            _ => return Err(invalid(OP, loc, "changed since it was committed")),
+        }
+        let mut temp = TempFile::new(file, None);
+        self.name_temp(OP, &mut temp)?;
+        let (dir, name) = match self.parent(OP, p, OFlags::RDONLY) {
+            Ok(found) => found,
+            Err(e) => {
+                self.discard_temp(temp);
+                return Err(e);
+            }
+        };
+        if let Err(e) = rfs::renameat(&self.tmp, temp.name(), &dir, name) {
+            self.discard_temp(temp);
+            return Err(fail(OP, loc, e));
+        }
+        let st = rfs::fstat(&temp.file).map_err(|e| fail(OP, loc, e))?;
+        self.sync_parent(&dir, p).map_err(|e| fail(OP, loc, e))?;
+        Ok(Stat::from_raw(&st, self.dev))
+    }
+
     fn commit(
         &self,
         op: &'static str,
@@ -1223,9 +1269,9 @@ impl ShareRoot {
         // The trash first: a kept version must be durable no later than what replaced it. If
         // it cannot be made durable, the batch's changes are reported as not durable either
         // (under the root: the caller fails what it cannot vouch for).
-        let mut unsynced = Vec::new();
-        if let Err(e) = self.close_trash_batch() {
-            unsynced.push((RelPath::root(), e));
+        let mut failed = Vec::new();
+        if let Err(e) = self.take_trash_batch().and_then(|fds| sync_trash(&fds)) {
+            failed.push((RelPath::root(), e));
         }
         let dirs: Vec<RelPath> = self
             .dirty_dirs
@@ -1235,20 +1281,19 @@ impl ShareRoot {
             .unwrap_or_default()
             .into_iter()
             .collect();
-        let per_thread = dirs.len().div_ceil(DIR_SYNC_THREADS).max(1);
+        let sync = |d: &RelPath| self.fsync_dir(d).err().map(|e| (d.clone(), e));
+        // One directory (a live edit) is synced here: a thread would only add its start-up.
+        if dirs.len() <= 1 {
+            failed.extend(dirs.iter().filter_map(sync));
+            return failed;
+        }
+        // Concurrent fsyncs of different directories share journal commits.
+        let per_thread = dirs.len().div_ceil(DIR_SYNC_THREADS);
         std::thread::scope(|scope| {
             let workers: Vec<_> = dirs
                 .chunks(per_thread)
-                .map(|slice| {
-                    scope.spawn(move || {
-                        slice
-                            .iter()
-                            .filter_map(|d| self.fsync_dir(d).err().map(|e| (d.clone(), e)))
-                            .collect::<Vec<_>>()
-                    })
-                })
+                .map(|slice| scope.spawn(move || slice.iter().filter_map(sync).collect::<Vec<_>>()))
                 .collect();
-            let mut failed = unsynced;
             for (w, slice) in workers.into_iter().zip(dirs.chunks(per_thread)) {
                 match w.join() {
                     Ok(list) => failed.extend(list),
@@ -1722,8 +1767,9 @@ impl ShareRoot {
         ))
     }
 
-    /// Fsyncs the trash directories changed since the last close and ends the current batch.
-    fn close_trash_batch(&self) -> Result<(), FsError> {
+    /// Ends the current trash batch, returning the trash directories changed since the last
+    /// close: the caller fsyncs them ([`sync_trash`]).
+    fn take_trash_batch(&self) -> Result<Vec<OwnedFd>, FsError> {
         let mut guard = self.trash_batch.lock().map_err(|_| {
             invalid(
                 "fsync trash",
@@ -1735,28 +1781,20 @@ impl ShareRoot {
             )
         })?;
         guard.in_batch = false;
-        self.close_trash_locked(&mut guard)
+        Ok(Self::take_trash_locked(&mut guard))
     }
 
-    fn close_trash_locked(&self, state: &mut TrashBatch) -> Result<(), FsError> {
-        let dirty = std::mem::take(&mut state.dirty);
+    fn take_trash_locked(state: &mut TrashBatch) -> Vec<OwnedFd> {
         state.current = None;
-        let result = dirty.iter().try_for_each(|fd| {
-            rfs::fsync(fd).map_err(|e| {
-                fail(
-                    "fsync trash",
-                    Loc {
-                        base: TRASH_SHOWN,
-                        name: None,
-                    },
-                    e,
-                )
-            })
-        });
         for name in state.opened.drain(..) {
             crate::trash::unregister_open(&name);
         }
-        result
+        std::mem::take(&mut state.dirty)
+    }
+
+    /// Fsyncs the trash directories changed since the last close and ends the current batch.
+    fn close_trash_locked(&self, state: &mut TrashBatch) -> Result<(), FsError> {
+        sync_trash(&Self::take_trash_locked(state))
     }
 
     /// `lstat` of `.vmsync/trash/<batch>/<rel>`; `None` if it is not there.
@@ -1961,6 +1999,22 @@ fn remove_tree(
 
 /// Links the open file `file` at `dir`/`name`; fails with `EEXIST` if anything is there.
 /// `AT_EMPTY_PATH` needs CAP_DAC_READ_SEARCH; the /proc link works without it.
+/// Fsyncs trash directories (see [`ShareRoot::end_batch_each`]).
+fn sync_trash(dirs: &[OwnedFd]) -> Result<(), FsError> {
+    dirs.iter().try_for_each(|fd| {
+        rfs::fsync(fd).map_err(|e| {
+            fail(
+                "fsync trash",
+                Loc {
+                    base: TRASH_SHOWN,
+                    name: None,
+                },
+                e,
+            )
+        })
+    })
+}
+
 fn link_fd(file: &File, dir: &OwnedFd, name: &[u8]) -> Result<(), Errno> {
     match rfs::linkat(file, "", dir, name, AtFlags::EMPTY_PATH) {
         Err(Errno::NOENT | Errno::PERM | Errno::ACCESS) => {

@@ -34,6 +34,10 @@ pub const DEFAULT_KEEP_DELETED_PERCENT: u32 = 10;
 pub const MIN_PERCENT_LIMIT_BYTES: u64 = 64 << 20;
 /// How often the pruner looks at the trash when nothing wakes it.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// A wake-up within this long of the last prune waits for it to pass: a live edit trashes a
+/// version every few milliseconds, and walking the whole trash after each would cost more
+/// than the edits. Sooner than the next minute's look all the same.
+pub const PRUNE_MIN_GAP: Duration = Duration::from_secs(2);
 /// How long `put_back` can reach back: trash moves older than this are forgotten.
 pub const PUT_BACK_WINDOW: Duration = Duration::from_secs(600);
 /// At most this many trash moves are remembered for `put_back` (about 200 bytes each).
@@ -510,27 +514,40 @@ impl Pruner {
         let (wake, rx) = std::sync::mpsc::channel::<()>();
         std::thread::Builder::new()
             .name(format!("vmsync-prune-{share}"))
-            .spawn(move || loop {
-                match rx.recv_timeout(PRUNE_EVERY) {
-                    Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
-                }
-                // Several wake-ups at once are one prune.
-                while rx.try_recv().is_ok() {}
-                let root = match ShareRoot::open(&path) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::debug!(share = %share, "trash not pruned: {e}");
-                        continue;
+            .spawn(move || {
+                let mut last = Instant::now();
+                loop {
+                    match rx.recv_timeout(PRUNE_EVERY) {
+                        Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
                     }
-                };
-                let bytes = share_bytes.load(Ordering::Relaxed);
-                match prune_once(&root, retention, bytes, now()) {
-                    Ok((n, b)) => {
-                        totals.files.store(n, Ordering::Relaxed);
-                        totals.bytes.store(b, Ordering::Relaxed);
+                    // Wake-ups until the gap has passed (and several at once) are one prune.
+                    let next = last + PRUNE_MIN_GAP;
+                    loop {
+                        let left = next.saturating_duration_since(Instant::now());
+                        match rx.recv_timeout(left) {
+                            Ok(()) => {}
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
+                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                        }
                     }
-                    Err(e) => tracing::warn!(share = %share, "pruning the trash: {e}"),
+                    while rx.try_recv().is_ok() {}
+                    last = Instant::now();
+                    let root = match ShareRoot::open(&path) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::debug!(share = %share, "trash not pruned: {e}");
+                            continue;
+                        }
+                    };
+                    let bytes = share_bytes.load(Ordering::Relaxed);
+                    match prune_once(&root, retention, bytes, now()) {
+                        Ok((n, b)) => {
+                            totals.files.store(n, Ordering::Relaxed);
+                            totals.bytes.store(b, Ordering::Relaxed);
+                        }
+                        Err(e) => tracing::warn!(share = %share, "pruning the trash: {e}"),
+                    }
                 }
             })?;
         Ok(Pruner { wake })
