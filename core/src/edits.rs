@@ -121,7 +121,10 @@ pub fn to_manifest(refs: &[(Hash, u32)]) -> Manifest {
             c
         })
         .collect();
-    Manifest { chunks }
+    Manifest {
+        chunks,
+        links: Vec::new(),
+    }
 }
 
 /// A manifest as a chunk list.

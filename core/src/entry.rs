@@ -108,6 +108,10 @@ pub struct ChunkRef {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Manifest {
     pub chunks: Vec<ChunkRef>,
+    /// Other paths where the source holds this very file (hard links to the same inode), at
+    /// most [`crate::limits::MAX_MANIFEST_LINKS`]: the destination links the copies it holds
+    /// together too. Empty for a file with one name. See docs/hard-links.md.
+    pub links: Vec<RelPath>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -126,6 +130,8 @@ pub enum ManifestError {
     TooManyChunks { count: usize, max: usize },
     #[error("chunk list does not hash to the file digest")]
     Digest,
+    #[error("{count} hard links, more than {max}")]
+    TooManyLinks { count: usize, max: usize },
 }
 
 impl Manifest {
@@ -153,6 +159,12 @@ impl Manifest {
     /// Checks the chunks cover `[0, meta.size)` exactly, in order, with legal lengths, and that
     /// they hash to `meta.digest` (HOSTILE.md rule 11). `max_chunk` is the chunker's maximum.
     pub fn validate(&self, meta: &FileMeta, max_chunk: u32) -> Result<(), ManifestError> {
+        if self.links.len() > crate::limits::MAX_MANIFEST_LINKS {
+            return Err(ManifestError::TooManyLinks {
+                count: self.links.len(),
+                max: crate::limits::MAX_MANIFEST_LINKS,
+            });
+        }
         if self.chunks.len() > crate::limits::MAX_FILE_CHUNKS {
             return Err(ManifestError::TooManyChunks {
                 count: self.chunks.len(),

@@ -85,7 +85,15 @@ mod tests {
         let chunks = chunk_bytes(&data);
         let offsets: Vec<u64> = chunks.iter().map(|c| c.offset).collect();
         assert_eq!(offsets, GOLDEN_OFFSETS, "cut points changed");
-        assert_eq!(Manifest { chunks }.digest().to_hex(), GOLDEN_DIGEST);
+        assert_eq!(
+            Manifest {
+                chunks,
+                links: Vec::new()
+            }
+            .digest()
+            .to_hex(),
+            GOLDEN_DIGEST
+        );
     }
 
     #[test]
@@ -94,7 +102,14 @@ mod tests {
         let a = chunk_bytes(&data);
         let b = chunk_reader(&data[..]).unwrap();
         assert_eq!(a, b);
-        assert_eq!(Manifest { chunks: a }.size(), 700_000);
+        assert_eq!(
+            Manifest {
+                chunks: a,
+                links: vec![]
+            }
+            .size(),
+            700_000
+        );
     }
 
     #[test]

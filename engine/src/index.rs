@@ -60,7 +60,10 @@ impl IndexRecord {
                 c
             })
             .collect();
-        Manifest { chunks }
+        Manifest {
+            chunks,
+            links: Vec::new(),
+        }
     }
 }
 

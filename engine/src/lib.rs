@@ -28,6 +28,7 @@ pub mod faults;
 pub mod filter;
 pub mod gitignore;
 pub mod index;
+pub mod links;
 pub mod local;
 pub mod notify_systemd;
 pub mod root;

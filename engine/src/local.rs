@@ -37,6 +37,7 @@ use crate::faults::{fault_reason, io_reason, FaultOp};
 use crate::filter::Filter;
 use crate::gitignore::RulesCache;
 use crate::index::{FileIndex, Identity, IndexRecord};
+use crate::links::LinkMap;
 use crate::root::{FileKind, FsError, FsErrorKind, SealJob, Sealed, ShareRoot, TempFile};
 use crate::scan::{hash_file, scan};
 use crate::seal::{SealHandle, Sealer};
@@ -111,6 +112,11 @@ pub struct LocalShare {
     /// What the watcher knows of the ignore rules; scans keep it current.
     watch_rules: SharedRules,
     index: FileIndex,
+    /// Which files here are hard links of each other, as scans and transitions saw them.
+    links: LinkMap,
+    /// Files the current transition committed whose source has other names for them: linked
+    /// to those names here once the transition's changes are all in place.
+    to_link: Vec<(RelPath, Vec<RelPath>)>,
     db: Arc<StateDb>,
     staged: HashMap<RelPath, Staged>,
     /// Chunk id → staged paths waiting for it.
@@ -211,6 +217,8 @@ impl LocalEndpoint {
             rules: RulesCache::default(),
             watch_rules,
             index,
+            links: LinkMap::default(),
+            to_link: Vec::new(),
             db,
             staged: HashMap::new(),
             wanted: HashMap::new(),
@@ -427,7 +435,12 @@ impl Endpoint for LocalEndpoint {
                     watcher: &watcher,
                     hints: Some(hints.clone()),
                 };
-                let hints = self.run(move |s| Ok(s.drop_echoes(hints))).await?;
+                let hints = self
+                    .run(move |s| {
+                        let hints = s.drop_echoes(hints);
+                        Ok(s.with_other_names(hints))
+                    })
+                    .await?;
                 pending.hints = None;
                 if !hints.is_empty() {
                     return Ok(hints);
@@ -566,6 +579,13 @@ impl LocalShare {
         if let Ok(mut w) = self.watch_rules.write() {
             w.ignored_dirs_found(&out.ignored_dirs);
         }
+        match scope {
+            ScanScope::Full => self.links.clear(),
+            ScanScope::Paths(paths) => paths.iter().for_each(|p| self.links.forget_under(p)),
+        }
+        for (path, inode) in &out.linked {
+            self.links.set(path, Some(*inode));
+        }
         for path in &out.gone {
             self.index.remove(path);
         }
@@ -603,7 +623,9 @@ impl LocalShare {
             .into_iter()
             .map(|(path, meta)| match self.index.get(&path) {
                 Some(rec) if rec.meta.digest == meta.digest && rec.meta.size == meta.size => {
-                    Ok(rec.manifest())
+                    let mut manifest = rec.manifest();
+                    manifest.links = self.links.others(&path);
+                    Ok(manifest)
                 }
                 _ => Err(Problem {
                     path,
@@ -1042,6 +1064,8 @@ impl LocalShare {
                 Ok(current) if current != change.expected => Outcome::Changed(current),
                 Ok(current) => match self.apply(&change, current.as_ref()) {
                     Ok(record) => {
+                        // Whatever the path is now, it has no other name until linked below.
+                        self.links.set(&change.path, None);
                         match (&change.new, &record) {
                             (Some(Entry::File(_)), Some(r)) => {
                                 self.echoes.insert(change.path.clone(), Some(r.identity));
@@ -1064,6 +1088,9 @@ impl LocalShare {
             };
             applying += step.elapsed();
             outcomes.push(outcome);
+        }
+        if !self.to_link.is_empty() {
+            self.link_committed(&mut index_changes);
         }
         // Nothing is recorded or acknowledged before the directories are durable.
         let step = std::time::Instant::now();
@@ -1122,6 +1149,32 @@ impl LocalShare {
             step.elapsed().as_micros()
         );
         Ok(outcomes)
+    }
+
+    /// Adds to watcher hints the other names of a hard-linked file among them: a write through
+    /// one name changes them all, and inotify tells only of the one written through.
+    fn with_other_names(&self, mut hints: ChangeHints) -> ChangeHints {
+        if hints.rescan || self.links.is_empty() {
+            return hints;
+        }
+        let others: Vec<RelPath> = hints
+            .paths
+            .iter()
+            .flat_map(|p| self.links.others(p))
+            .collect();
+        if others.is_empty() {
+            return hints;
+        }
+        hints.paths.extend(others);
+        let all: std::collections::HashSet<RelPath> = hints.paths.drain(..).collect();
+        // Coalesced again: none beneath another.
+        hints.paths = all
+            .iter()
+            .filter(|p| !p.ancestors().any(|a| all.contains(&a)))
+            .cloned()
+            .collect();
+        hints.paths.sort();
+        hints
     }
 
     /// Drops from watcher hints the paths that hold exactly what this side's own transitions
@@ -1457,11 +1510,63 @@ impl LocalShare {
             }
             _ => ApplyError::Failed(fault_reason(FaultOp::Rename, &e)),
         })?;
-        Ok(IndexRecord::new(
-            Identity::of(&stat),
-            *meta,
-            &staged.manifest,
-        ))
+        let record = IndexRecord::new(Identity::of(&stat), *meta, &staged.manifest);
+        if !staged.manifest.links.is_empty() {
+            self.to_link.push((path.clone(), staged.manifest.links));
+        }
+        Ok(record)
+    }
+
+    /// Links each file this transition committed to the other names its source gave it, where
+    /// this side holds one with the same content and metadata (committed now or before): the
+    /// share's hard links come out as hard links here too. The committed copy goes (it is the
+    /// same content); nothing else is replaced. Updates the records and echoes of both names.
+    /// Best effort: a name that changed meanwhile is left as it is, a plain copy.
+    fn link_committed(&mut self, index_changes: &mut Vec<(RelPath, Option<IndexRecord>)>) {
+        let to_link = std::mem::take(&mut self.to_link);
+        let Some(root) = self.root.as_ref() else {
+            return;
+        };
+        for (path, others) in to_link {
+            let Some(mine) = index_changes
+                .iter()
+                .rev()
+                .find(|(p, _)| *p == path)
+                .and_then(|(_, r)| r.clone())
+            else {
+                continue;
+            };
+            for other in others {
+                let theirs = match index_changes.iter().rev().find(|(p, _)| *p == other) {
+                    Some((_, r)) => r.clone(),
+                    None => self.index.get(&other).cloned(),
+                };
+                let Some(theirs) = theirs else { continue };
+                let (a, b) = (&mine.identity, &theirs.identity);
+                if (a.dev, a.ino) == (b.dev, b.ino) {
+                    break;
+                }
+                if theirs.meta != mine.meta {
+                    continue;
+                }
+                match root.link_over(&other, b, &path, a) {
+                    Ok(st) => {
+                        let identity = Identity::of(&st);
+                        for (name, rec) in [(&path, &mine), (&other, &theirs)] {
+                            let mut rec = rec.clone();
+                            rec.identity = identity;
+                            index_changes.push((name.clone(), Some(rec)));
+                            self.echoes.insert(name.clone(), Some(identity));
+                            self.links.set(name, Some((st.dev, st.ino)));
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(share = %self.name, path = %path.escaped(), other = %other.escaped(), "not linked: {e}");
+                    }
+                }
+            }
+        }
     }
 
     /// Keeps the file or symlink `entry` at `path` in the trash: moved there (`link` false:
@@ -1956,7 +2061,10 @@ mod tests {
                 mtime: MTIME,
                 digest: Manifest::digest_of(&chunks),
             },
-            manifest: Manifest { chunks },
+            manifest: Manifest {
+                chunks,
+                links: Vec::new(),
+            },
         }
     }
 

@@ -52,6 +52,9 @@ pub struct ScanOutput {
     /// The directories among `ignored` (not those a coarsened list stands in for): nothing
     /// beneath them can sync until the rules above them change.
     pub ignored_dirs: Vec<RelPath>,
+    /// The regular files in scope with more than one link, and their inode (see
+    /// [`crate::links`]).
+    pub linked: Vec<(RelPath, crate::links::Inode)>,
 }
 
 struct HashJob {
@@ -324,6 +327,9 @@ impl Walk<'_> {
     }
 
     fn file(&mut self, path: RelPath, stat: Stat) {
+        if stat.nlink > 1 {
+            self.out.linked.push((path.clone(), (stat.dev, stat.ino)));
+        }
         if let Some(rec) = self.index.get(&path) {
             if rec.identity == Identity::of(&stat) {
                 let meta = FileMeta {
@@ -498,7 +504,10 @@ pub fn hash_file(root: &ShareRoot, path: &RelPath) -> Result<IndexRecord, String
         let before_id = Identity::of(&before);
         let chunks = chunk_reader(&file).map_err(|e| format!("cannot read: {e}"))?;
         let after = file.metadata().map_err(|e| format!("cannot stat: {e}"))?;
-        let manifest = Manifest { chunks };
+        let manifest = Manifest {
+            chunks,
+            links: Vec::new(),
+        };
         if before_id == identity_of_metadata(&after, before.dev) && manifest.size() == before.size {
             let meta = FileMeta {
                 size: before.size,

@@ -17,8 +17,8 @@ use crate::chunk::{Codec, WireChunk, WireContent, WireDelta};
 use crate::limits::{
     CHUNK_MAX_BYTES, MAX_AGENT_VERSION_BYTES, MAX_BATCH_CHANGES, MAX_BATCH_CHUNKS, MAX_BATCH_FILES,
     MAX_BATCH_PATHS, MAX_DELTA_BYTES, MAX_FILE_CHUNKS, MAX_GENERATION, MAX_IGNORE_PATTERNS,
-    MAX_IGNORE_PATTERN_BYTES, MAX_REASON_BYTES, MAX_SCAN_ENTRIES, MAX_SCAN_IGNORED,
-    MAX_SCAN_PROBLEMS, MAX_SHARES, MAX_SHARE_NAME_BYTES, MAX_SIGNATURE_BYTES,
+    MAX_IGNORE_PATTERN_BYTES, MAX_MANIFEST_LINKS, MAX_REASON_BYTES, MAX_SCAN_ENTRIES,
+    MAX_SCAN_IGNORED, MAX_SCAN_PROBLEMS, MAX_SHARES, MAX_SHARE_NAME_BYTES, MAX_SIGNATURE_BYTES,
     MAX_SYMLINK_TARGET_BYTES,
 };
 use crate::messages::{
@@ -181,6 +181,7 @@ fn chunk_ref(c: &ChunkRef) -> Result {
 
 fn manifest(m: &Manifest) -> Result {
     count("manifest chunks", m.chunks.len(), MAX_FILE_CHUNKS)?;
+    count("manifest links", m.links.len(), MAX_MANIFEST_LINKS)?;
     m.chunks.iter().try_for_each(chunk_ref)
 }
 
@@ -933,7 +934,10 @@ mod tests {
                 manifests,
             }))
         };
-        let m = Manifest { chunks: vec![] };
+        let m = Manifest {
+            chunks: vec![],
+            links: vec![],
+        };
         assert!(answer(vec![(p("a"), m.clone()), (p("b"), m.clone())])
             .validate()
             .is_ok());

@@ -147,7 +147,7 @@ fn requests() {
             files: vec![StageRequest {
                 path: p("a/b"),
                 meta: meta(),
-                manifest: Manifest { chunks: vec![chunk_ref()] },
+                manifest: Manifest { chunks: vec![chunk_ref()], links: vec![] },
             }],
         }),
         "030701040103612f6205a40380c49fd50c7b11111111111111111111111111111111111111111111111111111111111111110122222222222222222222222222222222222222222222222222222222222222220005",
@@ -217,7 +217,7 @@ fn responses() {
     golden(
         "Manifests",
         response(ResponseBody::Manifests(Ok(vec![
-            Ok(Manifest { chunks: vec![chunk_ref()] }),
+            Ok(Manifest { chunks: vec![chunk_ref()], links: vec![] }),
             Err(problem()),
         ]))),
         "04070200020001222222222222222222222222222222222222222222222222222222222222222200050101640c6669666f20736b6970706564",
@@ -322,7 +322,7 @@ fn chunk_delta_messages() {
             files: vec![StageFile {
                 path: p("a/b"),
                 meta: meta(),
-                manifest: ManifestForm::Full(Manifest { chunks: vec![chunk_ref()] }),
+                manifest: ManifestForm::Full(Manifest { chunks: vec![chunk_ref()], links: vec![] }),
             }],
         }),
         "030701090103612f6205a40380c49fd50c7b1111111111111111111111111111111111111111111111111111111111111111000122222222222222222222222222222222222222222222222222222222222222220005",
@@ -398,7 +398,7 @@ fn scan_with_manifests_messages() {
                 ignored: vec![],
                 generation: None,
             },
-            manifests: vec![(p("a/b"), Manifest { chunks: vec![chunk_ref()] })],
+            manifests: vec![(p("a/b"), Manifest { chunks: vec![chunk_ref()], links: vec![] })],
         }))),
         "04070c00000103612f620005a40380c49fd50c7b11111111111111111111111111111111111111111111111111111111111111110000000103612f620122222222222222222222222222222222222222222222222222222222222222220005",
     );

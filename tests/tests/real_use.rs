@@ -90,13 +90,13 @@ fn renamed_again_and_again_and_copied_sends_no_content() {
                 "{label}: {wire} bytes crossed for mv {from} {to}"
             );
         }
+        // Copied whole, then moved in: a copy caught half written would rightly send its
+        // unfinished last chunk.
         let before = content(&a);
         a.relay.reset();
-        std::fs::copy(
-            src.join(format!("{prefix}4/again.bin")),
-            src.join(format!("{prefix}4/copy.bin")),
-        )
-        .unwrap();
+        let scratch = a.tmp.path().join(format!("copy-{prefix}"));
+        std::fs::copy(src.join(format!("{prefix}4/again.bin")), &scratch).unwrap();
+        std::fs::rename(&scratch, src.join(format!("{prefix}4/copy.bin"))).unwrap();
         a.converge(SETTLE);
         settled(&a);
         assert_eq!(content(&a), before, "{label}: content crossed for a copy");
@@ -148,8 +148,96 @@ fn identical_files_landing_during_a_transfer_cross_once_without_dropping_the_ses
     no_session_dropped(&a);
 }
 
-#[allow(dead_code)]
-fn ino(path: &Path) -> u64 {
+fn meta(root: &Path, rel: &str) -> std::fs::Metadata {
+    std::fs::symlink_metadata(root.join(rel)).unwrap()
+}
+
+/// The inode of `rel` is the inode of each of `others` (they are hard links of one file).
+fn linked(root: &Path, rel: &str, others: &[&str]) -> bool {
     use std::os::unix::fs::MetadataExt;
-    std::fs::symlink_metadata(path).unwrap().ino()
+    let ino = meta(root, rel).ino();
+    others.iter().all(|o| meta(root, o).ino() == ino)
+}
+
+/// Hard links arrive as hard links, both ways, at the initial sync and live: one inode, one
+/// copy of the data on the wire and on disk; an edit through one name shows through all.
+#[test]
+fn hard_links_arrive_as_hard_links() {
+    use std::os::unix::fs::MetadataExt;
+    const SIZE: usize = 2 << 20;
+    let mut a = Agents::new("");
+    let data = random_bytes(31, SIZE);
+    write(&a.host_dir, "build/app", &data);
+    std::fs::create_dir_all(a.host_dir.join("build/deps")).unwrap();
+    std::fs::hard_link(
+        a.host_dir.join("build/app"),
+        a.host_dir.join("build/deps/app-1f2e"),
+    )
+    .unwrap();
+    write(&a.host_dir, "plain.txt", "one name only");
+    a.start();
+    a.wait_in_sync();
+    settled(&a);
+    assert!(
+        linked(&a.guest_dir, "build/app", &["build/deps/app-1f2e"]),
+        "initial sync split a hard link"
+    );
+    assert_eq!(meta(&a.guest_dir, "build/app").nlink(), 2);
+    assert_eq!(meta(&a.guest_dir, "plain.txt").nlink(), 1);
+    let wire = a.wire_bytes();
+    assert!(
+        wire < (SIZE as u64) * 3 / 2,
+        "{wire} bytes crossed for one {SIZE}-byte file with two names"
+    );
+
+    // A new name for a file the guest has: no content crosses, and it is the same inode.
+    let before = content(&a);
+    std::fs::hard_link(a.host_dir.join("build/app"), a.host_dir.join("app-copy")).unwrap();
+    a.converge(SETTLE);
+    settled(&a);
+    assert!(linked(
+        &a.guest_dir,
+        "app-copy",
+        &["build/app", "build/deps/app-1f2e"]
+    ));
+    assert_eq!(content(&a), before, "content crossed for a new hard link");
+
+    // Written through one name on the host: every name on the guest shows the new content
+    // and they are still one file.
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(a.host_dir.join("build/app"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"appended").unwrap();
+    drop(f);
+    a.converge(SETTLE);
+    settled(&a);
+    assert!(linked(
+        &a.guest_dir,
+        "build/app",
+        &["build/deps/app-1f2e", "app-copy"]
+    ));
+    assert!(read(&a.guest_dir, "app-copy").ends_with(b"appended"));
+
+    // The other way: links made in the guest arrive linked on the host.
+    write(&a.guest_dir, "out/lib.a", random_bytes(32, 300_000));
+    std::fs::hard_link(
+        a.guest_dir.join("out/lib.a"),
+        a.guest_dir.join("out/lib-v2.a"),
+    )
+    .unwrap();
+    a.converge(SETTLE);
+    settled(&a);
+    assert!(
+        linked(&a.host_dir, "out/lib.a", &["out/lib-v2.a"]),
+        "guest->host split a hard link"
+    );
+    // One name removed: the other stays, with its content (the removed name is kept in the
+    // trash, as a link of the same inode).
+    std::fs::remove_file(a.guest_dir.join("out/lib-v2.a")).unwrap();
+    a.converge(SETTLE);
+    settled(&a);
+    assert!(!a.host_dir.join("out/lib-v2.a").exists());
+    assert_eq!(read(&a.host_dir, "out/lib.a"), random_bytes(32, 300_000));
+    no_session_dropped(&a);
 }

@@ -151,7 +151,10 @@ mod tests {
                 len: 100,
             })
             .collect();
-        Manifest { chunks }
+        Manifest {
+            chunks,
+            links: Vec::new(),
+        }
     }
 
     fn p(s: &str) -> RelPath {

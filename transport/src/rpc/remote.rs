@@ -169,9 +169,10 @@ impl RemoteEndpoint {
     }
 
     /// The `Stage2` form of `req`: edits against the manifest the guest holds at that path
-    /// where this session remembers one and the edits are smaller; in full otherwise.
+    /// where this session remembers one and the edits are smaller; in full otherwise (edits
+    /// carry no hard links: a linked file always goes in full).
     fn stage_file(&self, req: StageRequest, edit: bool) -> StageFile {
-        let held = if edit {
+        let held = if edit && req.manifest.links.is_empty() {
             self.memory().held(self.share, &req.path)
         } else {
             None

@@ -54,6 +54,7 @@ pub fn chunks_of(data: &[u8]) -> Vec<(ChunkRef, &[u8])> {
 pub fn manifest_of(data: &[u8]) -> Manifest {
     Manifest {
         chunks: chunks_of(data).into_iter().map(|(r, _)| r).collect(),
+        links: Vec::new(),
     }
 }
 
