@@ -41,10 +41,12 @@ use vmsync_core::{Entry, FileMeta, Hash, Manifest, RelPath};
 
 /// First field of every `Hello`: "VMSYNC", NUL, and the magic's own revision.
 pub const MAGIC: [u8; 8] = *b"VMSYNC\0\x01";
-/// Oldest protocol version this build speaks.
-pub const PROTOCOL_VERSION_MIN: u16 = 1;
+/// Oldest protocol version this build speaks. Version 2 added the mtime of directories and
+/// symlinks (`Entry::Dir` and `Entry::Symlink` end with it); version 1 peers are refused at the
+/// handshake, as their entries have another layout.
+pub const PROTOCOL_VERSION_MIN: u16 = 2;
 /// Newest protocol version this build speaks.
-pub const PROTOCOL_VERSION_MAX: u16 = 1;
+pub const PROTOCOL_VERSION_MAX: u16 = 2;
 /// Feature bit: the peer speaks `Stage2`, `ReadChunks2` and `Supply2` (chunk deltas).
 pub const FEATURE_CHUNK_DELTA: u64 = 1;
 /// Feature bit: the peer speaks `Scan2` (targeted scans that carry small files' manifests).

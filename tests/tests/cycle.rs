@@ -697,7 +697,10 @@ async fn a_guest_reporting_moves_it_will_not_serve_deletes_nothing() {
             let mut entries: BTreeMap<RelPath, Entry> = BTreeMap::new();
             entries.insert(
                 RelPath::from_bytes(b"moved").unwrap(),
-                Entry::Dir { mode: 0o755 },
+                Entry::Dir {
+                    mode: 0o755,
+                    mtime: Default::default(),
+                },
             );
             for (path, entry) in report.entries {
                 let mut moved = b"moved/".to_vec();
