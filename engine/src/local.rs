@@ -1044,20 +1044,23 @@ impl LocalShare {
             let current = self.current(&change.path);
             checking += step.elapsed();
             let step = std::time::Instant::now();
+            let will_apply =
+                matches!(&current, Ok(c) if still_expected(c.as_ref(), change.expected.as_ref()));
+            if let (true, Some(root)) = (will_apply, self.root.as_ref()) {
+                parents.before_write(root, &change.path);
+            }
             let outcome = match current {
                 Err(reason) => Outcome::Failed(reason),
                 Ok(current) if !still_expected(current.as_ref(), change.expected.as_ref()) => {
                     Outcome::Changed(current)
                 }
-                Ok(current) => match {
-                    parents.before_write(self.root()?, &change.path);
-                    self.apply(&change, current.as_ref())
-                } {
+                Ok(current) => match self.apply(&change, current.as_ref()) {
                     Ok(record) => {
                         if let Some(Entry::Dir { mtime, .. }) = &change.new {
                             parents.set(&change.path, *mtime);
                             // Its watcher event is this side's own echo too.
-                            if let Ok(Some(st)) = self.root()?.stat(&change.path) {
+                            let now = self.root.as_ref().map(|r| r.stat(&change.path));
+                            if let Some(Ok(Some(st))) = now {
                                 self.dir_echoes
                                     .insert(change.path.clone(), Identity::of(&st));
                             }

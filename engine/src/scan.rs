@@ -191,13 +191,7 @@ impl Walk<'_> {
     /// it holds): a change at the path moved that directory's mtime, which must travel too.
     /// The controller reconciles such a directory only as a directory on both sides.
     fn parent_dir(&mut self, root: &ShareRoot, parent: RelPath) {
-        if self
-            .out
-            .entries
-            .iter()
-            .rev()
-            .take(1)
-            .any(|(p, _)| *p == parent)
+        if self.out.entries.last().is_some_and(|(p, _)| *p == parent)
             || self.filter.is_ignored(&parent, true)
         {
             return;
