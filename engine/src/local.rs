@@ -1556,14 +1556,23 @@ impl LocalShare {
         self.root()?.begin_batch();
         let now = std::time::Instant::now();
         let mut outcomes = Vec::with_capacity(items.len());
+        // What is put back into a directory leaves it the time it had (see `ParentTimes`).
+        let mut parents = ParentTimes::default();
         for (path, entry) in items {
+            if let Some(root) = self.root.as_ref() {
+                parents.before_write(root, &path);
+            }
             let outcome = self.put_back_one(now, &path, &entry);
             if outcome == Outcome::Applied {
                 // What is there now is no echo of ours: let a hint through, the scan sees it.
                 self.echoes.remove(&path);
+                if let Entry::Dir { mtime, .. } = entry {
+                    parents.made(&path, mtime);
+                }
             }
             outcomes.push(outcome);
         }
+        parents.restore(self.root()?, &self.name);
         self.root()?.end_batch().map_err(io_err)?;
         Ok(outcomes)
     }
@@ -1683,6 +1692,12 @@ impl ParentTimes {
         if let Some(t) = self.times.get_mut(path) {
             *t = mtime;
         }
+    }
+
+    /// The directory `path` was just made with this time: it is the one to keep when
+    /// something is written into it next.
+    fn made(&mut self, path: &RelPath, mtime: Timestamp) {
+        self.times.insert(path.clone(), mtime);
     }
 
     /// Puts every time back that moved; returns the identity each such directory was left
