@@ -486,8 +486,15 @@ async fn handshake_refusals_are_clear_on_both_sides() {
     assert!(client.contains("bad magic"), "{client}");
 
     let (client, _) = refused(hello.clone(), |h| {
-        h.min_version = 2;
-        h.max_version = 3;
+        h.min_version = 3;
+        h.max_version = 4;
+    })
+    .await;
+    assert!(client.contains("no common protocol version"), "{client}");
+    // Version 1 entries had no directory and symlink times: such a peer is refused.
+    let (client, _) = refused(hello.clone(), |h| {
+        h.min_version = 1;
+        h.max_version = 1;
     })
     .await;
     assert!(client.contains("no common protocol version"), "{client}");
