@@ -269,7 +269,10 @@ fn published_versions_switched_with_git_and_built_in_the_guest_stay_identical() 
     for (version, dir) in VERSIONS.iter().zip(&versions) {
         git(&host, &["rm", "-rq", "--ignore-unmatch", "."]);
         copy_tree(dir, &host);
-        git(&host, &["add", "-A", "-f", "--", ".", ":!.vmsync", ":!target"]);
+        git(
+            &host,
+            &["add", "-A", "-f", "--", ".", ":!.vmsync", ":!target"],
+        );
         git(&host, &["commit", "-qm", &format!("{CRATE} {version}")]);
         git(&host, &["tag", &format!("v{version}")]);
         check(&a, &format!("commit of {version}"));
