@@ -39,7 +39,7 @@ impl Content {
     pub fn of(entry: &Entry) -> Option<Content> {
         match entry {
             Entry::File(m) => Some(Content::File(m.digest)),
-            Entry::Symlink { target } => Some(Content::Symlink(target.clone())),
+            Entry::Symlink { target, .. } => Some(Content::Symlink(target.clone())),
             Entry::Dir { .. } => None,
         }
     }
@@ -247,11 +247,15 @@ mod tests {
     fn link(t: &str) -> Entry {
         Entry::Symlink {
             target: t.as_bytes().to_vec(),
+            mtime: Default::default(),
         }
     }
 
     fn dir() -> Entry {
-        Entry::Dir { mode: 0o755 }
+        Entry::Dir {
+            mode: 0o755,
+            mtime: Default::default(),
+        }
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! a side's view of a share (`Snapshot`), and a file's chunk list (`Manifest`).
 //!
 //! Equality of entries is what the reconciler calls "unchanged": files compare content digest,
-//! size, permission bits and mtime; directories compare permission bits (their mtime changes
-//! whenever a child does, so it is not synced); symlinks compare their target bytes.
+//! size, permission bits and mtime; directories compare permission bits and mtime; symlinks
+//! compare their target bytes and mtime. A difference in mtime alone is a metadata update,
+//! never a conflict (see `reconcile`): a directory's mtime moves whenever a child changes.
 
 use crate::digest::Hash;
 use crate::path::RelPath;
@@ -52,10 +53,14 @@ pub enum Entry {
     File(FileMeta),
     Dir {
         mode: u32,
+        /// The directory's own mtime; applied on the other side after the changes beneath it.
+        mtime: Timestamp,
     },
     /// A symlink, kept as data. Only relative targets that stay inside the root are synced.
     Symlink {
         target: Vec<u8>,
+        /// The link's own mtime (`lstat`), never its target's.
+        mtime: Timestamp,
     },
 }
 
@@ -84,11 +89,20 @@ impl Entry {
             _ => None,
         }
     }
-    /// Equal but for file mtime: the content both sides would read is the same.
+    /// The entry's own modification time.
+    pub fn mtime(&self) -> Timestamp {
+        match self {
+            Entry::File(m) => m.mtime,
+            Entry::Dir { mtime, .. } | Entry::Symlink { mtime, .. } => *mtime,
+        }
+    }
+    /// Equal but for mtime: the content both sides would read is the same.
     pub fn same_content(&self, other: &Entry) -> bool {
         match (self, other) {
             (Entry::File(a), Entry::File(b)) => a.same_content(b),
-            _ => self == other,
+            (Entry::Dir { mode: a, .. }, Entry::Dir { mode: b, .. }) => a == b,
+            (Entry::Symlink { target: a, .. }, Entry::Symlink { target: b, .. }) => a == b,
+            _ => false,
         }
     }
 }

@@ -6,8 +6,10 @@
 //! - A side "changed" a path when its entry differs from the ancestor's (`Entry` equality).
 //! - Only one side changed: the change propagates to the other side (mode permitting).
 //! - Both changed to equal entries: agreed, no action. Both changed to the same content with
-//!   different file mtimes: the newer mtime is applied to the other side, not a conflict.
-//! - One side only touched a file (same content as the ancestor, new mtime) while the other
+//!   different mtimes (files, directories and symlinks alike): the newer mtime is applied to
+//!   the other side, not a conflict. A directory's mtime moves whenever a child changes, so
+//!   both sides moving it is common and never a conflict.
+//! - One side only touched an entry (same content as the ancestor, new mtime) while the other
 //!   changed its content: the content change propagates. Nothing but an mtime is lost, so
 //!   this is not a conflict. Against a deletion a touch still counts as a modification.
 //! - Both changed differently: a conflict, settled by the `ConflictPolicy`. Delete vs modify
@@ -305,14 +307,14 @@ fn decide_both_changed<'a>(
     resolve_conflict(h, g, policy)
 }
 
-/// Both sides hold the same bytes and mode with different mtimes: the newer mtime goes to the
-/// side with the older one. Nothing is lost, so this is not a conflict.
+/// Both sides hold the same content (bytes and mode, permission bits, or target) with
+/// different mtimes: the newer mtime goes to the side with the older one; on a tie, the host's.
+/// Nothing is lost, so this is not a conflict.
 fn newer_mtime_of_same_content<'a>(h: &'a Entry, g: &'a Entry) -> Option<Decision<'a>> {
-    let (hm, gm) = (h.as_file()?, g.as_file()?);
-    if !hm.same_content(gm) {
+    if !h.same_content(g) {
         return None;
     }
-    Some(if gm.mtime > hm.mtime {
+    Some(if g.mtime() > h.mtime() {
         propagate(Side::Host, Some(g))
     } else {
         propagate(Side::Guest, Some(h))
@@ -368,7 +370,7 @@ fn holds_content(entry: &Entry) -> bool {
     !entry.is_dir()
 }
 
-/// Same content, ignoring file mtimes; two absences are the same version too.
+/// Same content, ignoring mtimes; two absences are the same version too.
 fn same_version(a: Option<&Entry>, b: Option<&Entry>) -> bool {
     match (a, b) {
         (Some(a), Some(b)) => a.same_content(b),

@@ -96,7 +96,7 @@ fn apply_op(tree: &mut Snapshot, op: &Op, universe: &[RelPath]) {
         }
         Op::Chmod { at, alt } => match tree.get_mut(&universe[at]) {
             Some(Entry::File(meta)) => meta.mode = if alt { 0o755 } else { 0o644 },
-            Some(Entry::Dir { mode }) => *mode = if alt { 0o700 } else { 0o755 },
+            Some(Entry::Dir { mode, .. }) => *mode = if alt { 0o700 } else { 0o755 },
             _ => {}
         },
         Op::Mkdir { at, alt } => {

@@ -4,7 +4,10 @@
 
 mod common;
 
-use common::{dir, dir_mode, file, file_mode, link, malformed, path, snapshot, World};
+use common::{
+    dir, dir_at, dir_mode, dir_mode_at, file, file_mode, link, link_at, malformed, path, snapshot,
+    World,
+};
 use vmsync_core::reconcile::{reconcile, ConflictPolicy, Side, SyncMode};
 use vmsync_core::{Entry, RelPath, Snapshot};
 
@@ -302,6 +305,69 @@ fn two_way_conflicts() -> Vec<Case> {
     cases
 }
 
+/// A directory's mtime moves whenever a child changes, on both sides at once during any
+/// two-way edit: a time is a metadata update, the later one wins, never a conflict.
+fn directory_and_symlink_times() -> Vec<Case> {
+    let mut cases = vec![
+        case("host touches a directory (mtime only)")
+            .all(vec![("d", dir_at(1))])
+            .host(vec![("d", dir_at(5))])
+            .to(G, "d", Some(dir_at(5))),
+        case("guest touches a symlink (mtime only): updated in place")
+            .all(vec![("l", link_at("x", 1))])
+            .guest(vec![("l", link_at("x", 5))])
+            .to(H, "l", Some(link_at("x", 5))),
+        case("host adds a child: the new child and the directory's time go over")
+            .all(vec![("d", dir_at(1))])
+            .host(vec![("d", dir_at(5)), ("d/x", file(1, 5))])
+            .to(G, "d", Some(dir_at(5)))
+            .to(G, "d/x", Some(file(1, 5))),
+        case("both add children: each side gets the other's, the later time wins")
+            .all(vec![("d", dir_at(1))])
+            .host(vec![("d", dir_at(5)), ("d/x", file(1, 5))])
+            .guest(vec![("d", dir_at(7)), ("d/y", file(2, 7))])
+            .to(H, "d", Some(dir_at(7)))
+            .to(G, "d/x", Some(file(1, 5)))
+            .to(H, "d/y", Some(file(2, 7))),
+        case("both create a directory at different times")
+            .host(vec![("d", dir_at(3))])
+            .guest(vec![("d", dir_at(2))])
+            .to(G, "d", Some(dir_at(3))),
+        case("host chmods a directory, guest only touches it: the mode goes through")
+            .all(vec![("d", dir_at(1))])
+            .host(vec![("d", dir_mode_at(0o700, 2))])
+            .guest(vec![("d", dir_at(9))])
+            .to(G, "d", Some(dir_mode_at(0o700, 2))),
+        case("host touches a directory the guest deletes: it stays")
+            .all(vec![("d", dir_at(1))])
+            .host(vec![("d", dir_at(5))])
+            .guest(vec![])
+            .to(G, "d", Some(dir_at(5))),
+        case("host→guest: the guest's directory time is reset")
+            .mode(SyncMode::HostToGuest)
+            .all(vec![("d", dir_at(1))])
+            .guest(vec![("d", dir_at(8))])
+            .to(G, "d", Some(dir_at(1))),
+    ];
+    cases.extend(same_for_every_policy(
+        "both touch a symlink, guest's later",
+        case("")
+            .all(vec![("l", link_at("x", 1))])
+            .host(vec![("l", link_at("x", 3))])
+            .guest(vec![("l", link_at("x", 4))])
+            .to(H, "l", Some(link_at("x", 4))),
+    ));
+    cases.extend(same_for_every_policy(
+        "both touch a directory, equal times: agreed",
+        case("")
+            .all(vec![("d", dir_at(1))])
+            .host(vec![("d", dir_at(4))])
+            .guest(vec![("d", dir_at(4))])
+            .agreed("d", Some(dir_at(4))),
+    ));
+    cases
+}
+
 fn mtime_and_permissions() -> Vec<Case> {
     let mut cases = vec![
         case("host touches a file (mtime only)")
@@ -360,6 +426,7 @@ fn mtime_and_permissions() -> Vec<Case> {
             .to(G, "d/x", Some(file(1, 1)))
             .to(H, "d/y", Some(file(2, 2))),
     ];
+    cases.extend(directory_and_symlink_times());
     cases.extend(same_for_every_policy(
         "host touches later, guest edits: the edit wins, even under newer-wins",
         case("")

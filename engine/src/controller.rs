@@ -18,7 +18,7 @@
 use crate::filter::Filter;
 use crate::state::{Generation, InFlight, PendingBatch, ShareMeta, StateDb, StateError};
 use crate::status::{ProblemView, ShareState, ShareStatus};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -694,9 +694,12 @@ impl Controller {
         // What the scope covers, found by range: a live cycle looks at its paths only.
         let scoped: Box<dyn Iterator<Item = (&RelPath, &Entry)>> = match &scope {
             ScanScope::Full => Box::new(self.ancestor.iter()),
-            ScanScope::Paths(paths) => {
-                Box::new(paths.iter().flat_map(|p| subtree(&self.ancestor, p)))
-            }
+            ScanScope::Paths(paths) => Box::new(
+                paths
+                    .iter()
+                    .flat_map(|p| subtree(&self.ancestor, p))
+                    .chain(scope_parents(paths).filter_map(|d| self.ancestor.get_key_value(&d))),
+            ),
         };
         let mut ancestor: Snapshot = scoped
             .filter(|(p, e)| !filter.is_ignored(p, e.is_dir()))
@@ -725,6 +728,9 @@ impl Controller {
             for snap in [&mut host_snap, &mut guest_snap, &mut ancestor] {
                 remove_subtree(snap, path);
             }
+        }
+        if let ScanScope::Paths(paths) = &scope {
+            only_directory_parents(paths, &mut ancestor, &mut host_snap, &mut guest_snap);
         }
         if scope == ScanScope::Full {
             for (side, snap) in [(Side::Host, &host_snap), (Side::Guest, &guest_snap)] {
@@ -858,9 +864,12 @@ impl Controller {
         // covers them finds them settled.
         match &scope {
             ScanScope::Full => self.conflicts.clear(),
-            ScanScope::Paths(paths) => self
-                .conflicts
-                .retain(|c| !paths.iter().any(|p| p == c || p.is_ancestor_of(c))),
+            ScanScope::Paths(paths) => {
+                let parents: HashSet<RelPath> = scope_parents(paths).collect();
+                self.conflicts.retain(|c| {
+                    !parents.contains(c) && !paths.iter().any(|p| p == c || p.is_ancestor_of(c))
+                })
+            }
         }
         self.conflicts
             .extend(plan.conflicts.iter().map(|c| c.path.clone()));
@@ -1383,6 +1392,39 @@ impl Totals {
 }
 
 /// Removes `path` and everything beneath it from `snap`.
+/// The directories the paths of a targeted scope are in (not the root, none inside the scope).
+fn scope_parents(paths: &[RelPath]) -> impl Iterator<Item = RelPath> + '_ {
+    let parents: BTreeSet<RelPath> = paths
+        .iter()
+        .filter_map(RelPath::parent)
+        .filter(|d| !d.is_root() && !paths.iter().any(|p| p == d || p.is_ancestor_of(d)))
+        .collect();
+    parents.into_iter()
+}
+
+/// A targeted scan reports the directories its paths are in for their own metadata (a change
+/// inside moves a directory's mtime), without the rest of what they hold. Such a directory is
+/// reconciled only when it is a directory in the ancestor and on both sides: a metadata
+/// update at most. Anything else there (created, deleted, replaced) is left to a scan that
+/// covers it, so it is dropped from all three snapshots.
+fn only_directory_parents(
+    paths: &[RelPath],
+    ancestor: &mut Snapshot,
+    host: &mut Snapshot,
+    guest: &mut Snapshot,
+) {
+    for dir in scope_parents(paths) {
+        let all_dirs = [&*ancestor, &*host, &*guest]
+            .iter()
+            .all(|s| s.get(&dir).is_some_and(Entry::is_dir));
+        if !all_dirs {
+            for snap in [&mut *ancestor, &mut *host, &mut *guest] {
+                snap.remove(&dir);
+            }
+        }
+    }
+}
+
 fn remove_subtree(snap: &mut Snapshot, path: &RelPath) {
     if path.is_root() {
         snap.clear();
@@ -2038,7 +2080,15 @@ mod tests {
         let p = |s: &str| RelPath::from_bytes(s.as_bytes()).unwrap();
         let mut snap: Snapshot = ["a", "a/b", "a/b/c", "a-b", "a0", "ab", "b"]
             .into_iter()
-            .map(|s| (p(s), Entry::Dir { mode: 0o755 }))
+            .map(|s| {
+                (
+                    p(s),
+                    Entry::Dir {
+                        mode: 0o755,
+                        mtime: Default::default(),
+                    },
+                )
+            })
             .collect();
         remove_subtree(&mut snap, &p("a"));
         let left: Vec<String> = snap.keys().map(|k| k.escaped()).collect();
@@ -2068,7 +2118,7 @@ mod tests {
             for (name, size) in ops {
                 let path = RelPath::from_bytes(format!("f{name}").as_bytes()).unwrap();
                 let entry = size.map(|size| {
-                    if size % 7 == 0 { Entry::Dir { mode: 0o755 } } else { file(size) }
+                    if size % 7 == 0 { Entry::Dir { mode: 0o755, mtime: Default::default() } } else { file(size) }
                 });
                 totals.record(&mut snap, path, entry, &exempt);
                 proptest::prop_assert_eq!(totals, Totals::of(&snap, &exempt));

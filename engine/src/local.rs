@@ -58,7 +58,7 @@ use vmsync_core::endpoint::{
 use vmsync_core::entry::PERM_MASK;
 use vmsync_core::limits::CHUNK_MAX_BYTES;
 use vmsync_core::reserve::MinFree;
-use vmsync_core::{Entry, FileMeta, Hash, Manifest, RelPath};
+use vmsync_core::{Entry, FileMeta, Hash, Manifest, RelPath, Timestamp};
 
 /// A file being built for a later transition.
 struct Staged {
@@ -127,6 +127,11 @@ pub struct LocalShare {
     /// nothing. A watcher hint for such a path that still finds exactly that is our own echo,
     /// and is not passed on (see [`LocalShare::drop_echoes`]).
     echoes: HashMap<RelPath, Option<Identity>>,
+    /// Directories whose time this side's own transitions put back (see [`ParentTimes`]),
+    /// with the identity they were left with: the watcher's hint for that is an echo too.
+    dir_echoes: HashMap<RelPath, Identity>,
+    /// [`WatchRules::ignore_file_events`] when hints were last taken.
+    ignore_events_seen: u64,
     /// Files read and hashed by scans since start (a restart with nothing changed adds none).
     files_hashed: u64,
     /// Seals complete staged files in the background (see the module docs).
@@ -224,6 +229,8 @@ impl LocalEndpoint {
             wanted: HashMap::new(),
             bases: HashMap::new(),
             echoes: HashMap::new(),
+            dir_echoes: HashMap::new(),
+            ignore_events_seen: 0,
             files_hashed: 0,
             sealer: Sealer::new(),
             kept: KeptLog::default(),
@@ -1053,19 +1060,36 @@ impl LocalShare {
             self.echoes.clear();
         }
         let mut paths = Vec::with_capacity(changes.len());
+        let mut parents = ParentTimes::default();
         for change in changes {
             paths.push(change.path.clone());
             let step = std::time::Instant::now();
             let current = self.current(&change.path);
             checking += step.elapsed();
             let step = std::time::Instant::now();
+            let will_apply =
+                matches!(&current, Ok(c) if still_expected(c.as_ref(), change.expected.as_ref()));
+            if let (true, Some(root)) = (will_apply, self.root.as_ref()) {
+                parents.before_write(root, &change.path);
+            }
             let outcome = match current {
                 Err(reason) => Outcome::Failed(reason),
-                Ok(current) if current != change.expected => Outcome::Changed(current),
+                Ok(current) if !still_expected(current.as_ref(), change.expected.as_ref()) => {
+                    Outcome::Changed(current)
+                }
                 Ok(current) => match self.apply(&change, current.as_ref()) {
                     Ok(record) => {
                         // Whatever the path is now, it has no other name until linked below.
                         self.links.set(&change.path, None);
+                        if let Some(Entry::Dir { mtime, .. }) = &change.new {
+                            parents.set(&change.path, *mtime);
+                            // Its watcher event is this side's own echo too.
+                            let now = self.root.as_ref().map(|r| r.stat(&change.path));
+                            if let Some(Ok(Some(st))) = now {
+                                self.dir_echoes
+                                    .insert(change.path.clone(), Identity::of(&st));
+                            }
+                        }
                         match (&change.new, &record) {
                             (Some(Entry::File(_)), Some(r)) => {
                                 self.echoes.insert(change.path.clone(), Some(r.identity));
@@ -1089,9 +1113,15 @@ impl LocalShare {
             applying += step.elapsed();
             outcomes.push(outcome);
         }
+        // Links go in before the parents' times are put back: they rename into those too.
         if !self.to_link.is_empty() {
             self.link_committed(&mut index_changes);
         }
+        if self.dir_echoes.len() >= MAX_ECHOES {
+            self.dir_echoes.clear();
+        }
+        let restored = parents.restore(self.root()?, &self.name);
+        self.dir_echoes.extend(restored);
         // Nothing is recorded or acknowledged before the directories are durable.
         let step = std::time::Instant::now();
         let unsynced = self.root()?.end_batch_each();
@@ -1184,14 +1214,32 @@ impl LocalShare {
     /// ctime), so any later write by someone else still gets through; so do directory hints,
     /// which may stand for many children.
     fn drop_echoes(&mut self, mut hints: ChangeHints) -> ChangeHints {
-        if hints.rescan || self.echoes.is_empty() {
+        // A hint for a directory whose ignore file changed looks like the echo of a time put
+        // back; while such events are new, no directory hint is taken for an echo.
+        let ignore_events = self
+            .watch_rules
+            .read()
+            .map_or(u64::MAX, |r| r.ignore_file_events());
+        let ignore_files_quiet = ignore_events == self.ignore_events_seen;
+        self.ignore_events_seen = ignore_events;
+        if hints.rescan || (self.echoes.is_empty() && self.dir_echoes.is_empty()) {
             return hints;
         }
         let Some(root) = self.root.as_ref() else {
             return hints;
         };
-        let echoes = &mut self.echoes;
+        let (echoes, dir_echoes) = (&mut self.echoes, &mut self.dir_echoes);
         hints.paths.retain(|path| {
+            if let Some(left) = dir_echoes.remove(path) {
+                // Dropped only while the directory is exactly as this side left it (its
+                // ctime moves with any change of its own), and only once.
+                let now = root.stat(path).ok().flatten();
+                let echo = ignore_files_quiet
+                    && now.is_some_and(|st| st.kind == FileKind::Dir && Identity::of(&st) == left);
+                if echo && !echoes.contains_key(path) {
+                    return false;
+                }
+            }
             let Some(left) = echoes.get(path) else {
                 return true;
             };
@@ -1344,9 +1392,11 @@ impl LocalShare {
         Ok(Some(match stat.kind {
             FileKind::Dir => Entry::Dir {
                 mode: stat.mode & PERM_MASK,
+                mtime: stat.mtime,
             },
             FileKind::Symlink => Entry::Symlink {
                 target: root.read_link(path).map_err(|e| e.to_string())?,
+                mtime: stat.mtime,
             },
             FileKind::Other => return Err("a special file is in the way".into()),
             FileKind::File => {
@@ -1381,22 +1431,34 @@ impl LocalShare {
                 self.remove(path, current)?;
                 Ok(None)
             }
-            Some(Entry::Dir { mode }) => {
+            Some(Entry::Dir { mode, mtime }) => {
                 let root = self.root().map_err(|e| e.to_string())?;
                 match current {
-                    Some(Entry::Dir { mode: m }) if m == mode => {}
+                    Some(Entry::Dir { mode: m, .. }) if m == mode => {}
                     Some(Entry::Dir { .. }) => root.set_mode(path, *mode).map_err(fs)?,
                     Some(old) => {
                         self.keep(path, old, false)?;
                         let root = self.root().map_err(|e| e.to_string())?;
-                        root.mkdir(path, *mode).map_err(mkdir)?;
+                        root.mkdir_at(path, *mode, Some(*mtime)).map_err(mkdir)?;
+                        return Ok(None);
                     }
-                    None => root.mkdir(path, *mode).map_err(mkdir)?,
+                    None => {
+                        root.mkdir_at(path, *mode, Some(*mtime)).map_err(mkdir)?;
+                        return Ok(None);
+                    }
+                }
+                // The directory's own time; what lands beneath it later in this batch leaves
+                // it alone (see `ParentTimes`).
+                let root = self.root().map_err(|e| e.to_string())?;
+                if current.map(Entry::mtime) != Some(*mtime) {
+                    root.set_mtime(path, *mtime).map_err(fs)?;
                 }
                 Ok(None)
             }
-            Some(Entry::Symlink { target }) => {
+            Some(Entry::Symlink { target, mtime }) => {
                 match current {
+                    // Same link, another time: a metadata update in place, nothing replaced.
+                    Some(Entry::Symlink { target: t, .. }) if t == target => {}
                     Some(Entry::Dir { .. }) => {
                         self.remove(path, current)?;
                         let root = self.root().map_err(|e| e.to_string())?;
@@ -1406,13 +1468,17 @@ impl LocalShare {
                     Some(old) => {
                         self.keep(path, old, true)?;
                         let root = self.root().map_err(|e| e.to_string())?;
-                        root.replace_with_symlink(path, target).map_err(fs)?;
+                        root.replace_with_symlink_at(path, target, Some(*mtime))
+                            .map_err(fs)?;
+                        return Ok(None);
                     }
                     None => {
                         let root = self.root().map_err(|e| e.to_string())?;
                         root.symlink(path, target).map_err(fs)?;
                     }
                 }
+                let root = self.root().map_err(|e| e.to_string())?;
+                root.set_mtime(path, *mtime).map_err(fs)?;
                 Ok(None)
             }
             Some(Entry::File(meta)) => self.apply_file(path, meta, current).map(Some),
@@ -1597,14 +1663,23 @@ impl LocalShare {
         self.root()?.begin_batch();
         let now = std::time::Instant::now();
         let mut outcomes = Vec::with_capacity(items.len());
+        // What is put back into a directory leaves it the time it had (see `ParentTimes`).
+        let mut parents = ParentTimes::default();
         for (path, entry) in items {
+            if let Some(root) = self.root.as_ref() {
+                parents.before_write(root, &path);
+            }
             let outcome = self.put_back_one(now, &path, &entry);
             if outcome == Outcome::Applied {
                 // What is there now is no echo of ours: let a hint through, the scan sees it.
                 self.echoes.remove(&path);
+                if let Entry::Dir { mtime, .. } = entry {
+                    parents.made(&path, mtime);
+                }
             }
             outcomes.push(outcome);
         }
+        parents.restore(self.root()?, &self.name);
         self.root()?.end_batch().map_err(io_err)?;
         Ok(outcomes)
     }
@@ -1627,8 +1702,8 @@ impl LocalShare {
                 Err(reason) => Outcome::Failed(reason),
             };
         }
-        if let Entry::Dir { mode } = entry {
-            return match root.mkdir(path, *mode) {
+        if let Entry::Dir { mode, mtime } = entry {
+            return match root.mkdir_at(path, *mode, Some(*mtime)) {
                 Ok(()) => Outcome::Applied,
                 Err(e) => Outcome::Failed(e.to_string()),
             };
@@ -1644,7 +1719,7 @@ impl LocalShare {
             (Entry::File(meta), Ok(Some(st))) => {
                 st.kind == FileKind::File && st.size == meta.size && st.mtime == meta.mtime
             }
-            (Entry::Symlink { target }, Ok(Some(st))) => {
+            (Entry::Symlink { target, .. }, Ok(Some(st))) => {
                 st.kind == FileKind::Symlink
                     && root.kept_read_link(&batch, path).ok().as_ref() == Some(target)
             }
@@ -1679,6 +1754,79 @@ impl LocalShare {
             }
             _ => e.to_string(),
         })
+    }
+}
+
+/// Whether what is at a path still is what the scan saw: exactly, except that a directory's
+/// mtime may have moved (a child changed since). That time holds nothing to lose, and the
+/// change brings the other side's time anyway.
+fn still_expected(current: Option<&Entry>, expected: Option<&Entry>) -> bool {
+    match (current, expected) {
+        (Some(c @ Entry::Dir { .. }), Some(e @ Entry::Dir { .. })) => c.same_content(e),
+        _ => current == expected,
+    }
+}
+
+/// The times of the directories a transition writes into, put back once it is done: creating,
+/// replacing, renaming or removing an entry moves its parent directory's mtime, and a
+/// destination directory must keep the time the source gave it (as `rsync -a` does). The
+/// share root's own time is not synced and not put back (its watcher event would be a hint to
+/// rescan everything).
+#[derive(Debug, Default)]
+struct ParentTimes {
+    /// Directory → the mtime it must be left with.
+    times: HashMap<RelPath, Timestamp>,
+}
+
+impl ParentTimes {
+    /// Remembers the time of `path`'s parent before the first write into it.
+    fn before_write(&mut self, root: &ShareRoot, path: &RelPath) {
+        let Some(parent) = path.parent().filter(|p| !p.is_root()) else {
+            return;
+        };
+        if self.times.contains_key(&parent) {
+            return;
+        }
+        if let Ok(Some(st)) = root.stat(&parent) {
+            if st.kind == FileKind::Dir {
+                self.times.insert(parent, st.mtime);
+            }
+        }
+    }
+
+    /// A change gave the directory `path` this time: it is the one to keep.
+    fn set(&mut self, path: &RelPath, mtime: Timestamp) {
+        if let Some(t) = self.times.get_mut(path) {
+            *t = mtime;
+        }
+    }
+
+    /// The directory `path` was just made with this time: it is the one to keep when
+    /// something is written into it next.
+    fn made(&mut self, path: &RelPath, mtime: Timestamp) {
+        self.times.insert(path.clone(), mtime);
+    }
+
+    /// Puts every time back that moved; returns the identity each such directory was left
+    /// with, for echo suppression. A directory gone or replaced since is left alone.
+    fn restore(self, root: &ShareRoot, share: &str) -> Vec<(RelPath, Identity)> {
+        let mut restored = Vec::new();
+        for (dir, mtime) in self.times {
+            let Ok(Some(st)) = root.stat(&dir) else {
+                continue;
+            };
+            if st.kind != FileKind::Dir || st.mtime == mtime {
+                continue;
+            }
+            if let Err(e) = root.set_mtime(&dir, mtime) {
+                tracing::debug!(share, dir = %dir.escaped(), "cannot put the time back: {e}");
+                continue;
+            }
+            if let Ok(Some(st)) = root.stat(&dir) {
+                restored.push((dir, Identity::of(&st)));
+            }
+        }
+        restored
     }
 }
 
@@ -2245,6 +2393,105 @@ mod tests {
         }
         assert!(!f.share_dir.join("f.bin").exists());
         assert_eq!(leftover_temps(&f.share_dir), 0);
+    }
+
+    fn dir_time(share: &LocalShare, rel: &str) -> Timestamp {
+        let path = RelPath::from_bytes(rel.as_bytes()).unwrap();
+        share
+            .root
+            .as_ref()
+            .unwrap()
+            .stat(&path)
+            .unwrap()
+            .unwrap()
+            .mtime
+    }
+
+    /// A transition gives new directories and symlinks their source's time before they are
+    /// visible, updates a time in place, and leaves every directory it wrote into at the time
+    /// it must have, not the time of the write.
+    #[test]
+    fn a_transition_leaves_directory_and_symlink_times_as_the_source_gave_them() {
+        let mut f = fixture();
+        let p = |s: &str| RelPath::from_bytes(s.as_bytes()).unwrap();
+        let (t1, t2, t3) = (
+            Timestamp::new(1_000_000_000, 1),
+            Timestamp::new(1_100_000_000, 2),
+            Timestamp::new(1_200_000_000, 3),
+        );
+        let dir = |mtime| Entry::Dir { mode: 0o755, mtime };
+        let link = |mtime| Entry::Symlink {
+            target: b"f".to_vec(),
+            mtime,
+        };
+        let data = content(3);
+        let file = p("d/f");
+        let missing = stage(&mut f.share, &file, &data);
+        f.share.supply(missing).unwrap();
+        let outcomes = f
+            .share
+            .transition(vec![
+                Change {
+                    path: p("d"),
+                    expected: None,
+                    new: Some(dir(t1)),
+                },
+                create(&file, &data),
+                Change {
+                    path: p("d/l"),
+                    expected: None,
+                    new: Some(link(t2)),
+                },
+            ])
+            .unwrap();
+        assert_eq!(outcomes, vec![Outcome::Applied; 3]);
+        assert_eq!(std::fs::read(f.share_dir.join("d/f")).unwrap(), data);
+        assert_eq!(
+            dir_time(&f.share, "d"),
+            t1,
+            "the file and the link moved it"
+        );
+        assert_eq!(dir_time(&f.share, "d/l"), t2);
+        // Time-only updates: in place (same inode), nothing kept in the trash.
+        let ino = |rel: &str| {
+            std::os::unix::fs::MetadataExt::ino(
+                &std::fs::symlink_metadata(f.share_dir.join(rel)).unwrap(),
+            )
+        };
+        let link_ino = ino("d/l");
+        let outcomes = f
+            .share
+            .transition(vec![
+                Change {
+                    path: p("d"),
+                    expected: Some(dir(t1)),
+                    new: Some(dir(t3)),
+                },
+                Change {
+                    path: p("d/l"),
+                    expected: Some(link(t2)),
+                    new: Some(link(t3)),
+                },
+            ])
+            .unwrap();
+        assert_eq!(outcomes, vec![Outcome::Applied; 2]);
+        assert_eq!(
+            (dir_time(&f.share, "d"), dir_time(&f.share, "d/l")),
+            (t3, t3)
+        );
+        assert_eq!(ino("d/l"), link_ino);
+        // A deletion inside puts the directory's time back too.
+        let outcomes = f
+            .share
+            .transition(vec![Change {
+                path: p("d/l"),
+                expected: Some(link(t3)),
+                new: None,
+            }])
+            .unwrap();
+        assert_eq!(outcomes, vec![Outcome::Applied]);
+        assert!(!f.share_dir.join("d/l").exists());
+        assert_eq!(dir_time(&f.share, "d"), t3);
     }
 
     #[test]

@@ -687,8 +687,21 @@ impl ShareRoot {
     /// Creates the directory `p` with permission bits `mode & PERM_MASK`, whatever the umask.
     /// An existing entry at `p` is an error of kind `Exists`.
     pub fn mkdir(&self, p: &RelPath, mode: u32) -> Result<(), FsError> {
+        self.mkdir_at(p, mode, None)
+    }
+
+    /// [`ShareRoot::mkdir`], the directory also given `mtime` (when set) before it becomes
+    /// visible: a kill never leaves it at the time it was made, which the next cycle would
+    /// read as a touch of this side's.
+    pub fn mkdir_at(
+        &self,
+        p: &RelPath,
+        mode: u32,
+        mtime: Option<Timestamp>,
+    ) -> Result<(), FsError> {
         const OP: &str = "mkdir";
         let loc = Loc::path(p);
+        let times = mtime.map(|t| mtime_only(OP, loc, t)).transpose()?;
         let (dir, name) = self.parent(OP, p, OFlags::RDONLY)?;
         if let Some(e) = self.injected(FaultOp::Mkdir, p) {
             return Err(fail(OP, loc, e));
@@ -712,6 +725,10 @@ impl ShareRoot {
             // permission on it: one its owner may not write gets its last bit after the move.
             let exact = mode & PERM_MASK;
             rfs::fchmod(&fd, Mode::from_raw_mode(exact | OWNER_WRITE))?;
+            // A rename keeps a directory's mtime (it moves its ctime only).
+            if let Some(times) = &times {
+                rfs::futimens(&fd, times)?;
+            }
             match rfs::renameat_with(&self.tmp, tname, &dir, name, RenameFlags::NOREPLACE) {
                 // A filesystem without RENAME_NOREPLACE: look, then a plain rename (which
                 // would only ever replace an empty directory).
@@ -789,8 +806,20 @@ impl ShareRoot {
     /// old entry first ([`ShareRoot::trash_link`]). Same target rules as
     /// [`ShareRoot::symlink`]; a directory at `p` is an error.
     pub fn replace_with_symlink(&self, p: &RelPath, target: &[u8]) -> Result<(), FsError> {
+        self.replace_with_symlink_at(p, target, None)
+    }
+
+    /// [`ShareRoot::replace_with_symlink`], the new link also given `mtime` (when set) before
+    /// the rename puts it in place (a rename keeps it).
+    pub fn replace_with_symlink_at(
+        &self,
+        p: &RelPath,
+        target: &[u8],
+        mtime: Option<Timestamp>,
+    ) -> Result<(), FsError> {
         const OP: &str = "replace with symlink";
         let loc = Loc::path(p);
+        let times = mtime.map(|t| mtime_only(OP, loc, t)).transpose()?;
         if !symlink_target_is_contained(p, target) {
             return Err(FsError::Refused {
                 op: OP,
@@ -817,6 +846,14 @@ impl ShareRoot {
         let Some(temp) = made else {
             return Err(fail(OP, loc, Errno::EXIST));
         };
+        if let Some(times) = &times {
+            if let Err(e) =
+                rfs::utimensat(&self.tmp, temp.as_str(), times, AtFlags::SYMLINK_NOFOLLOW)
+            {
+                let _ = rfs::unlinkat(&self.tmp, temp.as_str(), AtFlags::empty());
+                return Err(fail(OP, loc, e));
+            }
+        }
         if let Err(e) = rfs::renameat(&self.tmp, temp.as_str(), &dir, name) {
             let _ = rfs::unlinkat(&self.tmp, temp.as_str(), AtFlags::empty());
             return Err(fail(OP, loc, e));

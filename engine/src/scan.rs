@@ -151,6 +151,9 @@ impl Walk<'_> {
             },
             _ => Rules::default(),
         };
+        if let Some(parent) = path.parent().filter(|p| !p.is_root()) {
+            self.parent_dir(root, parent);
+        }
         let stat = match root.stat(path) {
             Ok(Some(stat)) => stat,
             Ok(None) => return,
@@ -171,6 +174,7 @@ impl Walk<'_> {
                         path.clone(),
                         Entry::Dir {
                             mode: stat.mode & PERM_MASK,
+                            mtime: stat.mtime,
                         },
                     ));
                     self.dir(dir, path.clone(), rules);
@@ -178,11 +182,33 @@ impl Walk<'_> {
                 Err(e) => self.problem(path, format!("cannot open directory: {e}")),
             },
             FileKind::Symlink => match root.read_link(path) {
-                Ok(target) => self.symlink(path, target),
+                Ok(target) => self.symlink(path, target, stat.mtime),
                 Err(e) => self.problem(path, format!("cannot read symlink: {e}")),
             },
             FileKind::File => self.file(path.clone(), stat),
             FileKind::Other => self.special(path),
+        }
+    }
+
+    /// A targeted scan also reports the directory its path is in, on its own (not what else
+    /// it holds): a change at the path moved that directory's mtime, which must travel too.
+    /// The controller reconciles such a directory only as a directory on both sides.
+    fn parent_dir(&mut self, root: &ShareRoot, parent: RelPath) {
+        if self.out.entries.last().is_some_and(|(p, _)| *p == parent)
+            || self.filter.is_ignored(&parent, true)
+        {
+            return;
+        }
+        if let Ok(Some(stat)) = root.stat(&parent) {
+            if stat.kind == FileKind::Dir {
+                self.out.entries.push((
+                    parent,
+                    Entry::Dir {
+                        mode: stat.mode & PERM_MASK,
+                        mtime: stat.mtime,
+                    },
+                ));
+            }
         }
     }
 
@@ -312,12 +338,13 @@ impl Walk<'_> {
                         path.clone(),
                         Entry::Dir {
                             mode: stat.mode & PERM_MASK,
+                            mtime: stat.mtime,
                         },
                     ));
                     stack.push((path, rules.clone()));
                 }
                 FileKind::Symlink => match dir.read_link(&name) {
-                    Ok(target) => self.symlink(&path, target),
+                    Ok(target) => self.symlink(&path, target, stat.mtime),
                     Err(e) => self.problem(&path, format!("cannot read symlink: {e}")),
                 },
                 FileKind::File => self.file(path, stat),
@@ -343,11 +370,11 @@ impl Walk<'_> {
         self.jobs.push(HashJob { path });
     }
 
-    fn symlink(&mut self, path: &RelPath, target: Vec<u8>) {
+    fn symlink(&mut self, path: &RelPath, target: Vec<u8>, mtime: Timestamp) {
         if symlink_target_is_contained(path, &target) {
             self.out
                 .entries
-                .push((path.clone(), Entry::Symlink { target }));
+                .push((path.clone(), Entry::Symlink { target, mtime }));
         } else {
             self.problem(
                 path,
@@ -691,13 +718,16 @@ mod tests {
         let out = targeted(&["src/gen/a.rs"]);
         assert!(out.entries.is_empty());
         assert_eq!(ignored(&out), ["src/gen"]);
-        // The path itself, by the rules of every directory above it.
+        // The path itself, by the rules of every directory above it, and the directory it
+        // is in (its mtime).
         let out = targeted(&["src/debug.log", "src/important.log", "src/lib.rs"]);
-        assert_eq!(entries(&out), ["src/important.log", "src/lib.rs"]);
+        assert_eq!(entries(&out), ["src", "src/important.log", "src/lib.rs"]);
         assert_eq!(ignored(&out), ["src/debug.log"]);
-        // A missing path that would be ignored is not reported (a full scan does not see it).
+        // A missing path that would be ignored is not reported (a full scan does not see it);
+        // its directory is, and a file where a directory would be is not.
         let out = targeted(&["src/missing.log", "file-not-dir/x"]);
-        assert!(out.entries.is_empty() && out.ignored.is_empty() && out.problems.is_empty());
+        assert_eq!(entries(&out), ["src"]);
+        assert!(out.ignored.is_empty() && out.problems.is_empty());
         // A directory scope gives the full scan's answer for that subtree.
         let out = targeted(&["src"]);
         let within = |o: &ScanOutput| -> (Vec<String>, Vec<String>) {

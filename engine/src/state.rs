@@ -432,12 +432,26 @@ mod pending_tests {
         assert!(pending.load().is_empty());
         let p = |s: &str| RelPath::from_bytes(s.as_bytes()).unwrap();
         pending.append(&[(Side::Guest, p("a"), None)]);
-        pending.append(&[(Side::Host, p("b"), Some(Entry::Dir { mode: 0o755 }))]);
+        pending.append(&[(
+            Side::Host,
+            p("b"),
+            Some(Entry::Dir {
+                mode: 0o755,
+                mtime: Default::default(),
+            }),
+        )]);
         assert_eq!(
             pending.load(),
             [
                 (Side::Guest, p("a"), None),
-                (Side::Host, p("b"), Some(Entry::Dir { mode: 0o755 }))
+                (
+                    Side::Host,
+                    p("b"),
+                    Some(Entry::Dir {
+                        mode: 0o755,
+                        mtime: Default::default()
+                    })
+                )
             ]
         );
         // A frame torn by a crash ends the list; what came before it stands.

@@ -263,15 +263,15 @@ mod tests {
             ),
             (
                 Hello {
-                    min_version: 2,
+                    min_version: 3,
                     max_version: 7,
                     ..base.clone()
                 },
                 Refusal::NoCommonVersion {
-                    host_min: 2,
+                    host_min: 3,
                     host_max: 7,
-                    guest_min: 1,
-                    guest_max: 1,
+                    guest_min: 2,
+                    guest_max: 2,
                 },
             ),
             (
@@ -367,7 +367,7 @@ mod tests {
         let h = hello("x", vec![]);
         let good = welcome(
             Agreement {
-                version: 1,
+                version: 2,
                 features: 0,
             },
             "y",
@@ -377,14 +377,14 @@ mod tests {
             check_welcome(
                 &h,
                 &Welcome {
-                    version: 2,
+                    version: 3,
                     ..good.clone()
                 }
             ),
             Err(WelcomeError::Version {
-                version: 2,
-                min: 1,
-                max: 1
+                version: 3,
+                min: 2,
+                max: 2
             })
         );
         assert_eq!(

@@ -41,7 +41,10 @@ use vmsync_core::{Entry, FileMeta, Hash, Manifest, RelPath};
 
 /// First field of every `Hello`: "VMSYNC", NUL, and the magic's own revision.
 pub const MAGIC: [u8; 8] = *b"VMSYNC\0\x01";
-/// Oldest protocol version this build speaks.
+/// Oldest protocol version this build speaks. Version 2 added the mtime of directories and
+/// symlinks (`Entry::Dir` and `Entry::Symlink` end with it) and the other names of a
+/// hard-linked file (`Manifest::links`); version 1 peers are refused at the handshake, as their
+/// entries and manifests have another layout.
 pub const PROTOCOL_VERSION_MIN: u16 = 2;
 /// Newest protocol version this build speaks.
 pub const PROTOCOL_VERSION_MAX: u16 = 2;

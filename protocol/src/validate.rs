@@ -150,8 +150,12 @@ fn file_meta(m: &FileMeta) -> Result {
 fn entry(e: &Entry) -> Result {
     match e {
         Entry::File(m) => file_meta(m),
-        Entry::Dir { mode: m } => mode(*m),
-        Entry::Symlink { target } => {
+        Entry::Dir { mode: m, mtime } => {
+            mode(*m)?;
+            timestamp(mtime)
+        }
+        Entry::Symlink { target, mtime } => {
+            timestamp(mtime)?;
             if target.is_empty() {
                 return Err(ValidationError::Empty {
                     what: "symlink target",
@@ -595,19 +599,32 @@ mod tests {
     #[test]
     fn entry_metadata() {
         let ok = scan(vec![
-            (p("a"), Entry::Dir { mode: 0o755 }),
+            (
+                p("a"),
+                Entry::Dir {
+                    mode: 0o755,
+                    mtime: Default::default(),
+                },
+            ),
             (p("a/b"), Entry::File(meta(0o644, 999_999_999))),
             (
                 p("c"),
                 Entry::Symlink {
                     target: b"a/b".to_vec(),
+                    mtime: Default::default(),
                 },
             ),
         ]);
         assert_eq!(ok.validate(), Ok(()));
         let bad = [
             (
-                scan(vec![(p("a"), Entry::Dir { mode: 0o4755 })]),
+                scan(vec![(
+                    p("a"),
+                    Entry::Dir {
+                        mode: 0o4755,
+                        mtime: Default::default(),
+                    },
+                )]),
                 ValidationError::BadMode { mode: 0o4755 },
             ),
             (
@@ -621,7 +638,13 @@ mod tests {
                 },
             ),
             (
-                scan(vec![(p("a"), Entry::Symlink { target: vec![] })]),
+                scan(vec![(
+                    p("a"),
+                    Entry::Symlink {
+                        target: vec![],
+                        mtime: Default::default(),
+                    },
+                )]),
                 ValidationError::Empty {
                     what: "symlink target",
                 },
@@ -631,6 +654,7 @@ mod tests {
                     p("a"),
                     Entry::Symlink {
                         target: b"x\0y".to_vec(),
+                        mtime: Default::default(),
                     },
                 )]),
                 ValidationError::NulInSymlink,
@@ -640,6 +664,7 @@ mod tests {
                     p("a"),
                     Entry::Symlink {
                         target: vec![b'x'; MAX_SYMLINK_TARGET_BYTES + 1],
+                        mtime: Default::default(),
                     },
                 )]),
                 ValidationError::TooLong {
@@ -656,7 +681,10 @@ mod tests {
 
     #[test]
     fn scan_report_order() {
-        let dir = Entry::Dir { mode: 0o755 };
+        let dir = Entry::Dir {
+            mode: 0o755,
+            mtime: Default::default(),
+        };
         assert_eq!(
             scan(vec![(p("b"), dir.clone()), (p("a"), dir.clone())]).validate(),
             Err(ValidationError::Unsorted { index: 1 })

@@ -35,6 +35,9 @@ fn p(s: &str) -> RelPath {
     RelPath::from_bytes(s.as_bytes()).unwrap()
 }
 
+/// The mtime of every entry in these vectors: `80c49fd50c` (seconds, zigzag varint), `7b` (nanos).
+const T: Timestamp = Timestamp::new(1_700_000_000, 123);
+
 fn meta() -> FileMeta {
     FileMeta {
         size: 5,
@@ -77,8 +80,8 @@ fn handshake_messages() {
         "Hello",
         Message::Hello(Hello {
             magic: MAGIC,
-            min_version: 1,
-            max_version: 1,
+            min_version: 2,
+            max_version: 2,
             agent_version: "vmsync-host 0.1.0".into(),
             features: 0,
             chunker: ChunkerParams::PINNED,
@@ -88,17 +91,17 @@ fn handshake_messages() {
                 respect_gitignore: true,
             }],
         }),
-        "00564d53594e430001010111766d73796e632d686f737420302e312e30008020808001808004010373726302077461726765742f032a2e6f01",
+        "00564d53594e430001020211766d73796e632d686f737420302e312e30008020808001808004010373726302077461726765742f032a2e6f01",
     );
     golden(
         "Welcome",
         Message::Welcome(Welcome {
-            version: 1,
+            version: 2,
             agent_version: "vmsync-guest 0.1.0".into(),
             chunker: ChunkerParams::PINNED,
             features: 0,
         }),
-        "010112766d73796e632d677565737420302e312e30802080800180800400",
+        "010212766d73796e632d677565737420302e312e30802080800180800400",
     );
     golden(
         "Refused",
@@ -169,13 +172,13 @@ fn requests() {
                 Change { path: p("a/b"), expected: None, new: Some(Entry::File(meta())) },
                 Change {
                     path: p("c"),
-                    expected: Some(Entry::Symlink { target: b"x".to_vec() }),
+                    expected: Some(Entry::Symlink { target: b"x".to_vec(), mtime: T }),
                     new: None,
                 },
-                Change { path: p("d"), expected: None, new: Some(Entry::Dir { mode: 0o755 }) },
+                Change { path: p("d"), expected: None, new: Some(Entry::Dir { mode: 0o755, mtime: T }) },
             ],
         }),
-        "030701060303612f6200010005a40380c49fd50c7b1111111111111111111111111111111111111111111111111111111111111111016301020178000164000101ed03",
+        "030701060303612f6200010005a40380c49fd50c7b111111111111111111111111111111111111111111111111111111111111111101630102017880c49fd50c7b000164000101ed0380c49fd50c7b",
     );
     golden(
         "PollChanges",
@@ -204,15 +207,15 @@ fn responses() {
         response(ResponseBody::Scan(Ok(ScanReport {
             root: Some(RootId { marker: [0x55; 16], dev: 2049, ino: 12345 }),
             entries: vec![
-                (p("a"), Entry::Dir { mode: 0o755 }),
+                (p("a"), Entry::Dir { mode: 0o755, mtime: T }),
                 (p("a/b"), Entry::File(meta())),
-                (p("c"), Entry::Symlink { target: b"a/b".to_vec() }),
+                (p("c"), Entry::Symlink { target: b"a/b".to_vec(), mtime: T }),
             ],
             problems: vec![problem()],
             ignored: vec![p("e")],
             generation: Some(300),
         }))),
-        "0407010001555555555555555555555555555555558110b96003016101ed0303612f620005a40380c49fd50c7b111111111111111111111111111111111111111111111111111111111111111101630203612f620101640c6669666f20736b697070656401016501ac02",
+        "0407010001555555555555555555555555555555558110b96003016101ed0380c49fd50c7b03612f620005a40380c49fd50c7b111111111111111111111111111111111111111111111111111111111111111101630203612f6280c49fd50c7b0101640c6669666f20736b697070656401016501ac02",
     );
     golden(
         "Manifests",
@@ -241,10 +244,13 @@ fn responses() {
         response(ResponseBody::Transition(Ok(vec![
             Outcome::Applied,
             Outcome::Changed(None),
-            Outcome::Changed(Some(Entry::Dir { mode: 0o700 })),
+            Outcome::Changed(Some(Entry::Dir {
+                mode: 0o700,
+                mtime: T,
+            })),
             Outcome::Failed("disk full".into()),
         ]))),
-        "0407060004000100010101c00302096469736b2066756c6c",
+        "0407060004000100010101c00380c49fd50c7b02096469736b2066756c6c",
     );
     golden(
         "Changes",

@@ -555,3 +555,69 @@ pub fn trash_files(root: &Path) -> Vec<(String, Vec<u8>)> {
     out.sort();
     out
 }
+
+/// The mtime (seconds, nanoseconds; `lstat`, never following a symlink) of every entry under
+/// `root` except the reserved `.vmsync` and the root itself, keyed by relative path.
+pub fn times(root: &Path) -> BTreeMap<String, (i64, i64)> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (i64, i64)>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let rel = path.strip_prefix(root).unwrap_or(&path);
+            if rel.as_os_str() == ".vmsync" {
+                continue;
+            }
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if meta.is_dir() {
+                walk(root, &path, out);
+            }
+            out.insert(
+                rel.to_string_lossy().into_owned(),
+                (meta.mtime(), meta.mtime_nsec()),
+            );
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+/// The paths whose mtimes differ between two trees (or exist in one only), at most `max`.
+pub fn time_differences(a: &Path, b: &Path, max: usize) -> Vec<String> {
+    let (ta, tb) = (times(a), times(b));
+    let keys: std::collections::BTreeSet<&String> = ta.keys().chain(tb.keys()).collect();
+    keys.into_iter()
+        .filter(|k| ta.get(*k) != tb.get(*k))
+        .take(max)
+        .map(|k| format!("{k}: {:?} vs {:?}", ta.get(k), tb.get(k)))
+        .collect()
+}
+
+/// What `rsync -ani --delete` (plus `extra` flags, e.g. `-c`, `-H`) would change to make `dst`
+/// equal `src`: its itemized lines, the reserved `.vmsync` excluded, and without the line for
+/// the share root itself (whose own mtime is not synced). Empty when the trees are identical
+/// in content, kinds, modes, times and link targets.
+pub fn rsync_differences(src: &Path, dst: &Path, extra: &[&str]) -> Vec<String> {
+    let out = std::process::Command::new("rsync")
+        .arg("-ani")
+        .args(extra)
+        .args(["--delete", "--exclude=/.vmsync/"])
+        .arg(format!("{}/", src.display()))
+        .arg(format!("{}/", dst.display()))
+        .output()
+        .expect("run rsync (install it: apt-get install rsync)");
+    assert!(
+        out.status.success(),
+        "rsync failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty() && !l.ends_with(" ./"))
+        .map(str::to_owned)
+        .collect()
+}

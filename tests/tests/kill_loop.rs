@@ -354,6 +354,7 @@ fn kill_9_while_making_directories_leaves_none_at_a_temporary_mode() {
             })
             .unwrap_or_default()
     };
+    let host_times = vmsync_tests::fixture::times(&a.host_dir);
     a.start();
     for (round, fraction) in [10, 4, 2].into_iter().enumerate() {
         let seen = count(&a.guest_dir);
@@ -377,4 +378,17 @@ fn kill_9_while_making_directories_leaves_none_at_a_temporary_mode() {
     assert!(modes(&a.guest_dir).is_empty());
     vmsync_tests::fixture::assert_same_tree(&a.host_dir, &a.guest_dir);
     assert!(temp_names(&a.guest_dir).is_empty());
+    // Every directory has the same mtime on both sides, and each one made by the killed
+    // agent got the source's before it was visible (only `t`, which the agent was writing
+    // into when killed, may carry the time of that moment, on both sides alike).
+    let diff = vmsync_tests::fixture::time_differences(&a.host_dir, &a.guest_dir, 10);
+    assert!(diff.is_empty(), "times differ: {diff:?}");
+    let guest_times = vmsync_tests::fixture::times(&a.guest_dir);
+    let moved: Vec<&String> = host_times
+        .iter()
+        .filter(|(p, t)| p.as_str() != "t" && guest_times.get(*p) != Some(t))
+        .map(|(p, _)| p)
+        .take(10)
+        .collect();
+    assert!(moved.is_empty(), "not the source's time: {moved:?}");
 }

@@ -161,13 +161,26 @@ async fn put_back_returns_what_a_transition_removed_and_only_that() {
     p.sync().await;
     assert!(!p.host_dir.join("a").exists());
     let items = vec![
-        (rel("a"), Entry::Dir { mode: 0o755 }),
-        (rel("a/b"), Entry::Dir { mode: 0o755 }),
+        (
+            rel("a"),
+            Entry::Dir {
+                mode: 0o755,
+                mtime: Default::default(),
+            },
+        ),
+        (
+            rel("a/b"),
+            Entry::Dir {
+                mode: 0o755,
+                mtime: Default::default(),
+            },
+        ),
         (rel("a/b/c.txt"), c_meta.clone()),
         (
             rel("a/b/link"),
             Entry::Symlink {
                 target: b"c.txt".to_vec(),
+                mtime: Default::default(),
             },
         ),
     ];

@@ -532,7 +532,13 @@ async fn chunk_for_another_read() {
 async fn invalid_scan_report_is_rejected_at_decode() {
     let report = ScanReport {
         root: None,
-        entries: vec![(p("x"), Entry::Dir { mode: 0o4755 })],
+        entries: vec![(
+            p("x"),
+            Entry::Dir {
+                mode: 0o4755,
+                mtime: Default::default(),
+            },
+        )],
         problems: vec![],
         ignored: vec![],
         generation: None,

@@ -223,7 +223,10 @@ async fn every_method_through_the_wire() {
         .transition(vec![Change {
             path: p("new"),
             expected: None,
-            new: Some(Entry::Dir { mode: 0o755 }),
+            new: Some(Entry::Dir {
+                mode: 0o755,
+                mtime: Default::default(),
+            }),
         }])
         .await
         .unwrap();
@@ -332,7 +335,10 @@ async fn endpoint_errors_travel_as_values() {
         }
         async fn transition(&mut self, _: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {
             // A setuid mode breaks validation: the server answers with an error instead.
-            Ok(vec![Outcome::Changed(Some(Entry::Dir { mode: 0o4755 }))])
+            Ok(vec![Outcome::Changed(Some(Entry::Dir {
+                mode: 0o4755,
+                mtime: Default::default(),
+            }))])
         }
     }
     let (a, b) = tokio::io::duplex(PIPE_BYTES);
@@ -480,8 +486,15 @@ async fn handshake_refusals_are_clear_on_both_sides() {
     assert!(client.contains("bad magic"), "{client}");
 
     let (client, _) = refused(hello.clone(), |h| {
-        h.min_version = 2;
-        h.max_version = 3;
+        h.min_version = 3;
+        h.max_version = 4;
+    })
+    .await;
+    assert!(client.contains("no common protocol version"), "{client}");
+    // Version 1 entries had no directory and symlink times: such a peer is refused.
+    let (client, _) = refused(hello.clone(), |h| {
+        h.min_version = 1;
+        h.max_version = 1;
     })
     .await;
     assert!(client.contains("no common protocol version"), "{client}");

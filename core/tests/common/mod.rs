@@ -39,12 +39,36 @@ pub fn dir() -> Entry {
 }
 
 pub fn dir_mode(mode: u32) -> Entry {
-    Entry::Dir { mode }
+    Entry::Dir {
+        mode,
+        mtime: Default::default(),
+    }
+}
+
+/// A directory, mode 0755, modified at `mtime` seconds.
+pub fn dir_at(mtime: i64) -> Entry {
+    dir_mode_at(0o755, mtime)
+}
+
+pub fn dir_mode_at(mode: u32, mtime: i64) -> Entry {
+    Entry::Dir {
+        mode,
+        mtime: Timestamp::new(mtime, 0),
+    }
+}
+
+/// A symlink to `target`, modified at `mtime` seconds.
+pub fn link_at(target: &str, mtime: i64) -> Entry {
+    Entry::Symlink {
+        target: target.as_bytes().to_vec(),
+        mtime: Timestamp::new(mtime, 0),
+    }
 }
 
 pub fn link(target: &str) -> Entry {
     Entry::Symlink {
         target: target.as_bytes().to_vec(),
+        mtime: Default::default(),
     }
 }
 

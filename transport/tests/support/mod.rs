@@ -130,7 +130,10 @@ impl Fake {
         if let Some(data) = st.files.get(path) {
             return Some(Entry::File(meta_of(data)));
         }
-        st.dirs.contains(path).then_some(Entry::Dir { mode: 0o755 })
+        st.dirs.contains(path).then_some(Entry::Dir {
+            mode: 0o755,
+            mtime: Default::default(),
+        })
     }
 }
 
@@ -149,7 +152,15 @@ impl Endpoint for Fake {
         let mut entries: Vec<(RelPath, Entry)> = st
             .dirs
             .iter()
-            .map(|d| (d.clone(), Entry::Dir { mode: 0o755 }))
+            .map(|d| {
+                (
+                    d.clone(),
+                    Entry::Dir {
+                        mode: 0o755,
+                        mtime: Default::default(),
+                    },
+                )
+            })
             .chain(
                 st.files
                     .iter()
