@@ -9,6 +9,8 @@
 //! - [`state`]: the redb database: per-share file index, and on the host the ancestor and halts.
 //! - [`scan`]: walks (part of) a share into entries, re-hashing only what changed.
 //! - [`local`]: the local `Endpoint`: scan, serve chunks, stage and apply changes.
+//! - [`reuse`]: how a staged file reuses the old version at its path (append in place, clone,
+//!   holes for zero runs).
 //! - [`faults`]: how a failed write, fsync, mkdir or rename reads in `status`; test-only
 //!   fault injection (cargo feature `faults`).
 //! - [`space`]: free space against a share's reserve (`min_free`).
@@ -30,6 +32,7 @@ pub mod gitignore;
 pub mod index;
 pub mod local;
 pub mod notify_systemd;
+pub mod reuse;
 pub mod root;
 pub mod scan;
 pub mod seal;
