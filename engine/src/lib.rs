@@ -20,6 +20,7 @@
 //!   retention, listing and restore.
 //! - [`control`]: the control socket protocol (`status`, `sync`, `resume`) and its client.
 //! - [`watch`]: inotify events → coalesced change hints.
+//! - [`pace`]: bounds how often one path is cycled live (a log written many times a second).
 //! - [`controller`]: runs a sync cycle between two `Endpoint`s.
 //! - [`notify_systemd`]: `READY=1` to systemd for `Type=notify` units.
 
@@ -32,6 +33,7 @@ pub mod gitignore;
 pub mod index;
 pub mod local;
 pub mod notify_systemd;
+pub mod pace;
 pub mod reuse;
 pub mod root;
 pub mod scan;
