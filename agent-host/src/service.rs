@@ -428,7 +428,10 @@ impl SyncLoop {
             }
             let mut scope = match hints.as_deref_mut().and_then(|h| h.get_mut(index)) {
                 None => ScanScope::Full,
-                Some(h) if h.is_empty() => continue,
+                Some(h) if h.is_empty() => {
+                    show_held(share);
+                    continue;
+                }
                 Some(h) => {
                     let taken = h.take();
                     if taken.rescan {
@@ -465,6 +468,7 @@ impl SyncLoop {
                 }
             }
             pending |= share_pending;
+            show_held(share);
         }
         Ok(pending)
     }
@@ -533,6 +537,18 @@ impl SyncLoop {
     fn set_peer(&self, connected: bool, detail: Option<String>) {
         if let Ok(mut p) = self.shared.peer.lock() {
             *p = (connected, detail);
+        }
+    }
+}
+
+/// A share with paths held back by pacing is not in sync yet (so `wait` waits for them).
+fn show_held(share: &Share) {
+    if share.pacer.next_due().is_none() {
+        return;
+    }
+    if let Ok(mut s) = share.controller.status().lock() {
+        if s.state == ShareState::InSync {
+            s.state = ShareState::Syncing;
         }
     }
 }

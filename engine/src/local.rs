@@ -876,6 +876,8 @@ impl LocalShare {
             // Bytes of chunks already placed in this temp file, so a repeated chunk is copied
             // once.
             let mut placed: HashMap<Hash, Vec<u8>> = HashMap::new();
+            // A run of zero chunks still to punch out of the clone: [start, end).
+            let mut punch: Option<(u64, u64)> = None;
             for c in &req.manifest.chunks {
                 if append.is_some_and(|a| c.offset < a.from)
                     || same.is_some_and(|s| s.contains(&c.offset))
@@ -883,10 +885,20 @@ impl LocalShare {
                     continue;
                 }
                 if zeros.is_zero(c) {
-                    // The sized temp is a hole there, unless the clone brought data.
+                    // The sized temp is a hole there, unless the clone brought data: then the
+                    // run is punched out, in one call (punches of single chunks would leave
+                    // the blocks they share allocated).
                     if c.offset < cloned_size {
-                        punch_hole(&temp.file, c.offset, c.len)
-                            .map_err(|e| io_reason(FaultOp::Write, &e))?;
+                        let end = c.offset + u64::from(c.len);
+                        punch = match punch {
+                            Some((start, last)) if last == c.offset => Some((start, end)),
+                            Some((start, last)) => {
+                                punch_hole(&temp.file, start, last - start)
+                                    .map_err(|e| io_reason(FaultOp::Write, &e))?;
+                                Some((c.offset, end))
+                            }
+                            None => Some((c.offset, end)),
+                        };
                     }
                     continue;
                 }
@@ -908,6 +920,10 @@ impl LocalShare {
                     }
                     None => missing.entry(c.hash).or_default().push(c.offset),
                 }
+            }
+            if let Some((start, end)) = punch {
+                punch_hole(&temp.file, start, end - start)
+                    .map_err(|e| io_reason(FaultOp::Write, &e))?;
             }
             Ok(missing)
         };
@@ -1868,12 +1884,21 @@ impl From<&str> for ApplyError {
 
 /// Makes `[offset, offset + len)` of `file` a hole (zeros that take no disk), or writes zeros
 /// there where the filesystem cannot punch holes.
-fn punch_hole(file: &File, offset: u64, len: u32) -> std::io::Result<()> {
+fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     use rustix::fs::FallocateFlags;
     let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-    match rustix::fs::fallocate(file, flags, offset, u64::from(len)) {
+    match rustix::fs::fallocate(file, flags, offset, len) {
         Ok(()) => Ok(()),
-        Err(_) => file.write_all_at(&vec![0u8; len as usize], offset),
+        Err(_) => {
+            let zeros = vec![0u8; CHUNK_MAX_BYTES as usize];
+            let mut at = offset;
+            while at < offset + len {
+                let n = (offset + len - at).min(zeros.len() as u64);
+                file.write_all_at(zeros.get(..n as usize).unwrap_or(&zeros), at)?;
+                at += n;
+            }
+            Ok(())
+        }
     }
 }
 
