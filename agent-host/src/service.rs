@@ -14,6 +14,7 @@ use vmsync_engine::controller::{Controller, ShareSettings};
 use vmsync_engine::filter::Filter;
 use vmsync_engine::local::LocalEndpoint;
 use vmsync_engine::notify_systemd;
+use vmsync_engine::pace::Pacer;
 use vmsync_engine::state::StateDb;
 use vmsync_engine::status::{ShareState, ShareStatus};
 use vmsync_engine::watch::HintSet;
@@ -46,6 +47,8 @@ struct Share {
     controller: Controller,
     local: LocalEndpoint,
     config: HostShare,
+    /// Bounds how often one path is cycled live (see `vmsync_engine::pace`).
+    pacer: Pacer,
 }
 
 /// What the control socket reads without disturbing the sync loop.
@@ -136,6 +139,7 @@ pub async fn run(config: HostConfig) -> anyhow::Result<()> {
             controller,
             local,
             config: share.clone(),
+            pacer: Pacer::default(),
         });
     }
     let shared = Shared {
@@ -331,6 +335,11 @@ impl SyncLoop {
         loop {
             let retry = tokio::time::sleep(Duration::from_millis(pending_delay));
             let bulk = self.shares.iter().position(|s| s.controller.has_bulk());
+            // Paths held back by pacing go when their time comes.
+            let paced = self.shares.iter().filter_map(|s| s.pacer.next_due()).min();
+            let paced_sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(
+                paced.unwrap_or_else(std::time::Instant::now),
+            ));
             // Biased: hints and commands come first, so a big file crossing in bulk steps
             // never holds up the live cycles of everything else.
             tokio::select! {
@@ -342,6 +351,12 @@ impl SyncLoop {
                     while let Ok((index, h)) = hint_rx.try_recv() {
                         merge(&mut hints, index, h);
                     }
+                    pending = match self.sync_all(&session, Some(&mut hints)).await {
+                        Ok(p) => p,
+                        Err(e) => return e,
+                    };
+                }
+                () = paced_sleep, if paced.is_some() => {
                     pending = match self.sync_all(&session, Some(&mut hints)).await {
                         Ok(p) => p,
                         Err(e) => return e,
@@ -408,9 +423,15 @@ impl SyncLoop {
     ) -> Result<bool, String> {
         let mut pending = false;
         for (index, share) in self.shares.iter_mut().enumerate() {
+            if let Some(h) = hints.as_deref_mut().and_then(|h| h.get_mut(index)) {
+                share.pacer.admit(h, std::time::Instant::now());
+            }
             let mut scope = match hints.as_deref_mut().and_then(|h| h.get_mut(index)) {
                 None => ScanScope::Full,
-                Some(h) if h.is_empty() => continue,
+                Some(h) if h.is_empty() => {
+                    show_held(share);
+                    continue;
+                }
                 Some(h) => {
                     let taken = h.take();
                     if taken.rescan {
@@ -447,6 +468,7 @@ impl SyncLoop {
                 }
             }
             pending |= share_pending;
+            show_held(share);
         }
         Ok(pending)
     }
@@ -515,6 +537,18 @@ impl SyncLoop {
     fn set_peer(&self, connected: bool, detail: Option<String>) {
         if let Ok(mut p) = self.shared.peer.lock() {
             *p = (connected, detail);
+        }
+    }
+}
+
+/// A share with paths held back by pacing is not in sync yet (so `wait` waits for them).
+fn show_held(share: &Share) {
+    if share.pacer.next_due().is_none() {
+        return;
+    }
+    if let Ok(mut s) = share.controller.status().lock() {
+        if s.state == ShareState::InSync {
+            s.state = ShareState::Syncing;
         }
     }
 }

@@ -9,6 +9,8 @@
 //! - [`state`]: the redb database: per-share file index, and on the host the ancestor and halts.
 //! - [`scan`]: walks (part of) a share into entries, re-hashing only what changed.
 //! - [`local`]: the local `Endpoint`: scan, serve chunks, stage and apply changes.
+//! - [`reuse`]: how a staged file reuses the old version at its path (append in place, clone,
+//!   holes for zero runs).
 //! - [`faults`]: how a failed write, fsync, mkdir or rename reads in `status`; test-only
 //!   fault injection (cargo feature `faults`).
 //! - [`space`]: free space against a share's reserve (`min_free`).
@@ -18,6 +20,7 @@
 //!   retention, listing and restore.
 //! - [`control`]: the control socket protocol (`status`, `sync`, `resume`) and its client.
 //! - [`watch`]: inotify events → coalesced change hints.
+//! - [`pace`]: bounds how often one path is cycled live (a log written many times a second).
 //! - [`controller`]: runs a sync cycle between two `Endpoint`s.
 //! - [`notify_systemd`]: `READY=1` to systemd for `Type=notify` units.
 
@@ -31,6 +34,8 @@ pub mod index;
 pub mod links;
 pub mod local;
 pub mod notify_systemd;
+pub mod pace;
+pub mod reuse;
 pub mod root;
 pub mod scan;
 pub mod seal;

@@ -38,6 +38,7 @@ use crate::filter::Filter;
 use crate::gitignore::RulesCache;
 use crate::index::{FileIndex, Identity, IndexRecord};
 use crate::links::LinkMap;
+use crate::reuse::{Plan, ZeroChunks};
 use crate::root::{FileKind, FsError, FsErrorKind, SealJob, Sealed, ShareRoot, TempFile};
 use crate::scan::{hash_file, scan};
 use crate::seal::{SealHandle, Sealer};
@@ -70,6 +71,21 @@ struct Staged {
     /// The seal submitted once `missing` became empty (`None` before, or if it could not be
     /// submitted: `transition` then seals the temp itself).
     seal: Option<SealHandle>,
+    /// Staged as an append to the old version (see [`crate::reuse`]): the temp holds only
+    /// `[from, size)`, and must never be renamed into place before its head is filled.
+    append: Option<StagedAppend>,
+}
+
+/// What an append-staged file needs at its transition.
+#[derive(Debug, Clone, Copy)]
+struct StagedAppend {
+    /// Where the staged bytes start (the old last chunk's offset).
+    from: u64,
+    old_size: u64,
+    /// The digest of the old version the plan was made against.
+    old_digest: Hash,
+    /// The old last chunk, which the new bytes at `from` must be (unless known to be).
+    verify: Option<(Hash, u32)>,
 }
 
 impl Staged {
@@ -151,6 +167,8 @@ pub struct LocalShare {
     faulted: HashMap<RelPath, String>,
     /// The free space this side keeps on the share's filesystem (`min_free`).
     min_free: MinFree,
+    /// Ids of all-zero chunks, which are never written (they stay holes).
+    zeros: ZeroChunks,
 }
 
 /// A cloneable handle on a [`LocalShare`] that implements [`Endpoint`].
@@ -240,6 +258,7 @@ impl LocalEndpoint {
             trash_totals: Arc::new(TrashTotals::default()),
             faulted: HashMap::new(),
             min_free: MinFree::default(),
+            zeros: ZeroChunks::default(),
         };
         Ok(LocalEndpoint {
             inner: Arc::new(Mutex::new(share)),
@@ -824,7 +843,54 @@ impl LocalShare {
                     .and_then(|dir| dir.join(n.as_bytes()).ok())
             });
         }
+        // What of the old version at this path can be reused in place: only if the file there
+        // is still what the index hashed (else its chunk list says nothing of its bytes).
+        let old = self.index.get(&req.path).filter(|rec| {
+            root.stat(&req.path)
+                .ok()
+                .flatten()
+                .is_some_and(|st| st.kind == FileKind::File && Identity::of(&st) == rec.identity)
+        });
+        let plan = old.map_or(Plan::Fresh, |rec| {
+            crate::reuse::plan(&rec.chunks, &req.manifest)
+        });
+        let append = match &plan {
+            Plan::Append {
+                from,
+                old_size,
+                verify,
+            } => old.map(|rec| StagedAppend {
+                from: *from,
+                old_size: *old_size,
+                old_digest: rec.meta.digest,
+                verify: *verify,
+            }),
+            _ => None,
+        };
+        // Offsets whose chunk the temp already holds, cloned from the old file; and how much
+        // of the temp is the old file's (zero chunks inside it must be punched out).
+        let (same, cloned_size) = match (&plan, old) {
+            (Plan::Clone { same }, Some(rec)) => match root.clone_into_temp(&req.path, &temp) {
+                Ok(Some((before, after)))
+                    if Identity::of(&before) == rec.identity
+                        && Identity::of(&after) == rec.identity =>
+                {
+                    (Some(same), rec.meta.size)
+                }
+                // Changed while cloned: start again from an empty temp.
+                Ok(Some(_)) => match temp.file.set_len(0) {
+                    Ok(()) => (None, 0),
+                    Err(e) => {
+                        root.discard_temp(temp);
+                        return Err(io_reason(FaultOp::Write, &e));
+                    }
+                },
+                Ok(None) | Err(_) => (None, 0),
+            },
+            _ => (None, 0),
+        };
         let index = &self.index;
+        let zeros = &self.zeros;
         let mut fill = || -> Result<HashMap<Hash, Vec<u64>>, String> {
             temp.file
                 .set_len(req.meta.size)
@@ -839,7 +905,32 @@ impl LocalShare {
             // Bytes of chunks already placed in this temp file, so a repeated chunk is copied
             // once.
             let mut placed: HashMap<Hash, Vec<u8>> = HashMap::new();
+            // A run of zero chunks still to punch out of the clone: [start, end).
+            let mut punch: Option<(u64, u64)> = None;
             for c in &req.manifest.chunks {
+                if append.is_some_and(|a| c.offset < a.from)
+                    || same.is_some_and(|s| s.contains(&c.offset))
+                {
+                    continue;
+                }
+                if zeros.is_zero(c) {
+                    // The sized temp is a hole there, unless the clone brought data: then the
+                    // run is punched out, in one call (punches of single chunks would leave
+                    // the blocks they share allocated).
+                    if c.offset < cloned_size {
+                        let end = c.offset + u64::from(c.len);
+                        punch = match punch {
+                            Some((start, last)) if last == c.offset => Some((start, end)),
+                            Some((start, last)) => {
+                                punch_hole(&temp.file, start, last - start)
+                                    .map_err(|e| io_reason(FaultOp::Write, &e))?;
+                                Some((c.offset, end))
+                            }
+                            None => Some((c.offset, end)),
+                        };
+                    }
+                    continue;
+                }
                 if let Some(data) = placed.get(&c.hash) {
                     write(data, c.offset)?;
                     continue;
@@ -858,6 +949,10 @@ impl LocalShare {
                     }
                     None => missing.entry(c.hash).or_default().push(c.offset),
                 }
+            }
+            if let Some((start, end)) = punch {
+                punch_hole(&temp.file, start, end - start)
+                    .map_err(|e| io_reason(FaultOp::Write, &e))?;
             }
             Ok(missing)
         };
@@ -887,6 +982,7 @@ impl LocalShare {
             manifest: req.manifest,
             missing,
             seal: None,
+            append,
         };
         self.staged.insert(req.path, staged);
         Ok(want)
@@ -1541,6 +1637,32 @@ impl LocalShare {
                 None => {}
             }
         }
+        if let Some(append) = staged.append.take() {
+            match self.append_in_place(path, meta, current, &staged, append) {
+                Ok(Some(record)) => {
+                    if let Ok(root) = self.root() {
+                        root.discard_temp(staged.temp);
+                    }
+                    return Ok(record);
+                }
+                // Not an append after all: the temp gets its head and replaces the file.
+                Ok(None) => {
+                    if let Err(reason) = self.fill_head(path, meta, &mut staged, append) {
+                        if let Ok(root) = self.root() {
+                            root.discard_temp(staged.temp);
+                        }
+                        return Err(reason.into());
+                    }
+                }
+                Err(e) => {
+                    if let Ok(root) = self.root() {
+                        root.discard_temp(staged.temp);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let root = self.root().map_err(|e| e.to_string())?;
         match current {
             Some(Entry::Dir { .. }) => {
                 if let Err(e) = root.remove_dir(path) {
@@ -1633,6 +1755,116 @@ impl LocalShare {
                 }
             }
         }
+    }
+
+    /// Appends the staged tail of an append-staged file to the file at `path` in place, if it
+    /// still is the old version the plan was made against (`current`, checked against the
+    /// change, has its digest, and the open file has the identity the index recorded for it)
+    /// and the new bytes at the old last chunk are that chunk. `Ok(None)`: not an append
+    /// (the new bytes there differ); `Appeared`: the file changed under us.
+    fn append_in_place(
+        &mut self,
+        path: &RelPath,
+        meta: &FileMeta,
+        current: Option<&Entry>,
+        staged: &Staged,
+        append: StagedAppend,
+    ) -> Result<Option<IndexRecord>, ApplyError> {
+        let Some(Entry::File(cur)) = current else {
+            return Ok(None);
+        };
+        let expected = match self.index.get(path) {
+            Some(rec)
+                if cur.digest == append.old_digest && rec.meta.digest == append.old_digest =>
+            {
+                rec.identity
+            }
+            _ => return Ok(None),
+        };
+        if let Some((hash, len)) = append.verify {
+            let mut buf = vec![0u8; len as usize];
+            let same = staged
+                .temp
+                .file
+                .read_exact_at(&mut buf, append.from)
+                .is_ok()
+                && hash_chunk(&buf) == hash;
+            if !same {
+                return Ok(None);
+            }
+        }
+        // The tail to write: past the old end, zero chunks left as holes (set_len last, so a
+        // reader never sees zeros ahead of data).
+        let old_size = append.old_size;
+        let zeros = &self.zeros;
+        let ranges: Vec<(u64, u64)> = staged
+            .manifest
+            .chunks
+            .iter()
+            .filter(|c| c.offset + u64::from(c.len) > old_size && !zeros.is_zero(c))
+            .map(|c| (c.offset.max(old_size), c.offset + u64::from(c.len)))
+            .collect();
+        let temp = &staged.temp.file;
+        let size = meta.size;
+        let write = |file: &File| -> std::io::Result<()> {
+            let mut buf = Vec::new();
+            for &(start, end) in &ranges {
+                let len = usize::try_from(end - start).map_err(std::io::Error::other)?;
+                buf.resize(len, 0);
+                temp.read_exact_at(&mut buf, start)?;
+                file.write_all_at(&buf, start)?;
+            }
+            if file.metadata()?.len() < size {
+                file.set_len(size)?;
+            }
+            Ok(())
+        };
+        let root = self.root().map_err(|e| e.to_string())?;
+        let appended = root
+            .append_in_place(
+                path,
+                |st| Identity::of(st) == expected,
+                write,
+                meta.mode,
+                meta.mtime,
+            )
+            .map_err(|e| ApplyError::Failed(fault_reason(FaultOp::Write, &e)))?;
+        let Some(stat) = appended else {
+            return Err(ApplyError::Appeared);
+        };
+        Ok(Some(IndexRecord::new(
+            Identity::of(&stat),
+            *meta,
+            &staged.manifest,
+        )))
+    }
+
+    /// Completes an append-staged temp that will replace its file after all: writes the head
+    /// (`[0, from)`, the old version's chunks, which are the new one's) from the file at
+    /// `path`, verifying each chunk, and seals the temp again.
+    fn fill_head(
+        &mut self,
+        path: &RelPath,
+        meta: &FileMeta,
+        staged: &mut Staged,
+        append: StagedAppend,
+    ) -> Result<(), String> {
+        let root = self.root().map_err(|e| e.to_string())?;
+        let mut files = OpenFiles::default();
+        for c in &staged.manifest.chunks {
+            if c.offset >= append.from {
+                break;
+            }
+            if self.zeros.is_zero(c) {
+                continue;
+            }
+            let data = files
+                .read_verified(root, path, c.offset, c.len, &c.hash)
+                .ok_or("the old version changed while it was reused")?;
+            write_at(&staged.temp.file, &data, c.offset)?;
+        }
+        root.seal_temp(&mut staged.temp, meta.mode, meta.mtime)
+            .map_err(|e| fault_reason(FaultOp::Fsync, &e))
     }
 
     /// Keeps the file or symlink `entry` at `path` in the trash: moved there (`link` false:
@@ -1901,6 +2133,26 @@ impl From<String> for ApplyError {
 impl From<&str> for ApplyError {
     fn from(reason: &str) -> Self {
         ApplyError::Failed(reason.to_owned())
+    }
+}
+
+/// Makes `[offset, offset + len)` of `file` a hole (zeros that take no disk), or writes zeros
+/// there where the filesystem cannot punch holes.
+fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use rustix::fs::FallocateFlags;
+    let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+    match rustix::fs::fallocate(file, flags, offset, len) {
+        Ok(()) => Ok(()),
+        Err(_) => {
+            let zeros = vec![0u8; CHUNK_MAX_BYTES as usize];
+            let mut at = offset;
+            while at < offset + len {
+                let n = (offset + len - at).min(zeros.len() as u64);
+                file.write_all_at(zeros.get(..n as usize).unwrap_or(&zeros), at)?;
+                at += n;
+            }
+            Ok(())
+        }
     }
 }
 

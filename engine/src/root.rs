@@ -1386,6 +1386,99 @@ impl ShareRoot {
         rfs::fsync(dir)
     }
 
+    /// Makes `temp` (new and empty) share the blocks of the regular file at `p` (`FICLONE`: a
+    /// reflink on xfs and btrfs), so that a new version differing from the old in a few
+    /// chunks costs only those chunks on disk. The old file is not changed: later writes to
+    /// the temp get blocks of their own (copy on write), so the old inode, which the trash
+    /// keeps when the temp replaces it, still holds the old content. Returns the `fstat` of
+    /// the old file before and after the clone (the caller trusts what it knows of the old
+    /// content only if both are what it expects: a write during the clone changes its
+    /// ctime); `None` where the filesystem cannot clone (ext4, tmpfs), and the temp is then
+    /// still empty.
+    pub fn clone_into_temp(
+        &self,
+        p: &RelPath,
+        temp: &TempFile,
+    ) -> Result<Option<(Stat, Stat)>, FsError> {
+        const OP: &str = "clone file";
+        let (old, before) = self.open_file(p)?;
+        match rfs::ioctl_ficlone(&temp.file, &old) {
+            Ok(()) => {}
+            Err(Errno::OPNOTSUPP | Errno::XDEV | Errno::INVAL | Errno::NOTTY | Errno::NOSYS) => {
+                return Ok(None)
+            }
+            Err(e) => return Err(fail(OP, Loc::path(p), e)),
+        }
+        let after = rfs::fstat(&old).map_err(|e| fail(OP, Loc::path(p), e))?;
+        Ok(Some((before, Stat::from_raw(&after, self.dev))))
+    }
+
+    /// Appends to the regular file at `p` in place (same inode, so a reader following it sees
+    /// it grow): opens it for writing without following anything, and only if `expect` says
+    /// its `fstat` is the version the caller knows (verify before writing, as before every
+    /// replace) calls `write` on it, sets its permission bits and mtime and fsyncs it.
+    /// `write` must only write at or past `old_size`, the size `expect` accepted: nothing
+    /// that was in the file is overwritten, so nothing needs keeping in the trash. If `write`
+    /// or a later step fails, the file is cut back to `old_size` and its old mtime put back
+    /// (best effort), so it holds its old content again. Returns `Ok(None)`, writing nothing,
+    /// if the file is not the expected version; else its `fstat` afterwards.
+    pub fn append_in_place(
+        &self,
+        p: &RelPath,
+        expect: impl FnOnce(&Stat) -> bool,
+        write: impl FnOnce(&File) -> std::io::Result<()>,
+        mode: u32,
+        mtime: Timestamp,
+    ) -> Result<Option<Stat>, FsError> {
+        const OP: &str = "append in place";
+        let loc = Loc::path(p);
+        let (dir, name) = self.parent(OP, p, OFlags::PATH)?;
+        let before =
+            rfs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| fail(OP, loc, e))?;
+        if Stat::from_raw(&before, self.dev).kind != FileKind::File {
+            return Ok(None);
+        }
+        let fd = open_beneath(
+            dir.as_fd(),
+            self.dev,
+            &[name],
+            OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+            self.resolver,
+        )
+        .map_err(|e| fail(OP, loc, e))?;
+        let old = Stat::from_raw(&rfs::fstat(&fd).map_err(|e| fail(OP, loc, e))?, self.dev);
+        // A file with other names (hard links here, or a name kept in the trash) would change
+        // under those too: it is replaced instead.
+        if old.kind != FileKind::File || old.nlink != 1 || !expect(&old) {
+            return Ok(None);
+        }
+        let file = File::from(fd);
+        let done = (|| -> Result<(), FsError> {
+            if let Some(e) = self.injected(FaultOp::Write, p) {
+                return Err(fail(OP, loc, e));
+            }
+            write(&file).map_err(|e| FsError::io(OP, p, e))?;
+            let times = mtime_only(OP, loc, mtime)?;
+            rfs::fchmod(&file, Mode::from_raw_mode(mode & PERM_MASK))
+                .map_err(|e| fail(OP, loc, e))?;
+            rfs::futimens(&file, &times).map_err(|e| fail(OP, loc, e))?;
+            if let Some(e) = self.injected(FaultOp::Fsync, p) {
+                return Err(fail(OP, loc, e));
+            }
+            rfs::fsync(&file).map_err(|e| fail(OP, loc, e))
+        })();
+        if let Err(e) = done {
+            let _ = file.set_len(old.size);
+            if let Ok(times) = mtime_only(OP, loc, old.mtime) {
+                let _ = rfs::futimens(&file, &times);
+            }
+            let _ = rfs::fchmod(&file, Mode::from_raw_mode(old.mode & PERM_MASK));
+            return Err(e);
+        }
+        let st = rfs::fstat(&file).map_err(|e| fail(OP, loc, e))?;
+        Ok(Some(Stat::from_raw(&st, self.dev)))
+    }
+
     /// Removes a temp file that will not be committed. Errors are ignored: a leftover is
     /// removed by the next [`ShareRoot::clean_temps`].
     pub fn discard_temp(&self, temp: TempFile) {

@@ -131,7 +131,7 @@ impl WatchRules {
 pub const MAX_HINT_PATHS: usize = 4096;
 
 /// The hints gathered since they were last taken.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct HintSet {
     paths: BTreeSet<RelPath>,
     rescan: bool,
@@ -172,6 +172,16 @@ impl HintSet {
 
     pub fn is_empty(&self) -> bool {
         self.paths.is_empty() && !self.rescan
+    }
+
+    /// True when the hints say: rescan everything.
+    pub fn is_rescan(&self) -> bool {
+        self.rescan
+    }
+
+    /// Keeps only the paths `keep` accepts (see [`crate::pace`]).
+    pub fn retain_paths(&mut self, keep: impl FnMut(&RelPath) -> bool) {
+        self.paths.retain(keep);
     }
 
     pub fn take(&mut self) -> ChangeHints {

@@ -1,0 +1,186 @@
+//! Paces live cycles per path: a file that keeps changing (a log appended many times a
+//! second) is synced at a bounded rate instead of once per write, and its final version
+//! always lands. Pure: the caller passes `now`.
+//!
+//! The rule (a token bucket per path): a path may be cycled [`PATH_BURST`] times in a row, then
+//! at most once per [`PATH_CYCLE_INTERVAL`] (10 a second). A hint for a path over its rate is
+//! held, not dropped, and handed back once the path may be cycled again
+//! ([`Pacer::next_due`] says when): the last change of a burst is always synced, at most one
+//! interval late. A full rescan is never held. A path first seen, or quiet for a while,
+//! passes at once: a single edit costs no latency.
+//!
+//! What it must not do: grow without bound. Only paths cycled in the last
+//! `PATH_BURST × PATH_CYCLE_INTERVAL` are remembered, and past [`MAX_HELD_PATHS`] held paths
+//! everything held is released (pacing off rather than memory up).
+
+use crate::watch::HintSet;
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+use vmsync_core::RelPath;
+
+/// The least time between two cycles of one path, once its burst is spent.
+pub const PATH_CYCLE_INTERVAL: Duration = Duration::from_millis(100);
+/// Cycles of one path allowed back to back before pacing starts (a file's create and its
+/// close usually come as two hints).
+pub const PATH_BURST: u32 = 3;
+/// Most paths held at once.
+pub const MAX_HELD_PATHS: usize = 4096;
+
+#[derive(Debug, Default)]
+pub struct Pacer {
+    /// Path → its theoretical arrival time (GCRA): the path is over its rate while this is
+    /// more than `PATH_BURST` intervals ahead of now.
+    tat: HashMap<RelPath, Instant>,
+    /// Held paths → when they may be cycled.
+    held: BTreeMap<RelPath, Instant>,
+}
+
+impl Pacer {
+    /// Takes out of `hints` the paths over their rate (held until due), puts back the held
+    /// paths now due, and charges every path left in `hints` for one cycle.
+    pub fn admit(&mut self, hints: &mut HintSet, now: Instant) {
+        self.tat.retain(|_, tat| *tat > now);
+        if self.held.len() > MAX_HELD_PATHS {
+            for (path, _) in std::mem::take(&mut self.held) {
+                hints.add(path);
+            }
+        }
+        let due: Vec<RelPath> = self
+            .held
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for path in due {
+            self.held.remove(&path);
+            hints.add(path);
+        }
+        if hints.is_rescan() {
+            return;
+        }
+        let span = PATH_CYCLE_INTERVAL * PATH_BURST;
+        let (tat, held) = (&mut self.tat, &mut self.held);
+        hints.retain_paths(|path| {
+            if held.contains_key(path) {
+                return false;
+            }
+            let next = tat.get(path).map_or(now, |t| (*t).max(now)) + PATH_CYCLE_INTERVAL;
+            if next.saturating_duration_since(now) <= span {
+                tat.insert(path.clone(), next);
+                true
+            } else {
+                held.insert(path.clone(), next - span);
+                false
+            }
+        });
+    }
+
+    /// When the first held path may be cycled (`None`: nothing held).
+    pub fn next_due(&self) -> Option<Instant> {
+        self.held.values().min().copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::from_bytes(s.as_bytes()).unwrap()
+    }
+
+    fn paths(h: &HintSet) -> Vec<String> {
+        h.clone()
+            .take()
+            .paths
+            .iter()
+            .map(|p| String::from_utf8_lossy(p.as_bytes()).into_owned())
+            .collect()
+    }
+
+    /// One hint for `path` every `every` over `total`, a cycle whenever the pacer lets one
+    /// through (and at every due time): how many cycles, and whether the last write was
+    /// followed by a cycle.
+    fn simulate(every: Duration, total: Duration) -> (u32, bool) {
+        let start = Instant::now();
+        let mut pacer = Pacer::default();
+        let mut cycles = 0;
+        let mut last_write = start;
+        let mut last_cycle = None;
+        let mut t = start;
+        let end = start + total;
+        let mut next_write = start;
+        loop {
+            let mut hints = HintSet::default();
+            if t == next_write && t <= end {
+                hints.add(p("app.log"));
+                last_write = t;
+                next_write = t + every;
+            }
+            pacer.admit(&mut hints, t);
+            if !hints.is_empty() {
+                cycles += 1;
+                last_cycle = Some(t);
+            }
+            let due = pacer.next_due();
+            t = match (due, next_write <= end) {
+                (Some(d), true) => d.min(next_write),
+                (Some(d), false) => d,
+                (None, true) => next_write,
+                (None, false) => break,
+            };
+        }
+        (cycles, last_cycle.is_some_and(|c| c >= last_write))
+    }
+
+    #[test]
+    fn a_path_written_190_times_a_second_is_cycled_about_10_times_a_second_and_lands_last() {
+        let (cycles, landed) = simulate(Duration::from_micros(5263), Duration::from_secs(20));
+        assert!((200..=205).contains(&cycles), "{cycles} cycles in 20 s");
+        assert!(landed, "the last write was followed by a cycle");
+    }
+
+    #[test]
+    fn a_path_written_rarely_is_never_held() {
+        let (cycles, landed) = simulate(Duration::from_millis(150), Duration::from_secs(3));
+        assert_eq!(cycles, 21);
+        assert!(landed);
+    }
+
+    #[test]
+    fn a_burst_passes_then_the_path_is_held_until_due_and_others_are_not() {
+        let t0 = Instant::now();
+        let mut pacer = Pacer::default();
+        for i in 0..PATH_BURST {
+            let mut h = HintSet::default();
+            h.add(p("a"));
+            pacer.admit(&mut h, t0);
+            assert_eq!(paths(&h), ["a"], "burst cycle {i}");
+        }
+        let mut h = HintSet::default();
+        h.add(p("a"));
+        h.add(p("b"));
+        pacer.admit(&mut h, t0);
+        assert_eq!(paths(&h), ["b"], "a is held, b passes");
+        let due = pacer.next_due().unwrap();
+        assert_eq!(due, t0 + PATH_CYCLE_INTERVAL);
+        let mut h = HintSet::default();
+        pacer.admit(&mut h, due - Duration::from_millis(1));
+        assert!(h.is_empty(), "not due yet");
+        pacer.admit(&mut h, due);
+        assert_eq!(paths(&h), ["a"], "released when due");
+        assert_eq!(pacer.next_due(), None);
+    }
+
+    #[test]
+    fn a_rescan_is_never_held() {
+        let t0 = Instant::now();
+        let mut pacer = Pacer::default();
+        for _ in 0..10 {
+            let mut h = HintSet::default();
+            h.add_rescan();
+            pacer.admit(&mut h, t0);
+            assert!(h.is_rescan());
+        }
+    }
+}
