@@ -9,6 +9,8 @@
 //! - [`state`]: the redb database: per-share file index, and on the host the ancestor and halts.
 //! - [`scan`]: walks (part of) a share into entries, re-hashing only what changed.
 //! - [`local`]: the local `Endpoint`: scan, serve chunks, stage and apply changes.
+//! - [`echoes`]: what this side's own transitions just wrote, so their watch events are
+//!   not synced back; remembered for a minute.
 //! - [`faults`]: how a failed write, fsync, mkdir or rename reads in `status`; test-only
 //!   fault injection (cargo feature `faults`).
 //! - [`space`]: free space against a share's reserve (`min_free`).
@@ -24,6 +26,7 @@
 pub mod chunk;
 pub mod control;
 pub mod controller;
+pub mod echoes;
 pub mod faults;
 pub mod filter;
 pub mod gitignore;

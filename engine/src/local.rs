@@ -33,6 +33,7 @@
 //! All filesystem work is blocking; each call runs on tokio's blocking pool.
 
 use crate::chunk::hash_chunk;
+use crate::echoes::Echoes;
 use crate::faults::{fault_reason, io_reason, FaultOp};
 use crate::filter::Filter;
 use crate::gitignore::RulesCache;
@@ -120,7 +121,8 @@ pub struct LocalShare {
     /// What this side's own transitions left at a path: a file of this identity, or (`None`)
     /// nothing. A watcher hint for such a path that still finds exactly that is our own echo,
     /// and is not passed on (see [`LocalShare::drop_echoes`]).
-    echoes: HashMap<RelPath, Option<Identity>>,
+    /// Remembered for a short while only (see `engine/src/echoes.rs`).
+    echoes: Echoes,
     /// Files read and hashed by scans since start (a restart with nothing changed adds none).
     files_hashed: u64,
     /// Seals complete staged files in the background (see the module docs).
@@ -215,7 +217,7 @@ impl LocalEndpoint {
             staged: HashMap::new(),
             wanted: HashMap::new(),
             bases: HashMap::new(),
-            echoes: HashMap::new(),
+            echoes: Echoes::default(),
             files_hashed: 0,
             sealer: Sealer::new(),
             kept: KeptLog::default(),
@@ -846,9 +848,6 @@ impl LocalShare {
             self.wanted.entry(*h).or_default().push(req.path.clone());
         }
         if let Some(path) = tmp_echo {
-            if self.echoes.len() >= MAX_ECHOES {
-                self.echoes.clear();
-            }
             self.echoes.insert(path, None);
         }
         let want = self.offer_bases(&req, want, sources, budget);
@@ -1026,9 +1025,6 @@ impl LocalShare {
         let count = changes.len();
         let mut outcomes = Vec::with_capacity(changes.len());
         let mut index_changes: Vec<(RelPath, Option<IndexRecord>)> = Vec::new();
-        if self.echoes.len() >= MAX_ECHOES {
-            self.echoes.clear();
-        }
         let mut paths = Vec::with_capacity(changes.len());
         for change in changes {
             paths.push(change.path.clone());
@@ -1130,6 +1126,7 @@ impl LocalShare {
     /// ctime), so any later write by someone else still gets through; so do directory hints,
     /// which may stand for many children.
     fn drop_echoes(&mut self, mut hints: ChangeHints) -> ChangeHints {
+        self.echoes.expire(std::time::Instant::now());
         if hints.rescan || self.echoes.is_empty() {
             return hints;
         }
