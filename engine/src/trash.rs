@@ -557,9 +557,11 @@ impl KeptLog {
             self.pop_oldest();
         }
         self.seq += 1;
+        // Most paths are kept once in the window: a default `Vec` would reserve room for four
+        // records (about 400 bytes) on the first push.
         self.by_path
             .entry(path.clone())
-            .or_default()
+            .or_insert_with(|| Vec::with_capacity(1))
             .push((self.seq, batch, entry));
         self.order.push_back((at, self.seq, path));
     }
@@ -973,5 +975,24 @@ mod tests {
         let later = t0 + PUT_BACK_WINDOW + Duration::from_secs(1);
         assert_eq!(log.find(later, &p, &file(3, 2)), None);
         assert!(log.is_empty());
+    }
+
+    /// Hours of steady churn (25 trash moves a second, every one a new path, as renames and
+    /// fresh files are) hold only the moves of the last `PUT_BACK_WINDOW`, in both maps, each
+    /// path's list sized for what it holds.
+    #[test]
+    fn kept_log_under_steady_churn_holds_only_the_window() {
+        let t0 = Instant::now();
+        let per_sec = 25u64;
+        let bound = (PUT_BACK_WINDOW.as_secs() * per_sec + 1) as usize;
+        let mut log = KeptLog::default();
+        for i in 0..3 * 3600 * per_sec {
+            let now = t0 + Duration::from_millis(i * 1000 / per_sec);
+            let path = RelPath::from_bytes(format!("d{}/f{i}", i % 50).as_bytes()).unwrap();
+            log.record(now, path, "batch".into(), file(i, 1));
+            assert!(log.len() <= bound, "{} records after {i} moves", log.len());
+        }
+        assert!(log.by_path.len() <= bound);
+        assert!(log.by_path.values().all(|v| v.capacity() == 1));
     }
 }
