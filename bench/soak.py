@@ -50,6 +50,7 @@ STOP_TIMEOUT = 10.0
 RSS_TOLERANCE = 0.10
 RSS_REFERENCE_MINUTE = 5
 FILES_PER_DIR = 20
+SMALL_DIR_FILES = 8
 MAX_FILE_BYTES = 16 * 1024
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -70,6 +71,9 @@ class Processes:
 
     def __init__(self):
         self.running = []
+        # Agents started behind a wrapper (a profiler script): signalled themselves first,
+        # since a wrapper need not pass SIGTERM on.
+        self.wrapped = []
 
     def start(self, name, argv, log_path, env):
         with open(log_path, "ab") as log_file:
@@ -79,7 +83,26 @@ class Processes:
         self.running.append((name, process))
         return process
 
+    def adopt(self, process, pid):
+        if pid != process.pid:
+            self.wrapped.append(pid)
+
     def stop_all(self):
+        while self.wrapped:
+            pid = self.wrapped.pop()
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            deadline = time.monotonic() + STOP_TIMEOUT * 6
+            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                            break
+                except OSError:
+                    break
+                time.sleep(0.1)
         while self.running:
             name, process = self.running.pop()
             if process.poll() is not None:
@@ -110,6 +133,32 @@ def rss_kib(pid):
             if key == "VmRSS":
                 return int(value.split()[0])
     return 0
+
+
+def agent_pid(process, binary, timeout=30.0):
+    """The pid of `binary` started by `process`: itself, or (behind a wrapper such as heaptrack,
+    which is a script) the descendant running it."""
+    binary = os.path.realpath(binary)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        todo, seen = [process.pid], set()
+        while todo:
+            pid = todo.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            try:
+                if os.path.realpath(f"/proc/{pid}/exe") == binary:
+                    return pid
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{tid}/children") as f:
+                        todo.extend(int(c) for c in f.read().split())
+            except OSError:
+                continue
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise RuntimeError(f"no process runs {binary} under pid {process.pid}")
 
 
 def loadavg():
@@ -187,7 +236,7 @@ class Side:
         d = self.rng.choice(candidates)
         return d, self.rng.choice(sorted(self.dirs[d]))
 
-    def op(self, target_files):
+    def op(self, target_files, target_dirs):
         """One random operation; returns its name."""
         rng = self.rng
         files = self.file_count()
@@ -228,7 +277,9 @@ class Side:
             self.dirs[d].discard(name)
             self.dirs[to].add(new)
             return "rename"
-        if r < 0.94:
+        # Directories: made and deleted alike, so their number stays near its start too.
+        dirs = len(self.dirs)
+        if r < 0.93 and dirs < target_dirs + 5 or r >= 0.96 and dirs < target_dirs - 5:
             nd = self.fresh("d")
             os.makedirs(self.path(nd))
             self.dirs[nd] = set()
@@ -237,19 +288,20 @@ class Side:
                 self.write(nd, n, self.content())
                 self.dirs[nd].add(n)
             return "mkdir"
-        if r < 0.98:
+        if 0.93 <= r < 0.96:
             nd = self.fresh("d")
             os.rename(self.path(d), self.path(nd))
             self.dirs[nd] = self.dirs.pop(d)
             return "rename-dir"
-        # Delete a whole directory; a small one, so a cycle never deletes a large share of
-        # the tree (the safety halt's threshold) because of the benchmark itself.
-        small = [x for x, names in self.dirs.items() if len(names) <= FILES_PER_DIR]
-        if len(self.dirs) > 1 and small:
-            x = rng.choice(sorted(small))
-            shutil.rmtree(self.path(x))
-            del self.dirs[x]
-            return "rmdir"
+        # Delete a whole directory: the one with the fewest files (typically one made by
+        # "mkdir" above), and only a small one, so the benchmark never deletes enough within a
+        # minute to trip the mass-deletion halt (`docs/safety.md`).
+        if len(self.dirs) > 1:
+            x = min(sorted(self.dirs), key=lambda k: len(self.dirs[k]))
+            if len(self.dirs[x]) <= SMALL_DIR_FILES:
+                shutil.rmtree(self.path(x))
+                del self.dirs[x]
+                return "rmdir"
         return "none"
 
 
@@ -299,6 +351,7 @@ def main():
         guest = Side(guest_root, "g", random.Random(rng.random()))
         host.populate(files // 2)
         guest.populate(files - files // 2)
+        dirs_each = len(host.dirs)
         guest_toml, host_toml = f"{work}/guest.toml", f"{work}/host.toml"
         with open(guest_toml, "w") as f:
             f.write(f'listen = "unix:{work}/guest.sock"\nstate_dir = "{work}/guest-state"\n'
@@ -344,7 +397,10 @@ def main():
             raise RuntimeError(f"initial sync: vmsync-host wait exited {rc}")
         log("initial sync done")
 
-        pids = {"host": host_p.pid, "guest": guest_p.pid}
+        pids = {"host": agent_pid(host_p, binary("vmsync-host")),
+                "guest": agent_pid(guest_p, binary("vmsync-guest"))}
+        processes.adopt(host_p, pids["host"])
+        processes.adopt(guest_p, pids["guest"])
         print(f"{'minute':>6} {'ops':>8} {'host RSS MiB':>12} {'guest RSS MiB':>13} "
               f"{'host CPU s/1k ops':>17} {'guest CPU s/1k ops':>18}  state", flush=True)
         rss = {0: {n: rss_kib(p) for n, p in pids.items()}}
@@ -388,7 +444,7 @@ def main():
                 time.sleep(min(due - now, next_report - now))
                 continue
             side = sides[ops % 2]
-            kind = side.op(files // 2)
+            kind = side.op(files // 2, dirs_each)
             counts[kind] = counts.get(kind, 0) + 1
             ops += 1
 
