@@ -11,6 +11,8 @@
 //! - [`local`]: the local `Endpoint`: scan, serve chunks, stage and apply changes.
 //! - [`reuse`]: how a staged file reuses the old version at its path (append in place, clone,
 //!   holes for zero runs).
+//! - [`echoes`]: what this side's own transitions just wrote, so their watch events are
+//!   not synced back; remembered for a minute.
 //! - [`faults`]: how a failed write, fsync, mkdir or rename reads in `status`; test-only
 //!   fault injection (cargo feature `faults`).
 //! - [`space`]: free space against a share's reserve (`min_free`).
@@ -27,6 +29,7 @@
 pub mod chunk;
 pub mod control;
 pub mod controller;
+pub mod echoes;
 pub mod faults;
 pub mod filter;
 pub mod gitignore;

@@ -33,6 +33,7 @@
 //! All filesystem work is blocking; each call runs on tokio's blocking pool.
 
 use crate::chunk::hash_chunk;
+use crate::echoes::Echoes;
 use crate::faults::{fault_reason, io_reason, FaultOp};
 use crate::filter::Filter;
 use crate::gitignore::RulesCache;
@@ -142,7 +143,8 @@ pub struct LocalShare {
     /// What this side's own transitions left at a path: a file of this identity, or (`None`)
     /// nothing. A watcher hint for such a path that still finds exactly that is our own echo,
     /// and is not passed on (see [`LocalShare::drop_echoes`]).
-    echoes: HashMap<RelPath, Option<Identity>>,
+    /// Remembered for a short while only (see `engine/src/echoes.rs`).
+    echoes: Echoes,
     /// Directories whose time this side's own transitions put back (see [`ParentTimes`]),
     /// with the identity they were left with: the watcher's hint for that is an echo too.
     dir_echoes: HashMap<RelPath, Identity>,
@@ -246,7 +248,7 @@ impl LocalEndpoint {
             staged: HashMap::new(),
             wanted: HashMap::new(),
             bases: HashMap::new(),
-            echoes: HashMap::new(),
+            echoes: Echoes::default(),
             dir_echoes: HashMap::new(),
             ignore_events_seen: 0,
             files_hashed: 0,
@@ -970,9 +972,6 @@ impl LocalShare {
             self.wanted.entry(*h).or_default().push(req.path.clone());
         }
         if let Some(path) = tmp_echo {
-            if self.echoes.len() >= MAX_ECHOES {
-                self.echoes.clear();
-            }
             self.echoes.insert(path, None);
         }
         let want = self.offer_bases(&req, want, sources, budget);
@@ -1152,9 +1151,6 @@ impl LocalShare {
         let count = changes.len();
         let mut outcomes = Vec::with_capacity(changes.len());
         let mut index_changes: Vec<(RelPath, Option<IndexRecord>)> = Vec::new();
-        if self.echoes.len() >= MAX_ECHOES {
-            self.echoes.clear();
-        }
         let mut paths = Vec::with_capacity(changes.len());
         let mut parents = ParentTimes::default();
         for change in changes {
@@ -1310,6 +1306,7 @@ impl LocalShare {
     /// ctime), so any later write by someone else still gets through; so do directory hints,
     /// which may stand for many children.
     fn drop_echoes(&mut self, mut hints: ChangeHints) -> ChangeHints {
+        self.echoes.expire(std::time::Instant::now());
         // A hint for a directory whose ignore file changed looks like the echo of a time put
         // back; while such events are new, no directory hint is taken for an echo.
         let ignore_events = self

@@ -34,10 +34,9 @@ pub const DEFAULT_KEEP_DELETED_PERCENT: u32 = 10;
 pub const MIN_PERCENT_LIMIT_BYTES: u64 = 64 << 20;
 /// How often the pruner looks at the trash when nothing wakes it.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(60);
-/// A wake-up within this long of the last prune waits for it to pass: a live edit trashes a
-/// version every few milliseconds, and walking the whole trash after each would cost more
-/// than the edits. Sooner than the next minute's look all the same.
-pub const PRUNE_MIN_GAP: Duration = Duration::from_secs(2);
+/// Woken (after a transition kept something), the pruner still waits this long after its
+/// last prune: a prune walks the whole trash, and churn wakes it many times a second.
+pub const PRUNE_MIN_GAP: Duration = Duration::from_secs(5);
 /// How long `put_back` can reach back: trash moves older than this are forgotten.
 pub const PUT_BACK_WINDOW: Duration = Duration::from_secs(600);
 /// At most this many trash moves are remembered for `put_back` (about 200 bytes each).
@@ -437,58 +436,54 @@ pub fn prune_once(
     share_bytes: u64,
     now: Timestamp,
 ) -> Result<(u64, u64), FsError> {
-    let items = list(root)?;
-    let mut batches: Vec<BatchUsage> = Vec::new();
-    let mut files: HashMap<String, u64> = HashMap::new();
-    for item in &items {
-        *files.entry(item.batch.clone()).or_default() += 1;
-        match batches.last_mut() {
-            Some(b) if b.name == item.batch.as_bytes() => b.bytes += item.size,
-            _ => batches.push(BatchUsage {
-                name: item.batch.as_bytes().to_vec(),
-                time: item.time,
-                bytes: item.size,
-                open: false,
-            }),
-        }
-    }
-    // Batches with nothing in them (a transition that failed midway) count as empty ones.
+    // Per batch, its files and bytes, summed as the walk goes: memory follows the number of
+    // batches, not of kept files (a share under churn keeps hundreds of thousands).
     let mut names = root.trash_batches()?;
     names.sort();
+    let mut kept: Vec<(BatchUsage, u64)> = Vec::new();
     for name in names {
-        if let Some((time, _)) = parse_batch_name(&name) {
-            if !batches.iter().any(|b| b.name == name) {
-                batches.push(BatchUsage {
-                    name,
-                    time,
-                    bytes: 0,
-                    open: false,
-                });
-            }
+        let Some((time, _)) = parse_batch_name(&name) else {
+            continue;
+        };
+        let (mut n, mut bytes) = (0u64, 0u64);
+        match root.open_trash_batch(&name) {
+            // Batches with nothing in them (a transition that failed midway) count as empty.
+            Ok(dir) => walk(&dir, &RelPath::root(), &mut |_, stat| {
+                n += 1;
+                bytes += stat.size;
+            })?,
+            Err(e) if e.kind() == FsErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
         }
+        let open = is_open(&name);
+        let usage = BatchUsage {
+            name,
+            time,
+            bytes,
+            open,
+        };
+        kept.push((usage, n));
     }
-    batches.sort_by(|a, b| (a.time, &a.name).cmp(&(b.time, &b.name)));
-    for b in &mut batches {
-        b.open = is_open(&b.name);
-    }
-    let remove = plan_prune(
+    kept.sort_by(|(a, _), (b, _)| (a.time, &a.name).cmp(&(b.time, &b.name)));
+    let (batches, files): (Vec<BatchUsage>, Vec<u64>) = kept.into_iter().unzip();
+    let remove: BTreeSet<usize> = plan_prune(
         &batches,
         now,
         retention.max_age,
         retention.max_size.bytes(share_bytes),
-    );
-    let mut removed = BTreeSet::new();
-    for i in remove {
+    )
+    .into_iter()
+    .collect();
+    for &i in &remove {
         if let Some(b) = batches.get(i) {
             root.remove_trash_batch(&b.name)?;
-            removed.insert(b.name.clone());
         }
     }
     let (mut n, mut bytes) = (0u64, 0u64);
-    for item in items {
-        if !removed.contains(item.batch.as_bytes()) {
-            n += 1;
-            bytes += item.size;
+    for (i, (b, f)) in batches.iter().zip(files).enumerate() {
+        if !remove.contains(&i) {
+            n += f;
+            bytes += b.bytes;
         }
     }
     Ok((n, bytes))
@@ -515,24 +510,30 @@ impl Pruner {
         std::thread::Builder::new()
             .name(format!("vmsync-prune-{share}"))
             .spawn(move || {
-                let mut last = Instant::now();
+                let mut last: Option<std::time::Instant> = None;
                 loop {
                     match rx.recv_timeout(PRUNE_EVERY) {
                         Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
                     }
-                    // Wake-ups until the gap has passed (and several at once) are one prune.
-                    let next = last + PRUNE_MIN_GAP;
-                    loop {
-                        let left = next.saturating_duration_since(Instant::now());
-                        match rx.recv_timeout(left) {
-                            Ok(()) => {}
-                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
-                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                    // Under churn every transition wakes it, and a prune walks the whole trash:
+                    // at most one every PRUNE_MIN_GAP, the wake-ups in between being one prune at
+                    // the end of the gap (so the last change is always measured).
+                    if let Some(until) = last.map(|t| t + PRUNE_MIN_GAP) {
+                        loop {
+                            let left = until.saturating_duration_since(std::time::Instant::now());
+                            if left.is_zero() {
+                                break;
+                            }
+                            match rx.recv_timeout(left) {
+                                Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                            }
                         }
                     }
+                    last = Some(std::time::Instant::now());
+                    // Several wake-ups at once are one prune.
                     while rx.try_recv().is_ok() {}
-                    last = Instant::now();
                     let root = match ShareRoot::open(&path) {
                         Ok(r) => r,
                         Err(e) => {
@@ -574,9 +575,11 @@ impl KeptLog {
             self.pop_oldest();
         }
         self.seq += 1;
+        // Most paths are kept once in the window: a default `Vec` would reserve room for four
+        // records (about 400 bytes) on the first push.
         self.by_path
             .entry(path.clone())
-            .or_default()
+            .or_insert_with(|| Vec::with_capacity(1))
             .push((self.seq, batch, entry));
         self.order.push_back((at, self.seq, path));
     }
@@ -635,7 +638,7 @@ impl KeptLog {
 pub fn same_version(a: &Entry, b: &Entry) -> bool {
     match (a, b) {
         (Entry::File(x), Entry::File(y)) => x.size == y.size && x.mtime == y.mtime,
-        (Entry::Symlink { target: x, .. }, Entry::Symlink { target: y, .. }) => x == y,
+        (Entry::Symlink { target: x }, Entry::Symlink { target: y }) => x == y,
         (Entry::Dir { .. }, Entry::Dir { .. }) => true,
         _ => false,
     }
@@ -982,8 +985,7 @@ mod tests {
                 t0,
                 &p,
                 &Entry::Symlink {
-                    target: b"x".to_vec(),
-                    mtime: Default::default(),
+                    target: b"x".to_vec()
                 }
             ),
             None
@@ -991,5 +993,24 @@ mod tests {
         let later = t0 + PUT_BACK_WINDOW + Duration::from_secs(1);
         assert_eq!(log.find(later, &p, &file(3, 2)), None);
         assert!(log.is_empty());
+    }
+
+    /// Hours of steady churn (25 trash moves a second, every one a new path, as renames and
+    /// fresh files are) hold only the moves of the last `PUT_BACK_WINDOW`, in both maps, each
+    /// path's list sized for what it holds.
+    #[test]
+    fn kept_log_under_steady_churn_holds_only_the_window() {
+        let t0 = Instant::now();
+        let per_sec = 25u64;
+        let bound = (PUT_BACK_WINDOW.as_secs() * per_sec + 1) as usize;
+        let mut log = KeptLog::default();
+        for i in 0..3 * 3600 * per_sec {
+            let now = t0 + Duration::from_millis(i * 1000 / per_sec);
+            let path = RelPath::from_bytes(format!("d{}/f{i}", i % 50).as_bytes()).unwrap();
+            log.record(now, path, "batch".into(), file(i, 1));
+            assert!(log.len() <= bound, "{} records after {i} moves", log.len());
+        }
+        assert!(log.by_path.len() <= bound);
+        assert!(log.by_path.values().all(|v| v.capacity() == 1));
     }
 }

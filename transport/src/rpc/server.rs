@@ -151,7 +151,7 @@ where
     )));
     let mut writes = AbortOnDrop(tokio::spawn(write_responses(writer, out_rx)));
     // Pending long-polls; dropped (aborted) with the session.
-    let mut polls = tokio::task::JoinSet::new();
+    let mut polls = Polls::default();
     // Per share, the last full listing sent in this session and its token.
     let mut listings: HashMap<u16, Listing> = HashMap::new();
     let mut next_token: u64 = 1;
@@ -212,6 +212,28 @@ where
         if out_tx.send(bytes).await.is_err() {
             return finished((&mut writes.0).await);
         }
+    }
+}
+
+/// The long-polls of one session, each in a task of its own. A finished task stays in a
+/// `JoinSet`, its memory with it, until it is joined: every spawn first reaps the finished
+/// ones, so a session that lives for weeks holds only the polls still waiting and those that
+/// finished since the last spawn, however many it has answered. Dropping it aborts those
+/// still waiting.
+#[derive(Default)]
+struct Polls(tokio::task::JoinSet<()>);
+
+impl Polls {
+    fn spawn(&mut self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        // A poll that panicked has nothing to report here: its request stays unanswered and
+        // the host's own deadline covers it.
+        while self.0.try_join_next().is_some() {}
+        self.0.spawn(task);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.len()
     }
 }
 
@@ -742,5 +764,45 @@ struct AbortOnDrop<T>(JoinHandle<T>);
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A long-lived session answers a poll after every change: the finished poll tasks must
+    /// not pile up (each held about 1.5 KiB until the session ended).
+    #[tokio::test]
+    async fn finished_polls_are_reaped_so_a_long_session_holds_only_the_waiting_ones() {
+        let mut polls = Polls::default();
+        // Two polls that never finish: they must stay (and be aborted with the set).
+        let (_keep_a, wait_a) = tokio::sync::oneshot::channel::<()>();
+        let (_keep_b, wait_b) = tokio::sync::oneshot::channel::<()>();
+        polls.spawn(async move {
+            let _ = wait_a.await;
+        });
+        polls.spawn(async move {
+            let _ = wait_b.await;
+        });
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+        for i in 0..10_000u32 {
+            let done = done_tx.clone();
+            polls.spawn(async move {
+                let _ = done.send(i);
+            });
+            // Let it run to completion before the next one comes.
+            assert_eq!(done_rx.recv().await, Some(i));
+            tokio::task::yield_now().await;
+            assert!(
+                polls.len() <= 3,
+                "after {} polls the set holds {} tasks",
+                i + 1,
+                polls.len()
+            );
+        }
+        // The two waiting ones are still there, unanswered.
+        polls.spawn(async {});
+        assert!(polls.len() >= 2);
     }
 }
