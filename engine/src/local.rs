@@ -1329,7 +1329,7 @@ impl LocalShare {
                 let now = root.stat(path).ok().flatten();
                 let echo = ignore_files_quiet
                     && now.is_some_and(|st| st.kind == FileKind::Dir && Identity::of(&st) == left);
-                if echo && !echoes.contains_key(path) {
+                if echo && echoes.get(path).is_none() {
                     return false;
                 }
             }

@@ -164,6 +164,7 @@ mod tests {
                     c
                 })
                 .collect(),
+            links: Vec::new(),
         }
     }
 

@@ -638,7 +638,7 @@ impl KeptLog {
 pub fn same_version(a: &Entry, b: &Entry) -> bool {
     match (a, b) {
         (Entry::File(x), Entry::File(y)) => x.size == y.size && x.mtime == y.mtime,
-        (Entry::Symlink { target: x }, Entry::Symlink { target: y }) => x == y,
+        (Entry::Symlink { target: x, .. }, Entry::Symlink { target: y, .. }) => x == y,
         (Entry::Dir { .. }, Entry::Dir { .. }) => true,
         _ => false,
     }
@@ -985,7 +985,8 @@ mod tests {
                 t0,
                 &p,
                 &Entry::Symlink {
-                    target: b"x".to_vec()
+                    target: b"x".to_vec(),
+                    mtime: Default::default(),
                 }
             ),
             None
