@@ -131,6 +131,10 @@ fn main() -> ExitCode {
         },
         Command::Check { .. } => {
             println!("{}: ok ({} share(s))", path.display(), config.shares.len());
+            // The directories as resolved (symlinks followed once, here): what is exported.
+            for share in &config.shares {
+                println!("share {}: {}", share.name, share.path.display());
+            }
             ExitCode::SUCCESS
         }
         Command::Run { .. } => {

@@ -156,6 +156,10 @@ fn main() -> ExitCode {
                 config_path.display(),
                 config.shares.len()
             );
+            // The directories as resolved (symlinks followed once, here): what is synced.
+            for share in &config.shares {
+                println!("share {}: {}", share.name, share.path.display());
+            }
             ExitCode::SUCCESS
         }
         Command::Run { .. } => {
