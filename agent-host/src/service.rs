@@ -59,6 +59,14 @@ struct Shared {
 }
 
 impl Shared {
+    /// A fresh snapshot in place of `response`, unless that is an error.
+    fn snapshot_or(&self, response: ControlResponse) -> ControlResponse {
+        match response {
+            ControlResponse::Error { .. } => response,
+            ControlResponse::Status { .. } => self.snapshot(),
+        }
+    }
+
     fn snapshot(&self) -> ControlResponse {
         let (connected, detail) = self.peer.lock().map(|p| p.clone()).unwrap_or((false, None));
         let wire = self
@@ -290,7 +298,12 @@ impl SyncLoop {
                         let _ = reply.send(ControlResponse::Error { message: "not connected to the guest".into() });
                     }
                     Some(Command::Resume(name, reply)) => {
-                        let _ = reply.send(self.resume(&name));
+                        let response = self.resume(&name);
+                        // Lifted while there is no guest: the share waits for the connection.
+                        for share in self.shares.iter().filter(|s| s.config.name == name) {
+                            share.controller.set_state(ShareState::Connecting);
+                        }
+                        let _ = reply.send(self.shared.snapshot_or(response));
                     }
                     None => std::future::pending::<()>().await,
                 },

@@ -299,8 +299,10 @@ impl Controller {
                 s.halt_reason = Some(h.to_string());
             }
             None => {
+                // Lifted: the cycle that follows decides the state; until it starts the share
+                // is waiting for it, not for a connection (the caller says so when it is).
                 if s.state == ShareState::Halted {
-                    s.state = ShareState::Connecting;
+                    s.state = ShareState::Syncing;
                 }
                 s.halt_code = None;
                 s.halt_reason = None;
