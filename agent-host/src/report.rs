@@ -1,4 +1,4 @@
-//! The short-lived commands (`status`, `sync`, `wait`, `resume`): clients of a running agent's
+//! The short-lived commands (`status`, `sync`, `wait`, `resume`, `resolve`): clients of a running agent's
 //! control socket that print what it says.
 
 use std::path::Path;
@@ -64,6 +64,23 @@ pub async fn resume(control: &Path, config: &Path, share: &str) -> ExitCode {
         share: share.to_string(),
     };
     match request(control, &req, Duration::from_millis(CONTROL_TIMEOUT_MS)).await {
+        Ok(response) => {
+            print_response(&response, false, config);
+            exit_for(&response)
+        }
+        Err(e) => not_running(control, e),
+    }
+}
+
+pub async fn resolve(
+    control: &Path,
+    config: &Path,
+    share: String,
+    path: String,
+    keep: control::Keep,
+) -> ExitCode {
+    let req = ControlRequest::Resolve { share, path, keep };
+    match request(control, &req, Duration::from_millis(SYNC_TIMEOUT_MS)).await {
         Ok(response) => {
             print_response(&response, false, config);
             exit_for(&response)

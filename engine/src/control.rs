@@ -23,6 +23,63 @@ pub enum ControlRequest {
     Resume {
         share: String,
     },
+    /// Settle the conflict at `path` (as `status` shows it: escaped, share-relative) of
+    /// `share` by keeping one side's version or both.
+    Resolve {
+        share: String,
+        path: String,
+        keep: Keep,
+    },
+}
+
+/// What `resolve` keeps of a conflict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Keep {
+    /// The host's version, on both sides; the guest's goes to the guest's trash.
+    Host,
+    /// The guest's version, on both sides; the host's goes to the host's trash.
+    Guest,
+    /// The guest's version at the path and the host's under a sibling name, on both sides.
+    Both,
+}
+
+/// The bytes of a path as `status` shows it ([`vmsync_core::path::escape_bytes`]: `\\` for a
+/// backslash, `\xNN` for any other byte that is not printable ASCII).
+pub fn unescape_path(shown: &str) -> Result<Vec<u8>, String> {
+    let bytes = shown.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        if b != b'\\' {
+            out.push(b);
+            i += 1;
+            continue;
+        }
+        match bytes.get(i + 1) {
+            Some(b'\\') => {
+                out.push(b'\\');
+                i += 2;
+            }
+            Some(b'x') => {
+                let hex = bytes
+                    .get(i + 2..i + 4)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| {
+                        format!("{shown:?}: `\\x` must be followed by two hex digits")
+                    })?;
+                out.push(hex);
+                i += 4;
+            }
+            _ => {
+                return Err(format!(
+                    "{shown:?}: a backslash is written `\\\\` (give the path as `status` shows it)"
+                ))
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Facts about the agent process itself.
@@ -372,6 +429,16 @@ mod tests {
             STATUS_LIST_FIRST
         );
         assert!(text.contains("... and 2 more conflict(s)"), "{text}");
+    }
+
+    #[test]
+    fn unescape_path_undoes_escape_bytes() {
+        for raw in [&b"plain/name.txt"[..], b"back\\slash", b"nl\n\xff\x01 x"] {
+            let shown = vmsync_core::path::escape_bytes(raw);
+            assert_eq!(unescape_path(&shown).unwrap(), raw, "{shown}");
+        }
+        assert!(unescape_path("a\\q").is_err());
+        assert!(unescape_path("a\\x4").is_err());
     }
 
     #[test]
