@@ -52,6 +52,142 @@ pub fn render_problems(file: &Path, problems: &[Problem]) -> String {
     lines.join("\n")
 }
 
+/// Most problems [`deserialize_all`] records before it gives up: every pass costs a full
+/// deserialization of the document, and a file this wrong has been listed enough.
+const MAX_DESERIALIZE_PROBLEMS: usize = 64;
+
+/// Deserializes `text` into `T`, recording every problem instead of stopping at the first:
+/// every syntax error the parser can recover from, then each unknown key, wrongly typed value
+/// or missing key, one pass at a time. After each problem the key (or the `[[table]]` element
+/// missing a required key) it names is dropped and the rest deserialized again, so one
+/// `check` lists everything to fix. Returns the value deserialized without the dropped parts
+/// (its consumer checks the values and reports more) and whether anything was dropped; `None`
+/// when the document cannot be deserialized at all.
+pub fn deserialize_all<T: serde::de::DeserializeOwned>(
+    text: &str,
+    problems: &mut Problems,
+) -> Option<(T, bool)> {
+    use toml::de::{DeTable, Deserializer};
+    let (mut root, errors) = DeTable::parse_recoverable(text);
+    if !errors.is_empty() {
+        for error in errors {
+            problems.push(error.span(), error.message().trim_end().to_string());
+        }
+        return None;
+    }
+    // Keys dropped so far, as (span of the table that held it, key), so that the "missing
+    // field" that follows dropping a wrongly typed required key is not reported twice.
+    let mut dropped: Vec<(Range<usize>, String)> = Vec::new();
+    for _ in 0..MAX_DESERIALIZE_PROBLEMS {
+        let error = match T::deserialize(Deserializer::from(root.clone())) {
+            Ok(value) => return Some((value, !dropped.is_empty())),
+            Err(error) => error,
+        };
+        let message = error.message().trim_end().to_string();
+        let Some(span) = error.span() else {
+            problems.push(None, message);
+            return None;
+        };
+        let missing = message
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split('`').next())
+            .map(str::to_string);
+        let table_span = root.span();
+        match drop_at(root.get_mut(), table_span, &span, missing.is_some()) {
+            Some(Dropped::Key { table, key }) => {
+                problems.push(Some(span), message);
+                dropped.push((table, key));
+            }
+            Some(Dropped::Element { table }) => {
+                let again = missing
+                    .as_ref()
+                    .is_some_and(|m| dropped.iter().any(|(t, k)| *t == table && k == m));
+                if !again {
+                    problems.push(Some(span), message);
+                }
+            }
+            None => {
+                let again = missing
+                    .as_ref()
+                    .is_some_and(|m| dropped.iter().any(|(t, k)| *t == root.span() && k == m));
+                if !again {
+                    problems.push(Some(span), message);
+                }
+                return None;
+            }
+        }
+    }
+    None
+}
+
+enum Dropped {
+    /// A key of the table at `table` (its span) was removed.
+    Key { table: Range<usize>, key: String },
+    /// An element of an array of tables (the table at `table`) was removed.
+    Element { table: Range<usize> },
+}
+
+/// Removes what the error at `span` names from `table` (whose span is `table_span`): the
+/// innermost key whose key or value covers `span`, or for a `missing` key, the table element
+/// of an array whose span (its `[[header]]`) is `span`. Table spans are their headers, so
+/// every table is searched, not only those whose span covers `span`.
+fn drop_at(
+    table: &mut toml::de::DeTable<'_>,
+    table_span: Range<usize>,
+    span: &Range<usize>,
+    missing: bool,
+) -> Option<Dropped> {
+    use toml::de::{DeArray, DeValue};
+    let covers = |outer: &Range<usize>| outer.start <= span.start && span.end <= outer.end;
+    let mut hit: Option<String> = None;
+    for (key, value) in table.iter_mut() {
+        let value_span = value.span();
+        match value.get_mut() {
+            DeValue::Table(inner) => {
+                if let Some(found) = drop_at(inner, value_span.clone(), span, missing) {
+                    return Some(found);
+                }
+            }
+            DeValue::Array(items) => {
+                let mut remove = None;
+                for (index, item) in items.iter_mut().enumerate() {
+                    let item_span = item.span();
+                    if let DeValue::Table(inner) = item.get_mut() {
+                        if missing && item_span == *span {
+                            remove = Some(index);
+                            break;
+                        }
+                        if let Some(found) = drop_at(inner, item_span, span, missing) {
+                            return Some(found);
+                        }
+                    }
+                }
+                if let Some(index) = remove {
+                    let table = items.get(index).map(|item| item.span())?;
+                    let mut kept = DeArray::new();
+                    for (i, item) in items.iter().enumerate() {
+                        if i != index {
+                            kept.push(item.clone());
+                        }
+                    }
+                    *items = kept;
+                    return Some(Dropped::Element { table });
+                }
+            }
+            _ => {}
+        }
+        if !missing && hit.is_none() && (covers(&key.span()) || covers(&value_span)) {
+            hit = Some(key.get_ref().to_string());
+        }
+    }
+    let key = hit?;
+    table.remove(key.as_str());
+    Some(Dropped::Key {
+        table: table_span,
+        key,
+    })
+}
+
 /// `None` when `name` is a valid share name, else why not.
 pub fn share_name_error(name: &str) -> Option<String> {
     if name.is_empty() {
@@ -76,6 +212,60 @@ pub fn share_name_error(name: &str) -> Option<String> {
         return Some("must not be `.` or `..`".to_string());
     }
     None
+}
+
+/// How a share path (or `state_dir`) is turned into the directory it names: [`on_disk`] for a
+/// file being loaded, [`as_written`] for text checked on its own (and unit tests).
+pub type ResolvePath<'a> = &'a dyn Fn(&Path) -> Result<PathBuf, String>;
+
+/// The path as written (already lexically normalized).
+pub fn as_written(path: &Path) -> Result<PathBuf, String> {
+    Ok(path.to_path_buf())
+}
+
+/// The path with every symlink in it resolved, once, when the configuration is loaded: the
+/// agents then open the real directory, and the nesting checks compare real directories. A
+/// share root is opened without following symlinks (docs/safety.md), so a root given through
+/// a symlink would otherwise read as a replaced root on every scan. A path that does not exist
+/// yet resolves as far as it exists (a missing root is a safety halt at run time, not a
+/// configuration error). Refused: a path that exists but is not a directory, and a symlink
+/// whose target does not exist.
+pub fn on_disk(path: &Path) -> Result<PathBuf, String> {
+    for existing in path.ancestors() {
+        let real = match std::fs::canonicalize(existing) {
+            Ok(real) => real,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            // Unreadable (permissions): leave it as written; the agent reports what it finds.
+            Err(_) => return Ok(path.to_path_buf()),
+        };
+        let Ok(rest) = path.strip_prefix(existing) else {
+            return Ok(path.to_path_buf());
+        };
+        if rest.as_os_str().is_empty() {
+            return match std::fs::metadata(&real) {
+                Ok(meta) if !meta.is_dir() => Err(format!(
+                    "{} is not a directory{}",
+                    path.display(),
+                    if real == path {
+                        String::new()
+                    } else {
+                        format!(" (it resolves to {})", real.display())
+                    }
+                )),
+                _ => Ok(real),
+            };
+        }
+        let resolved = real.join(rest);
+        if let Ok(target) = std::fs::read_link(&resolved) {
+            return Err(format!(
+                "{} is a symbolic link to {}, which does not exist",
+                path.display(),
+                target.display()
+            ));
+        }
+        return Ok(resolved);
+    }
+    Ok(path.to_path_buf())
 }
 
 /// Validates an absolute path value and normalizes it lexically (`//` and `.` dropped, no

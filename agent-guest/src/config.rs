@@ -48,7 +48,8 @@ use serde::Deserialize;
 use toml::Spanned;
 pub use vmsync_agent_common::config::ConfigError;
 use vmsync_agent_common::config::{
-    absolute_path, normalize_absolute, share_name_error, socket_path, Problems,
+    absolute_path, deserialize_all, normalize_absolute, share_name_error, socket_path, Problems,
+    ResolvePath,
 };
 use vmsync_core::reserve::MinFree;
 use vmsync_transport::endpoint_addr::{EndpointAddr, DEFAULT_VSOCK_PORT};
@@ -100,20 +101,26 @@ pub fn load(file: &Path) -> Result<GuestConfig, ConfigError> {
         file: file.to_path_buf(),
         source,
     })?;
-    parse(&text, file)
+    parse_with(&text, file, &vmsync_agent_common::config::on_disk)
 }
 
 /// Validates configuration text. `file` is used in messages only; it is not read.
+#[cfg(test)]
 pub fn parse(text: &str, file: &Path) -> Result<GuestConfig, ConfigError> {
+    parse_with(text, file, &vmsync_agent_common::config::as_written)
+}
+
+/// [`parse`], with share paths and `state_dir` resolved by `resolve_path`.
+pub fn parse_with(
+    text: &str,
+    file: &Path,
+    resolve_path: ResolvePath,
+) -> Result<GuestConfig, ConfigError> {
     let mut problems = Problems::new(text);
-    let raw: RawGuestConfig = match toml::from_str(text) {
-        Ok(raw) => raw,
-        Err(error) => {
-            problems.push(error.span(), error.message().trim_end().to_string());
-            return Err(problems.into_error(file));
-        }
+    let Some((raw, dropped)) = deserialize_all::<RawGuestConfig>(text, &mut problems) else {
+        return Err(problems.into_error(file));
     };
-    match resolve(raw, file, &mut problems) {
+    match resolve(raw, dropped, file, resolve_path, &mut problems) {
         Some(config) if problems.is_empty() => Ok(config),
         _ => Err(problems.into_error(file)),
     }
@@ -142,7 +149,13 @@ struct RawShare {
 
 /// Turns the raw file into a `GuestConfig`, recording every problem. Returns `None` only when a
 /// required value is unusable; the caller also fails when any problem was recorded.
-fn resolve(raw: RawGuestConfig, file: &Path, problems: &mut Problems) -> Option<GuestConfig> {
+fn resolve(
+    raw: RawGuestConfig,
+    dropped: bool,
+    file: &Path,
+    resolve_path: ResolvePath,
+    problems: &mut Problems,
+) -> Option<GuestConfig> {
     let listen = match &raw.listen {
         // Default: every CID, the transport's default port (786, documented above).
         None => Some(EndpointAddr::VsockAny {
@@ -167,7 +180,8 @@ fn resolve(raw: RawGuestConfig, file: &Path, problems: &mut Problems) -> Option<
         },
     };
     let state_dir = match &raw.state_dir {
-        Some(value) => absolute_path(value, "state_dir", problems),
+        Some(value) => absolute_path(value, "state_dir", problems)
+            .map(|path| resolve_path(&path).unwrap_or(path)),
         None => Some(PathBuf::from(DEFAULT_STATE_DIR)),
     };
     let control = match &raw.control {
@@ -194,7 +208,7 @@ fn resolve(raw: RawGuestConfig, file: &Path, problems: &mut Problems) -> Option<
         }
     };
 
-    if raw.share.is_empty() {
+    if raw.share.is_empty() && !dropped {
         problems.push(
             None,
             "no [[share]] defined; add at least one with `name` and `path`".to_string(),
@@ -232,7 +246,12 @@ fn resolve(raw: RawGuestConfig, file: &Path, problems: &mut Problems) -> Option<
             }),
         };
         let key = format!("share {name:?} path");
-        match absolute_path(&raw_share.path, &key, problems) {
+        let path = absolute_path(&raw_share.path, &key, problems).and_then(|path| {
+            resolve_path(&path)
+                .map_err(|message| problems.at(&raw_share.path, format!("{key}: {message}")))
+                .ok()
+        });
+        match path {
             Some(path) => {
                 spans.push((raw_share.name.span(), raw_share.path.span()));
                 shares.push(GuestShare {

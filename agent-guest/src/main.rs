@@ -131,6 +131,10 @@ fn main() -> ExitCode {
         },
         Command::Check { .. } => {
             println!("{}: ok ({} share(s))", path.display(), config.shares.len());
+            // The directories as resolved (symlinks followed once, here): what is exported.
+            for share in &config.shares {
+                println!("share {}: {}", share.name, share.path.display());
+            }
             ExitCode::SUCCESS
         }
         Command::Run { .. } => {
@@ -167,9 +171,23 @@ fn main() -> ExitCode {
                     eprintln!("error: {message}");
                     ExitCode::from(1)
                 }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    ) =>
+                {
+                    eprintln!(
+                        "no agent answers at {}: {e} (is `vmsync-guest run` running with this \
+                         config?)",
+                        config.control.display()
+                    );
+                    // The host's exit code for the same (README "Running it").
+                    ExitCode::from(4)
+                }
                 Err(e) => {
                     eprintln!(
-                        "cannot reach the agent at {}: {e} (is `run` running?)",
+                        "cannot reach the agent at {}: {e}",
                         config.control.display()
                     );
                     ExitCode::from(1)

@@ -11,7 +11,7 @@ use vmsync_engine::local::LocalEndpoint;
 use vmsync_engine::state::StateDb;
 use vmsync_engine::status::{ShareState, ShareStatus};
 use vmsync_protocol::handshake;
-use vmsync_transport::{EndpointAddr, ServerConfig, Stats};
+use vmsync_transport::{EndpointAddr, ServerConfig, ShareStats, Stats};
 
 #[derive(Clone)]
 struct Shared {
@@ -20,18 +20,64 @@ struct Shared {
     peer: Arc<Mutex<Option<String>>>,
     /// Counters of the current (or last) host session.
     wire: Arc<Mutex<Arc<Stats>>>,
+    /// Per share: what the sessions before the current one moved, and the current session's
+    /// share names in the order the host opened them (its counters are by that index).
+    counters: Arc<Mutex<Counters>>,
+}
+
+#[derive(Default)]
+struct Counters {
+    past: BTreeMap<String, ShareStats>,
+    current: Vec<String>,
+}
+
+impl Counters {
+    /// Folds the ending session's per-share counters into `past` and starts a new session.
+    fn new_session(&mut self, ended: &Stats) {
+        for (index, name) in std::mem::take(&mut self.current).into_iter().enumerate() {
+            let Ok(index) = u16::try_from(index) else {
+                break;
+            };
+            let moved = ended.share(index);
+            let total = self.past.entry(name).or_default();
+            total.content_bytes_sent += moved.content_bytes_sent;
+            total.content_bytes_received += moved.content_bytes_received;
+            total.scans += moved.scans;
+        }
+    }
+
+    /// Everything share `name` moved, this session included.
+    fn of(&self, name: &str, session: &Stats) -> ShareStats {
+        let mut total = self.past.get(name).copied().unwrap_or_default();
+        if let Some(index) = self.current.iter().position(|n| n == name) {
+            if let Ok(index) = u16::try_from(index) {
+                let now = session.share(index);
+                total.content_bytes_sent += now.content_bytes_sent;
+                total.content_bytes_received += now.content_bytes_received;
+                total.scans += now.scans;
+            }
+        }
+        total
+    }
 }
 
 impl Shared {
     fn snapshot(&self) -> ControlResponse {
         let peer = self.peer.lock().map(|p| p.clone()).unwrap_or(None);
-        let wire = self.wire.lock().map(|w| w.snapshot()).unwrap_or_default();
+        let session = self.wire.lock().map(|w| w.clone()).ok();
+        let wire = session.as_ref().map(|w| w.snapshot()).unwrap_or_default();
+        let counters = self.counters.lock().ok();
+        let moved = |name: &str| match (&counters, &session) {
+            (Some(c), Some(s)) => c.of(name, s),
+            _ => ShareStats::default(),
+        };
         let shares = self
             .exports
             .iter()
             .map(|(name, ep)| {
                 let (files, bytes) = ep.indexed_totals();
                 let (trash_files, trash_bytes) = ep.trash_totals();
+                let moved = moved(name);
                 ShareStatus {
                     name: name.clone(),
                     // The host decides conflicts and halts; the guest only knows whether a
@@ -44,7 +90,12 @@ impl Shared {
                     files,
                     bytes,
                     files_hashed: ep.files_hashed(),
+                    bytes_sent: moved.content_bytes_sent,
+                    bytes_received: moved.content_bytes_received,
+                    // The host runs the cycles; each scans this side once.
+                    cycles: moved.scans,
                     watching: ep.is_watching(),
+                    watched_dirs: ep.watched_dirs(),
                     watch_problem: ep.watch_problem(),
                     trash_files,
                     trash_bytes,
@@ -97,6 +148,7 @@ pub async fn run(config: GuestConfig) -> anyhow::Result<()> {
         exports: Arc::new(exports),
         peer: Arc::new(Mutex::new(None)),
         wire: Arc::new(Mutex::new(Arc::new(Stats::default()))),
+        counters: Arc::new(Mutex::new(Counters::default())),
     };
 
     let control_listener = control::bind(&config.control)
@@ -141,8 +193,12 @@ pub async fn run(config: GuestConfig) -> anyhow::Result<()> {
             let exports = shared.exports.clone();
             let stats = Arc::new(Stats::default());
             if let Ok(mut w) = shared.wire.lock() {
+                if let Ok(mut c) = shared.counters.lock() {
+                    c.new_session(&w);
+                }
                 *w = stats.clone();
             }
+            let counters = shared.counters.clone();
             let server = ServerConfig {
                 stats,
                 ..ServerConfig::default()
@@ -155,6 +211,11 @@ pub async fn run(config: GuestConfig) -> anyhow::Result<()> {
                     let ep = exports
                         .get(&open.name)
                         .ok_or_else(|| handshake::share_not_exported(&open.name))?;
+                    // Called once per share, in the order the host opened them: the session
+                    // counts each share by that index.
+                    if let Ok(mut c) = counters.lock() {
+                        c.current.push(open.name.clone());
+                    }
                     let filter = Filter::new(&open.ignore)
                         .map_err(|e| e.to_string())?
                         .with_gitignore(open.respect_gitignore);

@@ -52,7 +52,8 @@ use serde::Deserialize;
 use toml::Spanned;
 pub use vmsync_agent_common::config::ConfigError;
 use vmsync_agent_common::config::{
-    absolute_path, normalize_absolute, share_name_error, socket_path, Problems,
+    absolute_path, deserialize_all, normalize_absolute, share_name_error, socket_path, Problems,
+    ResolvePath,
 };
 use vmsync_core::reconcile::{ConflictPolicy, SyncMode};
 use vmsync_core::reserve::MinFree;
@@ -128,21 +129,27 @@ pub fn load(file: &Path) -> Result<HostConfig, ConfigError> {
         file: file.to_path_buf(),
         source,
     })?;
-    parse(&text, file)
+    parse_with(&text, file, &vmsync_agent_common::config::on_disk)
 }
 
 /// Validates configuration text. `file` is used in messages and names the default `state_dir`
 /// and `control`; it is not read.
+#[cfg(test)]
 pub fn parse(text: &str, file: &Path) -> Result<HostConfig, ConfigError> {
+    parse_with(text, file, &vmsync_agent_common::config::as_written)
+}
+
+/// [`parse`], with share paths and `state_dir` resolved by `resolve_path`.
+pub fn parse_with(
+    text: &str,
+    file: &Path,
+    resolve_path: ResolvePath,
+) -> Result<HostConfig, ConfigError> {
     let mut problems = Problems::new(text);
-    let raw: RawHostConfig = match toml::from_str(text) {
-        Ok(raw) => raw,
-        Err(error) => {
-            problems.push(error.span(), error.message().trim_end().to_string());
-            return Err(problems.into_error(file));
-        }
+    let Some((raw, dropped)) = deserialize_all::<RawHostConfig>(text, &mut problems) else {
+        return Err(problems.into_error(file));
     };
-    match resolve(raw, file, &mut problems) {
+    match resolve(raw, dropped, file, resolve_path, &mut problems) {
         Some(config) if problems.is_empty() => Ok(config),
         _ => Err(problems.into_error(file)),
     }
@@ -200,7 +207,13 @@ enum RawConflict {
 
 /// Turns the raw file into a `HostConfig`, recording every problem. Returns `None` only when a
 /// required value is unusable; the caller also fails when any problem was recorded.
-fn resolve(raw: RawHostConfig, file: &Path, problems: &mut Problems) -> Option<HostConfig> {
+fn resolve(
+    raw: RawHostConfig,
+    dropped: bool,
+    file: &Path,
+    resolve_path: ResolvePath,
+    problems: &mut Problems,
+) -> Option<HostConfig> {
     let guest = match raw.guest.get_ref().parse::<EndpointAddr>() {
         Ok(EndpointAddr::VsockAny { port }) => {
             problems.at(
@@ -235,7 +248,8 @@ fn resolve(raw: RawHostConfig, file: &Path, problems: &mut Problems) -> Option<H
         .and_then(|stem| stem.to_str())
         .filter(|stem| share_name_error(stem).is_none());
     let state_dir = match &raw.state_dir {
-        Some(value) => absolute_path(value, "state_dir", problems),
+        Some(value) => absolute_path(value, "state_dir", problems)
+            .map(|path| resolve_path(&path).unwrap_or(path)),
         None => match stem {
             Some(stem) => Some(Path::new(DEFAULT_STATE_PARENT_DIR).join(stem)),
             None => {
@@ -286,7 +300,7 @@ fn resolve(raw: RawHostConfig, file: &Path, problems: &mut Problems) -> Option<H
         }
     };
 
-    if raw.share.is_empty() {
+    if raw.share.is_empty() && !dropped {
         problems.push(
             None,
             "no [[share]] defined; add at least one with `name` and `path`".to_string(),
@@ -311,7 +325,11 @@ fn resolve(raw: RawHostConfig, file: &Path, problems: &mut Problems) -> Option<H
             complete = false;
         }
         let key = format!("share {name:?} path");
-        let path = absolute_path(&raw_share.path, &key, problems);
+        let path = absolute_path(&raw_share.path, &key, problems).and_then(|path| {
+            resolve_path(&path)
+                .map_err(|message| problems.at(&raw_share.path, format!("{key}: {message}")))
+                .ok()
+        });
         let mode = match raw_share.mode {
             RawMode::TwoWay => SyncMode::TwoWay,
             RawMode::HostToGuest => SyncMode::HostToGuest,
@@ -898,6 +916,82 @@ deletion_exempt = ["out/", "*.o"]
                 );
             }
         }
+    }
+
+    /// Serde stops at the first unknown key, wrong type or missing key; `check` must not.
+    #[test]
+    fn every_problem_is_listed_not_only_the_first() {
+        let text = "guest = \"unix:/g.sock\"\nstate_dri = \"/x\"\n\
+                    [[share]]\nname = 5\npath = \"/a\"\nmdoe = \"x\"\n\
+                    [[share]]\nname = \"b\"\npath = \"/b\"\nmode = \"both\"\n\
+                    [[share]]\nname = \"c\"\n\
+                    [[share]]\nname = \"d e\"\npath = \"rel\"\n";
+        let message = parse(text, Path::new(FILE)).unwrap_err().to_string();
+        let lines: Vec<&str> = message.lines().collect();
+        let want = [
+            "vm1.toml:2:1: unknown field `state_dri`",
+            "vm1.toml:4:8: invalid type: integer `5`, expected a string",
+            "vm1.toml:6:1: unknown field `mdoe`",
+            "vm1.toml:10:8: unknown variant `both`",
+            "vm1.toml:11:1: missing field `path`",
+            "vm1.toml:14:8: share name \"d e\"",
+            "vm1.toml:15:8: share \"d e\" path: path \"rel\" is relative",
+        ];
+        assert_eq!(lines.len(), want.len(), "{message}");
+        for (line, want) in lines.iter().zip(want) {
+            assert!(line.contains(want), "{line:?} lacks {want:?}:\n{message}");
+        }
+    }
+
+    /// A share given through a symlink is resolved once, at load, and nesting is judged on
+    /// the real directories.
+    #[test]
+    fn symlinked_share_paths_resolve_and_nest_on_real_directories() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().canonicalize().unwrap().join("real");
+        std::fs::create_dir_all(real.join("inner")).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let load = |text: String| {
+            let file = tmp.path().join("vm1.toml");
+            std::fs::write(&file, text).unwrap();
+            load(&file)
+        };
+        let head = "guest = \"unix:/g.sock\"\nstate_dir = \"/s\"\ncontrol = \"/c.ctl\"\n";
+        let config = load(format!(
+            "{head}[[share]]\nname = \"a\"\npath = \"{}\"\n",
+            link.display()
+        ))
+        .unwrap();
+        assert_eq!(config.shares[0].path, real);
+        // Missing beneath a link: resolved as far as it exists.
+        let config = load(format!(
+            "{head}[[share]]\nname = \"a\"\npath = \"{}/later\"\n",
+            link.display()
+        ))
+        .unwrap();
+        assert_eq!(config.shares[0].path, real.join("later"));
+        let error = load(format!(
+            "{head}[[share]]\nname = \"a\"\npath = \"{}\"\n[[share]]\nname = \"b\"\npath = \"{}\"\n",
+            link.display(),
+            real.join("inner").display()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("nest; shares must not overlap"), "{error}");
+        let file = real.join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let dangling = tmp.path().join("dangling");
+        std::os::unix::fs::symlink(tmp.path().join("nowhere"), &dangling).unwrap();
+        let error = load(format!(
+            "{head}[[share]]\nname = \"a\"\npath = \"{}\"\n[[share]]\nname = \"b\"\npath = \"{}\"\n",
+            file.display(),
+            dangling.display()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("is not a directory"), "{error}");
+        assert!(error.contains("which does not exist"), "{error}");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! Module map:
 //! - `config`: the TOML file → a validated `HostConfig`.
 //! - `service`: `run`: dial the guest, reconnect with backoff, drive cycles, serve control.
-//! - `report`: `status`, `wait`, `sync`, `resume` as clients of the control socket.
+//! - `report`: `status`, `wait`, `sync`, `resume`, `resolve` as clients of the control socket.
 
 mod config;
 mod report;
@@ -13,6 +13,7 @@ mod service;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use vmsync_engine::control::Keep;
 
 /// Keep a directory identical between this host and a VM guest, live, over virtio-vsock.
 #[derive(Parser, Debug)]
@@ -65,6 +66,20 @@ enum Command {
         #[arg(long)]
         share: String,
     },
+    /// Settle a conflict: keep the host's version, the guest's, or both (the guest's at PATH,
+    /// the host's under a sibling name NAME.host-conflict-TIME.EXT). A replaced version goes
+    /// to its side's trash. PATH as `status` shows it. Exit 0 when the conflict is gone, 3 when
+    /// the share is still conflicted or halted, 1 when it cannot be done.
+    Resolve {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        share: String,
+        /// The path in conflict, relative to the share root, as `status` shows it.
+        path: String,
+        #[arg(long, value_parser = ["host", "guest", "both"])]
+        keep: String,
+    },
     /// List what the share's trash keeps (files and symlinks that changes replaced or deleted):
     /// when, original path, kind, size; totals. Reads the share directory directly.
     Trash {
@@ -104,6 +119,7 @@ fn main() -> ExitCode {
         | Command::Sync { config }
         | Command::Wait { config, .. }
         | Command::Resume { config, .. }
+        | Command::Resolve { config, .. }
         | Command::Trash { config, .. }
         | Command::Restore { config, .. } => config.clone(),
     };
@@ -156,6 +172,10 @@ fn main() -> ExitCode {
                 config_path.display(),
                 config.shares.len()
             );
+            // The directories as resolved (symlinks followed once, here): what is synced.
+            for share in &config.shares {
+                println!("share {}: {}", share.name, share.path.display());
+            }
             ExitCode::SUCCESS
         }
         Command::Run { .. } => {
@@ -175,6 +195,22 @@ fn main() -> ExitCode {
         }
         Command::Sync { .. } => runtime.block_on(report::sync(&config.control, &config.file)),
         Command::Wait { timeout, .. } => runtime.block_on(report::wait(&config.control, timeout)),
+        Command::Resolve {
+            share, path, keep, ..
+        } => {
+            let keep = match keep.as_str() {
+                "host" => Keep::Host,
+                "guest" => Keep::Guest,
+                _ => Keep::Both,
+            };
+            runtime.block_on(report::resolve(
+                &config.control,
+                &config.file,
+                share,
+                path,
+                keep,
+            ))
+        }
         Command::Resume { share, .. } => {
             runtime.block_on(report::resume(&config.control, &config.file, &share))
         }

@@ -1,4 +1,4 @@
-//! The short-lived commands (`status`, `sync`, `wait`, `resume`): clients of a running agent's
+//! The short-lived commands (`status`, `sync`, `wait`, `resume`, `resolve`): clients of a running agent's
 //! control socket that print what it says.
 
 use std::path::Path;
@@ -15,6 +15,14 @@ const SYNC_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
 const WAIT_POLL_MS: u64 = 10;
 /// How long shares must stay in sync before `wait` believes it (see `wait`).
 const WAIT_SETTLE_MS: u64 = 20;
+/// How long `wait` gives an agent that does not answer (no control socket, or nobody
+/// listening on it) before it says so: long enough for `run` started just before to bind its
+/// socket, short against any timeout a caller would give `wait`.
+const AGENT_START_GRACE_MS: u64 = 3_000;
+
+/// Exit code of every command that talks to the agent when no agent answers on the control
+/// socket (README "Running it").
+pub const EXIT_NO_AGENT: u8 = 4;
 
 pub async fn status(control: &Path, config: &Path, json: bool) -> ExitCode {
     match request(
@@ -64,52 +72,84 @@ pub async fn resume(control: &Path, config: &Path, share: &str) -> ExitCode {
     }
 }
 
-/// Exit 0 once every share is in sync, 3 as soon as one is conflicted or halted, 1 on timeout.
-/// An agent that is not (yet) answering counts as "not in sync yet", so `wait` can be started
-/// right after `run`.
+pub async fn resolve(
+    control: &Path,
+    config: &Path,
+    share: String,
+    path: String,
+    keep: control::Keep,
+) -> ExitCode {
+    let req = ControlRequest::Resolve { share, path, keep };
+    match request(control, &req, Duration::from_millis(SYNC_TIMEOUT_MS)).await {
+        Ok(response) => {
+            print_response(&response, false, config);
+            exit_for(&response)
+        }
+        Err(e) => not_running(control, e),
+    }
+}
+
+/// Exit 0 once every share is in sync, 3 as soon as one is conflicted or halted, 1 on timeout,
+/// [`EXIT_NO_AGENT`] when no agent answers. An agent that is not answering yet gets
+/// [`AGENT_START_GRACE_MS`], so `wait` can be started right after `run`.
 pub async fn wait(control: &Path, timeout: Option<f64>) -> ExitCode {
     let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
     let mut settled: Option<Instant> = None;
+    // Since when nobody has answered (`None` while the agent answers).
+    let mut silent_since: Option<Instant> = Some(Instant::now());
     loop {
-        if let Ok(ControlResponse::Status { shares, agent }) = request(
+        match request(
             control,
             &ControlRequest::Status,
             Duration::from_millis(CONTROL_TIMEOUT_MS),
         )
         .await
         {
-            if let Some(bad) = shares
-                .iter()
-                .find(|s| matches!(s.state, ShareState::Conflicted | ShareState::Halted))
-            {
-                eprintln!(
-                    "share `{}` is {}{}",
-                    bad.name,
-                    bad.state.as_str(),
-                    bad.halt_reason
-                        .as_deref()
-                        .map(|r| format!(": {r}"))
-                        .unwrap_or_default()
-                );
-                return ExitCode::from(3);
+            Ok(ControlResponse::Status { shares, agent }) => {
+                silent_since = None;
+                if let Some(bad) = shares
+                    .iter()
+                    .find(|s| matches!(s.state, ShareState::Conflicted | ShareState::Halted))
+                {
+                    eprintln!(
+                        "share `{}` is {}{}",
+                        bad.name,
+                        bad.state.as_str(),
+                        bad.halt_reason
+                            .as_deref()
+                            .map(|r| format!(": {r}"))
+                            .unwrap_or_default()
+                    );
+                    return ExitCode::from(3);
+                }
+                let in_sync = agent.peer == "connected"
+                    && !shares.is_empty()
+                    && shares.iter().all(|s| s.state == ShareState::InSync);
+                // In sync on two looks WAIT_SETTLE_MS apart: a change made just before `wait`
+                // was called has had time to reach the host as a hint (that takes about a
+                // millisecond) and would have turned the share to `syncing`.
+                if in_sync
+                    && settled.is_some_and(|t: Instant| {
+                        t.elapsed() >= Duration::from_millis(WAIT_SETTLE_MS)
+                    })
+                {
+                    return ExitCode::SUCCESS;
+                }
+                if !in_sync {
+                    settled = None;
+                } else if settled.is_none() {
+                    settled = Some(Instant::now());
+                }
             }
-            let in_sync = agent.peer == "connected"
-                && !shares.is_empty()
-                && shares.iter().all(|s| s.state == ShareState::InSync);
-            // In sync on two looks WAIT_SETTLE_MS apart: a change made just before `wait` was
-            // called has had time to reach the host as a hint (that takes about a millisecond)
-            // and would have turned the share to `syncing`.
-            if in_sync
-                && settled
-                    .is_some_and(|t: Instant| t.elapsed() >= Duration::from_millis(WAIT_SETTLE_MS))
-            {
-                return ExitCode::SUCCESS;
+            Ok(ControlResponse::Error { .. }) => {}
+            // Nobody listens: no agent (yet). A busy agent that answers late is not this.
+            Err(e) if no_listener(&e) => {
+                let since = *silent_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= Duration::from_millis(AGENT_START_GRACE_MS) {
+                    return not_running(control, e);
+                }
             }
-            if !in_sync {
-                settled = None;
-            } else if settled.is_none() {
-                settled = Some(Instant::now());
-            }
+            Err(_) => {}
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             eprintln!("timed out waiting for the shares to be in sync");
@@ -119,11 +159,23 @@ pub async fn wait(control: &Path, timeout: Option<f64>) -> ExitCode {
     }
 }
 
+/// The control socket is not there or nobody accepts on it.
+fn no_listener(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+    )
+}
+
 fn not_running(control: &Path, e: std::io::Error) -> ExitCode {
-    eprintln!(
-        "cannot reach the agent at {}: {e} (is `run` running?)",
-        control.display()
-    );
+    if no_listener(&e) {
+        eprintln!(
+            "no agent answers at {}: {e} (is `vmsync-host run` running with this config?)",
+            control.display()
+        );
+        return ExitCode::from(EXIT_NO_AGENT);
+    }
+    eprintln!("cannot reach the agent at {}: {e}", control.display());
     ExitCode::from(1)
 }
 

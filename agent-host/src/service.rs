@@ -8,8 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use vmsync_core::endpoint::{ChangeHints, Endpoint, ScanScope};
+use vmsync_core::reconcile::Side;
 use vmsync_core::safety::DeletionLimit;
-use vmsync_engine::control::{self, AgentInfo, ControlRequest, ControlResponse};
+use vmsync_core::RelPath;
+use vmsync_engine::control::{self, AgentInfo, ControlRequest, ControlResponse, Keep};
 use vmsync_engine::controller::{Controller, ShareSettings};
 use vmsync_engine::filter::Filter;
 use vmsync_engine::local::LocalEndpoint;
@@ -41,6 +43,14 @@ const CONNECT_TIMEOUT_MS: u64 = 5_000;
 enum Command {
     Sync(oneshot::Sender<ControlResponse>),
     Resume(String, oneshot::Sender<ControlResponse>),
+    Resolve(Resolve, oneshot::Sender<ControlResponse>),
+}
+
+/// A `resolve` request.
+struct Resolve {
+    share: String,
+    path: String,
+    keep: Keep,
 }
 
 struct Share {
@@ -62,6 +72,14 @@ struct Shared {
 }
 
 impl Shared {
+    /// A fresh snapshot in place of `response`, unless that is an error.
+    fn snapshot_or(&self, response: ControlResponse) -> ControlResponse {
+        match response {
+            ControlResponse::Error { .. } => response,
+            ControlResponse::Status { .. } => self.snapshot(),
+        }
+    }
+
     fn snapshot(&self) -> ControlResponse {
         let (connected, detail) = self.peer.lock().map(|p| p.clone()).unwrap_or((false, None));
         let wire = self
@@ -78,6 +96,7 @@ impl Shared {
                 let mut s = s.lock().ok()?.clone();
                 s.files_hashed = local.files_hashed();
                 s.watching = local.is_watching();
+                s.watched_dirs = local.watched_dirs();
                 s.watch_problem = local.watch_problem();
                 (s.trash_files, s.trash_bytes) = local.trash_totals();
                 Some(s)
@@ -129,6 +148,7 @@ pub async fn run(config: HostConfig) -> anyhow::Result<()> {
         };
         let mut controller = Controller::new(settings, db.clone(), &config.state_dir)?;
         controller.set_min_free(share.min_free);
+        controller.adopt_host_path(&share.path)?;
         if let Some(notice) = &notice {
             controller.set_notice(notice.clone());
         }
@@ -191,6 +211,9 @@ async fn serve_control(
                 Ok(ControlRequest::Sync) => ask(&tx, Command::Sync).await,
                 Ok(ControlRequest::Resume { share }) => {
                     ask(&tx, |r| Command::Resume(share, r)).await
+                }
+                Ok(ControlRequest::Resolve { share, path, keep }) => {
+                    ask(&tx, |r| Command::Resolve(Resolve { share, path, keep }, r)).await
                 }
             };
             let _ = control::write_response(&mut stream, &response).await;
@@ -290,11 +313,16 @@ impl SyncLoop {
             tokio::select! {
                 _ = &mut sleep => return,
                 cmd = self.rx.recv() => match cmd {
-                    Some(Command::Sync(reply)) => {
+                    Some(Command::Sync(reply)) | Some(Command::Resolve(_, reply)) => {
                         let _ = reply.send(ControlResponse::Error { message: "not connected to the guest".into() });
                     }
                     Some(Command::Resume(name, reply)) => {
-                        let _ = reply.send(self.resume(&name));
+                        let response = self.resume(&name);
+                        // Lifted while there is no guest: the share waits for the connection.
+                        for share in self.shares.iter().filter(|s| s.config.name == name) {
+                            share.controller.set_state(ShareState::Connecting);
+                        }
+                        let _ = reply.send(self.shared.snapshot_or(response));
                     }
                     None => std::future::pending::<()>().await,
                 },
@@ -391,6 +419,21 @@ impl SyncLoop {
                                     Err(e) => return e,
                                 };
                             }
+                            continue;
+                        }
+                        Some(Command::Resolve(request, reply)) => {
+                            let response = match self.resolve(&session, request, &mut hints).await {
+                                Ok(Ok(p)) => {
+                                    pending |= p;
+                                    self.shared.snapshot()
+                                }
+                                Ok(Err(message)) => ControlResponse::Error { message },
+                                Err(e) => {
+                                    let _ = reply.send(ControlResponse::Error { message: e.clone() });
+                                    return e;
+                                }
+                            };
+                            let _ = reply.send(response);
                             continue;
                         }
                         None => return "control channel closed".into(),
@@ -511,6 +554,66 @@ impl SyncLoop {
         self.sync_all(session, Some(hints)).await
     }
 
+    /// `vmsync-host resolve`: settles one conflict and runs a cycle of its path(s).
+    /// `Ok(Err(why))` when it cannot be done; `Err` when the session is unusable.
+    async fn resolve(
+        &mut self,
+        session: &Session,
+        request: Resolve,
+        hints: &mut Vec<HintSet>,
+    ) -> Result<Result<bool, String>, String> {
+        let Some(index) = self
+            .shares
+            .iter()
+            .position(|s| s.config.name == request.share)
+        else {
+            return Ok(Err(format!("no share named `{}`", request.share)));
+        };
+        let path = match control::unescape_path(&request.path)
+            .and_then(|b| RelPath::from_bytes(&b).map_err(|e| format!("{}: {e}", request.path)))
+        {
+            Ok(p) if !p.is_root() => p,
+            Ok(_) => return Ok(Err("give the conflicting path, not the share root".into())),
+            Err(e) => return Ok(Err(e)),
+        };
+        let mut remote = endpoint(session, index)?;
+        let Some(share) = self.shares.get_mut(index) else {
+            return Ok(Err(format!("no share named `{}`", request.share)));
+        };
+        // Both: the guest's version wins the path, and the host's is kept under a sibling
+        // name first (a second hard link, so nothing is ever without a name).
+        let keep = match request.keep {
+            Keep::Host => Side::Host,
+            Keep::Guest | Keep::Both => Side::Guest,
+        };
+        if let Err(e) = share
+            .controller
+            .resolve(&mut share.local, &mut remote, &path, keep)
+            .await
+        {
+            return Ok(Err(e));
+        }
+        let mut paths = vec![path.clone()];
+        if request.keep == Keep::Both {
+            match keep_aside(&share.config.path, &path) {
+                Ok(sibling) => {
+                    tracing::info!(share = %share.config.name, "the host's {} is kept as {}", path.escaped(), sibling.escaped());
+                    paths.push(sibling);
+                }
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+        merge(
+            hints,
+            index,
+            ChangeHints {
+                paths,
+                rescan: false,
+            },
+        );
+        self.sync_all(session, Some(hints)).await.map(Ok)
+    }
+
     fn resume(&mut self, name: &str) -> ControlResponse {
         let Some(share) = self.shares.iter_mut().find(|s| s.config.name == name) else {
             return ControlResponse::Error {
@@ -550,6 +653,59 @@ fn show_held(share: &Share) {
         if s.state == ShareState::InSync {
             s.state = ShareState::Syncing;
         }
+    }
+}
+
+/// Links the host's version of `path` under a sibling name no file has
+/// (`NAME.host-conflict-STAMP[.EXT]`, [`sibling_name`]), through the trash so that the link is
+/// made by the root-confined calls and never replaces anything. Returns the sibling.
+fn keep_aside(share_dir: &std::path::Path, path: &RelPath) -> Result<RelPath, String> {
+    use vmsync_engine::root::ShareRoot;
+    let root = ShareRoot::open(share_dir)
+        .map_err(|e| format!("opening the host share {}: {e}", share_dir.display()))?;
+    let kept = root
+        .trash_link(path)
+        .map_err(|e| format!("keeping the host's {}: {e}", path.escaped()))?;
+    let stamp =
+        vmsync_engine::trash::format_rfc3339(vmsync_engine::trash::now()).replace([':', '-'], "");
+    for attempt in 1..=SIBLING_ATTEMPTS {
+        let Some(sibling) = sibling_name(path, &stamp, attempt) else {
+            break;
+        };
+        match root.restore_kept(&kept.batch, &kept.path, &sibling) {
+            Ok(()) => return Ok(sibling),
+            Err(e) if e.kind() == vmsync_engine::root::FsErrorKind::Exists => continue,
+            Err(e) => return Err(format!("keeping the host's {}: {e}", path.escaped())),
+        }
+    }
+    Err(format!(
+        "no free sibling name for the host's {} (it stays in the host's trash)",
+        path.escaped()
+    ))
+}
+
+/// Sibling names tried before `resolve --keep both` gives up.
+const SIBLING_ATTEMPTS: u32 = 16;
+
+/// `dir/report.txt` → `dir/report.host-conflict-STAMP.txt` (`-N` added from the second
+/// attempt); a name with no extension (or only a leading dot) gets the suffix at its end.
+fn sibling_name(path: &RelPath, stamp: &str, attempt: u32) -> Option<RelPath> {
+    let name = path.name()?;
+    let split = name
+        .iter()
+        .rposition(|&b| b == b'.')
+        .filter(|&i| i > 0)
+        .unwrap_or(name.len());
+    let (stem, ext) = name.split_at(split);
+    let mut new = stem.to_vec();
+    new.extend_from_slice(format!(".host-conflict-{stamp}").as_bytes());
+    if attempt > 1 {
+        new.extend_from_slice(format!("-{attempt}").as_bytes());
+    }
+    new.extend_from_slice(ext);
+    match path.parent() {
+        Some(parent) => parent.join(&new).ok(),
+        None => RelPath::root().join(&new).ok(),
     }
 }
 

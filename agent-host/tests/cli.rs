@@ -46,6 +46,9 @@ fn status_without_a_running_agent_says_so() {
         .arg(&config)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is `run` running?"));
+    // 4: no agent answers (README "Running it", exit codes).
+    assert_eq!(out.status.code(), Some(4));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no agent answers"), "{stderr}");
+    assert!(stderr.contains("is `vmsync-host run` running"), "{stderr}");
 }

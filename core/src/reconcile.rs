@@ -16,8 +16,8 @@
 //!   always keeps the modification. A loser that is a directory is never destroyed: such a
 //!   conflict is kept whatever the policy.
 //! - One-way modes make the destination match the source; a destination entry whose content
-//!   differs from both the ancestor's and the source's (a local edit there) is saved to the
-//!   conflict store before it is replaced.
+//!   differs from both the ancestor's and the source's (a local edit there) is kept in the
+//!   destination's trash (`.vmsync/trash/` in the share) before it is replaced.
 //! - Structure: a path that will exist on a side forces its parent directories to exist there.
 //!   A directory one side deleted is re-created there when the other side keeps or adds
 //!   something beneath it; a directory one side replaced by a file or symlink while the other

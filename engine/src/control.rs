@@ -23,6 +23,63 @@ pub enum ControlRequest {
     Resume {
         share: String,
     },
+    /// Settle the conflict at `path` (as `status` shows it: escaped, share-relative) of
+    /// `share` by keeping one side's version or both.
+    Resolve {
+        share: String,
+        path: String,
+        keep: Keep,
+    },
+}
+
+/// What `resolve` keeps of a conflict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Keep {
+    /// The host's version, on both sides; the guest's goes to the guest's trash.
+    Host,
+    /// The guest's version, on both sides; the host's goes to the host's trash.
+    Guest,
+    /// The guest's version at the path and the host's under a sibling name, on both sides.
+    Both,
+}
+
+/// The bytes of a path as `status` shows it ([`vmsync_core::path::escape_bytes`]: `\\` for a
+/// backslash, `\xNN` for any other byte that is not printable ASCII).
+pub fn unescape_path(shown: &str) -> Result<Vec<u8>, String> {
+    let bytes = shown.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        if b != b'\\' {
+            out.push(b);
+            i += 1;
+            continue;
+        }
+        match bytes.get(i + 1) {
+            Some(b'\\') => {
+                out.push(b'\\');
+                i += 2;
+            }
+            Some(b'x') => {
+                let hex = bytes
+                    .get(i + 2..i + 4)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| {
+                        format!("{shown:?}: `\\x` must be followed by two hex digits")
+                    })?;
+                out.push(hex);
+                i += 4;
+            }
+            _ => {
+                return Err(format!(
+                    "{shown:?}: a backslash is written `\\\\` (give the path as `status` shows it)"
+                ))
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Facts about the agent process itself.
@@ -214,14 +271,86 @@ pub fn render_text(response: &ControlResponse, config_shown: Option<&str>) -> St
                 s.name
             );
         }
-        for c in &s.conflicts {
-            let _ = writeln!(out, "  conflict: {c}");
-        }
-        for p in &s.problems {
-            let _ = writeln!(out, "  problem ({}): {}: {}", p.side, p.path, p.reason);
-        }
+        render_conflicts(&mut out, s, config_shown);
+        render_problems(&mut out, s);
     }
     out
+}
+
+/// Conflicts and problems listed one by one in `status` before the rest is summarised (the
+/// JSON has them all).
+pub const STATUS_LIST_FIRST: usize = 10;
+
+/// Each conflict with the command that settles it, the first [`STATUS_LIST_FIRST`] of them.
+fn render_conflicts(out: &mut String, s: &ShareStatus, config_shown: Option<&str>) {
+    use std::fmt::Write;
+    if s.conflicts.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "  {} conflict(s): both sides changed these paths differently; keep one side's version \
+         (the other goes to that side's trash) or both (the guest's under a sibling name):",
+        s.conflicts.len()
+    );
+    for c in s.conflicts.iter().take(STATUS_LIST_FIRST) {
+        let _ = writeln!(out, "  conflict: {c}");
+        let _ = writeln!(
+            out,
+            "    vmsync-host resolve --config {} --share {} {} --keep host|guest|both",
+            shell_quote(config_shown.unwrap_or("<config>")),
+            s.name,
+            shell_quote(c)
+        );
+    }
+    if s.conflicts.len() > STATUS_LIST_FIRST {
+        let _ = writeln!(
+            out,
+            "  ... and {} more conflict(s) (`status --json` lists them all)",
+            s.conflicts.len() - STATUS_LIST_FIRST
+        );
+    }
+}
+
+/// Problems counted by side and kind (the reason up to its first `:`), then the first
+/// [`STATUS_LIST_FIRST`] of them.
+fn render_problems(out: &mut String, s: &ShareStatus) {
+    use std::fmt::Write;
+    if s.problems.len() > STATUS_LIST_FIRST {
+        let mut kinds: std::collections::BTreeMap<(&str, &str), usize> = Default::default();
+        for p in &s.problems {
+            let kind = p.reason.split(':').next().unwrap_or(&p.reason).trim();
+            *kinds.entry((p.side.as_str(), kind)).or_default() += 1;
+        }
+        let _ = writeln!(out, "  {} problems:", s.problems.len());
+        for ((side, kind), n) in &kinds {
+            let _ = writeln!(out, "    {n} x ({side}) {kind}");
+        }
+        let _ = writeln!(out, "  the first {STATUS_LIST_FIRST}:");
+    }
+    for p in s.problems.iter().take(STATUS_LIST_FIRST) {
+        let _ = writeln!(out, "  problem ({}): {}: {}", p.side, p.path, p.reason);
+    }
+    if s.problems.len() > STATUS_LIST_FIRST {
+        let _ = writeln!(
+            out,
+            "  ... and {} more problem(s) (`status --json` lists them all)",
+            s.problems.len() - STATUS_LIST_FIRST
+        );
+    }
+}
+
+/// `text` as one shell word: as it is when it is plainly safe, else in single quotes.
+pub fn shell_quote(text: &str) -> String {
+    let plain = !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+,:=@%".contains(&b));
+    if plain {
+        text.to_string()
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
 }
 
 /// `1536` → `1.5 KiB`.
@@ -237,5 +366,91 @@ pub fn human_bytes(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::ProblemView;
+
+    fn status_with(conflicts: usize, problems: &[(&str, &str)]) -> ControlResponse {
+        ControlResponse::Status {
+            agent: AgentInfo::default(),
+            shares: vec![ShareStatus {
+                name: "src".into(),
+                conflicts: (0..conflicts).map(|i| format!("dir/it's {i}")).collect(),
+                problems: problems
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (side, reason))| ProblemView {
+                        path: format!("p{i}"),
+                        side: side.to_string(),
+                        reason: reason.to_string(),
+                    })
+                    .collect(),
+                ..ShareStatus::default()
+            }],
+        }
+    }
+
+    #[test]
+    fn many_problems_are_counted_by_kind_and_only_the_first_listed() {
+        let mut problems = vec![("host", "write failed: no space left on device"); 300];
+        problems.extend([("guest", "not UTF-8"); 34]);
+        let text = render_text(&status_with(0, &problems), Some("/etc/vm1.toml"));
+        assert!(text.contains("  334 problems:\n"), "{text}");
+        assert!(text.contains("    300 x (host) write failed\n"), "{text}");
+        assert!(text.contains("    34 x (guest) not UTF-8\n"), "{text}");
+        assert_eq!(
+            text.matches("  problem (").count(),
+            STATUS_LIST_FIRST,
+            "{text}"
+        );
+        assert!(text.contains("... and 324 more problem(s)"), "{text}");
+        // A few are listed as they are, with no summary.
+        let text = render_text(&status_with(0, &problems[..3]), None);
+        assert_eq!(text.matches("  problem (").count(), 3, "{text}");
+        assert!(!text.contains("problems:"), "{text}");
+    }
+
+    #[test]
+    fn each_conflict_shows_the_command_that_settles_it() {
+        let text = render_text(&status_with(12, &[]), Some("/etc/vm 1.toml"));
+        assert!(
+            text.contains(
+                "    vmsync-host resolve --config '/etc/vm 1.toml' --share src 'dir/it'\\''s 0' \
+                 --keep host|guest|both\n"
+            ),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("vmsync-host resolve").count(),
+            STATUS_LIST_FIRST
+        );
+        assert!(text.contains("... and 2 more conflict(s)"), "{text}");
+    }
+
+    #[test]
+    fn unescape_path_undoes_escape_bytes() {
+        for raw in [&b"plain/name.txt"[..], b"back\\slash", b"nl\n\xff\x01 x"] {
+            let shown = vmsync_core::path::escape_bytes(raw);
+            assert_eq!(unescape_path(&shown).unwrap(), raw, "{shown}");
+        }
+        assert!(unescape_path("a\\q").is_err());
+        assert!(unescape_path("a\\x4").is_err());
+    }
+
+    #[test]
+    fn shell_quote_leaves_plain_words_and_quotes_the_rest() {
+        for (text, want) in [
+            ("a/b.c", "a/b.c"),
+            ("a b", "'a b'"),
+            ("it's", "'it'\\''s'"),
+            ("", "''"),
+            ("$HOME", "'$HOME'"),
+        ] {
+            assert_eq!(shell_quote(text), want, "{text}");
+        }
     }
 }

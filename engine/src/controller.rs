@@ -309,8 +309,10 @@ impl Controller {
                 s.halt_reason = Some(h.to_string());
             }
             None => {
+                // Lifted: the cycle that follows decides the state; until it starts the share
+                // is waiting for it, not for a connection (the caller says so when it is).
                 if s.state == ShareState::Halted {
-                    s.state = ShareState::Connecting;
+                    s.state = ShareState::Syncing;
                 }
                 s.halt_code = None;
                 s.halt_reason = None;
@@ -344,6 +346,102 @@ impl Controller {
         tracing::info!(share = %self.settings.name, "safety halt lifted by resume");
         self.show_halt();
         Ok(true)
+    }
+
+    /// Settles a conflict by hand (`vmsync-host resolve ... --keep host|guest`): `path`'s
+    /// ancestor becomes the losing side's current version, so the next cycle of `path` reads
+    /// the loser as unchanged and the kept version as the one change: it is copied over the
+    /// loser, which goes to the loser's trash like every replaced file, with every check a
+    /// cycle makes. Nothing is written here but the ancestor. Refused when `path` is not in
+    /// conflict, when the loser is gone, and when it is a directory (never destroyed as a
+    /// loser). The caller runs a cycle of `path` next.
+    pub async fn resolve<H: Endpoint, G: Endpoint>(
+        &mut self,
+        host: &mut H,
+        guest: &mut G,
+        path: &RelPath,
+        keep: Side,
+    ) -> Result<(), String> {
+        if !self.conflicts.contains(path) {
+            return Err(format!(
+                "{} is not in conflict in share `{}` (as of the last cycle that covered it)",
+                path.escaped(),
+                self.settings.name
+            ));
+        }
+        let scope = ScanScope::Paths(vec![path.clone()]);
+        let opts = ScanOptions {
+            create_marker: false,
+        };
+        let loser = match keep {
+            Side::Host => guest.scan(scope, opts).await,
+            Side::Guest => host.scan(scope, opts).await,
+        }
+        .map_err(|e| format!("scanning {}: {e}", path.escaped()))?
+        .entries
+        .into_iter()
+        .find_map(|(p, e)| (p == *path).then_some(e));
+        let lose = keep.other().as_str();
+        let Some(loser) = loser else {
+            return Err(format!(
+                "{} is no longer on the {lose} side; the next cycle settles it",
+                path.escaped()
+            ));
+        };
+        if loser.is_dir() {
+            return Err(format!(
+                "the {lose} side's {} is a directory, and vmsync never replaces a directory as a \
+                 loser; move it (or the other side's version) aside by hand",
+                path.escaped()
+            ));
+        }
+        self.db
+            .update_ancestor(&self.settings.name, [(path, Some(&loser))])
+            .map_err(|e| format!("recording the resolution: {e}"))?;
+        self.ancestor.insert(path.clone(), loser);
+        self.totals = Totals::of(&self.ancestor, &self.settings.deletion_exempt);
+        tracing::info!(share = %self.settings.name, path = %path.escaped(), keep = keep.as_str(), "conflict resolved by hand");
+        Ok(())
+    }
+
+    /// Records the host directory the configuration names for the share. When it names
+    /// another directory than last time, what the host remembers of the old one no longer
+    /// applies: a halt about the host's root (or a mass deletion judged there) is dropped, and
+    /// the host's root identity and the ancestor are forgotten, so the first cycle merges the
+    /// new directory with the guest add-only (nothing deleted anywhere), as after `resume`.
+    pub fn adopt_host_path(&mut self, path: &Path) -> Result<(), StateError> {
+        use std::os::unix::ffi::OsStrExt;
+        let bytes = path.as_os_str().as_bytes();
+        let before = self.db.load_host_path(&self.settings.name)?;
+        if before.as_deref() == Some(bytes) {
+            return Ok(());
+        }
+        if let Some(before) = before {
+            let dropped = match &self.meta.halt {
+                Some(HaltReason::MassDeletion { .. }) => true,
+                Some(halt) => halt.side() == Side::Host,
+                None => false,
+            };
+            if dropped {
+                self.meta.halt = None;
+            }
+            self.forget_root(Side::Host)?;
+            let notice = format!(
+                "the share's host directory changed from {} to {}: {}both sides merge add-only \
+                 (nothing deleted anywhere)",
+                escape_bytes(&before),
+                escape_bytes(bytes),
+                if dropped {
+                    "the halt about the old one was dropped; "
+                } else {
+                    ""
+                }
+            );
+            tracing::warn!(share = %self.settings.name, "{notice}");
+            self.show_halt();
+            self.set_notice(notice);
+        }
+        self.db.store_host_path(&self.settings.name, bytes)
     }
 
     /// Milliseconds on the deletion windows' clock.

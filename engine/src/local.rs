@@ -329,6 +329,15 @@ impl LocalEndpoint {
         self.watch.watcher.get().is_some()
     }
 
+    /// Directories the running watch covers, as the kernel counts them (0 when not watching).
+    pub fn watched_dirs(&self) -> u64 {
+        self.watch
+            .watcher
+            .get()
+            .and_then(|w| w.watched_dirs())
+            .unwrap_or(0)
+    }
+
     /// Why this share cannot be watched (it is then rescanned every
     /// [`UNWATCHED_RESCAN_MS`]), or not all of it (the watch limit was hit while watching:
     /// what may lack a watch is rescanned every [`crate::watch::UNWATCHED_RESCAN`]); `None`
@@ -481,12 +490,12 @@ impl Endpoint for LocalEndpoint {
             .lock()
             .map(|f| f.is_some())
             .unwrap_or(true);
+        let mut failed_before = None;
         if unwatched {
             tokio::time::sleep(std::time::Duration::from_millis(UNWATCHED_RESCAN_MS)).await;
-            return Ok(ChangeHints {
-                paths: Vec::new(),
-                rescan: true,
-            });
+            // Try again at every periodic rescan: a share root missing at start may be there
+            // now, or the watch limit raised. What fails the same way is not logged again.
+            failed_before = self.watch.failed.lock().ok().and_then(|f| f.clone());
         }
         let path =
             self.inner.lock().map(|s| s.path.clone()).map_err(|_| {
@@ -499,6 +508,11 @@ impl Endpoint for LocalEndpoint {
         match started {
             Ok(w) => {
                 let _ = self.watch.watcher.set(Arc::new(w));
+                if let Ok(mut f) = self.watch.failed.lock() {
+                    if f.take().is_some() {
+                        tracing::info!("watching the share live again");
+                    }
+                }
             }
             Err(e) => {
                 let why = if e.is_watch_limit() {
@@ -509,7 +523,9 @@ impl Endpoint for LocalEndpoint {
                         UNWATCHED_RESCAN_MS / 1000
                     )
                 };
-                tracing::warn!("{why}");
+                if failed_before.as_deref() != Some(why.as_str()) {
+                    tracing::warn!("{why}");
+                }
                 if let Ok(mut f) = self.watch.failed.lock() {
                     *f = Some(why);
                 }

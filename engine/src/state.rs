@@ -91,6 +91,12 @@ fn generation_key(share: &str) -> String {
     format!("generation:{share}")
 }
 
+/// The key of the share's host directory (as the configuration named it when it was last
+/// synced) in the meta table.
+fn host_path_key(share: &str) -> String {
+    format!("host-path:{share}")
+}
+
 fn index_table(share: &str) -> String {
     format!("index:{share}")
 }
@@ -270,6 +276,28 @@ impl StateDb {
                 source,
             }),
         }
+    }
+
+    /// The host directory the share had when it last started (`None`: never recorded).
+    pub fn load_host_path(&self, share: &str) -> Result<Option<Vec<u8>>, StateError> {
+        let key = host_path_key(share);
+        let txn = db_err!(self.db.begin_read())?;
+        let table = match txn.open_table(META) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(StateError::Db(e.into())),
+        };
+        Ok(db_err!(table.get(key.as_str()))?.map(|v| v.value().to_vec()))
+    }
+
+    pub fn store_host_path(&self, share: &str, path: &[u8]) -> Result<(), StateError> {
+        let key = host_path_key(share);
+        let txn = db_err!(self.db.begin_write())?;
+        {
+            let mut table = db_err!(txn.open_table(META))?;
+            db_err!(table.insert(key.as_str(), path))?;
+        }
+        db_err!(txn.commit())
     }
 
     pub fn store_meta(&self, share: &str, meta: &ShareMeta) -> Result<(), StateError> {

@@ -59,7 +59,8 @@ pub struct ShareStatus {
     /// (on the guest: what its index holds).
     pub files: u64,
     pub bytes: u64,
-    /// Chunk payload bytes sent to / received from the guest, as they crossed the wire.
+    /// Chunk payload bytes sent to / received from the other side, as they crossed the wire
+    /// (compressed size), since the agent started.
     pub bytes_sent: u64,
     pub bytes_received: u64,
     /// Chunks found locally on the receiving side instead of transferred.
@@ -67,7 +68,8 @@ pub struct ShareStatus {
     /// Files this agent read and hashed since it started (unchanged files are not re-read).
     pub files_hashed: u64,
     /// Whether this agent's side of the share is watched live (inotify), how many
-    /// directories that watch covers (as of the last full scan), and why not if it is not.
+    /// directories that watch covers (the kernel's count of its watches, `.vmsync/` and
+    /// ignored directories included), and why not if it is not.
     pub watching: bool,
     pub watched_dirs: u64,
     pub watch_problem: Option<String>,
@@ -77,7 +79,8 @@ pub struct ShareStatus {
     pub disk_free: Option<u64>,
     #[serde(default)]
     pub disk_reserve: Option<u64>,
-    /// Completed cycles since the agent started.
+    /// Completed cycles since the agent started (on the guest: the host's cycles it served,
+    /// one scan each).
     pub cycles: u64,
     /// What this side's trash (`.vmsync/trash/` in the share) holds: files and symlinks kept
     /// because a change replaced or deleted them, and their bytes.

@@ -280,6 +280,11 @@ const HALF_MOVE_WAIT: Duration = Duration::from_millis(5);
 pub struct ShareWatcher {
     shared: Arc<Shared>,
     _watcher: notify::RecommendedWatcher,
+    /// The inotify descriptor `notify` opened for this watch, when it could be told apart:
+    /// the kernel lists its watches in `/proc/self/fdinfo/<fd>` ([`ShareWatcher::watched_dirs`]).
+    inotify_fd: Option<i32>,
+    /// The last count read from there, and when.
+    watched: Mutex<Option<(Instant, u64)>>,
     #[cfg(test)]
     root: PathBuf,
     #[cfg(test)]
@@ -309,6 +314,11 @@ impl ShareWatcher {
         let cb_root = root.to_path_buf();
         #[cfg(test)]
         let test_rules = rules.clone();
+        // One watcher starts at a time, so the inotify descriptor that appears is this one's.
+        let starting = STARTING
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let before = inotify_fds();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 on_event(&cb_shared, &cb_root, &rules, event);
@@ -317,6 +327,15 @@ impl ShareWatcher {
                 path: root.to_path_buf(),
                 source,
             })?;
+        let mut new_fds = inotify_fds()
+            .difference(&before)
+            .copied()
+            .collect::<Vec<_>>();
+        drop(starting);
+        let inotify_fd = match new_fds.len() {
+            1 => new_fds.pop(),
+            _ => None,
+        };
         watcher
             .watch(root, RecursiveMode::Recursive)
             .map_err(|source| WatchError {
@@ -326,11 +345,34 @@ impl ShareWatcher {
         Ok(ShareWatcher {
             shared,
             _watcher: watcher,
+            inotify_fd,
+            watched: Mutex::new(None),
             #[cfg(test)]
             root: root.to_path_buf(),
             #[cfg(test)]
             rules: test_rules,
         })
+    }
+
+    /// How many directories this watch covers now, as the kernel counts its inotify watches
+    /// (the share's directories, `.vmsync/` and ignored ones included: `notify` watches the
+    /// whole tree). Read at most every [`WATCHED_DIRS_EVERY`]: `wait` asks for the status
+    /// every few milliseconds, and a big share's list is long. `None` when not known.
+    pub fn watched_dirs(&self) -> Option<u64> {
+        let fd = self.inotify_fd?;
+        let mut cached = self.watched.lock().ok()?;
+        if let Some((at, n)) = *cached {
+            if at.elapsed() < WATCHED_DIRS_EVERY {
+                return Some(n);
+            }
+        }
+        let info = std::fs::read(format!("/proc/self/fdinfo/{fd}")).ok()?;
+        let n = info
+            .split(|&b| b == b'\n')
+            .filter(|line| line.starts_with(b"inotify wd:"))
+            .count() as u64;
+        *cached = Some((Instant::now(), n));
+        Some(n)
     }
 
     /// Why part of the share may be unwatched (the watch limit was hit while watching); `None`
@@ -403,6 +445,26 @@ impl ShareWatcher {
             notified.await;
         }
     }
+}
+
+/// Held while a watcher starts (see [`ShareWatcher::start`]).
+static STARTING: Mutex<()> = Mutex::new(());
+
+/// How long a count of [`ShareWatcher::watched_dirs`] is reused.
+pub const WATCHED_DIRS_EVERY: Duration = Duration::from_millis(500);
+
+/// This process's open inotify descriptors.
+fn inotify_fds() -> HashSet<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return HashSet::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| {
+            std::fs::read_link(e.path())
+                .is_ok_and(|target| target.as_os_str() == "anon_inode:inotify")
+        })
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
 }
 
 /// Turns one `notify` event (or error) into hints, on the callback thread.

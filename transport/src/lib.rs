@@ -27,6 +27,6 @@ pub use endpoint_addr::{AddrError, EndpointAddr, DEFAULT_VSOCK_PORT};
 pub use error::TransportError;
 pub use rpc::{
     client_handshake, client_handshake_with, serve, serve_with, RemoteEndpoint, ServerConfig,
-    Session, SessionConfig, Stats, StatsSnapshot,
+    Session, SessionConfig, ShareStats, Stats, StatsSnapshot,
 };
 pub use stream::{connect, listen, BoxedStream, Listener};

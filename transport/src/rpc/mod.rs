@@ -20,4 +20,4 @@ pub mod stats;
 pub use client::{client_handshake, client_handshake_with, Session, SessionConfig};
 pub use remote::RemoteEndpoint;
 pub use server::{serve, serve_with, ServerConfig};
-pub use stats::{Stats, StatsSnapshot};
+pub use stats::{ShareStats, Stats, StatsSnapshot};

@@ -207,7 +207,18 @@ where
             // The reader checked the index already.
             (None, _) => ResponseBody::error(kind, EndpointError::UnknownShare(share.to_string())),
         };
+        if matches!(
+            kind,
+            RequestKind::Scan | RequestKind::ScanFull | RequestKind::Scan2
+        ) {
+            stats.update_share(share, |s| s.scans += 1);
+        }
+        let sent_before = stats.snapshot().content_bytes_sent;
         let bytes = encode_response(id, kind, body, &stats)?;
+        let sent = stats.snapshot().content_bytes_sent - sent_before;
+        if sent > 0 {
+            stats.update_share(share, |s| s.content_bytes_sent += sent);
+        }
         times.add(kind, started.elapsed());
         if out_tx.send(bytes).await.is_err() {
             return finished((&mut writes.0).await);
@@ -383,10 +394,14 @@ where
                 request.id, request.share
             )));
         }
-        match &request.body {
-            RequestBody::Supply { chunks } => stats.add_content_received(chunk_bytes(chunks)),
-            RequestBody::Supply2 { chunks } => stats.add_content_received(content_bytes(chunks)),
-            _ => {}
+        let received = match &request.body {
+            RequestBody::Supply { chunks } => chunk_bytes(chunks),
+            RequestBody::Supply2 { chunks } => content_bytes(chunks),
+            _ => 0,
+        };
+        if received > 0 {
+            stats.add_content_received(received);
+            stats.update_share(request.share, |s| s.content_bytes_received += received);
         }
         match queue.try_send(request) {
             Ok(()) => {}

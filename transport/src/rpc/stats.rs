@@ -12,6 +12,17 @@ pub struct Stats {
     content_bytes_sent: AtomicU64,
     content_bytes_received: AtomicU64,
     requests: AtomicU64,
+    /// Per share (by its index in the session): what [`ShareStats`] shows.
+    shares: std::sync::Mutex<Vec<ShareStats>>,
+}
+
+/// What one share of a session moved: content bytes as counted above, and the scans served
+/// (one per cycle of the host's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ShareStats {
+    pub content_bytes_sent: u64,
+    pub content_bytes_received: u64,
+    pub scans: u64,
 }
 
 /// A copy of the counters at one moment.
@@ -55,6 +66,29 @@ impl Stats {
 
     pub(crate) fn add_content_received(&self, n: u64) {
         self.content_bytes_received.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Share `share`'s counters (zero for a share that moved nothing).
+    pub fn share(&self, share: u16) -> ShareStats {
+        self.shares
+            .lock()
+            .ok()
+            .and_then(|s| s.get(usize::from(share)).copied())
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn update_share(&self, share: u16, f: impl FnOnce(&mut ShareStats)) {
+        let Ok(mut shares) = self.shares.lock() else {
+            return;
+        };
+        let index = usize::from(share);
+        // Indexes come from requests the reader checked against the shares the session opened.
+        if shares.len() <= index {
+            shares.resize(index + 1, ShareStats::default());
+        }
+        if let Some(counters) = shares.get_mut(index) {
+            f(counters);
+        }
     }
 
     pub(crate) fn add_request(&self) {
