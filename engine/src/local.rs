@@ -145,11 +145,6 @@ pub struct LocalShare {
     /// and is not passed on (see [`LocalShare::drop_echoes`]).
     /// Remembered for a short while only (see `engine/src/echoes.rs`).
     echoes: Echoes,
-    /// Directories whose time this side's own transitions put back (see [`ParentTimes`]),
-    /// with the identity they were left with: the watcher's hint for that is an echo too.
-    dir_echoes: HashMap<RelPath, Identity>,
-    /// [`WatchRules::ignore_file_events`] when hints were last taken.
-    ignore_events_seen: u64,
     /// Files read and hashed by scans since start (a restart with nothing changed adds none).
     files_hashed: u64,
     /// Seals complete staged files in the background (see the module docs).
@@ -249,8 +244,6 @@ impl LocalEndpoint {
             wanted: HashMap::new(),
             bases: HashMap::new(),
             echoes: Echoes::default(),
-            dir_echoes: HashMap::new(),
-            ignore_events_seen: 0,
             files_hashed: 0,
             sealer: Sealer::new(),
             kept: KeptLog::default(),
@@ -1191,12 +1184,6 @@ impl LocalShare {
                         self.links.set(&change.path, None);
                         if let Some(Entry::Dir { mtime, .. }) = &change.new {
                             parents.set(&change.path, *mtime);
-                            // Its watcher event is this side's own echo too.
-                            let now = self.root.as_ref().map(|r| r.stat(&change.path));
-                            if let Some(Ok(Some(st))) = now {
-                                self.dir_echoes
-                                    .insert(change.path.clone(), Identity::of(&st));
-                            }
                         }
                         match (&change.new, &record) {
                             (Some(Entry::File(_)), Some(r)) => {
@@ -1225,11 +1212,10 @@ impl LocalShare {
         if !self.to_link.is_empty() {
             self.link_committed(&mut index_changes);
         }
-        if self.dir_echoes.len() >= MAX_ECHOES {
-            self.dir_echoes.clear();
-        }
-        let restored = parents.restore(self.root()?, &self.name);
-        self.dir_echoes.extend(restored);
+        // The watcher's hints for these times are not dropped as echoes: a directory hint may
+        // stand for changes beneath it (see `drop_echoes`). They cost a rescan that finds the
+        // times agreed.
+        parents.restore(self.root()?, &self.name);
         // Nothing is recorded or acknowledged before the directories are durable.
         let step = std::time::Instant::now();
         let unsynced = self.root()?.end_batch_each();
@@ -1323,32 +1309,14 @@ impl LocalShare {
     /// which may stand for many children.
     fn drop_echoes(&mut self, mut hints: ChangeHints) -> ChangeHints {
         self.echoes.expire(std::time::Instant::now());
-        // A hint for a directory whose ignore file changed looks like the echo of a time put
-        // back; while such events are new, no directory hint is taken for an echo.
-        let ignore_events = self
-            .watch_rules
-            .read()
-            .map_or(u64::MAX, |r| r.ignore_file_events());
-        let ignore_files_quiet = ignore_events == self.ignore_events_seen;
-        self.ignore_events_seen = ignore_events;
-        if hints.rescan || (self.echoes.is_empty() && self.dir_echoes.is_empty()) {
+        if hints.rescan || self.echoes.is_empty() {
             return hints;
         }
         let Some(root) = self.root.as_ref() else {
             return hints;
         };
-        let (echoes, dir_echoes) = (&mut self.echoes, &mut self.dir_echoes);
+        let echoes = &mut self.echoes;
         hints.paths.retain(|path| {
-            if let Some(left) = dir_echoes.remove(path) {
-                // Dropped only while the directory is exactly as this side left it (its
-                // ctime moves with any change of its own), and only once.
-                let now = root.stat(path).ok().flatten();
-                let echo = ignore_files_quiet
-                    && now.is_some_and(|st| st.kind == FileKind::Dir && Identity::of(&st) == left);
-                if echo && echoes.get(path).is_none() {
-                    return false;
-                }
-            }
             let Some(left) = echoes.get(path) else {
                 return true;
             };
@@ -1833,6 +1801,12 @@ impl LocalShare {
             Ok(())
         };
         let root = self.root().map_err(|e| e.to_string())?;
+        // A file with other names (hard links, or a name kept in the trash) would change
+        // under those too: it is replaced instead.
+        match root.stat(path) {
+            Ok(Some(st)) if st.nlink == 1 => {}
+            _ => return Ok(None),
+        }
         let appended = root
             .append_in_place(
                 path,
@@ -2052,10 +2026,8 @@ impl ParentTimes {
         self.times.insert(path.clone(), mtime);
     }
 
-    /// Puts every time back that moved; returns the identity each such directory was left
-    /// with, for echo suppression. A directory gone or replaced since is left alone.
-    fn restore(self, root: &ShareRoot, share: &str) -> Vec<(RelPath, Identity)> {
-        let mut restored = Vec::new();
+    /// Puts every time back that moved. A directory gone or replaced since is left alone.
+    fn restore(self, root: &ShareRoot, share: &str) {
         for (dir, mtime) in self.times {
             let Ok(Some(st)) = root.stat(&dir) else {
                 continue;
@@ -2065,13 +2037,8 @@ impl ParentTimes {
             }
             if let Err(e) = root.set_mtime(&dir, mtime) {
                 tracing::debug!(share, dir = %dir.escaped(), "cannot put the time back: {e}");
-                continue;
-            }
-            if let Ok(Some(st)) = root.stat(&dir) {
-                restored.push((dir, Identity::of(&st)));
             }
         }
-        restored
     }
 }
 

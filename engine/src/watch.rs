@@ -33,7 +33,6 @@ use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use vmsync_core::endpoint::{ChangeHints, ScanScope};
@@ -49,10 +48,6 @@ use vmsync_core::RelPath;
 pub struct WatchRules {
     filter: Filter,
     ignored_dirs: HashSet<RelPath>,
-    /// How many events named an ignore file the share honours. Such an event becomes a hint for
-    /// its directory, which must then never be taken for the echo of a directory time this
-    /// side restored itself (see `LocalShare::drop_echoes`).
-    ignore_file_events: AtomicU64,
 }
 
 /// [`WatchRules`] behind the lock the watcher and the endpoint share.
@@ -63,7 +58,6 @@ impl WatchRules {
         WatchRules {
             filter,
             ignored_dirs: HashSet::new(),
-            ignore_file_events: AtomicU64::new(0),
         }
     }
 
@@ -89,11 +83,6 @@ impl WatchRules {
         }
     }
 
-    /// How many events have named an ignore file so far.
-    pub fn ignore_file_events(&self) -> u64 {
-        self.ignore_file_events.load(Ordering::Relaxed)
-    }
-
     /// A scan found these directories excluded by the tree's ignore files.
     pub fn ignored_dirs_found(&mut self, dirs: &[RelPath]) {
         for d in dirs {
@@ -110,7 +99,6 @@ impl WatchRules {
     fn hint_for(&self, rel: RelPath) -> Option<RelPath> {
         let hint = match rel.name() {
             Some(name) if self.filter.respects_gitignore() && is_ignore_file_name(name) => {
-                self.ignore_file_events.fetch_add(1, Ordering::Relaxed);
                 rel.parent()?
             }
             _ => rel,
