@@ -1528,7 +1528,9 @@ async fn a_bulk_job_sends_deltas() {
 }
 
 /// A side's own writes (a cycle's transition) are not hinted back to the controller: they
-/// would only cost a rescan round trip. Someone else's write right after still is.
+/// would only cost a rescan round trip. Someone else's write right after still is. The time
+/// the transition put back on the directory is hinted (a directory hint may stand for changes
+/// beneath it, so it is never taken for an echo): nothing else.
 #[tokio::test]
 async fn a_sides_own_writes_are_not_hinted_back_but_others_writes_are() {
     use std::time::Duration;
@@ -1550,8 +1552,18 @@ async fn a_sides_own_writes_are_not_hinted_back_but_others_writes_are() {
     let report = p.sync().await;
     // The three files, and the time of the directory they are in.
     assert_eq!(report.applied, 4, "{report:?}");
-    let quiet = tokio::time::timeout(Duration::from_millis(500), guest.changes()).await;
-    assert!(quiet.is_err(), "own writes were hinted: {quiet:?}");
+    let dir = vmsync_core::RelPath::from_bytes(b"a").unwrap();
+    loop {
+        let Ok(hints) = tokio::time::timeout(Duration::from_millis(500), guest.changes()).await
+        else {
+            break;
+        };
+        let hints = hints.unwrap();
+        assert!(
+            !hints.rescan && hints.paths.iter().all(|p| *p == dir),
+            "own writes were hinted: {hints:?}"
+        );
+    }
     // An edit by someone else, of a path the cycle wrote, gets through.
     write(&p.guest_dir, "a/new.txt", "edited in the guest");
     let hints = tokio::time::timeout(Duration::from_secs(10), guest.changes())
@@ -1559,7 +1571,14 @@ async fn a_sides_own_writes_are_not_hinted_back_but_others_writes_are() {
         .expect("a hint for the guest's own edit")
         .unwrap();
     let edited = vmsync_core::RelPath::from_bytes(b"a/new.txt").unwrap();
-    assert!(hints.rescan || hints.paths.contains(&edited), "{hints:?}");
+    assert!(
+        hints.rescan
+            || hints
+                .paths
+                .iter()
+                .any(|p| *p == edited || p.is_ancestor_of(&edited)),
+        "{hints:?}"
+    );
 }
 
 /// A destination that never has room to stage (its staged files are at its descriptor cap and
