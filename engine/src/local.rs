@@ -145,6 +145,10 @@ pub struct LocalShare {
     /// and is not passed on (see [`LocalShare::drop_echoes`]).
     /// Remembered for a short while only (see `engine/src/echoes.rs`).
     echoes: Echoes,
+    /// Directories whose time this side's own transitions put back (see [`ParentTimes`]),
+    /// with the identity they were left with: a watcher hint for only their attributes that
+    /// still finds them so is an echo too.
+    dir_echoes: HashMap<RelPath, Identity>,
     /// Files read and hashed by scans since start (a restart with nothing changed adds none).
     files_hashed: u64,
     /// Seals complete staged files in the background (see the module docs).
@@ -244,6 +248,7 @@ impl LocalEndpoint {
             wanted: HashMap::new(),
             bases: HashMap::new(),
             echoes: Echoes::default(),
+            dir_echoes: HashMap::new(),
             files_hashed: 0,
             sealer: Sealer::new(),
             kept: KeptLog::default(),
@@ -443,15 +448,15 @@ impl Endpoint for LocalEndpoint {
     async fn changes(&mut self) -> Result<ChangeHints, EndpointError> {
         if let Some(watcher) = self.watch.watcher.get().cloned() {
             loop {
-                let hints = match watcher.unwatched() {
-                    None => watcher.next().await,
+                let (hints, attrs) = match watcher.unwatched() {
+                    None => watcher.next_with_attrs().await,
                     // Past the watch limit: hints as they come, and every so often a rescan of
                     // what may lack a watch (on a clock of its own, so a stream of hints
                     // cannot put it off).
                     Some(dirs) => {
                         let due = self.watch.unwatched_due();
                         tokio::select! {
-                            hints = watcher.next() => hints,
+                            taken = watcher.next_with_attrs() => taken,
                             () = tokio::time::sleep_until(due.into()) => {
                                 self.watch.unwatched_done();
                                 return Ok(dirs);
@@ -461,13 +466,15 @@ impl Endpoint for LocalEndpoint {
                 };
                 // Filtering waits for the share (a transition may hold it). Cancelled meanwhile
                 // (a long-poll's timeout), the hints go back to the watcher, not astray.
+                let mut all = hints.clone();
+                crate::watch::merge_attrs(&mut all, attrs.clone());
                 let mut pending = Requeue {
                     watcher: &watcher,
-                    hints: Some(hints.clone()),
+                    hints: Some(all),
                 };
                 let hints = self
                     .run(move |s| {
-                        let hints = s.drop_echoes(hints);
+                        let hints = s.drop_echoes(hints, attrs);
                         Ok(s.with_other_names(hints))
                     })
                     .await?;
@@ -1212,10 +1219,11 @@ impl LocalShare {
         if !self.to_link.is_empty() {
             self.link_committed(&mut index_changes);
         }
-        // The watcher's hints for these times are not dropped as echoes: a directory hint may
-        // stand for changes beneath it (see `drop_echoes`). They cost a rescan that finds the
-        // times agreed.
-        parents.restore(self.root()?, &self.name);
+        if self.dir_echoes.len() >= MAX_DIR_ECHOES {
+            self.dir_echoes.clear();
+        }
+        let restored = parents.restore(self.root()?, &self.name);
+        self.dir_echoes.extend(restored);
         // Nothing is recorded or acknowledged before the directories are durable.
         let step = std::time::Instant::now();
         let unsynced = self.root()?.end_batch_each();
@@ -1307,8 +1315,31 @@ impl LocalShare {
     /// round trip to rescan them. The identity test is the scan's own (inode, size, mtime,
     /// ctime), so any later write by someone else still gets through; so do directory hints,
     /// which may stand for many children.
-    fn drop_echoes(&mut self, mut hints: ChangeHints) -> ChangeHints {
+    fn drop_echoes(
+        &mut self,
+        hints: ChangeHints,
+        mut attrs: std::collections::BTreeSet<RelPath>,
+    ) -> ChangeHints {
         self.echoes.expire(std::time::Instant::now());
+        // The times this side put back, and nothing else: only a hint for a directory's own
+        // attributes (a directory hint may stand for changes beneath it), while the directory
+        // is exactly as this side left it; once.
+        if let Some(root) = self.root.as_ref() {
+            let dir_echoes = &mut self.dir_echoes;
+            attrs.retain(|path| {
+                let Some(left) = dir_echoes.remove(path) else {
+                    return true;
+                };
+                let now = root.stat(path).ok().flatten();
+                !now.is_some_and(|st| st.kind == FileKind::Dir && Identity::of(&st) == left)
+            });
+        }
+        let mut hints = self.drop_file_echoes(hints);
+        crate::watch::merge_attrs(&mut hints, attrs);
+        hints
+    }
+
+    fn drop_file_echoes(&mut self, mut hints: ChangeHints) -> ChangeHints {
         if hints.rescan || self.echoes.is_empty() {
             return hints;
         }
@@ -2026,8 +2057,10 @@ impl ParentTimes {
         self.times.insert(path.clone(), mtime);
     }
 
-    /// Puts every time back that moved. A directory gone or replaced since is left alone.
-    fn restore(self, root: &ShareRoot, share: &str) {
+    /// Puts every time back that moved; returns the identity each such directory was left
+    /// with, for echo suppression. A directory gone or replaced since is left alone.
+    fn restore(self, root: &ShareRoot, share: &str) -> Vec<(RelPath, Identity)> {
+        let mut restored = Vec::new();
         for (dir, mtime) in self.times {
             let Ok(Some(st)) = root.stat(&dir) else {
                 continue;
@@ -2037,10 +2070,19 @@ impl ParentTimes {
             }
             if let Err(e) = root.set_mtime(&dir, mtime) {
                 tracing::debug!(share, dir = %dir.escaped(), "cannot put the time back: {e}");
+                continue;
+            }
+            if let Ok(Some(st)) = root.stat(&dir) {
+                restored.push((dir, Identity::of(&st)));
             }
         }
+        restored
     }
 }
+
+/// At most this many restored directory times are remembered as echoes (beyond, all are
+/// forgotten: a forgotten echo costs one rescan).
+const MAX_DIR_ECHOES: usize = 65_536;
 
 /// Writes `pieces` (sorted by offset) to `file`: each run of adjacent pieces in one `pwritev`,
 /// so a file's chunks cost one system call per supply instead of one each, and the page cache

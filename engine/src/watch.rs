@@ -123,6 +123,11 @@ pub const MAX_HINT_PATHS: usize = 4096;
 pub struct HintSet {
     paths: BTreeSet<RelPath>,
     rescan: bool,
+    /// Paths whose own attributes changed (a directory whose time was set), kept apart from
+    /// `paths` and not standing for anything beneath them: only these can be the echo of a
+    /// directory time this side put back (see `LocalShare::drop_echoes`). None lies at or
+    /// beneath a path in `paths`.
+    attrs: BTreeSet<RelPath>,
 }
 
 impl HintSet {
@@ -147,8 +152,33 @@ impl HintSet {
         for p in beneath {
             self.paths.remove(&p);
         }
+        if !self.attrs.is_empty() {
+            let covered: Vec<RelPath> = self
+                .attrs
+                .iter()
+                .filter(|a| **a == path || path.is_ancestor_of(a))
+                .cloned()
+                .collect();
+            for a in covered {
+                self.attrs.remove(&a);
+            }
+        }
         self.paths.insert(path);
         if self.paths.len() > MAX_HINT_PATHS {
+            self.add_rescan();
+        }
+    }
+
+    /// Adds a path whose own attributes changed (mode, times), nothing else known about it.
+    pub fn add_attrs(&mut self, path: RelPath) {
+        if self.rescan
+            || self.paths.contains(&path)
+            || path.ancestors().any(|a| self.paths.contains(&a))
+        {
+            return;
+        }
+        self.attrs.insert(path);
+        if self.attrs.len() > MAX_HINT_PATHS {
             self.add_rescan();
         }
     }
@@ -156,10 +186,11 @@ impl HintSet {
     pub fn add_rescan(&mut self) {
         self.rescan = true;
         self.paths.clear();
+        self.attrs.clear();
     }
 
     pub fn is_empty(&self) -> bool {
-        self.paths.is_empty() && !self.rescan
+        self.paths.is_empty() && self.attrs.is_empty() && !self.rescan
     }
 
     /// True when the hints say: rescan everything.
@@ -172,13 +203,35 @@ impl HintSet {
         self.paths.retain(keep);
     }
 
+    /// All the hints, attribute changes among them.
     pub fn take(&mut self) -> ChangeHints {
+        let (mut hints, attrs) = self.take_with_attrs();
+        merge_attrs(&mut hints, attrs);
+        hints
+    }
+
+    /// The hints, and apart from them the paths whose own attributes only changed (see
+    /// `HintSet::attrs`); [`merge_attrs`] puts them together.
+    pub fn take_with_attrs(&mut self) -> (ChangeHints, BTreeSet<RelPath>) {
         let taken = std::mem::take(self);
-        ChangeHints {
+        let hints = ChangeHints {
             paths: taken.paths.into_iter().collect(),
             rescan: taken.rescan,
-        }
+        };
+        (hints, taken.attrs)
     }
+}
+
+/// Adds attribute hints to `hints`, coalesced (none beneath another).
+pub fn merge_attrs(hints: &mut ChangeHints, attrs: BTreeSet<RelPath>) {
+    if attrs.is_empty() || hints.rescan {
+        return;
+    }
+    let mut set = HintSet::default();
+    for p in hints.paths.drain(..).chain(attrs) {
+        set.add(p);
+    }
+    *hints = set.take();
 }
 
 /// Shared between the notify callback thread and the consumer.
@@ -407,6 +460,11 @@ impl ShareWatcher {
     /// Waits until there are hints, then takes them all; while a rename is half seen, up to
     /// [`HALF_MOVE_WAIT`] longer, so both its names travel together.
     pub async fn next(&self) -> ChangeHints {
+        self.next_with_attrs().await.0
+    }
+
+    /// [`ShareWatcher::next`], with the paths among the hints that only changed attributes.
+    pub async fn next_with_attrs(&self) -> (ChangeHints, BTreeSet<RelPath>) {
         loop {
             let notified = self.shared.wake.notified();
             let has_hints = self.shared.hints.lock().is_ok_and(|h| !h.is_empty());
@@ -420,7 +478,7 @@ impl ShareWatcher {
                         *half = None;
                     }
                     if let Ok(mut hints) = self.shared.hints.lock() {
-                        return hints.take();
+                        return hints.take_with_attrs();
                     }
                 } else {
                     tokio::select! {
@@ -505,8 +563,16 @@ fn on_event(
                     Ok(r) => r,
                     Err(poisoned) => poisoned.into_inner(),
                 };
+                let attrs_only = matches!(event.kind, EventKind::Modify(ModifyKind::Metadata(_)));
                 for path in &event.paths {
-                    if let Some(hint) = relative(root, path).and_then(|rel| rules.hint_for(rel)) {
+                    let rel = relative(root, path);
+                    let Some(hint) = rel.clone().and_then(|rel| rules.hint_for(rel)) else {
+                        continue;
+                    };
+                    // An ignore file's hint is its directory: never attributes only.
+                    if attrs_only && rel.as_ref() == Some(&hint) {
+                        hints.add_attrs(hint);
+                    } else {
                         hints.add(hint);
                     }
                 }
@@ -602,6 +668,23 @@ mod tests {
             .map(|p| p.escaped())
             .collect();
         assert_eq!(got, ["a/just-made", "b", "c/later"]);
+    }
+
+    #[test]
+    fn attribute_hints_are_kept_apart_until_merged() {
+        let p = |s: &str| RelPath::from_bytes(s.as_bytes()).unwrap();
+        let mut h = HintSet::default();
+        h.add(p("d/f"));
+        h.add_attrs(p("d"));
+        h.add_attrs(p("e"));
+        h.add_attrs(p("g/x"));
+        // A change at or above an attribute hint covers it.
+        h.add(p("g"));
+        let (hints, attrs) = h.clone().take_with_attrs();
+        assert_eq!(hints.paths, vec![p("d/f"), p("g")]);
+        assert_eq!(attrs.into_iter().collect::<Vec<_>>(), vec![p("d"), p("e")]);
+        // Merged: d stands for d/f too.
+        assert_eq!(h.take().paths, vec![p("d"), p("e"), p("g")]);
     }
 
     #[test]
