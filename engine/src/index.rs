@@ -123,6 +123,10 @@ impl FileIndex {
         self.files.values()
     }
 
+    pub fn iter(&self) -> impl Iterator<Item = (&RelPath, &IndexRecord)> {
+        self.files.iter()
+    }
+
     pub fn paths(&self) -> impl Iterator<Item = &RelPath> {
         self.files.keys()
     }

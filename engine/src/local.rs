@@ -636,6 +636,7 @@ impl LocalShare {
         for (path, rec) in &out.hashed {
             self.index.insert(path.clone(), rec.clone());
         }
+        self.find_other_names(&out.linked);
         self.files_hashed += out.hashed.len() as u64;
         let changes = out
             .gone
@@ -1281,6 +1282,31 @@ impl LocalShare {
             step.elapsed().as_micros()
         );
         Ok(outcomes)
+    }
+
+    /// A targeted scan sees only the names it looked at: a file just linked to one scanned
+    /// before (`ln old new`, as cargo does) shows up with more links than names known. Its
+    /// other names are looked up in the index by inode (a hint only: the destination links
+    /// nothing it has not checked).
+    fn find_other_names(&mut self, linked: &[(RelPath, crate::links::Inode)]) {
+        let lonely: std::collections::HashSet<crate::links::Inode> = linked
+            .iter()
+            .filter(|(path, _)| self.links.others(path).is_empty())
+            .map(|(_, inode)| *inode)
+            .collect();
+        if lonely.is_empty() {
+            return;
+        }
+        let found: Vec<(RelPath, crate::links::Inode)> = self
+            .index
+            .iter()
+            .map(|(path, rec)| (path, (rec.identity.dev, rec.identity.ino)))
+            .filter(|(_, inode)| lonely.contains(inode))
+            .map(|(path, inode)| (path.clone(), inode))
+            .collect();
+        for (path, inode) in found {
+            self.links.set(&path, Some(inode));
+        }
     }
 
     /// Adds to watcher hints the other names of a hard-linked file among them: a write through

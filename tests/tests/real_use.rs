@@ -202,6 +202,21 @@ fn hard_links_arrive_as_hard_links() {
     ));
     assert_eq!(content(&a), before, "content crossed for a new hard link");
 
+    // A second name for a file synced while it had one (cargo links deps/x.rlib as
+    // libx.rlib after writing it): the live scan sees only the new name, yet it lands as a
+    // link of the file the guest has.
+    std::fs::hard_link(
+        a.host_dir.join("plain.txt"),
+        a.host_dir.join("plain-link.txt"),
+    )
+    .unwrap();
+    a.converge(SETTLE);
+    settled(&a);
+    assert!(
+        linked(&a.guest_dir, "plain.txt", &["plain-link.txt"]),
+        "a link to a file synced with one name arrived as a copy"
+    );
+
     // Written through one name on the host: every name on the guest shows the new content
     // and they are still one file.
     let mut f = std::fs::OpenOptions::new()
