@@ -1149,8 +1149,12 @@ impl Controller {
         let mut executed = Executed::default();
         let mut problems = Vec::new();
         let result = match target {
-            Side::Guest => transition(guest, target, &ready, &mut problems, &mut executed).await,
-            Side::Host => transition(host, target, &ready, &mut problems, &mut executed).await,
+            Side::Guest => {
+                transition(guest, target, &ready, &mut problems, &mut executed, false).await
+            }
+            Side::Host => {
+                transition(host, target, &ready, &mut problems, &mut executed, false).await
+            }
         };
         result.map_err(|(_, e)| side_err(target)(e))?;
         self.commit_ancestor(guest, std::mem::take(&mut executed.applied))
@@ -1884,12 +1888,14 @@ fn is_removal(a: &Action) -> bool {
 }
 
 /// Applies one side's actions, reading new content from `src`, in three phases:
-/// 1. directories, symlinks and metadata-only changes, parents first;
+/// 1. new directories, symlinks and files' metadata-only changes, parents first;
 /// 2. new file content, batch by batch: stage, fill from `src`, commit. A batch is committed
 ///    once the next one is filled (its files' fsyncs overlap that transfer), so the
 ///    destination holds at most two batches of temps open however many files a cycle brings;
-/// 3. removals, children first, last of all: until then a renamed or moved file's old copy is
-///    still there to build the new one from.
+/// 3. removals, children first: until then a renamed or moved file's old copy is still there
+///    to build the new one from;
+/// 4. the time and mode of directories that stay directories, last: the phases before write
+///    into them (and put their times back), and a live edit's file need not wait for them.
 ///
 /// With `defer` (live cycles), big transfers are left to bulk jobs (see [`stage_files`]).
 async fn apply_side<S: Endpoint, D: Endpoint>(
@@ -1903,10 +1909,17 @@ async fn apply_side<S: Endpoint, D: Endpoint>(
 ) -> Result<(), (Which, EndpointError)> {
     let (mut removals, creations): (Vec<Action>, Vec<Action>) =
         actions.into_iter().partition(is_removal);
-    let (mut content, mut plain): (Vec<Action>, Vec<Action>) = creations
+    let (mut content, rest): (Vec<Action>, Vec<Action>) = creations
         .into_iter()
         .partition(|a| needs_content(a).is_some());
+    let (mut dir_attrs, mut plain): (Vec<Action>, Vec<Action>) = rest.into_iter().partition(|a| {
+        matches!(
+            (&a.expected, &a.new),
+            (Some(Entry::Dir { .. }), Some(Entry::Dir { .. }))
+        )
+    });
     plain.sort_by(|a, b| a.path.cmp(&b.path));
+    dir_attrs.sort_by(|a, b| a.path.cmp(&b.path));
     content.sort_by(|a, b| a.path.cmp(&b.path));
     removals.sort_by(|a, b| b.path.cmp(&a.path));
     // Content this side is to gain: a removal of the same content is (part of) a move.
@@ -1915,8 +1928,11 @@ async fn apply_side<S: Endpoint, D: Endpoint>(
         .chain(&content)
         .filter_map(|a| a.new.as_ref().and_then(Content::of))
         .collect();
+    // Directories, symlinks and times are recorded with the first content batch after them
+    // (or at the end of the cycle): recording costs a round trip and a database commit, and a
+    // live edit's file would wait for its directory's time to be recorded before landing.
     for batch in plain.chunks(MAX_TRANSITION_BATCH) {
-        transition(dst, side, batch, problems, executed).await?;
+        transition(dst, side, batch, problems, executed, false).await?;
     }
     for (step, mut phase) in [content, removals].into_iter().enumerate() {
         if step == 1 {
@@ -1954,7 +1970,7 @@ async fn apply_side<S: Endpoint, D: Endpoint>(
                     .collect();
                 problems.extend(kept);
                 if let Some(previous) = filled.take() {
-                    transition(dst, side, &previous, problems, executed).await?;
+                    transition(dst, side, &previous, problems, executed, true).await?;
                 }
             }
             let mut retry = Vec::new();
@@ -1972,12 +1988,15 @@ async fn apply_side<S: Endpoint, D: Endpoint>(
                 queue.push_front(action);
             }
             if let Some(previous) = filled.replace(ready) {
-                transition(dst, side, &previous, problems, executed).await?;
+                transition(dst, side, &previous, problems, executed, true).await?;
             }
         }
         if let Some(last) = filled {
-            transition(dst, side, &last, problems, executed).await?;
+            transition(dst, side, &last, problems, executed, true).await?;
         }
+    }
+    for batch in dir_attrs.chunks(MAX_TRANSITION_BATCH) {
+        transition(dst, side, batch, problems, executed, false).await?;
     }
     Ok(())
 }
@@ -2036,13 +2055,15 @@ fn hold_unlanded_moves(
     go
 }
 
-/// Sends one batch of changes and records how each went.
+/// Sends one batch of changes and notes how each went; with `record`, stores in the ancestor
+/// what landed and is not stored yet (see `Executed::recorder`).
 async fn transition<E: Endpoint>(
     ep: &mut E,
     side: Side,
     batch: &[Action],
     problems: &mut Vec<ProblemView>,
     executed: &mut Executed,
+    record: bool,
 ) -> Result<(), (Which, EndpointError)> {
     if batch.is_empty() {
         return Ok(());
@@ -2073,7 +2094,6 @@ async fn transition<E: Endpoint>(
         }
     };
     executed.times.transition += clock.elapsed();
-    let before = executed.applied.len();
     for (action, outcome) in batch.iter().zip(outcomes) {
         match outcome {
             Outcome::Applied => {
@@ -2094,18 +2114,20 @@ async fn transition<E: Endpoint>(
             }
         }
     }
-    // Only while everything before it is stored too, so that what is stored is always a
-    // prefix of `applied` (the end of the cycle stores the rest). Only for the guest's own
-    // batches: every ancestor write follows a mark on the guest (see `commit_ancestor`), and
-    // here the destination is the endpoint at hand.
-    if side == Side::Guest && executed.recorded == before && executed.applied.len() > before {
+    // What is stored is always a prefix of `applied` (the end of the cycle stores the rest):
+    // everything from the end of that prefix on. Only for the guest's own batches: every
+    // ancestor write follows a mark on the guest (see `commit_ancestor`), and here the
+    // destination is the endpoint at hand.
+    if record && side == Side::Guest && executed.applied.len() > executed.recorded {
         if let Some(rec) = executed.recorder.as_mut() {
-            let batch = executed.applied.get(before..).unwrap_or_default();
-            let rows = batch.iter().map(|(p, e)| (p, e.as_ref())).collect();
+            let unstored = executed
+                .applied
+                .get(executed.recorded..)
+                .unwrap_or_default();
+            let rows = unstored.iter().map(|(p, e)| (p, e.as_ref())).collect();
             match mark_and_record(ep, &rec.db, &rec.share, rec.generation, rows, false).await {
                 Ok(next) => {
                     rec.generation = next;
-                    // Everything before this batch was recorded too (the prefix rule).
                     rec.pending.clear();
                     executed.recorded = executed.applied.len();
                 }

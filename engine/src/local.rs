@@ -1170,6 +1170,8 @@ impl LocalShare {
         let mut index_changes: Vec<(RelPath, Option<IndexRecord>)> = Vec::new();
         let mut paths = Vec::with_capacity(changes.len());
         let mut parents = ParentTimes::default();
+        // Directories whose own time or mode this batch set: their watcher events are echoes.
+        let mut attrs_set = Vec::new();
         for change in changes {
             paths.push(change.path.clone());
             let step = std::time::Instant::now();
@@ -1192,6 +1194,9 @@ impl LocalShare {
                         self.links.set(&change.path, None);
                         if let Some(Entry::Dir { mtime, .. }) = &change.new {
                             parents.set(&change.path, *mtime);
+                            if matches!(current, Some(Entry::Dir { .. })) {
+                                attrs_set.push(change.path.clone());
+                            }
                         }
                         match (&change.new, &record) {
                             (Some(Entry::File(_)), Some(r)) => {
@@ -1223,7 +1228,16 @@ impl LocalShare {
         if self.dir_echoes.len() >= MAX_DIR_ECHOES {
             self.dir_echoes.clear();
         }
-        let restored = parents.restore(self.root()?, &self.name);
+        let root = self.root()?;
+        let set: Vec<(RelPath, Identity)> = attrs_set
+            .into_iter()
+            .filter_map(|dir| match root.stat(&dir) {
+                Ok(Some(st)) if st.kind == FileKind::Dir => Some((dir, Identity::of(&st))),
+                _ => None,
+            })
+            .collect();
+        let restored = parents.restore(root, &self.name);
+        self.dir_echoes.extend(set);
         self.dir_echoes.extend(restored);
         // Nothing is recorded or acknowledged before the directories are durable.
         let step = std::time::Instant::now();
