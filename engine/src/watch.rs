@@ -320,7 +320,9 @@ const HALF_MOVE_WAIT: Duration = Duration::from_millis(5);
 /// A running watch on one share root. Dropping it stops watching.
 pub struct ShareWatcher {
     shared: Arc<Shared>,
-    _watcher: notify::RecommendedWatcher,
+    /// Shared with the thread that keeps the reserved directory unwatched
+    /// ([`unwatch_reserved`]); dropping it stops that thread too.
+    _watcher: Arc<Mutex<notify::RecommendedWatcher>>,
     /// The inotify descriptor `notify` opened for this watch, when it could be told apart:
     /// the kernel lists its watches in `/proc/self/fdinfo/<fd>` ([`ShareWatcher::watched_dirs`]).
     inotify_fd: Option<i32>,
@@ -360,8 +362,15 @@ impl ShareWatcher {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let before = inotify_fds();
+        let (reserved_seen, reserved_rx) = std::sync::mpsc::sync_channel::<()>(1);
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if let Ok(e) = &event {
+                    if e.paths.iter().any(|p| in_reserved(&cb_root, p)) {
+                        // Full: a drop of the watches is already due.
+                        let _ = reserved_seen.try_send(());
+                    }
+                }
                 on_event(&cb_shared, &cb_root, &rules, event);
             })
             .map_err(|source| WatchError {
@@ -383,6 +392,18 @@ impl ShareWatcher {
                 path: root.to_path_buf(),
                 source,
             })?;
+        let reserved = root.join(OsStr::from_bytes(RESERVED_NAME));
+        // Not found: the share has no reserved directory yet.
+        let _ = watcher.unwatch(&reserved);
+        let watcher = Arc::new(Mutex::new(watcher));
+        let weak = Arc::downgrade(&watcher);
+        std::thread::Builder::new()
+            .name("vmsync-unwatch".into())
+            .spawn(move || unwatch_reserved(&weak, &reserved, &reserved_rx))
+            .map_err(|e| WatchError {
+                path: root.to_path_buf(),
+                source: notify::Error::io(e),
+            })?;
         Ok(ShareWatcher {
             shared,
             _watcher: watcher,
@@ -396,8 +417,8 @@ impl ShareWatcher {
     }
 
     /// How many directories this watch covers now, as the kernel counts its inotify watches
-    /// (the share's directories, `.vmsync/` and ignored ones included: `notify` watches the
-    /// whole tree). Read at most every [`WATCHED_DIRS_EVERY`]: `wait` asks for the status
+    /// (the share's directories, ignored ones included: `notify` watches the whole tree but
+    /// the reserved directory, see [`unwatch_reserved`]). Read at most every [`WATCHED_DIRS_EVERY`]: `wait` asks for the status
     /// every few milliseconds, and a big share's list is long. `None` when not known.
     pub fn watched_dirs(&self) -> Option<u64> {
         let fd = self.inotify_fd?;
@@ -491,6 +512,40 @@ impl ShareWatcher {
             notified.await;
         }
     }
+}
+
+/// Keeps `notify` out of the share's reserved directory, for as long as the watcher lives.
+/// Its recursive watch covers every directory beneath the root, and the trash gains
+/// directories with every batch that keeps something: watched, each would cost an inotify
+/// watch (the kernel's per-user limit, and memory in both the kernel and `notify`) and every
+/// trash move an event, growing with the trash for as long as the agent runs. An event inside
+/// the reserved directory (or for it, when it is made) means `notify` watches it: its watch
+/// and every one beneath it are dropped here, since `notify` cannot be called from its own
+/// callback.
+fn unwatch_reserved(
+    watcher: &std::sync::Weak<Mutex<notify::RecommendedWatcher>>,
+    reserved: &Path,
+    seen: &std::sync::mpsc::Receiver<()>,
+) {
+    while seen.recv().is_ok() {
+        let Some(watcher) = watcher.upgrade() else {
+            return;
+        };
+        let mut watcher = match watcher.lock() {
+            Ok(w) => w,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        // Not found: an event from before the last drop.
+        let _ = watcher.unwatch(reserved);
+    }
+}
+
+/// Whether `path` is the root's reserved directory or inside it.
+fn in_reserved(root: &Path, path: &Path) -> bool {
+    path.strip_prefix(root)
+        .ok()
+        .and_then(|rel| rel.as_os_str().as_bytes().split(|&b| b == b'/').next())
+        .is_some_and(|first| first == RESERVED_NAME)
 }
 
 /// Held while a watcher starts (see [`ShareWatcher::start`]).
@@ -801,6 +856,45 @@ mod tests {
             seen.extend(hints.paths.iter().map(|p| p.escaped()));
         }
         assert!(!seen.contains("x.swp"), "{seen:?}");
+    }
+
+    /// The reserved directory costs no inotify watch, whether it was there when the watch
+    /// started or is made later, however many directories the trash gains.
+    #[tokio::test]
+    async fn the_reserved_directory_is_never_watched() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        std::fs::create_dir_all(root.join(".vmsync/trash/batch-0/a/b")).unwrap();
+        let w = ShareWatcher::start(
+            root,
+            Arc::new(RwLock::new(WatchRules::new(Filter::new(&[]).unwrap()))),
+        )
+        .unwrap();
+        // The root, a and a/b.
+        let w = &w;
+        let settled = |want: u64| async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                tokio::time::sleep(WATCHED_DIRS_EVERY + Duration::from_millis(50)).await;
+                let n = w.watched_dirs().expect("the watch's inotify descriptor");
+                if n == want || Instant::now() > deadline {
+                    return n;
+                }
+            }
+        };
+        assert_eq!(settled(3).await, 3);
+        for i in 1..=40 {
+            std::fs::create_dir_all(root.join(format!(".vmsync/trash/batch-{i}/a/b"))).unwrap();
+        }
+        std::fs::create_dir(root.join("c")).unwrap();
+        assert_eq!(settled(4).await, 4);
+
+        // Made anew while watched: dropped again.
+        std::fs::remove_dir_all(root.join(".vmsync")).unwrap();
+        std::fs::create_dir_all(root.join(".vmsync/trash/x/y")).unwrap();
+        std::fs::create_dir_all(root.join(".vmsync/trash/z")).unwrap();
+        assert_eq!(settled(4).await, 4);
     }
 
     /// A rename hands over both names in one go, even when the consumer is already waiting
