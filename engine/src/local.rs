@@ -155,8 +155,9 @@ pub struct LocalShare {
     sealer: Sealer,
     /// Recent trash moves, for `put_back`.
     kept: KeptLog,
-    /// Set when a transition kept something in the trash: the pruner is woken after it.
-    trashed: bool,
+    /// What the running transition kept in the trash, by batch (files, bytes): told to the
+    /// pruner after it.
+    trashed: Vec<(String, u64, u64)>,
     /// The share's trash pruner, once retention is set ([`LocalEndpoint::set_retention`]).
     pruner: Option<Pruner>,
     /// The bytes of the indexed files, for the pruner's percentage limit.
@@ -252,7 +253,7 @@ impl LocalEndpoint {
             files_hashed: 0,
             sealer: Sealer::new(),
             kept: KeptLog::default(),
-            trashed: false,
+            trashed: Vec::new(),
             pruner: None,
             share_bytes: Arc::new(AtomicU64::new(0)),
             trash_totals: Arc::new(TrashTotals::default()),
@@ -304,10 +305,7 @@ impl LocalEndpoint {
             s.share_bytes.clone(),
             s.trash_totals.clone(),
         ) {
-            Ok(p) => {
-                p.wake();
-                s.pruner = Some(p);
-            }
+            Ok(p) => s.pruner = Some(p),
             Err(e) => tracing::warn!(share = %s.name, "cannot start the trash pruner: {e}"),
         }
     }
@@ -1275,11 +1273,7 @@ impl LocalShare {
         self.db.update_index(&self.name, changes).map_err(io_err)?;
         self.share_bytes
             .store(self.index.bytes(), Ordering::Relaxed);
-        if std::mem::take(&mut self.trashed) {
-            if let Some(p) = &self.pruner {
-                p.wake();
-            }
-        }
+        self.tell_pruner(false);
         tracing::debug!(
             share = %self.name,
             changes = count,
@@ -1935,13 +1929,24 @@ impl LocalShare {
             root.trash_remove(path)
         }
         .map_err(|e| format!("could not be kept in the trash, so it was left alone: {e}"))?;
+        let bytes = match entry {
+            Entry::File(meta) => meta.size,
+            Entry::Symlink { target, .. } => target.len() as u64,
+            Entry::Dir { .. } => 0,
+        };
+        match self.trashed.last_mut() {
+            Some((batch, files, sum)) if *batch == kept.batch => {
+                *files += 1;
+                *sum += bytes;
+            }
+            _ => self.trashed.push((kept.batch.clone(), 1, bytes)),
+        }
         self.kept.record(
             std::time::Instant::now(),
             path.clone(),
             kept.batch,
             entry.clone(),
         );
-        self.trashed = true;
         Ok(())
     }
 
@@ -1971,7 +1976,23 @@ impl LocalShare {
         }
         parents.restore(self.root()?, &self.name);
         self.root()?.end_batch().map_err(io_err)?;
+        // What was put back left the trash: counted again by a walk.
+        self.tell_pruner(outcomes.contains(&Outcome::Applied));
         Ok(outcomes)
+    }
+
+    /// Tells the pruner what was kept since the last time; with `measure`, also that the
+    /// trash lost what it cannot count.
+    fn tell_pruner(&mut self, measure: bool) {
+        let trashed = std::mem::take(&mut self.trashed);
+        if let Some(p) = &self.pruner {
+            for (batch, files, bytes) in trashed {
+                p.kept(batch, files, bytes);
+            }
+            if measure {
+                p.measure();
+            }
+        }
     }
 
     fn put_back_one(&mut self, now: std::time::Instant, path: &RelPath, entry: &Entry) -> Outcome {

@@ -51,6 +51,7 @@ use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 use vmsync_core::entry::{Timestamp, PERM_MASK};
 use vmsync_core::limits::{MAX_NAME_BYTES, MAX_SYMLINK_TARGET_BYTES};
 use vmsync_core::path::{escape_bytes, RelPath, RESERVED_NAME};
@@ -1699,8 +1700,11 @@ struct TrashBatch {
     /// Between [`ShareRoot::begin_batch`] and [`ShareRoot::end_batch`]: one batch directory
     /// serves every trashing until then. Outside, each trashing is its own batch.
     in_batch: bool,
-    /// The batch being written into: its name and directory.
-    current: Option<(String, OwnedFd)>,
+    /// The batch being written into: its name, its directory and when it was made.
+    current: Option<(String, OwnedFd, Instant)>,
+    /// The last batch written into, and when it was made: the next trashing within
+    /// [`TRASH_BATCH_SPAN`] of that goes into it too.
+    recent: Option<(String, Instant)>,
     /// Batches opened since the last close, registered as open (the pruner leaves them alone).
     opened: Vec<String>,
     /// Trash directories whose entries changed and still need an fsync.
@@ -1716,6 +1720,11 @@ pub struct Kept {
 
 /// Batch names tried before giving up when they are taken (by another process).
 const TRASH_BATCH_ATTEMPTS: u32 = 16;
+
+/// A batch takes what is trashed for this long after it was made, over as many transitions:
+/// under churn, one batch a second instead of one per transition (fewer directories to make,
+/// fsync, count and prune). A path kept twice in that time goes into a new batch.
+pub const TRASH_BATCH_SPAN: Duration = Duration::from_secs(1);
 
 impl ShareRoot {
     /// Moves the file or symlink at `p` into the trash with one `renameat` (same filesystem,
@@ -1800,9 +1809,16 @@ impl ShareRoot {
         p: &RelPath,
         fresh: bool,
     ) -> Result<(String, Option<OwnedFd>), FsError> {
+        let recent = state
+            .recent
+            .take()
+            .filter(|(_, made)| !fresh && made.elapsed() < TRASH_BATCH_SPAN);
+        if let (None, Some((name, made))) = (&state.current, recent) {
+            state.current = self.reopen_trash_batch(&name).map(|fd| (name, fd, made));
+        }
         if fresh || state.current.is_none() {
-            let opened = self.open_trash_batch_dir(op)?;
-            state.opened.push(opened.0.clone());
+            let (name, fd) = self.open_trash_batch_dir(op)?;
+            state.opened.push(name.clone());
             state
                 .dirty
                 .push(self.trash.try_clone().map_err(|e| FsError::Io {
@@ -1810,9 +1826,13 @@ impl ShareRoot {
                     path: escape_bytes(TRASH_SHOWN),
                     source: e,
                 })?);
-            state.current = Some(opened);
+            state.current = Some((name, fd, Instant::now()));
+        } else if let Some((name, _, _)) = &state.current {
+            if !state.opened.contains(name) {
+                state.opened.push(name.clone());
+            }
         }
-        let Some((batch, batch_fd)) = state.current.as_ref() else {
+        let Some((batch, batch_fd, _)) = state.current.as_ref() else {
             return Err(invalid(op, Loc::path(p), "no trash batch"));
         };
         let batch = batch.clone();
@@ -1854,6 +1874,22 @@ impl ShareRoot {
             Ok(_) => Ok((batch, None)),
             Err(e) => Err(fail(op, shown, e)),
         }
+    }
+
+    /// Opens the batch `name` again (registered as open first, so the pruner leaves it);
+    /// `None` if it is gone.
+    fn reopen_trash_batch(&self, name: &str) -> Option<OwnedFd> {
+        crate::trash::register_open(name);
+        let fd = rfs::openat(
+            &self.trash,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        );
+        if fd.is_err() {
+            crate::trash::unregister_open(name);
+        }
+        fd.ok()
     }
 
     /// Creates a new batch directory named by the time now (see [`crate::trash::batch_name`]).
@@ -1915,7 +1951,9 @@ impl ShareRoot {
     }
 
     fn take_trash_locked(state: &mut TrashBatch) -> Vec<OwnedFd> {
-        state.current = None;
+        if let Some((name, _, made)) = state.current.take() {
+            state.recent = Some((name, made));
+        }
         for name in state.opened.drain(..) {
             crate::trash::unregister_open(&name);
         }
@@ -2735,7 +2773,7 @@ mod tests {
     }
 
     #[test]
-    fn trash_layout_one_batch_per_transition_and_a_fresh_one_on_a_collision() {
+    fn trash_layout_one_batch_a_second_and_a_fresh_one_on_a_collision() {
         use std::os::unix::fs::MetadataExt;
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
@@ -2779,11 +2817,20 @@ mod tests {
         // A directory is never trashed.
         let err = root.trash_remove(&p(b"d")).unwrap_err();
         assert_eq!(err.kind(), FsErrorKind::NotAFile);
-        // Outside a batch each trashing is its own batch.
+        // Soon after, the last batch takes more (here outside a begin/end batch); a path it
+        // holds already goes into a new one.
         std::fs::write(dir.join("z"), b"z").unwrap();
         let z = root.trash_remove(&p(b"z")).unwrap();
-        assert_ne!(z.batch, a.batch);
-        assert_ne!(z.batch, b.batch);
+        assert_eq!(z.batch, b.batch);
+        std::fs::write(dir.join("z"), b"z again").unwrap();
+        let z2 = root.trash_remove(&p(b"z")).unwrap();
+        assert_ne!(z2.batch, b.batch);
+        // Later, a new batch.
+        std::thread::sleep(TRASH_BATCH_SPAN);
+        std::fs::write(dir.join("w"), b"w").unwrap();
+        let w = root.trash_remove(&p(b"w")).unwrap();
+        assert_ne!(w.batch, z2.batch);
+        assert_ne!(w.batch, b.batch);
     }
 
     #[test]

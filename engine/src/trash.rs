@@ -18,7 +18,7 @@
 
 use crate::root::{FileKind, FsError, FsErrorKind, ShareRoot};
 use serde::Serialize;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,10 +32,11 @@ pub const DEFAULT_KEEP_DELETED_PERCENT: u32 = 10;
 /// A percentage `keep_deleted_max` never limits the trash below this: on a small share, 10 %
 /// would be a few bytes, and every version but the newest would go within a minute.
 pub const MIN_PERCENT_LIMIT_BYTES: u64 = 64 << 20;
-/// How often the pruner looks at the trash when nothing wakes it.
-pub const PRUNE_EVERY: Duration = Duration::from_secs(60);
-/// Woken (after a transition kept something), the pruner still waits this long after its
-/// last prune: a prune walks the whole trash, and churn wakes it many times a second.
+/// How often the pruner walks the whole trash to count it again (what it was not told of:
+/// `restore`, a user deleting from it), and applies the retention by age.
+pub const MEASURE_EVERY: Duration = Duration::from_secs(600);
+/// After a transition kept something, the pruner prunes no sooner than this after its last
+/// prune: churn keeps something many times a second.
 pub const PRUNE_MIN_GAP: Duration = Duration::from_secs(5);
 /// How long `put_back` can reach back: trash moves older than this are forgotten.
 pub const PUT_BACK_WINDOW: Duration = Duration::from_secs(600);
@@ -412,7 +413,114 @@ fn walk(
     Ok(())
 }
 
-/// The trash's file count and bytes, as the pruner last measured them (for `status`).
+/// What the trash holds, per batch, as the pruner keeps count: measured by a walk now and
+/// then, and between walks added to as transitions report what they kept, so that pruning
+/// costs no walk of every kept file.
+#[derive(Debug, Default)]
+pub struct TrashUsage {
+    /// Batch name → its time, files and bytes.
+    batches: BTreeMap<Vec<u8>, (Timestamp, u64, u64)>,
+    files: u64,
+    bytes: u64,
+}
+
+impl TrashUsage {
+    /// Walks the whole trash. Batches with a name vmsync did not make are left out.
+    pub fn measure(root: &ShareRoot) -> Result<TrashUsage, FsError> {
+        let mut usage = TrashUsage::default();
+        for name in root.trash_batches()? {
+            let Some((time, _)) = parse_batch_name(&name) else {
+                continue;
+            };
+            let (mut n, mut bytes) = (0u64, 0u64);
+            match root.open_trash_batch(&name) {
+                // A batch with nothing in it (a transition that failed midway) counts as empty.
+                Ok(dir) => walk(&dir, &RelPath::root(), &mut |_, stat| {
+                    n += 1;
+                    bytes += stat.size;
+                })?,
+                Err(e) if e.kind() == FsErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            }
+            usage.insert(name, time, n, bytes);
+        }
+        Ok(usage)
+    }
+
+    fn insert(&mut self, name: Vec<u8>, time: Timestamp, files: u64, bytes: u64) {
+        let e = self.batches.entry(name).or_insert((time, 0, 0));
+        e.1 += files;
+        e.2 += bytes;
+        self.files += files;
+        self.bytes += bytes;
+    }
+
+    /// Counts `files` of `bytes` kept in `batch` (a name vmsync made; others are ignored).
+    pub fn add(&mut self, batch: &str, files: u64, bytes: u64) {
+        if let Some((time, _)) = parse_batch_name(batch.as_bytes()) {
+            self.insert(batch.as_bytes().to_vec(), time, files, bytes);
+        }
+    }
+
+    /// Files and bytes in the trash.
+    pub fn totals(&self) -> (u64, u64) {
+        (self.files, self.bytes)
+    }
+
+    /// Applies the retention: removes expired and excess batches, oldest first (see
+    /// [`plan_prune`]). Returns the files and bytes kept afterwards.
+    pub fn prune(
+        &mut self,
+        root: &ShareRoot,
+        retention: Retention,
+        share_bytes: u64,
+        now: Timestamp,
+    ) -> Result<(u64, u64), FsError> {
+        let mut batches: Vec<BatchUsage> = self
+            .batches
+            .iter()
+            .map(|(name, &(time, _, bytes))| BatchUsage {
+                name: name.clone(),
+                time,
+                bytes,
+                open: is_open(name),
+            })
+            .collect();
+        batches.sort_by(|a, b| (a.time, &a.name).cmp(&(b.time, &b.name)));
+        let remove = plan_prune(
+            &batches,
+            now,
+            retention.max_age,
+            retention.max_size.bytes(share_bytes),
+        );
+        for i in remove {
+            let Some(b) = batches.get(i) else { continue };
+            match root.remove_trash_batch(&b.name) {
+                Ok(()) => {}
+                Err(e) if e.kind() == FsErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            if let Some((_, files, bytes)) = self.batches.remove(&b.name) {
+                self.files -= files;
+                self.bytes -= bytes;
+            }
+        }
+        Ok(self.totals())
+    }
+}
+
+/// Measures the trash and applies the retention once (see [`TrashUsage`]). Returns the files
+/// and bytes kept afterwards.
+pub fn prune_once(
+    root: &ShareRoot,
+    retention: Retention,
+    share_bytes: u64,
+    now: Timestamp,
+) -> Result<(u64, u64), FsError> {
+    TrashUsage::measure(root)?.prune(root, retention, share_bytes, now)
+}
+
+/// The trash's file count and bytes, as the pruner last counted them (for `status`).
 #[derive(Debug, Default)]
 pub struct TrashTotals {
     pub files: AtomicU64,
@@ -426,74 +534,38 @@ impl TrashTotals {
             self.bytes.load(Ordering::Relaxed),
         )
     }
+
+    fn set(&self, (files, bytes): (u64, u64)) {
+        self.files.store(files, Ordering::Relaxed);
+        self.bytes.store(bytes, Ordering::Relaxed);
+    }
 }
 
-/// Applies the retention once: removes expired and excess batches, oldest first. Returns the
-/// files and bytes kept afterwards.
-pub fn prune_once(
-    root: &ShareRoot,
-    retention: Retention,
-    share_bytes: u64,
-    now: Timestamp,
-) -> Result<(u64, u64), FsError> {
-    // Per batch, its files and bytes, summed as the walk goes: memory follows the number of
-    // batches, not of kept files (a share under churn keeps hundreds of thousands).
-    let mut names = root.trash_batches()?;
-    names.sort();
-    let mut kept: Vec<(BatchUsage, u64)> = Vec::new();
-    for name in names {
-        let Some((time, _)) = parse_batch_name(&name) else {
-            continue;
-        };
-        let (mut n, mut bytes) = (0u64, 0u64);
-        match root.open_trash_batch(&name) {
-            // Batches with nothing in them (a transition that failed midway) count as empty.
-            Ok(dir) => walk(&dir, &RelPath::root(), &mut |_, stat| {
-                n += 1;
-                bytes += stat.size;
-            })?,
-            Err(e) if e.kind() == FsErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        }
-        let open = is_open(&name);
-        let usage = BatchUsage {
-            name,
-            time,
-            bytes,
-            open,
-        };
-        kept.push((usage, n));
-    }
-    kept.sort_by(|(a, _), (b, _)| (a.time, &a.name).cmp(&(b.time, &b.name)));
-    let (batches, files): (Vec<BatchUsage>, Vec<u64>) = kept.into_iter().unzip();
-    let remove: BTreeSet<usize> = plan_prune(
-        &batches,
-        now,
-        retention.max_age,
-        retention.max_size.bytes(share_bytes),
-    )
-    .into_iter()
-    .collect();
-    for &i in &remove {
-        if let Some(b) = batches.get(i) {
-            root.remove_trash_batch(&b.name)?;
-        }
-    }
-    let (mut n, mut bytes) = (0u64, 0u64);
-    for (i, (b, f)) in batches.iter().zip(files).enumerate() {
-        if !remove.contains(&i) {
-            n += f;
-            bytes += b.bytes;
-        }
-    }
-    Ok((n, bytes))
+/// What the pruner is told.
+enum Note {
+    /// A transition kept this many files and bytes in this batch.
+    Kept(String, u64, u64),
+    /// The trash changed in a way not counted (something was put back from it): walk it.
+    Measure,
 }
 
-/// The background pruner of one share: prunes every [`PRUNE_EVERY`] and soon after a
-/// transition kept something ([`Pruner::wake`]). Stops when dropped.
+/// The background pruner of one share (its own thread; a sync never waits for it). It keeps
+/// the trash's usage per batch ([`TrashUsage`]): walked at start and every [`MEASURE_EVERY`]
+/// (what others did to the trash: `restore`, a user deleting from it), and added to as
+/// transitions report what they kept ([`Pruner::kept`]). It prunes at most every
+/// [`PRUNE_MIN_GAP`] after something was kept, and after every walk. Stops when dropped.
 #[derive(Debug)]
 pub struct Pruner {
-    wake: std::sync::mpsc::Sender<()>,
+    notes: std::sync::mpsc::Sender<Note>,
+}
+
+impl std::fmt::Debug for Note {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Note::Kept(batch, files, bytes) => write!(f, "kept {files} ({bytes} B) in {batch}"),
+            Note::Measure => write!(f, "measure"),
+        }
+    }
 }
 
 impl Pruner {
@@ -506,56 +578,80 @@ impl Pruner {
         share_bytes: Arc<AtomicU64>,
         totals: Arc<TrashTotals>,
     ) -> std::io::Result<Pruner> {
-        let (wake, rx) = std::sync::mpsc::channel::<()>();
+        use std::sync::mpsc::RecvTimeoutError;
+        let (notes, rx) = std::sync::mpsc::channel::<Note>();
         std::thread::Builder::new()
             .name(format!("vmsync-prune-{share}"))
             .spawn(move || {
-                let mut last: Option<std::time::Instant> = None;
+                let mut usage = TrashUsage::default();
+                // A walk is due at once; then every MEASURE_EVERY, or when told.
+                let mut measure_at = Instant::now();
+                let mut pruned_at: Option<Instant> = None;
+                let mut unpruned = false;
                 loop {
-                    match rx.recv_timeout(PRUNE_EVERY) {
-                        Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
-                    }
-                    // Under churn every transition wakes it, and a prune walks the whole trash:
-                    // at most one every PRUNE_MIN_GAP, the wake-ups in between being one prune at
-                    // the end of the gap (so the last change is always measured).
-                    if let Some(until) = last.map(|t| t + PRUNE_MIN_GAP) {
-                        loop {
-                            let left = until.saturating_duration_since(std::time::Instant::now());
-                            if left.is_zero() {
-                                break;
+                    let now = Instant::now();
+                    let prune_at = pruned_at.map_or(now, |t| t + PRUNE_MIN_GAP);
+                    let next = if unpruned {
+                        prune_at.min(measure_at)
+                    } else {
+                        measure_at
+                    };
+                    match rx.recv_timeout(next.saturating_duration_since(now)) {
+                        Ok(note) => {
+                            // What else is queued, at once.
+                            for note in std::iter::once(note).chain(rx.try_iter()) {
+                                match note {
+                                    Note::Kept(batch, files, bytes) => {
+                                        usage.add(&batch, files, bytes);
+                                        unpruned = true;
+                                    }
+                                    Note::Measure => measure_at = Instant::now(),
+                                }
                             }
-                            match rx.recv_timeout(left) {
-                                Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
-                            }
+                            totals.set(usage.totals());
                         }
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => return,
                     }
-                    last = Some(std::time::Instant::now());
-                    // Several wake-ups at once are one prune.
-                    while rx.try_recv().is_ok() {}
+                    let now = Instant::now();
+                    if now < measure_at && !(unpruned && now >= prune_at) {
+                        continue;
+                    }
                     let root = match ShareRoot::open(&path) {
                         Ok(r) => r,
                         Err(e) => {
                             tracing::debug!(share = %share, "trash not pruned: {e}");
+                            measure_at = now + MEASURE_EVERY;
                             continue;
                         }
                     };
-                    let bytes = share_bytes.load(Ordering::Relaxed);
-                    match prune_once(&root, retention, bytes, now()) {
-                        Ok((n, b)) => {
-                            totals.files.store(n, Ordering::Relaxed);
-                            totals.bytes.store(b, Ordering::Relaxed);
+                    if now >= measure_at {
+                        measure_at = now + MEASURE_EVERY;
+                        match TrashUsage::measure(&root) {
+                            Ok(u) => usage = u,
+                            Err(e) => tracing::warn!(share = %share, "measuring the trash: {e}"),
                         }
-                        Err(e) => tracing::warn!(share = %share, "pruning the trash: {e}"),
                     }
+                    pruned_at = Some(now);
+                    unpruned = false;
+                    let bytes = share_bytes.load(Ordering::Relaxed);
+                    if let Err(e) = usage.prune(&root, retention, bytes, crate::trash::now()) {
+                        tracing::warn!(share = %share, "pruning the trash: {e}");
+                    }
+                    totals.set(usage.totals());
                 }
             })?;
-        Ok(Pruner { wake })
+        Ok(Pruner { notes })
     }
 
-    pub fn wake(&self) {
-        let _ = self.wake.send(());
+    /// A transition kept `files` files of `bytes` bytes in `batch`.
+    pub fn kept(&self, batch: String, files: u64, bytes: u64) {
+        let _ = self.notes.send(Note::Kept(batch, files, bytes));
+    }
+
+    /// Something left the trash uncounted (it was put back): walk it again.
+    pub fn measure(&self) {
+        let _ = self.notes.send(Note::Measure);
     }
 }
 
@@ -994,6 +1090,56 @@ mod tests {
         let later = t0 + PUT_BACK_WINDOW + Duration::from_secs(1);
         assert_eq!(log.find(later, &p, &file(3, 2)), None);
         assert!(log.is_empty());
+    }
+
+    /// Counted as transitions report it, the trash prunes as a walk of it would: the same
+    /// batches go, and the counts follow.
+    #[test]
+    fn usage_counted_as_kept_prunes_like_a_walk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = ShareRoot::open(tmp.path()).unwrap();
+        let t = now();
+        let batches = [
+            (
+                batch_name(Timestamp::new(t.secs - 7200, 0), 1),
+                vec![("a", 300), ("d/b", 200)],
+            ),
+            (
+                batch_name(Timestamp::new(t.secs - 5400, 0), 2),
+                vec![("c", 500)],
+            ),
+            (
+                batch_name(Timestamp::new(t.secs - 60, 0), 3),
+                vec![("e", 100)],
+            ),
+        ];
+        let mut counted = TrashUsage::default();
+        for (name, files) in &batches {
+            for (path, size) in files {
+                let at = tmp.path().join(".vmsync/trash").join(name).join(path);
+                std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+                std::fs::write(&at, vec![7u8; *size]).unwrap();
+                counted.add(name, 1, *size as u64);
+            }
+        }
+        counted.add("not-a-batch", 1, 1);
+        let mut walked = TrashUsage::measure(&root).unwrap();
+        assert_eq!(walked.totals(), (4, 1100));
+        assert_eq!(counted.totals(), walked.totals());
+        // At most 500 bytes: the two oldest go (both older than SIZE_PRUNE_MIN_AGE), not the
+        // newest.
+        let limit = Retention {
+            max_age: Duration::from_secs(DEFAULT_KEEP_DELETED_SECS),
+            max_size: SizeLimit::Bytes(500),
+        };
+        assert_eq!(counted.prune(&root, limit, 0, t).unwrap(), (1, 100));
+        assert_eq!(walked.prune(&root, limit, 0, t).unwrap(), (1, 100));
+        let left: Vec<String> = std::fs::read_dir(tmp.path().join(".vmsync/trash"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(left, vec![batches[2].0.clone()]);
+        assert_eq!(TrashUsage::measure(&root).unwrap().totals(), (1, 100));
     }
 
     /// Hours of steady churn (25 trash moves a second, every one a new path, as renames and
