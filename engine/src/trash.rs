@@ -38,8 +38,10 @@ pub const MEASURE_EVERY: Duration = Duration::from_secs(600);
 /// After a transition kept something, the pruner prunes no sooner than this after its last
 /// prune: churn keeps something many times a second.
 pub const PRUNE_MIN_GAP: Duration = Duration::from_secs(5);
-/// How long `put_back` can reach back: trash moves older than this are forgotten.
-pub const PUT_BACK_WINDOW: Duration = Duration::from_secs(600);
+/// How long `put_back` can reach back: trash moves older than this are forgotten. Three times
+/// the deletion window a halt puts back (`vmsync_core::deletions::DELETION_WINDOW_MS`), for
+/// the cycle that crosses it; an older move stays in the trash for `restore`.
+pub const PUT_BACK_WINDOW: Duration = Duration::from_secs(180);
 /// At most this many trash moves are remembered for `put_back` (about 200 bytes each).
 pub const MAX_PUT_BACK_RECORDS: usize = 1_000_000;
 /// The size limit never removes a batch younger than this: what a wipe or a burst of edits
@@ -659,9 +661,12 @@ impl Pruner {
 /// Bounded by [`PUT_BACK_WINDOW`] and [`MAX_PUT_BACK_RECORDS`].
 #[derive(Debug, Default)]
 pub struct KeptLog {
-    by_path: HashMap<RelPath, Vec<(u64, String, Entry)>>,
+    by_path: HashMap<RelPath, Vec<(u64, Arc<str>, Entry)>>,
     order: VecDeque<(Instant, u64, RelPath)>,
     seq: u64,
+    /// The batch of the last record: the next ones (a batch takes a second of keeping)
+    /// share its name.
+    batch: Option<Arc<str>>,
 }
 
 impl KeptLog {
@@ -671,6 +676,14 @@ impl KeptLog {
             self.pop_oldest();
         }
         self.seq += 1;
+        let batch = match &self.batch {
+            Some(b) if **b == *batch => b.clone(),
+            _ => {
+                let b: Arc<str> = batch.into();
+                self.batch = Some(b.clone());
+                b
+            }
+        };
         // Most paths are kept once in the window: a default `Vec` would reserve room for four
         // records (about 400 bytes) on the first push.
         self.by_path
@@ -713,7 +726,7 @@ impl KeptLog {
             .get(path)?
             .iter()
             .rev()
-            .find_map(|(seq, batch, e)| same_version(e, entry).then(|| (*seq, batch.clone())))
+            .find_map(|(seq, batch, e)| same_version(e, entry).then(|| (*seq, batch.to_string())))
     }
 
     /// Forgets one move (it was put back).
