@@ -184,7 +184,8 @@ pub struct LocalEndpoint {
 
 /// The share's watcher, started by the first [`Endpoint::changes`] call.
 struct WatchState {
-    watcher: std::sync::OnceLock<Arc<ShareWatcher>>,
+    /// The running watch; replaced when the share's root is (see [`ShareWatcher::root_replaced`]).
+    watcher: Mutex<Option<Arc<ShareWatcher>>>,
     /// The share's ignore rules, as the watcher reads them.
     rules: SharedRules,
     /// Why watching is not possible (shown in status); changes then come as periodic rescans.
@@ -196,6 +197,20 @@ struct WatchState {
 }
 
 impl WatchState {
+    fn current(&self) -> Option<Arc<ShareWatcher>> {
+        self.watcher
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set(&self, watcher: Option<Arc<ShareWatcher>>) {
+        *self
+            .watcher
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = watcher;
+    }
+
     fn unwatched_due(&self) -> std::time::Instant {
         let mut next = self
             .unwatched_next
@@ -215,6 +230,8 @@ impl WatchState {
 
 /// With no watch (inotify limit reached), how often the whole share is rescanned instead.
 const UNWATCHED_RESCAN_MS: u64 = 10_000;
+/// How often a watched share's root is checked for having been replaced.
+const ROOT_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl LocalEndpoint {
     /// Opens the share `name` at `path`, loading its index from `db`. The root itself is
@@ -228,7 +245,7 @@ impl LocalEndpoint {
         let index = FileIndex::from_records(db.load_index(name)?);
         let watch_rules = Arc::new(std::sync::RwLock::new(WatchRules::new(filter.clone())));
         let watch = WatchState {
-            watcher: std::sync::OnceLock::new(),
+            watcher: Mutex::new(None),
             rules: watch_rules.clone(),
             failed: Mutex::new(None),
             unwatched_next: Mutex::new(None),
@@ -322,14 +339,13 @@ impl LocalEndpoint {
 
     /// True once the watcher runs.
     pub fn is_watching(&self) -> bool {
-        self.watch.watcher.get().is_some()
+        self.watch.current().is_some()
     }
 
     /// Directories the running watch covers, as the kernel counts them (0 when not watching).
     pub fn watched_dirs(&self) -> u64 {
         self.watch
-            .watcher
-            .get()
+            .current()
             .and_then(|w| w.watched_dirs())
             .unwrap_or(0)
     }
@@ -339,7 +355,7 @@ impl LocalEndpoint {
     /// what may lack a watch is rescanned every [`crate::watch::UNWATCHED_RESCAN`]); `None`
     /// while watching works or has not started.
     pub fn watch_problem(&self) -> Option<String> {
-        if let Some(problem) = self.watch.watcher.get().and_then(|w| w.limit_problem()) {
+        if let Some(problem) = self.watch.current().and_then(|w| w.limit_problem()) {
             return Some(problem);
         }
         self.watch.failed.lock().ok().and_then(|f| f.clone())
@@ -444,10 +460,23 @@ impl Endpoint for LocalEndpoint {
     }
 
     async fn changes(&mut self) -> Result<ChangeHints, EndpointError> {
-        if let Some(watcher) = self.watch.watcher.get().cloned() {
+        while let Some(watcher) = self.watch.current() {
             loop {
                 let (hints, attrs) = match watcher.unwatched() {
-                    None => watcher.next_with_attrs().await,
+                    // Now and then, whether the root is still the one watched: a root removed
+                    // (or moved away) and made again is a new directory, which the old watch
+                    // never hears of.
+                    None => tokio::select! {
+                        taken = watcher.next_with_attrs() => taken,
+                        () = tokio::time::sleep(ROOT_CHECK_EVERY) => {
+                            if watcher.root_replaced() {
+                                tracing::info!("the share's root was replaced: watching it anew");
+                                self.watch.set(None);
+                                break;
+                            }
+                            continue;
+                        }
+                    },
                     // Past the watch limit: hints as they come, and every so often a rescan of
                     // what may lack a watch (on a clock of its own, so a stream of hints
                     // cannot put it off).
@@ -505,7 +534,7 @@ impl Endpoint for LocalEndpoint {
             .map_err(|e| EndpointError::Io(format!("starting the watcher: {e}")))?;
         match started {
             Ok(w) => {
-                let _ = self.watch.watcher.set(Arc::new(w));
+                self.watch.set(Some(Arc::new(w)));
                 if let Ok(mut f) = self.watch.failed.lock() {
                     if f.take().is_some() {
                         tracing::info!("watching the share live again");
@@ -2374,7 +2403,7 @@ mod watch_limit_tests {
             "the first call starts the watch"
         );
         assert_eq!(ep.watch_problem(), None);
-        let watcher = ep.watch.watcher.get().unwrap().clone();
+        let watcher = ep.watch.current().unwrap();
         let error = notify::Error::new(notify::ErrorKind::MaxFilesWatch).add_path(share.join("b"));
         watcher.inject(Err(error));
         assert!(ep.changes().await.unwrap().rescan, "a full rescan first");

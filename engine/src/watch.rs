@@ -320,6 +320,9 @@ const HALF_MOVE_WAIT: Duration = Duration::from_millis(5);
 /// A running watch on one share root. Dropping it stops watching.
 pub struct ShareWatcher {
     shared: Arc<Shared>,
+    /// The watched root and its (device, inode) when the watch started.
+    root_path: PathBuf,
+    root_id: Option<(u64, u64)>,
     /// Shared with the thread that keeps the reserved directory unwatched
     /// ([`unwatch_reserved`]); dropping it stops that thread too.
     _watcher: Arc<Mutex<notify::RecommendedWatcher>>,
@@ -406,6 +409,8 @@ impl ShareWatcher {
             })?;
         Ok(ShareWatcher {
             shared,
+            root_path: root.to_path_buf(),
+            root_id: dir_id(root),
             _watcher: watcher,
             inotify_fd,
             watched: Mutex::new(None),
@@ -414,6 +419,12 @@ impl ShareWatcher {
             #[cfg(test)]
             rules: test_rules,
         })
+    }
+
+    /// Whether the root path names another directory than the one this watch started on (or
+    /// none): the watch then hears nothing more of the share.
+    pub fn root_replaced(&self) -> bool {
+        dir_id(&self.root_path) != self.root_id
     }
 
     /// How many directories this watch covers now, as the kernel counts its inotify watches
@@ -538,6 +549,15 @@ fn unwatch_reserved(
         // Not found: an event from before the last drop.
         let _ = watcher.unwatch(reserved);
     }
+}
+
+/// The (device, inode) of the directory at `path`; `None` if there is none.
+fn dir_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .ok()
+        .filter(std::fs::Metadata::is_dir)
+        .map(|m| (m.dev(), m.ino()))
 }
 
 /// Whether `path` is the root's reserved directory or inside it.

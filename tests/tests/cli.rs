@@ -44,17 +44,20 @@ fn try_share(a: &Agents) -> Option<serde_json::Value> {
     Some(status["shares"][0].clone())
 }
 
-/// Every directory under `root`, `root` and `.vmsync/` included (what a recursive watch
-/// covers).
+/// Every directory under the share `root`, `root` included and the reserved `.vmsync/` left
+/// out (what the share's watch covers).
 fn count_dirs(root: &Path) -> u64 {
-    let mut n = 1;
-    for entry in std::fs::read_dir(root).unwrap().flatten() {
-        let meta = std::fs::symlink_metadata(entry.path()).unwrap();
-        if meta.is_dir() {
-            n += count_dirs(&entry.path());
+    fn under(dir: &Path) -> u64 {
+        let mut n = 1;
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let meta = std::fs::symlink_metadata(entry.path()).unwrap();
+            if meta.is_dir() {
+                n += under(&entry.path());
+            }
         }
+        n
     }
-    n
+    under(root) - under(&root.join(".vmsync"))
 }
 
 #[test]
@@ -415,4 +418,43 @@ fn removing_a_big_directory_does_not_flood_the_log_with_dropped_watches() {
             .count();
         assert_eq!(n, 0, "{log} has {n} dropped-watch lines");
     }
+}
+
+/// A share root swapped for another directory while the agents run (`mv share old; mv copy
+/// share`, as putting back a backup does) halts the share, and once resumed the new directory
+/// is watched: edits in it arrive, live.
+#[test]
+fn a_host_root_swapped_while_running_is_watched_anew_after_resume() {
+    let mut a = Agents::new("");
+    write(&a.host_dir, "a.txt", "one");
+    a.start();
+    a.wait_in_sync();
+    let copy = a.tmp.path().join("host-copy");
+    // `cp -a` keeps the root marker: the same share, in another directory.
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&a.host_dir)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    std::fs::rename(&a.host_dir, a.tmp.path().join("host-old")).unwrap();
+    std::fs::rename(&copy, &a.host_dir).unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || try_share(&a)
+            .is_some_and(|s| s["halt_code"] == "root-replaced")),
+        "{}",
+        a.share()
+    );
+    let out = a.host_cmd(&["resume", "--share", "src"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // The watch on the old directory hears nothing of the new one; a new watch starts at the
+    // next check of the root, and rescans.
+    write(&a.host_dir, "b.txt", "in the new directory");
+    a.converge(Duration::from_secs(60));
+    assert_eq!(read(&a.guest_dir, "b.txt"), b"in the new directory");
+    write(&a.host_dir, "c.txt", "live");
+    a.converge(Duration::from_secs(30));
+    assert_eq!(read(&a.guest_dir, "c.txt"), b"live");
+    assert!(a.share()["halt_code"].is_null(), "{}", a.share());
 }
