@@ -477,6 +477,18 @@ impl Controller {
         if self.allow_deletions_once {
             return Ok(());
         }
+        let touched = self.note_removals(executed);
+        for (side, touched) in [Side::Host, Side::Guest].into_iter().zip(touched) {
+            if touched {
+                self.judge_window(side, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds what `executed` removed and gained to the deletion windows; returns which sides'
+    /// windows it touched (host, guest).
+    fn note_removals(&mut self, executed: &Executed) -> [bool; 2] {
         let now = self.now_ms();
         for (side, content) in &executed.gained {
             self.window(*side).record_creation(content);
@@ -497,12 +509,7 @@ impl Controller {
                 counted,
             );
         }
-        for (side, touched) in [Side::Host, Side::Guest].into_iter().zip(touched) {
-            if touched {
-                self.judge_window(side, 0)?;
-            }
-        }
-        Ok(())
+        touched
     }
 
     /// Halts the share and puts back what the window removed from the side that suffered:
@@ -1342,6 +1349,11 @@ impl Controller {
         if let Some(recorder) = &executed.recorder {
             self.generation = recorder.generation;
         }
+        // What landed before the cut counts in the deletion windows, and is put back with
+        // them if a halt follows (a wipe of the other side fails a cycle part way).
+        if !self.allow_deletions_once {
+            self.note_removals(&executed);
+        }
         self.unconfirmed.extend(executed.unconfirmed);
         let mut applied = executed.applied;
         let unrecorded = applied.split_off(executed.recorded.min(applied.len()));
@@ -1894,8 +1906,9 @@ fn is_removal(a: &Action) -> bool {
 ///    destination holds at most two batches of temps open however many files a cycle brings;
 /// 3. removals, children first: until then a renamed or moved file's old copy is still there
 ///    to build the new one from;
-/// 4. the time and mode of directories that stay directories, last: the phases before write
-///    into them (and put their times back), and a live edit's file need not wait for them.
+/// 4. the time and mode of directories that stay directories, last (with the last batch of
+///    the phases before, when they fit): those phases write into them (and put their times
+///    back), and a live edit's file need not wait for them.
 ///
 /// With `defer` (live cycles), big transfers are left to bulk jobs (see [`stage_files`]).
 async fn apply_side<S: Endpoint, D: Endpoint>(
@@ -1934,10 +1947,16 @@ async fn apply_side<S: Endpoint, D: Endpoint>(
     for batch in plain.chunks(MAX_TRANSITION_BATCH) {
         transition(dst, side, batch, problems, executed, false).await?;
     }
+    // The directories' own times go with the last batch that writes into them, after its
+    // other changes (the batch's `ParentTimes` keeps the time they set): one transition, one
+    // index commit and one record for a live edit, as without them.
+    let mut dir_attrs = Some(dir_attrs);
+    let no_removals = removals.is_empty();
     for (step, mut phase) in [content, removals].into_iter().enumerate() {
         if step == 1 {
             phase = hold_unlanded_moves(side, phase, &moving, problems, executed);
         }
+        let last_phase = step == 1 || no_removals;
         // A batch is committed after the next one is staged and filled: the background seals
         // (fsyncs) of its files then run during that transfer instead of holding up the
         // commit. At most two batches of temps are open at once.
@@ -1991,11 +2010,15 @@ async fn apply_side<S: Endpoint, D: Endpoint>(
                 transition(dst, side, &previous, problems, executed, true).await?;
             }
         }
-        if let Some(last) = filled {
+        if let Some(mut last) = filled {
+            let fits = |d: &Vec<Action>| last.len() + d.len() <= MAX_TRANSITION_BATCH;
+            if last_phase && dir_attrs.as_ref().is_some_and(fits) {
+                last.extend(dir_attrs.take().unwrap_or_default());
+            }
             transition(dst, side, &last, problems, executed, true).await?;
         }
     }
-    for batch in dir_attrs.chunks(MAX_TRANSITION_BATCH) {
+    for batch in dir_attrs.unwrap_or_default().chunks(MAX_TRANSITION_BATCH) {
         transition(dst, side, batch, problems, executed, false).await?;
     }
     Ok(())
