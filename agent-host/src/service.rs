@@ -467,7 +467,10 @@ impl SyncLoop {
         let mut pending = false;
         for (index, share) in self.shares.iter_mut().enumerate() {
             if let Some(h) = hints.as_deref_mut().and_then(|h| h.get_mut(index)) {
-                share.pacer.admit(h, std::time::Instant::now());
+                let controller = &share.controller;
+                share.pacer.admit(h, std::time::Instant::now(), |path| {
+                    controller.is_known_dir(path)
+                });
             }
             let mut scope = match hints.as_deref_mut().and_then(|h| h.get_mut(index)) {
                 None => ScanScope::Full,

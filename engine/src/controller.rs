@@ -1097,6 +1097,11 @@ impl Controller {
     }
 
     /// True while big files of live cycles are still crossing (see [`Controller::bulk_step`]).
+    /// Whether `path` is a directory as both sides last agreed (the root always is).
+    pub fn is_known_dir(&self, path: &RelPath) -> bool {
+        path.is_root() || matches!(self.ancestor.get(path), Some(Entry::Dir { .. }))
+    }
+
     pub fn has_bulk(&self) -> bool {
         !self.bulk.is_empty()
     }

@@ -6,8 +6,10 @@
 //! at most once per [`PATH_CYCLE_INTERVAL`] (10 a second). A hint for a path over its rate is
 //! held, not dropped, and handed back once the path may be cycled again
 //! ([`Pacer::next_due`] says when): the last change of a burst is always synced, at most one
-//! interval late. A full rescan is never held. A path first seen, or quiet for a while,
-//! passes at once: a single edit costs no latency.
+//! interval late. A full rescan is never held, nor a directory: its hint may stand for new
+//! files beneath it (the watcher coalesces), and its own time moves with every file written
+//! into it. A path first seen, or quiet for a while, passes at once: a single edit costs no
+//! latency.
 //!
 //! What it must not do: grow without bound. Only paths cycled in the last
 //! `PATH_BURST × PATH_CYCLE_INTERVAL` are remembered, and past [`MAX_HELD_PATHS`] held paths
@@ -38,7 +40,8 @@ pub struct Pacer {
 impl Pacer {
     /// Takes out of `hints` the paths over their rate (held until due), puts back the held
     /// paths now due, and charges every path left in `hints` for one cycle.
-    pub fn admit(&mut self, hints: &mut HintSet, now: Instant) {
+    /// `is_dir` tells the directories apart (never held).
+    pub fn admit(&mut self, hints: &mut HintSet, now: Instant, is_dir: impl Fn(&RelPath) -> bool) {
         self.tat.retain(|_, tat| *tat > now);
         if self.held.len() > MAX_HELD_PATHS {
             for (path, _) in std::mem::take(&mut self.held) {
@@ -61,6 +64,9 @@ impl Pacer {
         let span = PATH_CYCLE_INTERVAL * PATH_BURST;
         let (tat, held) = (&mut self.tat, &mut self.held);
         hints.retain_paths(|path| {
+            if is_dir(path) {
+                return true;
+            }
             if held.contains_key(path) {
                 return false;
             }
@@ -117,7 +123,7 @@ mod tests {
                 last_write = t;
                 next_write = t + every;
             }
-            pacer.admit(&mut hints, t);
+            pacer.admit(&mut hints, t, |_| false);
             if !hints.is_empty() {
                 cycles += 1;
                 last_cycle = Some(t);
@@ -154,21 +160,34 @@ mod tests {
         for i in 0..PATH_BURST {
             let mut h = HintSet::default();
             h.add(p("a"));
-            pacer.admit(&mut h, t0);
+            pacer.admit(&mut h, t0, |_| false);
             assert_eq!(paths(&h), ["a"], "burst cycle {i}");
         }
         let mut h = HintSet::default();
         h.add(p("a"));
         h.add(p("b"));
-        pacer.admit(&mut h, t0);
+        pacer.admit(&mut h, t0, |_| false);
         assert_eq!(paths(&h), ["b"], "a is held, b passes");
         let due = pacer.next_due().unwrap();
         assert_eq!(due, t0 + PATH_CYCLE_INTERVAL);
         let mut h = HintSet::default();
-        pacer.admit(&mut h, due - Duration::from_millis(1));
+        pacer.admit(&mut h, due - Duration::from_millis(1), |_| false);
         assert!(h.is_empty(), "not due yet");
-        pacer.admit(&mut h, due);
+        pacer.admit(&mut h, due, |_| false);
         assert_eq!(paths(&h), ["a"], "released when due");
+        assert_eq!(pacer.next_due(), None);
+    }
+
+    #[test]
+    fn a_directory_is_never_held() {
+        let t0 = Instant::now();
+        let mut pacer = Pacer::default();
+        for i in 0..10 {
+            let mut h = HintSet::default();
+            h.add(p("out"));
+            pacer.admit(&mut h, t0, |path| *path == p("out"));
+            assert_eq!(paths(&h), ["out"], "cycle {i}");
+        }
         assert_eq!(pacer.next_due(), None);
     }
 
@@ -179,7 +198,7 @@ mod tests {
         for _ in 0..10 {
             let mut h = HintSet::default();
             h.add_rescan();
-            pacer.admit(&mut h, t0);
+            pacer.admit(&mut h, t0, |_| false);
             assert!(h.is_rescan());
         }
     }
