@@ -190,6 +190,8 @@ struct WatchState {
     rules: SharedRules,
     /// Why watching is not possible (shown in status); changes then come as periodic rescans.
     failed: Mutex<Option<String>>,
+    /// When the watched root is next checked for having been replaced.
+    root_check_next: Mutex<Option<std::time::Instant>>,
     /// When the directories that may lack a watch are rescanned next (past the watch limit).
     unwatched_next: Mutex<Option<std::time::Instant>>,
     /// How often that is: [`crate::watch::UNWATCHED_RESCAN`] (tests shorten it).
@@ -202,6 +204,22 @@ impl WatchState {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    fn root_check_due(&self) -> std::time::Instant {
+        *self
+            .root_check_next
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_or_insert_with(|| std::time::Instant::now() + ROOT_CHECK_EVERY)
+    }
+
+    fn root_checked(&self) {
+        *self
+            .root_check_next
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(std::time::Instant::now() + ROOT_CHECK_EVERY);
     }
 
     fn set(&self, watcher: Option<Arc<ShareWatcher>>) {
@@ -248,6 +266,7 @@ impl LocalEndpoint {
             watcher: Mutex::new(None),
             rules: watch_rules.clone(),
             failed: Mutex::new(None),
+            root_check_next: Mutex::new(None),
             unwatched_next: Mutex::new(None),
             unwatched_every: crate::watch::UNWATCHED_RESCAN,
         };
@@ -463,12 +482,14 @@ impl Endpoint for LocalEndpoint {
         while let Some(watcher) = self.watch.current() {
             loop {
                 let (hints, attrs) = match watcher.unwatched() {
-                    // Now and then, whether the root is still the one watched: a root removed
-                    // (or moved away) and made again is a new directory, which the old watch
-                    // never hears of.
+                    // Every ROOT_CHECK_EVERY (on a clock of its own, so a stream of hints
+                    // cannot put it off), whether the root is still the one watched: a root
+                    // removed (or moved away) and made again is a new directory, which the old
+                    // watch never hears of.
                     None => tokio::select! {
                         taken = watcher.next_with_attrs() => taken,
-                        () = tokio::time::sleep(ROOT_CHECK_EVERY) => {
+                        () = tokio::time::sleep_until(self.watch.root_check_due().into()) => {
+                            self.watch.root_checked();
                             if watcher.root_replaced() {
                                 tracing::info!("the share's root was replaced: watching it anew");
                                 self.watch.set(None);
