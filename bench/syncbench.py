@@ -978,7 +978,7 @@ def print_report(results, params, dataset, versions, floor=None):
     noop = (by_key.get(("no-op", "vmsync")), by_key.get(("no-op", "rsync")))
     delta = (by_key.get(("delta", "vmsync")), by_key.get(("delta", "rsync")))
     initial_fsync = by_key.get(("initial", RSYNC_FSYNC))
-    # Issue 2's target is against rsync given vmsync's durable writes: rsync --fsync. Plain
+    # The initial-sync target is against rsync given vmsync's durable writes: rsync --fsync. Plain
     # rsync leaves its writes in the page cache and is shown for reference.
     if initial[0] and initial_fsync:
         checks.append((f"initial sync faster than rsync with vmsync's durable writes "
