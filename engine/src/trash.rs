@@ -544,6 +544,7 @@ impl TrashTotals {
 }
 
 /// What the pruner is told.
+#[derive(Debug)]
 enum Note {
     /// A transition kept this many files and bytes in this batch.
     Kept(String, u64, u64),
@@ -559,15 +560,6 @@ enum Note {
 #[derive(Debug)]
 pub struct Pruner {
     notes: std::sync::mpsc::Sender<Note>,
-}
-
-impl std::fmt::Debug for Note {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Note::Kept(batch, files, bytes) => write!(f, "kept {files} ({bytes} B) in {batch}"),
-            Note::Measure => write!(f, "measure"),
-        }
-    }
 }
 
 impl Pruner {
