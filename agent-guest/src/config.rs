@@ -1,6 +1,6 @@
 //! `vmsync-guest` configuration: which endpoint to listen on and which directories to export.
 //!
-//! Two layers, resolved in one place (STYLE.md "Errors, config, time"):
+//! Two layers, resolved in one place:
 //! - `Raw*` structs mirror the file exactly. Serde rejects unknown keys (`deny_unknown_fields`)
 //!   and keeps the byte span of every value (`toml::Spanned`) so that a later check can say
 //!   where in the file the offending value is.
@@ -35,8 +35,9 @@
 //! cost, measured by tests/vm on a 6.1 guest (unaffected by the bug) under vhost-device-vsock:
 //! raw socket writes of 32 KiB ran 13–28 % slower than 256 KiB ones (72–93 vs 100–107 MiB/s),
 //! but vmsync's own guest→host sync throughput showed no difference beyond run-to-run noise
-//! (5.9 vs 5.8 MiB/s over five runs: it is CPU-bound there, not socket-bound). See README "Running on a hypervisor". Raise it only for guests older than
-//! 6.12 or a backend known to walk descriptor chains.
+//! (5.9 vs 5.8 MiB/s over five runs: it is CPU-bound there, not socket-bound). See
+//! docs/hypervisors.md. Raise it only for guests older than 6.12 or a backend known to walk
+//! descriptor chains.
 //!
 //! The listen endpoint is parsed by the transport crate's [`EndpointAddr`] (the one grammar for
 //! configs and the CLI); this module only refuses the forms a guest cannot listen on.

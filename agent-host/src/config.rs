@@ -1,6 +1,6 @@
 //! `vmsync-host` configuration: one TOML file per VM.
 //!
-//! Two layers, resolved in one place (STYLE.md "Errors, config, time"):
+//! Two layers, resolved in one place:
 //! - `Raw*` structs mirror the file exactly. Serde rejects unknown keys (`deny_unknown_fields`)
 //!   and keeps the byte span of every value (`toml::Spanned`) so that a later check can say
 //!   where in the file the offending value is.

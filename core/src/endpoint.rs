@@ -1,6 +1,6 @@
 //! The `Endpoint` trait: everything the controller asks of one side of a share. The engine's
 //! local side and the transport's remote side both implement it, and the controller cannot tell
-//! them apart (DESIGN.md, "One interface for the local and the remote side").
+//! them apart (docs/design.md, "One interface for the local and the remote side").
 //!
 //! A file update crosses in three steps so that nothing half-written is ever visible and renamed
 //! or copied data never crosses the wire:

@@ -171,7 +171,7 @@ impl Manifest {
     }
 
     /// Checks the chunks cover `[0, meta.size)` exactly, in order, with legal lengths, and that
-    /// they hash to `meta.digest` (HOSTILE.md rule 11). `max_chunk` is the chunker's maximum.
+    /// they hash to `meta.digest` (docs/security.md rule 11). `max_chunk` is the chunker's maximum.
     pub fn validate(&self, meta: &FileMeta, max_chunk: u32) -> Result<(), ManifestError> {
         if self.links.len() > crate::limits::MAX_MANIFEST_LINKS {
             return Err(ManifestError::TooManyLinks {

@@ -1,6 +1,6 @@
 //! `RelPath`: a path relative to a share root, validated once at construction.
 //!
-//! The grammar (HOSTILE.md rule 3): a list of components, each 1..=255 bytes with no `/` and no
+//! The grammar (security.md rule 3): a list of components, each 1..=255 bytes with no `/` and no
 //! NUL, none of them `.` or `..`; at most [`MAX_PATH_BYTES`] joined and [`MAX_PATH_DEPTH`] deep;
 //! the first component is never the reserved [`RESERVED_NAME`]. Anything else is rejected, never
 //! "cleaned". Any other byte is legal (Linux file names are bytes), so names are not `str`:

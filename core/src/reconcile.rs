@@ -2,7 +2,7 @@
 //! and the guest's current entries, decide per path what to change on which side. A pure
 //! function of its inputs: no I/O, no clock.
 //!
-//! Rules (DESIGN.md "Sync model"):
+//! Rules (docs/design.md "Sync model"):
 //! - A side "changed" a path when its entry differs from the ancestor's (`Entry` equality).
 //! - Only one side changed: the change propagates to the other side (mode permitting).
 //! - Both changed to equal entries: agreed, no action. Both changed to the same content with

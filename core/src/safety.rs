@@ -1,4 +1,4 @@
-//! Safety checks that halt a share instead of letting a cycle propagate deletions (HOSTILE.md
+//! Safety checks that halt a share instead of letting a cycle propagate deletions (docs/security.md
 //! rule 19): a root that is missing, was replaced or was emptied, and a plan that would delete
 //! too much at once. Pure functions over what the scans reported and what reconcile planned;
 //! the controller decides when to call them and records the halt until `resume`.
@@ -57,7 +57,7 @@ impl HaltReason {
 }
 
 // `detail` may come from the guest (an endpoint error's text), so it is escaped here, once,
-// for every log line and status output that prints a halt (HOSTILE.md rule 14).
+// for every log line and status output that prints a halt (docs/security.md rule 14).
 impl fmt::Display for HaltReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -1,7 +1,7 @@
 //! One sync cycle of one share between two [`Endpoint`]s: scan both sides, check the roots,
 //! reconcile against the ancestor, check the plan is safe, stage files, transition, and record
 //! the new ancestor. The controller cannot tell a local side from
-//! a remote one; it owns the ancestor and every decision (DESIGN.md "Sync model").
+//! a remote one; it owns the ancestor and every decision (docs/design.md "Sync model").
 //!
 //! Order within a cycle matters for both safety and efficiency:
 //! 1. Losing versions need no step of their own: the transition that replaces or deletes one

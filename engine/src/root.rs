@@ -1,8 +1,8 @@
 //! The share root: the one module through which every file operation on share content goes.
 //!
 //! Its one job is to turn a validated [`RelPath`] into a file operation that cannot leave the
-//! share, whatever the tree looks like and however it changes under us (HOSTILE.md rules 1-8,
-//! DESIGN.md "Filesystem confinement" and "Data path"). No other module touches share content
+//! share, whatever the tree looks like and however it changes under us (docs/security.md rules 1-8,
+//! docs/design.md "Filesystem confinement" and "Data path"). No other module touches share content
 //! with `std::fs` and a joined path.
 //!
 //! The rules it keeps:
@@ -537,7 +537,7 @@ pub struct Sealed {
 
 impl SealJob {
     /// Sets the temp's permission bits and mtime and fsyncs it. An error is final for the temp
-    /// (HOSTILE.md rule 7: no retry on it, no rename): discard it.
+    /// (docs/security.md rule 7: no retry on it, no rename): discard it.
     pub fn run(self) -> Result<Sealed, FsError> {
         let name = self.name.as_deref().unwrap_or("");
         let loc = Loc {

@@ -2,7 +2,7 @@
 //! entries sync sees, hashing only files whose identity changed since the index last saw them.
 //! Hashing runs on a few threads; the walk itself is one thread of cheap `fstatat` calls.
 //!
-//! A file is reported only from a consistent read (HOSTILE rule 20): its identity must be the
+//! A file is reported only from a consistent read (security.md rule 20): its identity must be the
 //! same before and after chunking, else it is retried a few times and then reported as a
 //! problem for a later cycle, never sent torn.
 //!

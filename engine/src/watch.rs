@@ -1,5 +1,5 @@
 //! Watching a share for changes: inotify (through `notify`) turns file events into
-//! [`ChangeHints`] for the controller. Events are hints, never facts (HOSTILE rule 17): they
+//! [`ChangeHints`] for the controller. Events are hints, never facts (security.md rule 17): they
 //! are coalesced into a bounded set of paths, and whatever cannot be described that way (an
 //! overflowed event queue, too many paths, a directory that could not be watched) becomes
 //! "rescan everything".

@@ -1,4 +1,4 @@
-//! Confinement tests for `vmsync_engine::root` (HOSTILE.md, "Paths and symlinks").
+//! Confinement tests for `vmsync_engine::root` (docs/security.md, "Paths and symlinks").
 //!
 //! Each test keeps an `OUT` directory beside the share with known content (files, a directory,
 //! a FIFO, a symlink) and checks it is untouched afterwards: same listing, kinds, modes, mtimes,

@@ -1,5 +1,5 @@
 //! Chunk payloads on the wire: [`WireChunk`], optional zstd compression, and the checks that
-//! make a received chunk safe to use (HOSTILE.md rule 11).
+//! make a received chunk safe to use (docs/security.md rule 11).
 //!
 //! Each chunk is its own zstd frame, decompressed in one shot into a buffer of exactly its
 //! declared length (at most [`CHUNK_MAX_BYTES`]). So a zstd bomb, a frame without a content

@@ -437,7 +437,7 @@ fn the_shipped_default_configurations_pass_check() {
     }
 }
 
-/// HOSTILE "crash and fault injection": either agent killed with SIGKILL in the middle of a
+/// docs/testing.md "Crash and fault injection": either agent killed with SIGKILL in the middle of a
 /// transfer, then restarted: the trees converge, every file is whole, nothing is left in the
 /// staging area.
 #[test]
