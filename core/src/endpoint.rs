@@ -53,10 +53,21 @@ impl RootId {
     }
 }
 
-/// The reason a destination gives for a file it has no room to stage now: it holds a limited
-/// number of temp files open (a share of its descriptor limit), and files staged earlier still
-/// wait for their transition. The controller commits what waits and asks again.
-pub const STAGING_FULL: &str = "too many files staged at once; will retry";
+/// Why a destination did not stage a file (see [`Endpoint::stage`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotStaged {
+    /// No room to stage it now: the destination holds a limited number of temp files open (a
+    /// share of its descriptor limit), and files staged earlier still wait for their
+    /// transition. Not a problem: the controller commits what waits and asks again.
+    NoRoom,
+    /// A problem worth showing; the file is retried on a later cycle.
+    Problem(Problem),
+}
+
+impl NotStaged {
+    /// What `status` shows for a file left unstaged for want of room.
+    pub const NO_ROOM_REASON: &str = "too many files staged at once; will retry";
+}
 
 /// A path that could not be synced this time, and why. Shown in `status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -249,7 +260,7 @@ pub trait Endpoint: Send {
     fn stage(
         &mut self,
         files: Vec<StageRequest>,
-    ) -> impl Future<Output = Result<Vec<Result<Vec<MissingChunk>, Problem>>, EndpointError>> + Send;
+    ) -> impl Future<Output = Result<Vec<Result<Vec<MissingChunk>, NotStaged>>, EndpointError>> + Send;
 
     /// Supplies missing chunk data for staged files. Whole chunks are verified against their
     /// ids (a mismatch is an error); a delta is applied to the base this side offered and the

@@ -23,9 +23,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use vmsync_core::deletions::{judge, lost_content, planned_losses, Content, DeletionWindow};
-use vmsync_core::endpoint::STAGING_FULL;
 use vmsync_core::endpoint::{
-    Change, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, Outcome, Problem,
+    Change, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, NotStaged, Outcome, Problem,
     ScanOptions, ScanReport, ScanScope, StageRequest,
 };
 use vmsync_core::path::{escape_bytes, subtree};
@@ -1584,10 +1583,20 @@ fn needs_content(action: &Action) -> Option<&FileMeta> {
     }
 }
 
+/// What [`stage_files`] did with a batch's files.
+#[derive(Debug, Default)]
+struct StagedFiles {
+    /// Fully staged: ready for their transition.
+    staged: HashSet<RelPath>,
+    /// Not staged for want of room on the destination ([`NotStaged::NoRoom`]): to be asked
+    /// again once what waits there is committed.
+    no_room: HashSet<RelPath>,
+}
+
 /// Stages on `dst` every file the actions need, reading missing chunks from `src`. Returns the
-/// paths that are fully staged. With `defer`, a file still missing [`BULK_MIN_BYTES`] or more
-/// after staging is left staged: it goes into a bulk job in `executed` and into
-/// `deferred_paths`. Per-file trouble becomes a problem; an endpoint failure is an error
+/// paths that are fully staged and those the destination had no room for. With `defer`, a file
+/// still missing [`BULK_MIN_BYTES`] or more after staging is left staged: it goes into a bulk
+/// job in `executed` and into `deferred_paths`. Per-file trouble becomes a problem; an endpoint failure is an error
 /// tagged with which endpoint failed.
 async fn stage_files<S: Endpoint, D: Endpoint>(
     src: &mut S,
@@ -1597,9 +1606,9 @@ async fn stage_files<S: Endpoint, D: Endpoint>(
     deferred_paths: &mut HashSet<RelPath>,
     problems: &mut Vec<ProblemView>,
     executed: &mut Executed,
-) -> Result<HashSet<RelPath>, (Which, EndpointError)> {
+) -> Result<StagedFiles, (Which, EndpointError)> {
     let Some(dst_side) = actions.first().map(|a| a.target) else {
-        return Ok(HashSet::new());
+        return Ok(StagedFiles::default());
     };
     let src_side = dst_side.other();
     let wanted: Vec<(RelPath, FileMeta)> = actions
@@ -1607,6 +1616,7 @@ async fn stage_files<S: Endpoint, D: Endpoint>(
         .filter_map(|a| needs_content(a).map(|m| (a.path.clone(), *m)))
         .collect();
     let mut staged = HashSet::new();
+    let mut no_room = HashSet::new();
     let mut batch: Vec<(RelPath, FileMeta)> = Vec::new();
     let mut batch_chunks = 0usize;
     let mut pending = wanted.into_iter().peekable();
@@ -1695,7 +1705,10 @@ async fn stage_files<S: Endpoint, D: Endpoint>(
                     let deferred = defer && (behind_bulk || bytes >= BULK_MIN_BYTES);
                     wants.push((path, want, deferred));
                 }
-                Err(p) => problems.push(view(dst_side, p)),
+                Err(NotStaged::Problem(p)) => problems.push(view(dst_side, p)),
+                Err(NotStaged::NoRoom) => {
+                    no_room.insert(path);
+                }
             }
         }
         // A chunk some file sent now waits for is supplied now (it fills every staged file
@@ -1820,7 +1833,7 @@ async fn stage_files<S: Endpoint, D: Endpoint>(
             }
         }
     }
-    Ok(staged)
+    Ok(StagedFiles { staged, no_room })
 }
 
 /// Supplies `chunks` (if any) to `dst`. Returns the chunks to send again whole (their delta
@@ -1970,39 +1983,34 @@ async fn apply_side<S: Endpoint, D: Endpoint>(
         while !queue.is_empty() {
             let take = queue.len().min(MAX_STAGE_BATCH_FILES);
             let batch: Vec<Action> = queue.drain(..take).collect();
-            let mark = problems.len();
             let mut deferred = HashSet::new();
-            let staged =
+            let StagedFiles { staged, no_room } =
                 stage_files(src, dst, &batch, defer, &mut deferred, problems, executed).await?;
             // Files the destination had no room to stage (few descriptors, and the previous
             // batch's temps still open): commit that batch, then ask again. Given up for this
             // cycle when nothing could be staged and nothing waits to be committed: every
             // retry follows a batch that took files off the queue for good, so this ends.
-            let full: HashSet<String> = problems
-                .get(mark..)
-                .unwrap_or_default()
-                .iter()
-                .filter(|p| p.reason == STAGING_FULL)
-                .map(|p| p.path.clone())
-                .collect();
             let waiting = filled.as_ref().is_some_and(|f| !f.is_empty());
-            let again = !full.is_empty() && (waiting || !staged.is_empty());
+            let again = !no_room.is_empty() && (waiting || !staged.is_empty());
             if again {
-                let kept: Vec<ProblemView> = problems
-                    .drain(mark..)
-                    .filter(|p| !full.contains(&p.path))
-                    .collect();
-                problems.extend(kept);
                 if let Some(previous) = filled.take() {
                     transition(dst, side, &previous, problems, executed, true).await?;
                 }
+            } else {
+                let mut left: Vec<&RelPath> = no_room.iter().collect();
+                left.sort();
+                problems.extend(left.into_iter().map(|path| ProblemView {
+                    path: path.escaped(),
+                    side: side.as_str().into(),
+                    reason: NotStaged::NO_ROOM_REASON.into(),
+                }));
             }
             let mut retry = Vec::new();
             let mut ready = Vec::new();
             for action in batch {
                 if needs_content(&action).is_none() || staged.contains(&action.path) {
                     ready.push(action);
-                } else if again && full.contains(&action.path.escaped()) {
+                } else if again && no_room.contains(&action.path) {
                     retry.push(action);
                 } else if !deferred.contains(&action.path) {
                     executed.pending += 1;

@@ -55,7 +55,7 @@ use std::sync::{Arc, Mutex};
 use vmsync_core::delta;
 use vmsync_core::endpoint::{
     Change, ChangeHints, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, MissingChunk,
-    Outcome, Problem, RootId, ScanOptions, ScanReport, ScanScope, StageRequest,
+    NotStaged, Outcome, Problem, RootId, ScanOptions, ScanReport, ScanScope, StageRequest,
 };
 use vmsync_core::entry::PERM_MASK;
 use vmsync_core::limits::CHUNK_MAX_BYTES;
@@ -455,7 +455,7 @@ impl Endpoint for LocalEndpoint {
     async fn stage(
         &mut self,
         files: Vec<StageRequest>,
-    ) -> Result<Vec<Result<Vec<MissingChunk>, Problem>>, EndpointError> {
+    ) -> Result<Vec<Result<Vec<MissingChunk>, NotStaged>>, EndpointError> {
         self.run(move |s| s.stage(files)).await
     }
 
@@ -787,7 +787,7 @@ impl LocalShare {
     fn stage(
         &mut self,
         files: Vec<StageRequest>,
-    ) -> Result<Vec<Result<Vec<MissingChunk>, Problem>>, EndpointError> {
+    ) -> Result<Vec<Result<Vec<MissingChunk>, NotStaged>>, EndpointError> {
         // Sizes claimed by the peer: an upper bound of what this batch writes.
         let incoming = files
             .iter()
@@ -817,11 +817,16 @@ impl LocalShare {
         let mut completed = Vec::new();
         for req in files {
             let path = req.path.clone();
+            if !self.staged.contains_key(&path) && self.staged.len() >= max_staged_files() {
+                // Out of file descriptors to hold more temp files open: not an error, later.
+                results.push(Err(NotStaged::NoRoom));
+                continue;
+            }
             let result = self.stage_one(req, &mut sources, &mut budget);
             if result.as_ref().is_ok_and(|missing| missing.is_empty()) {
                 completed.push(path.clone());
             }
-            results.push(result.map_err(|reason| Problem { path, reason }));
+            results.push(result.map_err(|reason| NotStaged::Problem(Problem { path, reason })));
         }
         self.seal_early(completed);
         Ok(results)
@@ -884,10 +889,6 @@ impl LocalShare {
         sources: &mut OpenFiles,
         budget: &mut usize,
     ) -> Result<Vec<MissingChunk>, String> {
-        if !self.staged.contains_key(&req.path) && self.staged.len() >= max_staged_files() {
-            // Out of file descriptors to hold more temp files open: not an error, just later.
-            return Err(vmsync_core::endpoint::STAGING_FULL.into());
-        }
         req.manifest
             .validate(&req.meta, CHUNK_MAX_BYTES)
             .map_err(|e| format!("invalid manifest: {e}"))?;

@@ -3,13 +3,11 @@
 //!
 //! The guest refuses (with a reason shown on both sides) when the magic is wrong, the version
 //! ranges do not meet, the chunker parameters differ, a share name is malformed or repeated, or
-//! it does not export a requested share. Otherwise both sides speak the highest common version
-//! and the intersection of their feature bits.
+//! it does not export a requested share. Otherwise both sides speak the highest common version.
 
 use crate::limits::MAX_SHARE_NAME_BYTES;
 use crate::messages::{
-    ChunkerParams, Hello, ShareOpen, Welcome, FEATURES_SUPPORTED, MAGIC, PROTOCOL_VERSION_MAX,
-    PROTOCOL_VERSION_MIN,
+    ChunkerParams, Hello, ShareOpen, Welcome, MAGIC, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
 };
 use std::collections::BTreeSet;
 use vmsync_core::path::escape_bytes;
@@ -20,7 +18,6 @@ pub struct LocalParams {
     pub min_version: u16,
     pub max_version: u16,
     pub chunker: ChunkerParams,
-    pub features: u64,
 }
 
 impl Default for LocalParams {
@@ -29,7 +26,6 @@ impl Default for LocalParams {
             min_version: PROTOCOL_VERSION_MIN,
             max_version: PROTOCOL_VERSION_MAX,
             chunker: ChunkerParams::PINNED,
-            features: FEATURES_SUPPORTED,
         }
     }
 }
@@ -72,7 +68,6 @@ pub enum Refusal {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Agreement {
     pub version: u16,
-    pub features: u64,
 }
 
 /// The refusal reason for a share the guest does not export. Guests use it from their `exports`
@@ -87,12 +82,35 @@ pub fn share_not_exported(name: &str) -> String {
 /// Share names are short, printable, path-free identifiers: `[A-Za-z0-9._-]{1,64}`, not starting
 /// with `.` (so none is `.`, `..` or hidden). They end up in logs, unit names and file names.
 pub fn is_valid_share_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_SHARE_NAME_BYTES
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    share_name_error(name).is_none()
+}
+
+/// `None` when `name` is a valid share name (see [`is_valid_share_name`]), else why not, in
+/// words for a config file's user. The one place the rule lives: the guest's handshake and both
+/// agents' config checks use it.
+pub fn share_name_error(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("must not be empty".to_string());
+    }
+    if name.len() > MAX_SHARE_NAME_BYTES {
+        return Some(format!(
+            "is {} bytes; the limit is {MAX_SHARE_NAME_BYTES}",
+            name.len()
+        ));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Some(format!(
+            "contains {bad:?}; use only letters, digits, `.`, `_` and `-`"
+        ));
+    }
+    // It becomes a directory name under `state_dir`: never `.`, `..` or hidden.
+    if name.starts_with('.') {
+        return Some("must not start with `.`".to_string());
+    }
+    None
 }
 
 /// The host's `Hello` for these shares, speaking everything this build speaks.
@@ -103,7 +121,6 @@ pub fn hello(agent_version: &str, shares: Vec<ShareOpen>) -> Hello {
         min_version: local.min_version,
         max_version: local.max_version,
         agent_version: agent_version.to_owned(),
-        features: local.features,
         chunker: local.chunker,
         shares,
     }
@@ -145,10 +162,7 @@ pub fn accept_hello(hello: &Hello, local: &LocalParams) -> Result<Agreement, Ref
             return Err(Refusal::DuplicateShare(share.name.clone()));
         }
     }
-    Ok(Agreement {
-        version,
-        features: hello.features & local.features,
-    })
+    Ok(Agreement { version })
 }
 
 /// The guest's `Welcome` for an agreement.
@@ -157,7 +171,6 @@ pub fn welcome(agreement: Agreement, agent_version: &str, local: &LocalParams) -
         version: agreement.version,
         agent_version: agent_version.to_owned(),
         chunker: local.chunker,
-        features: agreement.features,
     }
 }
 
@@ -168,8 +181,6 @@ pub enum WelcomeError {
     Version { version: u16, min: u16, max: u16 },
     #[error("guest answered with different chunker parameters")]
     Chunker,
-    #[error("guest granted feature bits {extra:#x} that were not requested")]
-    Features { extra: u64 },
 }
 
 /// The host's check of the guest's `Welcome` against its own `Hello`.
@@ -183,10 +194,6 @@ pub fn check_welcome(hello: &Hello, welcome: &Welcome) -> Result<(), WelcomeErro
     }
     if welcome.chunker != hello.chunker {
         return Err(WelcomeError::Chunker);
-    }
-    let extra = welcome.features & !hello.features;
-    if extra != 0 {
-        return Err(WelcomeError::Features { extra });
     }
     Ok(())
 }
@@ -211,19 +218,10 @@ mod tests {
             a,
             Agreement {
                 version: PROTOCOL_VERSION_MAX,
-                features: FEATURES_SUPPORTED
             }
         );
         let w = welcome(a, "0.1.0", &LocalParams::default());
         assert_eq!(check_welcome(&h, &w), Ok(()));
-        // An older guest that grants no features: the session works without them.
-        let old = LocalParams {
-            features: 0,
-            ..LocalParams::default()
-        };
-        let a = accept_hello(&h, &old).unwrap();
-        assert_eq!(a.features, 0);
-        assert_eq!(check_welcome(&h, &welcome(a, "0.0.9", &old)), Ok(()));
     }
 
     #[test]
@@ -270,8 +268,8 @@ mod tests {
                 Refusal::NoCommonVersion {
                     host_min: 3,
                     host_max: 7,
-                    guest_min: 2,
-                    guest_max: 2,
+                    guest_min: PROTOCOL_VERSION_MIN,
+                    guest_max: PROTOCOL_VERSION_MAX,
                 },
             ),
             (
@@ -367,8 +365,7 @@ mod tests {
         let h = hello("x", vec![]);
         let good = welcome(
             Agreement {
-                version: 2,
-                features: 0,
+                version: PROTOCOL_VERSION_MAX,
             },
             "y",
             &LocalParams::default(),
@@ -377,14 +374,14 @@ mod tests {
             check_welcome(
                 &h,
                 &Welcome {
-                    version: 3,
+                    version: PROTOCOL_VERSION_MAX + 1,
                     ..good.clone()
                 }
             ),
             Err(WelcomeError::Version {
-                version: 3,
-                min: 2,
-                max: 2
+                version: PROTOCOL_VERSION_MAX + 1,
+                min: PROTOCOL_VERSION_MIN,
+                max: PROTOCOL_VERSION_MAX
             })
         );
         assert_eq!(
@@ -396,20 +393,10 @@ mod tests {
                         avg: 1,
                         max: 1
                     },
-                    ..good.clone()
-                }
-            ),
-            Err(WelcomeError::Chunker)
-        );
-        assert_eq!(
-            check_welcome(
-                &h,
-                &Welcome {
-                    features: 4,
                     ..good
                 }
             ),
-            Err(WelcomeError::Features { extra: 4 })
+            Err(WelcomeError::Chunker)
         );
     }
 }

@@ -23,38 +23,30 @@
 //! reordered, and any change to the layout is a protocol version bump. Golden byte vectors in
 //! `tests/golden.rs` fail on any accidental change.
 //!
-//! Features: `Stage2`, `ReadChunks2` and `Supply2` carry chunk deltas (delta bases in the stage
-//! answer, deltas in reads and supplies). A host sends them only to a guest that granted
-//! [`FEATURE_CHUNK_DELTA`]; with an older guest it keeps to `Stage`, `ReadChunks` and `Supply`.
-//! `Scan2` answers a targeted scan with the manifests of its small files too, saving a live
-//! edit the `Manifests` round trip; only to a guest that granted [`FEATURE_SCAN_MANIFESTS`].
+//! One message per `Endpoint` method, named by what it does. A change of layout is a new
+//! protocol version: the handshake's version range is how two builds find out they differ.
+//!
+//! Errors and per-path problems travel as this crate's own structs ([`WireError`],
+//! [`WireProblem`]: a code and a message), not as the core crate's error types, so those can
+//! change without changing the wire.
 
-use crate::chunk::{WireChunk, WireContent};
+use crate::chunk::WireContent;
 use serde::{Deserialize, Serialize};
 use vmsync_core::edits::ManifestEdit;
 use vmsync_core::endpoint::RootId;
 use vmsync_core::endpoint::{
     Change, ChangeHints, ChunkRead, EndpointError, MissingChunk, Outcome, Problem, ScanOptions,
-    ScanReport, ScanScope, StageRequest,
+    ScanScope, StageRequest,
 };
 use vmsync_core::{Entry, FileMeta, Hash, Manifest, RelPath};
 
 /// First field of every `Hello`: "VMSYNC", NUL, and the magic's own revision.
 pub const MAGIC: [u8; 8] = *b"VMSYNC\0\x01";
-/// Oldest protocol version this build speaks. Version 2 added the mtime of directories and
-/// symlinks (`Entry::Dir` and `Entry::Symlink` end with it) and the other names of a
-/// hard-linked file (`Manifest::links`); version 1 peers are refused at the handshake, as their
-/// entries and manifests have another layout.
-pub const PROTOCOL_VERSION_MIN: u16 = 2;
+/// Oldest protocol version this build speaks.
+pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// Newest protocol version this build speaks.
-pub const PROTOCOL_VERSION_MAX: u16 = 2;
-/// Feature bit: the peer speaks `Stage2`, `ReadChunks2` and `Supply2` (chunk deltas).
-pub const FEATURE_CHUNK_DELTA: u64 = 1;
-/// Feature bit: the peer speaks `Scan2` (targeted scans that carry small files' manifests).
-pub const FEATURE_SCAN_MANIFESTS: u64 = 2;
-/// Feature bits this build understands. A peer answers with the intersection.
-pub const FEATURES_SUPPORTED: u64 = FEATURE_CHUNK_DELTA | FEATURE_SCAN_MANIFESTS;
-/// A `Scan2` answer carries the manifests of files of at most this many bytes (a few chunks
+pub const PROTOCOL_VERSION_MAX: u16 = 1;
+/// A targeted scan's answer ([`Scanned`]) carries the manifests of files of at most this many bytes (a few chunks
 /// each)...
 pub const SCAN_MANIFEST_MAX_FILE_BYTES: u64 = 256 * 1024;
 /// ...and of at most this many of them.
@@ -128,8 +120,6 @@ pub struct Hello {
     pub max_version: u16,
     /// The host agent's version, for logs and `status`.
     pub agent_version: String,
-    /// Requested feature bits.
-    pub features: u64,
     pub chunker: ChunkerParams,
     /// The shares to open; a request's `share` is an index into this list.
     pub shares: Vec<ShareOpen>,
@@ -144,8 +134,6 @@ pub struct Welcome {
     pub agent_version: String,
     /// The guest's chunker parameters; always equal to the `Hello`'s (else it refuses).
     pub chunker: ChunkerParams,
-    /// The requested features the guest grants.
-    pub features: u64,
 }
 
 /// guest → host: the session is refused, and why (shown to the user on both sides).
@@ -176,17 +164,13 @@ pub struct Response {
 pub enum RequestKind {
     Ping,
     Scan,
+    ScanFull,
     Manifests,
     ReadChunks,
     Stage,
     Supply,
     Transition,
     PollChanges,
-    ScanFull,
-    Stage2,
-    ReadChunks2,
-    Supply2,
-    Scan2,
     Mark,
 }
 
@@ -195,43 +179,51 @@ impl RequestKind {
         match self {
             RequestKind::Ping => "Ping",
             RequestKind::Scan => "Scan",
+            RequestKind::ScanFull => "ScanFull",
             RequestKind::Manifests => "Manifests",
             RequestKind::ReadChunks => "ReadChunks",
             RequestKind::Stage => "Stage",
             RequestKind::Supply => "Supply",
             RequestKind::Transition => "Transition",
             RequestKind::PollChanges => "PollChanges",
-            RequestKind::ScanFull => "ScanFull",
-            RequestKind::Stage2 => "Stage2",
-            RequestKind::ReadChunks2 => "ReadChunks2",
-            RequestKind::Supply2 => "Supply2",
-            RequestKind::Scan2 => "Scan2",
             RequestKind::Mark => "Mark",
         }
     }
 }
 
-/// One variant per `Endpoint` method, plus `Ping`. Append-only.
+/// One variant per `Endpoint` method, plus `Ping`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RequestBody {
     /// Heartbeat; answered with `Pong`.
     Ping,
+    /// A targeted scan (`scope` is never `Full`), answered with [`Scanned`]: the report and
+    /// the manifests of its small files, which saves a live edit the `Manifests` round trip.
     Scan {
         scope: ScanScope,
         options: ScanOptions,
     },
+    /// A full scan, answered as a [`ScanDelta`] against the listing this session last sent
+    /// with token `base` (or in full when the guest does not have that one).
+    ScanFull {
+        options: ScanOptions,
+        base: Option<u64>,
+    },
     Manifests {
         files: Vec<(RelPath, FileMeta)>,
     },
+    /// Chunks to read; a read may carry the destination's base signature, and its answer be a
+    /// delta against it (see `vmsync_core::delta`).
     ReadChunks {
-        reads: Vec<ChunkRead>,
+        reads: Vec<BasedRead>,
     },
+    /// Files to stage; the answer may offer delta bases ([`StageAnswer`]).
     Stage {
-        files: Vec<StageRequest>,
+        files: Vec<StageFile>,
     },
-    /// Chunk data travels compressed when that pays (see [`crate::chunk`]).
+    /// Whole chunks or deltas (compressed when that pays, see [`crate::chunk`]); answered with
+    /// the chunks still missing.
     Supply {
-        chunks: Vec<WireChunk>,
+        chunks: Vec<WireContent>,
     },
     Transition {
         changes: Vec<Change>,
@@ -241,41 +233,13 @@ pub enum RequestBody {
     PollChanges {
         max_wait_ms: u32,
     },
-    /// A full scan, answered as a [`ScanDelta`] against the listing this session last sent
-    /// with token `base` (or in full when the guest does not have that one).
-    ScanFull {
-        options: ScanOptions,
-        base: Option<u64>,
-    },
-    /// `Stage` whose answer may offer delta bases ([`StageAnswer`]). Needs
-    /// [`FEATURE_CHUNK_DELTA`].
-    Stage2 {
-        files: Vec<StageFile>,
-    },
-    /// `ReadChunks` where a read may carry the destination's base signature, and the answer a
-    /// delta against it. Needs [`FEATURE_CHUNK_DELTA`].
-    ReadChunks2 {
-        reads: Vec<BasedRead>,
-    },
-    /// `Supply` of whole chunks or deltas; answered with the chunks still missing. Needs
-    /// [`FEATURE_CHUNK_DELTA`].
-    Supply2 {
-        chunks: Vec<WireContent>,
-    },
-    /// A targeted scan (`scope` is never `Full`), answered with [`ScanWithManifests`]. Needs
-    /// [`FEATURE_SCAN_MANIFESTS`].
-    Scan2 {
-        scope: ScanScope,
-        options: ScanOptions,
-    },
-    /// Note the share generation in the share's reserved directory (`Endpoint::mark`);
-    /// answered with `Marked`.
+    /// Note the share generation in the share's reserved directory (`Endpoint::mark`).
     Mark {
         generation: u64,
     },
 }
 
-/// One file of a `Stage2` request.
+/// One file of a `Stage` request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StageFile {
     pub path: RelPath,
@@ -283,7 +247,7 @@ pub struct StageFile {
     pub manifest: ManifestForm,
 }
 
-/// How a `Stage2` request carries a manifest. Append-only.
+/// How a `Stage` request carries a manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ManifestForm {
     /// Every chunk reference.
@@ -299,18 +263,22 @@ pub enum ManifestForm {
     },
 }
 
-/// The answer for one file of a `Stage2` request. Append-only.
+/// The answer for one file of a `Stage` request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StageAnswer {
     /// Staged; these chunks are still missing, some with a delta base.
     Missing(Vec<MissingChunk>),
-    Problem(Problem),
+    /// Not staged, for a reason worth showing.
+    Problem(WireProblem),
     /// The manifest came as edits against a file this side does not have (any more), or they
     /// did not rebuild a manifest of the file's digest: nothing was staged; send it in full.
     BaseUnknown,
+    /// Not staged: no room to hold another staged file now (`NotStaged::NoRoom`); ask again
+    /// after committing what waits.
+    NoRoom,
 }
 
-/// One read of a `ReadChunks2` request: a chunk, and the signature of the base the destination
+/// One read of a `ReadChunks` request: a chunk, and the signature of the base the destination
 /// offered for it (see `vmsync_core::delta`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BasedRead {
@@ -333,55 +301,51 @@ impl RequestBody {
         match self {
             RequestBody::Ping => RequestKind::Ping,
             RequestBody::Scan { .. } => RequestKind::Scan,
+            RequestBody::ScanFull { .. } => RequestKind::ScanFull,
             RequestBody::Manifests { .. } => RequestKind::Manifests,
             RequestBody::ReadChunks { .. } => RequestKind::ReadChunks,
             RequestBody::Stage { .. } => RequestKind::Stage,
             RequestBody::Supply { .. } => RequestKind::Supply,
             RequestBody::Transition { .. } => RequestKind::Transition,
             RequestBody::PollChanges { .. } => RequestKind::PollChanges,
-            RequestBody::ScanFull { .. } => RequestKind::ScanFull,
-            RequestBody::Stage2 { .. } => RequestKind::Stage2,
-            RequestBody::ReadChunks2 { .. } => RequestKind::ReadChunks2,
-            RequestBody::Supply2 { .. } => RequestKind::Supply2,
-            RequestBody::Scan2 { .. } => RequestKind::Scan2,
             RequestBody::Mark { .. } => RequestKind::Mark,
         }
     }
 }
 
-/// One variant per request kind, in the same order. Append-only.
+/// One variant per request kind, in the same order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ResponseBody {
     Pong,
-    Scan(Result<ScanReport, EndpointError>),
+    Scanned(Result<Scanned, WireError>),
+    ScanDelta(Result<ScanDelta, WireError>),
     /// One entry per requested file, in order.
-    Manifests(Result<Vec<Result<Manifest, Problem>>, EndpointError>),
-    /// One entry per requested read, in order; `None` where the data changed on disk.
-    ReadChunks(Result<Vec<Option<WireChunk>>, EndpointError>),
-    /// One entry per requested file, in order: the chunk hashes still missing.
-    Stage(Result<Vec<Result<Vec<Hash>, Problem>>, EndpointError>),
-    Supply(Result<(), EndpointError>),
-    /// One outcome per requested change, in order.
-    Transition(Result<Vec<Outcome>, EndpointError>),
-    Changes(Result<ChangeHints, EndpointError>),
-    ScanDelta(Result<ScanDelta, EndpointError>),
-    /// One answer per requested file, in order.
-    Stage2(Result<Vec<StageAnswer>, EndpointError>),
+    Manifests(Result<Vec<Result<Manifest, WireProblem>>, WireError>),
     /// One entry per requested read, in order: the chunk whole, a delta against the read's
     /// base, or `None` where the data changed on disk.
-    ReadChunks2(Result<Vec<Option<WireContent>>, EndpointError>),
+    Chunks(Result<Vec<Option<WireContent>>, WireError>),
+    /// One answer per requested file, in order.
+    Staged(Result<Vec<StageAnswer>, WireError>),
     /// The supplied chunks still missing: their delta did not rebuild them.
-    Supply2(Result<Vec<Hash>, EndpointError>),
-    Scan2(Result<ScanWithManifests, EndpointError>),
-    Marked(Result<(), EndpointError>),
+    Supplied(Result<Vec<Hash>, WireError>),
+    /// One outcome per requested change, in order.
+    Transitioned(Result<Vec<Outcome>, WireError>),
+    Changes(Result<ChangeHints, WireError>),
+    Marked(Result<(), WireError>),
 }
 
-/// A targeted scan's report with the manifests of some of the files it lists: files of at
-/// most [`SCAN_MANIFEST_MAX_FILE_BYTES`], at most [`SCAN_MANIFESTS_MAX`] of them, sorted by
-/// path. The host then needs no `Manifests` request to send them.
+/// A targeted scan's answer: the scan report (`vmsync_core::endpoint::ScanReport`) and the
+/// manifests of some of the files it lists: files of at most [`SCAN_MANIFEST_MAX_FILE_BYTES`],
+/// at most [`SCAN_MANIFESTS_MAX`] of them, sorted by path. The host then needs no `Manifests`
+/// request to send them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ScanWithManifests {
-    pub report: ScanReport,
+pub struct Scanned {
+    pub root: Option<RootId>,
+    /// Sorted by path.
+    pub entries: Vec<(RelPath, Entry)>,
+    pub problems: Vec<WireProblem>,
+    pub ignored: Vec<RelPath>,
+    pub generation: Option<u64>,
     pub manifests: Vec<(RelPath, Manifest)>,
 }
 
@@ -398,7 +362,7 @@ pub struct ScanDelta {
     /// Paths no longer there, sorted.
     pub removed: Vec<RelPath>,
     /// All of this scan's problems (not a difference: they are few).
-    pub problems: Vec<Problem>,
+    pub problems: Vec<WireProblem>,
     /// All of this scan's ignored paths (`ScanReport::ignored`; not a difference either: a
     /// share's ignore files exclude a few directories and files, and the list is bounded).
     pub ignored: Vec<RelPath>,
@@ -410,39 +374,143 @@ impl ResponseBody {
     pub fn kind(&self) -> RequestKind {
         match self {
             ResponseBody::Pong => RequestKind::Ping,
-            ResponseBody::Scan(_) => RequestKind::Scan,
-            ResponseBody::Manifests(_) => RequestKind::Manifests,
-            ResponseBody::ReadChunks(_) => RequestKind::ReadChunks,
-            ResponseBody::Stage(_) => RequestKind::Stage,
-            ResponseBody::Supply(_) => RequestKind::Supply,
-            ResponseBody::Transition(_) => RequestKind::Transition,
-            ResponseBody::Changes(_) => RequestKind::PollChanges,
+            ResponseBody::Scanned(_) => RequestKind::Scan,
             ResponseBody::ScanDelta(_) => RequestKind::ScanFull,
-            ResponseBody::Stage2(_) => RequestKind::Stage2,
-            ResponseBody::ReadChunks2(_) => RequestKind::ReadChunks2,
-            ResponseBody::Supply2(_) => RequestKind::Supply2,
-            ResponseBody::Scan2(_) => RequestKind::Scan2,
+            ResponseBody::Manifests(_) => RequestKind::Manifests,
+            ResponseBody::Chunks(_) => RequestKind::ReadChunks,
+            ResponseBody::Staged(_) => RequestKind::Stage,
+            ResponseBody::Supplied(_) => RequestKind::Supply,
+            ResponseBody::Transitioned(_) => RequestKind::Transition,
+            ResponseBody::Changes(_) => RequestKind::PollChanges,
             ResponseBody::Marked(_) => RequestKind::Mark,
         }
     }
 
     /// The error answer to a request of `kind` (`Pong` for a ping, which cannot fail).
-    pub fn error(kind: RequestKind, err: EndpointError) -> ResponseBody {
+    pub fn error(kind: RequestKind, err: WireError) -> ResponseBody {
         match kind {
             RequestKind::Ping => ResponseBody::Pong,
-            RequestKind::Scan => ResponseBody::Scan(Err(err)),
-            RequestKind::Manifests => ResponseBody::Manifests(Err(err)),
-            RequestKind::ReadChunks => ResponseBody::ReadChunks(Err(err)),
-            RequestKind::Stage => ResponseBody::Stage(Err(err)),
-            RequestKind::Supply => ResponseBody::Supply(Err(err)),
-            RequestKind::Transition => ResponseBody::Transition(Err(err)),
-            RequestKind::PollChanges => ResponseBody::Changes(Err(err)),
+            RequestKind::Scan => ResponseBody::Scanned(Err(err)),
             RequestKind::ScanFull => ResponseBody::ScanDelta(Err(err)),
-            RequestKind::Stage2 => ResponseBody::Stage2(Err(err)),
-            RequestKind::ReadChunks2 => ResponseBody::ReadChunks2(Err(err)),
-            RequestKind::Supply2 => ResponseBody::Supply2(Err(err)),
-            RequestKind::Scan2 => ResponseBody::Scan2(Err(err)),
+            RequestKind::Manifests => ResponseBody::Manifests(Err(err)),
+            RequestKind::ReadChunks => ResponseBody::Chunks(Err(err)),
+            RequestKind::Stage => ResponseBody::Staged(Err(err)),
+            RequestKind::Supply => ResponseBody::Supplied(Err(err)),
+            RequestKind::Transition => ResponseBody::Transitioned(Err(err)),
+            RequestKind::PollChanges => ResponseBody::Changes(Err(err)),
             RequestKind::Mark => ResponseBody::Marked(Err(err)),
         }
+    }
+}
+
+/// An error answer: what kind, and the text to show.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// The kinds of [`WireError`], one per `vmsync_core::endpoint::EndpointError` variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    RootMissing,
+    RootNotDir,
+    UnknownShare,
+    Disconnected,
+    Protocol,
+    Io,
+    Limit,
+    /// The side's free space is below its reserve; bytes free and the reserve.
+    DiskFull {
+        free: u64,
+        reserve: u64,
+    },
+}
+
+impl From<EndpointError> for WireError {
+    fn from(e: EndpointError) -> WireError {
+        let (code, message) = match e {
+            EndpointError::RootMissing(m) => (ErrorCode::RootMissing, m),
+            EndpointError::RootNotDir(m) => (ErrorCode::RootNotDir, m),
+            EndpointError::UnknownShare(m) => (ErrorCode::UnknownShare, m),
+            EndpointError::Disconnected(m) => (ErrorCode::Disconnected, m),
+            EndpointError::Protocol(m) => (ErrorCode::Protocol, m),
+            EndpointError::Io(m) => (ErrorCode::Io, m),
+            EndpointError::Limit(m) => (ErrorCode::Limit, m),
+            EndpointError::DiskFull { free, reserve } => {
+                (ErrorCode::DiskFull { free, reserve }, String::new())
+            }
+        };
+        WireError { code, message }
+    }
+}
+
+impl From<WireError> for EndpointError {
+    fn from(e: WireError) -> EndpointError {
+        let m = e.message;
+        match e.code {
+            ErrorCode::RootMissing => EndpointError::RootMissing(m),
+            ErrorCode::RootNotDir => EndpointError::RootNotDir(m),
+            ErrorCode::UnknownShare => EndpointError::UnknownShare(m),
+            ErrorCode::Disconnected => EndpointError::Disconnected(m),
+            ErrorCode::Protocol => EndpointError::Protocol(m),
+            ErrorCode::Io => EndpointError::Io(m),
+            ErrorCode::Limit => EndpointError::Limit(m),
+            ErrorCode::DiskFull { free, reserve } => EndpointError::DiskFull { free, reserve },
+        }
+    }
+}
+
+/// A path that could not be synced this time, and why (`vmsync_core::endpoint::Problem`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireProblem {
+    pub path: RelPath,
+    pub message: String,
+}
+
+impl From<Problem> for WireProblem {
+    fn from(p: Problem) -> WireProblem {
+        WireProblem {
+            path: p.path,
+            message: p.reason,
+        }
+    }
+}
+
+impl From<WireProblem> for Problem {
+    fn from(p: WireProblem) -> Problem {
+        Problem {
+            path: p.path,
+            reason: p.message,
+        }
+    }
+}
+
+/// The answer to a targeted scan, from a side's report and the manifests it brings.
+impl Scanned {
+    pub fn new(
+        report: vmsync_core::endpoint::ScanReport,
+        manifests: Vec<(RelPath, Manifest)>,
+    ) -> Scanned {
+        Scanned {
+            root: report.root,
+            entries: report.entries,
+            problems: report.problems.into_iter().map(WireProblem::from).collect(),
+            ignored: report.ignored,
+            generation: report.generation,
+            manifests,
+        }
+    }
+
+    /// The scan report and the manifests, apart.
+    pub fn into_parts(self) -> (vmsync_core::endpoint::ScanReport, Vec<(RelPath, Manifest)>) {
+        let report = vmsync_core::endpoint::ScanReport {
+            root: self.root,
+            entries: self.entries,
+            problems: self.problems.into_iter().map(Problem::from).collect(),
+            ignored: self.ignored,
+            generation: self.generation,
+        };
+        (report, self.manifests)
     }
 }

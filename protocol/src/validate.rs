@@ -22,14 +22,13 @@ use crate::limits::{
     MAX_SYMLINK_TARGET_BYTES,
 };
 use crate::messages::{
-    BasedRead, Hello, ManifestForm, Message, Refused, Request, RequestBody, Response, ResponseBody,
-    ScanDelta, ShareOpen, StageAnswer, StageFile, Welcome, SCAN_MANIFESTS_MAX,
+    BasedRead, ErrorCode, Hello, ManifestForm, Message, Refused, Request, RequestBody, Response,
+    ResponseBody, ScanDelta, Scanned, ShareOpen, StageAnswer, StageFile, Welcome, WireError,
+    WireProblem, SCAN_MANIFESTS_MAX,
 };
 use vmsync_core::edits::ManifestEdit;
 use vmsync_core::endpoint::MissingChunk;
-use vmsync_core::endpoint::{
-    Change, ChunkRead, EndpointError, Outcome, Problem, ScanReport, ScanScope, StageRequest,
-};
+use vmsync_core::endpoint::{Change, Outcome, ScanScope};
 use vmsync_core::entry::PERM_MASK;
 use vmsync_core::{ChunkRef, Entry, FileMeta, Manifest, RelPath, Timestamp};
 
@@ -76,8 +75,8 @@ pub enum ValidationError {
     },
     #[error("delta length {len} is outside 1..={MAX_DELTA_BYTES}")]
     BadDeltaLength { len: u32 },
-    #[error("Scan2 asks for a full scan, which only ScanFull does")]
-    FullScan2,
+    #[error("a targeted Scan asks for a full scan, which only ScanFull does")]
+    FullTargetedScan,
     #[error("share generation {0} is above the limit of {MAX_GENERATION}")]
     BadGeneration(u64),
 }
@@ -189,29 +188,22 @@ fn manifest(m: &Manifest) -> Result {
     m.chunks.iter().try_for_each(chunk_ref)
 }
 
-fn problem(p: &Problem) -> Result {
-    text("problem reason", &p.reason, MAX_REASON_BYTES)
+fn problem(p: &WireProblem) -> Result {
+    text("problem reason", &p.message, MAX_REASON_BYTES)
 }
 
-fn endpoint_error(e: &EndpointError) -> Result {
-    let s = match e {
-        EndpointError::RootMissing(s)
-        | EndpointError::RootNotDir(s)
-        | EndpointError::UnknownShare(s)
-        | EndpointError::Disconnected(s)
-        | EndpointError::Protocol(s)
-        | EndpointError::Io(s)
-        | EndpointError::Limit(s) => s,
-        // Two numbers: nothing to bound.
-        EndpointError::DiskFull { .. } => return Ok(()),
-    };
-    text("error text", s, MAX_REASON_BYTES)
+fn wire_error(e: &WireError) -> Result {
+    if let ErrorCode::DiskFull { .. } = e.code {
+        // Its text is made from its numbers on the side that shows it.
+        return text("error message", &e.message, 0);
+    }
+    text("error message", &e.message, MAX_REASON_BYTES)
 }
 
-fn result<T>(r: &std::result::Result<T, EndpointError>, ok: impl FnOnce(&T) -> Result) -> Result {
+fn result<T>(r: &std::result::Result<T, WireError>, ok: impl FnOnce(&T) -> Result) -> Result {
     match r {
         Ok(v) => ok(v),
-        Err(e) => endpoint_error(e),
+        Err(e) => wire_error(e),
     }
 }
 
@@ -301,7 +293,7 @@ fn manifest_edits(edits: &[ManifestEdit]) -> Result {
 }
 
 fn based_read(r: &BasedRead) -> Result {
-    chunk_read(&r.read)?;
+    chunk_ref(&r.read.chunk)?;
     signature(&r.base)
 }
 
@@ -343,13 +335,17 @@ impl Validate for Refused {
     }
 }
 
-impl Validate for ScanReport {
+impl Validate for Scanned {
     fn validate(&self) -> Result {
         count("scan problems", self.problems.len(), MAX_SCAN_PROBLEMS)?;
         scan_entries(&self.entries)?;
         ignored_paths(&self.ignored)?;
         generation(self.generation)?;
-        self.problems.iter().try_for_each(problem)
+        self.problems.iter().try_for_each(problem)?;
+        count("scan manifests", self.manifests.len(), SCAN_MANIFESTS_MAX)?;
+        let paths: Vec<RelPath> = self.manifests.iter().map(|(p, _)| p.clone()).collect();
+        strictly_sorted(&paths)?;
+        self.manifests.iter().try_for_each(|(_, m)| manifest(m))
     }
 }
 
@@ -417,25 +413,12 @@ fn change(c: &Change) -> Result {
     Ok(())
 }
 
-fn stage_request(s: &StageRequest) -> Result {
-    file_meta(&s.meta)?;
-    manifest(&s.manifest)
-}
-
-fn chunk_read(r: &ChunkRead) -> Result {
-    chunk_ref(&r.chunk)
-}
-
 impl Validate for RequestBody {
     fn validate(&self) -> Result {
         match self {
             RequestBody::Ping => Ok(()),
             RequestBody::Scan { scope, options: _ } => match scope {
-                ScanScope::Full => Ok(()),
-                ScanScope::Paths(paths) => count("scan paths", paths.len(), MAX_BATCH_PATHS),
-            },
-            RequestBody::Scan2 { scope, options: _ } => match scope {
-                ScanScope::Full => Err(ValidationError::FullScan2),
+                ScanScope::Full => Err(ValidationError::FullTargetedScan),
                 ScanScope::Paths(paths) => count("scan paths", paths.len(), MAX_BATCH_PATHS),
             },
             RequestBody::Manifests { files } => {
@@ -444,11 +427,11 @@ impl Validate for RequestBody {
             }
             RequestBody::ReadChunks { reads } => {
                 count("chunk reads", reads.len(), MAX_BATCH_CHUNKS)?;
-                reads.iter().try_for_each(chunk_read)
+                reads.iter().try_for_each(based_read)
             }
             RequestBody::Stage { files } => {
                 count("files to stage", files.len(), MAX_BATCH_FILES)?;
-                files.iter().try_for_each(stage_request)
+                files.iter().try_for_each(stage_file)
             }
             RequestBody::Supply { chunks } => {
                 count("supplied chunks", chunks.len(), MAX_BATCH_CHUNKS)?;
@@ -459,18 +442,6 @@ impl Validate for RequestBody {
                 changes.iter().try_for_each(change)
             }
             RequestBody::PollChanges { .. } | RequestBody::ScanFull { .. } => Ok(()),
-            RequestBody::Stage2 { files } => {
-                count("files to stage", files.len(), MAX_BATCH_FILES)?;
-                files.iter().try_for_each(stage_file)
-            }
-            RequestBody::ReadChunks2 { reads } => {
-                count("chunk reads", reads.len(), MAX_BATCH_CHUNKS)?;
-                reads.iter().try_for_each(based_read)
-            }
-            RequestBody::Supply2 { chunks } => {
-                count("supplied chunks", chunks.len(), MAX_BATCH_CHUNKS)?;
-                chunks.iter().try_for_each(Validate::validate)
-            }
             RequestBody::Mark { generation: g } => generation(Some(*g)),
         }
     }
@@ -488,7 +459,8 @@ impl Validate for ResponseBody {
     fn validate(&self) -> Result {
         match self {
             ResponseBody::Pong => Ok(()),
-            ResponseBody::Scan(r) => result(r, Validate::validate),
+            ResponseBody::Scanned(r) => result(r, Validate::validate),
+            ResponseBody::ScanDelta(r) => result(r, Validate::validate),
             ResponseBody::Manifests(r) => result(r, |files| {
                 count("manifests", files.len(), MAX_BATCH_FILES)?;
                 files.iter().try_for_each(|f| match f {
@@ -496,47 +468,27 @@ impl Validate for ResponseBody {
                     Err(p) => problem(p),
                 })
             }),
-            ResponseBody::ReadChunks(r) => result(r, |chunks| {
+            ResponseBody::Chunks(r) => result(r, |chunks| {
                 count("chunks read", chunks.len(), MAX_BATCH_CHUNKS)?;
                 chunks.iter().flatten().try_for_each(Validate::validate)
             }),
-            ResponseBody::Stage(r) => result(r, |files| {
-                count("staged files", files.len(), MAX_BATCH_FILES)?;
-                files.iter().try_for_each(|f| match f {
-                    Ok(missing) => count("missing chunks", missing.len(), MAX_FILE_CHUNKS),
-                    Err(p) => problem(p),
-                })
-            }),
-            ResponseBody::Supply(r) => result(r, |()| Ok(())),
-            ResponseBody::Transition(r) => result(r, |outcomes| {
-                count("outcomes", outcomes.len(), MAX_BATCH_CHANGES)?;
-                outcomes.iter().try_for_each(outcome)
-            }),
-            ResponseBody::ScanDelta(r) => result(r, Validate::validate),
-            ResponseBody::Changes(r) => result(r, |hints| {
-                count("change hints", hints.paths.len(), MAX_BATCH_PATHS)
-            }),
-            ResponseBody::Stage2(r) => result(r, |files| {
+            ResponseBody::Staged(r) => result(r, |files| {
                 count("staged files", files.len(), MAX_BATCH_FILES)?;
                 files.iter().try_for_each(|f| match f {
                     StageAnswer::Missing(missing) => missing_chunks(missing),
                     StageAnswer::Problem(p) => problem(p),
-                    StageAnswer::BaseUnknown => Ok(()),
+                    StageAnswer::BaseUnknown | StageAnswer::NoRoom => Ok(()),
                 })
             }),
-            ResponseBody::ReadChunks2(r) => result(r, |chunks| {
-                count("chunks read", chunks.len(), MAX_BATCH_CHUNKS)?;
-                chunks.iter().flatten().try_for_each(Validate::validate)
-            }),
-            ResponseBody::Supply2(r) => result(r, |missing| {
+            ResponseBody::Supplied(r) => result(r, |missing| {
                 count("chunks still missing", missing.len(), MAX_BATCH_CHUNKS)
             }),
-            ResponseBody::Scan2(r) => result(r, |s| {
-                s.report.validate()?;
-                count("scan manifests", s.manifests.len(), SCAN_MANIFESTS_MAX)?;
-                let paths: Vec<RelPath> = s.manifests.iter().map(|(p, _)| p.clone()).collect();
-                strictly_sorted(&paths)?;
-                s.manifests.iter().try_for_each(|(_, m)| manifest(m))
+            ResponseBody::Transitioned(r) => result(r, |outcomes| {
+                count("outcomes", outcomes.len(), MAX_BATCH_CHANGES)?;
+                outcomes.iter().try_for_each(outcome)
+            }),
+            ResponseBody::Changes(r) => result(r, |hints| {
+                count("change hints", hints.paths.len(), MAX_BATCH_PATHS)
             }),
             ResponseBody::Marked(r) => result(r, |()| Ok(())),
         }
@@ -571,7 +523,19 @@ impl Validate for Message {
 mod tests {
     use super::*;
     use crate::chunk::{encode_chunk, hash_chunk};
+    use vmsync_core::endpoint::ChunkRead;
     use vmsync_core::{Hash, RelPath};
+
+    fn scanned(entries: Vec<(RelPath, Entry)>) -> Scanned {
+        Scanned {
+            root: None,
+            entries,
+            problems: vec![],
+            ignored: vec![],
+            generation: None,
+            manifests: vec![],
+        }
+    }
 
     fn p(s: &str) -> RelPath {
         RelPath::from_bytes(s.as_bytes()).unwrap()
@@ -587,13 +551,7 @@ mod tests {
     }
 
     fn scan(entries: Vec<(RelPath, Entry)>) -> ResponseBody {
-        ResponseBody::Scan(Ok(ScanReport {
-            root: None,
-            entries,
-            problems: vec![],
-            ignored: vec![],
-            generation: None,
-        }))
+        ResponseBody::Scanned(Ok(scanned(entries)))
     }
 
     #[test]
@@ -702,12 +660,9 @@ mod tests {
     #[test]
     fn ignored_paths_sorted_unique_bounded() {
         let report = |ignored: Vec<RelPath>| {
-            ResponseBody::Scan(Ok(ScanReport {
-                root: None,
-                entries: vec![],
-                problems: vec![],
+            ResponseBody::Scanned(Ok(Scanned {
                 ignored,
-                generation: None,
+                ..scanned(vec![])
             }))
         };
         let delta = |ignored: Vec<RelPath>| {
@@ -744,13 +699,16 @@ mod tests {
     #[test]
     fn chunk_refs() {
         let read = |offset, len| RequestBody::ReadChunks {
-            reads: vec![ChunkRead {
-                path: p("f"),
-                chunk: ChunkRef {
-                    hash: Hash::default(),
-                    offset,
-                    len,
+            reads: vec![BasedRead {
+                read: ChunkRead {
+                    path: p("f"),
+                    chunk: ChunkRef {
+                        hash: Hash::default(),
+                        offset,
+                        len,
+                    },
                 },
+                base: None,
             }],
         };
         assert_eq!(read(0, 1).validate(), Ok(()));
@@ -777,13 +735,16 @@ mod tests {
     #[test]
     fn batch_counts() {
         let reads = vec![
-            ChunkRead {
-                path: p("f"),
-                chunk: ChunkRef {
-                    hash: Hash::default(),
-                    offset: 0,
-                    len: 1
-                }
+            BasedRead {
+                read: ChunkRead {
+                    path: p("f"),
+                    chunk: ChunkRef {
+                        hash: Hash::default(),
+                        offset: 0,
+                        len: 1
+                    }
+                },
+                base: None,
             };
             MAX_BATCH_CHUNKS + 1
         ];
@@ -797,11 +758,19 @@ mod tests {
         .validate()
         .unwrap_err()
         .is_limit());
-        let missing = vec![Hash::default(); MAX_FILE_CHUNKS + 1];
-        assert!(ResponseBody::Stage(Ok(vec![Ok(missing)]))
-            .validate()
-            .unwrap_err()
-            .is_limit());
+        let missing = vec![
+            vmsync_core::endpoint::MissingChunk {
+                hash: Hash::default(),
+                base: None
+            };
+            MAX_FILE_CHUNKS + 1
+        ];
+        assert!(
+            ResponseBody::Staged(Ok(vec![StageAnswer::Missing(missing)]))
+                .validate()
+                .unwrap_err()
+                .is_limit()
+        );
     }
 
     #[test]
@@ -836,9 +805,8 @@ mod tests {
     #[test]
     fn chunk_delta_bounds() {
         use crate::chunk::encode_delta;
-        use crate::messages::{BasedRead, StageAnswer};
         use vmsync_core::endpoint::MissingChunk;
-        let read = |base: Option<Vec<u8>>| RequestBody::ReadChunks2 {
+        let read = |base: Option<Vec<u8>>| RequestBody::ReadChunks {
             reads: vec![BasedRead {
                 read: ChunkRead {
                     path: p("f"),
@@ -858,7 +826,7 @@ mod tests {
             .unwrap_err()
             .is_limit());
         let staged = |base| {
-            ResponseBody::Stage2(Ok(vec![StageAnswer::Missing(vec![MissingChunk {
+            ResponseBody::Staged(Ok(vec![StageAnswer::Missing(vec![MissingChunk {
                 hash: Hash::default(),
                 base: Some(base),
             }])]))
@@ -869,7 +837,7 @@ mod tests {
             .unwrap_err()
             .is_limit());
         // Deltas: bounded declared length, data that fits the codec.
-        let supply = |d: WireDelta| RequestBody::Supply2 {
+        let supply = |d: WireDelta| RequestBody::Supply {
             chunks: vec![WireContent::Delta(d)],
         };
         let z = encode_delta(Hash::default(), &[0u8; 1000], 3);
@@ -893,7 +861,7 @@ mod tests {
             supply(bloated).validate(),
             Err(ValidationError::ChunkDataLength { .. })
         ));
-        let too_many = ResponseBody::Supply2(Ok(vec![Hash::default(); MAX_BATCH_CHUNKS + 1]));
+        let too_many = ResponseBody::Supplied(Ok(vec![Hash::default(); MAX_BATCH_CHUNKS + 1]));
         assert!(too_many.validate().unwrap_err().is_limit());
     }
 
@@ -910,17 +878,14 @@ mod tests {
             mark(u64::MAX).validate(),
             Err(ValidationError::BadGeneration(u64::MAX))
         );
-        let report = |generation| ScanReport {
-            root: None,
-            entries: vec![],
-            problems: vec![],
-            ignored: vec![],
+        let report = |generation| Scanned {
             generation,
+            ..scanned(vec![])
         };
         assert_eq!(report(None).validate(), Ok(()));
         assert_eq!(report(Some(MAX_GENERATION)).validate(), Ok(()));
         assert_eq!(
-            ResponseBody::Scan(Ok(report(Some(u64::MAX)))).validate(),
+            ResponseBody::Scanned(Ok(report(Some(u64::MAX)))).validate(),
             Err(ValidationError::BadGeneration(u64::MAX))
         );
         let delta = ScanDelta {
@@ -941,25 +906,19 @@ mod tests {
     }
 
     #[test]
-    fn scan2_bounds() {
+    fn targeted_scan_bounds() {
         assert_eq!(
-            RequestBody::Scan2 {
+            RequestBody::Scan {
                 scope: ScanScope::Full,
                 options: Default::default()
             }
             .validate(),
-            Err(ValidationError::FullScan2)
+            Err(ValidationError::FullTargetedScan)
         );
         let answer = |manifests: Vec<(RelPath, Manifest)>| {
-            ResponseBody::Scan2(Ok(crate::messages::ScanWithManifests {
-                report: ScanReport {
-                    root: None,
-                    entries: vec![],
-                    problems: vec![],
-                    ignored: vec![],
-                    generation: None,
-                },
+            ResponseBody::Scanned(Ok(Scanned {
                 manifests,
+                ..scanned(vec![])
             }))
         };
         let m = Manifest {
@@ -981,8 +940,7 @@ mod tests {
 
     #[test]
     fn manifest_edit_bounds() {
-        use crate::messages::{ManifestForm, StageFile};
-        let stage = |edits: Vec<ManifestEdit>| RequestBody::Stage2 {
+        let stage = |edits: Vec<ManifestEdit>| RequestBody::Stage {
             files: vec![StageFile {
                 path: p("f"),
                 meta: meta(0o644, 0),
@@ -1021,7 +979,6 @@ mod tests {
             min_version: 1,
             max_version: 1,
             agent_version: agent.to_owned(),
-            features: 0,
             chunker: crate::messages::ChunkerParams::PINNED,
             shares: vec![ShareOpen {
                 name: "s".into(),
@@ -1049,7 +1006,20 @@ mod tests {
             reason: "r".repeat(MAX_REASON_BYTES + 1),
         };
         assert!(long.validate().is_err());
-        let err = ResponseBody::Supply(Err(EndpointError::Io("e".repeat(MAX_REASON_BYTES + 1))));
-        assert!(err.validate().is_err());
+        let err = |code, message: String| ResponseBody::Supplied(Err(WireError { code, message }));
+        assert!(err(ErrorCode::Io, "e".repeat(MAX_REASON_BYTES + 1))
+            .validate()
+            .is_err());
+        assert_eq!(
+            err(ErrorCode::Io, "e".repeat(MAX_REASON_BYTES)).validate(),
+            Ok(())
+        );
+        // A disk-full answer carries its numbers; its text is made on the side that shows it.
+        let full = ErrorCode::DiskFull {
+            free: 1,
+            reserve: 2,
+        };
+        assert_eq!(err(full, String::new()).validate(), Ok(()));
+        assert!(err(full, "x".into()).validate().is_err());
     }
 }

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use vmsync_core::endpoint::{
-    Change, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, MissingChunk, Outcome,
-    Problem, ScanOptions, ScanReport, ScanScope, StageRequest,
+    Change, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, MissingChunk, NotStaged,
+    Outcome, Problem, ScanOptions, ScanReport, ScanScope, StageRequest,
 };
 use vmsync_core::reconcile::{ConflictPolicy, SyncMode};
 use vmsync_core::safety::DeletionLimit;
@@ -222,7 +222,7 @@ impl<E: Endpoint> Endpoint for Counting<E> {
     async fn stage(
         &mut self,
         files: Vec<StageRequest>,
-    ) -> Result<Vec<Result<Vec<MissingChunk>, Problem>>, EndpointError> {
+    ) -> Result<Vec<Result<Vec<MissingChunk>, NotStaged>>, EndpointError> {
         let out = self.inner.stage(files).await?;
         let n: usize = out
             .iter()

@@ -739,7 +739,8 @@ async fn a_guest_reporting_moves_it_will_not_serve_deletes_nothing() {
         async fn stage(
             &mut self,
             files: Vec<StageRequest>,
-        ) -> Result<Vec<Result<Vec<MissingChunk>, Problem>>, EndpointError> {
+        ) -> Result<Vec<Result<Vec<MissingChunk>, vmsync_core::endpoint::NotStaged>>, EndpointError>
+        {
             self.0.stage(files).await
         }
         async fn supply(
@@ -908,7 +909,7 @@ async fn a_guest_serving_forged_chunk_data_gets_nothing_written() {
         async fn stage(
             &mut self,
             files: Vec<vmsync_core::endpoint::StageRequest>,
-        ) -> Result<Vec<Result<Vec<MissingChunk>, vmsync_core::endpoint::Problem>>, EndpointError>
+        ) -> Result<Vec<Result<Vec<MissingChunk>, vmsync_core::endpoint::NotStaged>>, EndpointError>
         {
             self.0.stage(files).await
         }
@@ -1308,18 +1309,13 @@ where
         &mut self,
         files: Vec<vmsync_core::endpoint::StageRequest>,
     ) -> Result<
-        Vec<Result<Vec<vmsync_core::endpoint::MissingChunk>, vmsync_core::endpoint::Problem>>,
+        Vec<Result<Vec<vmsync_core::endpoint::MissingChunk>, vmsync_core::endpoint::NotStaged>>,
         EndpointError,
     > {
         if self.no_room {
             return Ok(files
                 .into_iter()
-                .map(|f| {
-                    Err(vmsync_core::endpoint::Problem {
-                        path: f.path,
-                        reason: vmsync_core::endpoint::STAGING_FULL.into(),
-                    })
-                })
+                .map(|_| Err(vmsync_core::endpoint::NotStaged::NoRoom))
                 .collect());
         }
         self.inner.stage(files).await
@@ -1435,7 +1431,7 @@ async fn deltas_that_do_not_rebuild_their_chunk_fall_back_to_whole_chunks() {
             &mut self,
             files: Vec<vmsync_core::endpoint::StageRequest>,
         ) -> Result<
-            Vec<Result<Vec<vmsync_core::endpoint::MissingChunk>, vmsync_core::endpoint::Problem>>,
+            Vec<Result<Vec<vmsync_core::endpoint::MissingChunk>, vmsync_core::endpoint::NotStaged>>,
             EndpointError,
         > {
             self.0.stage(files).await

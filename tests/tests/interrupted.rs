@@ -9,8 +9,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use vmsync_core::endpoint::{
-    Change, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, MissingChunk, Outcome,
-    Problem, ScanOptions, ScanReport, ScanScope, StageRequest,
+    Change, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, MissingChunk, NotStaged,
+    Outcome, Problem, ScanOptions, ScanReport, ScanScope, StageRequest,
 };
 use vmsync_core::reconcile::{ConflictPolicy, SyncMode};
 use vmsync_core::safety::DeletionLimit;
@@ -69,7 +69,7 @@ impl<E: Endpoint> Endpoint for CutOff<E> {
     async fn stage(
         &mut self,
         files: Vec<StageRequest>,
-    ) -> Result<Vec<Result<Vec<MissingChunk>, Problem>>, EndpointError> {
+    ) -> Result<Vec<Result<Vec<MissingChunk>, NotStaged>>, EndpointError> {
         self.inner.stage(files).await
     }
     async fn supply(&mut self, chunks: Vec<(Hash, ChunkData)>) -> Result<Vec<Hash>, EndpointError> {

@@ -185,7 +185,6 @@ async fn guest_only_messages_from_the_host() {
         version: 1,
         agent_version: "x".into(),
         chunker: vmsync_protocol::ChunkerParams::PINNED,
-        features: 0,
     });
     let response = Message::Response(Response {
         id: 1,
@@ -207,9 +206,9 @@ async fn share_index_out_of_range() {
     let guest = Fake::default();
     let r = server_result_after(guest.clone(), |host| async move {
         let mut host = raw_host_after_handshake(host.into_inner()).await;
-        let scan = RequestBody::Scan {
-            scope: ScanScope::Full,
+        let scan = RequestBody::ScanFull {
             options: ScanOptions::default(),
+            base: None,
         };
         host.send(Message::Request(Request {
             id: 5,
@@ -234,9 +233,9 @@ async fn too_many_outstanding_requests() {
     let r = server_result_after(guest, |host| async move {
         let mut host = raw_host_after_handshake(host.into_inner()).await;
         for id in 0..(MAX_OUTSTANDING_REQUESTS as u64 + 5) {
-            let scan = RequestBody::Scan {
-                scope: ScanScope::Full,
+            let scan = RequestBody::ScanFull {
                 options: ScanOptions::default(),
+                base: None,
             };
             if host
                 .send(Message::Request(Request {
@@ -271,7 +270,7 @@ async fn bad_supplied_chunk_is_refused_and_the_session_goes_on() {
             id: 1,
             share: 0,
             body: RequestBody::Supply {
-                chunks: vec![chunk],
+                chunks: vec![vmsync_protocol::WireContent::Whole(chunk)],
             },
         }))
         .await
@@ -279,7 +278,11 @@ async fn bad_supplied_chunk_is_refused_and_the_session_goes_on() {
         match host.next().await {
             Some(Ok(Message::Response(Response {
                 id: 1,
-                body: ResponseBody::Supply(Err(EndpointError::Protocol(why))),
+                body:
+                    ResponseBody::Supplied(Err(vmsync_protocol::messages::WireError {
+                        code: vmsync_protocol::messages::ErrorCode::Protocol,
+                        message: why,
+                    })),
             }))) => {
                 // Refused by the endpoint's own check (its contract): the server does not hash
                 // supplied chunks a second time.
@@ -347,7 +350,6 @@ async fn hostile_handshake_answers() {
             version: 7,
             agent_version: "x".into(),
             chunker: vmsync_protocol::ChunkerParams::PINNED,
-            features: 0,
         };
         g.send(Message::Welcome(w)).await.unwrap();
     })
@@ -463,7 +465,7 @@ async fn response_to_an_unknown_id() {
 
 #[tokio::test]
 async fn wrong_response_kind() {
-    let session = session_with_answer(answer_with(ResponseBody::Supply(Ok(())))).await;
+    let session = session_with_answer(answer_with(ResponseBody::Supplied(Ok(vec![])))).await;
     let mut remote = session.endpoint(0).unwrap();
     let r = remote.scan(ScanScope::Full, ScanOptions::default()).await;
     assert_violation(&session, r, "answered ScanFull with Supply").await;
@@ -493,7 +495,7 @@ fn one_read() -> Vec<ChunkRead> {
 async fn chunk_that_does_not_hash_to_its_id() {
     let session = session_with_answer(|r| {
         let asked = match &r.body {
-            RequestBody::ReadChunks { reads } => reads[0].chunk.hash,
+            RequestBody::ReadChunks { reads } => reads[0].read.chunk.hash,
             _ => panic!(),
         };
         let evil = vec![4u8; 2000];
@@ -501,7 +503,7 @@ async fn chunk_that_does_not_hash_to_its_id() {
         chunk.hash = asked;
         bytes_of(&Message::Response(Response {
             id: r.id,
-            body: ResponseBody::ReadChunks(Ok(vec![Some(chunk)])),
+            body: ResponseBody::Chunks(Ok(vec![Some(vmsync_protocol::WireContent::Whole(chunk))])),
         }))
         .to_vec()
     })
@@ -518,7 +520,7 @@ async fn chunk_for_another_read() {
         let chunk = encode_chunk(hash_chunk(&other), &other, 3);
         bytes_of(&Message::Response(Response {
             id: r.id,
-            body: ResponseBody::ReadChunks(Ok(vec![Some(chunk)])),
+            body: ResponseBody::Chunks(Ok(vec![Some(vmsync_protocol::WireContent::Whole(chunk))])),
         }))
         .to_vec()
     })
@@ -547,7 +549,10 @@ async fn invalid_scan_report_is_rejected_at_decode() {
     let session = session_with_answer(move |r| {
         let body = postcard::to_allocvec(&Message::Response(Response {
             id: r.id,
-            body: ResponseBody::Scan(Ok(report)),
+            body: ResponseBody::Scanned(Ok(vmsync_protocol::messages::Scanned::new(
+                report,
+                vec![],
+            ))),
         }))
         .unwrap();
         let mut bytes = frame_header(body.len() as u32, false).to_vec();
@@ -601,13 +606,13 @@ fn based_reads() -> Vec<vmsync_core::endpoint::DeltaRead> {
 async fn delta_for_a_read_without_a_base() {
     let session = session_with_answer(|r| {
         let asked = match &r.body {
-            RequestBody::ReadChunks2 { reads } => reads[1].read.chunk.hash,
+            RequestBody::ReadChunks { reads } => reads[1].read.chunk.hash,
             other => panic!("{other:?}"),
         };
         let delta = vmsync_protocol::encode_delta(asked, &[0x72, 0x73, 0x02, 0x36, 0], 0);
         bytes_of(&Message::Response(Response {
             id: r.id,
-            body: ResponseBody::ReadChunks2(Ok(vec![
+            body: ResponseBody::Chunks(Ok(vec![
                 None,
                 Some(vmsync_protocol::WireContent::Delta(delta)),
             ])),
@@ -625,7 +630,7 @@ async fn delta_for_a_read_without_a_base() {
 async fn delta_that_does_not_decode() {
     let session = session_with_answer(|r| {
         let asked = match &r.body {
-            RequestBody::ReadChunks2 { reads } => reads[0].read.chunk.hash,
+            RequestBody::ReadChunks { reads } => reads[0].read.chunk.hash,
             other => panic!("{other:?}"),
         };
         let mut delta = vmsync_protocol::encode_delta(asked, &[7u8; 3000], 3);
@@ -633,7 +638,7 @@ async fn delta_that_does_not_decode() {
         delta.len = 100;
         bytes_of(&Message::Response(Response {
             id: r.id,
-            body: ResponseBody::ReadChunks2(Ok(vec![
+            body: ResponseBody::Chunks(Ok(vec![
                 Some(vmsync_protocol::WireContent::Delta(delta)),
                 None,
             ])),
@@ -650,7 +655,7 @@ async fn delta_that_does_not_decode() {
 #[tokio::test]
 async fn still_missing_chunk_that_was_never_supplied() {
     let session =
-        session_with_answer(answer_with(ResponseBody::Supply2(Ok(vec![Hash([9; 32])])))).await;
+        session_with_answer(answer_with(ResponseBody::Supplied(Ok(vec![Hash([9; 32])])))).await;
     let mut remote = session.endpoint(0).unwrap();
     let data = vec![1u8; 100];
     let r = remote
@@ -668,7 +673,7 @@ async fn still_missing_chunk_that_was_never_supplied() {
 async fn still_missing_whole_chunk_is_caught_by_the_next_call() {
     let data = vec![1u8; 100];
     let hash = hash_chunk(&data);
-    let session = session_with_answer(answer_with(ResponseBody::Supply2(Ok(vec![hash])))).await;
+    let session = session_with_answer(answer_with(ResponseBody::Supplied(Ok(vec![hash])))).await;
     let mut remote = session.endpoint(0).unwrap();
     let r = remote
         .supply(vec![(hash, vmsync_core::endpoint::ChunkData::Whole(data))])
@@ -685,7 +690,7 @@ async fn still_missing_whole_chunk_is_caught_by_the_next_call() {
 async fn a_false_answer_among_supplies_in_flight_is_caught_by_the_next_call() {
     let data = vec![1u8; 100];
     let hash = hash_chunk(&data);
-    let session = session_with_answer(answer_with(ResponseBody::Supply2(Ok(vec![hash])))).await;
+    let session = session_with_answer(answer_with(ResponseBody::Supplied(Ok(vec![hash])))).await;
     let mut remote = session.endpoint(0).unwrap();
     for i in 0..3 {
         let r = remote
@@ -703,7 +708,7 @@ async fn a_false_answer_among_supplies_in_flight_is_caught_by_the_next_call() {
 /// `BaseUnknown` for a manifest sent in full: there was no base to not know.
 #[tokio::test]
 async fn base_unknown_for_a_full_manifest() {
-    let session = session_with_answer(answer_with(ResponseBody::Stage2(Ok(vec![
+    let session = session_with_answer(answer_with(ResponseBody::Staged(Ok(vec![
         vmsync_protocol::messages::StageAnswer::BaseUnknown,
     ]))))
     .await;

@@ -322,7 +322,7 @@ async fn endpoint_errors_travel_as_values() {
             &mut self,
             _: Vec<StageRequest>,
         ) -> Result<
-            Vec<Result<Vec<vmsync_core::endpoint::MissingChunk>, vmsync_core::endpoint::Problem>>,
+            Vec<Result<Vec<vmsync_core::endpoint::MissingChunk>, vmsync_core::endpoint::NotStaged>>,
             EndpointError,
         > {
             Err(EndpointError::Limit("quota".into()))
@@ -491,10 +491,9 @@ async fn handshake_refusals_are_clear_on_both_sides() {
     })
     .await;
     assert!(client.contains("no common protocol version"), "{client}");
-    // Version 1 entries had no directory and symlink times: such a peer is refused.
     let (client, _) = refused(hello.clone(), |h| {
-        h.min_version = 1;
-        h.max_version = 1;
+        h.min_version = 0;
+        h.max_version = 0;
     })
     .await;
     assert!(client.contains("no common protocol version"), "{client}");

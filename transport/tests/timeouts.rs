@@ -192,9 +192,12 @@ async fn host_that_stops_reading_is_cut_off() {
     let reads = manifest_of(&data)
         .chunks
         .into_iter()
-        .map(|c| vmsync_core::endpoint::ChunkRead {
-            path: p("f"),
-            chunk: c,
+        .map(|c| vmsync_protocol::messages::BasedRead {
+            read: vmsync_core::endpoint::ChunkRead {
+                path: p("f"),
+                chunk: c,
+            },
+            base: None,
         })
         .collect();
     host.send(Message::Request(vmsync_protocol::Request {

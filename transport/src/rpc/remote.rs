@@ -7,12 +7,10 @@
 //! on it can be trusted either. Chunk data sent by `supply` is compressed here, at the level set
 //! with [`RemoteEndpoint::with_zstd_level`].
 //!
-//! Chunk deltas travel in `Stage2`, `ReadChunks2` and `Supply2`, used only when the guest
-//! granted [`FEATURE_CHUNK_DELTA`]; with an older guest this side stages without bases, reads
-//! whole chunks, and answers any delta it is asked to supply as "still missing" (the controller
-//! then sends it whole).
+//! Chunk deltas travel in `Stage` (the guest's bases), `ReadChunks` (a read with a base may
+//! be answered with a delta) and `Supply` (whole chunks or deltas).
 //!
-//! Manifest edits: a `Stage2` of a big file the guest already holds at that path (as this
+//! Manifest edits: a `Stage` of a big file the guest already holds at that path (as this
 //! session saw it, see `memory`) carries the manifest as edits against the old one when that
 //! is smaller. A guest that cannot rebuild it answers `BaseUnknown` for that file, and this
 //! side stages it again with the full manifest: a second round trip that only a stale memory
@@ -20,24 +18,22 @@
 
 use super::client::{Listing, PendingCall, Session};
 use super::server::encode_content;
-use super::stats::{chunk_bytes, content_bytes};
+use super::stats::content_bytes;
 use crate::error::{error_chain, TransportError};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use vmsync_core::edits;
 use vmsync_core::endpoint::{
     Change, ChangeHints, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, MissingChunk,
-    Outcome, Problem, ScanOptions, ScanReport, ScanScope, StageRequest,
+    NotStaged, Outcome, Problem, ScanOptions, ScanReport, ScanScope, StageRequest,
 };
 use vmsync_core::{ChunkRef, FileMeta, Hash, Manifest, RelPath};
 use vmsync_protocol::chunk::{level_for_batch, DEFAULT_ZSTD_LEVEL};
 use vmsync_protocol::limits::CHUNK_MAX_BYTES;
 use vmsync_protocol::listing;
-use vmsync_protocol::messages::{
-    BasedRead, ManifestForm, StageAnswer, StageFile, FEATURE_CHUNK_DELTA, FEATURE_SCAN_MANIFESTS,
-};
+use vmsync_protocol::messages::{BasedRead, ManifestForm, StageAnswer, StageFile};
 use vmsync_protocol::{
-    decode_chunk, decode_delta, encode_chunk, RequestBody, ResponseBody, WireChunk, WireContent,
+    decode_chunk, decode_delta, RequestBody, ResponseBody, WireChunk, WireContent,
 };
 
 /// At most this many supplies of whole chunks in flight unanswered per endpoint: enough that
@@ -54,7 +50,7 @@ pub struct RemoteEndpoint {
     /// Supplies of whole chunks sent and not answered yet, oldest first (see `supply`): the
     /// next other call is sent first, then these answers awaited.
     unanswered: Mutex<VecDeque<PendingCall>>,
-    /// Manifests the last targeted scan brought (`Scan2`), for `manifests` to answer from.
+    /// Manifests the last targeted scan brought, for `manifests` to answer from.
     scanned: HashMap<RelPath, Manifest>,
 }
 
@@ -147,15 +143,15 @@ impl RemoteEndpoint {
                 return Ok(());
             };
             match pending.wait().await? {
-                ResponseBody::Supply2(Ok(missing)) => {
+                ResponseBody::Supplied(Ok(missing)) => {
                     if let Some(h) = missing.first() {
                         return Err(self.session.violation(format!(
                             "says chunk {h:?} is still missing, which was supplied whole"
                         )));
                     }
                 }
-                ResponseBody::Supply2(Err(e)) => return Err(e),
-                other => return Err(self.wrong_kind("Supply2", &other)),
+                ResponseBody::Supplied(Err(e)) => return Err(e.into()),
+                other => return Err(self.wrong_kind("Supply", &other)),
             }
         }
     }
@@ -168,7 +164,7 @@ impl RemoteEndpoint {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The `Stage2` form of `req`: edits against the manifest the guest holds at that path
+    /// The wire form of `req`: edits against the manifest the guest holds at that path
     /// where this session remembers one and the edits are smaller; in full otherwise (edits
     /// carry no hard links: a linked file always goes in full).
     fn stage_file(&self, req: StageRequest, edit: bool) -> StageFile {
@@ -195,22 +191,17 @@ impl RemoteEndpoint {
         StageFile::from(req)
     }
 
-    /// One `Stage2` round trip.
-    async fn stage2(&self, files: Vec<StageFile>) -> Result<Vec<StageAnswer>, EndpointError> {
+    /// One `Stage` round trip.
+    async fn stage_round(&self, files: Vec<StageFile>) -> Result<Vec<StageAnswer>, EndpointError> {
         let asked = files.len();
-        match self.call(RequestBody::Stage2 { files }, 0).await? {
-            ResponseBody::Stage2(Ok(staged)) => {
+        match self.call(RequestBody::Stage { files }, 0).await? {
+            ResponseBody::Staged(Ok(staged)) => {
                 self.check_count("files to stage", asked, &staged)?;
                 Ok(staged)
             }
-            ResponseBody::Stage2(Err(e)) => Err(e),
-            other => Err(self.wrong_kind("Stage2", &other)),
+            ResponseBody::Staged(Err(e)) => Err(e.into()),
+            other => Err(self.wrong_kind("Stage", &other)),
         }
-    }
-
-    /// True when the guest speaks chunk deltas.
-    fn deltas(&self) -> bool {
-        self.session.welcome().features & FEATURE_CHUNK_DELTA != 0
     }
 
     fn wrong_kind(&self, asked: &str, got: &ResponseBody) -> EndpointError {
@@ -285,7 +276,7 @@ impl RemoteEndpoint {
         Ok(ScanReport {
             root: delta.root,
             entries,
-            problems: delta.problems,
+            problems: delta.problems.into_iter().map(Problem::from).collect(),
             ignored: delta.ignored,
             generation: delta.generation,
         })
@@ -302,7 +293,7 @@ impl Endpoint for RemoteEndpoint {
             match self.session.call(self.share, body, 0).await? {
                 // Nothing within the poll window: ask again.
                 ResponseBody::Changes(Ok(hints)) if hints.is_empty() => continue,
-                ResponseBody::Changes(result) => return result,
+                ResponseBody::Changes(result) => return result.map_err(EndpointError::from),
                 other => return Err(self.wrong_kind("PollChanges", &other)),
             }
         }
@@ -317,20 +308,15 @@ impl Endpoint for RemoteEndpoint {
         if scope == ScanScope::Full {
             return self.scan_full(options).await;
         }
-        if self.session.welcome().features & FEATURE_SCAN_MANIFESTS == 0 {
-            return match self.call(RequestBody::Scan { scope, options }, 0).await? {
-                ResponseBody::Scan(result) => result,
-                other => Err(self.wrong_kind("Scan", &other)),
-            };
-        }
-        match self.call(RequestBody::Scan2 { scope, options }, 0).await? {
-            ResponseBody::Scan2(Ok(scanned)) => {
+        match self.call(RequestBody::Scan { scope, options }, 0).await? {
+            ResponseBody::Scanned(Ok(scanned)) => {
+                let (report, manifests) = scanned.into_parts();
                 // Checked against the file's metadata when `manifests` uses one.
-                self.scanned = scanned.manifests.into_iter().collect();
-                Ok(scanned.report)
+                self.scanned = manifests.into_iter().collect();
+                Ok(report)
             }
-            ResponseBody::Scan2(Err(e)) => Err(e),
-            other => Err(self.wrong_kind("Scan2", &other)),
+            ResponseBody::Scanned(Err(e)) => Err(e.into()),
+            other => Err(self.wrong_kind("Scan", &other)),
         }
     }
 
@@ -362,12 +348,12 @@ impl Endpoint for RemoteEndpoint {
                     self.check_count("manifest requests", asked, &manifests)?;
                     manifests
                 }
-                ResponseBody::Manifests(Err(e)) => return Err(e),
+                ResponseBody::Manifests(Err(e)) => return Err(e.into()),
                 other => return Err(self.wrong_kind("Manifests", &other)),
             };
             let mut fetched = fetched.into_iter();
             for slot in answers.iter_mut().filter(|a| a.is_none()) {
-                *slot = fetched.next();
+                *slot = fetched.next().map(|a| a.map_err(Problem::from));
             }
         }
         let mut memory = self.memory();
@@ -388,20 +374,21 @@ impl Endpoint for RemoteEndpoint {
         &mut self,
         reads: Vec<ChunkRead>,
     ) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
-        let asked: Vec<ChunkRef> = reads.iter().map(|r| r.chunk).collect();
-        let chunks = match self.call(RequestBody::ReadChunks { reads }, 0).await? {
-            ResponseBody::ReadChunks(Ok(chunks)) => chunks,
-            ResponseBody::ReadChunks(Err(e)) => return Err(e),
-            other => return Err(self.wrong_kind("ReadChunks", &other)),
-        };
-        self.check_count("chunk reads", asked.len(), &chunks)?;
-        self.session
-            .stats_handle()
-            .add_content_received(chunk_bytes(chunks.iter().flatten()));
-        asked
-            .iter()
-            .zip(chunks)
-            .map(|(read, chunk)| chunk.map(|c| self.receive_chunk(read, c)).transpose())
+        let reads = reads
+            .into_iter()
+            .map(|read| DeltaRead { read, base: None })
+            .collect();
+        self.read_deltas(reads)
+            .await?
+            .into_iter()
+            .map(|data| match data {
+                None => Ok(None),
+                Some(ChunkData::Whole(d)) => Ok(Some(d)),
+                // Only a read with a base may be answered with a delta (checked below).
+                Some(ChunkData::Delta(_)) => Err(self
+                    .session
+                    .violation("sent a delta for a read without a base".into())),
+            })
             .collect()
     }
 
@@ -409,11 +396,6 @@ impl Endpoint for RemoteEndpoint {
         &mut self,
         reads: Vec<DeltaRead>,
     ) -> Result<Vec<Option<ChunkData>>, EndpointError> {
-        if !self.deltas() || reads.iter().all(|r| r.base.is_none()) {
-            let plain = reads.into_iter().map(|r| r.read).collect();
-            let datas = self.read_chunks(plain).await?;
-            return Ok(datas.into_iter().map(|d| d.map(ChunkData::Whole)).collect());
-        }
         let asked: Vec<(ChunkRef, bool)> = reads
             .iter()
             .map(|r| (r.read.chunk, r.base.is_some()))
@@ -425,10 +407,10 @@ impl Endpoint for RemoteEndpoint {
                 base: r.base,
             })
             .collect();
-        let chunks = match self.call(RequestBody::ReadChunks2 { reads }, 0).await? {
-            ResponseBody::ReadChunks2(Ok(chunks)) => chunks,
-            ResponseBody::ReadChunks2(Err(e)) => return Err(e),
-            other => return Err(self.wrong_kind("ReadChunks2", &other)),
+        let chunks = match self.call(RequestBody::ReadChunks { reads }, 0).await? {
+            ResponseBody::Chunks(Ok(chunks)) => chunks,
+            ResponseBody::Chunks(Err(e)) => return Err(e.into()),
+            other => return Err(self.wrong_kind("ReadChunks", &other)),
         };
         self.check_count("chunk reads", asked.len(), &chunks)?;
         self.session
@@ -466,103 +448,61 @@ impl Endpoint for RemoteEndpoint {
     async fn stage(
         &mut self,
         files: Vec<StageRequest>,
-    ) -> Result<Vec<Result<Vec<MissingChunk>, Problem>>, EndpointError> {
-        let asked = files.len();
-        if self.deltas() {
-            {
-                let mut memory = self.memory();
-                for f in &files {
-                    memory.staged(self.share, &f.path, &f.manifest);
-                }
+    ) -> Result<Vec<Result<Vec<MissingChunk>, NotStaged>>, EndpointError> {
+        {
+            let mut memory = self.memory();
+            for f in &files {
+                memory.staged(self.share, &f.path, &f.manifest);
             }
-            let full: Vec<StageRequest> = files.clone();
-            let wire: Vec<StageFile> = files
-                .into_iter()
-                .map(|f| self.stage_file(f, true))
-                .collect();
-            let edited: Vec<bool> = wire
+        }
+        let full: Vec<StageRequest> = files.clone();
+        let wire: Vec<StageFile> = files
+            .into_iter()
+            .map(|f| self.stage_file(f, true))
+            .collect();
+        let edited: Vec<bool> = wire
+            .iter()
+            .map(|f| matches!(f.manifest, ManifestForm::Edits { .. }))
+            .collect();
+        let mut answers = self.stage_round(wire).await?;
+        let baseless =
+            (0..answers.len()).find(|&i| answers[i] == StageAnswer::BaseUnknown && !edited[i]);
+        if let Some(i) = baseless {
+            return Err(self.session.violation(format!(
+                "answered BaseUnknown for file {i}, whose manifest was sent in full"
+            )));
+        }
+        // Edits the guest could not rebuild: once more, in full.
+        let again: Vec<usize> = (0..answers.len())
+            .filter(|&i| answers[i] == StageAnswer::BaseUnknown)
+            .collect();
+        if !again.is_empty() {
+            let retry = again
                 .iter()
-                .map(|f| matches!(f.manifest, ManifestForm::Edits { .. }))
+                .filter_map(|&i| full.get(i).cloned())
+                .map(|f| self.stage_file(f, false))
                 .collect();
-            let mut answers = self.stage2(wire).await?;
-            let baseless =
-                (0..answers.len()).find(|&i| answers[i] == StageAnswer::BaseUnknown && !edited[i]);
-            if let Some(i) = baseless {
-                return Err(self.session.violation(format!(
-                    "answered BaseUnknown for file {i}, whose manifest was sent in full"
-                )));
+            let second = self.stage_round(retry).await?;
+            for (i, answer) in again.into_iter().zip(second) {
+                answers[i] = answer;
             }
-            // Edits the guest could not rebuild: once more, in full.
-            let again: Vec<usize> = (0..answers.len())
-                .filter(|&i| answers[i] == StageAnswer::BaseUnknown)
-                .collect();
-            if !again.is_empty() {
-                let retry = again
-                    .iter()
-                    .filter_map(|&i| full.get(i).cloned())
-                    .map(|f| self.stage_file(f, false))
-                    .collect();
-                let second = self.stage2(retry).await?;
-                for (i, answer) in again.into_iter().zip(second) {
-                    answers[i] = answer;
-                }
-            }
-            return answers
-                .into_iter()
-                .map(|a| match a {
-                    StageAnswer::Missing(missing) => Ok(Ok(missing)),
-                    StageAnswer::Problem(p) => Ok(Err(p)),
-                    StageAnswer::BaseUnknown => Err(self
-                        .session
-                        .violation("answered a full manifest with BaseUnknown".into())),
-                })
-                .collect();
         }
-        match self.call(RequestBody::Stage { files }, 0).await? {
-            ResponseBody::Stage(Ok(staged)) => {
-                self.check_count("files to stage", asked, &staged)?;
-                Ok(staged
-                    .into_iter()
-                    .map(|r| {
-                        r.map(|hashes| {
-                            hashes
-                                .into_iter()
-                                .map(|hash| MissingChunk { hash, base: None })
-                                .collect()
-                        })
-                    })
-                    .collect())
-            }
-            ResponseBody::Stage(Err(e)) => Err(e),
-            other => Err(self.wrong_kind("Stage", &other)),
-        }
+        answers
+            .into_iter()
+            .map(|a| match a {
+                StageAnswer::Missing(missing) => Ok(Ok(missing)),
+                StageAnswer::Problem(p) => Ok(Err(NotStaged::Problem(p.into()))),
+                StageAnswer::NoRoom => Ok(Err(NotStaged::NoRoom)),
+                StageAnswer::BaseUnknown => Err(self
+                    .session
+                    .violation("answered a full manifest with BaseUnknown".into())),
+            })
+            .collect()
     }
 
     async fn supply(&mut self, chunks: Vec<(Hash, ChunkData)>) -> Result<Vec<Hash>, EndpointError> {
         let raw: usize = chunks.iter().map(|(_, d)| d.len()).sum();
         let level = level_for_batch(self.zstd_level, raw);
-        if !self.deltas() {
-            // An older guest takes whole chunks only; a delta stays missing and comes again whole.
-            let mut missing = Vec::new();
-            let mut wire: Vec<WireChunk> = Vec::with_capacity(chunks.len());
-            for (hash, data) in &chunks {
-                match data {
-                    ChunkData::Whole(d) => wire.push(encode_chunk(*hash, d, level)),
-                    ChunkData::Delta(_) => missing.push(*hash),
-                }
-            }
-            if !wire.is_empty() {
-                let content = chunk_bytes(&wire);
-                match self
-                    .call(RequestBody::Supply { chunks: wire }, content)
-                    .await?
-                {
-                    ResponseBody::Supply(result) => result?,
-                    other => return Err(self.wrong_kind("Supply", &other)),
-                }
-            }
-            return Ok(missing);
-        }
         let sent: HashSet<Hash> = chunks.iter().map(|(h, _)| *h).collect();
         let whole = chunks.iter().all(|(_, d)| matches!(d, ChunkData::Whole(_)));
         let wire: Vec<WireContent> = chunks
@@ -579,7 +519,7 @@ impl Endpoint for RemoteEndpoint {
             self.settle_down_to(MAX_UNANSWERED_SUPPLIES - 1).await?;
             let pending = self
                 .session
-                .send(self.share, RequestBody::Supply2 { chunks: wire }, content)
+                .send(self.share, RequestBody::Supply { chunks: wire }, content)
                 .await?;
             self.unanswered
                 .lock()
@@ -588,11 +528,11 @@ impl Endpoint for RemoteEndpoint {
             return Ok(Vec::new());
         }
         let missing = match self
-            .call(RequestBody::Supply2 { chunks: wire }, content)
+            .call(RequestBody::Supply { chunks: wire }, content)
             .await?
         {
-            ResponseBody::Supply2(result) => result?,
-            other => return Err(self.wrong_kind("Supply2", &other)),
+            ResponseBody::Supplied(result) => result?,
+            other => return Err(self.wrong_kind("Supply", &other)),
         };
         if let Some(h) = missing.iter().find(|h| !sent.contains(h)) {
             return Err(self.session.violation(format!(
@@ -604,7 +544,7 @@ impl Endpoint for RemoteEndpoint {
 
     async fn mark(&mut self, generation: u64) -> Result<(), EndpointError> {
         match self.call(RequestBody::Mark { generation }, 0).await? {
-            ResponseBody::Marked(result) => result,
+            ResponseBody::Marked(result) => result.map_err(EndpointError::from),
             other => Err(self.wrong_kind("Mark", &other)),
         }
     }
@@ -622,7 +562,7 @@ impl Endpoint for RemoteEndpoint {
             })
             .collect();
         match self.call(RequestBody::Transition { changes }, 0).await? {
-            ResponseBody::Transition(Ok(outcomes)) => {
+            ResponseBody::Transitioned(Ok(outcomes)) => {
                 self.check_count("changes", asked, &outcomes)?;
                 let mut memory = self.memory();
                 for ((path, digest), outcome) in landing.iter().zip(&outcomes) {
@@ -632,7 +572,7 @@ impl Endpoint for RemoteEndpoint {
                 }
                 Ok(outcomes)
             }
-            ResponseBody::Transition(Err(e)) => Err(e),
+            ResponseBody::Transitioned(Err(e)) => Err(e.into()),
             other => Err(self.wrong_kind("Transition", &other)),
         }
     }

@@ -16,7 +16,7 @@
 
 use super::client::{millis, Reader, Writer};
 use super::io::{MeteredRead, MeteredWrite};
-use super::stats::{chunk_bytes, content_bytes, Stats};
+use super::stats::{content_bytes, Stats};
 use crate::error::{error_chain, TransportError};
 use crate::limits::{
     HANDSHAKE_TIMEOUT_MS, PEER_SILENCE_LIMIT_MS, POLL_WAIT_MS, WRITE_QUEUE_MESSAGES,
@@ -33,7 +33,7 @@ use tokio::task::{JoinError, JoinHandle};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use vmsync_core::edits;
 use vmsync_core::endpoint::{
-    ChangeHints, ChunkData, DeltaRead, Endpoint, EndpointError, ScanOptions, ScanScope,
+    ChangeHints, ChunkData, DeltaRead, Endpoint, EndpointError, NotStaged, ScanOptions, ScanScope,
     StageRequest,
 };
 use vmsync_core::path::escape_bytes;
@@ -47,8 +47,8 @@ use vmsync_protocol::limits::{
 };
 use vmsync_protocol::listing;
 use vmsync_protocol::messages::{
-    ManifestForm, ScanDelta, ScanWithManifests, StageAnswer, StageFile, SCAN_MANIFESTS_MAX,
-    SCAN_MANIFEST_MAX_FILE_BYTES,
+    ManifestForm, ScanDelta, Scanned, StageAnswer, StageFile, WireError, WireProblem,
+    SCAN_MANIFESTS_MAX, SCAN_MANIFEST_MAX_FILE_BYTES,
 };
 use vmsync_protocol::{
     decode_delta, encode_chunk, encode_delta, encode_message, unpack_chunk, CodecError, FrameCodec,
@@ -183,7 +183,7 @@ where
                 let wait = Duration::from_millis(u64::from(max_wait_ms.min(POLL_WAIT_MS)));
                 polls.spawn(async move {
                     let body = match tokio::time::timeout(wait, endpoint.changes()).await {
-                        Ok(result) => ResponseBody::Changes(result),
+                        Ok(result) => ResponseBody::Changes(result.map_err(WireError::from)),
                         Err(_) => ResponseBody::Changes(Ok(ChangeHints::default())),
                     };
                     if let Ok(bytes) = encode_response(id, kind, body, &stats) {
@@ -205,12 +205,11 @@ where
             }
             (Some(endpoint), body) => dispatch(endpoint, body, config.zstd_level).await,
             // The reader checked the index already.
-            (None, _) => ResponseBody::error(kind, EndpointError::UnknownShare(share.to_string())),
+            (None, _) => {
+                ResponseBody::error(kind, EndpointError::UnknownShare(share.to_string()).into())
+            }
         };
-        if matches!(
-            kind,
-            RequestKind::Scan | RequestKind::ScanFull | RequestKind::Scan2
-        ) {
+        if matches!(kind, RequestKind::Scan | RequestKind::ScanFull) {
             stats.update_share(share, |s| s.scans += 1);
         }
         let sent_before = stats.snapshot().content_bytes_sent;
@@ -395,8 +394,7 @@ where
             )));
         }
         let received = match &request.body {
-            RequestBody::Supply { chunks } => chunk_bytes(chunks),
-            RequestBody::Supply2 { chunks } => content_bytes(chunks),
+            RequestBody::Supply { chunks } => content_bytes(chunks),
             _ => 0,
         };
         if received > 0 {
@@ -436,80 +434,24 @@ async fn dispatch<E: Endpoint>(
 ) -> ResponseBody {
     match body {
         RequestBody::Ping => ResponseBody::Pong,
-        RequestBody::Scan { scope, options } => {
-            ResponseBody::Scan(endpoint.scan(scope, options).await)
-        }
-        RequestBody::Manifests { files } => {
-            ResponseBody::Manifests(endpoint.manifests(files).await)
-        }
-        RequestBody::ReadChunks { reads } => {
-            let asked: Vec<_> = reads.iter().map(|r| r.chunk.hash).collect();
-            let result = endpoint.read_chunks(reads).await.and_then(|datas| {
-                if datas.len() != asked.len() {
-                    return Err(EndpointError::Io(format!(
-                        "the guest's endpoint answered {} of {} chunk reads",
-                        datas.len(),
-                        asked.len()
-                    )));
-                }
-                let raw: usize = datas.iter().flatten().map(Vec::len).sum();
-                let level = level_for_batch(zstd_level, raw);
-                Ok(asked
-                    .iter()
-                    .zip(datas)
-                    .map(|(hash, data)| data.map(|d| encode_chunk(*hash, &d, level)))
-                    .collect())
-            });
-            ResponseBody::ReadChunks(result)
-        }
-        // The old form: no bases offered.
-        RequestBody::Stage { files } => {
-            let result = endpoint.stage(files).await.map(|answers| {
-                answers
-                    .into_iter()
-                    .map(|a| a.map(|missing| missing.into_iter().map(|m| m.hash).collect()))
-                    .collect()
-            });
-            ResponseBody::Stage(result)
-        }
-        RequestBody::Supply { chunks } => {
-            let decoded: Result<Vec<_>, _> = chunks
-                .into_iter()
-                .enumerate()
-                .map(|(i, c)| {
-                    unpack_chunk(c).map_err(|e| {
-                        EndpointError::Protocol(format!("supplied chunk {i}: {}", error_chain(&e)))
-                    })
-                })
-                .collect();
-            match decoded {
-                Ok(chunks) => {
-                    let chunks = chunks
+        RequestBody::Scan { scope, options } => ResponseBody::Scanned(
+            scan_with_manifests(endpoint, scope, options)
+                .await
+                .map_err(WireError::from),
+        ),
+        RequestBody::Manifests { files } => ResponseBody::Manifests(
+            endpoint
+                .manifests(files)
+                .await
+                .map(|answers| {
+                    answers
                         .into_iter()
-                        .map(|(h, d)| (h, ChunkData::Whole(d)))
-                        .collect();
-                    // Whole chunks are never left missing (a mismatch is an error).
-                    ResponseBody::Supply(endpoint.supply(chunks).await.map(|_| ()))
-                }
-                Err(e) => ResponseBody::Supply(Err(e)),
-            }
-        }
-        RequestBody::Transition { changes } => {
-            ResponseBody::Transition(endpoint.transition(changes).await)
-        }
-        RequestBody::Mark { generation } => ResponseBody::Marked(endpoint.mark(generation).await),
-        // Served in a task of its own by the session loop; reaching here means the share index
-        // was bad, which the reader already refused.
-        RequestBody::PollChanges { .. } => ResponseBody::Changes(Ok(ChangeHints::default())),
-        // Answered by the session loop, which holds the listings.
-        RequestBody::ScanFull { .. } => ResponseBody::ScanDelta(Err(EndpointError::Protocol(
-            "ScanFull reached the plain dispatcher".into(),
-        ))),
-        RequestBody::Stage2 { files } => ResponseBody::Stage2(stage2(endpoint, files).await),
-        RequestBody::Scan2 { scope, options } => {
-            ResponseBody::Scan2(scan_with_manifests(endpoint, scope, options).await)
-        }
-        RequestBody::ReadChunks2 { reads } => {
+                        .map(|a| a.map_err(WireProblem::from))
+                        .collect()
+                })
+                .map_err(WireError::from),
+        ),
+        RequestBody::ReadChunks { reads } => {
             let asked: Vec<_> = reads.iter().map(|r| r.read.chunk.hash).collect();
             let reads = reads
                 .into_iter()
@@ -534,9 +476,12 @@ async fn dispatch<E: Endpoint>(
                     .map(|(hash, data)| data.map(|d| encode_content(*hash, &d, level)))
                     .collect())
             });
-            ResponseBody::ReadChunks2(result)
+            ResponseBody::Chunks(result.map_err(WireError::from))
         }
-        RequestBody::Supply2 { chunks } => {
+        RequestBody::Stage { files } => {
+            ResponseBody::Staged(stage(endpoint, files).await.map_err(WireError::from))
+        }
+        RequestBody::Supply { chunks } => {
             let decoded: Result<Vec<_>, _> = chunks
                 .into_iter()
                 .enumerate()
@@ -546,22 +491,37 @@ async fn dispatch<E: Endpoint>(
                     })
                 })
                 .collect();
-            match decoded {
-                Ok(chunks) => ResponseBody::Supply2(endpoint.supply(chunks).await),
-                Err(e) => ResponseBody::Supply2(Err(e)),
-            }
+            let result = match decoded {
+                Ok(chunks) => endpoint.supply(chunks).await,
+                Err(e) => Err(e),
+            };
+            ResponseBody::Supplied(result.map_err(WireError::from))
         }
+        RequestBody::Transition { changes } => {
+            ResponseBody::Transitioned(endpoint.transition(changes).await.map_err(WireError::from))
+        }
+        RequestBody::Mark { generation } => {
+            ResponseBody::Marked(endpoint.mark(generation).await.map_err(WireError::from))
+        }
+        // Served in a task of its own by the session loop; reaching here means the share index
+        // was bad, which the reader already refused.
+        RequestBody::PollChanges { .. } => ResponseBody::Changes(Ok(ChangeHints::default())),
+        // Answered by the session loop, which holds the listings.
+        RequestBody::ScanFull { .. } => ResponseBody::ScanDelta(Err(EndpointError::Protocol(
+            "ScanFull reached the plain dispatcher".into(),
+        )
+        .into())),
     }
 }
 
-/// Answers `Scan2`: the scan, and the manifests of the first
+/// Answers a targeted `Scan`: the scan, and the manifests of the first
 /// [`SCAN_MANIFESTS_MAX`] files it lists of at most [`SCAN_MANIFEST_MAX_FILE_BYTES`] (in path
 /// order, as the report lists them), which the host would otherwise ask for next.
 async fn scan_with_manifests<E: Endpoint>(
     endpoint: &mut E,
     scope: ScanScope,
     options: ScanOptions,
-) -> Result<ScanWithManifests, EndpointError> {
+) -> Result<Scanned, EndpointError> {
     let report = endpoint.scan(scope, options).await?;
     let small: Vec<(RelPath, FileMeta)> = report
         .entries
@@ -578,7 +538,7 @@ async fn scan_with_manifests<E: Endpoint>(
         // The manifests are a bonus: if they cannot be had, the scan still answers, and the
         // host asks for them (and hears why) as it would have.
         let Ok(answers) = endpoint.manifests(small).await else {
-            return Ok(ScanWithManifests { report, manifests });
+            return Ok(Scanned::new(report, manifests));
         };
         for (path, answer) in paths.into_iter().zip(answers) {
             // A file that changed since is simply left out: the host asks for it as before.
@@ -587,14 +547,14 @@ async fn scan_with_manifests<E: Endpoint>(
             }
         }
     }
-    Ok(ScanWithManifests { report, manifests })
+    Ok(Scanned::new(report, manifests))
 }
 
-/// Answers `Stage2`: rebuilds manifests sent as edits against the manifest of the file the
+/// Answers `Stage`: rebuilds manifests sent as edits against the manifest of the file the
 /// endpoint has at that path now (which must be the base the edits name), checks each rebuilt
 /// one against its file's digest, and stages every file it has a manifest for. A file whose
 /// edits do not fit gets `BaseUnknown`, and the host sends it again in full.
-async fn stage2<E: Endpoint>(
+async fn stage<E: Endpoint>(
     endpoint: &mut E,
     files: Vec<StageFile>,
 ) -> Result<Vec<StageAnswer>, EndpointError> {
@@ -654,7 +614,8 @@ async fn stage2<E: Endpoint>(
             Some(a) => Ok(a),
             None => match staged.next() {
                 Some(Ok(missing)) => Ok(StageAnswer::Missing(missing)),
-                Some(Err(p)) => Ok(StageAnswer::Problem(p)),
+                Some(Err(NotStaged::Problem(p))) => Ok(StageAnswer::Problem(p.into())),
+                Some(Err(NotStaged::NoRoom)) => Ok(StageAnswer::NoRoom),
                 None => Err(EndpointError::Io(
                     "the guest's endpoint answered too few staged files".into(),
                 )),
@@ -699,7 +660,7 @@ async fn scan_full<E: Endpoint>(
 ) -> (ResponseBody, Option<Listing>) {
     let report = match endpoint.scan(ScanScope::Full, options).await {
         Ok(r) => r,
-        Err(e) => return (ResponseBody::ScanDelta(Err(e)), None),
+        Err(e) => return (ResponseBody::ScanDelta(Err(e.into())), None),
     };
     let token = *next_token;
     *next_token += 1;
@@ -716,7 +677,7 @@ async fn scan_full<E: Endpoint>(
         root: report.root,
         changed,
         removed,
-        problems: report.problems,
+        problems: report.problems.into_iter().map(WireProblem::from).collect(),
         ignored: report.ignored,
         generation: report.generation,
     };
@@ -735,8 +696,7 @@ fn encode_response(
     stats: &Stats,
 ) -> Result<Bytes, TransportError> {
     let content = match &body {
-        ResponseBody::ReadChunks(Ok(chunks)) => chunk_bytes(chunks.iter().flatten()),
-        ResponseBody::ReadChunks2(Ok(chunks)) => content_bytes(chunks.iter().flatten()),
+        ResponseBody::Chunks(Ok(chunks)) => content_bytes(chunks.iter().flatten()),
         _ => 0,
     };
     match encode_message(&Message::Response(Response { id, body }), MAX_MESSAGE_BYTES) {
@@ -759,7 +719,7 @@ fn encode_response(
             };
             let fallback = Message::Response(Response {
                 id,
-                body: ResponseBody::error(kind, err),
+                body: ResponseBody::error(kind, err.into()),
             });
             encode_message(&fallback, MAX_MESSAGE_BYTES)
                 .map(Bytes::from)

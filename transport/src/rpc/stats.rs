@@ -96,16 +96,6 @@ impl Stats {
     }
 }
 
-/// Sum of the on-wire data lengths of some chunks.
-pub(crate) fn chunk_bytes<'a>(
-    chunks: impl IntoIterator<Item = &'a vmsync_protocol::WireChunk>,
-) -> u64 {
-    chunks
-        .into_iter()
-        .map(|c| u64::try_from(c.data.len()).unwrap_or(u64::MAX))
-        .fold(0u64, u64::saturating_add)
-}
-
 /// Sum of the on-wire data lengths of some chunk contents (whole chunks and deltas).
 pub(crate) fn content_bytes<'a>(
     contents: impl IntoIterator<Item = &'a vmsync_protocol::WireContent>,

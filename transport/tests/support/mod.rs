@@ -13,8 +13,8 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::codec::Framed;
 use vmsync_core::endpoint::{
-    Change, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, MissingChunk, Outcome,
-    Problem, ScanOptions, ScanReport, ScanScope, StageRequest,
+    Change, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, MissingChunk, NotStaged,
+    Outcome, Problem, ScanOptions, ScanReport, ScanScope, StageRequest,
 };
 use vmsync_core::{ChunkRef, Entry, FileMeta, Hash, Manifest, RelPath, Timestamp};
 use vmsync_protocol::handshake::{self, share_not_exported};
@@ -231,7 +231,7 @@ impl Endpoint for Fake {
     async fn stage(
         &mut self,
         files: Vec<StageRequest>,
-    ) -> Result<Vec<Result<Vec<MissingChunk>, Problem>>, EndpointError> {
+    ) -> Result<Vec<Result<Vec<MissingChunk>, NotStaged>>, EndpointError> {
         self.enter().await;
         let mut st = self.state.lock().unwrap();
         let mut local: HashMap<Hash, Vec<u8>> = HashMap::new();
