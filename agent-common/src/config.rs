@@ -9,8 +9,9 @@ use std::path::{Component, Path, PathBuf};
 use toml::Spanned;
 use vmsync_transport::endpoint_addr::MAX_UNIX_SOCKET_PATH_BYTES;
 
-/// Longest share name. Names travel in the handshake and name directories under `state_dir`.
-pub const MAX_SHARE_NAME_BYTES: usize = 64;
+/// The share-name rule is the protocol's (names travel in the handshake): both agents' configs
+/// check it with the guest's own words, so a name one side accepts the other never refuses.
+pub use vmsync_protocol::handshake::share_name_error;
 
 /// Everything that can go wrong loading a configuration. Both variants are the user's to fix;
 /// `check` exits 2 on either.
@@ -186,32 +187,6 @@ fn drop_at(
         table: table_span,
         key,
     })
-}
-
-/// `None` when `name` is a valid share name, else why not.
-pub fn share_name_error(name: &str) -> Option<String> {
-    if name.is_empty() {
-        return Some("must not be empty".to_string());
-    }
-    if name.len() > MAX_SHARE_NAME_BYTES {
-        return Some(format!(
-            "is {} bytes; the limit is {MAX_SHARE_NAME_BYTES}",
-            name.len()
-        ));
-    }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Some(format!(
-            "contains {bad:?}; use only letters, digits, `.`, `_` and `-`"
-        ));
-    }
-    // The name becomes a directory name under state_dir.
-    if name == "." || name == ".." {
-        return Some("must not be `.` or `..`".to_string());
-    }
-    None
 }
 
 /// How a share path (or `state_dir`) is turned into the directory it names: [`on_disk`] for a

@@ -824,7 +824,13 @@ deletion_exempt = ["out/", "*.o"]
             (
                 "dot share name",
                 "guest = \"unix:/g.sock\"\n[[share]]\nname = \"..\"\npath = \"/a\"\n",
-                &["must not be `.` or `..`"],
+                &["must not start with `.`"],
+            ),
+            (
+                // The guest refuses it in the handshake: the host must not accept it either.
+                "hidden share name",
+                "guest = \"unix:/g.sock\"\n[[share]]\nname = \".dotfiles\"\npath = \"/a\"\n",
+                &["vm1.toml:3:8: share name \".dotfiles\": must not start with `.`"],
             ),
             (
                 "long share name",
