@@ -437,8 +437,8 @@ fn the_shipped_default_configurations_pass_check() {
     }
 }
 
-/// docs/testing.md "Crash and fault injection": either agent killed with SIGKILL in the middle of a
-/// transfer, then restarted: the trees converge, every file is whole, nothing is left in the
+/// docs/testing.md "Crash and fault injection": either agent killed with SIGKILL in the middle
+/// of a transfer, then restarted: the trees converge, every file is whole, nothing is left in the
 /// staging area.
 #[test]
 fn kill_9_of_either_agent_mid_transfer_converges_with_no_torn_files() {
@@ -453,12 +453,24 @@ fn kill_9_of_either_agent_mid_transfer_converges_with_no_torn_files() {
             );
         }
         a.start();
-        // Let the transfer get under way, then kill without warning.
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        // Let the transfer get under way (4 MiB of its 98 across the socket), then kill
+        // without warning.
+        let under_way =
+            vmsync_tests::agents::eventually(std::time::Duration::from_secs(120), || {
+                a.wire_bytes() >= 4 << 20
+            });
+        assert!(under_way, "{victim}: the transfer never started");
         match victim {
             "guest" => a.kill_guest(),
             _ => a.kill_host(),
         }
+        // The kill landed mid-transfer: the big file had not arrived whole.
+        let arrived = std::fs::read(a.guest_dir.join("big/disk.img")).unwrap_or_default();
+        assert!(
+            arrived.len() < 96 << 20
+                || arrived != std::fs::read(a.host_dir.join("big/disk.img")).unwrap(),
+            "{victim}: killed after the transfer, not during it"
+        );
         match victim {
             "guest" => a.start_guest(),
             _ => a.start_host(),
