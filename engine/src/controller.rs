@@ -16,9 +16,10 @@
 //! next hints bring. Its path is frozen in those cycles until it lands, then hinted again.
 
 use crate::filter::Filter;
+use crate::planner::{self, LostMarker, Planned, Verdict};
 use crate::state::{Generation, InFlight, PendingBatch, ShareMeta, StateDb, StateError};
 use crate::status::{ProblemView, ShareState, ShareStatus};
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -27,8 +28,8 @@ use vmsync_core::endpoint::{
     Change, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, NotStaged, Outcome, Problem,
     ScanOptions, ScanReport, ScanScope, StageRequest,
 };
-use vmsync_core::path::{escape_bytes, subtree};
-use vmsync_core::reconcile::{reconcile, Action, ConflictPolicy, Plan, Side, SyncMode};
+use vmsync_core::path::escape_bytes;
+use vmsync_core::reconcile::{Action, ConflictPolicy, Plan, Side, SyncMode};
 use vmsync_core::rollback::{check_generation, rollback_ancestor, GenerationCheck};
 use vmsync_core::safety::{check_emptied, check_root, DeletionLimit, HaltReason};
 use vmsync_core::{Entry, FileMeta, Hash, RelPath, Snapshot};
@@ -728,27 +729,28 @@ impl Controller {
             if !self.marker_lost(side, report) {
                 continue;
             }
-            // Judge a lost marker on a full scan only: a targeted one cannot tell an emptied
-            // root from a few quiet paths.
-            if scope != ScanScope::Full {
-                return Ok(CycleReport {
-                    retry: true,
-                    ..CycleReport::default()
-                });
-            }
-            if !report.entries.is_empty() {
-                self.forget_root(side)?;
-                let notice = format!(
-                    "the {} share's root marker (.vmsync/id) was gone: the root was accepted \
+            match planner::on_lost_marker(&scope, !report.entries.is_empty()) {
+                LostMarker::Judge => {}
+                LostMarker::Retry => {
+                    return Ok(CycleReport {
+                        retry: true,
+                        ..CycleReport::default()
+                    })
+                }
+                LostMarker::Readopt => {
+                    self.forget_root(side)?;
+                    let notice = format!(
+                        "the {} share's root marker (.vmsync/id) was gone: the root was accepted \
                      again and both sides merged add-only (nothing deleted anywhere)",
-                    side.as_str()
-                );
-                tracing::warn!(share = %self.settings.name, "{notice}");
-                self.set_notice(notice);
-                return Ok(CycleReport {
-                    retry: true,
-                    ..CycleReport::default()
-                });
+                        side.as_str()
+                    );
+                    tracing::warn!(share = %self.settings.name, "{notice}");
+                    self.set_notice(notice);
+                    return Ok(CycleReport {
+                        retry: true,
+                        ..CycleReport::default()
+                    });
+                }
             }
         }
         if let Err(reason) = self.check_roots(&host_scan, &guest_scan) {
@@ -764,58 +766,19 @@ impl Controller {
         }
 
         let filter = &self.settings.filter.clone();
-        let visible = |entries: Vec<(RelPath, Entry)>| -> Snapshot {
-            entries
-                .into_iter()
-                .filter(|(p, e)| !filter.is_ignored(p, e.is_dir()))
-                .collect()
-        };
-        let mut host_snap = visible(host_scan.entries);
-        let mut guest_snap = visible(guest_scan.entries);
+        let host_snap = planner::visible(host_scan.entries, filter);
+        let guest_snap = planner::visible(guest_scan.entries, filter);
         if scope == ScanScope::Full {
             // What this process or a killed predecessor applied without recording it.
             let mut candidates = std::mem::take(&mut self.unconfirmed);
             candidates.extend(self.pending.load());
-            let landed: Vec<(RelPath, Option<Entry>)> = candidates
-                .into_iter()
-                .filter(|(side, path, new)| {
-                    let snap = match side {
-                        Side::Host => &host_snap,
-                        Side::Guest => &guest_snap,
-                    };
-                    snap.get(path) == new.as_ref()
-                })
-                .map(|(_, path, new)| (path, new))
-                .collect();
-            let mut seen = HashSet::new();
-            let landed: Vec<(RelPath, Option<Entry>)> = landed
-                .into_iter()
-                .filter(|(p, _)| seen.insert(p.clone()))
-                .collect();
+            let landed = planner::landed(candidates, &host_snap, &guest_snap);
             self.commit_ancestor(guest, landed).await?;
             self.pending.clear();
         }
-        // What the scope covers, found by range: a live cycle looks at its paths only.
-        let scoped: Box<dyn Iterator<Item = (&RelPath, &Entry)>> = match &scope {
-            ScanScope::Full => Box::new(self.ancestor.iter()),
-            ScanScope::Paths(paths) => Box::new(
-                paths
-                    .iter()
-                    .flat_map(|p| subtree(&self.ancestor, p))
-                    .chain(scope_parents(paths).filter_map(|d| self.ancestor.get_key_value(&d))),
-            ),
-        };
-        let mut ancestor: Snapshot = scoped
-            .filter(|(p, e)| !filter.is_ignored(p, e.is_dir()))
-            .map(|(p, e)| (p.clone(), e.clone()))
-            .collect();
-        // A path a scan could not read (unreadable, still changing, a special file in the way)
-        // is absent from its report. Absent must not read as deleted: freeze every such path,
-        // and everything beneath it, on both sides for this cycle. Likewise what a side's own
-        // ignore files exclude: never sent, deleted or overwritten, and its ancestor record
-        // kept for when it is no longer ignored. Files still crossing in a bulk job are frozen
-        // too, until it has landed them.
-        let frozen: Vec<&RelPath> = host_scan
+        // Unreadable and still-changing paths (absent from their scan), what a side's own
+        // ignore files exclude, and files still crossing in a bulk job.
+        let frozen = host_scan
             .problems
             .iter()
             .chain(&guest_scan.problems)
@@ -826,56 +789,34 @@ impl Controller {
                 self.bulk
                     .iter()
                     .flat_map(|j| j.actions.iter().map(|a| &a.path)),
-            )
-            .collect();
-        for path in frozen {
-            for snap in [&mut host_snap, &mut guest_snap, &mut ancestor] {
-                remove_subtree(snap, path);
-            }
-        }
-        if let ScanScope::Paths(paths) = &scope {
-            only_directory_parents(paths, &mut ancestor, &mut host_snap, &mut guest_snap);
-        }
+            );
+        let mut views = planner::views(
+            &scope,
+            &self.ancestor,
+            host_snap,
+            guest_snap,
+            frozen,
+            filter,
+        );
         if scope == ScanScope::Full {
-            for (side, snap) in [(Side::Host, &host_snap), (Side::Guest, &guest_snap)] {
-                if let Err(reason) = check_emptied(side, &ancestor, snap) {
+            for (side, snap) in [(Side::Host, &views.host), (Side::Guest, &views.guest)] {
+                if let Err(reason) = check_emptied(side, &views.ancestor, snap) {
                     return self.halt_and_put_back(reason, host, guest).await;
                 }
             }
         }
         if self.generation.merge_pending {
-            ancestor = self
-                .merge_after_rollback(guest, &ancestor, &host_snap, &guest_snap)
+            views.ancestor = self
+                .merge_after_rollback(guest, &views.ancestor, &views.host, &views.guest)
                 .await?;
         }
-
-        let mut plan = reconcile(
-            &ancestor,
-            &host_snap,
-            &guest_snap,
+        let Planned { plan, kept_dirs } = planner::plan(
+            &views,
             self.settings.mode,
             self.settings.policy,
+            &host_scan.ignored,
+            &guest_scan.ignored,
         );
-        // A directory the other side removed cannot go while something this side ignores is
-        // still in it (nothing ignored is ever deleted). Keep it, and forget it in the
-        // ancestor: the next cycle then sees it as this side's and gives the other side the
-        // (empty) directory back, where retrying the removal would fail on every cycle.
-        let mut kept_dirs = Vec::new();
-        plan.actions.retain(|a| {
-            let ignored = match a.target {
-                Side::Host => &host_scan.ignored,
-                Side::Guest => &guest_scan.ignored,
-            };
-            let keep = a.new.is_none()
-                && matches!(a.expected, Some(Entry::Dir { .. }))
-                && holds_any(ignored, &a.path);
-            if keep {
-                kept_dirs.push(a.path.clone());
-            }
-            !keep
-        });
-        let dirs_kept = !kept_dirs.is_empty();
-        plan.agreed.extend(kept_dirs.into_iter().map(|p| (p, None)));
         let now = self.now_ms();
         for window in &mut self.windows {
             window.expire(now);
@@ -891,16 +832,13 @@ impl Controller {
                 self.judge_window(side, planned)
             });
             if let Err(reason) = verdict {
-                // A targeted cycle sees part of the story: the hint for a directory's old name
-                // can arrive a moment before the one for its new name, and a move then looks
-                // like a mass deletion. Decide only on a full cycle.
-                if scope != ScanScope::Full {
-                    return Ok(CycleReport {
+                return match planner::on_objection(&scope, reason) {
+                    Verdict::Retry => Ok(CycleReport {
                         retry: true,
                         ..CycleReport::default()
-                    });
-                }
-                return self.halt_and_put_back(reason, host, guest).await;
+                    }),
+                    Verdict::Halt(reason) => self.halt_and_put_back(reason, host, guest).await,
+                };
             }
         }
 
@@ -969,7 +907,7 @@ impl Controller {
         match &scope {
             ScanScope::Full => self.conflicts.clear(),
             ScanScope::Paths(paths) => {
-                let parents: HashSet<RelPath> = scope_parents(paths).collect();
+                let parents: HashSet<RelPath> = planner::scope_parents(paths).collect();
                 self.conflicts.retain(|c| {
                     !parents.contains(c) && !paths.iter().any(|p| p == c || p.is_ancestor_of(c))
                 })
@@ -979,11 +917,11 @@ impl Controller {
             .extend(plan.conflicts.iter().map(|c| c.path.clone()));
         let conflicts: Vec<String> = self.conflicts.iter().map(RelPath::escaped).collect();
         let dirs = (scope == ScanScope::Full)
-            .then(|| 1 + host_snap.values().filter(|e| e.is_dir()).count() as u64);
+            .then(|| 1 + views.host.values().filter(|e| e.is_dir()).count() as u64);
         let report = CycleReport {
             applied: executed.applied.len(),
             conflicts: conflicts.len(),
-            retry: executed.retry || dirs_kept,
+            retry: executed.retry || kept_dirs,
             halted: false,
             pending: executed.pending,
         };
@@ -1507,62 +1445,6 @@ impl Totals {
             self.remove(&path, &old, exempt);
         }
     }
-}
-
-/// Removes `path` and everything beneath it from `snap`.
-/// The directories the paths of a targeted scope are in (not the root, none inside the scope).
-fn scope_parents(paths: &[RelPath]) -> impl Iterator<Item = RelPath> + '_ {
-    let parents: BTreeSet<RelPath> = paths
-        .iter()
-        .filter_map(RelPath::parent)
-        .filter(|d| !d.is_root() && !paths.iter().any(|p| p == d || p.is_ancestor_of(d)))
-        .collect();
-    parents.into_iter()
-}
-
-/// A targeted scan reports the directories its paths are in for their own metadata (a change
-/// inside moves a directory's mtime), without the rest of what they hold. Such a directory is
-/// reconciled only when it is a directory in the ancestor and on both sides: a metadata
-/// update at most. Anything else there (created, deleted, replaced) is left to a scan that
-/// covers it, so it is dropped from all three snapshots.
-fn only_directory_parents(
-    paths: &[RelPath],
-    ancestor: &mut Snapshot,
-    host: &mut Snapshot,
-    guest: &mut Snapshot,
-) {
-    for dir in scope_parents(paths) {
-        let all_dirs = [&*ancestor, &*host, &*guest]
-            .iter()
-            .all(|s| s.get(&dir).is_some_and(Entry::is_dir));
-        if !all_dirs {
-            for snap in [&mut *ancestor, &mut *host, &mut *guest] {
-                snap.remove(&dir);
-            }
-        }
-    }
-}
-
-fn remove_subtree(snap: &mut Snapshot, path: &RelPath) {
-    if path.is_root() {
-        snap.clear();
-        return;
-    }
-    let doomed: Vec<RelPath> = subtree(snap, path).map(|(p, _)| p.clone()).collect();
-    for p in doomed {
-        snap.remove(&p);
-    }
-}
-
-/// True when `sorted` (sorted by path, as scans report ignored paths) holds a path beneath
-/// `dir`. Descendants of `dir` are exactly the paths starting with "dir/": a binary search
-/// finds the first path not below that prefix, so a removal of many directories does not scan
-/// a long list once each.
-fn holds_any(sorted: &[RelPath], dir: &RelPath) -> bool {
-    let mut prefix = dir.as_bytes().to_vec();
-    prefix.push(b'/');
-    let first = sorted.partition_point(|p| p.as_bytes() < prefix.as_slice());
-    sorted.get(first).is_some_and(|p| dir.is_ancestor_of(p))
 }
 
 /// Which endpoint of a transfer failed.
@@ -2214,44 +2096,6 @@ struct Recorder {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn holds_any_finds_descendants_only() {
-        let rp = |s: &str| RelPath::from_bytes(s.as_bytes()).unwrap();
-        let sorted = vec![rp("a-b/x"), rp("a.c"), rp("a/b/target"), rp("ab/target")];
-        assert!(holds_any(&sorted, &rp("a")));
-        assert!(holds_any(&sorted, &rp("a/b")));
-        assert!(!holds_any(&sorted, &rp("a/c")));
-        assert!(
-            !holds_any(&sorted, &rp("a-b/x")),
-            "a path is not beneath itself"
-        );
-        assert!(holds_any(&sorted, &rp("ab")));
-        assert!(!holds_any(&sorted, &rp("b")));
-        assert!(!holds_any(&[], &rp("a")));
-    }
-
-    #[test]
-    fn remove_subtree_takes_the_path_and_its_descendants_only() {
-        let p = |s: &str| RelPath::from_bytes(s.as_bytes()).unwrap();
-        let mut snap: Snapshot = ["a", "a/b", "a/b/c", "a-b", "a0", "ab", "b"]
-            .into_iter()
-            .map(|s| {
-                (
-                    p(s),
-                    Entry::Dir {
-                        mode: 0o755,
-                        mtime: Default::default(),
-                    },
-                )
-            })
-            .collect();
-        remove_subtree(&mut snap, &p("a"));
-        let left: Vec<String> = snap.keys().map(|k| k.escaped()).collect();
-        assert_eq!(left, ["a-b", "a0", "ab", "b"]);
-        remove_subtree(&mut snap, &RelPath::root());
-        assert!(snap.is_empty());
-    }
 
     fn file(size: u64) -> Entry {
         Entry::File(FileMeta {

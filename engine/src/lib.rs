@@ -23,6 +23,7 @@
 //! - [`control`]: the control socket protocol (`status`, `sync`, `resume`) and its client.
 //! - [`watch`]: inotify events → coalesced change hints.
 //! - [`pace`]: bounds how often one path is cycled live (a log written many times a second).
+//! - [`planner`]: a cycle's decisions as pure functions: views, plan, verdicts.
 //! - [`controller`]: runs a sync cycle between two `Endpoint`s.
 //! - [`notify_systemd`]: `READY=1` to systemd for `Type=notify` units.
 
@@ -38,6 +39,7 @@ pub mod links;
 pub mod local;
 pub mod notify_systemd;
 pub mod pace;
+pub mod planner;
 pub mod reuse;
 pub mod root;
 pub mod scan;
