@@ -15,39 +15,28 @@
 //! and finished by [`Controller::bulk_step`], a few MiB at a time, between the cycles that the
 //! next hints bring. Its path is frozen in those cycles until it lands, then hinted again.
 
+mod bulk;
+mod transfer;
+
+use bulk::{advance, BulkJob};
+pub use transfer::BULK_MIN_BYTES;
+use transfer::{mark_and_record, transition, view, Executed, Recorder, Transfer};
+
 use crate::filter::Filter;
 use crate::planner::{self, LostMarker, Planned, Verdict};
-use crate::state::{Generation, InFlight, PendingBatch, ShareMeta, StateDb, StateError};
+use crate::state::{Generation, PendingBatch, ShareMeta, StateDb, StateError};
 use crate::status::{ProblemView, ShareState, ShareStatus};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use vmsync_core::deletions::{judge, lost_content, planned_losses, Content, DeletionWindow};
-use vmsync_core::endpoint::{
-    Change, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, NotStaged, Outcome, Problem,
-    ScanOptions, ScanReport, ScanScope, StageRequest,
-};
+use vmsync_core::deletions::{judge, planned_losses, DeletionWindow};
+use vmsync_core::endpoint::{Endpoint, EndpointError, Outcome, ScanOptions, ScanReport, ScanScope};
 use vmsync_core::path::escape_bytes;
 use vmsync_core::reconcile::{Action, ConflictPolicy, Plan, Side, SyncMode};
 use vmsync_core::rollback::{check_generation, rollback_ancestor, GenerationCheck};
 use vmsync_core::safety::{check_emptied, check_root, DeletionLimit, HaltReason};
-use vmsync_core::{Entry, FileMeta, Hash, RelPath, Snapshot};
-
-/// Files per stage batch: bounds the temp files a destination holds open at once, two batches'
-/// worth (it also caps itself, see `local::max_staged_files`). 128 keeps round trips and
-/// directory fsyncs few (each directory is fsynced once per batch) and the destination's
-/// parallel fsyncs busy.
-const MAX_STAGE_BATCH_FILES: usize = 128;
-/// Chunks per stage batch (summed over its manifests): bounds the size of one message.
-const MAX_STAGE_BATCH_CHUNKS: usize = 64 * 1024;
-/// Chunks per read/supply round trip: 64 chunks are at most 4 MiB.
-const MAX_CHUNKS_PER_READ: usize = 64;
-/// Changes per transition message.
-const MAX_TRANSITION_BATCH: usize = 1024;
-/// In a live cycle, a file missing at least this much chunk data on its destination after
-/// staging is finished in the background (see [`Controller::bulk_step`]).
-pub const BULK_MIN_BYTES: u64 = 8 << 20;
+use vmsync_core::{Entry, RelPath, Snapshot};
 
 /// The `halt_code` of a share paused because a disk is below its reserve.
 pub const DISK_FULL_CODE: &str = "disk-full";
@@ -157,37 +146,6 @@ struct SpaceGuard {
     /// The share is paused with `disk-full`: the last cycle found a side (or the state
     /// directory) below its reserve. The next cycle tries again.
     paused: bool,
-}
-
-/// Files of one stage batch whose missing chunks cross in [`Controller::bulk_step`]s.
-struct BulkJob {
-    /// The changes to make once everything is there; all on one destination side.
-    actions: Vec<Action>,
-    /// Source reads of the chunks the destination still lacks, each chunk once, with the base
-    /// the destination offered for it (a chunk whose delta failed comes back without one).
-    reads: VecDeque<DeltaRead>,
-    /// Chunks read and not yet supplied (the source reads ahead of the destination by one step).
-    ready: Option<Vec<(ChunkRead, ChunkData)>>,
-    /// Chunk → the job's files that wait for it, to drop the right ones when a read fails.
-    waiting: HashMap<Hash, Vec<RelPath>>,
-    /// Files whose source changed while being read: not committed.
-    failed: HashSet<RelPath>,
-}
-
-impl BulkJob {
-    fn target(&self) -> Option<Side> {
-        self.actions.first().map(|a| a.target)
-    }
-
-    /// The chunks this job has still to supply, with the side they go to.
-    fn queued(&self) -> impl Iterator<Item = (Side, Hash)> + '_ {
-        let target = self.target();
-        let reads = self.reads.iter().map(|r| r.read.chunk.hash);
-        let ready = self.ready.iter().flatten().map(|(r, _)| r.chunk.hash);
-        reads
-            .chain(ready)
-            .filter_map(move |h| target.map(|t| (t, h)))
-    }
 }
 
 impl Controller {
@@ -1066,19 +1024,18 @@ impl Controller {
             self.bulk.pop_front();
             return Ok(());
         };
-        let source = target.other();
         let advanced = match target {
-            Side::Guest => advance(host, guest, job).await,
-            Side::Host => advance(guest, host, job).await,
+            Side::Guest => advance(host, guest, target, job).await,
+            Side::Host => advance(guest, host, target, job).await,
         };
         let done = match advanced {
             Ok(done) => done,
-            Err((which, e)) => {
+            Err(e) => {
                 // Give the job up; its paths are looked at again by the next cycle.
                 if let Some(job) = self.bulk.pop_front() {
                     self.rehint.extend(job.actions.into_iter().map(|a| a.path));
                 }
-                return Err(side_err(flip(which, source))(e));
+                return Err(e);
             }
         };
         if !done {
@@ -1105,7 +1062,7 @@ impl Controller {
                 transition(host, target, &ready, &mut problems, &mut executed, false).await
             }
         };
-        result.map_err(|(_, e)| side_err(target)(e))?;
+        result?;
         self.commit_ancestor(guest, std::mem::take(&mut executed.applied))
             .await?;
         // A bulk job only creates; its creations may make up for earlier removals.
@@ -1247,35 +1204,32 @@ impl Controller {
                 Side::Guest => guest_actions.push(action.clone()),
             }
         }
-        // Apply each side: see `apply_side` for the order. A side that fails part way
+        // Apply each side: see `Transfer::apply` for the order. A side that fails part way
         // leaves what already landed recorded in the ancestor (see `Executed::recorder`).
-        if let Err((which, e)) = apply_side(
-            guest,
-            host,
-            Side::Host,
-            host_actions,
-            defer,
-            problems,
-            &mut executed,
-        )
-        .await
-        {
-            self.record_cut_off(executed);
-            return Err(side_err(flip(which, Side::Guest))(e));
+        let applied = async {
+            let to_host = Transfer {
+                src: &mut *guest,
+                dst: &mut *host,
+                target: Side::Host,
+                defer,
+                problems: &mut *problems,
+                executed: &mut executed,
+            };
+            to_host.apply(host_actions).await?;
+            let to_guest = Transfer {
+                src: host,
+                dst: guest,
+                target: Side::Guest,
+                defer,
+                problems,
+                executed: &mut executed,
+            };
+            to_guest.apply(guest_actions).await
         }
-        if let Err((which, e)) = apply_side(
-            host,
-            guest,
-            Side::Guest,
-            guest_actions,
-            defer,
-            problems,
-            &mut executed,
-        )
-        .await
-        {
+        .await;
+        if let Err(e) = applied {
             self.record_cut_off(executed);
-            return Err(side_err(flip(which, Side::Host))(e));
+            return Err(e);
         }
         Ok(executed)
     }
@@ -1313,73 +1267,6 @@ impl Controller {
                 self.unconfirmed.push((side, path.clone(), new.clone()));
             }
         }
-    }
-}
-
-fn flip(which: Which, source_side: Side) -> Side {
-    match which {
-        Which::Source => source_side,
-        Which::Dest => source_side.other(),
-    }
-}
-
-#[derive(Default)]
-struct Executed {
-    applied: Vec<(RelPath, Option<Entry>)>,
-    /// What applied changes removed or replaced by another kind (for the deletion windows).
-    removed: Vec<Removed>,
-    /// Content applied changes created on a side (for the deletion windows).
-    gained: Vec<(Side, Content)>,
-    /// Where each transition records what it applied in the ancestor, durably, as soon as it
-    /// returns (`None`: only at the end of the cycle). A cycle cut off later (the agent killed,
-    /// the connection lost) must not forget what already landed: the next cycle would read a
-    /// file it copied as the destination's own creation, and the source's later edit or
-    /// deletion of it as a conflict or a resurrection.
-    recorder: Option<Recorder>,
-    /// How many of `applied`, from the start, the recorder has stored.
-    recorded: usize,
-    /// The changes of a transition that failed without an answer (the connection lost, the
-    /// destination killed): some may have landed. See `Controller::unconfirmed`.
-    unconfirmed: Vec<(Side, RelPath, Option<Entry>)>,
-    /// Paths changed under the cycle: run another one now.
-    retry: bool,
-    /// Actions that could not be done this cycle (reported as problems): retry later.
-    pending: usize,
-    chunks_reused: u64,
-    /// Big files left staged for [`Controller::bulk_step`].
-    bulk: Vec<BulkJob>,
-    /// Chunks that bulk jobs (earlier ones, or this cycle's) are still to supply, by
-    /// destination side. A file staged now that lacks one joins the bulk queue behind them and
-    /// is filled by that supply: asked again, the chunk would cross twice.
-    queued: HashSet<(Side, Hash)>,
-    /// Where the time went, for the cycle's debug log.
-    times: PhaseTimes,
-}
-
-/// An entry an applied change took from its side: deleted, or replaced by another kind.
-struct Removed {
-    side: Side,
-    path: RelPath,
-    entry: Entry,
-    /// What that side lost, when it was a file or symlink.
-    lost: Option<Content>,
-}
-
-/// Time a cycle spent waiting on each kind of endpoint call (debug log only).
-#[derive(Default)]
-struct PhaseTimes {
-    manifests: std::time::Duration,
-    stage: std::time::Duration,
-    transfer: std::time::Duration,
-    transition: std::time::Duration,
-}
-
-fn view(side: Side, p: Problem) -> ProblemView {
-    ProblemView {
-        path: p.path.escaped(),
-        side: side.as_str().into(),
-        // Reasons may come from the guest: never let its bytes reach a terminal raw.
-        reason: escape_bytes(p.reason.as_bytes()),
     }
 }
 
@@ -1447,655 +1334,10 @@ impl Totals {
     }
 }
 
-/// Which endpoint of a transfer failed.
-#[derive(Debug, Clone, Copy)]
-enum Which {
-    Source,
-    Dest,
-}
-
-/// True when the action needs file content on its target (not a metadata-only change).
-fn needs_content(action: &Action) -> Option<&FileMeta> {
-    let Some(Entry::File(new)) = &action.new else {
-        return None;
-    };
-    match &action.expected {
-        Some(Entry::File(old)) if old.digest == new.digest && old.size == new.size => None,
-        _ => Some(new),
-    }
-}
-
-/// What [`stage_files`] did with a batch's files.
-#[derive(Debug, Default)]
-struct StagedFiles {
-    /// Fully staged: ready for their transition.
-    staged: HashSet<RelPath>,
-    /// Not staged for want of room on the destination ([`NotStaged::NoRoom`]): to be asked
-    /// again once what waits there is committed.
-    no_room: HashSet<RelPath>,
-}
-
-/// Stages on `dst` every file the actions need, reading missing chunks from `src`. Returns the
-/// paths that are fully staged and those the destination had no room for. With `defer`, a file
-/// still missing [`BULK_MIN_BYTES`] or more after staging is left staged: it goes into a bulk
-/// job in `executed` and into `deferred_paths`. Per-file trouble becomes a problem; an endpoint failure is an error
-/// tagged with which endpoint failed.
-async fn stage_files<S: Endpoint, D: Endpoint>(
-    src: &mut S,
-    dst: &mut D,
-    actions: &[Action],
-    defer: bool,
-    deferred_paths: &mut HashSet<RelPath>,
-    problems: &mut Vec<ProblemView>,
-    executed: &mut Executed,
-) -> Result<StagedFiles, (Which, EndpointError)> {
-    let Some(dst_side) = actions.first().map(|a| a.target) else {
-        return Ok(StagedFiles::default());
-    };
-    let src_side = dst_side.other();
-    let wanted: Vec<(RelPath, FileMeta)> = actions
-        .iter()
-        .filter_map(|a| needs_content(a).map(|m| (a.path.clone(), *m)))
-        .collect();
-    let mut staged = HashSet::new();
-    let mut no_room = HashSet::new();
-    let mut batch: Vec<(RelPath, FileMeta)> = Vec::new();
-    let mut batch_chunks = 0usize;
-    let mut pending = wanted.into_iter().peekable();
-    while pending.peek().is_some() || !batch.is_empty() {
-        // Fill a batch, estimating chunks from size (a manifest has at most size/min + 1).
-        while let Some((_, meta)) = pending.peek() {
-            let estimate =
-                (meta.size / u64::from(vmsync_core::limits::CHUNK_AVG_BYTES)) as usize + 1;
-            if !batch.is_empty()
-                && (batch.len() >= MAX_STAGE_BATCH_FILES
-                    || batch_chunks + estimate > MAX_STAGE_BATCH_CHUNKS)
-            {
-                break;
-            }
-            batch_chunks += estimate;
-            if let Some(item) = pending.next() {
-                batch.push(item);
-            }
-        }
-        let items = std::mem::take(&mut batch);
-        batch_chunks = 0;
-        let clock = Instant::now();
-        let manifests = src
-            .manifests(items.clone())
-            .await
-            .map_err(|e| (Which::Source, e))?;
-        executed.times.manifests += clock.elapsed();
-        let mut requests = Vec::new();
-        for ((path, meta), m) in items.into_iter().zip(manifests) {
-            match m {
-                Ok(manifest) => requests.push(StageRequest {
-                    path,
-                    meta,
-                    manifest,
-                }),
-                Err(p) => problems.push(view(src_side, p)),
-            }
-        }
-        // Where to read each chunk from on the source, and which files wait for it.
-        let mut sources: HashMap<Hash, ChunkRead> = HashMap::new();
-        for r in &requests {
-            for c in &r.manifest.chunks {
-                sources.entry(c.hash).or_insert_with(|| ChunkRead {
-                    path: r.path.clone(),
-                    chunk: *c,
-                });
-            }
-        }
-        let paths: Vec<(RelPath, usize)> = requests
-            .iter()
-            .map(|r| (r.path.clone(), r.manifest.chunks.len()))
-            .collect();
-        let clock = Instant::now();
-        let results = dst.stage(requests).await.map_err(|e| (Which::Dest, e))?;
-        executed.times.stage += clock.elapsed();
-        let clock = Instant::now();
-        // Only hashes this batch's manifests contain can be read; anything else a (possibly
-        // hostile) destination asked for is ignored. A base is the destination's business: the
-        // source only computes a delta against it, and the destination checks what it rebuilds.
-        let mut bases: HashMap<Hash, Vec<u8>> = HashMap::new();
-        let mut wants: Vec<(RelPath, Vec<Hash>, bool)> = Vec::new();
-        for ((path, total), result) in paths.into_iter().zip(results) {
-            match result {
-                Ok(missing) => {
-                    executed.chunks_reused += total.saturating_sub(missing.len()) as u64;
-                    let mut want = Vec::with_capacity(missing.len());
-                    let mut behind_bulk = false;
-                    for m in missing {
-                        if !sources.contains_key(&m.hash) {
-                            continue;
-                        }
-                        if defer && executed.queued.contains(&(dst_side, m.hash)) {
-                            behind_bulk = true;
-                            continue;
-                        }
-                        if let Some(base) = m.base {
-                            bases.entry(m.hash).or_insert(base);
-                        }
-                        want.push(m.hash);
-                    }
-                    let bytes: u64 = want
-                        .iter()
-                        .filter_map(|h| sources.get(h))
-                        .map(|r| u64::from(r.chunk.len))
-                        .sum();
-                    let deferred = defer && (behind_bulk || bytes >= BULK_MIN_BYTES);
-                    wants.push((path, want, deferred));
-                }
-                Err(NotStaged::Problem(p)) => problems.push(view(dst_side, p)),
-                Err(NotStaged::NoRoom) => {
-                    no_room.insert(path);
-                }
-            }
-        }
-        // A chunk some file sent now waits for is supplied now (it fills every staged file
-        // that wants it); the rest go to the bulk job.
-        let mut missing: Vec<Hash> = Vec::new();
-        let mut waiting: HashMap<Hash, Vec<RelPath>> = HashMap::new();
-        for (path, want, deferred) in &wants {
-            if *deferred {
-                continue;
-            }
-            for h in want {
-                let w = waiting.entry(*h).or_default();
-                if w.is_empty() {
-                    missing.push(*h);
-                }
-                w.push(path.clone());
-            }
-        }
-        let mut job = BulkJob {
-            actions: Vec::new(),
-            reads: VecDeque::new(),
-            ready: None,
-            waiting: HashMap::new(),
-            failed: HashSet::new(),
-        };
-        let mut ok_paths = Vec::new();
-        for (path, want, deferred) in wants {
-            if !deferred {
-                ok_paths.push(path);
-                continue;
-            }
-            for h in want {
-                if waiting.contains_key(&h) {
-                    continue;
-                }
-                let w = job.waiting.entry(h).or_default();
-                if w.is_empty() {
-                    if let Some(read) = sources.get(&h) {
-                        job.reads.push_back(DeltaRead {
-                            read: read.clone(),
-                            base: bases.remove(&h),
-                        });
-                    }
-                }
-                w.push(path.clone());
-            }
-            if let Some(action) = actions.iter().find(|a| a.path == path) {
-                job.actions.push(action.clone());
-            }
-            deferred_paths.insert(path);
-        }
-        if !job.actions.is_empty() {
-            executed.queued.extend(job.queued());
-            executed.bulk.push(job);
-        }
-        let mut failed: HashSet<RelPath> = HashSet::new();
-        let mut fail = |h: &Hash| failed.extend(waiting.get(h).into_iter().flatten().cloned());
-        // Chunks whose delta did not rebuild them on the destination: sent whole below.
-        let mut whole: Vec<ChunkRead> = Vec::new();
-        // Two stages in flight: the source reads group k+1 while the destination takes group
-        // k, so neither side idles waiting for the other.
-        let mut ready: Option<Vec<(ChunkRead, ChunkData)>> = None;
-        for group in missing.chunks(MAX_CHUNKS_PER_READ) {
-            let reads: Vec<DeltaRead> = group
-                .iter()
-                .filter_map(|h| {
-                    sources.get(h).map(|r| DeltaRead {
-                        read: r.clone(),
-                        base: bases.remove(h),
-                    })
-                })
-                .collect();
-            let asked: Vec<ChunkRead> = reads.iter().map(|r| r.read.clone()).collect();
-            let previous = ready.take();
-            let (data, supplied) = tokio::join!(src.read_deltas(reads), supply(dst, previous));
-            let (retry, lost) = supplied.map_err(|e| (Which::Dest, e))?;
-            whole.extend(retry);
-            lost.iter().for_each(&mut fail);
-            let data = data.map_err(|e| (Which::Source, e))?;
-            let mut batch = Vec::with_capacity(group.len());
-            for (read, d) in asked.into_iter().zip(data) {
-                match d {
-                    Some(d) => batch.push((read, d)),
-                    None => fail(&read.chunk.hash),
-                }
-            }
-            ready = Some(batch);
-        }
-        let (retry, lost) = supply(dst, ready).await.map_err(|e| (Which::Dest, e))?;
-        whole.extend(retry);
-        lost.iter().for_each(&mut fail);
-        // The fallback: one more round trip, only for chunks whose delta failed.
-        for group in whole.chunks(MAX_CHUNKS_PER_READ) {
-            let data = src
-                .read_chunks(group.to_vec())
-                .await
-                .map_err(|e| (Which::Source, e))?;
-            let mut batch = Vec::with_capacity(group.len());
-            for (read, d) in group.iter().zip(data) {
-                match d {
-                    Some(d) => batch.push((read.clone(), ChunkData::Whole(d))),
-                    None => fail(&read.chunk.hash),
-                }
-            }
-            let (retry, lost) = supply(dst, Some(batch))
-                .await
-                .map_err(|e| (Which::Dest, e))?;
-            retry.iter().for_each(|r| fail(&r.chunk.hash));
-            lost.iter().for_each(&mut fail);
-        }
-        executed.times.transfer += clock.elapsed();
-        for path in ok_paths {
-            if failed.contains(&path) {
-                executed.retry = true;
-                problems.push(ProblemView {
-                    path: path.escaped(),
-                    side: src_side.as_str().into(),
-                    reason: "changed while it was being sent; will retry".into(),
-                });
-            } else {
-                staged.insert(path);
-            }
-        }
-    }
-    Ok(StagedFiles { staged, no_room })
-}
-
-/// Supplies `chunks` (if any) to `dst`. Returns the chunks to send again whole (their delta
-/// did not rebuild them) and the ones that are lost (sent whole and still refused: the files
-/// waiting for them fail this time).
-async fn supply<D: Endpoint>(
-    dst: &mut D,
-    chunks: Option<Vec<(ChunkRead, ChunkData)>>,
-) -> Result<(Vec<ChunkRead>, Vec<Hash>), EndpointError> {
-    let Some(chunks) = chunks.filter(|c| !c.is_empty()) else {
-        return Ok((Vec::new(), Vec::new()));
-    };
-    let mut sent: HashMap<Hash, (ChunkRead, bool)> = HashMap::with_capacity(chunks.len());
-    let mut data = Vec::with_capacity(chunks.len());
-    for (read, d) in chunks {
-        let is_delta = matches!(d, ChunkData::Delta(_));
-        data.push((read.chunk.hash, d));
-        sent.insert(read.chunk.hash, (read, is_delta));
-    }
-    let still_missing = dst.supply(data).await?;
-    let (mut retry, mut lost) = (Vec::new(), Vec::new());
-    // Only chunks of this batch count; the destination cannot add work by naming others.
-    for h in still_missing {
-        match sent.remove(&h) {
-            Some((read, true)) => retry.push(read),
-            Some((_, false)) => lost.push(h),
-            None => {}
-        }
-    }
-    Ok((retry, lost))
-}
-
-/// One step of a bulk job from `src` to `dst` (see [`Controller::bulk_step`]). `Ok(true)`
-/// once every chunk has been read and supplied.
-async fn advance<S: Endpoint, D: Endpoint>(
-    src: &mut S,
-    dst: &mut D,
-    job: &mut BulkJob,
-) -> Result<bool, (Which, EndpointError)> {
-    let take = job.reads.len().min(MAX_CHUNKS_PER_READ);
-    let reads: Vec<DeltaRead> = job.reads.drain(..take).collect();
-    let asked: Vec<ChunkRead> = reads.iter().map(|r| r.read.clone()).collect();
-    let previous = job.ready.take();
-    let (data, supplied) = tokio::join!(
-        async {
-            if reads.is_empty() {
-                Ok(Vec::new())
-            } else {
-                src.read_deltas(reads).await
-            }
-        },
-        supply(dst, previous)
-    );
-    let (retry, lost) = supplied.map_err(|e| (Which::Dest, e))?;
-    let data = data.map_err(|e| (Which::Source, e))?;
-    let mut fail = |h: &Hash| {
-        let waiting = job.waiting.get(h).into_iter().flatten();
-        job.failed.extend(waiting.cloned());
-    };
-    lost.iter().for_each(&mut fail);
-    let mut batch = Vec::with_capacity(asked.len());
-    for (read, d) in asked.into_iter().zip(data) {
-        match d {
-            Some(d) => batch.push((read, d)),
-            None => fail(&read.chunk.hash),
-        }
-    }
-    // A chunk whose delta failed goes round again, whole.
-    job.reads
-        .extend(retry.into_iter().map(|read| DeltaRead { read, base: None }));
-    if !batch.is_empty() {
-        job.ready = Some(batch);
-    }
-    Ok(job.reads.is_empty() && job.ready.is_none())
-}
-
-/// Removals: deletes, and a directory replaced by a non-directory (its children go first).
-fn is_removal(a: &Action) -> bool {
-    a.new.is_none()
-        || (matches!(a.expected, Some(Entry::Dir { .. }))
-            && !matches!(a.new, Some(Entry::Dir { .. })))
-}
-
-/// Applies one side's actions, reading new content from `src`, in three phases:
-/// 1. new directories, symlinks and files' metadata-only changes, parents first;
-/// 2. new file content, batch by batch: stage, fill from `src`, commit. A batch is committed
-///    once the next one is filled (its files' fsyncs overlap that transfer), so the
-///    destination holds at most two batches of temps open however many files a cycle brings;
-/// 3. removals, children first: until then a renamed or moved file's old copy is still there
-///    to build the new one from;
-/// 4. the time and mode of directories that stay directories, last (with the last batch of
-///    the phases before, when they fit): those phases write into them (and put their times
-///    back), and a live edit's file need not wait for them.
-///
-/// With `defer` (live cycles), big transfers are left to bulk jobs (see [`stage_files`]).
-async fn apply_side<S: Endpoint, D: Endpoint>(
-    src: &mut S,
-    dst: &mut D,
-    side: Side,
-    actions: Vec<Action>,
-    defer: bool,
-    problems: &mut Vec<ProblemView>,
-    executed: &mut Executed,
-) -> Result<(), (Which, EndpointError)> {
-    let (mut removals, creations): (Vec<Action>, Vec<Action>) =
-        actions.into_iter().partition(is_removal);
-    let (mut content, rest): (Vec<Action>, Vec<Action>) = creations
-        .into_iter()
-        .partition(|a| needs_content(a).is_some());
-    let (mut dir_attrs, mut plain): (Vec<Action>, Vec<Action>) = rest.into_iter().partition(|a| {
-        matches!(
-            (&a.expected, &a.new),
-            (Some(Entry::Dir { .. }), Some(Entry::Dir { .. }))
-        )
-    });
-    plain.sort_by(|a, b| a.path.cmp(&b.path));
-    dir_attrs.sort_by(|a, b| a.path.cmp(&b.path));
-    content.sort_by(|a, b| a.path.cmp(&b.path));
-    removals.sort_by(|a, b| b.path.cmp(&a.path));
-    // Content this side is to gain: a removal of the same content is (part of) a move.
-    let moving: HashSet<Content> = plain
-        .iter()
-        .chain(&content)
-        .filter_map(|a| a.new.as_ref().and_then(Content::of))
-        .collect();
-    // Directories, symlinks and times are recorded with the first content batch after them
-    // (or at the end of the cycle): recording costs a round trip and a database commit, and a
-    // live edit's file would wait for its directory's time to be recorded before landing.
-    for batch in plain.chunks(MAX_TRANSITION_BATCH) {
-        transition(dst, side, batch, problems, executed, false).await?;
-    }
-    // The directories' own times go with the last batch that writes into them, after its
-    // other changes (the batch's `ParentTimes` keeps the time they set): one transition, one
-    // index commit and one record for a live edit, as without them.
-    let mut dir_attrs = Some(dir_attrs);
-    let no_removals = removals.is_empty();
-    for (step, mut phase) in [content, removals].into_iter().enumerate() {
-        if step == 1 {
-            phase = hold_unlanded_moves(side, phase, &moving, problems, executed);
-        }
-        let last_phase = step == 1 || no_removals;
-        // A batch is committed after the next one is staged and filled: the background seals
-        // (fsyncs) of its files then run during that transfer instead of holding up the
-        // commit. At most two batches of temps are open at once.
-        let mut filled: Option<Vec<Action>> = None;
-        let mut queue: VecDeque<Action> = phase.into();
-        while !queue.is_empty() {
-            let take = queue.len().min(MAX_STAGE_BATCH_FILES);
-            let batch: Vec<Action> = queue.drain(..take).collect();
-            let mut deferred = HashSet::new();
-            let StagedFiles { staged, no_room } =
-                stage_files(src, dst, &batch, defer, &mut deferred, problems, executed).await?;
-            // Files the destination had no room to stage (few descriptors, and the previous
-            // batch's temps still open): commit that batch, then ask again. Given up for this
-            // cycle when nothing could be staged and nothing waits to be committed: every
-            // retry follows a batch that took files off the queue for good, so this ends.
-            let waiting = filled.as_ref().is_some_and(|f| !f.is_empty());
-            let again = !no_room.is_empty() && (waiting || !staged.is_empty());
-            if again {
-                if let Some(previous) = filled.take() {
-                    transition(dst, side, &previous, problems, executed, true).await?;
-                }
-            } else {
-                let mut left: Vec<&RelPath> = no_room.iter().collect();
-                left.sort();
-                problems.extend(left.into_iter().map(|path| ProblemView {
-                    path: path.escaped(),
-                    side: side.as_str().into(),
-                    reason: NotStaged::NO_ROOM_REASON.into(),
-                }));
-            }
-            let mut retry = Vec::new();
-            let mut ready = Vec::new();
-            for action in batch {
-                if needs_content(&action).is_none() || staged.contains(&action.path) {
-                    ready.push(action);
-                } else if again && no_room.contains(&action.path) {
-                    retry.push(action);
-                } else if !deferred.contains(&action.path) {
-                    executed.pending += 1;
-                }
-            }
-            for action in retry.into_iter().rev() {
-                queue.push_front(action);
-            }
-            if let Some(previous) = filled.replace(ready) {
-                transition(dst, side, &previous, problems, executed, true).await?;
-            }
-        }
-        if let Some(mut last) = filled {
-            let fits = |d: &Vec<Action>| last.len() + d.len() <= MAX_TRANSITION_BATCH;
-            if last_phase && dir_attrs.as_ref().is_some_and(fits) {
-                last.extend(dir_attrs.take().unwrap_or_default());
-            }
-            transition(dst, side, &last, problems, executed, true).await?;
-        }
-    }
-    for batch in dir_attrs.unwrap_or_default().chunks(MAX_TRANSITION_BATCH) {
-        transition(dst, side, batch, problems, executed, false).await?;
-    }
-    Ok(())
-}
-
-/// Notes what an applied action removed and gained on its side, for the deletion windows.
-fn record_applied(side: Side, action: &Action, executed: &mut Executed) {
-    let lost = lost_content(action.expected.as_ref(), action.new.as_ref());
-    let removed_dir = action.new.is_none() && matches!(action.expected, Some(Entry::Dir { .. }));
-    if let (Some(entry), true) = (&action.expected, lost.is_some() || removed_dir) {
-        executed.removed.push(Removed {
-            side,
-            path: action.path.clone(),
-            entry: entry.clone(),
-            lost,
-        });
-    }
-    let gained = action.new.as_ref().and_then(Content::of);
-    if let Some(content) = gained {
-        if action.expected.as_ref().and_then(Content::of).as_ref() != Some(&content) {
-            executed.gained.push((side, content));
-        }
-    }
-}
-
-/// Keeps back the removals whose content was to move to another path on this side but has not
-/// landed there (its source refused to serve it, it changed while crossing): the old copy stays
-/// until the new one exists, so a move can never turn into a loss. Counted as pending: a later
-/// cycle does both.
-fn hold_unlanded_moves(
-    side: Side,
-    removals: Vec<Action>,
-    moving: &HashSet<Content>,
-    problems: &mut Vec<ProblemView>,
-    executed: &mut Executed,
-) -> Vec<Action> {
-    let landed: HashSet<&Content> = executed
-        .gained
-        .iter()
-        .filter(|(s, _)| *s == side)
-        .map(|(_, c)| c)
-        .collect();
-    let (go, held): (Vec<Action>, Vec<Action>) = removals.into_iter().partition(|a| {
-        match lost_content(a.expected.as_ref(), a.new.as_ref()) {
-            Some(c) => !moving.contains(&c) || landed.contains(&c),
-            None => true,
-        }
-    });
-    for action in held {
-        executed.pending += 1;
-        problems.push(ProblemView {
-            path: action.path.escaped(),
-            side: side.as_str().into(),
-            reason: "kept until its content has landed at its new path".into(),
-        });
-    }
-    go
-}
-
-/// Sends one batch of changes and notes how each went; with `record`, stores in the ancestor
-/// what landed and is not stored yet (see `Executed::recorder`).
-async fn transition<E: Endpoint>(
-    ep: &mut E,
-    side: Side,
-    batch: &[Action],
-    problems: &mut Vec<ProblemView>,
-    executed: &mut Executed,
-    record: bool,
-) -> Result<(), (Which, EndpointError)> {
-    if batch.is_empty() {
-        return Ok(());
-    }
-    let changes: Vec<Change> = batch
-        .iter()
-        .map(|a| Change {
-            path: a.path.clone(),
-            expected: a.expected.clone(),
-            new: a.new.clone(),
-        })
-        .collect();
-    if let Some(rec) = &executed.recorder {
-        let in_flight: Vec<InFlight> = batch
-            .iter()
-            .map(|a| (side, a.path.clone(), a.new.clone()))
-            .collect();
-        rec.pending.append(&in_flight);
-    }
-    let clock = Instant::now();
-    let outcomes = match ep.transition(changes).await {
-        Ok(o) => o,
-        Err(e) => {
-            executed
-                .unconfirmed
-                .extend(batch.iter().map(|a| (side, a.path.clone(), a.new.clone())));
-            return Err((Which::Dest, e));
-        }
-    };
-    executed.times.transition += clock.elapsed();
-    for (action, outcome) in batch.iter().zip(outcomes) {
-        match outcome {
-            Outcome::Applied => {
-                record_applied(side, action, executed);
-                executed
-                    .applied
-                    .push((action.path.clone(), action.new.clone()));
-            }
-            // Changed since the scan: the next cycle sees the new state and decides again.
-            Outcome::Changed(_) => executed.retry = true,
-            Outcome::Failed(reason) => {
-                executed.pending += 1;
-                problems.push(ProblemView {
-                    path: action.path.escaped(),
-                    side: side.as_str().into(),
-                    reason: escape_bytes(reason.as_bytes()),
-                });
-            }
-        }
-    }
-    // What is stored is always a prefix of `applied` (the end of the cycle stores the rest):
-    // everything from the end of that prefix on. Only for the guest's own batches: every
-    // ancestor write follows a mark on the guest (see `commit_ancestor`), and here the
-    // destination is the endpoint at hand.
-    if record && side == Side::Guest && executed.applied.len() > executed.recorded {
-        if let Some(rec) = executed.recorder.as_mut() {
-            let unstored = executed
-                .applied
-                .get(executed.recorded..)
-                .unwrap_or_default();
-            let rows = unstored.iter().map(|(p, e)| (p, e.as_ref())).collect();
-            match mark_and_record(ep, &rec.db, &rec.share, rec.generation, rows, false).await {
-                Ok(next) => {
-                    rec.generation = next;
-                    rec.pending.clear();
-                    executed.recorded = executed.applied.len();
-                }
-                Err(e) => {
-                    tracing::warn!(share = %rec.share, "recording a batch in the ancestor: {e}")
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Every ancestor write: the guest first notes the generation after `current`, then the
-/// ancestor rows and that generation are recorded in one transaction, so whatever guest state
-/// the ancestor relies on is stamped before the host relies on it (see `docs/safety.md`,
-/// "Snapshot reverts"). `replace`: the rows are the whole ancestor. Returns the new generation;
-/// nothing is recorded if the guest could not note it.
-async fn mark_and_record<G: Endpoint>(
-    guest: &mut G,
-    db: &StateDb,
-    share: &str,
-    current: Generation,
-    rows: Vec<(&RelPath, Option<&Entry>)>,
-    replace: bool,
-) -> Result<Generation, CycleError> {
-    let next = Generation {
-        value: current.value.saturating_add(1),
-        merge_pending: false,
-    };
-    guest
-        .mark(next.value)
-        .await
-        .map_err(side_err(Side::Guest))?;
-    db.commit_ancestor(share, rows, replace, next)?;
-    Ok(next)
-}
-
-/// Records each batch a transition applied on the guest in the ancestor as soon as it lands
-/// (see `Executed::recorder`), with the generation it marks.
-struct Recorder {
-    db: Arc<StateDb>,
-    share: String,
-    generation: Generation,
-    /// Notes the guest batch in flight on disk until it is recorded.
-    pending: PendingBatch,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmsync_core::{FileMeta, Hash};
 
     fn file(size: u64) -> Entry {
         Entry::File(FileMeta {
