@@ -345,9 +345,17 @@ impl SyncLoop {
             watchers.spawn(forward_changes(share.local.clone(), index, hint_tx.clone()));
             watchers.spawn(forward_changes(remote, index, hint_tx.clone()));
         }
+        let remotes = (0..self.shares.len()).map(|index| endpoint(&session, index));
+        let mut link = match remotes.collect() {
+            Ok(remotes) => Link {
+                session: session.clone(),
+                remotes,
+            },
+            Err(e) => return e,
+        };
         let mut hints: Vec<HintSet> = self.shares.iter().map(|_| HintSet::default()).collect();
         let mut pending_delay = PENDING_RETRY_MIN_MS;
-        let mut pending = match self.sync_all(&session, None).await {
+        let mut pending = match self.sync_all(&mut link, None).await {
             Ok(p) => p,
             Err(e) => return e,
         };
@@ -379,34 +387,34 @@ impl SyncLoop {
                     while let Ok((index, h)) = hint_rx.try_recv() {
                         merge(&mut hints, index, h);
                     }
-                    pending = match self.sync_all(&session, Some(&mut hints)).await {
+                    pending = match self.sync_all(&mut link, Some(&mut hints)).await {
                         Ok(p) => p,
                         Err(e) => return e,
                     };
                 }
                 () = paced_sleep, if paced.is_some() => {
-                    pending = match self.sync_all(&session, Some(&mut hints)).await {
+                    pending = match self.sync_all(&mut link, Some(&mut hints)).await {
                         Ok(p) => p,
                         Err(e) => return e,
                     };
                 }
                 () = std::future::ready(()), if bulk.is_some() => {
                     let index = bulk.unwrap_or_default();
-                    pending |= match self.bulk_step(&session, index, &mut hints).await {
+                    pending |= match self.bulk_step(&mut link, index, &mut hints).await {
                         Ok(p) => p,
                         Err(e) => return e,
                     };
                 }
                 _ = retry, if pending => {
                     pending_delay = (pending_delay * 2).min(PENDING_RETRY_MAX_MS);
-                    pending = match self.sync_all(&session, None).await {
+                    pending = match self.sync_all(&mut link, None).await {
                         Ok(p) => p,
                         Err(e) => return e,
                     };
                 }
                 cmd = self.rx.recv() => {
                     let (result, reply, response) = match cmd {
-                        Some(Command::Sync(reply)) => (self.sync_all(&session, None).await, reply, None),
+                        Some(Command::Sync(reply)) => (self.sync_all(&mut link, None).await, reply, None),
                         Some(Command::Resume(name, reply)) => {
                             // Answer as soon as the halt is lifted: the add-only merge that
                             // follows can take long, and `wait` is there to watch it.
@@ -414,7 +422,7 @@ impl SyncLoop {
                             let lifted = !matches!(response, ControlResponse::Error { .. });
                             let _ = reply.send(response);
                             if lifted {
-                                pending = match self.sync_all(&session, None).await {
+                                pending = match self.sync_all(&mut link, None).await {
                                     Ok(p) => p,
                                     Err(e) => return e,
                                 };
@@ -422,7 +430,7 @@ impl SyncLoop {
                             continue;
                         }
                         Some(Command::Resolve(request, reply)) => {
-                            let response = match self.resolve(&session, request, &mut hints).await {
+                            let response = match self.resolve(&mut link, request, &mut hints).await {
                                 Ok(Ok(p)) => {
                                     pending |= p;
                                     self.shared.snapshot()
@@ -461,7 +469,7 @@ impl SyncLoop {
     /// `Ok(true)` when some share still has work pending; `Err` when the session is unusable.
     async fn sync_all(
         &mut self,
-        session: &Session,
+        link: &mut Link,
         mut hints: Option<&mut Vec<HintSet>>,
     ) -> Result<bool, String> {
         let mut pending = false;
@@ -488,15 +496,15 @@ impl SyncLoop {
                 }
             };
             share.controller.set_state(ShareState::Syncing);
-            let mut remote = endpoint(session, index)?;
+            let remote = link.remotes.get_mut(index).ok_or(NO_ENDPOINT)?;
             let mut share_pending = true;
             for _ in 0..=MAX_RETRY_CYCLES {
-                let before = session.stats();
+                let before = link.session.stats();
                 let result = share
                     .controller
-                    .cycle(&mut share.local, &mut remote, scope.clone())
+                    .cycle(&mut share.local, remote, scope.clone())
                     .await;
-                credit_wire_bytes(&share.controller, session, &before);
+                credit_wire_bytes(&share.controller, &link.session, &before);
                 match result {
                     Ok(report) => {
                         share_pending = report.retry || report.pending > 0;
@@ -523,20 +531,17 @@ impl SyncLoop {
     /// its paths. `Ok(true)` when work is pending; `Err` when the session is unusable.
     async fn bulk_step(
         &mut self,
-        session: &Session,
+        link: &mut Link,
         index: usize,
         hints: &mut Vec<HintSet>,
     ) -> Result<bool, String> {
         let Some(share) = self.shares.get_mut(index) else {
             return Ok(false);
         };
-        let mut remote = endpoint(session, index)?;
-        let before = session.stats();
-        let result = share
-            .controller
-            .bulk_step(&mut share.local, &mut remote)
-            .await;
-        credit_wire_bytes(&share.controller, session, &before);
+        let remote = link.remotes.get_mut(index).ok_or(NO_ENDPOINT)?;
+        let before = link.session.stats();
+        let result = share.controller.bulk_step(&mut share.local, remote).await;
+        credit_wire_bytes(&share.controller, &link.session, &before);
         match result {
             Err(e) if e.is_disconnect() => return Err(e.to_string()),
             Err(e) => tracing::error!(share = %share.config.name, "bulk transfer failed: {e}"),
@@ -554,14 +559,14 @@ impl SyncLoop {
                 rescan: false,
             },
         );
-        self.sync_all(session, Some(hints)).await
+        self.sync_all(link, Some(hints)).await
     }
 
     /// `vmsync-host resolve`: settles one conflict and runs a cycle of its path(s).
     /// `Ok(Err(why))` when it cannot be done; `Err` when the session is unusable.
     async fn resolve(
         &mut self,
-        session: &Session,
+        link: &mut Link,
         request: Resolve,
         hints: &mut Vec<HintSet>,
     ) -> Result<Result<bool, String>, String> {
@@ -579,7 +584,7 @@ impl SyncLoop {
             Ok(_) => return Ok(Err("give the conflicting path, not the share root".into())),
             Err(e) => return Ok(Err(e)),
         };
-        let mut remote = endpoint(session, index)?;
+        let remote = link.remotes.get_mut(index).ok_or(NO_ENDPOINT)?;
         let Some(share) = self.shares.get_mut(index) else {
             return Ok(Err(format!("no share named `{}`", request.share)));
         };
@@ -591,7 +596,7 @@ impl SyncLoop {
         };
         if let Err(e) = share
             .controller
-            .resolve(&mut share.local, &mut remote, &path, keep)
+            .resolve(&mut share.local, remote, &path, keep)
             .await
         {
             return Ok(Err(e));
@@ -614,7 +619,7 @@ impl SyncLoop {
                 rescan: false,
             },
         );
-        self.sync_all(session, Some(hints)).await.map(Ok)
+        self.sync_all(link, Some(hints)).await.map(Ok)
     }
 
     fn resume(&mut self, name: &str) -> ControlResponse {
@@ -764,6 +769,17 @@ fn merge(sets: &mut [HintSet], index: usize, hints: ChangeHints) {
         set.add(p);
     }
 }
+
+/// The session to the guest and one remote endpoint per share, kept for the session's life:
+/// each holds what it learned of its share (the last listing, big files' manifests), which
+/// makes the next full scan a difference and a big file's next stage a list of edits.
+struct Link {
+    session: Session,
+    remotes: Vec<RemoteEndpoint>,
+}
+
+/// A share index without a remote endpoint: the shares and the session's `Hello` disagree.
+const NO_ENDPOINT: &str = "no remote endpoint for a share";
 
 fn endpoint(session: &Session, index: usize) -> Result<RemoteEndpoint, String> {
     u16::try_from(index)

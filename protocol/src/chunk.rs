@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::fmt;
 use std::io;
+use vmsync_core::endpoint::ChunkData;
 use vmsync_core::Hash;
 
 /// Level 0 means "never compress".
@@ -158,6 +159,25 @@ impl WireContent {
             WireContent::Whole(c) => c.data.len(),
             WireContent::Delta(d) => d.data.len(),
         }
+    }
+}
+
+/// Chunk content for the wire (a whole chunk or a delta), compressed at `level` when that
+/// pays (see [`encode_chunk`]).
+pub fn encode_content(hash: Hash, data: &ChunkData, level: i32) -> WireContent {
+    match data {
+        ChunkData::Whole(d) => WireContent::Whole(encode_chunk(hash, d, level)),
+        ChunkData::Delta(d) => WireContent::Delta(encode_delta(hash, d, level)),
+    }
+}
+
+/// Unpacks supplied content for `Endpoint::supply`, which verifies every whole chunk against
+/// its id itself (its contract): checked here for length and codec only, so each byte is
+/// hashed once. A delta is verified once applied, by the destination.
+pub fn unpack_content(c: WireContent) -> Result<(Hash, ChunkData), ChunkError> {
+    match c {
+        WireContent::Whole(c) => unpack_chunk(c).map(|(h, d)| (h, ChunkData::Whole(d))),
+        WireContent::Delta(d) => decode_delta(d).map(|(h, d)| (h, ChunkData::Delta(d))),
     }
 }
 

@@ -159,6 +159,32 @@ fn renaming_a_200_mb_file_while_down_sends_under_1_mb() {
     assert_eq!(a.share()["bytes_sent"], 0);
 }
 
+/// A full cycle of an unchanged share moves a few KiB, not its listing: each share's remote
+/// endpoint lives as long as the session and keeps the last listing the guest sent, so the
+/// next one crosses as the difference against it.
+#[test]
+fn a_full_cycle_of_an_unchanged_share_sends_no_listing() {
+    let mut a = Agents::new("");
+    for i in 0..2000 {
+        write(
+            &a.host_dir,
+            &format!("dir{}/file-{i:05}.txt", i % 20),
+            format!("{i}\n"),
+        );
+    }
+    a.start();
+    a.wait_in_sync();
+    a.sync();
+    a.relay.reset();
+    a.sync();
+    let wire = a.wire_bytes();
+    // The whole listing is about 2,000 x 70 bytes.
+    assert!(
+        wire < 8 * 1024,
+        "{wire} bytes for a full cycle of an unchanged share"
+    );
+}
+
 #[test]
 fn one_mib_inserted_in_a_64_mb_file_sends_about_one_mib() {
     let mut a = Agents::new("");

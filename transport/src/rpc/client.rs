@@ -15,9 +15,7 @@
 //! or every handle being dropped. Then every pending request resolves to
 //! `EndpointError::Disconnected` with the reason, and [`Session::closed`] returns it.
 
-use super::io::{MeteredRead, MeteredWrite};
-use super::memory::ManifestMemory;
-use super::remote::RemoteEndpoint;
+use super::framing::{self, millis, Reader, Writer};
 use super::stats::{Stats, StatsSnapshot};
 use crate::error::{error_chain, TransportError};
 use crate::limits::{
@@ -32,21 +30,16 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
-use tokio_util::codec::{FramedRead, FramedWrite};
 use vmsync_core::endpoint::EndpointError;
 use vmsync_core::path::escape_bytes;
-use vmsync_core::{Entry, RelPath};
 use vmsync_protocol::handshake::check_welcome;
 use vmsync_protocol::limits::{MAX_HANDSHAKE_BYTES, MAX_MESSAGE_BYTES, MAX_OUTSTANDING_REQUESTS};
 use vmsync_protocol::{
-    encode_message, CodecError, FrameCodec, Hello, Message, MessageCodec, Request, RequestBody,
-    RequestKind, Response, ResponseBody, Validate, Welcome,
+    encode_message, CodecError, Hello, Message, Request, RequestBody, RequestKind, Response,
+    ResponseBody, Validate, Welcome,
 };
-
-pub(crate) type Reader<S> = FramedRead<MeteredRead<ReadHalf<S>>, MessageCodec<Message, Message>>;
-pub(crate) type Writer<S> = FramedWrite<MeteredWrite<WriteHalf<S>>, FrameCodec>;
 
 /// Timing and concurrency of a client session. `Default` uses [`crate::limits`].
 #[derive(Debug, Clone)]
@@ -94,15 +87,7 @@ where
 {
     hello.validate().map_err(TransportError::InvalidHello)?;
     let stats = Arc::new(Stats::default());
-    let (r, w) = tokio::io::split(stream);
-    let mut reader = FramedRead::new(
-        MeteredRead::new(r, stats.clone(), config.silence_limit),
-        MessageCodec::<Message, Message>::new(),
-    );
-    let mut writer = FramedWrite::new(
-        MeteredWrite::new(w, stats.clone(), config.silence_limit),
-        FrameCodec::new(),
-    );
+    let (mut reader, mut writer) = framing::framed(stream, &stats, config.silence_limit);
 
     let exchange = async {
         let bytes = encode_message(&Message::Hello(hello.clone()), MAX_HANDSHAKE_BYTES).map_err(
@@ -128,16 +113,8 @@ where
             ))),
         }
     };
-    let welcome = tokio::time::timeout(config.handshake_timeout, exchange)
-        .await
-        .map_err(|_| TransportError::HandshakeTimeout {
-            ms: millis(config.handshake_timeout),
-        })??;
-
-    reader.decoder_mut().handshake_done();
-    writer
-        .encoder_mut()
-        .set_max_message_bytes(MAX_MESSAGE_BYTES);
+    let welcome = framing::within(config.handshake_timeout, exchange).await?;
+    framing::handshake_done(&mut reader, &mut writer);
 
     let max_outstanding = config.max_outstanding.clamp(1, MAX_OUTSTANDING_REQUESTS);
     let (closed, _) = watch::channel(None);
@@ -150,17 +127,11 @@ where
         config,
         shares: hello.shares.iter().map(|s| s.name.clone()).collect(),
         welcome: welcome.clone(),
-        listings: Mutex::new(HashMap::new()),
-        manifests: Mutex::new(ManifestMemory::default()),
     });
     let (tx, rx) = mpsc::channel(WRITE_QUEUE_MESSAGES);
     tokio::spawn(read_loop(reader, inner.clone()));
     tokio::spawn(write_loop(writer, rx, inner.clone()));
     Ok((Session { inner, tx }, welcome))
-}
-
-pub(crate) fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A handle on an open session. Cheap to clone; all clones share one connection. The session
@@ -180,9 +151,6 @@ impl fmt::Debug for Session {
     }
 }
 
-/// A full listing received earlier in this session: its token and entries.
-pub(crate) type Listing = (u64, Arc<Vec<(RelPath, Entry)>>);
-
 pub(crate) struct Inner {
     state: Mutex<State>,
     next_id: AtomicU64,
@@ -192,10 +160,6 @@ pub(crate) struct Inner {
     config: SessionConfig,
     shares: Vec<String>,
     welcome: Welcome,
-    /// Per share, the last full listing received in this session (see `RemoteEndpoint::scan`).
-    pub(crate) listings: Mutex<HashMap<u16, Listing>>,
-    /// The guest's big manifests as this session saw them (see `RemoteEndpoint::stage`).
-    pub(crate) manifests: Mutex<ManifestMemory>,
 }
 
 #[derive(Default)]
@@ -336,11 +300,6 @@ impl Session {
     /// The share names opened by the `Hello`, in index order.
     pub fn shares(&self) -> &[String] {
         &self.inner.shares
-    }
-
-    /// A remote `Endpoint` for share `index` of the `Hello`.
-    pub fn endpoint(&self, index: u16) -> Result<RemoteEndpoint, TransportError> {
-        RemoteEndpoint::new(self.clone(), index)
     }
 
     /// Byte counters of this session.

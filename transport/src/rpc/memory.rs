@@ -1,6 +1,6 @@
-//! What the host's side of a session remembers about the guest's big files: the manifest the
-//! guest holds at a path, as far as this session has seen one cross (staged and then committed
-//! by a transition, or listed by the guest in a `Manifests` answer). A later `Stage2` of the
+//! What the host's side of a session remembers about one share's big files on the guest: the
+//! manifest the guest holds at a path, as far as this session has seen one cross (staged and then committed
+//! by a transition, or listed by the guest in a `Manifests` answer). A later `Stage` of the
 //! same path can then carry the new manifest as edits against that one
 //! (`vmsync_core::edits`), so a small change to a big file does not resend its whole manifest.
 //!
@@ -17,7 +17,7 @@ use vmsync_core::{Hash, Manifest, RelPath};
 
 /// Smaller manifests cost little to send whole (about 40 bytes a chunk).
 pub const MIN_REMEMBERED_CHUNKS: usize = 64;
-/// Most chunk references remembered per session: 512 Ki, about 18 MiB (8 GiB of big files).
+/// Most chunk references remembered per share: 512 Ki, about 18 MiB (8 GiB of big files).
 pub const MAX_REMEMBERED_REFS: usize = 512 * 1024;
 
 /// A manifest the guest holds (or will, once staged and committed).
@@ -38,7 +38,7 @@ impl Remembered {
     }
 }
 
-type Key = (u16, RelPath);
+type Key = RelPath;
 
 #[derive(Debug, Default)]
 pub struct ManifestMemory {
@@ -82,14 +82,14 @@ impl ManifestMemory {
         self.drop_entry(pending);
     }
 
-    /// The manifest the guest holds at `path` of `share`, if remembered.
-    pub fn held(&self, share: u16, path: &RelPath) -> Option<Arc<Remembered>> {
-        self.held.get(&(share, path.clone())).cloned()
+    /// The manifest the guest holds at `path`, if remembered.
+    pub fn held(&self, path: &RelPath) -> Option<Arc<Remembered>> {
+        self.held.get(path).cloned()
     }
 
     /// The guest holds `manifest` at `path` (it said so in a `Manifests` answer).
-    pub fn hold(&mut self, share: u16, path: &RelPath, manifest: &Manifest) {
-        let key = (share, path.clone());
+    pub fn hold(&mut self, path: &RelPath, manifest: &Manifest) {
+        let key = path.clone();
         let old = self.held.remove(&key);
         self.drop_entry(old);
         if manifest.chunks.len() < MIN_REMEMBERED_CHUNKS || !self.make_room(manifest.chunks.len()) {
@@ -100,8 +100,8 @@ impl ManifestMemory {
     }
 
     /// `manifest` was staged at `path`; it is held once a transition commits it.
-    pub fn staged(&mut self, share: u16, path: &RelPath, manifest: &Manifest) {
-        let key = (share, path.clone());
+    pub fn staged(&mut self, path: &RelPath, manifest: &Manifest) {
+        let key = path.clone();
         let old = self.pending.remove(&key);
         self.drop_entry(old);
         if manifest.chunks.len() < MIN_REMEMBERED_CHUNKS || !self.make_room(manifest.chunks.len()) {
@@ -113,8 +113,8 @@ impl ManifestMemory {
 
     /// A transition applied a change at `path`: it now holds a file of `digest`, or (`None`)
     /// something that is not a file, or nothing.
-    pub fn applied(&mut self, share: u16, path: &RelPath, digest: Option<Hash>) {
-        let key = (share, path.clone());
+    pub fn applied(&mut self, path: &RelPath, digest: Option<Hash>) {
+        let key = path.clone();
         let pending = self.pending.remove(&key);
         match (pending, digest) {
             (Some(p), Some(d)) if p.digest == d => {
@@ -165,36 +165,36 @@ mod tests {
     fn a_committed_stage_is_held_until_something_else_lands_there() {
         let mut m = ManifestMemory::default();
         let a = manifest(1, 100);
-        m.staged(0, &p("f"), &a);
-        assert!(m.held(0, &p("f")).is_none(), "not committed yet");
-        m.applied(0, &p("f"), Some(a.digest()));
-        assert_eq!(m.held(0, &p("f")).unwrap().digest, a.digest());
+        m.staged(&p("f"), &a);
+        assert!(m.held(&p("f")).is_none(), "not committed yet");
+        m.applied(&p("f"), Some(a.digest()));
+        assert_eq!(m.held(&p("f")).unwrap().digest, a.digest());
         // Metadata only: still the same content.
-        m.applied(0, &p("f"), Some(a.digest()));
-        assert!(m.held(0, &p("f")).is_some());
-        // Another share, another path: nothing.
-        assert!(m.held(1, &p("f")).is_none());
+        m.applied(&p("f"), Some(a.digest()));
+        assert!(m.held(&p("f")).is_some());
+        // Another path: nothing.
+        assert!(m.held(&p("g")).is_none());
         // Deleted, or replaced by content this side never saw: forgotten.
-        m.applied(0, &p("f"), None);
-        assert!(m.held(0, &p("f")).is_none());
-        m.hold(0, &p("f"), &a);
-        m.applied(0, &p("f"), Some(Hash([9; 32])));
-        assert!(m.held(0, &p("f")).is_none());
+        m.applied(&p("f"), None);
+        assert!(m.held(&p("f")).is_none());
+        m.hold(&p("f"), &a);
+        m.applied(&p("f"), Some(Hash([9; 32])));
+        assert!(m.held(&p("f")).is_none());
         assert_eq!(m.total_refs(), 0);
     }
 
     #[test]
     fn small_manifests_are_not_kept_and_the_total_is_bounded() {
         let mut m = ManifestMemory::default();
-        m.hold(0, &p("small"), &manifest(1, MIN_REMEMBERED_CHUNKS - 1));
-        assert!(m.held(0, &p("small")).is_none());
+        m.hold(&p("small"), &manifest(1, MIN_REMEMBERED_CHUNKS - 1));
+        assert!(m.held(&p("small")).is_none());
         let big = manifest(2, MAX_REMEMBERED_REFS / 2 + 1);
-        m.hold(0, &p("a"), &big);
-        m.hold(0, &p("b"), &big);
+        m.hold(&p("a"), &big);
+        m.hold(&p("b"), &big);
         assert!(m.total_refs() <= MAX_REMEMBERED_REFS);
-        assert!(m.held(0, &p("b")).is_some());
-        assert!(m.held(0, &p("a")).is_none(), "evicted to make room");
-        m.hold(0, &p("huge"), &manifest(3, MAX_REMEMBERED_REFS + 1));
-        assert!(m.held(0, &p("huge")).is_none());
+        assert!(m.held(&p("b")).is_some());
+        assert!(m.held(&p("a")).is_none(), "evicted to make room");
+        m.hold(&p("huge"), &manifest(3, MAX_REMEMBERED_REFS + 1));
+        assert!(m.held(&p("huge")).is_none());
     }
 }

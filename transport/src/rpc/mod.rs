@@ -7,10 +7,13 @@
 //! - [`server`]: handshake answer, the per-connection state machine, dispatch to a local
 //!   `Endpoint`.
 //! - [`stats`]: byte counters shown by `status`.
+//! - `framing`: the stream as framed messages, the handshake's limits and deadline (both
+//!   sides).
 //! - `memory`: the guest's big manifests as this session saw them, for manifest edits.
 //! - `io`: stream wrappers that count bytes and enforce the silence and stall limits.
 
 pub mod client;
+mod framing;
 mod io;
 mod memory;
 pub mod remote;

@@ -16,24 +16,24 @@
 //! side stages it again with the full manifest: a second round trip that only a stale memory
 //! costs.
 
-use super::client::{Listing, PendingCall, Session};
-use super::server::encode_content;
+use super::client::{PendingCall, Session};
+use super::memory::ManifestMemory;
 use super::stats::content_bytes;
 use crate::error::{error_chain, TransportError};
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use vmsync_core::edits;
 use vmsync_core::endpoint::{
     Change, ChangeHints, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, MissingChunk,
     NotStaged, Outcome, Problem, ScanOptions, ScanReport, ScanScope, StageRequest,
 };
-use vmsync_core::{ChunkRef, FileMeta, Hash, Manifest, RelPath};
+use vmsync_core::{ChunkRef, Entry, FileMeta, Hash, Manifest, RelPath};
 use vmsync_protocol::chunk::{level_for_batch, DEFAULT_ZSTD_LEVEL};
 use vmsync_protocol::limits::CHUNK_MAX_BYTES;
 use vmsync_protocol::listing;
 use vmsync_protocol::messages::{BasedRead, ManifestForm, StageAnswer, StageFile};
 use vmsync_protocol::{
-    decode_chunk, decode_delta, RequestBody, ResponseBody, WireChunk, WireContent,
+    decode_chunk, decode_delta, encode_content, RequestBody, ResponseBody, WireChunk, WireContent,
 };
 
 /// At most this many supplies of whole chunks in flight unanswered per endpoint: enough that
@@ -52,11 +52,19 @@ pub struct RemoteEndpoint {
     unanswered: Mutex<VecDeque<PendingCall>>,
     /// Manifests the last targeted scan brought, for `manifests` to answer from.
     scanned: HashMap<RelPath, Manifest>,
+    /// The last full listing the guest sent, and its token: the next full scan comes as the
+    /// difference against it.
+    listing: Option<Listing>,
+    /// The guest's big manifests as this endpoint saw them (see `stage`).
+    memory: ManifestMemory,
 }
 
+/// A full listing received earlier: its token and entries.
+type Listing = (u64, Vec<(RelPath, Entry)>);
+
 impl Clone for RemoteEndpoint {
-    /// A clone shares the session, not the unanswered supplies: they stay with the calls they
-    /// precede.
+    /// A clone shares the session, not the unanswered supplies (they stay with the calls they
+    /// precede) nor the caches: a clone is for long-polls, which need neither.
     fn clone(&self) -> Self {
         RemoteEndpoint {
             session: self.session.clone(),
@@ -64,7 +72,16 @@ impl Clone for RemoteEndpoint {
             zstd_level: self.zstd_level,
             unanswered: Mutex::new(VecDeque::new()),
             scanned: HashMap::new(),
+            listing: None,
+            memory: ManifestMemory::default(),
         }
+    }
+}
+
+impl Session {
+    /// A remote `Endpoint` for share `index` of the `Hello`.
+    pub fn endpoint(&self, index: u16) -> Result<RemoteEndpoint, TransportError> {
+        RemoteEndpoint::new(self.clone(), index)
     }
 }
 
@@ -84,6 +101,8 @@ impl RemoteEndpoint {
             zstd_level: DEFAULT_ZSTD_LEVEL,
             unanswered: Mutex::new(VecDeque::new()),
             scanned: HashMap::new(),
+            listing: None,
+            memory: ManifestMemory::default(),
         })
     }
 
@@ -156,20 +175,12 @@ impl RemoteEndpoint {
         }
     }
 
-    fn memory(&self) -> std::sync::MutexGuard<'_, super::memory::ManifestMemory> {
-        self.session
-            .inner
-            .manifests
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// The wire form of `req`: edits against the manifest the guest holds at that path
     /// where this session remembers one and the edits are smaller; in full otherwise (edits
     /// carry no hard links: a linked file always goes in full).
     fn stage_file(&self, req: StageRequest, edit: bool) -> StageFile {
         let held = if edit && req.manifest.links.is_empty() {
-            self.memory().held(self.share, &req.path)
+            self.memory.held(&req.path)
         } else {
             None
         };
@@ -241,13 +252,7 @@ impl RemoteEndpoint {
     /// received for the share (`vmsync_protocol::listing`): a no-op cycle of a large share
     /// moves a few bytes instead of its whole listing.
     async fn scan_full(&mut self, options: ScanOptions) -> Result<ScanReport, EndpointError> {
-        let last: Option<Listing> = self
-            .session
-            .inner
-            .listings
-            .lock()
-            .ok()
-            .and_then(|l| l.get(&self.share).cloned());
+        let last = self.listing.take();
         let base = last.as_ref().map(|(token, _)| *token);
         let delta = match self
             .call(RequestBody::ScanFull { options, base }, 0)
@@ -270,9 +275,7 @@ impl RemoteEndpoint {
                 )));
             }
         };
-        if let Ok(mut l) = self.session.inner.listings.lock() {
-            l.insert(self.share, (delta.token, Arc::new(entries.clone())));
-        }
+        self.listing = Some((delta.token, entries.clone()));
         Ok(ScanReport {
             root: delta.root,
             entries,
@@ -356,14 +359,13 @@ impl Endpoint for RemoteEndpoint {
                 *slot = fetched.next().map(|a| a.map_err(Problem::from));
             }
         }
-        let mut memory = self.memory();
         let mut out = Vec::with_capacity(files.len());
         for ((path, _), answer) in files.iter().zip(answers) {
             let answer = answer.ok_or_else(|| {
                 EndpointError::Protocol("manifests answered fewer files than asked".into())
             })?;
             if let Ok(m) = &answer {
-                memory.hold(self.share, path, m);
+                self.memory.hold(path, m);
             }
             out.push(answer);
         }
@@ -450,9 +452,8 @@ impl Endpoint for RemoteEndpoint {
         files: Vec<StageRequest>,
     ) -> Result<Vec<Result<Vec<MissingChunk>, NotStaged>>, EndpointError> {
         {
-            let mut memory = self.memory();
             for f in &files {
-                memory.staged(self.share, &f.path, &f.manifest);
+                self.memory.staged(&f.path, &f.manifest);
             }
         }
         let full: Vec<StageRequest> = files.clone();
@@ -564,10 +565,9 @@ impl Endpoint for RemoteEndpoint {
         match self.call(RequestBody::Transition { changes }, 0).await? {
             ResponseBody::Transitioned(Ok(outcomes)) => {
                 self.check_count("changes", asked, &outcomes)?;
-                let mut memory = self.memory();
                 for ((path, digest), outcome) in landing.iter().zip(&outcomes) {
                     if *outcome == Outcome::Applied {
-                        memory.applied(self.share, path, *digest);
+                        self.memory.applied(path, *digest);
                     }
                 }
                 Ok(outcomes)

@@ -14,8 +14,7 @@
 //! like a dead guest to the host. An endpoint call in progress is never cancelled midway by the
 //! connection's end; the session ends right after it.
 
-use super::client::{millis, Reader, Writer};
-use super::io::{MeteredRead, MeteredWrite};
+use super::framing::{self, Reader, Writer};
 use super::stats::{content_bytes, Stats};
 use crate::error::{error_chain, TransportError};
 use crate::limits::{
@@ -30,7 +29,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::task::{JoinError, JoinHandle};
-use tokio_util::codec::{FramedRead, FramedWrite};
 use vmsync_core::edits;
 use vmsync_core::endpoint::{
     ChangeHints, ChunkData, DeltaRead, Endpoint, EndpointError, NotStaged, ScanOptions, ScanScope,
@@ -51,9 +49,8 @@ use vmsync_protocol::messages::{
     SCAN_MANIFESTS_MAX, SCAN_MANIFEST_MAX_FILE_BYTES,
 };
 use vmsync_protocol::{
-    decode_delta, encode_chunk, encode_delta, encode_message, unpack_chunk, CodecError, FrameCodec,
-    Message, MessageCodec, Refused, Request, RequestBody, RequestKind, Response, ResponseBody,
-    ShareOpen, WireContent,
+    encode_content, encode_message, unpack_content, CodecError, Message, Refused, Request,
+    RequestBody, RequestKind, Response, ResponseBody, ShareOpen,
 };
 
 /// How a server session behaves. `Default` uses [`crate::limits`] and this build's protocol
@@ -112,15 +109,7 @@ where
     F: Fn(&ShareOpen) -> Result<E, String>,
 {
     let stats = config.stats.clone();
-    let (r, w) = tokio::io::split(stream);
-    let mut reader: Reader<S> = FramedRead::new(
-        MeteredRead::new(r, stats.clone(), config.silence_limit),
-        MessageCodec::new(),
-    );
-    let mut writer: Writer<S> = FramedWrite::new(
-        MeteredWrite::new(w, stats.clone(), config.silence_limit),
-        FrameCodec::new(),
-    );
+    let (mut reader, mut writer) = framing::framed(stream, &stats, config.silence_limit);
 
     let handshake = handshake(
         &mut reader,
@@ -129,15 +118,8 @@ where
         guest_version,
         &config.local,
     );
-    let mut endpoints = tokio::time::timeout(config.handshake_timeout, handshake)
-        .await
-        .map_err(|_| TransportError::HandshakeTimeout {
-            ms: millis(config.handshake_timeout),
-        })??;
-    reader.decoder_mut().handshake_done();
-    writer
-        .encoder_mut()
-        .set_max_message_bytes(MAX_MESSAGE_BYTES);
+    let mut endpoints = framing::within(config.handshake_timeout, handshake).await?;
+    framing::handshake_done(&mut reader, &mut writer);
 
     let (queue_tx, mut queue) = mpsc::channel(MAX_OUTSTANDING_REQUESTS);
     let (out_tx, out_rx) = mpsc::channel(WRITE_QUEUE_MESSAGES);
@@ -622,28 +604,6 @@ async fn stage<E: Endpoint>(
             },
         })
         .collect()
-}
-
-/// Chunk content for the wire, compressed at `level` when that pays.
-pub(crate) fn encode_content(hash: vmsync_core::Hash, data: &ChunkData, level: i32) -> WireContent {
-    match data {
-        ChunkData::Whole(d) => WireContent::Whole(encode_chunk(hash, d, level)),
-        ChunkData::Delta(d) => WireContent::Delta(encode_delta(hash, d, level)),
-    }
-}
-
-/// Received chunk content: a whole chunk decoded and verified against its id; a delta decoded
-/// (it is verified once applied, by the destination).
-/// Unpacks supplied content for `Endpoint::supply`, which verifies every whole chunk against
-/// its id itself (its contract): checked here for length and codec only, so each byte is
-/// hashed once.
-pub(crate) fn unpack_content(
-    c: WireContent,
-) -> Result<(vmsync_core::Hash, ChunkData), vmsync_protocol::ChunkError> {
-    match c {
-        WireContent::Whole(c) => unpack_chunk(c).map(|(h, d)| (h, ChunkData::Whole(d))),
-        WireContent::Delta(d) => decode_delta(d).map(|(h, d)| (h, ChunkData::Delta(d))),
-    }
 }
 
 /// A full listing sent earlier in this session: its token and entries.

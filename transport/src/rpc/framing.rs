@@ -1,0 +1,63 @@
+//! What both ends of a session share about its byte stream: the stream split into a metered,
+//! framed message reader and frame writer, the handshake's small message limit and the switch
+//! to the session's limits once it is done, and the handshake's deadline.
+
+use super::io::{MeteredRead, MeteredWrite};
+use super::stats::Stats;
+use crate::error::TransportError;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use vmsync_protocol::limits::MAX_MESSAGE_BYTES;
+use vmsync_protocol::{FrameCodec, Message, MessageCodec};
+
+pub(crate) type Reader<S> = FramedRead<MeteredRead<ReadHalf<S>>, MessageCodec<Message, Message>>;
+pub(crate) type Writer<S> = FramedWrite<MeteredWrite<WriteHalf<S>>, FrameCodec>;
+
+/// Splits `stream` into its halves, counting bytes into `stats` and failing a half that stalls
+/// for `silence_limit`; messages are held to the handshake's limit until [`handshake_done`].
+pub(crate) fn framed<S>(
+    stream: S,
+    stats: &Arc<Stats>,
+    silence_limit: Duration,
+) -> (Reader<S>, Writer<S>)
+where
+    S: AsyncRead + AsyncWrite,
+{
+    let (r, w) = tokio::io::split(stream);
+    let reader = FramedRead::new(
+        MeteredRead::new(r, stats.clone(), silence_limit),
+        MessageCodec::<Message, Message>::new(),
+    );
+    let writer = FramedWrite::new(
+        MeteredWrite::new(w, stats.clone(), silence_limit),
+        FrameCodec::new(),
+    );
+    (reader, writer)
+}
+
+/// The handshake is over: messages may be as large as the session allows.
+pub(crate) fn handshake_done<S>(reader: &mut Reader<S>, writer: &mut Writer<S>) {
+    reader.decoder_mut().handshake_done();
+    writer
+        .encoder_mut()
+        .set_max_message_bytes(MAX_MESSAGE_BYTES);
+}
+
+/// Runs a handshake exchange, failing it after `timeout`.
+pub(crate) async fn within<T>(
+    timeout: Duration,
+    exchange: impl Future<Output = Result<T, TransportError>>,
+) -> Result<T, TransportError> {
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| TransportError::HandshakeTimeout {
+            ms: millis(timeout),
+        })?
+}
+
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
