@@ -28,6 +28,11 @@ impl Hash {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
+/// BLAKE3 of one chunk's bytes: its id. The one definition both sides and the wire use.
+pub fn hash_chunk(data: &[u8]) -> Hash {
+    Hash(*blake3::hash(data).as_bytes())
+}
+
 impl fmt::Display for Hash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.to_hex())

@@ -5,12 +5,9 @@
 
 use std::io::{self, Read};
 use vmsync_core::limits::{CHUNK_AVG_BYTES, CHUNK_MAX_BYTES, CHUNK_MIN_BYTES, MAX_FILE_CHUNKS};
-use vmsync_core::{ChunkRef, Hash};
+use vmsync_core::ChunkRef;
 
-/// BLAKE3 of one chunk's bytes: its id.
-pub fn hash_chunk(data: &[u8]) -> Hash {
-    Hash(*blake3::hash(data).as_bytes())
-}
+pub use vmsync_core::digest::hash_chunk;
 
 /// Cuts everything `reader` yields into chunks. Fails with `InvalidData` past
 /// [`MAX_FILE_CHUNKS`] so a huge file cannot make us build an unbounded list.

@@ -181,10 +181,7 @@ pub fn unpack_content(c: WireContent) -> Result<(Hash, ChunkData), ChunkError> {
     }
 }
 
-/// BLAKE3 of `data` as a chunk id.
-pub fn hash_chunk(data: &[u8]) -> Hash {
-    Hash(*blake3::hash(data).as_bytes())
-}
+pub use vmsync_core::digest::hash_chunk;
 
 /// Encodes a chunk for the wire, compressing with zstd at `level` (0: never) when that pays.
 ///

@@ -33,7 +33,7 @@ pub fn p(s: &str) -> RelPath {
 }
 
 pub fn hash(data: &[u8]) -> Hash {
-    Hash(*blake3::hash(data).as_bytes())
+    vmsync_core::digest::hash_chunk(data)
 }
 
 pub fn chunks_of(data: &[u8]) -> Vec<(ChunkRef, &[u8])> {
