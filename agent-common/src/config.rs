@@ -384,3 +384,176 @@ pub fn retention(
     }
     retention
 }
+
+/// A share's `min_free` (a size such as `"1GiB"` or a percentage); the default when unset or
+/// wrong (a problem is recorded against the value).
+pub fn min_free(
+    share: &str,
+    value: Option<&Spanned<String>>,
+    problems: &mut Problems,
+) -> vmsync_core::reserve::MinFree {
+    use vmsync_core::reserve::MinFree;
+    match value {
+        None => MinFree::Default,
+        Some(value) => MinFree::parse(value.get_ref()).unwrap_or_else(|message| {
+            problems.at(value, format!("share {share:?} min_free: {message}"));
+            MinFree::Default
+        }),
+    }
+}
+
+/// Where a share is, for [`check_places`]: its name, resolved path, and the span of its `path`
+/// value (problems point there).
+pub struct SharePlace<'a> {
+    pub name: &'a str,
+    pub path: &'a Path,
+    pub path_span: Range<usize>,
+}
+
+/// The checks across values both agents make on where things are: a share inside another
+/// would be synced twice (under other names or rules); a share holding the state directory
+/// would sync vmsync's own index (and the state directory inside a share has the same
+/// effect); a socket inside a share shows up in every scan as a problem entry. `sockets`:
+/// each socket's key in the file and its path, if it is a path.
+pub fn check_places(
+    shares: &[SharePlace<'_>],
+    state_dir: Option<&Path>,
+    sockets: &[(&str, Option<PathBuf>)],
+    problems: &mut Problems,
+) {
+    for (index, share) in shares.iter().enumerate() {
+        for other in shares.iter().take(index) {
+            if share.path.starts_with(other.path) || other.path.starts_with(share.path) {
+                let (line, _) = problems.line_column(other.path_span.start);
+                problems.push(
+                    Some(share.path_span.clone()),
+                    format!(
+                        "share {:?} path {:?} and share {:?} path {:?} (line {line}) nest; \
+                         shares must not overlap",
+                        share.name, share.path, other.name, other.path
+                    ),
+                );
+            }
+        }
+        if let Some(state_dir) = state_dir {
+            if state_dir.starts_with(share.path) || share.path.starts_with(state_dir) {
+                problems.push(
+                    Some(share.path_span.clone()),
+                    format!(
+                        "share {:?} path {:?} and state_dir {:?} nest; keep vmsync's state \
+                         outside every share",
+                        share.name, share.path, state_dir
+                    ),
+                );
+            }
+        }
+        for (key, socket) in sockets {
+            if let Some(socket) = socket.as_ref().filter(|s| s.starts_with(share.path)) {
+                problems.push(
+                    Some(share.path_span.clone()),
+                    format!(
+                        "the {key} socket {:?} is inside share {:?} ({:?}); put sockets \
+                         outside every share",
+                        socket, share.name, share.path
+                    ),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each row: share paths, state_dir, a socket; the problems expected (substrings, in order).
+    #[test]
+    fn places_table() {
+        let text = "0123456789012345678901234567890123456789";
+        type Row<'a> = (
+            &'a [&'a str],
+            Option<&'a str>,
+            Option<&'a str>,
+            &'a [&'a str],
+        );
+        let rows: &[Row] = &[
+            (
+                &["/srv/a", "/srv/b"],
+                Some("/var/lib/vmsync"),
+                Some("/run/x.sock"),
+                &[],
+            ),
+            (
+                &["/srv/a", "/srv/a/b"],
+                None,
+                None,
+                &["\"b\" path \"/srv/a/b\" and share \"a\""],
+            ),
+            (
+                &["/srv/a/b", "/srv/a"],
+                None,
+                None,
+                &["nest; shares must not overlap"],
+            ),
+            (&["/srv/ab", "/srv/a"], None, None, &[]),
+            (
+                &["/srv"],
+                Some("/srv/state"),
+                None,
+                &["and state_dir \"/srv/state\" nest"],
+            ),
+            (
+                &["/srv/a"],
+                Some("/srv"),
+                None,
+                &["and state_dir \"/srv\" nest"],
+            ),
+            (
+                &["/srv/a"],
+                None,
+                Some("/srv/a/c.sock"),
+                &["the control socket"],
+            ),
+        ];
+        for (paths, state_dir, socket, want) in rows {
+            let names = ["a", "b"];
+            let places: Vec<SharePlace<'_>> = paths
+                .iter()
+                .zip(names)
+                .enumerate()
+                .map(|(i, (path, name))| SharePlace {
+                    name,
+                    path: Path::new(path),
+                    path_span: i * 10..i * 10 + 5,
+                })
+                .collect();
+            let mut problems = Problems::new(text);
+            check_places(
+                &places,
+                state_dir.map(Path::new),
+                &[("control", socket.map(PathBuf::from))],
+                &mut problems,
+            );
+            let got: Vec<String> = problems.list.iter().map(|p| p.message.clone()).collect();
+            assert_eq!(got.len(), want.len(), "{paths:?}: {got:?}");
+            for (message, part) in got.iter().zip(want.iter()) {
+                assert!(
+                    message.contains(part),
+                    "{paths:?}: {message:?} lacks {part:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn min_free_defaults_and_reports() {
+        use vmsync_core::reserve::MinFree;
+        let text = "min_free = \"lots\"";
+        let mut problems = Problems::new(text);
+        assert_eq!(min_free("s", None, &mut problems), MinFree::Default);
+        let value = Spanned::new(12..16, "lots".to_string());
+        assert_eq!(min_free("s", Some(&value), &mut problems), MinFree::Default);
+        assert_eq!(problems.list.len(), 1);
+        assert!(problems.list[0].message.contains("share \"s\" min_free"));
+    }
+}

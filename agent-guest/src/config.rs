@@ -49,8 +49,8 @@ use serde::Deserialize;
 use toml::Spanned;
 pub use vmsync_agent_common::config::ConfigError;
 use vmsync_agent_common::config::{
-    absolute_path, deserialize_all, normalize_absolute, share_name_error, socket_path, Problems,
-    ResolvePath,
+    absolute_path, check_places, deserialize_all, min_free, normalize_absolute, share_name_error,
+    socket_path, Problems, ResolvePath, SharePlace,
 };
 use vmsync_core::reserve::MinFree;
 use vmsync_transport::endpoint_addr::{EndpointAddr, DEFAULT_VSOCK_PORT};
@@ -239,13 +239,7 @@ fn resolve(
             raw_share.keep_deleted_max.as_ref(),
             problems,
         );
-        let min_free = match &raw_share.min_free {
-            None => MinFree::Default,
-            Some(value) => MinFree::parse(value.get_ref()).unwrap_or_else(|message| {
-                problems.at(value, format!("share {name:?} min_free: {message}"));
-                MinFree::Default
-            }),
-        };
+        let min_free = min_free(name, raw_share.min_free.as_ref(), problems);
         let key = format!("share {name:?} path");
         let path = absolute_path(&raw_share.path, &key, problems).and_then(|path| {
             resolve_path(&path)
@@ -266,64 +260,26 @@ fn resolve(
         }
     }
 
-    // Cross-value checks: a share inside another would be synced twice under different names; a
-    // share holding the state directory would sync vmsync's own index (and the state directory
-    // inside a share has the same effect); a socket inside a share shows up in every scan as a
-    // problem entry.
-    for (index, share) in shares.iter().enumerate() {
-        let (_, path_span) = &spans[index];
-        for (other_index, other) in shares.iter().enumerate().take(index) {
-            if share.path.starts_with(&other.path) || other.path.starts_with(&share.path) {
-                let (line, _) = problems.line_column(spans[other_index].1.start);
-                problems.push(
-                    Some(path_span.clone()),
-                    format!(
-                        "share {:?} path {:?} and share {:?} path {:?} (line {line}) nest; \
-                         shares must not overlap",
-                        share.name, share.path, other.name, other.path
-                    ),
-                );
-            }
-        }
-        if let Some(state_dir) = &state_dir {
-            if state_dir.starts_with(&share.path) || share.path.starts_with(state_dir) {
-                problems.push(
-                    Some(path_span.clone()),
-                    format!(
-                        "share {:?} path {:?} and state_dir {:?} nest; keep vmsync's state \
-                         outside every share",
-                        share.name, share.path, state_dir
-                    ),
-                );
-            }
-        }
-        let sockets = [
-            ("control", control.clone()),
-            (
-                "listen",
-                match &listen {
-                    Some(EndpointAddr::Unix(path)) => {
-                        normalize_absolute(&path.to_string_lossy()).ok()
-                    }
-                    _ => None,
-                },
-            ),
-        ];
-        for (key, socket) in sockets {
-            if let Some(socket) = socket {
-                if socket.starts_with(&share.path) {
-                    problems.push(
-                        Some(path_span.clone()),
-                        format!(
-                            "the {key} socket {:?} is inside share {:?} ({:?}); put sockets \
-                             outside every share",
-                            socket, share.name, share.path
-                        ),
-                    );
-                }
-            }
-        }
-    }
+    let places: Vec<SharePlace<'_>> = shares
+        .iter()
+        .zip(&spans)
+        .map(|(share, (_, path_span))| SharePlace {
+            name: &share.name,
+            path: &share.path,
+            path_span: path_span.clone(),
+        })
+        .collect();
+    let sockets = [
+        ("control", control.clone()),
+        (
+            "listen",
+            match &listen {
+                Some(EndpointAddr::Unix(path)) => normalize_absolute(&path.to_string_lossy()).ok(),
+                _ => None,
+            },
+        ),
+    ];
+    check_places(&places, state_dir.as_deref(), &sockets, problems);
 
     if !complete {
         return None;
