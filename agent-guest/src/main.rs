@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use vmsync_engine::control::{self, ControlRequest, ControlResponse};
+use vmsync_agent_common::control::{self, ControlRequest, ControlResponse};
 
 /// The guest side of vmsync: serves this VM's shares to the host controller over virtio-vsock.
 #[derive(Parser, Debug)]

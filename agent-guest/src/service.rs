@@ -5,7 +5,7 @@ use crate::config::GuestConfig;
 use anyhow::Context;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use vmsync_engine::control::{self, AgentInfo, ControlRequest, ControlResponse};
+use vmsync_agent_common::control::{self, AgentInfo, ControlRequest, ControlResponse};
 use vmsync_engine::filter::Filter;
 use vmsync_engine::local::LocalEndpoint;
 use vmsync_engine::state::StateDb;
@@ -160,7 +160,7 @@ pub async fn run(config: GuestConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {listen}"))?;
     tracing::info!(listen = %listen, shares = shared.exports.len(), "vmsync-guest started");
-    vmsync_engine::notify_systemd::notify(std::env::var_os("NOTIFY_SOCKET"), "READY=1");
+    vmsync_agent_common::notify_systemd::notify(std::env::var_os("NOTIFY_SOCKET"), "READY=1");
 
     let mut current: Option<tokio::task::JoinHandle<()>> = None;
     loop {

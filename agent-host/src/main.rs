@@ -13,7 +13,7 @@ mod service;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use vmsync_engine::control::Keep;
+use vmsync_agent_common::control::Keep;
 
 /// Keep a directory identical between this host and a VM guest, live, over virtio-vsock.
 #[derive(Parser, Debug)]

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
-use vmsync_engine::control::{self, request, ControlRequest, ControlResponse};
+use vmsync_agent_common::control::{self, request, ControlRequest, ControlResponse};
 use vmsync_engine::status::ShareState;
 
 /// How long a quick command waits for the agent to answer.

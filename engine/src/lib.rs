@@ -20,15 +20,12 @@
 //! - [`status`]: what `status` reports per share.
 //! - [`trash`]: what replaced and deleted files become: batches in `.vmsync/trash/`, their
 //!   retention, listing and restore.
-//! - [`control`]: the control socket protocol (`status`, `sync`, `resume`) and its client.
 //! - [`watch`]: inotify events → coalesced change hints.
 //! - [`pace`]: bounds how often one path is cycled live (a log written many times a second).
 //! - [`planner`]: a cycle's decisions as pure functions: views, plan, verdicts.
 //! - [`controller`]: runs a sync cycle between two `Endpoint`s.
-//! - [`notify_systemd`]: `READY=1` to systemd for `Type=notify` units.
 
 pub mod chunk;
-pub mod control;
 pub mod controller;
 pub mod echoes;
 pub mod faults;
@@ -37,7 +34,6 @@ pub mod gitignore;
 pub mod index;
 pub mod links;
 pub mod local;
-pub mod notify_systemd;
 pub mod pace;
 pub mod planner;
 pub mod reuse;

@@ -3,12 +3,12 @@
 //! connection. Local and trusted (root or the agent's user), but still bounded: a request line
 //! longer than [`MAX_CONTROL_REQUEST_BYTES`] is refused.
 
-use crate::status::ShareStatus;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use vmsync_engine::status::ShareStatus;
 
 pub const MAX_CONTROL_REQUEST_BYTES: u64 = 64 * 1024;
 /// A whole status answer, however many shares and problems it lists.
@@ -372,7 +372,7 @@ pub fn human_bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::ProblemView;
+    use vmsync_engine::status::ProblemView;
 
     fn status_with(conflicts: usize, problems: &[(&str, &str)]) -> ControlResponse {
         ControlResponse::Status {
