@@ -8,7 +8,8 @@
 //! - [`index`]: the in-memory file index: cached digests and where each chunk is found locally.
 //! - [`state`]: the redb database: per-share file index, and on the host the ancestor and halts.
 //! - [`scan`]: walks (part of) a share into entries, re-hashing only what changed.
-//! - [`local`]: the local `Endpoint`: scan, serve chunks, stage and apply changes.
+//! - [`local`]: the local `Endpoint`: scan, serve chunks, stage and apply changes; one file a
+//!   job under `local/` (the watch loop, source reads, staging, transitions, echo suppression).
 //! - [`reuse`]: how a staged file reuses the old version at its path (append in place, clone,
 //!   holes for zero runs).
 //! - [`echoes`]: what this side's own transitions just wrote, so their watch events are
