@@ -1,7 +1,9 @@
 //! One machine's side of a vmsync share.
 //!
 //! Module map:
-//! - [`root`]: the only door to share content: a root directory fd and `*at` syscalls.
+//! - [`root`]: the only door to share content: a root directory fd and `*at` syscalls; path
+//!   resolution alone in `root/resolve.rs`, beside temp files, directory fsyncs, the trash and
+//!   the marker files.
 //! - [`chunk`]: FastCDC cut points and BLAKE3 chunk ids.
 //! - [`filter`]: ignore rules (gitignore syntax) applied to relative paths.
 //! - [`gitignore`]: the tree's own `.gitignore` and `.ignore` files, for `respect_gitignore`.
