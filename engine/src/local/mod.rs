@@ -86,7 +86,9 @@ const MARK_FSYNC: bool = false;
 pub struct LocalShare {
     name: String,
     path: PathBuf,
-    root: Option<ShareRoot>,
+    /// Shared so that a transition's [`Batch`](crate::root::Batch) can hold it while the
+    /// transition changes the rest of the share.
+    root: Option<Arc<ShareRoot>>,
     filter: Filter,
     /// The tree's compiled ignore files, kept between scans.
     rules: RulesCache,
@@ -137,15 +139,22 @@ pub struct LocalShare {
     zeros: ZeroChunks,
 }
 
+fn not_scanned() -> EndpointError {
+    EndpointError::Protocol("share used before its first scan".into())
+}
+
 fn io_err(e: impl std::fmt::Display) -> EndpointError {
     EndpointError::Io(e.to_string())
 }
 
 impl LocalShare {
     fn root(&self) -> Result<&ShareRoot, EndpointError> {
-        self.root
-            .as_ref()
-            .ok_or_else(|| EndpointError::Protocol("share used before its first scan".into()))
+        self.root.as_deref().ok_or_else(not_scanned)
+    }
+
+    /// [`LocalShare::root`], as a handle of its own (for a [`Batch`](crate::root::Batch)).
+    fn shared_root(&self) -> Result<Arc<ShareRoot>, EndpointError> {
+        self.root.clone().ok_or_else(not_scanned)
     }
 
     fn open_root(&mut self) -> Result<(), EndpointError> {
@@ -155,7 +164,7 @@ impl LocalShare {
                 if let Err(e) = root.clean_temps() {
                     tracing::warn!(share = %self.name, "cleaning stale temp files: {e}");
                 }
-                self.root = Some(root);
+                self.root = Some(Arc::new(root));
                 Ok(())
             }
             Err(e) => {

@@ -30,7 +30,8 @@ impl LocalShare {
         if changes.iter().any(|c| c.new.is_some()) {
             self.check_room(0)?;
         }
-        self.root()?.begin_batch();
+        let share_root = self.shared_root()?;
+        let batch = share_root.batch();
         let clock = std::time::Instant::now();
         let seals = self.seal_staged(&changes);
         let sealed = clock.elapsed();
@@ -111,7 +112,7 @@ impl LocalShare {
         self.dir_echoes.extend(restored);
         // Nothing is recorded or acknowledged before the directories are durable.
         let step = std::time::Instant::now();
-        let unsynced = self.root()?.end_batch_each();
+        let unsynced = batch.finish_each();
         if !unsynced.is_empty() {
             // In place but maybe not durable: not recorded, and failed, so that a later cycle
             // (which finds them done) records them once their directory is synced.
@@ -720,7 +721,8 @@ impl LocalShare {
         if self.root.is_none() {
             self.open_root()?;
         }
-        self.root()?.begin_batch();
+        let share_root = self.shared_root()?;
+        let batch = share_root.batch();
         let now = std::time::Instant::now();
         let mut outcomes = Vec::with_capacity(items.len());
         // What is put back into a directory leaves it the time it had (see `ParentTimes`).
@@ -740,7 +742,7 @@ impl LocalShare {
             outcomes.push(outcome);
         }
         parents.restore(self.root()?, &self.name);
-        self.root()?.end_batch().map_err(io_err)?;
+        batch.finish().map_err(io_err)?;
         // What was put back left the trash: counted again by a walk.
         self.tell_pruner(outcomes.contains(&Outcome::Applied));
         Ok(outcomes)

@@ -49,8 +49,8 @@
 //! - `dir`: [`DirHandle`], an open directory for walking the tree by fds.
 //! - `temp`: temp files: create, seal ([`SealJob`]), commit over a path or discard; appends in
 //!   place and clones.
-//! - `batch`: directory fsyncs, at once or deferred to the end of a batch, and the pool that
-//!   runs a batch's.
+//! - `batch`: directory fsyncs, at once or deferred to the end of a [`Batch`], and the pool
+//!   that runs a batch's.
 //! - `trash`: keeping replaced and deleted entries in `.vmsync/trash/`, and putting them back.
 //! - `marker`: the share's identity marker and generation files in `.vmsync/`.
 //! - `error`: [`FsError`] and its [`FsErrorKind`].
@@ -64,6 +64,7 @@ mod resolve;
 mod temp;
 mod trash;
 
+pub use batch::Batch;
 pub use dir::DirHandle;
 pub use entry::symlink_target_is_contained;
 pub use error::{FsError, FsErrorKind};
@@ -192,7 +193,7 @@ pub struct ShareRoot {
     trash_batch: std::sync::Mutex<TrashBatch>,
     resolver: Resolver,
     temp_counter: AtomicU64,
-    /// While a batch is open ([`ShareRoot::begin_batch`]), directories whose entries changed
+    /// While a [`Batch`] is open, directories whose entries changed
     /// and still need an fsync; `None` outside a batch (each change fsyncs its directory).
     dirty_dirs: std::sync::Mutex<Option<std::collections::BTreeSet<RelPath>>>,
     /// Set once this filesystem refused `O_TMPFILE`.

@@ -20,8 +20,8 @@ const TRASH_SHOWN: &[u8] = b".vmsync/trash";
 /// The trash batch of the running transition.
 #[derive(Debug, Default)]
 pub(super) struct TrashBatch {
-    /// Between [`ShareRoot::begin_batch`] and [`ShareRoot::end_batch`]: one batch directory
-    /// serves every trashing until then. Outside, each trashing is its own batch.
+    /// While a [`Batch`](super::Batch) is open: one batch directory serves every trashing
+    /// until it ends. Outside, each trashing is its own batch.
     pub(super) in_batch: bool,
     /// The batch being written into: its name, its directory and when it was made.
     current: Option<(String, OwnedFd, Instant)>,
@@ -53,7 +53,7 @@ impl ShareRoot {
     /// Moves the file or symlink at `p` into the trash with one `renameat` (same filesystem,
     /// never a copy), under its own path in the current batch; `p` is empty afterwards. A
     /// directory at `p` is refused (kind `NotAFile`): directories are removed, not kept.
-    /// Durable at [`ShareRoot::end_batch`] (outside a batch: before this returns).
+    /// Durable when the [`Batch`](super::Batch) ends (outside a batch: before this returns).
     pub fn trash_remove(&self, p: &RelPath) -> Result<Kept, FsError> {
         self.trash_entry("move to trash", p, false)
     }
@@ -488,7 +488,7 @@ fn remove_tree(
     }
 }
 
-/// Fsyncs trash directories (see [`ShareRoot::end_batch_each`]).
+/// Fsyncs trash directories (see [`Batch::finish_each`](super::Batch::finish_each)).
 pub(super) fn sync_trash(dirs: &[OwnedFd]) -> Result<(), FsError> {
     dirs.iter().try_for_each(|fd| {
         rfs::fsync(fd).map_err(|e| {
@@ -547,7 +547,7 @@ mod tests {
         std::fs::write(dir.join("d/y"), b"y").unwrap();
         let root = ShareRoot::open(dir).unwrap();
         let ino = std::fs::metadata(dir.join("d/y")).unwrap().ino();
-        root.begin_batch();
+        let batch = root.batch();
         let a = root.trash_remove(&p(b"a")).unwrap();
         let x = root.trash_remove(&p(b"d/x")).unwrap();
         let y = root.trash_link(&p(b"d/y")).unwrap();
@@ -555,7 +555,7 @@ mod tests {
         std::fs::create_dir(dir.join("a")).unwrap();
         std::fs::write(dir.join("a/b"), b"b").unwrap();
         let b = root.trash_remove(&p(b"a/b")).unwrap();
-        root.end_batch().unwrap();
+        batch.finish().unwrap();
         assert_eq!(a.batch, x.batch);
         assert_eq!(a.batch, y.batch);
         assert_ne!(a.batch, b.batch);
