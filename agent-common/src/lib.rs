@@ -1,7 +1,8 @@
 //! What the two agents (`vmsync-host`, `vmsync-guest`) share, so neither carries a copy.
 //!
 //! - [`config`]: problem collection and `FILE:LINE:COLUMN` reports, share-name and path checks.
-//! - [`process`]: logging setup, the async runtime, waiting for SIGTERM/SIGINT.
+//! - [`process`]: logging setup, the open-file limit, the async runtime, waiting for
+//!   SIGTERM/SIGINT.
 //! - [`trash_cli`]: the `trash` and `restore` commands, on this side's share directory.
 
 pub mod config;

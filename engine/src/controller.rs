@@ -34,7 +34,7 @@ use vmsync_core::safety::{check_emptied, check_root, DeletionLimit, HaltReason};
 use vmsync_core::{Entry, FileMeta, Hash, RelPath, Snapshot};
 
 /// Files per stage batch: bounds the temp files a destination holds open at once, two batches'
-/// worth (it also caps itself, see `local::max_staged_files`). 128 keeps round trips and
+/// worth (it also caps itself: `max_staged` in `engine/src/local/mod.rs`). 128 keeps round trips and
 /// directory fsyncs few (each directory is fsynced once per batch) and the destination's
 /// parallel fsyncs busy.
 const MAX_STAGE_BATCH_FILES: usize = 128;

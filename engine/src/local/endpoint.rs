@@ -98,6 +98,14 @@ impl WatchState {
     }
 }
 
+/// Most staged files held open at once: a quarter of the soft fd limit (at least 16), so a
+/// host that batches more than this process can hold gets retries, not EMFILE failures.
+fn max_staged_files() -> usize {
+    let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+    soft.map_or(4096, |n| usize::try_from(n / 4).unwrap_or(4096))
+        .max(16)
+}
+
 /// With no watch (inotify limit reached), how often the whole share is rescanned instead.
 const UNWATCHED_RESCAN_MS: u64 = 10_000;
 
@@ -106,7 +114,9 @@ const ROOT_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(10)
 
 impl LocalEndpoint {
     /// Opens the share `name` at `path`, loading its index from `db`. The root itself is
-    /// opened at each scan, so a root that is missing now is reported then, not here.
+    /// opened at each scan, so a root that is missing now is reported then, not here. The
+    /// share stages at most a quarter of the process's soft fd limit as it is now: a process
+    /// that raises the limit does so first.
     pub fn new(
         name: &str,
         path: PathBuf,
@@ -149,6 +159,7 @@ impl LocalEndpoint {
             faulted: HashMap::new(),
             min_free: MinFree::default(),
             zeros: ZeroChunks::default(),
+            max_staged: max_staged_files(),
         };
         Ok(LocalEndpoint {
             inner: Arc::new(Mutex::new(share)),

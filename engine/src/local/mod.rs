@@ -137,6 +137,10 @@ pub struct LocalShare {
     min_free: MinFree,
     /// Ids of all-zero chunks, which are never written (they stay holes).
     zeros: ZeroChunks,
+    /// Most files staged at once (each holds a temp file open): past it, `stage` answers
+    /// [`NotStaged::NoRoom`](vmsync_core::endpoint::NotStaged::NoRoom). Set when the endpoint
+    /// is opened (see [`LocalEndpoint::new`]).
+    max_staged: usize,
 }
 
 fn not_scanned() -> EndpointError {
@@ -295,22 +299,6 @@ impl LocalShare {
             self.faulted.clear();
         }
         self.faulted.insert(path, reason);
-    }
-}
-
-/// Raises this process's soft fd limit to its hard limit (agents call it first thing): a
-/// share with many files in flight wants descriptors, and the soft default (1024) is low.
-pub fn raise_fd_limit() {
-    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let limit = getrlimit(Resource::Nofile);
-    if limit.current < limit.maximum {
-        let _ = setrlimit(
-            Resource::Nofile,
-            Rlimit {
-                current: limit.maximum,
-                maximum: limit.maximum,
-            },
-        );
     }
 }
 

@@ -108,7 +108,7 @@ impl LocalShare {
         let mut completed = Vec::new();
         for req in files {
             let path = req.path.clone();
-            if !self.staged.contains_key(&path) && self.staged.len() >= max_staged_files() {
+            if !self.staged.contains_key(&path) && self.staged.len() >= self.max_staged {
                 // Out of file descriptors to hold more temp files open: not an error, later.
                 results.push(Err(NotStaged::NoRoom));
                 continue;
@@ -495,17 +495,6 @@ impl LocalShare {
 /// the chunks that fills.
 type FileWrites = (Vec<(u64, usize)>, Vec<Hash>);
 
-/// Most staged files held open at once: a quarter of the soft fd limit (at least 16), so a
-/// host that batches more than this process can hold gets retries, not EMFILE failures.
-fn max_staged_files() -> usize {
-    static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *LIMIT.get_or_init(|| {
-        let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
-        soft.map_or(4096, |n| usize::try_from(n / 4).unwrap_or(4096))
-            .max(16)
-    })
-}
-
 /// Writes `pieces` (sorted by offset) to `file`: each run of adjacent pieces in one `pwritev`,
 /// so a file's chunks cost one system call per supply instead of one each, and the page cache
 /// is not made to zero the partial pages at every chunk boundary.
@@ -769,6 +758,24 @@ mod tests {
         }
         assert!(!f.share_dir.join("f.bin").exists());
         assert_eq!(leftover_temps(&f.share_dir), 0);
+    }
+
+    /// At its cap of staged files a share answers "no room" (the controller asks again later)
+    /// instead of running out of descriptors; a path already staged may be staged anew.
+    #[test]
+    fn staging_past_the_cap_is_no_room() {
+        let mut f = fixture();
+        f.share.max_staged = 1;
+        let a = RelPath::from_bytes(b"a").unwrap();
+        let b = RelPath::from_bytes(b"b").unwrap();
+        let results = f
+            .share
+            .stage(vec![request(&a, &content(11)), request(&b, &content(12))])
+            .unwrap();
+        assert!(results[0].is_ok());
+        assert!(matches!(results[1], Err(NotStaged::NoRoom)));
+        let again = f.share.stage(vec![request(&a, &content(13))]).unwrap();
+        assert!(again[0].is_ok());
     }
 
     #[test]
