@@ -3,7 +3,8 @@
 //! - [`config`]: problem collection and `FILE:LINE:COLUMN` reports, share-name and path checks.
 //! - [`control`]: the control socket protocol (`status`, `sync`, `resume`, ...) and its client.
 //! - [`notify_systemd`]: `READY=1` and `STATUS=` to systemd for `Type=notify` units.
-//! - [`process`]: logging setup, the async runtime, waiting for SIGTERM/SIGINT.
+//! - [`process`]: logging setup, the open-file limit, the async runtime, waiting for
+//!   SIGTERM/SIGINT.
 //! - [`trash_cli`]: the `trash` and `restore` commands, on this side's share directory.
 
 pub mod config;

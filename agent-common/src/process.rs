@@ -1,5 +1,5 @@
 //! Process plumbing both agents need in the same way: logging to stderr (plain text off a
-//! terminal, for journald), the tokio runtime, and the shutdown signal.
+//! terminal, for journald), the open-file limit, the tokio runtime, and the shutdown signal.
 
 /// What `notify` may log unless `VMSYNC_LOG` says otherwise (see [`init_logging`]).
 const NOTIFY_DIRECTIVE: &str = "notify=warn";
@@ -28,6 +28,23 @@ pub fn init_logging() {
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
         .init();
+}
+
+/// Raises this process's soft fd limit to its hard limit (agents call it first thing): a
+/// share with many files in flight wants descriptors, and the soft default (1024) is low.
+/// Before any share is opened: each caps its staged files by the limit it finds then.
+pub fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            },
+        );
+    }
 }
 
 /// The multi-threaded runtime an agent runs on.

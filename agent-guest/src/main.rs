@@ -139,7 +139,7 @@ fn main() -> ExitCode {
         }
         Command::Run { .. } => {
             vmsync_agent_common::process::init_logging();
-            vmsync_engine::local::raise_fd_limit();
+            vmsync_agent_common::process::raise_fd_limit();
             match runtime.block_on(service::run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -1,6 +1,6 @@
 //! What this side's own transitions left at each path, remembered for a short while: a watcher
 //! hint for such a path that still finds exactly that is our own echo and is not passed on
-//! (`LocalShare::drop_echoes` in `engine/src/local.rs`).
+//! (`LocalShare::drop_echoes` in `engine/src/local/echo.rs`).
 //!
 //! Rules:
 //! - An echo is remembered for [`ECHO_TTL`] after it was recorded, then forgotten (swept at

@@ -1,14 +1,17 @@
 //! One machine's side of a vmsync share.
 //!
 //! Module map:
-//! - [`root`]: the only door to share content: a root directory fd and `*at` syscalls.
+//! - [`root`]: the only door to share content: a root directory fd and `*at` syscalls; path
+//!   resolution alone in `root/resolve.rs`, beside temp files, directory fsyncs, the trash and
+//!   the marker files.
 //! - [`chunk`]: FastCDC cut points and BLAKE3 chunk ids.
 //! - [`filter`]: ignore rules (gitignore syntax) applied to relative paths.
 //! - [`gitignore`]: the tree's own `.gitignore` and `.ignore` files, for `respect_gitignore`.
 //! - [`index`]: the in-memory file index: cached digests and where each chunk is found locally.
 //! - [`state`]: the redb database: per-share file index, and on the host the ancestor and halts.
 //! - [`scan`]: walks (part of) a share into entries, re-hashing only what changed.
-//! - [`local`]: the local `Endpoint`: scan, serve chunks, stage and apply changes.
+//! - [`local`]: the local `Endpoint`: scan, serve chunks, stage and apply changes; one file a
+//!   job under `local/` (the watch loop, source reads, staging, transitions, echo suppression).
 //! - [`reuse`]: how a staged file reuses the old version at its path (append in place, clone,
 //!   holes for zero runs).
 //! - [`echoes`]: what this side's own transitions just wrote, so their watch events are

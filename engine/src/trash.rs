@@ -792,9 +792,7 @@ pub fn restore(root: &ShareRoot, opts: &RestoreOptions) -> Result<Vec<RestoreLin
         }
     }
     let mut out = Vec::new();
-    if !opts.dry_run {
-        root.begin_batch();
-    }
+    let batch = (!opts.dry_run).then(|| root.batch());
     for (path, item) in newest {
         let line = |action: &'static str, reason: Option<String>| RestoreLine {
             path: path.escaped(),
@@ -809,8 +807,8 @@ pub fn restore(root: &ShareRoot, opts: &RestoreOptions) -> Result<Vec<RestoreLin
             Err(e) => line("skipped", Some(e.to_string())),
         });
     }
-    if !opts.dry_run {
-        root.end_batch()?;
+    if let Some(batch) = batch {
+        batch.finish()?;
     }
     Ok(out)
 }

@@ -20,9 +20,9 @@ use vmsync_core::reconcile::{Action, Side};
 use vmsync_core::{Entry, FileMeta, Hash, RelPath};
 
 /// Files per stage batch: bounds the temp files a destination holds open at once, two batches'
-/// worth (it also caps itself, see `local::max_staged_files`). 128 keeps round trips and
-/// directory fsyncs few (each directory is fsynced once per batch) and the destination's
-/// parallel fsyncs busy.
+/// worth (it also caps itself: `max_staged` in `engine/src/local/mod.rs`). 128 keeps round
+/// trips and directory fsyncs few (each directory is fsynced once per batch) and the
+/// destination's parallel fsyncs busy.
 pub(super) const MAX_STAGE_BATCH_FILES: usize = 128;
 /// Chunks per stage batch (summed over its manifests): bounds the size of one message.
 pub(super) const MAX_STAGE_BATCH_CHUNKS: usize = 64 * 1024;
