@@ -1,19 +1,17 @@
 //! Shared test fixtures: building trees, describing them for byte-for-byte comparison, a
 //! counting `Endpoint` wrapper, and an in-process host/guest pair over local endpoints.
 
+use crate::intercept::{Hooks, Intercept};
 use std::collections::BTreeMap;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use vmsync_core::endpoint::{
-    Change, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, MissingChunk, NotStaged,
-    Outcome, Problem, ScanOptions, ScanReport, ScanScope, StageRequest,
-};
+use vmsync_core::endpoint::{ChunkData, EndpointError, MissingChunk, NotStaged, ScanScope};
 use vmsync_core::reconcile::{ConflictPolicy, SyncMode};
 use vmsync_core::safety::DeletionLimit;
-use vmsync_core::{Entry, FileMeta, Hash, Manifest, RelPath};
+use vmsync_core::{Hash, RelPath};
 use vmsync_engine::controller::{Controller, CycleReport, ShareSettings};
 use vmsync_engine::filter::Filter;
 use vmsync_engine::local::LocalEndpoint;
@@ -182,90 +180,42 @@ impl Counters {
 }
 
 /// An `Endpoint` that forwards to `E` and counts chunk bytes.
-pub struct Counting<E> {
-    pub inner: E,
-    pub counters: Counters,
-}
+pub type Counting<E> = Intercept<E, Counters>;
 
-impl<E: Endpoint> Endpoint for Counting<E> {
-    async fn scan(
-        &mut self,
-        scope: ScanScope,
-        options: ScanOptions,
-    ) -> Result<ScanReport, EndpointError> {
-        self.inner.scan(scope, options).await
+impl Hooks for Counters {
+    fn chunks_read(&mut self, chunks: Vec<Option<Vec<u8>>>) -> Vec<Option<Vec<u8>>> {
+        let n: usize = chunks.iter().flatten().map(Vec::len).sum();
+        self.served.fetch_add(n as u64, Ordering::Relaxed);
+        chunks
     }
-    async fn manifests(
-        &mut self,
-        files: Vec<(RelPath, FileMeta)>,
-    ) -> Result<Vec<Result<Manifest, Problem>>, EndpointError> {
-        self.inner.manifests(files).await
+    fn deltas_read(&mut self, chunks: Vec<Option<ChunkData>>) -> Vec<Option<ChunkData>> {
+        let n: usize = chunks.iter().flatten().map(ChunkData::len).sum();
+        self.served.fetch_add(n as u64, Ordering::Relaxed);
+        chunks
     }
-    async fn read_chunks(
-        &mut self,
-        reads: Vec<ChunkRead>,
-    ) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
-        let out = self.inner.read_chunks(reads).await?;
-        let n: usize = out.iter().flatten().map(Vec::len).sum();
-        self.counters.served.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(out)
-    }
-    async fn read_deltas(
-        &mut self,
-        reads: Vec<DeltaRead>,
-    ) -> Result<Vec<Option<ChunkData>>, EndpointError> {
-        let out = self.inner.read_deltas(reads).await?;
-        let n: usize = out.iter().flatten().map(ChunkData::len).sum();
-        self.counters.served.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(out)
-    }
-    async fn stage(
-        &mut self,
-        files: Vec<StageRequest>,
-    ) -> Result<Vec<Result<Vec<MissingChunk>, NotStaged>>, EndpointError> {
-        let out = self.inner.stage(files).await?;
-        let n: usize = out
+    fn staged(&mut self, answers: &[Result<Vec<MissingChunk>, NotStaged>]) {
+        let n: usize = answers
             .iter()
             .flatten()
             .flatten()
             .filter_map(|m| m.base.as_ref())
             .map(Vec::len)
             .sum();
-        self.counters
-            .signatures
-            .fetch_add(n as u64, Ordering::Relaxed);
-        Ok(out)
+        self.signatures.fetch_add(n as u64, Ordering::Relaxed);
     }
-    async fn supply(&mut self, chunks: Vec<(Hash, ChunkData)>) -> Result<Vec<Hash>, EndpointError> {
+    fn supply(&mut self, chunks: &[(Hash, ChunkData)]) {
         let n: usize = chunks.iter().map(|c| c.1.len()).sum();
         let deltas = chunks
             .iter()
             .filter(|c| matches!(c.1, ChunkData::Delta(_)))
             .count();
-        self.counters
-            .supplied
-            .fetch_add(n as u64, Ordering::Relaxed);
-        self.counters
-            .deltas
-            .fetch_add(deltas as u64, Ordering::Relaxed);
-        self.inner.supply(chunks).await
+        self.supplied.fetch_add(n as u64, Ordering::Relaxed);
+        self.deltas.fetch_add(deltas as u64, Ordering::Relaxed);
     }
-    async fn transition(&mut self, changes: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {
-        self.inner.transition(changes).await
-    }
-    async fn mark(&mut self, generation: u64) -> Result<(), EndpointError> {
-        if self.counters.refuse_marks.load(Ordering::Relaxed) {
-            return Err(EndpointError::Disconnected(
-                "mark refused by the test".into(),
-            ));
-        }
-        self.inner.mark(generation).await
-    }
-    async fn put_back(
-        &mut self,
-        items: Vec<(RelPath, Entry)>,
-    ) -> Result<Vec<Outcome>, EndpointError> {
-        self.inner.put_back(items).await
+    fn mark(&mut self, _generation: u64) -> Option<EndpointError> {
+        self.refuse_marks
+            .load(Ordering::Relaxed)
+            .then(|| EndpointError::Disconnected("mark refused by the test".into()))
     }
 }
 
@@ -359,13 +309,13 @@ impl Pair {
         };
         let controller = Controller::new(settings, host_db, &self.host_state).expect("controller");
         Sides {
-            host: Counting {
+            host: Intercept {
                 inner: host,
-                counters: self.host_counters.clone(),
+                hooks: self.host_counters.clone(),
             },
-            guest: Counting {
+            guest: Intercept {
                 inner: guest,
-                counters: self.guest_counters.clone(),
+                hooks: self.guest_counters.clone(),
             },
             controller,
         }

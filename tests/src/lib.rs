@@ -3,6 +3,7 @@
 //!
 //! - [`agents`]: both agents as real processes on temp dirs, through a counting relay.
 //! - [`fixture`]: trees, comparisons, a counting `Endpoint`, an in-process host/guest pair.
+//! - [`intercept`]: the one intercepting `Endpoint`: a test's hooks on every call.
 //! - [`killloop`]: writers that keep making versions, and the checks that every visible file is
 //!   one of them (the kill loop's).
 //! - [`relay`]: a byte-counting Unix socket relay (what crosses the wire, measured on the wire).
@@ -13,5 +14,6 @@
 
 pub mod agents;
 pub mod fixture;
+pub mod intercept;
 pub mod killloop;
 pub mod relay;

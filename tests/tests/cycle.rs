@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::unix::fs::PermissionsExt;
-use vmsync_core::endpoint::{ChunkData, EndpointError};
+use vmsync_core::endpoint::ChunkData;
 use vmsync_core::reconcile::{ConflictPolicy, SyncMode};
 use vmsync_engine::status::ShareState;
 use vmsync_tests::fixture::{
@@ -681,19 +681,13 @@ async fn a_guest_replacing_every_file_by_a_directory_halts_and_costs_the_host_no
 #[tokio::test]
 async fn a_guest_reporting_moves_it_will_not_serve_deletes_nothing() {
     use std::collections::BTreeMap;
-    use vmsync_core::endpoint::{
-        Change, ChunkRead, DeltaRead, Endpoint, MissingChunk, Outcome, Problem, ScanOptions,
-        ScanReport, ScanScope, StageRequest,
-    };
-    use vmsync_core::{Entry, FileMeta, Hash, Manifest, RelPath};
-    struct Mover<E>(E);
-    impl<E: Endpoint> Endpoint for Mover<E> {
-        async fn scan(
-            &mut self,
-            scope: ScanScope,
-            options: ScanOptions,
-        ) -> Result<ScanReport, EndpointError> {
-            let mut report = self.0.scan(scope, options).await?;
+    use vmsync_core::endpoint::{Problem, ScanReport, ScanScope};
+    use vmsync_core::{Entry, FileMeta, Manifest, RelPath};
+    use vmsync_tests::intercept::{Hooks, Intercept};
+    /// Every file "moved" under `moved/`, and nothing served.
+    struct Mover;
+    impl Hooks for Mover {
+        fn scanned(&mut self, mut report: ScanReport) -> ScanReport {
             let mut entries: BTreeMap<RelPath, Entry> = BTreeMap::new();
             entries.insert(
                 RelPath::from_bytes(b"moved").unwrap(),
@@ -708,55 +702,29 @@ async fn a_guest_reporting_moves_it_will_not_serve_deletes_nothing() {
                 entries.insert(RelPath::from_bytes(&moved).unwrap(), entry);
             }
             report.entries = entries.into_iter().collect();
-            Ok(report)
+            report
         }
-        async fn manifests(
+        fn manifests(
             &mut self,
-            files: Vec<(RelPath, FileMeta)>,
-        ) -> Result<Vec<Result<Manifest, Problem>>, EndpointError> {
-            Ok(files
-                .into_iter()
-                .map(|(path, _)| {
-                    Err(Problem {
-                        path,
-                        reason: "not today".into(),
+            files: &[(RelPath, FileMeta)],
+        ) -> Option<Vec<Result<Manifest, Problem>>> {
+            Some(
+                files
+                    .iter()
+                    .map(|(path, _)| {
+                        Err(Problem {
+                            path: path.clone(),
+                            reason: "not today".into(),
+                        })
                     })
-                })
-                .collect())
+                    .collect(),
+            )
         }
-        async fn read_chunks(
-            &mut self,
-            reads: Vec<ChunkRead>,
-        ) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
-            Ok(reads.iter().map(|_| None).collect())
+        fn chunks_read(&mut self, chunks: Vec<Option<Vec<u8>>>) -> Vec<Option<Vec<u8>>> {
+            chunks.iter().map(|_| None).collect()
         }
-        async fn read_deltas(
-            &mut self,
-            reads: Vec<DeltaRead>,
-        ) -> Result<Vec<Option<ChunkData>>, EndpointError> {
-            Ok(reads.iter().map(|_| None).collect())
-        }
-        async fn stage(
-            &mut self,
-            files: Vec<StageRequest>,
-        ) -> Result<Vec<Result<Vec<MissingChunk>, vmsync_core::endpoint::NotStaged>>, EndpointError>
-        {
-            self.0.stage(files).await
-        }
-        async fn supply(
-            &mut self,
-            chunks: Vec<(Hash, ChunkData)>,
-        ) -> Result<Vec<Hash>, EndpointError> {
-            self.0.supply(chunks).await
-        }
-        async fn transition(
-            &mut self,
-            changes: Vec<Change>,
-        ) -> Result<Vec<Outcome>, EndpointError> {
-            self.0.transition(changes).await
-        }
-        async fn mark(&mut self, generation: u64) -> Result<(), EndpointError> {
-            self.0.mark(generation).await
+        fn deltas_read(&mut self, chunks: Vec<Option<ChunkData>>) -> Vec<Option<ChunkData>> {
+            chunks.iter().map(|_| None).collect()
         }
     }
 
@@ -768,7 +736,10 @@ async fn a_guest_reporting_moves_it_will_not_serve_deletes_nothing() {
     let before = tree(&p.host_dir);
     let host_dir = p.host_dir.clone();
     let sides = p.sides();
-    let mut mover = Mover(sides.guest.inner.clone());
+    let mut mover = Intercept {
+        inner: sides.guest.inner.clone(),
+        hooks: Mover,
+    };
     for _ in 0..3 {
         let report = sides
             .controller
@@ -855,43 +826,18 @@ async fn a_path_a_scan_cannot_read_is_frozen_not_deleted() {
 /// may land on the host, and the host's existing data stays as it was.
 #[tokio::test]
 async fn a_guest_serving_forged_chunk_data_gets_nothing_written() {
-    use vmsync_core::endpoint::{
-        ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, MissingChunk,
-    };
-    struct Forger<E>(E);
-    impl<E: Endpoint> Endpoint for Forger<E> {
-        async fn scan(
-            &mut self,
-            scope: vmsync_core::endpoint::ScanScope,
-            options: vmsync_core::endpoint::ScanOptions,
-        ) -> Result<vmsync_core::endpoint::ScanReport, EndpointError> {
-            self.0.scan(scope, options).await
-        }
-        async fn manifests(
-            &mut self,
-            files: Vec<(vmsync_core::RelPath, vmsync_core::FileMeta)>,
-        ) -> Result<Vec<Result<vmsync_core::Manifest, vmsync_core::endpoint::Problem>>, EndpointError>
-        {
-            self.0.manifests(files).await
-        }
-        async fn read_chunks(
-            &mut self,
-            reads: Vec<ChunkRead>,
-        ) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
-            // Same lengths, different bytes.
-            let real = self.0.read_chunks(reads).await?;
-            Ok(real
+    use vmsync_tests::intercept::{Hooks, Intercept};
+    /// Chunks of the right lengths and the wrong bytes; deltas that rebuild something else.
+    struct Forger;
+    impl Hooks for Forger {
+        fn chunks_read(&mut self, chunks: Vec<Option<Vec<u8>>>) -> Vec<Option<Vec<u8>>> {
+            chunks
                 .into_iter()
                 .map(|d| d.map(|d| vec![0x41; d.len()]))
-                .collect())
+                .collect()
         }
-        async fn read_deltas(
-            &mut self,
-            reads: Vec<DeltaRead>,
-        ) -> Result<Vec<Option<ChunkData>>, EndpointError> {
-            // Forged whole chunks, and deltas that rebuild something else.
-            let real = self.0.read_deltas(reads).await?;
-            Ok(real
+        fn deltas_read(&mut self, chunks: Vec<Option<ChunkData>>) -> Vec<Option<ChunkData>> {
+            chunks
                 .into_iter()
                 .map(|d| {
                     d.map(|d| match d {
@@ -904,29 +850,7 @@ async fn a_guest_serving_forged_chunk_data_gets_nothing_written() {
                         }
                     })
                 })
-                .collect())
-        }
-        async fn stage(
-            &mut self,
-            files: Vec<vmsync_core::endpoint::StageRequest>,
-        ) -> Result<Vec<Result<Vec<MissingChunk>, vmsync_core::endpoint::NotStaged>>, EndpointError>
-        {
-            self.0.stage(files).await
-        }
-        async fn supply(
-            &mut self,
-            chunks: Vec<(vmsync_core::Hash, ChunkData)>,
-        ) -> Result<Vec<vmsync_core::Hash>, EndpointError> {
-            self.0.supply(chunks).await
-        }
-        async fn transition(
-            &mut self,
-            changes: Vec<vmsync_core::endpoint::Change>,
-        ) -> Result<Vec<vmsync_core::endpoint::Outcome>, EndpointError> {
-            self.0.transition(changes).await
-        }
-        async fn mark(&mut self, generation: u64) -> Result<(), EndpointError> {
-            self.0.mark(generation).await
+                .collect()
         }
     }
 
@@ -940,7 +864,10 @@ async fn a_guest_serving_forged_chunk_data_gets_nothing_written() {
     );
     write(&p.guest_dir, "new.bin", random_bytes(6, 100_000));
     let sides = p.sides();
-    let mut forger = Forger(sides.guest.inner.clone());
+    let mut forger = Intercept {
+        inner: sides.guest.inner.clone(),
+        hooks: Forger,
+    };
     let result = sides
         .controller
         .cycle(
@@ -1265,76 +1192,33 @@ async fn two_hundred_small_patches_cross_as_deltas_both_ways() {
     }
 }
 
-/// An endpoint that runs a hook on every `supply` (before passing it on), to change the
-/// destination's files between `stage` and `supply`; with `no_room`, it refuses to stage
-/// anything, as a destination out of descriptors does.
-struct Hooked<E, F> {
-    inner: E,
+/// Hooks that run `hook` on every `supply` (before it passes on), to change the destination's
+/// files between `stage` and `supply`; with `no_room`, the destination refuses to stage
+/// anything, as one out of descriptors does.
+struct Hooked<F> {
     hook: F,
     no_room: bool,
 }
 
-impl<E, F> vmsync_core::endpoint::Endpoint for Hooked<E, F>
+impl<F> vmsync_tests::intercept::Hooks for Hooked<F>
 where
-    E: vmsync_core::endpoint::Endpoint,
     F: FnMut(&[(vmsync_core::Hash, ChunkData)]) + Send,
 {
-    async fn scan(
+    fn stage(
         &mut self,
-        scope: vmsync_core::endpoint::ScanScope,
-        options: vmsync_core::endpoint::ScanOptions,
-    ) -> Result<vmsync_core::endpoint::ScanReport, EndpointError> {
-        self.inner.scan(scope, options).await
-    }
-    async fn manifests(
-        &mut self,
-        files: Vec<(vmsync_core::RelPath, vmsync_core::FileMeta)>,
-    ) -> Result<Vec<Result<vmsync_core::Manifest, vmsync_core::endpoint::Problem>>, EndpointError>
-    {
-        self.inner.manifests(files).await
-    }
-    async fn read_chunks(
-        &mut self,
-        reads: Vec<vmsync_core::endpoint::ChunkRead>,
-    ) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
-        self.inner.read_chunks(reads).await
-    }
-    async fn read_deltas(
-        &mut self,
-        reads: Vec<vmsync_core::endpoint::DeltaRead>,
-    ) -> Result<Vec<Option<ChunkData>>, EndpointError> {
-        self.inner.read_deltas(reads).await
-    }
-    async fn stage(
-        &mut self,
-        files: Vec<vmsync_core::endpoint::StageRequest>,
-    ) -> Result<
+        files: &[vmsync_core::endpoint::StageRequest],
+    ) -> Option<
         Vec<Result<Vec<vmsync_core::endpoint::MissingChunk>, vmsync_core::endpoint::NotStaged>>,
-        EndpointError,
     > {
-        if self.no_room {
-            return Ok(files
-                .into_iter()
+        self.no_room.then(|| {
+            files
+                .iter()
                 .map(|_| Err(vmsync_core::endpoint::NotStaged::NoRoom))
-                .collect());
-        }
-        self.inner.stage(files).await
+                .collect()
+        })
     }
-    async fn supply(
-        &mut self,
-        chunks: Vec<(vmsync_core::Hash, ChunkData)>,
-    ) -> Result<Vec<vmsync_core::Hash>, EndpointError> {
-        (self.hook)(&chunks);
-        self.inner.supply(chunks).await
-    }
-    async fn transition(
-        &mut self,
-        changes: Vec<vmsync_core::endpoint::Change>,
-    ) -> Result<Vec<vmsync_core::endpoint::Outcome>, EndpointError> {
-        self.inner.transition(changes).await
-    }
-    async fn mark(&mut self, generation: u64) -> Result<(), EndpointError> {
-        self.inner.mark(generation).await
+    fn supply(&mut self, chunks: &[(vmsync_core::Hash, ChunkData)]) {
+        (self.hook)(chunks);
     }
 }
 
@@ -1354,16 +1238,18 @@ async fn a_base_that_changes_between_stage_and_supply_still_converges() {
     let guest_dir = p.guest_dir.clone();
     let sides = p.sides();
     let mut meddled = 0;
-    let mut guest = Hooked {
+    let mut guest = vmsync_tests::intercept::Intercept {
         inner: sides.guest.inner.clone(),
-        hook: |chunks: &[(vmsync_core::Hash, ChunkData)]| {
-            if meddled == 0 && chunks.iter().any(|(_, d)| matches!(d, ChunkData::Delta(_))) {
-                // Same size, other bytes: the base window now holds something else.
-                write(&guest_dir, "doc.txt", text_bytes(3, 40_000));
-                meddled += 1;
-            }
+        hooks: Hooked {
+            hook: |chunks: &[(vmsync_core::Hash, ChunkData)]| {
+                if meddled == 0 && chunks.iter().any(|(_, d)| matches!(d, ChunkData::Delta(_))) {
+                    // Same size, other bytes: the base window now holds something else.
+                    write(&guest_dir, "doc.txt", text_bytes(3, 40_000));
+                    meddled += 1;
+                }
+            },
+            no_room: false,
         },
-        no_room: false,
     };
     sides
         .controller
@@ -1385,38 +1271,15 @@ async fn a_base_that_changes_between_stage_and_supply_still_converges() {
 /// peer): the destination refuses each, and the same cycle sends those chunks whole.
 #[tokio::test]
 async fn deltas_that_do_not_rebuild_their_chunk_fall_back_to_whole_chunks() {
-    struct Garbling<E>(E);
-    impl<E: vmsync_core::endpoint::Endpoint> vmsync_core::endpoint::Endpoint for Garbling<E> {
-        async fn scan(
-            &mut self,
-            scope: vmsync_core::endpoint::ScanScope,
-            options: vmsync_core::endpoint::ScanOptions,
-        ) -> Result<vmsync_core::endpoint::ScanReport, EndpointError> {
-            self.0.scan(scope, options).await
-        }
-        async fn manifests(
-            &mut self,
-            files: Vec<(vmsync_core::RelPath, vmsync_core::FileMeta)>,
-        ) -> Result<Vec<Result<vmsync_core::Manifest, vmsync_core::endpoint::Problem>>, EndpointError>
-        {
-            self.0.manifests(files).await
-        }
-        async fn read_chunks(
-            &mut self,
-            reads: Vec<vmsync_core::endpoint::ChunkRead>,
-        ) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
-            self.0.read_chunks(reads).await
-        }
-        async fn read_deltas(
-            &mut self,
-            reads: Vec<vmsync_core::endpoint::DeltaRead>,
-        ) -> Result<Vec<Option<ChunkData>>, EndpointError> {
-            let real = self.0.read_deltas(reads).await?;
-            Ok(real
+    use vmsync_tests::intercept::{Hooks, Intercept};
+    /// Deltas with a literal byte flipped: well-formed, they rebuild the wrong bytes.
+    struct Garbling;
+    impl Hooks for Garbling {
+        fn deltas_read(&mut self, chunks: Vec<Option<ChunkData>>) -> Vec<Option<ChunkData>> {
+            chunks
                 .into_iter()
                 .map(|d| {
                     d.map(|d| match d {
-                        // A literal byte flipped: well-formed, rebuilds the wrong bytes.
                         ChunkData::Delta(mut d) => {
                             let n = d.len();
                             d[n - 2] ^= 1;
@@ -1425,31 +1288,7 @@ async fn deltas_that_do_not_rebuild_their_chunk_fall_back_to_whole_chunks() {
                         whole => whole,
                     })
                 })
-                .collect())
-        }
-        async fn stage(
-            &mut self,
-            files: Vec<vmsync_core::endpoint::StageRequest>,
-        ) -> Result<
-            Vec<Result<Vec<vmsync_core::endpoint::MissingChunk>, vmsync_core::endpoint::NotStaged>>,
-            EndpointError,
-        > {
-            self.0.stage(files).await
-        }
-        async fn supply(
-            &mut self,
-            chunks: Vec<(vmsync_core::Hash, ChunkData)>,
-        ) -> Result<Vec<vmsync_core::Hash>, EndpointError> {
-            self.0.supply(chunks).await
-        }
-        async fn transition(
-            &mut self,
-            changes: Vec<vmsync_core::endpoint::Change>,
-        ) -> Result<Vec<vmsync_core::endpoint::Outcome>, EndpointError> {
-            self.0.transition(changes).await
-        }
-        async fn mark(&mut self, generation: u64) -> Result<(), EndpointError> {
-            self.0.mark(generation).await
+                .collect()
         }
     }
 
@@ -1463,7 +1302,10 @@ async fn deltas_that_do_not_rebuild_their_chunk_fall_back_to_whole_chunks() {
     }
     p.guest_counters.reset();
     let sides = p.sides();
-    let mut host = Garbling(sides.host.inner.clone());
+    let mut host = Intercept {
+        inner: sides.host.inner.clone(),
+        hooks: Garbling,
+    };
     let report = sides
         .controller
         .cycle(
@@ -1592,10 +1434,12 @@ async fn a_destination_with_no_room_to_stage_ends_the_cycle_with_files_pending()
         );
     }
     let sides = p.sides();
-    let mut guest = Hooked {
+    let mut guest = vmsync_tests::intercept::Intercept {
         inner: sides.guest.inner.clone(),
-        hook: |_: &[(vmsync_core::Hash, ChunkData)]| {},
-        no_room: true,
+        hooks: Hooked {
+            hook: |_: &[(vmsync_core::Hash, ChunkData)]| {},
+            no_room: true,
+        },
     };
     let cycle = sides.controller.cycle(
         &mut sides.host,

@@ -8,18 +8,15 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use vmsync_core::endpoint::{
-    Change, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, MissingChunk, NotStaged,
-    Outcome, Problem, ScanOptions, ScanReport, ScanScope, StageRequest,
-};
+use vmsync_core::endpoint::{Change, EndpointError, ScanScope};
 use vmsync_core::reconcile::{ConflictPolicy, SyncMode};
 use vmsync_core::safety::DeletionLimit;
-use vmsync_core::{Entry, FileMeta, Hash, Manifest, RelPath};
 use vmsync_engine::controller::{Controller, ShareSettings};
 use vmsync_engine::filter::Filter;
 use vmsync_engine::local::LocalEndpoint;
 use vmsync_engine::state::StateDb;
 use vmsync_tests::fixture::{assert_same_tree, read, tree, write};
+use vmsync_tests::intercept::{Hooks, Intercept, Transit};
 
 /// How the transition numbered `at` (from 0) ends.
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -32,77 +29,30 @@ enum Cut {
     LandThenError,
 }
 
-/// A local endpoint whose transitions stop at the `at`-th one.
-struct CutOff<E> {
-    inner: E,
+/// Hooks whose transitions stop at the `at`-th one.
+struct CutAt {
     at: usize,
     cut: Cut,
     calls: Arc<AtomicUsize>,
 }
 
-impl<E: Endpoint> Endpoint for CutOff<E> {
-    async fn scan(
-        &mut self,
-        scope: ScanScope,
-        options: ScanOptions,
-    ) -> Result<ScanReport, EndpointError> {
-        self.inner.scan(scope, options).await
-    }
-    async fn manifests(
-        &mut self,
-        files: Vec<(RelPath, FileMeta)>,
-    ) -> Result<Vec<Result<Manifest, Problem>>, EndpointError> {
-        self.inner.manifests(files).await
-    }
-    async fn read_chunks(
-        &mut self,
-        reads: Vec<ChunkRead>,
-    ) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
-        self.inner.read_chunks(reads).await
-    }
-    async fn read_deltas(
-        &mut self,
-        reads: Vec<DeltaRead>,
-    ) -> Result<Vec<Option<ChunkData>>, EndpointError> {
-        self.inner.read_deltas(reads).await
-    }
-    async fn stage(
-        &mut self,
-        files: Vec<StageRequest>,
-    ) -> Result<Vec<Result<Vec<MissingChunk>, NotStaged>>, EndpointError> {
-        self.inner.stage(files).await
-    }
-    async fn supply(&mut self, chunks: Vec<(Hash, ChunkData)>) -> Result<Vec<Hash>, EndpointError> {
-        self.inner.supply(chunks).await
-    }
-    async fn transition(&mut self, changes: Vec<Change>) -> Result<Vec<Outcome>, EndpointError> {
-        let n = self.calls.fetch_add(1, Ordering::SeqCst);
-        if n == self.at {
-            match self.cut {
-                Cut::Error => return Err(EndpointError::Io("connection lost".into())),
-                Cut::Hang => std::future::pending::<()>().await,
-                Cut::LandThenError => {
-                    self.inner.transition(changes).await?;
-                    return Err(EndpointError::Io("connection lost".into()));
-                }
-            }
+impl Hooks for CutAt {
+    fn transition(&mut self, _changes: &[Change]) -> Transit {
+        let lost = || EndpointError::Io("connection lost".into());
+        if self.calls.fetch_add(1, Ordering::SeqCst) != self.at {
+            return Transit::Pass;
         }
-        self.inner.transition(changes).await
-    }
-    async fn put_back(
-        &mut self,
-        items: Vec<(RelPath, Entry)>,
-    ) -> Result<Vec<Outcome>, EndpointError> {
-        self.inner.put_back(items).await
-    }
-    async fn mark(&mut self, generation: u64) -> Result<(), EndpointError> {
-        self.inner.mark(generation).await
+        match self.cut {
+            Cut::Error => Transit::Fail(lost()),
+            Cut::Hang => Transit::Hang,
+            Cut::LandThenError => Transit::LandThenFail(lost()),
+        }
     }
 }
 
 struct Side {
     host: LocalEndpoint,
-    guest: CutOff<LocalEndpoint>,
+    guest: Intercept<LocalEndpoint, CutAt>,
     controller: Controller,
     calls: Arc<AtomicUsize>,
 }
@@ -125,11 +75,13 @@ fn open(tmp: &std::path::Path, at: usize, cut: Cut) -> Side {
     let calls = Arc::new(AtomicUsize::new(0));
     Side {
         host,
-        guest: CutOff {
+        guest: Intercept {
             inner: guest,
-            at,
-            cut,
-            calls: calls.clone(),
+            hooks: CutAt {
+                at,
+                cut,
+                calls: calls.clone(),
+            },
         },
         controller,
         calls,
@@ -192,7 +144,7 @@ async fn a_cycle_cut_off_after_some_batches_keeps_what_landed_in_the_ancestor() 
         let (gone, edited) = (&landed[landed.len() - 1], &landed[landed.len() - 2]);
         std::fs::remove_file(h.join(gone)).unwrap();
         write(&h, edited, "edited on the host after the cut\n");
-        s.guest.at = usize::MAX;
+        s.guest.hooks.at = usize::MAX;
         for _ in 0..3 {
             let report = s
                 .controller
