@@ -293,16 +293,7 @@ mod tests {
         crate::digest::hash_chunk(data)
     }
 
-    fn noise(len: usize, mut seed: u64) -> Vec<u8> {
-        (0..len)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                seed as u8
-            })
-            .collect()
-    }
+    use crate::testing::noise;
 
     #[test]
     fn a_small_patch_crosses_in_a_small_delta() {

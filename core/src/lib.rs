@@ -29,6 +29,8 @@ pub mod reconcile;
 pub mod reserve;
 pub mod rollback;
 pub mod safety;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use digest::Hash;
 pub use entry::{ChunkRef, Entry, FileMeta, Manifest, Snapshot, Timestamp};

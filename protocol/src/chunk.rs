@@ -427,17 +427,7 @@ mod tests {
 
     use super::*;
 
-    /// Deterministic incompressible bytes (xorshift).
-    fn noise(len: usize, mut seed: u64) -> Vec<u8> {
-        (0..len)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                seed as u8
-            })
-            .collect()
-    }
+    use vmsync_core::testing::noise;
 
     fn zstd_raw(data: &[u8]) -> Vec<u8> {
         zstd::bulk::compress(data, 3).unwrap()

@@ -113,19 +113,9 @@ pub fn read(root: &Path, rel: &str) -> Vec<u8> {
     std::fs::read(root.join(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
 }
 
-/// Deterministic pseudo-random bytes (BLAKE3 XOF of the seed).
+/// Deterministic pseudo-random bytes (the workspace's one test noise generator).
 pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    let mut hasher = blake3_xof(seed);
-    hasher(&mut out);
-    out
-}
-
-fn blake3_xof(seed: u64) -> impl FnMut(&mut [u8]) {
-    let mut reader = blake3::Hasher::new()
-        .update(&seed.to_le_bytes())
-        .finalize_xof();
-    move |buf: &mut [u8]| reader.fill(buf)
+    vmsync_core::testing::noise(len, seed)
 }
 
 /// Sets a file's mtime (seconds and nanoseconds since the epoch).

@@ -26,19 +26,9 @@ fn text(len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Incompressible bytes (one seed: the same bytes each time).
 fn noise(len: usize) -> Vec<u8> {
-    noise_seeded(len, 0x9e37_79b9_7f4a_7c15)
-}
-
-fn noise_seeded(len: usize, mut x: u64) -> Vec<u8> {
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    vmsync_core::testing::noise(len, 0x9e37_79b9_7f4a_7c15)
 }
 
 /// Pushes `path` from a local fake to the remote one through the three-step transfer.
@@ -218,7 +208,7 @@ async fn every_method_through_the_wire() {
     assert_eq!(got[6], None);
 
     // stage / supply / transition: host → guest, a new file and a directory
-    let mut host = Fake::with_files(&[("new/file", noise_seeded(20_000, 42))]);
+    let mut host = Fake::with_files(&[("new/file", vmsync_core::testing::noise(20_000, 42))]);
     let outcomes = remote
         .transition(vec![Change {
             path: p("new"),
@@ -233,7 +223,10 @@ async fn every_method_through_the_wire() {
     assert_eq!(outcomes, vec![Outcome::Applied]);
     let missing = push(&mut host, &mut remote, "new/file").await;
     assert_eq!(missing.len(), 5);
-    assert_eq!(guest.file("new/file").unwrap(), noise_seeded(20_000, 42));
+    assert_eq!(
+        guest.file("new/file").unwrap(),
+        vmsync_core::testing::noise(20_000, 42)
+    );
 
     // A copy of existing content moves no chunk data.
     host.state
@@ -627,7 +620,7 @@ async fn session_over_a_unix_socket() {
 /// again in full: slower, still right.
 #[tokio::test]
 async fn a_small_change_to_a_big_file_stages_as_manifest_edits() {
-    let v1 = noise_seeded(1 << 20, 1);
+    let v1 = vmsync_core::testing::noise(1 << 20, 1);
     let mut host = Fake::with_files(&[("big", v1.clone())]);
     let guest = Fake::default();
     let pair = pair(guest.clone()).await;
@@ -640,7 +633,7 @@ async fn a_small_change_to_a_big_file_stages_as_manifest_edits() {
 
     // One 4 KiB chunk changes.
     let mut v2 = v1.clone();
-    v2[500_000..500_100].copy_from_slice(&noise_seeded(100, 2));
+    v2[500_000..500_100].copy_from_slice(&vmsync_core::testing::noise(100, 2));
     host.state
         .lock()
         .unwrap()
@@ -664,7 +657,7 @@ async fn a_small_change_to_a_big_file_stages_as_manifest_edits() {
     );
 
     // The guest's copy is replaced behind the session's back: the edits do not fit.
-    let v3 = noise_seeded(1 << 20, 3);
+    let v3 = vmsync_core::testing::noise(1 << 20, 3);
     guest
         .state
         .lock()

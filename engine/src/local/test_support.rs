@@ -49,15 +49,7 @@ pub(super) fn full_scan(share: &mut LocalShare) {
 
 /// A few chunks of bytes no other test file shares.
 pub(super) fn content(seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..150_000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    vmsync_core::testing::noise(150_000, seed)
 }
 
 pub(super) fn request(path: &RelPath, data: &[u8]) -> StageRequest {

@@ -1,0 +1,12 @@
+//! Helpers for tests across the workspace (cargo feature `testing`, never in a release build).
+
+/// `len` deterministic pseudo-random bytes from `seed` (the BLAKE3 extendable output of the
+/// seed): incompressible, reproducible, the same in every crate's tests.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    blake3::Hasher::new()
+        .update(&seed.to_le_bytes())
+        .finalize_xof()
+        .fill(&mut out);
+    out
+}
