@@ -1119,3 +1119,52 @@ fn mkdir_shows_a_directory_only_with_its_final_mode() {
         assert_eq!(fs::read(fx.share.join("file")).unwrap(), b"x");
     }
 }
+
+/// A share that is a git repository: `git status` does not list vmsync's reserved directory,
+/// because it ignores itself (`.vmsync/.gitignore`, `*`). One that is already there (even a
+/// symlink out of the share, as a hostile peer cannot make but a user could) is left alone.
+#[test]
+fn the_reserved_directory_ignores_itself_for_git() {
+    let fx = Fixture::new();
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .args(args)
+            .current_dir(&fx.share)
+            .output()
+            .expect("git runs");
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    git(&["init", "-q"]);
+    fs::write(fx.share.join("tracked"), b"x").unwrap();
+    git(&["add", "tracked"]);
+    git(&[
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@t",
+        "commit",
+        "-qm",
+        "t",
+    ]);
+    let _root = fx.root(Resolver::Auto);
+    assert_eq!(
+        fs::read(fx.share.join(".vmsync/.gitignore")).unwrap(),
+        b"*\n"
+    );
+    assert_eq!(
+        git(&["status", "--porcelain"]),
+        "",
+        "git status lists something"
+    );
+
+    // An existing one is never replaced or followed.
+    fs::remove_file(fx.share.join(".vmsync/.gitignore")).unwrap();
+    symlink(fx.out.join("x"), fx.share.join(".vmsync/.gitignore")).unwrap();
+    let _root = fx.root(Resolver::Walk);
+    assert!(fs::symlink_metadata(fx.share.join(".vmsync/.gitignore"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    fx.assert_out_untouched();
+}

@@ -216,6 +216,7 @@ impl ShareRoot {
         let dev = to_u64(st.st_dev);
         let ino = to_u64(st.st_ino);
         let meta = ensure_reserved_dir(root.as_fd(), dev, RESERVED_NAME, resolver, b"")?;
+        ignore_for_git(meta.as_fd());
         let tmp = ensure_reserved_dir(meta.as_fd(), dev, TMP_NAME, resolver, RESERVED_NAME)?;
         let trash = ensure_reserved_dir(meta.as_fd(), dev, TRASH_NAME, resolver, RESERVED_NAME)?;
         Ok(ShareRoot {
@@ -335,6 +336,30 @@ fn ensure_reserved_dir(
         rfs::fsync(&readable).map_err(|e| fail(OP, loc, e))?;
     }
     Ok(fd)
+}
+
+/// The name of the file in the reserved directory that tells git to ignore it all.
+const GIT_IGNORE_NAME: &str = ".gitignore";
+
+/// Writes `.vmsync/.gitignore` (`*`) if there is none, so `git status` in a share that is a
+/// repository does not list vmsync's own directory. Created with `O_EXCL|O_NOFOLLOW` in the
+/// reserved directory's fd, never replacing anything; a failure is only logged: it costs a
+/// line in `git status`, nothing else.
+fn ignore_for_git(meta: BorrowedFd<'_>) {
+    let created = rfs::openat(
+        meta,
+        GIT_IGNORE_NAME,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o644),
+    );
+    let written = match created {
+        Ok(fd) => rustix::io::write(&fd, b"*\n").map(|_| ()),
+        Err(Errno::EXIST) => Ok(()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = written {
+        tracing::debug!("writing .vmsync/{GIT_IGNORE_NAME}: {e}");
+    }
 }
 
 /// Opens the regular file `name` in `dir`: `lstat` first so nothing else is ever opened,
