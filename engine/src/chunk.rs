@@ -58,19 +58,9 @@ pub fn chunk_bytes(data: &[u8]) -> Vec<ChunkRef> {
 }
 
 #[cfg(test)]
-pub(crate) fn test_data(seed: u64, len: usize) -> Vec<u8> {
-    // BLAKE3's XOF as a deterministic, platform-independent pseudo-random stream.
-    let mut out = vec![0u8; len];
-    blake3::Hasher::new()
-        .update(&seed.to_le_bytes())
-        .finalize_xof()
-        .fill(&mut out);
-    out
-}
-
-#[cfg(test)]
 mod tests {
     use super::*;
+    use vmsync_core::testing::noise;
     use vmsync_core::Manifest;
 
     /// Golden cut points for 1 MiB of the seed-7 stream. If this fails, the chunker changed:
@@ -78,7 +68,7 @@ mod tests {
     /// not a test update.
     #[test]
     fn golden_cut_points() {
-        let data = test_data(7, 1 << 20);
+        let data = noise(1 << 20, 7);
         let chunks = chunk_bytes(&data);
         let offsets: Vec<u64> = chunks.iter().map(|c| c.offset).collect();
         assert_eq!(offsets, GOLDEN_OFFSETS, "cut points changed");
@@ -95,7 +85,7 @@ mod tests {
 
     #[test]
     fn reader_and_bytes_agree() {
-        let data = test_data(3, 700_000);
+        let data = noise(700_000, 3);
         let a = chunk_bytes(&data);
         let b = chunk_reader(&data[..]).unwrap();
         assert_eq!(a, b);
@@ -111,7 +101,7 @@ mod tests {
 
     #[test]
     fn chunk_sizes_within_bounds() {
-        let data = test_data(11, 3 << 20);
+        let data = noise(3 << 20, 11);
         let chunks = chunk_bytes(&data);
         for c in &chunks[..chunks.len() - 1] {
             assert!(
@@ -124,9 +114,9 @@ mod tests {
     /// An insertion in the middle changes only the chunks around it.
     #[test]
     fn insertion_is_local() {
-        let data = test_data(5, 4 << 20);
+        let data = noise(4 << 20, 5);
         let mut edited = data[..2 << 20].to_vec();
-        edited.extend_from_slice(&test_data(99, 100_000));
+        edited.extend_from_slice(&noise(100_000, 99));
         edited.extend_from_slice(&data[2 << 20..]);
         let before: std::collections::HashSet<_> =
             chunk_bytes(&data).into_iter().map(|c| c.hash).collect();
