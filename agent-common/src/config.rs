@@ -402,25 +402,36 @@ pub fn min_free(
     }
 }
 
-/// Where a share is, for [`check_places`]: its name, resolved path, and the span of its `path`
-/// value (problems point there).
-pub struct SharePlace<'a> {
-    pub name: &'a str,
-    pub path: &'a Path,
-    pub path_span: Range<usize>,
+/// Where a share is: its name, resolved path, and the span of its `path` value.
+struct Place<'a> {
+    name: &'a str,
+    path: &'a Path,
+    path_span: Range<usize>,
 }
 
 /// The checks across values both agents make on where things are: a share inside another
 /// would be synced twice (under other names or rules); a share holding the state directory
 /// would sync vmsync's own index (and the state directory inside a share has the same
-/// effect); a socket inside a share shows up in every scan as a problem entry. `sockets`:
-/// each socket's key in the file and its path, if it is a path.
-pub fn check_places(
-    shares: &[SharePlace<'_>],
+/// effect); a socket inside a share shows up in every scan as a problem entry. `shares`: each
+/// accepted share's name and resolved path; `spans`: the spans of its `name` and `path` values,
+/// in the same order (problems point at the path). `sockets`: each socket's key in the file and
+/// its path, if it is a path.
+pub fn check_places<'a>(
+    shares: impl IntoIterator<Item = (&'a str, &'a Path)>,
+    spans: &[(Range<usize>, Range<usize>)],
     state_dir: Option<&Path>,
     sockets: &[(&str, Option<PathBuf>)],
     problems: &mut Problems,
 ) {
+    let shares: Vec<Place<'a>> = shares
+        .into_iter()
+        .zip(spans)
+        .map(|((name, path), (_, path_span))| Place {
+            name,
+            path,
+            path_span: path_span.clone(),
+        })
+        .collect();
     for (index, share) in shares.iter().enumerate() {
         for other in shares.iter().take(index) {
             if share.path.starts_with(other.path) || other.path.starts_with(share.path) {
@@ -517,19 +528,13 @@ mod tests {
         ];
         for (paths, state_dir, socket, want) in rows {
             let names = ["a", "b"];
-            let places: Vec<SharePlace<'_>> = paths
-                .iter()
-                .zip(names)
-                .enumerate()
-                .map(|(i, (path, name))| SharePlace {
-                    name,
-                    path: Path::new(path),
-                    path_span: i * 10..i * 10 + 5,
-                })
+            let spans: Vec<(Range<usize>, Range<usize>)> = (0..paths.len())
+                .map(|i| (0..1, i * 10..i * 10 + 5))
                 .collect();
             let mut problems = Problems::new(text);
             check_places(
-                &places,
+                names.into_iter().zip(paths.iter().map(Path::new)),
+                &spans,
                 state_dir.map(Path::new),
                 &[("control", socket.map(PathBuf::from))],
                 &mut problems,

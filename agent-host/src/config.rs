@@ -53,7 +53,7 @@ use toml::Spanned;
 pub use vmsync_agent_common::config::ConfigError;
 use vmsync_agent_common::config::{
     absolute_path, check_places, deserialize_all, min_free, normalize_absolute, share_name_error,
-    socket_path, Problems, ResolvePath, SharePlace,
+    socket_path, Problems, ResolvePath,
 };
 use vmsync_core::reconcile::{ConflictPolicy, SyncMode};
 use vmsync_core::reserve::MinFree;
@@ -392,15 +392,6 @@ fn resolve(
         }
     }
 
-    let places: Vec<SharePlace<'_>> = shares
-        .iter()
-        .zip(&spans)
-        .map(|(share, (_, path_span))| SharePlace {
-            name: &share.name,
-            path: &share.path,
-            path_span: path_span.clone(),
-        })
-        .collect();
     let sockets = [
         ("control", control.clone()),
         (
@@ -413,7 +404,8 @@ fn resolve(
             },
         ),
     ];
-    check_places(&places, state_dir.as_deref(), &sockets, problems);
+    let places = shares.iter().map(|s| (s.name.as_str(), s.path.as_path()));
+    check_places(places, &spans, state_dir.as_deref(), &sockets, problems);
 
     if !complete {
         return None;
