@@ -27,6 +27,9 @@
 //! - [`pace`]: bounds how often one path is cycled live (a log written many times a second).
 //! - [`planner`]: a cycle's decisions as pure functions: views, plan, verdicts.
 //! - [`controller`]: runs a sync cycle between two `Endpoint`s.
+//! - [`schedule`]: when cycles run: the live loop of hints, pacing, bulk steps, retries and
+//!   commands, generic over the endpoints and the connection.
+//! - [`sibling`]: `resolve --keep both` keeps the host's version under a sibling name.
 
 pub mod chunk;
 pub mod controller;
@@ -42,7 +45,9 @@ pub mod planner;
 pub mod reuse;
 pub mod root;
 pub mod scan;
+pub mod schedule;
 pub mod seal;
+pub mod sibling;
 pub mod space;
 pub mod state;
 pub mod status;

@@ -235,6 +235,33 @@ impl Default for PairOptions {
     }
 }
 
+/// Share `s` between `dir/host` and `dir/guest` (both must exist), each side with its own
+/// state database (`dir/host-state`, `dir/guest-state`) like the two agents, and the host's
+/// controller: what a [`Pair`] and the tests that wrap the endpoints their own way start from.
+pub fn local_pair(dir: &Path, options: &PairOptions) -> (LocalEndpoint, LocalEndpoint, Controller) {
+    let host_state = dir.join("host-state");
+    let host_db = Arc::new(StateDb::open(&host_state, "host.redb").expect("host db"));
+    let guest_db =
+        Arc::new(StateDb::open(&dir.join("guest-state"), "guest.redb").expect("guest db"));
+    let filter = Filter::new(&options.ignore)
+        .expect("filter")
+        .with_gitignore(options.respect_gitignore);
+    let host = LocalEndpoint::new("s", dir.join("host"), filter.clone(), host_db.clone())
+        .expect("host endpoint");
+    let guest = LocalEndpoint::new("s", dir.join("guest"), filter.clone(), guest_db)
+        .expect("guest endpoint");
+    let settings = ShareSettings {
+        name: "s".into(),
+        mode: options.mode,
+        policy: options.policy,
+        filter,
+        deletion_limit: options.deletion_limit,
+        deletion_exempt: Filter::new(&options.deletion_exempt).expect("exempt patterns"),
+    };
+    let controller = Controller::new(settings, host_db, &host_state).expect("controller");
+    (host, guest, controller)
+}
+
 /// The live half of a [`Pair`]: both endpoints and the controller (dropped on restart).
 pub struct Sides {
     pub host: Counting<LocalEndpoint>,
@@ -280,24 +307,7 @@ impl Pair {
     }
 
     fn open(&self) -> Sides {
-        let host_db = Arc::new(StateDb::open(&self.host_state, "host.redb").expect("host db"));
-        let guest_db = Arc::new(StateDb::open(&self.guest_state, "guest.redb").expect("guest db"));
-        let filter = Filter::new(&self.options.ignore)
-            .expect("filter")
-            .with_gitignore(self.options.respect_gitignore);
-        let host = LocalEndpoint::new("s", self.host_dir.clone(), filter.clone(), host_db.clone())
-            .expect("host endpoint");
-        let guest = LocalEndpoint::new("s", self.guest_dir.clone(), filter.clone(), guest_db)
-            .expect("guest endpoint");
-        let settings = ShareSettings {
-            name: "s".into(),
-            mode: self.options.mode,
-            policy: self.options.policy,
-            filter,
-            deletion_limit: self.options.deletion_limit,
-            deletion_exempt: Filter::new(&self.options.deletion_exempt).expect("exempt patterns"),
-        };
-        let controller = Controller::new(settings, host_db, &self.host_state).expect("controller");
+        let (host, guest, controller) = local_pair(self.tmp.path(), &self.options);
         Sides {
             host: Intercept {
                 inner: host,

@@ -13,6 +13,8 @@ use vmsync_core::{Entry, FileMeta, Hash, Manifest, RelPath};
 /// What a test does to the calls through an [`Intercept`]. Every method has a default that
 /// lets the call through unchanged.
 pub trait Hooks: Send {
+    /// A scan about to run.
+    fn scanning(&mut self, _scope: &ScanScope) {}
     /// A scan's report, before the controller sees it.
     fn scanned(&mut self, report: ScanReport) -> ScanReport {
         report
@@ -79,6 +81,7 @@ impl<E: Endpoint, H: Hooks> Endpoint for Intercept<E, H> {
         scope: ScanScope,
         options: ScanOptions,
     ) -> Result<ScanReport, EndpointError> {
+        self.hooks.scanning(&scope);
         let report = self.inner.scan(scope, options).await?;
         Ok(self.hooks.scanned(report))
     }

@@ -9,13 +9,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use vmsync_core::endpoint::{Change, EndpointError, ScanScope};
-use vmsync_core::reconcile::{ConflictPolicy, SyncMode};
-use vmsync_core::safety::DeletionLimit;
-use vmsync_engine::controller::{Controller, ShareSettings};
-use vmsync_engine::filter::Filter;
+use vmsync_engine::controller::Controller;
 use vmsync_engine::local::LocalEndpoint;
-use vmsync_engine::state::StateDb;
-use vmsync_tests::fixture::{assert_same_tree, read, tree, write};
+use vmsync_tests::fixture::{assert_same_tree, local_pair, read, tree, write, PairOptions};
 use vmsync_tests::intercept::{Hooks, Intercept, Transit};
 
 /// How the transition numbered `at` (from 0) ends.
@@ -58,20 +54,7 @@ struct Side {
 }
 
 fn open(tmp: &std::path::Path, at: usize, cut: Cut) -> Side {
-    let host_db = Arc::new(StateDb::open(&tmp.join("host-state"), "host.redb").unwrap());
-    let guest_db = Arc::new(StateDb::open(&tmp.join("guest-state"), "guest.redb").unwrap());
-    let filter = Filter::new(&[]).unwrap();
-    let host = LocalEndpoint::new("s", tmp.join("host"), filter.clone(), host_db.clone()).unwrap();
-    let guest = LocalEndpoint::new("s", tmp.join("guest"), filter.clone(), guest_db).unwrap();
-    let settings = ShareSettings {
-        name: "s".into(),
-        mode: SyncMode::TwoWay,
-        policy: ConflictPolicy::Keep,
-        filter,
-        deletion_limit: DeletionLimit::default(),
-        deletion_exempt: Filter::none(),
-    };
-    let controller = Controller::new(settings, host_db, &tmp.join("host-state")).unwrap();
+    let (host, guest, controller) = local_pair(tmp, &PairOptions::default());
     let calls = Arc::new(AtomicUsize::new(0));
     Side {
         host,
