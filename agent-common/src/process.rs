@@ -32,8 +32,8 @@ pub fn init_logging() {
 
 /// Raises this process's soft fd limit to its hard limit (agents call it first thing): a
 /// share with many files in flight wants descriptors, and the soft default (1024) is low.
-/// Before any share is opened: each caps its staged files by the limit it finds then.
-pub fn raise_fd_limit() {
+/// Returns the soft limit now in force (`None`: unlimited).
+pub fn raise_fd_limit() -> Option<u64> {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let limit = getrlimit(Resource::Nofile);
     if limit.current < limit.maximum {
@@ -45,6 +45,16 @@ pub fn raise_fd_limit() {
             },
         );
     }
+    getrlimit(Resource::Nofile).current
+}
+
+/// Most staged files each share holds open at once, for a soft fd limit of `fd_limit`: a
+/// quarter of it (at least 16), so a host that batches more than this process can hold gets
+/// retries, not EMFILE failures.
+pub fn max_staged_files(fd_limit: Option<u64>) -> usize {
+    fd_limit
+        .map_or(4096, |n| usize::try_from(n / 4).unwrap_or(4096))
+        .max(16)
 }
 
 /// The multi-threaded runtime an agent runs on.
@@ -65,5 +75,24 @@ pub async fn shutdown_signal() {
             tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
         }
         _ => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staged_files_are_a_quarter_of_the_fd_limit() {
+        for (limit, want) in [
+            (Some(1024), 256),
+            (Some(256), 64),
+            (Some(40), 16),
+            (Some(0), 16),
+            (Some(1 << 20), 1 << 18),
+            (None, 4096),
+        ] {
+            assert_eq!(max_staged_files(limit), want, "{limit:?}");
+        }
     }
 }

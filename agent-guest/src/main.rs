@@ -139,8 +139,9 @@ fn main() -> ExitCode {
         }
         Command::Run { .. } => {
             vmsync_agent_common::process::init_logging();
-            vmsync_agent_common::process::raise_fd_limit();
-            match runtime.block_on(service::run(config)) {
+            let fd_limit = vmsync_agent_common::process::raise_fd_limit();
+            let max_staged = vmsync_agent_common::process::max_staged_files(fd_limit);
+            match runtime.block_on(service::run(config, max_staged)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");

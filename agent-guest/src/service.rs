@@ -124,7 +124,9 @@ impl Shared {
     }
 }
 
-pub async fn run(config: GuestConfig) -> anyhow::Result<()> {
+/// Runs the guest agent; each share stages at most `max_staged` files at once (see
+/// `vmsync_agent_common::process::max_staged_files`).
+pub async fn run(config: GuestConfig, max_staged: usize) -> anyhow::Result<()> {
     let (db, notice) = match StateDb::open_or_recover(&config.state_dir, "guest.redb") {
         Ok((db, notice)) => (Arc::new(db), notice),
         Err(e) if e.is_locked() => anyhow::bail!(
@@ -142,6 +144,7 @@ pub async fn run(config: GuestConfig) -> anyhow::Result<()> {
             .on_calling_thread();
         ep.set_retention(share.retention);
         ep.set_min_free(share.min_free);
+        ep.set_max_staged(max_staged);
         exports.insert(share.name.clone(), ep);
     }
     let shared = Shared {

@@ -86,7 +86,9 @@ impl Shared {
     }
 }
 
-pub async fn run(config: HostConfig) -> anyhow::Result<()> {
+/// Runs the host agent; each share stages at most `max_staged` files at once (see
+/// `vmsync_agent_common::process::max_staged_files`).
+pub async fn run(config: HostConfig, max_staged: usize) -> anyhow::Result<()> {
     let (db, notice) = match StateDb::open_or_recover(&config.state_dir, "host.redb") {
         Ok((db, notice)) => (Arc::new(db), notice),
         Err(e) if e.is_locked() => anyhow::bail!(
@@ -118,6 +120,7 @@ pub async fn run(config: HostConfig) -> anyhow::Result<()> {
         let local = LocalEndpoint::new(&share.name, share.path.clone(), filter, db.clone())?;
         local.set_retention(share.retention);
         local.set_min_free(share.min_free);
+        local.set_max_staged(max_staged);
         shares.push(Share::new(controller, local, share.path.clone()));
     }
     let shared = Shared {

@@ -98,13 +98,9 @@ impl WatchState {
     }
 }
 
-/// Most staged files held open at once: a quarter of the soft fd limit (at least 16), so a
-/// host that batches more than this process can hold gets retries, not EMFILE failures.
-fn max_staged_files() -> usize {
-    let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
-    soft.map_or(4096, |n| usize::try_from(n / 4).unwrap_or(4096))
-        .max(16)
-}
+/// Most staged files held open at once until [`LocalEndpoint::set_max_staged`] says
+/// otherwise: a quarter of the usual soft fd limit (1024).
+const DEFAULT_MAX_STAGED: usize = 256;
 
 /// With no watch (inotify limit reached), how often the whole share is rescanned instead.
 const UNWATCHED_RESCAN_MS: u64 = 10_000;
@@ -114,9 +110,7 @@ const ROOT_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(10)
 
 impl LocalEndpoint {
     /// Opens the share `name` at `path`, loading its index from `db`. The root itself is
-    /// opened at each scan, so a root that is missing now is reported then, not here. The
-    /// share stages at most a quarter of the process's soft fd limit as it is now: a process
-    /// that raises the limit does so first.
+    /// opened at each scan, so a root that is missing now is reported then, not here.
     pub fn new(
         name: &str,
         path: PathBuf,
@@ -159,7 +153,7 @@ impl LocalEndpoint {
             faulted: HashMap::new(),
             min_free: MinFree::default(),
             zeros: ZeroChunks::default(),
-            max_staged: max_staged_files(),
+            max_staged: DEFAULT_MAX_STAGED,
         };
         Ok(LocalEndpoint {
             inner: Arc::new(Mutex::new(share)),
@@ -246,6 +240,14 @@ impl LocalEndpoint {
 
     /// Sets the free space to keep on the share's filesystem: below it, `stage` and `supply`
     /// refuse with [`EndpointError::DiskFull`] (see `docs/safety.md`).
+    /// Most files the share holds staged (each an open descriptor) at once; past it, `stage`
+    /// answers "no room" and the controller commits what waits first.
+    pub fn set_max_staged(&self, max: usize) {
+        if let Ok(mut s) = self.inner.lock() {
+            s.max_staged = max.max(1);
+        }
+    }
+
     pub fn set_min_free(&self, min_free: MinFree) {
         if let Ok(mut s) = self.inner.lock() {
             s.min_free = min_free;

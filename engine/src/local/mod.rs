@@ -139,7 +139,7 @@ pub struct LocalShare {
     zeros: ZeroChunks,
     /// Most files staged at once (each holds a temp file open): past it, `stage` answers
     /// [`NotStaged::NoRoom`](vmsync_core::endpoint::NotStaged::NoRoom). Set when the endpoint
-    /// is opened (see [`LocalEndpoint::new`]).
+    /// is opened; the agent sets it from its fd limit (see [`LocalEndpoint::set_max_staged`]).
     max_staged: usize,
 }
 
