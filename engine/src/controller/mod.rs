@@ -102,6 +102,40 @@ pub struct CycleReport {
     pub pending: usize,
 }
 
+/// Why a cycle stops before it executes anything.
+enum Stop {
+    /// Look again at once: something moved under the scan, or a root was accepted again.
+    Retry,
+    /// Halt the share, putting back what the deletion window removed from the side that
+    /// suffered (see [`Controller::halt_and_put_back`]).
+    Halt(HaltReason),
+}
+
+/// Both sides' scans of a cycle, and how long each took.
+struct Scans {
+    host: ScanReport,
+    guest: ScanReport,
+    took: (std::time::Duration, std::time::Duration),
+}
+
+/// A cycle planned and judged, ready to execute.
+struct Cycle {
+    views: planner::Views,
+    plan: Plan,
+    /// A directory stayed (see [`planner::plan`]): a later cycle must give it back.
+    kept_dirs: bool,
+    /// What the scans could not read.
+    problems: Vec<ProblemView>,
+}
+
+/// What `status` shows of a cycle besides what it executed.
+struct Shown<'a> {
+    views: &'a planner::Views,
+    plan: &'a Plan,
+    kept_dirs: bool,
+    problems: Vec<ProblemView>,
+}
+
 /// Drives cycles for one share. Holds the ancestor in memory and in the state database.
 pub struct Controller {
     settings: ShareSettings,
@@ -637,6 +671,9 @@ impl Controller {
         }
     }
 
+    /// A cycle in four steps: scan both sides ([`Controller::scan_both`]), plan
+    /// ([`Controller::plan_cycle`]), execute and record what landed, then show the outcome
+    /// ([`Controller::show_cycle`]). The first two may stop the cycle ([`Stop`]).
     async fn cycle_inner<H: Endpoint, G: Endpoint>(
         &mut self,
         host: &mut H,
@@ -666,147 +703,22 @@ impl Controller {
         }
         self.set_state(ShareState::Scanning);
         let started = Instant::now();
-        let host_opts = ScanOptions {
-            create_marker: self.meta.host_root.is_none(),
+        let scans = match self.scan_both(host, guest, &scope).await? {
+            Ok(scans) => scans,
+            Err(stop) => return self.stop(stop, host, guest).await,
         };
-        let guest_opts = ScanOptions {
-            create_marker: self.meta.guest_root.is_none(),
+        let took = scans.took;
+        let cycle = match self.plan_cycle(guest, &scope, scans).await? {
+            Ok(cycle) => cycle,
+            Err(stop) => return self.stop(stop, host, guest).await,
         };
-        let ((h, host_took), (g, guest_took)) = tokio::join!(
-            timed(host.scan(scope.clone(), host_opts)),
-            timed(guest.scan(scope.clone(), guest_opts))
-        );
-        let (host_scan, guest_scan) =
-            match (self.scanned(Side::Host, h)?, self.scanned(Side::Guest, g)?) {
-                (Ok(h), Ok(g)) => (h, g),
-                (Err(reason), _) | (_, Err(reason)) => {
-                    return self.halt_and_put_back(reason, host, guest).await
-                }
-            };
-        for (side, report) in [(Side::Host, &host_scan), (Side::Guest, &guest_scan)] {
-            if !self.marker_lost(side, report) {
-                continue;
-            }
-            match planner::on_lost_marker(&scope, !report.entries.is_empty()) {
-                LostMarker::Judge => {}
-                LostMarker::Retry => {
-                    return Ok(CycleReport {
-                        retry: true,
-                        ..CycleReport::default()
-                    })
-                }
-                LostMarker::Readopt => {
-                    self.forget_root(side)?;
-                    let notice = format!(
-                        "the {} share's root marker (.vmsync/id) was gone: the root was accepted \
-                     again and both sides merged add-only (nothing deleted anywhere)",
-                        side.as_str()
-                    );
-                    tracing::warn!(share = %self.settings.name, "{notice}");
-                    self.set_notice(notice);
-                    return Ok(CycleReport {
-                        retry: true,
-                        ..CycleReport::default()
-                    });
-                }
-            }
-        }
-        if let Err(reason) = self.check_roots(&host_scan, &guest_scan) {
-            return self.halt_and_put_back(reason, host, guest).await;
-        }
-        if matches!(self.meta.halt, Some(HaltReason::RootMissing { .. })) {
-            self.meta.halt = None;
-            self.db.store_meta(&self.settings.name, &self.meta)?;
-            self.show_halt();
-        }
-        if let Err(reason) = self.check_generation(&guest_scan) {
-            return self.halt(reason);
-        }
+        let Cycle {
+            views,
+            plan,
+            kept_dirs,
+            mut problems,
+        } = cycle;
 
-        let filter = &self.settings.filter.clone();
-        let host_snap = planner::visible(host_scan.entries, filter);
-        let guest_snap = planner::visible(guest_scan.entries, filter);
-        if scope == ScanScope::Full {
-            // What this process or a killed predecessor applied without recording it.
-            let mut candidates = std::mem::take(&mut self.unconfirmed);
-            candidates.extend(self.pending.load());
-            let landed = planner::landed(candidates, &host_snap, &guest_snap);
-            self.commit_ancestor(guest, landed).await?;
-            self.pending.clear();
-        }
-        // Unreadable and still-changing paths (absent from their scan), what a side's own
-        // ignore files exclude, and files still crossing in a bulk job.
-        let frozen = host_scan
-            .problems
-            .iter()
-            .chain(&guest_scan.problems)
-            .map(|p| &p.path)
-            .chain(&host_scan.ignored)
-            .chain(&guest_scan.ignored)
-            .chain(
-                self.bulk
-                    .iter()
-                    .flat_map(|j| j.actions.iter().map(|a| &a.path)),
-            );
-        let mut views = planner::views(
-            &scope,
-            &self.ancestor,
-            host_snap,
-            guest_snap,
-            frozen,
-            filter,
-        );
-        if scope == ScanScope::Full {
-            for (side, snap) in [(Side::Host, &views.host), (Side::Guest, &views.guest)] {
-                if let Err(reason) = check_emptied(side, &views.ancestor, snap) {
-                    return self.halt_and_put_back(reason, host, guest).await;
-                }
-            }
-        }
-        if self.generation.merge_pending {
-            views.ancestor = self
-                .merge_after_rollback(guest, &views.ancestor, &views.host, &views.guest)
-                .await?;
-        }
-        let Planned { plan, kept_dirs } = planner::plan(
-            &views,
-            self.settings.mode,
-            self.settings.policy,
-            &host_scan.ignored,
-            &guest_scan.ignored,
-        );
-        let now = self.now_ms();
-        for window in &mut self.windows {
-            window.expire(now);
-        }
-        if self.allow_deletions_once {
-            self.windows = Default::default();
-        } else {
-            // The plan's losses on top of what the window already holds, against the whole
-            // share, also for a targeted cycle.
-            let exempt = self.settings.deletion_exempt.clone();
-            let verdict = [Side::Host, Side::Guest].into_iter().try_for_each(|side| {
-                let planned = planned_losses(&plan, side, |p| exempt.is_ignored(p, false));
-                self.judge_window(side, planned)
-            });
-            if let Err(reason) = verdict {
-                return match planner::on_objection(&scope, reason) {
-                    Verdict::Retry => Ok(CycleReport {
-                        retry: true,
-                        ..CycleReport::default()
-                    }),
-                    Verdict::Halt(reason) => self.halt_and_put_back(reason, host, guest).await,
-                };
-            }
-        }
-
-        let mut problems = Vec::new();
-        for (side, list) in [
-            (Side::Host, host_scan.problems),
-            (Side::Guest, guest_scan.problems),
-        ] {
-            problems.extend(list.into_iter().map(|p| view(side, p)));
-        }
         self.set_state(ShareState::Syncing);
         let mut ancestor_changes: Vec<(RelPath, Option<Entry>)> = plan.agreed.clone();
         let defer = scope != ScanScope::Full;
@@ -847,8 +759,8 @@ impl Controller {
             applied = executed.applied.len(),
             "cycle: scanned (host {} us, guest {} us) and planned in {} us, executed in {} us \
              (manifests {}, stage {}, transfer {}, transition {}), recorded in {} us",
-            host_took.as_micros(),
-            guest_took.as_micros(),
+            took.0.as_micros(),
+            took.1.as_micros(),
             planned.as_micros(),
             (done - planned).as_micros(),
             executed.times.manifests.as_micros(),
@@ -858,11 +770,198 @@ impl Controller {
             (started.elapsed() - done).as_micros()
         );
         self.bulk.extend(std::mem::take(&mut executed.bulk));
+        let shown = Shown {
+            views: &views,
+            plan: &plan,
+            kept_dirs,
+            problems,
+        };
+        Ok(self.show_cycle(&scope, shown, &executed))
+    }
 
+    /// Ends a cycle that stopped before executing anything.
+    async fn stop<H: Endpoint, G: Endpoint>(
+        &mut self,
+        stop: Stop,
+        host: &mut H,
+        guest: &mut G,
+    ) -> Result<CycleReport, CycleError> {
+        match stop {
+            Stop::Retry => Ok(CycleReport {
+                retry: true,
+                ..CycleReport::default()
+            }),
+            Stop::Halt(reason) => self.halt_and_put_back(reason, host, guest).await,
+        }
+    }
+
+    /// Scans both sides at once and checks what the scans say about the roots: gone, replaced,
+    /// lost their marker, or (the guest) rolled back.
+    async fn scan_both<H: Endpoint, G: Endpoint>(
+        &mut self,
+        host: &mut H,
+        guest: &mut G,
+        scope: &ScanScope,
+    ) -> Result<Result<Scans, Stop>, CycleError> {
+        let host_opts = ScanOptions {
+            create_marker: self.meta.host_root.is_none(),
+        };
+        let guest_opts = ScanOptions {
+            create_marker: self.meta.guest_root.is_none(),
+        };
+        let ((h, host_took), (g, guest_took)) = tokio::join!(
+            timed(host.scan(scope.clone(), host_opts)),
+            timed(guest.scan(scope.clone(), guest_opts))
+        );
+        let (host_scan, guest_scan) =
+            match (self.scanned(Side::Host, h)?, self.scanned(Side::Guest, g)?) {
+                (Ok(h), Ok(g)) => (h, g),
+                (Err(reason), _) | (_, Err(reason)) => return Ok(Err(Stop::Halt(reason))),
+            };
+        for (side, report) in [(Side::Host, &host_scan), (Side::Guest, &guest_scan)] {
+            if !self.marker_lost(side, report) {
+                continue;
+            }
+            match planner::on_lost_marker(scope, !report.entries.is_empty()) {
+                LostMarker::Judge => {}
+                LostMarker::Retry => return Ok(Err(Stop::Retry)),
+                LostMarker::Readopt => {
+                    self.forget_root(side)?;
+                    let notice = format!(
+                        "the {} share's root marker (.vmsync/id) was gone: the root was accepted \
+                     again and both sides merged add-only (nothing deleted anywhere)",
+                        side.as_str()
+                    );
+                    tracing::warn!(share = %self.settings.name, "{notice}");
+                    self.set_notice(notice);
+                    return Ok(Err(Stop::Retry));
+                }
+            }
+        }
+        if let Err(reason) = self.check_roots(&host_scan, &guest_scan) {
+            return Ok(Err(Stop::Halt(reason)));
+        }
+        if matches!(self.meta.halt, Some(HaltReason::RootMissing { .. })) {
+            self.meta.halt = None;
+            self.db.store_meta(&self.settings.name, &self.meta)?;
+            self.show_halt();
+        }
+        if let Err(reason) = self.check_generation(&guest_scan) {
+            return Ok(Err(Stop::Halt(reason)));
+        }
+        Ok(Ok(Scans {
+            host: host_scan,
+            guest: guest_scan,
+            took: (host_took, guest_took),
+        }))
+    }
+
+    /// From the scans to a judged plan: what each side shows, what landed unrecorded (a full
+    /// cycle), the emptied-root check, the merge after a rollback, the plan itself, and the
+    /// deletion window's verdict on it.
+    async fn plan_cycle<G: Endpoint>(
+        &mut self,
+        guest: &mut G,
+        scope: &ScanScope,
+        scans: Scans,
+    ) -> Result<Result<Cycle, Stop>, CycleError> {
+        let Scans {
+            host: host_scan,
+            guest: guest_scan,
+            ..
+        } = scans;
+        let filter = &self.settings.filter.clone();
+        let host_snap = planner::visible(host_scan.entries, filter);
+        let guest_snap = planner::visible(guest_scan.entries, filter);
+        if *scope == ScanScope::Full {
+            // What this process or a killed predecessor applied without recording it.
+            let mut candidates = std::mem::take(&mut self.unconfirmed);
+            candidates.extend(self.pending.load());
+            let landed = planner::landed(candidates, &host_snap, &guest_snap);
+            self.commit_ancestor(guest, landed).await?;
+            self.pending.clear();
+        }
+        // Unreadable and still-changing paths (absent from their scan), what a side's own
+        // ignore files exclude, and files still crossing in a bulk job.
+        let frozen = host_scan
+            .problems
+            .iter()
+            .chain(&guest_scan.problems)
+            .map(|p| &p.path)
+            .chain(&host_scan.ignored)
+            .chain(&guest_scan.ignored)
+            .chain(
+                self.bulk
+                    .iter()
+                    .flat_map(|j| j.actions.iter().map(|a| &a.path)),
+            );
+        let mut views =
+            planner::views(scope, &self.ancestor, host_snap, guest_snap, frozen, filter);
+        if *scope == ScanScope::Full {
+            for (side, snap) in [(Side::Host, &views.host), (Side::Guest, &views.guest)] {
+                if let Err(reason) = check_emptied(side, &views.ancestor, snap) {
+                    return Ok(Err(Stop::Halt(reason)));
+                }
+            }
+        }
+        if self.generation.merge_pending {
+            views.ancestor = self
+                .merge_after_rollback(guest, &views.ancestor, &views.host, &views.guest)
+                .await?;
+        }
+        let Planned { plan, kept_dirs } = planner::plan(
+            &views,
+            self.settings.mode,
+            self.settings.policy,
+            &host_scan.ignored,
+            &guest_scan.ignored,
+        );
+        if let Err(reason) = self.judge_plan(&plan) {
+            return Ok(Err(match planner::on_objection(scope, reason) {
+                Verdict::Retry => Stop::Retry,
+                Verdict::Halt(reason) => Stop::Halt(reason),
+            }));
+        }
+        let mut problems = Vec::new();
+        for (side, list) in [
+            (Side::Host, host_scan.problems),
+            (Side::Guest, guest_scan.problems),
+        ] {
+            problems.extend(list.into_iter().map(|p| view(side, p)));
+        }
+        Ok(Ok(Cycle {
+            views,
+            plan,
+            kept_dirs,
+            problems,
+        }))
+    }
+
+    /// The deletion window's verdict on `plan`: its losses on top of what the window already
+    /// holds, against the whole share, also for a targeted cycle (unless `resume` allowed a
+    /// mass deletion once).
+    fn judge_plan(&mut self, plan: &Plan) -> Result<(), HaltReason> {
+        let now = self.now_ms();
+        for window in &mut self.windows {
+            window.expire(now);
+        }
+        if self.allow_deletions_once {
+            self.windows = Default::default();
+            return Ok(());
+        }
+        let exempt = self.settings.deletion_exempt.clone();
+        [Side::Host, Side::Guest].into_iter().try_for_each(|side| {
+            let planned = planned_losses(plan, side, |p| exempt.is_ignored(p, false));
+            self.judge_window(side, planned)
+        })
+    }
+
+    /// Shows a finished cycle in `status` (state, conflicts, problems, totals) and reports it.
+    fn show_cycle(&mut self, scope: &ScanScope, shown: Shown, executed: &Executed) -> CycleReport {
         let (files, bytes) = self.agreed_totals();
         // A targeted cycle sees only its paths: conflicts elsewhere stand until a cycle that
         // covers them finds them settled.
-        match &scope {
+        match scope {
             ScanScope::Full => self.conflicts.clear(),
             ScanScope::Paths(paths) => {
                 let parents: HashSet<RelPath> = planner::scope_parents(paths).collect();
@@ -872,18 +971,19 @@ impl Controller {
             }
         }
         self.conflicts
-            .extend(plan.conflicts.iter().map(|c| c.path.clone()));
+            .extend(shown.plan.conflicts.iter().map(|c| c.path.clone()));
         let conflicts: Vec<String> = self.conflicts.iter().map(RelPath::escaped).collect();
-        let dirs = (scope == ScanScope::Full)
-            .then(|| 1 + views.host.values().filter(|e| e.is_dir()).count() as u64);
+        let dirs = (*scope == ScanScope::Full)
+            .then(|| 1 + shown.views.host.values().filter(|e| e.is_dir()).count() as u64);
         let report = CycleReport {
             applied: executed.applied.len(),
             conflicts: conflicts.len(),
-            retry: executed.retry || kept_dirs,
+            retry: executed.retry || shown.kept_dirs,
             halted: false,
             pending: executed.pending,
         };
         let bulk_pending = !self.bulk.is_empty();
+        let problems = shown.problems;
         self.update_status(|s| {
             s.state = if !conflicts.is_empty() {
                 ShareState::Conflicted
@@ -903,7 +1003,7 @@ impl Controller {
             s.chunks_reused += executed.chunks_reused;
             s.cycles += 1;
         });
-        Ok(report)
+        report
     }
 
     /// Turns a scan result into a report, a halt reason (root gone) or a cycle error.
