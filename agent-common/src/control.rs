@@ -203,10 +203,11 @@ pub fn render_text(response: &ControlResponse, config_shown: Option<&str>) -> St
         ControlResponse::Error { message } => return format!("error: {message}\n"),
         ControlResponse::Status { agent, shares } => (agent, shares),
     };
+    // A disconnect reason can carry the peer's words: escaped like everything a peer says.
     let detail = agent
         .peer_detail
         .as_deref()
-        .map(|d| format!(" ({d})"))
+        .map(|d| format!(" ({})", vmsync_core::text::escape_text(d)))
         .unwrap_or_default();
     let _ = writeln!(
         out,

@@ -15,6 +15,7 @@
 //! - [`delta`]: chunk deltas: rsync signatures of old bytes, deltas against them, checked apply.
 //! - [`endpoint`]: the `Endpoint` trait that a local and a remote side both implement.
 //! - [`limits`]: every bound on sizes and counts, named with its unit.
+//! - [`text`]: a peer's text made safe to print (control and bidi characters escaped).
 //! - [`reserve`]: the free-space reserve (`min_free`) a destination keeps on its filesystem.
 
 pub mod deletions;
@@ -31,6 +32,7 @@ pub mod rollback;
 pub mod safety;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod text;
 
 pub use digest::Hash;
 pub use entry::{ChunkRef, Entry, FileMeta, Manifest, Snapshot, Timestamp};

@@ -38,6 +38,7 @@ use vmsync_core::endpoint::{
     Change, ChangeHints, ChunkRead, EndpointError, MissingChunk, Outcome, Problem, ScanOptions,
     ScanScope, StageRequest,
 };
+use vmsync_core::text::escape_text;
 use vmsync_core::{Entry, FileMeta, Hash, Manifest, RelPath};
 
 /// First field of every `Hello`: "VMSYNC", NUL, and the magic's own revision.
@@ -445,9 +446,11 @@ impl From<EndpointError> for WireError {
     }
 }
 
+/// The peer's message is escaped on the way in (see [`vmsync_core::text`]): it reaches logs
+/// and `status`.
 impl From<WireError> for EndpointError {
     fn from(e: WireError) -> EndpointError {
-        let m = e.message;
+        let m = escape_text(&e.message);
         match e.code {
             ErrorCode::RootMissing => EndpointError::RootMissing(m),
             ErrorCode::RootNotDir => EndpointError::RootNotDir(m),
@@ -477,11 +480,12 @@ impl From<Problem> for WireProblem {
     }
 }
 
+/// The peer's reason is escaped on the way in, like [`WireError`]'s message.
 impl From<WireProblem> for Problem {
     fn from(p: WireProblem) -> Problem {
         Problem {
             path: p.path,
-            reason: p.message,
+            reason: escape_text(&p.message),
         }
     }
 }

@@ -723,3 +723,43 @@ async fn base_unknown_for_a_full_manifest() {
         .await;
     assert_violation(&session, r, "BaseUnknown").await;
 }
+
+/// A guest's problem reasons and error messages reach logs and `status`: whatever terminal
+/// control they carry arrives escaped, on one line.
+#[tokio::test]
+async fn guest_text_arrives_escaped() {
+    const EVIL: &str = "\u{1b}[2J\u{1b}]0;owned\u{7}\nforged: line \u{202e}txt.exe";
+    let problem = vmsync_protocol::messages::WireProblem {
+        path: p("f"),
+        message: EVIL.into(),
+    };
+    let session =
+        session_with_answer(answer_with(ResponseBody::Manifests(Ok(vec![Err(problem)])))).await;
+    let mut remote = session.endpoint(0).unwrap();
+    let answers = remote
+        .manifests(vec![(p("f"), meta_of(b"x"))])
+        .await
+        .unwrap();
+    let reason = match &answers[..] {
+        [Err(problem)] => problem.reason.clone(),
+        other => panic!("expected one problem, got {other:?}"),
+    };
+    assert_eq!(
+        reason,
+        "\\u{1b}[2J\\u{1b}]0;owned\\u{7}\\u{a}forged: line \\u{202e}txt.exe"
+    );
+
+    let error = vmsync_protocol::messages::WireError {
+        code: vmsync_protocol::messages::ErrorCode::Io,
+        message: EVIL.into(),
+    };
+    let session = session_with_answer(answer_with(ResponseBody::Manifests(Err(error)))).await;
+    let mut remote = session.endpoint(0).unwrap();
+    match remote.manifests(vec![(p("f"), meta_of(b"x"))]).await {
+        Err(EndpointError::Io(message)) => {
+            assert!(!message.chars().any(char::is_control), "{message:?}");
+            assert!(message.contains("forged: line"), "{message:?}");
+        }
+        other => panic!("expected an I/O error, got {other:?}"),
+    }
+}

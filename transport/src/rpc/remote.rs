@@ -27,6 +27,7 @@ use vmsync_core::endpoint::{
     Change, ChangeHints, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, MissingChunk,
     NotStaged, Outcome, Problem, ScanOptions, ScanReport, ScanScope, StageRequest,
 };
+use vmsync_core::text::escape_text;
 use vmsync_core::{ChunkRef, Entry, FileMeta, Hash, Manifest, RelPath};
 use vmsync_protocol::chunk::{level_for_batch, DEFAULT_ZSTD_LEVEL};
 use vmsync_protocol::limits::CHUNK_MAX_BYTES;
@@ -570,6 +571,14 @@ impl Endpoint for RemoteEndpoint {
                         self.memory.applied(path, *digest);
                     }
                 }
+                // The guest's reasons reach logs and `status`: escaped (vmsync_core::text).
+                let outcomes = outcomes
+                    .into_iter()
+                    .map(|o| match o {
+                        Outcome::Failed(reason) => Outcome::Failed(escape_text(&reason)),
+                        other => other,
+                    })
+                    .collect();
                 Ok(outcomes)
             }
             ResponseBody::Transitioned(Err(e)) => Err(e.into()),
