@@ -18,6 +18,12 @@ use std::fmt;
 /// never scanned as content, and no peer may name it.
 pub const RESERVED_NAME: &[u8] = b".vmsync";
 
+/// Whether a name at a share's root is the reserved directory's, in any ASCII case: on a
+/// filesystem that folds case (vfat, ext4 `casefold`), `.VMSYNC` opens `.vmsync`.
+pub fn is_reserved(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(RESERVED_NAME)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
     #[error("empty path component")]
@@ -62,7 +68,7 @@ impl RelPath {
         let mut depth = 0usize;
         for (i, comp) in bytes.split(|&b| b == b'/').enumerate() {
             validate_name(comp)?;
-            if i == 0 && comp == RESERVED_NAME {
+            if i == 0 && is_reserved(comp) {
                 return Err(PathError::Reserved);
             }
             depth += 1;
@@ -147,7 +153,7 @@ impl RelPath {
     pub fn join(&self, name: &[u8]) -> Result<RelPath, PathError> {
         validate_name(name)?;
         if self.is_root() {
-            if name == RESERVED_NAME {
+            if is_reserved(name) {
                 return Err(PathError::Reserved);
             }
             return Ok(RelPath(name.into()));
@@ -305,6 +311,9 @@ mod tests {
             (b"a\0b", PathError::Nul),
             (b".vmsync", PathError::Reserved),
             (b".vmsync/tmp/x", PathError::Reserved),
+            // A case-folding filesystem opens `.vmsync` for these.
+            (b".VMSYNC/x", PathError::Reserved),
+            (b".VmSync", PathError::Reserved),
         ];
         for (input, want) in cases {
             assert_eq!(RelPath::from_bytes(input).unwrap_err(), *want, "{input:?}");
@@ -362,6 +371,9 @@ mod tests {
         assert!(RelPath::root().is_ancestor_of(&x));
         assert_eq!(p(b"a/b").join(b"c").unwrap(), x);
         assert_eq!(RelPath::root().join(b".vmsync"), Err(PathError::Reserved));
+        assert_eq!(RelPath::root().join(b".VMSync"), Err(PathError::Reserved));
+        assert!(RelPath::from_bytes(b".vmsyncx").is_ok());
+        assert!(RelPath::from_bytes(b"a/.VMSYNC").is_ok());
         assert!(p(b"a").join(b".vmsync").is_ok());
         assert_eq!(
             RelPath::from_components([&b"a"[..], b"b"]).unwrap(),

@@ -40,6 +40,27 @@ async fn host_only_tree_reaches_guest() {
     assert_eq!(p.sync().await.applied, 0);
 }
 
+/// A name at the root that a case-folding filesystem would open as the reserved `.vmsync`
+/// (`.VMSYNC`, `.VmSync`) is never share content: not synced from either side, and the other
+/// side's reserved directory is never reached through it.
+#[tokio::test]
+async fn names_that_fold_to_the_reserved_directory_are_not_content() {
+    let mut p = pair();
+    write(&p.host_dir, ".VMSYNC/id", "forged marker");
+    write(&p.guest_dir, ".VmSync/tmp/x", "forged staging");
+    write(&p.host_dir, "a/.VMSYNC", "an ordinary name below the root");
+    p.sync().await;
+    assert!(!p.guest_dir.join(".VMSYNC").exists());
+    assert!(!p.host_dir.join(".VmSync").exists());
+    assert_eq!(
+        read(&p.guest_dir, "a/.VMSYNC"),
+        b"an ordinary name below the root"
+    );
+    assert_ne!(read(&p.guest_dir, ".vmsync/id"), b"forged marker");
+    assert_eq!(p.status().state, ShareState::InSync);
+    assert!(p.status().problems.is_empty(), "{:?}", p.status().problems);
+}
+
 #[tokio::test]
 async fn guest_only_tree_reaches_host() {
     let mut p = pair();

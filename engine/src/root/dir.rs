@@ -8,7 +8,7 @@ use rustix::fd::{AsFd, OwnedFd};
 use rustix::fs::{self as rfs, AtFlags, OFlags};
 use rustix::io::Errno;
 use std::fs::File;
-use vmsync_core::path::RESERVED_NAME;
+use vmsync_core::path::is_reserved;
 
 /// An open directory of the share, for walking it by fds (the scanner) rather than by
 /// re-resolving paths from the root.
@@ -39,7 +39,7 @@ impl DirHandle {
         for entry in dir {
             let entry = entry.map_err(|e| fail(OP, loc, e))?;
             let name = entry.file_name().to_bytes();
-            if name == b"." || name == b".." || (self.is_root && name == RESERVED_NAME) {
+            if name == b"." || name == b".." || (self.is_root && is_reserved(name)) {
                 continue;
             }
             match rfs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
@@ -148,7 +148,7 @@ impl DirHandle {
     fn check_name(&self, op: &'static str, name: &[u8]) -> Result<(), FsError> {
         let why = if !is_single_component(name) {
             "not a single file name"
-        } else if self.is_root && name == RESERVED_NAME {
+        } else if self.is_root && is_reserved(name) {
             "the reserved directory is not share content"
         } else {
             return Ok(());

@@ -16,7 +16,7 @@ use std::fs::File;
 use std::sync::atomic::Ordering;
 use vmsync_core::entry::{Timestamp, PERM_MASK};
 use vmsync_core::limits::MAX_SYMLINK_TARGET_BYTES;
-use vmsync_core::path::{RelPath, RESERVED_NAME};
+use vmsync_core::path::{is_reserved, RelPath};
 
 /// The owner's write bit, which moving a directory between parents needs.
 const OWNER_WRITE: u32 = 0o200;
@@ -396,7 +396,7 @@ pub fn symlink_target_is_contained(link: &RelPath, target: &[u8]) -> bool {
                 }
             }
             name => {
-                if depth == 0 && name == RESERVED_NAME {
+                if depth == 0 && is_reserved(name) {
                     return false;
                 }
                 seen_name = true;

@@ -216,6 +216,7 @@ impl ShareRoot {
         let dev = to_u64(st.st_dev);
         let ino = to_u64(st.st_ino);
         let meta = ensure_reserved_dir(root.as_fd(), dev, RESERVED_NAME, resolver, b"")?;
+        refuse_case_folding(root.as_fd(), meta.as_fd())?;
         ignore_for_git(meta.as_fd());
         let tmp = ensure_reserved_dir(meta.as_fd(), dev, TMP_NAME, resolver, RESERVED_NAME)?;
         let trash = ensure_reserved_dir(meta.as_fd(), dev, TRASH_NAME, resolver, RESERVED_NAME)?;
@@ -297,6 +298,26 @@ fn open_root_path(op: &'static str, path: &Path) -> Result<(OwnedFd, rfs::Stat),
 }
 
 /// Creates (if absent) and opens one of our reserved directories, owner-only.
+/// A root directory that folds case (vfat, ext4 `casefold`) is refused: there, names other
+/// than `.vmsync` open the reserved directory (Unicode folding has more than the ASCII ones
+/// [`vmsync_core::path::is_reserved`] refuses), and two of a peer's names can be one file. Any
+/// such directory folds ASCII case, so `.VMSYNC` opening the reserved directory tells.
+fn refuse_case_folding(root: BorrowedFd<'_>, meta: BorrowedFd<'_>) -> Result<(), FsError> {
+    const OP: &str = "open share root";
+    let Ok(alias) = rfs::statat(root, ".VMSYNC", AtFlags::SYMLINK_NOFOLLOW) else {
+        return Ok(());
+    };
+    let meta = rfs::fstat(meta).map_err(|e| fail(OP, Loc::path(&RelPath::root()), e))?;
+    if alias.st_dev == meta.st_dev && alias.st_ino == meta.st_ino {
+        return Err(invalid(
+            OP,
+            Loc::path(&RelPath::root()),
+            "the share's directory folds case (vfat, ext4 casefold): not supported",
+        ));
+    }
+    Ok(())
+}
+
 fn ensure_reserved_dir(
     parent: BorrowedFd<'_>,
     dev: u64,
