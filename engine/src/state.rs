@@ -106,7 +106,15 @@ fn ancestor_table(share: &str) -> String {
 
 pub struct StateDb {
     db: Database,
+    /// Index commits made without fsync since the last durable commit (see
+    /// [`MAX_NON_DURABLE_COMMITS`]).
+    non_durable: std::sync::atomic::AtomicU32,
 }
+
+/// Index commits skip the fsync, but redb keeps what such a commit wrote in memory, and frees
+/// no page, until a durable commit: a side whose index is all it writes (the guest) would grow
+/// without bound. Every this many, the index commit is made durable.
+pub const MAX_NON_DURABLE_COMMITS: u32 = 64;
 
 impl StateDb {
     /// Opens (creating) `<dir>/<file_name>`, creating `dir` with mode 0700 if needed.
@@ -117,7 +125,10 @@ impl StateDb {
         })?;
         let path = dir.join(file_name);
         let db = Database::create(&path).map_err(|source| StateError::Open { path, source })?;
-        Ok(StateDb { db })
+        Ok(StateDb {
+            db,
+            non_durable: std::sync::atomic::AtomicU32::new(0),
+        })
     }
 
     /// Opens the database like [`StateDb::open`]; when the file exists but cannot be opened
@@ -162,15 +173,23 @@ impl StateDb {
         self.load_table(&name)
     }
 
-    /// Applies index changes in one transaction: `Some` upserts, `None` removes. Not fsynced:
-    /// the index is a cache, and the ancestor commit that follows a cycle makes it durable.
+    /// Applies index changes in one transaction: `Some` upserts, `None` removes. Not fsynced
+    /// (the index is a cache, and the ancestor commit that follows a cycle makes it durable),
+    /// except every [`MAX_NON_DURABLE_COMMITS`]th, which bounds what redb holds in memory.
     pub fn update_index<'a>(
         &self,
         share: &str,
         changes: impl IntoIterator<Item = (&'a RelPath, Option<&'a IndexRecord>)>,
     ) -> Result<(), StateError> {
+        use std::sync::atomic::Ordering;
         let name = index_table(share);
-        self.update_table(&name, changes, Durability::None)
+        let made = self.non_durable.fetch_add(1, Ordering::Relaxed) + 1;
+        let durability = if made >= MAX_NON_DURABLE_COMMITS {
+            Durability::Immediate
+        } else {
+            Durability::None
+        };
+        self.update_table(&name, changes, durability)
     }
 
     pub fn load_ancestor(&self, share: &str) -> Result<Snapshot, StateError> {
@@ -373,7 +392,12 @@ impl StateDb {
                 }
             }
         }
-        db_err!(txn.commit())
+        db_err!(txn.commit())?;
+        if matches!(durability, Durability::Immediate) {
+            self.non_durable
+                .store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
     }
 }
 
@@ -489,5 +513,60 @@ mod pending_tests {
         assert_eq!(pending.load().len(), 2);
         pending.clear();
         assert!(pending.load().is_empty());
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod durability_tests {
+    use super::*;
+    use crate::index::Identity;
+    use vmsync_core::{FileMeta, Hash, Timestamp};
+
+    fn record(size: u64) -> IndexRecord {
+        IndexRecord {
+            identity: Identity {
+                dev: 1,
+                ino: 2,
+                size,
+                mtime: Timestamp::default(),
+                ctime: Timestamp::default(),
+            },
+            meta: FileMeta {
+                size,
+                mode: 0o644,
+                mtime: Timestamp::default(),
+                digest: Hash([7; 32]),
+            },
+            chunks: vec![(Hash([1; 32]), 1)],
+        }
+    }
+
+    /// redb writes a commit made without fsync only at the next durable one, holding it in
+    /// memory until then: index commits alone must reach the file every
+    /// `MAX_NON_DURABLE_COMMITS`, or a guest's memory grows for as long as it runs.
+    #[test]
+    fn index_commits_reach_the_file_every_so_often() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path(), "t.redb").unwrap();
+        let file = dir.path().join("t.redb");
+        let path = RelPath::from_bytes(b"f").unwrap();
+        let mut writes = Vec::new();
+        let mut before = std::fs::read(&file).unwrap();
+        for i in 0..3 * u64::from(MAX_NON_DURABLE_COMMITS) {
+            db.update_index("s", [(&path, Some(&record(i)))]).unwrap();
+            let now = std::fs::read(&file).unwrap();
+            if now != before {
+                writes.push(i + 1);
+                before = now;
+            }
+        }
+        let every = u64::from(MAX_NON_DURABLE_COMMITS);
+        assert_eq!(writes, [every, 2 * every, 3 * every]);
+        // And what the last one wrote is what a restart reads.
+        drop(db);
+        let db = StateDb::open(dir.path(), "t.redb").unwrap();
+        let loaded = db.load_index("s").unwrap();
+        assert_eq!(loaded, [(path, record(3 * every - 1))]);
     }
 }
