@@ -109,32 +109,26 @@ pub enum ControlResponse {
     },
 }
 
-/// Binds the control socket, replacing a stale socket file (but nothing else).
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+/// Binds the control socket (mode 0600 before anyone can reach it), replacing a stale socket
+/// file but never a live socket of another agent, nor anything else.
+pub async fn bind(path: &Path) -> std::io::Result<UnixListener> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
-        Ok(_) => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket", path.display()),
-            ))
-        }
-        Err(_) => {}
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    vmsync_transport::stream::bind_unix(path).await
 }
 
-/// Reads one request from an accepted connection.
+/// How long a control client may take to send its request.
+pub const CONTROL_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reads one request from an accepted connection, within [`CONTROL_READ_TIMEOUT`]: a client
+/// that connects and says nothing does not hold a task forever.
 pub async fn read_request(stream: &mut UnixStream) -> std::io::Result<ControlRequest> {
     let mut line = String::new();
     let mut reader = BufReader::new(stream).take(MAX_CONTROL_REQUEST_BYTES);
-    reader.read_line(&mut line).await?;
+    tokio::time::timeout(CONTROL_READ_TIMEOUT, reader.read_line(&mut line))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request in time"))??;
     serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
@@ -374,6 +368,20 @@ pub fn human_bytes(n: u64) -> String {
 mod tests {
     use super::*;
     use vmsync_engine::status::ProblemView;
+
+    /// A client that connects and says nothing is let go after [`CONTROL_READ_TIMEOUT`].
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl");
+        let listener = bind(&path).await.unwrap();
+        let _client = UnixStream::connect(&path).await.unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let started = tokio::time::Instant::now();
+        let err = read_request(&mut server).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), CONTROL_READ_TIMEOUT);
+    }
 
     fn status_with(conflicts: usize, problems: &[(&str, &str)]) -> ControlResponse {
         ControlResponse::Status {

@@ -155,6 +155,7 @@ pub async fn run(config: GuestConfig, max_staged: usize) -> anyhow::Result<()> {
     };
 
     let control_listener = control::bind(&config.control)
+        .await
         .with_context(|| format!("binding the control socket {}", config.control.display()))?;
     tokio::spawn(serve_control(control_listener, shared.clone()));
 

@@ -132,6 +132,7 @@ pub async fn run(config: HostConfig, max_staged: usize) -> anyhow::Result<()> {
 
     let (tx, rx) = mpsc::channel::<Command<Answering>>(16);
     let listener = control::bind(&config.control)
+        .await
         .with_context(|| format!("binding the control socket {}", config.control.display()))?;
     tokio::spawn(serve_control(listener, tx, shared.clone()));
     tracing::info!(guest = %config.guest, shares = shares.len(), "vmsync-host started");

@@ -10,16 +10,17 @@
 //!   in-kernel vhost-vsock. Nothing in this crate's tests opens AF_VSOCK: on development and CI
 //!   machines the vsock device belongs to the infrastructure; tests/vm runs it inside a guest.
 //!
-//! A Unix listener replaces a stale socket file left by a previous run, but only if it is a
-//! socket nobody is listening on (never a regular file, directory or symlink), and sets the new
-//! socket's mode to 0600. The mode is set right after `bind`, so there is a short window where
-//! the socket has the umask's mode: the directory holding it (systemd's `RuntimeDirectory`,
-//! mode 0700) is the real access control; 0600 is the second lock.
+//! A Unix listener ([`bind_unix`]) replaces a stale socket file left by a previous run, but only
+//! if it is a socket nobody is listening on (never a regular file, directory or symlink, and
+//! never a live socket of another instance). The socket is bound inside a new private
+//! directory (mode 0700) beside its path, set to mode 0600 there, and only then renamed into
+//! place (never over anything): nobody else can reach it before its mode is right, whatever
+//! the umask.
 
 use crate::endpoint_addr::EndpointAddr;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::Path;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{UnixListener, UnixStream};
 
@@ -117,10 +118,7 @@ impl Listener {
 pub async fn listen(addr: &EndpointAddr) -> io::Result<Listener> {
     match addr {
         EndpointAddr::Unix(path) => {
-            remove_stale_socket(path).await?;
-            let unix = UnixListener::bind(path).map_err(|e| with_path(e, "listen on", path))?;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(UNIX_SOCKET_MODE))
-                .map_err(|e| with_path(e, "set the mode of", path))?;
+            let unix = bind_unix(path).await?;
             Ok(Listener {
                 addr: addr.clone(),
                 inner: ListenerKind::Unix(unix),
@@ -157,7 +155,57 @@ fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
 
 /// Removes `path` if it is a socket that nobody accepts connections on. Anything else there is
 /// left alone and reported.
-async fn remove_stale_socket(path: &PathBuf) -> io::Result<()> {
+/// Listens on the Unix socket `path` (mode 0600; see the module docs for how a stale socket is
+/// replaced and why no one can connect before the mode is set).
+pub async fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+    remove_stale_socket(path).await?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "a socket path needs a name"))?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    // Short: a socket path is at most 107 bytes.
+    let private = parent.join(format!(".bind-{}", std::process::id()));
+    match std::fs::remove_dir_all(&private) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(with_path(e, "remove", &private)),
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(|e| with_path(e, "create", &private))?;
+    let inner = private.join(name);
+    let bound = (|| {
+        let listener = UnixListener::bind(&inner).map_err(|e| with_path(e, "listen on", path))?;
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(UNIX_SOCKET_MODE))
+            .map_err(|e| with_path(e, "set the mode of", path))?;
+        rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &inner,
+            rustix::fs::CWD,
+            path,
+            rustix::fs::RenameFlags::NOREPLACE,
+        )
+        .map_err(|e| match e {
+            rustix::io::Errno::EXIST => io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "{} appeared while binding: another process is listening",
+                    path.display()
+                ),
+            ),
+            e => with_path(e.into(), "move the socket to", path),
+        })?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    bound
+}
+
+async fn remove_stale_socket(path: &Path) -> io::Result<()> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -242,6 +290,28 @@ mod tests {
         std::os::unix::fs::symlink(&path, &link).unwrap();
         let err = listen(&unix(&link)).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+    }
+
+    /// The socket is 0600 whatever the umask, nothing of the private directory it was bound in
+    /// is left, and it answers at its path.
+    #[tokio::test]
+    async fn a_socket_is_private_from_the_start_and_reachable_at_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let listener = bind_unix(&path).await.unwrap();
+        let mode = std::fs::symlink_metadata(&path)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, UNIX_SOCKET_MODE);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["ctl.sock"]);
+        let (client, accepted) = tokio::join!(UnixStream::connect(&path), listener.accept());
+        client.unwrap();
+        accepted.unwrap();
     }
 
     // No test here dials or binds a vsock address: AF_VSOCK on this machine belongs to the
