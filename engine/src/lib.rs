@@ -29,6 +29,7 @@
 //! - [`controller`]: runs a sync cycle between two `Endpoint`s.
 //! - [`schedule`]: when cycles run: the live loop of hints, pacing, bulk steps, retries and
 //!   commands, generic over the endpoints and the connection.
+//! - [`log_limit`]: at most one log line per cause a minute (a guest can make every cycle fail).
 //! - [`sibling`]: `resolve --keep both` keeps the host's version under a sibling name.
 
 pub mod chunk;
@@ -40,6 +41,7 @@ pub mod gitignore;
 pub mod index;
 pub mod links;
 pub mod local;
+pub mod log_limit;
 pub mod pace;
 pub mod planner;
 pub mod reuse;

@@ -9,6 +9,7 @@
 //! from tokio's clock, so the tests see the backoff and the pacing exactly.
 
 use crate::controller::Controller;
+use crate::log_limit::LogLimit;
 use crate::pace::Pacer;
 use crate::status::ShareState;
 use crate::watch::HintSet;
@@ -155,6 +156,8 @@ pub struct Live<'a, L, R, K> {
     link: K,
     /// Hints gathered per share and not yet cycled.
     hints: Vec<HintSet>,
+    /// Failed cycles are logged at most once a minute per share and kind.
+    log: LogLimit,
 }
 
 impl<'a, L: Endpoint, R: Endpoint, K: Link> Live<'a, L, R, K> {
@@ -165,6 +168,7 @@ impl<'a, L: Endpoint, R: Endpoint, K: Link> Live<'a, L, R, K> {
             remotes,
             link,
             hints,
+            log: LogLimit::default(),
         }
     }
 
@@ -336,7 +340,14 @@ impl<'a, L: Endpoint, R: Endpoint, K: Link> Live<'a, L, R, K> {
                     }
                     Err(e) if e.is_disconnect() => return Err(e.to_string()),
                     Err(e) => {
-                        tracing::error!(share = %share.controller.name(), "cycle failed: {e}");
+                        let name = share.controller.name();
+                        let now = Instant::now().into_std();
+                        if let Some(line) =
+                            self.log
+                                .admit(&format!("cycle:{name}"), &e.to_string(), now)
+                        {
+                            tracing::error!(share = %name, "cycle failed: {line}");
+                        }
                         break;
                     }
                 }
@@ -360,7 +371,11 @@ impl<'a, L: Endpoint, R: Endpoint, K: Link> Live<'a, L, R, K> {
         match result {
             Err(e) if e.is_disconnect() => return Err(e.to_string()),
             Err(e) => {
-                tracing::error!(share = %share.controller.name(), "bulk transfer failed: {e}")
+                let name = share.controller.name();
+                let now = Instant::now().into_std();
+                if let Some(line) = self.log.admit(&format!("bulk:{name}"), &e.to_string(), now) {
+                    tracing::error!(share = %name, "bulk transfer failed: {line}");
+                }
             }
             Ok(()) => {}
         }
