@@ -74,6 +74,16 @@ impl LinkMap {
         out
     }
 
+    /// How many paths of the share are known to be the inode at `path` (itself included; 1
+    /// for a path with no other names known). A link count above this means names outside
+    /// the share, or in its trash.
+    pub fn names_in_share(&self, path: &RelPath) -> u64 {
+        self.by_path
+            .get(path)
+            .and_then(|inode| self.by_inode.get(inode))
+            .map_or(1, |paths| paths.len() as u64)
+    }
+
     pub fn len(&self) -> usize {
         self.by_path.len()
     }

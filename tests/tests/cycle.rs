@@ -40,6 +40,47 @@ async fn host_only_tree_reaches_guest() {
     assert_eq!(p.sync().await.applied, 0);
 }
 
+/// A mode or mtime change from the guest never writes through to a name outside the share: a
+/// host file hard-linked into the share from elsewhere is replaced there by a copy with the
+/// new metadata, and the outside name keeps its inode, mode and mtime.
+#[tokio::test]
+async fn a_metadata_change_never_reaches_a_hard_link_outside_the_share() {
+    use std::os::unix::fs::MetadataExt;
+    let mut p = pair();
+    let out = p.tmp.path().join("OUT");
+    std::fs::create_dir_all(&out).unwrap();
+    write(&p.host_dir, "a.txt", "shared with a file outside");
+    let host_file = p.host_dir.join("a.txt");
+    std::fs::set_permissions(&host_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    set_mtime(&host_file, 1_600_000_000, 0);
+    std::fs::hard_link(&host_file, out.join("a")).unwrap();
+    p.sync().await;
+    assert_eq!(read(&p.guest_dir, "a.txt"), b"shared with a file outside");
+
+    let guest_file = p.guest_dir.join("a.txt");
+    std::fs::set_permissions(&guest_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    set_mtime(&guest_file, 1_700_000_000, 0);
+    p.sync().await;
+
+    let host_meta = std::fs::metadata(&host_file).unwrap();
+    assert_eq!(host_meta.mode() & 0o777, 0o600);
+    assert_eq!(mtime_ns(&host_file), (1_700_000_000, 0));
+    assert_eq!(read(&p.host_dir, "a.txt"), b"shared with a file outside");
+    let outside = std::fs::metadata(out.join("a")).unwrap();
+    assert_eq!(
+        outside.mode() & 0o777,
+        0o644,
+        "the outside name's mode changed"
+    );
+    assert_eq!(mtime_ns(&out.join("a")), (1_600_000_000, 0));
+    assert_ne!(outside.ino(), host_meta.ino(), "still the same inode");
+    assert_eq!(
+        std::fs::read(out.join("a")).unwrap(),
+        b"shared with a file outside"
+    );
+    assert_eq!(p.status().state, ShareState::InSync);
+}
+
 /// A name at the root that a case-folding filesystem would open as the reserved `.vmsync`
 /// (`.VMSYNC`, `.VmSync`) is never share content: not synced from either side, and the other
 /// side's reserved directory is never reached through it.

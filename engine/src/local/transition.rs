@@ -402,6 +402,12 @@ impl LocalShare {
             if cur.digest == meta.digest && cur.size == meta.size {
                 self.unstage(path);
                 let root = self.root().map_err(|e| e.to_string())?;
+                // Never through to a name outside the share (or a version in the trash): the
+                // file is replaced by a copy with the new mode and mtime instead.
+                let nlink = root.stat(path).map_err(fs)?.map_or(1, |st| st.nlink);
+                if nlink > self.links.names_in_share(path) {
+                    return self.replace_with_copy(path, meta, current);
+                }
                 root.set_mode(path, meta.mode).map_err(fs)?;
                 root.set_mtime(path, meta.mtime).map_err(fs)?;
                 let stat = root
@@ -652,6 +658,60 @@ impl LocalShare {
             *meta,
             &staged.manifest,
         )))
+    }
+
+    /// A metadata change to a file that has names beyond those this share knows (a hard link
+    /// from outside the share, or a version kept in the trash): the file at `path` is copied
+    /// into a temp, checked to be the version indexed before and after the copy, and the copy,
+    /// with `meta`'s mode and mtime, replaces it. The old inode, and every other name of it,
+    /// stays as it was; the old version is kept in the trash like every replaced file.
+    fn replace_with_copy(
+        &mut self,
+        path: &RelPath,
+        meta: &FileMeta,
+        current: Option<&Entry>,
+    ) -> Result<IndexRecord, ApplyError> {
+        let record = self
+            .index
+            .get(path)
+            .cloned()
+            .ok_or("not indexed: scanned again first")?;
+        let root = self.root().map_err(|e| e.to_string())?;
+        let temp = root
+            .create_temp_for(path)
+            .map_err(|e| ApplyError::Failed(fault_reason(FaultOp::Write, &e)))?;
+        let copied = (|| -> Result<(), String> {
+            let (mut file, before) = root.open_file(path).map_err(|e| e.to_string())?;
+            if Identity::of(&before) != record.identity {
+                return Err("changed since it was scanned".into());
+            }
+            std::io::copy(&mut file, &mut &temp.file).map_err(|e| e.to_string())?;
+            let after = root.stat(path).map_err(|e| e.to_string())?;
+            if after.map(|st| Identity::of(&st)) != Some(record.identity) {
+                return Err("changed while it was copied".into());
+            }
+            Ok(())
+        })();
+        if let Err(reason) = copied {
+            root.discard_temp(temp);
+            return Err(reason.into());
+        }
+        if let Some(old) = current {
+            if let Err(e) = self.keep(path, old, true) {
+                let root = self.root().map_err(|e| e.to_string())?;
+                root.discard_temp(temp);
+                return Err(e.into());
+            }
+        }
+        let root = self.root().map_err(|e| e.to_string())?;
+        let stat = root
+            .commit_temp(temp, path, meta.mode, meta.mtime)
+            .map_err(|e| ApplyError::Failed(fault_reason(FaultOp::Rename, &e)))?;
+        Ok(IndexRecord::new(
+            Identity::of(&stat),
+            *meta,
+            &record.manifest(),
+        ))
     }
 
     /// Completes an append-staged temp that will replace its file after all: writes the head
