@@ -153,8 +153,6 @@ fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("cannot {what} {}: {e}", path.display()))
 }
 
-/// Removes `path` if it is a socket that nobody accepts connections on. Anything else there is
-/// left alone and reported.
 /// Listens on the Unix socket `path` (mode 0600; see the module docs for how a stale socket is
 /// replaced and why no one can connect before the mode is set).
 pub async fn bind_unix(path: &Path) -> io::Result<UnixListener> {
@@ -205,6 +203,8 @@ pub async fn bind_unix(path: &Path) -> io::Result<UnixListener> {
     bound
 }
 
+/// Removes `path` if it is a socket that nobody accepts connections on. Anything else there is
+/// left alone and reported.
 async fn remove_stale_socket(path: &Path) -> io::Result<()> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta,
