@@ -49,11 +49,13 @@ pub fn diff(
 
 /// `old` with `changed` put in and `removed` taken out: the inverse of [`diff`]. `None` when
 /// the difference does not fit `old` (removing a path it lacks), which means the two ends'
-/// listings disagree.
+/// listings disagree, or when the result would hold more than `max_entries` (a peer growing
+/// the listing difference after difference, past what one scan may list).
 pub fn apply(
     old: &[(RelPath, Entry)],
     changed: Vec<(RelPath, Entry)>,
     removed: &[RelPath],
+    max_entries: usize,
 ) -> Option<Vec<(RelPath, Entry)>> {
     let mut out = Vec::with_capacity(old.len() + changed.len());
     let mut changed = changed.into_iter().peekable();
@@ -76,7 +78,7 @@ pub fn apply(
         out.push((path.clone(), entry.clone()));
     }
     out.extend(changed);
-    removed.next().is_none().then_some(out)
+    (removed.next().is_none() && out.len() <= max_entries).then_some(out)
 }
 
 #[cfg(test)]
@@ -124,7 +126,7 @@ mod tests {
             let (old, new) = (listing(old), listing(new));
             let (changed, removed) = diff(&old, &new);
             assert_eq!(
-                apply(&old, changed, &removed),
+                apply(&old, changed, &removed, usize::MAX),
                 Some(new.clone()),
                 "{old:?} -> {new:?}"
             );
@@ -142,7 +144,21 @@ mod tests {
     fn a_difference_that_does_not_fit_is_refused() {
         let old = listing(&[("a", 1)]);
         let removed = vec![RelPath::from_bytes(b"zz").unwrap()];
-        assert_eq!(apply(&old, Vec::new(), &removed), None);
+        assert_eq!(apply(&old, Vec::new(), &removed, usize::MAX), None);
+    }
+
+    /// A peer cannot grow the listing a host keeps past one scan's bound, difference after
+    /// difference: a result over `max_entries` does not fit. Changing entries of a full
+    /// listing still does.
+    #[test]
+    fn a_difference_that_grows_the_listing_past_its_bound_is_refused() {
+        let old = listing(&[("a", 1), ("b", 2), ("c", 3)]);
+        let grown = listing(&[("a", 1), ("b", 2), ("c", 3), ("d", 4)]);
+        let (changed, removed) = diff(&old, &grown);
+        assert_eq!(apply(&old, changed, &removed, 3), None);
+        let edited = listing(&[("a", 9), ("b", 9), ("c", 9)]);
+        let (changed, removed) = diff(&old, &edited);
+        assert_eq!(apply(&old, changed, &removed, 3), Some(edited));
     }
 
     #[test]
@@ -169,7 +185,7 @@ mod tests {
             let old = listing(&a.iter().map(|(p, n)| (p.as_str(), *n)).collect::<Vec<_>>());
             let new = listing(&b.iter().map(|(p, n)| (p.as_str(), *n)).collect::<Vec<_>>());
             let (changed, removed) = diff(&old, &new);
-            assert_eq!(apply(&old, changed, &removed), Some(new));
+            assert_eq!(apply(&old, changed, &removed, usize::MAX), Some(new));
         }
     }
 }

@@ -30,7 +30,7 @@ use vmsync_core::endpoint::{
 use vmsync_core::text::escape_text;
 use vmsync_core::{ChunkRef, Entry, FileMeta, Hash, Manifest, RelPath};
 use vmsync_protocol::chunk::{level_for_batch, DEFAULT_ZSTD_LEVEL};
-use vmsync_protocol::limits::CHUNK_MAX_BYTES;
+use vmsync_protocol::limits::{CHUNK_MAX_BYTES, MAX_SCAN_ENTRIES};
 use vmsync_protocol::listing;
 use vmsync_protocol::messages::{BasedRead, ManifestForm, StageAnswer, StageFile};
 use vmsync_protocol::{
@@ -265,10 +265,14 @@ impl RemoteEndpoint {
         let entries = match (delta.base, last) {
             (None, _) => delta.changed,
             (Some(b), Some((token, old))) if b == token => {
-                listing::apply(&old, delta.changed, &delta.removed).ok_or_else(|| {
-                    self.session
-                        .violation("sent a listing difference that does not fit".into())
-                })?
+                listing::apply(&old, delta.changed, &delta.removed, MAX_SCAN_ENTRIES).ok_or_else(
+                    || {
+                        self.session.violation(format!(
+                            "sent a listing difference that does not fit (or makes the listing \
+                             longer than {MAX_SCAN_ENTRIES} entries)"
+                        ))
+                    },
+                )?
             }
             (Some(b), _) => {
                 return Err(self.session.violation(format!(
