@@ -32,98 +32,33 @@ impl ShareRoot {
     /// halt the share, not silently mint a new identity).
     pub fn read_marker(&self) -> Result<Option<[u8; 16]>, FsError> {
         const OP: &str = "read marker";
-        let loc = Loc {
-            base: RESERVED_NAME,
-            name: Some(MARKER_NAME),
-        };
-        let (mut file, _) = match open_regular(
-            OP,
-            self.meta.as_fd(),
-            self.dev,
-            self.resolver,
-            MARKER_NAME,
-            loc,
-        ) {
-            Ok(x) => x,
-            Err(e) if e.kind() == FsErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
         // One byte more than a valid marker with its newline: enough to tell "too long".
-        let mut buf = Vec::with_capacity(MARKER_READ_LIMIT);
-        (&mut file)
-            .take(MARKER_READ_LIMIT as u64)
-            .read_to_end(&mut buf)
-            .map_err(|e| FsError::Io {
-                op: OP,
-                path: loc.shown(),
-                source: e,
-            })?;
-        parse_marker(&buf)
-            .map(Some)
-            .ok_or_else(|| invalid(OP, loc, "the marker is not 32 hex digits"))
+        let Some(buf) = self.read_reserved(OP, MARKER_NAME, MARKER_READ_LIMIT)? else {
+            return Ok(None);
+        };
+        parse_marker(&buf).map(Some).ok_or_else(|| {
+            invalid(
+                OP,
+                reserved_loc(MARKER_NAME),
+                "the marker is not 32 hex digits",
+            )
+        })
     }
 
     /// Writes the identity marker atomically: temp file, fsync, rename over `.vmsync/id`,
     /// fsync `.vmsync/`. Content: 32 lowercase hex digits and a newline.
     pub fn write_marker(&self, id: [u8; 16]) -> Result<(), FsError> {
-        const OP: &str = "write marker";
-        let loc = Loc {
-            base: RESERVED_NAME,
-            name: Some(MARKER_NAME),
-        };
-        let temp = self.create_temp()?;
-        let result = (|| {
-            let mut text = format_marker(&id).into_bytes();
-            text.push(b'\n');
-            (&temp.file).write_all(&text).map_err(|e| FsError::Io {
-                op: OP,
-                path: loc.shown(),
-                source: e,
-            })?;
-            rfs::fchmod(&temp.file, Mode::from_raw_mode(MARKER_MODE))
-                .map_err(|e| fail(OP, loc, e))?;
-            rfs::fsync(&temp.file).map_err(|e| fail(OP, loc, e))?;
-            rfs::renameat(&self.tmp, temp.name(), &self.meta, MARKER_NAME)
-                .map_err(|e| fail(OP, loc, e))
-        })();
-        if let Err(e) = result {
-            self.discard_temp(temp);
-            return Err(e);
-        }
-        rfs::fsync(&self.meta).map_err(|e| fail(OP, loc, e))
+        let mut text = format_marker(&id).into_bytes();
+        text.push(b'\n');
+        self.write_reserved("write marker", MARKER_NAME, &text, Sync::All)
     }
 
     /// The share generation last written with [`ShareRoot::write_generation`], or `None` if
     /// there is none or it is not a decimal number (a share without a trustworthy generation
     /// is treated as one that went back in time, never as a current one).
     pub fn read_generation(&self) -> Result<Option<u64>, FsError> {
-        const OP: &str = "read generation";
-        let loc = Loc {
-            base: RESERVED_NAME,
-            name: Some(GENERATION_NAME),
-        };
-        let (mut file, _) = match open_regular(
-            OP,
-            self.meta.as_fd(),
-            self.dev,
-            self.resolver,
-            GENERATION_NAME,
-            loc,
-        ) {
-            Ok(x) => x,
-            Err(e) if e.kind() == FsErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        let mut buf = Vec::with_capacity(GENERATION_READ_LIMIT);
-        (&mut file)
-            .take(GENERATION_READ_LIMIT as u64)
-            .read_to_end(&mut buf)
-            .map_err(|e| FsError::Io {
-                op: OP,
-                path: loc.shown(),
-                source: e,
-            })?;
-        Ok(parse_generation(&buf))
+        let buf = self.read_reserved("read generation", GENERATION_NAME, GENERATION_READ_LIMIT)?;
+        Ok(buf.as_deref().and_then(parse_generation))
     }
 
     /// Replaces the share generation atomically: temp file, rename over
@@ -131,37 +66,89 @@ impl ShareRoot {
     /// and `.vmsync/` fsynced after it; without, a crash of the whole guest may bring back the
     /// previous value (a false alarm, never a missed revert: see `docs/safety.md`).
     pub fn write_generation(&self, generation: u64, durable: bool) -> Result<(), FsError> {
-        const OP: &str = "write generation";
-        let loc = Loc {
-            base: RESERVED_NAME,
-            name: Some(GENERATION_NAME),
-        };
+        let text = format!("{generation}\n");
+        let sync = if durable { Sync::Data } else { Sync::None };
+        self.write_reserved("write generation", GENERATION_NAME, text.as_bytes(), sync)
+    }
+
+    /// At most `limit` bytes of the regular file `name` in `.vmsync/`; `None` if it is absent.
+    fn read_reserved(
+        &self,
+        op: &'static str,
+        name: &'static [u8],
+        limit: usize,
+    ) -> Result<Option<Vec<u8>>, FsError> {
+        let loc = reserved_loc(name);
+        let (file, _) =
+            match open_regular(op, self.meta.as_fd(), self.dev, self.resolver, name, loc) {
+                Ok(x) => x,
+                Err(e) if e.kind() == FsErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+        let mut buf = Vec::with_capacity(limit);
+        file.take(limit as u64)
+            .read_to_end(&mut buf)
+            .map_err(|e| FsError::Io {
+                op,
+                path: loc.shown(),
+                source: e,
+            })?;
+        Ok(Some(buf))
+    }
+
+    /// Replaces `name` in `.vmsync/` with `content` (mode [`MARKER_MODE`]) atomically: a temp
+    /// file renamed over it, synced as `sync` says (and `.vmsync/` fsynced after the rename
+    /// unless `Sync::None`).
+    fn write_reserved(
+        &self,
+        op: &'static str,
+        name: &'static [u8],
+        content: &[u8],
+        sync: Sync,
+    ) -> Result<(), FsError> {
+        let loc = reserved_loc(name);
         let temp = self.create_temp()?;
         let result = (|| {
-            let text = format!("{generation}\n");
-            (&temp.file)
-                .write_all(text.as_bytes())
-                .map_err(|e| FsError::Io {
-                    op: OP,
-                    path: loc.shown(),
-                    source: e,
-                })?;
+            (&temp.file).write_all(content).map_err(|e| FsError::Io {
+                op,
+                path: loc.shown(),
+                source: e,
+            })?;
             rfs::fchmod(&temp.file, Mode::from_raw_mode(MARKER_MODE))
-                .map_err(|e| fail(OP, loc, e))?;
-            if durable {
-                rfs::fdatasync(&temp.file).map_err(|e| fail(OP, loc, e))?;
+                .map_err(|e| fail(op, loc, e))?;
+            match sync {
+                Sync::All => rfs::fsync(&temp.file).map_err(|e| fail(op, loc, e))?,
+                Sync::Data => rfs::fdatasync(&temp.file).map_err(|e| fail(op, loc, e))?,
+                Sync::None => {}
             }
-            rfs::renameat(&self.tmp, temp.name(), &self.meta, GENERATION_NAME)
-                .map_err(|e| fail(OP, loc, e))
+            rfs::renameat(&self.tmp, temp.name(), &self.meta, name).map_err(|e| fail(op, loc, e))
         })();
         if let Err(e) = result {
             self.discard_temp(temp);
             return Err(e);
         }
-        if durable {
-            rfs::fsync(&self.meta).map_err(|e| fail(OP, loc, e))?;
+        if sync != Sync::None {
+            rfs::fsync(&self.meta).map_err(|e| fail(op, loc, e))?;
         }
         Ok(())
+    }
+}
+
+/// How a file in `.vmsync/` is synced before its rename.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sync {
+    /// Not at all (nor the directory after).
+    None,
+    /// Its data (`fdatasync`).
+    Data,
+    /// Data and metadata (`fsync`).
+    All,
+}
+
+fn reserved_loc(name: &'static [u8]) -> Loc<'static> {
+    Loc {
+        base: RESERVED_NAME,
+        name: Some(name),
     }
 }
 
