@@ -196,30 +196,33 @@ impl FileIndex {
     }
 }
 
+/// A record of a file made of `hashes` (each chunk's id byte and length), for tests.
+#[cfg(test)]
+pub(crate) fn test_record(hashes: &[(u8, u32)]) -> IndexRecord {
+    let chunks: Vec<(Hash, u32)> = hashes.iter().map(|&(b, l)| (Hash([b; 32]), l)).collect();
+    let size = chunks.iter().map(|c| u64::from(c.1)).sum();
+    IndexRecord {
+        identity: Identity {
+            dev: 1,
+            ino: 2,
+            size,
+            mtime: Timestamp::default(),
+            ctime: Timestamp::default(),
+        },
+        meta: FileMeta {
+            size,
+            mode: 0o644,
+            mtime: Timestamp::default(),
+            digest: Hash([0; 32]),
+        },
+        chunks,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_record as rec;
     use super::*;
-
-    fn rec(hashes: &[(u8, u32)]) -> IndexRecord {
-        let chunks: Vec<(Hash, u32)> = hashes.iter().map(|&(b, l)| (Hash([b; 32]), l)).collect();
-        let size = chunks.iter().map(|c| u64::from(c.1)).sum();
-        IndexRecord {
-            identity: Identity {
-                dev: 1,
-                ino: 2,
-                size,
-                mtime: Timestamp::default(),
-                ctime: Timestamp::default(),
-            },
-            meta: FileMeta {
-                size,
-                mode: 0o644,
-                mtime: Timestamp::default(),
-                digest: Hash([0; 32]),
-            },
-            chunks,
-        }
-    }
 
     #[test]
     fn locates_chunks_and_forgets_removed_files() {

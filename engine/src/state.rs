@@ -520,26 +520,11 @@ mod pending_tests {
 #[allow(clippy::unwrap_used)]
 mod durability_tests {
     use super::*;
-    use crate::index::Identity;
-    use vmsync_core::{FileMeta, Hash, Timestamp};
+    use crate::index::test_record;
 
-    fn record(size: u64) -> IndexRecord {
-        IndexRecord {
-            identity: Identity {
-                dev: 1,
-                ino: 2,
-                size,
-                mtime: Timestamp::default(),
-                ctime: Timestamp::default(),
-            },
-            meta: FileMeta {
-                size,
-                mode: 0o644,
-                mtime: Timestamp::default(),
-                digest: Hash([7; 32]),
-            },
-            chunks: vec![(Hash([1; 32]), 1)],
-        }
+    /// A record that differs for every `i` below 256.
+    fn record(i: u64) -> IndexRecord {
+        test_record(&[(i as u8, 1 + i as u32)])
     }
 
     /// redb writes a commit made without fsync only at the next durable one, holding it in
