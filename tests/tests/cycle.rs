@@ -1428,9 +1428,11 @@ async fn a_bulk_job_sends_deltas() {
 }
 
 /// A side's own writes (a cycle's transition) are not hinted back to the controller: they
-/// would only cost a rescan round trip. Someone else's write right after still is. The time
-/// the transition put back on the directory is hinted (a directory hint may stand for changes
-/// beneath it, so it is never taken for an echo): nothing else.
+/// would only cost a rescan round trip. Someone else's write right after still is. That
+/// includes the time the transition put back on the directory: a hint for a directory stands
+/// for everything beneath it, so one such echo made the next cycle rescan the whole directory
+/// (the kernel reports a change of the mtime alone as a content change, of both times as an
+/// attribute change, which is what the echo suppression knows).
 #[tokio::test]
 async fn a_sides_own_writes_are_not_hinted_back_but_others_writes_are() {
     use std::time::Duration;
@@ -1452,7 +1454,6 @@ async fn a_sides_own_writes_are_not_hinted_back_but_others_writes_are() {
     let report = p.sync().await;
     // The three files, and the time of the directory they are in.
     assert_eq!(report.applied, 4, "{report:?}");
-    let dir = vmsync_core::RelPath::from_bytes(b"a").unwrap();
     loop {
         let Ok(hints) = tokio::time::timeout(Duration::from_millis(500), guest.changes()).await
         else {
@@ -1460,7 +1461,7 @@ async fn a_sides_own_writes_are_not_hinted_back_but_others_writes_are() {
         };
         let hints = hints.unwrap();
         assert!(
-            !hints.rescan && hints.paths.iter().all(|p| *p == dir),
+            !hints.rescan && hints.paths.is_empty(),
             "own writes were hinted: {hints:?}"
         );
     }

@@ -5,8 +5,8 @@
 use super::error::{fail, invalid, not_a_file, Loc};
 use super::resolve::open_beneath;
 use super::{
-    mtime_only, open_regular, random_u64, read_link_at, DirHandle, FileKind, FsError, FsErrorKind,
-    ShareRoot, Stat, RESERVED_DIR_MODE, TEMP_CREATE_ATTEMPTS, TMP_SHOWN,
+    mtime_only, open_regular, random_u64, read_link_at, to_i64, DirHandle, FileKind, FsError,
+    FsErrorKind, ShareRoot, Stat, RESERVED_DIR_MODE, TEMP_CREATE_ATTEMPTS, TMP_SHOWN,
 };
 use crate::faults::FaultOp;
 use rustix::fd::{AsFd, AsRawFd, OwnedFd};
@@ -344,18 +344,34 @@ impl ShareRoot {
         }
     }
 
-    /// Sets the modification time of `p` (not following a symlink at `p`); the access time is
-    /// left alone.
+    /// Sets the modification time of `p` (not following a symlink at `p`); the access time
+    /// stays what it is.
+    ///
+    /// Both times are given, the access time as read just before: the kernel reports a
+    /// `utimensat` that sets the mtime alone as a content change (`IN_MODIFY`), which for a
+    /// directory the watcher must take to stand for everything beneath it, and one that sets
+    /// both as an attribute change (`IN_ATTRIB`), which it takes for the directory alone and
+    /// the echo suppression recognises (docs/how-it-works.md, "Live sync").
     pub fn set_mtime(&self, p: &RelPath, mtime: Timestamp) -> Result<(), FsError> {
         const OP: &str = "set mtime";
         let loc = Loc::path(p);
-        let times = mtime_only(OP, loc, mtime)?;
-        if p.is_root() {
-            return rfs::utimensat(&self.root, ".", &times, AtFlags::SYMLINK_NOFOLLOW)
-                .map_err(|e| fail(OP, loc, e));
+        let mut times = mtime_only(OP, loc, mtime)?;
+        let parent;
+        let (dir, name) = if p.is_root() {
+            (self.root.as_fd(), &b"."[..])
+        } else {
+            let (fd, name) = self.parent(OP, p, OFlags::PATH)?;
+            parent = fd;
+            (parent.as_fd(), name)
+        };
+        // Should the stat fail, the mtime alone is set, and `utimensat` says why if it fails too.
+        if let Ok(st) = rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            times.last_access = rfs::Timespec {
+                tv_sec: to_i64(st.st_atime),
+                tv_nsec: to_i64(st.st_atime_nsec),
+            };
         }
-        let (dir, name) = self.parent(OP, p, OFlags::PATH)?;
-        rfs::utimensat(&dir, name, &times, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| fail(OP, loc, e))
+        rfs::utimensat(dir, name, &times, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| fail(OP, loc, e))
     }
 }
 

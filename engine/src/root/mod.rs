@@ -166,7 +166,7 @@ fn to_u64<T: TryInto<u64>>(v: T) -> u64 {
     v.try_into().unwrap_or(0)
 }
 
-fn to_i64<T: TryInto<i64>>(v: T) -> i64 {
+pub(super) fn to_i64<T: TryInto<i64>>(v: T) -> i64 {
     v.try_into().unwrap_or(0)
 }
 
