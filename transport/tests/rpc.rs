@@ -91,7 +91,7 @@ async fn push_over(
     missing
 }
 
-/// A targeted scan brings its small files' manifests along (`Scan2`), so sending a file just
+/// A targeted scan brings its small files' manifests along, so sending a file just
 /// edited costs no `Manifests` round trip; a big file, or one whose metadata no longer fits,
 /// is asked for as before.
 #[tokio::test]
@@ -134,6 +134,58 @@ async fn a_targeted_scan_brings_small_files_manifests() {
         pair.session.stats().requests,
         before + 1,
         "one request, for the big and the stale file"
+    );
+}
+
+/// A targeted scan carries the manifests only of files whose entries the host has not heard
+/// in this session: after a full listing, a scan of a directory where one file was edited
+/// carries that one manifest, not all of them; a later scan does not send it again.
+#[tokio::test]
+async fn a_targeted_scan_brings_only_manifests_the_host_has_not_heard_of() {
+    let (a, b) = (text(3_000), text(4_000));
+    let guest = Fake::with_files(&[("d/a", a.clone()), ("d/b", b)]);
+    let pair = pair(guest.clone()).await;
+    let mut remote = pair.session.endpoint(0).unwrap();
+    remote
+        .scan(ScanScope::Full, ScanOptions::default())
+        .await
+        .unwrap();
+    // The requests it takes to get `path`'s manifest (checked against `data`).
+    let asks = async |remote: &mut RemoteEndpoint, path: &str, data: &[u8]| {
+        let before = pair.session.stats().requests;
+        let got = remote.manifests(vec![(p(path), meta_of(data))]).await;
+        assert_eq!(got.unwrap(), vec![Ok(manifest_of(data))], "{path}");
+        pair.session.stats().requests - before
+    };
+
+    let edited = text(5_000);
+    guest
+        .state
+        .lock()
+        .unwrap()
+        .files
+        .insert(p("d/b"), edited.clone());
+    let targeted = ScanScope::Paths(vec![p("d")]);
+    remote
+        .scan(targeted.clone(), ScanOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        asks(&mut remote, "d/b", &edited).await,
+        0,
+        "came with the scan"
+    );
+    assert_eq!(
+        asks(&mut remote, "d/a", &a).await,
+        1,
+        "unchanged: asked for"
+    );
+
+    remote.scan(targeted, ScanOptions::default()).await.unwrap();
+    assert_eq!(
+        asks(&mut remote, "d/b", &edited).await,
+        1,
+        "the host heard of the edit in the previous scan: not sent again"
     );
 }
 

@@ -1437,16 +1437,7 @@ impl Totals {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmsync_core::{FileMeta, Hash};
-
-    fn file(size: u64) -> Entry {
-        Entry::File(FileMeta {
-            size,
-            mode: 0o644,
-            mtime: vmsync_core::entry::Timestamp::new(0, 0),
-            digest: Hash([size as u8; 32]),
-        })
-    }
+    use vmsync_core::testing::file_entry as file;
 
     proptest::proptest! {
         /// The running totals always equal a count over the whole snapshot.

@@ -11,6 +11,8 @@
 //!   sides).
 //! - `memory`: the guest's big manifests as this session saw them, for manifest edits.
 //! - `io`: stream wrappers that count bytes and enforce the silence and stall limits.
+//! - `told`: what the guest's server has told the host about each share's entries (the last
+//!   full listing, and targeted scans since).
 
 pub mod client;
 mod framing;
@@ -19,6 +21,7 @@ mod memory;
 pub mod remote;
 pub mod server;
 pub mod stats;
+mod told;
 
 pub use client::{client_handshake, client_handshake_with, Session, SessionConfig};
 pub use remote::RemoteEndpoint;

@@ -16,6 +16,7 @@
 
 use super::framing::{self, Reader, Writer};
 use super::stats::{content_bytes, Stats};
+use super::told::{Listing, Told};
 use crate::error::{error_chain, TransportError};
 use crate::limits::{
     HANDSHAKE_TIMEOUT_MS, PEER_SILENCE_LIMIT_MS, POLL_WAIT_MS, WRITE_QUEUE_MESSAGES,
@@ -134,8 +135,8 @@ where
     let mut writes = AbortOnDrop(tokio::spawn(write_responses(writer, out_rx)));
     // Pending long-polls; dropped (aborted) with the session.
     let mut polls = Polls::default();
-    // Per share, the last full listing sent in this session and its token.
-    let mut listings: HashMap<u16, Listing> = HashMap::new();
+    // Per share, what this session has told the host about its entries.
+    let mut told: Vec<Told> = (0..shares).map(|_| Told::default()).collect();
     let mut next_token: u64 = 1;
 
     let mut times = ServeTimes::default();
@@ -175,21 +176,18 @@ where
                 continue;
             }
         }
-        let body = match (endpoints.get_mut(usize::from(share)), body) {
-            (Some(endpoint), RequestBody::ScanFull { options, base }) => {
-                let last = listings.remove(&share);
-                let (body, listing) =
-                    scan_full(endpoint, options, base, last, &mut next_token).await;
-                if let Some(listing) = listing {
-                    listings.insert(share, listing);
-                }
-                body
+        let index = usize::from(share);
+        let body = match (endpoints.get_mut(index), told.get_mut(index)) {
+            (Some(endpoint), Some(told)) => {
+                let served = Served {
+                    told,
+                    zstd_level: config.zstd_level,
+                    next_token: &mut next_token,
+                };
+                dispatch(endpoint, served, body).await
             }
-            (Some(endpoint), body) => dispatch(endpoint, body, config.zstd_level).await,
             // The reader checked the index already.
-            (None, _) => {
-                ResponseBody::error(kind, EndpointError::UnknownShare(share.to_string()).into())
-            }
+            _ => ResponseBody::error(kind, EndpointError::UnknownShare(share.to_string()).into()),
         };
         if matches!(kind, RequestKind::Scan | RequestKind::ScanFull) {
             stats.update_share(share, |s| s.scans += 1);
@@ -408,19 +406,42 @@ where
     Ok(())
 }
 
+/// What a request to one share is served with besides its endpoint.
+struct Served<'a> {
+    /// What this session has told the host about the share.
+    told: &'a mut Told,
+    /// zstd level for chunk data this side sends.
+    zstd_level: i32,
+    /// The session's next listing token.
+    next_token: &'a mut u64,
+}
+
 /// Calls the local endpoint for one request.
 async fn dispatch<E: Endpoint>(
     endpoint: &mut E,
+    served: Served<'_>,
     body: RequestBody,
-    zstd_level: i32,
 ) -> ResponseBody {
+    let Served {
+        told,
+        zstd_level,
+        next_token,
+    } = served;
     match body {
         RequestBody::Ping => ResponseBody::Pong,
         RequestBody::Scan { scope, options } => ResponseBody::Scanned(
-            scan_with_manifests(endpoint, scope, options)
+            scan_with_manifests(endpoint, scope, options, told)
                 .await
                 .map_err(WireError::from),
         ),
+        RequestBody::ScanFull { options, base } => {
+            let last = told.take_listing();
+            let (body, listing) = scan_full(endpoint, options, base, last, next_token).await;
+            if let Some(listing) = listing {
+                told.listed(listing);
+            }
+            body
+        }
         RequestBody::Manifests { files } => ResponseBody::Manifests(
             endpoint
                 .manifests(files)
@@ -488,32 +509,31 @@ async fn dispatch<E: Endpoint>(
         // Served in a task of its own by the session loop; reaching here means the share index
         // was bad, which the reader already refused.
         RequestBody::PollChanges { .. } => ResponseBody::Changes(Ok(ChangeHints::default())),
-        // Answered by the session loop, which holds the listings.
-        RequestBody::ScanFull { .. } => ResponseBody::ScanDelta(Err(EndpointError::Protocol(
-            "ScanFull reached the plain dispatcher".into(),
-        )
-        .into())),
     }
 }
 
 /// Answers a targeted `Scan`: the scan, and the manifests of the first
-/// [`SCAN_MANIFESTS_MAX`] files it lists of at most [`SCAN_MANIFEST_MAX_FILE_BYTES`] (in path
-/// order, as the report lists them), which the host would otherwise ask for next.
+/// [`SCAN_MANIFESTS_MAX`] files it lists of at most [`SCAN_MANIFEST_MAX_FILE_BYTES`] whose
+/// entries the host has not heard yet (in path order, as the report lists them): the files
+/// that changed here, which the host would otherwise ask for next (see `told`).
 async fn scan_with_manifests<E: Endpoint>(
     endpoint: &mut E,
     scope: ScanScope,
     options: ScanOptions,
+    told: &mut Told,
 ) -> Result<Scanned, EndpointError> {
     let report = endpoint.scan(scope, options).await?;
     let small: Vec<(RelPath, FileMeta)> = report
         .entries
         .iter()
+        .filter(|(path, e)| !told.knows(path, e))
         .filter_map(|(path, e)| match e {
             Entry::File(m) if m.size <= SCAN_MANIFEST_MAX_FILE_BYTES => Some((path.clone(), *m)),
             _ => None,
         })
         .take(SCAN_MANIFESTS_MAX)
         .collect();
+    told.heard(&report.entries);
     let mut manifests = Vec::with_capacity(small.len());
     if !small.is_empty() {
         let paths: Vec<RelPath> = small.iter().map(|(p, _)| p.clone()).collect();
@@ -605,9 +625,6 @@ async fn stage<E: Endpoint>(
         })
         .collect()
 }
-
-/// A full listing sent earlier in this session: its token and entries.
-type Listing = (u64, Vec<(RelPath, Entry)>);
 
 /// Answers `ScanFull`: scans, then sends the listing as a difference against `last` when the
 /// host says it holds that one (`base`), in full otherwise. Returns the listing to remember.
