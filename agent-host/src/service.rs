@@ -17,6 +17,7 @@ use vmsync_core::RelPath;
 use vmsync_engine::controller::{Controller, ShareSettings};
 use vmsync_engine::filter::Filter;
 use vmsync_engine::local::LocalEndpoint;
+use vmsync_engine::pace::GUEST_RESCANS;
 use vmsync_engine::schedule::{self, forward_changes, Answer, Command, Link, Live, Share};
 use vmsync_engine::state::StateDb;
 use vmsync_engine::status::{ShareState, ShareStatus};
@@ -326,8 +327,18 @@ impl SyncLoop {
                 (Ok(w), Ok(r)) => (w, r),
                 (Err(e), _) | (_, Err(e)) => return e,
             };
-            watchers.spawn(forward_changes(share.local.clone(), index, hint_tx.clone()));
-            watchers.spawn(forward_changes(watched, index, hint_tx.clone()));
+            watchers.spawn(forward_changes(
+                share.local.clone(),
+                index,
+                hint_tx.clone(),
+                None,
+            ));
+            watchers.spawn(forward_changes(
+                watched,
+                index,
+                hint_tx.clone(),
+                Some(GUEST_RESCANS),
+            ));
             remotes.push(remote);
         }
         let ready_sent = &mut self.ready_sent;

@@ -14,6 +14,10 @@
 //! What it must not do: grow without bound. Only paths cycled in the last
 //! `PATH_BURST × PATH_CYCLE_INTERVAL` are remembered, and past [`MAX_HELD_PATHS`] held paths
 //! everything held is released (pacing off rather than memory up).
+//!
+//! Full rescans a side asks for are paced apart ([`RescanLimit`]): the host applies
+//! [`GUEST_RESCANS`] to the guest's hints, so a guest that asks for a rescan on every poll
+//! costs the host one full scan every few seconds, not scans back to back.
 
 use crate::watch::HintSet;
 use std::collections::{BTreeMap, HashMap};
@@ -27,6 +31,49 @@ pub const PATH_CYCLE_INTERVAL: Duration = Duration::from_millis(100);
 pub const PATH_BURST: u32 = 3;
 /// Most paths held at once.
 pub const MAX_HELD_PATHS: usize = 4096;
+
+/// How often one side's hints may ask for a full rescan: `burst` at once, then one per
+/// `every` (a token bucket).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RescanLimit {
+    pub burst: u32,
+    pub every: Duration,
+}
+
+/// The limit on rescans the guest's hints cause on the host. A guest asks for one after an
+/// inotify queue overflow or past its watch limit (every 10 s at most then), so these never
+/// hold back an honest guest; one that asks on every poll gets a full cycle every 5 s.
+pub const GUEST_RESCANS: RescanLimit = RescanLimit {
+    burst: 3,
+    every: Duration::from_secs(5),
+};
+
+/// The state of a [`RescanLimit`]: when the next rescan may go.
+#[derive(Debug, Clone)]
+pub struct RescanBudget {
+    limit: RescanLimit,
+    /// The theoretical arrival time (GCRA): a rescan may go while this is at most
+    /// `burst - 1` intervals ahead of now.
+    tat: Instant,
+}
+
+impl RescanBudget {
+    pub fn new(limit: RescanLimit, now: Instant) -> RescanBudget {
+        RescanBudget { limit, tat: now }
+    }
+
+    /// When the next rescan may go: `None` for now.
+    pub fn wait_until(&self, now: Instant) -> Option<Instant> {
+        let ahead = self.limit.every * self.limit.burst.saturating_sub(1);
+        let at = self.tat.checked_sub(ahead)?;
+        (at > now).then_some(at)
+    }
+
+    /// A rescan went at `now`.
+    pub fn take(&mut self, now: Instant) {
+        self.tat = self.tat.max(now) + self.limit.every;
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct Pacer {
@@ -144,6 +191,38 @@ mod tests {
         let (cycles, landed) = simulate(Duration::from_micros(5263), Duration::from_secs(20));
         assert!((200..=205).contains(&cycles), "{cycles} cycles in 20 s");
         assert!(landed, "the last write was followed by a cycle");
+    }
+
+    #[test]
+    fn rescans_go_in_a_burst_then_one_per_interval() {
+        let t0 = Instant::now();
+        let limit = RescanLimit {
+            burst: 3,
+            every: Duration::from_secs(5),
+        };
+        let mut budget = RescanBudget::new(limit, t0);
+        // A side asking as fast as it is let through, for a minute.
+        let (mut now, mut went) = (t0, Vec::new());
+        while now < t0 + Duration::from_secs(60) {
+            if let Some(at) = budget.wait_until(now) {
+                assert!(at > now);
+                now = at;
+                continue;
+            }
+            budget.take(now);
+            went.push(now.duration_since(t0).as_secs());
+        }
+        assert_eq!(went, [0, 0, 0, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 55]);
+        // Quiet for a while: the burst is back.
+        let later = now + Duration::from_secs(60);
+        for _ in 0..3 {
+            assert_eq!(budget.wait_until(later), None);
+            budget.take(later);
+        }
+        assert_eq!(
+            budget.wait_until(later),
+            Some(later + Duration::from_secs(5))
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@
 
 use crate::controller::Controller;
 use crate::log_limit::LogLimit;
-use crate::pace::Pacer;
+use crate::pace::{Pacer, RescanBudget, RescanLimit};
 use crate::status::ShareState;
 use crate::watch::HintSet;
 use std::future::Future;
@@ -451,15 +451,32 @@ fn credit(link: &impl Link, controller: &Controller, before: (u64, u64)) {
 }
 
 /// Forwards a side's change hints to the sync loop, as share `index`'s, until the side or the
-/// loop goes away.
+/// loop goes away. With `rescans`, a hint asking for a full rescan waits for the limit (see
+/// [`crate::pace::GUEST_RESCANS`]); while it waits, the side is not asked for more.
 pub async fn forward_changes<E: Endpoint>(
     mut side: E,
     index: usize,
     tx: mpsc::Sender<(usize, ChangeHints)>,
+    rescans: Option<RescanLimit>,
 ) {
+    let mut budget = rescans.map(|limit| RescanBudget::new(limit, Instant::now().into_std()));
+    let mut logs = LogLimit::default();
     loop {
         match side.changes().await {
             Ok(h) => {
+                if let (true, Some(budget)) = (h.rescan, budget.as_mut()) {
+                    let now = Instant::now().into_std();
+                    if let Some(at) = budget.wait_until(now) {
+                        let cause = "rescans paced";
+                        let message = "the peer asks for full rescans faster than they are \
+                                       allowed: held back";
+                        if let Some(line) = logs.admit(cause, message, now) {
+                            tracing::info!(share = index, "{line}");
+                        }
+                        tokio::time::sleep_until(Instant::from_std(at)).await;
+                    }
+                    budget.take(Instant::now().into_std());
+                }
                 if tx.send((index, h)).await.is_err() {
                     return;
                 }

@@ -53,6 +53,11 @@ pub trait Hooks: Send {
     fn mark(&mut self, _generation: u64) -> Option<EndpointError> {
         None
     }
+    /// Change hints to answer `changes` with in place of the inner endpoint's (`None`: ask
+    /// it).
+    fn changes(&mut self) -> Option<ChangeHints> {
+        None
+    }
 }
 
 /// What becomes of a transition through an [`Intercept`].
@@ -147,6 +152,9 @@ impl<E: Endpoint, H: Hooks> Endpoint for Intercept<E, H> {
         }
     }
     async fn changes(&mut self) -> Result<ChangeHints, EndpointError> {
-        self.inner.changes().await
+        match self.hooks.changes() {
+            Some(hints) => Ok(hints),
+            None => self.inner.changes().await,
+        }
     }
 }

@@ -15,7 +15,7 @@ use vmsync_core::endpoint::{
 use vmsync_core::RelPath;
 use vmsync_engine::controller::BULK_MIN_BYTES;
 use vmsync_engine::local::LocalEndpoint;
-use vmsync_engine::pace::{PATH_BURST, PATH_CYCLE_INTERVAL};
+use vmsync_engine::pace::{GUEST_RESCANS, PATH_BURST, PATH_CYCLE_INTERVAL};
 use vmsync_engine::schedule::{
     self, Command, Link, Live, Share, PENDING_RETRY_MAX, PENDING_RETRY_MIN,
 };
@@ -523,4 +523,45 @@ async fn without_a_connection_sync_is_refused_and_resume_still_answers() {
     tokio::join!(idle, asks);
     // Idle returns when its delay is over, not before.
     assert_eq!(Instant::now() - started, Duration::from_secs(10));
+}
+
+/// A guest that asks for a full rescan on every poll gets the host's limit on them
+/// (`GUEST_RESCANS`): three at once, then one every 5 s, never rescans back to back. The
+/// host's own watcher is not limited.
+#[tokio::test(start_paused = true)]
+async fn a_side_asking_for_a_rescan_on_every_poll_is_paced() {
+    struct AlwaysRescan;
+    impl Hooks for AlwaysRescan {
+        fn changes(&mut self) -> Option<ChangeHints> {
+            Some(ChangeHints {
+                paths: Vec::new(),
+                rescan: true,
+            })
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("host")).unwrap();
+    std::fs::create_dir_all(tmp.path().join("guest")).unwrap();
+    let (_host, guest, _controller) = local_pair(tmp.path(), &PairOptions::default());
+    let guest = Intercept {
+        inner: guest,
+        hooks: AlwaysRescan,
+    };
+    let (tx, mut rx) = mpsc::channel(1);
+    let t0 = Instant::now();
+    let forward = tokio::spawn(schedule::forward_changes(guest, 0, tx, Some(GUEST_RESCANS)));
+    let mut at = Vec::new();
+    while let Some((share, hints)) = rx.recv().await {
+        assert_eq!(share, 0);
+        assert!(hints.rescan);
+        let t = Instant::now() - t0;
+        // (Unpaced, the rescans would come back to back at 0 s: stop counting at 100.)
+        if t >= Duration::from_secs(60) || at.len() == 100 {
+            break;
+        }
+        at.push(t.as_secs());
+    }
+    forward.abort();
+    assert_eq!(at, [0, 0, 0, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 55]);
+    assert_eq!(GUEST_RESCANS.burst, 3);
 }
