@@ -165,6 +165,11 @@ impl<In, Out> MessageCodec<In, Out> {
     pub fn frame(&self) -> &FrameCodec {
         &self.frame
     }
+
+    /// Messages must arrive at least this fast from now on (see [`crate::frame::MinRate`]).
+    pub fn set_min_rate(&mut self, min_rate: crate::frame::MinRate) {
+        self.frame.set_min_rate(min_rate);
+    }
 }
 
 impl<In, Out> Decoder for MessageCodec<In, Out>

@@ -15,10 +15,16 @@
 //!
 //! EOF between messages is a clean end (`decode_eof` returns `None`); EOF inside a header, a
 //! fragment or between the fragments of one message is [`FrameError::Truncated`].
+//!
+//! Time: with a [`MinRate`], a message must keep arriving at a least average rate once its
+//! first byte has, or decoding fails with [`FrameError::TooSlow`]. A silence limit alone (the
+//! transport's) lets a peer trickle a message a byte at a time just inside it, holding the
+//! request it answers for as long as the request's backstop.
 
 use crate::limits::{FRAME_HEADER_BYTES, MAX_FRAME_BYTES, MAX_HANDSHAKE_BYTES};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::io;
+use std::time::{Duration, Instant};
 use tokio_util::codec::{Decoder, Encoder};
 
 /// Header bit: more fragments of this message follow.
@@ -40,8 +46,48 @@ pub enum FrameError {
          ({buffered} bytes of an unfinished fragment, {assembled} bytes of earlier fragments)"
     )]
     Truncated { buffered: usize, assembled: usize },
+    #[error(
+        "message arriving too slowly: {bytes} bytes in {secs} s, below {min_rate} bytes/s \
+         after the first {grace_secs} s"
+    )]
+    TooSlow {
+        bytes: usize,
+        secs: u64,
+        min_rate: u64,
+        grace_secs: u64,
+    },
     #[error("connection I/O failed")]
     Io(#[from] io::Error),
+}
+
+/// The slowest a message may arrive (see the module docs): once its first byte is in, after
+/// `grace`, at least `bytes_per_sec` on average since that byte. `clock` tells the time (the
+/// transport passes tokio's, so tests can pause it).
+#[derive(Debug, Clone, Copy)]
+pub struct MinRate {
+    pub bytes_per_sec: u64,
+    pub grace: Duration,
+    pub clock: fn() -> Instant,
+}
+
+impl MinRate {
+    /// `Err` when `bytes` of a message that began at `since` are too few by now.
+    fn check(&self, since: Instant, bytes: usize) -> Result<(), FrameError> {
+        let elapsed = (self.clock)().saturating_duration_since(since);
+        let Some(late) = elapsed.checked_sub(self.grace) else {
+            return Ok(());
+        };
+        let owed = u128::from(self.bytes_per_sec) * late.as_millis() / 1000;
+        if (bytes as u128) >= owed {
+            return Ok(());
+        }
+        Err(FrameError::TooSlow {
+            bytes,
+            secs: elapsed.as_secs(),
+            min_rate: self.bytes_per_sec,
+            grace_secs: self.grace.as_secs(),
+        })
+    }
 }
 
 /// The fragment codec. One per direction per connection (the decoder keeps assembly state).
@@ -51,6 +97,9 @@ pub struct FrameCodec {
     fragment_bytes: usize,
     /// Payloads of the fragments of the current message that arrived so far.
     assembled: BytesMut,
+    min_rate: Option<MinRate>,
+    /// When the first byte of the message now arriving was seen (with a `min_rate`).
+    started: Option<Instant>,
 }
 
 impl Default for FrameCodec {
@@ -70,7 +119,14 @@ impl FrameCodec {
             max_message_bytes,
             fragment_bytes: MAX_FRAME_BYTES,
             assembled: BytesMut::new(),
+            min_rate: None,
+            started: None,
         }
+    }
+
+    /// From now on, messages must arrive at least this fast (see [`MinRate`]).
+    pub fn set_min_rate(&mut self, min_rate: MinRate) {
+        self.min_rate = Some(min_rate);
     }
 
     /// Sets the fragment size the encoder uses (clamped to `1..=MAX_FRAME_BYTES`). The decoder
@@ -101,6 +157,38 @@ impl Decoder for FrameCodec {
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
+        let decoded = self.decode_fragments(src)?;
+        if let Some(min_rate) = self.min_rate {
+            let pending = self.assembled.len() + src.len();
+            let now = (min_rate.clock)();
+            if decoded.is_some() {
+                // What is left in `src` belongs to the next message, which begins now.
+                self.started = (!src.is_empty()).then_some(now);
+            } else if pending == 0 {
+                self.started = None;
+            } else {
+                min_rate.check(*self.started.get_or_insert(now), pending)?;
+            }
+        }
+        Ok(decoded)
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
+        match self.decode(src)? {
+            Some(message) => Ok(Some(message)),
+            None if src.is_empty() && self.assembled.is_empty() => Ok(None),
+            None => Err(FrameError::Truncated {
+                buffered: src.len(),
+                assembled: self.assembled.len(),
+            }),
+        }
+    }
+}
+
+impl FrameCodec {
+    /// Takes whole fragments off `src` until a message is complete (`Some`) or `src` holds
+    /// only part of a fragment (`None`).
+    fn decode_fragments(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
         loop {
             let Some(header) = src
                 .get(..FRAME_HEADER_BYTES)
@@ -146,17 +234,6 @@ impl Decoder for FrameCodec {
                 return Ok(Some(std::mem::take(&mut self.assembled)));
             }
             self.assembled.extend_from_slice(&payload);
-        }
-    }
-
-    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
-        match self.decode(src)? {
-            Some(message) => Ok(Some(message)),
-            None if src.is_empty() && self.assembled.is_empty() => Ok(None),
-            None => Err(FrameError::Truncated {
-                buffered: src.len(),
-                assembled: self.assembled.len(),
-            }),
         }
     }
 }

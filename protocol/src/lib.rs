@@ -28,7 +28,7 @@ pub use chunk::{
     unpack_content, ChunkError, Codec, WireChunk, WireContent, WireDelta,
 };
 pub use codec::{decode_message, encode_message, CodecError, MessageCodec};
-pub use frame::{FrameCodec, FrameError};
+pub use frame::{FrameCodec, FrameError, MinRate};
 pub use messages::{
     ChunkerParams, Hello, Message, Refused, Request, RequestBody, RequestKind, Response,
     ResponseBody, ShareOpen, Welcome,

@@ -16,6 +16,11 @@ pub const HEARTBEAT_INTERVAL_MS: u64 = 5_000;
 /// A peer that sends no byte for this long while we wait for one is dead: three heartbeat
 /// intervals, so one lost or late pong is not fatal.
 pub const PEER_SILENCE_LIMIT_MS: u64 = 3 * HEARTBEAT_INTERVAL_MS;
+/// Once a message's first byte is in, it must keep coming at this average rate after the
+/// first silence limit (`vmsync_protocol::MinRate`): a peer trickling a message a byte at a
+/// time just inside the silence limit is cut off. vsock and Unix sockets move gigabytes a
+/// second; this is a floor for a peer that is alive but hostile.
+pub const MIN_MESSAGE_BYTES_PER_SEC: u64 = 64 * 1024;
 /// Backstop per request: if a request has no answer after this long although the peer is alive
 /// (it answers heartbeats), the session is torn down and every pending request fails.
 pub const REQUEST_TIMEOUT_MS: u64 = 30 * 60 * 1000;

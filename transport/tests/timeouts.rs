@@ -98,19 +98,8 @@ async fn silent_guest_is_declared_dead() {
         raw_guest_welcome(&mut g).await;
         while g.next().await.is_some() {}
     });
-    let (session, _) = client_handshake(a, handshake::hello("h", vec![share("src")]))
-        .await
-        .unwrap();
-    let mut remote = session.endpoint(0).unwrap();
-    let started = Instant::now();
-    let r = remote.scan(ScanScope::Full, ScanOptions::default()).await;
-    let elapsed = started.elapsed();
-    match r {
-        Err(EndpointError::Disconnected(why)) => {
-            assert!(why.contains("no data from the peer"), "{why}")
-        }
-        other => panic!("{other:?}"),
-    }
+    let (session, why, elapsed) = full_scan_disconnects(a).await;
+    assert!(why.contains("no data from the peer"), "{why}");
     // Declared dead one silence limit after the guest went quiet, plus at most the heartbeat
     // interval before the first unanswered ping.
     assert!(
@@ -230,4 +219,52 @@ async fn host_that_stops_reading_is_cut_off() {
         other => panic!("{other:?}"),
     }
     pinger.abort();
+}
+
+/// A guest that answers a request a byte every 10 s (inside the 15 s silence limit, so it
+/// never looks dead) is cut off once the answer falls below the least rate
+/// (`MIN_MESSAGE_BYTES_PER_SEC` after one silence limit), not held until the request's
+/// 30-minute backstop.
+#[tokio::test(start_paused = true)]
+async fn guest_trickling_an_answer_is_cut_off() {
+    let (a, b) = tokio::io::duplex(PIPE_BYTES);
+    let _guest = tokio::spawn(async move {
+        let mut g = raw(b);
+        raw_guest_welcome(&mut g).await;
+        // Wait for the scan request, then start an answer of 1,000 bytes and trickle it.
+        while let Some(Ok(Message::Request(r))) = g.next().await {
+            if r.body != RequestBody::Ping {
+                break;
+            }
+        }
+        send_raw_bytes(&mut g, &frame_header(1000, false)).await;
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            send_raw_bytes(&mut g, &[0]).await;
+        }
+    });
+    let (_session, why, elapsed) = full_scan_disconnects(a).await;
+    assert!(why.contains("arriving too slowly"), "{why}");
+    // The first byte after the grace (one silence limit) ends it.
+    assert!(
+        elapsed > SILENCE && elapsed <= SILENCE + Duration::from_secs(10),
+        "{elapsed:?}"
+    );
+}
+
+/// Opens a session over `stream` and runs a full scan that must end in a disconnect: the
+/// session, why, and how long the scan took.
+async fn full_scan_disconnects(
+    stream: tokio::io::DuplexStream,
+) -> (vmsync_transport::Session, String, Duration) {
+    let (session, _) = client_handshake(stream, handshake::hello("h", vec![share("src")]))
+        .await
+        .unwrap();
+    let mut remote = session.endpoint(0).unwrap();
+    let started = Instant::now();
+    let r = remote.scan(ScanScope::Full, ScanOptions::default()).await;
+    match r {
+        Err(EndpointError::Disconnected(why)) => (session, why, started.elapsed()),
+        other => panic!("{other:?}"),
+    }
 }

@@ -5,19 +5,21 @@
 use super::io::{MeteredRead, MeteredWrite};
 use super::stats::Stats;
 use crate::error::TransportError;
+use crate::limits::MIN_MESSAGE_BYTES_PER_SEC;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use vmsync_protocol::limits::MAX_MESSAGE_BYTES;
-use vmsync_protocol::{FrameCodec, Message, MessageCodec};
+use vmsync_protocol::{FrameCodec, Message, MessageCodec, MinRate};
 
 pub(crate) type Reader<S> = FramedRead<MeteredRead<ReadHalf<S>>, MessageCodec<Message, Message>>;
 pub(crate) type Writer<S> = FramedWrite<MeteredWrite<WriteHalf<S>>, FrameCodec>;
 
 /// Splits `stream` into its halves, counting bytes into `stats` and failing a half that stalls
-/// for `silence_limit`; messages are held to the handshake's limit until [`handshake_done`].
+/// for `silence_limit` or a message that arrives slower than [`MIN_MESSAGE_BYTES_PER_SEC`]
+/// after it; messages are held to the handshake's limit until [`handshake_done`].
 pub(crate) fn framed<S>(
     stream: S,
     stats: &Arc<Stats>,
@@ -27,15 +29,23 @@ where
     S: AsyncRead + AsyncWrite,
 {
     let (r, w) = tokio::io::split(stream);
-    let reader = FramedRead::new(
-        MeteredRead::new(r, stats.clone(), silence_limit),
-        MessageCodec::<Message, Message>::new(),
-    );
+    let mut codec = MessageCodec::<Message, Message>::new();
+    codec.set_min_rate(MinRate {
+        bytes_per_sec: MIN_MESSAGE_BYTES_PER_SEC,
+        grace: silence_limit,
+        clock: now,
+    });
+    let reader = FramedRead::new(MeteredRead::new(r, stats.clone(), silence_limit), codec);
     let writer = FramedWrite::new(
         MeteredWrite::new(w, stats.clone(), silence_limit),
         FrameCodec::new(),
     );
     (reader, writer)
+}
+
+/// The time on tokio's clock (paused in tests), for the codec's [`MinRate`].
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 /// The handshake is over: messages may be as large as the session allows.
