@@ -31,7 +31,7 @@
 //! non-directory children-first, then everything else parents-first. Both orders are reverse
 //! and forward path order; the plan is consistent under exactly that schedule.
 
-use crate::entry::{Entry, Snapshot};
+use crate::entry::{Entry, Snapshot, Timestamp};
 use crate::path::RelPath;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -134,14 +134,46 @@ pub fn reconcile(
     guest: &Snapshot,
     mode: SyncMode,
     policy: ConflictPolicy,
+    guest_mtime_limit: Timestamp,
 ) -> Plan {
+    let judge = Judge {
+        policy,
+        guest_mtime_limit,
+    };
     let mut rows = collect_rows(ancestor, host, guest);
     for row in &mut rows {
-        row.decision = decide(row.ancestor, row.host, row.guest, mode, policy);
+        row.decision = decide(row.ancestor, row.host, row.guest, mode, judge);
     }
     block_beneath_conflicts(&mut rows);
-    enforce_parents(&mut rows, mode, policy);
+    enforce_parents(&mut rows, mode, judge);
     into_plan(&rows)
+}
+
+/// The later of two mtimes wins in two places: the same content with different mtimes, and
+/// the `newer-wins` policy. A guest can set any mtime, so a guest mtime later than
+/// `guest_mtime_limit` (the caller passes its clock plus [`GUEST_MTIME_SLACK`]) counts as
+/// older than any other: a year-9999 file from the guest neither wins every conflict nor
+/// stamps its time on the host's copy. Nothing is rewritten to clamp it, so nothing churns.
+#[derive(Debug, Clone, Copy)]
+struct Judge {
+    policy: ConflictPolicy,
+    guest_mtime_limit: Timestamp,
+}
+
+/// How far ahead of the host's clock a guest mtime may be and still count as a time (clocks
+/// of a host and its guests drift, and a file can come from a machine a little ahead).
+pub const GUEST_MTIME_SLACK_SECS: i64 = 24 * 60 * 60;
+
+/// The latest guest mtime that counts as a time when the host's clock reads `now`.
+pub fn guest_mtime_limit(now: Timestamp) -> Timestamp {
+    Timestamp::new(now.secs.saturating_add(GUEST_MTIME_SLACK_SECS), now.nanos)
+}
+
+impl Judge {
+    /// Whether the guest's `g` is newer than the host's `h`.
+    fn guest_newer(&self, h: Timestamp, g: Timestamp) -> bool {
+        g <= self.guest_mtime_limit && g > h
+    }
 }
 
 /// One path's inputs and what we decided for it.
@@ -227,10 +259,10 @@ fn decide<'a>(
     host: Option<&'a Entry>,
     guest: Option<&'a Entry>,
     mode: SyncMode,
-    policy: ConflictPolicy,
+    judge: Judge,
 ) -> Decision<'a> {
     match mode {
-        SyncMode::TwoWay => decide_two_way(ancestor, host, guest, policy),
+        SyncMode::TwoWay => decide_two_way(ancestor, host, guest, judge),
         SyncMode::HostToGuest => decide_one_way(Side::Guest, ancestor, host, guest),
         SyncMode::GuestToHost => decide_one_way(Side::Host, ancestor, guest, host),
     }
@@ -266,13 +298,13 @@ fn decide_two_way<'a>(
     ancestor: Option<&'a Entry>,
     host: Option<&'a Entry>,
     guest: Option<&'a Entry>,
-    policy: ConflictPolicy,
+    judge: Judge,
 ) -> Decision<'a> {
     match (host != ancestor, guest != ancestor) {
         (false, false) => Decision::Unchanged,
         (true, false) => propagate(Side::Guest, host),
         (false, true) => propagate(Side::Host, guest),
-        (true, true) => decide_both_changed(ancestor, host, guest, policy),
+        (true, true) => decide_both_changed(ancestor, host, guest, judge),
     }
 }
 
@@ -280,7 +312,7 @@ fn decide_both_changed<'a>(
     ancestor: Option<&'a Entry>,
     host: Option<&'a Entry>,
     guest: Option<&'a Entry>,
-    policy: ConflictPolicy,
+    judge: Judge,
 ) -> Decision<'a> {
     if host == guest {
         return Decision::Agreed(host);
@@ -293,7 +325,7 @@ fn decide_both_changed<'a>(
             Some(_) => propagate(Side::Guest, host),
         };
     };
-    if let Some(decision) = newer_mtime_of_same_content(h, g) {
+    if let Some(decision) = newer_mtime_of_same_content(h, g, judge) {
         return decision;
     }
     // A side that only touched the file (same bytes and mode as the ancestor, new mtime) has
@@ -304,17 +336,21 @@ fn decide_both_changed<'a>(
     if same_version(guest, ancestor) {
         return propagate(Side::Guest, host);
     }
-    resolve_conflict(h, g, policy)
+    resolve_conflict(h, g, judge)
 }
 
 /// Both sides hold the same content (bytes and mode, permission bits, or target) with
-/// different mtimes: the newer mtime goes to the side with the older one; on a tie, the host's.
-/// Nothing is lost, so this is not a conflict.
-fn newer_mtime_of_same_content<'a>(h: &'a Entry, g: &'a Entry) -> Option<Decision<'a>> {
+/// different mtimes: the newer mtime goes to the side with the older one; on a tie, or a guest
+/// mtime past the limit ([`Judge`]), the host's. Nothing is lost, so this is not a conflict.
+fn newer_mtime_of_same_content<'a>(
+    h: &'a Entry,
+    g: &'a Entry,
+    judge: Judge,
+) -> Option<Decision<'a>> {
     if !h.same_content(g) {
         return None;
     }
-    Some(if g.mtime() > h.mtime() {
+    Some(if judge.guest_newer(h.mtime(), g.mtime()) {
         propagate(Side::Host, Some(g))
     } else {
         propagate(Side::Guest, Some(h))
@@ -322,8 +358,8 @@ fn newer_mtime_of_same_content<'a>(h: &'a Entry, g: &'a Entry) -> Option<Decisio
 }
 
 /// Both sides changed the path to different entries.
-fn resolve_conflict<'a>(h: &'a Entry, g: &'a Entry, policy: ConflictPolicy) -> Decision<'a> {
-    let Some(winner) = policy_winner(policy, h, g) else {
+fn resolve_conflict<'a>(h: &'a Entry, g: &'a Entry, judge: Judge) -> Decision<'a> {
+    let Some(winner) = policy_winner(judge, h, g) else {
         return Decision::Conflict;
     };
     let (win, lose) = match winner {
@@ -342,13 +378,13 @@ fn resolve_conflict<'a>(h: &'a Entry, g: &'a Entry, policy: ConflictPolicy) -> D
 }
 
 /// The side whose entry wins under an automatic policy; `None` for `Keep`.
-fn policy_winner(policy: ConflictPolicy, h: &Entry, g: &Entry) -> Option<Side> {
-    match policy {
+fn policy_winner(judge: Judge, h: &Entry, g: &Entry) -> Option<Side> {
+    match judge.policy {
         ConflictPolicy::Keep => None,
         ConflictPolicy::HostWins => Some(Side::Host),
         ConflictPolicy::GuestWins => Some(Side::Guest),
         ConflictPolicy::NewerWins => Some(match (h.as_file(), g.as_file()) {
-            (Some(hm), Some(gm)) if gm.mtime > hm.mtime => Side::Guest,
+            (Some(hm), Some(gm)) if judge.guest_newer(hm.mtime, gm.mtime) => Side::Guest,
             (None, Some(_)) => Side::Guest,
             // Host newer, a tie, a file against a non-file, or two non-files: the host.
             _ => Side::Host,
@@ -419,7 +455,7 @@ impl Needs {
 /// falls short is repaired: a deleted directory is re-created instead (a modification beneath
 /// it beats the deletion), and a directory the other side replaced by a file or symlink
 /// becomes a conflict, settled by the policy like any other.
-fn enforce_parents(rows: &mut [Row<'_>], mode: SyncMode, policy: ConflictPolicy) {
+fn enforce_parents(rows: &mut [Row<'_>], mode: SyncMode, judge: Judge) {
     let mut needs = vec![Needs::default(); rows.len()];
     for i in (0..rows.len()).rev() {
         let row = rows[i];
@@ -427,7 +463,7 @@ fn enforce_parents(rows: &mut [Row<'_>], mode: SyncMode, policy: ConflictPolicy)
             continue;
         }
         if falls_short(&row, needs[i]) {
-            rows[i].decision = repair(&row, needs[i], mode, policy);
+            rows[i].decision = repair(&row, needs[i], mode, judge);
             if rows[i].decision == Decision::Conflict {
                 block_subtree(rows, i);
             }
@@ -443,14 +479,14 @@ fn falls_short(row: &Row<'_>, needs: Needs) -> bool {
 }
 
 /// A decision for `row` under which every side in `needs` keeps a directory, or a conflict.
-fn repair<'a>(row: &Row<'a>, needs: Needs, mode: SyncMode, policy: ConflictPolicy) -> Decision<'a> {
+fn repair<'a>(row: &Row<'a>, needs: Needs, mode: SyncMode, judge: Judge) -> Decision<'a> {
     let candidate = match row.decision {
         Decision::Apply { target, .. }
             if mode == SyncMode::TwoWay
                 && needs.on(target)
                 && row.current(target).is_some_and(Entry::is_dir) =>
         {
-            keep_directory(row, target, policy)
+            keep_directory(row, target, judge)
         }
         // With well-formed snapshots nothing else can fall short (one-way destinations end
         // equal to a well-formed source). Whatever input got us here, touching nothing at or
@@ -470,7 +506,7 @@ fn repair<'a>(row: &Row<'a>, needs: Needs, mode: SyncMode, policy: ConflictPolic
 
 /// `dir_side` holds a directory that the plan would remove because the other side deleted it
 /// or replaced it by a non-directory, while something beneath it stays or arrives.
-fn keep_directory<'a>(row: &Row<'a>, dir_side: Side, policy: ConflictPolicy) -> Decision<'a> {
+fn keep_directory<'a>(row: &Row<'a>, dir_side: Side, judge: Judge) -> Decision<'a> {
     let other = dir_side.other();
     let (Some(dir), replacement) = (row.current(dir_side), row.current(other)) else {
         return Decision::Conflict;
@@ -485,7 +521,7 @@ fn keep_directory<'a>(row: &Row<'a>, dir_side: Side, policy: ConflictPolicy) -> 
         Side::Host => (dir, replacement),
         Side::Guest => (replacement, dir),
     };
-    if replacement.is_dir() || policy_winner(policy, h, g) != Some(dir_side) {
+    if replacement.is_dir() || policy_winner(judge, h, g) != Some(dir_side) {
         return Decision::Conflict;
     }
     Decision::Apply {

@@ -9,7 +9,7 @@ use common::{
     World,
 };
 use vmsync_core::reconcile::{reconcile, ConflictPolicy, Side, SyncMode};
-use vmsync_core::{Entry, RelPath, Snapshot};
+use vmsync_core::{Entry, RelPath, Snapshot, Timestamp};
 
 const H: Side = Side::Host;
 const G: Side = Side::Guest;
@@ -34,6 +34,22 @@ struct Case {
     actions: Vec<(RelPath, Side, Option<Entry>, bool)>,
     conflicts: Vec<RelPath>,
     agreed: Vec<(RelPath, Option<Entry>)>,
+}
+
+/// The latest guest mtime that counts as a time in these tables (their mtimes are small).
+const GUEST_MTIME_LIMIT: Timestamp = Timestamp::new(1_000, 0);
+/// A guest mtime past it (seconds).
+const PAST_LIMIT: i64 = 1_001;
+
+fn plan_of(c: &Case) -> vmsync_core::reconcile::Plan {
+    reconcile(
+        &c.ancestor,
+        &c.host,
+        &c.guest,
+        c.mode,
+        c.policy,
+        GUEST_MTIME_LIMIT,
+    )
 }
 
 fn case(name: impl Into<String>) -> Case {
@@ -176,6 +192,17 @@ fn two_way_basics() -> Vec<Case> {
             .host(vec![("a", file(2, 4))])
             .guest(vec![("a", file(3, 4))])
             .save(G, "a", Some(file(2, 4))),
+        case("newer-wins: a guest mtime past the limit is not newer")
+            .policy(ConflictPolicy::NewerWins)
+            .all(vec![("a", file(1, 1))])
+            .host(vec![("a", file(2, 4))])
+            .guest(vec![("a", file(3, PAST_LIMIT))])
+            .save(G, "a", Some(file(2, 4))),
+        case("same content, a guest mtime past the limit: the host's time goes to the guest")
+            .all(vec![("a", file(1, 1))])
+            .host(vec![("a", file(2, 4))])
+            .guest(vec![("a", file(2, PAST_LIMIT))])
+            .to(G, "a", Some(file(2, 4))),
         case("host deletes")
             .all(vec![("a", file(1, 1))])
             .host(vec![])
@@ -829,7 +856,7 @@ fn check(c: &Case) {
             "{name}: malformed {which} in the table"
         );
     }
-    let plan = reconcile(&c.ancestor, &c.host, &c.guest, c.mode, c.policy);
+    let plan = plan_of(c);
 
     assert!(
         plan.actions.windows(2).all(|w| w[0].path < w[1].path),
@@ -929,6 +956,7 @@ fn root_is_never_reconciled() {
         &Snapshot::new(),
         SyncMode::TwoWay,
         ConflictPolicy::Keep,
+        GUEST_MTIME_LIMIT,
     );
     assert_eq!(plan, Default::default());
 }
@@ -939,7 +967,7 @@ fn out_of_scope_parents_are_left_alone() {
     let c = case("partial scan")
         .all(vec![("d/x", file(1, 1))])
         .host(vec![("d/x", file(2, 2))]);
-    let plan = reconcile(&c.ancestor, &c.host, &c.guest, c.mode, c.policy);
+    let plan = plan_of(&c);
     assert_eq!(plan.actions.len(), 1);
     assert_eq!(plan.actions[0].path, path("d/x"));
     assert_eq!(plan.actions[0].target, G);

@@ -18,7 +18,8 @@ fn outcome(
     let one = |e: Option<Entry>| snapshot(e.map(|e| ("f", e)));
     let (a, h, g) = (one(a), one(h), one(g));
     let substitute = rollback_ancestor(&a, &h, &g);
-    let plan = reconcile(&substitute, &h, &g, SyncMode::TwoWay, policy);
+    let no_limit = vmsync_core::Timestamp::new(i64::MAX, 0);
+    let plan = reconcile(&substitute, &h, &g, SyncMode::TwoWay, policy, no_limit);
     let what = match (plan.actions.as_slice(), plan.conflicts.as_slice()) {
         ([], []) => "none".to_string(),
         ([], [_]) => "conflict".to_string(),

@@ -13,7 +13,7 @@ use vmsync_core::endpoint::ScanScope;
 use vmsync_core::path::subtree;
 use vmsync_core::reconcile::{reconcile, ConflictPolicy, Plan, Side, SyncMode};
 use vmsync_core::safety::HaltReason;
-use vmsync_core::{Entry, RelPath, Snapshot};
+use vmsync_core::{Entry, RelPath, Snapshot, Timestamp};
 
 /// A scan's entries without what the share's ignore patterns exclude.
 pub fn visible(entries: Vec<(RelPath, Entry)>, filter: &Filter) -> Snapshot {
@@ -126,10 +126,18 @@ pub fn plan(
     views: &Views,
     mode: SyncMode,
     policy: ConflictPolicy,
+    guest_mtime_limit: Timestamp,
     host_ignored: &[RelPath],
     guest_ignored: &[RelPath],
 ) -> Planned {
-    let mut plan = reconcile(&views.ancestor, &views.host, &views.guest, mode, policy);
+    let mut plan = reconcile(
+        &views.ancestor,
+        &views.host,
+        &views.guest,
+        mode,
+        policy,
+        guest_mtime_limit,
+    );
     let mut kept = Vec::new();
     plan.actions.retain(|a| {
         let ignored = match a.target {
@@ -229,6 +237,9 @@ mod tests {
     use vmsync_core::entry::Timestamp;
     use vmsync_core::reconcile::Action;
     use vmsync_core::{FileMeta, Hash};
+
+    /// No guest mtime is past it (the reconcile table covers the limit).
+    const NO_LIMIT: Timestamp = Timestamp::new(i64::MAX, 0);
 
     fn p(s: &str) -> RelPath {
         RelPath::from_bytes(s.as_bytes()).unwrap()
@@ -409,6 +420,7 @@ mod tests {
             &views,
             SyncMode::TwoWay,
             ConflictPolicy::Keep,
+            NO_LIMIT,
             &[p("build/cache/x"), p("buildx")],
             &[],
         );
@@ -421,7 +433,14 @@ mod tests {
         assert_eq!(acts, [("docs".to_string(), Side::Host)]);
         assert!(planned.kept_dirs);
         assert!(planned.plan.agreed.contains(&(p("build"), None)));
-        let none = plan(&views, SyncMode::TwoWay, ConflictPolicy::Keep, &[], &[]);
+        let none = plan(
+            &views,
+            SyncMode::TwoWay,
+            ConflictPolicy::Keep,
+            NO_LIMIT,
+            &[],
+            &[],
+        );
         assert!(!none.kept_dirs);
         assert_eq!(none.plan.actions.len(), 2);
     }

@@ -33,7 +33,7 @@ use std::time::Instant;
 use vmsync_core::deletions::{judge, planned_losses, DeletionWindow};
 use vmsync_core::endpoint::{Endpoint, EndpointError, Outcome, ScanOptions, ScanReport, ScanScope};
 use vmsync_core::path::escape_bytes;
-use vmsync_core::reconcile::{Action, ConflictPolicy, Plan, Side, SyncMode};
+use vmsync_core::reconcile::{guest_mtime_limit, Action, ConflictPolicy, Plan, Side, SyncMode};
 use vmsync_core::rollback::{check_generation, rollback_ancestor, GenerationCheck};
 use vmsync_core::safety::{check_emptied, check_root, DeletionLimit, HaltReason};
 use vmsync_core::{Entry, RelPath, Snapshot};
@@ -913,6 +913,7 @@ impl Controller {
             &views,
             self.settings.mode,
             self.settings.policy,
+            guest_mtime_limit(crate::trash::now()),
             &host_scan.ignored,
             &guest_scan.ignored,
         );
