@@ -522,6 +522,10 @@ async fn scan_with_manifests<E: Endpoint>(
     options: ScanOptions,
     told: &mut Told,
 ) -> Result<Scanned, EndpointError> {
+    let scanned: Vec<RelPath> = match &scope {
+        ScanScope::Full => vec![RelPath::root()],
+        ScanScope::Paths(paths) => paths.clone(),
+    };
     let report = endpoint.scan(scope, options).await?;
     let small: Vec<(RelPath, FileMeta)> = report
         .entries
@@ -533,7 +537,7 @@ async fn scan_with_manifests<E: Endpoint>(
         })
         .take(SCAN_MANIFESTS_MAX)
         .collect();
-    told.heard(&report.entries);
+    told.heard(&scanned, &report.entries);
     let mut manifests = Vec::with_capacity(small.len());
     if !small.is_empty() {
         let paths: Vec<RelPath> = small.iter().map(|(p, _)| p.clone()).collect();

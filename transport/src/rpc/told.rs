@@ -17,9 +17,13 @@ use vmsync_core::{Entry, RelPath};
 /// A full listing sent earlier in this session: its token and entries, sorted by path.
 pub(super) type Listing = (u64, Vec<(RelPath, Entry)>);
 
-/// At most this many entries from targeted scans are remembered between two full scans; past
-/// it the memory starts afresh, which only means some manifests are sent again.
-const HEARD_MAX: usize = 64 * 1024;
+/// At most this many entries from targeted scans are remembered between two full scans (about
+/// 150 bytes each); past it the memory starts afresh, which only means some manifests are sent
+/// again. Full scans are rare in a live session, so this bound is what holds it.
+const HEARD_MAX: usize = 4096;
+/// Forgetting the paths a targeted scan no longer found costs scope × remembered comparisons;
+/// past this many, everything is forgotten instead.
+const PRUNE_WORK_MAX: usize = 1 << 20;
 
 /// One share's memory within one session (see the module doc).
 #[derive(Debug, Default)]
@@ -55,8 +59,16 @@ impl Told {
             .is_ok_and(|i| entries[i].1 == *entry)
     }
 
-    /// A targeted scan reported these entries.
-    pub(super) fn heard(&mut self, entries: &[(RelPath, Entry)]) {
+    /// A targeted scan of `scope` reported these entries (sorted by path): what it did not
+    /// find under its scope is gone, and forgotten.
+    pub(super) fn heard(&mut self, scope: &[RelPath], entries: &[(RelPath, Entry)]) {
+        if scope.len().saturating_mul(self.heard.len()) > PRUNE_WORK_MAX {
+            self.heard.clear();
+        }
+        let reported = |path: &RelPath| entries.binary_search_by(|(p, _)| p.cmp(path)).is_ok();
+        self.heard.retain(|path, _| {
+            reported(path) || !scope.iter().any(|s| s == path || s.is_ancestor_of(path))
+        });
         if self.heard.len() + entries.len() > HEARD_MAX {
             self.heard.clear();
             if entries.len() > HEARD_MAX {
@@ -95,7 +107,10 @@ mod tests {
         assert!(!told.knows(&path("b"), &file(2)));
 
         // A targeted scan's entry overrides the listing's, either way.
-        told.heard(&[(path("a"), file(3)), (path("new"), file(4))]);
+        told.heard(
+            &[path("a"), path("new")],
+            &[(path("a"), file(3)), (path("new"), file(4))],
+        );
         assert!(told.knows(&path("a"), &file(3)));
         assert!(!told.knows(&path("a"), &file(1)));
         assert!(told.knows(&path("new"), &file(4)));
@@ -106,7 +121,7 @@ mod tests {
     fn a_full_scan_forgets_what_targeted_scans_said() {
         let mut told = Told::default();
         told.listed((1, vec![(path("a"), file(1))]));
-        told.heard(&[(path("a"), file(2))]);
+        told.heard(&[path("a")], &[(path("a"), file(2))]);
         let (token, entries) = told.take_listing().unwrap();
         assert_eq!(token, 1);
         // Between taking and replacing the listing, nothing is known.
@@ -120,14 +135,34 @@ mod tests {
     #[test]
     fn the_memory_of_targeted_scans_is_bounded() {
         let mut told = Told::default();
-        let many: Vec<_> = (0..HEARD_MAX)
-            .map(|i| (path(&format!("f{i}")), file(1)))
+        let mut many: Vec<_> = (0..HEARD_MAX)
+            .map(|i| (path(&format!("d/f{i}")), file(1)))
             .collect();
-        told.heard(&many);
-        assert!(told.knows(&path("f0"), &file(1)));
-        told.heard(&[(path("one-more"), file(1))]);
+        many.sort_by(|a, b| a.0.cmp(&b.0));
+        told.heard(&[path("d")], &many);
+        assert!(told.knows(&path("d/f0"), &file(1)));
+        told.heard(&[path("one-more")], &[(path("one-more"), file(1))]);
         assert!(told.heard.len() <= HEARD_MAX);
-        assert!(!told.knows(&path("f0"), &file(1)));
+        assert!(!told.knows(&path("d/f0"), &file(1)));
         assert!(told.knows(&path("one-more"), &file(1)));
+    }
+
+    #[test]
+    fn what_a_targeted_scan_no_longer_finds_is_forgotten() {
+        let mut told = Told::default();
+        told.heard(
+            &[path("d"), path("e")],
+            &[
+                (path("d/a"), file(1)),
+                (path("d/b"), file(2)),
+                (path("e"), file(3)),
+            ],
+        );
+        // x was outside the next scan's scope; d/b and e are gone.
+        told.heard(&[path("x")], &[(path("x"), file(4))]);
+        told.heard(&[path("d"), path("e")], &[(path("d/a"), file(1))]);
+        assert_eq!(told.heard.len(), 2, "{:?}", told.heard);
+        assert!(told.knows(&path("d/a"), &file(1)));
+        assert!(told.knows(&path("x"), &file(4)));
     }
 }
