@@ -57,6 +57,28 @@ pub fn max_staged_files(fd_limit: Option<u64>) -> usize {
         .max(16)
 }
 
+/// glibc's malloc arenas an agent may use: see [`limit_malloc_arenas`].
+pub const MALLOC_ARENAS: i32 = 2;
+
+/// Caps glibc's malloc arenas at [`MALLOC_ARENAS`] (agents call it first thing, before any
+/// thread starts), unless `MALLOC_ARENA_MAX` is set, which then decides. By default glibc
+/// gives each thread that contends for the heap its own arena, up to eight per core, and
+/// memory freed in one is kept there for reuse by that arena alone: under steady churn a
+/// long-running agent's RSS then creeps up arena by arena with no more data in use
+/// (docs/performance.md, "Memory and CPU over hours"). Two arenas keep the runtime's threads from
+/// contending much while holding RSS flat. Does nothing on other C libraries.
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets a malloc tunable; it is called before the agent starts any
+        // thread, and a value it refuses (it returns 0) leaves glibc's default in place.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
+        }
+    }
+}
+
 /// The multi-threaded runtime an agent runs on.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()

@@ -130,6 +130,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    vmsync_agent_common::process::limit_malloc_arenas();
     let runtime = match vmsync_agent_common::process::runtime() {
         Ok(r) => r,
         Err(e) => {
