@@ -59,7 +59,7 @@ fn edited_on_both_sides_while_down(policy: &str) -> Agents {
     write(&a.host_dir, "f.txt", "host version");
     set_mtime(&a.host_dir.join("f.txt"), 1_700_000_000, 0);
     write(&a.guest_dir, "f.txt", "guest version (newer)");
-    set_mtime(&a.guest_dir.join("f.txt"), 1_800_000_000, 0);
+    set_mtime(&a.guest_dir.join("f.txt"), 1_750_000_000, 0);
     a.start_host();
     a
 }

@@ -131,13 +131,18 @@ async fn disjoint_edits_while_down_converge_after_restart() {
 }
 
 async fn both_edited(policy: ConflictPolicy) -> Pair {
+    both_edited_at(policy, 1_750_000_000).await
+}
+
+/// Both sides edit `f.txt`, the host's dated 2023-11, the guest's `guest_secs`.
+async fn both_edited_at(policy: ConflictPolicy, guest_secs: i64) -> Pair {
     let mut p = with_policy(policy);
     write(&p.host_dir, "f.txt", "base");
     p.sync().await;
     write(&p.host_dir, "f.txt", "host edit");
     write(&p.guest_dir, "f.txt", "guest edit, newer");
     set_mtime(&p.host_dir.join("f.txt"), 1_700_000_000, 0);
-    set_mtime(&p.guest_dir.join("f.txt"), 1_800_000_000, 0);
+    set_mtime(&p.guest_dir.join("f.txt"), guest_secs, 0);
     p.restart();
     p.sync().await;
     p
@@ -196,6 +201,19 @@ async fn same_file_edited_on_both_sides_newer_wins() {
     assert_eq!(saved.len(), 1, "{saved:?}");
     assert_eq!(saved[0].1, b"host edit");
     assert!(p.guest_trash().is_empty());
+}
+
+/// A guest file dated more than a day ahead of the host's clock (here 2096) is not newer:
+/// under `newer-wins` the host's edit wins, and the guest's version is kept in its trash.
+#[tokio::test]
+async fn a_guest_file_dated_in_the_future_does_not_win_newer_wins() {
+    let p = both_edited_at(ConflictPolicy::NewerWins, 4_000_000_000).await;
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+    assert_eq!(read(&p.host_dir, "f.txt"), b"host edit");
+    let saved = p.guest_trash();
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    assert_eq!(saved[0].1, b"guest edit, newer");
+    assert!(p.host_trash().is_empty());
 }
 
 #[tokio::test]
