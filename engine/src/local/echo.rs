@@ -74,15 +74,23 @@ impl LocalShare {
         self.echoes.expire(std::time::Instant::now());
         // The times this side put back, and nothing else: only a hint for a directory's own
         // attributes (a directory hint may stand for changes beneath it), while the directory
-        // is exactly as this side left it; once.
+        // is exactly as this side left it.
         if let Some(root) = self.root.as_ref() {
             let dir_echoes = &mut self.dir_echoes;
+            dir_echoes.expire(std::time::Instant::now());
             attrs.retain(|path| {
-                let Some(left) = dir_echoes.remove(path) else {
+                let Some(Some(left)) = dir_echoes.get(path).copied() else {
                     return true;
                 };
                 let now = root.stat(path).ok().flatten();
-                !now.is_some_and(|st| st.kind == FileKind::Dir && Identity::of(&st) == left)
+                let echo =
+                    now.is_some_and(|st| st.kind == FileKind::Dir && Identity::of(&st) == left);
+                // Kept while it matches: the directory's own watch and its parent's report the
+                // same change, maybe in two takes; any later change moves its ctime.
+                if !echo {
+                    dir_echoes.remove(path);
+                }
+                !echo
             });
         }
         let mut hints = self.drop_file_echoes(hints);

@@ -142,7 +142,7 @@ impl LocalEndpoint {
             wanted: HashMap::new(),
             bases: HashMap::new(),
             echoes: Echoes::default(),
-            dir_echoes: HashMap::new(),
+            dir_echoes: Echoes::default(),
             files_hashed: 0,
             sealer: Sealer::new(),
             kept: KeptLog::default(),

@@ -59,7 +59,7 @@ pub use endpoint::LocalEndpoint;
 use crate::echoes::Echoes;
 use crate::filter::Filter;
 use crate::gitignore::RulesCache;
-use crate::index::{FileIndex, Identity};
+use crate::index::FileIndex;
 use crate::links::LinkMap;
 use crate::reuse::ZeroChunks;
 use crate::root::{FsErrorKind, ShareRoot};
@@ -113,8 +113,10 @@ pub struct LocalShare {
     echoes: Echoes,
     /// Directories whose time this side's own transitions put back (see `ParentTimes` in
     /// `transition.rs`), with the identity they were left with: a watcher hint for only their
-    /// attributes that still finds them so is an echo too.
-    dir_echoes: HashMap<RelPath, Identity>,
+    /// attributes that still finds them so is an echo too. Remembered like `echoes`, for a
+    /// short while: one whose hint never comes (the directory was removed, or its hint came
+    /// with a content hint that covers it) is forgotten, not kept for the agent's life.
+    dir_echoes: Echoes,
     /// Files read and hashed by scans since start (a restart with nothing changed adds none).
     files_hashed: u64,
     /// Seals complete staged files in the background (see the module docs).

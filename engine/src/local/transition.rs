@@ -96,9 +96,6 @@ impl LocalShare {
         if !self.to_link.is_empty() {
             self.link_committed(&mut index_changes);
         }
-        if self.dir_echoes.len() >= MAX_DIR_ECHOES {
-            self.dir_echoes.clear();
-        }
         let root = self.root()?;
         let set: Vec<(RelPath, Identity)> = attrs_set
             .into_iter()
@@ -108,8 +105,9 @@ impl LocalShare {
             })
             .collect();
         let restored = parents.restore(root, &self.name);
-        self.dir_echoes.extend(set);
-        self.dir_echoes.extend(restored);
+        for (dir, left) in set.into_iter().chain(restored) {
+            self.dir_echoes.insert(dir, Some(left));
+        }
         // Nothing is recorded or acknowledged before the directories are durable.
         let step = std::time::Instant::now();
         let unsynced = batch.finish_each();
@@ -968,10 +966,6 @@ impl ParentTimes {
     }
 }
 
-/// At most this many restored directory times are remembered as echoes (beyond, all are
-/// forgotten: a forgotten echo costs one rescan).
-const MAX_DIR_ECHOES: usize = 65_536;
-
 /// Why a change was not applied.
 #[derive(Debug)]
 enum ApplyError {
@@ -1281,5 +1275,39 @@ mod tests {
             outcomes.iter().all(|o| *o == Outcome::Applied),
             "{outcomes:?}"
         );
+    }
+
+    /// The time a transition put back on a directory is an echo for as long as the directory
+    /// stays as it was left: its own watch and its parent's both report it, maybe in two takes,
+    /// and both are dropped; a later change of the directory gets through.
+    #[test]
+    fn a_directory_time_put_back_is_an_echo_each_time_it_is_reported() {
+        let mut f = fixture();
+        std::fs::create_dir(f.share_dir.join("d")).unwrap();
+        full_scan(&mut f.share);
+        let path = RelPath::from_bytes(b"d/new").unwrap();
+        let data = content(1);
+        let missing = stage(&mut f.share, &path, &data);
+        f.share.supply(missing).unwrap();
+        let outcomes = f.share.transition(vec![create(&path, &data)]).unwrap();
+        assert_eq!(outcomes, vec![Outcome::Applied]);
+        let d = RelPath::from_bytes(b"d").unwrap();
+        let attrs = || std::collections::BTreeSet::from([d.clone()]);
+        for take in 1..=2 {
+            let hints = f
+                .share
+                .drop_echoes(vmsync_core::endpoint::ChangeHints::default(), attrs());
+            assert!(hints.paths.is_empty(), "take {take}: {hints:?}");
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            f.share_dir.join("d"),
+            std::fs::Permissions::from_mode(0o700),
+        )
+        .unwrap();
+        let hints = f
+            .share
+            .drop_echoes(vmsync_core::endpoint::ChangeHints::default(), attrs());
+        assert_eq!(hints.paths, vec![d]);
     }
 }
