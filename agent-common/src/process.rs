@@ -66,7 +66,7 @@ pub const MALLOC_ARENAS: i32 = 2;
 /// memory freed in one is kept there for reuse by that arena alone: under steady churn a
 /// long-running agent's RSS then creeps up arena by arena with no more data in use
 /// (docs/performance.md, "Memory and CPU over hours"). Two arenas keep the runtime's threads from
-/// contending much while holding RSS flat. Does nothing on other C libraries.
+/// contending much while holding far less freed memory. Does nothing on other C libraries.
 pub fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
