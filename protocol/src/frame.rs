@@ -16,7 +16,7 @@
 //! EOF between messages is a clean end (`decode_eof` returns `None`); EOF inside a header, a
 //! fragment or between the fragments of one message is [`FrameError::Truncated`].
 //!
-//! Time: with a [`MinRate`], a message must keep arriving at a least average rate once its
+//! Time: with a [`MinRate`], a message must keep arriving at least at an average rate once its
 //! first byte has, or decoding fails with [`FrameError::TooSlow`]. A silence limit alone (the
 //! transport's) lets a peer trickle a message a byte at a time just inside it, holding the
 //! request it answers for as long as the request's backstop.
