@@ -48,6 +48,9 @@ pub const MAX_PUT_BACK_RECORDS: usize = 1_000_000;
 /// just kept must outlive any halt, `put_back` and a user's first look, however small the
 /// share (10 % of a share of small files is a few kilobytes). The age limit still applies.
 pub const SIZE_PRUNE_MIN_AGE: Duration = Duration::from_secs(3600);
+/// Thinning (see [`plan_thin`]) waits this many times as long as its last walk took before it
+/// walks again: at most about 1/50 of a core, however large the trash.
+pub const THIN_COST_SHARE: u32 = 50;
 
 const SECS_PER_DAY: i64 = 86_400;
 
@@ -351,6 +354,46 @@ pub fn plan_prune(
     remove
 }
 
+/// One kept file or symlink as thinning sees it: its batch (an index into batches sorted
+/// oldest first), its path and its size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptVersion {
+    pub batch: usize,
+    pub path: RelPath,
+    pub bytes: u64,
+}
+
+/// Which kept versions to remove (indices into `versions`, sorted oldest batch first) when the
+/// trash holds `total` bytes, over `max_bytes`, and what is over is too young for the size
+/// limit to remove whole batches ([`SIZE_PRUNE_MIN_AGE`]): of each path's versions, all but
+/// its oldest and its newest, oldest first, until the trash holds at most `max_bytes`. What a
+/// wipe removed (each path's newest version) and what a path was before a burst of edits (its
+/// oldest) stay; a file rewritten all hour long costs the trash two versions, not one per
+/// rewrite.
+pub fn plan_thin(versions: &[KeptVersion], total: u64, max_bytes: u64) -> Vec<usize> {
+    let mut ends: HashMap<&RelPath, (usize, usize)> = HashMap::new();
+    for (i, v) in versions.iter().enumerate() {
+        ends.entry(&v.path)
+            .and_modify(|(_, last)| *last = i)
+            .or_insert((i, i));
+    }
+    let mut total = total;
+    let mut remove = Vec::new();
+    for (i, v) in versions.iter().enumerate() {
+        if total <= max_bytes {
+            break;
+        }
+        let Some(&(first, last)) = ends.get(&v.path) else {
+            continue;
+        };
+        if i != first && i != last {
+            remove.push(i);
+            total = total.saturating_sub(v.bytes);
+        }
+    }
+    remove
+}
+
 /// One kept file or symlink.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeptItem {
@@ -424,6 +467,11 @@ pub struct TrashUsage {
     batches: BTreeMap<Vec<u8>, (Timestamp, u64, u64)>,
     files: u64,
     bytes: u64,
+    /// Thinning walks every batch left; it waits this long after its last walk, so that it
+    /// costs at most about 1/[`THIN_COST_SHARE`] of a core's time.
+    thin_after: Option<Instant>,
+    /// The last prune left the trash over its size with thinning waiting for `thin_after`.
+    thin_deferred: bool,
 }
 
 impl TrashUsage {
@@ -470,7 +518,8 @@ impl TrashUsage {
     }
 
     /// Applies the retention: removes expired and excess batches, oldest first (see
-    /// [`plan_prune`]). Returns the files and bytes kept afterwards.
+    /// [`plan_prune`]), then, if the trash is still over its size, thins what is left (see
+    /// [`plan_thin`]). Returns the files and bytes kept afterwards.
     pub fn prune(
         &mut self,
         root: &ShareRoot,
@@ -507,7 +556,87 @@ impl TrashUsage {
                 self.bytes -= bytes;
             }
         }
+        let max_bytes = retention.max_size.bytes(share_bytes);
+        let thin_now = self.thin_after.is_none_or(|t| Instant::now() >= t);
+        self.thin_deferred = self.bytes > max_bytes && !thin_now;
+        if self.bytes > max_bytes && thin_now {
+            let started = Instant::now();
+            let counted = self.totals();
+            self.thin(root, max_bytes)?;
+            let cost = started.elapsed();
+            tracing::debug!(
+                "trash thinned in {} ms: counted {} files of {} bytes; {} files of {} bytes left, limit {max_bytes}",
+                cost.as_millis(),
+                counted.0,
+                counted.1,
+                self.files,
+                self.bytes
+            );
+            self.thin_after = Some(Instant::now() + cost * THIN_COST_SHARE);
+        }
         Ok(self.totals())
+    }
+
+    /// Whether the last prune left thinning to do that waits for its walk's cost to pass: the
+    /// pruner prunes again then, even if nothing more is kept.
+    pub fn thin_deferred(&self) -> bool {
+        self.thin_deferred
+    }
+
+    /// Removes kept versions from the batches no transition is writing into, as
+    /// [`plan_thin`] says. It walks them, so it counts them again on the way: what it planned
+    /// from is what is on disk, not what transitions said they kept.
+    fn thin(&mut self, root: &ShareRoot, max_bytes: u64) -> Result<(), FsError> {
+        let mut names: Vec<(Timestamp, Vec<u8>)> = self
+            .batches
+            .iter()
+            .filter(|(name, _)| !is_open(name))
+            .map(|(name, &(time, _, _))| (time, name.clone()))
+            .collect();
+        names.sort();
+        let mut versions = Vec::new();
+        for (i, (time, name)) in names.iter().enumerate() {
+            let from = versions.len();
+            match root.open_trash_batch(name) {
+                Ok(dir) => walk(&dir, &RelPath::root(), &mut |path, stat| {
+                    versions.push(KeptVersion {
+                        batch: i,
+                        path,
+                        bytes: stat.size,
+                    });
+                })?,
+                Err(e) if e.kind() == FsErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            let walked = versions.get(from..).unwrap_or_default();
+            let bytes = walked.iter().map(|v| v.bytes).sum();
+            self.batches
+                .insert(name.clone(), (*time, walked.len() as u64, bytes));
+        }
+        self.recount();
+        for i in plan_thin(&versions, self.bytes, max_bytes) {
+            let Some(v) = versions.get(i) else { continue };
+            let Some((_, name)) = names.get(v.batch) else {
+                continue;
+            };
+            // Batch names vmsync makes are ASCII; others are not in the count.
+            let Ok(batch) = std::str::from_utf8(name) else {
+                continue;
+            };
+            root.remove_kept(batch, &v.path)?;
+            if let Some((_, files, bytes)) = self.batches.get_mut(name) {
+                *files = files.saturating_sub(1);
+                *bytes = bytes.saturating_sub(v.bytes);
+            }
+        }
+        self.recount();
+        Ok(())
+    }
+
+    /// The totals again from the batches' counts.
+    fn recount(&mut self) {
+        self.files = self.batches.values().map(|&(_, f, _)| f).sum();
+        self.bytes = self.batches.values().map(|&(_, _, b)| b).sum();
     }
 }
 
@@ -627,11 +756,12 @@ impl Pruner {
                         }
                     }
                     pruned_at = Some(now);
-                    unpruned = false;
                     let bytes = share_bytes.load(Ordering::Relaxed);
                     if let Err(e) = usage.prune(&root, retention, bytes, crate::trash::now()) {
                         tracing::warn!(share = %share, "pruning the trash: {e}");
                     }
+                    // Thinning that waits for its cost: due again even if nothing is kept.
+                    unpruned = usage.thin_deferred();
                     totals.set(usage.totals());
                 }
             })?;
@@ -1054,6 +1184,123 @@ mod tests {
                 v[i].open = true;
             }
             assert_eq!(plan_prune(&v, now, max_age, max_bytes), want, "{what}");
+        }
+    }
+
+    fn versions(list: &[(usize, &str, u64)]) -> Vec<KeptVersion> {
+        list.iter()
+            .map(|&(batch, path, bytes)| KeptVersion {
+                batch,
+                path: RelPath::from_bytes(path.as_bytes()).unwrap(),
+                bytes,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn thinning_keeps_each_paths_oldest_and_newest() {
+        // (what, versions (batch, path, bytes), max_bytes, expected removals)
+        type Case = (
+            &'static str,
+            Vec<(usize, &'static str, u64)>,
+            u64,
+            Vec<usize>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "under the size: nothing",
+                vec![(0, "a", 10), (1, "a", 10), (2, "a", 10)],
+                30,
+                vec![],
+            ),
+            (
+                "one path rewritten: the middle versions go, oldest first, until under",
+                vec![(0, "a", 10), (1, "a", 10), (2, "a", 10), (3, "a", 10)],
+                25,
+                vec![1, 2],
+            ),
+            (
+                "stops as soon as it is under",
+                vec![(0, "a", 10), (1, "a", 10), (2, "a", 10), (3, "a", 10)],
+                30,
+                vec![1],
+            ),
+            (
+                "a wipe (one version per path) is never thinned",
+                vec![(0, "a", 10), (0, "b", 10), (0, "c", 10)],
+                0,
+                vec![],
+            ),
+            (
+                "two versions of a path both stay",
+                vec![(0, "a", 10), (1, "a", 10), (1, "b", 10), (2, "b", 10)],
+                0,
+                vec![],
+            ),
+            (
+                "paths interleaved: each keeps its own ends",
+                vec![
+                    (0, "a", 5),
+                    (0, "b", 7),
+                    (1, "a", 5),
+                    (1, "b", 7),
+                    (2, "a", 5),
+                    (2, "b", 7),
+                    (3, "c", 100),
+                ],
+                0,
+                vec![2, 3],
+            ),
+        ];
+        for (what, list, max, want) in cases {
+            let v = versions(&list);
+            let total = v.iter().map(|v| v.bytes).sum();
+            assert_eq!(plan_thin(&v, total, max), want, "{what}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the trash holds, thinning never removes a path's oldest or newest version,
+        /// removes oldest first, and stops once under the limit or out of middle versions.
+        #[test]
+        fn thinning_spares_the_ends_and_stops_when_under(
+            raw in proptest::collection::vec((0usize..4, 0u64..1000), 0..60),
+            max in 0u64..20_000,
+        ) {
+            let list: Vec<(usize, String, u64)> = raw
+                .iter()
+                .enumerate()
+                .map(|(i, &(p, b))| (i, format!("p{p}"), b))
+                .collect();
+            let v: Vec<KeptVersion> = list
+                .iter()
+                .map(|(i, p, b)| KeptVersion {
+                    batch: *i,
+                    path: RelPath::from_bytes(p.as_bytes()).unwrap(),
+                    bytes: *b,
+                })
+                .collect();
+            let total: u64 = v.iter().map(|v| v.bytes).sum();
+            let remove = plan_thin(&v, total, max);
+            proptest::prop_assert!(remove.windows(2).all(|w| w[0] < w[1]));
+            for &i in &remove {
+                let p = &v[i].path;
+                proptest::prop_assert!(v[..i].iter().any(|o| &o.path == p), "oldest removed");
+                proptest::prop_assert!(v[i + 1..].iter().any(|o| &o.path == p), "newest removed");
+            }
+            let left = total - remove.iter().map(|&i| v[i].bytes).sum::<u64>();
+            let middle = |i: usize| {
+                v[..i].iter().any(|o| o.path == v[i].path)
+                    && v[i + 1..].iter().any(|o| o.path == v[i].path)
+            };
+            let spared_middle = (0..v.len()).any(|i| middle(i) && !remove.contains(&i));
+            if spared_middle {
+                // Stopped because it was under, and only just: the last removal was needed.
+                proptest::prop_assert!(left <= max);
+                if let Some(&last) = remove.last() {
+                    proptest::prop_assert!(left + v[last].bytes > max);
+                }
+            }
         }
     }
 

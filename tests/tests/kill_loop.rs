@@ -38,6 +38,80 @@ fn temp_names(root: &Path) -> Vec<std::ffi::OsString> {
 }
 
 /// Fails with the violations and both logs' tails.
+/// The bytes of the files under `dir` (not following symlinks), and their count.
+fn bytes_under(dir: &Path) -> (u64, u64) {
+    let mut total = (0, 0);
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(meta) = entry.metadata() else { continue };
+        if meta.is_dir() {
+            let (b, n) = bytes_under(&entry.path());
+            total = (total.0 + b, total.1 + n);
+        } else if meta.is_file() {
+            total = (total.0 + meta.len(), total.1 + 1);
+        }
+    }
+    total
+}
+
+/// The largest files under `dir`, largest first: (bytes, path under `dir`).
+fn largest_under(dir: &Path, n: usize) -> Vec<(u64, String)> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<(u64, String)>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                walk(base, &entry.path(), out);
+            } else if meta.is_file() {
+                let rel = entry
+                    .path()
+                    .strip_prefix(base)
+                    .map(|p| p.display().to_string());
+                out.push((meta.len(), rel.unwrap_or_default()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort_by(|a, b| b.cmp(a));
+    out.truncate(n);
+    out
+}
+
+/// The trash stays bounded however much the writers churned: once the pruner has had its
+/// turn, each side's trash holds at most about two versions of what the share holds (the size
+/// limit thins young batches to each path's oldest and newest version), plus the 64 MiB floor
+/// of a percentage limit. Returns each side's trash bytes.
+fn check_trash_bounded(a: &Agents) -> [u64; 2] {
+    let mut out = [0; 2];
+    for (i, (side, root)) in [("host", &a.host_dir), ("guest", &a.guest_dir)]
+        .into_iter()
+        .enumerate()
+    {
+        let trash = root.join(".vmsync/trash");
+        let share = bytes_under(root).0 - bytes_under(&root.join(".vmsync")).0;
+        let bound = 2 * share + (64 << 20);
+        // The pruner prunes at most every 5 s after something was kept.
+        let bounded = eventually(Duration::from_secs(60), || bytes_under(&trash).0 <= bound);
+        let (bytes, files) = bytes_under(&trash);
+        if !bounded {
+            let mut evidence = vec![format!(
+                "{side}: trash {bytes} bytes in {files} files; share {share} bytes; bound {bound}"
+            )];
+            evidence.extend(
+                largest_under(&trash, 12)
+                    .into_iter()
+                    .map(|(b, p)| format!("{b:>12} {p}")),
+            );
+            fail(
+                a,
+                &format!("the {side}'s trash is over its bound"),
+                &evidence,
+            );
+        }
+        out[i] = bytes;
+    }
+    out
+}
+
 fn fail(a: &Agents, what: &str, evidence: &[String]) -> ! {
     panic!(
         "kill loop: {what}:\n  {}\n--- host.log (tail)\n{}\n--- guest.log (tail)\n{}",
@@ -276,6 +350,7 @@ fn kill_9_loop_every_visible_file_is_a_whole_version_and_the_trees_converge() {
             let (hw, gw) = (hr.finish(), gr.finish());
             let expected = expected_files(&[&hw.model, &gw.model]);
             let took = converge(&a, &expected);
+            check_trash_bounded(&a);
             running = Some((
                 Running::spawn(hw, pause, big_p),
                 Running::spawn(gw, pause, big_p),
@@ -312,10 +387,11 @@ fn kill_9_loop_every_visible_file_is_a_whole_version_and_the_trees_converge() {
             fail(&a, "at the end", &bad);
         }
     }
+    let trash = check_trash_bounded(&a);
     eprintln!(
         "kill loop summary: seed {seed}; {rounds} rounds in {:.1} s ({:.2} s/round); kills: host {}, guest {}; \
          {} versions written, {} file checks ({passes} sampler passes); {converges} convergences, \
-         max time to converge {:.2} s; {} files at the end",
+         max time to converge {:.2} s; {} files at the end; trash: host {:.0} MiB, guest {:.0} MiB",
         started.elapsed().as_secs_f64(),
         started.elapsed().as_secs_f64() / f64::from(rounds.max(1)),
         kills[0],
@@ -324,6 +400,8 @@ fn kill_9_loop_every_visible_file_is_a_whole_version_and_the_trees_converge() {
         known.files_checked.load(Ordering::Relaxed),
         max_converge.as_secs_f64(),
         expected.len(),
+        trash[0] as f64 / f64::from(1 << 20),
+        trash[1] as f64 / f64::from(1 << 20),
     );
 }
 

@@ -303,6 +303,51 @@ async fn expiry_by_age_then_by_size_oldest_first() {
     assert_eq!(read(&p.host_dir, "stays"), b"x");
 }
 
+/// A file rewritten again and again within the hour, with the trash over its size: the size
+/// limit cannot remove batches that young, so it thins them: of each path, its oldest kept
+/// version (what it was before the edits) and its newest stay, and what the guest deleted.
+#[tokio::test]
+async fn a_trash_over_its_size_keeps_each_paths_oldest_and_newest_version() {
+    let mut p = pair();
+    write(&p.host_dir, "log.bin", random_bytes(100, 1000));
+    write(&p.host_dir, "gone.bin", random_bytes(200, 1000));
+    p.sync().await;
+    for i in 1..=4 {
+        write(&p.guest_dir, "log.bin", random_bytes(100 + i, 1000));
+        p.sync().await;
+    }
+    std::fs::remove_file(p.guest_dir.join("gone.bin")).unwrap();
+    p.sync().await;
+    // The kept contents, sorted, as the seeds of `random_bytes`.
+    let kept = |p: &Pair| -> Vec<Vec<u8>> {
+        let mut v: Vec<Vec<u8>> = p.host_trash().into_iter().map(|(_, d)| d).collect();
+        v.sort();
+        v
+    };
+    let seeds = |seeds: &[u64]| -> Vec<Vec<u8>> {
+        let mut v: Vec<Vec<u8>> = seeds.iter().map(|&s| random_bytes(s, 1000)).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(kept(&p), seeds(&[100, 101, 102, 103, 200]));
+    let root = ShareRoot::open(&p.host_dir).unwrap();
+    let now = trash::now();
+    let limit = |bytes| Retention {
+        max_size: SizeLimit::Bytes(bytes),
+        ..Retention::default()
+    };
+    // 4,000 bytes at most: one middle version goes, the oldest of the two.
+    let left = trash::prune_once(&root, limit(4000), 0, now).unwrap();
+    assert_eq!(left, (4, 4000));
+    assert_eq!(kept(&p), seeds(&[100, 102, 103, 200]));
+    // Nothing at all: down to the ends of log.bin and the deletion, however far over.
+    let left = trash::prune_once(&root, limit(0), 0, now).unwrap();
+    assert_eq!(left, (3, 3000));
+    assert_eq!(kept(&p), seeds(&[100, 103, 200]));
+    assert_eq!(read(&p.host_dir, "log.bin"), random_bytes(104, 1000));
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+}
+
 /// A host config for share `s` at `dir`, for the CLI (no agent needs to run).
 fn host_config(p: &Pair) -> PathBuf {
     let file = p.tmp.path().join("host.toml");

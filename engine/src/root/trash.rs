@@ -300,6 +300,18 @@ impl ShareRoot {
         }
     }
 
+    /// Removes the kept file or symlink `.vmsync/trash/<batch>/<rel>`; nothing if it is gone.
+    pub fn remove_kept(&self, batch: &str, rel: &RelPath) -> Result<(), FsError> {
+        const OP: &str = "remove kept version";
+        let Some((dir, name)) = self.kept_parent(OP, batch, rel)? else {
+            return Ok(());
+        };
+        match rfs::unlinkat(&dir, name, AtFlags::empty()) {
+            Ok(()) | Err(Errno::NOENT) => Ok(()),
+            Err(e) => Err(fail(OP, Loc::path(rel), e)),
+        }
+    }
+
     /// The target of the kept symlink `.vmsync/trash/<batch>/<rel>`.
     pub fn kept_read_link(&self, batch: &str, rel: &RelPath) -> Result<Vec<u8>, FsError> {
         const OP: &str = "read kept symlink";
