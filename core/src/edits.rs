@@ -19,7 +19,12 @@ pub enum ManifestEdit {
     /// The old list's references `start .. start + count`.
     Copy { start: u32, count: u32 },
     /// New references: (chunk id, length).
-    New(Vec<(Hash, u32)>),
+    New(
+        #[serde(
+            deserialize_with = "crate::bounded::vec::<_, _, { crate::limits::MAX_FILE_CHUNKS }>"
+        )]
+        Vec<(Hash, u32)>,
+    ),
 }
 
 /// Why edits could not be applied.

@@ -29,7 +29,12 @@ pub enum ScanScope {
     Full,
     /// These paths and, where they are directories, everything beneath them. Paths that do not
     /// exist are simply absent from the report.
-    Paths(Vec<RelPath>),
+    Paths(
+        #[serde(
+            deserialize_with = "crate::bounded::vec::<_, _, { crate::limits::MAX_BATCH_PATHS }>"
+        )]
+        Vec<RelPath>,
+    ),
 }
 
 /// The identity of a share root: the random id in its marker file, and where it lives.
@@ -188,6 +193,7 @@ pub enum Outcome {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ChangeHints {
     /// Paths that changed, coalesced: no path here lies beneath another one here.
+    #[serde(deserialize_with = "crate::bounded::vec::<_, _, { crate::limits::MAX_BATCH_PATHS }>")]
     pub paths: Vec<RelPath>,
     /// Too much changed to say what (an event queue overflowed, too many paths, a watch could
     /// not be placed): rescan the whole share.

@@ -121,10 +121,14 @@ pub struct ChunkRef {
 /// A file's content as a list of chunks covering `[0, size)` in order.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Manifest {
+    #[serde(deserialize_with = "crate::bounded::vec::<_, _, { crate::limits::MAX_FILE_CHUNKS }>")]
     pub chunks: Vec<ChunkRef>,
     /// Other paths where the source holds this very file (hard links to the same inode), at
     /// most [`crate::limits::MAX_MANIFEST_LINKS`]: the destination links the copies it holds
     /// together too. Empty for a file with one name. See docs/hard-links.md.
+    #[serde(
+        deserialize_with = "crate::bounded::vec::<_, _, { crate::limits::MAX_MANIFEST_LINKS }>"
+    )]
     pub links: Vec<RelPath>,
 }
 

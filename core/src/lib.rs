@@ -18,6 +18,7 @@
 //! - [`text`]: a peer's text made safe to print (control and bidi characters escaped).
 //! - [`reserve`]: the free-space reserve (`min_free`) a destination keeps on its filesystem.
 
+pub mod bounded;
 pub mod deletions;
 pub mod delta;
 pub mod digest;

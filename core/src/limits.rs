@@ -22,6 +22,8 @@ pub const CHUNK_MAX_BYTES: u32 = 64 * 1024;
 pub const MAX_FILE_CHUNKS: usize = 2 * 1024 * 1024;
 /// At most this many other names of a hard-linked file travel with its manifest.
 pub const MAX_MANIFEST_LINKS: usize = 64;
+/// Most paths in a scan's scope and in one answer of change hints.
+pub const MAX_BATCH_PATHS: usize = 65_536;
 
 /// Most ignored paths one scan reports (shares with `respect_gitignore`). A scan that skipped
 /// more reports their ancestor directories instead, a level higher at a time until they fit:

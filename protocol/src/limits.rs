@@ -9,9 +9,9 @@
 //! are re-exported here so that decoders read every bound from one module.
 
 pub use vmsync_core::limits::{
-    CHUNK_AVG_BYTES, CHUNK_MAX_BYTES, CHUNK_MIN_BYTES, MAX_DELTA_BYTES, MAX_FILE_CHUNKS,
-    MAX_MANIFEST_LINKS, MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_PATH_DEPTH, MAX_SCAN_IGNORED,
-    MAX_SIGNATURE_BYTES, MAX_SYMLINK_TARGET_BYTES,
+    CHUNK_AVG_BYTES, CHUNK_MAX_BYTES, CHUNK_MIN_BYTES, MAX_BATCH_PATHS, MAX_DELTA_BYTES,
+    MAX_FILE_CHUNKS, MAX_MANIFEST_LINKS, MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_PATH_DEPTH,
+    MAX_SCAN_IGNORED, MAX_SIGNATURE_BYTES, MAX_SYMLINK_TARGET_BYTES,
 };
 
 /// Size of a fragment header: one big-endian `u32`.
@@ -39,8 +39,6 @@ pub const MAX_AGENT_VERSION_BYTES: usize = 64;
 /// an `EndpointError`.
 pub const MAX_REASON_BYTES: usize = 4096;
 
-/// Most paths in a `Scan` request's scope.
-pub const MAX_BATCH_PATHS: usize = 65_536;
 /// Most files in one `Manifests` or `Stage` request (and in its response).
 pub const MAX_BATCH_FILES: usize = 65_536;
 /// Most chunks in one `ReadChunks` or `Supply` message. At [`CHUNK_MAX_BYTES`] each, a full

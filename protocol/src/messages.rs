@@ -31,7 +31,12 @@
 //! change without changing the wire.
 
 use crate::chunk::WireContent;
+use crate::limits::{
+    MAX_BATCH_CHANGES, MAX_BATCH_CHUNKS, MAX_BATCH_FILES, MAX_FILE_CHUNKS, MAX_IGNORE_PATTERNS,
+    MAX_SCAN_ENTRIES, MAX_SCAN_IGNORED, MAX_SCAN_PROBLEMS, MAX_SHARES,
+};
 use serde::{Deserialize, Serialize};
+use vmsync_core::bounded::{result_vec, vec};
 use vmsync_core::edits::ManifestEdit;
 use vmsync_core::endpoint::RootId;
 use vmsync_core::endpoint::{
@@ -106,6 +111,7 @@ pub struct ShareOpen {
     pub name: String,
     /// Gitignore patterns the host wants applied on the guest's side (one pattern per string,
     /// no newlines), so ignored files are not even scanned there.
+    #[serde(deserialize_with = "vec::<_, _, MAX_IGNORE_PATTERNS>")]
     pub ignore: Vec<String>,
     /// Also honour the tree's own `.gitignore` and `.ignore` files (the share's
     /// `respect_gitignore`): the guest's scans then read them and report what they exclude.
@@ -123,6 +129,7 @@ pub struct Hello {
     pub agent_version: String,
     pub chunker: ChunkerParams,
     /// The shares to open; a request's `share` is an index into this list.
+    #[serde(deserialize_with = "vec::<_, _, MAX_SHARES>")]
     pub shares: Vec<ShareOpen>,
 }
 
@@ -210,34 +217,35 @@ pub enum RequestBody {
         base: Option<u64>,
     },
     Manifests {
+        #[serde(deserialize_with = "vec::<_, _, MAX_BATCH_FILES>")]
         files: Vec<(RelPath, FileMeta)>,
     },
     /// Chunks to read; a read may carry the destination's base signature, and its answer be a
     /// delta against it (see `vmsync_core::delta`).
     ReadChunks {
+        #[serde(deserialize_with = "vec::<_, _, MAX_BATCH_CHUNKS>")]
         reads: Vec<BasedRead>,
     },
     /// Files to stage; the answer may offer delta bases ([`StageAnswer`]).
     Stage {
+        #[serde(deserialize_with = "vec::<_, _, MAX_BATCH_FILES>")]
         files: Vec<StageFile>,
     },
     /// Whole chunks or deltas (compressed when that pays, see [`crate::chunk`]); answered with
     /// the chunks still missing.
     Supply {
+        #[serde(deserialize_with = "vec::<_, _, MAX_BATCH_CHUNKS>")]
         chunks: Vec<WireContent>,
     },
     Transition {
+        #[serde(deserialize_with = "vec::<_, _, MAX_BATCH_CHANGES>")]
         changes: Vec<Change>,
     },
     /// Long-poll for change hints: answered when the guest has some, or with empty hints after
     /// at most `max_wait_ms` (so no request outlives the client's backstop).
-    PollChanges {
-        max_wait_ms: u32,
-    },
+    PollChanges { max_wait_ms: u32 },
     /// Note the share generation in the share's reserved directory (`Endpoint::mark`).
-    Mark {
-        generation: u64,
-    },
+    Mark { generation: u64 },
 }
 
 /// One file of a `Stage` request.
@@ -260,6 +268,7 @@ pub enum ManifestForm {
     Edits {
         base_size: u64,
         base_digest: Hash,
+        #[serde(deserialize_with = "vec::<_, _, MAX_FILE_CHUNKS>")]
         edits: Vec<ManifestEdit>,
     },
 }
@@ -268,7 +277,7 @@ pub enum ManifestForm {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StageAnswer {
     /// Staged; these chunks are still missing, some with a delta base.
-    Missing(Vec<MissingChunk>),
+    Missing(#[serde(deserialize_with = "vec::<_, _, MAX_FILE_CHUNKS>")] Vec<MissingChunk>),
     /// Not staged, for a reason worth showing.
     Problem(WireProblem),
     /// The manifest came as edits against a file this side does not have (any more), or they
@@ -321,16 +330,31 @@ pub enum ResponseBody {
     Scanned(Result<Scanned, WireError>),
     ScanDelta(Result<ScanDelta, WireError>),
     /// One entry per requested file, in order.
-    Manifests(Result<Vec<Result<Manifest, WireProblem>>, WireError>),
+    Manifests(
+        #[serde(deserialize_with = "result_vec::<_, _, _, MAX_BATCH_FILES>")]
+        Result<Vec<Result<Manifest, WireProblem>>, WireError>,
+    ),
     /// One entry per requested read, in order: the chunk whole, a delta against the read's
     /// base, or `None` where the data changed on disk.
-    Chunks(Result<Vec<Option<WireContent>>, WireError>),
+    Chunks(
+        #[serde(deserialize_with = "result_vec::<_, _, _, MAX_BATCH_CHUNKS>")]
+        Result<Vec<Option<WireContent>>, WireError>,
+    ),
     /// One answer per requested file, in order.
-    Staged(Result<Vec<StageAnswer>, WireError>),
+    Staged(
+        #[serde(deserialize_with = "result_vec::<_, _, _, MAX_BATCH_FILES>")]
+        Result<Vec<StageAnswer>, WireError>,
+    ),
     /// The supplied chunks still missing: their delta did not rebuild them.
-    Supplied(Result<Vec<Hash>, WireError>),
+    Supplied(
+        #[serde(deserialize_with = "result_vec::<_, _, _, MAX_BATCH_CHUNKS>")]
+        Result<Vec<Hash>, WireError>,
+    ),
     /// One outcome per requested change, in order.
-    Transitioned(Result<Vec<Outcome>, WireError>),
+    Transitioned(
+        #[serde(deserialize_with = "result_vec::<_, _, _, MAX_BATCH_CHANGES>")]
+        Result<Vec<Outcome>, WireError>,
+    ),
     Changes(Result<ChangeHints, WireError>),
     Marked(Result<(), WireError>),
 }
@@ -343,10 +367,14 @@ pub enum ResponseBody {
 pub struct Scanned {
     pub root: Option<RootId>,
     /// Sorted by path.
+    #[serde(deserialize_with = "vec::<_, _, MAX_SCAN_ENTRIES>")]
     pub entries: Vec<(RelPath, Entry)>,
+    #[serde(deserialize_with = "vec::<_, _, MAX_SCAN_PROBLEMS>")]
     pub problems: Vec<WireProblem>,
+    #[serde(deserialize_with = "vec::<_, _, MAX_SCAN_IGNORED>")]
     pub ignored: Vec<RelPath>,
     pub generation: Option<u64>,
+    #[serde(deserialize_with = "vec::<_, _, SCAN_MANIFESTS_MAX>")]
     pub manifests: Vec<(RelPath, Manifest)>,
 }
 
@@ -359,13 +387,17 @@ pub struct ScanDelta {
     pub base: Option<u64>,
     pub root: Option<RootId>,
     /// New or different entries, sorted by path.
+    #[serde(deserialize_with = "vec::<_, _, MAX_SCAN_ENTRIES>")]
     pub changed: Vec<(RelPath, Entry)>,
     /// Paths no longer there, sorted.
+    #[serde(deserialize_with = "vec::<_, _, MAX_SCAN_ENTRIES>")]
     pub removed: Vec<RelPath>,
     /// All of this scan's problems (not a difference: they are few).
+    #[serde(deserialize_with = "vec::<_, _, MAX_SCAN_PROBLEMS>")]
     pub problems: Vec<WireProblem>,
     /// All of this scan's ignored paths (`ScanReport::ignored`; not a difference either: a
     /// share's ignore files exclude a few directories and files, and the list is bounded).
+    #[serde(deserialize_with = "vec::<_, _, MAX_SCAN_IGNORED>")]
     pub ignored: Vec<RelPath>,
     /// `ScanReport::generation`: the share generation the guest last noted.
     pub generation: Option<u64>,

@@ -37,5 +37,5 @@ for t in "${targets[@]}"; do
     dirs=("$here/corpus/$t")
     [ -d "$here/seeds/$t" ] && dirs+=("$here/seeds/$t")
     cargo "+$toolchain" fuzz run --fuzz-dir "$here" --target-dir "$target_dir" "$t" \
-        "${dirs[@]}" -- -max_total_time="$secs" -rss_limit_mb=2048 -max_len=1048576
+        "${dirs[@]}" -- -max_total_time="$secs" -rss_limit_mb=2048 -malloc_limit_mb=256 -max_len=1048576
 done
