@@ -142,6 +142,10 @@ pub enum ManifestError {
     },
     #[error("chunk {index} has length {len}, outside 1..={max}")]
     BadLength { index: usize, len: u32, max: u32 },
+    #[error(
+        "chunk {index} has length {len}, under the chunker's minimum of {min}, and is not the last"
+    )]
+    Short { index: usize, len: u32, min: u32 },
     #[error("chunks cover {covered} bytes, file has {size}")]
     Size { covered: u64, size: u64 },
     #[error("{count} chunks, more than {max}")]
@@ -175,7 +179,12 @@ impl Manifest {
     }
 
     /// Checks the chunks cover `[0, meta.size)` exactly, in order, with legal lengths, and that
-    /// they hash to `meta.digest` (docs/security.md rule 11). `max_chunk` is the chunker's maximum.
+    /// they hash to `meta.digest` (docs/security.md rule 11). `max_chunk` is the chunker's
+    /// maximum; every chunk but the last is at least its minimum ([`CHUNK_MIN_BYTES`]), as the
+    /// chunker cuts them, so a file of `n` bytes has at most `n / 4 KiB + 1` chunks whoever
+    /// made its manifest.
+    ///
+    /// [`CHUNK_MIN_BYTES`]: crate::limits::CHUNK_MIN_BYTES
     pub fn validate(&self, meta: &FileMeta, max_chunk: u32) -> Result<(), ManifestError> {
         if self.links.len() > crate::limits::MAX_MANIFEST_LINKS {
             return Err(ManifestError::TooManyLinks {
@@ -205,6 +214,14 @@ impl Manifest {
                     max: max_chunk,
                 });
             }
+            let min = crate::limits::CHUNK_MIN_BYTES;
+            if c.len < min && index + 1 < self.chunks.len() {
+                return Err(ManifestError::Short {
+                    index,
+                    len: c.len,
+                    min,
+                });
+            }
             expected = expected.saturating_add(u64::from(c.len));
         }
         if expected != meta.size {
@@ -217,5 +234,104 @@ impl Manifest {
             return Err(ManifestError::Digest);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::limits::{CHUNK_MAX_BYTES, CHUNK_MIN_BYTES, MAX_MANIFEST_LINKS};
+
+    /// A manifest of chunks of these lengths, laid end to end, and the meta that matches it.
+    fn made(lens: &[u32]) -> (Manifest, FileMeta) {
+        let mut offset = 0u64;
+        let chunks: Vec<ChunkRef> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| {
+                let c = ChunkRef {
+                    hash: Hash([i as u8; 32]),
+                    offset,
+                    len,
+                };
+                offset += u64::from(len);
+                c
+            })
+            .collect();
+        let meta = FileMeta {
+            size: offset,
+            mode: 0o644,
+            mtime: Timestamp::new(0, 0),
+            digest: Manifest::digest_of(&chunks),
+        };
+        let m = Manifest {
+            chunks,
+            links: Vec::new(),
+        };
+        (m, meta)
+    }
+
+    #[test]
+    fn a_manifest_is_checked_against_its_file_and_the_chunker() {
+        let (min, max) = (CHUNK_MIN_BYTES, CHUNK_MAX_BYTES);
+        let ok: &[&[u32]] = &[&[], &[1], &[min, 1], &[max, min, max, 7], &[min + 1, 3]];
+        for lens in ok {
+            let (m, meta) = made(lens);
+            assert_eq!(m.validate(&meta, max), Ok(()), "{lens:?}");
+        }
+        let short = |index, len| ManifestError::Short { index, len, min };
+        let cases: Vec<(&str, Vec<u32>, ManifestError)> = vec![
+            ("a one-byte chunk before the last", vec![1, 1], short(0, 1)),
+            (
+                "just under the minimum, not last",
+                vec![max, min - 1, 5],
+                short(1, min - 1),
+            ),
+            (
+                "over the maximum",
+                vec![max + 1],
+                ManifestError::BadLength {
+                    index: 0,
+                    len: max + 1,
+                    max,
+                },
+            ),
+            (
+                "empty chunk",
+                vec![min, 0],
+                ManifestError::BadLength {
+                    index: 1,
+                    len: 0,
+                    max,
+                },
+            ),
+        ];
+        for (what, lens, want) in cases {
+            let (m, meta) = made(&lens);
+            assert_eq!(m.validate(&meta, max), Err(want), "{what}");
+        }
+        // Coverage and digest against the file's meta.
+        let (mut m, meta) = made(&[min, 10]);
+        m.chunks[1].offset += 1;
+        assert!(matches!(
+            m.validate(&meta, max),
+            Err(ManifestError::Gap { index: 1, .. })
+        ));
+        let (m, mut meta) = made(&[min, 10]);
+        meta.size += 1;
+        assert!(matches!(
+            m.validate(&meta, max),
+            Err(ManifestError::Size { .. })
+        ));
+        let (m, mut meta) = made(&[min, 10]);
+        meta.digest = Hash([9; 32]);
+        assert_eq!(m.validate(&meta, max), Err(ManifestError::Digest));
+        let (mut m, meta) = made(&[min]);
+        m.links = vec![RelPath::from_bytes(b"x").unwrap(); MAX_MANIFEST_LINKS + 1];
+        assert!(matches!(
+            m.validate(&meta, max),
+            Err(ManifestError::TooManyLinks { .. })
+        ));
     }
 }

@@ -449,7 +449,9 @@ async fn a_really_full_state_dir_pauses_and_resumes_when_space_appears() {
     assert!(!p.guest_dir.join("a.txt").exists());
 
     std::fs::remove_file(&filler).unwrap();
-    p.sync().await;
+    let report = p.sync().await;
+    // Shown if the trees differ: what the cycle after the pause said.
+    eprintln!("after the pause: {report:?}\n{:?}", p.status());
     assert_same_tree(&p.host_dir, &p.guest_dir);
     assert_eq!(p.status().state, ShareState::InSync);
 }
