@@ -385,6 +385,46 @@ pub fn retention(
     retention
 }
 
+/// A share's quotas: `quota_bytes` and `quota_file_bytes` (a size such as `"50GiB"`, or
+/// `"none"`), `quota_files` and `quota_dirs` (counts); the defaults
+/// ([`vmsync_core::quota::Quota::default`]) where unset or wrong (a problem is recorded against
+/// the value).
+pub fn quota(
+    share: &str,
+    [bytes, file_bytes]: [&Option<Spanned<String>>; 2],
+    [files, dirs]: [&Option<Spanned<u64>>; 2],
+    problems: &mut Problems,
+) -> vmsync_core::quota::Quota {
+    use vmsync_engine::trash::SizeLimit;
+    let mut quota = vmsync_core::quota::Quota::default();
+    let mut size = |key: &str, value: Option<&Spanned<String>>, into: &mut Option<u64>| {
+        let Some(value) = value else { return };
+        match value.get_ref().as_str() {
+            "none" => *into = None,
+            text => match SizeLimit::parse(text) {
+                Ok(SizeLimit::Bytes(n)) => *into = Some(n),
+                _ => problems.at(
+                    value,
+                    format!("share {share:?} {key}: {text:?} is not a size such as \"50GiB\" or \"none\""),
+                ),
+            },
+        }
+    };
+    size("quota_bytes", bytes.as_ref(), &mut quota.bytes);
+    size(
+        "quota_file_bytes",
+        file_bytes.as_ref(),
+        &mut quota.file_bytes,
+    );
+    if let Some(n) = files {
+        quota.files = Some(*n.get_ref());
+    }
+    if let Some(n) = dirs {
+        quota.dirs = Some(*n.get_ref());
+    }
+    quota
+}
+
 /// A share's `min_free` (a size such as `"1GiB"` or a percentage); the default when unset or
 /// wrong (a problem is recorded against the value).
 pub fn min_free(

@@ -33,6 +33,10 @@
 //!                                         # filesystem; or a percentage ("5%"). Below it on
 //!                                         # the share's or the state_dir's filesystem the share
 //!                                         # pauses with `disk-full` (docs/safety.md)
+//! quota_bytes = "none"                    # how much the guest may make this share hold on
+//! quota_files = 4194304                   # the host (files and symlinks, directories, the
+//! quota_dirs = 1048576                    # largest file; sizes or "none"): a cycle that
+//! quota_file_bytes = "64GiB"              # would go past one pauses the share with `quota`
 //! ```
 //!
 //! The defaults for `state_dir` and `control` come from the config file's name so that several
@@ -121,6 +125,9 @@ pub struct HostShare {
     /// Free space to keep on the share's filesystem and on the state directory's (default:
     /// the smaller of 1 GiB and 5 %); below it the share pauses with `disk-full`.
     pub min_free: MinFree,
+    /// How much the guest may make the host's share hold; past it the share pauses with
+    /// `quota`.
+    pub quota: vmsync_core::quota::Quota,
 }
 
 /// Reads and validates a host configuration file.
@@ -185,6 +192,10 @@ struct RawShare {
     keep_deleted: Option<Spanned<String>>,
     keep_deleted_max: Option<Spanned<String>>,
     min_free: Option<Spanned<String>>,
+    quota_bytes: Option<Spanned<String>>,
+    quota_file_bytes: Option<Spanned<String>>,
+    quota_files: Option<Spanned<u64>>,
+    quota_dirs: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
@@ -372,6 +383,12 @@ fn resolve(
             problems,
         );
         let min_free = min_free(name, raw_share.min_free.as_ref(), problems);
+        let quota = vmsync_agent_common::config::quota(
+            name,
+            [&raw_share.quota_bytes, &raw_share.quota_file_bytes],
+            [&raw_share.quota_files, &raw_share.quota_dirs],
+            problems,
+        );
         match path {
             Some(path) => {
                 spans.push((raw_share.name.span(), raw_share.path.span()));
@@ -386,6 +403,7 @@ fn resolve(
                     deletion_exempt,
                     retention,
                     min_free,
+                    quota,
                 });
             }
             None => complete = false,
@@ -523,6 +541,7 @@ path = "/home/alice/src"
                     .collect(),
                 retention: Default::default(),
                 min_free: MinFree::Default,
+                quota: Default::default(),
             }]
         );
     }
@@ -603,6 +622,33 @@ deletion_exempt = ["out/", "*.o"]
                 max_size: vmsync_engine::trash::SizeLimit::Bytes(5 << 30),
             }
         );
+    }
+
+    #[test]
+    fn quotas_take_sizes_counts_or_none_and_default_when_unset() {
+        use vmsync_core::quota::Quota;
+        assert_eq!(parse_ok(MINIMAL).shares[0].quota, Quota::default());
+        let config = parse_ok(&format!(
+            "{MINIMAL}quota_bytes = \"50GiB\"\nquota_file_bytes = \"none\"\n\
+             quota_files = 1000\nquota_dirs = 10\n"
+        ));
+        assert_eq!(
+            config.shares[0].quota,
+            Quota {
+                bytes: Some(50 << 30),
+                files: Some(1000),
+                dirs: Some(10),
+                file_bytes: None,
+            }
+        );
+        for bad in ["quota_bytes = \"10%\"", "quota_file_bytes = \"lots\""] {
+            let text = format!("{MINIMAL}{bad}\n");
+            let err = parse(&text, Path::new(FILE)).unwrap_err().to_string();
+            assert!(err.contains("is not a size such as"), "{bad}: {err}");
+        }
+        let text = format!("{MINIMAL}quota_files = -1\n");
+        let err = parse(&text, Path::new(FILE)).unwrap_err().to_string();
+        assert!(err.contains(":6:15: invalid value: integer `-1`"), "{err}");
     }
 
     #[test]

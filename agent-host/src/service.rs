@@ -114,6 +114,7 @@ pub async fn run(config: HostConfig, max_staged: usize) -> anyhow::Result<()> {
         };
         let mut controller = Controller::new(settings, db.clone(), &config.state_dir)?;
         controller.set_min_free(share.min_free);
+        controller.set_quota(share.quota);
         controller.adopt_host_path(&share.path)?;
         if let Some(notice) = &notice {
             controller.set_notice(notice.clone());

@@ -27,6 +27,7 @@ pub mod endpoint;
 pub mod entry;
 pub mod limits;
 pub mod path;
+pub mod quota;
 pub mod reconcile;
 pub mod reserve;
 pub mod rollback;

@@ -43,8 +43,8 @@ pub struct ShareStatus {
     pub name: String,
     pub state: ShareState,
     /// Machine-readable halt code (`root-missing`, `root-replaced`, `root-emptied`,
-    /// `mass-deletion`, or `disk-full`, a pause that lifts itself) and the message, when
-    /// halted.
+    /// `mass-deletion`, or `disk-full` and `quota`, pauses that lift themselves) and the
+    /// message, when halted.
     pub halt_code: Option<String>,
     pub halt_reason: Option<String>,
     /// Entries the last halt put back on the side that lost them (from its trash).

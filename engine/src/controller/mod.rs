@@ -33,6 +33,7 @@ use std::time::Instant;
 use vmsync_core::deletions::{judge, planned_losses, DeletionWindow};
 use vmsync_core::endpoint::{Endpoint, EndpointError, Outcome, ScanOptions, ScanReport, ScanScope};
 use vmsync_core::path::escape_bytes;
+use vmsync_core::quota::{self, OverQuota, Quota};
 use vmsync_core::reconcile::{guest_mtime_limit, Action, ConflictPolicy, Plan, Side, SyncMode};
 use vmsync_core::rollback::{check_generation, rollback_ancestor, GenerationCheck};
 use vmsync_core::safety::{check_emptied, check_root, DeletionLimit, HaltReason};
@@ -40,6 +41,9 @@ use vmsync_core::{Entry, RelPath, Snapshot};
 
 /// The `halt_code` of a share paused because a disk is below its reserve.
 pub const DISK_FULL_CODE: &str = "disk-full";
+/// `status` halt code of a share paused because the guest's changes would take the host's
+/// share past a quota.
+pub const QUOTA_CODE: &str = "quota";
 
 /// A share's sync settings, resolved from configuration.
 #[derive(Debug, Clone)]
@@ -109,6 +113,8 @@ enum Stop {
     /// Halt the share, putting back what the deletion window removed from the side that
     /// suffered (see [`Controller::halt_and_put_back`]).
     Halt(HaltReason),
+    /// Pause the share: the plan would take the host's share past a quota.
+    Quota(OverQuota),
 }
 
 /// Both sides' scans of a cycle, and how long each took.
@@ -177,9 +183,13 @@ struct SpaceGuard {
     /// The host's state directory, whose database every cycle writes.
     state_dir: std::path::PathBuf,
     min_free: vmsync_core::reserve::MinFree,
-    /// The share is paused with `disk-full`: the last cycle found a side (or the state
-    /// directory) below its reserve. The next cycle tries again.
+    /// How much the guest may make the host's share hold (see [`Controller::set_quota`]).
+    quota: Quota,
+    /// The share is paused with `disk-full` or `quota`: the last cycle found a side (or the
+    /// state directory) below its reserve, or a plan over a quota. The next cycle tries again.
     paused: bool,
+    /// The running cycle paused the share (it does not lift the pause when it ends).
+    paused_now: bool,
 }
 
 impl Controller {
@@ -237,6 +247,8 @@ impl Controller {
             space: SpaceGuard {
                 state_dir: state_dir.to_path_buf(),
                 min_free: Default::default(),
+                quota: Quota::default(),
+                paused_now: false,
                 paused: false,
             },
             conflicts: Default::default(),
@@ -608,6 +620,12 @@ impl Controller {
         self.space.min_free = min_free;
     }
 
+    /// Sets how much the guest may make the host's share hold (the share's `quota_*`): a plan
+    /// that would take the share past it pauses the share with `quota` instead of running.
+    pub fn set_quota(&mut self, quota: Quota) {
+        self.space.quota = quota;
+    }
+
     /// Runs one cycle. A side whose disk is below its reserve (or a host state directory that
     /// is) pauses the share with `disk-full` instead: the report says work is pending, so the
     /// caller tries again later, and the first cycle with room lifts the pause by itself.
@@ -617,6 +635,7 @@ impl Controller {
         guest: &mut G,
         scope: ScanScope,
     ) -> Result<CycleReport, CycleError> {
+        self.space.paused_now = false;
         if self.meta.halt.is_none() {
             let checked = crate::space::check_path(&self.space.state_dir, self.space.min_free);
             if let Err(EndpointError::DiskFull { free, reserve }) = checked {
@@ -636,8 +655,8 @@ impl Controller {
         {
             return Ok(self.pause_disk_full(&format!("{side} share"), free, reserve));
         }
-        if std::mem::take(&mut self.space.paused) {
-            tracing::info!(share = %self.settings.name, "disk-full pause lifted: there is room again");
+        if !self.space.paused_now && std::mem::take(&mut self.space.paused) {
+            tracing::info!(share = %self.settings.name, "pause lifted: there is room again");
             self.show_halt();
             self.update_status(|s| {
                 s.disk_free = None;
@@ -654,16 +673,24 @@ impl Controller {
             ShowBytes(free),
             ShowBytes(reserve)
         );
+        self.pause(DISK_FULL_CODE, &reason, Some((free, reserve)))
+    }
+
+    /// Pauses the share with `code` (`disk-full`, `quota`): `status` shows it, the report
+    /// says work is pending, and the first cycle that runs lifts it. `disk`: free space and
+    /// reserve, for `status`.
+    fn pause(&mut self, code: &str, reason: &str, disk: Option<(u64, u64)>) -> CycleReport {
         if !self.space.paused {
             tracing::warn!(share = %self.settings.name, "share paused: {}", escape_bytes(reason.as_bytes()));
         }
         self.space.paused = true;
+        self.space.paused_now = true;
         self.update_status(|s| {
             s.state = ShareState::Halted;
-            s.halt_code = Some(DISK_FULL_CODE.to_string());
+            s.halt_code = Some(code.to_string());
             s.halt_reason = Some(escape_bytes(reason.as_bytes()));
-            s.disk_free = Some(free);
-            s.disk_reserve = Some(reserve);
+            s.disk_free = disk.map(|(free, _)| free);
+            s.disk_reserve = disk.map(|(_, reserve)| reserve);
         });
         CycleReport {
             pending: 1,
@@ -792,6 +819,7 @@ impl Controller {
                 ..CycleReport::default()
             }),
             Stop::Halt(reason) => self.halt_and_put_back(reason, host, guest).await,
+            Stop::Quota(over) => Ok(self.pause(QUOTA_CODE, &over.to_string(), None)),
         }
     }
 
@@ -922,6 +950,9 @@ impl Controller {
                 Verdict::Retry => Stop::Retry,
                 Verdict::Halt(reason) => Stop::Halt(reason),
             }));
+        }
+        if let Err(over) = quota::check(&self.space.quota, self.totals.usage, &plan.actions) {
+            return Ok(Err(Stop::Quota(over)));
         }
         let mut problems = Vec::new();
         for (side, list) in [
@@ -1385,6 +1416,8 @@ struct Totals {
     files: u64,
     bytes: u64,
     countable: u64,
+    /// As the quotas count it.
+    usage: quota::Usage,
 }
 
 impl Totals {
@@ -1395,6 +1428,7 @@ impl Totals {
     }
 
     fn add(&mut self, path: &RelPath, e: &Entry, exempt: &Filter) {
+        self.usage.add(e);
         if let Some(m) = e.as_file() {
             self.files += 1;
             self.bytes = self.bytes.saturating_add(m.size);
@@ -1405,6 +1439,7 @@ impl Totals {
     }
 
     fn remove(&mut self, path: &RelPath, e: &Entry, exempt: &Filter) {
+        self.usage.remove(e);
         if let Some(m) = e.as_file() {
             self.files = self.files.saturating_sub(1);
             self.bytes = self.bytes.saturating_sub(m.size);
