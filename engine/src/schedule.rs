@@ -464,6 +464,8 @@ pub async fn forward_changes<E: Endpoint>(
     loop {
         match side.changes().await {
             Ok(h) => {
+                // Dropped here, before the next poll lets another arrive.
+                let h = crate::watch::bounded_hints(h);
                 if let (true, Some(budget)) = (h.rescan, budget.as_mut()) {
                     let now = Instant::now().into_std();
                     if let Some(at) = budget.wait_until(now) {

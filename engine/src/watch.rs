@@ -118,6 +118,25 @@ impl WatchRules {
 /// than a scope list that long, and memory stays bounded whatever the event storm.
 pub const MAX_HINT_PATHS: usize = 4096;
 
+/// A peer's hints longer than this in bytes (or than [`MAX_HINT_PATHS`] paths) are taken as
+/// "rescan everything" the moment they arrive, so a queue of them holds little whatever the
+/// peer sends: its largest message could otherwise sit in the queue many times over.
+pub const MAX_HINT_BYTES: usize = 1 << 20;
+
+/// `hints` as the host keeps them until their cycle: a rescan when they name more than
+/// [`MAX_HINT_PATHS`] paths or [`MAX_HINT_BYTES`] bytes of them (a `HintSet` would turn so many
+/// into a rescan anyway).
+pub fn bounded_hints(hints: ChangeHints) -> ChangeHints {
+    let bytes: usize = hints.paths.iter().map(|p| p.as_bytes().len()).sum();
+    if hints.paths.len() > MAX_HINT_PATHS || bytes > MAX_HINT_BYTES {
+        return ChangeHints {
+            paths: Vec::new(),
+            rescan: true,
+        };
+    }
+    hints
+}
+
 /// The hints gathered since they were last taken.
 #[derive(Debug, Default, Clone)]
 pub struct HintSet {
@@ -696,6 +715,35 @@ mod tests {
 
     fn p(s: &str) -> RelPath {
         RelPath::from_bytes(s.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_peers_hints_past_their_bounds_become_a_rescan() {
+        // `n` paths of three 199-byte names: 599 bytes each.
+        let hints = |n: usize| ChangeHints {
+            paths: (0..n)
+                .map(|i| p(&format!("{i:0>199}/{i:0>199}/{i:0>199}")))
+                .collect(),
+            rescan: false,
+        };
+        let kept = |h: &ChangeHints| (h.paths.len(), h.rescan);
+        let short = |n: usize| ChangeHints {
+            paths: (0..n).map(|i| p(&format!("{i}"))).collect(),
+            rescan: false,
+        };
+        assert_eq!(
+            kept(&bounded_hints(short(MAX_HINT_PATHS))),
+            (MAX_HINT_PATHS, false)
+        );
+        assert_eq!(kept(&bounded_hints(short(MAX_HINT_PATHS + 1))), (0, true));
+        let fits = MAX_HINT_BYTES / 599;
+        assert_eq!(kept(&bounded_hints(hints(fits))), (fits, false));
+        assert_eq!(kept(&bounded_hints(hints(fits + 1))), (0, true));
+        let rescan = ChangeHints {
+            paths: vec![],
+            rescan: true,
+        };
+        assert_eq!(bounded_hints(rescan.clone()), rescan);
     }
 
     fn limit_error(path: &str) -> notify::Error {
