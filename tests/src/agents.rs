@@ -123,6 +123,11 @@ impl Agents {
         ));
     }
 
+    /// The running host agent's process id.
+    pub fn host_pid(&self) -> Option<u32> {
+        self.host.as_ref().map(Child::id)
+    }
+
     pub fn start_host(&mut self) {
         assert!(self.host.is_none(), "host already running");
         self.host = Some(self.spawn("vmsync-host", &self.host_toml, "host.log", None));

@@ -14,6 +14,7 @@
 
 pub mod agents;
 pub mod fixture;
+pub mod hostile;
 pub mod intercept;
 pub mod killloop;
 pub mod relay;

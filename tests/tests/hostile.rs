@@ -1,0 +1,253 @@
+//! A hostile guest against the real host agent: a test peer ([`vmsync_tests::hostile`]) sends
+//! what `vmsync-guest` never would, at the frame and message level. Each test keeps an `OUT`
+//! directory beside the host's share (files, a directory, a FIFO, a symlink) and checks that it
+//! is unchanged afterwards, that the host agent refused the guest, is still running and
+//! answering `status`, and reconnected; and that its peak resident memory (`VmHWM`) stayed under
+//! the bound docs/security.md states. The catalogue these come from: docs/threat-model.md.
+
+// Integration tests: helpers outside #[test] fns panic on broken fixtures by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use vmsync_core::endpoint::ChangeHints;
+use vmsync_core::limits::MAX_BATCH_PATHS;
+use vmsync_core::{Entry, RelPath};
+use vmsync_protocol::limits::MAX_MESSAGE_BYTES;
+use vmsync_protocol::messages::ScanDelta;
+use vmsync_protocol::{Message, RequestBody, Response, ResponseBody};
+use vmsync_tests::agents::{eventually, Agents};
+use vmsync_tests::hostile::{benign, peak_rss, respond, Answer, HostileGuest, MARKER};
+
+/// The host's peak RSS whatever a guest sends: twice the largest message plus 64 MiB
+/// (docs/security.md, "Decoders cannot over-allocate").
+const RSS_BOUND: u64 = 2 * MAX_MESSAGE_BYTES as u64 + (64 << 20);
+
+/// What is at each path under a directory: kind, size, mode, mtime, inode, and the bytes of a
+/// file or the target of a symlink.
+type Snapshot = BTreeMap<PathBuf, (u32, u64, u32, i64, u64, Vec<u8>)>;
+
+fn snapshot(dir: &Path) -> Snapshot {
+    let mut out = Snapshot::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let body = if m.is_file() {
+                std::fs::read(&p).unwrap()
+            } else if m.file_type().is_symlink() {
+                std::fs::read_link(&p)
+                    .unwrap()
+                    .into_os_string()
+                    .into_encoded_bytes()
+            } else {
+                Vec::new()
+            };
+            if m.is_dir() {
+                stack.push(p.clone());
+            }
+            let key = p.strip_prefix(dir).unwrap().to_path_buf();
+            let mtime_ns = m.mtime() * 1_000_000_000 + m.mtime_nsec();
+            out.insert(
+                key,
+                (
+                    m.mode() & 0o170000,
+                    m.size(),
+                    m.mode() & 0o7777,
+                    mtime_ns,
+                    m.ino(),
+                    body,
+                ),
+            );
+        }
+    }
+    out
+}
+
+/// The host agent against a hostile guest answering with `answer`, and an `OUT` directory
+/// beside the host's share.
+struct Setup {
+    a: Agents,
+    out: PathBuf,
+    before: Snapshot,
+    guest: HostileGuest,
+}
+
+fn setup(answer: impl Fn(&vmsync_protocol::Request) -> Answer + Send + Sync + 'static) -> Setup {
+    let mut a = Agents::new("");
+    let out = a.tmp.path().join("OUT");
+    std::fs::create_dir_all(out.join("dir")).unwrap();
+    std::fs::write(out.join("a.txt"), "outside the share").unwrap();
+    std::fs::write(out.join("dir/b.txt"), "also outside").unwrap();
+    std::os::unix::fs::symlink("a.txt", out.join("link")).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        out.join("fifo"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    let before = snapshot(&out);
+    // The relay forwards the host's connections to where the guest would listen.
+    let guest = HostileGuest::start(&a.tmp.path().join("guest.sock"), answer);
+    a.start_host();
+    Setup {
+        a,
+        out,
+        before,
+        guest,
+    }
+}
+
+impl Setup {
+    /// The host came back `sessions` times; it is alive, answers `status`, left `OUT` and its
+    /// own share alone, and its peak RSS is under the bound. Returns the peak RSS.
+    fn check(&self, what: &str, sessions: u32) -> u64 {
+        let came_back = eventually(Duration::from_secs(60), || {
+            self.guest.sessions() >= sessions
+        });
+        assert!(
+            came_back,
+            "{what}: the host connected {} times, not {sessions}\nhost log:\n{}",
+            self.guest.sessions(),
+            self.a.log("host.log")
+        );
+        let pid = self.a.host_pid().unwrap();
+        let peak = peak_rss(pid).expect("the host agent is running");
+        let status = self.a.status();
+        assert_eq!(status["shares"][0]["name"], "src", "{what}: {status}");
+        assert_eq!(snapshot(&self.out), self.before, "{what}: OUT changed");
+        let share: Vec<_> = std::fs::read_dir(&self.a.host_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n != ".vmsync")
+            .collect();
+        assert!(share.is_empty(), "{what}: the host's share got {share:?}");
+        assert!(
+            peak <= RSS_BOUND,
+            "{what}: host peak RSS {peak} bytes, over the bound of {RSS_BOUND}"
+        );
+        eprintln!(
+            "{what}: host peak RSS {:.1} MiB",
+            peak as f64 / f64::from(1 << 20)
+        );
+        peak
+    }
+}
+
+/// One-byte paths, as many as asked, all different.
+fn tiny_paths(n: usize) -> Vec<RelPath> {
+    (0..n)
+        .map(|i| RelPath::from_bytes(format!("p{i}").as_bytes()).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_hint_list_over_its_bound_is_refused_and_costs_the_host_nothing() {
+    let s = setup(|req| match req.body {
+        RequestBody::PollChanges { .. } => respond(
+            req,
+            ResponseBody::Changes(Ok(ChangeHints {
+                paths: tiny_paths(MAX_BATCH_PATHS + 1),
+                rescan: false,
+            })),
+        ),
+        _ => benign(req),
+    });
+    s.check("hints over the bound", 3);
+}
+
+#[test]
+fn a_forged_frame_header_is_refused_before_anything_is_buffered() {
+    let s = setup(|req| match req.body {
+        // A fragment claiming 2 GiB, then nothing.
+        RequestBody::PollChanges { .. } => Answer::Raw(0x7fff_ffffu32.to_be_bytes().to_vec()),
+        _ => benign(req),
+    });
+    s.check("a 2 GiB fragment header", 3);
+}
+
+/// Paths that leave the share (`..`, absolute) in a listing: refused when the message is
+/// decoded, so nothing is even planned for them.
+#[test]
+fn a_listing_with_paths_out_of_the_share_is_refused() {
+    // Placeholders of the same length as the hostile paths, swapped in the encoded bytes.
+    let swaps: [(&[u8], &[u8]); 3] = [
+        (b"zzzzzzzzzz1", b"../OUT/evil"),
+        (b"zzzzzzzzzz2", b"/etc/passwd"),
+        (b"zzzzzzzzzz3", b"a/../../OUT"),
+    ];
+    let s = setup(move |req| match req.body {
+        RequestBody::ScanFull { .. } => {
+            let entry = vmsync_core::testing::file_entry(5);
+            let changed: Vec<(RelPath, Entry)> = swaps
+                .iter()
+                .map(|(from, _)| (RelPath::from_bytes(from).unwrap(), entry.clone()))
+                .collect();
+            let m = Message::Response(Response {
+                id: req.id,
+                body: ResponseBody::ScanDelta(Ok(ScanDelta {
+                    token: 1,
+                    base: None,
+                    root: Some(MARKER),
+                    changed,
+                    removed: vec![],
+                    problems: vec![],
+                    ignored: vec![],
+                    generation: None,
+                })),
+            });
+            let mut bytes = postcard::to_allocvec(&m).unwrap();
+            for (from, to) in &swaps {
+                let at = bytes.windows(from.len()).position(|w| w == *from).unwrap();
+                bytes[at..at + to.len()].copy_from_slice(to);
+            }
+            Answer::Payload(bytes)
+        }
+        _ => benign(req),
+    });
+    s.check("paths out of the share", 3);
+}
+
+/// The largest hint list a guest may send (within every count and the message cap, each path
+/// 4 KB deep), four times in a row: each is taken as a rescan the moment it arrives, so they
+/// never pile up in the host's hint queue, and the host's peak memory stays under the bound
+/// (one such message, about 2 x 128 MiB while it is decoded).
+#[test]
+fn the_largest_message_a_guest_may_send_stays_within_the_memory_bound() {
+    let sent = Arc::new(AtomicU32::new(0));
+    let counter = sent.clone();
+    let s = setup(move |req| match req.body {
+        RequestBody::PollChanges { .. } if counter.fetch_add(1, Ordering::Relaxed) < 4 => {
+            // 16 names of 250 bytes a path: about 4 KB each, under MAX_PATH_BYTES.
+            let n = (MAX_MESSAGE_BYTES - (1 << 20)) / 4020;
+            let paths = (0..n)
+                .map(|i| {
+                    let first = format!("{i:0>250}");
+                    let rest = vec!["d".repeat(250); 15].join("/");
+                    RelPath::from_bytes(format!("{first}/{rest}").as_bytes()).unwrap()
+                })
+                .collect();
+            respond(
+                req,
+                ResponseBody::Changes(Ok(ChangeHints {
+                    paths,
+                    rescan: false,
+                })),
+            )
+        }
+        _ => benign(req),
+    });
+    let went = eventually(Duration::from_secs(120), || {
+        sent.load(Ordering::Relaxed) >= 5
+    });
+    assert!(went, "host log:\n{}", s.a.log("host.log"));
+    s.check("the largest hint list", 1);
+}
