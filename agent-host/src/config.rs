@@ -15,6 +15,7 @@
 //! guest = "unix:/run/vmsync/guest.sock"   # required; or "vsock://CID:PORT", "hybrid:/PATH:PORT"
 //! state_dir = "/var/lib/vmsync/vm1"       # default: /var/lib/vmsync/<config file stem>
 //! control = "/run/vmsync/vm1.ctl"         # default: /run/vmsync/<config file stem>.ctl
+//!                                         # (not root: the XDG directories, see DefaultDirs)
 //! max_delete_fraction = 0.5               # default 0.5, in (0, 1]
 //! [[share]]                               # at least one
 //! name = "src"                            # [A-Za-z0-9._-], 1..=64 bytes, unique
@@ -67,6 +68,50 @@ use vmsync_transport::endpoint_addr::EndpointAddr;
 pub const DEFAULT_STATE_PARENT_DIR: &str = "/var/lib/vmsync";
 /// Directory of the default control socket (`<this>/<config file stem>.ctl`).
 pub const DEFAULT_CONTROL_DIR: &str = "/run/vmsync";
+
+/// Where the defaults of `state_dir` and `control` live: [`DEFAULT_STATE_PARENT_DIR`] and
+/// [`DEFAULT_CONTROL_DIR`] for root (the system unit), and for anyone else (a developer's
+/// `systemctl --user` unit, see packaging/README.md) the XDG directories systemd gives a user
+/// unit's `StateDirectory=` and `RuntimeDirectory=`: `$XDG_STATE_HOME/vmsync` (else
+/// `~/.local/state/vmsync`) and `$XDG_RUNTIME_DIR/vmsync`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DefaultDirs {
+    pub state_parent: PathBuf,
+    pub control: PathBuf,
+}
+
+impl DefaultDirs {
+    /// The system's.
+    pub fn system() -> DefaultDirs {
+        DefaultDirs {
+            state_parent: PathBuf::from(DEFAULT_STATE_PARENT_DIR),
+            control: PathBuf::from(DEFAULT_CONTROL_DIR),
+        }
+    }
+
+    /// For a process of user `uid` with environment `var` (each XDG directory only when set
+    /// to an absolute path; a user with none keeps the system's).
+    pub fn for_user(uid: u32, var: impl Fn(&str) -> Option<String>) -> DefaultDirs {
+        let system = DefaultDirs::system();
+        if uid == 0 {
+            return system;
+        }
+        let absolute = |name: &str| var(name).map(PathBuf::from).filter(|p| p.is_absolute());
+        let state_home = absolute("XDG_STATE_HOME")
+            .or_else(|| absolute("HOME").map(|home| home.join(".local/state")));
+        DefaultDirs {
+            state_parent: state_home.map_or(system.state_parent, |d| d.join("vmsync")),
+            control: absolute("XDG_RUNTIME_DIR").map_or(system.control, |d| d.join("vmsync")),
+        }
+    }
+
+    /// This process's.
+    pub fn of_this_process() -> DefaultDirs {
+        DefaultDirs::for_user(rustix::process::geteuid().as_raw(), |name| {
+            std::env::var(name).ok()
+        })
+    }
+}
 /// Default for `max_delete_fraction`.
 pub const DEFAULT_MAX_DELETE_FRACTION: f64 = 0.5;
 /// Default for a share's `deletion_exempt`: build outputs and caches that tools delete in bulk
@@ -136,14 +181,24 @@ pub fn load(file: &Path) -> Result<HostConfig, ConfigError> {
         file: file.to_path_buf(),
         source,
     })?;
-    parse_with(&text, file, &vmsync_agent_common::config::on_disk)
+    parse_with(
+        &text,
+        file,
+        &vmsync_agent_common::config::on_disk,
+        &DefaultDirs::of_this_process(),
+    )
 }
 
 /// Validates configuration text. `file` is used in messages and names the default `state_dir`
 /// and `control`; it is not read.
 #[cfg(test)]
 pub fn parse(text: &str, file: &Path) -> Result<HostConfig, ConfigError> {
-    parse_with(text, file, &vmsync_agent_common::config::as_written)
+    parse_with(
+        text,
+        file,
+        &vmsync_agent_common::config::as_written,
+        &DefaultDirs::system(),
+    )
 }
 
 /// [`parse`], with share paths and `state_dir` resolved by `resolve_path`.
@@ -151,12 +206,13 @@ pub fn parse_with(
     text: &str,
     file: &Path,
     resolve_path: ResolvePath,
+    defaults: &DefaultDirs,
 ) -> Result<HostConfig, ConfigError> {
     let mut problems = Problems::new(text);
     let Some((raw, dropped)) = deserialize_all::<RawHostConfig>(text, &mut problems) else {
         return Err(problems.into_error(file));
     };
-    match resolve(raw, dropped, file, resolve_path, &mut problems) {
+    match resolve(raw, dropped, file, resolve_path, defaults, &mut problems) {
         Some(config) if problems.is_empty() => Ok(config),
         _ => Err(problems.into_error(file)),
     }
@@ -223,6 +279,7 @@ fn resolve(
     dropped: bool,
     file: &Path,
     resolve_path: ResolvePath,
+    defaults: &DefaultDirs,
     problems: &mut Problems,
 ) -> Option<HostConfig> {
     let guest = match raw.guest.get_ref().parse::<EndpointAddr>() {
@@ -262,14 +319,15 @@ fn resolve(
         Some(value) => absolute_path(value, "state_dir", problems)
             .map(|path| resolve_path(&path).unwrap_or(path)),
         None => match stem {
-            Some(stem) => Some(Path::new(DEFAULT_STATE_PARENT_DIR).join(stem)),
+            Some(stem) => Some(defaults.state_parent.join(stem)),
             None => {
                 problems.push(
                     None,
                     format!(
                         "state_dir is not set and the file name {:?} cannot name the default \
-                         ({DEFAULT_STATE_PARENT_DIR}/<file stem>); set state_dir",
-                        file.file_name().unwrap_or(file.as_os_str())
+                         ({}/<file stem>); set state_dir",
+                        file.file_name().unwrap_or(file.as_os_str()),
+                        defaults.state_parent.display()
                     ),
                 );
                 None
@@ -279,14 +337,15 @@ fn resolve(
     let control = match &raw.control {
         Some(value) => socket_path(value, "control", problems),
         None => match stem {
-            Some(stem) => Some(Path::new(DEFAULT_CONTROL_DIR).join(format!("{stem}.ctl"))),
+            Some(stem) => Some(defaults.control.join(format!("{stem}.ctl"))),
             None => {
                 problems.push(
                     None,
                     format!(
                         "control is not set and the file name {:?} cannot name the default \
-                         ({DEFAULT_CONTROL_DIR}/<file stem>.ctl); set control",
-                        file.file_name().unwrap_or(file.as_os_str())
+                         ({}/<file stem>.ctl); set control",
+                        file.file_name().unwrap_or(file.as_os_str()),
+                        defaults.control.display()
                     ),
                 );
                 None
@@ -621,6 +680,65 @@ deletion_exempt = ["out/", "*.o"]
                 max_age: std::time::Duration::from_secs(36 * 3600),
                 max_size: vmsync_engine::trash::SizeLimit::Bytes(5 << 30),
             }
+        );
+    }
+
+    #[test]
+    fn a_users_defaults_are_its_xdg_directories_and_roots_the_systems() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let full = env(&[
+            ("HOME", "/home/alice"),
+            ("XDG_STATE_HOME", "/home/alice/state"),
+            ("XDG_RUNTIME_DIR", "/run/user/1000"),
+        ]);
+        let cases = [
+            (0, DefaultDirs::for_user(0, full), DefaultDirs::system()),
+            (
+                1000,
+                DefaultDirs::for_user(1000, full),
+                DefaultDirs {
+                    state_parent: PathBuf::from("/home/alice/state/vmsync"),
+                    control: PathBuf::from("/run/user/1000/vmsync"),
+                },
+            ),
+            (
+                1000,
+                DefaultDirs::for_user(1000, env(&[("HOME", "/home/alice")])),
+                DefaultDirs {
+                    state_parent: PathBuf::from("/home/alice/.local/state/vmsync"),
+                    control: PathBuf::from(DEFAULT_CONTROL_DIR),
+                },
+            ),
+            (
+                1000,
+                DefaultDirs::for_user(1000, env(&[("XDG_RUNTIME_DIR", "relative")])),
+                DefaultDirs::system(),
+            ),
+        ];
+        for (uid, got, want) in cases {
+            assert_eq!(got, want, "uid {uid}");
+        }
+        let user = DefaultDirs::for_user(1000, full);
+        let config = parse_with(
+            MINIMAL,
+            Path::new(FILE),
+            &vmsync_agent_common::config::as_written,
+            &user,
+        )
+        .unwrap();
+        assert_eq!(
+            config.state_dir,
+            PathBuf::from("/home/alice/state/vmsync/vm1")
+        );
+        assert_eq!(
+            config.control,
+            PathBuf::from("/run/user/1000/vmsync/vm1.ctl")
         );
     }
 
