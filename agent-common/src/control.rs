@@ -229,21 +229,37 @@ pub fn render_text(response: &ControlResponse, config_shown: Option<&str>) -> St
             human_bytes(s.bytes_received),
             s.chunks_reused
         );
-        if let Some(reason) = &s.halt_reason {
-            let _ = writeln!(out, "  halted: {reason}");
-            if s.put_back > 0 {
+        // Pauses lift themselves; `resume` is for halts.
+        let lifts = match s.halt_code.as_deref() {
+            Some(vmsync_engine::controller::DISK_FULL_CODE) => Some("once there is room again"),
+            Some(vmsync_engine::controller::QUOTA_CODE) => Some(
+                "once the guest's changes fit the share's quotas \
+                 (or raise its quota_* and restart the agent)",
+            ),
+            _ => None,
+        };
+        match (&s.halt_reason, lifts) {
+            (Some(reason), Some(lifts)) => {
+                let _ = writeln!(out, "  paused: {reason}");
+                let _ = writeln!(out, "  goes on by itself {lifts}");
+            }
+            (Some(reason), None) => {
+                let _ = writeln!(out, "  halted: {reason}");
+                if s.put_back > 0 {
+                    let _ = writeln!(
+                        out,
+                        "  {} entries the halted changes had removed were put back from the trash",
+                        s.put_back
+                    );
+                }
                 let _ = writeln!(
                     out,
-                    "  {} entries the halted changes had removed were put back from the trash",
-                    s.put_back
+                    "  to let it through: vmsync-host resume --config {} --share {}",
+                    config_shown.unwrap_or("<config>"),
+                    s.name
                 );
             }
-            let _ = writeln!(
-                out,
-                "  to let it through: vmsync-host resume --config {} --share {}",
-                config_shown.unwrap_or("<config>"),
-                s.name
-            );
+            (None, _) => {}
         }
         if let Some(notice) = &s.notice {
             let _ = writeln!(out, "  notice: {notice}");
@@ -438,6 +454,36 @@ mod tests {
             STATUS_LIST_FIRST
         );
         assert!(text.contains("... and 2 more conflict(s)"), "{text}");
+    }
+
+    #[test]
+    fn a_pause_says_it_lifts_itself_and_a_halt_names_resume() {
+        use vmsync_engine::controller::{DISK_FULL_CODE, QUOTA_CODE};
+        let with = |code: &str, reason: &str| {
+            let mut st = status_with(0, &[]);
+            if let ControlResponse::Status { shares, .. } = &mut st {
+                shares[0].halt_code = Some(code.to_string());
+                shares[0].halt_reason = Some(reason.to_string());
+            }
+            render_text(&st, Some("/etc/vm1.toml"))
+        };
+        for (code, says) in [
+            (DISK_FULL_CODE, "goes on by itself once there is room again"),
+            (QUOTA_CODE, "goes on by itself once the guest's changes fit"),
+        ] {
+            let text = with(code, "why");
+            assert!(text.contains("  paused: why\n"), "{code}: {text}");
+            assert!(text.contains(says), "{code}: {text}");
+            assert!(!text.contains("resume"), "{code}: {text}");
+        }
+        let text = with("mass-deletion", "why");
+        assert!(text.contains("  halted: why\n"), "{text}");
+        assert!(
+            text.contains(
+                "  to let it through: vmsync-host resume --config /etc/vm1.toml --share src\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

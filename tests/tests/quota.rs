@@ -56,6 +56,13 @@ async fn a_guest_pushing_past_the_file_quota_pauses_the_share_and_nothing_lands(
         random_bytes(0, 100),
         "the whole cycle waits: the host's edit too"
     );
+    // A live edit elsewhere that fits goes through, and the share stays paused: the rest of
+    // the guest's files still do not fit.
+    write(&p.guest_dir, "h1", random_bytes(77, 100));
+    let report = p.cycle_paths(&["h1"]).await;
+    assert_eq!(report.pending, 1, "{report:?}");
+    assert_eq!(read(&p.host_dir, "h1"), random_bytes(77, 100));
+    assert_eq!(p.status().halt_code.as_deref(), Some(QUOTA_CODE));
     // The guest removes one: the plan fits (5 files) and everything goes through.
     std::fs::remove_file(p.guest_dir.join("g2")).unwrap();
     let report = p.sync().await;

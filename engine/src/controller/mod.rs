@@ -179,6 +179,16 @@ pub struct Controller {
 }
 
 /// What keeps a share from filling a disk (`docs/safety.md`, "Faults and full disks").
+/// A pause (`disk-full`, `quota`) as `status` shows it.
+#[derive(Debug)]
+struct Pause {
+    code: &'static str,
+    /// Escaped.
+    reason: String,
+    /// Free space and reserve, for `disk-full`.
+    disk: Option<(u64, u64)>,
+}
+
 struct SpaceGuard {
     /// The host's state directory, whose database every cycle writes.
     state_dir: std::path::PathBuf,
@@ -187,7 +197,7 @@ struct SpaceGuard {
     quota: Quota,
     /// The share is paused with `disk-full` or `quota`: the last cycle found a side (or the
     /// state directory) below its reserve, or a plan over a quota. The next cycle tries again.
-    paused: bool,
+    paused: Option<Pause>,
     /// The running cycle paused the share (it does not lift the pause when it ends).
     paused_now: bool,
 }
@@ -249,7 +259,7 @@ impl Controller {
                 min_free: Default::default(),
                 quota: Quota::default(),
                 paused_now: false,
-                paused: false,
+                paused: None,
             },
             conflicts: Default::default(),
         };
@@ -647,7 +657,8 @@ impl Controller {
                 ));
             }
         }
-        let result = self.cycle_inner(host, guest, scope).await;
+        let full = scope == ScanScope::Full;
+        let mut result = self.cycle_inner(host, guest, scope).await;
         if let Err(CycleError::Endpoint {
             side,
             source: EndpointError::DiskFull { free, reserve },
@@ -655,13 +666,28 @@ impl Controller {
         {
             return Ok(self.pause_disk_full(&format!("{side} share"), free, reserve));
         }
-        if !self.space.paused_now && std::mem::take(&mut self.space.paused) {
-            tracing::info!(share = %self.settings.name, "pause lifted: there is room again");
-            self.show_halt();
-            self.update_status(|s| {
-                s.disk_free = None;
-                s.disk_reserve = None;
-            });
+        if self.space.paused_now {
+            return result;
+        }
+        match self.space.paused.take() {
+            // A quota counts the whole share: a targeted cycle that fits does not show that
+            // the rest does. The pause stands until a full cycle fits.
+            Some(pause) if pause.code == QUOTA_CODE && !full => {
+                self.show_pause(&pause);
+                self.space.paused = Some(pause);
+                if let Ok(report) = &mut result {
+                    report.pending = report.pending.max(1);
+                }
+            }
+            Some(_) => {
+                tracing::info!(share = %self.settings.name, "pause lifted");
+                self.show_halt();
+                self.update_status(|s| {
+                    s.disk_free = None;
+                    s.disk_reserve = None;
+                });
+            }
+            None => {}
         }
         result
     }
@@ -677,25 +703,34 @@ impl Controller {
     }
 
     /// Pauses the share with `code` (`disk-full`, `quota`): `status` shows it, the report
-    /// says work is pending, and the first cycle that runs lifts it. `disk`: free space and
-    /// reserve, for `status`.
-    fn pause(&mut self, code: &str, reason: &str, disk: Option<(u64, u64)>) -> CycleReport {
-        if !self.space.paused {
+    /// says work is pending, and the first cycle that goes through lifts it (for `quota`, the
+    /// first full one). `disk`: free space and reserve, for `status`.
+    fn pause(&mut self, code: &'static str, reason: &str, disk: Option<(u64, u64)>) -> CycleReport {
+        if self.space.paused.is_none() {
             tracing::warn!(share = %self.settings.name, "share paused: {}", escape_bytes(reason.as_bytes()));
         }
-        self.space.paused = true;
+        let pause = Pause {
+            code,
+            reason: escape_bytes(reason.as_bytes()),
+            disk,
+        };
+        self.show_pause(&pause);
+        self.space.paused = Some(pause);
         self.space.paused_now = true;
-        self.update_status(|s| {
-            s.state = ShareState::Halted;
-            s.halt_code = Some(code.to_string());
-            s.halt_reason = Some(escape_bytes(reason.as_bytes()));
-            s.disk_free = disk.map(|(free, _)| free);
-            s.disk_reserve = disk.map(|(_, reserve)| reserve);
-        });
         CycleReport {
             pending: 1,
             ..CycleReport::default()
         }
+    }
+
+    fn show_pause(&self, pause: &Pause) {
+        self.update_status(|s| {
+            s.state = ShareState::Halted;
+            s.halt_code = Some(pause.code.to_string());
+            s.halt_reason = Some(pause.reason.clone());
+            s.disk_free = pause.disk.map(|(free, _)| free);
+            s.disk_reserve = pause.disk.map(|(_, reserve)| reserve);
+        });
     }
 
     /// A cycle in four steps: scan both sides ([`Controller::scan_both`]), plan
