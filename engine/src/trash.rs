@@ -417,12 +417,7 @@ pub fn list(root: &ShareRoot) -> Result<Vec<KeptItem>, FsError> {
             continue;
         };
         let batch = String::from_utf8_lossy(&name).into_owned();
-        let dir = match root.open_trash_batch(&name) {
-            Ok(d) => d,
-            Err(e) if e.kind() == FsErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        };
-        walk(&dir, &RelPath::root(), &mut |path, stat| {
+        walk_batch(root, &name, &mut |path, stat| {
             out.push(KeptItem {
                 batch: batch.clone(),
                 time,
@@ -434,6 +429,20 @@ pub fn list(root: &ShareRoot) -> Result<Vec<KeptItem>, FsError> {
         })?;
     }
     Ok(out)
+}
+
+/// Calls `f` for every file and symlink of the batch `name`, with its path in the batch.
+/// `Ok(false)` when the batch is gone (pruned or put back meanwhile).
+fn walk_batch(
+    root: &ShareRoot,
+    name: &[u8],
+    f: &mut dyn FnMut(RelPath, &crate::root::Stat),
+) -> Result<bool, FsError> {
+    match root.open_trash_batch(name) {
+        Ok(dir) => walk(&dir, &RelPath::root(), f).map(|()| true),
+        Err(e) if e.kind() == FsErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 fn walk(
@@ -483,16 +492,14 @@ impl TrashUsage {
                 continue;
             };
             let (mut n, mut bytes) = (0u64, 0u64);
-            match root.open_trash_batch(&name) {
-                // A batch with nothing in it (a transition that failed midway) counts as empty.
-                Ok(dir) => walk(&dir, &RelPath::root(), &mut |_, stat| {
-                    n += 1;
-                    bytes += stat.size;
-                })?,
-                Err(e) if e.kind() == FsErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
+            // A batch with nothing in it (a transition that failed midway) counts as empty.
+            let there = walk_batch(root, &name, &mut |_, stat| {
+                n += 1;
+                bytes += stat.size;
+            })?;
+            if there {
+                usage.insert(name, time, n, bytes);
             }
-            usage.insert(name, time, n, bytes);
         }
         Ok(usage)
     }
@@ -597,17 +604,13 @@ impl TrashUsage {
         let mut versions = Vec::new();
         for (i, (time, name)) in names.iter().enumerate() {
             let from = versions.len();
-            match root.open_trash_batch(name) {
-                Ok(dir) => walk(&dir, &RelPath::root(), &mut |path, stat| {
-                    versions.push(KeptVersion {
-                        batch: i,
-                        path,
-                        bytes: stat.size,
-                    });
-                })?,
-                Err(e) if e.kind() == FsErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
+            walk_batch(root, name, &mut |path, stat| {
+                versions.push(KeptVersion {
+                    batch: i,
+                    path,
+                    bytes: stat.size,
+                });
+            })?;
             let walked = versions.get(from..).unwrap_or_default();
             let bytes = walked.iter().map(|v| v.bytes).sum();
             self.batches

@@ -1155,7 +1155,7 @@ impl Controller {
 
     /// What both sides agree on: regular files and their total size.
     fn agreed_totals(&self) -> (u64, u64) {
-        (self.totals.files, self.totals.bytes)
+        (self.totals.files, self.totals.usage.bytes)
     }
 
     /// True while big files of live cycles are still crossing (see [`Controller::bulk_step`]).
@@ -1444,14 +1444,12 @@ async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, std::time::Dur
     (out, clock.elapsed())
 }
 
-/// Regular files and their total size in a snapshot, and the entries the deletion guard
-/// counts (files and symlinks at paths not exempt).
+/// Regular files in a snapshot, what the quotas count (their total size among it), and the
+/// entries the deletion guard counts (files and symlinks at paths not exempt).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Totals {
     files: u64,
-    bytes: u64,
     countable: u64,
-    /// As the quotas count it.
     usage: quota::Usage,
 }
 
@@ -1464,9 +1462,8 @@ impl Totals {
 
     fn add(&mut self, path: &RelPath, e: &Entry, exempt: &Filter) {
         self.usage.add(e);
-        if let Some(m) = e.as_file() {
+        if e.as_file().is_some() {
             self.files += 1;
-            self.bytes = self.bytes.saturating_add(m.size);
         }
         if !e.is_dir() && !exempt.is_ignored(path, false) {
             self.countable += 1;
@@ -1475,9 +1472,8 @@ impl Totals {
 
     fn remove(&mut self, path: &RelPath, e: &Entry, exempt: &Filter) {
         self.usage.remove(e);
-        if let Some(m) = e.as_file() {
+        if e.as_file().is_some() {
             self.files = self.files.saturating_sub(1);
-            self.bytes = self.bytes.saturating_sub(m.size);
         }
         if !e.is_dir() && !exempt.is_ignored(path, false) {
             self.countable = self.countable.saturating_sub(1);
