@@ -70,10 +70,12 @@ pub const DEFAULT_STATE_PARENT_DIR: &str = "/var/lib/vmsync";
 pub const DEFAULT_CONTROL_DIR: &str = "/run/vmsync";
 
 /// Where the defaults of `state_dir` and `control` live: [`DEFAULT_STATE_PARENT_DIR`] and
-/// [`DEFAULT_CONTROL_DIR`] for root (the system unit), and for anyone else (a developer's
-/// `systemctl --user` unit, see packaging/README.md) the XDG directories systemd gives a user
-/// unit's `StateDirectory=` and `RuntimeDirectory=`: `$XDG_STATE_HOME/vmsync` (else
-/// `~/.local/state/vmsync`) and `$XDG_RUNTIME_DIR/vmsync`.
+/// [`DEFAULT_CONTROL_DIR`] for root, and for anyone else the directories systemd gives the
+/// unit (packaging/README.md): the parent of `$STATE_DIRECTORY` and `$RUNTIME_DIRECTORY` (the
+/// system unit run as its own user, `StateDirectory=vmsync/%i`, `RuntimeDirectory=vmsync`);
+/// else the XDG directories of a developer's `systemctl --user` unit: `$XDG_STATE_HOME/vmsync`
+/// (else `~/.local/state/vmsync`) and `$XDG_RUNTIME_DIR/vmsync`. Both units' directories are
+/// those a root shell's or the user's own `vmsync-host status` computes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DefaultDirs {
     pub state_parent: PathBuf,
@@ -97,11 +99,19 @@ impl DefaultDirs {
             return system;
         }
         let absolute = |name: &str| var(name).map(PathBuf::from).filter(|p| p.is_absolute());
+        // systemd's: one directory each (the units name one), already the unit's own.
+        let unit_state = absolute("STATE_DIRECTORY")
+            .and_then(|d| d.parent().map(Path::to_path_buf))
+            .filter(|d| d.parent().is_some());
         let state_home = absolute("XDG_STATE_HOME")
-            .or_else(|| absolute("HOME").map(|home| home.join(".local/state")));
+            .or_else(|| absolute("HOME").map(|home| home.join(".local/state")))
+            .map(|d| d.join("vmsync"));
+        let runtime = absolute("XDG_RUNTIME_DIR").map(|d| d.join("vmsync"));
         DefaultDirs {
-            state_parent: state_home.map_or(system.state_parent, |d| d.join("vmsync")),
-            control: absolute("XDG_RUNTIME_DIR").map_or(system.control, |d| d.join("vmsync")),
+            state_parent: unit_state.or(state_home).unwrap_or(system.state_parent),
+            control: absolute("RUNTIME_DIRECTORY")
+                .or(runtime)
+                .unwrap_or(system.control),
         }
     }
 
@@ -684,7 +694,7 @@ deletion_exempt = ["out/", "*.o"]
     }
 
     #[test]
-    fn a_users_defaults_are_its_xdg_directories_and_roots_the_systems() {
+    fn a_users_defaults_are_its_units_or_xdg_directories_and_roots_the_systems() {
         let env = |vars: &'static [(&'static str, &'static str)]| {
             move |name: &str| {
                 vars.iter()
@@ -718,6 +728,41 @@ deletion_exempt = ["out/", "*.o"]
             (
                 1000,
                 DefaultDirs::for_user(1000, env(&[("XDG_RUNTIME_DIR", "relative")])),
+                DefaultDirs::system(),
+            ),
+            // The system unit run as its own user: systemd's directories win over HOME.
+            (
+                999,
+                DefaultDirs::for_user(
+                    999,
+                    env(&[
+                        ("HOME", "/var/lib/vmsync"),
+                        ("STATE_DIRECTORY", "/var/lib/vmsync/vm1"),
+                        ("RUNTIME_DIRECTORY", "/run/vmsync"),
+                    ]),
+                ),
+                DefaultDirs::system(),
+            ),
+            // The user unit: the same directories as its XDG ones.
+            (
+                1000,
+                DefaultDirs::for_user(
+                    1000,
+                    env(&[
+                        ("HOME", "/home/alice"),
+                        ("STATE_DIRECTORY", "/home/alice/.local/state/vmsync/vm1"),
+                        ("RUNTIME_DIRECTORY", "/run/user/1000/vmsync"),
+                    ]),
+                ),
+                DefaultDirs {
+                    state_parent: PathBuf::from("/home/alice/.local/state/vmsync"),
+                    control: PathBuf::from("/run/user/1000/vmsync"),
+                },
+            ),
+            // A relative or top-level STATE_DIRECTORY names no parent to use.
+            (
+                1000,
+                DefaultDirs::for_user(1000, env(&[("STATE_DIRECTORY", "/vm1")])),
                 DefaultDirs::system(),
             ),
         ];

@@ -557,3 +557,143 @@ fn both_agents_keep_what_the_other_side_removed_and_show_it_in_status() {
     assert_eq!(listed["items"][0]["path"], "edited.txt");
     assert_eq!(listed["items"][0]["kind"], "file");
 }
+
+/// The system unit's way of running the host agent: an unprivileged user of its own (here
+/// `nobody`), no capability, `state_dir` and `control` left to their defaults, which come from
+/// systemd's `STATE_DIRECTORY` and `RUNTIME_DIRECTORY` (packaging/README.md). It syncs both
+/// ways, what it makes on the host belongs to that user, and `wait` run by the same user with
+/// the same environment finds its control socket. Needs root, to start a process as `nobody`.
+#[test]
+fn the_host_agent_runs_unprivileged_in_the_units_directories() {
+    use std::os::unix::fs::{chown, MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    use std::time::{Duration, Instant};
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: starting the host agent as another user needs root");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let mode = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    mode(d, 0o755);
+    // A copy of the binary: the build directory's parents need not be open to `nobody`.
+    let host_bin = d.join("vmsync-host");
+    std::fs::copy(bin("vmsync-host"), &host_bin).unwrap();
+    mode(&host_bin, 0o755);
+    let (host_dir, guest_dir) = (d.join("host"), d.join("guest"));
+    let (state, run) = (d.join("var/vm1"), d.join("run"));
+    for dir in [&host_dir, &guest_dir, &state, &run] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    mode(&d.join("var"), 0o755);
+    mode(&state, 0o700);
+    for owned in [&host_dir, &state, &run] {
+        chown(owned, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    write(&host_dir, "from-host.txt", "made on the host\n");
+    chown(host_dir.join("from-host.txt"), Some(NOBODY), Some(NOBODY)).unwrap();
+    write(&guest_dir, "sub/from-guest.txt", "made in the guest\n");
+    let guest_toml = d.join("guest.toml");
+    std::fs::write(
+        &guest_toml,
+        format!(
+            "listen = \"unix:{d}/guest.sock\"\nstate_dir = \"{d}/guest-state\"\n\
+             control = \"{d}/guest.ctl\"\n[[share]]\nname = \"src\"\npath = \"{g}\"\n",
+            d = d.display(),
+            g = guest_dir.display()
+        ),
+    )
+    .unwrap();
+    // Named as the unit names it (`%i.toml`), and with no state_dir or control.
+    let host_toml = d.join("vm1.toml");
+    std::fs::write(
+        &host_toml,
+        format!(
+            "guest = \"unix:{d}/guest.sock\"\n[[share]]\nname = \"src\"\npath = \"{h}\"\n",
+            d = d.display(),
+            h = host_dir.display()
+        ),
+    )
+    .unwrap();
+    mode(&host_toml, 0o644);
+    let log = |name: &str| std::fs::File::create(d.join(name)).unwrap();
+    let mut guest = Command::new(bin("vmsync-guest"))
+        .args(["run", "--config"])
+        .arg(&guest_toml)
+        .env("VMSYNC_LOG", "debug")
+        .stderr(log("guest.log"))
+        .spawn()
+        .unwrap();
+    let sock = d.join("guest.sock");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sock.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    mode(&sock, 0o777);
+    // As systemd starts the unit: its user, an environment of its own, no capability.
+    let as_unit = |cmd: &mut Command| {
+        cmd.uid(NOBODY)
+            .gid(NOBODY)
+            .env_clear()
+            .env("HOME", d.join("var"))
+            .env("STATE_DIRECTORY", &state)
+            .env("RUNTIME_DIRECTORY", &run)
+            .env("VMSYNC_LOG", "debug");
+    };
+    let mut run_cmd = Command::new(&host_bin);
+    run_cmd
+        .args(["run", "--config"])
+        .arg(&host_toml)
+        .stderr(log("host.log"));
+    as_unit(&mut run_cmd);
+    let mut host = run_cmd.spawn().unwrap();
+    let mut wait_cmd = Command::new(&host_bin);
+    wait_cmd
+        .args(["wait", "--timeout", "60", "--config"])
+        .arg(&host_toml);
+    as_unit(&mut wait_cmd);
+    let waited = wait_cmd.output().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", host.id())).unwrap();
+    let socket_there = run.join("vm1.ctl").exists();
+    for child in [&host, &guest] {
+        if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+    }
+    let _ = host.wait();
+    let _ = guest.wait();
+    let host_log = std::fs::read_to_string(d.join("host.log")).unwrap_or_default();
+    assert!(
+        waited.status.success(),
+        "wait: {}\nhost log:\n{host_log}",
+        String::from_utf8_lossy(&waited.stderr)
+    );
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    assert_eq!(field("Uid:")[..2], ["65534", "65534"], "{status}");
+    assert_eq!(field("CapEff:"), ["0000000000000000"], "{status}");
+    assert_eq!(
+        read(&host_dir, "sub/from-guest.txt"),
+        b"made in the guest\n"
+    );
+    assert_eq!(read(&guest_dir, "from-host.txt"), b"made on the host\n");
+    for made in ["sub", "sub/from-guest.txt", ".vmsync"] {
+        let m = std::fs::symlink_metadata(host_dir.join(made)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (NOBODY, NOBODY), "{made}");
+    }
+    // The state and the control socket where the unit's directories are.
+    assert!(state.join("host.redb").is_file(), "{host_log}");
+    assert!(
+        socket_there,
+        "no control socket at {}",
+        run.join("vm1.ctl").display()
+    );
+}
