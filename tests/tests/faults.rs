@@ -416,12 +416,28 @@ async fn a_really_full_guest_disk_pauses_and_resumes_when_space_appears() {
     );
     assert_eq!(temps(&p.guest_dir), Vec::<String>::new());
 
-    std::fs::remove_file(&filler).unwrap();
+    remove_filler(&filler);
     let report = p.sync().await;
     assert_eq!(report.pending, 0, "{report:?}");
     assert_same_tree(&p.host_dir, &p.guest_dir);
     assert_eq!(p.status().state, ShareState::InSync);
     assert_eq!(p.status().halt_code, None);
+}
+
+/// Removes a filler file from a small tmpfs and waits until its space is free again. That is
+/// when its last descriptor closes, which need not be at once: a child that another test
+/// thread forks while the filler is being written holds a copy until it execs.
+fn remove_filler(filler: &std::path::Path) {
+    let dir = std::fs::File::open(filler.parent().unwrap()).unwrap();
+    std::fs::remove_file(filler).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while vmsync_engine::space::free_and_total(&dir).unwrap().0 < 1 << 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the filler's space never came back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 /// The host's state directory on a full 4 MiB tmpfs: the share pauses before the cycle writes
@@ -448,7 +464,7 @@ async fn a_really_full_state_dir_pauses_and_resumes_when_space_appears() {
         .starts_with("host state directory "));
     assert!(!p.guest_dir.join("a.txt").exists());
 
-    std::fs::remove_file(&filler).unwrap();
+    remove_filler(&filler);
     let report = p.sync().await;
     // Shown if the trees differ: what the cycle after the pause said.
     eprintln!("after the pause: {report:?}\n{:?}", p.status());
