@@ -70,8 +70,8 @@ pub const MAX_WRITE_BYTES_RANGE: std::ops::RangeInclusive<i64> = 1024..=16 * 102
 pub struct GuestConfig {
     /// The file this configuration was read from (for messages).
     pub file: PathBuf,
-    /// Where to accept the host's connection: any form but [`EndpointAddr::Hybrid`] (a
-    /// host-side address).
+    /// Where to accept the host's connection: any form but [`EndpointAddr::Hybrid`] and
+    /// [`EndpointAddr::Libvirt`] (host-side addresses).
     pub listen: EndpointAddr,
     /// Index and staging state of the exported shares.
     pub state_dir: PathBuf,
@@ -169,6 +169,17 @@ fn resolve(
                     format!(
                         "listen: `hybrid:` is the host side of a hybrid vsock; inside the guest \
                          listen on `vsock://any:{port}`"
+                    ),
+                );
+                None
+            }
+            Ok(EndpointAddr::Libvirt(target)) => {
+                problems.at(
+                    value,
+                    format!(
+                        "listen: `libvirt:` names a VM for the host to dial; inside the guest \
+                         listen on `vsock://any:{}`",
+                        target.port()
                     ),
                 );
                 None
@@ -421,6 +432,11 @@ path = "/home/dev/docs/."
                 "hybrid listen",
                 "listen = \"hybrid:/run/vm.vsock:786\"\n[[share]]\nname = \"a\"\npath = \"/a\"\n",
                 &["guest.toml:1:10: ", "host side of a hybrid vsock", "vsock://any:786"],
+            ),
+            (
+                "libvirt listen",
+                "listen = \"libvirt:dev-vm:1024\"\n[[share]]\nname = \"a\"\npath = \"/a\"\n",
+                &["guest.toml:1:10: ", "names a VM for the host to dial", "vsock://any:1024"],
             ),
             (
                 "relative share path",

@@ -12,7 +12,8 @@
 //! The file format (keys, defaults):
 //!
 //! ```toml
-//! guest = "unix:/run/vmsync/guest.sock"   # required; or "vsock://CID:PORT", "hybrid:/PATH:PORT"
+//! guest = "unix:/run/vmsync/guest.sock"   # required; or "vsock://CID:PORT", "hybrid:/PATH:PORT",
+//!                                         # "libvirt:DOMAIN[@URI][:PORT]"
 //! state_dir = "/var/lib/vmsync/vm1"       # default: /var/lib/vmsync/<config file stem>
 //! control = "/run/vmsync/vm1.ctl"         # default: /run/vmsync/<config file stem>.ctl
 //!                                         # (not root: the XDG directories, see DefaultDirs)
@@ -48,6 +49,16 @@
 //! The guest endpoint is parsed by the transport crate's [`EndpointAddr`] (the one grammar for
 //! configs and the CLI); this module adds what only a host can know, such as that a host must
 //! dial a concrete CID.
+//!
+//! Checking a configuration (`vmsync-host check`, and the unit's `ExecStartPre`) reads the file
+//! and the file system only: it dials no guest and so it does not run `virsh` for a
+//! `libvirt:DOMAIN` guest either; its syntax is checked, not the domain. The CID is the running
+//! domain's (libvirt assigns an automatic one when the domain starts), so there may be none to
+//! find yet when the host agent starts before its VM, which is what it is made to do (it retries
+//! until the guest answers); and a libvirt daemon that is down or slow must not make a correct
+//! file fail its check. `run` resolves the domain at every connect and reports a failure
+//! (no virsh, no such domain, no vsock device, no CID) like any other unreachable guest: in the
+//! log and in `vmsync-host status`.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -844,6 +855,7 @@ deletion_exempt = ["out/", "*.o"]
 
     #[test]
     fn every_endpoint_form_a_host_can_dial_is_accepted() {
+        use vmsync_transport::endpoint_addr::LibvirtDomain;
         for (text, endpoint) in [
             ("unix:/run/g.sock", EndpointAddr::Unix("/run/g.sock".into())),
             ("vsock://3:786", EndpointAddr::Vsock { cid: 3, port: 786 }),
@@ -855,6 +867,23 @@ deletion_exempt = ["out/", "*.o"]
                     path: "/run/a:b.vsock".into(),
                     port: 1024,
                 },
+            ),
+            // Syntax only: no virsh runs (a test machine has none, and no such domain).
+            (
+                "libvirt:dev-vm",
+                EndpointAddr::Libvirt(LibvirtDomain {
+                    domain: "dev-vm".into(),
+                    uri: None,
+                    port: None,
+                }),
+            ),
+            (
+                "libvirt:dev-vm@qemu:///system:786",
+                EndpointAddr::Libvirt(LibvirtDomain {
+                    domain: "dev-vm".into(),
+                    uri: Some("qemu:///system".into()),
+                    port: Some(786),
+                }),
             ),
         ] {
             let config = parse_ok(&format!(
@@ -929,6 +958,11 @@ deletion_exempt = ["out/", "*.o"]
                 "unparsable endpoint",
                 "guest = \"vsock:3:786\"\n[[share]]\nname = \"a\"\npath = \"/a\"\n",
                 &["vm1.toml:1:9: guest: `vsock:3:786`: unknown address form"],
+            ),
+            (
+                "bad libvirt domain",
+                "guest = \"libvirt:-vm\"\n[[share]]\nname = \"a\"\npath = \"/a\"\n",
+                &["vm1.toml:1:9: guest: `libvirt:-vm`: the libvirt domain starts with `-`"],
             ),
             (
                 "listen-only endpoint",

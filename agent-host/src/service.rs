@@ -263,14 +263,20 @@ impl SyncLoop {
         loop {
             self.set_states(ShareState::Connecting);
             match self.connect().await {
-                Ok(session) => {
+                Ok((session, dialled)) => {
                     backoff = RECONNECT_MIN_MS;
                     last_error = None;
-                    self.set_peer(true, Some(self.config.guest.to_string()));
+                    // A `libvirt:` guest shows the address it resolved to this time.
+                    let peer = if dialled == self.config.guest {
+                        dialled.to_string()
+                    } else {
+                        format!("{} ({dialled})", self.config.guest)
+                    };
+                    self.set_peer(true, Some(peer));
                     if let Ok(mut s) = self.shared.session.lock() {
                         *s = Some(session.clone());
                     }
-                    tracing::info!(guest = %self.config.guest, "connected to guest");
+                    tracing::info!(guest = %self.config.guest, address = %dialled, "connected to guest");
                     let reason = self.connected(session).await;
                     if let Ok(mut s) = self.shared.session.lock() {
                         *s = None;
@@ -295,8 +301,15 @@ impl SyncLoop {
         }
     }
 
-    async fn connect(&self) -> anyhow::Result<Session> {
-        let addr: EndpointAddr = self.config.guest.to_string().parse()?;
+    /// Dials the guest and runs the handshake; returns the session and the address dialled. A
+    /// `libvirt:` guest is resolved to its current CID first, on its own timeout (virsh's), so
+    /// a restarted VM's new CID is found and a resolution failure is reported as such; the
+    /// caller retries it with the same backoff as any failed dial.
+    async fn connect(&self) -> anyhow::Result<(Session, EndpointAddr)> {
+        let addr: EndpointAddr = match &self.config.guest {
+            EndpointAddr::Libvirt(target) => vmsync_transport::libvirt::resolve(target).await?,
+            guest => guest.to_string().parse()?,
+        };
         let stream =
             tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connect(&addr))
                 .await
@@ -314,7 +327,7 @@ impl SyncLoop {
         let hello = handshake::hello(env!("CARGO_PKG_VERSION"), opens);
         let (session, welcome) = client_handshake(stream, hello).await?;
         tracing::info!(guest_version = %welcome.agent_version, "handshake done");
-        Ok(session)
+        Ok((session, addr))
     }
 
     /// Keeps every share in sync over `session` until it ends (see `vmsync_engine::schedule`):

@@ -52,3 +52,63 @@ fn status_without_a_running_agent_says_so() {
     assert!(stderr.contains("no agent answers"), "{stderr}");
     assert!(stderr.contains("is `vmsync-host run` running"), "{stderr}");
 }
+
+/// `check` accepts a `libvirt:` guest on its syntax alone: it never runs `virsh` (a stand-in
+/// first on PATH would leave a mark), whether or not the domain exists or runs.
+#[test]
+fn check_accepts_a_libvirt_guest_without_running_virsh() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let mark = dir.path().join("virsh-ran");
+    let virsh = bin.join("virsh");
+    std::fs::write(
+        &virsh,
+        format!("#!/bin/sh\ntouch '{}'\nexit 1\n", mark.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&virsh, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = dir.path().join("vm.toml");
+    let write = |guest: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "guest = \"{guest}\"\nstate_dir = \"{d}/state\"\ncontrol = \"{d}/vm.ctl\"\n[[share]]\nname = \"s\"\npath = \"{d}/share\"\n",
+                d = dir.path().display(),
+            ),
+        )
+        .unwrap();
+    };
+    let check = || {
+        host()
+            .args(["check", "--config"])
+            .arg(&config)
+            .env("PATH", &bin)
+            .output()
+            .unwrap()
+    };
+    for guest in [
+        "libvirt:dev-vm",
+        "libvirt:dev-vm:786",
+        "libvirt:dev-vm@qemu:///system:786",
+    ] {
+        write(guest);
+        let out = check();
+        assert!(
+            out.status.success(),
+            "{guest}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains(": ok (1 share(s))"));
+    }
+    write("libvirt:dev-vm@qemu:///system:port");
+    let out = check();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("port `port` is not a decimal number"),
+        "{stderr}"
+    );
+    assert!(!mark.exists(), "check ran virsh");
+}

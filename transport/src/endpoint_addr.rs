@@ -7,9 +7,25 @@
 //! | `vsock://CID:PORT`         | AF_VSOCK: the host dials a guest (QEMU/KVM + vhost-vsock)    |
 //! | `vsock://any:PORT`         | AF_VSOCK listen form: the guest accepts from any CID          |
 //! | `hybrid:/abs/path.sock:PORT` | the VMM's Unix socket + `CONNECT PORT` (Firecracker, Cloud Hypervisor) |
+//! | `libvirt:DOMAIN[@URI][:PORT]` | a libvirt domain whose vsock CID is looked up at each connect ([`crate::libvirt`]) |
 //!
 //! Numbers are plain decimal without sign or leading zeros, so every accepted string prints back
 //! identically. Error messages quote the input (escaped) and say what is wrong with it.
+//!
+//! The `libvirt:` grammar, read left to right:
+//! - `DOMAIN` runs to the first `@` or `:`. It is what `virsh dumpxml` takes (a name, UUID or
+//!   ID): not empty, no NUL or other control character, not starting with `-` (it would read as
+//!   an option), and no `@` or `:` (they delimit it).
+//! - `@URI` (optional) is the libvirt connection URI (`virsh -c URI`), e.g. `qemu:///system`;
+//!   it may contain `@` and `:` itself (`qemu+ssh://root@host:22/system`). Not empty, no
+//!   whitespace or control character, not starting with `-`.
+//! - `:PORT` (optional, default [`DEFAULT_VSOCK_PORT`]) is the last `:` of the string when what
+//!   follows it contains no `/`. So `libvirt:vm@qemu:///system:786` has the port 786 and
+//!   `libvirt:vm@qemu:///system` none (`///system` is part of the URI). A URI that itself ends
+//!   in `:SOMETHING` without a `/` (a bare `host:port`) needs the vsock port written after it.
+//!
+//! The port is kept as written (`None` when absent), so `libvirt:vm` and `libvirt:vm:786` each
+//! print back as they were given; both dial port 786.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -35,13 +51,35 @@ pub enum EndpointAddr {
     VsockAny { port: u32 },
     /// `hybrid:/abs/path.sock:PORT`
     Hybrid { path: PathBuf, port: u32 },
+    /// `libvirt:DOMAIN[@URI][:PORT]` (dial only): resolved to [`EndpointAddr::Vsock`] by
+    /// [`crate::libvirt::resolve`] each time it is dialled.
+    Libvirt(LibvirtDomain),
+}
+
+/// A libvirt domain to reach over vsock: which domain, on which libvirt connection, and the
+/// guest port. See the module documentation for the grammar.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LibvirtDomain {
+    /// Name, UUID or ID, as `virsh dumpxml` takes it.
+    pub domain: String,
+    /// The connection URI (`virsh -c`); `None`: virsh's default.
+    pub uri: Option<String>,
+    /// The guest's vsock port as written; `None`: [`DEFAULT_VSOCK_PORT`].
+    pub port: Option<u32>,
+}
+
+impl LibvirtDomain {
+    /// The vsock port to dial.
+    pub fn port(&self) -> u32 {
+        self.port.unwrap_or(DEFAULT_VSOCK_PORT)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AddrError {
     #[error(
         "`{input}`: unknown address form; expected unix:/PATH, vsock://CID:PORT, \
-         vsock://any:PORT or hybrid:/PATH:PORT"
+         vsock://any:PORT, hybrid:/PATH:PORT or libvirt:DOMAIN[@URI][:PORT]"
     )]
     UnknownScheme { input: String },
     #[error("`{input}`: the socket path is empty")]
@@ -69,12 +107,16 @@ pub enum AddrError {
         what: &'static str,
         value: String,
     },
+    #[error("`{input}`: the libvirt domain {reason}")]
+    BadDomain { input: String, reason: &'static str },
+    #[error("`{input}`: the libvirt URI after `@` {reason}")]
+    BadUri { input: String, reason: &'static str },
 }
 
 impl EndpointAddr {
     /// True for the forms a listener can bind (`unix:`, `vsock://any:` and `vsock://CID:`).
     pub fn can_listen(&self) -> bool {
-        !matches!(self, EndpointAddr::Hybrid { .. })
+        !matches!(self, EndpointAddr::Hybrid { .. } | EndpointAddr::Libvirt(_))
     }
 
     /// True for the forms a client can dial (everything but `vsock://any:`).
@@ -132,6 +174,67 @@ fn socket_path(input: &str, path: &str) -> Result<PathBuf, AddrError> {
     Ok(PathBuf::from(path))
 }
 
+/// Why a libvirt domain or URI cannot be used, if it cannot: the checks both share.
+fn libvirt_text_error(text: &str) -> Option<&'static str> {
+    if text.is_empty() {
+        Some("is empty")
+    } else if text.contains('\0') {
+        Some("contains a NUL byte")
+    } else if text.chars().any(char::is_control) {
+        Some("contains a control character")
+    } else if text.starts_with('-') {
+        Some("starts with `-`")
+    } else {
+        None
+    }
+}
+
+/// `rest` is what follows `libvirt:`; see the module documentation for the grammar.
+fn libvirt(input: &str, rest: &str) -> Result<LibvirtDomain, AddrError> {
+    let bad_domain = |reason| AddrError::BadDomain {
+        input: quote(input),
+        reason,
+    };
+    let (domain, uri, port) = match rest.split_once('@') {
+        None => match rest.split_once(':') {
+            Some((domain, port)) => (domain, None, Some(port)),
+            None => (rest, None, None),
+        },
+        Some((domain, after)) => {
+            if domain.contains(':') {
+                return Err(bad_domain(
+                    "contains `:`; the port goes last: libvirt:DOMAIN@URI:PORT",
+                ));
+            }
+            match after.rsplit_once(':') {
+                Some((uri, port)) if !port.contains('/') => (domain, Some(uri), Some(port)),
+                _ => (domain, Some(after), None),
+            }
+        }
+    };
+    if let Some(reason) = libvirt_text_error(domain) {
+        return Err(bad_domain(reason));
+    }
+    if let Some(uri) = uri {
+        let reason = libvirt_text_error(uri).or_else(|| {
+            uri.contains(char::is_whitespace)
+                .then_some("contains whitespace")
+        });
+        if let Some(reason) = reason {
+            return Err(AddrError::BadUri {
+                input: quote(input),
+                reason,
+            });
+        }
+    }
+    let port = port.map(|port| number(input, "port", port)).transpose()?;
+    Ok(LibvirtDomain {
+        domain: domain.to_string(),
+        uri: uri.map(str::to_string),
+        port,
+    })
+}
+
 impl FromStr for EndpointAddr {
     type Err = AddrError;
 
@@ -169,6 +272,9 @@ impl FromStr for EndpointAddr {
             let port = number(input, "port", port)?;
             return Ok(EndpointAddr::Hybrid { path, port });
         }
+        if let Some(rest) = input.strip_prefix("libvirt:") {
+            return Ok(EndpointAddr::Libvirt(libvirt(input, rest)?));
+        }
         Err(AddrError::UnknownScheme {
             input: quote(input),
         })
@@ -186,7 +292,21 @@ impl fmt::Display for EndpointAddr {
             EndpointAddr::Vsock { cid, port } => write!(f, "vsock://{cid}:{port}"),
             EndpointAddr::VsockAny { port } => write!(f, "vsock://any:{port}"),
             EndpointAddr::Hybrid { path, port } => write!(f, "hybrid:{}:{port}", show(path)),
+            EndpointAddr::Libvirt(domain) => domain.fmt(f),
         }
+    }
+}
+
+impl fmt::Display for LibvirtDomain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "libvirt:{}", self.domain)?;
+        if let Some(uri) = &self.uri {
+            write!(f, "@{uri}")?;
+        }
+        if let Some(port) = self.port {
+            write!(f, ":{port}")?;
+        }
+        Ok(())
     }
 }
 
@@ -280,6 +400,124 @@ mod tests {
         assert!(any.can_listen() && !any.can_connect());
         let hybrid: EndpointAddr = "hybrid:/x:1".parse().unwrap();
         assert!(!hybrid.can_listen() && hybrid.can_connect());
+        let libvirt: EndpointAddr = "libvirt:vm".parse().unwrap();
+        assert!(!libvirt.can_listen() && libvirt.can_connect());
         assert_eq!(DEFAULT_VSOCK_PORT, 786);
+    }
+
+    fn domain(domain: &str, uri: Option<&str>, port: Option<u32>) -> EndpointAddr {
+        EndpointAddr::Libvirt(LibvirtDomain {
+            domain: domain.into(),
+            uri: uri.map(String::from),
+            port,
+        })
+    }
+
+    #[test]
+    fn libvirt_forms_parse_and_print_back() {
+        let system = Some("qemu:///system");
+        let cases = [
+            ("libvirt:dev-vm", domain("dev-vm", None, None)),
+            ("libvirt:dev-vm:786", domain("dev-vm", None, Some(786))),
+            ("libvirt:dev-vm:0", domain("dev-vm", None, Some(0))),
+            (
+                "libvirt:dev-vm@qemu:///system",
+                domain("dev-vm", system, None),
+            ),
+            (
+                "libvirt:dev-vm@qemu:///system:786",
+                domain("dev-vm", system, Some(786)),
+            ),
+            (
+                "libvirt:dev-vm@qemu:///session:1024",
+                domain("dev-vm", Some("qemu:///session"), Some(1024)),
+            ),
+            (
+                // `@` and `:` inside the URI: the port is only a last `:` without a `/` after it.
+                "libvirt:vm@qemu+ssh://root@kvm1:22/system",
+                domain("vm", Some("qemu+ssh://root@kvm1:22/system"), None),
+            ),
+            (
+                "libvirt:vm@qemu+ssh://root@kvm1:22/system:52",
+                domain("vm", Some("qemu+ssh://root@kvm1:22/system"), Some(52)),
+            ),
+            // A URI alias from libvirt.conf.
+            ("libvirt:vm@hail", domain("vm", Some("hail"), None)),
+            ("libvirt:vm@hail:786", domain("vm", Some("hail"), Some(786))),
+            (
+                "libvirt:4dea22b3-1d52-d8f3-2516-782e98ab3fa0",
+                domain("4dea22b3-1d52-d8f3-2516-782e98ab3fa0", None, None),
+            ),
+            ("libvirt:7", domain("7", None, None)),
+            ("libvirt:my vm.2", domain("my vm.2", None, None)),
+            ("libvirt:vm-ü", domain("vm-ü", None, None)),
+        ];
+        for (input, want) in cases {
+            let got: EndpointAddr = input.parse().unwrap();
+            assert_eq!(got, want, "{input}");
+            assert_eq!(got.to_string(), input);
+        }
+        let EndpointAddr::Libvirt(d) = "libvirt:vm".parse().unwrap() else {
+            unreachable!()
+        };
+        assert_eq!(d.port(), DEFAULT_VSOCK_PORT);
+        let EndpointAddr::Libvirt(d) = "libvirt:vm@x:9".parse().unwrap() else {
+            unreachable!()
+        };
+        assert_eq!(d.port(), 9);
+    }
+
+    #[test]
+    fn libvirt_forms_reject_with_a_reason() {
+        let cases: &[(&str, &str)] = &[
+            ("libvirt:", "the libvirt domain is empty"),
+            ("libvirt::786", "the libvirt domain is empty"),
+            ("libvirt:@qemu:///system", "the libvirt domain is empty"),
+            ("libvirt:a\0b", "domain contains a NUL byte"),
+            ("libvirt:a\nb", "domain contains a control character"),
+            ("libvirt:a\x1b[31mb", "domain contains a control character"),
+            ("libvirt:a\u{85}b", "domain contains a control character"),
+            ("libvirt:-vm", "domain starts with `-`"),
+            ("libvirt:--help", "domain starts with `-`"),
+            ("libvirt:vm:", "port `` is not a decimal number"),
+            ("libvirt:vm:x", "port `x` is not a decimal number"),
+            ("libvirt:vm:0786", "port `0786`"),
+            ("libvirt:vm:+786", "port `+786`"),
+            ("libvirt:vm:4294967295", "port `4294967295`"),
+            ("libvirt:my:vm", "port `vm`"),
+            ("libvirt:vm:786:1", "port `786:1`"),
+            (
+                "libvirt:vm:786@qemu:///system",
+                "domain contains `:`; the port goes last: libvirt:DOMAIN@URI:PORT",
+            ),
+            ("libvirt:vm@", "the libvirt URI after `@` is empty"),
+            ("libvirt:vm@:786", "the libvirt URI after `@` is empty"),
+            ("libvirt:vm@-c", "URI after `@` starts with `-`"),
+            (
+                "libvirt:vm@qemu:///sys tem",
+                "URI after `@` contains whitespace",
+            ),
+            (
+                "libvirt:vm@qemu:///sys\ttem",
+                "URI after `@` contains a control character",
+            ),
+            ("libvirt:vm@qemu:///\0", "URI after `@` contains a NUL byte"),
+            ("libvirt:vm@qemu:///system:", "port ``"),
+            ("libvirt:vm@qemu:///system:abc", "port `abc`"),
+            ("libvirt:vm@qemu+tcp://h:16509:x", "port `x`"),
+            ("libvirt:\x1b]0;x\x07", "libvirt:\\x1b]0;x\\x07"),
+            ("Libvirt:vm", "unknown address form"),
+            ("libvirt//vm", "unknown address form"),
+        ];
+        for (input, want) in cases {
+            match input.parse::<EndpointAddr>() {
+                Ok(a) => panic!("{input:?} parsed as {a:?}"),
+                Err(e) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains(want), "{input:?}: {msg}");
+                    assert!(!msg.chars().any(char::is_control), "{input:?}: {msg:?}");
+                }
+            }
+        }
     }
 }

@@ -3,7 +3,9 @@
 //! controller cannot tell from a local one; the guest [`serve`]s its local endpoints.
 //!
 //! Module map:
-//! - [`endpoint_addr`]: `unix:`, `vsock://`, `hybrid:` address syntax, parsed and printed.
+//! - [`endpoint_addr`]: `unix:`, `vsock://`, `hybrid:`, `libvirt:` address syntax, parsed and
+//!   printed.
+//! - [`libvirt`]: a `libvirt:` domain's vsock CID, from `virsh dumpxml`, at each dial.
 //! - [`stream`]: dialling and listening; hands back boxed byte streams.
 //! - [`hybrid`]: the `CONNECT PORT` handshake on a VMM's hybrid vsock Unix socket.
 //! - [`capped`]: a stream wrapper bounding each write (the 32 KiB vsock trap).
@@ -18,12 +20,13 @@ pub mod capped;
 pub mod endpoint_addr;
 pub mod error;
 pub mod hybrid;
+pub mod libvirt;
 pub mod limits;
 pub mod rpc;
 pub mod stream;
 
 pub use capped::CappedWrite;
-pub use endpoint_addr::{AddrError, EndpointAddr, DEFAULT_VSOCK_PORT};
+pub use endpoint_addr::{AddrError, EndpointAddr, LibvirtDomain, DEFAULT_VSOCK_PORT};
 pub use error::TransportError;
 pub use rpc::{
     client_handshake, client_handshake_with, serve, serve_with, RemoteEndpoint, ServerConfig,

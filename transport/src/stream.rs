@@ -9,6 +9,8 @@
 //!   (tokio-vsock, Linux only). The guest listens; a host dials a guest by CID only with
 //!   in-kernel vhost-vsock. Nothing in this crate's tests opens AF_VSOCK: on development and CI
 //!   machines the vsock device belongs to the infrastructure; tests/vm runs it inside a guest.
+//! - `libvirt:DOMAIN[@URI][:PORT]` is resolved to `vsock://CID:PORT` ([`crate::libvirt`]) at
+//!   every dial, then dialled as such; it cannot be listened on.
 //!
 //! A Unix listener ([`bind_unix`]) replaces a stale socket file left by a previous run, but only
 //! if it is a socket nobody is listening on (never a regular file, directory or symlink, and
@@ -42,9 +44,28 @@ fn unsupported(addr: &EndpointAddr) -> io::Error {
     )
 }
 
-/// Dials `addr`.
+/// Dials `addr`. A `libvirt:` address is resolved first (see [`crate::libvirt::resolve`]; its
+/// error is the [`crate::libvirt::LibvirtError`] inside the `io::Error`); a caller that wants
+/// the resolution bounded or reported apart from the dial resolves it itself.
 pub async fn connect(addr: &EndpointAddr) -> io::Result<BoxedStream> {
     match addr {
+        EndpointAddr::Libvirt(target) => {
+            let resolved = crate::libvirt::resolve(target)
+                .await
+                .map_err(io::Error::other)?;
+            connect_resolved(&resolved).await
+        }
+        _ => connect_resolved(addr).await,
+    }
+}
+
+/// Dials `addr`, any form but `libvirt:`.
+async fn connect_resolved(addr: &EndpointAddr) -> io::Result<BoxedStream> {
+    match addr {
+        EndpointAddr::Libvirt(_) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{addr} must be resolved to a vsock address before it is dialled"),
+        )),
         EndpointAddr::Unix(path) => {
             let stream = UnixStream::connect(path)
                 .await
@@ -129,6 +150,10 @@ pub async fn listen(addr: &EndpointAddr) -> io::Result<Listener> {
             format!(
                 "{addr}: a hybrid address is dialled through the VMM's socket, not listened on"
             ),
+        )),
+        EndpointAddr::Libvirt(_) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{addr}: a libvirt domain is dialled by its vsock CID, not listened on"),
         )),
         #[cfg(target_os = "linux")]
         EndpointAddr::Vsock { cid, port } => listen_vsock(addr, *cid, *port),
