@@ -127,6 +127,7 @@ impl Shared {
 /// Runs the guest agent; each share stages at most `max_staged` files at once (see
 /// `vmsync_agent_common::process::max_staged_files`).
 pub async fn run(config: GuestConfig, max_staged: usize) -> anyhow::Result<()> {
+    vmsync_agent_common::process::spawn_heap_trimmer();
     let (db, notice) = match StateDb::open_or_recover(&config.state_dir, "guest.redb") {
         Ok((db, notice)) => (Arc::new(db), notice),
         Err(e) if e.is_locked() => anyhow::bail!(
