@@ -128,6 +128,7 @@ impl Shared {
 /// `vmsync_agent_common::process::max_staged_files`).
 pub async fn run(config: GuestConfig, max_staged: usize) -> anyhow::Result<()> {
     vmsync_agent_common::process::spawn_heap_trimmer();
+    vmsync_agent_common::notify_systemd::spawn_watchdog();
     let (db, notice) = match StateDb::open_or_recover(&config.state_dir, "guest.redb") {
         Ok((db, notice)) => (Arc::new(db), notice),
         Err(e) if e.is_locked() => anyhow::bail!(

@@ -24,3 +24,59 @@ fn a_missing_config_is_an_error_with_exit_2() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Under systemd (`NOTIFY_SOCKET`, `WatchdogSec=`): `READY=1` once listening, then
+/// `WATCHDOG=1` at half of `WATCHDOG_USEC`, for as long as it runs.
+#[test]
+fn tells_systemd_it_is_ready_and_pings_its_watchdog() {
+    use std::os::unix::net::UnixDatagram;
+    use std::time::{Duration, Instant};
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::create_dir(d.join("share")).unwrap();
+    let config = d.join("guest.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"unix:{d}/guest.sock\"\nstate_dir = \"{d}/state\"\n\
+             control = \"{d}/guest.ctl\"\n[[share]]\nname = \"s\"\npath = \"{d}/share\"\n",
+            d = d.display()
+        ),
+    )
+    .unwrap();
+    let systemd = UnixDatagram::bind(d.join("notify.sock")).unwrap();
+    systemd
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_vmsync-guest"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", d.join("notify.sock"))
+        .env("WATCHDOG_USEC", "100000")
+        .env_remove("WATCHDOG_PID")
+        .spawn()
+        .unwrap();
+    let mut heard = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut buf = [0u8; 256];
+    while Instant::now() < deadline
+        && heard
+            .iter()
+            .filter(|m: &&String| *m == "WATCHDOG=1")
+            .count()
+            < 5
+    {
+        if let Ok(n) = systemd.recv(&mut buf) {
+            heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(heard.iter().any(|m| m == "READY=1"), "{heard:?}");
+    let pings = heard.iter().filter(|m| *m == "WATCHDOG=1").count();
+    assert!(pings >= 5, "{pings} watchdog pings: {heard:?}");
+    assert!(
+        heard.iter().all(|m| m == "READY=1" || m == "WATCHDOG=1"),
+        "{heard:?}"
+    );
+}
