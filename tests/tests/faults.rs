@@ -521,3 +521,63 @@ fn a_guest_below_its_min_free_pauses_the_host_share_over_the_wire() {
     assert_eq!(share["state"], "in-sync");
     assert!(share["halt_code"].is_null(), "{share}");
 }
+
+/// Sets `path`'s mtime to `secs` seconds from the epoch, before it too.
+fn set_mtime_any(path: &Path, secs: i64) {
+    let epoch = std::time::UNIX_EPOCH;
+    let t = if secs >= 0 {
+        epoch + std::time::Duration::from_secs(secs.unsigned_abs())
+    } else {
+        epoch - std::time::Duration::from_secs(secs.unsigned_abs())
+    };
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+}
+
+fn mtime_secs(path: &Path) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().mtime()
+}
+
+/// The guest's share on a filesystem that holds any time (tmpfs: year 1 to 9999 and beyond),
+/// the host's where it is (ext4 clamps to 1901-2446): files the guest dates in the year 9999
+/// and the year 1 arrive whole, and the cycles after change nothing more on either side.
+#[tokio::test]
+async fn times_the_host_filesystem_cannot_hold_settle_without_churn() {
+    let mut p = Pair::new(Default::default());
+    let Some(_mount) = Tmpfs::mount(&p.guest_dir, "16m") else {
+        return;
+    };
+    const YEAR_9999: i64 = 253_385_000_000;
+    const YEAR_1: i64 = -62_120_000_000;
+    write(&p.guest_dir, "future.txt", "from the year 9999");
+    write(&p.guest_dir, "d/past.txt", "from the year 1");
+    set_mtime_any(&p.guest_dir.join("future.txt"), YEAR_9999);
+    set_mtime_any(&p.guest_dir.join("d/past.txt"), YEAR_1);
+    assert_eq!(mtime_secs(&p.guest_dir.join("future.txt")), YEAR_9999);
+    p.sync().await;
+    assert_eq!(read(&p.host_dir, "future.txt"), b"from the year 9999");
+    assert_eq!(read(&p.host_dir, "d/past.txt"), b"from the year 1");
+    let settled = p.sync().await;
+    let times = |dir: &Path| {
+        (
+            mtime_secs(&dir.join("future.txt")),
+            mtime_secs(&dir.join("d/past.txt")),
+        )
+    };
+    let (host, guest) = (times(&p.host_dir), times(&p.guest_dir));
+    eprintln!("after two cycles: host {host:?}, guest {guest:?}, {settled:?}");
+    for round in 0..3 {
+        let report = p.sync().await;
+        assert_eq!(report.applied, 0, "round {round}: {report:?}");
+        assert_eq!(times(&p.host_dir), host, "round {round}");
+        assert_eq!(times(&p.guest_dir), guest, "round {round}");
+    }
+    assert_eq!(read(&p.guest_dir, "future.txt"), b"from the year 9999");
+    assert_eq!(p.status().state, ShareState::InSync);
+    assert!(p.status().conflicts.is_empty());
+}
