@@ -12,7 +12,7 @@
 use std::path::Path;
 use std::time::Duration;
 use vmsync_tests::agents::{eventually, Agents};
-use vmsync_tests::fixture::{assert_same_tree, tree, write};
+use vmsync_tests::fixture::{assert_same_tree, read, tree, write};
 
 /// Bound on convergence after thousands of files changed.
 const SETTLE: Duration = Duration::from_secs(60);
@@ -252,6 +252,71 @@ fn a_damaged_host_state_database_merges_add_only() {
             .file_name()
             .to_string_lossy()
             .starts_with("host.redb.damaged-")));
+}
+
+/// The host's state directory deleted while it is stopped (a reinstall, a wiped /var/lib):
+/// with its ancestor gone the host cannot tell a file the guest deleted meanwhile from one it
+/// never had, so the restart merges add-only: the file comes back in the guest, and nothing of
+/// the host's is lost.
+#[test]
+fn a_deleted_host_state_directory_merges_add_only() {
+    let mut a = started("", |h| populate(h, "src", 100, 3));
+    a.stop_host();
+    std::fs::remove_dir_all(&a.host_state).unwrap();
+    std::fs::remove_file(a.guest_dir.join("src/d00/f00000.txt")).unwrap();
+    write(&a.guest_dir, "src/new.txt", "made in the guest meanwhile");
+    let before = tree(&a.host_dir);
+    a.start_host();
+    assert_eq!(a.wait(60), 0, "{}", a.log_tail("host.log", 30));
+    let host = tree(&a.host_dir);
+    for (path, node) in &before {
+        assert_eq!(
+            host.get(path),
+            Some(node),
+            "{}",
+            String::from_utf8_lossy(path)
+        );
+    }
+    assert!(
+        a.guest_dir.join("src/d00/f00000.txt").exists(),
+        "not recreated"
+    );
+    assert_eq!(
+        read(&a.host_dir, "src/new.txt"),
+        b"made in the guest meanwhile"
+    );
+    assert_same_tree(&a.host_dir, &a.guest_dir);
+}
+
+/// The guest's state directory deleted while it is stopped: it holds only the guest's index
+/// (a cache of its files' hashes), and the host's ancestor still knows what was synced, so a
+/// file the user deleted in the guest meanwhile is deleted on the host too, into the host's
+/// trash, and nothing else changes.
+#[test]
+fn a_deleted_guest_state_directory_is_a_cache_lost_not_a_reason_to_delete_more() {
+    let mut a = started("", |h| populate(h, "src", 100, 3));
+    a.stop_guest();
+    std::fs::remove_dir_all(a.tmp.path().join("guest-state")).unwrap();
+    std::fs::remove_file(a.guest_dir.join("src/d01/f00001.txt")).unwrap();
+    let mut before = tree(&a.host_dir);
+    a.start_guest();
+    assert_eq!(a.wait(60), 0, "{}", a.log_tail("guest.log", 30));
+    let gone = before
+        .remove(b"src/d01/f00001.txt".as_slice())
+        .expect("the file was there");
+    assert_eq!(
+        tree(&a.host_dir),
+        before,
+        "only the guest's deletion applied"
+    );
+    assert_same_tree(&a.host_dir, &a.guest_dir);
+    let kept = a.host_trash();
+    assert!(
+        kept.iter()
+            .any(|(name, data)| name.ends_with("/src/d01/f00001.txt")
+                && matches!(&gone, vmsync_tests::fixture::Node::File { data: d, .. } if d == data)),
+        "the host's copy is kept in its trash: {kept:?}"
+    );
 }
 
 #[test]
