@@ -95,6 +95,10 @@ pub struct AgentInfo {
     /// Chunk payload bytes sent and received in the current (or last) session.
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// Host: how many times it connected to its guest again after the first connection since
+    /// it started (the guest leaves this out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconnects: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -118,6 +118,7 @@ impl Shared {
                 rss_bytes: control::rss_bytes(),
                 bytes_sent: wire.content_bytes_sent,
                 bytes_received: wire.content_bytes_received,
+                reconnects: None,
             },
             shares,
         }

@@ -18,6 +18,12 @@
 //! control = "/run/vmsync/vm1.ctl"         # default: /run/vmsync/<config file stem>.ctl
 //!                                         # (not root: the XDG directories, see DefaultDirs)
 //! max_delete_fraction = 0.5               # default 0.5, in (0, 1]
+//! metrics_file = "/var/lib/node_exporter/textfile/vmsync-vm1.prom"
+//!                                         # default: none. `run` writes the metrics (Prometheus
+//!                                         # text, as `vmsync-host metrics` prints them) there
+//!                                         # every 15 s and at shutdown, atomically (a temp
+//!                                         # file beside it, renamed over it); absolute, not
+//!                                         # inside a share
 //! [[share]]                               # at least one
 //! name = "src"                            # [A-Za-z0-9._-], 1..=64 bytes, unique
 //! path = "/home/alice/src"                # absolute
@@ -165,6 +171,8 @@ pub struct HostConfig {
     /// A cycle that would delete more than this fraction of a share's entries halts the share
     /// instead (safety), in (0, 1].
     pub max_delete_fraction: f64,
+    /// Where `run` keeps the metrics for node-exporter's textfile collector (none: nowhere).
+    pub metrics_file: Option<PathBuf>,
     /// In file order; names are unique and paths do not nest.
     pub shares: Vec<HostShare>,
 }
@@ -246,6 +254,7 @@ struct RawHostConfig {
     state_dir: Option<Spanned<String>>,
     control: Option<Spanned<String>>,
     max_delete_fraction: Option<Spanned<f64>>,
+    metrics_file: Option<Spanned<String>>,
     #[serde(default)]
     share: Vec<Spanned<RawShare>>,
 }
@@ -504,6 +513,28 @@ fn resolve(
     ];
     let places = shares.iter().map(|s| (s.name.as_str(), s.path.as_path()));
     check_places(places, &spans, state_dir.as_deref(), &sockets, problems);
+    let metrics_file = raw.metrics_file.as_ref().and_then(|value| {
+        let path = absolute_path(value, "metrics_file", problems)?;
+        if path.parent().is_none() {
+            problems.at(
+                value,
+                "metrics_file: a file is expected, not `/`".to_string(),
+            );
+            return None;
+        }
+        // It changes every 15 s: inside a share it would be synced, over and over.
+        if let Some(share) = shares.iter().find(|s| path.starts_with(&s.path)) {
+            problems.at(
+                value,
+                format!(
+                    "metrics_file {:?} is inside share {:?} ({:?}); put it outside every share",
+                    path, share.name, share.path
+                ),
+            );
+            return None;
+        }
+        Some(path)
+    });
 
     if !complete {
         return None;
@@ -514,6 +545,7 @@ fn resolve(
         state_dir: state_dir?,
         control: control?,
         max_delete_fraction,
+        metrics_file,
         shares,
     })
 }
@@ -604,6 +636,7 @@ path = "/home/alice/src"
         assert_eq!(config.state_dir, PathBuf::from("/var/lib/vmsync/vm1"));
         assert_eq!(config.control, PathBuf::from("/run/vmsync/vm1.ctl"));
         assert_eq!(config.max_delete_fraction, DEFAULT_MAX_DELETE_FRACTION);
+        assert_eq!(config.metrics_file, None);
         assert_eq!(config.file, PathBuf::from(FILE));
         assert_eq!(
             config.shares,
@@ -634,6 +667,7 @@ guest = "hybrid:/run/vm1.vsock:786"
 state_dir = "/srv/vmsync//state/./vm1/"
 control = "/run/vm1.ctl"
 max_delete_fraction = 1
+metrics_file = "/var/lib/node_exporter/textfile//vmsync-vm1.prom"
 [[share]]
 name = "src"
 path = "/home/alice/src"
@@ -663,6 +697,12 @@ deletion_exempt = ["out/", "*.o"]
         assert_eq!(config.state_dir, PathBuf::from("/srv/vmsync/state/vm1"));
         assert_eq!(config.control, PathBuf::from("/run/vm1.ctl"));
         assert_eq!(config.max_delete_fraction, 1.0);
+        assert_eq!(
+            config.metrics_file,
+            Some(PathBuf::from(
+                "/var/lib/node_exporter/textfile/vmsync-vm1.prom"
+            ))
+        );
         let modes: Vec<_> = config.shares.iter().map(|s| s.mode).collect();
         assert_eq!(
             modes,
@@ -953,6 +993,16 @@ deletion_exempt = ["out/", "*.o"]
                 "bad conflict",
                 "guest = \"unix:/g.sock\"\n[[share]]\nname = \"a\"\npath = \"/a\"\nconflict = \"mine\"\n",
                 &["vm1.toml:5:12: ", "unknown variant `mine`", "`newer-wins`"],
+            ),
+            (
+                "relative metrics_file",
+                "guest = \"unix:/g.sock\"\nmetrics_file = \"vm1.prom\"\n[[share]]\nname = \"a\"\npath = \"/a\"\n",
+                &["vm1.toml:2:16: ", "metrics_file", "relative"],
+            ),
+            (
+                "metrics_file inside a share",
+                "guest = \"unix:/g.sock\"\nmetrics_file = \"/a/m.prom\"\n[[share]]\nname = \"a\"\npath = \"/a\"\n",
+                &["vm1.toml:2:16: ", "inside share \"a\""],
             ),
             (
                 "unparsable endpoint",

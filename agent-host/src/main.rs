@@ -4,9 +4,12 @@
 //! Module map:
 //! - `config`: the TOML file → a validated `HostConfig`.
 //! - `service`: `run`: dial the guest, reconnect with backoff, drive cycles, serve control.
-//! - `report`: `status`, `wait`, `sync`, `resume`, `resolve` as clients of the control socket.
+//! - `report`: `status`, `metrics`, `wait`, `sync`, `resume`, `resolve` as clients of the
+//!   control socket.
+//! - `metrics`: the status as Prometheus text (`metrics`, and `run`'s `metrics_file`).
 
 mod config;
+mod metrics;
 mod report;
 mod service;
 
@@ -43,6 +46,12 @@ enum Command {
         /// Machine-readable JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Print the agent's state as Prometheus text exposition (format 0.0.4): per share
+    /// counters, state, halts and cycle durations; the connection to the guest.
+    Metrics {
+        #[arg(long, short)]
+        config: PathBuf,
     },
     /// Run a full sync cycle of every share now and return when it is done.
     Sync {
@@ -116,6 +125,7 @@ fn main() -> ExitCode {
         Command::Run { config }
         | Command::Check { config }
         | Command::Status { config, .. }
+        | Command::Metrics { config }
         | Command::Sync { config }
         | Command::Wait { config, .. }
         | Command::Resume { config, .. }
@@ -195,6 +205,7 @@ fn main() -> ExitCode {
         Command::Status { json, .. } => {
             runtime.block_on(report::status(&config.control, &config.file, json))
         }
+        Command::Metrics { .. } => runtime.block_on(report::metrics(&config.control, &config.file)),
         Command::Sync { .. } => runtime.block_on(report::sync(&config.control, &config.file)),
         Command::Wait { timeout, .. } => runtime.block_on(report::wait(&config.control, timeout)),
         Command::Resolve {

@@ -1,5 +1,5 @@
-//! The short-lived commands (`status`, `sync`, `wait`, `resume`, `resolve`): clients of a running agent's
-//! control socket that print what it says.
+//! The short-lived commands (`status`, `metrics`, `sync`, `wait`, `resume`, `resolve`): clients
+//! of a running agent's control socket that print what it says.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -38,6 +38,29 @@ pub async fn status(control: &Path, config: &Path, json: bool) -> ExitCode {
                 ControlResponse::Error { .. } => ExitCode::from(1),
                 ControlResponse::Status { .. } => ExitCode::SUCCESS,
             }
+        }
+        Err(e) => not_running(control, e),
+    }
+}
+
+/// `metrics`: the status as Prometheus text exposition (see [`crate::metrics`]). Exits like
+/// `status`.
+pub async fn metrics(control: &Path, config: &Path) -> ExitCode {
+    match request(
+        control,
+        &ControlRequest::Status,
+        Duration::from_millis(CONTROL_TIMEOUT_MS),
+    )
+    .await
+    {
+        Ok(ControlResponse::Status { agent, shares }) => {
+            let vm = crate::metrics::vm_label(config);
+            out(&crate::metrics::render(&vm, &agent, &shares));
+            ExitCode::SUCCESS
+        }
+        Ok(ControlResponse::Error { message }) => {
+            eprintln!("error: {message}");
+            ExitCode::from(1)
         }
         Err(e) => not_running(control, e),
     }

@@ -5,6 +5,8 @@
 
 use crate::config::{HostConfig, HostShare};
 use anyhow::Context;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -32,6 +34,8 @@ const RECONNECT_MAX_MS: u64 = 5_000;
 const HINT_QUEUE: usize = 64;
 /// How long one connection attempt (not the handshake) may take.
 const CONNECT_TIMEOUT_MS: u64 = 5_000;
+/// How often `metrics_file` is written (and once more at shutdown).
+const METRICS_FILE_INTERVAL: Duration = Duration::from_secs(15);
 
 /// What the control socket reads without disturbing the sync loop.
 #[derive(Clone)]
@@ -41,6 +45,8 @@ struct Shared {
     peer: Arc<Mutex<(bool, Option<String>)>>,
     /// The live session, for its wire counters.
     session: Arc<Mutex<Option<Session>>>,
+    /// Sessions with the guest established since the agent started.
+    connects: Arc<AtomicU64>,
 }
 
 impl Shared {
@@ -81,6 +87,7 @@ impl Shared {
                 rss_bytes: control::rss_bytes(),
                 bytes_sent: wire.content_bytes_sent,
                 bytes_received: wire.content_bytes_received,
+                reconnects: Some(self.connects.load(Ordering::Relaxed).saturating_sub(1)),
             },
             shares,
         }
@@ -132,6 +139,7 @@ pub async fn run(config: HostConfig, max_staged: usize) -> anyhow::Result<()> {
         locals: shares.iter().map(|s| s.local.clone()).collect(),
         peer: Arc::new(Mutex::new((false, None))),
         session: Arc::new(Mutex::new(None)),
+        connects: Arc::new(AtomicU64::new(0)),
     };
 
     let (tx, rx) = mpsc::channel::<Command<Answering>>(16);
@@ -139,6 +147,15 @@ pub async fn run(config: HostConfig, max_staged: usize) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the control socket {}", config.control.display()))?;
     tokio::spawn(serve_control(listener, tx, shared.clone()));
+    let metrics = config.metrics_file.clone().map(|path| MetricsFile {
+        path,
+        vm: crate::metrics::vm_label(&config.file),
+        shared: shared.clone(),
+        writing: Arc::new(Mutex::new(None)),
+    });
+    if let Some(metrics) = &metrics {
+        tokio::spawn(metrics.clone().every(METRICS_FILE_INTERVAL));
+    }
     tracing::info!(guest = %config.guest, shares = shares.len(), "vmsync-host started");
 
     let mut sync = SyncLoop {
@@ -148,11 +165,63 @@ pub async fn run(config: HostConfig, max_staged: usize) -> anyhow::Result<()> {
         shared,
         rx,
     };
-    tokio::select! {
+    let result = tokio::select! {
         r = sync.run() => r,
         _ = vmsync_agent_common::process::shutdown_signal() => {
             tracing::info!("shutting down");
             Ok(())
+        }
+    };
+    if let Some(metrics) = &metrics {
+        metrics.write();
+    }
+    result
+}
+
+/// `metrics_file`: the metrics as `vmsync-host metrics` prints them, kept up to date for
+/// node-exporter's textfile collector.
+#[derive(Clone)]
+struct MetricsFile {
+    path: PathBuf,
+    /// The `vm` label: the configuration file's stem.
+    vm: String,
+    shared: Shared,
+    /// Held while writing (the periodic task and the one at shutdown share the temp file);
+    /// holds the last error logged, so a failing write is logged once, not every 15 s.
+    writing: Arc<Mutex<Option<String>>>,
+}
+
+impl MetricsFile {
+    async fn every(self, interval: Duration) {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let this = self.clone();
+            // A slow disk must not hold up the runtime's threads.
+            let _ = tokio::task::spawn_blocking(move || this.write()).await;
+        }
+    }
+
+    /// Renders the current status and writes it atomically; logs a failure (once until it
+    /// changes or a write succeeds).
+    fn write(&self) {
+        let ControlResponse::Status { agent, shares } = self.shared.snapshot() else {
+            return;
+        };
+        let text = crate::metrics::render(&self.vm, &agent, &shares);
+        let Ok(mut last_error) = self.writing.lock() else {
+            return;
+        };
+        match crate::metrics::write_atomically(&self.path, &text) {
+            Ok(()) => *last_error = None,
+            Err(e) => {
+                let message = e.to_string();
+                if last_error.as_deref() != Some(message.as_str()) {
+                    tracing::warn!(path = %self.path.display(), "cannot write metrics_file: {message}");
+                    *last_error = Some(message);
+                }
+            }
         }
     }
 }
@@ -275,6 +344,7 @@ impl SyncLoop {
                         format!("{} ({dialled})", self.config.guest)
                     };
                     self.set_peer(true, Some(peer));
+                    self.shared.connects.fetch_add(1, Ordering::Relaxed);
                     if let Ok(mut s) = self.shared.session.lock() {
                         *s = Some(session.clone());
                     }

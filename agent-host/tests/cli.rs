@@ -12,7 +12,9 @@ fn help_lists_every_command() {
     let out = host().arg("--help").output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for cmd in ["run", "check", "status", "sync", "wait", "resume"] {
+    for cmd in [
+        "run", "check", "status", "metrics", "sync", "wait", "resume",
+    ] {
         assert!(text.contains(cmd), "`{cmd}` missing from --help:\n{text}");
     }
 }
@@ -41,16 +43,22 @@ fn status_without_a_running_agent_says_so() {
         ),
     )
     .unwrap();
-    let out = host()
-        .args(["status", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    // 4: no agent answers (README "Running it", exit codes).
-    assert_eq!(out.status.code(), Some(4));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("no agent answers"), "{stderr}");
-    assert!(stderr.contains("is `vmsync-host run` running"), "{stderr}");
+    for command in ["status", "metrics"] {
+        let out = host()
+            .args([command, "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        // 4: no agent answers (README "Running it", exit codes).
+        assert_eq!(out.status.code(), Some(4), "{command}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("no agent answers"), "{command}: {stderr}");
+        assert!(
+            stderr.contains("is `vmsync-host run` running"),
+            "{command}: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{command}");
+    }
 }
 
 /// `check` accepts a `libvirt:` guest on its syntax alone: it never runs `virsh` (a stand-in

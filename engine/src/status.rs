@@ -3,6 +3,7 @@
 //! (which serialises it as JSON or a table). Peer-derived strings are stored escaped.
 
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -86,4 +87,63 @@ pub struct ShareStatus {
     /// because a change replaced or deleted them, and their bytes.
     pub trash_files: u64,
     pub trash_bytes: u64,
+    /// How long this side's completed cycles took (the host's; the guest runs none): full
+    /// cycles (the whole share) and live ones (the paths hints named) apart.
+    #[serde(default, skip_serializing_if = "CycleHistogram::is_empty")]
+    pub full_cycle_durations: CycleHistogram,
+    #[serde(default, skip_serializing_if = "CycleHistogram::is_empty")]
+    pub live_cycle_durations: CycleHistogram,
+}
+
+/// Upper bounds (inclusive) of [`CycleHistogram`]'s buckets, in microseconds; durations past
+/// the last one are counted in [`CycleHistogram::count`] only.
+pub const CYCLE_BUCKETS_MICROS: [u64; 10] = [
+    1_000, 2_000, 5_000, 10_000, 50_000, 100_000, 500_000, 1_000_000, 5_000_000, 30_000_000,
+];
+
+/// Cycle durations counted into fixed buckets ([`CYCLE_BUCKETS_MICROS`]): constant size,
+/// however many cycles run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CycleHistogram {
+    /// Cycles per bucket, not cumulative: `buckets[i]` counts the durations above
+    /// `CYCLE_BUCKETS_MICROS[i - 1]` and at most `CYCLE_BUCKETS_MICROS[i]`.
+    pub buckets: [u64; CYCLE_BUCKETS_MICROS.len()],
+    /// Every cycle recorded, those past the last bound included.
+    pub count: u64,
+    /// Their total duration, in microseconds.
+    pub sum_micros: u64,
+}
+
+impl CycleHistogram {
+    pub fn record(&mut self, took: Duration) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        if let Some(i) = CYCLE_BUCKETS_MICROS.iter().position(|&b| micros <= b) {
+            if let Some(bucket) = self.buckets.get_mut(i) {
+                *bucket += 1;
+            }
+        }
+        self.count += 1;
+        self.sum_micros = self.sum_micros.saturating_add(micros);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_histogram_counts_each_duration_in_its_bucket_bounds_included() {
+        let mut h = CycleHistogram::default();
+        for micros in [0, 1_000, 1_001, 30_000_000, 30_000_001, 400_000_000] {
+            h.record(Duration::from_micros(micros));
+        }
+        assert_eq!(h.buckets, [2, 1, 0, 0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(h.count, 6);
+        assert_eq!(h.sum_micros, 460_002_002);
+        assert!(!h.is_empty() && CycleHistogram::default().is_empty());
+    }
 }

@@ -838,7 +838,7 @@ impl Controller {
             kept_dirs,
             problems,
         };
-        Ok(self.show_cycle(&scope, shown, &executed))
+        Ok(self.show_cycle(&scope, shown, &executed, started.elapsed()))
     }
 
     /// Ends a cycle that stopped before executing anything.
@@ -1023,8 +1023,15 @@ impl Controller {
         })
     }
 
-    /// Shows a finished cycle in `status` (state, conflicts, problems, totals) and reports it.
-    fn show_cycle(&mut self, scope: &ScanScope, shown: Shown, executed: &Executed) -> CycleReport {
+    /// Shows a finished cycle in `status` (state, conflicts, problems, totals, how long it
+    /// `took`) and reports it.
+    fn show_cycle(
+        &mut self,
+        scope: &ScanScope,
+        shown: Shown,
+        executed: &Executed,
+        took: std::time::Duration,
+    ) -> CycleReport {
         let (files, bytes) = self.agreed_totals();
         // A targeted cycle sees only its paths: conflicts elsewhere stand until a cycle that
         // covers them finds them settled.
@@ -1069,6 +1076,10 @@ impl Controller {
             }
             s.chunks_reused += executed.chunks_reused;
             s.cycles += 1;
+            match scope {
+                ScanScope::Full => s.full_cycle_durations.record(took),
+                ScanScope::Paths(_) => s.live_cycle_durations.record(took),
+            }
         });
         report
     }
