@@ -325,6 +325,65 @@ fn fifos_and_sockets_never_block_and_are_never_opened() {
     }
 }
 
+/// Device nodes are special files like a FIFO: a character device with `/dev/zero`'s numbers
+/// (reading it never ends) is seen as another kind, never opened, and never replaced by a
+/// commit. Needs the right to make device nodes (root); skipped without it.
+#[test]
+fn device_nodes_are_never_opened_or_replaced() {
+    for resolver in RESOLVERS {
+        let fx = Fixture::new();
+        let made = rustix::fs::mknodat(
+            rustix::fs::CWD,
+            fx.share.join("zero"),
+            rustix::fs::FileType::CharacterDevice,
+            rustix::fs::Mode::from_raw_mode(0o666),
+            rustix::fs::makedev(1, 5),
+        );
+        if let Err(e) = made {
+            eprintln!("skipped: cannot make a device node here: {e}");
+            return;
+        }
+        let made_mode = fs::symlink_metadata(fx.share.join("zero")).unwrap().mode();
+        let root = fx.root(resolver);
+        let (tx, rx) = mpsc::channel();
+        let worker = std::thread::spawn(move || {
+            let dev = rp(b"zero");
+            assert_eq!(root.stat(&dev).unwrap().unwrap().kind, FileKind::Other);
+            assert_kind(
+                root.open_file(&dev),
+                FsErrorKind::NotAFile,
+                "open_file device",
+            );
+            let dh = root.open_dir(&RelPath::root()).unwrap();
+            assert_kind(
+                dh.open_file(b"zero"),
+                FsErrorKind::NotAFile,
+                "DirHandle::open_file device",
+            );
+            assert_kind(
+                root.set_mode(&dev, 0o600),
+                FsErrorKind::NotAFile,
+                "set_mode device",
+            );
+            let t = root.create_temp().unwrap();
+            assert_kind(
+                root.commit_temp(t, &dev, 0o644, ts(1, 0)),
+                FsErrorKind::NotAFile,
+                "commit over a device",
+            );
+            tx.send(()).unwrap();
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("an operation on a device node blocked");
+        worker.join().unwrap();
+        let m = fs::symlink_metadata(fx.share.join("zero")).unwrap();
+        assert!(m.file_type().is_char_device());
+        assert_eq!(m.mode(), made_mode, "its mode is untouched");
+        assert_eq!(fx.tmp_entries(), 0);
+        fx.assert_out_untouched();
+    }
+}
+
 #[test]
 fn hardlink_to_outside_file_is_replaced_not_written_through() {
     for resolver in RESOLVERS {
