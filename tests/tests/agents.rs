@@ -697,3 +697,32 @@ fn the_host_agent_runs_unprivileged_in_the_units_directories() {
         run.join("vm1.ctl").display()
     );
 }
+
+/// A second host agent started with the same configuration (a unit started twice, a developer
+/// running `run` by hand beside the service) refuses to start: the state database is locked. It
+/// exits with an error that says so, and the first one keeps syncing.
+#[test]
+fn a_second_host_agent_on_the_same_state_directory_refuses_to_start() {
+    let mut a = Agents::new("");
+    write(&a.host_dir, "before.txt", "synced by the first");
+    a.start();
+    a.wait_in_sync();
+    let second = Command::new(bin("vmsync-host"))
+        .args(["run", "--config"])
+        .arg(&a.host_toml)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "the second agent ran: {stderr}");
+    assert!(
+        stderr.contains("another vmsync-host is already running"),
+        "{stderr}"
+    );
+    write(&a.host_dir, "after.txt", "still synced by the first");
+    a.wait_in_sync();
+    assert_eq!(
+        read(&a.guest_dir, "after.txt"),
+        b"still synced by the first"
+    );
+    assert_eq!(a.share()["state"], "in-sync");
+}
