@@ -9,10 +9,11 @@
 // Integration tests: helpers outside #[test] fns panic on broken fixtures by design.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 use vmsync_tests::agents::{eventually, Agents};
-use vmsync_tests::fixture::{assert_same_tree, read, tree, write};
+use vmsync_tests::fixture::{assert_same_tree, read, tree, write, Node};
 
 /// Bound on convergence after thousands of files changed.
 const SETTLE: Duration = Duration::from_secs(60);
@@ -34,6 +35,19 @@ fn populate(root: &Path, under: &str, n: usize, dirs: usize) {
             root,
             &format!("{under}/d{:02}/f{i:05}.txt", i % dirs),
             format!("{under} file {i}\n"),
+        );
+    }
+}
+
+/// Every entry of `before` is still at `root`, as it was (more may have come).
+fn assert_still_has(root: &Path, before: &BTreeMap<Vec<u8>, Node>) {
+    let now = tree(root);
+    for (path, node) in before {
+        assert_eq!(
+            now.get(path),
+            Some(node),
+            "{}",
+            String::from_utf8_lossy(path)
         );
     }
 }
@@ -228,15 +242,7 @@ fn a_damaged_host_state_database_merges_add_only() {
     let before = tree(&a.host_dir);
     a.start_host();
     assert_eq!(a.wait(60), 0, "{}", a.log_tail("host.log", 30));
-    let host = tree(&a.host_dir);
-    for (path, node) in &before {
-        assert_eq!(
-            host.get(path),
-            Some(node),
-            "{}",
-            String::from_utf8_lossy(path)
-        );
-    }
+    assert_still_has(&a.host_dir, &before);
     assert!(
         a.guest_dir.join("src/d00/f00000.txt").exists(),
         "not recreated on the guest"
@@ -268,15 +274,7 @@ fn a_deleted_host_state_directory_merges_add_only() {
     let before = tree(&a.host_dir);
     a.start_host();
     assert_eq!(a.wait(60), 0, "{}", a.log_tail("host.log", 30));
-    let host = tree(&a.host_dir);
-    for (path, node) in &before {
-        assert_eq!(
-            host.get(path),
-            Some(node),
-            "{}",
-            String::from_utf8_lossy(path)
-        );
-    }
+    assert_still_has(&a.host_dir, &before);
     assert!(
         a.guest_dir.join("src/d00/f00000.txt").exists(),
         "not recreated"
