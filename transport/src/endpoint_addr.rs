@@ -314,6 +314,20 @@ impl fmt::Display for LibvirtDomain {
 mod tests {
     use super::*;
 
+    /// Each input is refused with a message that contains its `want` and no control character.
+    fn assert_refused(cases: &[(&str, &str)]) {
+        for (input, want) in cases {
+            match input.parse::<EndpointAddr>() {
+                Ok(a) => panic!("{input:?} parsed as {a:?}"),
+                Err(e) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains(want), "{input:?}: {msg}");
+                    assert!(!msg.chars().any(char::is_control), "{input:?}: {msg:?}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn parses_and_prints_back() {
         let cases = [
@@ -382,16 +396,7 @@ mod tests {
             ("hybrid::786", "socket path is empty"),
             ("bogus\x1b[31m", "bogus\\x1b[31m"),
         ];
-        for (input, want) in cases {
-            match input.parse::<EndpointAddr>() {
-                Ok(a) => panic!("{input:?} parsed as {a:?}"),
-                Err(e) => {
-                    let msg = e.to_string();
-                    assert!(msg.contains(want), "{input:?}: {msg}");
-                    assert!(!msg.chars().any(char::is_control), "{input:?}: {msg:?}");
-                }
-            }
-        }
+        assert_refused(&cases);
     }
 
     #[test]
@@ -509,15 +514,6 @@ mod tests {
             ("Libvirt:vm", "unknown address form"),
             ("libvirt//vm", "unknown address form"),
         ];
-        for (input, want) in cases {
-            match input.parse::<EndpointAddr>() {
-                Ok(a) => panic!("{input:?} parsed as {a:?}"),
-                Err(e) => {
-                    let msg = e.to_string();
-                    assert!(msg.contains(want), "{input:?}: {msg}");
-                    assert!(!msg.chars().any(char::is_control), "{input:?}: {msg:?}");
-                }
-            }
-        }
+        assert_refused(cases);
     }
 }
