@@ -85,10 +85,7 @@ pub(crate) fn unregister_open(name: &str) {
     }
 }
 
-fn is_open(name: &[u8]) -> bool {
-    let Ok(name) = std::str::from_utf8(name) else {
-        return false;
-    };
+fn is_open(name: &str) -> bool {
     OPEN_BATCHES.lock().map_or(true, |open| open.contains(name))
 }
 
@@ -312,7 +309,7 @@ impl Default for Retention {
 /// One batch as the pruner sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchUsage {
-    pub name: Vec<u8>,
+    pub id: BatchId,
     pub time: Timestamp,
     pub bytes: u64,
     /// A running transition still writes into it.
@@ -363,19 +360,52 @@ pub struct KeptVersion {
     pub bytes: u64,
 }
 
-/// Which kept versions to remove (indices into `versions`, sorted oldest batch first) when the
-/// trash holds `total` bytes, over `max_bytes`, and what is over is too young for the size
-/// limit to remove whole batches ([`SIZE_PRUNE_MIN_AGE`]): of each path's versions, all but
-/// its oldest and its newest, oldest first, until the trash holds at most `max_bytes`. What a
-/// wipe removed (each path's newest version) and what a path was before a burst of edits (its
-/// oldest) stay; a file rewritten all hour long costs the trash two versions, not one per
-/// rewrite.
+/// Each kept path's oldest and newest batch (indices into batches sorted oldest first), which
+/// is all thinning needs to know of the trash: a version in any other batch is a middle one.
+/// A path is keyed by 128 bits of its BLAKE3 hash, so a trash of a million kept versions costs
+/// tens of bytes per distinct path here, not a copy of every path.
+#[derive(Debug, Default)]
+pub struct ThinEnds {
+    ends: HashMap<u128, (u32, u32)>,
+}
+
+impl ThinEnds {
+    fn key(path: &RelPath) -> u128 {
+        let hash = blake3::hash(path.as_bytes());
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&hash.as_bytes()[..16]);
+        u128::from_le_bytes(key)
+    }
+
+    /// A version of `path` is kept in `batch`; batches are seen oldest first.
+    pub fn see(&mut self, batch: u32, path: &RelPath) {
+        self.ends
+            .entry(Self::key(path))
+            .and_modify(|(_, last)| *last = batch)
+            .or_insert((batch, batch));
+    }
+
+    /// Whether the version of `path` in `batch` is neither its oldest nor its newest.
+    pub fn is_middle(&self, batch: u32, path: &RelPath) -> bool {
+        self.ends
+            .get(&Self::key(path))
+            .is_some_and(|&(first, last)| batch != first && batch != last)
+    }
+}
+
+/// Which kept versions to remove (indices into `versions`, sorted oldest batch first, a path
+/// at most once per batch) when the trash holds `total` bytes, over `max_bytes`, and what is
+/// over is too young for the size limit to remove whole batches ([`SIZE_PRUNE_MIN_AGE`]): of
+/// each path's versions, all but its oldest and its newest ([`ThinEnds`]), oldest first, until
+/// the trash holds at most `max_bytes`. What a wipe removed (each path's newest version) and
+/// what a path was before a burst of edits (its oldest) stay; a file rewritten all hour long
+/// costs the trash two versions, not one per rewrite. [`TrashUsage`] applies the same rule
+/// while walking the trash, without listing it.
 pub fn plan_thin(versions: &[KeptVersion], total: u64, max_bytes: u64) -> Vec<usize> {
-    let mut ends: HashMap<&RelPath, (usize, usize)> = HashMap::new();
-    for (i, v) in versions.iter().enumerate() {
-        ends.entry(&v.path)
-            .and_modify(|(_, last)| *last = i)
-            .or_insert((i, i));
+    let batch = |v: &KeptVersion| u32::try_from(v.batch).unwrap_or(u32::MAX);
+    let mut ends = ThinEnds::default();
+    for v in versions {
+        ends.see(batch(v), &v.path);
     }
     let mut total = total;
     let mut remove = Vec::new();
@@ -383,10 +413,7 @@ pub fn plan_thin(versions: &[KeptVersion], total: u64, max_bytes: u64) -> Vec<us
         if total <= max_bytes {
             break;
         }
-        let Some(&(first, last)) = ends.get(&v.path) else {
-            continue;
-        };
-        if i != first && i != last {
+        if ends.is_middle(batch(v), &v.path) {
             remove.push(i);
             total = total.saturating_sub(v.bytes);
         }
@@ -467,13 +494,33 @@ fn walk(
     Ok(())
 }
 
+/// A batch vmsync made, by what its name says ([`parse_batch_name`]): its time and counter.
+/// Ordered oldest first. Half the size of the name, and no allocation of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BatchId {
+    pub time: Timestamp,
+    pub n: u64,
+}
+
+impl BatchId {
+    pub fn parse(name: &[u8]) -> Option<BatchId> {
+        parse_batch_name(name).map(|(time, n)| BatchId { time, n })
+    }
+
+    /// The batch directory's name (names parse only in this canonical form).
+    pub fn name(self) -> String {
+        batch_name(self.time, self.n)
+    }
+}
+
 /// What the trash holds, per batch, as the pruner keeps count: measured by a walk now and
 /// then, and between walks added to as transitions report what they kept, so that pruning
 /// costs no walk of every kept file.
 #[derive(Debug, Default)]
 pub struct TrashUsage {
-    /// Batch name → its time, files and bytes.
-    batches: BTreeMap<Vec<u8>, (Timestamp, u64, u64)>,
+    /// Batch → its files and bytes. Thousands under churn (about one a second within the
+    /// hour that size pruning spares), so small entries.
+    batches: BTreeMap<BatchId, (u64, u64)>,
     files: u64,
     bytes: u64,
     /// Thinning walks every batch left; it waits this long after its last walk, so that it
@@ -488,7 +535,7 @@ impl TrashUsage {
     pub fn measure(root: &ShareRoot) -> Result<TrashUsage, FsError> {
         let mut usage = TrashUsage::default();
         for name in root.trash_batches()? {
-            let Some((time, _)) = parse_batch_name(&name) else {
+            let Some(id) = BatchId::parse(&name) else {
                 continue;
             };
             let (mut n, mut bytes) = (0u64, 0u64);
@@ -498,24 +545,24 @@ impl TrashUsage {
                 bytes += stat.size;
             })?;
             if there {
-                usage.insert(name, time, n, bytes);
+                usage.insert(id, n, bytes);
             }
         }
         Ok(usage)
     }
 
-    fn insert(&mut self, name: Vec<u8>, time: Timestamp, files: u64, bytes: u64) {
-        let e = self.batches.entry(name).or_insert((time, 0, 0));
-        e.1 += files;
-        e.2 += bytes;
+    fn insert(&mut self, id: BatchId, files: u64, bytes: u64) {
+        let e = self.batches.entry(id).or_insert((0, 0));
+        e.0 += files;
+        e.1 += bytes;
         self.files += files;
         self.bytes += bytes;
     }
 
     /// Counts `files` of `bytes` kept in `batch` (a name vmsync made; others are ignored).
     pub fn add(&mut self, batch: &str, files: u64, bytes: u64) {
-        if let Some((time, _)) = parse_batch_name(batch.as_bytes()) {
-            self.insert(batch.as_bytes().to_vec(), time, files, bytes);
+        if let Some(id) = BatchId::parse(batch.as_bytes()) {
+            self.insert(id, files, bytes);
         }
     }
 
@@ -534,17 +581,17 @@ impl TrashUsage {
         share_bytes: u64,
         now: Timestamp,
     ) -> Result<(u64, u64), FsError> {
-        let mut batches: Vec<BatchUsage> = self
+        // Oldest first, as the map is ordered.
+        let batches: Vec<BatchUsage> = self
             .batches
             .iter()
-            .map(|(name, &(time, _, bytes))| BatchUsage {
-                name: name.clone(),
-                time,
+            .map(|(&id, &(_, bytes))| BatchUsage {
+                id,
+                time: id.time,
                 bytes,
-                open: is_open(name),
+                open: is_open(&id.name()),
             })
             .collect();
-        batches.sort_by(|a, b| (a.time, &a.name).cmp(&(b.time, &b.name)));
         let remove = plan_prune(
             &batches,
             now,
@@ -553,12 +600,12 @@ impl TrashUsage {
         );
         for i in remove {
             let Some(b) = batches.get(i) else { continue };
-            match root.remove_trash_batch(&b.name) {
+            match root.remove_trash_batch(b.id.name().as_bytes()) {
                 Ok(()) => {}
                 Err(e) if e.kind() == FsErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
-            if let Some((_, files, bytes)) = self.batches.remove(&b.name) {
+            if let Some((files, bytes)) = self.batches.remove(&b.id) {
                 self.files -= files;
                 self.bytes -= bytes;
             }
@@ -590,56 +637,72 @@ impl TrashUsage {
         self.thin_deferred
     }
 
-    /// Removes kept versions from the batches no transition is writing into, as
-    /// [`plan_thin`] says. It walks them, so it counts them again on the way: what it planned
-    /// from is what is on disk, not what transitions said they kept.
+    /// Removes kept versions from the batches no transition is writing into, by the rule of
+    /// [`plan_thin`]. Two walks, neither of which lists the trash: the first counts each batch
+    /// again (what it decides from is what is on disk, not what transitions said they kept) and
+    /// notes each path's ends ([`ThinEnds`]); the second, oldest batch first, removes middle
+    /// versions until the trash is under `max_bytes`.
     fn thin(&mut self, root: &ShareRoot, max_bytes: u64) -> Result<(), FsError> {
-        let mut names: Vec<(Timestamp, Vec<u8>)> = self
+        // Oldest first, as the map is ordered.
+        let ids: Vec<BatchId> = self
             .batches
-            .iter()
-            .filter(|(name, _)| !is_open(name))
-            .map(|(name, &(time, _, _))| (time, name.clone()))
+            .keys()
+            .copied()
+            .filter(|id| !is_open(&id.name()))
             .collect();
-        names.sort();
-        let mut versions = Vec::new();
-        for (i, (time, name)) in names.iter().enumerate() {
-            let from = versions.len();
-            walk_batch(root, name, &mut |path, stat| {
-                versions.push(KeptVersion {
-                    batch: i,
-                    path,
-                    bytes: stat.size,
-                });
+        let mut ends = ThinEnds::default();
+        for (i, &id) in (0u32..).zip(&ids) {
+            let (mut files, mut bytes) = (0u64, 0u64);
+            let there = walk_batch(root, id.name().as_bytes(), &mut |path, stat| {
+                ends.see(i, &path);
+                files += 1;
+                bytes += stat.size;
             })?;
-            let walked = versions.get(from..).unwrap_or_default();
-            let bytes = walked.iter().map(|v| v.bytes).sum();
-            self.batches
-                .insert(name.clone(), (*time, walked.len() as u64, bytes));
-        }
-        self.recount();
-        for i in plan_thin(&versions, self.bytes, max_bytes) {
-            let Some(v) = versions.get(i) else { continue };
-            let Some((_, name)) = names.get(v.batch) else {
-                continue;
-            };
-            // Batch names vmsync makes are ASCII; others are not in the count.
-            let Ok(batch) = std::str::from_utf8(name) else {
-                continue;
-            };
-            root.remove_kept(batch, &v.path)?;
-            if let Some((_, files, bytes)) = self.batches.get_mut(name) {
-                *files = files.saturating_sub(1);
-                *bytes = bytes.saturating_sub(v.bytes);
+            if there {
+                self.batches.insert(id, (files, bytes));
+            } else {
+                self.batches.remove(&id);
             }
         }
         self.recount();
+        for (i, &id) in (0u32..).zip(&ids) {
+            if self.bytes <= max_bytes {
+                break;
+            }
+            let name = id.name();
+            let batch = name.as_str();
+            let mut total = self.bytes;
+            let (mut files_gone, mut bytes_gone) = (0u64, 0u64);
+            let mut failed = None;
+            walk_batch(root, batch.as_bytes(), &mut |path, stat| {
+                if failed.is_some() || total <= max_bytes || !ends.is_middle(i, &path) {
+                    return;
+                }
+                match root.remove_kept(batch, &path) {
+                    Ok(()) => {
+                        files_gone += 1;
+                        bytes_gone += stat.size;
+                        total = total.saturating_sub(stat.size);
+                    }
+                    Err(e) => failed = Some(e),
+                }
+            })?;
+            if let Some((files, bytes)) = self.batches.get_mut(&id) {
+                *files = files.saturating_sub(files_gone);
+                *bytes = bytes.saturating_sub(bytes_gone);
+            }
+            self.recount();
+            if let Some(e) = failed {
+                return Err(e);
+            }
+        }
         Ok(())
     }
 
     /// The totals again from the batches' counts.
     fn recount(&mut self) {
-        self.files = self.batches.values().map(|&(_, f, _)| f).sum();
-        self.bytes = self.batches.values().map(|&(_, _, b)| b).sum();
+        self.files = self.batches.values().map(|&(f, _)| f).sum();
+        self.bytes = self.batches.values().map(|&(_, b)| b).sum();
     }
 }
 
@@ -1092,7 +1155,10 @@ mod tests {
 
     fn usage(secs: i64, bytes: u64) -> BatchUsage {
         BatchUsage {
-            name: batch_name(Timestamp::new(secs, 0), 0).into_bytes(),
+            id: BatchId {
+                time: Timestamp::new(secs, 0),
+                n: 0,
+            },
             time: Timestamp::new(secs, 0),
             bytes,
             open: false,
