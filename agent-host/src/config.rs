@@ -410,20 +410,24 @@ fn resolve(
     // Spans of accepted shares' name and path, parallel to `shares`, for the cross-share checks.
     let mut spans: Vec<(Range<usize>, Range<usize>)> = Vec::with_capacity(raw.share.len());
     let mut complete = true;
+    // Every name defined so far and where, accepted or not: a duplicate is reported even when
+    // the first definition has problems of its own.
+    let mut named: Vec<(&String, usize)> = Vec::with_capacity(raw.share.len());
     for raw_share in &raw.share {
         let raw_share = raw_share.get_ref();
         let name = raw_share.name.get_ref();
         if let Some(message) = share_name_error(name) {
             problems.at(&raw_share.name, format!("share name {name:?}: {message}"));
             complete = false;
-        } else if let Some(first) = shares.iter().position(|share| &share.name == name) {
-            let (line, _) = problems.line_column(spans[first].0.start);
+        } else if let Some(&(_, first)) = named.iter().find(|(n, _)| *n == name) {
+            let (line, _) = problems.line_column(first);
             problems.at(
                 &raw_share.name,
                 format!("duplicate share name {name:?} (first defined on line {line})"),
             );
             complete = false;
         }
+        named.push((name, raw_share.name.span().start));
         let key = format!("share {name:?} path");
         let path = absolute_path(&raw_share.path, &key, problems).and_then(|path| {
             resolve_path(&path)
@@ -1048,6 +1052,14 @@ deletion_exempt = ["out/", "*.o"]
                 "control with scheme",
                 "guest = \"unix:/g.sock\"\ncontrol = \"unix:/c.ctl\"\n[[share]]\nname = \"a\"\npath = \"/a\"\n",
                 &["vm1.toml:2:11: ", "without `unix:`"],
+            ),
+            (
+                "duplicate share name whose first path is bad",
+                "guest = \"unix:/g.sock\"\n[[share]]\nname = \"a\"\npath = \"rel\"\n[[share]]\nname = \"a\"\npath = \"/b\"\n",
+                &[
+                    "vm1.toml:4:8: share \"a\" path: path \"rel\" is relative",
+                    "vm1.toml:6:8: duplicate share name \"a\" (first defined on line 3)",
+                ],
             ),
             (
                 "duplicate share name",
