@@ -268,6 +268,9 @@ pub fn render_text(response: &ControlResponse, config_shown: Option<&str>) -> St
         if let Some(notice) = &s.notice {
             let _ = writeln!(out, "  notice: {notice}");
         }
+        if let Some(error) = &s.error {
+            let _ = writeln!(out, "  last cycle failed: {error}");
+        }
         match (&s.watch_problem, s.watching) {
             (Some(problem), _) => {
                 let _ = writeln!(out, "  not watched: {problem}");

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use vmsync_core::endpoint::{ChangeHints, Endpoint, ScanScope};
 use vmsync_core::reconcile::Side;
+use vmsync_core::text::escape_text;
 use vmsync_core::RelPath;
 
 /// Extra cycles run at once when a cycle found paths that changed under it.
@@ -329,6 +330,13 @@ impl<'a, L: Endpoint, R: Endpoint, K: Link> Live<'a, L, R, K> {
                     .cycle(&mut share.local, remote, scope.clone())
                     .await;
                 credit(&self.link, &share.controller, before);
+                if let Ok(mut s) = share.controller.status().lock() {
+                    // A lost connection shows as such in the agent's status, not here.
+                    s.error = match &result {
+                        Err(e) if !e.is_disconnect() => Some(escape_text(&e.to_string())),
+                        _ => None,
+                    };
+                }
                 match result {
                     Ok(report) => {
                         share_pending = report.retry || report.pending > 0;

@@ -93,6 +93,9 @@ pub struct ShareStatus {
     pub full_cycle_durations: CycleHistogram,
     #[serde(default, skip_serializing_if = "CycleHistogram::is_empty")]
     pub live_cycle_durations: CycleHistogram,
+    /// Why the last cycle failed, until one succeeds (escaped; the host's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Upper bounds (inclusive) of [`CycleHistogram`]'s buckets, in microseconds; durations past

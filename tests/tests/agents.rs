@@ -726,3 +726,93 @@ fn a_second_host_agent_on_the_same_state_directory_refuses_to_start() {
     );
     assert_eq!(a.share()["state"], "in-sync");
 }
+
+/// One agent per share directory: a second host controller on the same directory (its own
+/// state directory, its own guest) syncs nothing and says why in `status`, while the first
+/// keeps syncing. Two controllers on one tree would each take the other's writes for the
+/// user's and delete each other's temp files.
+#[test]
+fn a_second_agent_on_the_same_share_directory_syncs_nothing_and_says_why() {
+    use std::time::Duration;
+    use vmsync_tests::agents::eventually;
+    let mut a = Agents::new("");
+    write(&a.host_dir, "before.txt", "synced by the first");
+    a.start();
+    a.wait_in_sync();
+    let d = a.tmp.path();
+    let guest2_dir = d.join("guest2");
+    std::fs::create_dir(&guest2_dir).unwrap();
+    let guest2_toml = d.join("guest2.toml");
+    std::fs::write(
+        &guest2_toml,
+        format!(
+            "listen = \"unix:{d}/guest2.sock\"\nstate_dir = \"{d}/guest2-state\"\n\
+             control = \"{d}/guest2.ctl\"\n[[share]]\nname = \"src\"\npath = \"{g}\"\n",
+            d = d.display(),
+            g = guest2_dir.display()
+        ),
+    )
+    .unwrap();
+    let host2_toml = d.join("host2.toml");
+    std::fs::write(
+        &host2_toml,
+        format!(
+            "guest = \"unix:{d}/guest2.sock\"\nstate_dir = \"{d}/host2-state\"\n\
+             control = \"{d}/host2.ctl\"\n[[share]]\nname = \"src\"\npath = \"{h}\"\n",
+            d = d.display(),
+            h = a.host_dir.display()
+        ),
+    )
+    .unwrap();
+    let spawn = |bin_name: &str, config: &std::path::Path| {
+        Command::new(bin(bin_name))
+            .args(["run", "--config"])
+            .arg(config)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut guest2 = spawn("vmsync-guest", &guest2_toml);
+    let mut host2 = spawn("vmsync-host", &host2_toml);
+    let status2 = || {
+        let out = Command::new(bin("vmsync-host"))
+            .args(["status", "--json", "--config"])
+            .arg(&host2_toml)
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default()
+    };
+    let refused = eventually(Duration::from_secs(30), || {
+        status2()["shares"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("another vmsync agent serves this directory"))
+    });
+    let text = Command::new(bin("vmsync-host"))
+        .args(["status", "--config"])
+        .arg(&host2_toml)
+        .output()
+        .unwrap();
+    let _ = host2.kill();
+    let _ = host2.wait();
+    let _ = guest2.kill();
+    let _ = guest2.wait();
+    assert!(
+        refused,
+        "the second controller did not say why: {}",
+        status2()
+    );
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("last cycle failed: "),
+        "{}",
+        String::from_utf8_lossy(&text.stdout)
+    );
+    // Nothing reached the second guest; the first pair syncs on.
+    assert!(tree(&guest2_dir).is_empty(), "{:?}", tree(&guest2_dir));
+    write(&a.host_dir, "after.txt", "still synced by the first");
+    a.wait_in_sync();
+    assert_eq!(
+        read(&a.guest_dir, "after.txt"),
+        b"still synced by the first"
+    );
+    assert_same_tree(&a.host_dir, &a.guest_dir);
+}

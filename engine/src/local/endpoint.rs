@@ -131,6 +131,7 @@ impl LocalEndpoint {
             name: name.to_string(),
             path,
             root: None,
+            lock: None,
             filter,
             rules: RulesCache::default(),
             watch_rules,

@@ -62,7 +62,7 @@ use crate::gitignore::RulesCache;
 use crate::index::FileIndex;
 use crate::links::LinkMap;
 use crate::reuse::ZeroChunks;
-use crate::root::{FsErrorKind, ShareRoot};
+use crate::root::{AgentLock, FsErrorKind, ShareRoot};
 use crate::scan::scan;
 use crate::seal::Sealer;
 use crate::state::StateDb;
@@ -89,6 +89,9 @@ pub struct LocalShare {
     /// Shared so that a transition's [`Batch`](crate::root::Batch) can hold it while the
     /// transition changes the rest of the share.
     root: Option<Arc<ShareRoot>>,
+    /// This agent's hold on the share directory (`crate::root::AgentLock`): taken at the first
+    /// scan that opens the root, and again if the reserved directory was replaced.
+    lock: Option<AgentLock>,
     filter: Filter,
     /// The tree's compiled ignore files, kept between scans.
     rules: RulesCache,
@@ -167,6 +170,24 @@ impl LocalShare {
         let shown = self.path.display().to_string();
         match ShareRoot::open(&self.path) {
             Ok(root) => {
+                // Before anything else: the temps it would clean could be another agent's.
+                if !self.lock.as_ref().is_some_and(|l| root.is_locked_by(l)) {
+                    self.lock = None;
+                    match root.lock_for_agent() {
+                        Ok(Some(lock)) => self.lock = Some(lock),
+                        Ok(None) => {
+                            self.root = None;
+                            return Err(EndpointError::Io(format!(
+                                "{shown}: another vmsync agent serves this directory (it holds \
+                                 .vmsync/agent.lock); one agent per share directory"
+                            )));
+                        }
+                        Err(e) => {
+                            self.root = None;
+                            return Err(EndpointError::Io(format!("{shown}: {e}")));
+                        }
+                    }
+                }
                 if let Err(e) = root.clean_temps() {
                     tracing::warn!(share = %self.name, "cleaning stale temp files: {e}");
                 }
