@@ -90,6 +90,44 @@ async fn a_file_that_only_grew_is_appended_in_place_on_the_other_side() {
     assert!(p.host_trash().is_empty());
 }
 
+/// A file of the share hard-linked to a file outside it only grew on the other side: the
+/// append in place would write through the link, so the grown version lands on a new inode
+/// instead, and the outside name keeps its inode and content.
+#[tokio::test]
+async fn a_grown_file_hard_linked_outside_the_share_is_replaced_not_appended_through() {
+    let mut p = pair();
+    let out = p.tmp.path().join("OUT");
+    std::fs::create_dir_all(&out).unwrap();
+    let log = text_bytes(7, 100_000);
+    write(&p.host_dir, "app.log", &log);
+    p.sync().await;
+    std::fs::hard_link(p.host_dir.join("app.log"), out.join("app.log")).unwrap();
+    let outside_ino = std::fs::metadata(out.join("app.log")).unwrap().ino();
+    let more = text_bytes(8, 20_000);
+    append(&p.guest_dir, "app.log", &more);
+    p.sync().await;
+    let mut grown = log.clone();
+    grown.extend_from_slice(&more);
+    assert!(
+        read(&p.host_dir, "app.log") == grown,
+        "the grown version landed"
+    );
+    assert_ne!(
+        ino(&p.host_dir, "app.log"),
+        outside_ino,
+        "written through the link"
+    );
+    assert!(
+        std::fs::read(out.join("app.log")).unwrap() == log,
+        "the outside name's content changed"
+    );
+    assert_eq!(
+        std::fs::metadata(out.join("app.log")).unwrap().ino(),
+        outside_ino
+    );
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+}
+
 #[tokio::test]
 async fn an_empty_file_that_grows_is_appended_in_place() {
     let mut p = pair();
