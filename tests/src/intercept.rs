@@ -43,6 +43,13 @@ pub trait Hooks: Send {
     }
     /// The inner endpoint's answer to `stage`.
     fn staged(&mut self, _answers: &[Result<Vec<MissingChunk>, NotStaged>]) {}
+    /// The answer to `stage` the controller gets, made from the inner endpoint's.
+    fn restage(
+        &mut self,
+        answers: Vec<Result<Vec<MissingChunk>, NotStaged>>,
+    ) -> Vec<Result<Vec<MissingChunk>, NotStaged>> {
+        answers
+    }
     /// Chunks about to be supplied.
     fn supply(&mut self, _chunks: &[(Hash, ChunkData)]) {}
     /// What becomes of a transition.
@@ -122,6 +129,7 @@ impl<E: Endpoint, H: Hooks> Endpoint for Intercept<E, H> {
         }
         let answers = self.inner.stage(files).await?;
         self.hooks.staged(&answers);
+        let answers = self.hooks.restage(answers);
         Ok(answers)
     }
     async fn supply(&mut self, chunks: Vec<(Hash, ChunkData)>) -> Result<Vec<Hash>, EndpointError> {

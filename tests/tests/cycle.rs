@@ -981,6 +981,86 @@ async fn a_path_a_scan_cannot_read_is_frozen_not_deleted() {
 
 /// A compromised guest that serves bytes other than the chunk ids it listed: nothing it sent
 /// may land on the host, and the host's existing data stays as it was.
+/// A destination asking, in its answers to `stage`, for chunks no file of the batch holds (the
+/// content of a host file it is not being sent, of a file outside the share): the host reads
+/// and sends only chunks of the manifests it is transferring, so none of that content ever
+/// crosses, and the batch's own files land.
+#[tokio::test]
+async fn a_guest_asking_for_chunks_it_is_not_being_sent_gets_none_of_them() {
+    use vmsync_core::endpoint::{MissingChunk, NotStaged};
+    use vmsync_core::Hash;
+    use vmsync_tests::intercept::{Hooks, Intercept};
+    struct Greedy {
+        foreign: Vec<Hash>,
+        supplied: Vec<Hash>,
+    }
+    impl Hooks for Greedy {
+        fn restage(
+            &mut self,
+            answers: Vec<Result<Vec<MissingChunk>, NotStaged>>,
+        ) -> Vec<Result<Vec<MissingChunk>, NotStaged>> {
+            answers
+                .into_iter()
+                .map(|a| {
+                    a.map(|mut missing| {
+                        missing.extend(
+                            self.foreign
+                                .iter()
+                                .map(|&hash| MissingChunk { hash, base: None }),
+                        );
+                        missing
+                    })
+                })
+                .collect()
+        }
+        fn supply(&mut self, chunks: &[(Hash, ChunkData)]) {
+            self.supplied.extend(chunks.iter().map(|(h, _)| *h));
+        }
+    }
+    let mut p = pair();
+    let private = b"the host's private notes, already in sync".to_vec();
+    write(&p.host_dir, "private.txt", &private);
+    p.sync().await;
+    let out = p.tmp.path().join("OUT");
+    std::fs::create_dir_all(&out).unwrap();
+    let secret = b"a host file outside every share".to_vec();
+    write(&out, "secret.txt", &secret);
+    // Small files are one chunk each: their chunk ids are their BLAKE3 hashes.
+    let foreign = vec![
+        Hash(*blake3::hash(&private).as_bytes()),
+        Hash(*blake3::hash(&secret).as_bytes()),
+    ];
+    write(&p.host_dir, "new.txt", "the one file this cycle sends");
+    let sides = p.sides();
+    let mut greedy = Intercept {
+        inner: sides.guest.inner.clone(),
+        hooks: Greedy {
+            foreign: foreign.clone(),
+            supplied: Vec::new(),
+        },
+    };
+    sides
+        .controller
+        .cycle(
+            &mut sides.host,
+            &mut greedy,
+            vmsync_core::endpoint::ScanScope::Full,
+        )
+        .await
+        .unwrap();
+    let supplied = &greedy.hooks.supplied;
+    assert!(!supplied.is_empty(), "nothing was supplied at all");
+    assert!(
+        foreign.iter().all(|h| !supplied.contains(h)),
+        "foreign content crossed: {supplied:?}"
+    );
+    assert_eq!(
+        read(&p.guest_dir, "new.txt"),
+        b"the one file this cycle sends"
+    );
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+}
+
 #[tokio::test]
 async fn a_guest_serving_forged_chunk_data_gets_nothing_written() {
     use vmsync_tests::intercept::{Hooks, Intercept};
