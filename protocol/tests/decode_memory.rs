@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use vmsync_core::edits::ManifestEdit;
 use vmsync_core::endpoint::{ChangeHints, Outcome, ScanScope};
 use vmsync_core::limits::{MAX_BATCH_PATHS, MAX_FILE_CHUNKS, MAX_SCAN_IGNORED};
-use vmsync_core::{Hash, RelPath};
+use vmsync_core::{ChunkRef, Hash, Manifest, RelPath};
 use vmsync_protocol::limits::{MAX_BATCH_CHANGES, MAX_BATCH_CHUNKS};
 use vmsync_protocol::messages::{ManifestForm, ScanDelta, StageFile, WireError};
 use vmsync_protocol::{decode_message, Message, Request, RequestBody, Response, ResponseBody};
@@ -128,6 +128,20 @@ fn a_sequence_over_its_bound_costs_no_heap_for_its_elements_and_within_it_decode
                     },
                 }],
             }),
+        ),
+        (
+            "a manifest's own chunk list",
+            response(ResponseBody::Manifests(Ok(vec![Ok(Manifest {
+                chunks: vec![
+                    ChunkRef {
+                        hash: Hash([7; 32]),
+                        offset: 0,
+                        len: 1,
+                    };
+                    MAX_FILE_CHUNKS + 1
+                ],
+                links: vec![],
+            })]))),
         ),
     ];
     for (what, message) in cases {
