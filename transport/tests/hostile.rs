@@ -9,7 +9,7 @@ use futures::{SinkExt, StreamExt};
 use support::*;
 use tokio::io::AsyncWriteExt;
 use vmsync_core::endpoint::{
-    ChunkRead, Endpoint, EndpointError, ScanOptions, ScanReport, ScanScope,
+    Change, ChunkRead, Endpoint, EndpointError, Outcome, ScanOptions, ScanReport, ScanScope,
 };
 use vmsync_core::{ChunkRef, Entry, Hash};
 use vmsync_protocol::chunk::{encode_chunk, hash_chunk};
@@ -461,6 +461,33 @@ async fn response_to_an_unknown_id() {
     let mut remote = session.endpoint(0).unwrap();
     let r = remote.scan(ScanScope::Full, ScanOptions::default()).await;
     assert_violation(&session, r, "which is not pending").await;
+}
+
+/// A guest replaying an answer verbatim (the same id, the same body): the call it answered
+/// takes it once; the copy matches no pending request and ends the session, so it can never
+/// be taken for the answer to a later call.
+#[tokio::test]
+async fn a_replayed_answer_is_taken_once_and_its_copy_ends_the_session() {
+    let session = session_with_answer(|r| {
+        let once = bytes_of(&Message::Response(Response {
+            id: r.id,
+            body: ResponseBody::Transitioned(Ok(vec![Outcome::Applied])),
+        }))
+        .to_vec();
+        [once.clone(), once].concat()
+    })
+    .await;
+    let mut remote = session.endpoint(0).unwrap();
+    let change = Change {
+        path: p("f"),
+        expected: None,
+        new: None,
+    };
+    let first = remote.transition(vec![change.clone()]).await;
+    assert_eq!(first.unwrap(), vec![Outcome::Applied]);
+    let reason = session.closed().await;
+    assert!(reason.contains("which is not pending"), "{reason:?}");
+    assert!(remote.transition(vec![change]).await.is_err());
 }
 
 #[tokio::test]
