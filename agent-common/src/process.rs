@@ -25,9 +25,41 @@ pub fn init_logging() {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| AroundBars)
         .with_ansi(ansi)
         .init();
+}
+
+/// Progress bars on stderr that log lines must not tear (see [`log_around`]).
+static BARS: std::sync::OnceLock<indicatif::MultiProgress> = std::sync::OnceLock::new();
+
+/// From now on, log lines are written above `bars` (cleared, the line written, drawn again)
+/// instead of through them. Once per process; later calls do nothing.
+pub fn log_around(bars: indicatif::MultiProgress) {
+    let _ = BARS.set(bars);
+}
+
+/// stderr, around the progress bars when there are any.
+struct AroundBars;
+
+impl std::io::Write for AroundBars {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match BARS.get() {
+            Some(bars) => bars.suspend(|| std::io::stderr().write(buf)),
+            None => std::io::stderr().write(buf),
+        }
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        match BARS.get() {
+            Some(bars) => bars.suspend(|| std::io::stderr().write_all(buf)),
+            None => std::io::stderr().write_all(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
 
 /// Raises this process's soft fd limit to its hard limit (agents call it first thing): a

@@ -7,6 +7,7 @@
 //! - `service`: `run`: listen, serve one host session at a time, answer the control socket.
 
 mod config;
+mod readiness;
 mod service;
 
 use clap::{Parser, Subcommand};

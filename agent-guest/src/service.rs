@@ -2,10 +2,12 @@
 //! replaces the old one: the host reconnected), and answer the control socket.
 
 use crate::config::GuestConfig;
+use crate::readiness::Notifier;
 use anyhow::Context;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use vmsync_agent_common::control::{self, AgentInfo, ControlRequest, ControlResponse};
+use vmsync_core::progress::SyncState;
 use vmsync_engine::filter::Filter;
 use vmsync_engine::local::LocalEndpoint;
 use vmsync_engine::state::StateDb;
@@ -23,6 +25,8 @@ struct Shared {
     /// Per share: what the sessions before the current one moved, and the current session's
     /// share names in the order the host opened them (its counters are by that index).
     counters: Arc<Mutex<Counters>>,
+    /// What the host says of each share; tells systemd (see `crate::readiness`).
+    readiness: Notifier,
 }
 
 #[derive(Default)]
@@ -78,15 +82,21 @@ impl Shared {
                 let (files, bytes) = ep.indexed_totals();
                 let (trash_files, trash_bytes) = ep.trash_totals();
                 let moved = moved(name);
+                // The host decides conflicts and halts, and says how each share stands.
+                let told = peer.as_ref().and(self.readiness.state(name));
+                let (state, halt_code, progress) = match told {
+                    None if peer.is_some() => (ShareState::Syncing, None, None),
+                    None => (ShareState::Connecting, None, None),
+                    Some(SyncState::Syncing(p)) => (ShareState::Syncing, None, p),
+                    Some(SyncState::InSync) => (ShareState::InSync, None, None),
+                    Some(SyncState::Conflicted { .. }) => (ShareState::Conflicted, None, None),
+                    Some(SyncState::Halted { code }) => (ShareState::Halted, Some(code), None),
+                };
                 ShareStatus {
                     name: name.clone(),
-                    // The host decides conflicts and halts; the guest only knows whether a
-                    // host is being served.
-                    state: if peer.is_some() {
-                        ShareState::InSync
-                    } else {
-                        ShareState::Connecting
-                    },
+                    state,
+                    halt_code,
+                    progress,
                     files,
                     bytes,
                     files_hashed: ep.files_hashed(),
@@ -140,6 +150,8 @@ pub async fn run(config: GuestConfig, max_staged: usize) -> anyhow::Result<()> {
     };
     // Logged where it was found; the guest's index is a cache, rebuilt by the next scans.
     drop(notice);
+    let readiness = Notifier::default();
+    readiness.update(|r| r.session_ended(0));
     let mut exports = BTreeMap::new();
     for share in &config.shares {
         // The request loop awaits one call at a time: the share's work can run on its thread.
@@ -148,6 +160,10 @@ pub async fn run(config: GuestConfig, max_staged: usize) -> anyhow::Result<()> {
         ep.set_retention(share.retention);
         ep.set_min_free(share.min_free);
         ep.set_max_staged(max_staged);
+        let (name, notifier) = (share.name.clone(), readiness.clone());
+        ep.observe_sync(Arc::new(move |state| {
+            notifier.update(|r| r.heard(&name, state));
+        }));
         exports.insert(share.name.clone(), ep);
     }
     let shared = Shared {
@@ -155,6 +171,7 @@ pub async fn run(config: GuestConfig, max_staged: usize) -> anyhow::Result<()> {
         peer: Arc::new(Mutex::new(None)),
         wire: Arc::new(Mutex::new(Arc::new(Stats::default()))),
         counters: Arc::new(Mutex::new(Counters::default())),
+        readiness,
     };
 
     let control_listener = control::bind(&config.control)
@@ -167,7 +184,7 @@ pub async fn run(config: GuestConfig, max_staged: usize) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {listen}"))?;
     tracing::info!(listen = %listen, shares = shared.exports.len(), "vmsync-guest started");
-    vmsync_agent_common::notify_systemd::notify(std::env::var_os("NOTIFY_SOCKET"), "READY=1");
+    // READY=1 waits for the host's first sync (see `crate::readiness`).
 
     let mut current: Option<tokio::task::JoinHandle<()>> = None;
     loop {
@@ -206,6 +223,14 @@ pub async fn run(config: GuestConfig, max_staged: usize) -> anyhow::Result<()> {
                 *w = stats.clone();
             }
             let counters = shared.counters.clone();
+            let readiness = shared.readiness.clone();
+            let mut session = 0;
+            readiness.update(|r| {
+                let messages = r.session_started();
+                session = r.session();
+                messages
+            });
+            let opened = readiness.clone();
             let server = ServerConfig {
                 stats,
                 ..ServerConfig::default()
@@ -223,6 +248,10 @@ pub async fn run(config: GuestConfig, max_staged: usize) -> anyhow::Result<()> {
                     if let Ok(mut c) = counters.lock() {
                         c.current.push(open.name.clone());
                     }
+                    opened.update(|r| {
+                        r.opened(&open.name);
+                        Vec::new()
+                    });
                     let filter = Filter::new(&open.ignore)
                         .map_err(|e| e.to_string())?
                         .with_gitignore(open.respect_gitignore);
@@ -240,6 +269,7 @@ pub async fn run(config: GuestConfig, max_staged: usize) -> anyhow::Result<()> {
             if let Ok(mut p) = shared.peer.lock() {
                 *p = None;
             }
+            readiness.update(|r| r.session_ended(session));
         }));
     }
 }

@@ -10,6 +10,7 @@
 
 mod config;
 mod metrics;
+mod progress;
 mod report;
 mod service;
 
@@ -66,6 +67,11 @@ enum Command {
         /// Give up after this many seconds (default: wait forever).
         #[arg(long)]
         timeout: Option<f64>,
+        /// Show how far each share's running cycle has come: a progress bar per share on a
+        /// terminal (files and bytes done of total, rate, ETA), a line every few seconds
+        /// otherwise.
+        #[arg(long)]
+        progress: bool,
     },
     /// Lift a share's safety halt. A replaced or emptied root is accepted and both sides are
     /// merged add-only (nothing is deleted); a halted mass deletion is allowed to proceed once.
@@ -207,7 +213,9 @@ fn main() -> ExitCode {
         }
         Command::Metrics { .. } => runtime.block_on(report::metrics(&config.control, &config.file)),
         Command::Sync { .. } => runtime.block_on(report::sync(&config.control, &config.file)),
-        Command::Wait { timeout, .. } => runtime.block_on(report::wait(&config.control, timeout)),
+        Command::Wait {
+            timeout, progress, ..
+        } => runtime.block_on(report::wait(&config.control, timeout, progress)),
         Command::Resolve {
             share, path, keep, ..
         } => {

@@ -115,7 +115,20 @@ pub async fn resolve(
 /// Exit 0 once every share is in sync, 3 as soon as one is conflicted or halted, 1 on timeout,
 /// [`EXIT_NO_AGENT`] when no agent answers. An agent that is not answering yet gets
 /// [`AGENT_START_GRACE_MS`], so `wait` can be started right after `run`.
-pub async fn wait(control: &Path, timeout: Option<f64>) -> ExitCode {
+pub async fn wait(control: &Path, timeout: Option<f64>, progress: bool) -> ExitCode {
+    let mut display = progress.then(|| crate::progress::Display::new(false));
+    let code = wait_for_sync(control, timeout, display.as_mut()).await;
+    if let Some(display) = display.as_mut() {
+        display.finish();
+    }
+    code
+}
+
+async fn wait_for_sync(
+    control: &Path,
+    timeout: Option<f64>,
+    mut display: Option<&mut crate::progress::Display>,
+) -> ExitCode {
     let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
     let mut settled: Option<Instant> = None;
     // Since when nobody has answered (`None` while the agent answers).
@@ -130,6 +143,9 @@ pub async fn wait(control: &Path, timeout: Option<f64>) -> ExitCode {
         {
             Ok(ControlResponse::Status { shares, agent }) => {
                 silent_since = None;
+                if let Some(display) = display.as_deref_mut() {
+                    display.show(&shares);
+                }
                 if let Some(bad) = shares
                     .iter()
                     .find(|s| matches!(s.state, ShareState::Conflicted | ShareState::Halted))

@@ -6,7 +6,7 @@
 use crate::config::{HostConfig, HostShare};
 use anyhow::Context;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -157,6 +157,8 @@ pub async fn run(config: HostConfig, max_staged: usize) -> anyhow::Result<()> {
         tokio::spawn(metrics.clone().every(METRICS_FILE_INTERVAL));
     }
     tracing::info!(guest = %config.guest, shares = shares.len(), "vmsync-host started");
+    tokio::spawn(crate::progress::systemd_status(shared.statuses.clone()));
+    tokio::spawn(crate::progress::show_while_running(shared.statuses.clone()));
 
     let mut sync = SyncLoop {
         ready_sent: false,
@@ -427,8 +429,23 @@ impl SyncLoop {
             ));
             remotes.push(remote);
         }
+        // The guest hears how each share stands (its readiness waits for the first sync).
+        let converged_once = Arc::new(AtomicBool::new(false));
+        let mut told = Vec::new();
+        for index in 0..self.shares.len() {
+            match endpoint(&session, index) {
+                Ok(remote) => told.push(remote),
+                Err(e) => return e,
+            }
+        }
+        watchers.spawn(crate::progress::tell_guest(
+            self.shares.iter().map(|s| s.controller.status()).collect(),
+            told,
+            converged_once.clone(),
+        ));
         let ready_sent = &mut self.ready_sent;
         let synced = || {
+            converged_once.store(true, Ordering::Release);
             if !*ready_sent {
                 // systemd (Type=notify): started means the first sync is done, so units
                 // ordered after this one start on a complete tree.

@@ -314,6 +314,17 @@ pub trait Endpoint: Send {
         std::future::ready(Ok(()))
     }
 
+    /// Hears how the share's sync stands, as the host sees it (the host tells its guest; see
+    /// [`crate::progress`]). Only the guest's readiness and status use it: nothing that syncs
+    /// depends on it. A side with no use for it (the default) ignores it.
+    fn note_sync(
+        &mut self,
+        state: crate::progress::SyncState,
+    ) -> impl Future<Output = Result<(), EndpointError>> + Send {
+        let _ = state;
+        std::future::ready(Ok(()))
+    }
+
     /// Applies changes in the order given (the controller orders removals children-first and
     /// creations parents-first). A staged file stays staged until a transition consumes it, a
     /// new `stage` of the same path replaces it, or a full scan discards every leftover.

@@ -16,6 +16,7 @@
 //! - [`endpoint`]: the `Endpoint` trait that a local and a remote side both implement.
 //! - [`limits`]: every bound on sizes and counts, named with its unit.
 //! - [`text`]: a peer's text made safe to print (control and bidi characters escaped).
+//! - [`progress`]: how far a share's sync has come (status, the guest's readiness).
 //! - [`reserve`]: the free-space reserve (`min_free`) a destination keeps on its filesystem.
 
 pub mod bounded;
@@ -27,6 +28,7 @@ pub mod endpoint;
 pub mod entry;
 pub mod limits;
 pub mod path;
+pub mod progress;
 pub mod quota;
 pub mod reconcile;
 pub mod reserve;

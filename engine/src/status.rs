@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
+use vmsync_core::progress::Progress;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -96,6 +97,9 @@ pub struct ShareStatus {
     /// Why the last cycle failed, until one succeeds (escaped; the host's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// While a cycle applies changes (the host's): how far it has come.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
 }
 
 /// Upper bounds (inclusive) of [`CycleHistogram`]'s buckets, in microseconds; durations past

@@ -38,6 +38,8 @@ pub const MAX_AGENT_VERSION_BYTES: usize = 64;
 /// Longest human-readable reason: `Refused`, `Problem::reason`, `Outcome::Failed`, the text of
 /// an `EndpointError`.
 pub const MAX_REASON_BYTES: usize = 4096;
+/// Bytes in a halt code the host tells its guest (`mass-deletion`, `disk-full`, ...).
+pub const MAX_HALT_CODE_BYTES: usize = 64;
 
 /// Most files in one `Manifests` or `Stage` request (and in its response).
 pub const MAX_BATCH_FILES: usize = 65_536;

@@ -43,15 +43,16 @@ use vmsync_core::endpoint::{
     Change, ChangeHints, ChunkRead, EndpointError, MissingChunk, Outcome, Problem, ScanOptions,
     ScanScope, StageRequest,
 };
+use vmsync_core::progress::SyncState;
 use vmsync_core::text::escape_text;
 use vmsync_core::{Entry, FileMeta, Hash, Manifest, RelPath};
 
 /// First field of every `Hello`: "VMSYNC", NUL, and the magic's own revision.
 pub const MAGIC: [u8; 8] = *b"VMSYNC\0\x01";
 /// Oldest protocol version this build speaks.
-pub const PROTOCOL_VERSION_MIN: u16 = 1;
+pub const PROTOCOL_VERSION_MIN: u16 = 2;
 /// Newest protocol version this build speaks.
-pub const PROTOCOL_VERSION_MAX: u16 = 1;
+pub const PROTOCOL_VERSION_MAX: u16 = 2;
 /// A targeted scan's answer ([`Scanned`]) carries the manifests of files of at most this many bytes (a few chunks
 /// each)...
 pub const SCAN_MANIFEST_MAX_FILE_BYTES: u64 = 256 * 1024;
@@ -180,6 +181,7 @@ pub enum RequestKind {
     Transition,
     PollChanges,
     Mark,
+    NoteSync,
 }
 
 impl RequestKind {
@@ -195,6 +197,7 @@ impl RequestKind {
             RequestKind::Transition => "Transition",
             RequestKind::PollChanges => "PollChanges",
             RequestKind::Mark => "Mark",
+            RequestKind::NoteSync => "NoteSync",
         }
     }
 }
@@ -246,6 +249,9 @@ pub enum RequestBody {
     PollChanges { max_wait_ms: u32 },
     /// Note the share generation in the share's reserved directory (`Endpoint::mark`).
     Mark { generation: u64 },
+    /// How the share's sync stands on the host (`Endpoint::note_sync`): the guest's readiness
+    /// and status.
+    NoteSync(SyncState),
 }
 
 /// One file of a `Stage` request.
@@ -319,6 +325,7 @@ impl RequestBody {
             RequestBody::Transition { .. } => RequestKind::Transition,
             RequestBody::PollChanges { .. } => RequestKind::PollChanges,
             RequestBody::Mark { .. } => RequestKind::Mark,
+            RequestBody::NoteSync(_) => RequestKind::NoteSync,
         }
     }
 }
@@ -357,6 +364,7 @@ pub enum ResponseBody {
     ),
     Changes(Result<ChangeHints, WireError>),
     Marked(Result<(), WireError>),
+    Noted(Result<(), WireError>),
 }
 
 /// A targeted scan's answer: the scan report (`vmsync_core::endpoint::ScanReport`) and the
@@ -416,6 +424,7 @@ impl ResponseBody {
             ResponseBody::Transitioned(_) => RequestKind::Transition,
             ResponseBody::Changes(_) => RequestKind::PollChanges,
             ResponseBody::Marked(_) => RequestKind::Mark,
+            ResponseBody::Noted(_) => RequestKind::NoteSync,
         }
     }
 
@@ -432,6 +441,7 @@ impl ResponseBody {
             RequestKind::Transition => ResponseBody::Transitioned(Err(err)),
             RequestKind::PollChanges => ResponseBody::Changes(Err(err)),
             RequestKind::Mark => ResponseBody::Marked(Err(err)),
+            RequestKind::NoteSync => ResponseBody::Noted(Err(err)),
         }
     }
 }

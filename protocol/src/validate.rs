@@ -16,10 +16,10 @@
 use crate::chunk::{Codec, WireChunk, WireContent, WireDelta};
 use crate::limits::{
     CHUNK_MAX_BYTES, MAX_AGENT_VERSION_BYTES, MAX_BATCH_CHANGES, MAX_BATCH_CHUNKS, MAX_BATCH_FILES,
-    MAX_BATCH_PATHS, MAX_DELTA_BYTES, MAX_FILE_CHUNKS, MAX_GENERATION, MAX_IGNORE_PATTERNS,
-    MAX_IGNORE_PATTERN_BYTES, MAX_MANIFEST_LINKS, MAX_REASON_BYTES, MAX_SCAN_ENTRIES,
-    MAX_SCAN_IGNORED, MAX_SCAN_PROBLEMS, MAX_SHARES, MAX_SHARE_NAME_BYTES, MAX_SIGNATURE_BYTES,
-    MAX_SYMLINK_TARGET_BYTES,
+    MAX_BATCH_PATHS, MAX_DELTA_BYTES, MAX_FILE_CHUNKS, MAX_GENERATION, MAX_HALT_CODE_BYTES,
+    MAX_IGNORE_PATTERNS, MAX_IGNORE_PATTERN_BYTES, MAX_MANIFEST_LINKS, MAX_REASON_BYTES,
+    MAX_SCAN_ENTRIES, MAX_SCAN_IGNORED, MAX_SCAN_PROBLEMS, MAX_SHARES, MAX_SHARE_NAME_BYTES,
+    MAX_SIGNATURE_BYTES, MAX_SYMLINK_TARGET_BYTES,
 };
 use crate::messages::{
     BasedRead, ErrorCode, Hello, ManifestForm, Message, Refused, Request, RequestBody, Response,
@@ -30,6 +30,7 @@ use vmsync_core::edits::ManifestEdit;
 use vmsync_core::endpoint::MissingChunk;
 use vmsync_core::endpoint::{Change, Outcome, ScanScope};
 use vmsync_core::entry::PERM_MASK;
+use vmsync_core::progress::SyncState;
 use vmsync_core::{ChunkRef, Entry, FileMeta, Manifest, RelPath, Timestamp};
 
 /// Nanoseconds in a second: a timestamp's `nanos` must be below it.
@@ -443,6 +444,10 @@ impl Validate for RequestBody {
             }
             RequestBody::PollChanges { .. } | RequestBody::ScanFull { .. } => Ok(()),
             RequestBody::Mark { generation: g } => generation(Some(*g)),
+            RequestBody::NoteSync(state) => match state {
+                SyncState::Halted { code } => line("halt code", code, MAX_HALT_CODE_BYTES),
+                SyncState::Syncing(_) | SyncState::InSync | SyncState::Conflicted { .. } => Ok(()),
+            },
         }
     }
 }
@@ -490,7 +495,7 @@ impl Validate for ResponseBody {
             ResponseBody::Changes(r) => result(r, |hints| {
                 count("change hints", hints.paths.len(), MAX_BATCH_PATHS)
             }),
-            ResponseBody::Marked(r) => result(r, |()| Ok(())),
+            ResponseBody::Marked(r) | ResponseBody::Noted(r) => result(r, |()| Ok(())),
         }
     }
 }
@@ -863,6 +868,24 @@ mod tests {
         ));
         let too_many = ResponseBody::Supplied(Ok(vec![Hash::default(); MAX_BATCH_CHUNKS + 1]));
         assert!(too_many.validate().unwrap_err().is_limit());
+    }
+
+    #[test]
+    fn a_sync_note_carries_a_short_plain_halt_code() {
+        let halted = |code: &str| RequestBody::NoteSync(SyncState::Halted { code: code.into() });
+        assert_eq!(halted("mass-deletion").validate(), Ok(()));
+        assert!(halted(&"x".repeat(MAX_HALT_CODE_BYTES + 1))
+            .validate()
+            .unwrap_err()
+            .is_limit());
+        assert_eq!(
+            halted("disk-full\nREADY=1").validate(),
+            Err(ValidationError::ControlCharacter { what: "halt code" })
+        );
+        assert_eq!(
+            RequestBody::NoteSync(SyncState::Syncing(None)).validate(),
+            Ok(())
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ use vmsync_core::endpoint::{
     Change, ChangeHints, ChunkRead, EndpointError, MissingChunk, Outcome, RootId, ScanOptions,
     ScanScope,
 };
+use vmsync_core::progress::{Progress, SyncState};
 use vmsync_core::{ChunkRef, Entry, FileMeta, Hash, Manifest, RelPath, Timestamp};
 use vmsync_protocol::messages::{
     BasedRead, ErrorCode, ManifestForm, ScanDelta, Scanned, StageAnswer, StageFile, WireError,
@@ -77,15 +78,15 @@ fn response(body: ResponseBody) -> Message {
 #[test]
 fn handshake_messages() {
     assert_eq!(
-        PROTOCOL_VERSION_MAX, 1,
+        PROTOCOL_VERSION_MAX, 2,
         "a new version gets vectors of its own"
     );
     golden(
         "Hello",
         Message::Hello(Hello {
             magic: MAGIC,
-            min_version: 1,
-            max_version: 1,
+            min_version: 2,
+            max_version: 2,
             agent_version: "vmsync-host 0.1.0".into(),
             chunker: ChunkerParams::PINNED,
             shares: vec![ShareOpen {
@@ -94,16 +95,16 @@ fn handshake_messages() {
                 respect_gitignore: true,
             }],
         }),
-        "00564d53594e430001010111766d73796e632d686f737420302e312e308020808001808004010373726302077461726765742f032a2e6f01",
+        "00564d53594e430001020211766d73796e632d686f737420302e312e308020808001808004010373726302077461726765742f032a2e6f01",
     );
     golden(
         "Welcome",
         Message::Welcome(Welcome {
-            version: 1,
+            version: 2,
             agent_version: "vmsync-guest 0.1.0".into(),
             chunker: ChunkerParams::PINNED,
         }),
-        "010112766d73796e632d677565737420302e312e308020808001808004",
+        "010212766d73796e632d677565737420302e312e308020808001808004",
     );
     golden(
         "Refused",
@@ -215,6 +216,35 @@ fn requests() {
         request(RequestBody::Mark { generation: 300 }),
         "03070109ac02",
     );
+    golden(
+        "NoteSync (syncing, with progress)",
+        request(RequestBody::NoteSync(SyncState::Syncing(Some(Progress {
+            files_done: 1,
+            files_total: 2,
+            bytes_done: 3,
+            bytes_total: 300,
+        })))),
+        "0307010a0001010203ac02",
+    );
+    golden(
+        "NoteSync (in sync)",
+        request(RequestBody::NoteSync(SyncState::InSync)),
+        "0307010a01",
+    );
+    golden(
+        "NoteSync (conflicted)",
+        request(RequestBody::NoteSync(SyncState::Conflicted {
+            conflicts: 3,
+        })),
+        "0307010a0203",
+    );
+    golden(
+        "NoteSync (halted)",
+        request(RequestBody::NoteSync(SyncState::Halted {
+            code: "disk-full".into(),
+        })),
+        "0307010a03096469736b2d66756c6c",
+    );
 }
 
 #[test]
@@ -307,6 +337,7 @@ fn responses() {
         "040708000203612f62016300",
     );
     golden("Marked", response(ResponseBody::Marked(Ok(()))), "04070900");
+    golden("Noted", response(ResponseBody::Noted(Ok(()))), "04070a00");
 }
 
 /// Errors travel as a code and a message ([`WireError`]), made from the core error and back.

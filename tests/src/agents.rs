@@ -35,6 +35,8 @@ pub struct Agents {
     guest: Option<Child>,
     /// `ulimit -n` for the guest process, when set.
     pub guest_fd_limit: Option<u32>,
+    /// Extra environment of the guest process (e.g. systemd's `NOTIFY_SOCKET`).
+    pub guest_env: Vec<(String, PathBuf)>,
 }
 
 impl Agents {
@@ -81,10 +83,18 @@ impl Agents {
             host: None,
             guest: None,
             guest_fd_limit: None,
+            guest_env: Vec::new(),
         }
     }
 
-    fn spawn(&self, name: &str, config: &Path, log: &str, fd_limit: Option<u32>) -> Child {
+    fn spawn(
+        &self,
+        name: &str,
+        config: &Path,
+        log: &str,
+        fd_limit: Option<u32>,
+        env: &[(String, PathBuf)],
+    ) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -105,6 +115,7 @@ impl Agents {
                 c
             }
         };
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         cmd.env("VMSYNC_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -120,6 +131,7 @@ impl Agents {
             &self.guest_toml,
             "guest.log",
             self.guest_fd_limit,
+            &self.guest_env,
         ));
     }
 
@@ -130,7 +142,7 @@ impl Agents {
 
     pub fn start_host(&mut self) {
         assert!(self.host.is_none(), "host already running");
-        self.host = Some(self.spawn("vmsync-host", &self.host_toml, "host.log", None));
+        self.host = Some(self.spawn("vmsync-host", &self.host_toml, "host.log", None, &[]));
     }
 
     pub fn start(&mut self) {

@@ -66,6 +66,7 @@ pub fn benign(req: &Request) -> Answer {
             ResponseBody::Changes(Ok(ChangeHints::default()))
         }
         RequestBody::Mark { .. } => ResponseBody::Marked(Ok(())),
+        RequestBody::NoteSync(_) => ResponseBody::Noted(Ok(())),
         _ => return Answer::HangUp,
     };
     respond(req, body)

@@ -727,6 +727,91 @@ fn a_second_host_agent_on_the_same_state_directory_refuses_to_start() {
     assert_eq!(a.share()["state"], "in-sync");
 }
 
+/// Readiness and progress (docs/cli.md, "Progress and readiness"): the guest tells systemd
+/// `READY=1` only once the host's first full sync has converged, so at that moment its tree
+/// is the host's, byte for byte; before it, `STATUS=` lines say how far the sync has come. On
+/// the host, `wait --progress` off a terminal prints a progress line every few seconds.
+#[test]
+fn the_guest_is_ready_only_once_the_first_sync_is_complete() {
+    use std::os::unix::net::UnixDatagram;
+    use std::time::{Duration, Instant};
+    let mut a = Agents::new("");
+    for i in 0..600u64 {
+        write(
+            &a.host_dir,
+            &format!("d{}/f{i}.bin", i % 10),
+            random_bytes(i, 16 << 10),
+        );
+    }
+    let notify = a.tmp.path().join("notify.sock");
+    let systemd = UnixDatagram::bind(&notify).unwrap();
+    systemd
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    a.guest_env.push(("NOTIFY_SOCKET".into(), notify));
+    // About 10 MB at 1 MB/s: a first sync of several seconds.
+    a.relay.set_rate_limit(1 << 20);
+    a.start();
+    let waiting = Command::new(bin("vmsync-host"))
+        .args(["wait", "--progress", "--timeout", "120", "--config"])
+        .arg(&a.host_toml)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut heard = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut buf = [0u8; 4096];
+    let mut ready_tree_matched = None;
+    while Instant::now() < deadline && ready_tree_matched.is_none() {
+        let Ok(n) = systemd.recv(&mut buf) else {
+            continue;
+        };
+        let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if message == "READY=1" {
+            // The host's tree does not change in this test: the guest's must equal it now.
+            ready_tree_matched = Some(tree(&a.host_dir) == tree(&a.guest_dir));
+        }
+        heard.push(message);
+    }
+    assert_eq!(
+        ready_tree_matched,
+        Some(true),
+        "READY=1 {}: {heard:?}",
+        if ready_tree_matched.is_some() {
+            "came before the tree was complete"
+        } else {
+            "never came"
+        }
+    );
+    let before_ready: Vec<&String> = heard.iter().take_while(|m| *m != "READY=1").collect();
+    assert!(
+        before_ready
+            .iter()
+            .any(|m| m.starts_with("STATUS=src: syncing ") && m.contains("/600 files")),
+        "no progress before READY=1: {heard:?}"
+    );
+    assert!(
+        heard.iter().any(|m| m == "STATUS=src: in sync"),
+        "{heard:?}"
+    );
+    assert_eq!(
+        heard.iter().filter(|m| *m == "READY=1").count(),
+        1,
+        "{heard:?}"
+    );
+    assert_eq!(a.guest_status()["shares"][0]["state"], "in-sync");
+    let waited = waiting.wait_with_output().unwrap();
+    let lines = String::from_utf8_lossy(&waited.stderr);
+    assert!(waited.status.success(), "wait: {lines}");
+    assert!(
+        lines
+            .lines()
+            .any(|l| l.starts_with("src: syncing ") && l.contains("/600 files")),
+        "wait --progress printed no progress line: {lines}"
+    );
+}
+
 /// One agent per share directory: a second host controller on the same directory (its own
 /// state directory, its own guest) syncs nothing and says why in `status`, while the first
 /// keeps syncing. Two controllers on one tree would each take the other's writes for the

@@ -20,7 +20,7 @@ mod transfer;
 
 use bulk::{advance, BulkJob};
 pub use transfer::BULK_MIN_BYTES;
-use transfer::{mark_and_record, transition, view, Executed, Recorder, Transfer};
+use transfer::{mark_and_record, transition, view, Executed, ProgressSink, Recorder, Transfer};
 
 use crate::filter::Filter;
 use crate::planner::{self, LostMarker, Planned, Verdict};
@@ -659,6 +659,8 @@ impl Controller {
         }
         let full = scope == ScanScope::Full;
         let mut result = self.cycle_inner(host, guest, scope).await;
+        // The cycle's progress is shown while it runs, however it ended.
+        self.update_status(|s| s.progress = None);
         if let Err(CycleError::Endpoint {
             side,
             source: EndpointError::DiskFull { free, reserve },
@@ -1372,6 +1374,8 @@ impl Controller {
                 pending: PendingBatch::new(&self.space.state_dir, &self.settings.name),
             }),
             queued: self.bulk.iter().flat_map(BulkJob::queued).collect(),
+            progress: (!plan.actions.is_empty())
+                .then(|| ProgressSink::start(self.status.clone(), &plan.actions)),
             ..Executed::default()
         };
         let mut host_actions = Vec::new();

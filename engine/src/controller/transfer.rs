@@ -6,9 +6,9 @@
 use super::bulk::BulkJob;
 use super::{side_err, CycleError};
 use crate::state::{Generation, InFlight, PendingBatch, StateDb};
-use crate::status::ProblemView;
+use crate::status::{ProblemView, ShareStatus};
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use vmsync_core::deletions::{lost_content, Content};
 use vmsync_core::endpoint::{
@@ -16,6 +16,7 @@ use vmsync_core::endpoint::{
     StageRequest,
 };
 use vmsync_core::path::escape_bytes;
+use vmsync_core::progress::Progress;
 use vmsync_core::reconcile::{Action, Side};
 use vmsync_core::{Entry, FileMeta, Hash, RelPath};
 
@@ -66,6 +67,57 @@ pub(super) struct Executed {
     pub(super) queued: HashSet<(Side, Hash)>,
     /// Where the time went, for the cycle's debug log.
     pub(super) times: PhaseTimes,
+    /// How far the cycle has come, shown in `status` as transitions land.
+    pub(super) progress: Option<ProgressSink>,
+}
+
+/// A cycle's [`Progress`], published to the share's status after every transition.
+pub(super) struct ProgressSink {
+    pub(super) status: Arc<Mutex<ShareStatus>>,
+    pub(super) done: Progress,
+}
+
+impl ProgressSink {
+    /// Starts counting the actions of a plan: those on files and symlinks (directories are
+    /// cheap and not what a person counts), and the bytes of new content among them.
+    pub(super) fn start(status: Arc<Mutex<ShareStatus>>, actions: &[Action]) -> ProgressSink {
+        let bytes_total = actions
+            .iter()
+            .filter_map(needs_content)
+            .map(|m| m.size)
+            .sum();
+        let sink = ProgressSink {
+            status,
+            done: Progress {
+                files_total: actions.iter().filter(|a| Self::counts(a)).count() as u64,
+                bytes_total,
+                ..Progress::default()
+            },
+        };
+        sink.publish();
+        sink
+    }
+
+    fn counts(action: &Action) -> bool {
+        !matches!(
+            (&action.expected, &action.new),
+            (_, Some(Entry::Dir { .. })) | (Some(Entry::Dir { .. }), None)
+        )
+    }
+
+    fn applied(&mut self, action: &Action) {
+        if !Self::counts(action) {
+            return;
+        }
+        self.done.files_done += 1;
+        self.done.bytes_done += needs_content(action).map_or(0, |m| m.size);
+    }
+
+    fn publish(&self) {
+        if let Ok(mut s) = self.status.lock() {
+            s.progress = Some(self.done);
+        }
+    }
 }
 
 /// An entry an applied change took from its side: deleted, or replaced by another kind.
@@ -632,6 +684,9 @@ pub(super) async fn transition<E: Endpoint>(
     for (action, outcome) in batch.iter().zip(outcomes) {
         match outcome {
             Outcome::Applied => {
+                if let Some(progress) = executed.progress.as_mut() {
+                    progress.applied(action);
+                }
                 record_applied(side, action, executed);
                 executed
                     .applied
@@ -648,6 +703,9 @@ pub(super) async fn transition<E: Endpoint>(
                 });
             }
         }
+    }
+    if let Some(progress) = &executed.progress {
+        progress.publish();
     }
     // What is stored is always a prefix of `applied` (the end of the cycle stores the rest):
     // everything from the end of that prefix on. Only for the guest's own batches: every

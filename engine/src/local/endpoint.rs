@@ -22,6 +22,7 @@ use vmsync_core::endpoint::{
     Change, ChangeHints, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, MissingChunk,
     NotStaged, Outcome, Problem, ScanOptions, ScanReport, ScanScope, StageRequest,
 };
+use vmsync_core::progress::SyncState;
 use vmsync_core::reserve::MinFree;
 use vmsync_core::{Entry, FileMeta, Hash, Manifest, RelPath};
 
@@ -32,7 +33,12 @@ pub struct LocalEndpoint {
     watch: Arc<WatchState>,
     /// Run share work on the calling thread; see [`LocalEndpoint::on_calling_thread`].
     inline: bool,
+    /// Told what the host says of the share's sync ([`Endpoint::note_sync`]).
+    sync_observer: Arc<Mutex<Option<SyncObserver>>>,
 }
+
+/// Hears the share's sync state as the host tells it (see [`LocalEndpoint::observe_sync`]).
+pub type SyncObserver = Arc<dyn Fn(SyncState) + Send + Sync>;
 
 /// The share's watcher, started by the first [`Endpoint::changes`] call.
 struct WatchState {
@@ -160,6 +166,7 @@ impl LocalEndpoint {
             inner: Arc::new(Mutex::new(share)),
             watch: Arc::new(watch),
             inline: false,
+            sync_observer: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -172,6 +179,14 @@ impl LocalEndpoint {
     pub fn on_calling_thread(mut self) -> Self {
         self.inline = true;
         self
+    }
+
+    /// Calls `observer` with every sync state the host tells this share (the guest's
+    /// readiness, see docs/cli.md, "Readiness"). Replaces an earlier observer.
+    pub fn observe_sync(&self, observer: SyncObserver) {
+        if let Ok(mut o) = self.sync_observer.lock() {
+            *o = Some(observer);
+        }
     }
 
     /// Regular files and their total size, as the index last saw them.
@@ -343,6 +358,14 @@ impl Endpoint for LocalEndpoint {
 
     async fn mark(&mut self, generation: u64) -> Result<(), EndpointError> {
         self.run(move |s| s.mark(generation)).await
+    }
+
+    async fn note_sync(&mut self, state: SyncState) -> Result<(), EndpointError> {
+        let observer = self.sync_observer.lock().ok().and_then(|o| o.clone());
+        if let Some(observer) = observer {
+            observer(state);
+        }
+        Ok(())
     }
 
     async fn changes(&mut self) -> Result<ChangeHints, EndpointError> {

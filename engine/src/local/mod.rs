@@ -54,7 +54,7 @@ mod stage;
 mod test_support;
 mod transition;
 
-pub use endpoint::LocalEndpoint;
+pub use endpoint::{LocalEndpoint, SyncObserver};
 
 use crate::echoes::Echoes;
 use crate::filter::Filter;

@@ -27,6 +27,7 @@ use vmsync_core::endpoint::{
     Change, ChangeHints, ChunkData, ChunkRead, DeltaRead, Endpoint, EndpointError, MissingChunk,
     NotStaged, Outcome, Problem, ScanOptions, ScanReport, ScanScope, StageRequest,
 };
+use vmsync_core::progress::SyncState;
 use vmsync_core::text::escape_text;
 use vmsync_core::{ChunkRef, Entry, FileMeta, Hash, Manifest, RelPath};
 use vmsync_protocol::chunk::{level_for_batch, DEFAULT_ZSTD_LEVEL};
@@ -552,6 +553,13 @@ impl Endpoint for RemoteEndpoint {
         match self.call(RequestBody::Mark { generation }, 0).await? {
             ResponseBody::Marked(result) => result.map_err(EndpointError::from),
             other => Err(self.wrong_kind("Mark", &other)),
+        }
+    }
+
+    async fn note_sync(&mut self, state: SyncState) -> Result<(), EndpointError> {
+        match self.call(RequestBody::NoteSync(state), 0).await? {
+            ResponseBody::Noted(result) => result.map_err(EndpointError::from),
+            other => Err(self.wrong_kind("NoteSync", &other)),
         }
     }
 

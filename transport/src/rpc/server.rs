@@ -506,6 +506,9 @@ async fn dispatch<E: Endpoint>(
         RequestBody::Mark { generation } => {
             ResponseBody::Marked(endpoint.mark(generation).await.map_err(WireError::from))
         }
+        RequestBody::NoteSync(state) => {
+            ResponseBody::Noted(endpoint.note_sync(state).await.map_err(WireError::from))
+        }
         // Served in a task of its own by the session loop; reaching here means the share index
         // was bad, which the reader already refused.
         RequestBody::PollChanges { .. } => ResponseBody::Changes(Ok(ChangeHints::default())),
