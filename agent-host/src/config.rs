@@ -204,6 +204,49 @@ pub struct HostShare {
     pub quota: vmsync_core::quota::Quota,
 }
 
+/// The values of a share's `mode` (and of `vmsync-host sync --mode`), as written.
+pub const MODES: [(&str, SyncMode); 3] = [
+    ("two-way", SyncMode::TwoWay),
+    ("host-to-guest", SyncMode::HostToGuest),
+    ("guest-to-host", SyncMode::GuestToHost),
+];
+
+/// The values of a share's `conflict` (and of `vmsync-host sync --conflict`), as written.
+pub const CONFLICT_POLICIES: [(&str, ConflictPolicy); 4] = [
+    ("keep", ConflictPolicy::Keep),
+    ("host-wins", ConflictPolicy::HostWins),
+    ("guest-wins", ConflictPolicy::GuestWins),
+    ("newer-wins", ConflictPolicy::NewerWins),
+];
+
+impl HostShare {
+    /// The share a `[[share]]` with only `name`, `path`, `mode` and `conflict` set makes: every
+    /// other key at its default. `path` as resolved (see [`load`]).
+    pub fn with_defaults(
+        name: String,
+        path: PathBuf,
+        mode: SyncMode,
+        conflict: ConflictPolicy,
+    ) -> HostShare {
+        HostShare {
+            name,
+            path,
+            mode,
+            conflict,
+            ignore: Vec::new(),
+            respect_gitignore: false,
+            ignore_vcs: false,
+            deletion_exempt: DEFAULT_DELETION_EXEMPT
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
+            retention: Default::default(),
+            min_free: MinFree::Default,
+            quota: Default::default(),
+        }
+    }
+}
+
 /// Reads and validates a host configuration file.
 pub fn load(file: &Path) -> Result<HostConfig, ConfigError> {
     let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
@@ -312,27 +355,7 @@ fn resolve(
     defaults: &DefaultDirs,
     problems: &mut Problems,
 ) -> Option<HostConfig> {
-    let guest = match raw.guest.get_ref().parse::<EndpointAddr>() {
-        Ok(EndpointAddr::VsockAny { port }) => {
-            problems.at(
-                &raw.guest,
-                format!(
-                    "guest: `vsock://any:{port}` is for listening; dial the guest's CID, \
-                     e.g. `vsock://3:{port}`"
-                ),
-            );
-            None
-        }
-        Ok(EndpointAddr::Vsock { cid, .. }) if cid == 0 || cid == 2 => {
-            problems.at(
-                &raw.guest,
-                format!(
-                    "guest: CID {cid} is the {}, not a guest; guest CIDs start at 3",
-                    if cid == 0 { "hypervisor" } else { "host" }
-                ),
-            );
-            None
-        }
+    let guest = match parse_guest(raw.guest.get_ref()) {
         Ok(endpoint) => Some(endpoint),
         Err(error) => {
             problems.at(&raw.guest, format!("guest: {error}"));
@@ -552,6 +575,22 @@ fn resolve(
         metrics_file,
         shares,
     })
+}
+
+/// Parses a guest address as `guest =` takes it (and `vmsync-host sync --guest`): any form
+/// [`EndpointAddr`] parses that a host can dial, a concrete guest CID for `vsock://`.
+pub fn parse_guest(text: &str) -> Result<EndpointAddr, String> {
+    match text.parse::<EndpointAddr>() {
+        Ok(EndpointAddr::VsockAny { port }) => Err(format!(
+            "`vsock://any:{port}` is for listening; dial the guest's CID, e.g. `vsock://3:{port}`"
+        )),
+        Ok(EndpointAddr::Vsock { cid, .. }) if cid == 0 || cid == 2 => Err(format!(
+            "CID {cid} is the {}, not a guest; guest CIDs start at 3",
+            if cid == 0 { "hypervisor" } else { "host" }
+        )),
+        Ok(endpoint) => Ok(endpoint),
+        Err(error) => Err(error.to_string()),
+    }
 }
 
 /// Checks each pattern with the same gitignore compiler the engine uses, so that a pattern that
@@ -884,6 +923,34 @@ deletion_exempt = ["out/", "*.o"]
         assert!(err.contains("share \"src\" min_free: `lots`"), "{err}");
     }
 
+    /// `sync --guest` builds its share with [`HostShare::with_defaults`] from the names in
+    /// [`MODES`] and [`CONFLICT_POLICIES`]: the same share a `[[share]]` with those keys makes.
+    #[test]
+    fn a_share_with_defaults_is_what_a_minimal_share_section_makes() {
+        let config = parse_ok(MINIMAL);
+        let share = HostShare::with_defaults(
+            "src".into(),
+            PathBuf::from("/home/alice/src"),
+            SyncMode::TwoWay,
+            ConflictPolicy::Keep,
+        );
+        assert_eq!(config.shares, vec![share]);
+        for (name, mode) in MODES {
+            let config = parse_ok(&format!("{MINIMAL}mode = \"{name}\"\n"));
+            let want = HostShare::with_defaults(
+                "src".into(),
+                PathBuf::from("/home/alice/src"),
+                mode,
+                ConflictPolicy::Keep,
+            );
+            assert_eq!(config.shares, vec![want], "{name}");
+        }
+        for (name, policy) in CONFLICT_POLICIES {
+            let config = parse_ok(&format!("{MINIMAL}conflict = \"{name}\"\n"));
+            assert_eq!(config.shares[0].conflict, policy, "{name}");
+        }
+    }
+
     #[test]
     fn every_conflict_policy_maps() {
         for (text, policy) in [
@@ -1054,17 +1121,17 @@ deletion_exempt = ["out/", "*.o"]
                 &["vm1.toml:2:11: ", "without `unix:`"],
             ),
             (
+                "duplicate share name",
+                "guest = \"unix:/g.sock\"\n[[share]]\nname = \"a\"\npath = \"/a\"\n[[share]]\nname = \"a\"\npath = \"/b\"\n",
+                &["vm1.toml:6:8: duplicate share name \"a\" (first defined on line 3)"],
+            ),
+            (
                 "duplicate share name whose first path is bad",
                 "guest = \"unix:/g.sock\"\n[[share]]\nname = \"a\"\npath = \"rel\"\n[[share]]\nname = \"a\"\npath = \"/b\"\n",
                 &[
                     "vm1.toml:4:8: share \"a\" path: path \"rel\" is relative",
                     "vm1.toml:6:8: duplicate share name \"a\" (first defined on line 3)",
                 ],
-            ),
-            (
-                "duplicate share name",
-                "guest = \"unix:/g.sock\"\n[[share]]\nname = \"a\"\npath = \"/a\"\n[[share]]\nname = \"a\"\npath = \"/b\"\n",
-                &["vm1.toml:6:8: duplicate share name \"a\" (first defined on line 3)"],
             ),
             (
                 "invalid share name characters",

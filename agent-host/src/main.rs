@@ -7,9 +7,11 @@
 //! - `report`: `status`, `metrics`, `wait`, `sync`, `resume`, `resolve` as clients of the
 //!   control socket.
 //! - `metrics`: the status as Prometheus text (`metrics`, and `run`'s `metrics_file`).
+//! - `oneshot`: `sync --guest ENDPOINT --share NAME DIR`: one share synced once, no agent.
 
 mod config;
 mod metrics;
+mod oneshot;
 mod progress;
 mod report;
 mod service;
@@ -54,10 +56,30 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Run a full sync cycle of every share now and return when it is done.
+    /// Sync now: have the running agent run a full cycle (--config), or sync one share once,
+    /// without an agent (--guest, --share).
+    ///
+    /// `sync --config F` has the running agent run a full cycle of every share and returns
+    /// when it is done: exit 1 when it is not connected to the guest, 3 when a share is
+    /// conflicted or halted.
+    ///
+    /// `sync --guest ENDPOINT --share NAME DIR` needs no configuration file and no running
+    /// agent: it connects to the guest itself and runs full cycles of that one share, with
+    /// every safety of `run`, until it converges, then prints what moved. Its state is kept
+    /// per guest and share (--state-dir), so the next run is incremental. Exit 0 in sync, 3
+    /// conflicted or halted (with what to do), 1 on a failure.
+    #[command(
+        group(clap::ArgGroup::new("form").required(true).args(["config", "guest"])),
+        override_usage = "vmsync-host sync --config <CONFIG>\n       \
+                          vmsync-host sync --guest <ENDPOINT> --share <NAME> <DIR> [--mode <MODE>] \
+                          [--conflict <CONFLICT>] [--state-dir <DIR>] [--resume] [--json]"
+    )]
     Sync {
-        #[arg(long, short)]
-        config: PathBuf,
+        /// Configuration form: the running agent's configuration.
+        #[arg(long, short, conflicts_with = "oneshot")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        oneshot: oneshot::OneShotArgs,
     },
     /// Block until every share is in sync. Exit 0 when it is, 1 on timeout, 3 when a share is
     /// conflicted or halted.
@@ -128,11 +150,19 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config_path = match &cli.command {
+        // The one-shot form needs no configuration (clap makes it `--config` or `--guest`).
+        Command::Sync {
+            config: None,
+            oneshot,
+        } => return oneshot::main(oneshot.clone()),
         Command::Run { config }
         | Command::Check { config }
         | Command::Status { config, .. }
         | Command::Metrics { config }
-        | Command::Sync { config }
+        | Command::Sync {
+            config: Some(config),
+            ..
+        }
         | Command::Wait { config, .. }
         | Command::Resume { config, .. }
         | Command::Resolve { config, .. }

@@ -99,7 +99,7 @@ impl Shared {
 pub async fn run(config: HostConfig, max_staged: usize) -> anyhow::Result<()> {
     vmsync_agent_common::process::spawn_heap_trimmer();
     vmsync_agent_common::notify_systemd::spawn_watchdog();
-    let (db, notice) = match StateDb::open_or_recover(&config.state_dir, "host.redb") {
+    let (db, notice) = match StateDb::open_or_recover(&config.state_dir, STATE_DB_FILE) {
         Ok((db, notice)) => (Arc::new(db), notice),
         Err(e) if e.is_locked() => anyhow::bail!(
             "another vmsync-host is already running with state_dir {}",
@@ -107,33 +107,16 @@ pub async fn run(config: HostConfig, max_staged: usize) -> anyhow::Result<()> {
         ),
         Err(e) => return Err(e).context("opening the state database"),
     };
-    let mut shares = Vec::new();
-    for share in &config.shares {
-        let filter = Filter::new(&share_patterns(share))?.with_gitignore(share.respect_gitignore);
-        let settings = ShareSettings {
-            name: share.name.clone(),
-            mode: share.mode,
-            policy: share.conflict,
-            filter: filter.clone(),
-            deletion_limit: DeletionLimit {
-                max_fraction: config.max_delete_fraction,
-                ..DeletionLimit::default()
-            },
-            deletion_exempt: Filter::new(&share.deletion_exempt)?,
-        };
-        let mut controller = Controller::new(settings, db.clone(), &config.state_dir)?;
-        controller.set_min_free(share.min_free);
-        controller.set_quota(share.quota);
-        controller.adopt_host_path(&share.path)?;
-        if let Some(notice) = &notice {
-            controller.set_notice(notice.clone());
-        }
-        let local = LocalEndpoint::new(&share.name, share.path.clone(), filter, db.clone())?;
-        local.set_retention(share.retention);
-        local.set_min_free(share.min_free);
-        local.set_max_staged(max_staged);
-        shares.push(Share::new(controller, local, share.path.clone()));
-    }
+    let place = StatePlace {
+        db: &db,
+        dir: &config.state_dir,
+        notice: notice.as_deref(),
+    };
+    let shares = config
+        .shares
+        .iter()
+        .map(|share| open_share(share, config.max_delete_fraction, place, max_staged))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let shared = Shared {
         statuses: shares.iter().map(|s| s.controller.status()).collect(),
         locals: shares.iter().map(|s| s.local.clone()).collect(),
@@ -178,6 +161,83 @@ pub async fn run(config: HostConfig, max_staged: usize) -> anyhow::Result<()> {
         metrics.write();
     }
     result
+}
+
+/// The host's state database, in the state directory.
+pub const STATE_DB_FILE: &str = "host.redb";
+
+/// Where a share's state is kept: the open state database, its directory, and what opening it
+/// had to do (a damaged database set aside), to show in the share's status.
+#[derive(Clone, Copy)]
+pub struct StatePlace<'a> {
+    pub db: &'a Arc<StateDb>,
+    pub dir: &'a std::path::Path,
+    pub notice: Option<&'a str>,
+}
+
+/// A configured share as the host keeps it: its controller (settings, deletion limit, disk
+/// reserve, quota, the host directory adopted) and the host's side (trash retention, reserve,
+/// staging limit). `run` and the one-shot `sync` build every share here, so both apply the
+/// same safety to it.
+pub fn open_share(
+    share: &HostShare,
+    max_delete_fraction: f64,
+    state: StatePlace<'_>,
+    max_staged: usize,
+) -> anyhow::Result<Share<LocalEndpoint>> {
+    let filter = Filter::new(&share_patterns(share))?.with_gitignore(share.respect_gitignore);
+    let settings = ShareSettings {
+        name: share.name.clone(),
+        mode: share.mode,
+        policy: share.conflict,
+        filter: filter.clone(),
+        deletion_limit: DeletionLimit {
+            max_fraction: max_delete_fraction,
+            ..DeletionLimit::default()
+        },
+        deletion_exempt: Filter::new(&share.deletion_exempt)?,
+    };
+    let mut controller = Controller::new(settings, state.db.clone(), state.dir)?;
+    controller.set_min_free(share.min_free);
+    controller.set_quota(share.quota);
+    controller.adopt_host_path(&share.path)?;
+    if let Some(notice) = state.notice {
+        controller.set_notice(notice.to_string());
+    }
+    let local = LocalEndpoint::new(&share.name, share.path.clone(), filter, state.db.clone())?;
+    local.set_retention(share.retention);
+    local.set_min_free(share.min_free);
+    local.set_max_staged(max_staged);
+    Ok(Share::new(controller, local, share.path.clone()))
+}
+
+/// Dials `guest` and runs the handshake opening `shares`; returns the session and the address
+/// dialled. A `libvirt:` guest is resolved to its current CID first, on its own timeout
+/// (virsh's), so a restarted VM's new CID is found and a resolution failure is reported as
+/// such.
+pub async fn dial(
+    guest: &EndpointAddr,
+    shares: &[HostShare],
+) -> anyhow::Result<(Session, EndpointAddr)> {
+    let addr: EndpointAddr = match guest {
+        EndpointAddr::Libvirt(target) => vmsync_transport::libvirt::resolve(target).await?,
+        guest => guest.clone(),
+    };
+    let stream = tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connect(&addr))
+        .await
+        .map_err(|_| anyhow::anyhow!("connecting timed out"))??;
+    let opens = shares
+        .iter()
+        .map(|s| ShareOpen {
+            name: s.name.clone(),
+            ignore: share_patterns(s),
+            respect_gitignore: s.respect_gitignore,
+        })
+        .collect();
+    let hello = handshake::hello(env!("CARGO_PKG_VERSION"), opens);
+    let (session, welcome) = client_handshake(stream, hello).await?;
+    tracing::info!(guest_version = %welcome.agent_version, "handshake done");
+    Ok((session, addr))
 }
 
 /// `metrics_file`: the metrics as `vmsync-host metrics` prints them, kept up to date for
@@ -375,33 +435,10 @@ impl SyncLoop {
         }
     }
 
-    /// Dials the guest and runs the handshake; returns the session and the address dialled. A
-    /// `libvirt:` guest is resolved to its current CID first, on its own timeout (virsh's), so
-    /// a restarted VM's new CID is found and a resolution failure is reported as such; the
-    /// caller retries it with the same backoff as any failed dial.
+    /// Dials the guest (see [`dial`]); the caller retries a failure with the same backoff as
+    /// any failed dial.
     async fn connect(&self) -> anyhow::Result<(Session, EndpointAddr)> {
-        let addr: EndpointAddr = match &self.config.guest {
-            EndpointAddr::Libvirt(target) => vmsync_transport::libvirt::resolve(target).await?,
-            guest => guest.to_string().parse()?,
-        };
-        let stream =
-            tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connect(&addr))
-                .await
-                .map_err(|_| anyhow::anyhow!("connecting timed out"))??;
-        let opens = self
-            .config
-            .shares
-            .iter()
-            .map(|s| ShareOpen {
-                name: s.name.clone(),
-                ignore: share_patterns(s),
-                respect_gitignore: s.respect_gitignore,
-            })
-            .collect();
-        let hello = handshake::hello(env!("CARGO_PKG_VERSION"), opens);
-        let (session, welcome) = client_handshake(stream, hello).await?;
-        tracing::info!(guest_version = %welcome.agent_version, "handshake done");
-        Ok((session, addr))
+        dial(&self.config.guest, &self.config.shares).await
     }
 
     /// Keeps every share in sync over `session` until it ends (see `vmsync_engine::schedule`):
