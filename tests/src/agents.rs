@@ -49,28 +49,8 @@ impl Agents {
         let guest_dir = d.join("guest");
         std::fs::create_dir_all(&host_dir).expect("mkdir");
         std::fs::create_dir_all(&guest_dir).expect("mkdir");
-        let guest_toml = d.join("guest.toml");
-        let host_toml = d.join("host.toml");
-        std::fs::write(
-            &guest_toml,
-            format!(
-                "listen = \"unix:{d}/guest.sock\"\nstate_dir = \"{d}/guest-state\"\ncontrol = \"{d}/guest.ctl\"\n\
-                 [[share]]\nname = \"src\"\npath = \"{g}\"\n",
-                d = d.display(),
-                g = guest_dir.display()
-            ),
-        )
-        .expect("write guest.toml");
-        std::fs::write(
-            &host_toml,
-            format!(
-                "guest = \"unix:{d}/relay.sock\"\nstate_dir = \"{d}/host-state\"\ncontrol = \"{d}/host.ctl\"\n\
-                 [[share]]\nname = \"src\"\npath = \"{h}\"\n{share_extra}\n",
-                d = d.display(),
-                h = host_dir.display()
-            ),
-        )
-        .expect("write host.toml");
+        let guest_toml = guest_config(d, "guest", &guest_dir);
+        let host_toml = host_config(d, "host", &d.join("relay.sock"), &host_dir, share_extra);
         let relay = Relay::start(d.join("relay.sock"), d.join("guest.sock")).expect("relay");
         Agents {
             host_state: d.join("host-state"),
@@ -271,6 +251,49 @@ impl Drop for Agents {
         self.stop_host();
         self.stop_guest();
     }
+}
+
+/// Writes `<dir>/<name>.toml`: a guest agent listening on `<dir>/<name>.sock`, its state in
+/// `<dir>/<name>-state` and its control socket at `<dir>/<name>.ctl`, exporting share `src` at
+/// `share`. Returns the file's path.
+pub fn guest_config(dir: &Path, name: &str, share: &Path) -> PathBuf {
+    let file = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &file,
+        format!(
+            "listen = \"unix:{d}/{name}.sock\"\nstate_dir = \"{d}/{name}-state\"\n\
+             control = \"{d}/{name}.ctl\"\n[[share]]\nname = \"src\"\npath = \"{s}\"\n",
+            d = dir.display(),
+            s = share.display()
+        ),
+    )
+    .expect("write the guest's config");
+    file
+}
+
+/// Writes `<dir>/<name>.toml`: a host agent dialling `unix:<guest>`, its state in
+/// `<dir>/<name>-state` and its control socket at `<dir>/<name>.ctl`, with share `src` at
+/// `share` (`share_extra` appended to its `[[share]]`). Returns the file's path.
+pub fn host_config(
+    dir: &Path,
+    name: &str,
+    guest: &Path,
+    share: &Path,
+    share_extra: &str,
+) -> PathBuf {
+    let file = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &file,
+        format!(
+            "guest = \"unix:{g}\"\nstate_dir = \"{d}/{name}-state\"\ncontrol = \"{d}/{name}.ctl\"\n\
+             [[share]]\nname = \"src\"\npath = \"{s}\"\n{share_extra}\n",
+            g = guest.display(),
+            d = dir.display(),
+            s = share.display()
+        ),
+    )
+    .expect("write the host's config");
+    file
 }
 
 /// Polls `condition` until it holds or `timeout` has passed; returns whether it held. The first

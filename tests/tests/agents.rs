@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
-use vmsync_tests::agents::{bin, Agents};
+use vmsync_tests::agents::{bin, guest_config, host_config, Agents};
 use vmsync_tests::fixture::{
     assert_same_tree, changed_chunk_bytes, patch_in_place, random_bytes, read, set_mtime,
     text_bytes, tree, write,
@@ -827,28 +827,8 @@ fn a_second_agent_on_the_same_share_directory_syncs_nothing_and_says_why() {
     let d = a.tmp.path();
     let guest2_dir = d.join("guest2");
     std::fs::create_dir(&guest2_dir).unwrap();
-    let guest2_toml = d.join("guest2.toml");
-    std::fs::write(
-        &guest2_toml,
-        format!(
-            "listen = \"unix:{d}/guest2.sock\"\nstate_dir = \"{d}/guest2-state\"\n\
-             control = \"{d}/guest2.ctl\"\n[[share]]\nname = \"src\"\npath = \"{g}\"\n",
-            d = d.display(),
-            g = guest2_dir.display()
-        ),
-    )
-    .unwrap();
-    let host2_toml = d.join("host2.toml");
-    std::fs::write(
-        &host2_toml,
-        format!(
-            "guest = \"unix:{d}/guest2.sock\"\nstate_dir = \"{d}/host2-state\"\n\
-             control = \"{d}/host2.ctl\"\n[[share]]\nname = \"src\"\npath = \"{h}\"\n",
-            d = d.display(),
-            h = a.host_dir.display()
-        ),
-    )
-    .unwrap();
+    let guest2_toml = guest_config(d, "guest2", &guest2_dir);
+    let host2_toml = host_config(d, "host2", &d.join("guest2.sock"), &a.host_dir, "");
     let spawn = |bin_name: &str, config: &std::path::Path| {
         Command::new(bin(bin_name))
             .args(["run", "--config"])
