@@ -120,6 +120,36 @@ impl Agents {
         self.host.as_ref().map(Child::id)
     }
 
+    /// SIGTERM to the host agent; returns how long it took to exit (10 s: it did not, and
+    /// was killed) and its exit code.
+    pub fn terminate_host(&mut self) -> (Duration, Option<i32>) {
+        Self::terminate(self.host.take())
+    }
+
+    /// [`Agents::terminate_host`] for the guest agent.
+    pub fn terminate_guest(&mut self) -> (Duration, Option<i32>) {
+        Self::terminate(self.guest.take())
+    }
+
+    fn terminate(child: Option<Child>) -> (Duration, Option<i32>) {
+        let Some(mut child) = child else {
+            return (Duration::ZERO, None);
+        };
+        let started = Instant::now();
+        if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        while started.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(status)) = child.try_wait() {
+                return (started.elapsed(), status.code());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        (started.elapsed(), None)
+    }
+
     pub fn start_host(&mut self) {
         assert!(self.host.is_none(), "host already running");
         self.host = Some(self.spawn("vmsync-host", &self.host_toml, "host.log", None, &[]));
