@@ -378,9 +378,14 @@ fn check_reports_bad_configs_with_exit_2() {
         ("guest = \"tcp://1.2.3.4:5\"\n[[share]]\nname = \"a\"\npath = \"/tmp/a\"\n", "tcp"),
         ("guest = \"unix:/x.sock\"\n[[share]]\nname = \"a\"\npath = \"/tmp/a\"\n[[share]]\nname = \"a\"\npath = \"/tmp/b\"\n", "duplicate"),
     ];
+    // Share paths in this test's own directory (they need not exist; `/tmp/a` might, as a file).
+    let here = |text: &str| {
+        text.replace("/tmp/a", &dir.path().join("a").display().to_string())
+            .replace("/tmp/b", &dir.path().join("b").display().to_string())
+    };
     for (i, (text, needle)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("vm{i}.toml"));
-        std::fs::write(&path, text).unwrap();
+        std::fs::write(&path, here(text)).unwrap();
         let out = Command::new(bin("vmsync-host"))
             .arg("check")
             .arg("--config")
@@ -396,7 +401,7 @@ fn check_reports_bad_configs_with_exit_2() {
         );
     }
     let good = dir.path().join("good.toml");
-    std::fs::write(&good, "guest = \"vsock://3:786\"\nstate_dir = \"/tmp/s\"\ncontrol = \"/tmp/c.ctl\"\n[[share]]\nname = \"a\"\npath = \"/tmp/a\"\n").unwrap();
+    std::fs::write(&good, here("guest = \"vsock://3:786\"\nstate_dir = \"/tmp/b/s\"\ncontrol = \"/tmp/b/c.ctl\"\n[[share]]\nname = \"a\"\npath = \"/tmp/a\"\n")).unwrap();
     let out = Command::new(bin("vmsync-host"))
         .arg("check")
         .arg("--config")
@@ -411,7 +416,9 @@ fn check_reports_bad_configs_with_exit_2() {
     let gbad = dir.path().join("guest.toml");
     std::fs::write(
         &gbad,
-        "listen = \"unix:/g.sock\"\nextra = true\n[[share]]\nname = \"a\"\npath = \"/tmp/a\"\n",
+        here(
+            "listen = \"unix:/g.sock\"\nextra = true\n[[share]]\nname = \"a\"\npath = \"/tmp/a\"\n",
+        ),
     )
     .unwrap();
     let out = Command::new(bin("vmsync-guest"))
