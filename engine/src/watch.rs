@@ -793,6 +793,27 @@ mod tests {
         assert_eq!(got, ["a/just-made", "b", "c/later"]);
     }
 
+    /// The kernel's event queue overflowed (IN_Q_OVERFLOW: `notify` sends an event flagged
+    /// `Rescan`), or the watch failed otherwise: what changed meanwhile is unknown, so the whole
+    /// share is rescanned, and nothing is taken to lack a watch for good.
+    #[test]
+    fn a_queue_overflow_or_a_watch_error_asks_for_a_full_rescan() {
+        let shared = Shared::default();
+        let rules: SharedRules = Arc::new(RwLock::new(WatchRules::new(Filter::none())));
+        let root = Path::new("/s");
+        let overflow = notify::Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan);
+        on_event(&shared, root, &rules, Ok(overflow));
+        let taken = shared.hints.lock().unwrap().take();
+        assert!(taken.rescan);
+        assert!(taken.paths.is_empty());
+        let failed = notify::Error::generic("inotify read failed").add_path(PathBuf::from("/s/d"));
+        on_event(&shared, root, &rules, Err(failed));
+        assert!(shared.hints.lock().unwrap().take().rescan);
+        let u = shared.unwatched.lock().unwrap();
+        assert_eq!(u.hints(), None);
+        assert!(u.problem.is_none());
+    }
+
     #[test]
     fn attribute_hints_are_kept_apart_until_merged() {
         let p = |s: &str| RelPath::from_bytes(s.as_bytes()).unwrap();
