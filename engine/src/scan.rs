@@ -593,6 +593,45 @@ mod tests {
         std::fs::write(path, data).unwrap();
     }
 
+    /// A file rewritten all the while it is read never settles: after its attempts its scan
+    /// reports it as a problem (and the file is neither synced nor taken for deleted); once the
+    /// writer stops, the next read succeeds.
+    #[test]
+    fn a_file_that_never_settles_is_a_problem_then_hashes_once_it_does() {
+        use std::io::Write;
+        use std::sync::atomic::AtomicBool;
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), "busy.log", &vec![b'x'; 32 << 20]);
+        let root = ShareRoot::open(tmp.path()).unwrap();
+        let stop = AtomicBool::new(false);
+        let writing = AtomicBool::new(false);
+        let result = std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(tmp.path().join("busy.log"))
+                    .unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    f.write_all(b"y").unwrap();
+                    writing.store(true, Ordering::Relaxed);
+                }
+            });
+            while !writing.load(Ordering::Relaxed) {
+                std::thread::yield_now();
+            }
+            let result = hash_file(&root, &p("busy.log"));
+            stop.store(true, Ordering::Relaxed);
+            result
+        });
+        let reason = result.err().expect("a moving file hashed");
+        assert!(reason.contains("kept changing"), "{reason}");
+        let settled = hash_file(&root, &p("busy.log")).unwrap();
+        let size = std::fs::metadata(tmp.path().join("busy.log"))
+            .unwrap()
+            .len();
+        assert_eq!(settled.meta.size, size);
+    }
+
     fn git_filter() -> Filter {
         Filter::none().with_gitignore(true)
     }
