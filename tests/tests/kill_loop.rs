@@ -288,7 +288,9 @@ fn kill_9_loop_every_visible_file_is_a_whole_version_and_the_trees_converge() {
     ));
 
     a.start();
-    let mut kills = [0u32; 2];
+    // Kills of the host, of the guest, and cuts of the connection alone (both agents live on
+    // and reconnect).
+    let mut kills = [0u32; 3];
     let mut max_converge = Duration::ZERO;
     let mut converges = 0u32;
     let mut checker = Checker::default();
@@ -297,17 +299,20 @@ fn kill_9_loop_every_visible_file_is_a_whole_version_and_the_trees_converge() {
         // brings and the live changes the writers keep making.
         let delay = rng.random_range(50..max_kill_ms);
         std::thread::sleep(Duration::from_millis(delay));
-        let victim = rng.random_range(0..2usize);
+        let victim = rng.random_range(0..3usize);
         match victim {
             0 => a.kill_host(),
-            _ => a.kill_guest(),
+            1 => a.kill_guest(),
+            _ => a.relay.disconnect_all(),
         }
         kills[victim] += 1;
-        let (name, root) = match victim {
-            0 => ("host", a.host_dir.clone()),
-            _ => ("guest", a.guest_dir.clone()),
+        let (name, roots) = match victim {
+            0 => ("host", vec![a.host_dir.clone()]),
+            1 => ("guest", vec![a.guest_dir.clone()]),
+            _ => ("connection", vec![a.host_dir.clone(), a.guest_dir.clone()]),
         };
-        // With the victim dead, nothing on its side moves but the writer: a full check.
+        // With the victim dead (or its session), nothing on its side moves but the writer: a
+        // full check.
         let mut bad = checker.check("host", &a.host_dir, &known);
         bad.extend(checker.check("guest", &a.guest_dir, &known));
         if !bad.is_empty() {
@@ -318,29 +323,33 @@ fn kill_9_loop_every_visible_file_is_a_whole_version_and_the_trees_converge() {
             );
         }
         check_sampler(&a);
-        let left = temp_names(&root);
+        let left: Vec<_> = roots.iter().map(|root| temp_names(root)).collect();
         match victim {
             0 => a.start_host(),
-            _ => a.start_guest(),
+            1 => a.start_guest(),
+            _ => {}
         }
-        // The restarted agent removes what its predecessor left in .vmsync/tmp when it opens
-        // the share (its first scan after the connection).
-        let cleaned = eventually(Duration::from_secs(120), || {
-            let now = temp_names(&root);
-            left.iter().all(|n| !now.contains(n))
-        });
-        if !cleaned {
-            let now = temp_names(&root);
-            let stale: Vec<String> = left
-                .iter()
-                .filter(|n| now.contains(n))
-                .map(|n| format!("{name}: .vmsync/tmp/{}", n.to_string_lossy()))
-                .collect();
-            fail(
-                &a,
-                &format!("round {round}: temps left by the killed {name} are still there"),
-                &stale,
-            );
+        // A restarted agent removes what its predecessor left in .vmsync/tmp when it opens the
+        // share (its first scan after the connection); after a cut, the full scan of the new
+        // session discards what the old one staged.
+        for (root, left) in roots.iter().zip(&left) {
+            let cleaned = eventually(Duration::from_secs(120), || {
+                let now = temp_names(root);
+                left.iter().all(|n| !now.contains(n))
+            });
+            if !cleaned {
+                let now = temp_names(root);
+                let stale: Vec<String> = left
+                    .iter()
+                    .filter(|n| now.contains(n))
+                    .map(|n| format!("{}: .vmsync/tmp/{}", root.display(), n.to_string_lossy()))
+                    .collect();
+                fail(
+                    &a,
+                    &format!("round {round}: temps left when the {name} went are still there"),
+                    &stale,
+                );
+            }
         }
         check_state(&a);
         check_sampler(&a);
@@ -360,10 +369,11 @@ fn kill_9_loop_every_visible_file_is_a_whole_version_and_the_trees_converge() {
         }
         if round % 10 == 9 {
             eprintln!(
-                "kill loop: round {} of {rounds}, kills host {} guest {}, {} versions, {} files checked, {:.0} s",
+                "kill loop: round {} of {rounds}, kills host {} guest {}, cuts {}, {} versions, {} files checked, {:.0} s",
                 round + 1,
                 kills[0],
                 kills[1],
+                kills[2],
                 known.versions.load(Ordering::Relaxed),
                 known.files_checked.load(Ordering::Relaxed),
                 started.elapsed().as_secs_f64()
@@ -389,13 +399,14 @@ fn kill_9_loop_every_visible_file_is_a_whole_version_and_the_trees_converge() {
     }
     let trash = check_trash_bounded(&a);
     eprintln!(
-        "kill loop summary: seed {seed}; {rounds} rounds in {:.1} s ({:.2} s/round); kills: host {}, guest {}; \
+        "kill loop summary: seed {seed}; {rounds} rounds in {:.1} s ({:.2} s/round); kills: host {}, guest {}; connection cuts {}; \
          {} versions written, {} file checks ({passes} sampler passes); {converges} convergences, \
          max time to converge {:.2} s; {} files at the end; trash: host {:.0} MiB, guest {:.0} MiB",
         started.elapsed().as_secs_f64(),
         started.elapsed().as_secs_f64() / f64::from(rounds.max(1)),
         kills[0],
         kills[1],
+        kills[2],
         known.versions.load(Ordering::Relaxed),
         known.files_checked.load(Ordering::Relaxed),
         max_converge.as_secs_f64(),
