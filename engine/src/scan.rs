@@ -623,7 +623,7 @@ mod tests {
             stop.store(true, Ordering::Relaxed);
             result
         });
-        let reason = result.err().expect("a moving file hashed");
+        let reason = result.expect_err("a moving file hashed");
         assert!(reason.contains("kept changing"), "{reason}");
         let settled = hash_file(&root, &p("busy.log")).unwrap();
         let size = std::fs::metadata(tmp.path().join("busy.log"))
