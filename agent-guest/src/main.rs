@@ -10,7 +10,7 @@ mod config;
 mod readiness;
 mod service;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -73,14 +73,29 @@ enum Command {
         /// Share-relative paths, or absolute paths inside the share.
         paths: Vec<String>,
     },
+    /// Print the completion script for SHELL (bash, zsh or fish) on stdout.
+    ///
+    /// The packages install them; by hand, e.g. `vmsync-guest completions bash >
+    /// ~/.local/share/bash-completion/completions/vmsync-guest`.
+    Completions {
+        #[arg(value_enum)]
+        shell: vmsync_agent_common::cli_docs::Shell,
+    },
 }
 
 /// How long `status` waits for the agent.
 const CONTROL_TIMEOUT_MS: u64 = 10_000;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Also takes the hidden `generate-man DIR` (agent-common's cli_docs).
+    let cli = match vmsync_agent_common::cli_docs::parse::<Cli>() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     let path = match &cli.command {
+        Command::Completions { shell } => {
+            return vmsync_agent_common::cli_docs::completions(Cli::command(), *shell)
+        }
         Command::Run { config }
         | Command::Check { config }
         | Command::Status { config, .. }
@@ -103,6 +118,8 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        // Answered above, before any configuration is read.
+        Command::Completions { .. } => ExitCode::SUCCESS,
         Command::Trash { share, json, .. } => {
             match config.shares.iter().find(|s| s.name == share) {
                 Some(s) => vmsync_agent_common::trash_cli::list(&s.name, &s.path, json),

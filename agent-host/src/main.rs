@@ -16,7 +16,7 @@ mod progress;
 mod report;
 mod service;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vmsync_agent_common::control::Keep;
@@ -145,11 +145,26 @@ enum Command {
         /// Share-relative paths, or absolute paths inside the share.
         paths: Vec<String>,
     },
+    /// Print the completion script for SHELL (bash, zsh or fish) on stdout.
+    ///
+    /// The packages install them; by hand, e.g. `vmsync-host completions bash >
+    /// ~/.local/share/bash-completion/completions/vmsync-host`.
+    Completions {
+        #[arg(value_enum)]
+        shell: vmsync_agent_common::cli_docs::Shell,
+    },
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Also takes the hidden `generate-man DIR` (agent-common's cli_docs).
+    let cli = match vmsync_agent_common::cli_docs::parse::<Cli>() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     let config_path = match &cli.command {
+        Command::Completions { shell } => {
+            return vmsync_agent_common::cli_docs::completions(Cli::command(), *shell)
+        }
         // The one-shot form needs no configuration (clap makes it `--config` or `--guest`).
         Command::Sync {
             config: None,
@@ -185,6 +200,8 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        // Answered above, before any configuration is read.
+        Command::Completions { .. } => ExitCode::SUCCESS,
         Command::Trash { share, json, .. } => {
             match config.shares.iter().find(|s| s.name == share) {
                 Some(s) => vmsync_agent_common::trash_cli::list(&s.name, &s.path, json),
