@@ -342,7 +342,7 @@ def main():
     try:
         log(f"work directory {work}")
         print(f"soak: seed {seed}, {files} files, {ops_per_sec:g} ops/s, {args.minutes:g} min, "
-              f"MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', 'unset (the agents use 2)')}, "
+              f"MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', 'unset (the agents use 1)')}, "
               f"load average {loadavg()}", flush=True)
         host_root, guest_root = f"{work}/host/share", f"{work}/guest/share"
         os.makedirs(host_root)

@@ -191,7 +191,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    vmsync_agent_common::process::limit_malloc_arenas();
+    vmsync_agent_common::process::tune_malloc();
     let runtime = match vmsync_agent_common::process::runtime() {
         Ok(r) => r,
         Err(e) => {

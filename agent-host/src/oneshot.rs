@@ -107,7 +107,7 @@ pub fn main(args: OneShotArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    vmsync_agent_common::process::limit_malloc_arenas();
+    vmsync_agent_common::process::tune_malloc();
     // The summary is the output: the log adds warnings and errors only, unless asked for more.
     if std::env::var_os("VMSYNC_LOG").is_none() {
         std::env::set_var("VMSYNC_LOG", "warn");
