@@ -153,6 +153,40 @@ fn every_op_refused(root: &ShareRoot, p: &RelPath, want: FsErrorKind) {
         want,
         &format!("commit_temp_new {s}"),
     );
+    // What deletions and replacements do: keep the old entry in the trash, put a symlink or
+    // a hard link in its place, grow a file in place.
+    assert_kind(root.trash_remove(p), want, &format!("trash_remove {s}"));
+    assert_kind(root.trash_link(p), want, &format!("trash_link {s}"));
+    assert_kind(
+        root.replace_with_symlink(p, b"y"),
+        want,
+        &format!("replace_with_symlink {s}"),
+    );
+    assert_kind(
+        root.append_in_place(
+            p,
+            |_| true,
+            |f| f.write_all_at(b"pwned", 0),
+            0o777,
+            ts(1, 0),
+        ),
+        want,
+        &format!("append_in_place {s}"),
+    );
+    // A hard link from a file made inside the share for the purpose (and removed after).
+    let inside = rp(b"inside-link-source");
+    let root_mtime = root.stat(&RelPath::root()).unwrap().unwrap().mtime;
+    let t = root.create_temp().unwrap();
+    root.commit_temp_new(t, &inside, 0o644, ts(1, 0)).unwrap();
+    let (_, st) = root.open_file(&inside).unwrap();
+    let id = vmsync_engine::index::Identity::of(&st);
+    assert_kind(
+        root.link_over(&inside, &id, p, &id),
+        want,
+        &format!("link_over {s}"),
+    );
+    root.remove_file(&inside).unwrap();
+    root.set_mtime(&RelPath::root(), root_mtime).unwrap();
 }
 
 #[test]
