@@ -15,8 +15,10 @@ use vmsync_core::endpoint::Endpoint;
 use vmsync_core::progress::{Progress, SyncState};
 use vmsync_engine::status::{ShareState, ShareStatus};
 
-/// How often the shares' states are looked at.
+/// How often the shares' states are looked at while a cycle is applying changes...
 const LOOK_EVERY: Duration = Duration::from_millis(250);
+/// ...and while none is: an idle agent (a fleet of them on one host) barely wakes up.
+const IDLE_LOOK_EVERY: Duration = Duration::from_secs(2);
 /// A share's progress is told again at most this often (a change of state goes at once).
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// Off a terminal, a progress line at most this often per share.
@@ -60,22 +62,32 @@ fn worth_telling(last: Option<&SyncState>, new: &SyncState, told: Option<Instant
     }
 }
 
+/// How long to wait before looking at the shares again: [`LOOK_EVERY`] while one has a cycle
+/// applying changes, [`IDLE_LOOK_EVERY`] otherwise.
+fn next_look(shares: &[ShareStatus]) -> Duration {
+    if shares.iter().any(|s| s.progress.is_some()) {
+        LOOK_EVERY
+    } else {
+        IDLE_LOOK_EVERY
+    }
+}
+
 /// Tells the guest each share's state as it changes, for as long as the connection lasts
 /// (returns when a note cannot be sent). `converged_once` is set once the connection's first
-/// full sync has run.
+/// full sync has run, and `wake` notified then, so the guest hears it at once.
 pub async fn tell_guest<R: Endpoint>(
     statuses: Vec<Arc<Mutex<ShareStatus>>>,
     mut remotes: Vec<R>,
     converged_once: Arc<AtomicBool>,
+    wake: Arc<tokio::sync::Notify>,
 ) {
     let mut told: Vec<(Option<SyncState>, Option<Instant>)> =
         statuses.iter().map(|_| (None, None)).collect();
     loop {
         let once = converged_once.load(Ordering::Acquire);
-        for ((status, remote), (last, at)) in statuses.iter().zip(&mut remotes).zip(&mut told) {
-            let Ok(state) = status.lock().map(|s| sync_state(&s, once)) else {
-                continue;
-            };
+        let shares = glance(&statuses);
+        for ((share, remote), (last, at)) in shares.iter().zip(&mut remotes).zip(&mut told) {
+            let state = sync_state(share, once);
             if !worth_telling(last.as_ref(), &state, *at) {
                 continue;
             }
@@ -86,7 +98,10 @@ pub async fn tell_guest<R: Endpoint>(
             *last = Some(state);
             *at = Some(Instant::now());
         }
-        tokio::time::sleep(LOOK_EVERY).await;
+        tokio::select! {
+            () = tokio::time::sleep(next_look(&shares)) => {}
+            () = wake.notified() => {}
+        }
     }
 }
 
@@ -101,6 +116,7 @@ fn glance(statuses: &[Arc<Mutex<ShareStatus>>]) -> Vec<ShareStatus> {
                 state: s.state,
                 halt_code: s.halt_code.clone(),
                 progress: s.progress,
+                conflicts: s.conflicts.clone(),
                 ..ShareStatus::default()
             })
         })
@@ -124,14 +140,16 @@ pub fn summary(shares: &[ShareStatus]) -> String {
 }
 
 /// Keeps systemd's `STATUS=` line for this unit current (when `NOTIFY_SOCKET` is set):
-/// [`summary`], sent when it changes, at most every [`PROGRESS_EVERY`].
+/// [`summary`], sent when it changes, at most every [`PROGRESS_EVERY`] while a cycle applies
+/// changes and within [`IDLE_LOOK_EVERY`] otherwise.
 pub async fn systemd_status(statuses: Vec<Arc<Mutex<ShareStatus>>>) {
     let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };
     let mut last = String::new();
     loop {
-        let line = summary(&glance(&statuses));
+        let shares = glance(&statuses);
+        let line = summary(&shares);
         if line != last {
             vmsync_agent_common::notify_systemd::notify(
                 Some(socket.clone()),
@@ -139,7 +157,7 @@ pub async fn systemd_status(statuses: Vec<Arc<Mutex<ShareStatus>>>) {
             );
             last = line;
         }
-        tokio::time::sleep(PROGRESS_EVERY).await;
+        tokio::time::sleep(next_look(&shares).max(PROGRESS_EVERY)).await;
     }
 }
 
@@ -151,8 +169,9 @@ pub async fn show_while_running(statuses: Vec<Arc<Mutex<ShareStatus>>>) {
         vmsync_agent_common::process::log_around(bars.clone());
     }
     loop {
-        display.show(&glance(&statuses));
-        tokio::time::sleep(LOOK_EVERY).await;
+        let shares = glance(&statuses);
+        display.show(&shares);
+        tokio::time::sleep(next_look(&shares)).await;
     }
 }
 

@@ -468,6 +468,7 @@ impl SyncLoop {
         }
         // The guest hears how each share stands (its readiness waits for the first sync).
         let converged_once = Arc::new(AtomicBool::new(false));
+        let tell_now = Arc::new(tokio::sync::Notify::new());
         let mut told = Vec::new();
         for index in 0..self.shares.len() {
             match endpoint(&session, index) {
@@ -479,10 +480,12 @@ impl SyncLoop {
             self.shares.iter().map(|s| s.controller.status()).collect(),
             told,
             converged_once.clone(),
+            tell_now.clone(),
         ));
         let ready_sent = &mut self.ready_sent;
         let synced = || {
             converged_once.store(true, Ordering::Release);
+            tell_now.notify_one();
             if !*ready_sent {
                 // systemd (Type=notify): started means the first sync is done, so units
                 // ordered after this one start on a complete tree.
