@@ -637,14 +637,19 @@ def port_open(port):
 
 
 class Result:
-    def __init__(self, phase, tool, wall, cpu, rss, wire):
+    def __init__(self, phase, tool, wall, cpu, rss, wire, rss_by_process=None):
         self.phase, self.tool = phase, tool
         self.wall, self.cpu, self.rss, self.wire = wall, cpu, rss, wire
+        # vmsync: {"vmsync-host": peak, "vmsync-guest": peak}, the two addends of `rss`.
+        self.rss_by_process = rss_by_process
 
     def as_dict(self):
-        return {"phase": self.phase, "tool": self.tool, "wall_s": round(self.wall, 3),
-                "cpu_s": round(self.cpu, 3), "peak_rss_bytes": self.rss,
-                "wire_bytes": self.wire}
+        result = {"phase": self.phase, "tool": self.tool, "wall_s": round(self.wall, 3),
+                  "cpu_s": round(self.cpu, 3), "peak_rss_bytes": self.rss,
+                  "wire_bytes": self.wire}
+        if self.rss_by_process:
+            result["peak_rss_bytes_by_process"] = self.rss_by_process
+        return result
 
 
 class RsyncDaemon:
@@ -834,10 +839,18 @@ class Vmsync:
         wall = time.monotonic() - start
         self._check("wait", waited)
         cpu = cpu_seconds(self.host.pid) + (cpu_seconds(self.guest.pid) - guest_cpu_before)
-        rss = peak_rss_bytes(self.host.pid) + peak_rss_bytes(self.guest.pid)
+        peaks = self._peaks("initial")
         self._log_relay_cpu("initial", relay_cpu_before)
-        return Result("initial", "vmsync", wall, cpu + waited.cpu, rss,
-                      self.wire_bytes() - wire_before)
+        return Result("initial", "vmsync", wall, cpu + waited.cpu, sum(peaks.values()),
+                      self.wire_bytes() - wire_before, peaks)
+
+    def _peaks(self, phase):
+        """Each daemon's peak RSS (VmHWM) since its last reset."""
+        peaks = {"vmsync-host": peak_rss_bytes(self.host.pid),
+                 "vmsync-guest": peak_rss_bytes(self.guest.pid)}
+        log(f"vmsync {phase}: peak RSS " +
+            ", ".join(f"{name} {fmt_bytes(peak)}" for name, peak in peaks.items()))
+        return peaks
 
     def begin_sync(self):
         """Baselines taken before a no-op or delta phase (before the edit, for the delta, so a
@@ -853,9 +866,10 @@ class Vmsync:
         self._check("sync", synced)
         cpu = (cpu_seconds(self.host.pid) - host_before) + \
             (cpu_seconds(self.guest.pid) - guest_before) + synced.cpu
-        rss = peak_rss_bytes(self.host.pid) + peak_rss_bytes(self.guest.pid)
+        peaks = self._peaks(phase)
         self._log_relay_cpu(phase, relay_before)
-        return Result(phase, "vmsync", synced.wall, cpu, rss, self.wire_bytes() - wire_before)
+        return Result(phase, "vmsync", synced.wall, cpu, sum(peaks.values()),
+                      self.wire_bytes() - wire_before, peaks)
 
     def _log_relay_cpu(self, phase, before):
         log(f"vmsync {phase}: the relay used {cpu_seconds(self.relay.pid) - before:.2f} s CPU "
