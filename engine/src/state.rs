@@ -116,15 +116,26 @@ pub struct StateDb {
 /// without bound. Every this many, the index commit is made durable.
 pub const MAX_NON_DURABLE_COMMITS: u32 = 64;
 
+/// The state database's page cache. redb's default (1 GiB) let it keep every page of a big
+/// share's index and ancestor in memory, on top of the index the agent holds itself: about
+/// 430 bytes a file on the host at 200,000 files (docs/performance.md, "Memory at scale").
+/// Lookups go to the agent's own maps; the database is read at start and written as changes
+/// land, so a small cache costs little.
+pub const STATE_CACHE_BYTES: usize = 16 << 20;
+
 impl StateDb {
-    /// Opens (creating) `<dir>/<file_name>`, creating `dir` with mode 0700 if needed.
+    /// Opens (creating) `<dir>/<file_name>`, creating `dir` with mode 0700 if needed, with a page
+    /// cache of [`STATE_CACHE_BYTES`].
     pub fn open(dir: &Path, file_name: &str) -> Result<StateDb, StateError> {
         std::fs::create_dir_all(dir).map_err(|source| StateError::Dir {
             path: dir.to_path_buf(),
             source,
         })?;
         let path = dir.join(file_name);
-        let db = Database::create(&path).map_err(|source| StateError::Open { path, source })?;
+        let db = redb::Builder::new()
+            .set_cache_size(STATE_CACHE_BYTES)
+            .create(&path)
+            .map_err(|source| StateError::Open { path, source })?;
         Ok(StateDb {
             db,
             non_durable: std::sync::atomic::AtomicU32::new(0),
