@@ -18,7 +18,7 @@
 use crate::chunk::chunk_reader;
 use crate::filter::Filter;
 use crate::gitignore::{read_dir_rules, Rules, RulesCache};
-use crate::index::{FileIndex, Identity, IndexRecord};
+use crate::index::{Identity, IndexReader, IndexRecord};
 use crate::root::{
     symlink_target_is_contained, DirHandle, FileKind, FsError, FsErrorKind, ShareRoot, Stat,
 };
@@ -66,7 +66,7 @@ struct HashJob {
 pub fn scan(
     root: &ShareRoot,
     filter: &Filter,
-    index: &FileIndex,
+    index: &IndexReader,
     rules: &RulesCache,
     scope: &ScanScope,
 ) -> Result<ScanOutput, FsError> {
@@ -116,7 +116,7 @@ struct Walk<'a> {
     /// Honour the tree's ignore files.
     gitignore: bool,
     rules: &'a RulesCache,
-    index: &'a FileIndex,
+    index: &'a IndexReader,
     out: ScanOutput,
     jobs: Vec<HashJob>,
     /// For targeted scans: what the directories above the scope paths turned out to be.
@@ -559,9 +559,13 @@ fn identity_of_metadata(m: &std::fs::Metadata, dev: u64) -> Identity {
 }
 
 /// Indexed files within `scope` that the scan did not find as regular files.
-fn gone_paths(index: &FileIndex, scope: &ScanScope, entries: &[(RelPath, Entry)]) -> Vec<RelPath> {
+fn gone_paths(
+    index: &IndexReader,
+    scope: &ScanScope,
+    entries: &[(RelPath, Entry)],
+) -> Vec<RelPath> {
     // A targeted scan looks at the index entries beneath its paths only.
-    let indexed: Box<dyn Iterator<Item = &RelPath>> = match scope {
+    let indexed: Box<dyn Iterator<Item = RelPath>> = match scope {
         ScanScope::Full => Box::new(index.paths()),
         ScanScope::Paths(paths) => Box::new(paths.iter().flat_map(|s| index.paths_under(s))),
     };
@@ -571,7 +575,6 @@ fn gone_paths(index: &FileIndex, scope: &ScanScope, entries: &[(RelPath, Entry)]
                 .binary_search_by(|(q, _)| q.cmp(p))
                 .map_or(true, |i| entries[i].1.as_file().is_none())
         })
-        .cloned()
         .collect();
     gone.sort();
     gone.dedup();
@@ -641,7 +644,7 @@ mod tests {
         scan(
             &root,
             filter,
-            &FileIndex::default(),
+            &IndexReader::default(),
             &RulesCache::default(),
             scope,
         )
@@ -868,7 +871,7 @@ mod tests {
         // Old enough to be cached (see gitignore::SETTLE_SECS).
         std::thread::sleep(std::time::Duration::from_millis(2100));
         let root = ShareRoot::open(t.path()).unwrap();
-        let (index, cache) = (FileIndex::default(), RulesCache::default());
+        let (index, cache) = (IndexReader::default(), RulesCache::default());
         let filter = git_filter();
         let run = |scope: &ScanScope| scan(&root, &filter, &index, &cache, scope).unwrap();
         let scope = ScanScope::Paths(vec![p("d")]);

@@ -1,7 +1,8 @@
 //! The state database (redb, one file per agent under its `state_dir`). Per share it holds:
 //! - the file index (`index:<share>`): path → identity + digest + chunk list, so a restart
-//!   re-hashes only files whose size, mtime, ctime or inode changed. A cache: losing it costs
-//!   a re-hash, never data.
+//!   re-hashes only files whose size, mtime, ctime or inode changed; and beside it
+//!   (`chunks:<share>`) chunk id + path → the chunk's place in that file. Read and written in
+//!   place by [`crate::index::FileIndex`]. A cache: losing it costs a re-hash, never data.
 //! - on the host, the ancestor (`ancestor:<share>`): path → entry, the last state both sides
 //!   agreed on, and the share's meta record (root ids, safety halt), and its generation
 //!   record (`generation:<share>` in the meta table, see [`Generation`]).
@@ -14,7 +15,6 @@
 //! a record that cannot be read is treated as absent. On the host an empty ancestor means the
 //! next cycle merges both sides add-only (see `docs/safety.md`, "Lost or damaged state").
 
-use crate::index::IndexRecord;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -59,6 +59,18 @@ impl StateError {
     }
 }
 
+impl From<redb::TableError> for StateError {
+    fn from(e: redb::TableError) -> StateError {
+        StateError::Db(e.into())
+    }
+}
+
+impl From<redb::StorageError> for StateError {
+    fn from(e: redb::StorageError) -> StateError {
+        StateError::Db(e.into())
+    }
+}
+
 macro_rules! db_err {
     ($e:expr) => {
         $e.map_err(|e| StateError::Db(e.into()))
@@ -97,9 +109,6 @@ fn host_path_key(share: &str) -> String {
     format!("host-path:{share}")
 }
 
-fn index_table(share: &str) -> String {
-    format!("index:{share}")
-}
 fn ancestor_table(share: &str) -> String {
     format!("ancestor:{share}")
 }
@@ -117,10 +126,9 @@ pub struct StateDb {
 pub const MAX_NON_DURABLE_COMMITS: u32 = 64;
 
 /// The state database's page cache. redb's default (1 GiB) let it keep every page of a big
-/// share's index and ancestor in memory, on top of the index the agent holds itself: about
-/// 430 bytes a file on the host at 200,000 files (docs/performance.md, "Memory at scale").
-/// Lookups go to the agent's own maps; the database is read at start and written as changes
-/// land, so a small cache costs little.
+/// share's index and ancestor in memory: about 430 bytes a file on the host at 200,000 files
+/// (docs/performance.md, "Memory at scale"). Index lookups read through it; a scan looks
+/// files up in path order, the order of the table's pages, so a small cache serves it.
 pub const STATE_CACHE_BYTES: usize = 16 << 20;
 
 impl StateDb {
@@ -178,29 +186,33 @@ impl StateDb {
         }
     }
 
-    /// Loads a share's file index. A record that fails to decode is dropped (re-hashed later).
-    pub fn load_index(&self, share: &str) -> Result<Vec<(RelPath, IndexRecord)>, StateError> {
-        let name = index_table(share);
-        self.load_table(&name)
+    /// A read transaction (the file index reads through it).
+    pub(crate) fn read(&self) -> Result<redb::ReadTransaction, redb::Error> {
+        Ok(self.db.begin_read()?)
     }
 
-    /// Applies index changes in one transaction: `Some` upserts, `None` removes. Not fsynced
+    /// Runs `write` in one write transaction of the file index and commits it. Not fsynced
     /// (the index is a cache, and the ancestor commit that follows a cycle makes it durable),
     /// except every [`MAX_NON_DURABLE_COMMITS`]th, which bounds what redb holds in memory.
-    pub fn update_index<'a>(
+    pub(crate) fn write_index<R>(
         &self,
-        share: &str,
-        changes: impl IntoIterator<Item = (&'a RelPath, Option<&'a IndexRecord>)>,
-    ) -> Result<(), StateError> {
+        write: impl FnOnce(&redb::WriteTransaction) -> Result<R, StateError>,
+    ) -> Result<R, StateError> {
         use std::sync::atomic::Ordering;
-        let name = index_table(share);
         let made = self.non_durable.fetch_add(1, Ordering::Relaxed) + 1;
         let durability = if made >= MAX_NON_DURABLE_COMMITS {
             Durability::Immediate
         } else {
             Durability::None
         };
-        self.update_table(&name, changes, durability)
+        let mut txn = db_err!(self.db.begin_write())?;
+        db_err!(txn.set_durability(durability))?;
+        let out = write(&txn)?;
+        db_err!(txn.commit())?;
+        if matches!(durability, Durability::Immediate) {
+            self.non_durable.store(0, Ordering::Relaxed);
+        }
+        Ok(out)
     }
 
     pub fn load_ancestor(&self, share: &str) -> Result<Snapshot, StateError> {
@@ -531,7 +543,7 @@ mod pending_tests {
 #[allow(clippy::unwrap_used)]
 mod durability_tests {
     use super::*;
-    use crate::index::test_record;
+    use crate::index::{test_record, FileIndex, IndexRecord};
 
     /// A record that differs for every `i` below 256.
     fn record(i: u64) -> IndexRecord {
@@ -544,14 +556,22 @@ mod durability_tests {
     #[test]
     fn index_commits_reach_the_file_every_so_often() {
         let dir = tempfile::tempdir().unwrap();
-        let db = StateDb::open(dir.path(), "t.redb").unwrap();
+        let db = std::sync::Arc::new(StateDb::open(dir.path(), "t.redb").unwrap());
+        let mut index = FileIndex::open(db.clone(), "s").unwrap();
         let file = dir.path().join("t.redb");
         let path = RelPath::from_bytes(b"f").unwrap();
         let mut writes = Vec::new();
-        let mut before = std::fs::read(&file).unwrap();
+        // What the file holds, without the zeros redb adds when it grows the file.
+        let read = || {
+            let mut bytes = std::fs::read(&file).unwrap();
+            let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+            bytes.truncate(end);
+            bytes
+        };
+        let mut before = read();
         for i in 0..3 * u64::from(MAX_NON_DURABLE_COMMITS) {
-            db.update_index("s", [(&path, Some(&record(i)))]).unwrap();
-            let now = std::fs::read(&file).unwrap();
+            index.apply([(&path, Some(&record(i)))]).unwrap();
+            let now = read();
             if now != before {
                 writes.push(i + 1);
                 before = now;
@@ -560,9 +580,13 @@ mod durability_tests {
         let every = u64::from(MAX_NON_DURABLE_COMMITS);
         assert_eq!(writes, [every, 2 * every, 3 * every]);
         // And what the last one wrote is what a restart reads.
-        drop(db);
-        let db = StateDb::open(dir.path(), "t.redb").unwrap();
-        let loaded = db.load_index("s").unwrap();
+        drop((index, db));
+        let db = std::sync::Arc::new(StateDb::open(dir.path(), "t.redb").unwrap());
+        let loaded: Vec<_> = FileIndex::open(db, "s")
+            .unwrap()
+            .reader()
+            .records()
+            .collect();
         assert_eq!(loaded, [(path, record(3 * every - 1))]);
     }
 }

@@ -24,10 +24,10 @@ impl LocalShare {
         }
         let found: Vec<(RelPath, crate::links::Inode)> = self
             .index
-            .iter()
+            .reader()
+            .records()
             .map(|(path, rec)| (path, (rec.identity.dev, rec.identity.ino)))
             .filter(|(_, inode)| lonely.contains(inode))
-            .map(|(path, inode)| (path.clone(), inode))
             .collect();
         for (path, inode) in found {
             self.links.set(&path, Some(inode));

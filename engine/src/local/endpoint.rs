@@ -123,7 +123,7 @@ impl LocalEndpoint {
         filter: Filter,
         db: Arc<StateDb>,
     ) -> Result<LocalEndpoint, crate::state::StateError> {
-        let index = FileIndex::from_records(db.load_index(name)?);
+        let index = FileIndex::open(db.clone(), name)?;
         let watch_rules = Arc::new(std::sync::RwLock::new(WatchRules::new(filter.clone())));
         let watch = WatchState {
             watcher: Mutex::new(None),
@@ -144,7 +144,6 @@ impl LocalEndpoint {
             index,
             links: LinkMap::default(),
             to_link: Vec::new(),
-            db,
             staged: HashMap::new(),
             wanted: HashMap::new(),
             bases: HashMap::new(),
@@ -191,11 +190,9 @@ impl LocalEndpoint {
 
     /// Regular files and their total size, as the index last saw them.
     pub fn indexed_totals(&self) -> (u64, u64) {
-        self.inner.lock().map_or((0, 0), |s| {
-            s.index
-                .records()
-                .fold((0, 0), |(n, b), r| (n + 1, b + r.meta.size))
-        })
+        self.inner
+            .lock()
+            .map_or((0, 0), |s| (s.index.len(), s.index.bytes()))
     }
 
     /// Starts pruning this share's trash in the background with `retention` (once; later

@@ -65,7 +65,6 @@ use crate::reuse::ZeroChunks;
 use crate::root::{AgentLock, FsErrorKind, ShareRoot};
 use crate::scan::scan;
 use crate::seal::Sealer;
-use crate::state::StateDb;
 use crate::trash::{KeptLog, Pruner, TrashTotals};
 use crate::watch::SharedRules;
 use stage::{Base, Staged};
@@ -103,7 +102,6 @@ pub struct LocalShare {
     /// Files the current transition committed whose source has other names for them: linked
     /// to those names here once the transition's changes are all in place.
     to_link: Vec<(RelPath, Vec<RelPath>)>,
-    db: Arc<StateDb>,
     staged: HashMap<RelPath, Staged>,
     /// Chunk id → staged paths waiting for it.
     wanted: HashMap<Hash, Vec<RelPath>>,
@@ -235,7 +233,7 @@ impl LocalShare {
         if let Ok(mut w) = self.watch_rules.write() {
             w.rescanning(scope);
         }
-        let out = scan(root, &self.filter, &self.index, &self.rules, scope);
+        let out = scan(root, &self.filter, &self.index.reader(), &self.rules, scope);
         let out = out.map_err(|e| match e.kind() {
             FsErrorKind::NotFound => EndpointError::RootMissing(self.path.display().to_string()),
             _ => io_err(e),
@@ -250,20 +248,14 @@ impl LocalShare {
         for (path, inode) in &out.linked {
             self.links.set(path, Some(*inode));
         }
-        for path in &out.gone {
-            self.index.remove(path);
-        }
-        for (path, rec) in &out.hashed {
-            self.index.insert(path.clone(), rec.clone());
-        }
-        self.find_other_names(&out.linked);
         self.files_hashed += out.hashed.len() as u64;
         let changes = out
             .gone
             .iter()
             .map(|p| (p, None))
             .chain(out.hashed.iter().map(|(p, r)| (p, Some(r))));
-        self.db.update_index(&self.name, changes).map_err(io_err)?;
+        self.index.apply(changes).map_err(io_err)?;
+        self.find_other_names(&out.linked);
         Ok(ScanReport {
             root: Some(RootId {
                 marker: marker.unwrap_or(RootId::NO_MARKER),

@@ -210,6 +210,7 @@ impl LocalShare {
                 .flatten()
                 .is_some_and(|st| st.kind == FileKind::File && Identity::of(&st) == rec.identity)
         });
+        let old = old.as_ref();
         let plan = old.map_or(Plan::Fresh, |rec| {
             crate::reuse::plan(&rec.chunks, &req.manifest)
         });
@@ -248,7 +249,7 @@ impl LocalShare {
             },
             _ => (None, 0),
         };
-        let index = &self.index;
+        let index = self.index.reader();
         let zeros = &self.zeros;
         let mut fill = || -> Result<HashMap<Hash, Vec<u64>>, String> {
             temp.file

@@ -132,16 +132,8 @@ impl LocalShare {
         }
         let synced = step.elapsed();
         let step = std::time::Instant::now();
-        for (path, rec) in &index_changes {
-            match rec {
-                Some(r) => self.index.insert(path.clone(), r.clone()),
-                None => {
-                    self.index.remove(path);
-                }
-            }
-        }
         let changes = index_changes.iter().map(|(p, r)| (p, r.as_ref()));
-        self.db.update_index(&self.name, changes).map_err(io_err)?;
+        self.index.apply(changes).map_err(io_err)?;
         self.share_bytes
             .store(self.index.bytes(), Ordering::Relaxed);
         self.tell_pruner(false);
@@ -311,7 +303,9 @@ impl LocalShare {
                     _ => {
                         let rec = hash_file(root, path)?;
                         let meta = rec.meta;
-                        self.index.insert(path.clone(), rec);
+                        if let Err(e) = self.index.apply([(path, Some(&rec))]) {
+                            tracing::debug!(path = %path.escaped(), "indexing: {e}");
+                        }
                         Entry::File(meta)
                     }
                 }
@@ -540,7 +534,7 @@ impl LocalShare {
             for other in others {
                 let theirs = match index_changes.iter().rev().find(|(p, _)| *p == other) {
                     Some((_, r)) => r.clone(),
-                    None => self.index.get(&other).cloned(),
+                    None => self.index.get(&other),
                 };
                 let Some(theirs) = theirs else { continue };
                 let (a, b) = (&mine.identity, &theirs.identity);
@@ -672,7 +666,6 @@ impl LocalShare {
         let record = self
             .index
             .get(path)
-            .cloned()
             .ok_or("not indexed: scanned again first")?;
         let root = self.root().map_err(|e| e.to_string())?;
         let temp = root
