@@ -516,6 +516,7 @@ where
         if let Err(e) = sent {
             break Some(error_chain(&TransportError::from(e)));
         }
+        framing::shed_write_buffer(&mut writer);
     };
     if let Some(reason) = reason {
         inner.close(reason);

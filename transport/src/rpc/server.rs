@@ -402,6 +402,7 @@ where
 {
     while let Some(bytes) = out.recv().await {
         writer.send(bytes).await?;
+        framing::shed_write_buffer(&mut writer);
     }
     Ok(())
 }

@@ -41,8 +41,10 @@ impl Told {
     }
 
     /// A full listing was sent: it is what the host knows now.
-    pub(super) fn listed(&mut self, listing: Listing) {
+    pub(super) fn listed(&mut self, mut listing: Listing) {
         self.heard.clear();
+        // Kept for the session: without the spare room the scan's vector grew with.
+        listing.1.shrink_to_fit();
         self.listing = Some(listing);
     }
 
