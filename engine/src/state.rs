@@ -15,12 +15,12 @@
 //! a record that cannot be read is treated as absent. On the host an empty ancestor means the
 //! next cycle merges both sides add-only (see `docs/safety.md`, "Lost or damaged state").
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use vmsync_core::endpoint::RootId;
 use vmsync_core::safety::HaltReason;
-use vmsync_core::{Entry, RelPath, Snapshot};
+use vmsync_core::{Entry, RelPath};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -215,19 +215,64 @@ impl StateDb {
         Ok(out)
     }
 
-    pub fn load_ancestor(&self, share: &str) -> Result<Snapshot, StateError> {
+    /// Calls `each` with the ancestor's entries whose paths fall in `range` (of path bytes),
+    /// in order. A row that cannot be read is skipped: the path counts as new on both sides
+    /// (add-only), never as deleted.
+    pub fn ancestor_range<'r>(
+        &self,
+        share: &str,
+        range: impl std::ops::RangeBounds<&'r [u8]>,
+        mut each: impl FnMut(RelPath, Entry),
+    ) -> Result<(), StateError> {
         let name = ancestor_table(share);
-        Ok(self.load_table::<Entry>(&name)?.into_iter().collect())
+        let txn = db_err!(self.db.begin_read())?;
+        let table = match txn.open_table(TableDefinition::<&[u8], &[u8]>::new(&name)) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        for row in table.range(range)? {
+            let (k, v) = row?;
+            let (Ok(path), Ok(entry)) = (
+                RelPath::from_bytes(k.value()),
+                postcard::from_bytes(v.value()),
+            ) else {
+                continue;
+            };
+            each(path, entry);
+        }
+        Ok(())
     }
 
-    /// Applies ancestor changes durably (fsync before returning).
+    /// The ancestor's entry at `path`.
+    pub fn ancestor_entry(&self, share: &str, path: &RelPath) -> Result<Option<Entry>, StateError> {
+        let name = ancestor_table(share);
+        let txn = db_err!(self.db.begin_read())?;
+        let table = match txn.open_table(TableDefinition::<&[u8], &[u8]>::new(&name)) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(table
+            .get(path.as_bytes())?
+            .and_then(|v| postcard::from_bytes(v.value()).ok()))
+    }
+
+    /// Applies ancestor changes durably (fsync before returning). Returns what each changed
+    /// path held before (`None`: nothing, or nothing readable).
     pub fn update_ancestor<'a>(
         &self,
         share: &str,
         changes: impl IntoIterator<Item = (&'a RelPath, Option<&'a Entry>)>,
-    ) -> Result<(), StateError> {
+    ) -> Result<Vec<Option<Entry>>, StateError> {
         let name = ancestor_table(share);
-        self.update_table(&name, changes, Durability::Immediate)
+        let txn = db_err!(self.db.begin_write())?;
+        let olds = {
+            let mut table = db_err!(txn.open_table(TableDefinition::<&[u8], &[u8]>::new(&name)))?;
+            write_rows(&mut table, changes)?
+        };
+        db_err!(txn.commit())?;
+        Ok(olds)
     }
 
     /// Forgets a share's ancestor entirely (after `resume` of a replaced root: the next cycle
@@ -257,18 +302,20 @@ impl StateDb {
 
     /// Records a share's generation on its own (durably).
     pub fn store_generation(&self, share: &str, generation: Generation) -> Result<(), StateError> {
-        self.commit_ancestor(share, Vec::new(), false, generation)
+        self.commit_ancestor(share, &[], false, generation)
+            .map(drop)
     }
 
     /// Applies ancestor changes and records the generation in one durable transaction; with
-    /// `replace`, the ancestor is first emptied (so `changes` become the whole of it).
+    /// `replace`, the ancestor is first emptied (so `changes` become the whole of it). Returns
+    /// what each changed path held before (`None`: nothing, or nothing readable).
     pub fn commit_ancestor<'a>(
         &self,
         share: &str,
-        changes: Vec<(&'a RelPath, Option<&'a Entry>)>,
+        changes: &[(&'a RelPath, Option<&'a Entry>)],
         replace: bool,
         generation: Generation,
-    ) -> Result<(), StateError> {
+    ) -> Result<Vec<Option<Entry>>, StateError> {
         let key = generation_key(share);
         let record = postcard::to_allocvec(&generation).map_err(|source| StateError::Corrupt {
             key: key.clone(),
@@ -281,27 +328,15 @@ impl StateDb {
         if replace {
             db_err!(txn.delete_table(def))?;
         }
-        {
+        let olds = {
             let mut table = db_err!(txn.open_table(def))?;
-            for (path, value) in changes {
-                match value {
-                    Some(v) => {
-                        let bytes =
-                            postcard::to_allocvec(v).map_err(|source| StateError::Corrupt {
-                                key: path.escaped(),
-                                source,
-                            })?;
-                        db_err!(table.insert(path.as_bytes(), bytes.as_slice()))?;
-                    }
-                    None => {
-                        db_err!(table.remove(path.as_bytes()))?;
-                    }
-                }
-            }
+            let olds = write_rows(&mut table, changes.iter().copied())?;
             let mut meta = db_err!(txn.open_table(META))?;
             db_err!(meta.insert(key.as_str(), record.as_slice()))?;
-        }
-        db_err!(txn.commit())
+            olds
+        };
+        db_err!(txn.commit())?;
+        Ok(olds)
     }
 
     pub fn load_meta(&self, share: &str) -> Result<ShareMeta, StateError> {
@@ -354,74 +389,32 @@ impl StateDb {
         }
         db_err!(txn.commit())
     }
+}
 
-    fn load_table<V: for<'de> Deserialize<'de>>(
-        &self,
-        name: &str,
-    ) -> Result<Vec<(RelPath, V)>, StateError> {
-        let def = TableDefinition::<&[u8], &[u8]>::new(name);
-        let txn = db_err!(self.db.begin_read())?;
-        let table = match txn.open_table(def) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(StateError::Db(e.into())),
-        };
-        let mut out = Vec::new();
-        for row in db_err!(table.iter())? {
-            let (k, v) = db_err!(row)?;
-            // A record we cannot read is treated as absent: the index re-hashes, the ancestor
-            // treats the path as new on both sides (add-only), never as deleted.
-            let Ok(path) = RelPath::from_bytes(k.value()) else {
-                continue;
-            };
-            let Ok(value) = postcard::from_bytes(v.value()) else {
-                continue;
-            };
-            out.push((path, value));
-        }
-        Ok(out)
-    }
-
-    fn update_table<'a, V: Serialize + 'a>(
-        &self,
-        name: &str,
-        changes: impl IntoIterator<Item = (&'a RelPath, Option<&'a V>)>,
-        durability: Durability,
-    ) -> Result<(), StateError> {
-        let mut changes = changes.into_iter().peekable();
-        if changes.peek().is_none() {
-            // Nothing to write: skip the transaction (a live cycle's scans mostly find nothing
-            // new on one side).
-            return Ok(());
-        }
-        let def = TableDefinition::<&[u8], &[u8]>::new(name);
-        let mut txn = db_err!(self.db.begin_write())?;
-        db_err!(txn.set_durability(durability))?;
-        {
-            let mut table = db_err!(txn.open_table(def))?;
-            for (path, value) in changes {
-                match value {
-                    Some(v) => {
-                        let bytes =
-                            postcard::to_allocvec(v).map_err(|source| StateError::Corrupt {
-                                key: path.escaped(),
-                                source,
-                            })?;
-                        db_err!(table.insert(path.as_bytes(), bytes.as_slice()))?;
-                    }
-                    None => {
-                        db_err!(table.remove(path.as_bytes()))?;
-                    }
-                }
+/// Writes `changes` (`Some` upserts, `None` removes) to an ancestor table; returns what each
+/// path held before.
+fn write_rows<'a>(
+    table: &mut redb::Table<&'static [u8], &'static [u8]>,
+    changes: impl IntoIterator<Item = (&'a RelPath, Option<&'a Entry>)>,
+) -> Result<Vec<Option<Entry>>, StateError> {
+    let decode = |old: Option<redb::AccessGuard<&'static [u8]>>| {
+        old.and_then(|v| postcard::from_bytes::<Entry>(v.value()).ok())
+    };
+    let mut olds = Vec::new();
+    for (path, value) in changes {
+        let old = match value {
+            Some(v) => {
+                let bytes = postcard::to_allocvec(v).map_err(|source| StateError::Corrupt {
+                    key: path.escaped(),
+                    source,
+                })?;
+                decode(table.insert(path.as_bytes(), bytes.as_slice())?)
             }
-        }
-        db_err!(txn.commit())?;
-        if matches!(durability, Durability::Immediate) {
-            self.non_durable
-                .store(0, std::sync::atomic::Ordering::Relaxed);
-        }
-        Ok(())
+            None => decode(table.remove(path.as_bytes())?),
+        };
+        olds.push(old);
     }
+    Ok(olds)
 }
 
 /// The changes a host is applying in a cycle and has not recorded in the ancestor yet, noted

@@ -15,9 +15,11 @@
 //! and finished by [`Controller::bulk_step`], a few MiB at a time, between the cycles that the
 //! next hints bring. Its path is frozen in those cycles until it lands, then hinted again.
 
+mod ancestor;
 mod bulk;
 mod transfer;
 
+use ancestor::Ancestor;
 use bulk::{advance, BulkJob};
 pub use transfer::BULK_MIN_BYTES;
 use transfer::{mark_and_record, transition, view, Executed, ProgressSink, Recorder, Transfer};
@@ -142,11 +144,11 @@ struct Shown<'a> {
     problems: Vec<ProblemView>,
 }
 
-/// Drives cycles for one share. Holds the ancestor in memory and in the state database.
+/// Drives cycles for one share. Its ancestor is in the state database (see `ancestor.rs`).
 pub struct Controller {
     settings: ShareSettings,
     db: Arc<StateDb>,
-    ancestor: Snapshot,
+    ancestor: Ancestor,
     /// Changes sent in a transition that never answered: each may or may not have landed.
     /// The next full cycle records in the ancestor those its scan finds in place, so that a
     /// copy which landed is not read as the destination's own edit (and a deletion of it on
@@ -154,9 +156,6 @@ pub struct Controller {
     unconfirmed: Vec<(Side, RelPath, Option<Entry>)>,
     /// The guest batch in flight, noted on disk (see [`PendingBatch`]).
     pending: PendingBatch,
-    /// Regular files in `ancestor` and their total size, kept up to date as it changes: a live
-    /// cycle must not cost time in proportion to the whole share.
-    totals: Totals,
     meta: ShareMeta,
     /// The share's generation (see `docs/safety.md`, "Snapshot reverts").
     generation: Generation,
@@ -208,7 +207,6 @@ impl Controller {
         db: Arc<StateDb>,
         state_dir: &Path,
     ) -> Result<Controller, StateError> {
-        let ancestor = db.load_ancestor(&settings.name)?;
         // A share record that cannot be read is lost state: start clean (add-only), never
         // refuse to start.
         let (meta, notice) = match db.load_meta(&settings.name) {
@@ -224,17 +222,13 @@ impl Controller {
             }
             Err(e) => return Err(e),
         };
-        let ancestor = if notice.is_some() {
-            Snapshot::new()
-        } else {
-            ancestor
-        };
+        let ancestor =
+            Ancestor::open(db.clone(), &settings.name, settings.deletion_exempt.clone())?;
         let generation = db.load_generation(&settings.name)?;
         let status = ShareStatus {
             name: settings.name.clone(),
             ..ShareStatus::default()
         };
-        let totals = Totals::of(&ancestor, &settings.deletion_exempt);
         let settings_name = settings.name.clone();
         // A batch a killed predecessor left in flight: verified by the first full cycle.
         let pending = PendingBatch::new(state_dir, &settings_name);
@@ -245,7 +239,6 @@ impl Controller {
             ancestor,
             unconfirmed,
             pending,
-            totals,
             meta,
             generation,
             status: Arc::new(Mutex::new(status)),
@@ -409,11 +402,9 @@ impl Controller {
                 path.escaped()
             ));
         }
-        self.db
-            .update_ancestor(&self.settings.name, [(path, Some(&loser))])
+        self.ancestor
+            .update(&[(path, Some(&loser))])
             .map_err(|e| format!("recording the resolution: {e}"))?;
-        self.ancestor.insert(path.clone(), loser);
-        self.totals = Totals::of(&self.ancestor, &self.settings.deletion_exempt);
         tracing::info!(share = %self.settings.name, path = %path.escaped(), keep = keep.as_str(), "conflict resolved by hand");
         Ok(())
     }
@@ -474,7 +465,7 @@ impl Controller {
     /// share's size is what it held before the window's losses.
     fn judge_window(&mut self, side: Side, planned: usize) -> Result<(), HaltReason> {
         let limit = self.settings.deletion_limit;
-        let countable = usize::try_from(self.totals.countable).unwrap_or(usize::MAX);
+        let countable = usize::try_from(self.ancestor.totals().countable).unwrap_or(usize::MAX);
         let window = self.window(side).losses();
         judge(
             &limit,
@@ -960,8 +951,14 @@ impl Controller {
                     .iter()
                     .flat_map(|j| j.actions.iter().map(|a| &a.path)),
             );
-        let mut views =
-            planner::views(scope, &self.ancestor, host_snap, guest_snap, frozen, filter);
+        let mut views = planner::views(
+            scope,
+            &self.ancestor.scoped(scope)?,
+            host_snap,
+            guest_snap,
+            frozen,
+            filter,
+        );
         if *scope == ScanScope::Full {
             for (side, snap) in [(Side::Host, &views.host), (Side::Guest, &views.guest)] {
                 if let Err(reason) = check_emptied(side, &views.ancestor, snap) {
@@ -988,7 +985,11 @@ impl Controller {
                 Verdict::Halt(reason) => Stop::Halt(reason),
             }));
         }
-        if let Err(over) = quota::check(&self.space.quota, self.totals.usage, &plan.actions) {
+        if let Err(over) = quota::check(
+            &self.space.quota,
+            self.ancestor.totals().usage,
+            &plan.actions,
+        ) {
             return Ok(Err(Stop::Quota(over)));
         }
         let mut problems = Vec::new();
@@ -1131,9 +1132,7 @@ impl Controller {
             Side::Guest => self.meta.guest_root = None,
         }
         self.db.store_meta(&self.settings.name, &self.meta)?;
-        self.db.clear_ancestor(&self.settings.name)?;
-        self.ancestor.clear();
-        self.totals = Totals::default();
+        self.ancestor.clear()?;
         self.windows = Default::default();
         if side == Side::Guest {
             // A new guest root (or one that lost `.vmsync/`) starts its generations afresh.
@@ -1168,13 +1167,14 @@ impl Controller {
 
     /// What both sides agree on: regular files and their total size.
     fn agreed_totals(&self) -> (u64, u64) {
-        (self.totals.files, self.totals.usage.bytes)
+        let totals = self.ancestor.totals();
+        (totals.files, totals.usage.bytes)
     }
 
     /// True while big files of live cycles are still crossing (see [`Controller::bulk_step`]).
     /// Whether `path` is a directory as both sides last agreed (the root always is).
     pub fn is_known_dir(&self, path: &RelPath) -> bool {
-        path.is_root() || matches!(self.ancestor.get(path), Some(Entry::Dir { .. }))
+        path.is_root() || matches!(self.ancestor.get(path), Ok(Some(Entry::Dir { .. })))
     }
 
     pub fn has_bulk(&self) -> bool {
@@ -1269,7 +1269,7 @@ impl Controller {
         self.commit_ancestor_from(guest, changes, 0).await
     }
 
-    /// Records `changes` in the ancestor, in memory and in the database, where the first
+    /// Records `changes` in the ancestor, where the first
     /// `stored` of them already are (a transition recorded them as it landed). The rest is
     /// recorded after the guest has noted the next generation, like every ancestor write.
     async fn commit_ancestor_from<G: Endpoint>(
@@ -1282,24 +1282,9 @@ impl Controller {
             return Ok(());
         }
         if let Some(rest) = changes.get(stored..).filter(|r| !r.is_empty()) {
-            let rows = rest.iter().map(|(p, e)| (p, e.as_ref())).collect();
-            self.generation = mark_and_record(
-                guest,
-                &self.db,
-                &self.settings.name,
-                self.generation,
-                rows,
-                false,
-            )
-            .await?;
-        }
-        for (path, entry) in changes {
-            self.totals.record(
-                &mut self.ancestor,
-                path,
-                entry,
-                &self.settings.deletion_exempt,
-            );
+            let rows: Vec<_> = rest.iter().map(|(p, e)| (p, e.as_ref())).collect();
+            self.generation =
+                mark_and_record(guest, &self.ancestor, self.generation, &rows, false).await?;
         }
         Ok(())
     }
@@ -1342,19 +1327,10 @@ impl Controller {
         guest_snap: &Snapshot,
     ) -> Result<Snapshot, CycleError> {
         let substitute = rollback_ancestor(ancestor, host, guest_snap);
-        let rows = substitute.iter().map(|(p, e)| (p, Some(e))).collect();
-        self.generation = mark_and_record(
-            guest,
-            &self.db,
-            &self.settings.name,
-            self.generation,
-            rows,
-            true,
-        )
-        .await?;
-        tracing::info!(share = %self.settings.name, "merging add-only after the guest went back in time: {} of {} ancestor entries kept", substitute.len(), self.ancestor.len());
-        self.ancestor = substitute.clone();
-        self.totals = Totals::of(&self.ancestor, &self.settings.deletion_exempt);
+        let rows: Vec<_> = substitute.iter().map(|(p, e)| (p, Some(e))).collect();
+        self.generation =
+            mark_and_record(guest, &self.ancestor, self.generation, &rows, true).await?;
+        tracing::info!(share = %self.settings.name, "merging add-only after the guest went back in time: {} of {} ancestor entries kept", substitute.len(), ancestor.len());
         Ok(substitute)
     }
 
@@ -1368,7 +1344,7 @@ impl Controller {
     ) -> Result<Executed, CycleError> {
         let mut executed = Executed {
             recorder: Some(Recorder {
-                db: self.db.clone(),
+                ancestor: self.ancestor.clone(),
                 share: self.settings.name.clone(),
                 generation: self.generation,
                 pending: PendingBatch::new(&self.space.state_dir, &self.settings.name),
@@ -1433,17 +1409,9 @@ impl Controller {
             self.note_removals(&executed);
         }
         self.unconfirmed.extend(executed.unconfirmed);
+        // The recorded prefix is in the ancestor already.
         let mut applied = executed.applied;
         let unrecorded = applied.split_off(executed.recorded.min(applied.len()));
-        // The recorded prefix is in the database already: the in-memory ancestor follows.
-        for (path, entry) in applied {
-            self.totals.record(
-                &mut self.ancestor,
-                path,
-                entry,
-                &self.settings.deletion_exempt,
-            );
-        }
         for (path, new) in unrecorded {
             for side in [Side::Host, Side::Guest] {
                 self.unconfirmed.push((side, path.clone(), new.clone()));
@@ -1457,87 +1425,4 @@ async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, std::time::Dur
     let clock = Instant::now();
     let out = f.await;
     (out, clock.elapsed())
-}
-
-/// Regular files in a snapshot, what the quotas count (their total size among it), and the
-/// entries the deletion guard counts (files and symlinks at paths not exempt).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct Totals {
-    files: u64,
-    countable: u64,
-    usage: quota::Usage,
-}
-
-impl Totals {
-    fn of(snap: &Snapshot, exempt: &Filter) -> Totals {
-        let mut t = Totals::default();
-        snap.iter().for_each(|(p, e)| t.add(p, e, exempt));
-        t
-    }
-
-    fn add(&mut self, path: &RelPath, e: &Entry, exempt: &Filter) {
-        self.usage.add(e);
-        if e.as_file().is_some() {
-            self.files += 1;
-        }
-        if !e.is_dir() && !exempt.is_ignored(path, false) {
-            self.countable += 1;
-        }
-    }
-
-    fn remove(&mut self, path: &RelPath, e: &Entry, exempt: &Filter) {
-        self.usage.remove(e);
-        if e.as_file().is_some() {
-            self.files = self.files.saturating_sub(1);
-        }
-        if !e.is_dir() && !exempt.is_ignored(path, false) {
-            self.countable = self.countable.saturating_sub(1);
-        }
-    }
-
-    /// Sets (or with `None` removes) `path` in `snap`, which these are the totals of.
-    fn record(
-        &mut self,
-        snap: &mut Snapshot,
-        path: RelPath,
-        entry: Option<Entry>,
-        exempt: &Filter,
-    ) {
-        if let Some(e) = &entry {
-            self.add(&path, e, exempt);
-        }
-        let old = match entry {
-            Some(e) => snap.insert(path.clone(), e),
-            None => snap.remove(&path),
-        };
-        if let Some(old) = old {
-            self.remove(&path, &old, exempt);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use vmsync_core::testing::file_entry as file;
-
-    proptest::proptest! {
-        /// The running totals always equal a count over the whole snapshot.
-        #[test]
-        fn totals_follow_every_change(
-            ops in proptest::collection::vec((0u8..8, proptest::option::of(0u64..1000)), 0..60),
-        ) {
-            let mut snap = Snapshot::new();
-            let mut totals = Totals::default();
-            let exempt = Filter::new(&["f1".to_string()]).unwrap();
-            for (name, size) in ops {
-                let path = RelPath::from_bytes(format!("f{name}").as_bytes()).unwrap();
-                let entry = size.map(|size| {
-                    if size % 7 == 0 { Entry::Dir { mode: 0o755, mtime: Default::default() } } else { file(size) }
-                });
-                totals.record(&mut snap, path, entry, &exempt);
-                proptest::prop_assert_eq!(totals, Totals::of(&snap, &exempt));
-            }
-        }
-    }
 }

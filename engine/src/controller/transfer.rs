@@ -3,9 +3,10 @@
 //! what landed in the ancestor as it lands. The controller plans; this module carries the plan
 //! out and reports what happened in [`Executed`].
 
+use super::ancestor::Ancestor;
 use super::bulk::BulkJob;
 use super::{side_err, CycleError};
-use crate::state::{Generation, InFlight, PendingBatch, StateDb};
+use crate::state::{Generation, InFlight, PendingBatch};
 use crate::status::{ProblemView, ShareStatus};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -717,8 +718,8 @@ pub(super) async fn transition<E: Endpoint>(
                 .applied
                 .get(executed.recorded..)
                 .unwrap_or_default();
-            let rows = unstored.iter().map(|(p, e)| (p, e.as_ref())).collect();
-            match mark_and_record(ep, &rec.db, &rec.share, rec.generation, rows, false).await {
+            let rows: Vec<_> = unstored.iter().map(|(p, e)| (p, e.as_ref())).collect();
+            match mark_and_record(ep, &rec.ancestor, rec.generation, &rows, false).await {
                 Ok(next) => {
                     rec.generation = next;
                     rec.pending.clear();
@@ -740,10 +741,9 @@ pub(super) async fn transition<E: Endpoint>(
 /// nothing is recorded if the guest could not note it.
 pub(super) async fn mark_and_record<G: Endpoint>(
     guest: &mut G,
-    db: &StateDb,
-    share: &str,
+    ancestor: &Ancestor,
     current: Generation,
-    rows: Vec<(&RelPath, Option<&Entry>)>,
+    rows: &[(&RelPath, Option<&Entry>)],
     replace: bool,
 ) -> Result<Generation, CycleError> {
     let next = Generation {
@@ -754,14 +754,14 @@ pub(super) async fn mark_and_record<G: Endpoint>(
         .mark(next.value)
         .await
         .map_err(side_err(Side::Guest))?;
-    db.commit_ancestor(share, rows, replace, next)?;
+    ancestor.commit(rows, replace, next)?;
     Ok(next)
 }
 
 /// Records each batch a transition applied on the guest in the ancestor as soon as it lands
 /// (see `Executed::recorder`), with the generation it marks.
 pub(super) struct Recorder {
-    pub(super) db: Arc<StateDb>,
+    pub(super) ancestor: Ancestor,
     pub(super) share: String,
     pub(super) generation: Generation,
     /// Notes the guest batch in flight on disk until it is recorded.
