@@ -12,6 +12,18 @@ pub use vmsync_core::digest::hash_chunk;
 /// Cuts everything `reader` yields into chunks. Fails with `InvalidData` past
 /// [`MAX_FILE_CHUNKS`] so a huge file cannot make us build an unbounded list.
 pub fn chunk_reader<R: Read>(reader: R) -> io::Result<Vec<ChunkRef>> {
+    chunk_reader_then(reader, || {})
+}
+
+/// [`chunk_reader`], calling `first_cut` once right after the first chunk is cut: the chunker
+/// has then read at most [`CHUNK_MAX_BYTES`] of `reader` (a buffer's worth), nothing past
+/// them. Not called for an empty input. For the tests' hook at that moment
+/// ([`crate::faults::Moment::FirstChunkCut`]).
+pub(crate) fn chunk_reader_then<R: Read>(
+    reader: R,
+    first_cut: impl FnOnce(),
+) -> io::Result<Vec<ChunkRef>> {
+    let mut first_cut = Some(first_cut);
     let cdc = fastcdc::v2020::StreamCDC::new(
         reader,
         CHUNK_MIN_BYTES as usize,
@@ -37,6 +49,9 @@ pub fn chunk_reader<R: Read>(reader: R) -> io::Result<Vec<ChunkRef>> {
             offset: chunk.offset,
             len,
         });
+        if let Some(f) = first_cut.take() {
+            f();
+        }
     }
     Ok(chunks)
 }
@@ -97,6 +112,36 @@ mod tests {
             .size(),
             700_000
         );
+    }
+
+    /// The callback runs once, after the first chunk is cut and before the chunker read past
+    /// its first buffer (64 KiB); what it does to the source shows in the rest of the cut.
+    #[test]
+    fn first_cut_runs_once_after_one_buffer_is_read() {
+        use std::cell::Cell;
+        use std::rc::Rc;
+        struct Counted<'a>(&'a [u8], Rc<Cell<usize>>);
+        impl Read for Counted<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                let n = self.0.read(buf)?;
+                self.1.set(self.1.get() + n);
+                Ok(n)
+            }
+        }
+        let data = noise(1 << 20, 4);
+        let read = Rc::new(Cell::new(0));
+        let mut seen = Vec::new();
+        let chunks = chunk_reader_then(Counted(&data, Rc::clone(&read)), || {
+            seen.push(read.get());
+        })
+        .unwrap();
+        assert_eq!(seen, vec![CHUNK_MAX_BYTES as usize], "once, one buffer in");
+        assert_eq!(chunks, chunk_bytes(&data));
+        let mut called = false;
+        assert!(chunk_reader_then(&[][..], || called = true)
+            .unwrap()
+            .is_empty());
+        assert!(!called, "an empty input has no first chunk");
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! nothing here reads the environment or keeps global state. With it, a test names a share
 //! root (by its directory: its device and inode are recorded), an operation, a share-relative
 //! path and an errno; the operation on that path under that root then fails with that errno
-//! until [`clear`] (see `docs/safety.md`, "Faults and full disks").
+//! until [`clear`] (see `docs/safety.md`, "Faults and full disks"). A test can also run code of
+//! its own at a [`Moment`] of sync's work on one file ([`at`]), to change the file at exactly
+//! that point (`tests/tests/races.rs`).
 
 use crate::root::FsError;
 use rustix::io::Errno;
@@ -95,6 +97,28 @@ impl Tag {
     }
 }
 
+/// A point in sync's work on one file where a test can run code of its own with [`at`] (the
+/// `faults` feature): to change the file at exactly that moment, deterministically. Without the
+/// feature, reaching a moment does nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Moment {
+    /// Reading and chunking a file (`scan::hash_file`: a scan hashing a new or changed file, or
+    /// a destination checking a path its index cannot vouch for): right after its first chunk
+    /// is cut, when the chunker has read at most its first `CHUNK_MAX_BYTES` (64 KiB) and
+    /// nothing past them.
+    FirstChunkCut,
+    /// Putting a staged file in place: right before the `renameat` that replaces the path (the
+    /// `linkat` of a new file), after the transition checked the path against what the scan
+    /// saw and, for a replacement, kept the old version in the trash.
+    BeforeRename,
+}
+
+/// Runs what a test set up with [`at`] for `moment` on `path` under the root of this device
+/// and inode (nothing without the `faults` feature).
+#[cfg(not(feature = "faults"))]
+#[inline(always)]
+pub(crate) fn reached(_root: (u64, u64), _moment: Moment, _path: &RelPath) {}
+
 /// The errno injected for `op` on `path` under the root of this device and inode, if any.
 #[cfg(not(feature = "faults"))]
 #[inline(always)]
@@ -103,14 +127,14 @@ pub(crate) fn injected(_root: (u64, u64), _op: FaultOp, _path: &RelPath) -> Opti
 }
 
 #[cfg(feature = "faults")]
-pub use registry::{clear, inject};
+pub use registry::{at, clear, inject};
 
 #[cfg(feature = "faults")]
-pub(crate) use registry::injected;
+pub(crate) use registry::{injected, reached};
 
 #[cfg(feature = "faults")]
 mod registry {
-    use super::FaultOp;
+    use super::{FaultOp, Moment};
     use rustix::io::Errno;
     use std::os::unix::fs::MetadataExt;
     use std::path::Path;
@@ -125,6 +149,53 @@ mod registry {
     }
 
     static FAULTS: Mutex<Vec<Fault>> = Mutex::new(Vec::new());
+
+    /// What a test runs once at a moment (see [`at`]).
+    type Action = Box<dyn FnOnce() + Send>;
+
+    struct Hook {
+        root: (u64, u64),
+        moment: Moment,
+        path: RelPath,
+        action: Action,
+    }
+
+    static HOOKS: Mutex<Vec<Hook>> = Mutex::new(Vec::new());
+
+    /// Runs `action` once, the next time `moment` is reached for `path` (share-relative) under
+    /// the share root `root`, on the thread doing that work, which waits for it. Several hooks
+    /// for the same moment and path run one each time, in the order they were set. [`clear`]
+    /// drops those not run yet. Errors: `root` cannot be stat'ed.
+    pub fn at(
+        root: &Path,
+        moment: Moment,
+        path: &RelPath,
+        action: impl FnOnce() + Send + 'static,
+    ) -> std::io::Result<()> {
+        let meta = std::fs::metadata(root)?;
+        if let Ok(mut hooks) = HOOKS.lock() {
+            hooks.push(Hook {
+                root: (meta.dev(), meta.ino()),
+                moment,
+                path: path.clone(),
+                action: Box::new(action),
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn reached(root: (u64, u64), moment: Moment, path: &RelPath) {
+        let action = HOOKS.lock().ok().and_then(|mut hooks| {
+            let i = hooks
+                .iter()
+                .position(|h| h.root == root && h.moment == moment && h.path == *path)?;
+            Some(hooks.remove(i).action)
+        });
+        // Run outside the lock: the action may do anything, set another hook included.
+        if let Some(action) = action {
+            action();
+        }
+    }
 
     /// From now on, `op` on `path` (share-relative) under the share root `root` fails with
     /// `errno`, until [`clear`]. Errors: `root` cannot be stat'ed.
@@ -141,11 +212,14 @@ mod registry {
         Ok(())
     }
 
-    /// Removes every fault injected under `root`.
+    /// Removes every fault injected under `root`, and every hook set there and not run yet.
     pub fn clear(root: &Path) -> std::io::Result<()> {
         let meta = std::fs::metadata(root)?;
         if let Ok(mut faults) = FAULTS.lock() {
             faults.retain(|f| f.root != (meta.dev(), meta.ino()));
+        }
+        if let Ok(mut hooks) = HOOKS.lock() {
+            hooks.retain(|h| h.root != (meta.dev(), meta.ino()));
         }
         Ok(())
     }
@@ -201,5 +275,49 @@ mod tests {
             source: Errno::PERM,
         };
         assert_eq!(fault_reason(FaultOp::Write, &other), other.to_string());
+    }
+
+    /// A hook runs once, only at its moment, path and root; hooks for one moment and path run
+    /// one each time in the order they were set; `clear` drops those not run.
+    #[cfg(feature = "faults")]
+    #[test]
+    fn a_hook_runs_once_at_its_moment_path_and_root_only() {
+        use std::os::unix::fs::MetadataExt;
+        use std::sync::{Arc, Mutex};
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let id = |d: &tempfile::TempDir| {
+            let m = std::fs::metadata(d.path()).unwrap();
+            (m.dev(), m.ino())
+        };
+        let (f, g) = (
+            RelPath::from_bytes(b"f").unwrap(),
+            RelPath::from_bytes(b"g").unwrap(),
+        );
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        for n in [1, 2] {
+            let ran = Arc::clone(&ran);
+            at(a.path(), Moment::BeforeRename, &f, move || {
+                ran.lock().unwrap().push(n)
+            })
+            .unwrap();
+        }
+        let log = || ran.lock().unwrap().clone();
+        reached(id(&a), Moment::FirstChunkCut, &f);
+        reached(id(&a), Moment::BeforeRename, &g);
+        reached(id(&b), Moment::BeforeRename, &f);
+        assert_eq!(log(), Vec::<i32>::new(), "another moment, path or root");
+        reached(id(&a), Moment::BeforeRename, &f);
+        assert_eq!(log(), vec![1]);
+        reached(id(&a), Moment::BeforeRename, &f);
+        reached(id(&a), Moment::BeforeRename, &f);
+        assert_eq!(log(), vec![1, 2], "each runs once");
+        let r = Arc::clone(&ran);
+        at(a.path(), Moment::FirstChunkCut, &f, move || {
+            r.lock().unwrap().push(3)
+        })
+        .unwrap();
+        clear(a.path()).unwrap();
+        reached(id(&a), Moment::FirstChunkCut, &f);
+        assert_eq!(log(), vec![1, 2], "cleared");
     }
 }

@@ -15,7 +15,8 @@
 //! while its identity is unchanged, see [`RulesCache`]), so an edited one takes effect at the
 //! next scan of its directory.
 
-use crate::chunk::chunk_reader;
+use crate::chunk::chunk_reader_then;
+use crate::faults::{self, Moment};
 use crate::filter::Filter;
 use crate::gitignore::{read_dir_rules, Rules, RulesCache};
 use crate::index::{Identity, IndexReader, IndexRecord};
@@ -529,7 +530,9 @@ pub fn hash_file(root: &ShareRoot, path: &RelPath) -> Result<IndexRecord, String
             .open_file(path)
             .map_err(|e| format!("cannot open: {e}"))?;
         let before_id = Identity::of(&before);
-        let chunks = chunk_reader(&file).map_err(|e| format!("cannot read: {e}"))?;
+        let first_cut = || faults::reached(root.dev_ino(), Moment::FirstChunkCut, path);
+        let chunks =
+            chunk_reader_then(&file, first_cut).map_err(|e| format!("cannot read: {e}"))?;
         let after = file.metadata().map_err(|e| format!("cannot stat: {e}"))?;
         let manifest = Manifest {
             chunks,

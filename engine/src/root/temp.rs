@@ -8,7 +8,7 @@ use super::resolve::open_beneath;
 use super::{
     mtime_only, random_u64, FileKind, FsError, ShareRoot, Stat, TEMP_CREATE_ATTEMPTS, TMP_SHOWN,
 };
-use crate::faults::{self, FaultOp};
+use crate::faults::{self, FaultOp, Moment};
 use rustix::fd::{AsFd, AsRawFd, OwnedFd};
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
@@ -412,6 +412,7 @@ impl ShareRoot {
         if let Some(e) = self.injected(FaultOp::Rename, p) {
             return Err(fail(op, Loc::path(p), e));
         }
+        faults::reached(self.dev_ino(), Moment::BeforeRename, p);
         link_fd(&temp.file, &dir, name).map_err(|e| fail(op, Loc::path(p), e))?;
         Ok(dir)
     }
@@ -461,6 +462,7 @@ impl ShareRoot {
         if let Some(e) = self.injected(FaultOp::Rename, p) {
             return Err(fail(op, loc, e));
         }
+        faults::reached(self.dev_ino(), Moment::BeforeRename, p);
         let renamed = if flags.is_empty() {
             rfs::renameat(&self.tmp, temp.name(), &dir, name)
         } else {
