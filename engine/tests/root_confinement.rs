@@ -16,10 +16,34 @@ use std::sync::mpsc;
 use std::time::Duration;
 use vmsync_core::{RelPath, Timestamp};
 use vmsync_engine::root::{
-    symlink_target_is_contained, FileKind, FsError, FsErrorKind, Resolver, ShareRoot,
+    symlink_target_is_contained, FileKind, FsError, FsErrorKind, Resolver, ShareRoot, Stat,
+    TempFile,
 };
 
 const RESOLVERS: [Resolver; 2] = [Resolver::Auto, Resolver::Walk];
+
+/// Commits `t` at `p` as a transition would: in place of the file or symlink there (as if kept
+/// first), or as a new file where there is none.
+fn commit(
+    root: &ShareRoot,
+    t: TempFile,
+    p: &RelPath,
+    mode: u32,
+    mtime: Timestamp,
+) -> Result<Stat, FsError> {
+    match root.stat(p) {
+        Ok(Some(st)) if matches!(st.kind, FileKind::File | FileKind::Symlink) => {
+            root.commit_temp(t, p, mode, mtime, st.ino)
+        }
+        _ => root.commit_temp_new(t, p, mode, mtime),
+    }
+}
+
+/// Replaces what is at `p` with a symlink to `target`, as a transition would.
+fn replace_with_symlink(root: &ShareRoot, p: &RelPath, target: &[u8]) -> Result<(), FsError> {
+    let kept = root.stat(p).ok().flatten().map_or(0, |st| st.ino);
+    root.replace_with_symlink(p, target, kept)
+}
 
 fn rp(s: &[u8]) -> RelPath {
     RelPath::from_bytes(s).unwrap()
@@ -143,7 +167,7 @@ fn every_op_refused(root: &ShareRoot, p: &RelPath, want: FsErrorKind) {
     let t = root.create_temp().unwrap();
     t.file.write_all_at(b"pwned", 0).unwrap();
     assert_kind(
-        root.commit_temp(t, p, 0o777, ts(1, 0)),
+        commit(root, t, p, 0o777, ts(1, 0)),
         want,
         &format!("commit_temp {s}"),
     );
@@ -158,7 +182,7 @@ fn every_op_refused(root: &ShareRoot, p: &RelPath, want: FsErrorKind) {
     assert_kind(root.trash_remove(p), want, &format!("trash_remove {s}"));
     assert_kind(root.trash_link(p), want, &format!("trash_link {s}"));
     assert_kind(
-        root.replace_with_symlink(p, b"y"),
+        replace_with_symlink(root, p, b"y"),
         want,
         &format!("replace_with_symlink {s}"),
     );
@@ -341,7 +365,7 @@ fn fifos_and_sockets_never_block_and_are_never_opened() {
             // A special file is something we never saw: never replaced by a commit.
             let t = root.create_temp().unwrap();
             assert_kind(
-                root.commit_temp(t, &f, 0o644, ts(1, 0)),
+                commit(&root, t, &f, 0o644, ts(1, 0)),
                 FsErrorKind::NotAFile,
                 "commit over fifo",
             );
@@ -401,7 +425,7 @@ fn device_nodes_are_never_opened_or_replaced() {
             );
             let t = root.create_temp().unwrap();
             assert_kind(
-                root.commit_temp(t, &dev, 0o644, ts(1, 0)),
+                commit(&root, t, &dev, 0o644, ts(1, 0)),
                 FsErrorKind::NotAFile,
                 "commit over a device",
             );
@@ -431,7 +455,7 @@ fn hardlink_to_outside_file_is_replaced_not_written_through() {
         assert_eq!(root.stat(&h).unwrap().unwrap().nlink, 2);
         let t = root.create_temp().unwrap();
         t.file.write_all_at(b"new content", 0).unwrap();
-        let st = root.commit_temp(t, &h, 0o644, ts(1_000_000, 0)).unwrap();
+        let st = commit(&root, t, &h, 0o644, ts(1_000_000, 0)).unwrap();
         assert_ne!(st.ino, outside_ino);
         assert_eq!(st.nlink, 1);
         assert_eq!(fs::read(fx.share.join("h")).unwrap(), b"new content");
@@ -460,7 +484,7 @@ fn odd_names_are_just_bytes() {
             let file = dir.join(name).unwrap();
             let t = root.create_temp().unwrap();
             t.file.write_all_at(name, 0).unwrap();
-            root.commit_temp(t, &file, 0o644, ts(5, 6)).unwrap();
+            commit(&root, t, &file, 0o644, ts(5, 6)).unwrap();
             let link = dir.join(b"link").unwrap();
             root.symlink(&link, name).unwrap();
             assert_eq!(root.stat(&file).unwrap().unwrap().kind, FileKind::File);
@@ -513,11 +537,11 @@ fn modes_are_permission_bits_only_and_ignore_the_umask() {
         root.set_mode(&rp(b"closed"), 0o1777).unwrap();
         assert_eq!(disk(b"closed"), 0o777);
         let t = root.create_temp().unwrap();
-        let st = root.commit_temp(t, &rp(b"f"), 0o4755, ts(1, 0)).unwrap();
+        let st = commit(&root, t, &rp(b"f"), 0o4755, ts(1, 0)).unwrap();
         assert_eq!(st.mode, 0o755);
         assert_eq!(disk(b"f"), 0o755);
         let t = root.create_temp().unwrap();
-        root.commit_temp(t, &rp(b"g"), 0o6777, ts(1, 0)).unwrap();
+        commit(&root, t, &rp(b"g"), 0o6777, ts(1, 0)).unwrap();
         assert_eq!(disk(b"g"), 0o777);
         root.set_mode(&rp(b"g"), 0o7000).unwrap();
         assert_eq!(disk(b"g"), 0o000);
@@ -649,7 +673,7 @@ fn a_replaced_root_is_detected_and_the_old_fd_stays_confined() {
         // The open root keeps working on the original directory, never on the new path.
         let t = root.create_temp().unwrap();
         t.file.write_all_at(b"still inside", 0).unwrap();
-        root.commit_temp(t, &rp(b"x"), 0o644, ts(1, 0)).unwrap();
+        commit(&root, t, &rp(b"x"), 0o644, ts(1, 0)).unwrap();
         root.mkdir(&rp(b"sub"), 0o755).unwrap();
         assert_eq!(fs::read(old.join("x")).unwrap(), b"still inside");
         fx.assert_out_untouched();
@@ -705,7 +729,7 @@ fn commit_temp_sets_mode_and_mtime_to_the_nanosecond() {
         let t = root.create_temp().unwrap();
         t.file.write_all_at(b"hello", 0).unwrap();
         let mtime = ts(1_234_567_890, 123_456_789);
-        let st = root.commit_temp(t, &p, 0o640, mtime).unwrap();
+        let st = commit(&root, t, &p, 0o640, mtime).unwrap();
         let m = fs::symlink_metadata(fx.share.join("d/f")).unwrap();
         assert_eq!(st.kind, FileKind::File);
         assert_eq!(st.mtime, mtime);
@@ -720,7 +744,7 @@ fn commit_temp_sets_mode_and_mtime_to_the_nanosecond() {
         assert_eq!(root.stat(&p).unwrap(), Some(st));
         // Replacing keeps the rules; a pre-epoch mtime is fine.
         let t = root.create_temp().unwrap();
-        let st2 = root.commit_temp(t, &p, 0o600, ts(-86_400, 1)).unwrap();
+        let st2 = commit(&root, t, &p, 0o600, ts(-86_400, 1)).unwrap();
         assert_ne!(st2.ino, st.ino);
         assert_eq!((st2.mtime, st2.mode, st2.size), (ts(-86_400, 1), 0o600, 0));
         // set_mtime on a file, a directory and a symlink (the link itself, not its target).
@@ -735,7 +759,7 @@ fn commit_temp_sets_mode_and_mtime_to_the_nanosecond() {
         // Out-of-range nanoseconds: refused, and the temp is gone.
         let t = root.create_temp().unwrap();
         assert_kind(
-            root.commit_temp(t, &rp(b"bad"), 0o644, ts(1, 1_000_000_000)),
+            commit(&root, t, &rp(b"bad"), 0o644, ts(1, 1_000_000_000)),
             FsErrorKind::Io,
             "bad nanos",
         );
@@ -752,7 +776,7 @@ fn commit_refuses_directories_and_commit_new_refuses_anything() {
         root.mkdir(&rp(b"dir"), 0o755).unwrap();
         let t = root.create_temp().unwrap();
         assert_kind(
-            root.commit_temp(t, &rp(b"dir"), 0o644, ts(1, 0)),
+            commit(&root, t, &rp(b"dir"), 0o644, ts(1, 0)),
             FsErrorKind::NotAFile,
             "commit over dir",
         );
@@ -771,18 +795,18 @@ fn commit_refuses_directories_and_commit_new_refuses_anything() {
         symlink("../OUT/x", fx.share.join("l")).unwrap();
         let t = root.create_temp().unwrap();
         t.file.write_all_at(b"replaced", 0).unwrap();
-        root.commit_temp(t, &rp(b"l"), 0o644, ts(1, 0)).unwrap();
+        commit(&root, t, &rp(b"l"), 0o644, ts(1, 0)).unwrap();
         assert!(fs::symlink_metadata(fx.share.join("l")).unwrap().is_file());
         // Missing parent, parent that is a file.
         let t = root.create_temp().unwrap();
         assert_kind(
-            root.commit_temp(t, &rp(b"nope/f"), 0o644, ts(1, 0)),
+            commit(&root, t, &rp(b"nope/f"), 0o644, ts(1, 0)),
             FsErrorKind::NotFound,
             "missing parent",
         );
         let t = root.create_temp().unwrap();
         assert_kind(
-            root.commit_temp(t, &rp(b"f/x"), 0o644, ts(1, 0)),
+            commit(&root, t, &rp(b"f/x"), 0o644, ts(1, 0)),
             FsErrorKind::NotADirectory,
             "file parent",
         );
@@ -799,7 +823,7 @@ fn removal_semantics() {
         root.mkdir(&rp(b"d"), 0o755).unwrap();
         root.mkdir(&rp(b"d/e"), 0o755).unwrap();
         let t = root.create_temp().unwrap();
-        root.commit_temp(t, &rp(b"f"), 0o644, ts(1, 0)).unwrap();
+        commit(&root, t, &rp(b"f"), 0o644, ts(1, 0)).unwrap();
         symlink("d", fx.share.join("ld")).unwrap();
         symlink("../OUT/secret", fx.share.join("ls")).unwrap();
         assert_kind(
@@ -1019,7 +1043,7 @@ fn racing_directory_symlink_swaps_never_reach_out() {
             let p = rp(name.as_bytes());
             let t = root.create_temp().unwrap();
             t.file.write_all_at(b"pwned", 0).unwrap();
-            match root.commit_temp(t, &p, 0o777, ts(1, 0)) {
+            match commit(&root, t, &p, 0o777, ts(1, 0)) {
                 Ok(_) => landed += 1,
                 Err(e) => {
                     assert_eq!(e.kind(), FsErrorKind::Symlink, "{e}");

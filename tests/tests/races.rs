@@ -350,13 +350,11 @@ async fn a_host_file_created_right_before_a_new_file_lands_is_a_conflict_and_bot
 
 /// An editor's atomic save (a temp file renamed over `f.txt`) at the last moment: after the
 /// host kept the old version in the trash by a hard link, right before the guest's version is
-/// renamed over the path. The rename then replaces the editor's new inode, which nothing else
-/// names: the host's edit is gone, from the tree and from the trash. A known loss while a
-/// replacing commit is a plain `rename(2)` after the trash link (docs/threat-model.md, "Known
-/// gaps"), so ignored; it fails as it stands:
-/// `cargo test -p vmsync-tests --test races -- --ignored`.
+/// put in its place. A plain `rename(2)` would replace the editor's new inode, which nothing
+/// else names; the commit swaps instead (`renameat2(RENAME_EXCHANGE)`), finds that what came
+/// out is not what the trash kept, and swaps it back: the host's edit stays where the editor
+/// put it, nothing is left in `.vmsync/tmp/`, and under `keep` the path is a conflict.
 #[tokio::test]
-#[ignore = "known loss: an atomic save between the trash link and the rename is replaced unkept"]
 async fn an_editors_atomic_save_between_the_final_check_and_the_rename_is_not_lost() {
     let mut p = guest_rewrote(ConflictPolicy::Keep).await;
     let (edited, seen) = flag();
@@ -374,15 +372,15 @@ async fn an_editors_atomic_save_between_the_final_check_and_the_rename_is_not_lo
     .unwrap();
     p.cycle().await;
     assert!(seen.load(Ordering::SeqCst), "the moment never came");
-    p.sync().await;
-    let host_kept = kept(&p.host_dir, "f.txt");
-    let host_now = read(&p.host_dir, "f.txt");
-    assert!(
-        host_now == b"host edit" || host_kept.contains(&b"host edit".to_vec()),
-        "the host's edit is lost: host holds {}, host trash [{}]",
-        show(&host_now),
-        show_all(&host_kept)
+    assert_eq!(
+        read(&p.host_dir, "f.txt"),
+        b"host edit",
+        "the host's edit is not where the editor put it (host trash [{}])",
+        show_all(&kept(&p.host_dir, "f.txt"))
     );
+    assert!(temps(&p.host_dir).is_empty());
+    p.sync().await;
+    assert_eq!(read(&p.host_dir, "f.txt"), b"host edit");
     assert_eq!(read(&p.guest_dir, "f.txt"), b"guest edit");
 }
 
@@ -666,10 +664,11 @@ impl Writer {
         now
     }
 
-    /// One edit, in place (the file's inode stays): mostly a new version of a few hundred
-    /// bytes, now and then one of several chunks, and now and then a deletion. A new version
-    /// never has the size of what is there, so its identity differs whatever the timestamp
-    /// resolution.
+    /// One edit: mostly a new version of a few hundred bytes written in place (the file's
+    /// inode stays), one in eight saved as an editor does (written beside the share, renamed
+    /// over `f.txt`), now and then one of several chunks, and now and then a deletion. A new
+    /// version never has the size of what is there, so its identity differs whatever the
+    /// timestamp resolution.
     fn edit(&mut self, rng: &mut StdRng, written: &Mutex<HashSet<Vec<u8>>>) {
         let now = self.look();
         self.edits += 1;
@@ -697,8 +696,15 @@ impl Writer {
         data.truncate(24);
         data.resize(24, b' ');
         data.extend_from_slice(&random_bytes(rng.random(), len));
-        std::fs::write(self.path(), &data).unwrap();
         written.lock().unwrap().insert(data.clone());
+        if rng.random_ratio(1, 8) {
+            // Beside the share, on its filesystem: the save itself is one rename.
+            let save = self.dir.with_extension("save");
+            std::fs::write(&save, &data).unwrap();
+            std::fs::rename(&save, self.path()).unwrap();
+        } else {
+            std::fs::write(self.path(), &data).unwrap();
+        }
         self.last = Some(data);
     }
 }
@@ -759,9 +765,8 @@ const MIDS: [Mid; 5] = [
 /// while a scan chunks it, before chunks are supplied, before a transition's check, between
 /// the check and the rename); each cycle a targeted one (as live hints make), every 25th a
 /// full one. Then quiescence: cycles until there is nothing left to do. An edit is a write in
-/// place (open, truncate, write) or, one in 40, a deletion; an editor's atomic save (a rename
-/// over the path) is left out: between the trash link and the rename it is the known loss
-/// shown by `an_editors_atomic_save_between_the_final_check_and_the_rename_is_not_lost`.
+/// place (open, truncate, write), one in eight an editor's atomic save (a rename over the
+/// path), or, one in 40, a deletion.
 ///
 /// What the product promises (docs/safety.md, "The trash"): every version that sync replaces
 /// or deletes on a side is kept in that side's trash; a version its own side's writer

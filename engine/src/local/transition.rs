@@ -363,9 +363,9 @@ impl LocalShare {
                     }
                     // Kept first, then replaced in one rename: the path is never empty.
                     Some(old) => {
-                        self.keep(path, old, true)?;
+                        let kept = self.keep(path, old, true)?;
                         let root = self.root().map_err(|e| e.to_string())?;
-                        root.replace_with_symlink_at(path, target, Some(*mtime))
+                        root.replace_with_symlink_at(path, target, Some(*mtime), kept)
                             .map_err(fs)?;
                         return Ok(None);
                     }
@@ -470,6 +470,7 @@ impl LocalShare {
             }
         }
         let root = self.root().map_err(|e| e.to_string())?;
+        let mut kept = None;
         match current {
             Some(Entry::Dir { .. }) => {
                 if let Err(e) = root.remove_dir(path) {
@@ -479,21 +480,23 @@ impl LocalShare {
             }
             // The old version is kept (a second link in the trash) before the rename replaces
             // it; if it cannot be kept, it is not replaced.
-            Some(old) => {
-                if let Err(e) = self.keep(path, old, true) {
+            Some(old) => match self.keep(path, old, true) {
+                Ok(ino) => kept = Some(ino),
+                Err(e) => {
                     let root = self.root().map_err(|e| e.to_string())?;
                     root.discard_temp(staged.temp);
                     return Err(e.into());
                 }
-            }
+            },
             None => {}
         }
         let root = self.root().map_err(|e| e.to_string())?;
         // Where nothing was, nothing is replaced: a file someone created since the check
-        // stays, and the change is decided again.
-        let committed = match current {
+        // stays, and the change is decided again. Where something was, only what was kept
+        // is replaced.
+        let committed = match kept {
             None => root.commit_temp_new(staged.temp, path, meta.mode, meta.mtime),
-            Some(_) => root.commit_temp(staged.temp, path, meta.mode, meta.mtime),
+            Some(ino) => root.commit_temp(staged.temp, path, meta.mode, meta.mtime, ino),
         };
         let stat = committed.map_err(|e| match e.kind() {
             FsErrorKind::Exists | FsErrorKind::NotAFile if current.is_none() => {
@@ -687,17 +690,21 @@ impl LocalShare {
             root.discard_temp(temp);
             return Err(reason.into());
         }
-        if let Some(old) = current {
-            if let Err(e) = self.keep(path, old, true) {
+        let kept = match current.map(|old| self.keep(path, old, true)) {
+            Some(Ok(ino)) => Some(ino),
+            Some(Err(e)) => {
                 let root = self.root().map_err(|e| e.to_string())?;
                 root.discard_temp(temp);
                 return Err(e.into());
             }
-        }
+            None => None,
+        };
         let root = self.root().map_err(|e| e.to_string())?;
-        let stat = root
-            .commit_temp(temp, path, meta.mode, meta.mtime)
-            .map_err(|e| ApplyError::Failed(fault_reason(FaultOp::Rename, &e)))?;
+        let committed = match kept {
+            Some(ino) => root.commit_temp(temp, path, meta.mode, meta.mtime, ino),
+            None => root.commit_temp_new(temp, path, meta.mode, meta.mtime),
+        };
+        let stat = committed.map_err(|e| ApplyError::Failed(fault_reason(FaultOp::Rename, &e)))?;
         Ok(IndexRecord::new(
             Identity::of(&stat),
             *meta,
@@ -734,8 +741,9 @@ impl LocalShare {
     }
 
     /// Keeps the file or symlink `entry` at `path` in the trash: moved there (`link` false:
-    /// a deletion) or linked there (`link` true: it is about to be replaced).
-    fn keep(&mut self, path: &RelPath, entry: &Entry, link: bool) -> Result<(), String> {
+    /// a deletion) or linked there (`link` true: it is about to be replaced). Returns the
+    /// inode kept, which a replacement must find at the path (see `ShareRoot::commit_temp`).
+    fn keep(&mut self, path: &RelPath, entry: &Entry, link: bool) -> Result<u64, String> {
         let root = self.root().map_err(|e| e.to_string())?;
         let kept = if link {
             root.trash_link(path)
@@ -755,13 +763,14 @@ impl LocalShare {
             }
             _ => self.trashed.push((kept.batch.clone(), 1, bytes)),
         }
+        let ino = kept.ino;
         self.kept.record(
             std::time::Instant::now(),
             path.clone(),
             kept.batch,
             entry.clone(),
         );
-        Ok(())
+        Ok(ino)
     }
 
     /// See [`Endpoint::put_back`](vmsync_core::endpoint::Endpoint::put_back).
@@ -874,7 +883,7 @@ impl LocalShare {
         let result = match current {
             None => return Ok(()),
             Some(Entry::Dir { .. }) => self.root().map_err(|e| e.to_string())?.remove_dir(path),
-            Some(entry) => return self.keep(path, entry, false),
+            Some(entry) => return self.keep(path, entry, false).map(drop),
         };
         result.map_err(|e| match e.kind() {
             FsErrorKind::NotEmpty => {

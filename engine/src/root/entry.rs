@@ -4,6 +4,7 @@
 
 use super::error::{fail, invalid, not_a_file, Loc};
 use super::resolve::open_beneath;
+use super::temp::Inodes;
 use super::{
     mtime_only, open_regular, random_u64, read_link_at, to_i64, DirHandle, FileKind, FsError,
     FsErrorKind, ShareRoot, Stat, RESERVED_DIR_MODE, TEMP_CREATE_ATTEMPTS, TMP_SHOWN,
@@ -204,17 +205,24 @@ impl ShareRoot {
     /// link is made in `.vmsync/tmp/` and renamed over `p`, so `p` is never empty. Keep the
     /// old entry first ([`ShareRoot::trash_link`]). Same target rules as
     /// [`ShareRoot::symlink`]; a directory at `p` is an error.
-    pub fn replace_with_symlink(&self, p: &RelPath, target: &[u8]) -> Result<(), FsError> {
-        self.replace_with_symlink_at(p, target, None)
+    pub fn replace_with_symlink(
+        &self,
+        p: &RelPath,
+        target: &[u8],
+        kept: u64,
+    ) -> Result<(), FsError> {
+        self.replace_with_symlink_at(p, target, None, kept)
     }
 
     /// [`ShareRoot::replace_with_symlink`], the new link also given `mtime` (when set) before
-    /// the rename puts it in place (a rename keeps it).
+    /// the rename puts it in place (a rename keeps it). Like [`ShareRoot::commit_temp`], it
+    /// replaces only the inode `kept` that [`ShareRoot::trash_link`] kept.
     pub fn replace_with_symlink_at(
         &self,
         p: &RelPath,
         target: &[u8],
         mtime: Option<Timestamp>,
+        kept: u64,
     ) -> Result<(), FsError> {
         const OP: &str = "replace with symlink";
         let loc = Loc::path(p);
@@ -253,9 +261,18 @@ impl ShareRoot {
                 return Err(fail(OP, loc, e));
             }
         }
-        if let Err(e) = rfs::renameat(&self.tmp, temp.as_str(), &dir, name) {
+        let swapped = rfs::statat(&self.tmp, temp.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| fail(OP, loc, e))
+            .and_then(|st| {
+                let inodes = Inodes {
+                    ours: st.st_ino,
+                    kept,
+                };
+                self.swap_in(OP, p, (&dir, name), &temp, inodes)
+            });
+        if let Err(e) = swapped {
             let _ = rfs::unlinkat(&self.tmp, temp.as_str(), AtFlags::empty());
-            return Err(fail(OP, loc, e));
+            return Err(e);
         }
         self.sync_parent(&dir, p).map_err(|e| fail(OP, loc, e))
     }

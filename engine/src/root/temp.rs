@@ -180,6 +180,13 @@ fn seal_fd(
     rfs::fsync(file).map_err(|e| fail(op, loc, e))
 }
 
+/// The inodes of a swap (see `ShareRoot::swap_in`): the entry put in place, and the one it
+/// may replace (held elsewhere by the caller).
+pub(super) struct Inodes {
+    pub(super) ours: u64,
+    pub(super) kept: u64,
+}
+
 impl ShareRoot {
     /// Creates a new, empty, unnamed temp file (mode 0600) for the file that will be committed
     /// at `p`: an `O_TMPFILE` inode in `p`'s directory, so the filesystem allocates it near its
@@ -283,30 +290,26 @@ impl ShareRoot {
         ))
     }
 
-    /// Puts a written temp file in place at `p`: sets its permission bits (`mode & PERM_MASK`)
-    /// and mtime, fsyncs it, renames it over `p` (replacing a regular file or symlink there;
-    /// a directory or special file at `p` is an error of kind `NotAFile`), then fsyncs `p`'s
-    /// directory. Returns the `fstat` of the placed file: its dev, ino and ctime are what the
+    /// Puts a written temp file in place at `p` instead of the regular file or symlink of
+    /// inode `kept` there, which the caller has kept ([`ShareRoot::trash_link`] returns it):
+    /// sets the temp's permission bits (`mode & PERM_MASK`) and mtime, fsyncs it, swaps it with
+    /// what `p` holds (see `swap_in`: anything but `kept` found there is put back, an error),
+    /// then fsyncs `p`'s directory. A directory or special file at `p` is an error of kind
+    /// `NotAFile`. Returns the `fstat` of the placed file: its dev, ino and ctime are what the
     /// index records.
     ///
-    /// Any error before the rename removes the temp (an fsync error in particular is final:
+    /// Any error before the swap removes the temp (an fsync error in particular is final:
     /// the data may be lost, so it must never be renamed into place). An error after the
-    /// rename (the directory fsync) means the file is in place but may not survive a crash.
+    /// swap (the directory fsync) means the file is in place but may not survive a crash.
     pub fn commit_temp(
         &self,
         temp: TempFile,
         p: &RelPath,
         mode: u32,
         mtime: Timestamp,
+        kept: u64,
     ) -> Result<Stat, FsError> {
-        self.commit(
-            "commit temp file",
-            temp,
-            p,
-            mode,
-            mtime,
-            RenameFlags::empty(),
-        )
+        self.commit("commit temp file", temp, p, mode, mtime, Some(kept))
     }
 
     /// [`ShareRoot::commit_temp`] for a path that must not exist: if anything appeared at `p`
@@ -319,7 +322,7 @@ impl ShareRoot {
         mode: u32,
         mtime: Timestamp,
     ) -> Result<Stat, FsError> {
-        self.commit("create file", temp, p, mode, mtime, RenameFlags::NOREPLACE)
+        self.commit("create file", temp, p, mode, mtime, None)
     }
 
     /// Makes `p` another name of the file at `other` (a hard link), replacing what `p` holds
@@ -359,15 +362,21 @@ impl ShareRoot {
                 return Err(e);
             }
         };
-        if let Err(e) = rfs::renameat(&self.tmp, temp.name(), &dir, name) {
+        faults::reached(self.dev_ino(), Moment::BeforeRename, p);
+        let inodes = Inodes {
+            ours: st.ino,
+            kept: p_was.ino,
+        };
+        if let Err(e) = self.swap_in(OP, p, (&dir, name), temp.name(), inodes) {
             self.discard_temp(temp);
-            return Err(fail(OP, loc, e));
+            return Err(e);
         }
         let st = rfs::fstat(&temp.file).map_err(|e| fail(OP, loc, e))?;
         self.sync_parent(&dir, p).map_err(|e| fail(OP, loc, e))?;
         Ok(Stat::from_raw(&st, self.dev))
     }
 
+    /// Puts `temp` at `p`: in place of inode `kept`, or (`None`) where nothing is.
     fn commit(
         &self,
         op: &'static str,
@@ -375,16 +384,16 @@ impl ShareRoot {
         p: &RelPath,
         mode: u32,
         mtime: Timestamp,
-        flags: RenameFlags,
+        kept: Option<u64>,
     ) -> Result<Stat, FsError> {
         let loc = Loc::path(p);
-        let placed = if flags == RenameFlags::NOREPLACE && temp.name.is_none() {
+        let placed = if kept.is_none() && temp.name.is_none() {
             // An unnamed temp for a new file is linked straight in: linkat(2) never replaces
             // anything, and it spares a name in `.vmsync/tmp/` and a rename across directories.
             self.link_new(op, &temp, p, mode, mtime)
         } else {
             self.name_temp(op, &mut temp)
-                .and_then(|()| self.prepare_and_rename(op, &temp, p, mode, mtime, flags))
+                .and_then(|()| self.prepare_and_rename(op, &temp, p, mode, mtime, kept))
         };
         let dir = match placed {
             Ok(dir) => dir,
@@ -433,7 +442,8 @@ impl ShareRoot {
         self.parent(op, p, OFlags::RDONLY)
     }
 
-    /// Everything up to and including the rename; returns the destination directory's fd.
+    /// Everything up to and including the rename (with `kept`, the swap); returns the
+    /// destination directory's fd.
     fn prepare_and_rename(
         &self,
         op: &'static str,
@@ -441,7 +451,7 @@ impl ShareRoot {
         p: &RelPath,
         mode: u32,
         mtime: Timestamp,
-        flags: RenameFlags,
+        kept: Option<u64>,
     ) -> Result<OwnedFd, FsError> {
         let loc = Loc::path(p);
         let (dir, name) = self.sealed_for(op, temp, p, mode, mtime)?;
@@ -463,23 +473,80 @@ impl ShareRoot {
             return Err(fail(op, loc, e));
         }
         faults::reached(self.dev_ino(), Moment::BeforeRename, p);
-        let renamed = if flags.is_empty() {
-            rfs::renameat(&self.tmp, temp.name(), &dir, name)
-        } else {
-            match rfs::renameat_with(&self.tmp, temp.name(), &dir, name, flags) {
-                // A filesystem without RENAME_NOREPLACE (some network and FUSE ones): the check
-                // above, then a plain rename, narrows the window to this moment.
-                Err(Errno::INVAL) if flags == RenameFlags::NOREPLACE => {
-                    if existed {
-                        return Err(fail(op, loc, Errno::EXIST));
-                    }
-                    rfs::renameat(&self.tmp, temp.name(), &dir, name)
+        if let Some(kept) = kept {
+            let ours = rfs::fstat(&temp.file).map_err(|e| fail(op, loc, e))?.st_ino;
+            self.swap_in(op, p, (&dir, name), temp.name(), Inodes { ours, kept })?;
+            return Ok(dir);
+        }
+        let flags = RenameFlags::NOREPLACE;
+        let renamed = match rfs::renameat_with(&self.tmp, temp.name(), &dir, name, flags) {
+            // A filesystem without RENAME_NOREPLACE (some network and FUSE ones): the check
+            // above, then a plain rename, narrows the window to this moment.
+            Err(Errno::INVAL) => {
+                if existed {
+                    return Err(fail(op, loc, Errno::EXIST));
                 }
-                other => other,
+                rfs::renameat(&self.tmp, temp.name(), &dir, name)
             }
+            other => other,
         };
         renamed.map_err(|e| fail(op, loc, e))?;
         Ok(dir)
+    }
+
+    /// Puts the entry `temp` of `.vmsync/tmp/` (inode `ours`) at `name` in `dir` (the path
+    /// `p`), in place of the inode `kept` that the caller holds elsewhere (in the trash, or
+    /// as another name), with one `renameat2(RENAME_EXCHANGE)`, then looks at what came out:
+    /// `kept` is unlinked from `.vmsync/tmp/`. Anything else was put at `p` by another program
+    /// after the caller looked (an editor's save renames a new file over the old one): it is
+    /// swapped back, and the error says the path changed, so the next cycle decides it again;
+    /// if what then comes out is not ours either (a second save in between), it is kept in
+    /// the trash. So nothing another program wrote is ever unlinked. Where the filesystem
+    /// cannot exchange, the path is looked at right before a plain rename.
+    pub(super) fn swap_in(
+        &self,
+        op: &'static str,
+        p: &RelPath,
+        (dir, name): (&OwnedFd, &[u8]),
+        temp: &str,
+        Inodes { ours, kept }: Inodes,
+    ) -> Result<(), FsError> {
+        const CHANGED: &str = "replaced by another program since it was checked; left as it is";
+        let loc = Loc::path(p);
+        let ino_at = |d: &OwnedFd, n: &[u8]| {
+            rfs::statat(d, n, AtFlags::SYMLINK_NOFOLLOW).map(|st| st.st_ino)
+        };
+        match rfs::renameat_with(&self.tmp, temp, dir, name, RenameFlags::EXCHANGE) {
+            Ok(()) => {}
+            Err(Errno::INVAL) => {
+                return match ino_at(dir, name) {
+                    Ok(ino) if ino == kept => {
+                        rfs::renameat(&self.tmp, temp, dir, name).map_err(|e| fail(op, loc, e))
+                    }
+                    Ok(_) | Err(Errno::NOENT) => Err(invalid(op, loc, CHANGED)),
+                    Err(e) => Err(fail(op, loc, e)),
+                };
+            }
+            // Nothing at `p` any more: removed since the caller looked.
+            Err(Errno::NOENT) => return Err(invalid(op, loc, CHANGED)),
+            Err(e) => return Err(fail(op, loc, e)),
+        }
+        let tmp_name = temp.as_bytes();
+        if ino_at(&self.tmp, tmp_name) == Ok(kept) {
+            if let Err(e) = rfs::unlinkat(&self.tmp, temp, AtFlags::empty()) {
+                // Held elsewhere anyway; a leftover temp is removed at the next start.
+                tracing::warn!("{op} {}: removing what it replaced: {e}", p.escaped());
+            }
+            return Ok(());
+        }
+        rfs::renameat_with(&self.tmp, temp, dir, name, RenameFlags::EXCHANGE)
+            .map_err(|e| fail(op, loc, e))?;
+        if ino_at(&self.tmp, tmp_name) == Ok(ours) {
+            let _ = rfs::unlinkat(&self.tmp, temp, AtFlags::empty());
+        } else {
+            self.trash_from(op, p, &self.tmp, tmp_name, false)?;
+        }
+        Err(invalid(op, loc, CHANGED))
     }
 
     /// Sets a written temp file's permission bits and mtime and fsyncs it, ahead of

@@ -39,6 +39,9 @@ pub(super) struct TrashBatch {
 pub struct Kept {
     pub batch: String,
     pub path: RelPath,
+    /// The inode kept: what a replacement must find at the path to put its new version
+    /// there (see `ShareRoot::commit_temp`).
+    pub ino: u64,
 }
 
 /// Batch names tried before giving up when they are taken (by another process).
@@ -67,9 +70,23 @@ impl ShareRoot {
     }
 
     fn trash_entry(&self, op: &'static str, p: &RelPath, link: bool) -> Result<Kept, FsError> {
-        let loc = Loc::path(p);
         let (dir, name) = self.parent(op, p, OFlags::RDONLY)?;
-        match rfs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        self.trash_from(op, p, &dir, name, link)
+    }
+
+    /// Keeps the entry `src` of `dir` in the trash as `p` (moved, or with `link` linked): the
+    /// entry at `p` itself, or one that has to leave `.vmsync/tmp/` (see `swap_in`).
+    pub(super) fn trash_from(
+        &self,
+        op: &'static str,
+        p: &RelPath,
+        dir: &OwnedFd,
+        src: &[u8],
+        link: bool,
+    ) -> Result<Kept, FsError> {
+        let loc = Loc::path(p);
+        let name = p.name().unwrap_or(src);
+        match rfs::statat(dir, src, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => {
                 let kind = Stat::from_raw(&st, self.dev).kind;
                 if matches!(kind, FileKind::Dir | FileKind::Other) {
@@ -97,16 +114,20 @@ impl ShareRoot {
                 continue;
             };
             let moved = if link {
-                rfs::linkat(&dir, name, &slot, name, AtFlags::empty())
+                rfs::linkat(dir, src, &slot, name, AtFlags::empty())
             } else {
-                rename_noreplace(&dir, name, &slot, name)
+                rename_noreplace(dir, src, &slot, name)
             };
             match moved {
                 Ok(()) => {
+                    let ino = rfs::statat(&slot, name, AtFlags::SYMLINK_NOFOLLOW)
+                        .map_err(|e| fail(op, loc, e))?
+                        .st_ino;
                     guard.dirty.push(slot);
                     break Kept {
                         batch,
                         path: p.clone(),
+                        ino,
                     };
                 }
                 Err(Errno::EXIST) if !fresh => fresh = true,
@@ -114,7 +135,7 @@ impl ShareRoot {
             }
         };
         if !link {
-            self.sync_parent(&dir, p).map_err(|e| fail(op, loc, e))?;
+            self.sync_parent(dir, p).map_err(|e| fail(op, loc, e))?;
         }
         if !guard.in_batch {
             self.close_trash_locked(&mut guard)?;
@@ -617,8 +638,10 @@ mod tests {
         std::os::unix::fs::symlink("t", dir.join("l")).unwrap();
         let root = ShareRoot::open(dir).unwrap();
         let kept = root.trash_link(&p(b"l")).unwrap();
-        root.replace_with_symlink(&p(b"l"), b"x/../t").unwrap_err();
-        root.replace_with_symlink(&p(b"l"), b"other").unwrap();
+        root.replace_with_symlink(&p(b"l"), b"x/../t", kept.ino)
+            .unwrap_err();
+        root.replace_with_symlink(&p(b"l"), b"other", kept.ino)
+            .unwrap();
         assert_eq!(
             std::fs::read_link(dir.join("l")).unwrap(),
             std::path::PathBuf::from("other")
