@@ -34,7 +34,8 @@ impl Identity {
     }
 }
 
-/// One indexed file.
+/// One indexed file. Its fields are stored in this order, and `IndexReader::identity` reads
+/// the first two alone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IndexRecord {
     pub identity: Identity,
@@ -271,6 +272,16 @@ impl IndexReader {
         postcard::from_bytes(value.value()).ok()
     }
 
+    /// The identity and metadata indexed for `path`, without its chunk list: what a scan
+    /// needs to trust a file it has seen before.
+    pub fn identity(&self, path: &RelPath) -> Option<(Identity, FileMeta)> {
+        let value = self.files.as_ref()?.get(path.as_bytes()).ok()??;
+        // A record starts with these two fields (see `IndexRecord`).
+        postcard::take_from_bytes(value.value())
+            .ok()
+            .map(|(head, _)| head)
+    }
+
     /// See [`FileIndex::locate`].
     pub fn locate(&self, hash: &Hash) -> Option<ChunkLocation> {
         let table = self.chunks.as_ref()?;
@@ -390,6 +401,17 @@ mod tests {
         assert!(idx.locate(&Hash([2; 32])).is_none());
         assert!(idx.locate(&Hash([3; 32])).is_some());
         assert_eq!((idx.len(), idx.bytes()), (1, 5));
+    }
+
+    #[test]
+    fn identity_reads_the_head_of_a_record() {
+        let a = RelPath::from_bytes(b"a").unwrap();
+        let (_dir, mut idx) = test_index();
+        let record = rec(&[(1, 10), (2, 20)]);
+        insert(&mut idx, &a, &record);
+        let reader = idx.reader();
+        assert_eq!(reader.identity(&a), Some((record.identity, record.meta)));
+        assert_eq!(reader.identity(&RelPath::from_bytes(b"b").unwrap()), None);
     }
 
     #[test]

@@ -358,11 +358,11 @@ impl Walk<'_> {
         if stat.nlink > 1 {
             self.out.linked.push((path.clone(), (stat.dev, stat.ino)));
         }
-        if let Some(rec) = self.index.get(&path) {
-            if rec.identity == Identity::of(&stat) {
+        if let Some((identity, meta)) = self.index.identity(&path) {
+            if identity == Identity::of(&stat) {
                 let meta = FileMeta {
                     mode: stat.mode & PERM_MASK,
-                    ..rec.meta
+                    ..meta
                 };
                 self.out.entries.push((path, Entry::File(meta)));
                 return;
