@@ -29,7 +29,7 @@ use vmsync_core::endpoint::{
 };
 use vmsync_core::progress::SyncState;
 use vmsync_core::text::escape_text;
-use vmsync_core::{ChunkRef, Entry, FileMeta, Hash, Manifest, RelPath};
+use vmsync_core::{ChunkRef, FileMeta, Hash, Manifest, RelPath};
 use vmsync_protocol::chunk::{level_for_batch, DEFAULT_ZSTD_LEVEL};
 use vmsync_protocol::limits::{CHUNK_MAX_BYTES, MAX_SCAN_ENTRIES};
 use vmsync_protocol::listing;
@@ -55,14 +55,14 @@ pub struct RemoteEndpoint {
     /// Manifests the last targeted scan brought, for `manifests` to answer from.
     scanned: HashMap<RelPath, Manifest>,
     /// The last full listing the guest sent, and its token: the next full scan comes as the
-    /// difference against it.
+    /// difference against it. Packed (`vmsync_protocol::listing::Packed`) while it waits.
     listing: Option<Listing>,
     /// The guest's big manifests as this endpoint saw them (see `stage`).
     memory: ManifestMemory,
 }
 
 /// A full listing received earlier: its token and entries.
-type Listing = (u64, Vec<(RelPath, Entry)>);
+type Listing = (u64, listing::Packed);
 
 impl Clone for RemoteEndpoint {
     /// A clone shares the session, not the unanswered supplies (they stay with the calls they
@@ -263,6 +263,8 @@ impl RemoteEndpoint {
             ResponseBody::ScanDelta(result) => result?,
             other => return Err(self.wrong_kind("ScanFull", &other)),
         };
+        let last =
+            last.and_then(|(token, packed)| Some((token, listing::unpack_entries(&packed)?)));
         let entries = match (delta.base, last) {
             (None, _) => delta.changed,
             (Some(b), Some((token, old))) if b == token => {
@@ -281,7 +283,8 @@ impl RemoteEndpoint {
                 )));
             }
         };
-        self.listing = Some((delta.token, entries.clone()));
+        // A listing that cannot be packed is not kept: the next one is asked for whole.
+        self.listing = listing::pack_entries(&entries).map(|packed| (delta.token, packed));
         Ok(ScanReport {
             root: delta.root,
             entries,

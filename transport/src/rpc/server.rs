@@ -16,7 +16,7 @@
 
 use super::framing::{self, Reader, Writer};
 use super::stats::{content_bytes, Stats};
-use super::told::{Listing, Told};
+use super::told::{Kept, Listing, Told};
 use crate::error::{error_chain, TransportError};
 use crate::limits::{
     HANDSHAKE_TIMEOUT_MS, PEER_SILENCE_LIMIT_MS, POLL_WAIT_MS, WRITE_QUEUE_MESSAGES,
@@ -640,7 +640,7 @@ async fn scan_full<E: Endpoint>(
     endpoint: &mut E,
     options: ScanOptions,
     base: Option<u64>,
-    last: Option<Listing>,
+    last: Option<Kept>,
     next_token: &mut u64,
 ) -> (ResponseBody, Option<Listing>) {
     let report = match endpoint.scan(ScanScope::Full, options).await {
@@ -651,7 +651,7 @@ async fn scan_full<E: Endpoint>(
     *next_token += 1;
     let (base, changed, removed) = match last {
         Some((t, old)) if Some(t) == base => {
-            let (changed, removed) = listing::diff(&old, &report.entries);
+            let (changed, removed) = listing::diff_packed(&old, &report.entries);
             (Some(t), changed, removed)
         }
         _ => (None, report.entries.clone(), Vec::new()),

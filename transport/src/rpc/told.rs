@@ -13,9 +13,13 @@
 
 use std::collections::HashMap;
 use vmsync_core::{Entry, RelPath};
+use vmsync_protocol::listing::{entry_digest, pack_digests, Packed};
 
-/// A full listing sent earlier in this session: its token and entries, sorted by path.
+/// A full listing sent: its token and entries, sorted by path.
 pub(super) type Listing = (u64, Vec<(RelPath, Entry)>);
+
+/// The last full listing sent in this session, kept: its token, and a digest of each entry.
+pub(super) type Kept = (u64, Packed);
 
 /// At most this many entries from targeted scans are remembered between two full scans (about
 /// 150 bytes each); past it the memory starts afresh, which only means some manifests are sent
@@ -28,24 +32,23 @@ const PRUNE_WORK_MAX: usize = 1 << 20;
 /// One share's memory within one session (see the module doc).
 #[derive(Debug, Default)]
 pub(super) struct Told {
-    listing: Option<Listing>,
+    listing: Option<Kept>,
     /// Entries reported by targeted scans since the last full listing.
     heard: HashMap<RelPath, Entry>,
 }
 
 impl Told {
     /// The last full listing, taken: a full scan replaces it (or, if it fails, leaves none).
-    pub(super) fn take_listing(&mut self) -> Option<Listing> {
+    pub(super) fn take_listing(&mut self) -> Option<Kept> {
         self.heard.clear();
         self.listing.take()
     }
 
     /// A full listing was sent: it is what the host knows now.
-    pub(super) fn listed(&mut self, mut listing: Listing) {
+    pub(super) fn listed(&mut self, (token, entries): Listing) {
         self.heard.clear();
-        // Kept for the session: without the spare room the scan's vector grew with.
-        listing.1.shrink_to_fit();
-        self.listing = Some(listing);
+        // A listing that cannot be packed is not kept: the next one is sent whole.
+        self.listing = pack_digests(&entries).map(|packed| (token, packed));
     }
 
     /// Whether the host has already been told that `path` is `entry`.
@@ -53,12 +56,11 @@ impl Told {
         if let Some(heard) = self.heard.get(path) {
             return heard == entry;
         }
-        let Some((_, entries)) = &self.listing else {
+        let Some((_, packed)) = &self.listing else {
             return false;
         };
-        entries
-            .binary_search_by(|(p, _)| p.cmp(path))
-            .is_ok_and(|i| entries[i].1 == *entry)
+        let digest = packed.get(path.as_bytes());
+        digest.is_some() && digest == entry_digest(entry).as_ref().map(|d| d.as_slice())
     }
 
     /// A targeted scan of `scope` reported these entries (sorted by path): what it did not
@@ -124,12 +126,12 @@ mod tests {
         let mut told = Told::default();
         told.listed((1, vec![(path("a"), file(1))]));
         told.heard(&[path("a")], &[(path("a"), file(2))]);
-        let (token, entries) = told.take_listing().unwrap();
+        let (token, _) = told.take_listing().unwrap();
         assert_eq!(token, 1);
         // Between taking and replacing the listing, nothing is known.
         assert!(!told.knows(&path("a"), &file(1)));
         assert!(!told.knows(&path("a"), &file(2)));
-        told.listed((2, entries));
+        told.listed((2, vec![(path("a"), file(1))]));
         assert!(told.knows(&path("a"), &file(1)));
         assert!(!told.knows(&path("a"), &file(2)));
     }
