@@ -8,8 +8,9 @@
 //! [`on_lost_marker`] wherever a check says no.
 
 use crate::filter::Filter;
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashSet};
-use vmsync_core::endpoint::ScanScope;
+use vmsync_core::endpoint::{Problem, ScanScope};
 use vmsync_core::path::subtree;
 use vmsync_core::reconcile::{reconcile, ConflictPolicy, Plan, Side, SyncMode};
 use vmsync_core::safety::HaltReason;
@@ -118,10 +119,11 @@ pub struct Planned {
 }
 
 /// Reconciles the views, then keeps every directory whose removal would take something its
-/// side ignores (`host_ignored`, `guest_ignored`: what each side's own ignore files exclude,
-/// sorted): nothing ignored is ever deleted. Such a directory is forgotten in the ancestor, so
-/// the next cycle sees it as that side's and gives the other side the (empty) directory back,
-/// where retrying the removal would fail on every cycle.
+/// side leaves alone (`host_ignored`, `guest_ignored`, sorted: what each side's own ignore
+/// files exclude, and what its scan could not sync, see [`unsynced`]): nothing ignored or
+/// unreadable is ever deleted. Such a directory is forgotten in the ancestor, so the next
+/// cycle sees it as that side's and gives the other side the (empty) directory back, where
+/// retrying the removal would fail on every cycle.
 pub fn plan(
     views: &Views,
     mode: SyncMode,
@@ -155,6 +157,24 @@ pub fn plan(
     let kept_dirs = !kept.is_empty();
     plan.agreed.extend(kept.into_iter().map(|p| (p, None)));
     Planned { plan, kept_dirs }
+}
+
+/// What a side holds that sync leaves alone, sorted, for [`plan`]: what its ignore files
+/// exclude (`ignored`, sorted, as scans report it) and the paths its scan reported as problems
+/// (a FIFO, an entry past the path bounds, a directory it could not open, a file that kept
+/// changing): a directory holding one cannot be removed, so it is kept.
+pub fn unsynced<'a>(ignored: &'a [RelPath], problems: &[Problem]) -> Cow<'a, [RelPath]> {
+    if problems.is_empty() {
+        return Cow::Borrowed(ignored);
+    }
+    let mut all: Vec<RelPath> = ignored
+        .iter()
+        .cloned()
+        .chain(problems.iter().map(|p| p.path.clone()))
+        .collect();
+    all.sort();
+    all.dedup();
+    Cow::Owned(all)
 }
 
 /// What a cycle does when a safety check objects.

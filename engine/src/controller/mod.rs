@@ -747,9 +747,16 @@ impl Controller {
             self.rehint.clear();
         }
         if let Some(halt) = &self.meta.halt {
-            // A missing root that came back unchanged lifts its own halt; every other halt
-            // waits for `resume`.
-            if !matches!(halt, HaltReason::RootMissing { .. }) {
+            // A missing root that came back unchanged lifts its own halt, and so does a replaced
+            // one whose recorded root is back (an unmounted filesystem mounted again: the mount
+            // point's own directory was the replacement), seen by a full cycle, which opens the
+            // roots anew. Every other halt waits for `resume`.
+            let may_lift = match halt {
+                HaltReason::RootMissing { .. } => true,
+                HaltReason::RootReplaced { .. } => scope == ScanScope::Full,
+                _ => false,
+            };
+            if !may_lift {
                 return Ok(CycleReport {
                     halted: true,
                     ..CycleReport::default()
@@ -897,7 +904,11 @@ impl Controller {
         if let Err(reason) = self.check_roots(&host_scan, &guest_scan) {
             return Ok(Err(Stop::Halt(reason)));
         }
-        if matches!(self.meta.halt, Some(HaltReason::RootMissing { .. })) {
+        if matches!(
+            self.meta.halt,
+            Some(HaltReason::RootMissing { .. } | HaltReason::RootReplaced { .. })
+        ) {
+            tracing::info!(share = %self.settings.name, "the recorded share roots are back");
             self.meta.halt = None;
             self.db.store_meta(&self.settings.name, &self.meta)?;
             self.show_halt();
@@ -976,8 +987,8 @@ impl Controller {
             self.settings.mode,
             self.settings.policy,
             guest_mtime_limit(crate::trash::now()),
-            &host_scan.ignored,
-            &guest_scan.ignored,
+            &planner::unsynced(&host_scan.ignored, &host_scan.problems),
+            &planner::unsynced(&guest_scan.ignored, &guest_scan.problems),
         );
         if let Err(reason) = self.judge_plan(&plan) {
             return Ok(Err(match planner::on_objection(scope, reason) {
