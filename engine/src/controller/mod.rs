@@ -1082,7 +1082,21 @@ impl Controller {
                 ShareState::InSync
             };
             s.conflicts = conflicts;
-            s.problems = problems;
+            s.problems = match scope {
+                ScanScope::Full => problems,
+                // Like conflicts: a problem outside the cycle's paths stands until a cycle
+                // that covers it finds it gone.
+                ScanScope::Paths(paths) => {
+                    let mut standing: Vec<ProblemView> = std::mem::take(&mut s.problems)
+                        .into_iter()
+                        .filter(|p| !covers(paths, &p.path))
+                        .collect();
+                    let over = (standing.len() + problems.len()).saturating_sub(MAX_STANDING);
+                    standing.drain(..over.min(standing.len()));
+                    standing.extend(problems);
+                    standing
+                }
+            };
             s.files = files;
             s.bytes = bytes;
             if let Some(dirs) = dirs {
@@ -1431,9 +1445,53 @@ impl Controller {
     }
 }
 
+/// At most this many problems are listed in `status` between two full cycles (the oldest
+/// standing ones go first).
+const MAX_STANDING: usize = 10_000;
+
+/// Whether a targeted cycle of `paths` covers the problem shown at `shown` (an escaped path):
+/// the path itself or one beneath it.
+fn covers(paths: &[RelPath], shown: &str) -> bool {
+    paths.iter().any(|p| {
+        let p = p.escaped();
+        p.is_empty()
+            || shown
+                .strip_prefix(p.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    })
+}
+
 /// Runs `f`, timing it (for the debug log).
 async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, std::time::Duration) {
     let clock = Instant::now();
     let out = f.await;
     (out, clock.elapsed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::covers;
+    use vmsync_core::RelPath;
+
+    #[test]
+    fn a_targeted_cycle_covers_its_paths_and_what_is_beneath_them() {
+        let paths = |ps: &[&str]| -> Vec<RelPath> {
+            ps.iter()
+                .map(|p| RelPath::from_bytes(p.as_bytes()).unwrap())
+                .collect()
+        };
+        let cases: &[(&[&str], &str, bool)] = &[
+            (&["a"], "a", true),
+            (&["a"], "a/b", true),
+            (&["a"], "ab", false),
+            (&["a"], "a.b", false),
+            (&["a/b"], "a", false),
+            (&["x", "a"], "a/b/c", true),
+            (&[""], "anything", true),
+            (&[], "a", false),
+        ];
+        for &(ps, shown, want) in cases {
+            assert_eq!(covers(&paths(ps), shown), want, "{ps:?} {shown}");
+        }
+    }
 }
