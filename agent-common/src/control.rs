@@ -125,6 +125,16 @@ pub async fn bind(path: &Path) -> std::io::Result<UnixListener> {
 /// How long a control client may take to send its request.
 pub const CONTROL_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Most control connections an agent serves at once. Past it a new connection is closed as
+/// soon as it is accepted: a flood of clients that connect and say nothing holds at most this
+/// many descriptors (each for [`CONTROL_READ_TIMEOUT`]), never the agent's whole fd limit,
+/// which its scans and staged files need.
+pub const MAX_CONTROL_CLIENTS: usize = 64;
+
+/// How long the control socket's accept loop waits after a failed accept (out of
+/// descriptors, say) before it tries again, instead of spinning.
+pub const CONTROL_ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
 /// Reads one request from an accepted connection, within [`CONTROL_READ_TIMEOUT`]: a client
 /// that connects and says nothing does not hold a task forever.
 pub async fn read_request(stream: &mut UnixStream) -> std::io::Result<ControlRequest> {

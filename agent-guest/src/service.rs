@@ -275,12 +275,23 @@ pub async fn run(config: GuestConfig, max_staged: usize) -> anyhow::Result<()> {
 }
 
 async fn serve_control(listener: tokio::net::UnixListener, shared: Shared) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(control::MAX_CONTROL_CLIENTS));
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
+        let mut stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::debug!("control socket: accept failed: {e}");
+                tokio::time::sleep(control::CONTROL_ACCEPT_RETRY).await;
+                continue;
+            }
+        };
+        // Too many clients at once: this one is closed (dropped) right away.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
         };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let response = match control::read_request(&mut stream).await {
                 Ok(ControlRequest::Status) => shared.snapshot(),
                 Ok(_) => ControlResponse::Error {

@@ -19,6 +19,7 @@ use vmsync_core::RelPath;
 use vmsync_engine::controller::{Controller, ShareSettings};
 use vmsync_engine::filter::Filter;
 use vmsync_engine::local::LocalEndpoint;
+use vmsync_engine::log_limit::LogLimit;
 use vmsync_engine::pace::GUEST_RESCANS;
 use vmsync_engine::schedule::{self, forward_changes, Answer, Command, Link, Live, Share};
 use vmsync_engine::state::StateDb;
@@ -30,6 +31,10 @@ use vmsync_transport::{client_handshake, connect, EndpointAddr, RemoteEndpoint, 
 /// First reconnect delay; doubles up to [`RECONNECT_MAX_MS`], with ±25 % jitter.
 const RECONNECT_MIN_MS: u64 = 100;
 const RECONNECT_MAX_MS: u64 = 5_000;
+/// A session that lasted at least this long starts the backoff again from
+/// [`RECONNECT_MIN_MS`]; a shorter one does not, so a guest that breaks every session right
+/// after the handshake is reconnected to at most every [`RECONNECT_MAX_MS`], not every 100 ms.
+const SESSION_RESETS_BACKOFF: Duration = Duration::from_millis(RECONNECT_MAX_MS);
 /// Hint messages queued between the watchers and the sync loop (each carries a whole set).
 const HINT_QUEUE: usize = 64;
 /// How long one connection attempt (not the handshake) may take.
@@ -145,6 +150,7 @@ pub async fn run(config: HostConfig, max_staged: usize) -> anyhow::Result<()> {
 
     let mut sync = SyncLoop {
         ready_sent: false,
+        cycle_log: Arc::default(),
         config,
         shares,
         shared,
@@ -236,7 +242,8 @@ pub async fn dial(
         .collect();
     let hello = handshake::hello(env!("CARGO_PKG_VERSION"), opens);
     let (session, welcome) = client_handshake(stream, hello).await?;
-    tracing::info!(guest_version = %welcome.agent_version, "handshake done");
+    // The run loop says it connected (at most once a minute: see `SyncLoop::run`).
+    tracing::debug!(guest_version = %welcome.agent_version, "handshake done");
     Ok((session, addr))
 }
 
@@ -293,13 +300,24 @@ async fn serve_control(
     tx: mpsc::Sender<Command<Answering>>,
     shared: Shared,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(control::MAX_CONTROL_CLIENTS));
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
+        let mut stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::debug!("control socket: accept failed: {e}");
+                tokio::time::sleep(control::CONTROL_ACCEPT_RETRY).await;
+                continue;
+            }
+        };
+        // Too many clients at once: this one is closed (dropped) right away.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
         };
         let tx = tx.clone();
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let response = match control::read_request(&mut stream).await {
                 Err(e) => ControlResponse::Error {
                     message: format!("bad request: {e}"),
@@ -383,6 +401,8 @@ async fn ask(
 struct SyncLoop {
     /// `READY=1` went to systemd (after the first full sync).
     ready_sent: bool,
+    /// Failed cycles' log limiter, kept from one session to the next (see `Live::with_log`).
+    cycle_log: Arc<Mutex<LogLimit>>,
     config: HostConfig,
     shares: Vec<Share<LocalEndpoint>>,
     shared: Shared,
@@ -393,11 +413,14 @@ impl SyncLoop {
     async fn run(&mut self) -> anyhow::Result<()> {
         let mut backoff = RECONNECT_MIN_MS;
         let mut last_error: Option<String> = None;
+        // Sessions starting and ending are logged at most once a minute each, with a count of
+        // the rest (`vmsync_engine::log_limit`): a guest that breaks every session must not
+        // fill the journal.
+        let mut logs = LogLimit::default();
         loop {
             self.set_states(ShareState::Connecting);
             match self.connect().await {
                 Ok((session, dialled)) => {
-                    backoff = RECONNECT_MIN_MS;
                     last_error = None;
                     // A `libvirt:` guest shows the address it resolved to this time.
                     let peer = if dialled == self.config.guest {
@@ -410,13 +433,23 @@ impl SyncLoop {
                     if let Ok(mut s) = self.shared.session.lock() {
                         *s = Some(session.clone());
                     }
-                    tracing::info!(guest = %self.config.guest, address = %dialled, "connected to guest");
+                    let version = vmsync_core::text::escape_text(&session.welcome().agent_version);
+                    let began = std::time::Instant::now();
+                    if let Some(line) = logs.admit("connected", "connected to guest", began) {
+                        tracing::info!(guest = %self.config.guest, address = %dialled, guest_version = %version, "{line}");
+                    }
                     let reason = self.connected(session).await;
                     if let Ok(mut s) = self.shared.session.lock() {
                         *s = None;
                     }
                     self.set_peer(false, Some(reason.clone()));
-                    tracing::warn!("guest session ended: {reason}");
+                    let message = format!("guest session ended: {reason}");
+                    if let Some(line) = logs.admit("ended", &message, std::time::Instant::now()) {
+                        tracing::warn!("{line}");
+                    }
+                    if began.elapsed() >= SESSION_RESETS_BACKOFF {
+                        backoff = RECONNECT_MIN_MS;
+                    }
                 }
                 Err(e) => {
                     let msg = format!("{e:#}");
@@ -497,6 +530,7 @@ impl SyncLoop {
             }
         };
         Live::new(&mut self.shares, remotes, SessionLink(session))
+            .with_log(self.cycle_log.clone())
             .run(&mut hint_rx, &mut self.rx, synced)
             .await
     }

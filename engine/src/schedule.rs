@@ -15,6 +15,7 @@ use crate::status::ShareState;
 use crate::watch::HintSet;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -157,8 +158,9 @@ pub struct Live<'a, L, R, K> {
     link: K,
     /// Hints gathered per share and not yet cycled.
     hints: Vec<HintSet>,
-    /// Failed cycles are logged at most once a minute per share and kind.
-    log: LogLimit,
+    /// Failed cycles are logged at most once a minute per share and kind: by a limiter the
+    /// caller keeps across connections ([`Live::with_log`]), else by one of this connection's.
+    log: Arc<Mutex<LogLimit>>,
 }
 
 impl<'a, L: Endpoint, R: Endpoint, K: Link> Live<'a, L, R, K> {
@@ -169,8 +171,15 @@ impl<'a, L: Endpoint, R: Endpoint, K: Link> Live<'a, L, R, K> {
             remotes,
             link,
             hints,
-            log: LogLimit::default(),
+            log: Arc::default(),
         }
+    }
+
+    /// Logs failed cycles through `log`, which the caller keeps from one connection to the
+    /// next: a guest that fails a cycle and then hangs up gets no fresh line a connection.
+    pub fn with_log(mut self, log: Arc<Mutex<LogLimit>>) -> Self {
+        self.log = log;
+        self
     }
 
     /// Syncs every share, calls `synced` once that first full sync is done, then keeps the
@@ -349,10 +358,8 @@ impl<'a, L: Endpoint, R: Endpoint, K: Link> Live<'a, L, R, K> {
                     Err(e) if e.is_disconnect() => return Err(e.to_string()),
                     Err(e) => {
                         let name = share.controller.name();
-                        let now = Instant::now().into_std();
                         if let Some(line) =
-                            self.log
-                                .admit(&format!("cycle:{name}"), &e.to_string(), now)
+                            admit(&self.log, &format!("cycle:{name}"), &e.to_string())
                         {
                             tracing::error!(share = %name, "cycle failed: {line}");
                         }
@@ -380,8 +387,7 @@ impl<'a, L: Endpoint, R: Endpoint, K: Link> Live<'a, L, R, K> {
             Err(e) if e.is_disconnect() => return Err(e.to_string()),
             Err(e) => {
                 let name = share.controller.name();
-                let now = Instant::now().into_std();
-                if let Some(line) = self.log.admit(&format!("bulk:{name}"), &e.to_string(), now) {
+                if let Some(line) = admit(&self.log, &format!("bulk:{name}"), &e.to_string()) {
                     tracing::error!(share = %name, "bulk transfer failed: {line}");
                 }
             }
@@ -456,6 +462,14 @@ fn credit(link: &impl Link, controller: &Controller, before: (u64, u64)) {
         sent.saturating_sub(before.0),
         received.saturating_sub(before.1),
     );
+}
+
+/// The line `log` lets out for `cause` now, if any (see [`LogLimit::admit`]).
+fn admit(log: &Mutex<LogLimit>, cause: &str, message: &str) -> Option<String> {
+    let now = Instant::now().into_std();
+    log.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .admit(cause, message, now)
 }
 
 /// Forwards a side's change hints to the sync loop, as share `index`'s, until the side or the

@@ -790,3 +790,124 @@ async fn guest_text_arrives_escaped() {
         other => panic!("expected an I/O error, got {other:?}"),
     }
 }
+
+// ---------------------------------------------------------------- hash fields of the wrong length
+
+/// `m` encoded and framed, with the 32 bytes of `h` (where they last occur) made `len` bytes
+/// long: cut to their first `len`, or followed by `len - 32` more. A hash is a fixed 32-byte
+/// field with no length on the wire, so this is what a hostile peer's short or long hash is.
+fn with_hash_of_length(m: &Message, h: &Hash, len: usize) -> Vec<u8> {
+    let mut body = postcard::to_allocvec(m).unwrap();
+    let at = body
+        .windows(32)
+        .rposition(|w| w == h.as_bytes())
+        .expect("the hash is in the message");
+    if len < 32 {
+        body.drain(at + len..at + 32);
+    } else {
+        let extra = vec![0x5a; len - 32];
+        body.splice(at + 32..at + 32, extra);
+    }
+    let mut framed = frame_header(body.len() as u32, false).to_vec();
+    framed.extend_from_slice(&body);
+    framed
+}
+
+/// A host's request whose last field is a hash (a transition's file digest) sent short (none of
+/// it, a 16-byte prefix, 31 bytes) or long (33 bytes): the message runs out inside the hash, or
+/// a byte is left over; either way it does not decode, the session ends, and the endpoint never
+/// sees the request.
+#[tokio::test]
+async fn a_request_with_a_hash_field_too_short_or_too_long_ends_the_session() {
+    let meta = meta_of(b"a file");
+    let request = Message::Request(Request {
+        id: 1,
+        share: 0,
+        body: RequestBody::Transition {
+            changes: vec![Change {
+                path: p("f"),
+                expected: None,
+                new: Some(Entry::File(meta)),
+            }],
+        },
+    });
+    for len in [0, 16, 31, 33] {
+        let guest = Fake::default();
+        let bytes = with_hash_of_length(&request, &meta.digest, len);
+        let r = server_result_after(guest.clone(), |host| async move {
+            let mut host = raw_host_after_handshake(host.into_inner()).await;
+            send_raw_bytes(&mut host, &bytes).await;
+            host
+        })
+        .await;
+        match (len, &r) {
+            (0..=31, Err(TransportError::Codec(CodecError::Decode(_)))) => {}
+            (33, Err(TransportError::Codec(CodecError::TrailingBytes { count: 1 }))) => {}
+            _ => panic!("a {len}-byte digest: {r:?}"),
+        }
+        assert_eq!(
+            guest.started.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "a {len}-byte digest reached the endpoint"
+        );
+    }
+}
+
+/// A guest's answer whose last field is a hash (a chunk still missing after a supply) sent
+/// short or long: it does not decode, the call fails and the session ends.
+#[tokio::test]
+async fn an_answer_with_a_hash_field_too_short_or_too_long_ends_the_session() {
+    let data = vec![1u8; 100];
+    let h = hash(&data);
+    for (len, needle) in [
+        (0, "does not decode"),
+        (16, "does not decode"),
+        (31, "does not decode"),
+        (33, "stray bytes"),
+    ] {
+        let session = session_with_answer(move |r| {
+            let answer = Message::Response(Response {
+                id: r.id,
+                body: ResponseBody::Supplied(Ok(vec![h])),
+            });
+            with_hash_of_length(&answer, &h, len)
+        })
+        .await;
+        let mut remote = session.endpoint(0).unwrap();
+        // A delta's supply waits for its answer (whole chunks are not waited for).
+        let r = remote
+            .supply(vec![(
+                h,
+                vmsync_core::endpoint::ChunkData::Delta(vec![0u8; 10]),
+            )])
+            .await;
+        assert_violation(&session, r, needle).await;
+    }
+}
+
+/// Nothing looks a chunk up by a prefix of its id: a chunk whose id differs from the one asked
+/// for in its last byte alone (carrying the very bytes of the chunk asked for) is not taken for
+/// it; the session ends.
+#[tokio::test]
+async fn a_chunk_whose_id_differs_from_the_one_asked_in_its_last_byte_is_refused() {
+    let session = session_with_answer(|r| {
+        let asked = match &r.body {
+            RequestBody::ReadChunks { reads } => reads[0].read.chunk.hash,
+            other => panic!("{other:?}"),
+        };
+        let data = vec![3u8; 2000];
+        assert_eq!(hash_chunk(&data), asked);
+        let mut near = asked;
+        near.0[31] ^= 1;
+        let chunk = encode_chunk(near, &data, 0);
+        bytes_of(&Message::Response(Response {
+            id: r.id,
+            body: ResponseBody::Chunks(Ok(vec![Some(vmsync_protocol::WireContent::Whole(chunk))])),
+        }))
+        .to_vec()
+    })
+    .await;
+    let mut remote = session.endpoint(0).unwrap();
+    let r = remote.read_chunks(one_read()).await;
+    assert_violation(&session, r, "for a read of").await;
+}
