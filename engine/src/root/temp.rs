@@ -500,9 +500,9 @@ impl ShareRoot {
     /// `kept` is unlinked from `.vmsync/tmp/`. Anything else was put at `p` by another program
     /// after the caller looked (an editor's save renames a new file over the old one): it is
     /// swapped back, and the error says the path changed, so the next cycle decides it again;
-    /// if what then comes out is not ours either (a second save in between), it is kept in
-    /// the trash. So nothing another program wrote is ever unlinked. Where the filesystem
-    /// cannot exchange, the path is looked at right before a plain rename.
+    /// if what then comes out is not ours either (a second save in between), or it cannot go
+    /// back, it is kept (`rescue`). So nothing another program wrote is ever unlinked. Where
+    /// the filesystem cannot exchange, the path is looked at right before a plain rename.
     pub(super) fn swap_in(
         &self,
         op: &'static str,
@@ -539,14 +539,34 @@ impl ShareRoot {
             }
             return Ok(());
         }
-        rfs::renameat_with(&self.tmp, temp, dir, name, RenameFlags::EXCHANGE)
-            .map_err(|e| fail(op, loc, e))?;
+        if let Err(e) = rfs::renameat_with(&self.tmp, temp, dir, name, RenameFlags::EXCHANGE) {
+            // It cannot go back (the path was removed meanwhile, say).
+            self.rescue(op, p, (dir, name), temp)?;
+            return Err(fail(op, loc, e));
+        }
         if ino_at(&self.tmp, tmp_name) == Ok(ours) {
             let _ = rfs::unlinkat(&self.tmp, temp, AtFlags::empty());
         } else {
-            self.trash_from(op, p, &self.tmp, tmp_name, false)?;
+            self.rescue(op, p, (dir, name), temp)?;
         }
         Err(invalid(op, loc, CHANGED))
+    }
+
+    /// Keeps another program's entry that a swap left under the temp's name (which the caller
+    /// removes): in the trash as `p`, or, if it cannot go there (a directory, a full trash),
+    /// back at `p` if `p` is free.
+    fn rescue(
+        &self,
+        op: &'static str,
+        p: &RelPath,
+        (dir, name): (&OwnedFd, &[u8]),
+        temp: &str,
+    ) -> Result<(), FsError> {
+        match self.trash_from(op, p, &self.tmp, temp.as_bytes(), false) {
+            Ok(_) => Ok(()),
+            Err(e) => rfs::renameat_with(&self.tmp, temp, dir, name, RenameFlags::NOREPLACE)
+                .map_err(|_| e),
+        }
     }
 
     /// Sets a written temp file's permission bits and mtime and fsyncs it, ahead of
