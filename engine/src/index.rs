@@ -304,6 +304,15 @@ impl IndexReader {
         })
     }
 
+    /// Every indexed file with its identity, in path order, without decoding chunk lists.
+    pub fn identities(&self) -> impl Iterator<Item = (RelPath, Identity)> + '_ {
+        self.rows(..).filter_map(|(k, v)| {
+            let path = RelPath::from_bytes(k.value()).ok()?;
+            let (identity, _) = postcard::take_from_bytes::<Identity>(v.value()).ok()?;
+            Some((path, identity))
+        })
+    }
+
     /// Every indexed path, in order.
     pub fn paths(&self) -> impl Iterator<Item = RelPath> + '_ {
         self.rows(..)
@@ -412,6 +421,8 @@ mod tests {
         let reader = idx.reader();
         assert_eq!(reader.identity(&a), Some((record.identity, record.meta)));
         assert_eq!(reader.identity(&RelPath::from_bytes(b"b").unwrap()), None);
+        let all: Vec<_> = reader.identities().collect();
+        assert_eq!(all, [(a, record.identity)]);
     }
 
     #[test]

@@ -25,8 +25,8 @@ impl LocalShare {
         let found: Vec<(RelPath, crate::links::Inode)> = self
             .index
             .reader()
-            .records()
-            .map(|(path, rec)| (path, (rec.identity.dev, rec.identity.ino)))
+            .identities()
+            .map(|(path, id)| (path, (id.dev, id.ino)))
             .filter(|(_, inode)| lonely.contains(inode))
             .collect();
         for (path, inode) in found {
