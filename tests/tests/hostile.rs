@@ -8,9 +8,7 @@
 // Integration tests: helpers outside #[test] fns panic on broken fixtures by design.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,55 +19,10 @@ use vmsync_protocol::limits::MAX_MESSAGE_BYTES;
 use vmsync_protocol::messages::ScanDelta;
 use vmsync_protocol::{Message, RequestBody, Response, ResponseBody};
 use vmsync_tests::agents::{eventually, Agents};
-use vmsync_tests::hostile::{benign, peak_rss, respond, Answer, HostileGuest, MARKER};
-
-/// The host's peak RSS whatever a guest sends: three times the largest message plus 64 MiB
-/// (docs/security.md, "Decoders cannot over-allocate"): the message as it arrives, what it
-/// decodes to, and what the allocator still holds of the one before (measured: 266-346 MiB
-/// for the largest hint list).
-const RSS_BOUND: u64 = 3 * MAX_MESSAGE_BYTES as u64 + (64 << 20);
-
-/// What is at each path under a directory: kind, size, mode, mtime, inode, and the bytes of a
-/// file or the target of a symlink.
-type Snapshot = BTreeMap<PathBuf, (u32, u64, u32, i64, u64, Vec<u8>)>;
-
-fn snapshot(dir: &Path) -> Snapshot {
-    let mut out = Snapshot::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            let m = std::fs::symlink_metadata(&p).unwrap();
-            let body = if m.is_file() {
-                std::fs::read(&p).unwrap()
-            } else if m.file_type().is_symlink() {
-                std::fs::read_link(&p)
-                    .unwrap()
-                    .into_os_string()
-                    .into_encoded_bytes()
-            } else {
-                Vec::new()
-            };
-            if m.is_dir() {
-                stack.push(p.clone());
-            }
-            let key = p.strip_prefix(dir).unwrap().to_path_buf();
-            let mtime_ns = m.mtime() * 1_000_000_000 + m.mtime_nsec();
-            out.insert(
-                key,
-                (
-                    m.mode() & 0o170000,
-                    m.size(),
-                    m.mode() & 0o7777,
-                    mtime_ns,
-                    m.ino(),
-                    body,
-                ),
-            );
-        }
-    }
-    out
-}
+use vmsync_tests::hostile::{
+    benign, make_out, peak_rss, respond, snapshot, Answer, HostileGuest, Snapshot, MARKER,
+    RSS_BOUND,
+};
 
 /// The host agent against a hostile guest answering with `answer`, and an `OUT` directory
 /// beside the host's share.
@@ -82,19 +35,7 @@ struct Setup {
 
 fn setup(answer: impl Fn(&vmsync_protocol::Request) -> Answer + Send + Sync + 'static) -> Setup {
     let mut a = Agents::new("");
-    let out = a.tmp.path().join("OUT");
-    std::fs::create_dir_all(out.join("dir")).unwrap();
-    std::fs::write(out.join("a.txt"), "outside the share").unwrap();
-    std::fs::write(out.join("dir/b.txt"), "also outside").unwrap();
-    std::os::unix::fs::symlink("a.txt", out.join("link")).unwrap();
-    rustix::fs::mknodat(
-        rustix::fs::CWD,
-        out.join("fifo"),
-        rustix::fs::FileType::Fifo,
-        rustix::fs::Mode::from_raw_mode(0o644),
-        0,
-    )
-    .unwrap();
+    let out = make_out(a.tmp.path());
     let before = snapshot(&out);
     // The relay forwards the host's connections to where the guest would listen.
     let guest = HostileGuest::start(&a.tmp.path().join("guest.sock"), answer);
