@@ -571,3 +571,31 @@ pub fn rsync_differences(src: &Path, dst: &Path, extra: &[&str]) -> Vec<String> 
         .map(str::to_owned)
         .collect()
 }
+
+/// `cp -a` keeps mtimes and modes, as a disk snapshot does.
+pub fn copy_contents(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    let out = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", from.display()))
+        .arg(to)
+        .output()
+        .expect("run cp");
+    assert!(
+        out.status.success(),
+        "cp: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Empties `dir` but keeps the directory itself (a revert restores the share root's inode).
+pub fn empty(dir: &Path) {
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = entry.path();
+        if entry.file_type().unwrap().is_dir() {
+            std::fs::remove_dir_all(&p).unwrap();
+        } else {
+            std::fs::remove_file(&p).unwrap();
+        }
+    }
+}

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 use vmsync_tests::agents::{eventually, Agents};
-use vmsync_tests::fixture::{assert_same_tree, read, tree, write, Node};
+use vmsync_tests::fixture::{assert_same_tree, copy_contents, empty, read, tree, write, Node};
 
 /// Bound on every wait for an outcome.
 const SETTLE: Duration = Duration::from_secs(60);
@@ -612,34 +612,6 @@ fn a_version_kept_while_the_guests_clock_was_behind_stays_once_the_clock_is_put_
         !pruned,
         "the guest's only copy of its edit, kept seconds ago, was pruned as 20 years old"
     );
-}
-
-/// `cp -a` keeps mtimes and modes, as a disk snapshot does.
-fn copy_contents(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    let out = Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", from.display()))
-        .arg(to)
-        .output()
-        .expect("run cp");
-    assert!(
-        out.status.success(),
-        "cp: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Empties `dir` but keeps the directory itself (a revert restores the share root's inode).
-fn empty(dir: &Path) {
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = entry.path();
-        if entry.file_type().unwrap().is_dir() {
-            std::fs::remove_dir_all(&p).unwrap();
-        } else {
-            std::fs::remove_file(&p).unwrap();
-        }
-    }
 }
 
 /// Whether `dir/rel` holds exactly `want`.

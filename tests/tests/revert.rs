@@ -9,10 +9,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 use vmsync_tests::agents::{eventually, Agents};
-use vmsync_tests::fixture::{assert_same_tree, read, tree, write};
+use vmsync_tests::fixture::{assert_same_tree, copy_contents, empty, read, tree, write};
 
 /// A copy of the guest's disk at one instant: its share and its agent's state directory.
 struct Snapshot {
@@ -21,34 +20,6 @@ struct Snapshot {
 
 fn guest_state(a: &Agents) -> PathBuf {
     a.tmp.path().join("guest-state")
-}
-
-/// `cp -a` keeps mtimes and modes, as a disk snapshot does.
-fn copy_contents(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    let out = Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", from.display()))
-        .arg(to)
-        .output()
-        .expect("run cp");
-    assert!(
-        out.status.success(),
-        "cp: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Empties `dir` but keeps the directory itself (a revert restores the share root's inode).
-fn empty(dir: &Path) {
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = entry.path();
-        if entry.file_type().unwrap().is_dir() {
-            std::fs::remove_dir_all(&p).unwrap();
-        } else {
-            std::fs::remove_file(&p).unwrap();
-        }
-    }
 }
 
 /// Takes a snapshot of the running guest: frozen while its disk is copied.
