@@ -25,8 +25,12 @@ pub fn visible(entries: Vec<(RelPath, Entry)>, filter: &Filter) -> Snapshot {
 }
 
 /// Of the changes applied but not recorded (by this process, or a predecessor killed between
-/// a transition and its record), those a full scan shows landed: where the side now holds
-/// exactly what was applied. The first of several at one path wins.
+/// a transition and its record), those a full scan shows landed and still agreed: the side a
+/// change was sent to holds exactly what was applied, and so does the guest. The guest's half
+/// is what keeps a rollback safe: a guest reverted to before the change no longer holds it, so
+/// the change stays unrecorded and the host's version reads as the host's own (copied back to
+/// the guest), never the guest's older one as an edit over it (docs/safety.md, "Snapshot
+/// reverts"). The first of several at one path wins.
 pub fn landed(
     candidates: Vec<(Side, RelPath, Option<Entry>)>,
     host: &Snapshot,
@@ -36,11 +40,11 @@ pub fn landed(
     candidates
         .into_iter()
         .filter(|(side, path, new)| {
-            let snap = match side {
+            let target = match side {
                 Side::Host => host,
                 Side::Guest => guest,
             };
-            snap.get(path) == new.as_ref()
+            target.get(path) == new.as_ref() && guest.get(path) == new.as_ref()
         })
         .filter(|(_, path, _)| seen.insert(path.clone()))
         .map(|(_, path, new)| (path, new))
@@ -309,16 +313,18 @@ mod tests {
     }
 
     #[test]
-    fn landed_takes_what_the_side_holds_now_first_wins() {
-        let host = snap(&["a=1", "b=2"]);
-        let guest = snap(&["c=3"]);
+    fn landed_takes_what_the_target_and_the_guest_hold_now_first_wins() {
+        let host = snap(&["a=1", "b=2", "e=5", "f=6"]);
+        let guest = snap(&["a=1", "c=3", "e=4"]);
         let candidates = vec![
-            (Side::Host, p("a"), Some(file(1))), // landed
+            (Side::Host, p("a"), Some(file(1))), // landed, and the guest holds it
             (Side::Host, p("b"), Some(file(9))), // something else is there
             (Side::Guest, p("c"), Some(file(3))),
             (Side::Guest, p("a"), None), // a later note of a landed path: the first wins
             (Side::Guest, p("d"), None), // a removal that landed
             (Side::Host, p("c"), Some(file(3))), // the other side's path
+            (Side::Host, p("e"), Some(file(5))), // landed, but the guest holds an older e
+            (Side::Host, p("f"), Some(file(6))), // landed, but the guest has no f (reverted)
         ];
         let got = landed(candidates, &host, &guest);
         assert_eq!(

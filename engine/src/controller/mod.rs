@@ -149,9 +149,10 @@ pub struct Controller {
     settings: ShareSettings,
     db: Arc<StateDb>,
     ancestor: Ancestor,
-    /// Changes sent in a transition that never answered: each may or may not have landed.
-    /// The next full cycle records in the ancestor those its scan finds in place, so that a
-    /// copy which landed is not read as the destination's own edit (and a deletion of it on
+    /// Changes sent in a transition that never answered (each may or may not have landed), or
+    /// applied and not recorded. The next full cycle records in the ancestor those its scans
+    /// find in place on the side they went to and on the guest ([`planner::landed`]), so that
+    /// a copy which landed is not read as the destination's own edit (and a deletion of it on
     /// the source brought back from there).
     unconfirmed: Vec<(Side, RelPath, Option<Entry>)>,
     /// The guest batch in flight, noted on disk (see [`PendingBatch`]).
@@ -1421,8 +1422,9 @@ impl Controller {
     /// now, so the ancestor takes them (in memory too, for the next cycle of this process).
     ///
     /// The guest may be gone, so nothing is recorded here: what landed without being recorded
-    /// is verified by the next full cycle's scans and recorded then (`unconfirmed`; either
-    /// side holding the new entry is enough, the change made both sides hold it). The
+    /// is verified by the next full cycle's scans and recorded then (`unconfirmed`, see
+    /// [`planner::landed`]; these answered, so they are noted as the guest's: the guest still
+    /// holding the new entry is enough, and one that went back in time does not). The
     /// generation and what the transitions did record are kept.
     fn record_cut_off(&mut self, executed: Executed) {
         if let Some(recorder) = &executed.recorder {
@@ -1437,11 +1439,11 @@ impl Controller {
         // The recorded prefix is in the ancestor already.
         let mut applied = executed.applied;
         let unrecorded = applied.split_off(executed.recorded.min(applied.len()));
-        for (path, new) in unrecorded {
-            for side in [Side::Host, Side::Guest] {
-                self.unconfirmed.push((side, path.clone(), new.clone()));
-            }
-        }
+        self.unconfirmed.extend(
+            unrecorded
+                .into_iter()
+                .map(|(path, new)| (Side::Guest, path, new)),
+        );
     }
 }
 
