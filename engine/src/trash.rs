@@ -528,6 +528,12 @@ pub struct TrashUsage {
     thin_after: Option<Instant>,
     /// The last prune left the trash over its size with thinning waiting for `thin_after`.
     thin_deferred: bool,
+    /// When this process saw a batch made (the first [`TrashUsage::made`] of it) or, for one
+    /// whose name is in the future, first saw it: such a batch's age runs from then on the
+    /// monotonic clock, not from the time in its name, which the wall clock of its making
+    /// wrote. A clock set years back or ahead while a batch was made then neither expires it
+    /// at once nor keeps it for years once the clock is put right.
+    seen: BTreeMap<BatchId, Instant>,
 }
 
 impl TrashUsage {
@@ -566,6 +572,47 @@ impl TrashUsage {
         }
     }
 
+    /// Notes that this process made `batch` (a transition kept something in it) at `at`.
+    pub fn made(&mut self, batch: &str, at: Instant) {
+        if let Some(id) = BatchId::parse(batch.as_bytes()) {
+            self.seen.entry(id).or_insert(at);
+        }
+    }
+
+    /// Takes the counts of a new walk (`walked`), keeping what this one knows of when each
+    /// batch still there was made and when thinning is due.
+    pub fn remeasured(&mut self, walked: TrashUsage) {
+        let seen = std::mem::take(&mut self.seen);
+        let thin_after = self.thin_after;
+        *self = walked;
+        self.thin_after = thin_after;
+        self.seen = seen
+            .into_iter()
+            .filter(|(id, _)| self.batches.contains_key(id))
+            .collect();
+    }
+
+    /// The time a batch's age runs from: when this process saw it made or first saw it
+    /// ([`TrashUsage::seen`]), by `now` minus the monotonic time since; else its name's.
+    fn made_at(&mut self, id: BatchId, now: Timestamp) -> Timestamp {
+        if id.time > now {
+            self.seen.entry(id).or_insert_with(Instant::now);
+        }
+        match self.seen.get(&id) {
+            Some(at) => {
+                let ago = at.elapsed();
+                let secs = i64::try_from(ago.as_secs()).unwrap_or(i64::MAX);
+                let (mut secs, mut nanos) = (now.secs.saturating_sub(secs), now.nanos);
+                if nanos < ago.subsec_nanos() {
+                    secs = secs.saturating_sub(1);
+                    nanos += 1_000_000_000;
+                }
+                Timestamp::new(secs, nanos - ago.subsec_nanos())
+            }
+            None => id.time,
+        }
+    }
+
     /// Files and bytes in the trash.
     pub fn totals(&self) -> (u64, u64) {
         (self.files, self.bytes)
@@ -581,17 +628,18 @@ impl TrashUsage {
         share_bytes: u64,
         now: Timestamp,
     ) -> Result<(u64, u64), FsError> {
-        // Oldest first, as the map is ordered.
-        let batches: Vec<BatchUsage> = self
-            .batches
-            .iter()
-            .map(|(&id, &(_, bytes))| BatchUsage {
+        let ids: Vec<(BatchId, u64)> = self.batches.iter().map(|(&id, &(_, b))| (id, b)).collect();
+        let mut batches: Vec<BatchUsage> = ids
+            .into_iter()
+            .map(|(id, bytes)| BatchUsage {
                 id,
-                time: id.time,
+                time: self.made_at(id, now),
                 bytes,
                 open: is_open(&id.name()),
             })
             .collect();
+        // Oldest first.
+        batches.sort_by_key(|b| (b.time, b.id));
         let remove = plan_prune(
             &batches,
             now,
@@ -791,6 +839,7 @@ impl Pruner {
                             for note in std::iter::once(note).chain(rx.try_iter()) {
                                 match note {
                                     Note::Kept(batch, files, bytes) => {
+                                        usage.made(&batch, Instant::now());
                                         usage.add(&batch, files, bytes);
                                         unpruned = true;
                                     }
@@ -817,7 +866,7 @@ impl Pruner {
                     if now >= measure_at {
                         measure_at = now + MEASURE_EVERY;
                         match TrashUsage::measure(&root) {
-                            Ok(u) => usage = u,
+                            Ok(u) => usage.remeasured(u),
                             Err(e) => tracing::warn!(share = %share, "measuring the trash: {e}"),
                         }
                     }
@@ -1413,6 +1462,53 @@ mod tests {
 
     /// Counted as transitions report it, the trash prunes as a walk of it would: the same
     /// batches go, and the counts follow.
+    /// Age runs from when this process saw a batch made (or, named in the future, first saw
+    /// it), whatever its name says: a batch named 20 years back that was made just now stays;
+    /// one named 20 years ahead ages from its first sight and expires `keep_deleted` after it;
+    /// one this process did not see made ages by its name. A walk keeps what was seen.
+    #[test]
+    fn a_batch_ages_from_when_it_was_seen_made_not_from_its_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = ShareRoot::open(tmp.path()).unwrap();
+        let t = now();
+        let year = 365 * 86_400;
+        let named = |secs: i64, n| batch_name(Timestamp::new(t.secs + secs, 0), n);
+        let (behind, ahead, old) = (
+            named(-20 * year, 1),
+            named(20 * year, 2),
+            named(-20 * year, 3),
+        );
+        for name in [&behind, &ahead, &old] {
+            let at = tmp.path().join(".vmsync/trash").join(name).join("f");
+            std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+            std::fs::write(&at, b"kept").unwrap();
+        }
+        let mut usage = TrashUsage::default();
+        usage.made(&behind, Instant::now());
+        usage.remeasured(TrashUsage::measure(&root).unwrap());
+        let second = Retention {
+            max_age: Duration::from_secs(1),
+            max_size: SizeLimit::Percent(100),
+        };
+        assert_eq!(usage.prune(&root, second, 1 << 30, t).unwrap(), (2, 8));
+        let left = |root: &ShareRoot| {
+            let mut names: Vec<Vec<u8>> = root.trash_batches().unwrap();
+            names.sort();
+            names
+        };
+        assert_eq!(
+            left(&root),
+            [behind.clone().into_bytes(), ahead.clone().into_bytes()]
+        );
+        // Two seconds on by the monotonic clock, the wall clock standing still: both expire.
+        for (id, at) in usage.seen.iter_mut() {
+            assert!([&behind, &ahead].contains(&&id.name()));
+            *at = at.checked_sub(Duration::from_secs(2)).unwrap();
+        }
+        assert_eq!(usage.prune(&root, second, 1 << 30, t).unwrap(), (0, 0));
+        assert!(left(&root).is_empty());
+    }
+
     #[test]
     fn usage_counted_as_kept_prunes_like_a_walk() {
         let tmp = tempfile::tempdir().unwrap();
