@@ -1150,6 +1150,126 @@ mod tests {
         assert_eq!(dir_time(&f.share, "d"), t3);
     }
 
+    /// Every file, directory and symlink beneath `dir`, with a file's bytes or a link's target.
+    fn listing(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                let meta = std::fs::symlink_metadata(&p).unwrap();
+                let rel = p.strip_prefix(dir).unwrap().to_path_buf();
+                if meta.is_symlink() {
+                    let target = std::fs::read_link(&p).unwrap();
+                    out.push((rel, target.into_os_string().into_encoded_bytes()));
+                } else if meta.is_dir() {
+                    out.push((rel, b"/".to_vec()));
+                    stack.push(p);
+                } else {
+                    out.push((rel, std::fs::read(&p).unwrap()));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// A symlink `d` and operations beneath `d/` in one transition, in either order: whatever
+    /// `d` points to (outside, absolute, the root itself, a directory inside), nothing beneath
+    /// it is made, through it or anywhere; the escaping links are not made at all; the
+    /// directory outside and the one inside stay as they were.
+    #[test]
+    fn a_symlink_and_operations_beneath_it_in_one_batch_reach_nothing_in_either_order() {
+        let p = |s: &str| RelPath::from_bytes(s.as_bytes()).unwrap();
+        for target in ["../OUT", "/tmp/vmsync-no-such-dir/OUT", ".", "sub"] {
+            for reversed in [false, true] {
+                let mut f = fixture();
+                let out = f.share_dir.parent().unwrap().join("OUT");
+                std::fs::create_dir(&out).unwrap();
+                std::fs::write(out.join("victim"), b"outside\n").unwrap();
+                std::fs::create_dir(f.share_dir.join("sub")).unwrap();
+                std::fs::write(f.share_dir.join("sub/kept"), b"inside\n").unwrap();
+                full_scan(&mut f.share);
+                let kept = f.share.index.get(&p("sub/kept")).unwrap().meta;
+                let (out_before, share_before) = (listing(&out), listing(&f.share_dir));
+                let data = content(11);
+                let file = p("d/victim");
+                let missing = stage(&mut f.share, &file, &data);
+                f.share.supply(missing).unwrap();
+                let link = Change {
+                    path: p("d"),
+                    expected: None,
+                    new: Some(Entry::Symlink {
+                        target: target.as_bytes().to_vec(),
+                        mtime: MTIME,
+                    }),
+                };
+                let mut beneath = vec![
+                    create(&file, &data),
+                    Change {
+                        path: p("d/newdir"),
+                        expected: None,
+                        new: Some(Entry::Dir {
+                            mode: 0o755,
+                            mtime: MTIME,
+                        }),
+                    },
+                    Change {
+                        path: p("d/l"),
+                        expected: None,
+                        new: Some(Entry::Symlink {
+                            target: b"kept".to_vec(),
+                            mtime: MTIME,
+                        }),
+                    },
+                    // What `sub/kept` is, so that only the path decides.
+                    Change {
+                        path: p("d/kept"),
+                        expected: Some(Entry::File(kept.clone())),
+                        new: None,
+                    },
+                ];
+                let n = beneath.len();
+                let batch = if reversed {
+                    beneath.push(link);
+                    beneath
+                } else {
+                    std::iter::once(link).chain(beneath).collect()
+                };
+                let outcomes = f.share.transition(batch).unwrap();
+                let (link_outcome, beneath) = if reversed {
+                    (&outcomes[n], &outcomes[..n])
+                } else {
+                    (&outcomes[0], &outcomes[1..])
+                };
+                let case = format!("d -> {target}, reversed: {reversed}: {outcomes:?}");
+                assert!(
+                    beneath.iter().all(|o| *o != Outcome::Applied),
+                    "an operation beneath the link applied; {case}"
+                );
+                assert_eq!(listing(&out), out_before, "{case}");
+                let mut share_after = listing(&f.share_dir);
+                share_after.retain(|(rel, _)| !rel.starts_with(".vmsync"));
+                let mut want: Vec<_> = share_before
+                    .iter()
+                    .filter(|(rel, _)| !rel.starts_with(".vmsync"))
+                    .cloned()
+                    .collect();
+                if *link_outcome == Outcome::Applied {
+                    want.push(("d".into(), target.as_bytes().to_vec()));
+                    want.sort();
+                }
+                assert_eq!(share_after, want, "{case}");
+                if target.starts_with('/') || target.starts_with("..") {
+                    assert_ne!(*link_outcome, Outcome::Applied, "{case}");
+                }
+                // A staged file whose change failed stays staged until the next full scan.
+                full_scan(&mut f.share);
+                assert_eq!(leftover_temps(&f.share_dir), 0, "{case}");
+            }
+        }
+    }
+
     #[test]
     fn background_seal_failure_fails_the_change() {
         let mut f = fixture();
