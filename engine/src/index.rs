@@ -295,12 +295,6 @@ impl IndexReader {
         })
     }
 
-    /// Where `path`'s record places the chunk `hash` first: (offset, length).
-    pub fn place(&self, hash: &Hash, path: &RelPath) -> Option<(u64, u32)> {
-        let table = self.chunks.as_ref()?;
-        Some(table.get(chunk_key(hash, path).as_slice()).ok()??.value())
-    }
-
     /// Every indexed file with its record, in path order.
     pub fn records(&self) -> impl Iterator<Item = (RelPath, IndexRecord)> + '_ {
         self.rows(..).filter_map(|(k, v)| {

@@ -155,11 +155,6 @@ impl Stat {
         }
     }
 
-    /// `fstat` of a file this module opened (a regular file: its device plays no part).
-    pub fn of_open_file(file: &File) -> Result<Stat, Errno> {
-        rfs::fstat(file).map(|st| Stat::from_raw(&st, 0))
-    }
-
     /// The synced permission bits (`mode & PERM_MASK`).
     pub fn perm(&self) -> u32 {
         self.mode & PERM_MASK
