@@ -25,14 +25,17 @@ pub fn visible(entries: Vec<(RelPath, Entry)>, filter: &Filter) -> Snapshot {
 }
 
 /// Of the changes applied but not recorded (by this process, or a predecessor killed between
-/// a transition and its record), those a full scan shows landed and still agreed: the side a
-/// change was sent to holds exactly what was applied, and so does the guest. The guest's half
-/// is what keeps a rollback safe: a guest reverted to before the change no longer holds it, so
-/// the change stays unrecorded and the host's version reads as the host's own (copied back to
-/// the guest), never the guest's older one as an edit over it (docs/safety.md, "Snapshot
-/// reverts"). The first of several at one path wins.
+/// a transition and its record), those a full scan shows landed: the side a change was sent
+/// to holds exactly what was applied. One more condition keeps a rollback safe: the guest must
+/// not hold what the ancestor still records for the path (`ancestor`), the state from before
+/// the change. A guest reverted to before it holds exactly that; the change then stays
+/// unrecorded, so the host's version reads as the host's own (given to the guest), never the
+/// guest's older one as an edit over it (docs/safety.md, "Snapshot reverts"). A guest that
+/// holds the change, or changed the file again since, does not. The first of several at one
+/// path wins.
 pub fn landed(
     candidates: Vec<(Side, RelPath, Option<Entry>)>,
+    ancestor: impl Fn(&RelPath) -> Option<Entry>,
     host: &Snapshot,
     guest: &Snapshot,
 ) -> Vec<(RelPath, Option<Entry>)> {
@@ -44,7 +47,9 @@ pub fn landed(
                 Side::Host => host,
                 Side::Guest => guest,
             };
-            target.get(path) == new.as_ref() && guest.get(path) == new.as_ref()
+            let now = guest.get(path);
+            target.get(path) == new.as_ref()
+                && (now == new.as_ref() || now != ancestor(path).as_ref())
         })
         .filter(|(_, path, _)| seen.insert(path.clone()))
         .map(|(_, path, new)| (path, new))
@@ -313,9 +318,11 @@ mod tests {
     }
 
     #[test]
-    fn landed_takes_what_the_target_and_the_guest_hold_now_first_wins() {
-        let host = snap(&["a=1", "b=2", "e=5", "f=6"]);
-        let guest = snap(&["a=1", "c=3", "e=4"]);
+    fn landed_takes_what_the_target_holds_unless_the_guest_went_back_first_wins() {
+        let host = snap(&["a=1", "b=2", "e=5", "f=6", "g=7"]);
+        let guest = snap(&["a=1", "c=3", "e=4", "g=9"]);
+        // What the ancestor records: e and g as they were before the change to them.
+        let ancestor = snap(&["e=4", "g=4"]);
         let candidates = vec![
             (Side::Host, p("a"), Some(file(1))), // landed, and the guest holds it
             (Side::Host, p("b"), Some(file(9))), // something else is there
@@ -323,16 +330,18 @@ mod tests {
             (Side::Guest, p("a"), None), // a later note of a landed path: the first wins
             (Side::Guest, p("d"), None), // a removal that landed
             (Side::Host, p("c"), Some(file(3))), // the other side's path
-            (Side::Host, p("e"), Some(file(5))), // landed, but the guest holds an older e
-            (Side::Host, p("f"), Some(file(6))), // landed, but the guest has no f (reverted)
+            (Side::Host, p("e"), Some(file(5))), // landed; the guest holds e as before it
+            (Side::Host, p("f"), Some(file(6))), // landed; the guest has no f, as before it
+            (Side::Host, p("g"), Some(file(7))), // landed; the guest changed g again since
         ];
-        let got = landed(candidates, &host, &guest);
+        let got = landed(candidates, |p| ancestor.get(p).cloned(), &host, &guest);
         assert_eq!(
             got,
             vec![
                 (p("a"), Some(file(1))),
                 (p("c"), Some(file(3))),
-                (p("d"), None)
+                (p("d"), None),
+                (p("g"), Some(file(7))),
             ]
         );
     }

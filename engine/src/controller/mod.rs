@@ -150,10 +150,11 @@ pub struct Controller {
     db: Arc<StateDb>,
     ancestor: Ancestor,
     /// Changes sent in a transition that never answered (each may or may not have landed), or
-    /// applied and not recorded. The next full cycle records in the ancestor those its scans
-    /// find in place on the side they went to and on the guest ([`planner::landed`]), so that
-    /// a copy which landed is not read as the destination's own edit (and a deletion of it on
-    /// the source brought back from there).
+    /// applied and not recorded (noted for both sides: it answered, so it landed on its
+    /// side). The next full cycle records in the ancestor those its scans find in place, unless
+    /// the guest went back to before them ([`planner::landed`]), so that a copy which landed is
+    /// not read as the destination's own edit (and a deletion of it on the source brought back
+    /// from there).
     unconfirmed: Vec<(Side, RelPath, Option<Entry>)>,
     /// The guest batch in flight, noted on disk (see [`PendingBatch`]).
     pending: PendingBatch,
@@ -945,7 +946,8 @@ impl Controller {
             // What this process or a killed predecessor applied without recording it.
             let mut candidates = std::mem::take(&mut self.unconfirmed);
             candidates.extend(self.pending.load());
-            let landed = planner::landed(candidates, &host_snap, &guest_snap);
+            let ancestor = |p: &RelPath| self.ancestor.get(p).ok().flatten();
+            let landed = planner::landed(candidates, ancestor, &host_snap, &guest_snap);
             self.commit_ancestor(guest, landed).await?;
             self.pending.clear();
         }
@@ -1423,9 +1425,7 @@ impl Controller {
     ///
     /// The guest may be gone, so nothing is recorded here: what landed without being recorded
     /// is verified by the next full cycle's scans and recorded then (`unconfirmed`, see
-    /// [`planner::landed`]; these answered, so they are noted as the guest's: the guest still
-    /// holding the new entry is enough, and one that went back in time does not). The
-    /// generation and what the transitions did record are kept.
+    /// [`planner::landed`]). The generation and what the transitions did record are kept.
     fn record_cut_off(&mut self, executed: Executed) {
         if let Some(recorder) = &executed.recorder {
             self.generation = recorder.generation;
@@ -1439,11 +1439,11 @@ impl Controller {
         // The recorded prefix is in the ancestor already.
         let mut applied = executed.applied;
         let unrecorded = applied.split_off(executed.recorded.min(applied.len()));
-        self.unconfirmed.extend(
-            unrecorded
-                .into_iter()
-                .map(|(path, new)| (Side::Guest, path, new)),
-        );
+        for (path, new) in unrecorded {
+            for side in [Side::Host, Side::Guest] {
+                self.unconfirmed.push((side, path.clone(), new.clone()));
+            }
+        }
     }
 }
 
