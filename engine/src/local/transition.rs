@@ -1225,7 +1225,7 @@ mod tests {
                     // What `sub/kept` is, so that only the path decides.
                     Change {
                         path: p("d/kept"),
-                        expected: Some(Entry::File(kept.clone())),
+                        expected: Some(Entry::File(kept)),
                         new: None,
                     },
                 ];
