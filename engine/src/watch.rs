@@ -651,6 +651,7 @@ fn on_event(
                 }
             }
             if event.need_rescan() {
+                tracing::info!(root = %root.display(), "the kernel's event queue overflowed: the whole share is rescanned");
                 hints.add_rescan();
             } else if !matches!(event.kind, EventKind::Access(_)) {
                 let rules = match rules.read() {

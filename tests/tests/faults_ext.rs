@@ -1179,3 +1179,40 @@ async fn a_standing_problem_stays_listed_after_a_live_cycle_elsewhere() {
     p.cycle_paths(&["fifo"]).await;
     assert!(p.status().problems.is_empty(), "{:?}", p.status().problems);
 }
+
+/// A real inotify queue overflow: the guest agent is stopped (`SIGSTOP`) while files are made
+/// in its share, about twice as many events as the kernel's queue holds
+/// (`fs.inotify.max_queued_events`, 16,384 by default), so the kernel drops the rest and queues
+/// `IN_Q_OVERFLOW`. Once the agent runs again it says so and rescans the whole share: every
+/// file reaches the host, the trees end identical.
+#[test]
+fn a_real_inotify_queue_overflow_rescans_and_loses_no_file() {
+    let limit: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(16_384);
+    if limit > 65_536 {
+        eprintln!("skipped: fs.inotify.max_queued_events is {limit}, too many files to fill");
+        return;
+    }
+    let mut a = Agents::new("");
+    write(&a.guest_dir, "flood/before.txt", "synced before the flood\n");
+    a.start();
+    a.wait_in_sync();
+    a.freeze_guest();
+    // In a directory the agent watches already (a new one would get its watch only once the
+    // agent runs): each new file is at least two events, its creation and its close after
+    // writing.
+    let dir = a.guest_dir.join("flood");
+    for i in 0..limit + 1_000 {
+        std::fs::write(dir.join(format!("{i:05}")), format!("{i}\n")).unwrap();
+    }
+    a.thaw_guest();
+    let said = eventually(SETTLE, || {
+        a.log("guest.log")
+            .contains("the kernel's event queue overflowed")
+    });
+    assert!(said, "no overflow seen; {}", a.log_tail("guest.log", 20));
+    a.converge(SETTLE);
+    assert_same_tree(&a.host_dir, &a.guest_dir);
+}
