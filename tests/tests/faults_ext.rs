@@ -1196,7 +1196,11 @@ fn a_real_inotify_queue_overflow_rescans_and_loses_no_file() {
         return;
     }
     let mut a = Agents::new("");
-    write(&a.guest_dir, "flood/before.txt", "synced before the flood\n");
+    write(
+        &a.guest_dir,
+        "flood/before.txt",
+        "synced before the flood\n",
+    );
     a.start();
     a.wait_in_sync();
     a.freeze_guest();
