@@ -171,6 +171,16 @@ pub fn encode_content(hash: Hash, data: &ChunkData, level: i32) -> WireContent {
     }
 }
 
+/// [`encode_content`] of content the caller gives up: data sent raw (no compression asked, or
+/// none that pays) is moved into the message, not copied, so a batch of chunks on its way is
+/// held once rather than twice.
+pub fn encode_content_owned(hash: Hash, data: ChunkData, level: i32) -> WireContent {
+    match data {
+        ChunkData::Whole(d) => WireContent::Whole(encode_chunk_owned(hash, d, level)),
+        ChunkData::Delta(d) => WireContent::Delta(encode_delta(hash, &d, level)),
+    }
+}
+
 /// Unpacks supplied content for `Endpoint::supply`, which verifies every whole chunk against
 /// its id itself (its contract): checked here for length and codec only, so each byte is
 /// hashed once. A delta is verified once applied, by the destination.
@@ -191,28 +201,43 @@ pub use vmsync_core::digest::hash_chunk;
 /// data (media, archives, already-compressed files) would grow by the frame overhead. `hash` is
 /// trusted to be the chunk's id: the caller read the data from a verified source.
 pub fn encode_chunk(hash: Hash, data: &[u8], level: i32) -> WireChunk {
-    // A length beyond u32 cannot be a chunk; saturating makes the receiver (and our own
-    // pre-send validation) reject it rather than see a wrapped length.
-    let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
-    if level != COMPRESSION_OFF && !data.is_empty() {
-        if let Some(compressed) = compress(data, level) {
-            let saved = data.len().saturating_sub(compressed.len());
-            if compressed.len() < data.len() && saved * MIN_SAVING_DIVISOR >= data.len() {
-                return WireChunk {
-                    hash,
-                    len,
-                    codec: Codec::Zstd,
-                    data: compressed,
-                };
-            }
-        }
-    }
-    WireChunk {
+    compressed_chunk(hash, data, level).unwrap_or_else(|| WireChunk {
         hash,
-        len,
+        len: wire_len(data),
         codec: Codec::Raw,
         data: data.to_vec(),
+    })
+}
+
+/// [`encode_chunk`] of data the caller gives up: sent raw, it is moved, not copied.
+pub fn encode_chunk_owned(hash: Hash, data: Vec<u8>, level: i32) -> WireChunk {
+    compressed_chunk(hash, &data, level).unwrap_or_else(|| WireChunk {
+        hash,
+        len: wire_len(&data),
+        codec: Codec::Raw,
+        data,
+    })
+}
+
+/// A length beyond u32 cannot be a chunk; saturating makes the receiver (and our own pre-send
+/// validation) reject it rather than see a wrapped length.
+fn wire_len(data: &[u8]) -> u32 {
+    u32::try_from(data.len()).unwrap_or(u32::MAX)
+}
+
+/// The chunk compressed at `level`, when that pays (see [`encode_chunk`]).
+fn compressed_chunk(hash: Hash, data: &[u8], level: i32) -> Option<WireChunk> {
+    if level == COMPRESSION_OFF || data.is_empty() {
+        return None;
     }
+    let compressed = compress(data, level)?;
+    let saved = data.len().saturating_sub(compressed.len());
+    (compressed.len() < data.len() && saved * MIN_SAVING_DIVISOR >= data.len()).then(|| WireChunk {
+        hash,
+        len: wire_len(data),
+        codec: Codec::Zstd,
+        data: compressed,
+    })
 }
 
 /// Encodes a delta for the wire, compressing it like a chunk when that pays.

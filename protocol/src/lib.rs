@@ -24,8 +24,9 @@ pub mod messages;
 pub mod validate;
 
 pub use chunk::{
-    decode_chunk, decode_delta, encode_chunk, encode_content, encode_delta, unpack_chunk,
-    unpack_content, ChunkError, Codec, WireChunk, WireContent, WireDelta,
+    decode_chunk, decode_delta, encode_chunk, encode_chunk_owned, encode_content,
+    encode_content_owned, encode_delta, unpack_chunk, unpack_content, ChunkError, Codec, WireChunk,
+    WireContent, WireDelta,
 };
 pub use codec::{decode_message, encode_message, CodecError, MessageCodec};
 pub use frame::{FrameCodec, FrameError, MinRate};

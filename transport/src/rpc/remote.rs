@@ -35,7 +35,8 @@ use vmsync_protocol::limits::{CHUNK_MAX_BYTES, MAX_SCAN_ENTRIES};
 use vmsync_protocol::listing;
 use vmsync_protocol::messages::{BasedRead, ManifestForm, StageAnswer, StageFile};
 use vmsync_protocol::{
-    decode_chunk, decode_delta, encode_content, RequestBody, ResponseBody, WireChunk, WireContent,
+    decode_chunk, decode_delta, encode_content_owned, RequestBody, ResponseBody, WireChunk,
+    WireContent,
 };
 
 /// At most this many supplies of whole chunks in flight unanswered per endpoint: enough that
@@ -515,9 +516,10 @@ impl Endpoint for RemoteEndpoint {
         let level = level_for_batch(self.zstd_level, raw);
         let sent: HashSet<Hash> = chunks.iter().map(|(h, _)| *h).collect();
         let whole = chunks.iter().all(|(_, d)| matches!(d, ChunkData::Whole(_)));
+        // Consumed: raw data moves into the message instead of being copied beside it.
         let wire: Vec<WireContent> = chunks
-            .iter()
-            .map(|(hash, data)| encode_content(*hash, data, level))
+            .into_iter()
+            .map(|(hash, data)| encode_content_owned(hash, data, level))
             .collect();
         let content = content_bytes(&wire);
         if whole {

@@ -50,7 +50,7 @@ use vmsync_protocol::messages::{
     SCAN_MANIFESTS_MAX, SCAN_MANIFEST_MAX_FILE_BYTES,
 };
 use vmsync_protocol::{
-    encode_content, encode_message, unpack_content, CodecError, Message, Refused, Request,
+    encode_content_owned, encode_message, unpack_content, CodecError, Message, Refused, Request,
     RequestBody, RequestKind, Response, ResponseBody, ShareOpen,
 };
 
@@ -477,7 +477,7 @@ async fn dispatch<E: Endpoint>(
                 Ok(asked
                     .iter()
                     .zip(datas)
-                    .map(|(hash, data)| data.map(|d| encode_content(*hash, &d, level)))
+                    .map(|(hash, data)| data.map(|d| encode_content_owned(*hash, d, level)))
                     .collect())
             });
             ResponseBody::Chunks(result.map_err(WireError::from))
