@@ -36,7 +36,9 @@ use vmsync_core::deletions::{judge, planned_losses, DeletionWindow};
 use vmsync_core::endpoint::{Endpoint, EndpointError, Outcome, ScanOptions, ScanReport, ScanScope};
 use vmsync_core::path::escape_bytes;
 use vmsync_core::quota::{self, OverQuota, Quota};
-use vmsync_core::reconcile::{guest_mtime_limit, Action, ConflictPolicy, Plan, Side, SyncMode};
+use vmsync_core::reconcile::{
+    guest_mtime_limit, Action, Conflict, ConflictPolicy, Plan, Side, SyncMode,
+};
 use vmsync_core::rollback::{check_generation, rollback_ancestor, GenerationCheck};
 use vmsync_core::safety::{check_emptied, check_root, DeletionLimit, HaltReason};
 use vmsync_core::{Entry, RelPath, Snapshot};
@@ -137,9 +139,10 @@ struct Cycle {
 }
 
 /// What `status` shows of a cycle besides what it executed.
-struct Shown<'a> {
-    views: &'a planner::Views,
-    plan: &'a Plan,
+struct Shown {
+    /// Directories on the host, the root included (a full cycle only).
+    dirs: Option<u64>,
+    conflicts: Vec<Conflict>,
     kept_dirs: bool,
     problems: Vec<ProblemView>,
 }
@@ -778,17 +781,24 @@ impl Controller {
         };
         let Cycle {
             views,
-            plan,
+            mut plan,
             kept_dirs,
             mut problems,
         } = cycle;
+        // All that is shown of the views: they (three snapshots of the scope) and the plan's
+        // actions (moved into `execute`) are not kept while the cycle executes.
+        let dirs = (scope == ScanScope::Full)
+            .then(|| 1 + views.host.values().filter(|e| e.is_dir()).count() as u64);
+        drop(views);
+        let actions = std::mem::take(&mut plan.actions);
+        let planned_actions = actions.len();
 
         self.set_state(ShareState::Syncing);
-        let mut ancestor_changes: Vec<(RelPath, Option<Entry>)> = plan.agreed.clone();
+        let mut ancestor_changes: Vec<(RelPath, Option<Entry>)> = std::mem::take(&mut plan.agreed);
         let defer = scope != ScanScope::Full;
         let planned = started.elapsed();
         let mut executed = self
-            .execute(host, guest, &plan, defer, &mut problems)
+            .execute(host, guest, actions, defer, &mut problems)
             .await?;
         if let Some(rec) = &executed.recorder {
             self.generation = rec.generation;
@@ -819,7 +829,7 @@ impl Controller {
         tracing::debug!(
             share = %self.settings.name,
             full = scope == ScanScope::Full,
-            actions = plan.actions.len(),
+            actions = planned_actions,
             applied = executed.applied.len(),
             "cycle: scanned (host {} us, guest {} us) and planned in {} us, executed in {} us \
              (manifests {}, stage {}, transfer {}, transition {}), recorded in {} us",
@@ -835,8 +845,8 @@ impl Controller {
         );
         self.bulk.extend(std::mem::take(&mut executed.bulk));
         let shown = Shown {
-            views: &views,
-            plan: &plan,
+            dirs,
+            conflicts: plan.conflicts,
             kept_dirs,
             problems,
         };
@@ -1062,10 +1072,9 @@ impl Controller {
             }
         }
         self.conflicts
-            .extend(shown.plan.conflicts.iter().map(|c| c.path.clone()));
+            .extend(shown.conflicts.into_iter().map(|c| c.path));
         let conflicts: Vec<String> = self.conflicts.iter().map(RelPath::escaped).collect();
-        let dirs = (*scope == ScanScope::Full)
-            .then(|| 1 + shown.views.host.values().filter(|e| e.is_dir()).count() as u64);
+        let dirs = shown.dirs;
         let report = CycleReport {
             applied: executed.applied.len(),
             conflicts: conflicts.len(),
@@ -1366,7 +1375,7 @@ impl Controller {
         &mut self,
         host: &mut H,
         guest: &mut G,
-        plan: &Plan,
+        actions: Vec<Action>,
         defer: bool,
         problems: &mut Vec<ProblemView>,
     ) -> Result<Executed, CycleError> {
@@ -1378,18 +1387,13 @@ impl Controller {
                 pending: PendingBatch::new(&self.space.state_dir, &self.settings.name),
             }),
             queued: self.bulk.iter().flat_map(BulkJob::queued).collect(),
-            progress: (!plan.actions.is_empty())
-                .then(|| ProgressSink::start(self.status.clone(), &plan.actions)),
+            progress: (!actions.is_empty())
+                .then(|| ProgressSink::start(self.status.clone(), &actions)),
             ..Executed::default()
         };
-        let mut host_actions = Vec::new();
-        let mut guest_actions = Vec::new();
-        for action in &plan.actions {
-            match action.target {
-                Side::Host => host_actions.push(action.clone()),
-                Side::Guest => guest_actions.push(action.clone()),
-            }
-        }
+        let (host_actions, guest_actions): (Vec<Action>, Vec<Action>) = actions
+            .into_iter()
+            .partition(|action| action.target == Side::Host);
         // Apply each side: see `Transfer::apply` for the order. A side that fails part way
         // leaves what already landed recorded in the ancestor (see `Executed::recorder`).
         let applied = async {

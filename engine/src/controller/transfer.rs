@@ -26,8 +26,13 @@ use vmsync_core::{Entry, FileMeta, Hash, RelPath};
 /// trips and directory fsyncs few (each directory is fsynced once per batch) and the
 /// destination's parallel fsyncs busy.
 pub(super) const MAX_STAGE_BATCH_FILES: usize = 128;
-/// Chunks per stage batch (summed over its manifests): bounds the size of one message.
-pub(super) const MAX_STAGE_BATCH_CHUNKS: usize = 64 * 1024;
+/// Chunks per stage batch (summed over its manifests, estimated from sizes): bounds the size
+/// of one message and what both sides keep per chunk while the batch is filled (the source's
+/// bookkeeping below, the destination's missing chunks of each staged file). 16 Ki chunks is
+/// one 256 MiB file (a bigger file is a batch of its own); at 64 Ki the standard benchmark's
+/// four 256 MiB files went in one batch, about 18 MiB of bookkeeping on the host and 4 MiB in
+/// the guest at once.
+pub(super) const MAX_STAGE_BATCH_CHUNKS: usize = 16 * 1024;
 /// Chunks per read/supply round trip: 64 chunks are at most 4 MiB.
 pub(super) const MAX_CHUNKS_PER_READ: usize = 64;
 /// Changes per transition message.
@@ -215,11 +220,17 @@ impl<S: Endpoint, D: Endpoint> Transfer<'_, S, D> {
         content.sort_by(|a, b| a.path.cmp(&b.path));
         removals.sort_by(|a, b| b.path.cmp(&a.path));
         // Content this side is to gain: a removal of the same content is (part of) a move.
-        let moving: HashSet<Content> = plain
-            .iter()
-            .chain(&content)
-            .filter_map(|a| a.new.as_ref().and_then(Content::of))
-            .collect();
+        // Only removals ask (an initial sync has none: a set of every new file's content for
+        // nothing).
+        let moving: HashSet<Content> = if removals.is_empty() {
+            HashSet::new()
+        } else {
+            plain
+                .iter()
+                .chain(&content)
+                .filter_map(|a| a.new.as_ref().and_then(Content::of))
+                .collect()
+        };
         // Directories, symlinks and times are recorded with the first content batch after them
         // (or at the end of the cycle): recording costs a round trip and a database commit, and a
         // live edit's file would wait for its directory's time to be recorded before landing.
@@ -372,16 +383,10 @@ impl<S: Endpoint, D: Endpoint> Transfer<'_, S, D> {
                     Err(p) => problems.push(view(src_side, p)),
                 }
             }
-            // Where to read each chunk from on the source, and which files wait for it.
-            let mut sources: HashMap<Hash, ChunkRead> = HashMap::new();
-            for r in &requests {
-                for c in &r.manifest.chunks {
-                    sources.entry(c.hash).or_insert_with(|| ChunkRead {
-                        path: r.path.clone(),
-                        chunk: *c,
-                    });
-                }
-            }
+            // Where to read each chunk from on the source (the first file of the batch that has
+            // it), and, once wanted now, its slot in `missing`. Kept per chunk for the whole
+            // batch, so by index into `paths` rather than a path of its own.
+            let mut sources = Sources::new(&requests);
             let paths: Vec<(RelPath, usize)> = requests
                 .iter()
                 .map(|r| (r.path.clone(), r.manifest.chunks.len()))
@@ -394,15 +399,21 @@ impl<S: Endpoint, D: Endpoint> Transfer<'_, S, D> {
             // hostile) destination asked for is ignored. A base is the destination's business: the
             // source only computes a delta against it, and the destination checks what it rebuilds.
             let mut bases: HashMap<Hash, Vec<u8>> = HashMap::new();
-            let mut wants: Vec<(RelPath, Vec<Hash>, bool)> = Vec::new();
-            for ((path, total), result) in paths.into_iter().zip(results) {
+            // A chunk some file waits for now is supplied now, once (it fills every staged file
+            // that wants it); the files left to bulk jobs are handled below.
+            let mut missing: Vec<Hash> = Vec::new();
+            // Files supplied now: index into `paths`, and the slots in `missing` they wait for.
+            let mut now: Vec<(usize, Vec<u32>)> = Vec::new();
+            // Files left to a bulk job: index into `paths`, and the chunks they wait for.
+            let mut later: Vec<(usize, Vec<Hash>)> = Vec::new();
+            for (file, ((path, total), result)) in paths.iter().zip(results).enumerate() {
                 match result {
-                    Ok(missing) => {
-                        executed.chunks_reused += total.saturating_sub(missing.len()) as u64;
-                        let mut want = Vec::with_capacity(missing.len());
+                    Ok(lacking) => {
+                        executed.chunks_reused += total.saturating_sub(lacking.len()) as u64;
+                        let mut want = Vec::with_capacity(lacking.len());
                         let mut behind_bulk = false;
-                        for m in missing {
-                            if !sources.contains_key(&m.hash) {
+                        for m in lacking {
+                            if sources.get(&m.hash).is_none() {
                                 continue;
                             }
                             if defer && executed.queued.contains(&(dst_side, m.hash)) {
@@ -417,33 +428,32 @@ impl<S: Endpoint, D: Endpoint> Transfer<'_, S, D> {
                         let bytes: u64 = want
                             .iter()
                             .filter_map(|h| sources.get(h))
-                            .map(|r| u64::from(r.chunk.len))
+                            .map(|s| u64::from(s.len))
                             .sum();
-                        let deferred = defer && (behind_bulk || bytes >= BULK_MIN_BYTES);
-                        wants.push((path, want, deferred));
+                        if defer && (behind_bulk || bytes >= BULK_MIN_BYTES) {
+                            later.push((file, want));
+                            continue;
+                        }
+                        let slots = want
+                            .iter()
+                            .filter_map(|h| sources.slot(h, &mut missing))
+                            .collect();
+                        now.push((file, slots));
                     }
                     Err(NotStaged::Problem(p)) => problems.push(view(dst_side, p)),
                     Err(NotStaged::NoRoom) => {
-                        no_room.insert(path);
+                        no_room.insert(path.clone());
                     }
                 }
             }
-            // A chunk some file sent now waits for is supplied now (it fills every staged file
-            // that wants it); the rest go to the bulk job.
-            let mut missing: Vec<Hash> = Vec::new();
-            let mut waiting: HashMap<Hash, Vec<RelPath>> = HashMap::new();
-            for (path, want, deferred) in &wants {
-                if *deferred {
-                    continue;
-                }
-                for h in want {
-                    let w = waiting.entry(*h).or_default();
-                    if w.is_empty() {
-                        missing.push(*h);
-                    }
-                    w.push(path.clone());
-                }
-            }
+            let read_of = |h: &Hash, s: &Source| ChunkRead {
+                path: paths[s.file as usize].0.clone(),
+                chunk: vmsync_core::ChunkRef {
+                    hash: *h,
+                    offset: s.offset,
+                    len: s.len,
+                },
+            };
             let mut job = BulkJob {
                 actions: Vec::new(),
                 reads: VecDeque::new(),
@@ -451,38 +461,38 @@ impl<S: Endpoint, D: Endpoint> Transfer<'_, S, D> {
                 waiting: HashMap::new(),
                 failed: HashSet::new(),
             };
-            let mut ok_paths = Vec::new();
-            for (path, want, deferred) in wants {
-                if !deferred {
-                    ok_paths.push(path);
-                    continue;
-                }
+            for (file, want) in later {
+                let path = &paths[file].0;
                 for h in want {
-                    if waiting.contains_key(&h) {
+                    // Supplied now for another file: that fills this one too.
+                    let Some(source) = sources.get(&h).filter(|s| s.slot == NO_SLOT) else {
                         continue;
-                    }
+                    };
                     let w = job.waiting.entry(h).or_default();
                     if w.is_empty() {
-                        if let Some(read) = sources.get(&h) {
-                            job.reads.push_back(DeltaRead {
-                                read: read.clone(),
-                                base: bases.remove(&h),
-                            });
-                        }
+                        job.reads.push_back(DeltaRead {
+                            read: read_of(&h, source),
+                            base: bases.remove(&h),
+                        });
                     }
                     w.push(path.clone());
                 }
-                if let Some(action) = actions.iter().find(|a| a.path == path) {
+                if let Some(action) = actions.iter().find(|a| a.path == *path) {
                     job.actions.push(action.clone());
                 }
-                deferred_paths.insert(path);
+                deferred_paths.insert(path.clone());
             }
             if !job.actions.is_empty() {
                 executed.queued.extend(job.queued());
                 executed.bulk.push(job);
             }
-            let mut failed: HashSet<RelPath> = HashSet::new();
-            let mut fail = |h: &Hash| failed.extend(waiting.get(h).into_iter().flatten().cloned());
+            // Slots of `missing` that did not arrive: the files waiting for them fail.
+            let mut failed = vec![false; missing.len()];
+            let mut fail = |h: &Hash| {
+                if let Some(slot) = sources.get(h).and_then(|s| failed.get_mut(s.slot as usize)) {
+                    *slot = true;
+                }
+            };
             // Chunks whose delta did not rebuild them on the destination: sent whole below.
             let mut whole: Vec<ChunkRead> = Vec::new();
             // Two stages in flight: the source reads group k+1 while the destination takes group
@@ -492,8 +502,8 @@ impl<S: Endpoint, D: Endpoint> Transfer<'_, S, D> {
                 let reads: Vec<DeltaRead> = group
                     .iter()
                     .filter_map(|h| {
-                        sources.get(h).map(|r| DeltaRead {
-                            read: r.clone(),
+                        sources.get(h).map(|s| DeltaRead {
+                            read: read_of(h, s),
                             base: bases.remove(h),
                         })
                     })
@@ -535,8 +545,9 @@ impl<S: Endpoint, D: Endpoint> Transfer<'_, S, D> {
                 lost.iter().for_each(&mut fail);
             }
             executed.times.transfer += clock.elapsed();
-            for path in ok_paths {
-                if failed.contains(&path) {
+            for (file, slots) in now {
+                let path = &paths[file].0;
+                if slots.iter().any(|&slot| failed[slot as usize]) {
                     executed.retry = true;
                     problems.push(ProblemView {
                         path: path.escaped(),
@@ -544,11 +555,72 @@ impl<S: Endpoint, D: Endpoint> Transfer<'_, S, D> {
                         reason: "changed while it was being sent; will retry".into(),
                     });
                 } else {
-                    staged.insert(path);
+                    staged.insert(path.clone());
                 }
             }
         }
         Ok(StagedFiles { staged, no_room })
+    }
+}
+
+/// No slot in `missing` (yet): the chunk is not supplied in this pass.
+const NO_SLOT: u32 = u32::MAX;
+
+/// Where a stage batch's chunk is read on the source: the first of the batch's files that
+/// has it (an index into the batch), at which offset.
+#[derive(Clone, Copy)]
+struct Source {
+    file: u32,
+    offset: u64,
+    len: u32,
+    /// Its place in the chunks supplied now, or [`NO_SLOT`].
+    slot: u32,
+}
+
+/// A stage batch's chunks and where to read each, sorted by hash: about 56 bytes a chunk, no
+/// path of its own (a hash map of paths took about 150).
+struct Sources(Vec<(Hash, Source)>);
+
+impl Sources {
+    fn new(requests: &[StageRequest]) -> Sources {
+        let mut all: Vec<(Hash, Source)> =
+            Vec::with_capacity(requests.iter().map(|r| r.manifest.chunks.len()).sum());
+        for (file, r) in requests.iter().enumerate() {
+            let file = u32::try_from(file).unwrap_or(u32::MAX);
+            all.extend(r.manifest.chunks.iter().map(|c| {
+                let source = Source {
+                    file,
+                    offset: c.offset,
+                    len: c.len,
+                    slot: NO_SLOT,
+                };
+                (c.hash, source)
+            }));
+        }
+        // Stable: of a chunk's copies, the first (in file and offset order) stays.
+        all.sort_by_key(|a| a.0);
+        all.dedup_by(|later, first| later.0 == first.0);
+        all.shrink_to_fit();
+        Sources(all)
+    }
+
+    fn find(&self, h: &Hash) -> Option<usize> {
+        self.0.binary_search_by(|(k, _)| k.cmp(h)).ok()
+    }
+
+    fn get(&self, h: &Hash) -> Option<&Source> {
+        self.find(h).map(|i| &self.0[i].1)
+    }
+
+    /// The chunk's slot in `missing`, appending it there the first time it is asked.
+    fn slot(&mut self, h: &Hash, missing: &mut Vec<Hash>) -> Option<u32> {
+        let i = self.find(h)?;
+        let source = &mut self.0[i].1;
+        if source.slot == NO_SLOT {
+            source.slot = u32::try_from(missing.len()).ok()?;
+            missing.push(*h);
+        }
+        Some(source.slot)
     }
 }
 

@@ -79,12 +79,13 @@ impl LocalShare {
             let dir_echoes = &mut self.dir_echoes;
             dir_echoes.expire(std::time::Instant::now());
             attrs.retain(|path| {
-                let Some(Some(left)) = dir_echoes.get(path).copied() else {
+                let Some(left) = dir_echoes.get(path).filter(|e| e.left_something()) else {
                     return true;
                 };
                 let now = root.stat(path).ok().flatten();
-                let echo =
-                    now.is_some_and(|st| st.kind == FileKind::Dir && Identity::of(&st) == left);
+                let echo = now.is_some_and(|st| {
+                    st.kind == FileKind::Dir && left.is(Some(&Identity::of(&st)))
+                });
                 // Kept while it matches: the directory's own watch and its parent's report the
                 // same change, maybe in two takes; any later change moves its ctime.
                 if !echo {
@@ -110,13 +111,12 @@ impl LocalShare {
             let Some(left) = echoes.get(path) else {
                 return true;
             };
-            let now = root.stat(path).ok();
-            let echo = match (left, &now) {
-                (Some(id), Some(Some(stat))) => {
-                    stat.kind == FileKind::File && Identity::of(stat) == *id
+            let echo = match root.stat(path).ok() {
+                Some(Some(stat)) => {
+                    stat.kind == FileKind::File && left.is(Some(&Identity::of(&stat)))
                 }
-                (None, Some(None)) => true,
-                _ => false,
+                Some(None) => left.is(None),
+                None => false,
             };
             if !echo {
                 // Changed since: not ours any more.
