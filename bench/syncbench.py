@@ -17,6 +17,9 @@ Environment:
   BENCH_DIR=DIR     parent of the temporary work directory (default $TMPDIR or /tmp).
   BENCH_TIMEOUT=S   bound on any single phase, default 3600.
   RSYNC_FLAGS="..." extra flags for the rsync client (default none: plain `rsync -a --delete`).
+  HOST_WRAPPER / GUEST_WRAPPER="cmd ..." put a command in front of an agent (e.g.
+                    "heaptrack -o FILE"); CPU and peak RSS are read from the agent itself,
+                    which is stopped first and its wrapper given WRAPPER_EXIT_TIMEOUT (600) s.
 
 What is measured, per phase and tool:
   wall   vmsync: initial = from starting vmsync-host until `vmsync-host wait` returns;
@@ -43,6 +46,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -405,6 +409,7 @@ class Processes:
 
     def __init__(self):
         self.running = []  # (name, Popen)
+        self.wrapped = {}  # wrapper Popen -> pid of the program it runs
 
     def start(self, name, argv, log_path):
         log(f"starting {name}: {' '.join(argv)}")
@@ -415,17 +420,33 @@ class Processes:
         self.running.append((name, process))
         return process
 
+    def adopt(self, process, pid):
+        """`process` is a wrapper (e.g. heaptrack, a shell script) running the program as `pid`:
+        stopping it signals `pid` (a wrapper passes no signal on), then waits for the wrapper."""
+        if pid != process.pid:
+            self.wrapped[process] = pid
+
     def stop(self, process):
         for index, (name, candidate) in enumerate(self.running):
             if candidate is process:
                 del self.running[index]
-                stop_process(name, process)
+                self._stop(name, process)
                 return
 
     def stop_all(self):
         while self.running:
             name, process = self.running.pop()
-            stop_process(name, process)
+            self._stop(name, process)
+
+    def _stop(self, name, process):
+        pid = self.wrapped.pop(process, None)
+        if pid is not None and process.poll() is None:
+            try:
+                os.kill(pid, signal.SIGTERM)
+                process.wait(timeout=float(os.environ.get("WRAPPER_EXIT_TIMEOUT", "600")))
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        stop_process(name, process)
 
 
 def stop_process(name, process):
@@ -492,6 +513,24 @@ def descendants(pid):
         found.append(child)
         stack.extend(child_pids(child))
     return found
+
+
+def program_pid(process, binary, timeout=STARTUP_TIMEOUT_S):
+    """The pid running `binary`: the process itself, or (behind a wrapper such as heaptrack,
+    a shell script) the descendant that runs it."""
+    binary = os.path.realpath(binary)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in [process.pid] + descendants(process.pid):
+            try:
+                if os.path.realpath(f"/proc/{pid}/exe") == binary:
+                    return pid
+            except OSError:
+                continue
+        if process.poll() is not None:
+            break
+        time.sleep(0.02)
+    raise BenchError(f"no process runs {binary} under pid {process.pid}")
 
 
 class Timed:
@@ -765,6 +804,18 @@ class Vmsync:
         self.host_config = os.path.join(work, "host.toml")
         self.guest_config = os.path.join(work, "guest.toml")
         self.guest = self.host = self.relay = None
+        self.guest_pid = self.host_pid = None
+
+    def start_agent(self, which, config):
+        """vmsync-`which` under $HOST_WRAPPER / $GUEST_WRAPPER if set (e.g. "heaptrack -o F"):
+        the Popen, and the pid of the agent itself (what CPU and peak RSS are read from)."""
+        name = f"vmsync-{which}"
+        wrapper = shlex.split(os.environ.get(f"{which.upper()}_WRAPPER", ""))
+        process = self.processes.start(name, wrapper + [self.binary(name), "run", "--config",
+                                                        config], self.log_path(which))
+        pid = program_pid(process, self.binary(name)) if wrapper else process.pid
+        self.processes.adopt(process, pid)
+        return process, pid
 
     def binary(self, name):
         path = os.path.join(self.bin_dir, name)
@@ -798,9 +849,7 @@ class Vmsync:
             check = run_timed([self.binary(name), "check", "--config", config], 60)
             if check.returncode != 0:
                 raise BenchError(f"{name} check rejected {config}:\n{check.output}")
-        self.guest = self.processes.start(
-            "vmsync-guest", [self.binary("vmsync-guest"), "run", "--config", self.guest_config],
-            self.log_path("guest"))
+        self.guest, self.guest_pid = self.start_agent("guest", self.guest_config)
         wait_for(lambda: os.path.exists(self.guest_sock), STARTUP_TIMEOUT_S,
                  "vmsync-guest listening", self.guest, self.log_path("guest"))
         self.relay = self.processes.start(
@@ -825,12 +874,10 @@ class Vmsync:
     def initial(self):
         wire_before = self.wire_bytes()
         relay_cpu_before = cpu_seconds(self.relay.pid)
-        guest_cpu_before = cpu_seconds(self.guest.pid)
-        reset_peak_rss(self.guest.pid)
+        guest_cpu_before = cpu_seconds(self.guest_pid)
+        reset_peak_rss(self.guest_pid)
         start = time.monotonic()
-        self.host = self.processes.start(
-            "vmsync-host", [self.binary("vmsync-host"), "run", "--config", self.host_config],
-            self.log_path("host"))
+        self.host, self.host_pid = self.start_agent("host", self.host_config)
         # `wait` talks to the control socket, which exists once the host is up.
         wait_for(lambda: os.path.exists(self.host_ctl), STARTUP_TIMEOUT_S,
                  "vmsync-host control socket", self.host, self.log_path("host"))
@@ -838,7 +885,7 @@ class Vmsync:
                                timeout=self.timeout + 60)
         wall = time.monotonic() - start
         self._check("wait", waited)
-        cpu = cpu_seconds(self.host.pid) + (cpu_seconds(self.guest.pid) - guest_cpu_before)
+        cpu = cpu_seconds(self.host_pid) + (cpu_seconds(self.guest_pid) - guest_cpu_before)
         peaks = self._peaks("initial")
         self._log_relay_cpu("initial", relay_cpu_before)
         return Result("initial", "vmsync", wall, cpu + waited.cpu, sum(peaks.values()),
@@ -846,8 +893,8 @@ class Vmsync:
 
     def _peaks(self, phase):
         """Each daemon's peak RSS (VmHWM) since its last reset."""
-        peaks = {"vmsync-host": peak_rss_bytes(self.host.pid),
-                 "vmsync-guest": peak_rss_bytes(self.guest.pid)}
+        peaks = {"vmsync-host": peak_rss_bytes(self.host_pid),
+                 "vmsync-guest": peak_rss_bytes(self.guest_pid)}
         log(f"vmsync {phase}: peak RSS " +
             ", ".join(f"{name} {fmt_bytes(peak)}" for name, peak in peaks.items()))
         return peaks
@@ -855,17 +902,17 @@ class Vmsync:
     def begin_sync(self):
         """Baselines taken before a no-op or delta phase (before the edit, for the delta, so a
         daemon that notices the edit by itself is still charged for it)."""
-        for pid in (self.host.pid, self.guest.pid):
+        for pid in (self.host_pid, self.guest_pid):
             reset_peak_rss(pid)
-        return (self.wire_bytes(), cpu_seconds(self.host.pid), cpu_seconds(self.guest.pid),
+        return (self.wire_bytes(), cpu_seconds(self.host_pid), cpu_seconds(self.guest_pid),
                 cpu_seconds(self.relay.pid))
 
     def sync(self, phase, baseline):
         wire_before, host_before, guest_before, relay_before = baseline
         synced = self.host_cli("sync")
         self._check("sync", synced)
-        cpu = (cpu_seconds(self.host.pid) - host_before) + \
-            (cpu_seconds(self.guest.pid) - guest_before) + synced.cpu
+        cpu = (cpu_seconds(self.host_pid) - host_before) + \
+            (cpu_seconds(self.guest_pid) - guest_before) + synced.cpu
         peaks = self._peaks(phase)
         self._log_relay_cpu(phase, relay_before)
         return Result(phase, "vmsync", synced.wall, cpu, sum(peaks.values()),
