@@ -23,6 +23,16 @@ use vmsync_tests::fixture::{assert_same_tree, copy_contents, empty, read, tree, 
 /// Bound on every wait for an outcome.
 const SETTLE: Duration = Duration::from_secs(60);
 
+/// Held by the tests that make tens of thousands of files or directories, so that they do not
+/// run at once on a small machine (each has its own waits to meet).
+static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The share's halt code; `None` also while the host agent does not answer yet.
 fn halt_code(a: &Agents) -> Option<String> {
     let out = a.host_cmd(&["status", "--json"]);
@@ -998,6 +1008,7 @@ fn settles(a: &Agents, what: &str) {
 ///   is untouched.
 #[test]
 fn a_chain_10000_directories_deep_in_the_guest_syncs_up_to_the_bound_and_goes_away() {
+    let _heavy = heavy();
     let mut a = Agents::new("");
     let out = a.tmp.path().join("OUT");
     write(&out, "keep.txt", "beside the share\n");
@@ -1195,6 +1206,7 @@ fn a_real_inotify_queue_overflow_rescans_and_loses_no_file() {
         eprintln!("skipped: fs.inotify.max_queued_events is {limit}, too many files to fill");
         return;
     }
+    let _heavy = heavy();
     let mut a = Agents::new("");
     write(
         &a.guest_dir,
