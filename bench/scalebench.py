@@ -188,35 +188,10 @@ def is_zombie_or_gone(pid):
         return True
 
 
-def agent_pid(process, binary, timeout=30.0):
-    """The pid running `binary`: the process itself, or (behind a wrapper such as heaptrack,
-    a shell script) the descendant that runs it."""
-    binary = os.path.realpath(binary)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for pid in [process.pid] + sb.descendants(process.pid):
-            try:
-                if os.path.realpath(f"/proc/{pid}/exe") == binary:
-                    return pid
-            except OSError:
-                continue
-        if process.poll() is not None:
-            break
-        time.sleep(0.02)
-    raise BenchError(f"no process runs {binary} under pid {process.pid}")
-
-
 class Processes(sb.Processes):
-    """syncbench's process list, plus agents running behind a wrapper: those are signalled by
-    their own pid first (the wrapper passes no signal on), then the wrapper is waited for."""
-
-    def __init__(self):
-        super().__init__()
-        self.wrapped = {}  # wrapper Popen -> agent pid
-
-    def adopt(self, process, pid):
-        if pid != process.pid:
-            self.wrapped[process] = pid
+    """syncbench's process list (which knows agents behind a wrapper, `adopt`), stopped with a
+    chosen signal: the agent by its own pid first (a wrapper passes no signal on), then the
+    wrapper is waited for."""
 
     def stop(self, process, sig=signal.SIGTERM, wrapper_timeout=STOP_TIMEOUT_S):
         pid = self.wrapped.pop(process, None)
@@ -300,7 +275,7 @@ class Pair:
                                        stderr=subprocess.STDOUT,
                                        preexec_fn=sb._parent_death_signal)
         self.processes.running.append((f"vmsync-{which}", process))
-        pid = agent_pid(process, binary)
+        pid = sb.program_pid(process, binary)
         self.processes.adopt(process, pid)
         self.pids[which] = pid
         return process
