@@ -1,9 +1,6 @@
 //! Process plumbing both agents need in the same way: logging to stderr (plain text off a
 //! terminal, for journald), the open-file limit, the tokio runtime, and the shutdown signal.
 
-/// What `notify` may log unless `VMSYNC_LOG` says otherwise (see [`init_logging`]).
-const NOTIFY_DIRECTIVE: &str = "notify=warn";
-
 /// Logs to stderr at the level `VMSYNC_LOG` asks for (default `info`). Plain text when stderr is
 /// not a terminal: journald and log files get no colour escapes.
 pub fn init_logging() {
@@ -12,15 +9,6 @@ pub fn init_logging() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     if asked.trim().is_empty() {
         filter = tracing_subscriber::EnvFilter::new("info");
-    }
-    // `notify` logs at INFO every watch the kernel already dropped with its directory
-    // ("unable to remove watch descriptor"): one line per directory after an `rm -rf` of a big
-    // tree. Expected, harmless, and it drowns the journal: only its warnings and errors show,
-    // unless VMSYNC_LOG names `notify` itself.
-    if !asked.contains("notify") {
-        if let Ok(directive) = NOTIFY_DIRECTIVE.parse() {
-            filter = filter.add_directive(directive);
-        }
     }
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()

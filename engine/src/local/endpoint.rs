@@ -509,9 +509,17 @@ mod tests {
         );
         assert_eq!(ep.watch_problem(), None);
         let watcher = ep.watch.current().unwrap();
-        let error = notify::Error::new(notify::ErrorKind::MaxFilesWatch).add_path(share.join("b"));
-        watcher.inject(Err(error));
-        assert!(ep.changes().await.unwrap().rescan, "a full rescan first");
+        watcher.inject(crate::watch::Heard::Unwatched {
+            dir: RelPath::from_bytes(b"b").unwrap(),
+            limit: true,
+            why: "No space left on device".into(),
+        });
+        let first = ep.changes().await.unwrap();
+        assert_eq!(
+            first.paths,
+            [RelPath::from_bytes(b"b").unwrap()],
+            "rescanned now"
+        );
         assert!(ep.watch_problem().unwrap().contains("max_user_watches"));
         let b = RelPath::from_bytes(b"b").unwrap();
         for _ in 0..2 {

@@ -1,15 +1,14 @@
-//! Watching a share for changes: inotify (through `notify`) turns file events into
-//! [`ChangeHints`] for the controller. Events are hints, never facts (security.md rule 17): they
-//! are coalesced into a bounded set of paths, and whatever cannot be described that way (an
-//! overflowed event queue, too many paths, a directory that could not be watched) becomes
-//! "rescan everything".
+//! Watching a share for changes: inotify (a watch on every directory, kept by [`tree`]) turns
+//! file events into [`ChangeHints`] for the controller. Events are hints, never facts
+//! (security.md rule 17): they are coalesced into a bounded set of paths, and whatever cannot
+//! be described that way (an overflowed event queue, too many paths) becomes "rescan
+//! everything".
 //!
-//! The inotify watch limit (`fs.inotify.max_user_watches`) can be hit while a share is watched:
-//! a new directory then gets no watch, and nothing inside it would ever be heard of again.
-//! From then on the watcher keeps the directories that may lack a watch (the one `notify`
-//! names, those created shortly before, which its failed batch skipped, and every one created
-//! since) and hands them out every [`UNWATCHED_RESCAN`] for a targeted rescan, and `status`
-//! says so ([`ShareWatcher::limit_problem`]).
+//! A directory can fail to get its watch: the inotify watch limit
+//! (`fs.inotify.max_user_watches`) was hit, or its path is too long for the kernel. Nothing
+//! inside it would ever be heard of, so the watcher keeps such directories and hands them out
+//! every [`UNWATCHED_RESCAN`] for a targeted rescan, and `status` says why when it is the limit
+//! ([`ShareWatcher::limit_problem`]).
 //!
 //! Coalescing needs no timer: hints accumulate while the controller is busy with a cycle and
 //! are taken all at once when it asks again, so a burst of thousands of events costs one
@@ -27,18 +26,18 @@
 
 use crate::filter::Filter;
 use crate::gitignore::is_ignore_file_name;
-use notify::event::{CreateKind, ModifyKind, RenameMode};
-use notify::{EventKind, RecursiveMode, Watcher as _};
-use std::collections::{BTreeSet, HashSet, VecDeque};
-use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
+use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use vmsync_core::endpoint::{ChangeHints, ScanScope};
 use vmsync_core::limits::MAX_SCAN_IGNORED;
-use vmsync_core::path::RESERVED_NAME;
 use vmsync_core::RelPath;
+
+mod tree;
+
+pub use tree::Heard;
+use tree::TreeWatch;
 
 /// What the watcher knows of a share's ignore rules: its filter, and the directories the
 /// latest scans found excluded by the tree's ignore files. Shared with the share's endpoint,
@@ -253,7 +252,7 @@ pub fn merge_attrs(hints: &mut ChangeHints, attrs: BTreeSet<RelPath>) {
     *hints = set.take();
 }
 
-/// Shared between the notify callback thread and the consumer.
+/// Shared between the watch's thread and the consumer.
 #[derive(Default)]
 struct Shared {
     hints: Mutex<HintSet>,
@@ -263,70 +262,40 @@ struct Shared {
     unwatched: Mutex<Unwatched>,
 }
 
-/// How often directories that may lack a watch are rescanned, once the watch limit was hit.
+/// How often directories without a watch are rescanned.
 pub const UNWATCHED_RESCAN: Duration = Duration::from_secs(10);
 
-/// How long a new directory counts as "just created": `notify` adds the watches of one batch
-/// of events in a row and stops at the first that hits the limit, so the directories created
-/// just before the one it names may have none either.
-const RECENT_DIR_WINDOW: Duration = Duration::from_secs(2);
-/// At most this many recent directories are remembered (beyond, the oldest go).
-const RECENT_DIRS_MAX: usize = 4096;
-
-/// What the watcher knows about directories without a watch.
+/// The directories that have no watch (so nothing inside them is heard of), and why.
 #[derive(Default)]
 struct Unwatched {
-    /// Why (set when the watch limit was first hit): shown in `status`.
+    /// Why, when the watch limit was hit: shown in `status`.
     problem: Option<String>,
-    /// Directories that may have no watch, coalesced; "everything" when there are too many.
+    /// The directories, coalesced; "everything" when there are too many.
     dirs: HintSet,
-    /// Directories created in the last [`RECENT_DIR_WINDOW`], oldest first.
-    recent: VecDeque<(Instant, RelPath)>,
 }
 
 impl Unwatched {
-    /// A directory appeared (created, or moved in).
-    fn dir_created(&mut self, path: RelPath, now: Instant) {
-        if self.problem.is_some() {
-            self.dirs.add(path);
-            return;
+    /// `dir` could not be watched; `limit`: because of the inotify watch limit.
+    fn add(&mut self, dir: RelPath, limit: bool, why: &str) {
+        if limit && self.problem.is_none() {
+            self.problem = Some(format!(
+                "inotify watch limit reached (fs.inotify.max_user_watches): directories without \
+                 a watch are rescanned every {} s; raise the limit and restart the agent ({why})",
+                UNWATCHED_RESCAN.as_secs()
+            ));
         }
-        while self
-            .recent
-            .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > RECENT_DIR_WINDOW)
-            || self.recent.len() >= RECENT_DIRS_MAX
-        {
-            self.recent.pop_front();
-        }
-        self.recent.push_back((now, path));
+        self.dirs.add(dir);
     }
 
-    /// What to rescan periodically; `None` before the watch limit was hit.
+    /// What to rescan periodically; `None` while every directory has its watch.
     fn hints(&self) -> Option<ChangeHints> {
-        self.problem.as_ref()?;
+        if self.dirs.is_empty() {
+            return None;
+        }
         Some(ChangeHints {
             paths: self.dirs.paths.iter().cloned().collect(),
             rescan: self.dirs.rescan,
         })
-    }
-
-    /// The watch limit was hit at `failed` (where `notify` says; `None` when it does not).
-    fn limit_hit(&mut self, failed: Option<RelPath>, why: String) {
-        if self.problem.is_none() {
-            self.problem = Some(format!(
-                "inotify watch limit reached (fs.inotify.max_user_watches): directories created \
-                 since are rescanned every {} s; raise the limit and restart the agent ({why})",
-                UNWATCHED_RESCAN.as_secs()
-            ));
-        }
-        match failed {
-            Some(path) => self.dirs.add(path),
-            None => self.dirs.add_rescan(),
-        }
-        for (_, path) in self.recent.drain(..) {
-            self.dirs.add(path);
-        }
     }
 }
 
@@ -342,99 +311,26 @@ pub struct ShareWatcher {
     /// The watched root and its (device, inode) when the watch started.
     root_path: PathBuf,
     root_id: Option<(u64, u64)>,
-    /// Shared with the thread that keeps the reserved directory unwatched
-    /// ([`unwatch_reserved`]); dropping it stops that thread too.
-    _watcher: Arc<Mutex<notify::RecommendedWatcher>>,
-    /// The inotify descriptor `notify` opened for this watch, when it could be told apart:
-    /// the kernel lists its watches in `/proc/self/fdinfo/<fd>` ([`ShareWatcher::watched_dirs`]).
-    inotify_fd: Option<i32>,
-    /// The last count read from there, and when.
-    watched: Mutex<Option<(Instant, u64)>>,
-    #[cfg(test)]
-    root: PathBuf,
+    tree: TreeWatch,
     #[cfg(test)]
     rules: SharedRules,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("watching {path}: {source}")]
-pub struct WatchError {
-    pub path: PathBuf,
-    #[source]
-    pub source: notify::Error,
-}
-
-impl WatchError {
-    /// The inotify watch limit (`fs.inotify.max_user_watches`) was reached.
-    pub fn is_watch_limit(&self) -> bool {
-        is_limit(&self.source)
-    }
-}
+pub use tree::StartError as WatchError;
 
 impl ShareWatcher {
     /// Starts watching `root` recursively. Paths the rules say cannot sync are dropped.
     pub fn start(root: &Path, rules: SharedRules) -> Result<ShareWatcher, WatchError> {
         let shared = Arc::new(Shared::default());
         let cb_shared = shared.clone();
-        let cb_root = root.to_path_buf();
         #[cfg(test)]
         let test_rules = rules.clone();
-        // One watcher starts at a time, so the inotify descriptor that appears is this one's.
-        let starting = STARTING
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let before = inotify_fds();
-        let (reserved_seen, reserved_rx) = std::sync::mpsc::sync_channel::<()>(1);
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if let Ok(e) = &event {
-                    if e.paths.iter().any(|p| in_reserved(&cb_root, p)) {
-                        // Full: a drop of the watches is already due.
-                        let _ = reserved_seen.try_send(());
-                    }
-                }
-                on_event(&cb_shared, &cb_root, &rules, event);
-            })
-            .map_err(|source| WatchError {
-                path: root.to_path_buf(),
-                source,
-            })?;
-        let mut new_fds = inotify_fds()
-            .difference(&before)
-            .copied()
-            .collect::<Vec<_>>();
-        drop(starting);
-        let inotify_fd = match new_fds.len() {
-            1 => new_fds.pop(),
-            _ => None,
-        };
-        watcher
-            .watch(root, RecursiveMode::Recursive)
-            .map_err(|source| WatchError {
-                path: root.to_path_buf(),
-                source,
-            })?;
-        let reserved = root.join(OsStr::from_bytes(RESERVED_NAME));
-        // Not found: the share has no reserved directory yet.
-        let _ = watcher.unwatch(&reserved);
-        let watcher = Arc::new(Mutex::new(watcher));
-        let weak = Arc::downgrade(&watcher);
-        std::thread::Builder::new()
-            .name("vmsync-unwatch".into())
-            .spawn(move || unwatch_reserved(&weak, &reserved, &reserved_rx))
-            .map_err(|e| WatchError {
-                path: root.to_path_buf(),
-                source: notify::Error::io(e),
-            })?;
+        let tree = TreeWatch::start(root, move |batch| on_heard(&cb_shared, &rules, batch))?;
         Ok(ShareWatcher {
             shared,
             root_path: root.to_path_buf(),
             root_id: dir_id(root),
-            _watcher: watcher,
-            inotify_fd,
-            watched: Mutex::new(None),
-            #[cfg(test)]
-            root: root.to_path_buf(),
+            tree,
             #[cfg(test)]
             rules: test_rules,
         })
@@ -446,29 +342,14 @@ impl ShareWatcher {
         dir_id(&self.root_path) != self.root_id
     }
 
-    /// How many directories this watch covers now, as the kernel counts its inotify watches
-    /// (the share's directories, ignored ones included: `notify` watches the whole tree but
-    /// the reserved directory, see [`unwatch_reserved`]). Read at most every [`WATCHED_DIRS_EVERY`]: `wait` asks for the status
-    /// every few milliseconds, and a big share's list is long. `None` when not known.
+    /// How many directories this watch covers now (the share's directories, ignored ones
+    /// included, but the reserved directory and what cannot be watched).
     pub fn watched_dirs(&self) -> Option<u64> {
-        let fd = self.inotify_fd?;
-        let mut cached = self.watched.lock().ok()?;
-        if let Some((at, n)) = *cached {
-            if at.elapsed() < WATCHED_DIRS_EVERY {
-                return Some(n);
-            }
-        }
-        let info = std::fs::read(format!("/proc/self/fdinfo/{fd}")).ok()?;
-        let n = info
-            .split(|&b| b == b'\n')
-            .filter(|line| line.starts_with(b"inotify wd:"))
-            .count() as u64;
-        *cached = Some((Instant::now(), n));
-        Some(n)
+        Some(self.tree.watched())
     }
 
-    /// Why part of the share may be unwatched (the watch limit was hit while watching); `None`
-    /// while every directory has its watch.
+    /// Why part of the share is unwatched (the watch limit was hit while watching); `None`
+    /// otherwise.
     pub fn limit_problem(&self) -> Option<String> {
         self.shared
             .unwatched
@@ -477,17 +358,17 @@ impl ShareWatcher {
             .and_then(|u| u.problem.clone())
     }
 
-    /// The directories that may lack a watch, for a periodic rescan (see the module docs);
-    /// `None` while the watch limit has not been hit.
+    /// The directories without a watch, for a periodic rescan (see the module docs); `None`
+    /// while every directory has its watch.
     pub fn unwatched(&self) -> Option<ChangeHints> {
         self.shared.unwatched.lock().ok()?.hints()
     }
 
-    /// Feeds an event as if `notify` had sent it (tests: the watch limit cannot be reached on
+    /// Feeds what the watch might have heard (tests: the watch limit cannot be reached on
     /// purpose without starving every other inotify user on the machine).
     #[cfg(test)]
-    pub(crate) fn inject(&self, event: notify::Result<notify::Event>) {
-        on_event(&self.shared, &self.root, &self.rules, event);
+    pub(crate) fn inject(&self, heard: Heard) {
+        on_heard(&self.shared, &self.rules, vec![heard]);
     }
 
     /// Puts hints taken with [`ShareWatcher::next`] back, for a consumer that could not finish
@@ -544,32 +425,6 @@ impl ShareWatcher {
     }
 }
 
-/// Keeps `notify` out of the share's reserved directory, for as long as the watcher lives.
-/// Its recursive watch covers every directory beneath the root, and the trash gains
-/// directories with every batch that keeps something: watched, each would cost an inotify
-/// watch (the kernel's per-user limit, and memory in both the kernel and `notify`) and every
-/// trash move an event, growing with the trash for as long as the agent runs. An event inside
-/// the reserved directory (or for it, when it is made) means `notify` watches it: its watch
-/// and every one beneath it are dropped here, since `notify` cannot be called from its own
-/// callback.
-fn unwatch_reserved(
-    watcher: &std::sync::Weak<Mutex<notify::RecommendedWatcher>>,
-    reserved: &Path,
-    seen: &std::sync::mpsc::Receiver<()>,
-) {
-    while seen.recv().is_ok() {
-        let Some(watcher) = watcher.upgrade() else {
-            return;
-        };
-        let mut watcher = match watcher.lock() {
-            Ok(w) => w,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        // Not found: an event from before the last drop.
-        let _ = watcher.unwatch(reserved);
-    }
-}
-
 /// The (device, inode) of the directory at `path`; `None` if there is none.
 fn dir_id(path: &Path) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
@@ -579,135 +434,66 @@ fn dir_id(path: &Path) -> Option<(u64, u64)> {
         .map(|m| (m.dev(), m.ino()))
 }
 
-/// Whether `path` is the root's reserved directory or inside it.
-fn in_reserved(root: &Path, path: &Path) -> bool {
-    path.strip_prefix(root)
-        .ok()
-        .and_then(|rel| rel.as_os_str().as_bytes().split(|&b| b == b'/').next())
-        .is_some_and(|first| first == RESERVED_NAME)
-}
-
-/// Held while a watcher starts (see [`ShareWatcher::start`]).
-static STARTING: Mutex<()> = Mutex::new(());
-
-/// How long a count of [`ShareWatcher::watched_dirs`] is reused.
-pub const WATCHED_DIRS_EVERY: Duration = Duration::from_millis(500);
-
-/// This process's open inotify descriptors.
-fn inotify_fds() -> HashSet<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return HashSet::new();
-    };
-    dir.filter_map(Result::ok)
-        .filter(|e| {
-            std::fs::read_link(e.path())
-                .is_ok_and(|target| target.as_os_str() == "anon_inode:inotify")
-        })
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect()
-}
-
-/// Turns one `notify` event (or error) into hints, on the callback thread.
-fn on_event(
-    shared: &Shared,
-    root: &Path,
-    rules: &SharedRules,
-    event: notify::Result<notify::Event>,
-) {
+/// Turns one batch of what the watch heard into hints, on the watch's thread.
+fn on_heard(shared: &Shared, rules: &SharedRules, batch: Vec<Heard>) {
     let mut hints = match shared.hints.lock() {
         Ok(h) => h,
         Err(poisoned) => poisoned.into_inner(),
     };
-    let unwatched = || match shared.unwatched.lock() {
-        Ok(u) => u,
-        Err(poisoned) => poisoned.into_inner(),
-    };
-    match event {
-        Ok(event) => {
-            if let Ok(mut half) = shared.half_move.lock() {
-                match event.kind {
-                    EventKind::Modify(ModifyKind::Name(RenameMode::From)) => {
-                        half.get_or_insert_with(Instant::now);
-                    }
-                    EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both)) => {
-                        *half = None
-                    }
-                    _ => {}
-                }
-            }
-            // Where `notify` places a new watch: a created directory, or anything moved in
-            // (a file there costs a needless rescan at worst).
-            let new_dir = matches!(
-                event.kind,
-                EventKind::Create(CreateKind::Folder)
-                    | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
-            );
-            if new_dir {
-                let now = Instant::now();
-                let mut u = unwatched();
-                // For a rename with both names, the new one is the last.
-                if let Some(rel) = event.paths.last().and_then(|p| relative(root, p)) {
-                    u.dir_created(rel, now);
-                }
-            }
-            if event.need_rescan() {
-                tracing::info!(root = %root.display(), "the kernel's event queue overflowed: the whole share is rescanned");
+    for heard in batch {
+        let (path, attrs_only) = match heard {
+            Heard::Overflow => {
+                tracing::info!("the kernel's event queue overflowed: the whole share is rescanned");
                 hints.add_rescan();
-            } else if !matches!(event.kind, EventKind::Access(_)) {
-                let rules = match rules.read() {
-                    Ok(r) => r,
+                continue;
+            }
+            // Nothing inside it is heard of: it is rescanned now, and every so often from
+            // now on.
+            Heard::Unwatched { dir, limit, why } => {
+                let mut u = match shared.unwatched.lock() {
+                    Ok(u) => u,
                     Err(poisoned) => poisoned.into_inner(),
                 };
-                let attrs_only = matches!(event.kind, EventKind::Modify(ModifyKind::Metadata(_)));
-                for path in &event.paths {
-                    let rel = relative(root, path);
-                    let Some(hint) = rel.clone().and_then(|rel| rules.hint_for(rel)) else {
-                        continue;
-                    };
-                    // An ignore file's hint is its directory: never attributes only.
-                    if attrs_only && rel.as_ref() == Some(&hint) {
-                        hints.add_attrs(hint);
-                    } else {
-                        hints.add(hint);
-                    }
+                if u.dirs.is_empty() {
+                    tracing::warn!(dir = %dir.escaped(), "cannot watch a directory (it and what is beneath it are rescanned every {} s instead): {why}", UNWATCHED_RESCAN.as_secs());
+                } else {
+                    tracing::debug!(dir = %dir.escaped(), "cannot watch a directory: {why}");
                 }
+                u.add(dir.clone(), limit, &why);
+                (dir, false)
             }
-        }
-        // A watch that failed (a new directory past the watch limit, a queue overflow): rescan
-        // everything now; past the watch limit, also keep rescanning what may lack a watch.
-        Err(e) => {
-            tracing::warn!(root = %root.display(), "watch error: {e}");
-            if is_limit(&e) {
-                let failed = e.paths.first().and_then(|p| relative(root, p));
-                unwatched().limit_hit(failed, e.to_string());
+            Heard::MovedFrom(path) => {
+                if let Ok(mut half) = shared.half_move.lock() {
+                    half.get_or_insert_with(Instant::now);
+                }
+                (path, false)
             }
-            hints.add_rescan();
+            Heard::MovedTo(path) => {
+                if let Ok(mut half) = shared.half_move.lock() {
+                    *half = None;
+                }
+                (path, false)
+            }
+            Heard::Changed(path) => (path, false),
+            Heard::Attrs(path) => (path, true),
+        };
+        let rules = match rules.read() {
+            Ok(r) => r,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let Some(hint) = rules.hint_for(path.clone()) else {
+            continue;
+        };
+        // An ignore file's hint is its directory: never attributes only.
+        if attrs_only && path == hint {
+            hints.add_attrs(hint);
+        } else {
+            hints.add(hint);
         }
     }
     if !hints.is_empty() {
         shared.wake.notify_one();
     }
-}
-
-/// `notify`'s way of saying the inotify watch limit was reached.
-fn is_limit(e: &notify::Error) -> bool {
-    matches!(e.kind, notify::ErrorKind::MaxFilesWatch)
-        || matches!(&e.kind, notify::ErrorKind::Io(io) if io.raw_os_error() == Some(28))
-}
-
-/// `path` relative to `root` as a `RelPath`; `None` outside the root, inside the reserved
-/// directory, or not a valid share path.
-fn relative(root: &Path, path: &Path) -> Option<RelPath> {
-    let rel = path.strip_prefix(root).ok()?;
-    let bytes = rel.as_os_str().as_bytes();
-    if bytes.is_empty() {
-        return Some(RelPath::root());
-    }
-    let first = bytes.split(|&b| b == b'/').next()?;
-    if first == RESERVED_NAME {
-        return None;
-    }
-    RelPath::from_bytes(OsStr::from_bytes(bytes).as_bytes()).ok()
 }
 
 #[cfg(test)]
@@ -747,41 +533,31 @@ mod tests {
         assert_eq!(bounded_hints(rescan.clone()), rescan);
     }
 
-    fn limit_error(path: &str) -> notify::Error {
-        notify::Error::new(notify::ErrorKind::MaxFilesWatch).add_path(PathBuf::from(path))
+    fn unwatched(dir: &str, limit: bool) -> Heard {
+        Heard::Unwatched {
+            dir: p(dir),
+            limit,
+            why: "no".into(),
+        }
     }
 
-    fn created_dir(path: &str) -> notify::Event {
-        notify::Event::new(EventKind::Create(CreateKind::Folder)).add_path(PathBuf::from(path))
-    }
-
-    /// Past the watch limit: the directory `notify` names, those created just before it (its
-    /// batch skipped them) and every one created since are kept for periodic rescans; a
-    /// directory created long before keeps its watch and is left out.
+    /// A directory that could not be watched is rescanned now and kept for periodic rescans,
+    /// with every other one that could not; only the watch limit shows as a problem.
     #[test]
-    fn the_watch_limit_keeps_what_may_lack_a_watch() {
+    fn directories_without_a_watch_are_kept_for_periodic_rescans() {
         let shared = Shared::default();
         let rules: SharedRules = Arc::new(RwLock::new(WatchRules::new(Filter::none())));
-        let root = Path::new("/s");
-        let t0 = Instant::now();
-        {
-            let mut u = shared.unwatched.lock().unwrap();
-            u.dir_created(p("old"), t0);
-            assert_eq!(u.hints(), None, "nothing is unwatched before the limit");
-        }
-        // "old" is now outside the recent window.
-        shared.unwatched.lock().unwrap().recent[0].0 = t0 - RECENT_DIR_WINDOW * 2;
-        on_event(&shared, root, &rules, Ok(created_dir("/s/a/just-made")));
-        on_event(&shared, root, &rules, Err(limit_error("/s/b")));
-        let taken = shared.hints.lock().unwrap().take();
-        assert!(taken.rescan, "the limit also asks for one full rescan now");
-        on_event(&shared, root, &rules, Ok(created_dir("/s/c/later")));
-        on_event(
+        assert_eq!(shared.unwatched.lock().unwrap().hints(), None);
+        on_heard(&shared, &rules, vec![unwatched("a/too-long", false)]);
+        assert_eq!(shared.unwatched.lock().unwrap().problem, None);
+        on_heard(
             &shared,
-            root,
             &rules,
-            Ok(created_dir("/s/a/just-made/deeper")),
+            vec![unwatched("b", true), unwatched("b/c", true)],
         );
+        let taken = shared.hints.lock().unwrap().take();
+        assert_eq!(taken.paths, vec![p("a/too-long"), p("b")], "rescanned now");
+        assert!(!taken.rescan, "only what lacks a watch");
         let u = shared.unwatched.lock().unwrap();
         assert!(u.problem.as_deref().unwrap().contains("max_user_watches"));
         let got: Vec<String> = u
@@ -791,25 +567,23 @@ mod tests {
             .iter()
             .map(|p| p.escaped())
             .collect();
-        assert_eq!(got, ["a/just-made", "b", "c/later"]);
+        assert_eq!(got, ["a/too-long", "b"]);
     }
 
-    /// The kernel's event queue overflowed (IN_Q_OVERFLOW: `notify` sends an event flagged
-    /// `Rescan`), or the watch failed otherwise: what changed meanwhile is unknown, so the whole
-    /// share is rescanned, and nothing is taken to lack a watch for good.
+    /// The kernel's event queue overflowed: what changed meanwhile is unknown, so the whole
+    /// share is rescanned, and nothing is taken to lack a watch.
     #[test]
-    fn a_queue_overflow_or_a_watch_error_asks_for_a_full_rescan() {
+    fn a_queue_overflow_asks_for_a_full_rescan() {
         let shared = Shared::default();
         let rules: SharedRules = Arc::new(RwLock::new(WatchRules::new(Filter::none())));
-        let root = Path::new("/s");
-        let overflow = notify::Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan);
-        on_event(&shared, root, &rules, Ok(overflow));
+        on_heard(
+            &shared,
+            &rules,
+            vec![Heard::Changed(p("x")), Heard::Overflow],
+        );
         let taken = shared.hints.lock().unwrap().take();
         assert!(taken.rescan);
         assert!(taken.paths.is_empty());
-        let failed = notify::Error::generic("inotify read failed").add_path(PathBuf::from("/s/d"));
-        on_event(&shared, root, &rules, Err(failed));
-        assert!(shared.hints.lock().unwrap().take().rescan);
         let u = shared.unwatched.lock().unwrap();
         assert_eq!(u.hints(), None);
         assert!(u.problem.is_none());
@@ -855,14 +629,10 @@ mod tests {
     }
 
     #[test]
-    fn the_root_or_the_reserved_dir() {
+    fn the_root_is_a_rescan() {
         let mut h = HintSet::default();
         h.add(RelPath::root());
         assert!(h.take().rescan);
-        let root = Path::new("/s");
-        assert_eq!(relative(root, Path::new("/s/.vmsync/tmp/t.1")), None);
-        assert_eq!(relative(root, Path::new("/other/x")), None);
-        assert_eq!(relative(root, Path::new("/s/a/b")), Some(p("a/b")));
     }
 
     #[test]
@@ -966,9 +736,11 @@ mod tests {
         let settled = |want: u64| async move {
             let deadline = Instant::now() + Duration::from_secs(5);
             loop {
-                tokio::time::sleep(WATCHED_DIRS_EVERY + Duration::from_millis(50)).await;
-                let n = w.watched_dirs().expect("the watch's inotify descriptor");
-                if n == want || Instant::now() > deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let n = w.watched_dirs().expect("counted");
+                let kernel = w.tree.kernel_watches();
+                if (n == want && kernel == want) || Instant::now() > deadline {
+                    assert_eq!(kernel, n, "the kernel's count and the watch's");
                     return n;
                 }
             }
