@@ -491,8 +491,9 @@ impl Tree {
     /// Reads every event queued now, and handles them.
     fn read_all(&mut self, buf: &mut [MaybeUninit<u8>]) -> Vec<Heard> {
         let mut heard = Vec::new();
-        // Directories renamed away in this read, by cookie: their parent and name.
-        let mut moved_away: HashMap<u32, (i32, Box<[u8]>)> = HashMap::new();
+        // Directories renamed away in this read, by cookie: their watches, unlinked (a new
+        // directory may take the name meanwhile).
+        let mut moved_away: HashMap<u32, i32> = HashMap::new();
         let mut events = Vec::new();
         {
             let mut reader = inotify::Reader::new(&self.inotify, buf);
@@ -544,22 +545,20 @@ impl Tree {
                 continue;
             };
             if mask.contains(ReadFlags::MOVED_FROM) {
-                if is_dir {
-                    moved_away.insert(cookie, (wd, name.clone().into()));
+                let child = self.nodes.get(&wd).and_then(|n| n.children.get(&name[..]));
+                if let (true, Some(child)) = (is_dir, child.copied()) {
+                    self.unlink(child);
+                    moved_away.insert(cookie, child);
                 }
                 heard.push(Heard::MovedFrom(path));
             } else if mask.contains(ReadFlags::MOVED_TO) {
                 heard.push(Heard::MovedTo(path));
                 if is_dir {
-                    let known = moved_away
-                        .remove(&cookie)
-                        .and_then(|(from, old)| self.nodes.get(&from)?.children.get(&old).copied());
-                    match known {
-                        Some(child) => {
-                            self.unlink(child);
+                    match moved_away.remove(&cookie) {
+                        Some(child) if self.nodes.contains_key(&child) => {
                             self.link(wd, &name, child);
                         }
-                        None => self.watch_new(wd, &name, &mut heard),
+                        _ => self.watch_new(wd, &name, &mut heard),
                     }
                 }
             } else if mask.contains(ReadFlags::CREATE) {
@@ -582,11 +581,8 @@ impl Tree {
             }
         }
         // Renamed away and not back in: moved out of the share.
-        for (_, (parent, name)) in moved_away {
-            let child = self.nodes.get(&parent).and_then(|n| n.children.get(&name));
-            if let Some(child) = child.copied() {
-                self.forget(child, true);
-            }
+        for child in moved_away.into_values() {
+            self.forget(child, true);
         }
         if overflow {
             heard.push(Heard::Overflow);
@@ -791,29 +787,18 @@ mod tests {
         let root = dir.path();
         std::fs::create_dir_all(root.join("gone/x")).unwrap();
         std::fs::create_dir_all(root.join("kept")).unwrap();
-        let inotify = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK).unwrap();
-        let stop = Arc::new(Stop {
-            flag: AtomicBool::new(false),
-            fd: rustix::event::eventfd(0, EventfdFlags::CLOEXEC).unwrap(),
-        });
-        let mut tree = Tree::new(root.to_path_buf(), inotify, stop);
-        tree.watch_root().unwrap();
-        let mut heard = Vec::new();
-        tree.watch_beneath(tree.root_wd, Vec::new(), &mut heard);
+        let mut tree = manual(root);
         assert_eq!(tree.nodes.len(), 4);
         // Nothing read meanwhile: as if the events were lost.
         std::fs::create_dir_all(root.join("kept/new/deeper")).unwrap();
         std::fs::remove_dir_all(root.join("gone")).unwrap();
+        let mut heard = Vec::new();
         tree.rewatch(&mut heard);
         assert!(heard.is_empty(), "{heard:?}");
-        let mut paths: Vec<String> = tree
-            .nodes
-            .keys()
-            .filter_map(|&wd| tree.path_of(wd, None))
-            .map(|p| p.escaped())
-            .collect();
-        paths.sort();
-        assert_eq!(paths, ["", "kept", "kept/new", "kept/new/deeper"]);
+        assert_eq!(
+            watched_paths(&tree),
+            ["", "kept", "kept/new", "kept/new/deeper"]
+        );
         let fdinfo = {
             use std::os::fd::AsRawFd;
             std::fs::read(format!("/proc/self/fdinfo/{}", tree.inotify.as_raw_fd())).unwrap()
@@ -823,6 +808,55 @@ mod tests {
             .filter(|l| l.starts_with(b"inotify wd:"))
             .count();
         assert_eq!(kernel, 4);
+    }
+
+    /// A tree whose events are read by hand (no thread): what one read holds is known.
+    fn manual(root: &Path) -> Tree {
+        let inotify = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK).unwrap();
+        let stop = Arc::new(Stop {
+            flag: AtomicBool::new(false),
+            fd: rustix::event::eventfd(0, EventfdFlags::CLOEXEC).unwrap(),
+        });
+        let mut tree = Tree::new(root.to_path_buf(), inotify, stop);
+        tree.watch_root().unwrap();
+        let mut heard = Vec::new();
+        tree.watch_beneath(tree.root_wd, Vec::new(), &mut heard);
+        assert!(heard.is_empty(), "{heard:?}");
+        tree
+    }
+
+    fn watched_paths(tree: &Tree) -> Vec<String> {
+        let mut paths: Vec<String> = tree
+            .nodes
+            .keys()
+            .filter_map(|&wd| tree.path_of(wd, None))
+            .map(|p| p.escaped())
+            .collect();
+        paths.sort();
+        paths
+    }
+
+    /// In one read: a directory moved out, another made under its name, and a third renamed
+    /// in a circle. The new one is watched, the one moved out is not, the renamed one follows.
+    #[test]
+    fn a_name_taken_by_a_new_directory_in_the_same_read_gets_its_watch() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("share");
+        std::fs::create_dir_all(root.join("a/inner")).unwrap();
+        std::fs::create_dir_all(root.join("b/c")).unwrap();
+        let mut tree = manual(&root);
+        assert_eq!(watched_paths(&tree), ["", "a", "a/inner", "b", "b/c"]);
+        std::fs::rename(root.join("a"), dir.path().join("a-outside")).unwrap();
+        std::fs::create_dir_all(root.join("a/new")).unwrap();
+        std::fs::rename(root.join("b"), root.join("b2")).unwrap();
+        std::fs::rename(root.join("b2"), root.join("b")).unwrap();
+        std::fs::rename(root.join("b/c"), root.join("c")).unwrap();
+        let mut buf = vec![MaybeUninit::<u8>::uninit(); READ_BUFFER];
+        let heard = tree.read_all(&mut buf);
+        assert!(heard.contains(&Heard::MovedFrom(p("a"))), "{heard:?}");
+        assert!(heard.contains(&Heard::Changed(p("a"))), "{heard:?}");
+        assert_eq!(watched_paths(&tree), ["", "a", "a/new", "b", "c"]);
+        assert_eq!(tree.nodes.len(), 5);
     }
 
     #[test]
