@@ -26,13 +26,13 @@ pub fn visible(entries: Vec<(RelPath, Entry)>, filter: &Filter) -> Snapshot {
 
 /// Of the changes applied but not recorded (by this process, or a predecessor killed between
 /// a transition and its record), those a full scan shows landed: the side a change was sent
-/// to holds exactly what was applied. One more condition keeps a rollback safe: the guest must
-/// not hold what the ancestor still records for the path (`ancestor`), the state from before
-/// the change. A guest reverted to before it holds exactly that; the change then stays
+/// to holds exactly what was applied. One more condition keeps a rollback safe: for a path the
+/// ancestor records (`ancestor`), the guest must not hold that recorded state, the one from
+/// before the change. A guest reverted to before it holds exactly that; the change then stays
 /// unrecorded, so the host's version reads as the host's own (given to the guest), never the
 /// guest's older one as an edit over it (docs/safety.md, "Snapshot reverts"). A guest that
-/// holds the change, or changed the file again since, does not. The first of several at one
-/// path wins.
+/// holds the change, or changed the file again since, does not. A creation (nothing recorded
+/// before it) is always taken. The first of several at one path wins.
 pub fn landed(
     candidates: Vec<(Side, RelPath, Option<Entry>)>,
     ancestor: impl Fn(&RelPath) -> Option<Entry>,
@@ -49,7 +49,13 @@ pub fn landed(
             };
             let now = guest.get(path);
             target.get(path) == new.as_ref()
-                && (now == new.as_ref() || now != ancestor(path).as_ref())
+                && (now == new.as_ref() || {
+                    // A creation is always taken: a guest that made a file and deleted it
+                    // again looks the same, and its deletion must reach the host (the
+                    // host's copy goes to the trash, as any deletion's).
+                    let before = ancestor(path);
+                    before.is_none() || now != before.as_ref()
+                })
         })
         .filter(|(_, path, _)| seen.insert(path.clone()))
         .map(|(_, path, new)| (path, new))
@@ -331,7 +337,7 @@ mod tests {
             (Side::Guest, p("d"), None), // a removal that landed
             (Side::Host, p("c"), Some(file(3))), // the other side's path
             (Side::Host, p("e"), Some(file(5))), // landed; the guest holds e as before it
-            (Side::Host, p("f"), Some(file(6))), // landed; the guest has no f, as before it
+            (Side::Host, p("f"), Some(file(6))), // a creation: taken, the guest's deletion follows
             (Side::Host, p("g"), Some(file(7))), // landed; the guest changed g again since
         ];
         let got = landed(candidates, |p| ancestor.get(p).cloned(), &host, &guest);
@@ -341,6 +347,7 @@ mod tests {
                 (p("a"), Some(file(1))),
                 (p("c"), Some(file(3))),
                 (p("d"), None),
+                (p("f"), Some(file(6))),
                 (p("g"), Some(file(7))),
             ]
         );
