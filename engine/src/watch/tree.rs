@@ -178,14 +178,20 @@ impl TreeWatch {
     /// How many watches the kernel lists for this watch's inotify descriptor.
     #[cfg(test)]
     pub fn kernel_watches(&self) -> u64 {
-        std::fs::read(format!("/proc/self/fdinfo/{}", self.inotify_fd))
-            .map(|info| {
-                info.split(|&b| b == b'\n')
-                    .filter(|line| line.starts_with(b"inotify wd:"))
-                    .count() as u64
-            })
-            .unwrap_or(0)
+        kernel_watch_count(self.inotify_fd)
     }
+}
+
+/// How many watches the kernel lists for the inotify descriptor `fd` of this process.
+#[cfg(test)]
+fn kernel_watch_count(fd: i32) -> u64 {
+    std::fs::read(format!("/proc/self/fdinfo/{fd}"))
+        .map(|info| {
+            info.split(|&b| b == b'\n')
+                .filter(|line| line.starts_with(b"inotify wd:"))
+                .count() as u64
+        })
+        .unwrap_or(0)
 }
 
 impl Drop for TreeWatch {
@@ -799,14 +805,10 @@ mod tests {
             watched_paths(&tree),
             ["", "kept", "kept/new", "kept/new/deeper"]
         );
-        let fdinfo = {
+        let kernel = {
             use std::os::fd::AsRawFd;
-            std::fs::read(format!("/proc/self/fdinfo/{}", tree.inotify.as_raw_fd())).unwrap()
+            kernel_watch_count(tree.inotify.as_raw_fd())
         };
-        let kernel = fdinfo
-            .split(|&b| b == b'\n')
-            .filter(|l| l.starts_with(b"inotify wd:"))
-            .count();
         assert_eq!(kernel, 4);
     }
 
