@@ -1146,6 +1146,81 @@ fn mount_points_are_not_crossed() {
     }
 }
 
+/// A share on a filesystem that folds case is refused when it is opened, and the probe leaves
+/// nothing behind. The filesystem is a FAT image mounted with `fusefat` (the kernel the tests
+/// run on has neither vfat nor ext4 case folding): FUSE numbers each lookup's inode afresh, so
+/// the probe must not compare inodes. Needs `mkfs.vfat` (dosfstools), `fusefat` and
+/// `/dev/fuse`; `.ci/run` installs the tools, and under `CI=true` their absence fails.
+#[test]
+fn a_root_that_folds_case_is_refused() {
+    use std::process::{Command, Stdio};
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let ci = std::env::var_os("CI").is_some_and(|v| v == "true");
+    let have = |tool: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !have("mkfs.vfat") || !have("fusefat") {
+        assert!(!ci, "CI installs dosfstools and fusefat: missing here");
+        eprintln!("skipped: needs mkfs.vfat (dosfstools) and fusefat");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("fat.img");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    fs::File::create(&image).unwrap().set_len(32 << 20).unwrap();
+    let made = Command::new("mkfs.vfat")
+        .arg(&image)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfs.vfat");
+    let mounted = Command::new("fusefat")
+        .args(["-o", "rw+"])
+        .arg(&image)
+        .arg(&mnt)
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        // Without the device FUSE cannot run at all; with it, a failed mount is a failure.
+        assert!(
+            !ci || !Path::new("/dev/fuse").exists(),
+            "fusefat could not mount with /dev/fuse present"
+        );
+        eprintln!("skipped: fusefat could not mount (no FUSE here)");
+        return;
+    }
+    let _um = Unmount(mnt.clone());
+    let share = mnt.join("share");
+    fs::create_dir(&share).unwrap();
+    fs::write(share.join("Name.txt"), b"x").unwrap();
+    // The filesystem folds case, and gives each lookup its own inode number.
+    assert_eq!(fs::read(share.join("NAME.TXT")).unwrap(), b"x");
+    for resolver in RESOLVERS {
+        let err = ShareRoot::open_with(&share, resolver)
+            .map(|_| ())
+            .expect_err("a case-folding root must be refused");
+        assert!(err.to_string().contains("folds case"), "{err}");
+        let left: Vec<_> = fs::read_dir(share.join(".vmsync"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.as_bytes().to_ascii_lowercase().starts_with(b"case-probe"))
+            .collect();
+        assert!(left.is_empty(), "the probe stayed behind: {left:?}");
+    }
+    assert_eq!(fs::read(share.join("Name.txt")).unwrap(), b"x");
+}
+
 /// A new file's unnamed temp is linked straight in: never over anything (a file, a directory,
 /// a symlink, a FIFO that appeared since), never through a symlinked parent, and without
 /// leaving a name in `.vmsync/tmp/`.

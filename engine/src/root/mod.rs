@@ -217,8 +217,13 @@ impl ShareRoot {
         let (root, st) = open_root_path("open share root", path)?;
         let dev = to_u64(st.st_dev);
         let ino = to_u64(st.st_ino);
-        let meta = ensure_reserved_dir(root.as_fd(), dev, RESERVED_NAME, resolver, b"")?;
+        // The case probe comes before anything else is asked of the new directory: on vfat,
+        // setting its mode already fails, and the reason to give is the folding.
+        let (meta, created) = open_reserved_dir(root.as_fd(), dev, RESERVED_NAME, resolver, b"")?;
         refuse_case_folding(root.as_fd(), meta.as_fd())?;
+        if created {
+            seal_reserved_dir(root.as_fd(), &meta, RESERVED_NAME, b"")?;
+        }
         ignore_for_git(meta.as_fd());
         let tmp = ensure_reserved_dir(meta.as_fd(), dev, TMP_NAME, resolver, RESERVED_NAME)?;
         let trash = ensure_reserved_dir(meta.as_fd(), dev, TRASH_NAME, resolver, RESERVED_NAME)?;
@@ -299,27 +304,44 @@ fn open_root_path(op: &'static str, path: &Path) -> Result<(OwnedFd, rfs::Stat),
     Ok((fd, st))
 }
 
-/// Creates (if absent) and opens one of our reserved directories, owner-only.
-/// A root directory that folds case (vfat, ext4 `casefold`) is refused: there, names other
-/// than `.vmsync` open the reserved directory (Unicode folding has more than the ASCII ones
-/// [`vmsync_core::path::is_reserved`] refuses), and two of a peer's names can be one file. Any
-/// such directory folds ASCII case, so `.VMSYNC` opening the reserved directory tells.
+/// A root directory that folds case (vfat, ext4 `casefold`, FUSE filesystems that emulate
+/// either) is refused: there, names other than `.vmsync` open the reserved directory (Unicode
+/// folding has more than the ASCII ones [`vmsync_core::path::is_reserved`] refuses), and two of
+/// a peer's names can be one file. Any such directory folds ASCII case, so the probe makes a
+/// file of an unpredictable lower-case name in the reserved directory and looks it up by the
+/// upper-cased path. Found means the names fold. Inode numbers are not compared: FUSE
+/// filesystems may number each lookup afresh.
 fn refuse_case_folding(root: BorrowedFd<'_>, meta: BorrowedFd<'_>) -> Result<(), FsError> {
     const OP: &str = "open share root";
-    let Ok(alias) = rfs::statat(root, ".VMSYNC", AtFlags::SYMLINK_NOFOLLOW) else {
-        return Ok(());
-    };
-    let meta = rfs::fstat(meta).map_err(|e| fail(OP, Loc::path(&RelPath::root()), e))?;
-    if alias.st_dev == meta.st_dev && alias.st_ino == meta.st_ino {
+    let root_path = RelPath::root();
+    let here = || Loc::path(&root_path);
+    let name = format!("case-probe-{:016x}", random_u64(0));
+    let probe = rfs::openat(
+        meta,
+        name.as_str(),
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::RUSR | Mode::WUSR,
+    )
+    .map_err(|e| fail(OP, here(), e))?;
+    drop(probe);
+    let folded = format!(
+        "{}/{}",
+        String::from_utf8_lossy(RESERVED_NAME).to_ascii_uppercase(),
+        name.to_ascii_uppercase()
+    );
+    let found = rfs::statat(root, folded.as_str(), AtFlags::SYMLINK_NOFOLLOW);
+    rfs::unlinkat(meta, name.as_str(), AtFlags::empty()).map_err(|e| fail(OP, here(), e))?;
+    if found.is_ok() {
         return Err(invalid(
             OP,
-            Loc::path(&RelPath::root()),
+            here(),
             "the share's directory folds case (vfat, ext4 casefold): not supported",
         ));
     }
     Ok(())
 }
 
+/// Creates (if absent) and opens one of our reserved directories, owner-only.
 fn ensure_reserved_dir(
     parent: BorrowedFd<'_>,
     dev: u64,
@@ -327,6 +349,22 @@ fn ensure_reserved_dir(
     resolver: Resolver,
     parent_shown: &[u8],
 ) -> Result<OwnedFd, FsError> {
+    let (fd, created) = open_reserved_dir(parent, dev, name, resolver, parent_shown)?;
+    if created {
+        seal_reserved_dir(parent, &fd, name, parent_shown)?;
+    }
+    Ok(fd)
+}
+
+/// Opens one of our reserved directories, creating it if absent: the directory and whether
+/// it was created here (then [`seal_reserved_dir`] must follow).
+fn open_reserved_dir(
+    parent: BorrowedFd<'_>,
+    dev: u64,
+    name: &[u8],
+    resolver: Resolver,
+    parent_shown: &[u8],
+) -> Result<(OwnedFd, bool), FsError> {
     const OP: &str = "open reserved directory";
     let loc = Loc {
         base: parent_shown,
@@ -345,20 +383,32 @@ fn ensure_reserved_dir(
         resolver,
     )
     .map_err(|e| fail(OP, loc, e))?;
-    if created {
-        // mkdirat's mode went through the umask; make it exactly owner-only. Then make the new
-        // entry durable, or a marker written next could vanish with its directory on a crash.
-        rfs::fchmod(&fd, Mode::from_raw_mode(RESERVED_DIR_MODE)).map_err(|e| fail(OP, loc, e))?;
-        let readable = rfs::openat(
-            parent,
-            ".",
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| fail(OP, loc, e))?;
-        rfs::fsync(&readable).map_err(|e| fail(OP, loc, e))?;
-    }
-    Ok(fd)
+    Ok((fd, created))
+}
+
+/// A reserved directory made by [`open_reserved_dir`]: mkdirat's mode went through the umask,
+/// so it is made exactly owner-only; then the new entry is made durable, or a marker written
+/// next could vanish with its directory on a crash.
+fn seal_reserved_dir(
+    parent: BorrowedFd<'_>,
+    fd: &OwnedFd,
+    name: &[u8],
+    parent_shown: &[u8],
+) -> Result<(), FsError> {
+    const OP: &str = "open reserved directory";
+    let loc = Loc {
+        base: parent_shown,
+        name: Some(name),
+    };
+    rfs::fchmod(fd, Mode::from_raw_mode(RESERVED_DIR_MODE)).map_err(|e| fail(OP, loc, e))?;
+    let readable = rfs::openat(
+        parent,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| fail(OP, loc, e))?;
+    rfs::fsync(&readable).map_err(|e| fail(OP, loc, e))
 }
 
 /// The name of the file in the reserved directory that tells git to ignore it all.
