@@ -53,6 +53,9 @@ pub const SIZE_PRUNE_MIN_AGE: Duration = Duration::from_secs(3600);
 pub const THIN_COST_SHARE: u32 = 50;
 
 const SECS_PER_DAY: i64 = 86_400;
+/// How far the pruner's estimate of when a batch was made may drift from its directory's
+/// mtime before the pruner writes the estimate there for the next run ([`TrashUsage`]).
+const STAMP_SLACK: Duration = Duration::from_secs(60);
 
 static BATCH_COUNTER: AtomicU64 = AtomicU64::new(0);
 static OPEN_BATCHES: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
@@ -528,12 +531,34 @@ pub struct TrashUsage {
     thin_after: Option<Instant>,
     /// The last prune left the trash over its size with thinning waiting for `thin_after`.
     thin_deferred: bool,
-    /// When this process saw a batch made (the first [`TrashUsage::made`] of it) or, for one
-    /// whose name is in the future, first saw it: such a batch's age runs from then on the
-    /// monotonic clock, not from the time in its name, which the wall clock of its making
-    /// wrote. A clock set years back or ahead while a batch was made then neither expires it
-    /// at once nor keeps it for years once the clock is put right.
-    seen: BTreeMap<BatchId, Instant>,
+    /// When this process first saw each batch, and how old the batch was then: its age runs
+    /// on from there by the monotonic clock, not from the time in its name, which the wall
+    /// clock of its making wrote. A clock set years back or ahead while a batch was made then
+    /// neither expires it at once nor keeps it for years once the clock is put right, and a
+    /// clock moved while the agent runs ages no batch. A batch this process made is age 0 when
+    /// made; one from an earlier run is as old as the later of its name and its directory's
+    /// mtime say (whichever is not in the future; neither: age 0).
+    seen: BTreeMap<BatchId, Sighting>,
+    /// Each batch directory's mtime as far as this process knows (read by a walk, set by a
+    /// stamp; a new batch's is its name's). Where the estimate of when a batch was made
+    /// drifts more than [`STAMP_SLACK`] from it, the pruner writes the estimate there, so that
+    /// the next run starts from what this one learnt (a clock put right meanwhile).
+    on_disk: BTreeMap<BatchId, Timestamp>,
+}
+
+/// How far apart two times are, either way round.
+fn gap(a: Timestamp, b: Timestamp) -> Duration {
+    let nanos = |t: Timestamp| i128::from(t.secs) * 1_000_000_000 + i128::from(t.nanos);
+    let d = (nanos(b) - nanos(a)).unsigned_abs();
+    let secs = u64::try_from(d / 1_000_000_000).unwrap_or(u64::MAX);
+    Duration::new(secs, (d % 1_000_000_000) as u32)
+}
+
+/// When this process first saw a batch ([`TrashUsage::seen`]), and the batch's age then.
+#[derive(Debug, Clone, Copy)]
+struct Sighting {
+    at: Instant,
+    age: Duration,
 }
 
 impl TrashUsage {
@@ -552,6 +577,9 @@ impl TrashUsage {
             })?;
             if there {
                 usage.insert(id, n, bytes);
+                if let Some(mtime) = root.trash_batch_mtime(&name)? {
+                    usage.on_disk.insert(id, mtime);
+                }
             }
         }
         Ok(usage)
@@ -575,7 +603,11 @@ impl TrashUsage {
     /// Notes that this process made `batch` (a transition kept something in it) at `at`.
     pub fn made(&mut self, batch: &str, at: Instant) {
         if let Some(id) = BatchId::parse(batch.as_bytes()) {
-            self.seen.entry(id).or_insert(at);
+            self.seen.entry(id).or_insert(Sighting {
+                at,
+                age: Duration::ZERO,
+            });
+            self.on_disk.entry(id).or_insert(id.time);
         }
     }
 
@@ -592,25 +624,47 @@ impl TrashUsage {
             .collect();
     }
 
-    /// The time a batch's age runs from: when this process saw it made or first saw it
-    /// ([`TrashUsage::seen`]), by `now` minus the monotonic time since; else its name's.
-    fn made_at(&mut self, id: BatchId, now: Timestamp) -> Timestamp {
-        if id.time > now {
-            self.seen.entry(id).or_insert_with(Instant::now);
-        }
-        match self.seen.get(&id) {
-            Some(at) => {
-                let ago = at.elapsed();
-                let secs = i64::try_from(ago.as_secs()).unwrap_or(i64::MAX);
-                let (mut secs, mut nanos) = (now.secs.saturating_sub(secs), now.nanos);
-                if nanos < ago.subsec_nanos() {
-                    secs = secs.saturating_sub(1);
-                    nanos += 1_000_000_000;
-                }
-                Timestamp::new(secs, nanos - ago.subsec_nanos())
+    /// Writes the estimate of when each batch was made into its directory's mtime where the
+    /// two drifted apart (see [`TrashUsage::on_disk`]). A failure costs the next run only the
+    /// estimate: logged, not returned.
+    fn stamp(&mut self, root: &ShareRoot, made: &[(BatchId, Timestamp)]) {
+        for &(id, at) in made {
+            let known = self.on_disk.get(&id).copied();
+            if known.is_some_and(|t| gap(t, at) <= STAMP_SLACK) {
+                continue;
             }
-            None => id.time,
+            match root.stamp_trash_batch(id.name().as_bytes(), at) {
+                Ok(()) => {
+                    self.on_disk.insert(id, at);
+                }
+                Err(e) => tracing::debug!("trash batch {} not stamped: {e}", id.name()),
+            }
         }
+    }
+
+    /// The time a batch's age runs from: `now` minus its age ([`TrashUsage::seen`], noted at
+    /// its first sight here).
+    fn made_at(&mut self, id: BatchId, now: Timestamp) -> Timestamp {
+        let on_disk = self.on_disk.get(&id).copied();
+        let sight = *self.seen.entry(id).or_insert_with(|| {
+            let made = [Some(id.time), on_disk]
+                .into_iter()
+                .flatten()
+                .filter(|t| *t <= now)
+                .max();
+            Sighting {
+                at: Instant::now(),
+                age: made.map_or(Duration::ZERO, |t| gap(t, now)),
+            }
+        });
+        let ago = sight.age.saturating_add(sight.at.elapsed());
+        let secs = i64::try_from(ago.as_secs()).unwrap_or(i64::MAX);
+        let (mut secs, mut nanos) = (now.secs.saturating_sub(secs), now.nanos);
+        if nanos < ago.subsec_nanos() {
+            secs = secs.saturating_sub(1);
+            nanos += 1_000_000_000;
+        }
+        Timestamp::new(secs, nanos - ago.subsec_nanos())
     }
 
     /// Files and bytes in the trash.
@@ -638,6 +692,8 @@ impl TrashUsage {
                 open: is_open(&id.name()),
             })
             .collect();
+        let made: Vec<(BatchId, Timestamp)> = batches.iter().map(|b| (b.id, b.time)).collect();
+        self.stamp(root, &made);
         // Oldest first.
         batches.sort_by_key(|b| (b.time, b.id));
         let remove = plan_prune(
@@ -657,6 +713,8 @@ impl TrashUsage {
                 self.files -= files;
                 self.bytes -= bytes;
             }
+            self.seen.remove(&b.id);
+            self.on_disk.remove(&b.id);
         }
         let max_bytes = retention.max_size.bytes(share_bytes);
         let thin_now = self.thin_after.is_none_or(|t| Instant::now() >= t);
@@ -1482,6 +1540,9 @@ mod tests {
             let at = tmp.path().join(".vmsync/trash").join(name).join("f");
             std::fs::create_dir_all(at.parent().unwrap()).unwrap();
             std::fs::write(&at, b"kept").unwrap();
+            // As made by a clock that said the name's time.
+            let (made, _) = parse_batch_name(name.as_bytes()).unwrap();
+            root.stamp_trash_batch(name.as_bytes(), made).unwrap();
         }
         let mut usage = TrashUsage::default();
         usage.made(&behind, Instant::now());
@@ -1501,12 +1562,58 @@ mod tests {
             [behind.clone().into_bytes(), ahead.clone().into_bytes()]
         );
         // Two seconds on by the monotonic clock, the wall clock standing still: both expire.
-        for (id, at) in usage.seen.iter_mut() {
+        for (id, sight) in usage.seen.iter_mut() {
             assert!([&behind, &ahead].contains(&&id.name()));
-            *at = at.checked_sub(Duration::from_secs(2)).unwrap();
+            sight.at = sight.at.checked_sub(Duration::from_secs(2)).unwrap();
         }
         assert_eq!(usage.prune(&root, second, 1 << 30, t).unwrap(), (0, 0));
         assert!(left(&root).is_empty());
+    }
+
+    /// What a run learns of when a batch was made outlives it: a batch made while the clock
+    /// was 20 years behind, the clock put right while the agent ran, gets its directory's
+    /// mtime stamped, and the next run (a new walk) ages it from there, not from its name; a
+    /// batch of the same name time that no run stamped is pruned by its name. And a clock moved
+    /// while the agent runs ages no batch it has seen.
+    #[test]
+    fn a_batch_keeps_its_age_across_a_restart_and_clock_moves() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = ShareRoot::open(tmp.path()).unwrap();
+        let t = now();
+        let year = 365 * 86_400;
+        let named = |secs: i64, n| batch_name(Timestamp::new(t.secs + secs, 0), n);
+        let (behind, old, hour) = (named(-20 * year, 1), named(-20 * year, 2), named(-3600, 3));
+        for name in [&behind, &old, &hour] {
+            let at = tmp.path().join(".vmsync/trash").join(name).join("f");
+            std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+            std::fs::write(&at, b"kept").unwrap();
+            // As made by a clock that said the name's time.
+            let (made, _) = parse_batch_name(name.as_bytes()).unwrap();
+            root.stamp_trash_batch(name.as_bytes(), made).unwrap();
+        }
+        let day = Retention {
+            max_age: Duration::from_secs(86_400),
+            max_size: SizeLimit::Percent(100),
+        };
+        let mtime = |name: &str| root.trash_batch_mtime(name.as_bytes()).unwrap().unwrap();
+        let mut first = TrashUsage::default();
+        first.made(&behind, Instant::now());
+        first.remeasured(TrashUsage::measure(&root).unwrap());
+        // The old, unstamped batch goes by its name; `behind` is stamped with about now.
+        assert_eq!(first.prune(&root, day, 1 << 30, t).unwrap(), (2, 8));
+        assert!(gap(mtime(&behind), t) < STAMP_SLACK, "{:?}", mtime(&behind));
+        // The clock jumps 20 years ahead while this run goes on: nothing it saw ages.
+        let ahead = Timestamp::new(t.secs + 20 * year, 0);
+        assert_eq!(first.prune(&root, day, 1 << 30, ahead).unwrap(), (2, 8));
+        // Put right again, then a new run: `behind` ages from its stamp, `hour` by its name.
+        assert_eq!(first.prune(&root, day, 1 << 30, t).unwrap(), (2, 8));
+        let mut second = TrashUsage::default();
+        second.remeasured(TrashUsage::measure(&root).unwrap());
+        assert_eq!(second.prune(&root, day, 1 << 30, t).unwrap(), (2, 8));
+        let mut names: Vec<Vec<u8>> = root.trash_batches().unwrap();
+        names.sort();
+        assert_eq!(names, [behind.into_bytes(), hour.into_bytes()]);
+        let _ = old;
     }
 
     #[test]

@@ -581,8 +581,9 @@ fn a_running_guests_clock_moved_years_back_and_forward_decides_nothing() {
 /// A trash batch's name carries the time the guest's clock gave when it was made. A version
 /// sync replaced while that clock was 20 years behind must still stay `keep_deleted` (7 days
 /// by default) once the clock is put right, not be pruned at the pruner's next run as if it
-/// were 20 years old. The version here is the guest's own edit that lost a
-/// `newer-wins` conflict because its clock was behind: the trash was its only copy.
+/// were 20 years old, nor once the guest agent restarts. The version here is the guest's own
+/// edit that lost a `newer-wins` conflict because its clock was behind: the trash was its only
+/// copy.
 #[test]
 fn a_version_kept_while_the_guests_clock_was_behind_stays_once_the_clock_is_put_right() {
     let mut a = Agents::new("conflict = \"newer-wins\"");
@@ -625,6 +626,24 @@ fn a_version_kept_while_the_guests_clock_was_behind_stays_once_the_clock_is_put_
     assert!(
         !pruned,
         "the guest's only copy of its edit, kept seconds ago, was pruned as 20 years old"
+    );
+
+    // The guest agent restarted with the clock right: the new run ages the batch from what
+    // the last one wrote on its directory, not from its name.
+    a.terminate_guest();
+    a.start_guest();
+    a.wait_in_sync();
+    for n in 0..3 {
+        let data = format!("y after the restart {n}\n");
+        write(&a.host_dir, "y", &data);
+        lands(&a, &a.guest_dir, "y", &data);
+    }
+    let pruned = eventually(Duration::from_secs(15), || {
+        kept_as(&a.guest_dir, "x", guest_x).is_empty()
+    });
+    assert!(
+        !pruned,
+        "after a restart, the guest's copy of its edit was pruned as 20 years old"
     );
 }
 

@@ -6,12 +6,14 @@
 use super::error::{fail, invalid, not_a_file, Loc};
 use super::resolve::{is_single_component, open_beneath};
 use super::{
-    read_link_at, DirHandle, FileKind, FsError, Resolver, ShareRoot, Stat, RESERVED_DIR_MODE,
+    mtime_only, read_link_at, DirHandle, FileKind, FsError, Resolver, ShareRoot, Stat,
+    RESERVED_DIR_MODE,
 };
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 use std::time::{Duration, Instant};
+use vmsync_core::entry::Timestamp;
 use vmsync_core::path::{escape_bytes, RelPath};
 
 /// Shown in errors about the trash.
@@ -407,6 +409,45 @@ impl ShareRoot {
             }
         }
         Ok(out)
+    }
+
+    /// The modification time of the batch directory `.vmsync/trash/<name>`: when it was last
+    /// given an entry, or what [`ShareRoot::stamp_trash_batch`] set. `None` if it is gone or
+    /// not a directory.
+    pub fn trash_batch_mtime(&self, name: &[u8]) -> Result<Option<Timestamp>, FsError> {
+        const OP: &str = "stat trash batch";
+        let loc = Loc {
+            base: TRASH_SHOWN,
+            name: Some(name),
+        };
+        if !is_single_component(name) {
+            return Err(invalid(OP, loc, "not a single file name"));
+        }
+        match rfs::statat(&self.trash, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => {
+                let st = Stat::from_raw(&st, self.dev);
+                Ok((st.kind == FileKind::Dir).then_some(st.mtime))
+            }
+            Err(Errno::NOENT) => Ok(None),
+            Err(e) => Err(fail(OP, loc, e)),
+        }
+    }
+
+    /// Sets the modification time of the batch directory `.vmsync/trash/<name>` to `t`: the
+    /// pruner's note of when the batch was made, for the next run (engine/src/trash.rs,
+    /// `TrashUsage`).
+    pub fn stamp_trash_batch(&self, name: &[u8], t: Timestamp) -> Result<(), FsError> {
+        const OP: &str = "stamp trash batch";
+        let loc = Loc {
+            base: TRASH_SHOWN,
+            name: Some(name),
+        };
+        if !is_single_component(name) {
+            return Err(invalid(OP, loc, "not a single file name"));
+        }
+        let times = mtime_only(OP, loc, t)?;
+        rfs::utimensat(&self.trash, name, &times, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| fail(OP, loc, e))
     }
 
     /// Opens the batch directory `.vmsync/trash/<name>` for walking.
