@@ -82,26 +82,25 @@ pub struct Views {
 ///   most); anything else there is left to a scan that covers it.
 pub fn views<'a>(
     scope: &ScanScope,
-    ancestor: &Snapshot,
+    ancestor: Snapshot,
     host: Snapshot,
     guest: Snapshot,
     frozen: impl IntoIterator<Item = &'a RelPath>,
     filter: &Filter,
 ) -> Views {
-    let scoped: Box<dyn Iterator<Item = (&RelPath, &Entry)>> = match scope {
-        ScanScope::Full => Box::new(ancestor.iter()),
-        ScanScope::Paths(paths) => Box::new(
-            paths
-                .iter()
-                .flat_map(|p| subtree(ancestor, p))
-                .chain(scope_parents(paths).filter_map(|d| ancestor.get_key_value(&d))),
-        ),
-    };
-    let mut views = Views {
-        ancestor: scoped
-            .filter(|(p, e)| !filter.is_ignored(p, e.is_dir()))
+    // Taken, not copied: on a full cycle it is the whole ancestor, as large as a side's scan.
+    let mut ancestor = match scope {
+        ScanScope::Full => ancestor,
+        ScanScope::Paths(paths) => paths
+            .iter()
+            .flat_map(|p| subtree(&ancestor, p))
+            .chain(scope_parents(paths).filter_map(|d| ancestor.get_key_value(&d)))
             .map(|(p, e)| (p.clone(), e.clone()))
             .collect(),
+    };
+    ancestor.retain(|p, e| !filter.is_ignored(p, e.is_dir()));
+    let mut views = Views {
+        ancestor,
         host,
         guest,
     };
@@ -423,7 +422,7 @@ mod tests {
                 .collect();
             let v = views(
                 &scope,
-                &snap(ancestor),
+                snap(ancestor),
                 snap(host),
                 snap(guest),
                 &frozen,
@@ -440,7 +439,7 @@ mod tests {
         let filter = Filter::new(&["*.o".to_string()]).unwrap();
         let v = views(
             &ScanScope::Full,
-            &snap(&["a.o=1", "b=2"]),
+            snap(&["a.o=1", "b=2"]),
             snap(&["b=2"]),
             snap(&["b=2"]),
             &[],

@@ -977,7 +977,7 @@ impl Controller {
             );
         let mut views = planner::views(
             scope,
-            &self.ancestor.scoped(scope)?,
+            self.ancestor.scoped(scope)?,
             host_snap,
             guest_snap,
             frozen,
