@@ -1059,12 +1059,28 @@ fn one_file_edited_thousands_of_times_from_both_sides_by_live_agents_loses_nothi
     assert_same_tree(&a.host_dir, &a.guest_dir);
     let final_content = std::fs::read(a.host_dir.join("f.txt")).ok();
     let written = written.lock().unwrap().clone();
-    let summary = nothing_lost(
-        "live agents",
-        &mut [(&mut host, &a.host_dir), (&mut guest, &a.guest_dir)],
-        final_content.as_ref(),
-        |v| written.iter().any(|w| w.starts_with(v)),
-    );
+    let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        nothing_lost(
+            "live agents",
+            &mut [(&mut host, &a.host_dir), (&mut guest, &a.guest_dir)],
+            final_content.as_ref(),
+            |v| written.iter().any(|w| w.starts_with(v)),
+        )
+    }));
+    // A loss here has been seen once under heavy load and not reproduced since: leave what
+    // the next one needs to be understood.
+    let summary = checked.unwrap_or_else(|lost| {
+        for (side, dir) in [("host", &a.host_dir), ("guest", &a.guest_dir)] {
+            let kept: Vec<String> = vmsync_tests::fixture::trash_files(dir)
+                .iter()
+                .map(|(k, v)| format!("{k} ({} bytes)", v.len()))
+                .collect();
+            eprintln!("{side} trash: {}", kept.join(", "));
+        }
+        eprintln!("host.log (tail):\n{}", a.log_tail("host.log", 200));
+        eprintln!("guest.log (tail):\n{}", a.log_tail("guest.log", 200));
+        std::panic::resume_unwind(lost)
+    });
     assert!(
         !host.replaced.is_empty(),
         "guest-wins never replaced a host version: {}",
