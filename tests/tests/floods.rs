@@ -1524,3 +1524,59 @@ fn the_same_invalid_answer_over_and_over_keeps_the_log_bounded() {
     );
     s.check("the same invalid answer, over and over");
 }
+
+/// A burst of connections at the guest's listening socket (anyone who can reach it, on vsock
+/// any process on the host): each replaces the session before it. 2,000 connections, up to
+/// 400 of them held open by the flooder, while a real host is connected, against a guest
+/// limited to 128 descriptors, faster than the guest drops the sessions they replace (it
+/// reaches its limit, and `accept` fails for a moment): the guest stays up and answers `status`, its descriptors go
+/// back to what they were once the flood ends, OUT is unchanged, its peak RSS stays under the
+/// bound, and the real host reconnects and syncs.
+#[test]
+fn a_burst_of_connections_at_the_guests_listener_is_survived() {
+    let mut g = guest_attack(Some(128));
+    g.real_host_syncs("before.txt");
+    let baseline = fd_count(g.pid);
+    let sock = g.a.tmp.path().join("guest.sock");
+    let done = Arc::new(AtomicBool::new(false));
+    let connected = Arc::new(AtomicUsize::new(0));
+    let flooder = {
+        let (done, connected) = (done.clone(), connected.clone());
+        std::thread::spawn(move || {
+            let mut held = std::collections::VecDeque::new();
+            for _ in 0..2_000 {
+                if let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) {
+                    connected.fetch_add(1, Ordering::Relaxed);
+                    held.push_back(s);
+                }
+                if held.len() > 400 {
+                    held.pop_front();
+                }
+            }
+            drop(held);
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    let finished = eventually(Duration::from_secs(120), || done.load(Ordering::SeqCst));
+    assert!(finished, "the flood did not finish: connect blocked");
+    flooder.join().unwrap();
+    assert!(
+        connected.load(Ordering::Relaxed) > 1_000,
+        "only {} connections were made",
+        connected.load(Ordering::Relaxed)
+    );
+    let settled = eventually(Duration::from_secs(30), || fd_count(g.pid) <= baseline + 4);
+    assert!(
+        settled,
+        "the guest holds {} descriptors, {baseline} before the flood",
+        fd_count(g.pid)
+    );
+    g.check("a burst of 2,000 connections");
+    // The flood outran the sessions' teardown: the guest reached its descriptor limit.
+    let log = g.a.log("guest.log");
+    assert!(
+        log.contains("WARN vmsync_guest::service: accept failed"),
+        "the burst never took the guest to its descriptor limit"
+    );
+    g.real_host_syncs("after.txt");
+}
