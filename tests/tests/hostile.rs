@@ -195,3 +195,113 @@ fn the_largest_message_a_guest_may_send_stays_within_the_memory_bound() {
     assert!(went, "host log:\n{}", s.a.log("host.log"));
     s.check("the largest hint list", 1);
 }
+
+/// The empty path is how the wire names the share root, so decoding accepts it; everywhere
+/// else a guest can put a path, it must change nothing. A guest that names the root as
+/// changed in every poll and, one case at a time, as removed, as unreadable and as ignored (in
+/// full and targeted scans), while the host's share holds files: the host stays up, keeps
+/// every file as it was, leaves OUT alone, and stays under the memory bound.
+#[test]
+fn the_empty_path_wherever_a_guest_can_send_a_path_changes_nothing() {
+    for case in ["removed", "unreadable", "ignored"] {
+        empty_path_case(case);
+    }
+}
+
+fn empty_path_case(case: &'static str) {
+    use vmsync_protocol::messages::{Scanned, WireProblem};
+    let polls = Arc::new(AtomicU32::new(0));
+    let counter = polls.clone();
+    let root = move |when: &str| {
+        if when == case {
+            vec![RelPath::root()]
+        } else {
+            vec![]
+        }
+    };
+    let problems = move || {
+        if case == "unreadable" {
+            vec![WireProblem {
+                path: RelPath::root(),
+                message: "the root".to_string(),
+            }]
+        } else {
+            vec![]
+        }
+    };
+    let mut a = Agents::new("");
+    let out = make_out(a.tmp.path());
+    let before_out = snapshot(&out);
+    std::fs::create_dir_all(a.host_dir.join("d")).unwrap();
+    std::fs::write(a.host_dir.join("keep.txt"), "the host's file\n").unwrap();
+    std::fs::write(a.host_dir.join("d/inner.txt"), "inside a directory\n").unwrap();
+    let before_share = snapshot(&a.host_dir);
+    let guest = HostileGuest::start(&a.tmp.path().join("guest.sock"), move |req| {
+        match req.body {
+            RequestBody::ScanFull { .. } => respond(
+                req,
+                ResponseBody::ScanDelta(Ok(ScanDelta {
+                    token: 1,
+                    base: None,
+                    root: Some(MARKER),
+                    changed: vec![],
+                    removed: root("removed"),
+                    problems: problems(),
+                    ignored: root("ignored"),
+                    generation: None,
+                })),
+            ),
+            RequestBody::Scan { .. } => respond(
+                req,
+                ResponseBody::Scanned(Ok(Scanned {
+                    root: Some(MARKER),
+                    entries: vec![],
+                    problems: problems(),
+                    ignored: root("ignored"),
+                    generation: None,
+                    manifests: vec![],
+                })),
+            ),
+            RequestBody::PollChanges { .. } => {
+                counter.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(100));
+                respond(
+                    req,
+                    ResponseBody::Changes(Ok(ChangeHints {
+                        paths: vec![RelPath::root()],
+                        rescan: false,
+                    })),
+                )
+            }
+            _ => benign(req),
+        }
+    });
+    a.start_host();
+    let polled = eventually(Duration::from_secs(60), || {
+        polls.load(Ordering::Relaxed) >= 10
+    });
+    assert!(
+        polled,
+        "{case}: the host polled {} times\n{}",
+        polls.load(Ordering::Relaxed),
+        a.log_tail("host.log", 40)
+    );
+    let pid = a.host_pid().unwrap();
+    let status = a.status();
+    assert_eq!(status["shares"][0]["name"], "src", "{case}: {status}");
+    let share = |snap: &Snapshot| {
+        snap.iter()
+            .filter(|(p, _)| !p.components().any(|c| c.as_os_str() == ".vmsync"))
+            .map(|(p, v)| (p.clone(), v.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        share(&snapshot(&a.host_dir)),
+        share(&before_share),
+        "{case}: the host's share changed"
+    );
+    assert_eq!(snapshot(&out), before_out, "{case}: OUT changed");
+    let peak = peak_rss(pid).expect("the host agent is running");
+    assert!(peak <= RSS_BOUND, "{case}: host peak RSS {peak}");
+    assert!(guest.sessions() >= 1, "{case}");
+}
