@@ -1221,6 +1221,50 @@ fn a_root_that_folds_case_is_refused() {
     assert_eq!(fs::read(share.join("Name.txt")).unwrap(), b"x");
 }
 
+/// A share opens on a filesystem with no inode left (the case probe cannot make its file and
+/// falls back to comparing inodes): a full disk must not stop a share from opening, which
+/// every full scan does. A tmpfs with 64 inodes; needs the privilege to mount (skipped
+/// otherwise).
+#[test]
+fn a_share_opens_when_no_file_can_be_made() {
+    use std::process::Command;
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "nr_inodes=64,size=4m", "none"])
+        .arg(&mnt)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount here");
+        return;
+    }
+    let _um = Unmount(mnt.clone());
+    let share = mnt.join("share");
+    fs::create_dir(&share).unwrap();
+    drop(ShareRoot::open(&share).unwrap());
+    let mut made = 0;
+    while fs::write(share.join(format!("f{made}")), b"x").is_ok() {
+        made += 1;
+        assert!(made < 1000, "the inode limit did not hold");
+    }
+    assert!(
+        fs::write(share.join("one-more"), b"x").is_err(),
+        "inodes left"
+    );
+    for resolver in RESOLVERS {
+        ShareRoot::open_with(&share, resolver).expect("a share with no inode left must open");
+    }
+}
+
 /// A new file's unnamed temp is linked straight in: never over anything (a file, a directory,
 /// a symlink, a FIFO that appeared since), never through a symlinked parent, and without
 /// leaving a name in `.vmsync/tmp/`.

@@ -304,6 +304,9 @@ fn open_root_path(op: &'static str, path: &Path) -> Result<(OwnedFd, rfs::Stat),
     Ok((fd, st))
 }
 
+/// Why a share on a filesystem that folds case is refused.
+const FOLDS_CASE: &str = "the share's directory folds case (vfat, ext4 casefold): not supported";
+
 /// A root directory that folds case (vfat, ext4 `casefold`, FUSE filesystems that emulate
 /// either) is refused: there, names other than `.vmsync` open the reserved directory (Unicode
 /// folding has more than the ASCII ones [`vmsync_core::path::is_reserved`] refuses), and two of
@@ -321,8 +324,12 @@ fn refuse_case_folding(root: BorrowedFd<'_>, meta: BorrowedFd<'_>) -> Result<(),
         name.as_str(),
         OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::RUSR | Mode::WUSR,
-    )
-    .map_err(|e| fail(OP, here(), e))?;
+    );
+    let Ok(probe) = probe else {
+        // No file can be made (a full disk, no inodes left): a share must still open, so
+        // compare inodes instead, which holds on the kernel's own case-folding filesystems.
+        return refuse_case_folding_by_inode(root, meta);
+    };
     drop(probe);
     let folded = format!(
         "{}/{}",
@@ -332,11 +339,22 @@ fn refuse_case_folding(root: BorrowedFd<'_>, meta: BorrowedFd<'_>) -> Result<(),
     let found = rfs::statat(root, folded.as_str(), AtFlags::SYMLINK_NOFOLLOW);
     rfs::unlinkat(meta, name.as_str(), AtFlags::empty()).map_err(|e| fail(OP, here(), e))?;
     if found.is_ok() {
-        return Err(invalid(
-            OP,
-            here(),
-            "the share's directory folds case (vfat, ext4 casefold): not supported",
-        ));
+        return Err(invalid(OP, here(), FOLDS_CASE));
+    }
+    Ok(())
+}
+
+/// [`refuse_case_folding`] where no probe file can be made: `.VMSYNC` is the reserved
+/// directory itself.
+fn refuse_case_folding_by_inode(root: BorrowedFd<'_>, meta: BorrowedFd<'_>) -> Result<(), FsError> {
+    const OP: &str = "open share root";
+    let root_path = RelPath::root();
+    let Ok(alias) = rfs::statat(root, ".VMSYNC", AtFlags::SYMLINK_NOFOLLOW) else {
+        return Ok(());
+    };
+    let meta = rfs::fstat(meta).map_err(|e| fail(OP, Loc::path(&root_path), e))?;
+    if alias.st_dev == meta.st_dev && alias.st_ino == meta.st_ino {
+        return Err(invalid(OP, Loc::path(&root_path), FOLDS_CASE));
     }
     Ok(())
 }
