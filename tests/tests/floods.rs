@@ -1528,13 +1528,13 @@ fn the_same_invalid_answer_over_and_over_keeps_the_log_bounded() {
 /// A burst of connections at the guest's listening socket (anyone who can reach it, on vsock
 /// any process on the host): each replaces the session before it. 2,000 connections, up to
 /// 400 of them held open by the flooder, while a real host is connected, against a guest
-/// limited to 128 descriptors, faster than the guest drops the sessions they replace (it
-/// reaches its limit, and `accept` fails for a moment): the guest stays up and answers `status`, its descriptors go
-/// back to what they were once the flood ends, OUT is unchanged, its peak RSS stays under the
-/// bound, and the real host reconnects and syncs.
+/// limited to 64 descriptors, faster than the guest drops the sessions they replace (it
+/// reaches its limit, and `accept` fails for a moment): the guest stays up and answers
+/// `status`, its descriptors go back to what they were once the flood ends, OUT is unchanged,
+/// its peak RSS stays under the bound, and the real host reconnects and syncs.
 #[test]
 fn a_burst_of_connections_at_the_guests_listener_is_survived() {
-    let mut g = guest_attack(Some(128));
+    let mut g = guest_attack(Some(64));
     g.real_host_syncs("before.txt");
     let baseline = fd_count(g.pid);
     let sock = g.a.tmp.path().join("guest.sock");
