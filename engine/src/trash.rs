@@ -1518,6 +1518,16 @@ mod tests {
         assert!(log.is_empty());
     }
 
+    /// A batch `name` holding one 4-byte file, its directory dated as if made by a clock that
+    /// said the name's time.
+    fn keep_in_batch(root: &ShareRoot, share: &std::path::Path, name: &str) {
+        let dir = share.join(".vmsync/trash").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("f"), b"kept").unwrap();
+        let (made, _) = parse_batch_name(name.as_bytes()).unwrap();
+        root.stamp_trash_batch(name.as_bytes(), made).unwrap();
+    }
+
     /// Counted as transitions report it, the trash prunes as a walk of it would: the same
     /// batches go, and the counts follow.
     /// Age runs from when this process saw a batch made (or, named in the future, first saw
@@ -1537,12 +1547,7 @@ mod tests {
             named(-20 * year, 3),
         );
         for name in [&behind, &ahead, &old] {
-            let at = tmp.path().join(".vmsync/trash").join(name).join("f");
-            std::fs::create_dir_all(at.parent().unwrap()).unwrap();
-            std::fs::write(&at, b"kept").unwrap();
-            // As made by a clock that said the name's time.
-            let (made, _) = parse_batch_name(name.as_bytes()).unwrap();
-            root.stamp_trash_batch(name.as_bytes(), made).unwrap();
+            keep_in_batch(&root, tmp.path(), name);
         }
         let mut usage = TrashUsage::default();
         usage.made(&behind, Instant::now());
@@ -1584,12 +1589,7 @@ mod tests {
         let named = |secs: i64, n| batch_name(Timestamp::new(t.secs + secs, 0), n);
         let (behind, old, hour) = (named(-20 * year, 1), named(-20 * year, 2), named(-3600, 3));
         for name in [&behind, &old, &hour] {
-            let at = tmp.path().join(".vmsync/trash").join(name).join("f");
-            std::fs::create_dir_all(at.parent().unwrap()).unwrap();
-            std::fs::write(&at, b"kept").unwrap();
-            // As made by a clock that said the name's time.
-            let (made, _) = parse_batch_name(name.as_bytes()).unwrap();
-            root.stamp_trash_batch(name.as_bytes(), made).unwrap();
+            keep_in_batch(&root, tmp.path(), name);
         }
         let day = Retention {
             max_age: Duration::from_secs(86_400),

@@ -143,6 +143,18 @@ impl Fixture {
     }
 }
 
+/// A mount a test made, lazily unmounted when dropped.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
 #[track_caller]
 fn assert_kind<T: std::fmt::Debug>(r: Result<T, FsError>, want: FsErrorKind, what: &str) {
     match r {
@@ -1071,15 +1083,6 @@ fn racing_directory_symlink_swaps_never_reach_out() {
 /// otherwise).
 #[test]
 fn mount_points_are_not_crossed() {
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
     let mount = |args: &[&OsStr]| {
         std::process::Command::new("mount")
             .args(args)
@@ -1154,12 +1157,6 @@ fn mount_points_are_not_crossed() {
 #[test]
 fn a_root_that_folds_case_is_refused() {
     use std::process::{Command, Stdio};
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
     let ci = std::env::var_os("CI").is_some_and(|v| v == "true");
     let have = |tool: &str| {
         Command::new("sh")
@@ -1228,12 +1225,6 @@ fn a_root_that_folds_case_is_refused() {
 #[test]
 fn a_share_opens_when_no_file_can_be_made() {
     use std::process::Command;
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
     let tmp = tempfile::tempdir().unwrap();
     let mnt = tmp.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
