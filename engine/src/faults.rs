@@ -111,6 +111,10 @@ pub enum Moment {
     /// `linkat` of a new file), after the transition checked the path against what the scan
     /// saw and, for a replacement, kept the old version in the trash.
     BeforeRename,
+    /// Putting a staged file in place over an existing one: right after the
+    /// `renameat2(RENAME_EXCHANGE)` that put it at the path, before the agent looks at what
+    /// came out (see `ShareRoot::swap_in`).
+    AfterSwap,
 }
 
 /// Runs what a test set up with [`at`] for `moment` on `path` under the root of this device

@@ -384,6 +384,47 @@ async fn an_editors_atomic_save_between_the_final_check_and_the_rename_is_not_lo
     assert_eq!(read(&p.guest_dir, "f.txt"), b"guest edit");
 }
 
+/// The same save, and then, in the instant the guest's version stands at `f.txt` before the
+/// commit sees the save and swaps it back out, the host's program writes `f.txt` in place: into
+/// the guest's version's inode, which the swap back takes out of the share. That inode now holds
+/// the host's write, so it is kept in the host's trash, not unlinked as the commit's own leftover.
+#[tokio::test]
+async fn a_write_into_the_new_version_in_the_instant_it_stood_at_the_path_is_kept() {
+    let mut p = guest_rewrote(ConflictPolicy::Keep).await;
+    let (edited, seen) = flag();
+    let dir = p.host_dir.clone();
+    faults::at(
+        &p.host_dir,
+        Moment::BeforeRename,
+        &rel("f.txt"),
+        move || {
+            std::fs::write(dir.join(".f.txt.swp"), "host save").unwrap();
+            std::fs::rename(dir.join(".f.txt.swp"), dir.join("f.txt")).unwrap();
+        },
+    )
+    .unwrap();
+    let file = p.host_dir.join("f.txt");
+    faults::at(&p.host_dir, Moment::AfterSwap, &rel("f.txt"), move || {
+        std::fs::write(&file, "host write in place").unwrap();
+        edited.store(true, Ordering::SeqCst);
+    })
+    .unwrap();
+    p.cycle().await;
+    assert!(seen.load(Ordering::SeqCst), "the moment never came");
+    let host_kept = kept(&p.host_dir, "f.txt");
+    assert_eq!(read(&p.host_dir, "f.txt"), b"host save");
+    assert!(
+        host_kept.contains(&b"host write in place".to_vec()),
+        "the host's write in place is lost (host trash [{}])",
+        show_all(&host_kept)
+    );
+    assert!(temps(&p.host_dir).is_empty());
+    p.sync().await;
+    assert_eq!(read(&p.host_dir, "f.txt"), b"host save");
+    assert_eq!(read(&p.guest_dir, "f.txt"), b"guest edit");
+    assert!(kept(&p.host_dir, "f.txt").contains(&b"host write in place".to_vec()));
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. A file appended, truncated or rewritten while it is being chunked.
 // ---------------------------------------------------------------------------------------------

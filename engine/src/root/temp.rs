@@ -499,10 +499,13 @@ impl ShareRoot {
     /// as another name), with one `renameat2(RENAME_EXCHANGE)`, then looks at what came out:
     /// `kept` is unlinked from `.vmsync/tmp/`. Anything else was put at `p` by another program
     /// after the caller looked (an editor's save renames a new file over the old one): it is
-    /// swapped back, and the error says the path changed, so the next cycle decides it again;
-    /// if what then comes out is not ours either (a second save in between), or it cannot go
-    /// back, it is kept (`rescue`). So nothing another program wrote is ever unlinked. Where
-    /// the filesystem cannot exchange, the path is looked at right before a plain rename.
+    /// swapped back, and the error says the path changed, so the next cycle decides it again.
+    /// What then comes out is kept too (`rescue`), unless it is ours and still has another
+    /// name (a hard link's other path): while ours stood at `p`, a program may have written
+    /// into it in place, and may still write through a descriptor it opened there. If it
+    /// cannot go back, what came out is kept. So nothing another program wrote is ever
+    /// unlinked. Where the filesystem cannot exchange, the path is looked at right before a
+    /// plain rename.
     pub(super) fn swap_in(
         &self,
         op: &'static str,
@@ -531,6 +534,7 @@ impl ShareRoot {
             Err(Errno::NOENT) => return Err(invalid(op, loc, CHANGED)),
             Err(e) => return Err(fail(op, loc, e)),
         }
+        faults::reached(self.dev_ino(), Moment::AfterSwap, p);
         let tmp_name = temp.as_bytes();
         if ino_at(&self.tmp, tmp_name) == Ok(kept) {
             if let Err(e) = rfs::unlinkat(&self.tmp, temp, AtFlags::empty()) {
@@ -544,10 +548,11 @@ impl ShareRoot {
             self.rescue(op, p, (dir, name), temp)?;
             return Err(fail(op, loc, e));
         }
-        if ino_at(&self.tmp, tmp_name) == Ok(ours) {
-            let _ = rfs::unlinkat(&self.tmp, temp, AtFlags::empty());
-        } else {
-            self.rescue(op, p, (dir, name), temp)?;
+        match rfs::statat(&self.tmp, tmp_name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if st.st_ino == ours && st.st_nlink > 1 => {
+                let _ = rfs::unlinkat(&self.tmp, temp, AtFlags::empty());
+            }
+            _ => self.rescue(op, p, (dir, name), temp)?,
         }
         Err(invalid(op, loc, CHANGED))
     }
