@@ -115,6 +115,9 @@ pub enum Moment {
     /// `renameat2(RENAME_EXCHANGE)` that put it at the path, before the agent looks at what
     /// came out (see `ShareRoot::swap_in`).
     AfterSwap,
+    /// Appending to a file in place: after the file was checked to be the version sync
+    /// knows, and no other program found writing it, right before the new bytes are written.
+    BeforeAppendWrite,
 }
 
 /// Runs what a test set up with [`at`] for `moment` on `path` under the root of this device

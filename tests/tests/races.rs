@@ -425,6 +425,93 @@ async fn a_write_into_the_new_version_in_the_instant_it_stood_at_the_path_is_kep
     assert!(kept(&p.host_dir, "f.txt").contains(&b"host write in place".to_vec()));
 }
 
+/// The guest holds `f.txt` empty, as the host last sent it, and a guest program has it open to
+/// write (an editor saving in place truncates, then writes). The host's new version would be
+/// appended in place (an empty file only grows), but the guest program writes its own version
+/// in the instant after the guest checked the file and before sync's bytes go in: those bytes
+/// would land on top of the program's, and its version would be nowhere. With another writer
+/// on the file the append is refused and the file replaced, which keeps the inode the program
+/// writes into: its version survives, at the path or in the guest's trash.
+#[tokio::test]
+async fn a_write_into_a_file_while_sync_appends_to_it_is_never_overwritten() {
+    let mut p = with_policy(ConflictPolicy::HostWins);
+    write(&p.host_dir, "f.txt", "");
+    write(
+        &p.host_dir,
+        "other.txt",
+        "keeps the root from ever being empty",
+    );
+    p.sync().await;
+    assert_eq!(read(&p.guest_dir, "f.txt"), b"");
+    let guest_file = p.guest_dir.join("f.txt");
+    let program = Arc::new(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&guest_file)
+            .unwrap(),
+    );
+    let guest_version = b"the guest program's own version, longer than the host's".to_vec();
+    let wrote = Arc::new(AtomicBool::new(false));
+    let (file, data, done) = (
+        Arc::clone(&program),
+        guest_version.clone(),
+        Arc::clone(&wrote),
+    );
+    faults::at(
+        &p.guest_dir,
+        Moment::BeforeAppendWrite,
+        &rel("f.txt"),
+        move || {
+            file.write_all_at(&data, 0).unwrap();
+            done.store(true, Ordering::SeqCst);
+        },
+    )
+    .unwrap();
+    write(&p.host_dir, "f.txt", "host version");
+    p.cycle().await;
+    if !wrote.load(Ordering::SeqCst) {
+        // Refused before the moment came: the program's write comes now, as it would.
+        program.write_all_at(&guest_version, 0).unwrap();
+    }
+    drop(program);
+    faults::clear(&p.guest_dir).unwrap();
+    let guest_kept = kept(&p.guest_dir, "f.txt");
+    assert!(
+        read(&p.guest_dir, "f.txt") == guest_version || guest_kept.contains(&guest_version),
+        "the guest program's version is lost: guest f.txt {}, guest trash [{}]",
+        show(&read(&p.guest_dir, "f.txt")),
+        show_all(&guest_kept)
+    );
+    p.sync().await;
+    assert_same_tree(&p.host_dir, &p.guest_dir);
+    assert_eq!(read(&p.host_dir, "f.txt"), b"host version");
+    assert!(kept(&p.guest_dir, "f.txt").contains(&guest_version));
+}
+
+/// A file open for reading on the destination (`tail -f` following it) does not stop an
+/// append in place: the reader's file grows, same inode.
+#[tokio::test]
+async fn a_reader_following_the_destination_file_sees_it_grow_in_place() {
+    let mut p = with_policy(ConflictPolicy::Keep);
+    write(&p.host_dir, "log.txt", "line 1\n");
+    p.sync().await;
+    let follower = std::fs::File::open(p.guest_dir.join("log.txt")).unwrap();
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(p.host_dir.join("log.txt"))
+        .unwrap();
+    log.write_all(b"line 2\n").unwrap();
+    drop(log);
+    p.sync().await;
+    let mut seen = vec![0u8; 14];
+    follower.read_exact_at(&mut seen, 0).unwrap();
+    assert_eq!(
+        seen, b"line 1\nline 2\n",
+        "the follower's file did not grow"
+    );
+    assert!(kept(&p.guest_dir, "log.txt").is_empty());
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. A file appended, truncated or rewritten while it is being chunked.
 // ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ use super::{io_err, LocalShare};
 use crate::chunk::hash_chunk;
 use crate::faults::{fault_reason, FaultOp};
 use crate::index::{Identity, IndexRecord};
-use crate::root::{FileKind, FsError, FsErrorKind, SealJob, Sealed, ShareRoot};
+use crate::root::{Appended, FileKind, FsError, FsErrorKind, SealJob, Sealed, ShareRoot};
 use crate::scan::hash_file;
 use crate::seal::SealHandle;
 use std::collections::HashMap;
@@ -645,8 +645,11 @@ impl LocalShare {
                 meta.mtime,
             )
             .map_err(|e| ApplyError::Failed(fault_reason(FaultOp::Write, &e)))?;
-        let Some(stat) = appended else {
-            return Err(ApplyError::Appeared);
+        let stat = match appended {
+            Appended::Done(stat) => stat,
+            Appended::Changed => return Err(ApplyError::Appeared),
+            // Another program writes it: replaced instead, which keeps the inode it writes.
+            Appended::Busy => return Ok(None),
         };
         Ok(Some(IndexRecord::new(
             Identity::of(&stat),

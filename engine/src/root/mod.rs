@@ -49,6 +49,7 @@
 //! - `dir`: [`DirHandle`], an open directory for walking the tree by fds.
 //! - `temp`: temp files: create, seal ([`SealJob`]), commit over a path or discard; appends in
 //!   place and clones.
+//! - `lease`: keeping other programs' writes out of a file while an append writes into it.
 //! - `batch`: directory fsyncs, at once or deferred to the end of a [`Batch`], and the pool
 //!   that runs a batch's.
 //! - `trash`: keeping replaced and deleted entries in `.vmsync/trash/`, and putting them back.
@@ -59,6 +60,7 @@ mod batch;
 mod dir;
 mod entry;
 mod error;
+mod lease;
 mod lock;
 mod marker;
 mod resolve;
@@ -71,7 +73,7 @@ pub use entry::symlink_target_is_contained;
 pub use error::{FsError, FsErrorKind};
 pub use lock::AgentLock;
 pub use resolve::Resolver;
-pub use temp::{SealJob, Sealed, TempFile, SEAL_OP};
+pub use temp::{Appended, SealJob, Sealed, TempFile, SEAL_OP};
 pub use trash::{Kept, TRASH_BATCH_SPAN};
 
 use crate::faults::{self, FaultOp};

@@ -4,6 +4,7 @@
 //! reuse an old version: a clone into a temp, and an append in place.
 
 use super::error::{fail, invalid, not_a_file, Loc};
+use super::lease;
 use super::resolve::open_beneath;
 use super::{
     mtime_only, random_u64, FileKind, FsError, ShareRoot, Stat, TEMP_CREATE_ATTEMPTS, TMP_SHOWN,
@@ -178,6 +179,18 @@ fn seal_fd(
         return Err(fail(op, loc, e));
     }
     rfs::fsync(file).map_err(|e| fail(op, loc, e))
+}
+
+/// What [`ShareRoot::append_in_place`] did.
+#[derive(Debug)]
+pub enum Appended {
+    /// Appended: the file's `fstat` afterwards.
+    Done(Stat),
+    /// Nothing written: the file is not the version the caller expected.
+    Changed,
+    /// Nothing written: another program has the file open to write (or this filesystem or
+    /// the file's owner allows no lease to tell): replace it instead.
+    Busy,
 }
 
 /// The inodes of a swap (see `ShareRoot::swap_in`): the entry put in place, and the one it
@@ -622,14 +635,15 @@ impl ShareRoot {
     }
 
     /// Appends to the regular file at `p` in place (same inode, so a reader following it sees
-    /// it grow): opens it for writing without following anything, and only if `expect` says
-    /// its `fstat` is the version the caller knows (verify before writing, as before every
-    /// replace) calls `write` on it, sets its permission bits and mtime and fsyncs it.
-    /// `write` must only write at or past `old_size`, the size `expect` accepted: nothing
+    /// it grow): opens it for writing without following anything, makes sure no other program
+    /// can write it meanwhile (see `lease`: a write lease, or no writer but readers), and only
+    /// if `expect` says its `fstat` is the version the caller knows (verify before writing, as
+    /// before every replace) calls `write` on it, sets its permission bits and mtime and fsyncs
+    /// it. `write` must only write at or past `old_size`, the size `expect` accepted: nothing
     /// that was in the file is overwritten, so nothing needs keeping in the trash. If `write`
     /// or a later step fails, the file is cut back to `old_size` and its old mtime put back
-    /// (best effort), so it holds its old content again. Returns `Ok(None)`, writing nothing,
-    /// if the file is not the expected version; else its `fstat` afterwards.
+    /// (best effort), so it holds its old content again. Writes nothing and says why unless it
+    /// returns [`Appended::Done`] with the file's `fstat` afterwards.
     pub fn append_in_place(
         &self,
         p: &RelPath,
@@ -637,29 +651,59 @@ impl ShareRoot {
         write: impl FnOnce(&File) -> std::io::Result<()>,
         mode: u32,
         mtime: Timestamp,
-    ) -> Result<Option<Stat>, FsError> {
+    ) -> Result<Appended, FsError> {
         const OP: &str = "append in place";
         let loc = Loc::path(p);
         let (dir, name) = self.parent(OP, p, OFlags::PATH)?;
         let before =
             rfs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| fail(OP, loc, e))?;
         if Stat::from_raw(&before, self.dev).kind != FileKind::File {
-            return Ok(None);
+            return Ok(Appended::Changed);
         }
-        let fd = open_beneath(
-            dir.as_fd(),
-            self.dev,
-            &[name],
-            OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
-            self.resolver,
-        )
-        .map_err(|e| fail(OP, loc, e))?;
+        let open = |flags: OFlags| {
+            let flags = flags | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY;
+            match open_beneath(
+                dir.as_fd(),
+                self.dev,
+                &[name],
+                flags | OFlags::CLOEXEC,
+                self.resolver,
+            ) {
+                Ok(fd) => Ok(Some(fd)),
+                // Another program holds a lease on it.
+                Err(Errno::WOULDBLOCK) => Ok(None),
+                Err(e) => Err(fail(OP, loc, e)),
+            }
+        };
+        let Some(mut fd) = open(OFlags::WRONLY)? else {
+            return Ok(Appended::Busy);
+        };
+        match lease::lease_for_writing(fd.as_fd()) {
+            Ok(true) => {}
+            Ok(false) => {
+                // Open elsewhere: go ahead only if nobody has it open to write.
+                drop(fd);
+                let Some(probe) = open(OFlags::RDONLY)? else {
+                    return Ok(Appended::Busy);
+                };
+                if !lease::nobody_writing(probe.as_fd()) {
+                    return Ok(Appended::Busy);
+                }
+                drop(probe);
+                let Some(again) = open(OFlags::WRONLY)? else {
+                    return Ok(Appended::Busy);
+                };
+                fd = again;
+            }
+            Err(_) => return Ok(Appended::Busy),
+        }
         let old = Stat::from_raw(&rfs::fstat(&fd).map_err(|e| fail(OP, loc, e))?, self.dev);
         // A file with other names (hard links here, or a name kept in the trash) would change
         // under those too: it is replaced instead.
         if old.kind != FileKind::File || old.nlink != 1 || !expect(&old) {
-            return Ok(None);
+            return Ok(Appended::Changed);
         }
+        faults::reached(self.dev_ino(), Moment::BeforeAppendWrite, p);
         let file = File::from(fd);
         let done = (|| -> Result<(), FsError> {
             if let Some(e) = self.injected(FaultOp::Write, p) {
@@ -684,7 +728,8 @@ impl ShareRoot {
             return Err(e);
         }
         let st = rfs::fstat(&file).map_err(|e| fail(OP, loc, e))?;
-        Ok(Some(Stat::from_raw(&st, self.dev)))
+        lease::release(file.as_fd());
+        Ok(Appended::Done(Stat::from_raw(&st, self.dev)))
     }
 
     /// Removes a temp file that will not be committed. Errors are ignored: a leftover is
