@@ -15,7 +15,8 @@
 # REST_SECS (10), REST_LONG_SECS (60), LATENCY_SAMPLES (50), VERIFY (1), BIGFILE_GIB (20),
 # FLEET (20), FLEET_FILES (200), FLEET_IDLE_SECS (30), STANDARD_SCALE (1), BENCH_TIMEOUT,
 # MALLOC_ARENA_MAX and VMSYNC_LOG (to the agents), HOST_WRAPPER / GUEST_WRAPPER (e.g.
-# "heaptrack -o F": a file-count case then ends with both agents killed at rest), and
+# "heaptrack -o F": a file-count case then ends with both agents killed at rest; with
+# WRAP_PHASE=restart only the agents started for the restart run wrapped), and
 # CARGO_TARGET_DIR (where the binaries are built and looked for).
 set -euo pipefail
 
@@ -27,7 +28,7 @@ args=()
 for arg in "$@"; do
     case "$arg" in
         --no-build) build=0 ;;
-        -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) args+=("$arg") ;;
     esac
 done

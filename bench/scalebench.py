@@ -48,7 +48,9 @@ HOST_WRAPPER / GUEST_WRAPPER put a command in front of an agent (e.g. "heaptrack
 either set, a file-count case stops after the at-rest measurement of the initial sync and kills
 both agents with SIGKILL, so a heap profiler records what was allocated at rest as "leaked"; the
 wrapper is then given WRAPPER_EXIT_TIMEOUT (600) s to finish writing. RSS then includes the
-profiler's own.
+profiler's own. With WRAP_PHASE=restart, the agents of the initial sync run plain and those
+started for the restart run under the wrappers, killed so at rest after it (the profile of the
+full cycle on a synced share that a restart runs).
 
 Environment: BENCH_DIR (parent of the temporary work directory; default $TMPDIR or /tmp), SEED,
 FILES, SOURCE_DIR (a file-count case's source tree: made there if missing, reused if present,
@@ -237,6 +239,8 @@ class Pair:
         self.host_root, self.guest_root = host_root, guest_root
         self.processes = ctx.processes
         self.quiet = quiet
+        # Agents started from now on run under HOST_WRAPPER / GUEST_WRAPPER.
+        self.wrap = ctx.wrapped and ctx.wrap_phase == "initial"
         os.makedirs(work, exist_ok=True)
         # Socket paths must fit in 107 bytes: a short directory of their own under /tmp.
         self.sockets = tempfile.mkdtemp(prefix="vmsc-", dir="/tmp")
@@ -266,7 +270,7 @@ class Pair:
     def _start_agent(self, which):
         binary = self.ctx.binary(f"vmsync-{which}")
         config = self.host_config if which == "host" else self.guest_config
-        wrapper = shlex.split(os.environ.get(f"{which.upper()}_WRAPPER", ""))
+        wrapper = shlex.split(os.environ.get(f"{which.upper()}_WRAPPER", "")) if self.wrap else []
         if not self.quiet:
             log(f"starting vmsync-{which}" + (f" under {' '.join(wrapper)}" if wrapper else ""))
         with open(os.path.join(self.work, f"{which}.log"), "ab") as log_file:
@@ -498,6 +502,9 @@ class Context:
         self.timeout = env_float("BENCH_TIMEOUT", 3600)
         self.rest = env_float("REST_SECS", 10)
         self.wrapped = bool(os.environ.get("HOST_WRAPPER") or os.environ.get("GUEST_WRAPPER"))
+        self.wrap_phase = os.environ.get("WRAP_PHASE", "initial")
+        if self.wrap_phase not in ("initial", "restart"):
+            raise BenchError(f"WRAP_PHASE={self.wrap_phase}: expected initial or restart")
         self.vmsync_only = False
 
     def binary(self, name):
@@ -602,7 +609,7 @@ def case_files(ctx, name, count):
     result["rest_after_initial"] = rest
     for which in ("host", "guest"):
         log(describe_memory(f"at rest after the initial sync, {which}", rest[which], files))
-    if ctx.wrapped:
+    if pair.wrap:
         log("agents run under a wrapper: killing both at rest (SIGKILL) for the profile")
         pair.stop(signal.SIGKILL, env_float("WRAPPER_EXIT_TIMEOUT", 600))
         verify("vmsync initial", source, vdest, 1)
@@ -641,6 +648,7 @@ def case_files(ctx, name, count):
             f"{result['latency_ms']['p90']:.2f} ms, max {result['latency_ms']['max']:.2f} ms")
 
     pair.stop()
+    pair.wrap = ctx.wrapped and ctx.wrap_phase == "restart"
     started = time.monotonic()
     pair.start_guest()
     pair.start_host()
@@ -656,6 +664,11 @@ def case_files(ctx, name, count):
     result["rest_after_restart"] = rest
     for which in ("host", "guest"):
         log(describe_memory(f"at rest after the restart, {which}", rest[which], files))
+    if pair.wrap:
+        log("agents run under a wrapper: killing both at rest (SIGKILL) for the profile")
+        pair.stop(signal.SIGKILL, env_float("WRAPPER_EXIT_TIMEOUT", 600))
+        ctx.remove(root)
+        return result
     pair.stop()
     result["db_bytes"] = {which: dir_bytes(os.path.join(pair.work, f"{which}-state"))
                           for which in ("host", "guest")}
