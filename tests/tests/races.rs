@@ -348,6 +348,18 @@ async fn a_host_file_created_right_before_a_new_file_lands_is_a_conflict_and_bot
     assert!(temps(&p.host_dir).is_empty());
 }
 
+/// Sets a host editor's atomic save of `content` over `f.txt` (written beside it, renamed over
+/// it) for the last moment before sync renames its version there; `done` is set once it ran.
+fn save_right_before_the_rename(host_dir: &Path, content: &'static str, done: Arc<AtomicBool>) {
+    let dir = host_dir.to_path_buf();
+    faults::at(host_dir, Moment::BeforeRename, &rel("f.txt"), move || {
+        std::fs::write(dir.join(".f.txt.swp"), content).unwrap();
+        std::fs::rename(dir.join(".f.txt.swp"), dir.join("f.txt")).unwrap();
+        done.store(true, Ordering::SeqCst);
+    })
+    .unwrap();
+}
+
 /// An editor's atomic save (a temp file renamed over `f.txt`) at the last moment: after the
 /// host kept the old version in the trash by a hard link, right before the guest's version is
 /// put in its place. A plain `rename(2)` would replace the editor's new inode, which nothing
@@ -358,18 +370,7 @@ async fn a_host_file_created_right_before_a_new_file_lands_is_a_conflict_and_bot
 async fn an_editors_atomic_save_between_the_final_check_and_the_rename_is_not_lost() {
     let mut p = guest_rewrote(ConflictPolicy::Keep).await;
     let (edited, seen) = flag();
-    let dir = p.host_dir.clone();
-    faults::at(
-        &p.host_dir,
-        Moment::BeforeRename,
-        &rel("f.txt"),
-        move || {
-            std::fs::write(dir.join(".f.txt.swp"), "host edit").unwrap();
-            std::fs::rename(dir.join(".f.txt.swp"), dir.join("f.txt")).unwrap();
-            edited.store(true, Ordering::SeqCst);
-        },
-    )
-    .unwrap();
+    save_right_before_the_rename(&p.host_dir, "host edit", edited);
     p.cycle().await;
     assert!(seen.load(Ordering::SeqCst), "the moment never came");
     assert_eq!(
@@ -391,18 +392,9 @@ async fn an_editors_atomic_save_between_the_final_check_and_the_rename_is_not_lo
 #[tokio::test]
 async fn a_write_into_the_new_version_in_the_instant_it_stood_at_the_path_is_kept() {
     let mut p = guest_rewrote(ConflictPolicy::Keep).await;
+    let (saved, _) = flag();
+    save_right_before_the_rename(&p.host_dir, "host save", saved);
     let (edited, seen) = flag();
-    let dir = p.host_dir.clone();
-    faults::at(
-        &p.host_dir,
-        Moment::BeforeRename,
-        &rel("f.txt"),
-        move || {
-            std::fs::write(dir.join(".f.txt.swp"), "host save").unwrap();
-            std::fs::rename(dir.join(".f.txt.swp"), dir.join("f.txt")).unwrap();
-        },
-    )
-    .unwrap();
     let file = p.host_dir.join("f.txt");
     faults::at(&p.host_dir, Moment::AfterSwap, &rel("f.txt"), move || {
         std::fs::write(&file, "host write in place").unwrap();

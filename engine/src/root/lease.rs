@@ -45,11 +45,6 @@ pub(super) fn nobody_writing(fd: BorrowedFd<'_>) -> bool {
     }
 }
 
-/// Lets go of a lease on `fd` (closing it does too).
-pub(super) fn release(fd: BorrowedFd<'_>) {
-    let _ = set_lease(fd, libc::F_UNLCK);
-}
-
 fn set_lease(fd: BorrowedFd<'_>, kind: libc::c_int) -> Result<(), Errno> {
     // SAFETY: fcntl(F_SETLEASE) takes an open descriptor, which `fd` borrows for the call, and
     // an integer; it touches no memory of ours.
@@ -100,7 +95,8 @@ mod tests {
         std::fs::write(&path, b"x").unwrap();
         let ours = OpenOptions::new().write(true).open(&path).unwrap();
         assert_eq!(lease_for_writing(ours.as_fd()), Ok(true));
-        release(ours.as_fd());
+        drop(ours);
+        let ours = OpenOptions::new().write(true).open(&path).unwrap();
         let reader = std::fs::File::open(&path).unwrap();
         assert_eq!(lease_for_writing(ours.as_fd()), Ok(false));
         drop(ours);

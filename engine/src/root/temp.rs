@@ -728,7 +728,7 @@ impl ShareRoot {
             return Err(e);
         }
         let st = rfs::fstat(&file).map_err(|e| fail(OP, loc, e))?;
-        lease::release(file.as_fd());
+        // Closing `file` lets go of the lease.
         Ok(Appended::Done(Stat::from_raw(&st, self.dev)))
     }
 
